@@ -1,0 +1,320 @@
+//! Typed settings: `config.toml` (every key documented there), overridden by
+//! the environment as `CREDITD__SECTION__KEY`. Unknown keys and invalid values
+//! stop startup with a message naming the key. Secrets never print.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::pricing::Provider;
+
+/// The committed defaults, also compiled in so tests and tools share them.
+pub const DEFAULT_CONFIG: &str = include_str!("../config.toml");
+/// Prefix of environment overrides: `CREDITD__SECTION__KEY`.
+pub const ENV_PREFIX: &str = "CREDITD__";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub engine: EngineSettings,
+    pub journal: JournalSettings,
+    pub credits: CreditsSettings,
+    pub pricing: PricingSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub bind: String,
+    pub workers: usize,
+    pub shutdown_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// Empty: start the private cluster in `data_dir`.
+    pub url: Secret,
+    pub data_dir: PathBuf,
+    pub pool_size: usize,
+    pub connect_timeout_ms: u64,
+    pub pool_wait_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    pub arbiters: usize,
+    pub mailbox_capacity: usize,
+    pub idle_timeout_ms: u64,
+    pub hold_ttl_s: u64,
+    pub recent_keys: usize,
+    pub call_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalSettings {
+    pub batch_max: usize,
+    pub batch_delay_us: u64,
+    pub queue_capacity: usize,
+    pub stall_after_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsSettings {
+    pub signup_bonus_cents: i64,
+    pub low_balance_cents: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingSettings {
+    pub usd_per_eur: String,
+    pub margin_bps: u32,
+    pub default_model: String,
+    pub models: BTreeMap<String, ModelPriceSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPriceSettings {
+    pub provider: Provider,
+    pub input_usd: String,
+    pub output_usd: String,
+    pub cache_read_usd: String,
+    pub cache_write_usd: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A value that must never reach a log or a response.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Settings {
+    /// Reads `path` (or the committed defaults), then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Settings, String> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            None => DEFAULT_CONFIG.to_owned(),
+        };
+        let env: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        Settings::from_sources(&text, &env)
+    }
+
+    /// The committed defaults alone, no environment.
+    pub fn default_file() -> Result<Settings, String> {
+        Settings::from_sources(DEFAULT_CONFIG, &[])
+    }
+
+    pub fn from_sources(text: &str, env: &[(String, String)]) -> Result<Settings, String> {
+        let mut root: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| format!("config file: {e}"))?;
+        for (key, value) in env {
+            apply_override(&mut root, key, value)?;
+        }
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| format!("configuration key `{}`: {}", e.path(), e.inner()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("server.workers", self.server.workers as u64),
+            ("database.pool_size", self.database.pool_size as u64),
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
+            (
+                "database.pool_wait_timeout_ms",
+                self.database.pool_wait_timeout_ms,
+            ),
+            (
+                "engine.mailbox_capacity",
+                self.engine.mailbox_capacity as u64,
+            ),
+            ("engine.idle_timeout_ms", self.engine.idle_timeout_ms),
+            ("engine.hold_ttl_s", self.engine.hold_ttl_s),
+            ("engine.recent_keys", self.engine.recent_keys as u64),
+            ("engine.call_timeout_ms", self.engine.call_timeout_ms),
+            ("journal.batch_max", self.journal.batch_max as u64),
+            ("journal.queue_capacity", self.journal.queue_capacity as u64),
+            ("journal.stall_after_ms", self.journal.stall_after_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("configuration key `{key}`: must be greater than 0"));
+            }
+        }
+        if self.journal.batch_max > 65_535 {
+            return Err("configuration key `journal.batch_max`: at most 65535".into());
+        }
+        if self.credits.signup_bonus_cents < 0 || self.credits.low_balance_cents < 0 {
+            return Err("configuration key `credits`: amounts cannot be negative".into());
+        }
+        crate::pricing::PriceTable::from_settings(&self.pricing)
+            .map_err(|e| format!("configuration key `{e}"))?;
+        Ok(())
+    }
+}
+
+/// Sets `section.key` (or deeper: `pricing.models.<name>.input_usd` can't be
+/// spelled in an env name, so only two levels) from `CREDITD__SECTION__KEY`.
+/// The value keeps the type the file gives that key; a key the file lacks is
+/// taken as a string, and unknown keys are refused later by name.
+fn apply_override(root: &mut toml::Table, env_key: &str, raw: &str) -> Result<(), String> {
+    let path: Vec<String> = env_key[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if path.len() != 2 || path.iter().any(String::is_empty) {
+        return Err(format!(
+            "environment variable {env_key}: expected {ENV_PREFIX}SECTION__KEY"
+        ));
+    }
+    let section = root
+        .entry(path[0].clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let table = section.as_table_mut().ok_or_else(|| {
+        format!(
+            "environment variable {env_key}: `{}` is not a section",
+            path[0]
+        )
+    })?;
+    let value = match table.get(&path[1]) {
+        Some(toml::Value::String(_)) | None => toml::Value::String(raw.to_owned()),
+        Some(toml::Value::Array(_)) if !raw.trim_start().starts_with('[') => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
+        Some(_) => {
+            let parsed: toml::Table = format!("v = {raw}").parse().map_err(|_| {
+                format!("environment variable {env_key}: `{raw}` is not a valid value")
+            })?;
+            parsed
+                .get("v")
+                .cloned()
+                .ok_or_else(|| format!("environment variable {env_key}: no value"))?
+        }
+    };
+    table.insert(path[1].clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_committed_config_file_loads() {
+        let settings = Settings::default_file().unwrap();
+        assert_eq!(settings.server.bind, "127.0.0.1:8080");
+        assert!(settings.database.url.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_keep_the_type_of_the_key() {
+        let settings = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[
+                ("CREDITD__SERVER__BIND", "0.0.0.0:9000"),
+                ("CREDITD__JOURNAL__BATCH_MAX", "17"),
+                ("CREDITD__DATABASE__URL", "postgres://u:p@h/db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.server.bind, "0.0.0.0:9000");
+        assert_eq!(settings.journal.batch_max, 17);
+        assert_eq!(settings.database.url.expose(), "postgres://u:p@h/db");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_by_name() {
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[("CREDITD__SERVER__BINDD", "x")]))
+            .unwrap_err();
+        assert!(err.contains("bindd"), "{err}");
+    }
+
+    #[test]
+    fn an_invalid_value_is_refused_by_name() {
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[("CREDITD__JOURNAL__BATCH_MAX", "many")]),
+        )
+        .unwrap_err();
+        assert!(err.contains("CREDITD__JOURNAL__BATCH_MAX"), "{err}");
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[("CREDITD__ENGINE__MAILBOX_CAPACITY", "0")]),
+        )
+        .unwrap_err();
+        assert!(err.contains("engine.mailbox_capacity"), "{err}");
+    }
+
+    #[test]
+    fn secrets_print_as_stars() {
+        let secret = Secret::new("postgres://user:hunter2@db/credits");
+        assert_eq!(format!("{secret:?}"), "***");
+        let settings = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[("CREDITD__DATABASE__URL", "postgres://user:hunter2@db/x")]),
+        )
+        .unwrap();
+        assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,561 @@
+//! `AccountActor`: one per resident account. It serializes the account's
+//! operations, applies each to its in-memory state at once, hands the
+//! journal entry to the writer and answers the caller when the entry is
+//! durable, without waiting itself (a `ResponseFuture` per operation), so a
+//! hot account pipelines many operations into each commit.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use tokio::sync::{oneshot, watch};
+
+use super::journal::{wait_durable, Durable, DurableSender, Entry, WriterHandle};
+use super::state::{AccountState, Applied};
+use super::store::{self, StoredAccount};
+use super::types::*;
+use crate::money::Micros;
+
+/// Where accounts load from.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    Postgres(deadpool_postgres::Pool),
+    /// Persistence stubbed (benchmarks): every account opens with this balance.
+    Memory {
+        opening_balance: Micros,
+    },
+}
+
+/// Engine settings an actor needs.
+#[derive(Clone, Copy)]
+pub(crate) struct ActorSettings {
+    pub mailbox_capacity: usize,
+    pub idle_timeout: Duration,
+    pub hold_ttl: chrono::Duration,
+    pub recent_keys: usize,
+}
+
+type Reply<T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>>>>;
+
+fn ready<T: 'static>(result: Result<T, LedgerError>) -> Reply<T> {
+    Box::pin(std::future::ready(result))
+}
+
+enum Phase {
+    Loading,
+    Ready(Box<AccountState>),
+    /// Loading failed: every queued message gets this error, then the actor stops.
+    Failed(LedgerError),
+    /// Passivating or reset: messages are answered `Reset` and retried elsewhere.
+    Stopping,
+}
+
+pub struct AccountActor {
+    account: AccountId,
+    epoch: u64,
+    backend: Backend,
+    writer: WriterHandle,
+    settings: ActorSettings,
+    phase: Phase,
+    durable_tx: DurableSender,
+    durable_rx: watch::Receiver<Durable>,
+    last_activity: Instant,
+    timer: Option<(SpawnHandle, Instant)>,
+    /// Removes this actor from the directory (if it is still the registered one).
+    deregister: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl AccountActor {
+    pub(crate) fn new(
+        account: AccountId,
+        epoch: u64,
+        backend: Backend,
+        writer: WriterHandle,
+        settings: ActorSettings,
+        deregister: Arc<dyn Fn() + Send + Sync>,
+    ) -> AccountActor {
+        let (tx, rx) = watch::channel(Durable {
+            seq: 0,
+            failed: false,
+        });
+        AccountActor {
+            account,
+            epoch,
+            backend,
+            writer,
+            settings,
+            phase: Phase::Loading,
+            durable_tx: Arc::new(tx),
+            durable_rx: rx,
+            last_activity: Instant::now(),
+            timer: None,
+            deregister,
+        }
+    }
+
+    /// Checks the actor can serve; stops it when it must not.
+    fn gate(&mut self, ctx: &mut Context<Self>) -> Result<(), LedgerError> {
+        self.last_activity = Instant::now();
+        match &self.phase {
+            Phase::Ready(_) if self.durable_rx.borrow().failed => {
+                // A journal write of this incarnation failed: its state is
+                // speculative past the durable seq. Reload from PostgreSQL.
+                tracing::debug!(
+                    account = self.account.0,
+                    "journal write failed; resetting actor"
+                );
+                self.stop(ctx);
+                Err(LedgerError::Reset)
+            }
+            Phase::Ready(_) => Ok(()),
+            Phase::Failed(error) => {
+                let error = error.clone();
+                self.stop(ctx);
+                Err(error)
+            }
+            Phase::Stopping | Phase::Loading => Err(LedgerError::Reset),
+        }
+    }
+
+    fn stop(&mut self, ctx: &mut Context<Self>) {
+        if !matches!(self.phase, Phase::Stopping) {
+            (self.deregister)();
+            self.phase = Phase::Stopping;
+            ctx.stop();
+        }
+    }
+
+    fn durable_seq(&self) -> i64 {
+        self.durable_rx.borrow().seq
+    }
+
+    /// Applies an operation and queues its entry; the reply resolves once
+    /// the entry (or, for a replay, the original) is durable.
+    fn apply<T: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        operation: impl FnOnce(&mut AccountState, DateTime<Utc>, i64) -> Result<Applied<T>, LedgerError>,
+    ) -> Reply<Outcome<T>> {
+        if let Err(error) = self.gate(ctx) {
+            return ready(Err(error));
+        }
+        let durable_seq = self.durable_seq();
+        let Phase::Ready(state) = &mut self.phase else {
+            return ready(Err(LedgerError::Reset));
+        };
+        let permit = match self.writer.reserve() {
+            Ok(permit) => permit,
+            Err(error) => return ready(Err(error)),
+        };
+        let now = Utc::now();
+        let (value, seq, replayed) = match operation(state, now, durable_seq) {
+            Ok(Applied::New { value, record }) => {
+                permit.send(Entry {
+                    account: self.account,
+                    epoch: self.epoch,
+                    seq: state.seq,
+                    balance_after: state.balance.get(),
+                    held_after: state.held.get(),
+                    record,
+                    durable: self.durable_tx.clone(),
+                });
+                (value, state.seq, false)
+            }
+            Ok(Applied::Replay { value, seq }) => (value, seq, true),
+            Err(error) => return ready(Err(error)),
+        };
+        if cfg!(debug_assertions) {
+            if let Err(error) = state.check_invariants() {
+                tracing::error!(%error, "ledger invariant broken");
+                return ready(Err(error));
+            }
+        }
+        let durable = self.durable_rx.clone();
+        Box::pin(async move {
+            wait_durable(durable, seq).await?;
+            Ok(Outcome {
+                record: value,
+                replayed,
+            })
+        })
+    }
+
+    /// Runs `lookup` (a PostgreSQL read) with the mailbox held, so no other
+    /// operation of this account interleaves, then continues with `then`.
+    fn after_lookup<L, T>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        lookup: L,
+        then: impl FnOnce(&mut Self, &mut Context<Self>, L::Output) -> Reply<T> + 'static,
+    ) -> Reply<T>
+    where
+        L: Future + 'static,
+        T: 'static,
+    {
+        if let Err(error) = self.gate(ctx) {
+            return ready(Err(error));
+        }
+        let (tx, rx) = oneshot::channel();
+        ctx.wait(lookup.into_actor(self).map(move |found, actor, ctx| {
+            let _ = tx.send(then(actor, ctx, found));
+        }));
+        Box::pin(async move {
+            match rx.await {
+                Ok(reply) => reply.await,
+                Err(_) => Err(LedgerError::Reset),
+            }
+        })
+    }
+
+    fn state(&self) -> Option<&AccountState> {
+        match &self.phase {
+            Phase::Ready(state) => Some(state),
+            _ => None,
+        }
+    }
+
+    /// Releases (as EXPIRED) every hold due by `now`, journaling each.
+    /// Returns the replies; nobody needs to wait for them.
+    fn expire_due(
+        &mut self,
+        ctx: &mut Context<Self>,
+        now: DateTime<Utc>,
+    ) -> Vec<Reply<Outcome<ReleaseRecord>>> {
+        let due = match self.state() {
+            Some(state) => state.expired(now),
+            None => return Vec::new(),
+        };
+        let mut replies = Vec::with_capacity(due.len());
+        for hold in due {
+            replies.push(self.apply(ctx, move |state, at, durable| {
+                state.release(hold, HoldStatus::Expired, at, durable)
+            }));
+            metrics::counter!("creditd_holds_expired_total").increment(1);
+        }
+        replies
+    }
+
+    /// Arms the housekeeping timer for the next expiry or the idle deadline.
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        let idle_at = self.last_activity + self.settings.idle_timeout;
+        let expiry_at = self.state().and_then(|s| s.next_expiry()).map(|at| {
+            let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            now + wait
+        });
+        let at = expiry_at
+            .map_or(idle_at, |e| e.min(idle_at))
+            .max(now + Duration::from_millis(5));
+        if let Some((handle, current)) = self.timer {
+            if current <= at {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let handle = ctx.run_later(at - now, |actor, ctx| {
+            actor.timer = None;
+            actor.tick(ctx);
+        });
+        self.timer = Some((handle, at));
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if !matches!(self.phase, Phase::Ready(_)) {
+            return;
+        }
+        if self.durable_rx.borrow().failed {
+            self.stop(ctx);
+            return;
+        }
+        let replies = self.expire_due(ctx, Utc::now());
+        for reply in replies {
+            ctx.spawn(
+                async move {
+                    if let Err(error) = reply.await {
+                        tracing::warn!(%error, "hold expiry not committed; retried after reload");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+        let quiet = self.state().is_some_and(|state| {
+            state.holds.is_empty() && self.durable_rx.borrow().seq >= state.seq
+        });
+        if quiet && self.last_activity.elapsed() >= self.settings.idle_timeout {
+            tracing::trace!(account = self.account.0, "passivating idle account");
+            self.stop(ctx);
+            return;
+        }
+        self.schedule(ctx);
+    }
+
+    fn loaded(&mut self, ctx: &mut Context<Self>, stored: StoredAccount) {
+        let state = AccountState::new(
+            self.account,
+            stored.balance,
+            stored.held,
+            stored.version,
+            stored.holds,
+            self.settings.recent_keys,
+        );
+        if let Err(error) = state.check_invariants() {
+            tracing::error!(%error, "stored account is inconsistent");
+            self.phase = Phase::Failed(error);
+            return;
+        }
+        self.durable_tx
+            .send_modify(|durable| durable.seq = stored.version);
+        self.phase = Phase::Ready(Box::new(state));
+        // Holds that expired while the account was not resident go first.
+        self.tick(ctx);
+    }
+}
+
+impl Actor for AccountActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.settings.mailbox_capacity);
+        let account = self.account;
+        let backend = self.backend.clone();
+        let load = async move {
+            match backend {
+                Backend::Postgres(pool) => {
+                    let client = store::client(&pool).await?;
+                    store::load_account(&**client, account).await
+                }
+                Backend::Memory { opening_balance } => Ok(StoredAccount {
+                    balance: opening_balance,
+                    held: Micros::ZERO,
+                    version: 0,
+                    holds: Vec::new(),
+                }),
+            }
+        };
+        ctx.wait(
+            load.into_actor(self)
+                .map(|result, actor, ctx| match result {
+                    Ok(stored) => actor.loaded(ctx, stored),
+                    Err(error) => {
+                        tracing::debug!(account = actor.account.0, %error, "account load failed");
+                        actor.phase = Phase::Failed(error);
+                    }
+                }),
+        );
+        metrics::gauge!("creditd_account_actors").increment(1.0);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        (self.deregister)();
+        metrics::gauge!("creditd_account_actors").decrement(1.0);
+    }
+}
+
+/// Credits an account (bonus, top-up, promo, adjustment), idempotent by key.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Outcome<TransactionRecord>, LedgerError>")]
+pub struct Credit {
+    pub posting: Posting,
+}
+
+/// Debits an account (refund, dispute, adjustment); may leave it in debt.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Outcome<TransactionRecord>, LedgerError>")]
+pub struct Debit {
+    pub posting: Posting,
+}
+
+/// Holds `amount` if available, idempotent by hold id.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Outcome<HoldRecord>, LedgerError>")]
+pub struct Reserve {
+    pub hold_id: HoldId,
+    pub amount: Micros,
+}
+
+/// Ends a hold and posts the real cost as a usage.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Outcome<UsageRecord>, LedgerError>")]
+pub struct Settle {
+    pub hold_id: HoldId,
+    pub charge: UsageCharge,
+}
+
+/// Ends a hold without charge.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Outcome<ReleaseRecord>, LedgerError>")]
+pub struct Release {
+    pub hold_id: HoldId,
+}
+
+/// Expires every hold due at `now` (also done by the actor's own timer).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<ReleaseRecord>, LedgerError>")]
+pub struct ExpireHolds {
+    pub now: DateTime<Utc>,
+}
+
+/// The account as its actor sees it.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<BalanceSnapshot, LedgerError>")]
+pub struct GetBalance;
+
+impl AccountActor {
+    fn post(
+        &mut self,
+        ctx: &mut Context<Self>,
+        direction: Direction,
+        posting: Posting,
+    ) -> Reply<Outcome<TransactionRecord>> {
+        let known = self.state().is_some_and(|s| s.knows_key(&posting.key));
+        let Backend::Postgres(pool) = self.backend.clone() else {
+            return self.apply(ctx, move |s, now, d| s.post(direction, &posting, now, d));
+        };
+        if known {
+            return self.apply(ctx, move |s, now, d| s.post(direction, &posting, now, d));
+        }
+        let account = self.account;
+        let key = posting.key.clone();
+        let lookup = async move {
+            let client = store::client(&pool).await?;
+            store::find_transaction(&**client, account, &key).await
+        };
+        self.after_lookup(ctx, lookup, move |actor, ctx, found| {
+            match found {
+                Ok(Some(record)) => {
+                    let durable = actor.durable_seq();
+                    if let Phase::Ready(state) = &mut actor.phase {
+                        state.remember_key(record, durable);
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => return ready(Err(error)),
+            }
+            actor.apply(ctx, move |s, now, d| s.post(direction, &posting, now, d))
+        })
+    }
+
+    /// Settle and release on a hold the actor doesn't know look it up first.
+    fn finish<T: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        hold_id: HoldId,
+        operation: impl FnOnce(&mut AccountState, DateTime<Utc>, i64) -> Result<Applied<T>, LedgerError>
+            + 'static,
+    ) -> Reply<Outcome<T>> {
+        let known = self.state().is_some_and(|s| s.knows_hold(&hold_id));
+        let Backend::Postgres(pool) = self.backend.clone() else {
+            return self.apply(ctx, operation);
+        };
+        if known {
+            return self.apply(ctx, operation);
+        }
+        let account = self.account;
+        let lookup = async move {
+            let client = store::client(&pool).await?;
+            store::find_finished_hold(&**client, account, hold_id).await
+        };
+        self.after_lookup(ctx, lookup, move |actor, ctx, found| {
+            match found {
+                Ok(Some(finished)) => {
+                    let durable = actor.durable_seq();
+                    if let Phase::Ready(state) = &mut actor.phase {
+                        state.remember_finished(hold_id, finished, durable);
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => return ready(Err(error)),
+            }
+            actor.apply(ctx, operation)
+        })
+    }
+}
+
+impl Handler<Credit> for AccountActor {
+    type Result = ResponseFuture<Result<Outcome<TransactionRecord>, LedgerError>>;
+
+    fn handle(&mut self, msg: Credit, ctx: &mut Context<Self>) -> Self::Result {
+        self.post(ctx, Direction::Credit, msg.posting)
+    }
+}
+
+impl Handler<Debit> for AccountActor {
+    type Result = ResponseFuture<Result<Outcome<TransactionRecord>, LedgerError>>;
+
+    fn handle(&mut self, msg: Debit, ctx: &mut Context<Self>) -> Self::Result {
+        self.post(ctx, Direction::Debit, msg.posting)
+    }
+}
+
+impl Handler<Reserve> for AccountActor {
+    type Result = ResponseFuture<Result<Outcome<HoldRecord>, LedgerError>>;
+
+    fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
+        // Expired holds give their amount back before a new one is judged.
+        for reply in self.expire_due(ctx, Utc::now()) {
+            drop(reply);
+        }
+        let ttl = self.settings.hold_ttl;
+        let reply = self.apply(ctx, move |state, now, _| {
+            state.reserve(msg.hold_id, msg.amount, now, now + ttl)
+        });
+        if matches!(self.phase, Phase::Ready(_)) {
+            self.schedule(ctx);
+        }
+        reply
+    }
+}
+
+impl Handler<Settle> for AccountActor {
+    type Result = ResponseFuture<Result<Outcome<UsageRecord>, LedgerError>>;
+
+    fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) -> Self::Result {
+        let hold_id = msg.hold_id;
+        self.finish(ctx, hold_id, move |state, now, durable| {
+            state.settle(hold_id, &msg.charge, now, durable)
+        })
+    }
+}
+
+impl Handler<Release> for AccountActor {
+    type Result = ResponseFuture<Result<Outcome<ReleaseRecord>, LedgerError>>;
+
+    fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) -> Self::Result {
+        let hold_id = msg.hold_id;
+        self.finish(ctx, hold_id, move |state, now, durable| {
+            state.release(hold_id, HoldStatus::Released, now, durable)
+        })
+    }
+}
+
+impl Handler<ExpireHolds> for AccountActor {
+    type Result = ResponseFuture<Result<Vec<ReleaseRecord>, LedgerError>>;
+
+    fn handle(&mut self, msg: ExpireHolds, ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.gate(ctx) {
+            return ready(Err(error));
+        }
+        let replies = self.expire_due(ctx, msg.now);
+        Box::pin(async move {
+            let mut released = Vec::with_capacity(replies.len());
+            for reply in replies {
+                released.push(reply.await?.record);
+            }
+            Ok(released)
+        })
+    }
+}
+
+impl Handler<GetBalance> for AccountActor {
+    type Result = Result<BalanceSnapshot, LedgerError>;
+
+    fn handle(&mut self, _msg: GetBalance, ctx: &mut Context<Self>) -> Self::Result {
+        self.gate(ctx)?;
+        self.state()
+            .map(AccountState::snapshot)
+            .ok_or(LedgerError::Reset)
+    }
+}

@@ -1,0 +1,412 @@
+//! The directory (account id → actor address) and the `Engine` that owns
+//! the actors' arbiters and the journal writer.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+
+use super::actor::*;
+use super::journal::{spawn_writer, WriterHandle};
+use super::types::*;
+use crate::config::{EngineSettings, JournalSettings};
+use crate::db::Database;
+use crate::money::Micros;
+
+const SHARDS: usize = 64;
+/// A message that met a resetting actor is retried on a fresh one this often.
+const ATTEMPTS: usize = 4;
+
+#[derive(Clone)]
+struct Handle {
+    addr: Addr<AccountActor>,
+    id: u64,
+    /// Operations sent and not yet answered: bounds the mailbox.
+    inflight: Arc<AtomicUsize>,
+}
+
+struct Inner {
+    shards: Vec<Mutex<HashMap<AccountId, Handle>>>,
+    arbiters: Vec<ArbiterHandle>,
+    backend: Backend,
+    writer: WriterHandle,
+    settings: ActorSettings,
+    call_timeout: Duration,
+    next_id: AtomicU64,
+    resident: AtomicUsize,
+}
+
+/// Finds or starts the actor of an account and sends it messages.
+#[derive(Clone)]
+pub struct Directory {
+    inner: Arc<Inner>,
+}
+
+struct InflightGuard(Arc<AtomicUsize>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Inner {
+    fn shard(&self, account: AccountId) -> &Mutex<HashMap<AccountId, Handle>> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        account.hash(&mut hasher);
+        &self.shards[(hasher.finish() as usize) % SHARDS]
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a shard lock leaves a valid map behind.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Directory {
+    /// The account's live actor, started (and loading) if there is none.
+    fn handle(&self, account: AccountId) -> Handle {
+        let inner = &self.inner;
+        let mut shard = lock(inner.shard(account));
+        if let Some(handle) = shard.get(&account) {
+            if handle.addr.connected() {
+                return handle.clone();
+            }
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let arbiter = &inner.arbiters[(account.0.unsigned_abs() as usize) % inner.arbiters.len()];
+        let weak = Arc::downgrade(inner);
+        let deregister: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            if let Some(inner) = weak.upgrade() {
+                let mut shard = lock(inner.shard(account));
+                if shard.get(&account).is_some_and(|h| h.id == id) {
+                    shard.remove(&account);
+                    inner.resident.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let backend = inner.backend.clone();
+        let writer = inner.writer.clone();
+        let settings = inner.settings;
+        let addr = AccountActor::start_in_arbiter(arbiter, move |_| {
+            AccountActor::new(account, id, backend, writer, settings, deregister)
+        });
+        let handle = Handle {
+            addr,
+            id,
+            inflight: Arc::new(AtomicUsize::new(0)),
+        };
+        if shard.insert(account, handle.clone()).is_none() {
+            inner.resident.fetch_add(1, Ordering::Relaxed);
+        }
+        handle
+    }
+
+    fn forget(&self, account: AccountId, id: u64) {
+        let mut shard = lock(self.inner.shard(account));
+        if shard.get(&account).is_some_and(|h| h.id == id) {
+            shard.remove(&account);
+            self.inner.resident.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `msg` to the account's actor and waits for its answer (for a
+    /// money operation: until it is durable). Refuses with `Overloaded`
+    /// when the account already has `mailbox_capacity` operations in flight.
+    pub async fn call<M, R>(&self, account: AccountId, msg: M) -> Result<R, LedgerError>
+    where
+        M: Message<Result = Result<R, LedgerError>> + Clone + Send + 'static,
+        R: Send + 'static,
+        AccountActor: Handler<M>,
+    {
+        let deadline = tokio::time::Instant::now() + self.inner.call_timeout;
+        for _ in 0..ATTEMPTS {
+            let handle = self.handle(account);
+            let previous = handle.inflight.fetch_add(1, Ordering::AcqRel);
+            let _guard = InflightGuard(handle.inflight.clone());
+            if previous >= self.inner.settings.mailbox_capacity {
+                return Err(LedgerError::Overloaded);
+            }
+            match tokio::time::timeout_at(deadline, handle.addr.send(msg.clone())).await {
+                Err(_) => {
+                    return Err(LedgerError::Unavailable(format!(
+                        "no answer within {} ms; the operation may still apply: retry with the same key",
+                        self.inner.call_timeout.as_millis()
+                    )))
+                }
+                Ok(Ok(Err(LedgerError::Reset))) | Ok(Err(MailboxError::Closed)) => {
+                    self.forget(account, handle.id);
+                    continue;
+                }
+                Ok(Err(MailboxError::Timeout)) => {
+                    return Err(LedgerError::Unavailable("the account actor timed out".into()))
+                }
+                Ok(Ok(result)) => return result,
+            }
+        }
+        Err(LedgerError::Unavailable(
+            "the account kept resetting; retry shortly".into(),
+        ))
+    }
+
+    /// Actors currently resident.
+    pub fn resident(&self) -> usize {
+        self.inner.resident.load(Ordering::Relaxed)
+    }
+}
+
+/// What operators and metrics read off the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    pub resident_actors: usize,
+    pub journal_queue_depth: usize,
+}
+
+/// The ledger engine: actors on their arbiters, the journal writer on its own.
+pub struct Engine {
+    directory: Directory,
+    writer: WriterHandle,
+    pool: Option<deadpool_postgres::Pool>,
+    arbiters: Vec<Arbiter>,
+}
+
+fn actor_settings(settings: &EngineSettings) -> ActorSettings {
+    ActorSettings {
+        mailbox_capacity: settings.mailbox_capacity.max(1),
+        idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
+        hold_ttl: chrono::Duration::seconds(
+            i64::try_from(settings.hold_ttl_s).unwrap_or(i64::MAX / 1000),
+        ),
+        recent_keys: settings.recent_keys,
+    }
+}
+
+impl Engine {
+    /// Starts the engine on PostgreSQL (`pool` for account loads and reads).
+    pub fn start(
+        engine: &EngineSettings,
+        journal: &JournalSettings,
+        database: Database,
+        pool: deadpool_postgres::Pool,
+    ) -> Engine {
+        Engine::build(
+            engine,
+            journal,
+            Some(database),
+            Backend::Postgres(pool.clone()),
+            Some(pool),
+        )
+    }
+
+    /// An engine whose persistence is stubbed: every account opens with
+    /// `opening_balance` and every entry is acknowledged at once. For
+    /// measuring the engine itself.
+    pub fn in_memory(
+        engine: &EngineSettings,
+        journal: &JournalSettings,
+        opening_balance: Micros,
+    ) -> Engine {
+        Engine::build(
+            engine,
+            journal,
+            None,
+            Backend::Memory { opening_balance },
+            None,
+        )
+    }
+
+    fn build(
+        engine: &EngineSettings,
+        journal: &JournalSettings,
+        database: Option<Database>,
+        backend: Backend,
+        pool: Option<deadpool_postgres::Pool>,
+    ) -> Engine {
+        let count = if engine.arbiters == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            engine.arbiters
+        };
+        let writer_arbiter = Arbiter::new();
+        let writer = spawn_writer(&writer_arbiter.handle(), database, journal);
+        let mut arbiters: Vec<Arbiter> = (0..count).map(|_| Arbiter::new()).collect();
+        let handles = arbiters.iter().map(Arbiter::handle).collect();
+        arbiters.push(writer_arbiter);
+        let inner = Inner {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            arbiters: handles,
+            backend,
+            writer: writer.clone(),
+            settings: actor_settings(engine),
+            call_timeout: Duration::from_millis(engine.call_timeout_ms),
+            next_id: AtomicU64::new(1),
+            resident: AtomicUsize::new(0),
+        };
+        Engine {
+            directory: Directory {
+                inner: Arc::new(inner),
+            },
+            writer,
+            pool,
+            arbiters,
+        }
+    }
+
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    pub fn writer(&self) -> &WriterHandle {
+        &self.writer
+    }
+
+    /// The pool the engine reads with (none when persistence is stubbed).
+    pub fn pool(&self) -> Option<&deadpool_postgres::Pool> {
+        self.pool.as_ref()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            resident_actors: self.directory.resident(),
+            journal_queue_depth: self.writer.queue_depth(),
+        }
+    }
+
+    /// Waits for the journal to drain, then stops every actor and the writer.
+    pub async fn shutdown(&self, limit: Duration) -> bool {
+        let drained = self.writer.flush(limit).await;
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+        drained
+    }
+
+    pub async fn credit(
+        &self,
+        account: AccountId,
+        posting: Posting,
+    ) -> Result<Outcome<TransactionRecord>, LedgerError> {
+        let kind = posting.kind;
+        let result = observe(
+            "credit",
+            self.directory.call(account, Credit { posting }).await,
+        );
+        if let Ok(Outcome {
+            record,
+            replayed: false,
+        }) = &result
+        {
+            metrics::counter!("creditd_credited_micros_total", "kind" => kind.as_str())
+                .increment(record.amount_micros.get().unsigned_abs());
+        }
+        result
+    }
+
+    pub async fn debit(
+        &self,
+        account: AccountId,
+        posting: Posting,
+    ) -> Result<Outcome<TransactionRecord>, LedgerError> {
+        observe(
+            "debit",
+            self.directory.call(account, Debit { posting }).await,
+        )
+    }
+
+    pub async fn reserve(
+        &self,
+        account: AccountId,
+        hold_id: HoldId,
+        amount: Micros,
+    ) -> Result<Outcome<HoldRecord>, LedgerError> {
+        observe(
+            "reserve",
+            self.directory
+                .call(account, Reserve { hold_id, amount })
+                .await,
+        )
+    }
+
+    pub async fn settle(
+        &self,
+        account: AccountId,
+        hold_id: HoldId,
+        charge: UsageCharge,
+    ) -> Result<Outcome<UsageRecord>, LedgerError> {
+        let result = observe(
+            "settle",
+            self.directory
+                .call(account, Settle { hold_id, charge })
+                .await,
+        );
+        if let Ok(Outcome {
+            record,
+            replayed: false,
+        }) = &result
+        {
+            metrics::counter!("creditd_charged_micros_total", "model" => record.model.clone())
+                .increment(record.cost_micros.get().unsigned_abs());
+        }
+        result
+    }
+
+    pub async fn release(
+        &self,
+        account: AccountId,
+        hold_id: HoldId,
+    ) -> Result<Outcome<ReleaseRecord>, LedgerError> {
+        observe(
+            "release",
+            self.directory.call(account, Release { hold_id }).await,
+        )
+    }
+
+    pub async fn expire_holds(
+        &self,
+        account: AccountId,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<ReleaseRecord>, LedgerError> {
+        self.directory.call(account, ExpireHolds { now }).await
+    }
+
+    pub async fn balance(&self, account: AccountId) -> Result<BalanceSnapshot, LedgerError> {
+        self.directory.call(account, GetBalance).await
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
+fn observe<T>(
+    kind: &'static str,
+    result: Result<Outcome<T>, LedgerError>,
+) -> Result<Outcome<T>, LedgerError> {
+    let outcome = match &result {
+        Ok(Outcome { replayed: true, .. }) => "replayed",
+        Ok(_) => "ok",
+        Err(LedgerError::InsufficientCredits { .. }) => "insufficient_credits",
+        Err(LedgerError::Conflict(_)) => "conflict",
+        Err(LedgerError::InvalidRequest(_)) => "invalid",
+        Err(LedgerError::AccountNotFound(_) | LedgerError::HoldNotFound(_)) => "not_found",
+        Err(LedgerError::Overloaded) => "overloaded",
+        Err(LedgerError::Unavailable(_) | LedgerError::Reset) => "unavailable",
+        Err(LedgerError::Internal(_)) => "internal",
+    };
+    metrics::counter!("creditd_ledger_operations_total", "kind" => kind, "outcome" => outcome)
+        .increment(1);
+    if outcome == "insufficient_credits" {
+        metrics::counter!("creditd_reserves_refused_total").increment(1);
+    }
+    result
+}

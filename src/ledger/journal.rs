@@ -1,0 +1,706 @@
+//! The journal writer: gathers entries from every account for up to
+//! `batch_max` entries or `batch_delay_us`, writes them in one PostgreSQL
+//! transaction (multi-row `unnest` inserts plus fenced balance updates), then
+//! publishes each account's new durable seq. A caller is answered only once
+//! its entry's seq is durable.
+//!
+//! Failure handling, per account: entries of an account whose balance row
+//! moved (fencing) or whose write failed are failed, the account's actor is
+//! told (its durable watch turns `failed`) and reloads; entries of that actor
+//! incarnation still queued are dropped unwritten. A database error (not a
+//! lost connection) retries the batch one account per transaction, so one bad
+//! entry never fails other accounts' work.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::{Client, Statement};
+use uuid::Uuid;
+
+use super::types::*;
+use crate::config::JournalSettings;
+use crate::db::Database;
+
+/// What one entry makes durable.
+#[derive(Debug, Clone)]
+pub(crate) enum Record {
+    Transaction(TransactionRecord),
+    HoldPlaced(HoldRecord),
+    Settled { usage: UsageRecord },
+    Released(ReleaseRecord),
+}
+
+/// An account's durability as the writer last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Durable {
+    /// Highest seq committed.
+    pub seq: i64,
+    /// A write of this actor incarnation failed: nothing after `seq` will commit.
+    pub failed: bool,
+}
+
+pub(crate) type DurableSender = Arc<watch::Sender<Durable>>;
+
+/// Sent from an account actor to the journal writer when an operation applied.
+pub(crate) struct Entry {
+    pub account: AccountId,
+    /// The actor incarnation that produced it.
+    pub epoch: u64,
+    pub seq: i64,
+    pub balance_after: i64,
+    pub held_after: i64,
+    pub record: Record,
+    pub durable: DurableSender,
+}
+
+/// Waits until `seq` is durable, or reports that it never will be.
+pub(crate) async fn wait_durable(
+    mut durable: watch::Receiver<Durable>,
+    seq: i64,
+) -> Result<(), LedgerError> {
+    loop {
+        let state = *durable.borrow_and_update();
+        if state.seq >= seq {
+            return Ok(());
+        }
+        if state.failed {
+            return Err(LedgerError::Unavailable(
+                "the operation was not committed: the journal write failed; retry".into(),
+            ));
+        }
+        if durable.changed().await.is_err() {
+            return Err(LedgerError::Unavailable(
+                "the journal writer stopped before the operation committed".into(),
+            ));
+        }
+    }
+}
+
+/// Liveness of the writer, for `/readyz` and metrics.
+pub struct JournalHealth {
+    started: Instant,
+    last_progress_ms: AtomicU64,
+    busy: AtomicBool,
+}
+
+impl JournalHealth {
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn since_progress(&self) -> Duration {
+        let last = self.last_progress_ms.load(Ordering::Relaxed);
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+/// The actors' and the operators' side of the writer.
+#[derive(Clone)]
+pub struct WriterHandle {
+    tx: mpsc::Sender<Entry>,
+    health: Arc<JournalHealth>,
+    stall_after: Duration,
+}
+
+impl WriterHandle {
+    /// Room for one entry, taken before the operation applies, so a full
+    /// queue refuses the operation instead of losing its entry.
+    pub(crate) fn reserve(&self) -> Result<mpsc::Permit<'_, Entry>, LedgerError> {
+        self.tx.try_reserve().map_err(|error| match error {
+            mpsc::error::TrySendError::Full(()) => LedgerError::Overloaded,
+            mpsc::error::TrySendError::Closed(()) => {
+                LedgerError::Unavailable("the journal writer has stopped".into())
+            }
+        })
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Entries are waiting and none was written for `stall_after`.
+    pub fn is_stalled(&self) -> bool {
+        let waiting = self.queue_depth() > 0 || self.health.busy.load(Ordering::Relaxed);
+        waiting && self.health.since_progress() > self.stall_after
+    }
+
+    /// Waits until every entry queued so far has been written or failed.
+    pub async fn flush(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.queue_depth() > 0 || self.health.busy.load(Ordering::Acquire) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        true
+    }
+}
+
+/// Starts the writer on `arbiter`. Without a database every entry is
+/// acknowledged as soon as it is gathered (persistence stubbed).
+pub(crate) fn spawn_writer(
+    arbiter: &actix::ArbiterHandle,
+    database: Option<Database>,
+    settings: &JournalSettings,
+) -> WriterHandle {
+    let (tx, rx) = mpsc::channel(settings.queue_capacity);
+    let health = Arc::new(JournalHealth {
+        started: Instant::now(),
+        last_progress_ms: AtomicU64::new(0),
+        busy: AtomicBool::new(false),
+    });
+    let writer = JournalWriter {
+        rx,
+        database,
+        connection: None,
+        batch_max: settings.batch_max,
+        batch_delay: Duration::from_micros(settings.batch_delay_us),
+        failed_epochs: HashMap::new(),
+        health: health.clone(),
+    };
+    let handle = WriterHandle {
+        tx,
+        health,
+        stall_after: Duration::from_millis(settings.stall_after_ms),
+    };
+    arbiter.spawn(writer.run());
+    handle
+}
+
+struct Statements {
+    update_balances: Statement,
+    insert_transactions: Statement,
+    insert_holds: Statement,
+    insert_usages: Statement,
+    finish_holds: Statement,
+}
+
+struct WriterConnection {
+    client: Client,
+    statements: Statements,
+}
+
+struct JournalWriter {
+    rx: mpsc::Receiver<Entry>,
+    database: Option<Database>,
+    connection: Option<WriterConnection>,
+    batch_max: usize,
+    batch_delay: Duration,
+    /// Per account, the newest actor incarnation whose write failed: its
+    /// later entries were computed on a state that will never exist.
+    failed_epochs: HashMap<AccountId, u64>,
+    health: Arc<JournalHealth>,
+}
+
+/// One account's entries in a batch, in the order the actor produced them.
+struct Group {
+    account: AccountId,
+    entries: Vec<Entry>,
+}
+
+enum WriteError {
+    /// The connection is gone: nothing in the batch committed (or we can't know).
+    Connection(String),
+    /// The database refused something: another split may succeed.
+    Refused(String),
+}
+
+impl JournalWriter {
+    async fn run(mut self) {
+        while let Some(first) = self.rx.recv().await {
+            self.health.busy.store(true, Ordering::Release);
+            let batch = self.gather(first).await;
+            metrics::histogram!("creditd_journal_batch_size").record(batch.len() as f64);
+            self.process(batch).await;
+            self.health.touch();
+            metrics::gauge!("creditd_journal_queue_depth")
+                .set((self.rx.max_capacity() - self.rx.capacity()) as f64);
+            self.health.busy.store(false, Ordering::Release);
+        }
+        tracing::info!("journal writer stopped: every sender is gone");
+    }
+
+    async fn gather(&mut self, first: Entry) -> Vec<Entry> {
+        let mut batch = Vec::with_capacity(self.batch_max.min(1024));
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + self.batch_delay;
+        while batch.len() < self.batch_max {
+            match self.rx.try_recv() {
+                Ok(entry) => batch.push(entry),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if self.batch_delay.is_zero() {
+                        break;
+                    }
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(entry)) => batch.push(entry),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
+        batch
+    }
+
+    async fn process(&mut self, batch: Vec<Entry>) {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut index: HashMap<AccountId, usize> = HashMap::new();
+        for entry in batch {
+            if self
+                .failed_epochs
+                .get(&entry.account)
+                .is_some_and(|&failed| entry.epoch <= failed)
+            {
+                // Its actor already knows (its durable watch says failed).
+                metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
+                    .increment(1);
+                continue;
+            }
+            let slot = *index.entry(entry.account).or_insert_with(|| {
+                groups.push(Group {
+                    account: entry.account,
+                    entries: Vec::new(),
+                });
+                groups.len() - 1
+            });
+            groups[slot].entries.push(entry);
+        }
+        let (valid, broken): (Vec<Group>, Vec<Group>) =
+            groups.into_iter().partition(Group::is_contiguous);
+        for group in broken {
+            tracing::error!(account = group.account.0, "journal entries out of order");
+            self.fail(group, "entries out of order");
+        }
+        if valid.is_empty() {
+            return;
+        }
+        if self.database.is_none() {
+            self.finish(valid, &HashSet::new());
+            return;
+        }
+        let started = Instant::now();
+        match self.write(&valid).await {
+            Ok(fenced) => {
+                metrics::histogram!("creditd_journal_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                self.finish(valid, &fenced);
+            }
+            Err(WriteError::Refused(reason)) if valid.len() > 1 => {
+                tracing::warn!(%reason, "batch refused; retrying one account per transaction");
+                for group in valid {
+                    match self.write(std::slice::from_ref(&group)).await {
+                        Ok(fenced) => self.finish(vec![group], &fenced),
+                        Err(WriteError::Refused(reason) | WriteError::Connection(reason)) => {
+                            self.fail(group, &reason)
+                        }
+                    }
+                }
+            }
+            Err(WriteError::Refused(reason) | WriteError::Connection(reason)) => {
+                tracing::error!(%reason, accounts = valid.len(), "journal batch failed");
+                for group in valid {
+                    self.fail(group, &reason);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, groups: Vec<Group>, fenced: &HashSet<AccountId>) {
+        for group in groups {
+            if fenced.contains(&group.account) {
+                tracing::warn!(
+                    account = group.account.0,
+                    "balance row moved under this actor (fencing); reloading it"
+                );
+                self.fail(group, "fenced: the balance row version moved");
+                continue;
+            }
+            let (Some(first), Some(last)) = (group.entries.first(), group.entries.last()) else {
+                continue;
+            };
+            if self
+                .failed_epochs
+                .get(&group.account)
+                .is_some_and(|&failed| first.epoch > failed)
+            {
+                self.failed_epochs.remove(&group.account);
+            }
+            let seq = last.seq;
+            last.durable
+                .send_modify(|durable| durable.seq = durable.seq.max(seq));
+            metrics::counter!("creditd_journal_entries_total", "outcome" => "committed")
+                .increment(group.entries.len() as u64);
+        }
+    }
+
+    fn fail(&mut self, group: Group, reason: &str) {
+        let Some(last) = group.entries.last() else {
+            return;
+        };
+        tracing::debug!(account = group.account.0, %reason, "journal entries failed");
+        let epoch = group
+            .entries
+            .iter()
+            .map(|e| e.epoch)
+            .max()
+            .unwrap_or(last.epoch);
+        let failed = self.failed_epochs.entry(group.account).or_insert(epoch);
+        *failed = (*failed).max(epoch);
+        for entry in &group.entries {
+            entry.durable.send_modify(|durable| durable.failed = true);
+        }
+        metrics::counter!("creditd_journal_entries_total", "outcome" => "failed")
+            .increment(group.entries.len() as u64);
+    }
+
+    async fn connection(&mut self) -> Result<&mut WriterConnection, WriteError> {
+        if self
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.client.is_closed())
+        {
+            self.connection = None;
+        }
+        if self.connection.is_none() {
+            let database = self
+                .database
+                .as_ref()
+                .ok_or_else(|| WriteError::Connection("no database".into()))?;
+            let client = database
+                .connect()
+                .await
+                .map_err(|e| WriteError::Connection(format!("cannot connect: {e}")))?;
+            let statements = Statements::prepare(&client)
+                .await
+                .map_err(|e| WriteError::Connection(format!("cannot prepare: {e}")))?;
+            self.connection = Some(WriterConnection { client, statements });
+        }
+        self.connection
+            .as_mut()
+            .ok_or_else(|| WriteError::Connection("no connection".into()))
+    }
+
+    /// Writes the groups in one transaction; returns the fenced accounts
+    /// (skipped, their balance row moved).
+    async fn write(&mut self, groups: &[Group]) -> Result<HashSet<AccountId>, WriteError> {
+        let result = {
+            let connection = self.connection().await?;
+            write_groups(connection, groups).await
+        };
+        match result {
+            Ok(fenced) => Ok(fenced),
+            Err(BatchError::Invariant(reason)) => {
+                tracing::error!(%reason, "journal batch refused");
+                Err(WriteError::Refused(reason))
+            }
+            Err(BatchError::Postgres(error)) => {
+                let closed = self
+                    .connection
+                    .as_ref()
+                    .map_or(true, |c| c.client.is_closed());
+                if closed || error.as_db_error().is_none() {
+                    self.connection = None;
+                    Err(WriteError::Connection(error.to_string()))
+                } else {
+                    Err(WriteError::Refused(
+                        error
+                            .as_db_error()
+                            .map(|e| e.message().to_owned())
+                            .unwrap_or_else(|| error.to_string()),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl Group {
+    fn is_contiguous(&self) -> bool {
+        self.entries
+            .windows(2)
+            .all(|pair| pair[1].seq == pair[0].seq + 1 && pair[1].epoch == pair[0].epoch)
+    }
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        Ok(Statements {
+            update_balances: client.prepare(super::store::sql::UPDATE_BALANCES).await?,
+            insert_transactions: client
+                .prepare(super::store::sql::INSERT_TRANSACTIONS)
+                .await?,
+            insert_holds: client.prepare(super::store::sql::INSERT_HOLDS).await?,
+            insert_usages: client.prepare(super::store::sql::INSERT_USAGES).await?,
+            finish_holds: client.prepare(super::store::sql::FINISH_HOLDS).await?,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Columns {
+    // credit_transactions
+    tx_id: Vec<Uuid>,
+    tx_user: Vec<i64>,
+    tx_seq: Vec<i64>,
+    tx_type: Vec<&'static str>,
+    tx_direction: Vec<&'static str>,
+    tx_amount: Vec<i64>,
+    tx_key: Vec<String>,
+    tx_description: Vec<Option<String>>,
+    tx_session: Vec<Option<String>>,
+    tx_payment: Vec<Option<String>>,
+    tx_before: Vec<i64>,
+    tx_after: Vec<i64>,
+    tx_metadata: Vec<Option<serde_json::Value>>,
+    tx_created: Vec<DateTime<Utc>>,
+    // credit_holds (new)
+    hold_id: Vec<Uuid>,
+    hold_user: Vec<i64>,
+    hold_seq: Vec<i64>,
+    hold_amount: Vec<i64>,
+    hold_created: Vec<DateTime<Utc>>,
+    hold_expires: Vec<DateTime<Utc>>,
+    // credit_holds (finished)
+    fin_id: Vec<Uuid>,
+    fin_status: Vec<&'static str>,
+    fin_seq: Vec<i64>,
+    fin_at: Vec<DateTime<Utc>>,
+    // credit_usages
+    use_id: Vec<Uuid>,
+    use_user: Vec<i64>,
+    use_seq: Vec<i64>,
+    use_hold: Vec<Uuid>,
+    use_model: Vec<String>,
+    use_input: Vec<i64>,
+    use_output: Vec<i64>,
+    use_cache_read: Vec<i64>,
+    use_cache_write: Vec<i64>,
+    use_cost: Vec<i64>,
+    use_held: Vec<i64>,
+    use_conversation: Vec<Option<String>>,
+    use_message: Vec<Option<String>>,
+    use_before: Vec<i64>,
+    use_after: Vec<i64>,
+    use_created: Vec<DateTime<Utc>>,
+}
+
+/// Token counts are u64 in memory and BIGINT in PostgreSQL; counts past
+/// i64::MAX cannot be priced anyway (the cost overflows first).
+fn tokens(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+impl Columns {
+    fn push(&mut self, account: AccountId, record: &Record) {
+        match record {
+            Record::Transaction(t) => {
+                self.tx_id.push(t.id);
+                self.tx_user.push(account.0);
+                self.tx_seq.push(t.seq);
+                self.tx_type.push(t.kind.as_str());
+                self.tx_direction.push(t.direction.as_str());
+                self.tx_amount.push(t.amount_micros.get());
+                self.tx_key.push(t.idempotency_key.as_str().to_owned());
+                self.tx_description.push(t.description.clone());
+                self.tx_session.push(t.stripe_session_id.clone());
+                self.tx_payment.push(t.stripe_payment_id.clone());
+                self.tx_before.push(t.balance_before_micros.get());
+                self.tx_after.push(t.balance_after_micros.get());
+                self.tx_metadata.push(t.metadata.clone());
+                self.tx_created.push(t.created_at);
+            }
+            Record::HoldPlaced(h) => {
+                self.hold_id.push(h.id.0);
+                self.hold_user.push(account.0);
+                self.hold_seq.push(h.seq);
+                self.hold_amount.push(h.amount_micros.get());
+                self.hold_created.push(h.created_at);
+                self.hold_expires.push(h.expires_at);
+            }
+            Record::Settled { usage: u } => {
+                self.fin_id.push(u.hold_id.0);
+                self.fin_status.push(HoldStatus::Settled.as_str());
+                self.fin_seq.push(u.seq);
+                self.fin_at.push(u.created_at);
+                self.use_id.push(u.id);
+                self.use_user.push(account.0);
+                self.use_seq.push(u.seq);
+                self.use_hold.push(u.hold_id.0);
+                self.use_model.push(u.model.clone());
+                self.use_input.push(tokens(u.input_tokens));
+                self.use_output.push(tokens(u.output_tokens));
+                self.use_cache_read.push(tokens(u.cache_read_tokens));
+                self.use_cache_write.push(tokens(u.cache_write_tokens));
+                self.use_cost.push(u.cost_micros.get());
+                self.use_held.push(u.held_micros.get());
+                self.use_conversation.push(u.conversation_id.clone());
+                self.use_message.push(u.message_id.clone());
+                self.use_before.push(u.balance_before_micros.get());
+                self.use_after.push(u.balance_after_micros.get());
+                self.use_created.push(u.created_at);
+            }
+            Record::Released(r) => {
+                self.fin_id.push(r.hold_id.0);
+                self.fin_status.push(r.status.as_str());
+                self.fin_seq.push(r.seq);
+                self.fin_at.push(r.finished_at);
+            }
+        }
+    }
+}
+
+async fn write_groups(
+    connection: &mut WriterConnection,
+    groups: &[Group],
+) -> Result<HashSet<AccountId>, BatchError> {
+    let statements = &connection.statements;
+    let tx = connection.client.transaction().await?;
+    let mut users = Vec::with_capacity(groups.len());
+    let mut expected = Vec::with_capacity(groups.len());
+    let mut versions = Vec::with_capacity(groups.len());
+    let mut balances = Vec::with_capacity(groups.len());
+    let mut helds = Vec::with_capacity(groups.len());
+    for group in groups {
+        let (Some(first), Some(last)) = (group.entries.first(), group.entries.last()) else {
+            continue;
+        };
+        users.push(group.account.0);
+        expected.push(first.seq - 1);
+        versions.push(last.seq);
+        balances.push(last.balance_after);
+        helds.push(last.held_after);
+    }
+    let updated: HashSet<i64> = tx
+        .query(
+            &statements.update_balances,
+            &[&users, &expected, &versions, &balances, &helds],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get::<_, i64>(0))
+        .collect();
+    let mut columns = Columns::default();
+    let mut fenced = HashSet::new();
+    for group in groups {
+        if !updated.contains(&group.account.0) {
+            fenced.insert(group.account);
+            continue;
+        }
+        for entry in &group.entries {
+            columns.push(group.account, &entry.record);
+        }
+    }
+    let c = &columns;
+    let holds = async {
+        if c.hold_id.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &statements.insert_holds,
+            &[
+                &c.hold_id,
+                &c.hold_user,
+                &c.hold_seq,
+                &c.hold_amount,
+                &c.hold_created,
+                &c.hold_expires,
+            ],
+        )
+        .await
+    };
+    let transactions = async {
+        if c.tx_id.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &statements.insert_transactions,
+            &[
+                &c.tx_id,
+                &c.tx_user,
+                &c.tx_seq,
+                &c.tx_type,
+                &c.tx_direction,
+                &c.tx_amount,
+                &c.tx_key,
+                &c.tx_description,
+                &c.tx_session,
+                &c.tx_payment,
+                &c.tx_before,
+                &c.tx_after,
+                &c.tx_metadata,
+                &c.tx_created,
+            ],
+        )
+        .await
+    };
+    let usages = async {
+        if c.use_id.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &statements.insert_usages,
+            &[
+                &c.use_id,
+                &c.use_user,
+                &c.use_seq,
+                &c.use_hold,
+                &c.use_model,
+                &c.use_input,
+                &c.use_output,
+                &c.use_cache_read,
+                &c.use_cache_write,
+                &c.use_cost,
+                &c.use_held,
+                &c.use_conversation,
+                &c.use_message,
+                &c.use_before,
+                &c.use_after,
+                &c.use_created,
+            ],
+        )
+        .await
+    };
+    let finished = async {
+        if c.fin_id.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &statements.finish_holds,
+            &[&c.fin_id, &c.fin_status, &c.fin_seq, &c.fin_at],
+        )
+        .await
+    };
+    // Pipelined on one connection, executed in this order by the server:
+    // holds exist before usages reference them and before they finish.
+    let (_, _, _, finished_count) = tokio::try_join!(holds, transactions, usages, finished)?;
+    if finished_count != c.fin_id.len() as u64 {
+        tx.rollback().await?;
+        return Err(BatchError::Invariant(format!(
+            "{} hold finishes matched only {finished_count} active holds",
+            c.fin_id.len()
+        )));
+    }
+    tx.commit().await?;
+    Ok(fenced)
+}
+
+/// Why a batch's transaction did not commit.
+enum BatchError {
+    Postgres(tokio_postgres::Error),
+    /// A finish matched no active hold row: the batch is refused.
+    Invariant(String),
+}
+
+impl From<tokio_postgres::Error> for BatchError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        BatchError::Postgres(error)
+    }
+}

@@ -1,0 +1,22 @@
+//! The ledger engine: one actor per credit account serializes its operations
+//! in memory, a journal writer group-commits their entries to PostgreSQL, and
+//! a caller hears "ok" only once its entry committed.
+//!
+//! ```text
+//! caller ──msg──▶ Directory ──▶ AccountActor ──entry──▶ JournalWriter ──batch──▶ Postgres
+//!    ▲                               │                        │
+//!    └──── answer once durable ──────┴──── durable seq ◀──────┘
+//! ```
+
+mod actor;
+mod directory;
+mod journal;
+pub mod reconcile;
+mod state;
+pub mod store;
+mod types;
+
+pub use actor::{AccountActor, Credit, Debit, ExpireHolds, GetBalance, Release, Reserve, Settle};
+pub use directory::{Directory, Engine, EngineStats};
+pub use journal::{JournalHealth, WriterHandle};
+pub use types::*;

@@ -1,0 +1,390 @@
+//! One account's state and the pure rules of every operation. The actor owns
+//! an `AccountState`; each successful operation changes it and yields the
+//! journal record that makes the change durable.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::journal::Record;
+use super::types::*;
+use crate::money::Micros;
+
+/// What an operation produced: a new record to journal, or a replay of an
+/// earlier one (answered once the earlier one is durable).
+pub(crate) enum Applied<T> {
+    New { value: T, record: Record },
+    Replay { value: T, seq: i64 },
+}
+
+/// A bounded memory of recent keys. Entries newer than the durable seq are
+/// never evicted, so a key in flight can't be forgotten and applied twice.
+pub(crate) struct Recent<K, V> {
+    map: HashMap<K, V>,
+    order: VecDeque<(K, i64)>,
+    capacity: usize,
+}
+
+impl<K: Eq + Hash + Clone, V> Recent<K, V> {
+    pub fn new(capacity: usize) -> Self {
+        Recent {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    pub fn insert(&mut self, key: K, value: V, seq: i64, durable_seq: i64) {
+        if self.map.insert(key.clone(), value).is_none() {
+            self.order.push_back((key, seq));
+        }
+        while self.order.len() > self.capacity {
+            match self.order.front() {
+                Some((_, oldest)) if *oldest <= durable_seq => {
+                    if let Some((key, _)) = self.order.pop_front() {
+                        self.map.remove(&key);
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+pub(crate) struct AccountState {
+    pub account: AccountId,
+    pub balance: Micros,
+    pub held: Micros,
+    /// Seq of the last journal entry applied (committed or in flight).
+    pub seq: i64,
+    pub holds: HashMap<HoldId, HoldRecord>,
+    keys: Recent<IdempotencyKey, TransactionRecord>,
+    finished: Recent<HoldId, FinishedHold>,
+}
+
+fn out_of_range() -> LedgerError {
+    LedgerError::InvalidRequest("amount out of range: the balance would overflow".into())
+}
+
+impl AccountState {
+    pub fn new(
+        account: AccountId,
+        balance: Micros,
+        held: Micros,
+        seq: i64,
+        holds: Vec<HoldRecord>,
+        recent_capacity: usize,
+    ) -> Self {
+        AccountState {
+            account,
+            balance,
+            held,
+            seq,
+            holds: holds.into_iter().map(|h| (h.id, h)).collect(),
+            keys: Recent::new(recent_capacity),
+            finished: Recent::new(recent_capacity),
+        }
+    }
+
+    pub fn available(&self) -> Micros {
+        Micros::new(self.balance.get() - self.held.get())
+    }
+
+    pub fn knows_key(&self, key: &IdempotencyKey) -> bool {
+        self.keys.get(key).is_some()
+    }
+
+    pub fn knows_hold(&self, hold: &HoldId) -> bool {
+        self.holds.contains_key(hold) || self.finished.get(hold).is_some()
+    }
+
+    /// Remembers a committed transaction found in PostgreSQL.
+    pub fn remember_key(&mut self, record: TransactionRecord, durable_seq: i64) {
+        let seq = record.seq;
+        self.keys
+            .insert(record.idempotency_key.clone(), record, seq, durable_seq);
+    }
+
+    /// Remembers a finished hold found in PostgreSQL.
+    pub fn remember_finished(&mut self, hold: HoldId, finished: FinishedHold, durable_seq: i64) {
+        let seq = match &finished {
+            FinishedHold::Settled(usage) => usage.seq,
+            FinishedHold::Released(release) => release.seq,
+        };
+        self.finished.insert(hold, finished, seq, durable_seq);
+    }
+
+    /// held = sum of active holds. A failure is a bug.
+    pub fn check_invariants(&self) -> Result<(), LedgerError> {
+        let sum: i64 = self.holds.values().map(|h| h.amount_micros.get()).sum();
+        if sum != self.held.get() {
+            return Err(LedgerError::Internal(format!(
+                "account {:?}: held {} but holds sum to {sum}",
+                self.account,
+                self.held.get()
+            )));
+        }
+        Ok(())
+    }
+
+    fn next_seq(&mut self) -> i64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    pub fn post(
+        &mut self,
+        direction: Direction,
+        posting: &Posting,
+        now: DateTime<Utc>,
+        durable_seq: i64,
+    ) -> Result<Applied<TransactionRecord>, LedgerError> {
+        if !posting.amount.is_positive() {
+            return Err(LedgerError::InvalidRequest(
+                "amount must be greater than zero".into(),
+            ));
+        }
+        if let Some(first) = self.keys.get(&posting.key) {
+            if first.matches(direction, posting) {
+                return Ok(Applied::Replay {
+                    value: first.clone(),
+                    seq: first.seq,
+                });
+            }
+            return Err(LedgerError::Conflict(format!(
+                "idempotency key `{}` was already used for a {} {} of {} micros",
+                posting.key.as_str(),
+                first.kind.as_str(),
+                first.direction.as_str(),
+                first.amount_micros.get()
+            )));
+        }
+        let before = self.balance;
+        let after = match direction {
+            Direction::Credit => before.checked_add(posting.amount),
+            Direction::Debit => before.checked_sub(posting.amount),
+        }
+        .map_err(|_| out_of_range())?;
+        let seq = self.next_seq();
+        self.balance = after;
+        let record = TransactionRecord {
+            id: Uuid::new_v4(),
+            seq,
+            kind: posting.kind,
+            direction,
+            amount_micros: posting.amount,
+            idempotency_key: posting.key.clone(),
+            description: posting.description.clone(),
+            stripe_session_id: posting.stripe_session_id.clone(),
+            stripe_payment_id: posting.stripe_payment_id.clone(),
+            metadata: posting.metadata.clone(),
+            balance_before_micros: before,
+            balance_after_micros: after,
+            created_at: now,
+        };
+        self.keys
+            .insert(posting.key.clone(), record.clone(), seq, durable_seq);
+        Ok(Applied::New {
+            value: record.clone(),
+            record: Record::Transaction(record),
+        })
+    }
+
+    pub fn reserve(
+        &mut self,
+        hold_id: HoldId,
+        amount: Micros,
+        now: DateTime<Utc>,
+        expires_at: DateTime<Utc>,
+    ) -> Result<Applied<HoldRecord>, LedgerError> {
+        if !amount.is_positive() {
+            return Err(LedgerError::InvalidRequest(
+                "amount must be greater than zero".into(),
+            ));
+        }
+        if let Some(hold) = self.holds.get(&hold_id) {
+            if hold.amount_micros == amount {
+                return Ok(Applied::Replay {
+                    value: *hold,
+                    seq: hold.seq,
+                });
+            }
+            return Err(LedgerError::Conflict(format!(
+                "hold {hold_id} already exists for {} micros",
+                hold.amount_micros.get()
+            )));
+        }
+        if self.finished.get(&hold_id).is_some() {
+            return Err(LedgerError::Conflict(format!(
+                "hold {hold_id} already finished"
+            )));
+        }
+        let available = self.available();
+        if available < amount {
+            return Err(LedgerError::InsufficientCredits {
+                available,
+                required: amount,
+            });
+        }
+        let held = self.held.checked_add(amount).map_err(|_| out_of_range())?;
+        let seq = self.next_seq();
+        self.held = held;
+        let hold = HoldRecord {
+            id: hold_id,
+            seq,
+            amount_micros: amount,
+            created_at: now,
+            expires_at,
+        };
+        self.holds.insert(hold_id, hold);
+        Ok(Applied::New {
+            value: hold,
+            record: Record::HoldPlaced(hold),
+        })
+    }
+
+    /// A finished hold answers a repeated settle or release, or conflicts.
+    fn finished_answer<T>(
+        &self,
+        hold_id: HoldId,
+        pick: impl FnOnce(&FinishedHold) -> Result<(T, i64), String>,
+    ) -> Result<Applied<T>, LedgerError> {
+        match self.finished.get(&hold_id) {
+            Some(finished) => pick(finished)
+                .map(|(value, seq)| Applied::Replay { value, seq })
+                .map_err(LedgerError::Conflict),
+            None => Err(LedgerError::HoldNotFound(hold_id)),
+        }
+    }
+
+    pub fn settle(
+        &mut self,
+        hold_id: HoldId,
+        charge: &UsageCharge,
+        now: DateTime<Utc>,
+        durable_seq: i64,
+    ) -> Result<Applied<UsageRecord>, LedgerError> {
+        if charge.cost.is_negative() {
+            return Err(LedgerError::InvalidRequest(
+                "cost cannot be negative".into(),
+            ));
+        }
+        let Some(hold) = self.holds.get(&hold_id).copied() else {
+            return self.finished_answer(hold_id, |finished| match finished {
+                FinishedHold::Settled(usage) if usage.matches(charge) => {
+                    Ok((usage.clone(), usage.seq))
+                }
+                FinishedHold::Settled(usage) => Err(format!(
+                    "hold {hold_id} was already settled for {} micros",
+                    usage.cost_micros.get()
+                )),
+                FinishedHold::Released(release) => Err(format!(
+                    "hold {hold_id} was already {}",
+                    release.status.as_str().to_ascii_lowercase()
+                )),
+            });
+        };
+        let before = self.balance;
+        let after = before
+            .checked_sub(charge.cost)
+            .map_err(|_| out_of_range())?;
+        let seq = self.next_seq();
+        self.holds.remove(&hold_id);
+        self.held = Micros::new(self.held.get() - hold.amount_micros.get());
+        self.balance = after;
+        let usage = UsageRecord {
+            id: Uuid::new_v4(),
+            seq,
+            hold_id,
+            model: charge.model.clone(),
+            input_tokens: charge.tokens.input_tokens,
+            output_tokens: charge.tokens.output_tokens,
+            cache_read_tokens: charge.tokens.cache_read_tokens,
+            cache_write_tokens: charge.tokens.cache_write_tokens,
+            cost_micros: charge.cost,
+            held_micros: hold.amount_micros,
+            conversation_id: charge.conversation_id.clone(),
+            message_id: charge.message_id.clone(),
+            balance_before_micros: before,
+            balance_after_micros: after,
+            created_at: now,
+        };
+        self.finished.insert(
+            hold_id,
+            FinishedHold::Settled(usage.clone()),
+            seq,
+            durable_seq,
+        );
+        Ok(Applied::New {
+            value: usage.clone(),
+            record: Record::Settled { usage },
+        })
+    }
+
+    pub fn release(
+        &mut self,
+        hold_id: HoldId,
+        status: HoldStatus,
+        now: DateTime<Utc>,
+        durable_seq: i64,
+    ) -> Result<Applied<ReleaseRecord>, LedgerError> {
+        let Some(hold) = self.holds.remove(&hold_id) else {
+            return self.finished_answer(hold_id, |finished| match finished {
+                FinishedHold::Released(release) => Ok((*release, release.seq)),
+                FinishedHold::Settled(usage) => Err(format!(
+                    "hold {hold_id} was already settled for {} micros",
+                    usage.cost_micros.get()
+                )),
+            });
+        };
+        let seq = self.next_seq();
+        self.held = Micros::new(self.held.get() - hold.amount_micros.get());
+        let release = ReleaseRecord {
+            hold_id,
+            seq,
+            amount_micros: hold.amount_micros,
+            status,
+            finished_at: now,
+        };
+        self.finished
+            .insert(hold_id, FinishedHold::Released(release), seq, durable_seq);
+        Ok(Applied::New {
+            value: release,
+            record: Record::Released(release),
+        })
+    }
+
+    /// Holds whose expiry is at or before `now`, oldest first.
+    pub fn expired(&self, now: DateTime<Utc>) -> Vec<HoldId> {
+        let mut expired: Vec<&HoldRecord> = self
+            .holds
+            .values()
+            .filter(|h| h.expires_at <= now)
+            .collect();
+        expired.sort_by_key(|h| h.seq);
+        expired.into_iter().map(|h| h.id).collect()
+    }
+
+    pub fn next_expiry(&self) -> Option<DateTime<Utc>> {
+        self.holds.values().map(|h| h.expires_at).min()
+    }
+
+    pub fn snapshot(&self) -> BalanceSnapshot {
+        let mut holds: Vec<HoldRecord> = self.holds.values().copied().collect();
+        holds.sort_by_key(|h| h.seq);
+        BalanceSnapshot {
+            account: self.account,
+            balance_micros: self.balance,
+            held_micros: self.held,
+            available_micros: self.available(),
+            version: self.seq,
+            holds,
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Reads of the ledger tables, and the SQL the journal writer runs. The
+//! engine writes only through the journal writer; everything here reads,
+//! except `ensure_user` and the creation of a missing balance row.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use tokio_postgres::{GenericClient, Row};
+
+use super::types::*;
+use crate::money::Micros;
+
+/// The statements of a journal batch. Arrays in, one round trip each.
+pub(crate) mod sql {
+    /// Moves each balance row forward, only from the version its actor
+    /// holds (fencing). Returns the user ids it moved.
+    pub const UPDATE_BALANCES: &str = "
+        UPDATE credit_balances AS b
+           SET balance_micros = u.balance, held_micros = u.held,
+               version = u.version, updated_at = now()
+          FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+               AS u(user_id, expected, version, balance, held)
+         WHERE b.user_id = u.user_id AND b.version = u.expected
+        RETURNING b.user_id";
+
+    pub const INSERT_HOLDS: &str = "
+        INSERT INTO credit_holds (id, user_id, seq, amount_micros, status, created_at, expires_at)
+        SELECT id, user_id, seq, amount, 'ACTIVE', created_at, expires_at
+          FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[],
+                      $5::timestamptz[], $6::timestamptz[])
+               AS t(id, user_id, seq, amount, created_at, expires_at)";
+
+    pub const INSERT_TRANSACTIONS: &str = "
+        INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
+               idempotency_key, description, stripe_session_id, stripe_payment_id,
+               balance_before_micros, balance_after_micros, metadata, created_at)
+        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], $5::text[],
+               $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[],
+               $12::int8[], $13::jsonb[], $14::timestamptz[])";
+
+    pub const INSERT_USAGES: &str = "
+        INSERT INTO credit_usages (id, user_id, seq, hold_id, model, input_tokens,
+               output_tokens, cache_read_tokens, cache_write_tokens, total_tokens,
+               cost_micros, held_micros, conversation_id, message_id,
+               balance_before_micros, balance_after_micros, created_at)
+        SELECT id, user_id, seq, hold_id, model, input, output, cache_read, cache_write,
+               input + output + cache_read + cache_write,
+               cost, held, conversation_id, message_id, before, after, created_at
+          FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::uuid[], $5::text[],
+                      $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[],
+                      $11::int8[], $12::text[], $13::text[], $14::int8[], $15::int8[],
+                      $16::timestamptz[])
+               AS u(id, user_id, seq, hold_id, model, input, output, cache_read,
+                    cache_write, cost, held, conversation_id, message_id, before,
+                    after, created_at)";
+
+    /// Finishes active holds; the writer checks that every one matched.
+    pub const FINISH_HOLDS: &str = "
+        UPDATE credit_holds AS h
+           SET status = f.status, finished_seq = f.seq, finished_at = f.at
+          FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[])
+               AS f(id, status, seq, at)
+         WHERE h.id = f.id AND h.status = 'ACTIVE'";
+}
+
+/// A database failure as the engine reports it: the database is unreachable
+/// or refused; never a user error.
+pub fn unavailable(error: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Unavailable(format!("database unavailable: {error}"))
+}
+
+/// A client from the pool, or `Unavailable`.
+pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, LedgerError> {
+    pool.get().await.map_err(unavailable)
+}
+
+/// An account as PostgreSQL has it.
+#[derive(Debug, Clone)]
+pub struct StoredAccount {
+    pub balance: Micros,
+    pub held: Micros,
+    pub version: i64,
+    pub holds: Vec<HoldRecord>,
+}
+
+/// Loads an account and its active holds, creating its balance row at zero
+/// when the user exists and has none yet.
+pub async fn load_account(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<StoredAccount, LedgerError> {
+    let row = client
+        .query_opt(
+            "SELECT balance_micros, held_micros, version FROM credit_balances WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .map_err(unavailable)?;
+    let row = match row {
+        Some(row) => row,
+        None => {
+            let exists = client
+                .query_opt(
+                    "SELECT 1 FROM users WHERE id = $1 AND deleted_at IS NULL",
+                    &[&account.0],
+                )
+                .await
+                .map_err(unavailable)?
+                .is_some();
+            if !exists {
+                return Err(LedgerError::AccountNotFound(account));
+            }
+            client
+                .execute(
+                    "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&account.0],
+                )
+                .await
+                .map_err(unavailable)?;
+            client
+                .query_one(
+                    "SELECT balance_micros, held_micros, version FROM credit_balances
+                      WHERE user_id = $1",
+                    &[&account.0],
+                )
+                .await
+                .map_err(unavailable)?
+        }
+    };
+    let holds = client
+        .query(
+            "SELECT id, seq, amount_micros, created_at, expires_at FROM credit_holds
+              WHERE user_id = $1 AND status = 'ACTIVE' ORDER BY seq",
+            &[&account.0],
+        )
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|row| HoldRecord {
+            id: HoldId(row.get(0)),
+            seq: row.get(1),
+            amount_micros: Micros::new(row.get(2)),
+            created_at: row.get(3),
+            expires_at: row.get(4),
+        })
+        .collect();
+    Ok(StoredAccount {
+        balance: Micros::new(row.get(0)),
+        held: Micros::new(row.get(1)),
+        version: row.get(2),
+        holds,
+    })
+}
+
+const TRANSACTION_COLUMNS: &str = "id, seq, type, direction, amount_micros, idempotency_key,
+    description, stripe_session_id, stripe_payment_id, metadata, balance_before_micros,
+    balance_after_micros, created_at";
+
+fn transaction_from_row(row: &Row) -> Result<TransactionRecord, LedgerError> {
+    let kind: String = row.get(2);
+    let direction: String = row.get(3);
+    let key: String = row.get(5);
+    Ok(TransactionRecord {
+        id: row.get(0),
+        seq: row.get(1),
+        kind: TransactionType::parse(&kind)
+            .ok_or_else(|| LedgerError::Internal(format!("unknown transaction type {kind}")))?,
+        direction: Direction::parse(&direction)
+            .ok_or_else(|| LedgerError::Internal(format!("unknown direction {direction}")))?,
+        amount_micros: Micros::new(row.get(4)),
+        idempotency_key: IdempotencyKey::parse(key).map_err(LedgerError::Internal)?,
+        description: row.get(6),
+        stripe_session_id: row.get(7),
+        stripe_payment_id: row.get(8),
+        metadata: row.get(9),
+        balance_before_micros: Micros::new(row.get(10)),
+        balance_after_micros: Micros::new(row.get(11)),
+        created_at: row.get(12),
+    })
+}
+
+const USAGE_COLUMNS: &str = "id, seq, hold_id, model, input_tokens, output_tokens,
+    cache_read_tokens, cache_write_tokens, cost_micros, held_micros, conversation_id,
+    message_id, balance_before_micros, balance_after_micros, created_at";
+
+fn count(row: &Row, index: usize) -> u64 {
+    u64::try_from(row.get::<_, i64>(index)).unwrap_or(0)
+}
+
+fn usage_from_row(row: &Row) -> UsageRecord {
+    UsageRecord {
+        id: row.get(0),
+        seq: row.get(1),
+        hold_id: HoldId(row.get(2)),
+        model: row.get(3),
+        input_tokens: count(row, 4),
+        output_tokens: count(row, 5),
+        cache_read_tokens: count(row, 6),
+        cache_write_tokens: count(row, 7),
+        cost_micros: Micros::new(row.get(8)),
+        held_micros: Micros::new(row.get(9)),
+        conversation_id: row.get(10),
+        message_id: row.get(11),
+        balance_before_micros: Micros::new(row.get(12)),
+        balance_after_micros: Micros::new(row.get(13)),
+        created_at: row.get(14),
+    }
+}
+
+/// The committed transaction under an idempotency key, if any.
+pub async fn find_transaction(
+    client: &impl GenericClient,
+    account: AccountId,
+    key: &IdempotencyKey,
+) -> Result<Option<TransactionRecord>, LedgerError> {
+    let query = format!(
+        "SELECT {TRANSACTION_COLUMNS} FROM credit_transactions
+          WHERE user_id = $1 AND idempotency_key = $2"
+    );
+    client
+        .query_opt(&query, &[&account.0, &key.as_str()])
+        .await
+        .map_err(unavailable)?
+        .map(|row| transaction_from_row(&row))
+        .transpose()
+}
+
+/// How a hold of this account ended, if it did.
+pub async fn find_finished_hold(
+    client: &impl GenericClient,
+    account: AccountId,
+    hold: HoldId,
+) -> Result<Option<FinishedHold>, LedgerError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT status, finished_seq, amount_micros, finished_at FROM credit_holds
+              WHERE id = $1 AND user_id = $2",
+            &[&hold.0, &account.0],
+        )
+        .await
+        .map_err(unavailable)?
+    else {
+        return Ok(None);
+    };
+    let status: String = row.get(0);
+    match HoldStatus::parse(&status) {
+        Some(HoldStatus::Active) | None => Ok(None),
+        Some(HoldStatus::Settled) => {
+            let query = format!("SELECT {USAGE_COLUMNS} FROM credit_usages WHERE hold_id = $1");
+            let usage = client
+                .query_one(&query, &[&hold.0])
+                .await
+                .map_err(unavailable)?;
+            Ok(Some(FinishedHold::Settled(usage_from_row(&usage))))
+        }
+        Some(status) => Ok(Some(FinishedHold::Released(ReleaseRecord {
+            hold_id: hold,
+            seq: row.get::<_, Option<i64>>(1).unwrap_or(0),
+            amount_micros: Micros::new(row.get(2)),
+            status,
+            finished_at: row
+                .get::<_, Option<DateTime<Utc>>>(3)
+                .unwrap_or_else(Utc::now),
+        }))),
+    }
+}
+
+/// The user with this Clerk id, created (with a zero balance row) when new.
+pub async fn ensure_user(
+    client: &impl GenericClient,
+    clerk_id: &str,
+) -> Result<AccountId, LedgerError> {
+    let row = client
+        .query_one(
+            "WITH inserted AS (
+                 INSERT INTO users (clerk_id) VALUES ($1)
+                 ON CONFLICT (clerk_id) DO NOTHING RETURNING id)
+             SELECT id FROM inserted
+             UNION ALL SELECT id FROM users WHERE clerk_id = $1
+             LIMIT 1",
+            &[&clerk_id],
+        )
+        .await
+        .map_err(unavailable)?;
+    let id: i64 = row.get(0);
+    client
+        .execute(
+            "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&id],
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(AccountId(id))
+}
+
+/// The user with this Clerk id, if known.
+pub async fn find_user(
+    client: &impl GenericClient,
+    clerk_id: &str,
+) -> Result<Option<AccountId>, LedgerError> {
+    Ok(client
+        .query_opt("SELECT id FROM users WHERE clerk_id = $1", &[&clerk_id])
+        .await
+        .map_err(unavailable)?
+        .map(|row| AccountId(row.get(0))))
+}
+
+/// Committed transactions, newest first, strictly before `before_seq`.
+pub async fn transactions_page(
+    client: &impl GenericClient,
+    account: AccountId,
+    before_seq: Option<i64>,
+    limit: i64,
+) -> Result<Vec<TransactionRecord>, LedgerError> {
+    let query = format!(
+        "SELECT {TRANSACTION_COLUMNS} FROM credit_transactions
+          WHERE user_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+    );
+    client
+        .query(
+            &query,
+            &[&account.0, &before_seq.unwrap_or(i64::MAX), &limit],
+        )
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(transaction_from_row)
+        .collect()
+}
+
+/// Committed usages, newest first, strictly before `before_seq`.
+pub async fn usages_page(
+    client: &impl GenericClient,
+    account: AccountId,
+    before_seq: Option<i64>,
+    limit: i64,
+) -> Result<Vec<UsageRecord>, LedgerError> {
+    let query = format!(
+        "SELECT {USAGE_COLUMNS} FROM credit_usages
+          WHERE user_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+    );
+    Ok(client
+        .query(
+            &query,
+            &[&account.0, &before_seq.unwrap_or(i64::MAX), &limit],
+        )
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(usage_from_row)
+        .collect())
+}

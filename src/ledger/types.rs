@@ -1,0 +1,332 @@
+//! The engine's vocabulary: ids, requests, records and errors.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::money::Micros;
+use crate::pricing::TokenUsage;
+
+/// A credit account: the `users.id` of its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AccountId(pub i64);
+
+/// A hold's id. creditd generates them, so they need no lookup to be unique.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HoldId(pub Uuid);
+
+impl HoldId {
+    pub fn generate() -> HoldId {
+        HoldId(Uuid::new_v4())
+    }
+}
+
+impl fmt::Display for HoldId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A caller-chosen key that makes a credit or debit apply at most once
+/// (`stripe:checkout:cs_…`, `bonus:signup:<user>`, an admin's key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IdempotencyKey(String);
+
+pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 200;
+
+impl IdempotencyKey {
+    pub fn parse(key: impl Into<String>) -> Result<IdempotencyKey, String> {
+        let key = key.into();
+        if key.is_empty() || key.len() > IDEMPOTENCY_KEY_MAX_LEN {
+            return Err(format!(
+                "must be 1 to {IDEMPOTENCY_KEY_MAX_LEN} characters long"
+            ));
+        }
+        if key.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err("must not contain spaces or control characters".into());
+        }
+        Ok(IdempotencyKey(key))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for IdempotencyKey {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        IdempotencyKey::parse(value)
+    }
+}
+
+impl From<IdempotencyKey> for String {
+    fn from(key: IdempotencyKey) -> String {
+        key.0
+    }
+}
+
+/// Why money moved (the seed's `CreditTransactionType`, plus disputes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TransactionType {
+    SignupBonus,
+    TopUp,
+    PromoBonus,
+    Refund,
+    Dispute,
+    Adjustment,
+}
+
+impl TransactionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransactionType::SignupBonus => "SIGNUP_BONUS",
+            TransactionType::TopUp => "TOP_UP",
+            TransactionType::PromoBonus => "PROMO_BONUS",
+            TransactionType::Refund => "REFUND",
+            TransactionType::Dispute => "DISPUTE",
+            TransactionType::Adjustment => "ADJUSTMENT",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<TransactionType> {
+        [
+            TransactionType::SignupBonus,
+            TransactionType::TopUp,
+            TransactionType::PromoBonus,
+            TransactionType::Refund,
+            TransactionType::Dispute,
+            TransactionType::Adjustment,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == text)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Direction {
+    Credit,
+    Debit,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Credit => "CREDIT",
+            Direction::Debit => "DEBIT",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Direction> {
+        match text {
+            "CREDIT" => Some(Direction::Credit),
+            "DEBIT" => Some(Direction::Debit),
+            _ => None,
+        }
+    }
+}
+
+/// A credit or debit as asked: what the key promises to apply once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Posting {
+    pub key: IdempotencyKey,
+    pub kind: TransactionType,
+    /// Positive; the direction says which way it moves the balance.
+    pub amount: Micros,
+    pub description: Option<String>,
+    pub stripe_session_id: Option<String>,
+    pub stripe_payment_id: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A committed credit or debit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionRecord {
+    pub id: Uuid,
+    pub seq: i64,
+    #[serde(rename = "type")]
+    pub kind: TransactionType,
+    pub direction: Direction,
+    pub amount_micros: Micros,
+    pub idempotency_key: IdempotencyKey,
+    pub description: Option<String>,
+    pub stripe_session_id: Option<String>,
+    pub stripe_payment_id: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+    pub balance_before_micros: Micros,
+    pub balance_after_micros: Micros,
+    pub created_at: DateTime<Utc>,
+}
+
+impl TransactionRecord {
+    /// Same key, same money: a replay. Anything else under the key is a conflict.
+    pub fn matches(&self, direction: Direction, posting: &Posting) -> bool {
+        self.direction == direction
+            && self.kind == posting.kind
+            && self.amount_micros == posting.amount
+    }
+}
+
+/// An active hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldRecord {
+    pub id: HoldId,
+    pub seq: i64,
+    pub amount_micros: Micros,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a settle posts: the real cost of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageCharge {
+    pub model: String,
+    pub tokens: TokenUsage,
+    pub cost: Micros,
+    pub conversation_id: Option<String>,
+    pub message_id: Option<String>,
+}
+
+/// A committed usage (one settled hold).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRecord {
+    pub id: Uuid,
+    pub seq: i64,
+    pub hold_id: HoldId,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub cost_micros: Micros,
+    pub held_micros: Micros,
+    pub conversation_id: Option<String>,
+    pub message_id: Option<String>,
+    pub balance_before_micros: Micros,
+    pub balance_after_micros: Micros,
+    pub created_at: DateTime<Utc>,
+}
+
+impl UsageRecord {
+    pub fn matches(&self, charge: &UsageCharge) -> bool {
+        self.cost_micros == charge.cost
+            && self.model == charge.model
+            && self.input_tokens == charge.tokens.input_tokens
+            && self.output_tokens == charge.tokens.output_tokens
+            && self.cache_read_tokens == charge.tokens.cache_read_tokens
+            && self.cache_write_tokens == charge.tokens.cache_write_tokens
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HoldStatus {
+    Active,
+    Settled,
+    Released,
+    Expired,
+}
+
+impl HoldStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Active => "ACTIVE",
+            HoldStatus::Settled => "SETTLED",
+            HoldStatus::Released => "RELEASED",
+            HoldStatus::Expired => "EXPIRED",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<HoldStatus> {
+        [
+            HoldStatus::Active,
+            HoldStatus::Settled,
+            HoldStatus::Released,
+            HoldStatus::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// A hold removed without charge (released, or expired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseRecord {
+    pub hold_id: HoldId,
+    pub seq: i64,
+    pub amount_micros: Micros,
+    pub status: HoldStatus,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// How a finished hold ended, remembered to answer replays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishedHold {
+    Settled(UsageRecord),
+    Released(ReleaseRecord),
+}
+
+/// An operation's answer; `replayed` when an earlier identical request
+/// already applied it and this one changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome<T> {
+    pub record: T,
+    pub replayed: bool,
+}
+
+/// An account as its actor sees it (reads may be a few ms ahead of
+/// durability, never showing a failed operation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceSnapshot {
+    pub account: AccountId,
+    pub balance_micros: Micros,
+    pub held_micros: Micros,
+    pub available_micros: Micros,
+    pub version: i64,
+    pub holds: Vec<HoldRecord>,
+}
+
+/// Every way an engine operation can fail, in the order they are checked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// The request itself is invalid (amount not positive, out of range).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// No user row for this account.
+    #[error("account {0:?} does not exist")]
+    AccountNotFound(AccountId),
+    /// settle/release named a hold this account never had.
+    #[error("hold {0} not found")]
+    HoldNotFound(HoldId),
+    /// Same key or hold id, different content; or a hold already finished otherwise.
+    #[error("{0}")]
+    Conflict(String),
+    /// A reserve larger than the available amount.
+    #[error("insufficient credits: {available:?} available, {required:?} required")]
+    InsufficientCredits { available: Micros, required: Micros },
+    /// Too many operations in flight for this account or for the journal.
+    #[error("too many operations in flight; retry shortly")]
+    Overloaded,
+    /// The database could not be reached or the batch did not commit.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The actor was reset (its journal failed or it passivated); the
+    /// operation was not applied and may be sent to a fresh actor.
+    #[error("account actor reset; the operation was not applied")]
+    Reset,
+    /// An invariant broke: a bug, never a user error.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

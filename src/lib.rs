@@ -1,0 +1,13 @@
+//! creditd: the prepaid AI-credits ledger of an AI app builder.
+//!
+//! - [`money`]: exact amounts in integer micros;
+//! - [`pricing`]: the model price table and per-request cost;
+//! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY`;
+//! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
+//! - [`ledger`]: the engine (account actors, journal writer, reconcile).
+
+pub mod config;
+pub mod db;
+pub mod ledger;
+pub mod money;
+pub mod pricing;
