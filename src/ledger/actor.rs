@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use tokio::sync::{oneshot, watch};
 
 use super::journal::{wait_durable, Durable, DurableSender, Entry, WriterHandle};
@@ -150,7 +150,9 @@ impl AccountActor {
             Ok(permit) => permit,
             Err(error) => return ready(Err(error)),
         };
-        let now = Utc::now();
+        // PostgreSQL keeps microseconds: so does the engine, so a record
+        // reads back exactly as it was answered.
+        let now = Utc::now().trunc_subsecs(6);
         let (value, seq, replayed) = match operation(state, now, durable_seq) {
             Ok(Applied::New { value, record }) => {
                 permit.send(Entry {

@@ -1,0 +1,766 @@
+//! The ledger engine against PostgreSQL: semantics, idempotency,
+//! concurrency, durability across rebuilds, fencing and database outages.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use creditd::ledger::{HoldId, HoldStatus, LedgerError, TransactionType, UsageCharge};
+use creditd::pricing::TokenUsage;
+use futures_util::future::join_all;
+
+use crate::support::*;
+
+fn charge(cost: i64) -> UsageCharge {
+    UsageCharge {
+        model: "claude-sonnet-4-5".into(),
+        tokens: TokenUsage {
+            input_tokens: 500,
+            output_tokens: 2000,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+        },
+        cost: micros(cost),
+        conversation_id: Some("conv_1".into()),
+        message_id: None,
+    }
+}
+
+#[actix::test]
+async fn credits_and_debits_are_journaled_with_their_running_balance() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_1").await;
+
+    let bonus = engine
+        .credit(
+            account,
+            posting("bonus:signup:1", TransactionType::SignupBonus, eur(10)),
+        )
+        .await
+        .expect("credit");
+    assert!(!bonus.replayed);
+    assert_eq!(bonus.record.balance_before_micros, micros(0));
+    assert_eq!(bonus.record.balance_after_micros, eur(10));
+    let refund = engine
+        .debit(
+            account,
+            posting("refund:1", TransactionType::Refund, eur(3)),
+        )
+        .await
+        .expect("debit");
+    assert_eq!(refund.record.balance_after_micros, eur(7));
+
+    let snapshot = engine.balance(account).await.expect("balance");
+    assert_eq!(snapshot.balance_micros, eur(7));
+    assert_eq!(snapshot.available_micros, eur(7));
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT balance_micros, version FROM credit_balances WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(0),
+        7_000_000,
+        "acknowledged means in PostgreSQL"
+    );
+    assert_eq!(row.get::<_, i64>(1), 2);
+    let rows = client
+        .query(
+            "SELECT type, direction, amount_micros, balance_after_micros FROM credit_transactions
+              WHERE user_id = $1 ORDER BY seq",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+    let journal: Vec<(String, String, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        journal,
+        vec![
+            (
+                "SIGNUP_BONUS".into(),
+                "CREDIT".into(),
+                10_000_000,
+                10_000_000
+            ),
+            ("REFUND".into(), "DEBIT".into(), 3_000_000, 7_000_000),
+        ]
+    );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn replaying_a_key_returns_the_first_result_and_a_different_amount_is_a_conflict() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_2").await;
+    let request = posting("stripe:checkout:cs_1", TransactionType::TopUp, eur(20));
+
+    let first = engine.credit(account, request.clone()).await.unwrap();
+    let again = engine.credit(account, request.clone()).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(
+        again.record, first.record,
+        "a replay answers the first result"
+    );
+
+    let mut different = request.clone();
+    different.amount = eur(21);
+    let conflict = engine.credit(account, different).await.unwrap_err();
+    assert!(matches!(conflict, LedgerError::Conflict(_)), "{conflict:?}");
+    let as_debit = engine.debit(account, request).await.unwrap_err();
+    assert!(matches!(as_debit, LedgerError::Conflict(_)), "{as_debit:?}");
+
+    assert_eq!(
+        engine.balance(account).await.unwrap().balance_micros,
+        eur(20)
+    );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_reserve_beyond_the_available_amount_reports_both_amounts() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_3").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(50_000)),
+        )
+        .await
+        .unwrap();
+    engine
+        .reserve(account, HoldId::generate(), micros(30_000))
+        .await
+        .unwrap();
+    let refused = engine
+        .reserve(account, HoldId::generate(), micros(30_000))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused,
+        LedgerError::InsufficientCredits {
+            available: micros(20_000),
+            required: micros(30_000)
+        }
+    );
+    let snapshot = engine.balance(account).await.unwrap();
+    assert_eq!(snapshot.held_micros, micros(30_000));
+    assert_eq!(snapshot.holds.len(), 1);
+}
+
+#[actix::test]
+async fn a_settle_above_its_hold_posts_the_whole_cost_as_debt_and_refuses_the_next_reserve() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_4").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(100_000)),
+        )
+        .await
+        .unwrap();
+    let hold = HoldId::generate();
+    engine.reserve(account, hold, micros(90_000)).await.unwrap();
+    let usage = engine.settle(account, hold, charge(130_000)).await.unwrap();
+    assert_eq!(usage.record.cost_micros, micros(130_000));
+    assert_eq!(usage.record.held_micros, micros(90_000));
+    assert_eq!(usage.record.balance_after_micros, micros(-30_000));
+
+    let snapshot = engine.balance(account).await.unwrap();
+    assert_eq!(snapshot.balance_micros, micros(-30_000));
+    assert_eq!(snapshot.held_micros, micros(0));
+    let refused = engine
+        .reserve(account, HoldId::generate(), micros(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, LedgerError::InsufficientCredits { .. }));
+
+    let replay = engine.settle(account, hold, charge(130_000)).await.unwrap();
+    assert!(replay.replayed);
+    assert_eq!(replay.record, usage.record);
+    let other = engine.settle(account, hold, charge(1)).await.unwrap_err();
+    assert!(matches!(other, LedgerError::Conflict(_)), "{other:?}");
+    let client = db.client().await;
+    let row = client
+        .query_one("SELECT status FROM credit_holds WHERE id = $1", &[&hold.0])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "SETTLED");
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn release_returns_the_hold_and_unknown_holds_are_not_found() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_5").await;
+    engine
+        .credit(account, posting("k1", TransactionType::TopUp, micros(100)))
+        .await
+        .unwrap();
+    let hold = HoldId::generate();
+    engine.reserve(account, hold, micros(100)).await.unwrap();
+    let released = engine.release(account, hold).await.unwrap();
+    assert_eq!(released.record.status, HoldStatus::Released);
+    assert_eq!(released.record.amount_micros, micros(100));
+    assert!(engine.release(account, hold).await.unwrap().replayed);
+    let settle_after = engine.settle(account, hold, charge(1)).await.unwrap_err();
+    assert!(matches!(settle_after, LedgerError::Conflict(_)));
+    let unknown = HoldId::generate();
+    assert_eq!(
+        engine.release(account, unknown).await.unwrap_err(),
+        LedgerError::HoldNotFound(unknown)
+    );
+    assert_eq!(
+        engine.balance(account).await.unwrap().available_micros,
+        micros(100)
+    );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_operation_on_an_account_without_a_user_is_account_not_found() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let missing = creditd::ledger::AccountId(987_654);
+    let error = engine
+        .credit(missing, posting("k", TransactionType::TopUp, micros(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(error, LedgerError::AccountNotFound(missing));
+}
+
+#[actix::test]
+async fn non_positive_amounts_are_refused_before_anything_applies() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_6").await;
+    for amount in [0, -5] {
+        let error = engine
+            .credit(
+                account,
+                posting("k", TransactionType::TopUp, micros(amount)),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, LedgerError::InvalidRequest(_)), "{error:?}");
+        let error = engine
+            .reserve(account, HoldId::generate(), micros(amount))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, LedgerError::InvalidRequest(_)), "{error:?}");
+    }
+    let snapshot = engine.balance(account).await.unwrap();
+    assert_eq!(snapshot.version, 0, "nothing was journaled");
+}
+
+#[actix::test]
+async fn expired_holds_are_released_and_journaled_as_expired() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_7").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(1_000)),
+        )
+        .await
+        .unwrap();
+    let hold = HoldId::generate();
+    let placed = engine.reserve(account, hold, micros(600)).await.unwrap();
+    assert!(engine
+        .expire_holds(account, Utc::now())
+        .await
+        .unwrap()
+        .is_empty());
+
+    let expired = engine
+        .expire_holds(account, placed.record.expires_at)
+        .await
+        .unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].status, HoldStatus::Expired);
+    assert_eq!(
+        engine.balance(account).await.unwrap().available_micros,
+        micros(1_000)
+    );
+    let late = engine.settle(account, hold, charge(10)).await.unwrap_err();
+    assert!(matches!(late, LedgerError::Conflict(_)), "{late:?}");
+    let status: String = db
+        .client()
+        .await
+        .query_one("SELECT status FROM credit_holds WHERE id = $1", &[&hold.0])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "EXPIRED");
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn holds_that_expired_while_the_account_was_not_loaded_are_released_on_load() {
+    let db = TestDb::new().await;
+    let account = db.user("user_ledger_8").await;
+    let hold = HoldId::generate();
+    {
+        let engine = db.engine(&settings());
+        engine
+            .credit(
+                account,
+                posting("k1", TransactionType::TopUp, micros(1_000)),
+            )
+            .await
+            .unwrap();
+        engine.reserve(account, hold, micros(700)).await.unwrap();
+        engine.shutdown(Duration::from_secs(5)).await;
+    }
+    db.client()
+        .await
+        .execute(
+            "UPDATE credit_holds SET expires_at = now() - interval '1 minute' WHERE id = $1",
+            &[&hold.0],
+        )
+        .await
+        .unwrap();
+    let engine = db.engine(&settings());
+    let snapshot = engine.balance(account).await.unwrap();
+    assert_eq!(snapshot.held_micros, micros(0), "released before serving");
+    assert!(snapshot.holds.is_empty());
+    engine.shutdown(Duration::from_secs(5)).await;
+    let status: String = db
+        .client()
+        .await
+        .query_one("SELECT status FROM credit_holds WHERE id = $1", &[&hold.0])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "EXPIRED");
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_thousand_concurrent_reserves_against_a_balance_for_a_hundred_grant_exactly_a_hundred() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    settings.engine.mailbox_capacity = 2_000;
+    let engine = Arc::new(db.engine(&settings));
+    let account = db.user("user_ledger_9").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(100 * 250)),
+        )
+        .await
+        .unwrap();
+
+    let attempts = (0..1_000).map(|_| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .reserve(account, HoldId::generate(), micros(250))
+                .await
+        })
+    });
+    let results: Vec<_> = join_all(attempts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let granted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(granted, 100);
+    for result in &results {
+        if let Err(error) = result {
+            match error {
+                LedgerError::InsufficientCredits {
+                    available,
+                    required,
+                } => {
+                    assert!(
+                        available.get() >= 0 && available.get() < 250,
+                        "{available:?}"
+                    );
+                    assert_eq!(*required, micros(250));
+                }
+                other => panic!("unexpected error {other:?}"),
+            }
+        }
+    }
+    let snapshot = engine.balance(account).await.unwrap();
+    assert_eq!(snapshot.available_micros, micros(0));
+    assert_eq!(snapshot.holds.len(), 100);
+    let active: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_holds WHERE user_id = $1 AND status = 'ACTIVE'",
+            &[&account.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(active, 100);
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn the_same_key_sent_a_hundred_times_at_once_applies_once_and_answers_all_alike() {
+    let db = TestDb::new().await;
+    let engine = Arc::new(db.engine(&settings()));
+    let account = db.user("user_ledger_10").await;
+    let request = posting("stripe:checkout:cs_same", TransactionType::TopUp, eur(15));
+    let calls = (0..100).map(|_| {
+        let engine = engine.clone();
+        let request = request.clone();
+        tokio::spawn(async move { engine.credit(account, request).await })
+    });
+    let outcomes: Vec<_> = join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().expect("every caller is answered"))
+        .collect();
+    assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
+    let ids: HashSet<_> = outcomes.iter().map(|o| o.record.id).collect();
+    assert_eq!(ids.len(), 1, "all callers see the same transaction");
+    assert_eq!(
+        engine.balance(account).await.unwrap().balance_micros,
+        eur(15)
+    );
+    let count: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_transactions WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+}
+
+#[actix::test]
+async fn keys_and_holds_the_actor_forgot_are_found_in_postgres() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    settings.engine.recent_keys = 2;
+    let account = db.user("user_ledger_11").await;
+    let first_hold = HoldId::generate();
+    let (first, usage) = {
+        let engine = db.engine(&settings);
+        let first = engine
+            .credit(account, posting("old-key", TransactionType::TopUp, eur(5)))
+            .await
+            .unwrap();
+        engine
+            .reserve(account, first_hold, micros(10))
+            .await
+            .unwrap();
+        let usage = engine.settle(account, first_hold, charge(7)).await.unwrap();
+        for index in 0..6 {
+            let key = format!("newer-{index}");
+            engine
+                .credit(
+                    account,
+                    posting(&key, TransactionType::PromoBonus, micros(1)),
+                )
+                .await
+                .unwrap();
+            let hold = HoldId::generate();
+            engine.reserve(account, hold, micros(1)).await.unwrap();
+            engine.release(account, hold).await.unwrap();
+        }
+        let replay = engine
+            .credit(account, posting("old-key", TransactionType::TopUp, eur(5)))
+            .await
+            .unwrap();
+        assert!(replay.replayed, "an evicted key is looked up");
+        assert_eq!(replay.record, first.record);
+        engine.shutdown(Duration::from_secs(5)).await;
+        (first, usage)
+    };
+    let engine = db.engine(&settings);
+    let replay = engine
+        .credit(account, posting("old-key", TransactionType::TopUp, eur(5)))
+        .await
+        .unwrap();
+    assert!(
+        replay.replayed,
+        "a key from before the restart is looked up"
+    );
+    assert_eq!(replay.record.id, first.record.id);
+    let settled_again = engine.settle(account, first_hold, charge(7)).await.unwrap();
+    assert!(settled_again.replayed);
+    assert_eq!(settled_again.record.id, usage.record.id);
+    let conflict = engine
+        .credit(account, posting("old-key", TransactionType::TopUp, eur(6)))
+        .await
+        .unwrap_err();
+    assert!(matches!(conflict, LedgerError::Conflict(_)));
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn acknowledged_operations_survive_rebuilding_the_engine_from_postgres() {
+    let db = TestDb::new().await;
+    let accounts = [
+        db.user("user_rebuild_a").await,
+        db.user("user_rebuild_b").await,
+        db.user("user_rebuild_c").await,
+    ];
+    let before = {
+        let engine = Arc::new(db.engine(&settings()));
+        let work = accounts.iter().enumerate().map(|(index, &account)| {
+            let engine = engine.clone();
+            async move {
+                engine
+                    .credit(
+                        account,
+                        posting("seed", TransactionType::TopUp, eur(index as i64 + 1)),
+                    )
+                    .await
+                    .unwrap();
+                let mut kept = Vec::new();
+                for round in 0..20 {
+                    let hold = HoldId::generate();
+                    engine.reserve(account, hold, micros(1_000)).await.unwrap();
+                    match round % 3 {
+                        0 => kept.push(hold),
+                        1 => {
+                            engine
+                                .settle(account, hold, charge(round * 10))
+                                .await
+                                .unwrap();
+                        }
+                        _ => {
+                            engine.release(account, hold).await.unwrap();
+                        }
+                    }
+                }
+                kept
+            }
+        });
+        join_all(work).await;
+        let mut snapshots = Vec::new();
+        for &account in &accounts {
+            snapshots.push(engine.balance(account).await.unwrap());
+        }
+        // Dropped without a flush: everything acknowledged is already durable.
+        snapshots
+    };
+    let engine = db.engine(&settings());
+    for (account, old) in accounts.iter().zip(before) {
+        let new = engine.balance(*account).await.unwrap();
+        assert_eq!(new, old, "account {account:?} came back identical");
+        assert_eq!(new.holds.len(), 7);
+    }
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_stale_actor_cannot_overwrite_a_newer_state_and_reloads() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_12").await;
+    engine
+        .credit(account, posting("k1", TransactionType::TopUp, eur(1)))
+        .await
+        .unwrap();
+
+    // Another writer (a second instance) moves the account on.
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
+                 idempotency_key, balance_before_micros, balance_after_micros, created_at)
+             VALUES (gen_random_uuid(), {id}, 2, 'ADJUSTMENT', 'CREDIT', 4000000, 'elsewhere',
+                 1000000, 5000000, now());
+             UPDATE credit_balances SET balance_micros = 5000000, version = 2
+              WHERE user_id = {id};",
+            id = account.0
+        ))
+        .await
+        .unwrap();
+
+    let stale = engine
+        .credit(account, posting("k2", TransactionType::TopUp, eur(2)))
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, LedgerError::Unavailable(_)), "{stale:?}");
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT balance_micros, version FROM credit_balances WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (5_000_000, 2));
+
+    let retried = engine
+        .credit(account, posting("k2", TransactionType::TopUp, eur(2)))
+        .await
+        .expect("a fresh actor serves after reloading");
+    assert_eq!(retried.record.balance_before_micros, eur(5));
+    assert_eq!(retried.record.seq, 3);
+    assert_eq!(
+        engine.balance(account).await.unwrap().balance_micros,
+        eur(7)
+    );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_flooded_account_answers_overloaded_and_loses_nothing() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    settings.engine.mailbox_capacity = 4;
+    let engine = Arc::new(db.engine(&settings));
+    let account = db.user("user_ledger_13").await;
+    let calls = (0..300).map(|index| {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let key = format!("flood-{index}");
+            engine
+                .credit(
+                    account,
+                    posting(&key, TransactionType::PromoBonus, micros(1)),
+                )
+                .await
+        })
+    });
+    let results: Vec<_> = join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let ok = results.iter().filter(|r| r.is_ok()).count() as i64;
+    let overloaded = results
+        .iter()
+        .filter(|r| matches!(r, Err(LedgerError::Overloaded)))
+        .count() as i64;
+    assert!(overloaded > 0, "a mailbox of 4 cannot take 300 at once");
+    assert_eq!(ok + overloaded, 300, "no other outcome: {results:?}");
+    assert_eq!(
+        engine.balance(account).await.unwrap().balance_micros,
+        micros(ok)
+    );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn idle_accounts_are_passivated_and_come_back_with_their_state() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    settings.engine.idle_timeout_ms = 50;
+    let engine = db.engine(&settings);
+    let account = db.user("user_ledger_14").await;
+    engine
+        .credit(account, posting("k1", TransactionType::TopUp, micros(42)))
+        .await
+        .unwrap();
+    assert_eq!(engine.stats().resident_actors, 1);
+    let mut waited = 0;
+    while engine.stats().resident_actors > 0 && waited < 100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+    }
+    assert_eq!(engine.stats().resident_actors, 0, "the idle actor stopped");
+    assert_eq!(
+        engine.balance(account).await.unwrap().balance_micros,
+        micros(42)
+    );
+    assert_eq!(engine.stats().resident_actors, 1);
+}
+
+#[actix::test]
+async fn an_account_with_an_active_hold_is_not_passivated() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    settings.engine.idle_timeout_ms = 30;
+    let engine = db.engine(&settings);
+    let account = db.user("user_ledger_15").await;
+    engine
+        .credit(account, posting("k1", TransactionType::TopUp, micros(42)))
+        .await
+        .unwrap();
+    engine
+        .reserve(account, HoldId::generate(), micros(2))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(engine.stats().resident_actors, 1);
+}
+
+#[actix::test]
+async fn a_refused_entry_fails_only_its_own_account_and_applies_nothing() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    // Forget finished holds at once, so only PostgreSQL knows the old id.
+    settings.engine.recent_keys = 1;
+    let engine = Arc::new(db.engine(&settings));
+    let bad = db.user("user_refused_bad").await;
+    let good = db.user("user_refused_good").await;
+    for account in [bad, good] {
+        engine
+            .credit(
+                account,
+                posting("seed", TransactionType::TopUp, micros(10_000)),
+            )
+            .await
+            .unwrap();
+    }
+    let reused = HoldId::generate();
+    engine.reserve(bad, reused, micros(100)).await.unwrap();
+    engine.release(bad, reused).await.unwrap();
+    for _ in 0..3 {
+        let hold = HoldId::generate();
+        engine.reserve(bad, hold, micros(1)).await.unwrap();
+        engine.release(bad, hold).await.unwrap();
+    }
+    let before = engine.balance(bad).await.unwrap();
+
+    // The bad account reuses a finished hold id while the good one works.
+    let good_work = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            for index in 0..50 {
+                let key = format!("good-{index}");
+                results.push(
+                    engine
+                        .credit(good, posting(&key, TransactionType::PromoBonus, micros(1)))
+                        .await,
+                );
+            }
+            results
+        })
+    };
+    let refused = engine.reserve(bad, reused, micros(100)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LedgerError::Unavailable(_)) | Err(LedgerError::Conflict(_))
+        ),
+        "{refused:?}"
+    );
+    for result in good_work.await.unwrap() {
+        result.expect("the other account's work commits");
+    }
+    let after = engine.balance(bad).await.unwrap();
+    assert_eq!(after, before, "nothing of the refused entry applied");
+    assert_eq!(
+        engine.balance(good).await.unwrap().balance_micros,
+        micros(10_050)
+    );
+    db.reconcile_is_clean().await;
+}

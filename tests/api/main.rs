@@ -1,0 +1,5 @@
+//! Integration tests against a real PostgreSQL (see `support`).
+
+mod ledger;
+mod ledger_model;
+mod support;
