@@ -2,4 +2,5 @@
 
 mod ledger;
 mod ledger_model;
+mod ledger_outage;
 mod support;

@@ -97,7 +97,7 @@ fn start_shared() -> Result<Shared, String> {
     Ok(Shared { admin, template })
 }
 
-async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, String> {
+pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, String> {
     let (client, connection) = config
         .connect(NoTls)
         .await
