@@ -24,7 +24,27 @@ pub struct Settings {
     pub journal: JournalSettings,
     pub credits: CreditsSettings,
     pub pricing: PricingSettings,
+    pub clerk: ClerkSettings,
+    pub admin: AdminSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClerkSettings {
+    pub jwks_url: String,
+    pub issuer: String,
+    pub authorized_parties: Vec<String>,
+    pub leeway_s: u64,
+    pub jwks_min_refresh_s: u64,
+    pub jwks_timeout_ms: u64,
+    pub token_cache_entries: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub token: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -33,6 +53,7 @@ pub struct ServerSettings {
     pub bind: String,
     pub workers: usize,
     pub shutdown_timeout_s: u64,
+    pub body_limit_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +211,14 @@ impl Settings {
             if value == 0 {
                 return Err(format!("configuration key `{key}`: must be greater than 0"));
             }
+        }
+        if self.clerk.leeway_s > 5 {
+            return Err("configuration key `clerk.leeway_s`: at most 5".into());
+        }
+        if self.server.body_limit_bytes == 0 {
+            return Err(
+                "configuration key `server.body_limit_bytes`: must be greater than 0".into(),
+            );
         }
         if self.journal.batch_max > 65_535 {
             return Err("configuration key `journal.batch_max`: at most 65535".into());

@@ -6,8 +6,10 @@
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile).
 
+pub mod app;
 pub mod config;
 pub mod db;
+pub mod http;
 pub mod ledger;
 pub mod money;
 pub mod pricing;

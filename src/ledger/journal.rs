@@ -405,7 +405,7 @@ impl JournalWriter {
                 let closed = self
                     .connection
                     .as_ref()
-                    .map_or(true, |c| c.client.is_closed());
+                    .is_none_or(|c| c.client.is_closed());
                 if closed || error.as_db_error().is_none() {
                     self.connection = None;
                     Err(WriteError::Connection(error.to_string()))

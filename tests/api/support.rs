@@ -210,3 +210,192 @@ pub fn posting(key_text: &str, kind: TransactionType, amount: Micros) -> Posting
         metadata: None,
     }
 }
+
+/// A signing key of the test's own, published by a local JWKS server as
+/// Clerk publishes its keys.
+pub struct SigningKey {
+    pub kid: String,
+    encoding: jsonwebtoken::EncodingKey,
+    pub jwk: serde_json::Value,
+}
+
+impl SigningKey {
+    /// A fresh 2048-bit RSA key (generated once per test binary per `kid`).
+    pub fn generate(kid: &str) -> SigningKey {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        use rsa::traits::PublicKeyParts;
+
+        let mut rng = rand::thread_rng();
+        let private = rsa::RsaPrivateKey::new(&mut rng, 2048).expect("RSA key");
+        let der = private.to_pkcs1_der().expect("PKCS#1 DER");
+        let public = private.to_public_key();
+        SigningKey {
+            kid: kid.to_owned(),
+            encoding: jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes()),
+            jwk: serde_json::json!({
+                "kty": "RSA",
+                "use": "sig",
+                "alg": "RS256",
+                "kid": kid,
+                "n": URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
+                "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
+            }),
+        }
+    }
+
+    /// Signs `claims` with RS256 under this key's `kid`.
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).expect("sign token")
+    }
+}
+
+/// The key every test app trusts first (RSA generation is slow: once per binary).
+pub fn primary_key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::generate("test-key-1"))
+}
+
+pub const ISSUER: &str = "https://clerk.creditd.test";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+
+/// The real service on port 0, on a fresh database, trusting a local JWKS.
+pub struct TestApp {
+    pub address: String,
+    pub db: TestDb,
+    pub jwks: wiremock::MockServer,
+    pub http: reqwest::Client,
+    pub settings: Settings,
+    handle: actix_web::dev::ServerHandle,
+}
+
+/// Starts the app with the test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts the app after `adjust` changed the test settings.
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let db = TestDb::new().await;
+    let jwks = wiremock::MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path(JWKS_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({ "keys": [primary_key().jwk] })),
+        )
+        .mount(&jwks)
+        .await;
+    let mut settings = settings();
+    settings.server.bind = "127.0.0.1:0".into();
+    settings.server.workers = 2;
+    settings.clerk.jwks_url = format!("{}{JWKS_PATH}", jwks.uri());
+    settings.clerk.issuer = ISSUER.into();
+    settings.admin.token = creditd::config::Secret::new(ADMIN_TOKEN);
+    adjust(&mut settings);
+    let storage = creditd::app::Storage::on(db.database(&settings), &settings)
+        .await
+        .expect("storage");
+    let app = creditd::app::Application::with_storage(settings.clone(), storage)
+        .await
+        .expect("build app");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    actix_web::rt::spawn(async move {
+        if let Err(error) = app.run().await {
+            eprintln!("test app stopped: {error:#}");
+        }
+    });
+    TestApp {
+        address,
+        db,
+        jwks,
+        http: reqwest::Client::new(),
+        settings,
+        handle,
+    }
+}
+
+impl TestApp {
+    /// A valid session token for `clerk_id`, signed by the primary key.
+    pub fn token(&self, clerk_id: &str) -> String {
+        primary_key().sign(&self.claims(clerk_id))
+    }
+
+    /// Claims of a token valid now for five minutes.
+    pub fn claims(&self, clerk_id: &str) -> serde_json::Value {
+        let now = chrono::Utc::now().timestamp();
+        serde_json::json!({
+            "sub": clerk_id,
+            "iss": ISSUER,
+            "iat": now,
+            "nbf": now - 10,
+            "exp": now + 300,
+            "azp": "http://localhost:3000",
+            "sid": "sess_test",
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// `GET path` as `clerk_id`.
+    pub async fn get_as(&self, clerk_id: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(self.token(clerk_id))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// `POST path` with a JSON body as `clerk_id`.
+    pub async fn post_as(
+        &self,
+        clerk_id: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(self.token(clerk_id))
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// A request with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    /// The account id of a Clerk user (created if new).
+    pub async fn account(&self, clerk_id: &str) -> AccountId {
+        self.db.user(clerk_id).await
+    }
+
+    /// Stops the server and flushes its journal.
+    pub async fn stop(&self) {
+        self.handle.stop(true).await;
+    }
+}
+
+/// The JSON body of a response, with its status.
+pub async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("body is not JSON (status {status}): {text}"));
+    (status, value)
+}

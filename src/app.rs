@@ -1,0 +1,243 @@
+//! Wiring: logging, the services a command needs, the HTTP application and
+//! the command-line operations.
+
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::config::{LogFormat, LogSettings, Settings};
+use crate::db::{self, Database};
+use crate::http;
+use crate::ledger::{self, store, Engine, IdempotencyKey, Posting, TransactionType};
+use crate::money::Micros;
+use crate::pricing::PriceTable;
+
+pub fn init_logging(settings: &LogSettings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match settings.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .and_then(|builder| builder.install_recorder())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))
+}
+
+/// The database, migrated, with its pool.
+pub struct Storage {
+    pub database: Database,
+    pub pool: deadpool_postgres::Pool,
+}
+
+impl Storage {
+    /// The configured database, or the private cluster.
+    pub async fn open(settings: &Settings) -> anyhow::Result<Storage> {
+        Storage::on(Database::locate(&settings.database)?, settings).await
+    }
+
+    /// Migrates `database` and opens its pool.
+    pub async fn on(database: Database, settings: &Settings) -> anyhow::Result<Storage> {
+        let mut client = database
+            .connect()
+            .await
+            .context("cannot connect to PostgreSQL")?;
+        let applied = db::migrate(&mut client).await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "migrations applied");
+        }
+        let pool = database.pool(&settings.database)?;
+        Ok(Storage { database, pool })
+    }
+
+    pub fn engine(&self, settings: &Settings) -> Engine {
+        Engine::start(
+            &settings.engine,
+            &settings.journal,
+            self.database.clone(),
+            self.pool.clone(),
+        )
+    }
+}
+
+/// The HTTP service bound to its listener, ready to run.
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    engine: Arc<Engine>,
+    storage: Storage,
+    shutdown_timeout: Duration,
+}
+
+impl Application {
+    /// Opens the database, starts the engine and binds `server.bind`
+    /// (port 0 picks a free port).
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let storage = Storage::open(&settings).await?;
+        Application::with_storage(settings, storage).await
+    }
+
+    /// As `build`, on a database chosen by the caller (tests).
+    pub async fn with_storage(settings: Settings, storage: Storage) -> anyhow::Result<Application> {
+        let metrics = metrics_handle()?;
+        let engine = Arc::new(storage.engine(&settings));
+        let prices = PriceTable::from_settings(&settings.pricing)
+            .map_err(|e| anyhow::anyhow!("pricing: {e}"))?;
+        let listener = TcpListener::bind(&settings.server.bind)
+            .with_context(|| format!("cannot bind server.bind = {}", settings.server.bind))?;
+        let port = listener.local_addr()?.port();
+        let state = http::AppState::new(
+            settings.clone(),
+            engine.clone(),
+            storage.pool.clone(),
+            Arc::new(prices),
+            metrics,
+        )?;
+        let server = http::server(state, listener, &settings)?;
+        Ok(Application {
+            port,
+            server,
+            engine,
+            storage,
+            shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_s),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server gracefully (as SIGTERM does).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until SIGINT/SIGTERM or `handle().stop(true)`: then stops
+    /// accepting, finishes in-flight requests, flushes the journal and
+    /// stops the private PostgreSQL.
+    pub async fn run(self) -> anyhow::Result<()> {
+        self.server.await.context("HTTP server failed")?;
+        tracing::info!("server stopped; flushing the journal");
+        if !self.engine.shutdown(self.shutdown_timeout).await {
+            tracing::error!("the journal did not drain before the shutdown timeout");
+        }
+        if let Some(cluster) = &self.storage.database.cluster {
+            cluster.stop();
+        }
+        Ok(())
+    }
+}
+
+pub fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
+    actix_web::rt::System::new().block_on(async move {
+        let app = Application::build(settings).await?;
+        tracing::info!(port = app.port(), "creditd listening");
+        app.run().await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_migrate(settings: Settings) -> anyhow::Result<ExitCode> {
+    actix_web::rt::System::new().block_on(async move {
+        let database = Database::locate(&settings.database)?;
+        let mut client = database
+            .connect()
+            .await
+            .context("cannot connect to PostgreSQL")?;
+        let applied = db::migrate(&mut client).await?;
+        if applied.is_empty() {
+            println!("schema up to date");
+        } else {
+            println!("applied migrations {applied:?}");
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_reconcile(settings: Settings) -> anyhow::Result<ExitCode> {
+    actix_web::rt::System::new().block_on(async move {
+        let storage = Storage::open(&settings).await?;
+        let mut client = storage.database.connect().await?;
+        let report = ledger::reconcile::reconcile(&mut client).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        Ok(if report.clean {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })
+}
+
+pub fn run_grant(
+    settings: Settings,
+    user: &str,
+    amount: &str,
+    reason: &str,
+    key: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let amount = Micros::parse_decimal(amount).map_err(|e| anyhow::anyhow!("--amount: {e}"))?;
+    if amount.get() == 0 {
+        bail!("--amount: must not be zero");
+    }
+    let key = key.unwrap_or_else(|| format!("cli:grant:{}", uuid::Uuid::new_v4()));
+    let key = IdempotencyKey::parse(key).map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+    actix_web::rt::System::new().block_on(async move {
+        let storage = Storage::open(&settings).await?;
+        let client = storage.pool.get().await?;
+        let account = store::ensure_user(&**client, user).await?;
+        let engine = storage.engine(&settings);
+        let posting = Posting {
+            key,
+            kind: TransactionType::Adjustment,
+            amount: Micros::new(amount.get().abs()),
+            description: Some(reason.to_owned()),
+            stripe_session_id: None,
+            stripe_payment_id: None,
+            metadata: None,
+        };
+        let outcome = if amount.is_positive() {
+            engine.credit(account, posting).await?
+        } else {
+            engine.debit(account, posting).await?
+        };
+        engine.shutdown(Duration::from_secs(5)).await;
+        println!("{}", serde_json::to_string_pretty(&outcome.record)?);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+pub fn run_balance(settings: Settings, user: &str) -> anyhow::Result<ExitCode> {
+    actix_web::rt::System::new().block_on(async move {
+        let storage = Storage::open(&settings).await?;
+        let client = storage.pool.get().await?;
+        let Some(account) = store::find_user(&**client, user).await? else {
+            bail!("no user with Clerk id {user}");
+        };
+        let engine = storage.engine(&settings);
+        let snapshot = engine.balance(account).await?;
+        engine.shutdown(Duration::from_secs(5)).await;
+        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+        Ok(ExitCode::SUCCESS)
+    })
+}

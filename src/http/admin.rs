@@ -1,0 +1,155 @@
+//! Operator routes under `/admin`, behind `Authorization: Bearer <admin.token>`.
+//! Users are named by their Clerk id, as operators see them in Clerk.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth::require_admin;
+use super::error::{parse_json, ApiError};
+use super::views::{HoldView, TransactionView, UsageView};
+use super::{read_body, State};
+use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
+use crate::money::Micros;
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/admin/accounts/{userId}/credits", web::post().to(adjust))
+        .route("/admin/accounts/{userId}", web::get().to(account))
+        .route("/admin/reconcile", web::get().to(run_reconcile));
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Adjustment {
+    amount_micros: i64,
+    key: String,
+    reason: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+fn clerk_id(path: &str) -> Result<&str, ApiError> {
+    let id = path.trim();
+    if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+        return Err(ApiError::invalid("field `userId`: not a Clerk user id"));
+    }
+    Ok(id)
+}
+
+/// Credits (positive amount) or debits (negative) a user, idempotent by key.
+async fn adjust(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&state.settings.admin, &request)?;
+    let user = clerk_id(&path)?;
+    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let adjustment: Adjustment = parse_json(&body)?;
+    if adjustment.amount_micros == 0 {
+        return Err(ApiError::invalid("field `amountMicros`: must not be zero"));
+    }
+    let key = IdempotencyKey::parse(format!("admin:{}", adjustment.key))
+        .map_err(|e| ApiError::invalid(format!("field `key`: {e}")))?;
+    let reason = adjustment.reason.trim();
+    if reason.is_empty() || reason.len() > 500 {
+        return Err(ApiError::invalid("field `reason`: 1 to 500 characters"));
+    }
+    let kind = match adjustment.kind.as_deref() {
+        None | Some("ADJUSTMENT") => TransactionType::Adjustment,
+        Some("PROMO_BONUS") if adjustment.amount_micros > 0 => TransactionType::PromoBonus,
+        Some("PROMO_BONUS") => {
+            return Err(ApiError::invalid(
+                "field `type`: PROMO_BONUS needs a positive amountMicros",
+            ))
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "field `type`: `{other}` is not ADJUSTMENT or PROMO_BONUS"
+            )))
+        }
+    };
+    let amount = adjustment
+        .amount_micros
+        .checked_abs()
+        .map(Micros::new)
+        .ok_or_else(|| ApiError::invalid("field `amountMicros`: out of range"))?;
+    let account = state.account(user).await?;
+    let posting = Posting {
+        key,
+        kind,
+        amount,
+        description: Some(reason.to_owned()),
+        stripe_session_id: None,
+        stripe_payment_id: None,
+        metadata: Some(json!({ "source": "admin" })),
+    };
+    let outcome = if adjustment.amount_micros > 0 {
+        state.engine.credit(account, posting).await?
+    } else {
+        state.engine.debit(account, posting).await?
+    };
+    let snapshot = state.engine.balance(account).await?;
+    let body = json!({
+        "transaction": TransactionView::from(&outcome.record),
+        "replayed": outcome.replayed,
+        "balanceMicros": snapshot.balance_micros.get(),
+        "heldMicros": snapshot.held_micros.get(),
+        "availableMicros": snapshot.available_micros.get(),
+    });
+    Ok(if outcome.replayed {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::Created().json(body)
+    })
+}
+
+async fn account(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&state.settings.admin, &request)?;
+    let user = clerk_id(&path)?;
+    let Some(account) = state.existing_account(user).await? else {
+        return Err(ApiError::not_found(format!(
+            "no user with Clerk id `{user}`"
+        )));
+    };
+    let snapshot = state.engine.balance(account).await?;
+    let client = state.client().await?;
+    let (transactions, usages, plan) = tokio::try_join!(
+        store::transactions_page(&**client, account, None, 20),
+        store::usages_page(&**client, account, None, 20),
+        async {
+            client
+                .query_one("SELECT plan FROM users WHERE id = $1", &[&account.0])
+                .await
+                .map(|row| row.get::<_, String>(0))
+                .map_err(store::unavailable)
+        }
+    )?;
+    Ok(HttpResponse::Ok().json(json!({
+        "balanceMicros": snapshot.balance_micros.get(),
+        "heldMicros": snapshot.held_micros.get(),
+        "availableMicros": snapshot.available_micros.get(),
+        "userId": user,
+        "accountId": account.0,
+        "version": snapshot.version,
+        "plan": plan,
+        "holds": snapshot.holds.iter().map(HoldView::from).collect::<Vec<_>>(),
+        "transactions": transactions.iter().map(TransactionView::from).collect::<Vec<_>>(),
+        "usages": usages.iter().map(UsageView::from).collect::<Vec<_>>(),
+    })))
+}
+
+async fn run_reconcile(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    require_admin(&state.settings.admin, &request)?;
+    let mut client = state.client().await?;
+    let report = reconcile::reconcile(&mut client)
+        .await
+        .map_err(store::unavailable)?;
+    Ok(HttpResponse::Ok().json(report))
+}

@@ -1,0 +1,284 @@
+//! End users: Clerk session tokens (RS256 JWTs) verified against the
+//! instance's JWKS. Operators: a bearer token compared in constant time.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use actix_web::HttpRequest;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::error::{ApiError, Code};
+use crate::config::{AdminSettings, ClerkSettings};
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: i64,
+    #[serde(default)]
+    azp: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Jwk {
+    kty: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    e: Option<String>,
+    #[serde(default)]
+    alg: Option<String>,
+}
+
+struct CachedToken {
+    subject: String,
+    expires_at: i64,
+}
+
+/// Verifies Clerk session tokens; keeps keys and verified tokens cached.
+pub struct ClerkVerifier {
+    settings: ClerkSettings,
+    http: reqwest::Client,
+    keys: RwLock<HashMap<String, DecodingKey>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    verified: Mutex<HashMap<String, CachedToken>>,
+}
+
+fn now_s() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ClerkVerifier {
+    pub fn new(settings: ClerkSettings) -> anyhow::Result<ClerkVerifier> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.jwks_timeout_ms))
+            .build()?;
+        Ok(ClerkVerifier {
+            settings,
+            http,
+            keys: RwLock::new(HashMap::new()),
+            last_fetch: tokio::sync::Mutex::new(None),
+            verified: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The Clerk user id (`sub`) of a valid token in `Authorization: Bearer`.
+    pub async fn authenticate(&self, request: &HttpRequest) -> Result<String, ApiError> {
+        let token = bearer(request)?;
+        self.verify(token).await
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<String, ApiError> {
+        if self.settings.jwks_url.is_empty() {
+            return Err(ApiError::unauthorized(
+                "end-user authentication is not configured (clerk.jwks_url)",
+            ));
+        }
+        let leeway = self.settings.leeway_s as i64;
+        if let Some(subject) = self.cached(token, leeway) {
+            return Ok(subject);
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| ApiError::unauthorized("malformed session token"))?;
+        if header.alg != Algorithm::RS256 {
+            return Err(ApiError::unauthorized(
+                "session token must be signed with RS256",
+            ));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| ApiError::unauthorized("session token has no key id (kid)"))?;
+        let key = self.key(&kid).await?;
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.leeway = self.settings.leeway_s;
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp", "sub", "iss"]);
+        validation.set_issuer(&[self.settings.issuer.as_str()]);
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|error| {
+            use jsonwebtoken::errors::ErrorKind;
+            let reason = match error.kind() {
+                ErrorKind::ExpiredSignature => "session token expired",
+                ErrorKind::ImmatureSignature => "session token not valid yet (nbf)",
+                ErrorKind::InvalidIssuer => "session token issuer is not accepted",
+                ErrorKind::InvalidSignature => "session token signature is invalid",
+                ErrorKind::MissingRequiredClaim(_) => "session token lacks a required claim",
+                _ => "invalid session token",
+            };
+            ApiError::unauthorized(reason)
+        })?;
+        let claims = data.claims;
+        if !self.settings.authorized_parties.is_empty() {
+            let allowed = claims
+                .azp
+                .as_deref()
+                .is_some_and(|azp| self.settings.authorized_parties.iter().any(|p| p == azp));
+            if !allowed {
+                return Err(ApiError::unauthorized(
+                    "session token was issued for another party (azp)",
+                ));
+            }
+        }
+        if claims.sub.is_empty() {
+            return Err(ApiError::unauthorized("session token has an empty subject"));
+        }
+        self.remember(token, &claims);
+        Ok(claims.sub)
+    }
+
+    fn cached(&self, token: &str, leeway: i64) -> Option<String> {
+        let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = cache.get(token)?;
+        (entry.expires_at + leeway > now_s()).then(|| entry.subject.clone())
+    }
+
+    fn remember(&self, token: &str, claims: &Claims) {
+        let capacity = self.settings.token_cache_entries;
+        if capacity == 0 {
+            return;
+        }
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= capacity {
+            let now = now_s();
+            cache.retain(|_, entry| entry.expires_at > now);
+            if cache.len() >= capacity {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            token.to_owned(),
+            CachedToken {
+                subject: claims.sub.clone(),
+                expires_at: claims.exp,
+            },
+        );
+    }
+
+    /// The key for `kid`, refetching the JWKS when it is unknown (at most
+    /// once per `jwks_min_refresh_s`).
+    async fn key(&self, kid: &str) -> Result<DecodingKey, ApiError> {
+        if let Some(key) = read(&self.keys).get(kid) {
+            return Ok(key.clone());
+        }
+        let mut last = self.last_fetch.lock().await;
+        if let Some(key) = read(&self.keys).get(kid) {
+            return Ok(key.clone());
+        }
+        let min_refresh = Duration::from_secs(self.settings.jwks_min_refresh_s);
+        if last.is_some_and(|at| at.elapsed() < min_refresh) {
+            return Err(ApiError::unauthorized(
+                "session token signed with an unknown key",
+            ));
+        }
+        *last = Some(Instant::now());
+        let keys = self.fetch().await?;
+        let found = keys.get(kid).cloned();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        found.ok_or_else(|| ApiError::unauthorized("session token signed with an unknown key"))
+    }
+
+    async fn fetch(&self) -> Result<HashMap<String, DecodingKey>, ApiError> {
+        let unavailable = |error: String| {
+            tracing::warn!(%error, "cannot fetch the Clerk JWKS");
+            ApiError::new(
+                Code::Unavailable,
+                "cannot verify session tokens right now; retry",
+            )
+        };
+        let response = self
+            .http
+            .get(&self.settings.jwks_url)
+            .send()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        if !response.status().is_success() {
+            return Err(unavailable(format!("JWKS answered {}", response.status())));
+        }
+        let jwks: Jwks = response
+            .json()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let mut keys = HashMap::new();
+        for jwk in jwks.keys {
+            if jwk.kty != "RSA" || jwk.alg.as_deref().is_some_and(|alg| alg != "RS256") {
+                continue;
+            }
+            let (Some(kid), Some(n), Some(e)) = (jwk.kid, jwk.n, jwk.e) else {
+                continue;
+            };
+            match DecodingKey::from_rsa_components(&n, &e) {
+                Ok(key) => {
+                    keys.insert(kid, key);
+                }
+                Err(error) => tracing::warn!(%kid, %error, "skipping an unusable JWKS key"),
+            }
+        }
+        Ok(keys)
+    }
+}
+
+fn bearer(request: &HttpRequest) -> Result<&str, ApiError> {
+    let header = request
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer token"))?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
+    Ok(token)
+}
+
+/// Checks the admin bearer token. With no token configured the admin
+/// routes do not exist (404).
+pub fn require_admin(settings: &AdminSettings, request: &HttpRequest) -> Result<(), ApiError> {
+    if settings.token.is_empty() {
+        return Err(ApiError::not_found("no such route"));
+    }
+    let presented = bearer(request)?;
+    if constant_time_eq(presented.as_bytes(), settings.token.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("invalid admin token"))
+    }
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for index in 0..a.len().max(b.len()) {
+        let x = a.get(index).copied().unwrap_or(0);
+        let y = b.get(index).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_comparison_accepts_only_equal_tokens() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+    }
+}

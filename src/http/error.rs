@@ -1,0 +1,184 @@
+//! One error shape for every route: `{"error": CODE, "message": "…"}`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::de::DeserializeOwned;
+
+use crate::ledger::LedgerError;
+
+/// Seconds a client should wait before retrying after OVERLOADED.
+pub const RETRY_AFTER_S: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    Unauthorized,
+    InvalidRequest,
+    NotFound,
+    Conflict,
+    InsufficientCredits,
+    PayloadTooLarge,
+    Overloaded,
+    Unavailable,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Unauthorized => "UNAUTHORIZED",
+            Code::InvalidRequest => "INVALID_REQUEST",
+            Code::NotFound => "NOT_FOUND",
+            Code::Conflict => "CONFLICT",
+            Code::InsufficientCredits => "INSUFFICIENT_CREDITS",
+            Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Code::Overloaded => "OVERLOADED",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::Internal => "INTERNAL",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::InvalidRequest => StatusCode::BAD_REQUEST,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::Conflict => StatusCode::CONFLICT,
+            Code::InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
+            Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::Overloaded | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct ApiError {
+    pub code: Code,
+    pub message: String,
+    /// Extra fields for the body (e.g. the amounts of INSUFFICIENT_CREDITS).
+    pub details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(code: Code, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::InvalidRequest, message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::Unauthorized, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(Code::NotFound, message)
+    }
+
+    /// A failure whose details must not reach the client: logged here.
+    pub fn internal(context: &str, error: impl std::fmt::Display) -> ApiError {
+        tracing::error!(%error, "{context}");
+        ApiError::new(Code::Internal, "internal error")
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(error: LedgerError) -> ApiError {
+        match error {
+            LedgerError::InvalidRequest(message) => ApiError::invalid(message),
+            LedgerError::AccountNotFound(_) => ApiError::not_found("account not found"),
+            LedgerError::HoldNotFound(hold) => {
+                ApiError::not_found(format!("hold {hold} not found"))
+            }
+            LedgerError::Conflict(message) => ApiError::new(Code::Conflict, message),
+            LedgerError::InsufficientCredits {
+                available,
+                required,
+            } => ApiError {
+                code: Code::InsufficientCredits,
+                message: format!(
+                    "insufficient credits: {available} available, {required} required"
+                ),
+                details: Some(serde_json::json!({
+                    "availableMicros": available.get(),
+                    "requiredMicros": required.get(),
+                })),
+            },
+            LedgerError::Overloaded => ApiError::new(
+                Code::Overloaded,
+                "too many operations in flight for this account; retry shortly",
+            ),
+            LedgerError::Unavailable(message) => {
+                tracing::warn!(%message, "ledger unavailable");
+                ApiError::new(
+                    Code::Unavailable,
+                    "the ledger is temporarily unavailable; retry",
+                )
+            }
+            LedgerError::Reset => ApiError::new(
+                Code::Unavailable,
+                "the ledger is temporarily unavailable; retry",
+            ),
+            LedgerError::Internal(message) => ApiError::internal("ledger invariant", message),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.code.status()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut body = serde_json::json!({
+            "error": self.code.as_str(),
+            "message": self.message,
+        });
+        if let (Some(serde_json::Value::Object(extra)), Some(object)) =
+            (&self.details, body.as_object_mut())
+        {
+            for (key, value) in extra {
+                object.insert(key.clone(), value.clone());
+            }
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        if self.code == Code::Overloaded {
+            response.insert_header(("Retry-After", RETRY_AFTER_S.to_string()));
+        }
+        response.json(body)
+    }
+}
+
+/// Parses a JSON body, naming the field at fault in the error.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid("request body: expected a JSON object"));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::invalid(format!("request body: malformed JSON: {inner}"))
+        } else if path == "." {
+            ApiError::invalid(format!("request body: {inner}"))
+        } else {
+            ApiError::invalid(format!("field `{path}`: {inner}"))
+        }
+    })?;
+    deserializer
+        .end()
+        .map_err(|e| ApiError::invalid(format!("request body: malformed JSON: {e}")))?;
+    Ok(value)
+}
+
+/// Every 404 the router gives, in the common shape.
+pub async fn no_route() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found("no such route"))
+}

@@ -1,0 +1,215 @@
+//! The HTTP service: end-user credits routes (Clerk), admin routes (bearer
+//! token), health and Prometheus metrics.
+
+mod admin;
+pub mod auth;
+mod credits;
+pub mod error;
+mod views;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::dev::{Server, Service};
+use actix_web::{web, App, HttpResponse, HttpServer};
+use futures_util::StreamExt;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::Settings;
+use crate::ledger::{store, AccountId, Engine};
+use crate::pricing::PriceTable;
+use auth::ClerkVerifier;
+use error::{ApiError, Code};
+
+/// Most Clerk ids kept in the id → account cache.
+const USER_CACHE_ENTRIES: usize = 100_000;
+
+pub struct AppState {
+    pub settings: Settings,
+    pub engine: Arc<Engine>,
+    pub pool: deadpool_postgres::Pool,
+    pub prices: Arc<PriceTable>,
+    pub metrics: PrometheusHandle,
+    pub clerk: ClerkVerifier,
+    users: Mutex<HashMap<String, AccountId>>,
+}
+
+pub type State = web::Data<AppState>;
+
+impl AppState {
+    pub fn new(
+        settings: Settings,
+        engine: Arc<Engine>,
+        pool: deadpool_postgres::Pool,
+        prices: Arc<PriceTable>,
+        metrics: PrometheusHandle,
+    ) -> anyhow::Result<AppState> {
+        let clerk = ClerkVerifier::new(settings.clerk.clone())?;
+        Ok(AppState {
+            settings,
+            engine,
+            pool,
+            prices,
+            metrics,
+            clerk,
+            users: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
+        self.pool.get().await.map_err(|error| {
+            tracing::warn!(%error, "no database connection");
+            ApiError::new(Code::Unavailable, "the database is unavailable; retry")
+        })
+    }
+
+    /// The account of a Clerk user, created on first sight.
+    pub async fn account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
+        if let Some(account) = self.cached_user(clerk_id) {
+            return Ok(account);
+        }
+        let client = self.client().await?;
+        let account = store::ensure_user(&**client, clerk_id).await?;
+        self.cache_user(clerk_id, account);
+        Ok(account)
+    }
+
+    /// The account of a Clerk user, if the user exists.
+    pub async fn existing_account(&self, clerk_id: &str) -> Result<Option<AccountId>, ApiError> {
+        if let Some(account) = self.cached_user(clerk_id) {
+            return Ok(Some(account));
+        }
+        let client = self.client().await?;
+        let found = store::find_user(&**client, clerk_id).await?;
+        if let Some(account) = found {
+            self.cache_user(clerk_id, account);
+        }
+        Ok(found)
+    }
+
+    fn cached_user(&self, clerk_id: &str) -> Option<AccountId> {
+        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        users.get(clerk_id).copied()
+    }
+
+    fn cache_user(&self, clerk_id: &str, account: AccountId) {
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        if users.len() >= USER_CACHE_ENTRIES {
+            users.clear();
+        }
+        users.insert(clerk_id.to_owned(), account);
+    }
+}
+
+/// Reads a request body up to `server.body_limit_bytes`.
+pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::new(
+                Code::PayloadTooLarge,
+                format!("request body: larger than {limit} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Builds the server on `listener` (not yet running).
+pub fn server(
+    state: AppState,
+    listener: TcpListener,
+    settings: &Settings,
+) -> anyhow::Result<Server> {
+    let state = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap_fn(|request, service| {
+                let started = Instant::now();
+                let method = request.method().to_string();
+                let call = service.call(request);
+                async move {
+                    let response = call.await?;
+                    let route = response
+                        .request()
+                        .match_pattern()
+                        .unwrap_or_else(|| "unmatched".to_owned());
+                    let status = response.status().as_u16().to_string();
+                    let labels = [("route", route), ("method", method), ("status", status)];
+                    metrics::counter!("creditd_http_requests_total", &labels).increment(1);
+                    metrics::histogram!("creditd_http_request_duration_seconds", &labels)
+                        .record(started.elapsed().as_secs_f64());
+                    Ok(response)
+                }
+            })
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics_text))
+            .configure(credits::routes)
+            .configure(admin::routes)
+            .default_service(web::to(error::no_route))
+    })
+    .workers(settings.server.workers)
+    .shutdown_timeout(settings.server.shutdown_timeout_s)
+    .listen(listener)?
+    .run();
+    Ok(server)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
+    let probe = async {
+        let client = state.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|_| ApiError::new(Code::Unavailable, "the database is unreachable"))?;
+        Ok::<_, ApiError>(())
+    };
+    let limit = Duration::from_millis(state.settings.database.connect_timeout_ms.max(500));
+    match tokio::time::timeout(limit, probe).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return Err(error),
+        Err(_) => {
+            return Err(ApiError::new(
+                Code::Unavailable,
+                "the database did not answer",
+            ))
+        }
+    }
+    if state.engine.writer().is_stalled() {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "the journal writer is stalled",
+        ));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+}
+
+async fn metrics_text(state: State) -> HttpResponse {
+    let stats = state.engine.stats();
+    metrics::gauge!("creditd_account_actors_resident").set(stats.resident_actors as f64);
+    metrics::gauge!("creditd_journal_queue_depth").set(stats.journal_queue_depth as f64);
+    if let Ok(client) = state.client().await {
+        if let Ok(row) = client
+            .query_one(
+                "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
+                &[],
+            )
+            .await
+        {
+            metrics::gauge!("creditd_active_holds").set(row.get::<_, i64>(0) as f64);
+        }
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
+}

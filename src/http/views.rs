@@ -1,0 +1,192 @@
+//! Response shapes (camelCase, every amount named with its unit) and the
+//! paging parameters shared by the history routes.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use crate::ledger::{HoldRecord, TransactionRecord, UsageRecord};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionView {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub direction: &'static str,
+    pub amount_micros: i64,
+    pub description: Option<String>,
+    pub stripe_session_id: Option<String>,
+    pub balance_before_micros: i64,
+    pub balance_after_micros: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<&TransactionRecord> for TransactionView {
+    fn from(t: &TransactionRecord) -> Self {
+        TransactionView {
+            id: t.id,
+            kind: t.kind.as_str(),
+            direction: t.direction.as_str(),
+            amount_micros: t.amount_micros.get(),
+            description: t.description.clone(),
+            stripe_session_id: t.stripe_session_id.clone(),
+            balance_before_micros: t.balance_before_micros.get(),
+            balance_after_micros: t.balance_after_micros.get(),
+            created_at: t.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageView {
+    pub id: Uuid,
+    pub hold_id: Uuid,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub total_tokens: u64,
+    pub cost_micros: i64,
+    pub held_micros: i64,
+    pub conversation_id: Option<String>,
+    pub message_id: Option<String>,
+    pub balance_after_micros: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<&UsageRecord> for UsageView {
+    fn from(u: &UsageRecord) -> Self {
+        UsageView {
+            id: u.id,
+            hold_id: u.hold_id.0,
+            model: u.model.clone(),
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_read_tokens: u.cache_read_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+            total_tokens: u
+                .input_tokens
+                .saturating_add(u.output_tokens)
+                .saturating_add(u.cache_read_tokens)
+                .saturating_add(u.cache_write_tokens),
+            cost_micros: u.cost_micros.get(),
+            held_micros: u.held_micros.get(),
+            conversation_id: u.conversation_id.clone(),
+            message_id: u.message_id.clone(),
+            balance_after_micros: u.balance_after_micros.get(),
+            created_at: u.created_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldView {
+    pub id: Uuid,
+    pub amount_micros: i64,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl From<&HoldRecord> for HoldView {
+    fn from(h: &HoldRecord) -> Self {
+        HoldView {
+            id: h.id.0,
+            amount_micros: h.amount_micros.get(),
+            created_at: h.created_at,
+            expires_at: h.expires_at,
+        }
+    }
+}
+
+/// `limit` and `cursor` of a history page.
+#[derive(Debug)]
+pub struct Page {
+    pub limit: i64,
+    pub before_seq: Option<i64>,
+}
+
+const CURSOR_PREFIX: &str = "seq:";
+
+pub fn encode_cursor(seq: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{CURSOR_PREFIX}{seq}"))
+}
+
+fn decode_cursor(cursor: &str) -> Option<i64> {
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    text.strip_prefix(CURSOR_PREFIX)?
+        .parse()
+        .ok()
+        .filter(|seq| *seq > 0)
+}
+
+impl Page {
+    /// Parses `?limit=1..=100&cursor=…`; anything else is refused by name.
+    pub fn parse(query: &str) -> Result<Page, ApiError> {
+        let pairs = actix_web::web::Query::<Vec<(String, String)>>::from_query(query)
+            .map_err(|e| ApiError::invalid(format!("query string: {e}")))?
+            .into_inner();
+        let mut page = Page {
+            limit: 20,
+            before_seq: None,
+        };
+        for (name, value) in pairs {
+            match name.as_str() {
+                "limit" => {
+                    page.limit = value
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|n| (1..=100).contains(n))
+                        .ok_or_else(|| {
+                            ApiError::invalid("field `limit`: must be an integer from 1 to 100")
+                        })?;
+                }
+                "cursor" => {
+                    page.before_seq = Some(decode_cursor(&value).ok_or_else(|| {
+                        ApiError::invalid("field `cursor`: not a cursor this service issued")
+                    })?);
+                }
+                other => {
+                    return Err(ApiError::invalid(format!(
+                        "field `{other}`: unknown query parameter (expected limit, cursor)"
+                    )))
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    /// The cursor of the next page, when this one is full.
+    pub fn next_cursor(&self, count: usize, last_seq: Option<i64>) -> Option<String> {
+        (count as i64 == self.limit)
+            .then_some(last_seq)
+            .flatten()
+            .map(encode_cursor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_foreign_cursors_are_refused() {
+        let page = Page::parse(&format!("limit=5&cursor={}", encode_cursor(42))).unwrap();
+        assert_eq!((page.limit, page.before_seq), (5, Some(42)));
+        assert!(Page::parse("cursor=abc").is_err());
+        assert!(Page::parse("limit=0").is_err());
+        assert!(Page::parse("limit=101").is_err());
+        assert!(Page::parse("limit=ten").is_err());
+        assert!(Page::parse("offset=3")
+            .unwrap_err()
+            .message
+            .contains("offset"));
+    }
+}

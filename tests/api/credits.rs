@@ -1,0 +1,93 @@
+//! `/api/credits…`: the balance page, history pages and the signup bonus.
+
+use futures_util::future::join_all;
+use serde_json::json;
+
+use crate::support::*;
+
+#[actix::test]
+async fn a_new_user_sees_a_zero_balance_with_every_amount_named_by_unit() {
+    let app = spawn_app().await;
+
+    let (status, body) = json_of(app.get_as("user_new", "/api/credits").await).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["balance"], 0);
+    assert_eq!(body["balanceMicros"], 0);
+    assert_eq!(body["heldMicros"], 0);
+    assert_eq!(body["availableMicros"], 0);
+    assert_eq!(body["balanceFormatted"], "0.00€");
+    assert_eq!(body["isLow"], true);
+    assert_eq!(body["hasByok"], false);
+    assert_eq!(body["transactions"], json!([]));
+    assert_eq!(body["usages"], json!([]));
+}
+
+#[actix::test]
+async fn claiming_the_bonus_credits_ten_euros_once_and_replays_answer_the_same_transaction() {
+    let app = spawn_app().await;
+
+    let (first_status, first) = json_of(
+        app.post_as("user_bonus", "/api/credits/claim-bonus", &json!({}))
+            .await,
+    )
+    .await;
+    let (second_status, second) = json_of(
+        app.post_as("user_bonus", "/api/credits/claim-bonus", &json!({}))
+            .await,
+    )
+    .await;
+    let (_, overview) = json_of(app.get_as("user_bonus", "/api/credits").await).await;
+
+    assert_eq!(first_status, 201, "{first}");
+    assert_eq!(second_status, 200, "{second}");
+    assert_eq!(first["transaction"], second["transaction"]);
+    assert_eq!(first["transaction"]["type"], "SIGNUP_BONUS");
+    assert_eq!(first["transaction"]["amountMicros"], 10_000_000);
+    assert_eq!(overview["balance"], 1000);
+    assert_eq!(overview["balanceFormatted"], "10.00€");
+    assert_eq!(overview["isLow"], false);
+    assert_eq!(overview["transactions"].as_array().map(Vec::len), Some(1));
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn fifty_concurrent_bonus_claims_grant_one_bonus() {
+    let app = spawn_app().await;
+
+    let statuses = join_all((0..50).map(|_| async {
+        app.post_as("user_rush", "/api/credits/claim-bonus", &json!({}))
+            .await
+            .status()
+            .as_u16()
+    }))
+    .await;
+    let (_, overview) = json_of(app.get_as("user_rush", "/api/credits").await).await;
+
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        49,
+        "{statuses:?}"
+    );
+    assert_eq!(overview["balanceMicros"], 10_000_000);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_user_never_sees_another_users_balance_or_history() {
+    let app = spawn_app().await;
+    app.post_as("user_alice", "/api/credits/claim-bonus", &json!({}))
+        .await;
+
+    let (_, bob) = json_of(app.get_as("user_bob", "/api/credits").await).await;
+    let (_, bob_history) = json_of(app.get_as("user_bob", "/api/credits/transactions").await).await;
+
+    assert_eq!(bob["balanceMicros"], 0);
+    assert_eq!(bob["transactions"], json!([]));
+    assert_eq!(bob_history["items"], json!([]));
+}
