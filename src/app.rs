@@ -103,6 +103,7 @@ impl Application {
         let engine = Arc::new(storage.engine(&settings));
         let prices = PriceTable::from_settings(&settings.pricing)
             .map_err(|e| anyhow::anyhow!("pricing: {e}"))?;
+        crate::telemetry::describe(&prices);
         let listener = TcpListener::bind(&settings.server.bind)
             .with_context(|| format!("cannot bind server.bind = {}", settings.server.bind))?;
         let port = listener.local_addr()?.port();

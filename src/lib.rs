@@ -13,3 +13,4 @@ pub mod http;
 pub mod ledger;
 pub mod money;
 pub mod pricing;
+pub mod telemetry;

@@ -157,7 +157,9 @@ impl ResponseError for ApiError {
 
 /// Parses a JSON body, naming the field at fault in the error.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.is_empty() {
+    // serde also reads a struct from an array of its fields: only objects pass.
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
         return Err(ApiError::invalid("request body: expected a JSON object"));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(body);

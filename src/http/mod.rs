@@ -12,7 +12,8 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::dev::{Server, Service};
+use actix_web::dev::{Server, Service, ServiceRequest};
+use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -119,6 +120,18 @@ pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::B
     Ok(body)
 }
 
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The caller's `X-Request-Id` when it is a short printable token, else a new one.
+fn request_id(request: &ServiceRequest) -> String {
+    request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_owned)
+}
+
 /// Builds the server on `listener` (not yet running).
 pub fn server(
     state: AppState,
@@ -132,18 +145,35 @@ pub fn server(
             .wrap_fn(|request, service| {
                 let started = Instant::now();
                 let method = request.method().to_string();
+                let request_id = request_id(&request);
                 let call = service.call(request);
                 async move {
-                    let response = call.await?;
+                    let mut response = call.await?;
                     let route = response
                         .request()
                         .match_pattern()
                         .unwrap_or_else(|| "unmatched".to_owned());
-                    let status = response.status().as_u16().to_string();
-                    let labels = [("route", route), ("method", method), ("status", status)];
+                    let status = response.status().as_u16();
+                    let elapsed = started.elapsed();
+                    tracing::info!(
+                        request_id = %request_id,
+                        method = %method,
+                        route = %route,
+                        status,
+                        duration_ms = elapsed.as_secs_f64() * 1e3,
+                        "request"
+                    );
+                    if let Ok(value) = HeaderValue::from_str(&request_id) {
+                        response.headers_mut().insert(REQUEST_ID.clone(), value);
+                    }
+                    let labels = [
+                        ("route", route),
+                        ("method", method),
+                        ("status", status.to_string()),
+                    ];
                     metrics::counter!("creditd_http_requests_total", &labels).increment(1);
                     metrics::histogram!("creditd_http_request_duration_seconds", &labels)
-                        .record(started.elapsed().as_secs_f64());
+                        .record(elapsed.as_secs_f64());
                     Ok(response)
                 }
             })

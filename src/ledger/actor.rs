@@ -347,12 +347,10 @@ impl Actor for AccountActor {
                     }
                 }),
         );
-        metrics::gauge!("creditd_account_actors").increment(1.0);
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         (self.deregister)();
-        metrics::gauge!("creditd_account_actors").decrement(1.0);
     }
 }
 

@@ -1,8 +1,12 @@
 //! Integration tests against a real PostgreSQL (see `support`).
 
+mod admin;
+mod auth;
 mod credits;
+mod history;
 mod ledger;
 mod ledger_model;
 mod ledger_outage;
+mod ops;
 #[allow(dead_code)] // shared helpers; each area uses its own subset
 mod support;

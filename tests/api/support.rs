@@ -34,7 +34,7 @@ fn sweep_stale_clusters() {
         let Some(pid) = name.strip_prefix("creditd-test-") else {
             continue;
         };
-        let Ok(pid) = pid.parse::<i32>() else {
+        let Ok(pid) = pid.split('-').next().unwrap_or_default().parse::<i32>() else {
             continue;
         };
         // SAFETY: signal 0 only checks that the process exists.

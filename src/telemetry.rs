@@ -1,0 +1,79 @@
+//! Every Prometheus family creditd exports, described in one place. Families
+//! with a known, small label set start at zero, so a scrape shows them before
+//! the first event. HTTP families are labelled by route template, never by
+//! raw path or user id.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+
+use crate::ledger::TransactionType;
+use crate::pricing::PriceTable;
+
+const TRANSACTION_TYPES: [TransactionType; 6] = [
+    TransactionType::SignupBonus,
+    TransactionType::TopUp,
+    TransactionType::PromoBonus,
+    TransactionType::Refund,
+    TransactionType::Dispute,
+    TransactionType::Adjustment,
+];
+
+/// Describes every family and registers the zero-valued ones.
+pub fn describe(prices: &PriceTable) {
+    describe_counter!(
+        "creditd_http_requests_total",
+        "HTTP requests by route template, method and status"
+    );
+    describe_histogram!(
+        "creditd_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request duration by route template, method and status"
+    );
+    describe_counter!(
+        "creditd_ledger_operations_total",
+        "Ledger operations by kind and outcome"
+    );
+    describe_counter!(
+        "creditd_reserves_refused_total",
+        "Reserves refused for insufficient credits"
+    );
+    describe_counter!("creditd_holds_expired_total", "Holds released by expiry");
+    describe_gauge!("creditd_active_holds", "Active holds in PostgreSQL");
+    describe_gauge!(
+        "creditd_account_actors_resident",
+        "Account actors resident in memory"
+    );
+    describe_histogram!(
+        "creditd_journal_batch_size",
+        "Journal entries per group commit"
+    );
+    describe_histogram!(
+        "creditd_journal_commit_seconds",
+        Unit::Seconds,
+        "Duration of one group commit"
+    );
+    describe_gauge!(
+        "creditd_journal_queue_depth",
+        "Journal entries waiting for the writer"
+    );
+    describe_counter!(
+        "creditd_journal_entries_total",
+        "Journal entries by outcome (committed, failed, dropped)"
+    );
+    describe_counter!(
+        "creditd_credited_micros_total",
+        "Micros credited, by transaction type"
+    );
+    describe_counter!(
+        "creditd_charged_micros_total",
+        "Micros charged for usage, by model"
+    );
+    metrics::counter!("creditd_reserves_refused_total").increment(0);
+    metrics::counter!("creditd_holds_expired_total").increment(0);
+    metrics::gauge!("creditd_journal_queue_depth").set(0.0);
+    for kind in TRANSACTION_TYPES {
+        metrics::counter!("creditd_credited_micros_total", "kind" => kind.as_str()).increment(0);
+    }
+    for (model, _) in prices.models() {
+        metrics::counter!("creditd_charged_micros_total", "model" => model.to_owned()).increment(0);
+    }
+}

@@ -1,0 +1,226 @@
+//! Clerk session tokens: only a valid RS256 token from the configured issuer
+//! and party opens the end-user routes; the admin token opens the admin routes.
+
+use std::sync::OnceLock;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde_json::json;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::support::*;
+
+async fn status_with_token(app: &TestApp, token: &str) -> (u16, serde_json::Value) {
+    let response = app
+        .http
+        .get(app.url("/api/credits"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("request");
+    json_of(response).await
+}
+
+fn assert_unauthorized((status, body): (u16, serde_json::Value)) {
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["error"], "UNAUTHORIZED", "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
+}
+
+#[actix::test]
+async fn a_request_without_a_token_is_unauthorized() {
+    let app = spawn_app().await;
+    let response = app
+        .http
+        .get(app.url("/api/credits"))
+        .send()
+        .await
+        .expect("request");
+    assert_unauthorized(json_of(response).await);
+}
+
+#[actix::test]
+async fn a_malformed_token_is_unauthorized() {
+    let app = spawn_app().await;
+    assert_unauthorized(status_with_token(&app, "not.a.jwt").await);
+    assert_unauthorized(status_with_token(&app, "garbage").await);
+}
+
+#[actix::test]
+async fn an_expired_token_is_unauthorized() {
+    let app = spawn_app().await;
+    let mut claims = app.claims("user_expired");
+    let now = chrono::Utc::now().timestamp();
+    claims["exp"] = json!(now - 60);
+    claims["iat"] = json!(now - 600);
+    claims["nbf"] = json!(now - 600);
+    assert_unauthorized(status_with_token(&app, &primary_key().sign(&claims)).await);
+}
+
+#[actix::test]
+async fn a_token_not_valid_yet_is_unauthorized() {
+    let app = spawn_app().await;
+    let mut claims = app.claims("user_early");
+    claims["nbf"] = json!(chrono::Utc::now().timestamp() + 60);
+    assert_unauthorized(status_with_token(&app, &primary_key().sign(&claims)).await);
+}
+
+#[actix::test]
+async fn a_token_from_another_issuer_is_unauthorized() {
+    let app = spawn_app().await;
+    let mut claims = app.claims("user_foreign");
+    claims["iss"] = json!("https://evil.clerk.accounts.dev");
+    assert_unauthorized(status_with_token(&app, &primary_key().sign(&claims)).await);
+}
+
+#[actix::test]
+async fn a_token_for_another_authorized_party_is_unauthorized() {
+    let app = spawn_app_with(|settings| {
+        settings.clerk.authorized_parties = vec!["http://localhost:3000".into()];
+    })
+    .await;
+    let mut claims = app.claims("user_azp");
+    claims["azp"] = json!("https://phishing.example");
+    assert_unauthorized(status_with_token(&app, &primary_key().sign(&claims)).await);
+
+    let (status, body) = status_with_token(&app, &app.token("user_azp")).await;
+    assert_eq!(status, 200, "the configured party is accepted: {body}");
+}
+
+#[actix::test]
+async fn an_unsigned_token_with_alg_none_is_unauthorized() {
+    let app = spawn_app().await;
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"test-key-1"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(app.claims("user_none").to_string());
+    assert_unauthorized(status_with_token(&app, &format!("{header}.{claims}.")).await);
+}
+
+#[actix::test]
+async fn a_token_signed_with_hs256_and_the_public_key_as_secret_is_unauthorized() {
+    let app = spawn_app().await;
+    let public_modulus = primary_key().jwk["n"].as_str().expect("modulus").to_owned();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(primary_key().kid.clone());
+    let token = jsonwebtoken::encode(
+        &header,
+        &app.claims("user_confused"),
+        &jsonwebtoken::EncodingKey::from_secret(public_modulus.as_bytes()),
+    )
+    .expect("sign");
+    assert_unauthorized(status_with_token(&app, &token).await);
+}
+
+#[actix::test]
+async fn a_token_signed_by_an_unknown_key_is_unauthorized() {
+    let app = spawn_app().await;
+    let token = rotated_key().sign(&app.claims("user_stranger"));
+    assert_unauthorized(status_with_token(&app, &token).await);
+}
+
+fn rotated_key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::generate("test-key-2"))
+}
+
+#[actix::test]
+async fn a_rotated_signing_key_is_picked_up_without_a_restart() {
+    let app = spawn_app_with(|settings| settings.clerk.jwks_min_refresh_s = 1).await;
+    let (status, _) = status_with_token(&app, &app.token("user_rotation")).await;
+    assert_eq!(status, 200, "the first key works");
+
+    app.jwks.reset().await;
+    Mock::given(method("GET"))
+        .and(path(JWKS_PATH))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "keys": [primary_key().jwk, rotated_key().jwk]
+        })))
+        .mount(&app.jwks)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let token = rotated_key().sign(&app.claims("user_rotation"));
+    let (status, body) = status_with_token(&app, &token).await;
+
+    assert_eq!(
+        status, 200,
+        "the new key is fetched on its first use: {body}"
+    );
+}
+
+#[actix::test]
+async fn unknown_key_ids_refetch_the_key_set_at_most_once_per_refresh_interval() {
+    let app = spawn_app().await;
+    let stranger = rotated_key();
+    for index in 0..5 {
+        let token = stranger.sign(&app.claims(&format!("user_probe_{index}")));
+        assert_unauthorized(status_with_token(&app, &token).await);
+    }
+    let fetches = app
+        .jwks
+        .received_requests()
+        .await
+        .map_or(0, |requests| requests.len());
+    assert_eq!(
+        fetches, 1,
+        "five unknown-kid tokens inside 5 s fetch the JWKS once"
+    );
+}
+
+#[actix::test]
+async fn admin_routes_refuse_a_missing_or_wrong_token() {
+    let app = spawn_app().await;
+    for path in ["/admin/accounts/user_x", "/admin/reconcile"] {
+        let missing = app.http.get(app.url(path)).send().await.expect("request");
+        assert_unauthorized(json_of(missing).await);
+        let wrong = app
+            .http
+            .get(app.url(path))
+            .bearer_auth("not-the-admin-token")
+            .send()
+            .await
+            .expect("request");
+        assert_unauthorized(json_of(wrong).await);
+        let user_token = app
+            .http
+            .get(app.url(path))
+            .bearer_auth(app.token("user_x"))
+            .send()
+            .await
+            .expect("request");
+        assert_unauthorized(json_of(user_token).await);
+    }
+    let post = app
+        .http
+        .post(app.url("/admin/accounts/user_x/credits"))
+        .bearer_auth("not-the-admin-token")
+        .json(&json!({"amountMicros": 1, "key": "k", "reason": "r"}))
+        .send()
+        .await
+        .expect("request");
+    assert_unauthorized(json_of(post).await);
+    let client = app.db.client().await;
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM credit_transactions", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 0);
+}
+
+#[actix::test]
+async fn admin_routes_do_not_exist_when_no_admin_token_is_configured() {
+    let app = spawn_app_with(|settings| {
+        settings.admin.token = creditd::config::Secret::new("");
+    })
+    .await;
+    let response = app
+        .http
+        .get(app.url("/admin/reconcile"))
+        .bearer_auth("")
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"], "NOT_FOUND");
+}
