@@ -3,6 +3,7 @@
 mod admin;
 mod auth;
 mod credits;
+mod drills;
 mod history;
 mod ledger;
 mod ledger_model;

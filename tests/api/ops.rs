@@ -1,11 +1,8 @@
 //! Health, readiness and metrics; and the whole service through a database
 //! outage: readiness fails, money routes answer 503 at once, both recover.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use creditd::app::{Application, Storage};
-use creditd::db::cluster::{Durability, PrivateCluster};
 use creditd::db::Database;
 use reqwest::Method;
 use serde_json::json;
@@ -114,50 +111,15 @@ async fn metrics_expose_every_family_after_some_traffic() {
 
 #[actix::test]
 async fn a_database_outage_fails_readiness_and_money_routes_fast_and_both_recover() {
-    let dir = std::env::temp_dir().join(format!("creditd-test-{}-http-outage", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let start = {
-        let dir = dir.clone();
-        move || {
-            let dir = dir.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    PrivateCluster::start(&dir, Durability::Throwaway)
-                })
-                .await
-                .expect("start task")
-                .expect("the cluster starts")
-            }
-        }
-    };
-    let cluster = Arc::new(start().await);
-    let jwks = wiremock::MockServer::start().await;
-    wiremock::Mock::given(wiremock::matchers::path(JWKS_PATH))
-        .respond_with(
-            wiremock::ResponseTemplate::new(200)
-                .set_body_json(json!({ "keys": [primary_key().jwk] })),
-        )
-        .mount(&jwks)
-        .await;
-    let mut settings = settings();
-    settings.server.bind = "127.0.0.1:0".into();
-    settings.clerk.jwks_url = format!("{}{JWKS_PATH}", jwks.uri());
-    settings.clerk.issuer = ISSUER.into();
-    settings.database.connect_timeout_ms = 500;
-    settings.database.pool_wait_timeout_ms = 500;
-    settings.engine.call_timeout_ms = 1_500;
-    settings.admin.token = creditd::config::Secret::new(ADMIN_TOKEN);
+    let cluster = own_cluster("http-outage").await;
+    let jwks = jwks_server().await;
+    let settings = outage_settings(&jwks);
     let database = Database {
         config: cluster.config("postgres"),
         cluster: None,
     }
     .with_settings(&settings.database);
-    let storage = Storage::on(database, &settings).await.expect("storage");
-    let app = Application::with_storage(settings, storage)
-        .await
-        .expect("app");
-    let base = format!("http://127.0.0.1:{}", app.port());
-    actix_web::rt::spawn(app.run());
+    let (base, _handle) = start_app(database, &settings).await;
     let http = reqwest::Client::new();
     let token = |user: &str| {
         primary_key().sign(&json!({
@@ -216,7 +178,7 @@ async fn a_database_outage_fails_readiness_and_money_routes_fast_and_both_recove
         "no internals leak: {grant_body}"
     );
 
-    let cluster = start().await;
+    let cluster = own_cluster("http-outage").await;
     let mut recovered = false;
     for _ in 0..50 {
         let ready = http

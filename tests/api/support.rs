@@ -280,19 +280,8 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the app after `adjust` changed the test settings.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, ResponseTemplate};
-
     let db = TestDb::new().await;
-    let jwks = wiremock::MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path(JWKS_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({ "keys": [primary_key().jwk] })),
-        )
-        .mount(&jwks)
-        .await;
+    let jwks = jwks_server().await;
     let mut settings = settings();
     settings.server.bind = "127.0.0.1:0".into();
     settings.server.workers = 2;
@@ -300,7 +289,24 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     settings.clerk.issuer = ISSUER.into();
     settings.admin.token = creditd::config::Secret::new(ADMIN_TOKEN);
     adjust(&mut settings);
-    let storage = creditd::app::Storage::on(db.database(&settings), &settings)
+    let database = db.database(&settings);
+    let (address, handle) = start_app(database, &settings).await;
+    TestApp {
+        address,
+        db,
+        jwks,
+        http: reqwest::Client::new(),
+        settings,
+        handle,
+    }
+}
+
+/// Runs the real app on `database`; returns its base URL.
+pub async fn start_app(
+    database: Database,
+    settings: &Settings,
+) -> (String, actix_web::dev::ServerHandle) {
+    let storage = creditd::app::Storage::on(database, settings)
         .await
         .expect("storage");
     let app = creditd::app::Application::with_storage(settings.clone(), storage)
@@ -313,14 +319,46 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
             eprintln!("test app stopped: {error:#}");
         }
     });
-    TestApp {
-        address,
-        db,
-        jwks,
-        http: reqwest::Client::new(),
-        settings,
-        handle,
-    }
+    (address, handle)
+}
+
+/// A PostgreSQL cluster of a test's own, for tests that stop the database.
+pub async fn own_cluster(name: &str) -> PrivateCluster {
+    let dir = std::env::temp_dir().join(format!("creditd-test-{}-{name}", std::process::id()));
+    tokio::task::spawn_blocking(move || PrivateCluster::start(&dir, Durability::Throwaway))
+        .await
+        .expect("start task")
+        .expect("the cluster starts")
+}
+
+/// Settings for an app on a test's own cluster that fails fast when it stops.
+pub fn outage_settings(jwks: &wiremock::MockServer) -> Settings {
+    let mut settings = settings();
+    settings.server.bind = "127.0.0.1:0".into();
+    settings.clerk.jwks_url = format!("{}{JWKS_PATH}", jwks.uri());
+    settings.clerk.issuer = ISSUER.into();
+    settings.admin.token = creditd::config::Secret::new(ADMIN_TOKEN);
+    settings.database.connect_timeout_ms = 500;
+    settings.database.pool_wait_timeout_ms = 500;
+    settings.engine.call_timeout_ms = 1_500;
+    settings
+}
+
+/// A local JWKS server publishing the primary key.
+pub async fn jwks_server() -> wiremock::MockServer {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let jwks = wiremock::MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path(JWKS_PATH))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({ "keys": [primary_key().jwk] })),
+        )
+        .mount(&jwks)
+        .await;
+    jwks
 }
 
 impl TestApp {
@@ -398,4 +436,27 @@ pub async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {
     let value = serde_json::from_str(&text)
         .unwrap_or_else(|_| panic!("body is not JSON (status {status}): {text}"));
     (status, value)
+}
+
+impl TestDb {
+    /// A key=value connection string for this database, for child processes.
+    pub fn url(&self) -> String {
+        let host = match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+            Some(tokio_postgres::config::Host::Tcp(name)) => name.clone(),
+            None => "localhost".to_owned(),
+        };
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        let mut url = format!(
+            "host={host} port={port} dbname={}",
+            self.config.get_dbname().unwrap_or("postgres")
+        );
+        if let Some(user) = self.config.get_user() {
+            url.push_str(&format!(" user={user}"));
+        }
+        if let Some(password) = self.config.get_password() {
+            url.push_str(&format!(" password={}", String::from_utf8_lossy(password)));
+        }
+        url
+    }
 }
