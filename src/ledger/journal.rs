@@ -466,9 +466,14 @@ struct Columns {
     hold_user: Vec<i64>,
     hold_seq: Vec<i64>,
     hold_amount: Vec<i64>,
+    hold_status: Vec<&'static str>,
     hold_created: Vec<DateTime<Utc>>,
     hold_expires: Vec<DateTime<Utc>>,
-    // credit_holds (finished)
+    hold_finished_seq: Vec<Option<i64>>,
+    hold_finished_at: Vec<Option<DateTime<Utc>>>,
+    /// Holds placed in this batch: their row index above.
+    placed: HashMap<Uuid, usize>,
+    // credit_holds (placed in an earlier batch, finished in this one)
     fin_id: Vec<Uuid>,
     fin_status: Vec<&'static str>,
     fin_seq: Vec<i64>,
@@ -518,18 +523,19 @@ impl Columns {
                 self.tx_created.push(t.created_at);
             }
             Record::HoldPlaced(h) => {
+                self.placed.insert(h.id.0, self.hold_id.len());
                 self.hold_id.push(h.id.0);
                 self.hold_user.push(account.0);
                 self.hold_seq.push(h.seq);
                 self.hold_amount.push(h.amount_micros.get());
+                self.hold_status.push(HoldStatus::Active.as_str());
                 self.hold_created.push(h.created_at);
                 self.hold_expires.push(h.expires_at);
+                self.hold_finished_seq.push(None);
+                self.hold_finished_at.push(None);
             }
             Record::Settled { usage: u } => {
-                self.fin_id.push(u.hold_id.0);
-                self.fin_status.push(HoldStatus::Settled.as_str());
-                self.fin_seq.push(u.seq);
-                self.fin_at.push(u.created_at);
+                self.finish_hold(u.hold_id, HoldStatus::Settled, u.seq, u.created_at);
                 self.use_id.push(u.id);
                 self.use_user.push(account.0);
                 self.use_seq.push(u.seq);
@@ -548,10 +554,23 @@ impl Columns {
                 self.use_created.push(u.created_at);
             }
             Record::Released(r) => {
-                self.fin_id.push(r.hold_id.0);
-                self.fin_status.push(r.status.as_str());
-                self.fin_seq.push(r.seq);
-                self.fin_at.push(r.finished_at);
+                self.finish_hold(r.hold_id, r.status, r.seq, r.finished_at);
+            }
+        }
+    }
+
+    fn finish_hold(&mut self, hold: HoldId, status: HoldStatus, seq: i64, at: DateTime<Utc>) {
+        match self.placed.remove(&hold.0) {
+            Some(row) => {
+                self.hold_status[row] = status.as_str();
+                self.hold_finished_seq[row] = Some(seq);
+                self.hold_finished_at[row] = Some(at);
+            }
+            None => {
+                self.fin_id.push(hold.0);
+                self.fin_status.push(status.as_str());
+                self.fin_seq.push(seq);
+                self.fin_at.push(at);
             }
         }
     }
@@ -610,8 +629,11 @@ async fn write_groups(
                 &c.hold_user,
                 &c.hold_seq,
                 &c.hold_amount,
+                &c.hold_status,
                 &c.hold_created,
                 &c.hold_expires,
+                &c.hold_finished_seq,
+                &c.hold_finished_at,
             ],
         )
         .await

@@ -2,7 +2,7 @@
 //! an `AccountState`; each successful operation changes it and yields the
 //! journal record that makes the change durable.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
 
 use chrono::{DateTime, Utc};
@@ -57,13 +57,65 @@ impl<K: Eq + Hash + Clone, V> Recent<K, V> {
     }
 }
 
+/// The active holds, by id and by expiry, so that finding the due ones and
+/// the next deadline costs O(log n) on a hot account with many holds.
+#[derive(Default)]
+pub(crate) struct ActiveHolds {
+    by_id: HashMap<HoldId, HoldRecord>,
+    by_expiry: BTreeSet<(DateTime<Utc>, HoldId)>,
+}
+
+impl ActiveHolds {
+    pub fn get(&self, id: &HoldId) -> Option<&HoldRecord> {
+        self.by_id.get(id)
+    }
+
+    pub fn contains(&self, id: &HoldId) -> bool {
+        self.by_id.contains_key(id)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &HoldRecord> {
+        self.by_id.values()
+    }
+
+    fn insert(&mut self, hold: HoldRecord) {
+        self.by_expiry.insert((hold.expires_at, hold.id));
+        if let Some(previous) = self.by_id.insert(hold.id, hold) {
+            self.by_expiry.remove(&(previous.expires_at, previous.id));
+        }
+    }
+
+    fn remove(&mut self, id: &HoldId) -> Option<HoldRecord> {
+        let hold = self.by_id.remove(id)?;
+        self.by_expiry.remove(&(hold.expires_at, hold.id));
+        Some(hold)
+    }
+
+    /// Holds whose expiry is at or before `now`, earliest first.
+    fn due(&self, now: DateTime<Utc>) -> Vec<HoldId> {
+        self.by_expiry
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, id)| *id)
+            .collect()
+    }
+
+    fn next_expiry(&self) -> Option<DateTime<Utc>> {
+        self.by_expiry.first().map(|(at, _)| *at)
+    }
+}
+
 pub(crate) struct AccountState {
     pub account: AccountId,
     pub balance: Micros,
     pub held: Micros,
     /// Seq of the last journal entry applied (committed or in flight).
     pub seq: i64,
-    pub holds: HashMap<HoldId, HoldRecord>,
+    pub holds: ActiveHolds,
     keys: Recent<IdempotencyKey, TransactionRecord>,
     finished: Recent<HoldId, FinishedHold>,
 }
@@ -86,7 +138,12 @@ impl AccountState {
             balance,
             held,
             seq,
-            holds: holds.into_iter().map(|h| (h.id, h)).collect(),
+            holds: holds
+                .into_iter()
+                .fold(ActiveHolds::default(), |mut active, hold| {
+                    active.insert(hold);
+                    active
+                }),
             keys: Recent::new(recent_capacity),
             finished: Recent::new(recent_capacity),
         }
@@ -101,7 +158,7 @@ impl AccountState {
     }
 
     pub fn knows_hold(&self, hold: &HoldId) -> bool {
-        self.holds.contains_key(hold) || self.finished.get(hold).is_some()
+        self.holds.contains(hold) || self.finished.get(hold).is_some()
     }
 
     /// Remembers a committed transaction found in PostgreSQL.
@@ -242,7 +299,7 @@ impl AccountState {
             created_at: now,
             expires_at,
         };
-        self.holds.insert(hold_id, hold);
+        self.holds.insert(hold);
         Ok(Applied::New {
             value: hold,
             record: Record::HoldPlaced(hold),
@@ -360,19 +417,13 @@ impl AccountState {
         })
     }
 
-    /// Holds whose expiry is at or before `now`, oldest first.
+    /// Holds whose expiry is at or before `now`, earliest first.
     pub fn expired(&self, now: DateTime<Utc>) -> Vec<HoldId> {
-        let mut expired: Vec<&HoldRecord> = self
-            .holds
-            .values()
-            .filter(|h| h.expires_at <= now)
-            .collect();
-        expired.sort_by_key(|h| h.seq);
-        expired.into_iter().map(|h| h.id).collect()
+        self.holds.due(now)
     }
 
     pub fn next_expiry(&self) -> Option<DateTime<Utc>> {
-        self.holds.values().map(|h| h.expires_at).min()
+        self.holds.next_expiry()
     }
 
     pub fn snapshot(&self) -> BalanceSnapshot {

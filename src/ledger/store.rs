@@ -22,12 +22,13 @@ pub(crate) mod sql {
          WHERE b.user_id = u.user_id AND b.version = u.expected
         RETURNING b.user_id";
 
+    /// New holds; one placed and finished in the same batch is inserted
+    /// finished (one row write instead of an insert and an update).
     pub const INSERT_HOLDS: &str = "
-        INSERT INTO credit_holds (id, user_id, seq, amount_micros, status, created_at, expires_at)
-        SELECT id, user_id, seq, amount, 'ACTIVE', created_at, expires_at
-          FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[],
-                      $5::timestamptz[], $6::timestamptz[])
-               AS t(id, user_id, seq, amount, created_at, expires_at)";
+        INSERT INTO credit_holds (id, user_id, seq, amount_micros, status, created_at,
+               expires_at, finished_seq, finished_at)
+        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
+                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[])";
 
     pub const INSERT_TRANSACTIONS: &str = "
         INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,

@@ -15,7 +15,7 @@ use crate::pricing::TokenUsage;
 pub struct AccountId(pub i64);
 
 /// A hold's id. creditd generates them, so they need no lookup to be unique.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct HoldId(pub Uuid);
 
