@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod cli;
 mod credits;
 mod drills;
 mod history;
