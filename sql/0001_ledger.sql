@@ -1,6 +1,8 @@
 -- The ledger: users, their balance rows and the journal (transactions,
 -- usages, holds). Every journal row carries the account's sequence number;
--- (user_id, seq) orders an account's history and pages it by cursor.
+-- the unique (user_id, seq) index orders an account's history in time and
+-- pages it by cursor. Other indexes on the journal tables are partial and
+-- serve one lookup each: every index costs every write.
 
 CREATE TABLE users (
     id                     BIGSERIAL PRIMARY KEY,
@@ -53,7 +55,6 @@ CREATE TABLE credit_transactions (
 );
 CREATE INDEX credit_transactions_stripe_session ON credit_transactions (stripe_session_id)
     WHERE stripe_session_id IS NOT NULL;
-CREATE INDEX credit_transactions_created ON credit_transactions (created_at);
 
 -- Holds: created by a reserve, finished by a settle, a release or expiry.
 CREATE TABLE credit_holds (
@@ -92,7 +93,6 @@ CREATE TABLE credit_usages (
     created_at            TIMESTAMPTZ NOT NULL,
     UNIQUE (user_id, seq)
 );
-CREATE INDEX credit_usages_created ON credit_usages (created_at);
 
 -- Webhook events already handled (Stripe, Clerk): a replay is a no-op.
 CREATE TABLE processed_webhook_events (
