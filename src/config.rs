@@ -54,6 +54,7 @@ pub struct ServerSettings {
     pub workers: usize,
     pub shutdown_timeout_s: u64,
     pub body_limit_bytes: usize,
+    pub history_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,13 +1,16 @@
 //! End-user routes: `/api/credits…`, authenticated by Clerk session token.
 //! No route takes a user id from the client: the token's `sub` names it.
 
+use std::sync::Arc;
+
 use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Serialize;
 use serde_json::json;
 
 use super::error::ApiError;
 use super::views::{Page, TransactionView, UsageView};
 use super::State;
-use crate::ledger::{store, IdempotencyKey, Posting, TransactionType};
+use crate::ledger::{store, AccountId, IdempotencyKey, Posting, TransactionType};
 use crate::money::{Micros, MICROS_PER_CENT};
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -18,39 +21,99 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/api/credits/claim-bonus", web::post().to(claim_bonus));
 }
 
+/// Entries shown on the balance page.
+const OVERVIEW_ENTRIES: i64 = 10;
+
+/// What the balance page reads from PostgreSQL for one account, kept while
+/// the account's version stays the same: the page is polled far more often
+/// than the account changes, and the version moves with every entry.
+pub struct History {
+    version: i64,
+    has_byok: bool,
+    transactions: Vec<TransactionView>,
+    usages: Vec<UsageView>,
+}
+
+/// The balance page's history: from the cache when the account has not
+/// moved since, else from PostgreSQL (cached when PostgreSQL has caught up
+/// with the actor's version, so a speculative state is never cached).
+async fn history(
+    state: &State,
+    account: AccountId,
+    version: i64,
+) -> Result<Arc<History>, ApiError> {
+    if let Some(history) = state
+        .cached_history(account)
+        .filter(|h| h.version == version)
+    {
+        return Ok(history);
+    }
+    let client = state.client().await?;
+    // The version is read first: every entry up to it is then visible to
+    // the page queries that follow on the same connection.
+    let (head, transactions, usages) = tokio::try_join!(
+        async {
+            client
+                .query_one(
+                    "SELECT b.version, u.openai_key_encrypted IS NOT NULL
+                                       OR u.anthropic_key_encrypted IS NOT NULL
+                       FROM credit_balances b JOIN users u ON u.id = b.user_id
+                      WHERE b.user_id = $1",
+                    &[&account.0],
+                )
+                .await
+                .map(|row| (row.get::<_, i64>(0), row.get::<_, bool>(1)))
+                .map_err(store::unavailable)
+        },
+        store::transactions_page(&**client, account, None, OVERVIEW_ENTRIES),
+        store::usages_page(&**client, account, None, OVERVIEW_ENTRIES),
+    )?;
+    let (durable_version, has_byok) = head;
+    let history = Arc::new(History {
+        version,
+        has_byok,
+        transactions: transactions.iter().map(TransactionView::from).collect(),
+        usages: usages.iter().map(UsageView::from).collect(),
+    });
+    if durable_version == version {
+        state.cache_history(account, history.clone());
+    }
+    Ok(history)
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Overview<'a> {
+    /// Integer cents, as the seed's front end reads it.
+    balance: i64,
+    balance_micros: i64,
+    held_micros: i64,
+    available_micros: i64,
+    balance_formatted: String,
+    is_low: bool,
+    has_byok: bool,
+    transactions: &'a [TransactionView],
+    usages: &'a [UsageView],
+}
+
 /// Balance, holds, the 10 newest transactions and usages.
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let snapshot = state.engine.balance(account).await?;
-    let client = state.client().await?;
-    let (transactions, usages, byok) = tokio::try_join!(
-        store::transactions_page(&**client, account, None, 10),
-        store::usages_page(&**client, account, None, 10),
-        async {
-            client
-                .query_one(
-                    "SELECT openai_key_encrypted IS NOT NULL OR anthropic_key_encrypted IS NOT NULL
-                       FROM users WHERE id = $1",
-                    &[&account.0],
-                )
-                .await
-                .map(|row| row.get::<_, bool>(0))
-                .map_err(store::unavailable)
-        }
-    )?;
+    let history = history(&state, account, snapshot.version).await?;
     let low = Micros::new(state.settings.credits.low_balance_cents * MICROS_PER_CENT);
-    Ok(HttpResponse::Ok().json(json!({
-        "balance": snapshot.balance_micros.floor_cents(),
-        "balanceMicros": snapshot.balance_micros.get(),
-        "heldMicros": snapshot.held_micros.get(),
-        "availableMicros": snapshot.available_micros.get(),
-        "balanceFormatted": snapshot.balance_micros.to_string(),
-        "isLow": snapshot.balance_micros < low,
-        "hasByok": byok,
-        "transactions": transactions.iter().map(TransactionView::from).collect::<Vec<_>>(),
-        "usages": usages.iter().map(UsageView::from).collect::<Vec<_>>(),
-    })))
+    Ok(HttpResponse::Ok().json(Overview {
+        balance: snapshot.balance_micros.floor_cents(),
+        balance_micros: snapshot.balance_micros.get(),
+        held_micros: snapshot.held_micros.get(),
+        available_micros: snapshot.available_micros.get(),
+        balance_formatted: snapshot.balance_micros.to_string(),
+        is_low: snapshot.balance_micros < low,
+        has_byok: history.has_byok,
+        transactions: &history.transactions,
+        usages: &history.usages,
+    }))
 }
 
 async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -81,7 +144,7 @@ async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiE
 
 /// The idempotency key of a user's signup bonus: one per user, ever,
 /// whichever path (this route, the Clerk webhook) grants it first.
-pub fn signup_bonus_key(account: crate::ledger::AccountId) -> Result<IdempotencyKey, ApiError> {
+pub fn signup_bonus_key(account: AccountId) -> Result<IdempotencyKey, ApiError> {
     IdempotencyKey::parse(format!("bonus:signup:{}", account.0))
         .map_err(|e| ApiError::internal("signup bonus key", e))
 }

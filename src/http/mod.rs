@@ -35,6 +35,9 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub clerk: ClerkVerifier,
     users: Mutex<HashMap<String, AccountId>>,
+    histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
+    /// Serializes the first lookup of a Clerk id (by hash shard).
+    first_sight: Vec<tokio::sync::Mutex<()>>,
 }
 
 pub type State = web::Data<AppState>;
@@ -56,6 +59,8 @@ impl AppState {
             metrics,
             clerk,
             users: Mutex::new(HashMap::new()),
+            histories: Mutex::new(HashMap::new()),
+            first_sight: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
 
@@ -66,8 +71,16 @@ impl AppState {
         })
     }
 
-    /// The account of a Clerk user, created on first sight.
+    /// The account of a Clerk user, created on first sight. Concurrent first
+    /// requests of one user (a page load fires several) share one lookup.
     pub async fn account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
+        if let Some(account) = self.cached_user(clerk_id) {
+            return Ok(account);
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(clerk_id, &mut hasher);
+        let shard = std::hash::Hasher::finish(&hasher) as usize % self.first_sight.len();
+        let _turn = self.first_sight[shard].lock().await;
         if let Some(account) = self.cached_user(clerk_id) {
             return Ok(account);
         }
@@ -88,6 +101,29 @@ impl AppState {
             self.cache_user(clerk_id, account);
         }
         Ok(found)
+    }
+
+    fn cached_history(&self, account: AccountId) -> Option<Arc<credits::History>> {
+        let histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        histories.get(&account).cloned()
+    }
+
+    fn cache_history(&self, account: AccountId, history: Arc<credits::History>) {
+        let capacity = self.settings.server.history_cache_entries;
+        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        if histories.len() >= capacity {
+            histories.clear();
+        }
+        if capacity > 0 {
+            histories.insert(account, history);
+        }
+    }
+
+    /// Drops the cached balance-page history of an account whose user row
+    /// changed outside the ledger (its provider keys).
+    pub fn forget_history(&self, account: AccountId) {
+        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        histories.remove(&account);
     }
 
     fn cached_user(&self, clerk_id: &str) -> Option<AccountId> {

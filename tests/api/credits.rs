@@ -91,3 +91,29 @@ async fn a_user_never_sees_another_users_balance_or_history() {
     assert_eq!(bob["transactions"], json!([]));
     assert_eq!(bob_history["items"], json!([]));
 }
+
+#[actix::test]
+async fn the_balance_page_shows_every_new_entry_on_the_next_read() {
+    let app = spawn_app().await;
+    for index in 1..=12_i64 {
+        let response = app
+            .admin(reqwest::Method::POST, "/admin/accounts/user_poll/credits")
+            .json(
+                &json!({"amountMicros": 10_000, "key": format!("poll-{index}"), "reason": "poll"}),
+            )
+            .send()
+            .await
+            .expect("credit");
+        assert_eq!(response.status().as_u16(), 201);
+        for _ in 0..2 {
+            let (_, page) = json_of(app.get_as("user_poll", "/api/credits").await).await;
+            assert_eq!(page["balanceMicros"], 10_000 * index);
+            let newest = &page["transactions"][0];
+            assert_eq!(newest["balanceAfterMicros"], 10_000 * index, "{page}");
+            assert_eq!(
+                page["transactions"].as_array().map(Vec::len),
+                Some(index.min(10) as usize)
+            );
+        }
+    }
+}
