@@ -183,8 +183,9 @@ const USAGE_COLUMNS: &str = "id, seq, hold_id, model, input_tokens, output_token
     cache_read_tokens, cache_write_tokens, cost_micros, held_micros, conversation_id,
     message_id, balance_before_micros, balance_after_micros, created_at";
 
+/// Token counts are checked `>= 0` by the schema.
 fn count(row: &Row, index: usize) -> u64 {
-    u64::try_from(row.get::<_, i64>(index)).unwrap_or(0)
+    row.get::<_, i64>(index).unsigned_abs()
 }
 
 fn usage_from_row(row: &Row) -> UsageRecord {
@@ -244,7 +245,10 @@ pub async fn find_finished_hold(
     };
     let status: String = row.get(0);
     match HoldStatus::parse(&status) {
-        Some(HoldStatus::Active) | None => Ok(None),
+        Some(HoldStatus::Active) => Ok(None),
+        None => Err(LedgerError::Internal(format!(
+            "hold {hold} has an unknown status {status}"
+        ))),
         Some(HoldStatus::Settled) => {
             let query = format!("SELECT {USAGE_COLUMNS} FROM credit_usages WHERE hold_id = $1");
             let usage = client
@@ -253,15 +257,24 @@ pub async fn find_finished_hold(
                 .map_err(unavailable)?;
             Ok(Some(FinishedHold::Settled(usage_from_row(&usage))))
         }
-        Some(status) => Ok(Some(FinishedHold::Released(ReleaseRecord {
-            hold_id: hold,
-            seq: row.get::<_, Option<i64>>(1).unwrap_or(0),
-            amount_micros: Micros::new(row.get(2)),
-            status,
-            finished_at: row
-                .get::<_, Option<DateTime<Utc>>>(3)
-                .unwrap_or_else(Utc::now),
-        }))),
+        Some(status) => {
+            // The schema ties a finished status to its seq and time.
+            let (Some(seq), Some(finished_at)) = (
+                row.get::<_, Option<i64>>(1),
+                row.get::<_, Option<DateTime<Utc>>>(3),
+            ) else {
+                return Err(LedgerError::Internal(format!(
+                    "hold {hold} is {status:?} without its finishing seq and time"
+                )));
+            };
+            Ok(Some(FinishedHold::Released(ReleaseRecord {
+                hold_id: hold,
+                seq,
+                amount_micros: Micros::new(row.get(2)),
+                status,
+                finished_at,
+            })))
+        }
     }
 }
 
