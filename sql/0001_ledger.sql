@@ -3,6 +3,12 @@
 -- the unique (user_id, seq) index orders an account's history in time and
 -- pages it by cursor. Other indexes on the journal tables are partial and
 -- serve one lookup each: every index costs every write.
+--
+-- The journal tables carry no foreign keys: a per-row trigger each, on the
+-- hottest write path. Their integrity holds by construction (the journal
+-- writer inserts rows only in the transaction that moves the account's
+-- balance row, which references users, and a usage only with its hold) and
+-- `creditd reconcile` checks it (the `orphan` check).
 
 CREATE TABLE users (
     id                     BIGSERIAL PRIMARY KEY,
@@ -36,7 +42,7 @@ CREATE TABLE credit_balances (
 -- can never apply twice, whatever the engine remembers.
 CREATE TABLE credit_transactions (
     id                    UUID PRIMARY KEY,
-    user_id               BIGINT NOT NULL REFERENCES users (id),
+    user_id               BIGINT NOT NULL,
     seq                   BIGINT NOT NULL,
     type                  TEXT NOT NULL CHECK (type IN
                           ('SIGNUP_BONUS', 'TOP_UP', 'PROMO_BONUS', 'REFUND', 'DISPUTE', 'ADJUSTMENT')),
@@ -59,7 +65,7 @@ CREATE INDEX credit_transactions_stripe_session ON credit_transactions (stripe_s
 -- Holds: created by a reserve, finished by a settle, a release or expiry.
 CREATE TABLE credit_holds (
     id              UUID PRIMARY KEY,
-    user_id         BIGINT NOT NULL REFERENCES users (id),
+    user_id         BIGINT NOT NULL,
     seq             BIGINT NOT NULL,
     amount_micros   BIGINT NOT NULL CHECK (amount_micros > 0),
     status          TEXT NOT NULL CHECK (status IN ('ACTIVE', 'SETTLED', 'RELEASED', 'EXPIRED')),
@@ -75,9 +81,9 @@ CREATE INDEX credit_holds_active ON credit_holds (user_id) WHERE status = 'ACTIV
 -- Usages: one per settled hold, the real cost of one AI request.
 CREATE TABLE credit_usages (
     id                    UUID PRIMARY KEY,
-    user_id               BIGINT NOT NULL REFERENCES users (id),
+    user_id               BIGINT NOT NULL,
     seq                   BIGINT NOT NULL,
-    hold_id               UUID NOT NULL UNIQUE REFERENCES credit_holds (id),
+    hold_id               UUID NOT NULL UNIQUE,
     model                 TEXT NOT NULL,
     input_tokens          BIGINT NOT NULL CHECK (input_tokens >= 0),
     output_tokens         BIGINT NOT NULL CHECK (output_tokens >= 0),

@@ -6,7 +6,8 @@
 //! - every `balance_before` follows the previous entry's `balance_after`, and
 //!   every `balance_after` follows from its own amount;
 //! - an account's journal seqs are exactly 1..=version, each used once
-//!   (so no operation was applied twice or lost).
+//!   (so no operation was applied twice or lost);
+//! - every journal row belongs to an account, every usage to its settled hold.
 
 use serde::Serialize;
 use tokio_postgres::{Client, IsolationLevel};
@@ -83,6 +84,24 @@ const SEQUENCES: &str = "
         OR coalesce(p.top, 0) <> b.version OR coalesce(p.bottom, 1) <> 1
      ORDER BY b.user_id LIMIT $1";
 
+/// Journal rows without their account's balance row, and usages without
+/// their settled hold of the same account (the journal tables carry no
+/// foreign keys; see sql/0001_ledger.sql).
+const ORPHANS: &str = "
+    WITH rows AS (
+        SELECT user_id, seq, 'transaction' AS kind FROM credit_transactions
+        UNION ALL SELECT user_id, seq, 'hold' FROM credit_holds
+        UNION ALL SELECT user_id, seq, 'usage' FROM credit_usages)
+    SELECT r.user_id, r.seq, r.kind, 'no balance row for this account' FROM rows r
+     WHERE NOT EXISTS (SELECT 1 FROM credit_balances b WHERE b.user_id = r.user_id)
+    UNION ALL
+    SELECT u.user_id, u.seq, 'usage', 'its hold is not a settled hold of this account'
+      FROM credit_usages u
+     WHERE NOT EXISTS (SELECT 1 FROM credit_holds h
+                        WHERE h.id = u.hold_id AND h.user_id = u.user_id
+                          AND h.status = 'SETTLED' AND h.finished_seq = u.seq)
+     ORDER BY 1, 2 LIMIT $1";
+
 /// Runs every check in one read-only snapshot.
 pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_postgres::Error> {
     let tx = client
@@ -125,6 +144,15 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             detail: format!(
                 "entry {seq}: before {before}, after {after}, amount {delta}; previous after {previous}"
             ),
+        });
+    }
+    for row in tx.query(ORPHANS, &[&LIMIT]).await? {
+        let (user_id, seq, kind, reason): (i64, i64, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        problems.push(Problem {
+            user_id,
+            check: "orphan",
+            detail: format!("{kind} {seq}: {reason}"),
         });
     }
     for row in tx.query(SEQUENCES, &[&LIMIT]).await? {

@@ -10,5 +10,6 @@ mod ledger;
 mod ledger_model;
 mod ledger_outage;
 mod ops;
+mod reconcile;
 #[allow(dead_code)] // shared helpers; each area uses its own subset
 mod support;

@@ -1,0 +1,103 @@
+//! `reconcile` finds every kind of drift between the journal and the
+//! balances: a test that only ever sees it clean proves nothing.
+
+use creditd::ledger::reconcile::reconcile;
+use creditd::ledger::{HoldId, TransactionType, UsageCharge};
+use creditd::pricing::TokenUsage;
+
+use crate::support::*;
+
+/// A ledger with one of each entry: a credit, a settled hold, an active hold.
+async fn busy_ledger() -> TestDb {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_reconcile").await;
+    engine
+        .credit(account, posting("seed", TransactionType::TopUp, eur(10)))
+        .await
+        .expect("credit");
+    let settled = HoldId::generate();
+    engine
+        .reserve(account, settled, eur(1))
+        .await
+        .expect("reserve");
+    let charge = UsageCharge {
+        model: "claude-haiku-4-5".into(),
+        tokens: TokenUsage {
+            input_tokens: 100,
+            output_tokens: 100,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+        },
+        cost: micros(12_345),
+        conversation_id: None,
+        message_id: None,
+    };
+    engine
+        .settle(account, settled, charge)
+        .await
+        .expect("settle");
+    engine
+        .reserve(account, HoldId::generate(), eur(2))
+        .await
+        .expect("reserve");
+    engine.shutdown(std::time::Duration::from_secs(5)).await;
+    db.reconcile_is_clean().await;
+    db
+}
+
+async fn checks_failing_after(tamper: &str) -> Vec<&'static str> {
+    let db = busy_ledger().await;
+    let mut client = db.client().await;
+    client.batch_execute(tamper).await.expect("tamper");
+    let report = reconcile(&mut client).await.expect("reconcile");
+    assert!(!report.clean);
+    let mut checks: Vec<&'static str> = report.problems.iter().map(|p| p.check).collect();
+    checks.dedup();
+    checks
+}
+
+#[actix::test]
+async fn a_balance_that_disagrees_with_the_journal_is_reported() {
+    let checks =
+        checks_failing_after("UPDATE credit_balances SET balance_micros = balance_micros + 1")
+            .await;
+    assert_eq!(checks, vec!["balance"]);
+}
+
+#[actix::test]
+async fn a_held_amount_that_disagrees_with_the_active_holds_is_reported() {
+    let checks =
+        checks_failing_after("UPDATE credit_balances SET held_micros = held_micros + 1").await;
+    assert_eq!(checks, vec!["held"]);
+}
+
+#[actix::test]
+async fn a_broken_running_balance_is_reported() {
+    let checks = checks_failing_after(
+        "UPDATE credit_transactions SET balance_before_micros = 5, balance_after_micros = 10000005",
+    )
+    .await;
+    assert!(checks.contains(&"chain"), "{checks:?}");
+}
+
+#[actix::test]
+async fn an_entry_applied_twice_or_lost_breaks_the_sequence() {
+    let checks = checks_failing_after("UPDATE credit_balances SET version = version + 1").await;
+    assert_eq!(checks, vec!["sequence"]);
+}
+
+#[actix::test]
+async fn a_usage_without_its_settled_hold_is_an_orphan() {
+    let checks = checks_failing_after(
+        "UPDATE credit_holds SET status = 'RELEASED' WHERE status = 'SETTLED'",
+    )
+    .await;
+    assert!(checks.contains(&"orphan"), "{checks:?}");
+}
+
+#[actix::test]
+async fn journal_rows_of_an_account_without_a_balance_row_are_orphans() {
+    let checks = checks_failing_after("DELETE FROM credit_balances").await;
+    assert_eq!(checks, vec!["orphan"]);
+}
