@@ -479,6 +479,14 @@ async fn refund(state: &State, charge: Charge) -> Result<Outcome, ApiError> {
         return Ok(Outcome::CurrencyMismatch);
     }
     let Some(account) = topup_account(state, payment_intent).await? else {
+        if charge.metadata.get("type").map(String::as_str) == Some("credit_topup") {
+            // A top-up whose credit has not landed yet (its checkout event
+            // is still being retried): the refund must wait for it.
+            return Err(ApiError::new(
+                Code::Unavailable,
+                "the top-up this charge paid is not credited yet; retry later",
+            ));
+        }
         tracing::warn!(charge = %charge.id, "refund of a charge that paid no top-up; ignored");
         return Ok(Outcome::NotATopup);
     };

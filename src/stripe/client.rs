@@ -9,7 +9,7 @@ use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
 use stripe_checkout::checkout_session::{
     CreateCheckoutSession, CreateCheckoutSessionAdaptivePricing,
     CreateCheckoutSessionInvoiceCreation, CreateCheckoutSessionLineItems,
-    CreateCheckoutSessionLineItemsPriceData, ProductData,
+    CreateCheckoutSessionLineItemsPriceData, CreateCheckoutSessionPaymentIntentData, ProductData,
 };
 use stripe_checkout::CheckoutSessionMode;
 use stripe_core::customer::CreateCustomer;
@@ -137,6 +137,15 @@ impl StripeApi {
         let mut adaptive = CreateCheckoutSessionAdaptivePricing::new();
         // Credits are bought in the ledger's currency only.
         adaptive.enabled = Some(false);
+        let metadata = HashMap::from([
+            ("type".to_owned(), "credit_topup".to_owned()),
+            ("userId".to_owned(), account.0.to_string()),
+            ("amountCents".to_owned(), amount_cents.to_string()),
+        ]);
+        // Stripe copies the payment intent's metadata to its charge: a
+        // refund webhook can then tell a top-up charge from any other.
+        let mut payment_intent = CreateCheckoutSessionPaymentIntentData::new();
+        payment_intent.metadata = Some(metadata.clone());
         let request = CreateCheckoutSession::new()
             .mode(CheckoutSessionMode::Payment)
             .customer(customer)
@@ -144,11 +153,8 @@ impl StripeApi {
             .line_items(vec![line])
             .adaptive_pricing(adaptive)
             .invoice_creation(CreateCheckoutSessionInvoiceCreation::new(true))
-            .metadata(HashMap::from([
-                ("type".to_owned(), "credit_topup".to_owned()),
-                ("userId".to_owned(), account.0.to_string()),
-                ("amountCents".to_owned(), amount_cents.to_string()),
-            ]))
+            .payment_intent_data(payment_intent)
+            .metadata(metadata)
             .success_url(settings.success_url.clone())
             .cancel_url(settings.cancel_url.clone());
         let window = now_s.div_euclid(TOPUP_SESSION_WINDOW_S);

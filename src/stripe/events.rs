@@ -66,6 +66,9 @@ pub struct Charge {
     pub currency: String,
     #[serde(default)]
     pub payment_intent: Option<String>,
+    /// Copied from the payment intent: `type=credit_topup` on top-ups.
+    #[serde(default)]
+    pub metadata: HashMap<String, String>,
 }
 
 /// `charge.dispute.created`: a Dispute.

@@ -276,6 +276,7 @@ fn checkout_session(id: &str, account: i64, cents: i64, payment_status: &str) ->
     })
 }
 
+/// A charge of a top-up: Stripe copied the payment intent's metadata to it.
 fn charge(id: &str, payment_intent: &str, amount: i64, refunded: i64) -> Value {
     json!({
         "id": id,
@@ -284,6 +285,7 @@ fn charge(id: &str, payment_intent: &str, amount: i64, refunded: i64) -> Value {
         "amount_captured": amount,
         "amount_refunded": refunded,
         "currency": "eur",
+        "metadata": { "type": "credit_topup", "amountCents": amount.to_string() },
         "payment_intent": payment_intent,
         "refunded": refunded == amount,
         "status": "succeeded",
@@ -358,6 +360,14 @@ async fn a_top_up_opens_a_checkout_session_in_payment_mode_with_the_amount_and_m
         Some(account.to_string().as_str())
     );
     assert_eq!(field("metadata[amountCents]"), Some("1000"));
+    assert_eq!(
+        field("payment_intent_data[metadata][type]"),
+        Some("credit_topup")
+    );
+    assert_eq!(
+        field("payment_intent_data[metadata][userId]"),
+        Some(account.to_string().as_str())
+    );
     assert_eq!(field("invoice_creation[enabled]"), Some("true"));
     assert_eq!(
         field("success_url"),
@@ -936,11 +946,14 @@ async fn a_refund_of_a_charge_that_paid_no_top_up_is_acknowledged_and_ignored() 
     let stripe = spawn_stripe_app().await;
     top_up(&stripe, "user_other_charge", "cs_other", 1000).await;
 
+    let mut subscription_charge = charge("ch_foreign", "pi_subscription", 2900, 2900);
+    subscription_charge["metadata"] = json!({});
+
     let status = stripe
         .deliver(&event(
             "evt_foreign",
             "charge.refunded",
-            charge("ch_foreign", "pi_subscription", 2900, 2900),
+            subscription_charge,
         ))
         .await;
 
@@ -1092,4 +1105,71 @@ async fn a_webhook_whose_effect_did_not_commit_answers_an_error_and_is_processed
         .unwrap()
         .get(0);
     assert_eq!(plan, "PRO");
+}
+
+#[actix::test]
+async fn a_refund_that_arrives_before_its_top_up_credit_is_retried_until_the_credit_lands() {
+    let stripe = spawn_stripe_app().await;
+    let account = stripe.app.account("user_early_refund").await.0;
+    let refund = event(
+        "evt_early_refund",
+        "charge.refunded",
+        charge("ch_early", "pi_cs_early", 2000, 2000),
+    );
+
+    let early = stripe.deliver(&refund).await;
+    assert_eq!(early, 503, "Stripe must retry it");
+    assert_eq!(stripe.recorded_events().await, 0);
+    let status = stripe
+        .deliver(&event(
+            "evt_cs_early",
+            "checkout.session.completed",
+            checkout_session("cs_early", account, 2000, "paid"),
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let retried = stripe.deliver(&refund).await;
+
+    assert_eq!(retried, 200);
+    assert_eq!(stripe.balance_micros("user_early_refund").await, 0);
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn concurrent_deliveries_of_two_partial_refunds_claw_back_their_total_once() {
+    let stripe = spawn_stripe_app().await;
+    top_up(&stripe, "user_refund_rush", "cs_rush", 5000).await;
+    let first = event(
+        "evt_rush_1",
+        "charge.refunded",
+        charge("ch_rush", "pi_cs_rush", 5000, 1000),
+    );
+    let second = event(
+        "evt_rush_2",
+        "charge.refunded",
+        charge("ch_rush", "pi_cs_rush", 5000, 3500),
+    );
+
+    let statuses = join_all((0..20).map(|i| {
+        let refund = if i % 2 == 0 { &first } else { &second };
+        stripe.deliver(refund)
+    }))
+    .await;
+    // A delivery that met another one holding the charge is told to retry.
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 503),
+        "{statuses:?}"
+    );
+    assert_eq!(stripe.deliver(&first).await, 200);
+    assert_eq!(stripe.deliver(&second).await, 200);
+
+    assert_eq!(stripe.balance_micros("user_refund_rush").await, 15_000_000);
+    let clawed_back: i64 = stripe
+        .transactions("REFUND")
+        .await
+        .iter()
+        .map(|(amount, _)| amount)
+        .sum();
+    assert_eq!(clawed_back, 35_000_000);
+    stripe.app.db.reconcile_is_clean().await;
 }
