@@ -27,6 +27,8 @@ pub struct Settings {
     pub clerk: ClerkSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    pub stripe: StripeSettings,
+    pub clerk_webhook: ClerkWebhookSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +131,32 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeSettings {
+    pub secret_key: Secret,
+    pub webhook_secret: Secret,
+    pub api_base: String,
+    pub timeout_ms: u64,
+    pub webhook_tolerance_s: u64,
+    pub success_url: String,
+    pub cancel_url: String,
+    pub product_name: String,
+    pub min_topup_cents: i64,
+    pub max_topup_cents: i64,
+    pub currency: String,
+    pub starter_price_id: String,
+    pub pro_price_id: String,
+    pub team_price_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClerkWebhookSettings {
+    pub signing_secret: Secret,
+    pub tolerance_s: u64,
+}
+
 /// A value that must never reach a log or a response.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -227,8 +255,36 @@ impl Settings {
         if self.credits.signup_bonus_cents < 0 || self.credits.low_balance_cents < 0 {
             return Err("configuration key `credits`: amounts cannot be negative".into());
         }
+        self.validate_stripe()?;
         crate::pricing::PriceTable::from_settings(&self.pricing)
             .map_err(|e| format!("configuration key `{e}"))?;
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn validate_stripe(&self) -> Result<(), String> {
+        let stripe = &self.stripe;
+        if stripe.min_topup_cents <= 0 || stripe.min_topup_cents > stripe.max_topup_cents {
+            return Err(
+                "configuration key `stripe.min_topup_cents`: must be positive and at most stripe.max_topup_cents"
+                    .into(),
+            );
+        }
+        if crate::money::Micros::from_cents(stripe.max_topup_cents).is_err() {
+            return Err("configuration key `stripe.max_topup_cents`: too large".into());
+        }
+        if stripe.currency.len() != 3 || !stripe.currency.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(
+                "configuration key `stripe.currency`: a lowercase ISO code such as \"eur\"".into(),
+            );
+        }
+        if stripe.timeout_ms == 0 {
+            return Err("configuration key `stripe.timeout_ms`: must be greater than 0".into());
+        }
+        if !stripe.api_base.starts_with("http://") && !stripe.api_base.starts_with("https://") {
+            return Err("configuration key `stripe.api_base`: an http(s) URL".into());
+        }
         Ok(())
     }
 }
@@ -334,6 +390,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("engine.mailbox_capacity"), "{err}");
+    }
+
+    #[test]
+    fn top_up_limits_that_cannot_hold_are_refused() {
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[("CREDITD__STRIPE__MIN_TOPUP_CENTS", "200000")]),
+        )
+        .unwrap_err();
+        assert!(err.contains("stripe.min_topup_cents"), "{err}");
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[("CREDITD__STRIPE__CURRENCY", "EURO")]),
+        )
+        .unwrap_err();
+        assert!(err.contains("stripe.currency"), "{err}");
     }
 
     #[test]

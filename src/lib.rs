@@ -4,7 +4,9 @@
 //! - [`pricing`]: the model price table and per-request cost;
 //! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY`;
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
-//! - [`ledger`]: the engine (account actors, journal writer, reconcile).
+//! - [`ledger`]: the engine (account actors, journal writer, reconcile);
+//! - [`stripe`]: Stripe's API client, webhook signature and payloads;
+//! - [`svix`]: the signature of Clerk's (Svix) webhooks.
 
 pub mod app;
 pub mod config;
@@ -13,4 +15,6 @@ pub mod http;
 pub mod ledger;
 pub mod money;
 pub mod pricing;
+pub mod stripe;
+pub mod svix;
 pub mod telemetry;

@@ -15,8 +15,10 @@ use crate::config::DatabaseSettings;
 use cluster::{Durability, PrivateCluster};
 
 /// Numbered migrations, applied in order, each once.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "ledger", include_str!("../../sql/0001_ledger.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "ledger", include_str!("../../sql/0001_ledger.sql")),
+    (2, "stripe", include_str!("../../sql/0002_stripe.sql")),
+];
 
 /// Where to connect, and the private cluster kept alive while we use it.
 #[derive(Clone)]

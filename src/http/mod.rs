@@ -3,8 +3,10 @@
 
 mod admin;
 pub mod auth;
+mod clerk_webhooks;
 mod credits;
 pub mod error;
+mod stripe;
 mod views;
 
 use std::collections::HashMap;
@@ -34,6 +36,8 @@ pub struct AppState {
     pub prices: Arc<PriceTable>,
     pub metrics: PrometheusHandle,
     pub clerk: ClerkVerifier,
+    /// `None` when `stripe.secret_key` is not set.
+    pub stripe: Option<crate::stripe::StripeApi>,
     users: Mutex<HashMap<String, AccountId>>,
     histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
     /// Serializes the first lookup of a Clerk id (by hash shard).
@@ -51,6 +55,7 @@ impl AppState {
         metrics: PrometheusHandle,
     ) -> anyhow::Result<AppState> {
         let clerk = ClerkVerifier::new(settings.clerk.clone())?;
+        let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
         Ok(AppState {
             settings,
             engine,
@@ -58,6 +63,7 @@ impl AppState {
             prices,
             metrics,
             clerk,
+            stripe,
             users: Mutex::new(HashMap::new()),
             histories: Mutex::new(HashMap::new()),
             first_sight: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -218,6 +224,8 @@ pub fn server(
             .route("/metrics", web::get().to(metrics_text))
             .configure(credits::routes)
             .configure(admin::routes)
+            .configure(stripe::routes)
+            .configure(clerk_webhooks::routes)
             .default_service(web::to(error::no_route))
     })
     .workers(settings.server.workers)

@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod clerk_webhooks;
 mod cli;
 mod credits;
 mod drills;
@@ -11,5 +12,6 @@ mod ledger_model;
 mod ledger_outage;
 mod ops;
 mod reconcile;
+mod stripe;
 #[allow(dead_code)] // shared helpers; each area uses its own subset
 mod support;

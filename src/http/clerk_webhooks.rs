@@ -1,0 +1,236 @@
+//! `POST /api/webhooks/clerk`: Clerk's user events, signed with Svix.
+//! `user.created` creates the user and grants the signup bonus (the same
+//! key as `claim-bonus`, so one bonus whichever comes first);
+//! `user.updated` keeps email and name; `user.deleted` marks the user
+//! deleted and keeps the ledger.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::credits::signup_bonus_key;
+use super::error::{parse_json, ApiError, Code};
+use super::stripe::{already_processed, count, record_processed, Outcome};
+use super::{read_body, State};
+use crate::ledger::{AccountId, Posting, TransactionType};
+use crate::money::Micros;
+use crate::svix::{self, SvixHeaders};
+
+/// `processed_webhook_events.source` of Clerk's events.
+const SOURCE: &str = "clerk";
+const HANDLED: &[&str] = &["user.created", "user.updated", "user.deleted"];
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config.route("/api/webhooks/clerk", web::post().to(webhook));
+}
+
+#[derive(Debug, Deserialize)]
+struct ClerkEvent {
+    #[serde(rename = "type")]
+    kind: String,
+    data: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClerkUser {
+    id: String,
+    #[serde(default)]
+    email_addresses: Vec<EmailAddress>,
+    #[serde(default)]
+    primary_email_address_id: Option<String>,
+    #[serde(default)]
+    first_name: Option<String>,
+    #[serde(default)]
+    last_name: Option<String>,
+    #[serde(default)]
+    image_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EmailAddress {
+    id: String,
+    email_address: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeletedUser {
+    id: String,
+}
+
+impl ClerkUser {
+    fn primary_email(&self) -> Option<&str> {
+        let primary = self.primary_email_address_id.as_deref()?;
+        self.email_addresses
+            .iter()
+            .find(|address| address.id == primary)
+            .map(|address| address.email_address.as_str())
+    }
+
+    fn name(&self) -> Option<String> {
+        let parts: Vec<&str> = [&self.first_name, &self.last_name]
+            .into_iter()
+            .flatten()
+            .map(|part| part.trim())
+            .filter(|part| !part.is_empty())
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(" "))
+    }
+}
+
+fn header<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+}
+
+async fn webhook(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let settings = &state.settings.clerk_webhook;
+    if settings.signing_secret.is_empty() {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "Clerk webhooks are not configured (clerk_webhook.signing_secret)",
+        ));
+    }
+    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let headers = SvixHeaders {
+        id: header(&request, "svix-id"),
+        timestamp: header(&request, "svix-timestamp"),
+        signature: header(&request, "svix-signature"),
+    };
+    let now = chrono::Utc::now().timestamp();
+    match svix::verify(
+        settings.signing_secret.expose(),
+        headers,
+        &body,
+        settings.tolerance_s,
+        now,
+    ) {
+        Ok(()) => {}
+        Err(svix::SvixError::BadSecret) => {
+            return Err(ApiError::internal(
+                "clerk webhook",
+                "clerk_webhook.signing_secret is not whsec_ followed by base64",
+            ))
+        }
+        Err(error) => {
+            count(SOURCE, "", HANDLED, "invalid_signature");
+            return Err(ApiError::invalid(error.to_string()));
+        }
+    }
+    let event_id = headers.id.unwrap_or_default();
+    let event: ClerkEvent = parse_json(&body)?;
+    if already_processed(&state, SOURCE, event_id).await? {
+        count(SOURCE, &event.kind, HANDLED, "duplicate");
+        return Ok(HttpResponse::Ok().json(json!({ "received": true, "duplicate": true })));
+    }
+    let outcome = match dispatch(&state, &event).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            count(SOURCE, &event.kind, HANDLED, "failed");
+            tracing::warn!(event = %event_id, kind = %event.kind, %error, "Clerk event not processed");
+            return Err(error);
+        }
+    };
+    record_processed(&state, SOURCE, event_id, &event.kind).await?;
+    count(SOURCE, &event.kind, HANDLED, outcome.as_str());
+    Ok(HttpResponse::Ok().json(json!({ "received": true })))
+}
+
+fn data<T: DeserializeOwned>(event: &ClerkEvent) -> Result<T, ApiError> {
+    serde_json::from_value(event.data.clone())
+        .map_err(|e| ApiError::invalid(format!("{} event: data: {e}", event.kind)))
+}
+
+async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError> {
+    match event.kind.as_str() {
+        "user.created" => {
+            let user: ClerkUser = data(event)?;
+            let account = upsert_user(state, &user).await?;
+            grant_signup_bonus(state, account).await
+        }
+        "user.updated" => {
+            upsert_user(state, &data(event)?).await?;
+            Ok(Outcome::Applied)
+        }
+        "user.deleted" => delete_user(state, &data(event)?).await,
+        _ => Ok(Outcome::Ignored),
+    }
+}
+
+/// Creates the user, or brings email, name and picture up to date.
+async fn upsert_user(state: &State, user: &ClerkUser) -> Result<AccountId, ApiError> {
+    let client = state.client().await?;
+    let email = user.primary_email();
+    let name = user.name();
+    let row = client
+        .query_one(
+            "INSERT INTO users (clerk_id, email, name, image_url) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (clerk_id) DO UPDATE
+                SET email = EXCLUDED.email, name = EXCLUDED.name,
+                    image_url = EXCLUDED.image_url, updated_at = now()
+             RETURNING id",
+            &[&user.id, &email, &name, &user.image_url],
+        )
+        .await
+        .map_err(|e| ApiError::internal("clerk user upsert", e))?;
+    let account = AccountId(row.get(0));
+    client
+        .execute(
+            "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&account.0],
+        )
+        .await
+        .map_err(|e| ApiError::internal("clerk user balance row", e))?;
+    Ok(account)
+}
+
+/// The signup bonus under the key `claim-bonus` uses: granted once.
+async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Outcome, ApiError> {
+    let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
+        .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
+    let outcome = state
+        .engine
+        .credit(
+            account,
+            Posting {
+                key: signup_bonus_key(account)?,
+                kind: TransactionType::SignupBonus,
+                amount,
+                description: Some(format!("Bonus de bienvenue {amount}")),
+                stripe_session_id: None,
+                stripe_payment_id: None,
+                metadata: None,
+            },
+        )
+        .await?;
+    Ok(if outcome.replayed {
+        Outcome::Replayed
+    } else {
+        Outcome::Applied
+    })
+}
+
+/// Marks the user deleted; the ledger stays. The email is released so the
+/// address can sign up again as a new user.
+async fn delete_user(state: &State, user: &DeletedUser) -> Result<Outcome, ApiError> {
+    let client = state.client().await?;
+    let updated = client
+        .execute(
+            "UPDATE users SET deleted_at = now(), email = NULL, updated_at = now()
+              WHERE clerk_id = $1 AND deleted_at IS NULL",
+            &[&user.id],
+        )
+        .await
+        .map_err(|e| ApiError::internal("clerk user delete", e))?;
+    Ok(if updated == 0 {
+        Outcome::Ignored
+    } else {
+        Outcome::Applied
+    })
+}

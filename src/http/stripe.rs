@@ -1,0 +1,570 @@
+//! Money in through Stripe: `POST /api/credits/topup` opens a Checkout
+//! Session; `POST /api/webhooks/stripe` hears what Stripe did and credits
+//! (top-ups), debits (refunds, disputes) or keeps `users.plan`.
+//!
+//! Every effect goes through the engine under an idempotency key derived
+//! from Stripe's ids, so a replayed or concurrent delivery cannot apply
+//! twice; the event id is recorded only after its effect committed, so a
+//! failure (answered 5xx, retried by Stripe) is never taken for done.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::{parse_json, ApiError, Code};
+use super::{read_body, State};
+use crate::ledger::{AccountId, IdempotencyKey, LedgerError, Posting, TransactionType};
+use crate::money::Micros;
+use crate::stripe::events::{Charge, CheckoutSession, Dispute, Event, Subscription};
+use crate::stripe::signature;
+use crate::stripe::StripeCallError;
+
+/// `processed_webhook_events.source` of Stripe's events.
+const SOURCE: &str = "stripe";
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/api/credits/topup", web::post().to(topup))
+        .route("/api/webhooks/stripe", web::post().to(webhook));
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopupRequest {
+    /// Cents.
+    amount: i64,
+}
+
+/// `5€` for 500 cents, `5.50€` for 550: the seed's limit messages.
+fn euros(cents: i64) -> String {
+    if cents % 100 == 0 {
+        format!("{}€", cents / 100)
+    } else {
+        format!("{}.{:02}€", cents / 100, (cents % 100).abs())
+    }
+}
+
+/// Opens a Checkout Session for a top-up of `amount` cents: `{url, sessionId}`.
+async fn topup(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.clerk.authenticate(&request).await?;
+    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    // serde would read a struct from a JSON array too: only an object is a request.
+    if !parse_json::<serde_json::Value>(&body)?.is_object() {
+        return Err(ApiError::invalid("request body: expected a JSON object"));
+    }
+    let TopupRequest { amount } = parse_json(&body)?;
+    let limits = &state.settings.stripe;
+    if amount < limits.min_topup_cents {
+        return Err(ApiError::invalid(format!(
+            "Minimum top-up is {}",
+            euros(limits.min_topup_cents)
+        )));
+    }
+    if amount > limits.max_topup_cents {
+        return Err(ApiError::invalid(format!(
+            "Maximum top-up is {}",
+            euros(limits.max_topup_cents)
+        )));
+    }
+    let api = state.stripe.as_ref().ok_or_else(|| {
+        ApiError::new(
+            Code::Unavailable,
+            "top-ups are not available: Stripe is not configured (stripe.secret_key)",
+        )
+    })?;
+    let account = state.account(&clerk_id).await?;
+    let customer = customer_of(&state, api, account, &clerk_id).await?;
+    let session = api
+        .create_topup_session(account, &customer, amount, chrono::Utc::now().timestamp())
+        .await
+        .map_err(stripe_failure)?;
+    Ok(HttpResponse::Ok().json(json!({ "url": session.url, "sessionId": session.id })))
+}
+
+/// The user's Stripe customer, created on the first top-up. Concurrent
+/// first top-ups send the same idempotency key, so Stripe creates one
+/// customer; the first to store it wins and the others read it back.
+async fn customer_of(
+    state: &State,
+    api: &crate::stripe::StripeApi,
+    account: AccountId,
+    clerk_id: &str,
+) -> Result<String, ApiError> {
+    let client = state.client().await?;
+    let row = client
+        .query_one(
+            "SELECT stripe_customer_id, email, name FROM users WHERE id = $1",
+            &[&account.0],
+        )
+        .await
+        .map_err(database_failure)?;
+    if let Some(customer) = row.get::<_, Option<String>>(0) {
+        return Ok(customer);
+    }
+    let email: Option<String> = row.get(1);
+    let name: Option<String> = row.get(2);
+    drop(client);
+    let created = api
+        .create_customer(account, clerk_id, email.as_deref(), name.as_deref())
+        .await
+        .map_err(stripe_failure)?;
+    let client = state.client().await?;
+    let updated = client
+        .execute(
+            "UPDATE users SET stripe_customer_id = $2, updated_at = now()
+              WHERE id = $1 AND stripe_customer_id IS NULL",
+            &[&account.0, &created],
+        )
+        .await
+        .map_err(database_failure)?;
+    if updated == 1 {
+        return Ok(created);
+    }
+    // Another request stored its customer first (a separate statement, so
+    // it sees that commit).
+    let stored: Option<String> = client
+        .query_one(
+            "SELECT stripe_customer_id FROM users WHERE id = $1",
+            &[&account.0],
+        )
+        .await
+        .map_err(database_failure)?
+        .get(0);
+    let stored = stored.ok_or_else(|| ApiError::internal("stripe customer", "not stored"))?;
+    if stored != created {
+        tracing::warn!(account = account.0, %created, %stored, "a second Stripe customer was created; the stored one is kept");
+    }
+    Ok(stored)
+}
+
+fn stripe_failure(error: StripeCallError) -> ApiError {
+    match error {
+        StripeCallError::Unreachable(message) => {
+            tracing::warn!(%message, "Stripe unreachable");
+            ApiError::new(
+                Code::Unavailable,
+                "the payment provider is unreachable; retry shortly",
+            )
+        }
+        refused @ StripeCallError::Refused { .. } => {
+            tracing::error!(error = %refused, "Stripe refused a request");
+            ApiError::new(
+                Code::Internal,
+                "the payment provider refused the request; the operators have been alerted",
+            )
+        }
+    }
+}
+
+fn database_failure(error: tokio_postgres::Error) -> ApiError {
+    tracing::warn!(%error, "database failure");
+    ApiError::new(Code::Unavailable, "the database is unavailable; retry")
+}
+
+/// What a webhook event did, as counted in `creditd_webhook_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Applied,
+    Replayed,
+    AwaitingPayment,
+    CurrencyMismatch,
+    UnknownAccount,
+    NotATopup,
+    NothingToClawBack,
+    Ignored,
+}
+
+impl Outcome {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Replayed => "replayed",
+            Outcome::AwaitingPayment => "awaiting_payment",
+            Outcome::CurrencyMismatch => "currency_mismatch",
+            Outcome::UnknownAccount => "unknown_account",
+            Outcome::NotATopup => "not_a_topup",
+            Outcome::NothingToClawBack => "nothing_to_claw_back",
+            Outcome::Ignored => "ignored",
+        }
+    }
+}
+
+/// Counts one webhook delivery; event types creditd does not handle are
+/// counted as `other` so the label stays bounded.
+pub(super) fn count(source: &'static str, kind: &str, handled: &[&'static str], outcome: &str) {
+    let kind = handled
+        .iter()
+        .find(|handled| **handled == kind)
+        .copied()
+        .unwrap_or("other");
+    metrics::counter!("creditd_webhook_events_total",
+        "source" => source, "type" => kind, "outcome" => outcome.to_owned())
+    .increment(1);
+}
+
+const HANDLED: &[&str] = &[
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "charge.refunded",
+    "charge.dispute.created",
+];
+
+/// Whether this event id was already handled (its effect committed).
+pub(super) async fn already_processed(
+    state: &State,
+    source: &str,
+    event_id: &str,
+) -> Result<bool, ApiError> {
+    let client = state.client().await?;
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM processed_webhook_events WHERE source = $1 AND event_id = $2",
+            &[&source, &event_id],
+        )
+        .await
+        .map_err(database_failure)?
+        .is_some())
+}
+
+/// Records an event as handled, after its effect committed. A failure here
+/// answers 5xx: the retry finds the effect done by its idempotency key.
+pub(super) async fn record_processed(
+    state: &State,
+    source: &str,
+    event_id: &str,
+    kind: &str,
+) -> Result<(), ApiError> {
+    let client = state.client().await?;
+    client
+        .execute(
+            "INSERT INTO processed_webhook_events (source, event_id, event_type)
+             VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&source, &event_id, &kind],
+        )
+        .await
+        .map_err(database_failure)?;
+    Ok(())
+}
+
+async fn webhook(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let settings = &state.settings.stripe;
+    if settings.webhook_secret.is_empty() {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "Stripe webhooks are not configured (stripe.webhook_secret)",
+        ));
+    }
+    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let header = request
+        .headers()
+        .get("Stripe-Signature")
+        .and_then(|value| value.to_str().ok());
+    let now = chrono::Utc::now().timestamp();
+    if let Err(error) = signature::verify(
+        header,
+        &body,
+        settings.webhook_secret.expose(),
+        settings.webhook_tolerance_s,
+        now,
+    ) {
+        count(SOURCE, "", HANDLED, "invalid_signature");
+        return Err(ApiError::invalid(error.to_string()));
+    }
+    let event: Event = parse_json(&body)?;
+    if already_processed(&state, SOURCE, &event.id).await? {
+        count(SOURCE, &event.kind, HANDLED, "duplicate");
+        return Ok(HttpResponse::Ok().json(json!({ "received": true, "duplicate": true })));
+    }
+    let outcome = match dispatch(&state, &event).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            count(SOURCE, &event.kind, HANDLED, "failed");
+            tracing::warn!(event = %event.id, kind = %event.kind, %error, "Stripe event not processed");
+            return Err(error);
+        }
+    };
+    record_processed(&state, SOURCE, &event.id, &event.kind).await?;
+    count(SOURCE, &event.kind, HANDLED, outcome.as_str());
+    tracing::info!(event = %event.id, kind = %event.kind, outcome = outcome.as_str(), "Stripe event processed");
+    Ok(HttpResponse::Ok().json(json!({ "received": true })))
+}
+
+fn object<T: DeserializeOwned>(event: &Event) -> Result<T, ApiError> {
+    serde_json::from_value(event.data.object.clone()).map_err(|e| {
+        ApiError::invalid(format!(
+            "event {} ({}): data.object: {e}",
+            event.id, event.kind
+        ))
+    })
+}
+
+async fn dispatch(state: &State, event: &Event) -> Result<Outcome, ApiError> {
+    match event.kind.as_str() {
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            checkout(state, object(event)?).await
+        }
+        "customer.subscription.created" | "customer.subscription.updated" => {
+            subscription(state, object(event)?, false).await
+        }
+        "customer.subscription.deleted" => subscription(state, object(event)?, true).await,
+        "charge.refunded" => refund(state, object(event)?).await,
+        "charge.dispute.created" => dispute(state, object(event)?).await,
+        _ => Ok(Outcome::Ignored),
+    }
+}
+
+fn key(text: String) -> Result<IdempotencyKey, ApiError> {
+    IdempotencyKey::parse(text).map_err(|e| ApiError::invalid(format!("Stripe id: {e}")))
+}
+
+fn cents(amount: i64, field: &str) -> Result<Micros, ApiError> {
+    if amount <= 0 {
+        return Err(ApiError::invalid(format!("{field}: must be positive")));
+    }
+    Micros::from_cents(amount).map_err(|_| ApiError::invalid(format!("{field}: too large")))
+}
+
+/// A currency other than the ledger's is never credited nor debited: the
+/// amount would mean something else. Logged as an error for the operators.
+fn currency_mismatch(state: &State, currency: Option<&str>, what: &str, id: &str) -> bool {
+    let ledger = state.settings.stripe.currency.as_str();
+    let matches = currency.is_some_and(|c| c.eq_ignore_ascii_case(ledger));
+    if !matches {
+        tracing::error!(%id, currency = ?currency, %ledger, "{what} in a currency other than the ledger's; not applied");
+        metrics::counter!("creditd_topup_currency_mismatch_total", "object" => what.to_owned())
+            .increment(1);
+    }
+    !matches
+}
+
+/// Maps an engine answer: a missing account is not Stripe's retry to make.
+fn applied(
+    result: Result<crate::ledger::Outcome<crate::ledger::TransactionRecord>, LedgerError>,
+    what: &str,
+) -> Result<Outcome, ApiError> {
+    match result {
+        Ok(outcome) if outcome.replayed => Ok(Outcome::Replayed),
+        Ok(_) => Ok(Outcome::Applied),
+        Err(LedgerError::AccountNotFound(account)) => {
+            tracing::error!(
+                account = account.0,
+                "{what} for an account that does not exist"
+            );
+            Ok(Outcome::UnknownAccount)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A paid top-up session credits `amount_total` once per session: the key
+/// is the session's, so `completed` and `async_payment_succeeded` (and any
+/// redelivery) collapse into one credit.
+async fn checkout(state: &State, session: CheckoutSession) -> Result<Outcome, ApiError> {
+    if session.metadata.get("type").map(String::as_str) != Some("credit_topup") {
+        return Ok(Outcome::Ignored);
+    }
+    if session.payment_status != "paid" {
+        return Ok(Outcome::AwaitingPayment);
+    }
+    if currency_mismatch(
+        state,
+        session.currency.as_deref(),
+        "checkout_session",
+        &session.id,
+    ) {
+        return Ok(Outcome::CurrencyMismatch);
+    }
+    let Some(account) = session
+        .metadata
+        .get("userId")
+        .and_then(|id| id.parse::<i64>().ok())
+        .map(AccountId)
+    else {
+        tracing::error!(session = %session.id, "top-up session without a valid metadata.userId");
+        return Ok(Outcome::UnknownAccount);
+    };
+    let amount = cents(session.amount_total.unwrap_or(0), "amount_total")?;
+    let posting = Posting {
+        key: key(format!("stripe:checkout:{}", session.id))?,
+        kind: TransactionType::TopUp,
+        amount,
+        description: Some(format!("Recharge de {amount}")),
+        stripe_session_id: Some(session.id.clone()),
+        stripe_payment_id: session.payment_intent.clone(),
+        metadata: None,
+    };
+    applied(state.engine.credit(account, posting).await, "top-up")
+}
+
+/// `users.plan` from the subscription's price (deleted: FREE).
+async fn subscription(
+    state: &State,
+    subscription: Subscription,
+    deleted: bool,
+) -> Result<Outcome, ApiError> {
+    let settings = &state.settings.stripe;
+    let price = subscription
+        .items
+        .data
+        .first()
+        .map(|item| item.price.id.as_str());
+    let plan = match price {
+        _ if deleted => "FREE",
+        Some(id) if id == settings.starter_price_id => "STARTER",
+        Some(id) if id == settings.pro_price_id => "PRO",
+        Some(id) if id == settings.team_price_id => "TEAM",
+        other => {
+            tracing::warn!(subscription = %subscription.id, price = ?other, "subscription price is not a configured plan; plan set to FREE");
+            "FREE"
+        }
+    };
+    let subscription_id = (!deleted).then_some(subscription.id.as_str());
+    let client = state.client().await?;
+    let updated = client
+        .execute(
+            "UPDATE users SET plan = $2, stripe_subscription_id = $3, updated_at = now()
+              WHERE stripe_customer_id = $1",
+            &[&subscription.customer, &plan, &subscription_id],
+        )
+        .await
+        .map_err(database_failure)?;
+    if updated == 0 {
+        tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
+        return Ok(Outcome::UnknownAccount);
+    }
+    Ok(Outcome::Applied)
+}
+
+/// The account whose top-up this payment intent paid, if any.
+async fn topup_account(state: &State, payment_intent: &str) -> Result<Option<AccountId>, ApiError> {
+    let client = state.client().await?;
+    Ok(client
+        .query_opt(
+            "SELECT user_id FROM credit_transactions
+              WHERE stripe_payment_id = $1 AND type = 'TOP_UP' AND direction = 'CREDIT'
+              LIMIT 1",
+            &[&payment_intent],
+        )
+        .await
+        .map_err(database_failure)?
+        .map(|row| AccountId(row.get(0))))
+}
+
+/// Debits the part of a top-up refunded since the last clawback.
+///
+/// `amount_refunded` is cumulative. What was already clawed back is read
+/// from the ledger (the REFUND debits of this charge), under a lock per
+/// charge so two deliveries cannot both see the same past. The debit's key
+/// is `stripe:charge:<id>:refunded:<cumulative cents>`: one state of the
+/// charge, applied once; each partial refund adds its own part exactly once,
+/// a redelivery finds nothing left to claw back, and an older event arriving
+/// after a newer one finds the newer total already taken.
+async fn refund(state: &State, charge: Charge) -> Result<Outcome, ApiError> {
+    let Some(payment_intent) = charge.payment_intent.as_deref() else {
+        return Ok(Outcome::NotATopup);
+    };
+    if currency_mismatch(state, Some(&charge.currency), "charge", &charge.id) {
+        return Ok(Outcome::CurrencyMismatch);
+    }
+    let Some(account) = topup_account(state, payment_intent).await? else {
+        if charge.metadata.get("type").map(String::as_str) == Some("credit_topup") {
+            // A top-up whose credit has not landed yet (its checkout event
+            // is still being retried): the refund must wait for it.
+            return Err(ApiError::new(
+                Code::Unavailable,
+                "the top-up this charge paid is not credited yet; retry later",
+            ));
+        }
+        tracing::warn!(charge = %charge.id, "refund of a charge that paid no top-up; ignored");
+        return Ok(Outcome::NotATopup);
+    };
+    let refunded = Micros::from_cents(charge.amount_refunded)
+        .map_err(|_| ApiError::invalid("amount_refunded: too large"))?;
+    let mut client = state.client().await?;
+    let transaction = client.transaction().await.map_err(database_failure)?;
+    let locked: bool = transaction
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&format!("stripe:charge:{}", charge.id)],
+        )
+        .await
+        .map_err(database_failure)?
+        .get(0);
+    if !locked {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "another delivery for this charge is being processed; retry",
+        ));
+    }
+    let clawed_back: i64 = transaction
+        .query_one(
+            "SELECT COALESCE(sum(amount_micros), 0)::int8 FROM credit_transactions
+              WHERE stripe_payment_id = $1 AND type = 'REFUND' AND metadata->>'chargeId' = $2",
+            &[&payment_intent, &charge.id],
+        )
+        .await
+        .map_err(database_failure)?
+        .get(0);
+    let remaining = refunded
+        .checked_sub(Micros::new(clawed_back))
+        .map_err(|_| ApiError::internal("refund", "clawback overflows"))?;
+    if !remaining.is_positive() {
+        transaction.commit().await.map_err(database_failure)?;
+        return Ok(Outcome::NothingToClawBack);
+    }
+    let posting = Posting {
+        key: key(format!(
+            "stripe:charge:{}:refunded:{}",
+            charge.id, charge.amount_refunded
+        ))?,
+        kind: TransactionType::Refund,
+        amount: remaining,
+        description: Some(format!("Remboursement de {remaining}")),
+        stripe_session_id: None,
+        stripe_payment_id: Some(payment_intent.to_owned()),
+        metadata: Some(json!({
+            "chargeId": charge.id,
+            "amountRefundedCents": charge.amount_refunded,
+        })),
+    };
+    let outcome = applied(state.engine.debit(account, posting).await, "refund")?;
+    transaction.commit().await.map_err(database_failure)?;
+    Ok(outcome)
+}
+
+/// Debits the disputed amount once per dispute.
+async fn dispute(state: &State, dispute: Dispute) -> Result<Outcome, ApiError> {
+    let Some(payment_intent) = dispute.payment_intent.as_deref() else {
+        return Ok(Outcome::NotATopup);
+    };
+    if currency_mismatch(state, Some(&dispute.currency), "dispute", &dispute.id) {
+        return Ok(Outcome::CurrencyMismatch);
+    }
+    let Some(account) = topup_account(state, payment_intent).await? else {
+        tracing::warn!(dispute = %dispute.id, "dispute of a charge that paid no top-up; ignored");
+        return Ok(Outcome::NotATopup);
+    };
+    let amount = cents(dispute.amount, "amount")?;
+    let posting = Posting {
+        key: key(format!("stripe:dispute:{}", dispute.id))?,
+        kind: TransactionType::Dispute,
+        amount,
+        description: Some(format!("Litige de {amount}")),
+        stripe_session_id: None,
+        stripe_payment_id: Some(payment_intent.to_owned()),
+        metadata: Some(json!({ "chargeId": dispute.charge, "disputeId": dispute.id })),
+    };
+    applied(state.engine.debit(account, posting).await, "dispute")
+}

@@ -1,0 +1,199 @@
+//! The Stripe API client creditd uses: one customer per user and one
+//! Checkout Session per top-up, each with an idempotency key.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_checkout::checkout_session::{
+    CreateCheckoutSession, CreateCheckoutSessionAdaptivePricing,
+    CreateCheckoutSessionInvoiceCreation, CreateCheckoutSessionLineItems,
+    CreateCheckoutSessionLineItemsPriceData, CreateCheckoutSessionPaymentIntentData, ProductData,
+};
+use stripe_checkout::CheckoutSessionMode;
+use stripe_core::customer::CreateCustomer;
+
+use crate::config::StripeSettings;
+use crate::ledger::AccountId;
+use crate::money::Micros;
+
+/// Top-ups of the same account and amount asked within one window of this
+/// many seconds share an idempotency key, so Stripe answers a double click
+/// (or a client retry) with the session it already created. A genuine second
+/// top-up later gets a new session. A duplicate that slips past a window
+/// boundary costs nothing: an unpaid session credits nothing.
+pub const TOPUP_SESSION_WINDOW_S: i64 = 10;
+
+/// Why a Stripe call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StripeCallError {
+    /// Stripe answered with an error status.
+    #[error("Stripe refused the request (status {status}): {message}")]
+    Refused { status: u16, message: String },
+    /// No usable answer (network, timeout, unreadable body).
+    #[error("Stripe did not answer usably: {0}")]
+    Unreachable(String),
+}
+
+impl From<StripeError> for StripeCallError {
+    fn from(error: StripeError) -> StripeCallError {
+        match error {
+            StripeError::Stripe(errors, status) => StripeCallError::Refused {
+                status,
+                message: errors.message.unwrap_or_else(|| "no message".into()),
+            },
+            other => StripeCallError::Unreachable(other.to_string()),
+        }
+    }
+}
+
+/// A Checkout Session as the top-up route answers it.
+#[derive(Debug, Clone)]
+pub struct TopupSession {
+    pub id: String,
+    pub url: String,
+}
+
+/// The Stripe API, with its settings.
+pub struct StripeApi {
+    client: stripe::Client,
+    settings: StripeSettings,
+}
+
+impl StripeApi {
+    /// `None` when `stripe.secret_key` is not set: top-ups are off.
+    pub fn new(settings: &StripeSettings) -> anyhow::Result<Option<StripeApi>> {
+        if settings.secret_key.is_empty() {
+            return Ok(None);
+        }
+        let mut base = settings.api_base.clone();
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        let client = stripe::ClientBuilder::new(settings.secret_key.expose())
+            .url(base)
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .build()
+            .map_err(|e| anyhow::anyhow!("stripe client: {e}"))?;
+        Ok(Some(StripeApi {
+            client,
+            settings: settings.clone(),
+        }))
+    }
+
+    /// Creates the Stripe customer of `account`. The idempotency key is the
+    /// account's own, so concurrent first top-ups get the same customer.
+    pub async fn create_customer(
+        &self,
+        account: AccountId,
+        clerk_id: &str,
+        email: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<String, StripeCallError> {
+        let mut request = CreateCustomer::new().metadata(HashMap::from([
+            ("userId".to_owned(), account.0.to_string()),
+            ("clerkId".to_owned(), clerk_id.to_owned()),
+        ]));
+        if let Some(email) = email {
+            request = request.email(email);
+        }
+        if let Some(name) = name {
+            request = request.name(name);
+        }
+        let key = idempotency_key(format!("creditd-customer-{}", account.0))?;
+        let customer = observe(
+            "create_customer",
+            request
+                .customize()
+                .request_strategy(RequestStrategy::Idempotent(key))
+                .send(&self.client)
+                .await,
+        )?;
+        Ok(customer.id.to_string())
+    }
+
+    /// Creates the Checkout Session of a top-up of `amount_cents`.
+    pub async fn create_topup_session(
+        &self,
+        account: AccountId,
+        customer: &str,
+        amount_cents: i64,
+        now_s: i64,
+    ) -> Result<TopupSession, StripeCallError> {
+        let settings = &self.settings;
+        let amount = Micros::from_cents(amount_cents)
+            .map_err(|_| StripeCallError::Unreachable("amount overflows".into()))?;
+        let currency = stripe_types::Currency::from_str(&settings.currency)
+            .map_err(|never| StripeCallError::Unreachable(format!("{never:?}")))?;
+        let mut product = ProductData::new(settings.product_name.clone());
+        product.description = Some(format!("{amount} de crédits AI"));
+        let mut price = CreateCheckoutSessionLineItemsPriceData::new(currency);
+        price.unit_amount = Some(amount_cents);
+        price.product_data = Some(product);
+        let mut line = CreateCheckoutSessionLineItems::new();
+        line.price_data = Some(price);
+        line.quantity = Some(1);
+        let mut adaptive = CreateCheckoutSessionAdaptivePricing::new();
+        // Credits are bought in the ledger's currency only.
+        adaptive.enabled = Some(false);
+        let metadata = HashMap::from([
+            ("type".to_owned(), "credit_topup".to_owned()),
+            ("userId".to_owned(), account.0.to_string()),
+            ("amountCents".to_owned(), amount_cents.to_string()),
+        ]);
+        // Stripe copies the payment intent's metadata to its charge: a
+        // refund webhook can then tell a top-up charge from any other.
+        let mut payment_intent = CreateCheckoutSessionPaymentIntentData::new();
+        payment_intent.metadata = Some(metadata.clone());
+        let request = CreateCheckoutSession::new()
+            .mode(CheckoutSessionMode::Payment)
+            .customer(customer)
+            .client_reference_id(account.0.to_string())
+            .line_items(vec![line])
+            .adaptive_pricing(adaptive)
+            .invoice_creation(CreateCheckoutSessionInvoiceCreation::new(true))
+            .payment_intent_data(payment_intent)
+            .metadata(metadata)
+            .success_url(settings.success_url.clone())
+            .cancel_url(settings.cancel_url.clone());
+        let window = now_s.div_euclid(TOPUP_SESSION_WINDOW_S);
+        let key = idempotency_key(format!(
+            "creditd-topup-{}-{amount_cents}-{window}",
+            account.0
+        ))?;
+        let session = observe(
+            "create_checkout_session",
+            request
+                .customize()
+                .request_strategy(RequestStrategy::Idempotent(key))
+                .send(&self.client)
+                .await,
+        )?;
+        let url = session.url.ok_or_else(|| {
+            StripeCallError::Unreachable("the Checkout Session has no url".into())
+        })?;
+        Ok(TopupSession {
+            id: session.id.to_string(),
+            url,
+        })
+    }
+}
+
+fn idempotency_key(text: String) -> Result<IdempotencyKey, StripeCallError> {
+    IdempotencyKey::new(text).map_err(|e| StripeCallError::Unreachable(format!("{e:?}")))
+}
+
+fn observe<T>(
+    operation: &'static str,
+    result: Result<T, StripeError>,
+) -> Result<T, StripeCallError> {
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(StripeError::Stripe(_, _)) => "refused",
+        Err(_) => "unreachable",
+    };
+    metrics::counter!("creditd_stripe_requests_total", "operation" => operation, "outcome" => outcome)
+        .increment(1);
+    result.map_err(StripeCallError::from)
+}

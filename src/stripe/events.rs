@@ -1,0 +1,83 @@
+//! The parts of Stripe's webhook payloads creditd reads, parsed with serde
+//! into small structs: an event envelope and the objects it carries.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+/// A webhook event; `data.object` is parsed by type once the type is known.
+#[derive(Debug, Deserialize)]
+pub struct Event {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub data: EventData,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventData {
+    pub object: serde_json::Value,
+}
+
+/// `checkout.session.*`: a Checkout Session.
+#[derive(Debug, Deserialize)]
+pub struct CheckoutSession {
+    pub id: String,
+    #[serde(default)]
+    pub amount_total: Option<i64>,
+    #[serde(default)]
+    pub currency: Option<String>,
+    /// `paid`, `unpaid` or `no_payment_required`.
+    pub payment_status: String,
+    #[serde(default)]
+    pub payment_intent: Option<String>,
+    #[serde(default)]
+    pub metadata: HashMap<String, String>,
+}
+
+/// `customer.subscription.*`: a Subscription.
+#[derive(Debug, Deserialize)]
+pub struct Subscription {
+    pub id: String,
+    pub customer: String,
+    pub items: List<SubscriptionItem>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct List<T> {
+    pub data: Vec<T>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SubscriptionItem {
+    pub price: Price,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Price {
+    pub id: String,
+}
+
+/// `charge.refunded`: a Charge; `amount_refunded` is cumulative.
+#[derive(Debug, Deserialize)]
+pub struct Charge {
+    pub id: String,
+    pub amount_refunded: i64,
+    pub currency: String,
+    #[serde(default)]
+    pub payment_intent: Option<String>,
+    /// Copied from the payment intent: `type=credit_topup` on top-ups.
+    #[serde(default)]
+    pub metadata: HashMap<String, String>,
+}
+
+/// `charge.dispute.created`: a Dispute.
+#[derive(Debug, Deserialize)]
+pub struct Dispute {
+    pub id: String,
+    pub amount: i64,
+    pub currency: String,
+    pub charge: String,
+    #[serde(default)]
+    pub payment_intent: Option<String>,
+}

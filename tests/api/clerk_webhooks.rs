@@ -1,0 +1,360 @@
+//! `POST /api/webhooks/clerk`: Svix signatures and Clerk's user events.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use creditd::svix::{self, SvixError, SvixHeaders};
+use futures_util::future::join_all;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use crate::support::*;
+
+/// A Svix secret as Clerk shows it: `whsec_` + base64 of the key.
+const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// `svix-signature` as Svix's libraries build it.
+fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
+    let key = STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+async fn clerk_app() -> TestApp {
+    spawn_app_with(|settings| {
+        settings.clerk_webhook.signing_secret = creditd::config::Secret::new(SIGNING_SECRET);
+    })
+    .await
+}
+
+async fn deliver_signed(
+    app: &TestApp,
+    id: &str,
+    timestamp: i64,
+    signature: &str,
+    body: &str,
+) -> reqwest::Response {
+    app.http
+        .post(app.url("/api/webhooks/clerk"))
+        .header("svix-id", id)
+        .header("svix-timestamp", timestamp.to_string())
+        .header("svix-signature", signature)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Delivers `event` as Svix message `id`, signed now; its status.
+async fn deliver(app: &TestApp, id: &str, event: &Value) -> u16 {
+    let body = event.to_string();
+    let now = chrono::Utc::now().timestamp();
+    deliver_signed(app, id, now, &sign(SIGNING_SECRET, id, now, &body), &body)
+        .await
+        .status()
+        .as_u16()
+}
+
+fn user_event(kind: &str, clerk_id: &str, email: &str, first: &str, last: &str) -> Value {
+    json!({
+        "object": "event",
+        "type": kind,
+        "timestamp": 1_716_883_200_000i64,
+        "instance_id": "ins_test",
+        "data": {
+            "object": "user",
+            "id": clerk_id,
+            "email_addresses": [
+                { "id": "idn_secondary", "object": "email_address", "email_address": "old@example.com" },
+                { "id": "idn_primary", "object": "email_address", "email_address": email },
+            ],
+            "primary_email_address_id": "idn_primary",
+            "first_name": first,
+            "last_name": last,
+            "image_url": "https://img.clerk.com/x",
+            "created_at": 1_716_883_200_000i64,
+        },
+    })
+}
+
+async fn user_row(app: &TestApp, clerk_id: &str) -> Option<(Option<String>, Option<String>, bool)> {
+    let client = app.db.client().await;
+    client
+        .query_opt(
+            "SELECT email, name, deleted_at IS NOT NULL FROM users WHERE clerk_id = $1",
+            &[&clerk_id],
+        )
+        .await
+        .unwrap()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+}
+
+async fn bonuses(app: &TestApp) -> i64 {
+    let client = app.db.client().await;
+    client
+        .query_one(
+            "SELECT count(*) FROM credit_transactions WHERE type = 'SIGNUP_BONUS'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn the_svix_documentation_test_vector_verifies() {
+    let body = br#"{"test": 2432232314}"#;
+    let headers = SvixHeaders {
+        id: Some("msg_p5jXN8AQM9LWM0D4loKWxJek"),
+        timestamp: Some("1614265330"),
+        signature: Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="),
+    };
+
+    assert_eq!(
+        svix::verify(SIGNING_SECRET, headers, body, 300, 1_614_265_330),
+        Ok(())
+    );
+    assert_eq!(
+        svix::verify(
+            SIGNING_SECRET,
+            headers,
+            br#"{"test": 2432232315}"#,
+            300,
+            1_614_265_330
+        ),
+        Err(SvixError::NoMatch)
+    );
+    assert_eq!(
+        svix::verify(SIGNING_SECRET, headers, body, 300, 1_614_265_330 + 301),
+        Err(SvixError::TimestampOutsideTolerance)
+    );
+    assert_eq!(
+        svix::verify(SIGNING_SECRET, headers, body, 300, 1_614_265_330 - 301),
+        Err(SvixError::TimestampOutsideTolerance),
+        "a timestamp from the future is refused too"
+    );
+    let rotated = SvixHeaders {
+        signature: Some("v1,bm9wZQ== v1a,abc v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="),
+        ..headers
+    };
+    assert_eq!(
+        svix::verify(SIGNING_SECRET, rotated, body, 300, 1_614_265_330),
+        Ok(())
+    );
+    assert_eq!(
+        sign(
+            SIGNING_SECRET,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1_614_265_330,
+            r#"{"test": 2432232314}"#
+        ),
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+        "the test's own signer matches Svix's"
+    );
+}
+
+#[actix::test]
+async fn badly_signed_clerk_deliveries_get_400_and_change_nothing() {
+    let app = clerk_app().await;
+    let body = user_event("user.created", "user_forged", "f@example.com", "F", "G").to_string();
+    let now = chrono::Utc::now().timestamp();
+    let cases = [
+        (
+            "wrong secret",
+            now,
+            sign("whsec_c2VjcmV0", "msg_1", now, &body),
+        ),
+        (
+            "other message id",
+            now,
+            sign(SIGNING_SECRET, "msg_2", now, &body),
+        ),
+        (
+            "too old",
+            now - 301,
+            sign(SIGNING_SECRET, "msg_1", now - 301, &body),
+        ),
+        (
+            "too far ahead",
+            now + 301,
+            sign(SIGNING_SECRET, "msg_1", now + 301, &body),
+        ),
+        ("not base64", now, "v1,???".to_owned()),
+        (
+            "other scheme",
+            now,
+            sign(SIGNING_SECRET, "msg_1", now, &body).replacen("v1,", "v2,", 1),
+        ),
+    ];
+
+    for (case, timestamp, signature) in &cases {
+        let response = deliver_signed(&app, "msg_1", *timestamp, signature, &body).await;
+        assert_eq!(response.status(), 400, "{case}");
+    }
+    let unsigned = app
+        .http
+        .post(app.url("/api/webhooks/clerk"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(unsigned.status(), 400);
+    assert_eq!(user_row(&app, "user_forged").await, None);
+    assert_eq!(bonuses(&app).await, 0);
+}
+
+#[actix::test]
+async fn clerk_webhooks_answer_503_when_the_signing_secret_is_not_set() {
+    let app = spawn_app().await;
+
+    let response = app
+        .http
+        .post(app.url("/api/webhooks/clerk"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 503);
+    let (_, body) = json_of(response).await;
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("clerk_webhook.signing_secret"));
+}
+
+#[actix::test]
+async fn user_created_replayed_twenty_times_makes_one_user_with_one_bonus() {
+    let app = clerk_app().await;
+    let created = user_event(
+        "user.created",
+        "user_signup",
+        "ada@example.com",
+        "Ada",
+        "Lovelace",
+    );
+
+    let sequential = deliver(&app, "msg_signup", &created).await;
+    let concurrent = join_all((0..19).map(|_| deliver(&app, "msg_signup", &created))).await;
+    let resent_under_new_id = deliver(&app, "msg_signup_resent", &created).await;
+
+    assert_eq!(sequential, 200);
+    assert!(concurrent.iter().all(|&s| s == 200), "{concurrent:?}");
+    assert_eq!(resent_under_new_id, 200);
+    assert_eq!(
+        user_row(&app, "user_signup").await,
+        Some((
+            Some("ada@example.com".into()),
+            Some("Ada Lovelace".into()),
+            false
+        ))
+    );
+    assert_eq!(bonuses(&app).await, 1);
+    let (_, overview) = json_of(app.get_as("user_signup", "/api/credits").await).await;
+    assert_eq!(overview["balanceMicros"], 10_000_000);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn user_created_and_claim_bonus_grant_one_bonus_whichever_comes_first() {
+    let app = clerk_app().await;
+
+    let (claimed, _) = json_of(
+        app.post_as("user_first_claims", "/api/credits/claim-bonus", &json!({}))
+            .await,
+    )
+    .await;
+    let created = deliver(
+        &app,
+        "msg_after_claim",
+        &user_event(
+            "user.created",
+            "user_first_claims",
+            "a@example.com",
+            "A",
+            "B",
+        ),
+    )
+    .await;
+    let webhook_first = deliver(
+        &app,
+        "msg_before_claim",
+        &user_event(
+            "user.created",
+            "user_first_hooked",
+            "b@example.com",
+            "B",
+            "C",
+        ),
+    )
+    .await;
+    let (claimed_after, body) = json_of(
+        app.post_as("user_first_hooked", "/api/credits/claim-bonus", &json!({}))
+            .await,
+    )
+    .await;
+
+    assert_eq!((claimed, created, webhook_first), (201, 200, 200));
+    assert_eq!(claimed_after, 200, "already granted by user.created");
+    assert_eq!(body["alreadyClaimed"], true);
+    assert_eq!(bonuses(&app).await, 2);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn user_updated_and_user_deleted_keep_the_user_row_and_the_ledger() {
+    let app = clerk_app().await;
+    deliver(
+        &app,
+        "msg_c",
+        &user_event(
+            "user.created",
+            "user_life",
+            "grace@example.com",
+            "Grace",
+            "Hopper",
+        ),
+    )
+    .await;
+
+    let updated = deliver(
+        &app,
+        "msg_u",
+        &user_event(
+            "user.updated",
+            "user_life",
+            "admiral@example.com",
+            "Grace",
+            "B. Hopper",
+        ),
+    )
+    .await;
+    assert_eq!(updated, 200);
+    assert_eq!(
+        user_row(&app, "user_life").await,
+        Some((
+            Some("admiral@example.com".into()),
+            Some("Grace B. Hopper".into()),
+            false
+        ))
+    );
+
+    let deleted = deliver(
+        &app,
+        "msg_d",
+        &json!({ "object": "event", "type": "user.deleted",
+                 "data": { "object": "user", "id": "user_life", "deleted": true } }),
+    )
+    .await;
+
+    assert_eq!(deleted, 200);
+    let (_, _, is_deleted) = user_row(&app, "user_life").await.unwrap();
+    assert!(is_deleted);
+    assert_eq!(bonuses(&app).await, 1, "the ledger is kept");
+    app.db.reconcile_is_clean().await;
+}
