@@ -283,14 +283,17 @@ pub async fn ensure_user(
     client: &impl GenericClient,
     clerk_id: &str,
 ) -> Result<AccountId, LedgerError> {
+    if let Some(account) = find_user(client, clerk_id).await? {
+        return Ok(account);
+    }
+    // DO UPDATE (not DO NOTHING) so the row comes back even when a
+    // concurrent insert of the same user won: DO NOTHING would return no
+    // row, and a SELECT in the same statement cannot see the winner's.
     let row = client
         .query_one(
-            "WITH inserted AS (
-                 INSERT INTO users (clerk_id) VALUES ($1)
-                 ON CONFLICT (clerk_id) DO NOTHING RETURNING id)
-             SELECT id FROM inserted
-             UNION ALL SELECT id FROM users WHERE clerk_id = $1
-             LIMIT 1",
+            "INSERT INTO users (clerk_id) VALUES ($1)
+             ON CONFLICT (clerk_id) DO UPDATE SET clerk_id = EXCLUDED.clerk_id
+             RETURNING id",
             &[&clerk_id],
         )
         .await
