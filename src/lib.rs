@@ -4,12 +4,16 @@
 //! - [`pricing`]: the model price table and per-request cost;
 //! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY`;
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
-//! - [`ledger`]: the engine (account actors, journal writer, reconcile).
+//! - [`ledger`]: the engine (account actors, journal writer, reconcile);
+//! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`;
+//! - [`byok`]: users' own provider keys, encrypted at rest.
 
 pub mod app;
+pub mod byok;
 pub mod config;
 pub mod db;
 pub mod http;
 pub mod ledger;
 pub mod money;
 pub mod pricing;
+pub mod providers;

@@ -3,8 +3,10 @@
 
 mod admin;
 pub mod auth;
+mod chat;
 mod credits;
 pub mod error;
+mod settings;
 mod views;
 
 use std::collections::HashMap;
@@ -33,6 +35,9 @@ pub struct AppState {
     pub prices: Arc<PriceTable>,
     pub metrics: PrometheusHandle,
     pub clerk: ClerkVerifier,
+    pub providers: crate::providers::ProviderClient,
+    /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
+    pub byok: Option<crate::byok::KeyCipher>,
     users: Mutex<HashMap<String, AccountId>>,
 }
 
@@ -47,6 +52,9 @@ impl AppState {
         metrics: PrometheusHandle,
     ) -> anyhow::Result<AppState> {
         let clerk = ClerkVerifier::new(settings.clerk.clone())?;
+        let providers = crate::providers::ProviderClient::new(&settings.providers)?;
+        let byok = crate::byok::KeyCipher::from_settings(&settings.byok)
+            .map_err(|e| anyhow::anyhow!("byok.encryption_key: {e}"))?;
         Ok(AppState {
             settings,
             engine,
@@ -54,6 +62,8 @@ impl AppState {
             prices,
             metrics,
             clerk,
+            providers,
+            byok,
             users: Mutex::new(HashMap::new()),
         })
     }
@@ -152,6 +162,8 @@ pub fn server(
             .route("/metrics", web::get().to(metrics_text))
             .configure(credits::routes)
             .configure(admin::routes)
+            .configure(chat::routes)
+            .configure(settings::routes)
             .default_service(web::to(error::no_route))
     })
     .workers(settings.server.workers)
