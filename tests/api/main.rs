@@ -1,5 +1,8 @@
 //! Integration tests against a real PostgreSQL (see `support`).
 
+mod byok;
+mod chat;
+mod chat_stream;
 mod credits;
 mod ledger;
 mod ledger_model;
