@@ -162,6 +162,8 @@ pub struct ProviderStream {
     pending: std::collections::VecDeque<String>,
     usage: StreamUsage,
     finished: bool,
+    /// An error met after text still pending: reported once that text is out.
+    failed: Option<ProviderError>,
 }
 
 impl ProviderStream {
@@ -170,6 +172,9 @@ impl ProviderStream {
         loop {
             if let Some(text) = self.pending.pop_front() {
                 return Ok(Some(text));
+            }
+            if let Some(error) = self.failed.take() {
+                return Err(error);
             }
             if self.finished {
                 return Ok(None);
@@ -189,17 +194,21 @@ impl ProviderStream {
                 .push(&chunk)
                 .map_err(|e| ProviderError::Malformed(e.to_string()))?;
             for frame in frames {
-                if self.finished {
+                if self.finished || self.failed.is_some() {
                     break;
                 }
                 let decoded = match self.decoder {
-                    Decoder::Anthropic => anthropic::decode(&frame, &mut self.usage)?,
-                    Decoder::Openai => openai::decode(&frame, &mut self.usage)?,
+                    Decoder::Anthropic => anthropic::decode(&frame, &mut self.usage),
+                    Decoder::Openai => openai::decode(&frame, &mut self.usage),
                 };
                 match decoded {
-                    Decoded::Text(text) if !text.is_empty() => self.pending.push_back(text),
-                    Decoded::Text(_) | Decoded::Nothing => {}
-                    Decoded::Finished => self.finished = true,
+                    Ok(Decoded::Text(text)) if !text.is_empty() => self.pending.push_back(text),
+                    Ok(Decoded::Text(_) | Decoded::Nothing) => {}
+                    Ok(Decoded::Finished) => self.finished = true,
+                    Err(error) => {
+                        self.failed = Some(error);
+                        break;
+                    }
                 }
             }
         }
@@ -325,6 +334,7 @@ impl ProviderClient {
             pending: Default::default(),
             usage: StreamUsage::default(),
             finished: false,
+            failed: None,
         })
     }
 }
