@@ -193,6 +193,23 @@ async fn an_anthropic_chat_is_charged_the_price_table_cost_of_its_reported_usage
     assert_eq!(overview["heldMicros"], 0);
     assert_eq!(overview["usages"][0]["costMicros"], 11_886);
     assert_eq!(overview["usages"][0]["conversationId"], "conv_1");
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"creditd_provider_calls_total{provider="anthropic",model="claude-sonnet-4-5",outcome="ok"}"#,
+        r#"creditd_provider_call_duration_seconds_count{provider="anthropic",model="claude-sonnet-4-5"}"#,
+        r#"creditd_chat_tokens_total{model="claude-sonnet-4-5",kind="cache_write"}"#,
+        r#"creditd_charged_micros_total{model="claude-sonnet-4-5"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
     app.db.reconcile_is_clean().await;
 }
 
@@ -373,6 +390,16 @@ async fn busy_or_failing_providers_answer_503_with_retry_after_and_release_the_h
     assert_eq!(overview["heldMicros"], 0);
     assert_eq!(count(&app, "credit_usages", "user_b").await, 0);
     assert_eq!(count(&app, "credit_holds", "user_b").await, 4);
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(r#"creditd_holds_released_total{reason="unavailable"}"#));
     app.db.reconcile_is_clean().await;
 }
 
@@ -550,5 +577,68 @@ async fn two_hundred_concurrent_chats_never_spend_more_than_the_balance() {
     assert_eq!(overview["balanceMicros"], funds - settled);
     assert_eq!(overview["heldMicros"], 0);
     assert!(overview["availableMicros"].as_i64().unwrap() >= 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_answer_whose_charge_cannot_commit_is_withheld_with_503_and_its_hold_kept() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message("never billed", 10, 10, 0, 0))
+                .set_delay(std::time::Duration::from_millis(1500)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |s| s.chat.settle_retry_ms = 500).await;
+    fund(&app, "user_outage", 10_000_000).await;
+    let database = app.db.config.get_dbname().unwrap().to_owned();
+    let mut maintenance = app.db.config.clone();
+    maintenance.dbname("postgres");
+    let admin = connect(&maintenance).await.unwrap();
+
+    let request = json!({ "messages": conversation() });
+    let chat = app.post_as("user_outage", "/api/chat", &request);
+    let outage = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {database} ALLOW_CONNECTIONS false;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE datname = '{database}';"
+            ))
+            .await
+            .unwrap();
+    };
+    let (response, ()) = tokio::join!(chat, outage);
+    let (status, body) = json_of(response).await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+
+    assert_eq!(status, 503, "{body}");
+    assert!(body.get("content").is_none(), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be billed"),
+        "{body}"
+    );
+    assert_eq!(count(&app, "credit_usages", "user_outage").await, 0);
+    let active: i64 = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(active, 1, "the hold is left to expire");
     app.db.reconcile_is_clean().await;
 }
