@@ -55,6 +55,7 @@ pub struct ChatSettings {
     pub request_overhead_tokens: u64,
     pub settle_retry_ms: u64,
     pub stream_buffer_events: usize,
+    pub stream_keep_alive_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

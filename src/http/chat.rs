@@ -603,7 +603,8 @@ impl Call {
             self.release("client_disconnected").await;
             return;
         }
-        let (end, text_bytes) = pump(&mut upstream, &events).await;
+        let keep_alive = Duration::from_millis(self.state.settings.chat.stream_keep_alive_ms);
+        let (end, text_bytes) = pump(&mut upstream, &events, keep_alive).await;
         let usage = upstream.usage();
         drop(upstream);
         self.observe(
@@ -666,18 +667,34 @@ impl Call {
     }
 }
 
+/// An SSE comment the client ignores; written while the provider is silent
+/// so that proxies keep the connection open and a departed client is noticed.
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
 /// Forwards text deltas until the provider finishes, the stream breaks, or
 /// the client goes away. Returns how it ended and the bytes of text read.
-async fn pump(upstream: &mut ProviderStream, events: &mpsc::Sender<Bytes>) -> (End, u64) {
+async fn pump(
+    upstream: &mut ProviderStream,
+    events: &mpsc::Sender<Bytes>,
+    keep_alive: Duration,
+) -> (End, u64) {
     let mut text_bytes = 0u64;
+    let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
     loop {
         let next = tokio::select! {
             biased;
             _ = events.closed() => return (End::Disconnected, text_bytes),
             next = upstream.next() => next,
+            _ = idle.tick() => {
+                if events.send(Bytes::from_static(KEEP_ALIVE)).await.is_err() {
+                    return (End::Disconnected, text_bytes);
+                }
+                continue;
+            }
         };
         match next {
             Ok(Some(text)) => {
+                idle.reset();
                 text_bytes = text_bytes.saturating_add(text.len() as u64);
                 if events
                     .send(event("delta", &json!({ "text": text })))

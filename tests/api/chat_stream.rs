@@ -446,14 +446,19 @@ async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_wh
     .await;
     assert_eq!(response.status(), 200);
     let mut seen = String::new();
-    while !seen.contains("The first words") {
-        let chunk = response
-            .chunk()
-            .await
-            .unwrap()
-            .expect("a delta before the end");
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let read = async {
+        while !seen.contains("The first words") {
+            let chunk = response
+                .chunk()
+                .await
+                .unwrap()
+                .expect("a delta before the end");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the stream reached the awaited point");
     drop(response);
 
     let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
@@ -481,5 +486,64 @@ async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_wh
     assert!(output >= 5, "{usage}");
     let cost = (26 * 2_430_556 + output as i64 * 9_722_223 + 999_999) / 1_000_000;
     assert_eq!(usage["costMicros"], cost);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_client_that_leaves_while_the_provider_is_silent_is_noticed_by_the_keep_alive() {
+    let fakes = fakes().await;
+    let (address, closed) = raw_provider(
+        vec![message_start(50, 0, 0), text_delta("The first words")],
+        Then::KeepStreaming,
+        ping(),
+    )
+    .await;
+    let app = app_with(&fakes, |s| {
+        s.providers.anthropic_base_url = address;
+        s.chat.stream_keep_alive_ms = 100;
+    })
+    .await;
+    fund(&app, "user_quiet", 10_000_000).await;
+
+    let mut response = stream_chat(
+        &app,
+        "user_quiet",
+        json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    let mut seen = String::new();
+    let read = async {
+        while !seen.contains(": keep-alive") {
+            let chunk = response.chunk().await.unwrap().expect("more of the stream");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the stream reached the awaited point");
+    drop(response);
+
+    let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the provider connection is closed after the client left")
+        .unwrap();
+    assert!(
+        upstream_closed,
+        "the upstream call went on after the client left"
+    );
+    let mut usage = Value::Null;
+    for _ in 0..100 {
+        let overview = balance(&app, "user_quiet").await;
+        if overview["heldMicros"] == 0 && overview["usages"][0].is_object() {
+            usage = overview["usages"][0].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 50 input tokens (message_start), ceil(15 / 3) = 5 output tokens:
+    // 145_833_350 + 72_916_670 = 218_750_020 → 219
+    assert_eq!(usage["inputTokens"], 50, "{usage}");
+    assert_eq!(usage["outputTokens"], 5);
+    assert_eq!(usage["costMicros"], 219);
     app.db.reconcile_is_clean().await;
 }
