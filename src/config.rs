@@ -444,4 +444,43 @@ mod tests {
         .unwrap();
         assert!(!format!("{settings:?}").contains("hunter2"));
     }
+
+    #[test]
+    fn chat_provider_and_byok_settings_are_checked_by_name() {
+        for (variable, value, key) in [
+            (
+                "CREDITD__BYOK__ENCRYPTION_KEY",
+                "c2hvcnQ=",
+                "byok.encryption_key",
+            ),
+            (
+                "CREDITD__PROVIDERS__TOTAL_TIMEOUT_MS",
+                "900000",
+                "providers.total_timeout_ms",
+            ),
+            (
+                "CREDITD__PROVIDERS__OPENAI_BYOK_MODEL",
+                "claude-haiku-4-5",
+                "providers.openai_byok_model",
+            ),
+            (
+                "CREDITD__CHAT__DEFAULT_MAX_TOKENS",
+                "20000",
+                "chat.default_max_tokens",
+            ),
+        ] {
+            let err =
+                Settings::from_sources(DEFAULT_CONFIG, &env(&[(variable, value)])).unwrap_err();
+            assert!(err.contains(key), "{variable}: {err}");
+        }
+        let settings = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[(
+                "CREDITD__PROVIDERS__ANTHROPIC_API_KEY",
+                "sk-ant-secret-value",
+            )]),
+        )
+        .unwrap();
+        assert!(!format!("{settings:?}").contains("sk-ant-secret-value"));
+    }
 }
