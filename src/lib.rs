@@ -4,8 +4,8 @@
 //! - [`pricing`]: the model price table and per-request cost;
 //! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY`;
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
-//! - [`ledger`]: the engine (account actors, journal writer, reconcile);
-//! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`;
+//! - [`ledger`]: the engine (account actors, journal writer, reconcile).
+//! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
 //! - [`byok`]: users' own provider keys, encrypted at rest.
 
 pub mod app;
