@@ -3,9 +3,9 @@
 //! With the user's own key (BYOK) nothing is charged. With the platform's
 //! key, a hold is taken before the call (estimated input + `maxTokens` of
 //! output), then settled to the cost of the usage the provider reports, or
-//! released if the provider failed before any output. The call and its
-//! settlement run in a task of their own, so a client that goes away never
-//! leaves a hold half-done.
+//! released if the provider failed before any output. The hold, the call
+//! and the settlement run in a task of their own, so a client that goes away
+//! never leaves a hold half-done.
 //!
 //! Input estimate (never under the provider's count): the UTF-8 bytes of
 //! every message, plus `chat.message_overhead_tokens` per message and
@@ -186,25 +186,21 @@ async fn chat(
         messages: chat.messages,
         max_tokens: chat.max_tokens,
     };
-    let billing = if route.byok {
-        None
-    } else {
-        Some(reserve(&state, account, &request).await?)
-    };
     let call = Call {
         state: state.clone(),
         account,
         provider: route.provider,
         key: route.key,
         request,
-        billing,
+        byok: route.byok,
+        billing: None,
         conversation_id: chat.conversation_id,
         message_id: chat.message_id,
     };
     if chat.stream {
         stream_answer(call).await
     } else {
-        actix_web::rt::spawn(call.complete())
+        actix_web::rt::spawn(async move { call.hold().await?.complete().await })
             .await
             .map_err(|e| ApiError::internal("chat task", e))?
     }
@@ -335,12 +331,22 @@ struct Call {
     provider: Provider,
     key: Secret,
     request: ChatRequest,
+    byok: bool,
+    /// Set once the platform call's hold is taken.
     billing: Option<Billing>,
     conversation_id: Option<String>,
     message_id: Option<String>,
 }
 
 impl Call {
+    /// Takes the hold of a platform call (a BYOK call has none).
+    async fn hold(mut self) -> Result<Call, ApiError> {
+        if !self.byok {
+            self.billing = Some(reserve(&self.state, self.account, &self.request).await?);
+        }
+        Ok(self)
+    }
+
     /// A whole answer: call, then settle (or release), then answer.
     async fn complete(self) -> Result<HttpResponse, ApiError> {
         let started = Instant::now();
@@ -449,7 +455,7 @@ impl Call {
     }
 
     fn provider_error(&self, error: &ProviderError) -> ApiError {
-        provider_api_error(error, self.provider, self.billing.is_none())
+        provider_api_error(error, self.provider, self.byok)
     }
 }
 
@@ -578,6 +584,19 @@ async fn stream_answer(call: Call) -> Result<HttpResponse, ApiError> {
 
 impl Call {
     async fn stream(
+        self,
+        opened: oneshot::Sender<Result<(), ApiError>>,
+        events: mpsc::Sender<Bytes>,
+    ) {
+        match self.hold().await {
+            Ok(call) => call.stream_held(opened, events).await,
+            Err(error) => {
+                let _ = opened.send(Err(error));
+            }
+        }
+    }
+
+    async fn stream_held(
         self,
         opened: oneshot::Sender<Result<(), ApiError>>,
         events: mpsc::Sender<Bytes>,
