@@ -29,6 +29,42 @@ pub struct Settings {
     pub log: LogSettings,
     pub stripe: StripeSettings,
     pub clerk_webhook: ClerkWebhookSettings,
+    pub providers: ProviderSettings,
+    pub chat: ChatSettings,
+    pub byok: ByokSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    pub anthropic_base_url: String,
+    pub openai_base_url: String,
+    pub anthropic_api_key: Secret,
+    pub openai_api_key: Secret,
+    pub anthropic_version: String,
+    pub anthropic_byok_model: String,
+    pub openai_byok_model: String,
+    pub connect_timeout_ms: u64,
+    pub total_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatSettings {
+    pub default_max_tokens: u32,
+    pub max_tokens_limit: u32,
+    pub message_overhead_tokens: u64,
+    pub request_overhead_tokens: u64,
+    pub settle_retry_ms: u64,
+    pub stream_buffer_events: usize,
+    pub stream_keep_alive_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ByokSettings {
+    /// 32 bytes, standard base64; empty: BYOK is not configured.
+    pub encryption_key: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +294,68 @@ impl Settings {
         self.validate_stripe()?;
         crate::pricing::PriceTable::from_settings(&self.pricing)
             .map_err(|e| format!("configuration key `{e}"))?;
+        self.validate_chat()?;
+        Ok(())
+    }
+
+    fn validate_chat(&self) -> Result<(), String> {
+        let positive = [
+            (
+                "providers.connect_timeout_ms",
+                self.providers.connect_timeout_ms,
+            ),
+            (
+                "providers.total_timeout_ms",
+                self.providers.total_timeout_ms,
+            ),
+            (
+                "chat.default_max_tokens",
+                u64::from(self.chat.default_max_tokens),
+            ),
+            (
+                "chat.stream_buffer_events",
+                self.chat.stream_buffer_events as u64,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("configuration key `{key}`: must be greater than 0"));
+            }
+        }
+        if self.chat.default_max_tokens > self.chat.max_tokens_limit {
+            return Err(
+                "configuration key `chat.default_max_tokens`: at most chat.max_tokens_limit".into(),
+            );
+        }
+        if self.providers.total_timeout_ms / 1000 >= self.engine.hold_ttl_s {
+            return Err(
+                "configuration key `providers.total_timeout_ms`: must be shorter than engine.hold_ttl_s"
+                    .into(),
+            );
+        }
+        for (key, model, provider) in [
+            (
+                "providers.anthropic_byok_model",
+                &self.providers.anthropic_byok_model,
+                Provider::Anthropic,
+            ),
+            (
+                "providers.openai_byok_model",
+                &self.providers.openai_byok_model,
+                Provider::Openai,
+            ),
+        ] {
+            match self.pricing.models.get(model) {
+                Some(price) if price.provider == provider => {}
+                _ => {
+                    return Err(format!(
+                        "configuration key `{key}`: `{model}` is not a {provider:?} model of pricing.models"
+                    ))
+                }
+            }
+        }
+        crate::byok::KeyCipher::from_settings(&self.byok)
+            .map_err(|e| format!("configuration key `byok.encryption_key`: {e}"))?;
         Ok(())
     }
 }
@@ -418,5 +516,44 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{settings:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn chat_provider_and_byok_settings_are_checked_by_name() {
+        for (variable, value, key) in [
+            (
+                "CREDITD__BYOK__ENCRYPTION_KEY",
+                "c2hvcnQ=",
+                "byok.encryption_key",
+            ),
+            (
+                "CREDITD__PROVIDERS__TOTAL_TIMEOUT_MS",
+                "900000",
+                "providers.total_timeout_ms",
+            ),
+            (
+                "CREDITD__PROVIDERS__OPENAI_BYOK_MODEL",
+                "claude-haiku-4-5",
+                "providers.openai_byok_model",
+            ),
+            (
+                "CREDITD__CHAT__DEFAULT_MAX_TOKENS",
+                "20000",
+                "chat.default_max_tokens",
+            ),
+        ] {
+            let err =
+                Settings::from_sources(DEFAULT_CONFIG, &env(&[(variable, value)])).unwrap_err();
+            assert!(err.contains(key), "{variable}: {err}");
+        }
+        let settings = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[(
+                "CREDITD__PROVIDERS__ANTHROPIC_API_KEY",
+                "sk-ant-secret-value",
+            )]),
+        )
+        .unwrap();
+        assert!(!format!("{settings:?}").contains("sk-ant-secret-value"));
     }
 }

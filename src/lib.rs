@@ -7,14 +7,19 @@
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
 //! - [`svix`]: the signature of Clerk's (Svix) webhooks.
+//! - [`ledger`]: the engine (account actors, journal writer, reconcile).
+//! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
+//! - [`byok`]: users' own provider keys, encrypted at rest.
 
 pub mod app;
+pub mod byok;
 pub mod config;
 pub mod db;
 pub mod http;
 pub mod ledger;
 pub mod money;
 pub mod pricing;
+pub mod providers;
 pub mod stripe;
 pub mod svix;
 pub mod telemetry;

@@ -20,6 +20,12 @@ pub enum Code {
     Overloaded,
     Unavailable,
     Internal,
+    NoApiKey,
+    ByokKeyRefused,
+    ByokNotConfigured,
+    ProviderUnavailable,
+    ProviderTimeout,
+    ProviderFailed,
 }
 
 impl Code {
@@ -34,6 +40,12 @@ impl Code {
             Code::Overloaded => "OVERLOADED",
             Code::Unavailable => "UNAVAILABLE",
             Code::Internal => "INTERNAL",
+            Code::NoApiKey => "NO_API_KEY",
+            Code::ByokKeyRefused => "BYOK_KEY_REFUSED",
+            Code::ByokNotConfigured => "BYOK_NOT_CONFIGURED",
+            Code::ProviderUnavailable => "PROVIDER_UNAVAILABLE",
+            Code::ProviderTimeout => "PROVIDER_TIMEOUT",
+            Code::ProviderFailed => "PROVIDER_ERROR",
         }
     }
 
@@ -47,6 +59,11 @@ impl Code {
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::Overloaded | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Code::NoApiKey | Code::ByokKeyRefused => StatusCode::BAD_REQUEST,
+            Code::ByokNotConfigured => StatusCode::NOT_IMPLEMENTED,
+            Code::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Code::ProviderFailed => StatusCode::BAD_GATEWAY,
         }
     }
 }
@@ -150,6 +167,14 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if self.code == Code::Overloaded {
             response.insert_header(("Retry-After", RETRY_AFTER_S.to_string()));
+        }
+        if self.code == Code::ProviderUnavailable {
+            let seconds = self
+                .details
+                .as_ref()
+                .and_then(|d| d["retryAfterSeconds"].as_u64())
+                .unwrap_or(u64::from(RETRY_AFTER_S));
+            response.insert_header(("Retry-After", seconds.to_string()));
         }
         response.json(body)
     }

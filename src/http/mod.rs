@@ -3,9 +3,11 @@
 
 mod admin;
 pub mod auth;
+mod chat;
 mod clerk_webhooks;
 mod credits;
 pub mod error;
+mod settings;
 mod stripe;
 mod views;
 
@@ -38,6 +40,9 @@ pub struct AppState {
     pub clerk: ClerkVerifier,
     /// `None` when `stripe.secret_key` is not set.
     pub stripe: Option<crate::stripe::StripeApi>,
+    pub providers: crate::providers::ProviderClient,
+    /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
+    pub byok: Option<crate::byok::KeyCipher>,
     users: Mutex<HashMap<String, AccountId>>,
     histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
     /// Serializes the first lookup of a Clerk id (by hash shard).
@@ -56,6 +61,9 @@ impl AppState {
     ) -> anyhow::Result<AppState> {
         let clerk = ClerkVerifier::new(settings.clerk.clone())?;
         let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
+        let providers = crate::providers::ProviderClient::new(&settings.providers)?;
+        let byok = crate::byok::KeyCipher::from_settings(&settings.byok)
+            .map_err(|e| anyhow::anyhow!("byok.encryption_key: {e}"))?;
         Ok(AppState {
             settings,
             engine,
@@ -64,6 +72,8 @@ impl AppState {
             metrics,
             clerk,
             stripe,
+            providers,
+            byok,
             users: Mutex::new(HashMap::new()),
             histories: Mutex::new(HashMap::new()),
             first_sight: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
@@ -226,6 +236,8 @@ pub fn server(
             .configure(admin::routes)
             .configure(stripe::routes)
             .configure(clerk_webhooks::routes)
+            .configure(chat::routes)
+            .configure(settings::routes)
             .default_service(web::to(error::no_route))
     })
     .workers(settings.server.workers)

@@ -2,6 +2,9 @@
 
 mod admin;
 mod auth;
+mod byok;
+mod chat;
+mod chat_stream;
 mod clerk_webhooks;
 mod cli;
 mod credits;

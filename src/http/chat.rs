@@ -1,0 +1,795 @@
+//! `POST /api/chat`: a conversation sent to Anthropic or OpenAI.
+//!
+//! With the user's own key (BYOK) nothing is charged. With the platform's
+//! key, a hold is taken before the call (estimated input + `maxTokens` of
+//! output), then settled to the cost of the usage the provider reports, or
+//! released if the provider failed before any output. The hold, the call
+//! and the settlement run in a task of their own, so a client that goes away
+//! never leaves a hold half-done.
+//!
+//! Input estimate (never under the provider's count): the UTF-8 bytes of
+//! every message, plus `chat.message_overhead_tokens` per message and
+//! `chat.request_overhead_tokens` once. A BPE token covers at least one
+//! byte, so bytes ≥ tokens. The hold prices it at the dearest input class
+//! of the model (input, cache read, cache write), since a provider may bill
+//! prompt tokens as cache writes.
+//!
+//! Streams settle for what was produced: the provider's usage where it
+//! came, else the input estimate for the input and `ceil(bytes / 3)` of the
+//! text received for the output (never zero for received text). A stream
+//! whose settlement cannot commit after `chat.settle_retry_ms` ends with an
+//! `error` event saying so; the text was already sent, and the hold stays
+//! until the engine expires it (`engine.hold_ttl_s`).
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use actix_web::web::Bytes;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::error::{parse_json, ApiError, Code};
+use super::settings::{open_key, stored_keys};
+use super::{read_body, State};
+use crate::config::{ChatSettings, Secret};
+use crate::ledger::{AccountId, HoldId, LedgerError, UsageCharge, UsageRecord};
+use crate::money::Micros;
+use crate::pricing::{ModelPrice, Provider, TokenUsage};
+use crate::providers::{
+    ChatMessage, ChatRequest, InputUsage, ProviderError, ProviderStream, Role, StreamUsage,
+};
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config.route("/api/chat", web::post().to(chat));
+}
+
+/// Longest `conversationId` / `messageId`.
+const REFERENCE_MAX_LEN: usize = 200;
+/// Bytes of streamed text counted as one output token when the provider's
+/// count never came.
+const STREAMED_BYTES_PER_TOKEN: u64 = 3;
+/// The seed's answers, kept word for word.
+const NO_API_KEY: &str =
+    "No API key configured. Please add your OpenAI or Anthropic API key in settings.";
+const NOT_ENOUGH_CREDITS: &str = "Not enough credits. Please top up or add your own API key.";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChatBody {
+    messages: Vec<MessageBody>,
+    model: Option<String>,
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    conversation_id: Option<String>,
+    message_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    role: Role,
+    content: String,
+}
+
+/// A chat request, checked.
+struct Chat {
+    messages: Vec<ChatMessage>,
+    model: Option<String>,
+    max_tokens: u32,
+    stream: bool,
+    conversation_id: Option<String>,
+    message_id: Option<String>,
+}
+
+impl Chat {
+    fn parse(body: ChatBody, settings: &ChatSettings) -> Result<Chat, ApiError> {
+        if body.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "field `messages`: give at least one message",
+            ));
+        }
+        for (i, message) in body.messages.iter().enumerate() {
+            if message.content.trim().is_empty() {
+                return Err(ApiError::invalid(format!(
+                    "field `messages[{i}].content`: must not be empty"
+                )));
+            }
+        }
+        if body.messages.iter().all(|m| m.role == Role::System) {
+            return Err(ApiError::invalid(
+                "field `messages`: give at least one user or assistant message",
+            ));
+        }
+        let max_tokens = body.max_tokens.unwrap_or(settings.default_max_tokens);
+        if max_tokens == 0 || max_tokens > settings.max_tokens_limit {
+            return Err(ApiError::invalid(format!(
+                "field `maxTokens`: must be from 1 to {}",
+                settings.max_tokens_limit
+            )));
+        }
+        for (field, value) in [
+            ("conversationId", &body.conversation_id),
+            ("messageId", &body.message_id),
+        ] {
+            if value
+                .as_ref()
+                .is_some_and(|v| v.is_empty() || v.len() > REFERENCE_MAX_LEN)
+            {
+                return Err(ApiError::invalid(format!(
+                    "field `{field}`: must be 1 to {REFERENCE_MAX_LEN} characters long"
+                )));
+            }
+        }
+        Ok(Chat {
+            messages: body
+                .messages
+                .into_iter()
+                .map(|m| ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect(),
+            model: body.model,
+            max_tokens,
+            stream: body.stream,
+            conversation_id: body.conversation_id,
+            message_id: body.message_id,
+        })
+    }
+}
+
+/// Input tokens of `messages`, never fewer than the provider will count.
+pub fn estimate_input_tokens(messages: &[ChatMessage], settings: &ChatSettings) -> u64 {
+    messages
+        .iter()
+        .fold(settings.request_overhead_tokens, |sum, m| {
+            sum.saturating_add(m.content.len() as u64)
+                .saturating_add(settings.message_overhead_tokens)
+        })
+}
+
+/// The hold of a call: the input estimate at the dearest input price plus
+/// `max_tokens` at the output price.
+pub fn hold_amount(price: &ModelPrice, input_tokens: u64, max_tokens: u32) -> Option<Micros> {
+    let dearest = price
+        .input_micros_per_million
+        .max(price.cache_read_micros_per_million)
+        .max(price.cache_write_micros_per_million);
+    let priced = ModelPrice {
+        input_micros_per_million: dearest,
+        ..*price
+    };
+    priced
+        .cost(&TokenUsage {
+            input_tokens,
+            output_tokens: u64::from(max_tokens),
+            ..TokenUsage::default()
+        })
+        .ok()
+}
+
+async fn chat(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.clerk.authenticate(&request).await?;
+    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let chat = Chat::parse(parse_json(&body)?, &state.settings.chat)?;
+    let account = state.account(&clerk_id).await?;
+    let route = route(&state, account, &chat).await?;
+    let request = ChatRequest {
+        model: route.model,
+        messages: chat.messages,
+        max_tokens: chat.max_tokens,
+    };
+    let call = Call {
+        state: state.clone(),
+        account,
+        provider: route.provider,
+        key: route.key,
+        request,
+        byok: route.byok,
+        billing: None,
+        conversation_id: chat.conversation_id,
+        message_id: chat.message_id,
+    };
+    if chat.stream {
+        stream_answer(call).await
+    } else {
+        actix_web::rt::spawn(async move { call.hold().await?.complete().await })
+            .await
+            .map_err(|e| ApiError::internal("chat task", e))?
+    }
+}
+
+/// Which provider, model and key serve a chat.
+struct Route {
+    provider: Provider,
+    model: String,
+    key: Secret,
+    byok: bool,
+}
+
+/// BYOK first (the named model's provider, else Anthropic, else OpenAI),
+/// otherwise the platform key of the model's provider.
+async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, ApiError> {
+    let named = match &chat.model {
+        Some(model) => Some(state.prices.price(model).map_err(|_| {
+            let known: Vec<&str> = state.prices.models().map(|(name, _)| name).collect();
+            ApiError::invalid(format!(
+                "field `model`: unknown model `{model}` (known: {})",
+                known.join(", ")
+            ))
+        })?),
+        None => None,
+    };
+    let stored = stored_keys(state, account).await?;
+    if stored.any() {
+        let provider = match named {
+            Some(price) if stored.get(price.provider).is_none() => {
+                return Err(ApiError::invalid(format!(
+                    "field `model`: `{}` is served by {}, and your saved API key is for another \
+                     provider; omit `model` or add your {} key in settings",
+                    chat.model.as_deref().unwrap_or_default(),
+                    price.provider.as_str(),
+                    price.provider.as_str()
+                )))
+            }
+            Some(price) => price.provider,
+            None if stored.anthropic.is_some() => Provider::Anthropic,
+            None => Provider::Openai,
+        };
+        let sealed = stored.get(provider).unwrap_or_default();
+        let key = open_key(state, account, provider, sealed)?;
+        let model = chat
+            .model
+            .clone()
+            .unwrap_or_else(|| state.providers.byok_model(provider).to_owned());
+        return Ok(Route {
+            provider,
+            model,
+            key,
+            byok: true,
+        });
+    }
+    let model = chat
+        .model
+        .clone()
+        .unwrap_or_else(|| state.prices.default_model().to_owned());
+    let provider = state
+        .prices
+        .price(&model)
+        .map_err(|e| ApiError::internal("default model", e))?
+        .provider;
+    let key = state
+        .providers
+        .platform_key(provider)
+        .cloned()
+        .ok_or_else(|| ApiError::new(Code::NoApiKey, NO_API_KEY))?;
+    Ok(Route {
+        provider,
+        model,
+        key,
+        byok: false,
+    })
+}
+
+/// A platform call's hold.
+#[derive(Debug, Clone, Copy)]
+struct Billing {
+    hold: HoldId,
+    input_estimate: u64,
+}
+
+async fn reserve(
+    state: &State,
+    account: AccountId,
+    request: &ChatRequest,
+) -> Result<Billing, ApiError> {
+    let price = state
+        .prices
+        .price(&request.model)
+        .map_err(|e| ApiError::invalid(format!("field `model`: {e}")))?;
+    let input_estimate = estimate_input_tokens(&request.messages, &state.settings.chat);
+    let amount = hold_amount(price, input_estimate, request.max_tokens)
+        .ok_or_else(|| ApiError::invalid("field `messages`: the conversation is too large"))?;
+    let hold = HoldId::generate();
+    match state.engine.reserve(account, hold, amount).await {
+        Ok(_) => Ok(Billing {
+            hold,
+            input_estimate,
+        }),
+        Err(LedgerError::InsufficientCredits {
+            available,
+            required,
+        }) => {
+            let snapshot = state.engine.balance(account).await?;
+            Err(ApiError {
+                code: Code::InsufficientCredits,
+                message: NOT_ENOUGH_CREDITS.into(),
+                details: Some(json!({
+                    "balance": snapshot.balance_micros.floor_cents(),
+                    "balanceMicros": snapshot.balance_micros.get(),
+                    "availableMicros": available.get(),
+                    "estimatedCost": required.ceil_cents(),
+                    "estimatedCostMicros": required.get(),
+                })),
+            })
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// One provider call and, for the platform's key, its hold.
+struct Call {
+    state: State,
+    account: AccountId,
+    provider: Provider,
+    key: Secret,
+    request: ChatRequest,
+    byok: bool,
+    /// Set once the platform call's hold is taken.
+    billing: Option<Billing>,
+    conversation_id: Option<String>,
+    message_id: Option<String>,
+}
+
+impl Call {
+    /// Takes the hold of a platform call (a BYOK call has none).
+    async fn hold(mut self) -> Result<Call, ApiError> {
+        if !self.byok {
+            self.billing = Some(reserve(&self.state, self.account, &self.request).await?);
+        }
+        Ok(self)
+    }
+
+    /// A whole answer: call, then settle (or release), then answer.
+    async fn complete(self) -> Result<HttpResponse, ApiError> {
+        let started = Instant::now();
+        let result = self
+            .state
+            .providers
+            .complete(self.provider, &self.key, &self.request)
+            .await;
+        let outcome = result
+            .as_ref()
+            .map_or_else(ProviderError::outcome, |_| "ok");
+        self.observe(outcome, started);
+        let completion = match result {
+            Ok(completion) => completion,
+            Err(error) => {
+                self.release(error.outcome()).await;
+                return Err(self.provider_error(&error));
+            }
+        };
+        let credits = match self.billing {
+            Some(billing) => Some(credits_view(
+                &self.settle(billing.hold, completion.usage).await?,
+            )),
+            None => None,
+        };
+        let mut body = json!({ "content": completion.content, "model": self.request.model });
+        if let Some(credits) = credits {
+            body["credits"] = credits;
+        }
+        Ok(HttpResponse::Ok().json(body))
+    }
+
+    fn observe(&self, outcome: &'static str, started: Instant) {
+        let provider = self.provider.as_str();
+        let model = self.request.model.clone();
+        metrics::counter!("creditd_provider_calls_total",
+            "provider" => provider, "model" => model.clone(), "outcome" => outcome)
+        .increment(1);
+        metrics::histogram!("creditd_provider_call_duration_seconds",
+            "provider" => provider, "model" => model)
+        .record(started.elapsed().as_secs_f64());
+    }
+
+    /// Removes the hold without charge. A release that fails leaves the
+    /// hold to expiry, which releases it the same way.
+    async fn release(&self, reason: &'static str) {
+        let Some(billing) = self.billing else {
+            return;
+        };
+        match self.state.engine.release(self.account, billing.hold).await {
+            Ok(_) => {
+                metrics::counter!("creditd_holds_released_total", "reason" => reason).increment(1)
+            }
+            Err(error) => tracing::warn!(%error, hold = %billing.hold,
+                "a hold could not be released; it will expire"),
+        }
+    }
+
+    /// Settles the hold to the cost of `usage`, retrying for
+    /// `chat.settle_retry_ms` while the ledger is unavailable.
+    async fn settle(&self, hold: HoldId, usage: TokenUsage) -> Result<UsageRecord, ApiError> {
+        let model = &self.request.model;
+        let cost = self
+            .state
+            .prices
+            .cost(model, &usage)
+            .map_err(|e| ApiError::internal("chat cost", e))?;
+        let charge = UsageCharge {
+            model: model.clone(),
+            tokens: usage,
+            cost,
+            conversation_id: self.conversation_id.clone(),
+            message_id: self.message_id.clone(),
+        };
+        let window = Duration::from_millis(self.state.settings.chat.settle_retry_ms);
+        let deadline = Instant::now() + window;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self
+                .state
+                .engine
+                .settle(self.account, hold, charge.clone())
+                .await
+            {
+                Ok(outcome) => {
+                    record_tokens(model, &usage);
+                    return Ok(outcome.record);
+                }
+                Err(LedgerError::Unavailable(_) | LedgerError::Overloaded | LedgerError::Reset)
+                    if Instant::now() + pause < deadline =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => {
+                    tracing::error!(%error, %hold, cost = %cost,
+                        "a settlement could not commit; the hold is left to expire");
+                    return Err(ApiError::new(
+                        Code::Unavailable,
+                        "The answer could not be billed because the ledger is unavailable, \
+                         so it is withheld; retry shortly.",
+                    ));
+                }
+            }
+        }
+    }
+
+    fn provider_error(&self, error: &ProviderError) -> ApiError {
+        provider_api_error(error, self.provider, self.byok)
+    }
+}
+
+fn record_tokens(model: &str, usage: &TokenUsage) {
+    for (kind, tokens) in [
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_read", usage.cache_read_tokens),
+        ("cache_write", usage.cache_write_tokens),
+    ] {
+        metrics::counter!("creditd_chat_tokens_total", "model" => model.to_owned(), "kind" => kind)
+            .increment(tokens);
+    }
+}
+
+fn credits_view(record: &UsageRecord) -> Value {
+    json!({
+        "used": record.cost_micros.ceil_cents(),
+        "usedMicros": record.cost_micros.get(),
+        "balance": record.balance_after_micros.floor_cents(),
+        "balanceMicros": record.balance_after_micros.get(),
+        "inputTokens": record.input_tokens,
+        "outputTokens": record.output_tokens,
+        "cacheReadTokens": record.cache_read_tokens,
+        "cacheWriteTokens": record.cache_write_tokens,
+    })
+}
+
+/// A provider failure as the client sees it.
+fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> ApiError {
+    let name = match provider {
+        Provider::Anthropic => "Anthropic",
+        Provider::Openai => "OpenAI",
+    };
+    let busy = |retry_after_s: Option<u64>| ApiError {
+        code: Code::ProviderUnavailable,
+        message: format!("{name} is overloaded or unavailable; retry in a moment."),
+        details: retry_after_s.map(|s| json!({ "retryAfterSeconds": s })),
+    };
+    match error {
+        ProviderError::Unavailable { retry_after_s, .. } => busy(*retry_after_s),
+        ProviderError::Stream { kind, .. }
+            if matches!(
+                kind.as_str(),
+                "overloaded_error" | "rate_limit_error" | "api_error" | "server_error"
+            ) =>
+        {
+            busy(None)
+        }
+        ProviderError::Unauthorized { .. } if byok => ApiError::new(
+            Code::ByokKeyRefused,
+            format!("{name} refused your API key; check or replace it in settings."),
+        ),
+        ProviderError::Unauthorized { .. } => {
+            tracing::error!(
+                provider = provider.as_str(),
+                "the platform's API key was refused"
+            );
+            ApiError::new(
+                Code::ProviderFailed,
+                format!("{name} refused the request; the platform's key is being looked at."),
+            )
+        }
+        ProviderError::Timeout => ApiError::new(
+            Code::ProviderTimeout,
+            format!("{name} did not answer in time; retry."),
+        ),
+        ProviderError::Rejected { message, .. } => ApiError::new(
+            Code::ProviderFailed,
+            format!("{name} refused the request: {message}"),
+        ),
+        ProviderError::Transport(_)
+        | ProviderError::Malformed(_)
+        | ProviderError::Stream { .. } => {
+            tracing::warn!(%error, provider = provider.as_str(), "provider call failed");
+            ApiError::new(
+                Code::ProviderFailed,
+                format!("The call to {name} failed; retry."),
+            )
+        }
+    }
+}
+
+/// One Server-Sent Event for the client.
+fn event(name: &str, data: &Value) -> Bytes {
+    Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+}
+
+fn error_event(error: &ApiError, credits: Option<Value>) -> Bytes {
+    let mut data = json!({ "error": error.code.as_str(), "message": error.message });
+    if let Some(credits) = credits {
+        data["credits"] = credits;
+    }
+    event("error", &data)
+}
+
+/// How the upstream reading ended.
+enum End {
+    Completed,
+    Disconnected,
+    Broken(ProviderError),
+}
+
+/// Opens the provider's stream in a task of its own, then answers with the
+/// events that task forwards. An error status from the provider is an
+/// ordinary JSON error: nothing was streamed yet.
+async fn stream_answer(call: Call) -> Result<HttpResponse, ApiError> {
+    let (opened_tx, opened_rx) = oneshot::channel();
+    let (events_tx, events_rx) = mpsc::channel(call.state.settings.chat.stream_buffer_events);
+    actix_web::rt::spawn(call.stream(opened_tx, events_tx));
+    opened_rx
+        .await
+        .map_err(|e| ApiError::internal("chat stream task", e))??;
+    let body = futures_util::stream::unfold(events_rx, |mut events| async move {
+        events
+            .recv()
+            .await
+            .map(|bytes| (Ok::<_, Infallible>(bytes), events))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+impl Call {
+    async fn stream(
+        self,
+        opened: oneshot::Sender<Result<(), ApiError>>,
+        events: mpsc::Sender<Bytes>,
+    ) {
+        match self.hold().await {
+            Ok(call) => call.stream_held(opened, events).await,
+            Err(error) => {
+                let _ = opened.send(Err(error));
+            }
+        }
+    }
+
+    async fn stream_held(
+        self,
+        opened: oneshot::Sender<Result<(), ApiError>>,
+        events: mpsc::Sender<Bytes>,
+    ) {
+        let started = Instant::now();
+        let upstream = self
+            .state
+            .providers
+            .stream(self.provider, &self.key, &self.request)
+            .await;
+        let mut upstream = match upstream {
+            Ok(upstream) => upstream,
+            Err(error) => {
+                self.observe(error.outcome(), started);
+                self.release(error.outcome()).await;
+                let _ = opened.send(Err(self.provider_error(&error)));
+                return;
+            }
+        };
+        if opened.send(Ok(())).is_err() {
+            drop(upstream);
+            self.observe("client_disconnected", started);
+            self.release("client_disconnected").await;
+            return;
+        }
+        let keep_alive = Duration::from_millis(self.state.settings.chat.stream_keep_alive_ms);
+        let (end, text_bytes) = pump(&mut upstream, &events, keep_alive).await;
+        let usage = upstream.usage();
+        drop(upstream);
+        self.observe(
+            match &end {
+                End::Completed => "ok",
+                End::Disconnected => "client_disconnected",
+                End::Broken(error) => error.outcome(),
+            },
+            started,
+        );
+        let credits = match self.bill_stream(&end, usage, text_bytes).await {
+            Ok(credits) => credits,
+            Err(error) => {
+                let _ = events.send(error_event(&error, None)).await;
+                return;
+            }
+        };
+        let last = match end {
+            End::Completed => {
+                let mut data = json!({ "model": self.request.model });
+                if let Some(credits) = credits {
+                    data["credits"] = credits;
+                }
+                event("done", &data)
+            }
+            End::Broken(error) => error_event(&self.provider_error(&error), credits),
+            End::Disconnected => return,
+        };
+        let _ = events.send(last).await;
+    }
+
+    /// Settles a streamed call for what it produced, or releases it when it
+    /// produced nothing and did not finish.
+    async fn bill_stream(
+        &self,
+        end: &End,
+        usage: StreamUsage,
+        text_bytes: u64,
+    ) -> Result<Option<Value>, ApiError> {
+        let Some(billing) = self.billing else {
+            return Ok(None);
+        };
+        if text_bytes == 0 && !matches!(end, End::Completed) {
+            let reason = match end {
+                End::Broken(error) => error.outcome(),
+                _ => "client_disconnected",
+            };
+            self.release(reason).await;
+            return Ok(None);
+        }
+        let tokens = streamed_usage(usage, text_bytes, billing.input_estimate);
+        let record = self.settle(billing.hold, tokens).await.map_err(|_| {
+            ApiError::new(
+                Code::Unavailable,
+                "The answer was delivered but its charge could not be recorded; \
+                 the ledger is unavailable.",
+            )
+        })?;
+        Ok(Some(credits_view(&record)))
+    }
+}
+
+/// An SSE comment the client ignores; written while the provider is silent
+/// so that proxies keep the connection open and a departed client is noticed.
+const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
+
+/// Forwards text deltas until the provider finishes, the stream breaks, or
+/// the client goes away. Returns how it ended and the bytes of text read.
+async fn pump(
+    upstream: &mut ProviderStream,
+    events: &mpsc::Sender<Bytes>,
+    keep_alive: Duration,
+) -> (End, u64) {
+    let mut text_bytes = 0u64;
+    let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = events.closed() => return (End::Disconnected, text_bytes),
+            next = upstream.next() => next,
+            _ = idle.tick() => {
+                if events.send(Bytes::from_static(KEEP_ALIVE)).await.is_err() {
+                    return (End::Disconnected, text_bytes);
+                }
+                continue;
+            }
+        };
+        match next {
+            Ok(Some(text)) => {
+                idle.reset();
+                text_bytes = text_bytes.saturating_add(text.len() as u64);
+                if events
+                    .send(event("delta", &json!({ "text": text })))
+                    .await
+                    .is_err()
+                {
+                    return (End::Disconnected, text_bytes);
+                }
+            }
+            Ok(None) => return (End::Completed, text_bytes),
+            Err(error) => return (End::Broken(error), text_bytes),
+        }
+    }
+}
+
+/// The tokens a stream is charged for: the provider's counts where they
+/// came; otherwise the input estimate, and `ceil(bytes / 3)` of the text
+/// received for the output (at least one token for any text).
+pub fn streamed_usage(usage: StreamUsage, text_bytes: u64, input_estimate: u64) -> TokenUsage {
+    let input = usage.input.unwrap_or(InputUsage {
+        input_tokens: input_estimate,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+    });
+    let received = u64::from(text_bytes > 0);
+    let output_tokens = match usage.output_tokens {
+        Some(reported) => reported.max(received),
+        None => text_bytes
+            .div_ceil(STREAMED_BYTES_PER_TOKEN)
+            .max(usage.output_tokens_so_far),
+    };
+    TokenUsage {
+        input_tokens: input.input_tokens,
+        output_tokens,
+        cache_read_tokens: input.cache_read_tokens,
+        cache_write_tokens: input.cache_write_tokens,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ChatSettings {
+        crate::config::Settings::default_file().unwrap().chat
+    }
+
+    #[test]
+    fn the_input_estimate_counts_bytes_and_overheads() {
+        let messages = vec![
+            ChatMessage {
+                role: Role::System,
+                content: "abc".into(),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: "é€".into(),
+            },
+        ];
+        // 16 + (3 + 8) + (5 + 8)
+        assert_eq!(estimate_input_tokens(&messages, &settings()), 40);
+    }
+
+    #[test]
+    fn streamed_text_without_a_count_is_charged_by_its_bytes() {
+        let usage = streamed_usage(StreamUsage::default(), 10, 100);
+        assert_eq!(usage.output_tokens, 4);
+        assert_eq!(usage.input_tokens, 100);
+        assert_eq!(
+            streamed_usage(StreamUsage::default(), 1, 0).output_tokens,
+            1
+        );
+        let reported = StreamUsage {
+            output_tokens: Some(0),
+            ..StreamUsage::default()
+        };
+        assert_eq!(streamed_usage(reported, 2, 0).output_tokens, 1);
+    }
+}

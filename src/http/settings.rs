@@ -1,0 +1,241 @@
+//! `/api/settings/api-keys`: a user's own provider keys (BYOK). Stored
+//! sealed (see `crate::byok`), never returned whole, never logged: reads show
+//! only whether each key is set and its last 4 characters.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::{parse_json, ApiError, Code};
+use super::{read_body, State};
+use crate::byok::KeyCipher;
+use crate::config::Secret;
+use crate::ledger::{store, AccountId};
+use crate::pricing::Provider;
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/api/settings/api-keys", web::get().to(list))
+        .route("/api/settings/api-keys", web::put().to(save))
+        .route(
+            "/api/settings/api-keys/{provider}",
+            web::delete().to(remove),
+        );
+}
+
+/// Shortest and longest key accepted.
+const KEY_MIN_LEN: usize = 20;
+const KEY_MAX_LEN: usize = 512;
+
+/// A user's sealed keys as stored.
+#[derive(Debug, Default)]
+pub struct StoredKeys {
+    pub anthropic: Option<Vec<u8>>,
+    pub openai: Option<Vec<u8>>,
+}
+
+impl StoredKeys {
+    pub fn get(&self, provider: Provider) -> Option<&[u8]> {
+        match provider {
+            Provider::Anthropic => self.anthropic.as_deref(),
+            Provider::Openai => self.openai.as_deref(),
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        self.anthropic.is_some() || self.openai.is_some()
+    }
+}
+
+pub async fn stored_keys(state: &State, account: AccountId) -> Result<StoredKeys, ApiError> {
+    let client = state.client().await?;
+    let row = client
+        .query_opt(
+            "SELECT anthropic_key_encrypted, openai_key_encrypted FROM users WHERE id = $1",
+            &[&account.0],
+        )
+        .await
+        .map_err(store::unavailable)?;
+    Ok(row.map_or_else(StoredKeys::default, |row| StoredKeys {
+        anthropic: row.get(0),
+        openai: row.get(1),
+    }))
+}
+
+pub fn cipher(state: &State) -> Result<&KeyCipher, ApiError> {
+    state.byok.as_ref().ok_or_else(|| {
+        ApiError::new(
+            Code::ByokNotConfigured,
+            "Using your own API keys is not configured on this server \
+             (byok.encryption_key is empty).",
+        )
+    })
+}
+
+/// Opens a stored key; a key that does not open is a clear error, not garbage.
+pub fn open_key(
+    state: &State,
+    account: AccountId,
+    provider: Provider,
+    sealed: &[u8],
+) -> Result<Secret, ApiError> {
+    cipher(state)?
+        .open(account, provider, sealed)
+        .map(Secret::new)
+        .map_err(|error| {
+            tracing::error!(%error, account = account.0, provider = provider.as_str(),
+                "a stored BYOK key cannot be opened");
+            ApiError::new(
+                Code::Internal,
+                format!(
+                    "Your saved {} API key cannot be decrypted with this server's \
+                     byok.encryption_key; save the key again in settings.",
+                    provider.as_str()
+                ),
+            )
+        })
+}
+
+async fn list(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.clerk.authenticate(&request).await?;
+    cipher(&state)?;
+    let account = state.account(&clerk_id).await?;
+    Ok(HttpResponse::Ok().json(summary(&state, account).await?))
+}
+
+async fn summary(state: &State, account: AccountId) -> Result<serde_json::Value, ApiError> {
+    let stored = stored_keys(state, account).await?;
+    let mut body = serde_json::Map::new();
+    for provider in [Provider::Anthropic, Provider::Openai] {
+        let last4 = match stored.get(provider) {
+            Some(sealed) => {
+                let key = open_key(state, account, provider, sealed)?;
+                let chars: Vec<char> = key.expose().chars().collect();
+                Some(
+                    chars[chars.len().saturating_sub(4)..]
+                        .iter()
+                        .collect::<String>(),
+                )
+            }
+            None => None,
+        };
+        body.insert(
+            provider.as_str().to_owned(),
+            json!({ "set": last4.is_some(), "last4": last4 }),
+        );
+    }
+    body.insert("hasByok".into(), json!(stored.any()));
+    Ok(serde_json::Value::Object(body))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SaveKeys {
+    anthropic_key: Option<String>,
+    openai_key: Option<String>,
+}
+
+/// Checks a key's shape; the message names the field, never the key.
+fn check_key(field: &str, provider: Provider, key: &str) -> Result<(), ApiError> {
+    let prefix = match provider {
+        Provider::Anthropic => "sk-ant-",
+        Provider::Openai => "sk-",
+    };
+    let fail = |why: &str| Err(ApiError::invalid(format!("field `{field}`: {why}")));
+    if !(KEY_MIN_LEN..=KEY_MAX_LEN).contains(&key.len()) {
+        return fail(&format!(
+            "must be {KEY_MIN_LEN} to {KEY_MAX_LEN} characters long"
+        ));
+    }
+    if !key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return fail("may contain only letters, digits, `-` and `_`");
+    }
+    if !key.starts_with(prefix) {
+        return fail(&format!("must start with `{prefix}`"));
+    }
+    if provider == Provider::Openai && key.starts_with("sk-ant-") {
+        return fail("this is an Anthropic key; send it as `anthropicKey`");
+    }
+    Ok(())
+}
+
+async fn save(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.clerk.authenticate(&request).await?;
+    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let keys: SaveKeys = parse_json(&body)?;
+    let cipher = cipher(&state)?;
+    if keys.anthropic_key.is_none() && keys.openai_key.is_none() {
+        return Err(ApiError::invalid(
+            "request body: give `anthropicKey`, `openaiKey` or both",
+        ));
+    }
+    let account = state.account(&clerk_id).await?;
+    let mut sealed = [None, None];
+    for (slot, field, provider, key) in [
+        (0, "anthropicKey", Provider::Anthropic, &keys.anthropic_key),
+        (1, "openaiKey", Provider::Openai, &keys.openai_key),
+    ] {
+        if let Some(key) = key {
+            check_key(field, provider, key)?;
+            sealed[slot] = Some(
+                cipher
+                    .seal(account, provider, key)
+                    .map_err(|e| ApiError::internal("seal a BYOK key", e))?,
+            );
+        }
+    }
+    let [anthropic, openai] = sealed;
+    let client = state.client().await?;
+    client
+        .execute(
+            "UPDATE users
+                SET anthropic_key_encrypted = COALESCE($2, anthropic_key_encrypted),
+                    openai_key_encrypted = COALESCE($3, openai_key_encrypted),
+                    updated_at = now()
+              WHERE id = $1",
+            &[&account.0, &anthropic, &openai],
+        )
+        .await
+        .map_err(store::unavailable)?;
+    drop(client);
+    state.forget_history(account);
+    Ok(HttpResponse::Ok().json(summary(&state, account).await?))
+}
+
+async fn remove(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.clerk.authenticate(&request).await?;
+    cipher(&state)?;
+    let statement = match path.as_str() {
+        "anthropic" => {
+            "UPDATE users SET anthropic_key_encrypted = NULL, updated_at = now() WHERE id = $1"
+        }
+        "openai" => {
+            "UPDATE users SET openai_key_encrypted = NULL, updated_at = now() WHERE id = $1"
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "field `provider`: must be `anthropic` or `openai`",
+            ))
+        }
+    };
+    let account = state.account(&clerk_id).await?;
+    let client = state.client().await?;
+    client
+        .execute(statement, &[&account.0])
+        .await
+        .map_err(store::unavailable)?;
+    drop(client);
+    state.forget_history(account);
+    Ok(HttpResponse::Ok().json(summary(&state, account).await?))
+}

@@ -1,0 +1,644 @@
+//! `POST /api/chat` on the platform's keys: holds before the call, exact
+//! settlement after it, releases on provider failure; against local fake
+//! providers speaking Anthropic's and OpenAI's wire formats.
+
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+use wiremock::matchers::{body_partial_json, header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::support::*;
+
+pub const PLATFORM_ANTHROPIC_KEY: &str = "sk-ant-platform-0123456789abcdef";
+pub const PLATFORM_OPENAI_KEY: &str = "sk-platform-0123456789abcdef";
+
+/// Local fake providers and the app pointed at them with platform keys.
+pub struct Fakes {
+    pub anthropic: MockServer,
+    pub openai: MockServer,
+}
+
+pub async fn fakes() -> Fakes {
+    Fakes {
+        anthropic: MockServer::start().await,
+        openai: MockServer::start().await,
+    }
+}
+
+/// The app with both platform keys, talking to `fakes`.
+pub async fn app_with(
+    fakes: &Fakes,
+    adjust: impl FnOnce(&mut creditd::config::Settings),
+) -> TestApp {
+    let anthropic = fakes.anthropic.uri();
+    let openai = fakes.openai.uri();
+    spawn_app_with(move |s| {
+        s.providers.anthropic_base_url = anthropic;
+        s.providers.openai_base_url = openai;
+        s.providers.anthropic_api_key = creditd::config::Secret::new(PLATFORM_ANTHROPIC_KEY);
+        s.providers.openai_api_key = creditd::config::Secret::new(PLATFORM_OPENAI_KEY);
+        adjust(s);
+    })
+    .await
+}
+
+/// Credits `clerk_id` with `amount_micros` through the admin route.
+pub async fn fund(app: &TestApp, clerk_id: &str, amount_micros: i64) {
+    app.account(clerk_id).await;
+    let response = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/accounts/{clerk_id}/credits"),
+        )
+        .json(&json!({
+            "amountMicros": amount_micros,
+            "key": format!("fund-{clerk_id}-{amount_micros}"),
+            "reason": "test funds",
+        }))
+        .send()
+        .await
+        .expect("fund request");
+    assert!(response.status().is_success(), "{}", response.status());
+}
+
+/// An Anthropic Messages API answer with the given usage.
+pub fn anthropic_message(
+    text: &str,
+    input: u64,
+    output: u64,
+    cache_read: u64,
+    cache_write: u64,
+) -> Value {
+    json!({
+        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5-20250929",
+        "content": [{ "type": "text", "text": text }],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": input,
+            "cache_creation_input_tokens": cache_write,
+            "cache_read_input_tokens": cache_read,
+            "output_tokens": output,
+        },
+    })
+}
+
+/// An OpenAI chat completion with the given usage (`prompt` includes `cached`).
+pub fn openai_completion(text: &str, prompt: u64, completion: u64, cached: u64) -> Value {
+    json!({
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+        "object": "chat.completion",
+        "created": 1_741_570_283,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": text, "refusal": null },
+            "logprobs": null,
+            "finish_reason": "stop",
+        }],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": { "cached_tokens": cached, "audio_tokens": 0 },
+            "completion_tokens_details": { "reasoning_tokens": 0 },
+        },
+        "system_fingerprint": "fp_fc9f1d7035",
+    })
+}
+
+pub fn anthropic_error(kind: &str, message: &str) -> Value {
+    json!({ "type": "error", "error": { "type": kind, "message": message } })
+}
+
+pub fn conversation() -> Value {
+    json!([
+        { "role": "system", "content": "You write apps." },
+        { "role": "user", "content": "Build me a todo app." },
+    ])
+}
+
+/// Rows of a table for one account.
+pub async fn count(app: &TestApp, table: &str, clerk_id: &str) -> i64 {
+    let client = app.db.client().await;
+    let sql = format!(
+        "SELECT count(*) FROM {table} t JOIN users u ON u.id = t.user_id WHERE u.clerk_id = $1"
+    );
+    client
+        .query_one(&sql, &[&clerk_id])
+        .await
+        .expect("count rows")
+        .get(0)
+}
+
+pub async fn balance(app: &TestApp, clerk_id: &str) -> Value {
+    json_of(app.get_as(clerk_id, "/api/credits").await).await.1
+}
+
+#[actix::test]
+async fn an_anthropic_chat_is_charged_the_price_table_cost_of_its_reported_usage_with_cache_tokens()
+{
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .and(header("x-api-key", PLATFORM_ANTHROPIC_KEY))
+        .and(header("anthropic-version", "2023-06-01"))
+        .and(body_partial_json(json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 1000,
+            "system": "You write apps.",
+            "messages": [{ "role": "user", "content": "Build me a todo app." }],
+        })))
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_message(
+            "Here it is.",
+            1000,
+            500,
+            2000,
+            300,
+        )))
+        .expect(1)
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_a", 10_000_000).await;
+
+    let (status, body) = json_of(
+        app.post_as(
+            "user_a",
+            "/api/chat",
+            &json!({ "messages": conversation(), "maxTokens": 1000, "conversationId": "conv_1" }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["content"], "Here it is.");
+    assert_eq!(body["model"], "claude-sonnet-4-5");
+    // 1000 × 2_916_667 + 500 × 14_583_334 + 2000 × 291_667 + 300 × 3_645_834
+    // = 11_885_418_200 → ceil(/ 1e6) = 11_886 micros
+    let credits = &body["credits"];
+    assert_eq!(credits["usedMicros"], 11_886);
+    assert_eq!(credits["used"], 2);
+    assert_eq!(credits["balanceMicros"], 10_000_000 - 11_886);
+    assert_eq!(credits["balance"], 998);
+    assert_eq!(credits["inputTokens"], 1000);
+    assert_eq!(credits["outputTokens"], 500);
+    assert_eq!(credits["cacheReadTokens"], 2000);
+    assert_eq!(credits["cacheWriteTokens"], 300);
+    let overview = balance(&app, "user_a").await;
+    assert_eq!(overview["heldMicros"], 0);
+    assert_eq!(overview["usages"][0]["costMicros"], 11_886);
+    assert_eq!(overview["usages"][0]["conversationId"], "conv_1");
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"creditd_provider_calls_total{provider="anthropic",model="claude-sonnet-4-5",outcome="ok"}"#,
+        r#"creditd_provider_call_duration_seconds_count{provider="anthropic",model="claude-sonnet-4-5"}"#,
+        r#"creditd_chat_tokens_total{model="claude-sonnet-4-5",kind="cache_write"}"#,
+        r#"creditd_charged_micros_total{model="claude-sonnet-4-5"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn exact_costs_match_the_price_table_for_each_provider_with_and_without_cache() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(anthropic_message("ok", 1000, 500, 0, 0)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(header(
+            "authorization",
+            format!("Bearer {PLATFORM_OPENAI_KEY}").as_str(),
+        ))
+        .and(body_partial_json(
+            json!({ "model": "gpt-4o", "max_completion_tokens": 800 }),
+        ))
+        .and(body_partial_json(
+            json!({ "messages": [{ "role": "system", "content": "cached" }] }),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(openai_completion("ok", 3000, 500, 2000)),
+        )
+        .mount(&fakes.openai)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(openai_completion("ok", 1000, 500, 0)),
+        )
+        .mount(&fakes.openai)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_x", 10_000_000).await;
+    let ask = |model: &str, system: &str| {
+        json!({
+            "model": model,
+            "maxTokens": 800,
+            "messages": [{ "role": "system", "content": system }, { "role": "user", "content": "hi" }],
+        })
+    };
+
+    let mut used = Vec::new();
+    for body in [
+        ask("claude-sonnet-4-5", "plain"),
+        ask("gpt-4o", "cached"),
+        ask("gpt-4o", "plain"),
+    ] {
+        let (status, answer) = json_of(app.post_as("user_x", "/api/chat", &body).await).await;
+        assert_eq!(status, 200, "{answer}");
+        used.push(answer["credits"]["usedMicros"].as_i64().unwrap());
+    }
+
+    // claude-sonnet-4-5: 1000 × 2_916_667 + 500 × 14_583_334 = 10_208_334_000 → 10_209
+    // gpt-4o, 2000 of 3000 prompt tokens cached: 1000 × 2_430_556 + 500 × 9_722_223
+    //   + 2000 × 1_215_278 = 9_722_223_500 → 9_723
+    // gpt-4o, nothing cached: 1000 × 2_430_556 + 500 × 9_722_223 = 7_291_667_500 → 7_292
+    assert_eq!(used, vec![10_209, 9_723, 7_292]);
+    let overview = balance(&app, "user_x").await;
+    assert_eq!(
+        overview["balanceMicros"],
+        10_000_000 - 10_209 - 9_723 - 7_292
+    );
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_refused_hold_answers_402_with_the_seed_fields_in_cents_and_micros() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_message("x", 1, 1, 0, 0)))
+        .expect(0)
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_poor", 50_000).await;
+
+    let (status, body) = json_of(
+        app.post_as(
+            "user_poor",
+            "/api/chat",
+            &json!({ "messages": [{ "role": "user", "content": "hello" }], "maxTokens": 4096 }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["error"], "INSUFFICIENT_CREDITS");
+    assert_eq!(
+        body["message"],
+        "Not enough credits. Please top up or add your own API key."
+    );
+    assert_eq!(body["balance"], 5);
+    assert_eq!(body["balanceMicros"], 50_000);
+    // input estimate 16 + (5 + 8) = 29 tokens at the dearest input price
+    // (cache write, 3_645_834) + 4096 × 14_583_334:
+    // 105_729_186 + 59_733_336_064 = 59_839_065_250 → 59_840 micros
+    assert_eq!(body["estimatedCostMicros"], 59_840);
+    assert_eq!(body["estimatedCost"], 6);
+    assert_eq!(count(&app, "credit_holds", "user_poor").await, 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn busy_or_failing_providers_answer_503_with_retry_after_and_release_the_hold() {
+    let fakes = fakes().await;
+    for (status, body, model) in [
+        (
+            429,
+            anthropic_error(
+                "rate_limit_error",
+                "Number of requests has exceeded your rate limit",
+            ),
+            "claude-sonnet-4-5",
+        ),
+        (
+            529,
+            anthropic_error("overloaded_error", "Overloaded"),
+            "claude-haiku-4-5",
+        ),
+        (
+            500,
+            anthropic_error("api_error", "Internal server error"),
+            "claude-opus-4-5",
+        ),
+    ] {
+        Mock::given(method("POST"))
+            .and(body_partial_json(json!({ "model": model })))
+            .respond_with(
+                ResponseTemplate::new(status)
+                    .insert_header("retry-after", "7")
+                    .set_body_json(body),
+            )
+            .mount(&fakes.anthropic)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).set_body_json(json!({
+            "error": { "message": "The server is overloaded", "type": "server_error", "param": null, "code": null }
+        })))
+        .mount(&fakes.openai)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_b", 10_000_000).await;
+
+    for model in [
+        "claude-sonnet-4-5",
+        "claude-haiku-4-5",
+        "claude-opus-4-5",
+        "gpt-4o",
+    ] {
+        let response = app
+            .post_as(
+                "user_b",
+                "/api/chat",
+                &json!({ "model": model, "messages": [{ "role": "user", "content": "hi" }] }),
+            )
+            .await;
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let (status, body) = json_of(response).await;
+        assert_eq!(status, 503, "{model}: {body}");
+        assert_eq!(body["error"], "PROVIDER_UNAVAILABLE", "{model}");
+        let expected = if model == "gpt-4o" { "1" } else { "7" };
+        assert_eq!(retry_after.as_deref(), Some(expected), "{model}");
+    }
+
+    let overview = balance(&app, "user_b").await;
+    assert_eq!(overview["balanceMicros"], 10_000_000);
+    assert_eq!(overview["heldMicros"], 0);
+    assert_eq!(count(&app, "credit_usages", "user_b").await, 0);
+    assert_eq!(count(&app, "credit_holds", "user_b").await, 4);
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(r#"creditd_holds_released_total{reason="unavailable"}"#));
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_provider_that_does_not_answer_in_time_gives_504_and_no_charge() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message("late", 10, 10, 0, 0))
+                .set_delay(std::time::Duration::from_secs(3)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |s| s.providers.total_timeout_ms = 300).await;
+    fund(&app, "user_slow", 10_000_000).await;
+
+    let (status, body) = json_of(
+        app.post_as(
+            "user_slow",
+            "/api/chat",
+            &json!({ "messages": conversation() }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"], "PROVIDER_TIMEOUT");
+    let overview = balance(&app, "user_slow").await;
+    assert_eq!(overview["balanceMicros"], 10_000_000);
+    assert_eq!(overview["heldMicros"], 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn without_a_platform_key_for_the_model_the_seed_message_is_returned() {
+    let fakes = fakes().await;
+    let app = app_with(&fakes, |s| {
+        s.providers.anthropic_api_key = creditd::config::Secret::new("");
+    })
+    .await;
+    fund(&app, "user_c", 10_000_000).await;
+
+    let (status, body) = json_of(
+        app.post_as(
+            "user_c",
+            "/api/chat",
+            &json!({ "messages": conversation() }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "NO_API_KEY");
+    assert_eq!(
+        body["message"],
+        "No API key configured. Please add your OpenAI or Anthropic API key in settings."
+    );
+    assert_eq!(count(&app, "credit_holds", "user_c").await, 0);
+}
+
+#[actix::test]
+async fn bad_chat_requests_are_refused_by_field_before_any_hold() {
+    let fakes = fakes().await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_d", 10_000_000).await;
+
+    for (body, field) in [
+        (json!({ "messages": [] }), "messages"),
+        (
+            json!({ "messages": [{ "role": "robot", "content": "hi" }] }),
+            "messages[0].role",
+        ),
+        (
+            json!({ "messages": [{ "role": "user", "content": " " }] }),
+            "messages[0].content",
+        ),
+        (
+            json!({ "messages": [{ "role": "system", "content": "x" }] }),
+            "messages",
+        ),
+        (
+            json!({ "messages": conversation(), "model": "gpt-2" }),
+            "model",
+        ),
+        (
+            json!({ "messages": conversation(), "maxTokens": 0 }),
+            "maxTokens",
+        ),
+        (
+            json!({ "messages": conversation(), "maxTokens": 1_000_000 }),
+            "maxTokens",
+        ),
+        (
+            json!({ "messages": conversation(), "conversationId": "" }),
+            "conversationId",
+        ),
+    ] {
+        let (status, answer) = json_of(app.post_as("user_d", "/api/chat", &body).await).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("`{field}`")),
+            "{field}: {message}"
+        );
+    }
+    assert_eq!(count(&app, "credit_holds", "user_d").await, 0);
+}
+
+#[actix::test]
+async fn two_hundred_concurrent_chats_never_spend_more_than_the_balance() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message("done", 20, 1000, 0, 0))
+                .set_delay(std::time::Duration::from_millis(50)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    // A hold: input estimate 16 + (2 + 8) = 26 tokens × 3_645_834 + 1000 × 14_583_334
+    // = 14_678_125_684 → 14_679 micros; a settled call: 20 × 2_916_667 + 1000 × 14_583_334
+    // = 14_641_667_340 → 14_642 micros. The balance covers 20 holds.
+    let funds = 20 * 14_679 + 5_000;
+    fund(&app, "user_rush", funds).await;
+
+    let answers = join_all((0..200).map(|_| async {
+        json_of(
+            app.post_as(
+                "user_rush",
+                "/api/chat",
+                &json!({ "messages": [{ "role": "user", "content": "go" }], "maxTokens": 1000 }),
+            )
+            .await,
+        )
+        .await
+    }))
+    .await;
+
+    let ok: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b)
+        .collect();
+    let refused = answers.iter().filter(|(s, _)| *s == 402).count();
+    assert_eq!(
+        ok.len() + refused,
+        200,
+        "{:?}",
+        answers.iter().find(|(s, _)| *s != 200 && *s != 402)
+    );
+    assert!(ok.len() >= 20, "{} calls served", ok.len());
+    let charged: i64 = ok
+        .iter()
+        .map(|b| b["credits"]["usedMicros"].as_i64().unwrap())
+        .sum();
+    let client = app.db.client().await;
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(cost_micros), 0)::BIGINT, min(balance_after_micros), count(*)
+               FROM credit_usages",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (settled, lowest, usages): (i64, Option<i64>, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(usages as usize, ok.len());
+    assert_eq!(charged, settled);
+    assert!(lowest.unwrap_or(0) >= 0, "balance went to {lowest:?}");
+    let overview = balance(&app, "user_rush").await;
+    assert_eq!(overview["balanceMicros"], funds - settled);
+    assert_eq!(overview["heldMicros"], 0);
+    assert!(overview["availableMicros"].as_i64().unwrap() >= 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_answer_whose_charge_cannot_commit_is_withheld_with_503_and_its_hold_kept() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message("never billed", 10, 10, 0, 0))
+                .set_delay(std::time::Duration::from_millis(1500)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |s| s.chat.settle_retry_ms = 500).await;
+    fund(&app, "user_outage", 10_000_000).await;
+    let database = app.db.config.get_dbname().unwrap().to_owned();
+    let mut maintenance = app.db.config.clone();
+    maintenance.dbname("postgres");
+    let admin = connect(&maintenance).await.unwrap();
+
+    let request = json!({ "messages": conversation() });
+    let chat = app.post_as("user_outage", "/api/chat", &request);
+    let outage = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {database} ALLOW_CONNECTIONS false;
+                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE datname = '{database}';"
+            ))
+            .await
+            .unwrap();
+    };
+    let (response, ()) = tokio::join!(chat, outage);
+    let (status, body) = json_of(response).await;
+    admin
+        .batch_execute(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
+        .await
+        .unwrap();
+
+    assert_eq!(status, 503, "{body}");
+    assert!(body.get("content").is_none(), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("could not be billed"),
+        "{body}"
+    );
+    assert_eq!(count(&app, "credit_usages", "user_outage").await, 0);
+    let active: i64 = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(active, 1, "the hold is left to expire");
+    app.db.reconcile_is_clean().await;
+}

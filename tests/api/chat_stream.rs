@@ -1,0 +1,549 @@
+//! `POST /api/chat` with `stream: true`: text deltas as Server-Sent Events,
+//! a final event with the credits, settlement for what was produced when the
+//! provider breaks or the client leaves.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use wiremock::matchers::{body_partial_json, method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::chat::{anthropic_error, app_with, balance, count, fakes, fund};
+use crate::support::*;
+
+fn sse(event: Option<&str>, data: &Value) -> String {
+    match event {
+        Some(name) => format!("event: {name}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+fn message_start(input: u64, cache_read: u64, cache_write: u64) -> String {
+    sse(
+        Some("message_start"),
+        &json!({
+            "type": "message_start",
+            "message": {
+                "id": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "model": "claude-sonnet-4-5-20250929",
+                "stop_reason": null,
+                "stop_sequence": null,
+                "usage": {
+                    "input_tokens": input,
+                    "cache_creation_input_tokens": cache_write,
+                    "cache_read_input_tokens": cache_read,
+                    "output_tokens": 1,
+                },
+            },
+        }),
+    )
+}
+
+fn text_delta(text: &str) -> String {
+    sse(
+        Some("content_block_delta"),
+        &json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": text } }),
+    )
+}
+
+fn ping() -> String {
+    sse(Some("ping"), &json!({ "type": "ping" }))
+}
+
+/// A whole Anthropic stream, with a ping and two cumulative `message_delta`s.
+fn anthropic_stream(
+    texts: &[&str],
+    input: u64,
+    output: u64,
+    cache_read: u64,
+    cache_write: u64,
+) -> String {
+    let mut body = message_start(input, cache_read, cache_write);
+    body += &sse(
+        Some("content_block_start"),
+        &json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } }),
+    );
+    body += &ping();
+    for text in texts {
+        body += &text_delta(text);
+    }
+    body += &sse(
+        Some("content_block_stop"),
+        &json!({ "type": "content_block_stop", "index": 0 }),
+    );
+    for count in [output / 2, output] {
+        body += &sse(
+            Some("message_delta"),
+            &json!({
+                "type": "message_delta",
+                "delta": { "stop_reason": "end_turn", "stop_sequence": null },
+                "usage": { "output_tokens": count },
+            }),
+        );
+    }
+    body += &sse(Some("message_stop"), &json!({ "type": "message_stop" }));
+    body
+}
+
+fn openai_chunk(text: &str) -> String {
+    sse(
+        None,
+        &json!({
+            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
+            "model": "gpt-4o-2024-08-06", "system_fingerprint": "fp_44709d6fcb",
+            "choices": [{ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }],
+            "usage": null,
+        }),
+    )
+}
+
+fn openai_stream(texts: &[&str], prompt: u64, completion: u64, cached: u64) -> String {
+    let mut body = sse(
+        None,
+        &json!({
+            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
+            "model": "gpt-4o-2024-08-06",
+            "choices": [{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }],
+            "usage": null,
+        }),
+    );
+    for text in texts {
+        body += &openai_chunk(text);
+    }
+    body += &sse(
+        None,
+        &json!({
+            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
+            "model": "gpt-4o-2024-08-06",
+            "choices": [{ "index": 0, "delta": {}, "finish_reason": "stop" }],
+            "usage": null,
+        }),
+    );
+    body += &sse(
+        None,
+        &json!({
+            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
+            "model": "gpt-4o-2024-08-06", "choices": [],
+            "usage": {
+                "prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": { "cached_tokens": cached },
+            },
+        }),
+    );
+    body + "data: [DONE]\n\n"
+}
+
+fn sse_response(body: String) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_raw(body.into_bytes(), "text/event-stream")
+}
+
+/// The client's events, as `(event, data)`.
+async fn events_of(response: reqwest::Response) -> Vec<(String, Value)> {
+    let text = response.text().await.expect("stream body");
+    text.split("\n\n")
+        .filter(|frame| !frame.trim().is_empty())
+        .map(|frame| {
+            let mut name = String::new();
+            let mut data = Value::Null;
+            for line in frame.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = value.to_owned();
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data = serde_json::from_str(value).expect("JSON data");
+                }
+            }
+            (name, data)
+        })
+        .collect()
+}
+
+fn streamed_text(events: &[(String, Value)]) -> String {
+    events
+        .iter()
+        .filter(|(name, _)| name == "delta")
+        .map(|(_, data)| data["text"].as_str().unwrap())
+        .collect()
+}
+
+async fn stream_chat(app: &TestApp, clerk_id: &str, body: Value) -> reqwest::Response {
+    app.post_as(clerk_id, "/api/chat", &body).await
+}
+
+#[actix::test]
+async fn an_anthropic_stream_forwards_deltas_and_ends_with_the_exact_credits() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .and(body_partial_json(json!({ "stream": true })))
+        .respond_with(sse_response(anthropic_stream(
+            &["Hello", ", ", "world"],
+            50,
+            30,
+            100,
+            20,
+        )))
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_s", 10_000_000).await;
+
+    let response = stream_chat(
+        &app,
+        "user_s",
+        json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = events_of(response).await;
+
+    assert_eq!(streamed_text(&events), "Hello, world");
+    let (name, last) = events.last().unwrap();
+    assert_eq!(name, "done", "{events:?}");
+    // 50 × 2_916_667 + 30 × 14_583_334 + 100 × 291_667 + 20 × 3_645_834
+    // = 685_416_750 → 686 micros; output is the last message_delta (30), not 15 + 30
+    assert_eq!(last["credits"]["usedMicros"], 686);
+    assert_eq!(last["credits"]["outputTokens"], 30);
+    assert_eq!(last["credits"]["cacheReadTokens"], 100);
+    assert_eq!(last["credits"]["cacheWriteTokens"], 20);
+    assert_eq!(last["credits"]["balanceMicros"], 10_000_000 - 686);
+    assert_eq!(balance(&app, "user_s").await["heldMicros"], 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_openai_stream_is_settled_with_the_usage_of_its_last_chunk() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(body_partial_json(
+            json!({ "stream": true, "stream_options": { "include_usage": true } }),
+        ))
+        .respond_with(sse_response(openai_stream(&["Bon", "jour"], 300, 40, 100)))
+        .mount(&fakes.openai)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_o", 10_000_000).await;
+
+    let events = events_of(
+        stream_chat(
+            &app,
+            "user_o",
+            json!({ "stream": true, "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(streamed_text(&events), "Bonjour");
+    let (name, last) = events.last().unwrap();
+    assert_eq!(name, "done", "{events:?}");
+    // 200 × 2_430_556 + 40 × 9_722_223 + 100 × 1_215_278 = 996_527_920 → 997
+    assert_eq!(last["credits"]["usedMicros"], 997);
+    assert_eq!(last["credits"]["inputTokens"], 200);
+    assert_eq!(last["credits"]["cacheReadTokens"], 100);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_error_event_mid_stream_settles_what_was_produced_and_ends_with_an_error_event() {
+    let fakes = fakes().await;
+    let body = message_start(50, 0, 0)
+        + &ping()
+        + &text_delta("Hello ")
+        + &sse(
+            Some("error"),
+            &anthropic_error("overloaded_error", "Overloaded"),
+        );
+    Mock::given(method("POST"))
+        .respond_with(sse_response(body))
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_e", 10_000_000).await;
+
+    let events = events_of(
+        stream_chat(
+            &app,
+            "user_e",
+            json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(streamed_text(&events), "Hello ");
+    let (name, last) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(last["error"], "PROVIDER_UNAVAILABLE");
+    // input from message_start (50); output counted from 6 bytes: ceil(6 / 3) = 2
+    // 50 × 2_916_667 + 2 × 14_583_334 = 175_000_018 → 176
+    assert_eq!(last["credits"]["usedMicros"], 176);
+    assert_eq!(last["credits"]["outputTokens"], 2);
+    assert_eq!(balance(&app, "user_e").await["heldMicros"], 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_stream_refused_before_any_output_is_an_ordinary_503_and_is_not_charged() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(529)
+                .set_body_json(anthropic_error("overloaded_error", "Overloaded")),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_f", 10_000_000).await;
+
+    let response = stream_chat(
+        &app,
+        "user_f",
+        json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert!(response.headers().contains_key("retry-after"));
+    let (status, body) = json_of(response).await;
+
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "PROVIDER_UNAVAILABLE");
+    let overview = balance(&app, "user_f").await;
+    assert_eq!(overview["balanceMicros"], 10_000_000);
+    assert_eq!(overview["heldMicros"], 0);
+    assert_eq!(count(&app, "credit_usages", "user_f").await, 0);
+    app.db.reconcile_is_clean().await;
+}
+
+/// What the hand-written provider does after its scripted chunks.
+#[derive(Clone, Copy)]
+enum Then {
+    /// Closes the connection mid-answer.
+    Break,
+    /// Keeps streaming text every 50 ms until the reader goes away.
+    KeepStreaming,
+}
+
+/// A one-connection fake provider on a local socket: answers 200 with an
+/// SSE body written chunk by chunk, then breaks or keeps streaming. Reports
+/// whether the reader closed the connection.
+async fn raw_provider(
+    chunks: Vec<String>,
+    then: Then,
+    filler: String,
+) -> (String, oneshot::Receiver<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (closed_tx, closed_rx) = oneshot::channel();
+    actix_web::rt::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        read_request(&mut socket).await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
+        socket.write_all(head.as_bytes()).await.unwrap();
+        for chunk in chunks {
+            socket.write_all(chunk.as_bytes()).await.unwrap();
+            socket.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let closed = match then {
+            Then::Break => false,
+            Then::KeepStreaming => {
+                let mut closed = false;
+                for _ in 0..400 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if socket.write_all(filler.as_bytes()).await.is_err() {
+                        closed = true;
+                        break;
+                    }
+                }
+                closed
+            }
+        };
+        drop(socket);
+        let _ = closed_tx.send(closed);
+    });
+    (address, closed_rx)
+}
+
+async fn read_request(socket: &mut tokio::net::TcpStream) {
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "the client closed before sending its request");
+        request.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&request);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if request.len() >= end + 4 + length {
+                return;
+            }
+        }
+    }
+}
+
+#[actix::test]
+async fn a_stream_that_breaks_midway_settles_the_text_received_and_ends_with_an_error_event() {
+    let fakes = fakes().await;
+    let (address, _closed) = raw_provider(
+        vec![message_start(50, 0, 0), ping(), text_delta("Hello world")],
+        Then::Break,
+        String::new(),
+    )
+    .await;
+    let app = app_with(&fakes, |s| s.providers.anthropic_base_url = address).await;
+    fund(&app, "user_broken", 10_000_000).await;
+
+    let events = events_of(
+        stream_chat(
+            &app,
+            "user_broken",
+            json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(streamed_text(&events), "Hello world");
+    let (name, last) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    assert_eq!(last["error"], "PROVIDER_ERROR");
+    // 50 input tokens (message_start) and ceil(11 / 3) = 4 output tokens:
+    // 145_833_350 + 58_333_336 = 204_166_686 → 205
+    assert_eq!(last["credits"]["usedMicros"], 205);
+    assert_eq!(last["credits"]["outputTokens"], 4);
+    assert_eq!(balance(&app, "user_broken").await["heldMicros"], 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_what_was_produced() {
+    let fakes = fakes().await;
+    let first = openai_chunk("The first words");
+    let (address, closed) =
+        raw_provider(vec![first], Then::KeepStreaming, openai_chunk(" and more")).await;
+    let app = app_with(&fakes, |s| s.providers.openai_base_url = address).await;
+    fund(&app, "user_gone", 10_000_000).await;
+
+    let mut response = stream_chat(
+        &app,
+        "user_gone",
+        json!({ "stream": true, "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    let read = async {
+        while !seen.contains("The first words") {
+            let chunk = response
+                .chunk()
+                .await
+                .unwrap()
+                .expect("a delta before the end");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the stream reached the awaited point");
+    drop(response);
+
+    let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the provider connection is closed after the client left")
+        .unwrap();
+    assert!(
+        upstream_closed,
+        "the upstream call went on after the client left"
+    );
+    let mut usage = Value::Null;
+    for _ in 0..100 {
+        let overview = balance(&app, "user_gone").await;
+        if overview["heldMicros"] == 0 && overview["usages"][0].is_object() {
+            usage = overview["usages"][0].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(usage.is_object(), "the stream was never settled");
+    // No usage chunk came: input is the estimate, 16 + (2 + 8) = 26 tokens;
+    // output is counted from the text received, at least ceil(15 / 3) = 5.
+    assert_eq!(usage["inputTokens"], 26);
+    let output = usage["outputTokens"].as_u64().unwrap();
+    assert!(output >= 5, "{usage}");
+    let cost = (26 * 2_430_556 + output as i64 * 9_722_223 + 999_999) / 1_000_000;
+    assert_eq!(usage["costMicros"], cost);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_client_that_leaves_while_the_provider_is_silent_is_noticed_by_the_keep_alive() {
+    let fakes = fakes().await;
+    let (address, closed) = raw_provider(
+        vec![message_start(50, 0, 0), text_delta("The first words")],
+        Then::KeepStreaming,
+        ping(),
+    )
+    .await;
+    let app = app_with(&fakes, |s| {
+        s.providers.anthropic_base_url = address;
+        s.chat.stream_keep_alive_ms = 100;
+    })
+    .await;
+    fund(&app, "user_quiet", 10_000_000).await;
+
+    let mut response = stream_chat(
+        &app,
+        "user_quiet",
+        json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    let mut seen = String::new();
+    let read = async {
+        while !seen.contains(": keep-alive") {
+            let chunk = response.chunk().await.unwrap().expect("more of the stream");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the stream reached the awaited point");
+    drop(response);
+
+    let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the provider connection is closed after the client left")
+        .unwrap();
+    assert!(
+        upstream_closed,
+        "the upstream call went on after the client left"
+    );
+    let mut usage = Value::Null;
+    for _ in 0..100 {
+        let overview = balance(&app, "user_quiet").await;
+        if overview["heldMicros"] == 0 && overview["usages"][0].is_object() {
+            usage = overview["usages"][0].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 50 input tokens (message_start), ceil(15 / 3) = 5 output tokens:
+    // 145_833_350 + 72_916_670 = 218_750_020 → 219
+    assert_eq!(usage["inputTokens"], 50, "{usage}");
+    assert_eq!(usage["outputTokens"], 5);
+    assert_eq!(usage["costMicros"], 219);
+    app.db.reconcile_is_clean().await;
+}
