@@ -92,6 +92,10 @@ impl ActiveHolds {
     fn remove(&mut self, id: &HoldId) -> Option<HoldRecord> {
         let hold = self.by_id.remove(id)?;
         self.by_expiry.remove(&(hold.expires_at, hold.id));
+        if self.by_id.is_empty() {
+            // An idle account keeps no table: most accounts rest between chats.
+            self.by_id = HashMap::new();
+        }
         Some(hold)
     }
 
@@ -116,7 +120,8 @@ pub(crate) struct AccountState {
     /// Seq of the last journal entry applied (committed or in flight).
     pub seq: i64,
     pub holds: ActiveHolds,
-    keys: Recent<IdempotencyKey, TransactionRecord>,
+    /// Boxed: a transaction is a few hundred bytes and a table has spare slots.
+    keys: Recent<IdempotencyKey, Box<TransactionRecord>>,
     finished: Recent<HoldId, FinishedHold>,
 }
 
@@ -164,8 +169,12 @@ impl AccountState {
     /// Remembers a committed transaction found in PostgreSQL.
     pub fn remember_key(&mut self, record: TransactionRecord, durable_seq: i64) {
         let seq = record.seq;
-        self.keys
-            .insert(record.idempotency_key.clone(), record, seq, durable_seq);
+        self.keys.insert(
+            record.idempotency_key.clone(),
+            Box::new(record),
+            seq,
+            durable_seq,
+        );
     }
 
     /// Remembers a finished hold found in PostgreSQL.
@@ -210,7 +219,7 @@ impl AccountState {
         if let Some(first) = self.keys.get(&posting.key) {
             if first.matches(direction, posting) {
                 return Ok(Applied::Replay {
-                    value: first.clone(),
+                    value: first.as_ref().clone(),
                     seq: first.seq,
                 });
             }
@@ -245,8 +254,12 @@ impl AccountState {
             balance_after_micros: after,
             created_at: now,
         };
-        self.keys
-            .insert(posting.key.clone(), record.clone(), seq, durable_seq);
+        self.keys.insert(
+            posting.key.clone(),
+            Box::new(record.clone()),
+            seq,
+            durable_seq,
+        );
         Ok(Applied::New {
             value: record.clone(),
             record: Record::Transaction(record),
@@ -335,7 +348,7 @@ impl AccountState {
         let Some(hold) = self.holds.get(&hold_id).copied() else {
             return self.finished_answer(hold_id, |finished| match finished {
                 FinishedHold::Settled(usage) if usage.matches(charge) => {
-                    Ok((usage.clone(), usage.seq))
+                    Ok((usage.as_ref().clone(), usage.seq))
                 }
                 FinishedHold::Settled(usage) => Err(format!(
                     "hold {hold_id} was already settled for {} micros",
@@ -374,7 +387,7 @@ impl AccountState {
         };
         self.finished.insert(
             hold_id,
-            FinishedHold::Settled(usage.clone()),
+            FinishedHold::Settled(Box::new(usage.clone())),
             seq,
             durable_seq,
         );

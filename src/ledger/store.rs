@@ -255,7 +255,9 @@ pub async fn find_finished_hold(
                 .query_one(&query, &[&hold.0])
                 .await
                 .map_err(unavailable)?;
-            Ok(Some(FinishedHold::Settled(usage_from_row(&usage))))
+            Ok(Some(FinishedHold::Settled(Box::new(usage_from_row(
+                &usage,
+            )))))
         }
         Some(status) => {
             // The schema ties a finished status to its seq and time.

@@ -270,10 +270,11 @@ pub struct ReleaseRecord {
     pub finished_at: DateTime<Utc>,
 }
 
-/// How a finished hold ended, remembered to answer replays.
+/// How a finished hold ended, remembered to answer replays. Boxed: every
+/// resident account keeps a few of these, and a usage is ~200 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FinishedHold {
-    Settled(UsageRecord),
+    Settled(Box<UsageRecord>),
     Released(ReleaseRecord),
 }
 
