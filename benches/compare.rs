@@ -15,9 +15,11 @@
 //! measured run, default 3), BENCH_WARMUP_SECS (default 1), BENCH_CLIENTS
 //! (default 64), BENCH_ACCOUNTS (default 10000), BENCH_ZIPF_S (default 1.1),
 //! BENCH_SEED (default 42), BENCH_HISTORY (settled cycles already in each
-//! account's history before the run, default 10). Starts a private durable cluster (fsync and
-//! synchronous_commit on) under `target/bench-compare-postgres`, with one
-//! database per side, and checks both ledgers with `reconcile` at the end.
+//! account's history before the run, default 10). Starts a private durable
+//! cluster (fsync and synchronous_commit on) under
+//! `target/bench-compare-postgres`, with one database per side, and checks
+//! both ledgers with `reconcile` at the end. Also prints the CPU each side
+//! used and the engine's journal batches (commits/s, entries per commit).
 
 mod common;
 
@@ -379,73 +381,6 @@ async fn drive(
     }
 }
 
-/// CPU time spent so far, in seconds: by this process, by the cluster's
-/// `postgres` processes, and by the whole machine (all cores, busy time).
-#[derive(Clone, Copy, Default)]
-struct Cpu {
-    bench: f64,
-    postgres: f64,
-    machine: f64,
-    wall: f64,
-}
-
-impl Cpu {
-    fn now(started: std::time::Instant) -> Cpu {
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let process = |stat: &str| -> Option<(String, f64)> {
-            let (head, tail) = stat.rsplit_once(')')?;
-            let name = head.split_once('(')?.1.to_owned();
-            let fields: Vec<&str> = tail.split_whitespace().collect();
-            let utime: f64 = fields.get(11)?.parse().ok()?;
-            let stime: f64 = fields.get(12)?.parse().ok()?;
-            Some((name, (utime + stime) / ticks))
-        };
-        let bench = std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .and_then(|stat| process(&stat))
-            .map_or(0.0, |(_, secs)| secs);
-        let postgres = std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
-            .filter_map(|stat| process(&stat))
-            .filter(|(name, _)| name == "postgres")
-            .map(|(_, secs)| secs)
-            .sum();
-        let machine = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|stat| {
-                let fields: Vec<f64> = stat
-                    .lines()
-                    .next()?
-                    .split_whitespace()
-                    .skip(1)
-                    .filter_map(|n| n.parse().ok())
-                    .collect();
-                let idle = fields.get(3)? + fields.get(4)?;
-                Some((fields.iter().take(8).sum::<f64>() - idle) / ticks)
-            })
-            .unwrap_or(0.0);
-        Cpu {
-            bench,
-            postgres,
-            machine,
-            wall: started.elapsed().as_secs_f64(),
-        }
-    }
-
-    fn since(self, earlier: Cpu) -> Cpu {
-        Cpu {
-            bench: self.bench - earlier.bench,
-            postgres: self.postgres - earlier.postgres,
-            machine: self.machine - earlier.machine,
-            wall: self.wall - earlier.wall,
-        }
-    }
-}
-
 struct Row {
     workload: String,
     side: &'static str,
@@ -454,7 +389,7 @@ struct Row {
     /// The engine's journal during the peak run.
     journal: Option<JournalStats>,
     /// CPU used during the peak run.
-    cpu: Cpu,
+    cpu: common::Cpu,
 }
 
 /// Totals of the journal writer's histograms (batch size, commit time).
@@ -507,9 +442,9 @@ async fn measure(
     )
     .await;
     let before = JournalStats::read(metrics);
-    let cpu_before = Cpu::now(knobs.started);
+    let cpu_before = common::Cpu::now(knobs.started);
     let peak = drive(side, workload, knobs, knobs.secs, Load::Closed, round + 1).await;
-    let cpu = Cpu::now(knobs.started).since(cpu_before);
+    let cpu = common::Cpu::now(knobs.started).since(cpu_before);
     let journal = match side {
         Side::Engine(_) => Some(JournalStats::read(metrics).since(before)),
         Side::Baseline(_) => None,
@@ -722,17 +657,15 @@ fn print(rows: &[Row], knobs: &Knobs) {
     println!("|---|---|---:|---:|---:|---:|---:|");
     for row in rows {
         let cpu = row.cpu;
-        let wall = cpu.wall.max(1e-9);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let others = (cpu.machine - cpu.bench - cpu.postgres).max(0.0);
         println!(
             "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} |",
             row.workload,
             row.side,
-            cpu.bench / wall,
-            cpu.postgres / wall,
-            others / wall,
-            (cores - cpu.machine / wall).max(0.0),
+            cpu.cores(cpu.bench),
+            cpu.cores(cpu.postgres),
+            cpu.others(),
+            (cores - cpu.cores(cpu.machine)).max(0.0),
             (cpu.bench + cpu.postgres) * 1e3 / row.peak.cycles.max(1) as f64
         );
     }

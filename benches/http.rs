@@ -7,7 +7,8 @@
 //! Knobs (environment): BENCH_SECS (each run, default 5), BENCH_CONNECTIONS
 //! (default 64), BENCH_WRK_THREADS (default 2), BENCH_USERS (distinct users,
 //! each with its own session token, default 1000), BENCH_HISTORY (reserve+
-//! settle cycles in each user's history, default 20). Starts the app
+//! settle cycles in each user's history, default 20), BENCH_ROUTES (the runs,
+//! in order, default `/healthz,/api/credits,/readyz,/healthz,/api/credits`). Starts the app
 //! in-process on a private durable cluster under `target/bench-http-postgres`
 //! and a local JWKS server publishing the key that signs the tokens.
 
@@ -165,6 +166,7 @@ fn write_script(path: &Path, key: &SigningKey, users: usize) {
 
 struct WrkRun {
     path: &'static str,
+    cpu: common::Cpu,
     requests_per_s: f64,
     p50: String,
     p99: String,
@@ -188,6 +190,8 @@ async fn wrk(
     connections: usize,
     threads: usize,
 ) -> WrkRun {
+    let started = std::time::Instant::now();
+    let cpu_before = common::Cpu::now(started);
     let output = tokio::process::Command::new("wrk")
         .arg(format!("-t{threads}"))
         .arg(format!("-c{connections}"))
@@ -199,6 +203,7 @@ async fn wrk(
         .output()
         .await
         .unwrap_or_else(|e| panic!("cannot run wrk ({e}): install it with `apt-get install wrk`"));
+    let cpu = common::Cpu::now(started).since(cpu_before);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "wrk failed: {text}");
     let failures = field(&text, "Non-2xx or 3xx responses:")
@@ -206,6 +211,7 @@ async fn wrk(
         .unwrap_or(0);
     WrkRun {
         path,
+        cpu,
         requests_per_s: field(&text, "Requests/sec:")
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no Requests/sec in wrk output: {text}")),
@@ -221,6 +227,11 @@ fn main() {
     let threads: usize = common::env_or("BENCH_WRK_THREADS", 2);
     let users: usize = common::env_or("BENCH_USERS", 1000);
     let history: usize = common::env_or("BENCH_HISTORY", 20);
+    let routes: &'static str = common::env_or(
+        "BENCH_ROUTES",
+        "/healthz,/api/credits,/readyz,/healthz,/api/credits".to_owned(),
+    )
+    .leak();
     let mut settings = Settings::default_file().expect("default config");
     settings.log.level = "warn".into();
     let system = actix_web::rt::System::new();
@@ -263,7 +274,7 @@ fn main() {
         // Warm-up: every user's token verified once and every actor loaded.
         wrk(&base, "/api/credits", &script, 2, connections, threads).await;
         let mut runs = Vec::new();
-        for path in ["/healthz", "/api/credits", "/readyz", "/healthz", "/api/credits"] {
+        for path in routes.split(',') {
             let run = wrk(&base, path, &script, secs, connections, threads).await;
             eprintln!(
                 "{path}: {:.0} requests/s, p50 {}, p99 {}, failures {}",
@@ -290,24 +301,52 @@ fn print(runs: &[WrkRun], connections: usize) {
             .fold(0.0, f64::max)
     };
     let noop = best("/healthz");
+    let of_noop = |requests_per_s: f64| {
+        if noop > 0.0 {
+            format!("{:.0}%", requests_per_s / noop * 100.0)
+        } else {
+            "n/a".to_owned()
+        }
+    };
     println!();
     println!("| route | connections | requests/s | p50 | p99 | non-2xx | of /healthz |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for run in runs {
         println!(
-            "| GET {} | {} | {:.0} | {} | {} | {} | {:.0}% |",
+            "| GET {} | {} | {:.0} | {} | {} | {} | {} |",
             run.path,
             connections,
             run.requests_per_s,
             run.p50,
             run.p99,
             run.failures,
-            run.requests_per_s / noop * 100.0
+            of_noop(run.requests_per_s)
         );
     }
     println!();
     println!(
-        "best GET /api/credits / best GET /healthz: {:.0}%",
-        best("/api/credits") / noop * 100.0
+        "CPU during each run (cores busy on average; the machine has {} cores):",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!("| route | server process | postgres | wrk | others | CPU µs per request (server + postgres) |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for run in runs {
+        let cpu = run.cpu;
+        let requests = run.requests_per_s * cpu.wall;
+        println!(
+            "| GET {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            run.path,
+            cpu.cores(cpu.bench),
+            cpu.cores(cpu.postgres),
+            cpu.cores(cpu.children),
+            cpu.others(),
+            (cpu.bench + cpu.postgres) * 1e6 / requests.max(1.0)
+        );
+    }
+    println!();
+    println!(
+        "best GET /api/credits / best GET /healthz: {}",
+        of_noop(best("/api/credits"))
     );
 }

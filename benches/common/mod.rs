@@ -69,3 +69,90 @@ pub async fn create_database(
     db::migrate(&mut client).await.expect("migrate");
     database
 }
+
+/// CPU time spent so far, in seconds: by this process, by the cluster's
+/// `postgres` processes, and by the whole machine (all cores, busy time).
+#[derive(Clone, Copy, Default)]
+pub struct Cpu {
+    pub bench: f64,
+    pub postgres: f64,
+    /// Child processes this process waited for (the `wrk` load generator).
+    pub children: f64,
+    pub machine: f64,
+    pub wall: f64,
+}
+
+impl Cpu {
+    pub fn now(started: std::time::Instant) -> Cpu {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        // Name, own CPU and waited-for children's CPU, from a /proc/*/stat line.
+        let process = |stat: &str| -> Option<(String, f64, f64)> {
+            let (head, tail) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_owned();
+            let fields: Vec<f64> = tail
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            let [utime, stime, cutime, cstime] = fields[..] else {
+                return None;
+            };
+            Some((name, (utime + stime) / ticks, (cutime + cstime) / ticks))
+        };
+        let (bench, children) = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| process(&stat))
+            .map_or((0.0, 0.0), |(_, own, children)| (own, children));
+        let postgres = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+            .filter_map(|stat| process(&stat))
+            .filter(|(name, _, _)| name == "postgres")
+            .map(|(_, own, _)| own)
+            .sum();
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let fields: Vec<f64> = stat
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|n| n.parse().ok())
+                    .collect();
+                let idle = fields.get(3)? + fields.get(4)?;
+                Some((fields.iter().take(8).sum::<f64>() - idle) / ticks)
+            })
+            .unwrap_or(0.0);
+        Cpu {
+            bench,
+            postgres,
+            children,
+            machine,
+            wall: started.elapsed().as_secs_f64(),
+        }
+    }
+
+    pub fn since(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            bench: self.bench - earlier.bench,
+            postgres: self.postgres - earlier.postgres,
+            children: self.children - earlier.children,
+            machine: self.machine - earlier.machine,
+            wall: self.wall - earlier.wall,
+        }
+    }
+    /// Cores busy on average outside this process, its children and PostgreSQL.
+    pub fn others(self) -> f64 {
+        (self.machine - self.bench - self.postgres - self.children).max(0.0) / self.wall.max(1e-9)
+    }
+
+    /// Cores busy on average in `secs` of CPU time.
+    pub fn cores(self, secs: f64) -> f64 {
+        secs.max(0.0) / self.wall.max(1e-9)
+    }
+}
