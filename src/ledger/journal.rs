@@ -378,6 +378,13 @@ impl JournalWriter {
                 .connect()
                 .await
                 .map_err(|e| WriteError::Connection(format!("cannot connect: {e}")))?;
+            // A generic plan made while the journal tables were small (a new
+            // deployment) keeps seq-scanning them as they grow; planning each
+            // batch's statements for the tables as they are costs far less.
+            client
+                .batch_execute("SET plan_cache_mode = force_custom_plan")
+                .await
+                .map_err(|e| WriteError::Connection(format!("cannot configure: {e}")))?;
             let statements = Statements::prepare(&client)
                 .await
                 .map_err(|e| WriteError::Connection(format!("cannot prepare: {e}")))?;
