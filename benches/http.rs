@@ -1,14 +1,18 @@
 //! HTTP throughput of the real server: `GET /api/credits` (Clerk token
 //! verified, balance from the account's actor, last transactions and usages
-//! from PostgreSQL) next to the no-op `GET /healthz` and `GET /readyz` (one
-//! `SELECT 1`), at the same concurrency, driven by `wrk`.
+//! from PostgreSQL or the page cache) and `POST /api/chat` on the platform
+//! key (a hold, a call to a local fake Anthropic server that answers at once,
+//! a settlement: two durable journal entries), next to the no-op
+//! `GET /healthz` and `GET /readyz` (one `SELECT 1`), at the same
+//! concurrency, driven by `wrk`.
 //!
-//! `cargo bench --bench http` (needs `wrk` on PATH: `apt-get install wrk`).
+//! `benches/run http` installs `wrk` when it is missing, or
+//! `cargo bench --bench http` with `wrk` on PATH (`apt-get install wrk`).
 //! Knobs (environment): BENCH_SECS (each run, default 5), BENCH_CONNECTIONS
 //! (default 64), BENCH_WRK_THREADS (default 2), BENCH_USERS (distinct users,
 //! each with its own session token, default 1000), BENCH_HISTORY (reserve+
 //! settle cycles in each user's history, default 20), BENCH_ROUTES (the runs,
-//! in order, default `/healthz,/api/credits,/readyz,/healthz,/api/credits`). Starts the app
+//! in order, default `/healthz,/api/credits,/api/chat,/readyz,/healthz,/api/credits,/api/chat`). Starts the app
 //! in-process on a private durable cluster under `target/bench-http-postgres`
 //! and a local JWKS server publishing the key that signs the tokens.
 
@@ -151,17 +155,58 @@ async fn seed_history(database: &Database, settings: &Settings, users: usize, cy
     );
 }
 
-/// A wrk script sending each request with the next user's token.
-fn write_script(path: &Path, key: &SigningKey, users: usize) {
+/// The chat every `POST /api/chat` of the bench sends.
+const CHAT_BODY: &str = r#"{"messages":[{"role":"user","content":"Add a login page"}],"model":"claude-haiku-4-5","maxTokens":256}"#;
+
+/// What the fake Anthropic server answers: the Messages API's shape.
+const ANTHROPIC_REPLY: &str = r#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"Done."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":40,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":20}}"#;
+
+/// A wrk script sending each request with the next user's token; `POST`
+/// routes send the chat body.
+fn write_script(path: &Path, key: &SigningKey, users: usize, method: &str) {
     let tokens: Vec<String> = (0..users)
         .map(|user| format!("  \"{}\",", key.token(&clerk_id(user))))
         .collect();
+    let body = if method == "POST" {
+        format!("[[{CHAT_BODY}]]")
+    } else {
+        "nil".to_owned()
+    };
     let script = format!(
         "local tokens = {{\n{}\n}}\nlocal i = 0\nrequest = function()\n  i = i + 1\n  \
-         return wrk.format(\"GET\", nil, {{ [\"Authorization\"] = \"Bearer \" .. tokens[(i % #tokens) + 1] }})\nend\n",
+         return wrk.format(\"{method}\", nil, {{ [\"Authorization\"] = \"Bearer \" .. tokens[(i % #tokens) + 1], \
+         [\"Content-Type\"] = \"application/json\" }}, {body})\nend\n",
         tokens.join("\n")
     );
     std::fs::write(path, script).expect("write the wrk script");
+}
+
+fn method_of(path: &str) -> &'static str {
+    if path == "/api/chat" {
+        "POST"
+    } else {
+        "GET"
+    }
+}
+
+/// A local Anthropic Messages API that answers every call at once.
+fn fake_anthropic() -> (String, actix_web::dev::Server) {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let server = HttpServer::new(|| {
+        App::new().route(
+            "/v1/messages",
+            web::post().to(|| async {
+                HttpResponse::Ok()
+                    .content_type("application/json")
+                    .body(ANTHROPIC_REPLY)
+            }),
+        )
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .expect("bind the fake provider");
+    let address = format!("http://{}", server.addrs()[0]);
+    (address, server.run())
 }
 
 struct WrkRun {
@@ -229,7 +274,7 @@ fn main() {
     let history: usize = common::env_or("BENCH_HISTORY", 20);
     let routes: &'static str = common::env_or(
         "BENCH_ROUTES",
-        "/healthz,/api/credits,/readyz,/healthz,/api/credits".to_owned(),
+        "/healthz,/api/credits,/api/chat,/readyz,/healthz,/api/credits,/api/chat".to_owned(),
     )
     .leak();
     let mut settings = Settings::default_file().expect("default config");
@@ -252,6 +297,10 @@ fn main() {
             )
             .mount(&jwks)
             .await;
+        let (provider, provider_server) = fake_anthropic();
+        actix_web::rt::spawn(provider_server);
+        settings.providers.anthropic_base_url = provider;
+        settings.providers.anthropic_api_key = creditd::config::Secret::new("bench-platform-key");
         settings.server.bind = "127.0.0.1:0".into();
         settings.clerk.jwks_url = format!("{}{JWKS_PATH}", jwks.uri());
         settings.clerk.issuer = ISSUER.into();
@@ -265,17 +314,26 @@ fn main() {
         let handle = app.handle();
         let server = actix_web::rt::spawn(app.run());
 
-        let script = common::bench_dir("bench-http-postgres").join("tokens.lua");
-        write_script(&script, &key, users);
+        let dir = common::bench_dir("bench-http-postgres");
+        let (get_script, post_script) = (dir.join("get.lua"), dir.join("post.lua"));
+        write_script(&get_script, &key, users, "GET");
+        write_script(&post_script, &key, users, "POST");
+        let script = |path: &str| {
+            if method_of(path) == "POST" {
+                post_script.clone()
+            } else {
+                get_script.clone()
+            }
+        };
         eprintln!(
             "server: {} workers, pool_size {}; wrk: {threads} threads, {connections} connections, {users} users",
             settings.server.workers, settings.database.pool_size
         );
         // Warm-up: every user's token verified once and every actor loaded.
-        wrk(&base, "/api/credits", &script, 2, connections, threads).await;
+        wrk(&base, "/api/credits", &script("/api/credits"), 2, connections, threads).await;
         let mut runs = Vec::new();
         for path in routes.split(',') {
-            let run = wrk(&base, path, &script, secs, connections, threads).await;
+            let run = wrk(&base, path, &script(path), secs, connections, threads).await;
             eprintln!(
                 "{path}: {:.0} requests/s, p50 {}, p99 {}, failures {}",
                 run.requests_per_s, run.p50, run.p99, run.failures
@@ -313,7 +371,8 @@ fn print(runs: &[WrkRun], connections: usize) {
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for run in runs {
         println!(
-            "| GET {} | {} | {:.0} | {} | {} | {} | {} |",
+            "| {} {} | {} | {:.0} | {} | {} | {} | {} |",
+            method_of(run.path),
             run.path,
             connections,
             run.requests_per_s,
@@ -335,7 +394,8 @@ fn print(runs: &[WrkRun], connections: usize) {
         let cpu = run.cpu;
         let requests = run.requests_per_s * cpu.wall;
         println!(
-            "| GET {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| {} {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            method_of(run.path),
             run.path,
             cpu.cores(cpu.bench),
             cpu.cores(cpu.postgres),
@@ -349,4 +409,5 @@ fn print(runs: &[WrkRun], connections: usize) {
         "best GET /api/credits / best GET /healthz: {}",
         of_noop(best("/api/credits"))
     );
+    println!("best POST /api/chat: {:.0} chats/s", best("/api/chat"));
 }

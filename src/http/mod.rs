@@ -45,6 +45,7 @@ pub struct AppState {
     pub byok: Option<crate::byok::KeyCipher>,
     users: Mutex<HashMap<String, AccountId>>,
     histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
+    sealed_keys: Mutex<HashMap<AccountId, Arc<settings::StoredKeys>>>,
     /// Serializes the first lookup of a Clerk id (by hash shard).
     first_sight: Vec<tokio::sync::Mutex<()>>,
 }
@@ -76,6 +77,7 @@ impl AppState {
             byok,
             users: Mutex::new(HashMap::new()),
             histories: Mutex::new(HashMap::new()),
+            sealed_keys: Mutex::new(HashMap::new()),
             first_sight: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
     }
@@ -135,11 +137,33 @@ impl AppState {
         }
     }
 
-    /// Drops the cached balance-page history of an account whose user row
-    /// changed outside the ledger (its provider keys).
-    pub fn forget_history(&self, account: AccountId) {
-        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
-        histories.remove(&account);
+    fn cached_keys(&self, account: AccountId) -> Option<Arc<settings::StoredKeys>> {
+        let keys = self.sealed_keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.get(&account).cloned()
+    }
+
+    fn cache_keys(&self, account: AccountId, stored: Arc<settings::StoredKeys>) {
+        let capacity = self.settings.server.history_cache_entries;
+        let mut keys = self.sealed_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= capacity {
+            keys.clear();
+        }
+        if capacity > 0 {
+            keys.insert(account, stored);
+        }
+    }
+
+    /// Forgets what is cached from a user row whose provider keys changed:
+    /// the sealed keys and the balance page's `hasByok`.
+    pub fn user_keys_changed(&self, account: AccountId) {
+        self.sealed_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&account);
+        self.histories
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&account);
     }
 
     fn cached_user(&self, clerk_id: &str) -> Option<AccountId> {

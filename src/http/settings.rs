@@ -2,6 +2,8 @@
 //! sealed (see `crate::byok`), never returned whole, never logged: reads show
 //! only whether each key is set and its last 4 characters.
 
+use std::sync::Arc;
+
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
@@ -47,7 +49,12 @@ impl StoredKeys {
     }
 }
 
-pub async fn stored_keys(state: &State, account: AccountId) -> Result<StoredKeys, ApiError> {
+/// The user's sealed keys, from memory until they change (every platform
+/// chat asks whether the user has keys of their own).
+pub async fn stored_keys(state: &State, account: AccountId) -> Result<Arc<StoredKeys>, ApiError> {
+    if let Some(keys) = state.cached_keys(account) {
+        return Ok(keys);
+    }
     let client = state.client().await?;
     let row = client
         .query_opt(
@@ -56,10 +63,12 @@ pub async fn stored_keys(state: &State, account: AccountId) -> Result<StoredKeys
         )
         .await
         .map_err(store::unavailable)?;
-    Ok(row.map_or_else(StoredKeys::default, |row| StoredKeys {
+    let keys = Arc::new(row.map_or_else(StoredKeys::default, |row| StoredKeys {
         anthropic: row.get(0),
         openai: row.get(1),
-    }))
+    }));
+    state.cache_keys(account, keys.clone());
+    Ok(keys)
 }
 
 pub fn cipher(state: &State) -> Result<&KeyCipher, ApiError> {
@@ -205,7 +214,7 @@ async fn save(
         .await
         .map_err(store::unavailable)?;
     drop(client);
-    state.forget_history(account);
+    state.user_keys_changed(account);
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }
 
@@ -236,6 +245,6 @@ async fn remove(
         .await
         .map_err(store::unavailable)?;
     drop(client);
-    state.forget_history(account);
+    state.user_keys_changed(account);
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }

@@ -328,3 +328,44 @@ async fn the_balance_page_flag_follows_saved_and_removed_keys_at_once() {
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(has_byok().await, false);
 }
+
+#[actix::test]
+async fn a_key_saved_after_platform_chats_is_used_by_the_very_next_chat() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .and(header("x-api-key", USER_ANTHROPIC_KEY))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(anthropic_message("mine", 10, 10, 0, 0)),
+        )
+        .expect(1)
+        .mount(&fakes.anthropic)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(anthropic_message("platform", 10, 10, 0, 0)),
+        )
+        .expect(1)
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, with_byok).await;
+    fund(&app, "user_switch", 1_000_000).await;
+    let chat = json!({ "messages": [{ "role": "user", "content": "hi" }] });
+
+    let (_, platform) = json_of(app.post_as("user_switch", "/api/chat", &chat).await).await;
+    put_keys(
+        &app,
+        "user_switch",
+        &json!({ "anthropicKey": USER_ANTHROPIC_KEY }),
+    )
+    .await;
+    let (status, own) = json_of(app.post_as("user_switch", "/api/chat", &chat).await).await;
+
+    assert_eq!(platform["content"], "platform", "{platform}");
+    assert!(platform.get("credits").is_some());
+    assert_eq!(status, 200, "{own}");
+    assert_eq!(own["content"], "mine");
+    assert!(own.get("credits").is_none(), "{own}");
+    assert_eq!(count(&app, "credit_usages", "user_switch").await, 1);
+}
