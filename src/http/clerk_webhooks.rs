@@ -9,12 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::credits::signup_bonus_key;
 use super::error::{parse_json, ApiError, Code};
 use super::stripe::{already_processed, count, record_processed, Outcome};
 use super::{read_body, State};
-use crate::ledger::{AccountId, Posting, TransactionType};
-use crate::money::Micros;
+use crate::ledger::AccountId;
 use crate::svix::{self, SvixHeaders};
 
 /// `processed_webhook_events.source` of Clerk's events.
@@ -190,25 +188,9 @@ async fn upsert_user(state: &State, user: &ClerkUser) -> Result<AccountId, ApiEr
     Ok(account)
 }
 
-/// The signup bonus under the key `claim-bonus` uses: granted once.
+/// The signup bonus, under the key `claim-bonus` uses: granted once.
 async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Outcome, ApiError> {
-    let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
-        .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
-    let outcome = state
-        .engine
-        .credit(
-            account,
-            Posting {
-                key: signup_bonus_key(account)?,
-                kind: TransactionType::SignupBonus,
-                amount,
-                description: Some(format!("Bonus de bienvenue {amount}")),
-                stripe_session_id: None,
-                stripe_payment_id: None,
-                metadata: None,
-            },
-        )
-        .await?;
+    let outcome = super::credits::grant_signup_bonus(state, account).await?;
     Ok(if outcome.replayed {
         Outcome::Replayed
     } else {

@@ -144,32 +144,36 @@ async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiE
 
 /// The idempotency key of a user's signup bonus: one per user, ever,
 /// whichever path (this route, the Clerk webhook) grants it first.
-pub fn signup_bonus_key(account: AccountId) -> Result<IdempotencyKey, ApiError> {
+fn signup_bonus_key(account: AccountId) -> Result<IdempotencyKey, ApiError> {
     IdempotencyKey::parse(format!("bonus:signup:{}", account.0))
         .map_err(|e| ApiError::internal("signup bonus key", e))
+}
+
+/// The signup bonus, once per user ever, whichever path asks first (this
+/// route or Clerk's `user.created`): one key, one credit.
+pub(super) async fn grant_signup_bonus(
+    state: &State,
+    account: AccountId,
+) -> Result<crate::ledger::Outcome<crate::ledger::TransactionRecord>, ApiError> {
+    let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
+        .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
+    let posting = Posting {
+        key: signup_bonus_key(account)?,
+        kind: TransactionType::SignupBonus,
+        amount,
+        description: Some(format!("Bonus de bienvenue {amount}")),
+        stripe_session_id: None,
+        stripe_payment_id: None,
+        metadata: None,
+    };
+    Ok(state.engine.credit(account, posting).await?)
 }
 
 /// The signup bonus: 201 the first time, 200 with the same transaction after.
 async fn claim_bonus(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
-        .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
-    let outcome = state
-        .engine
-        .credit(
-            account,
-            Posting {
-                key: signup_bonus_key(account)?,
-                kind: TransactionType::SignupBonus,
-                amount,
-                description: Some(format!("Bonus de bienvenue {amount}")),
-                stripe_session_id: None,
-                stripe_payment_id: None,
-                metadata: None,
-            },
-        )
-        .await?;
+    let outcome = grant_signup_bonus(&state, account).await?;
     let body = json!({
         "transaction": TransactionView::from(&outcome.record),
         "alreadyClaimed": outcome.replayed,
