@@ -31,34 +31,17 @@ use anyhow::{bail, Context};
 use chrono::Utc;
 use creditd::config::Settings;
 use creditd::db::Database;
-use creditd::ledger::{AccountId, Engine, HoldId, UsageCharge};
+use creditd::ledger::{AccountId, Engine, HoldId};
 use creditd::money::Micros;
-use creditd::pricing::TokenUsage;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
 const HOLD_MICROS: i64 = 100_000;
-const COST_MICROS: i64 = 30_626;
 const MODEL: &str = "claude-sonnet-4-5";
 const INPUT_TOKENS: i64 = 500;
 const OUTPUT_TOKENS: i64 = 2000;
 const OPENING_MICROS: i64 = 1_000_000_000_000;
-
-fn charge() -> UsageCharge {
-    UsageCharge {
-        model: MODEL.into(),
-        tokens: TokenUsage {
-            input_tokens: INPUT_TOKENS as u64,
-            output_tokens: OUTPUT_TOKENS as u64,
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-        },
-        cost: Micros::new(COST_MICROS),
-        conversation_id: None,
-        message_id: None,
-    }
-}
 
 /// The seed's request path in Rust: every reserve and every settle is one
 /// transaction holding the account's balance row lock until it commits.
@@ -199,12 +182,14 @@ impl Side {
                 engine
                     .reserve(account, hold, Micros::new(HOLD_MICROS))
                     .await?;
-                engine.settle(account, hold, charge()).await?;
+                engine.settle(account, hold, common::charge()).await?;
             }
             Side::Baseline(baseline) => {
                 let hold = Uuid::new_v4();
                 baseline.reserve(account.0, hold, HOLD_MICROS).await?;
-                baseline.settle(account.0, hold, COST_MICROS).await?;
+                baseline
+                    .settle(account.0, hold, common::COST_MICROS)
+                    .await?;
             }
         }
         Ok(())
@@ -537,7 +522,7 @@ async fn seed(database: &Database, count: i64, history: i64) {
                 &OPENING_MICROS,
                 &history,
                 &HOLD_MICROS,
-                &COST_MICROS,
+                &common::COST_MICROS,
                 &MODEL,
                 &INPUT_TOKENS,
                 &OUTPUT_TOKENS,
@@ -547,7 +532,7 @@ async fn seed(database: &Database, count: i64, history: i64) {
             "INSERT INTO credit_balances (user_id, balance_micros, held_micros, version)
              SELECT g, $2::int8 - $3::int8 * $4::int8, 0, 2 * $3::int8 + 1
                FROM generate_series(1, $1::int8) g",
-            &[&count, &OPENING_MICROS, &history, &COST_MICROS],
+            &[&count, &OPENING_MICROS, &history, &common::COST_MICROS],
         ),
     ];
     for (statement, params) in steps {

@@ -24,11 +24,8 @@ use std::time::Duration;
 
 use creditd::config::Settings;
 use creditd::db::Database;
-use creditd::ledger::{
-    store, AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType, UsageCharge,
-};
+use creditd::ledger::{store, AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType};
 use creditd::money::Micros;
-use creditd::pricing::TokenUsage;
 
 const ISSUER: &str = "https://clerk.creditd.bench";
 const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -86,21 +83,6 @@ fn clerk_id(user: usize) -> String {
     format!("user_bench_{user}")
 }
 
-fn charge() -> UsageCharge {
-    UsageCharge {
-        model: "claude-sonnet-4-5".into(),
-        tokens: TokenUsage {
-            input_tokens: 500,
-            output_tokens: 2000,
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-        },
-        cost: Micros::new(30_626),
-        conversation_id: None,
-        message_id: None,
-    }
-}
-
 /// Every user with a top-up and `cycles` settled usages, written through an
 /// engine of its own that is shut down before the app starts.
 async fn seed_history(database: &Database, settings: &Settings, users: usize, cycles: usize) {
@@ -141,7 +123,7 @@ async fn seed_history(database: &Database, settings: &Settings, users: usize, cy
                         .await
                         .expect("reserve");
                     engine
-                        .settle(account, hold, charge())
+                        .settle(account, hold, common::charge())
                         .await
                         .expect("settle");
                 }

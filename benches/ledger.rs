@@ -5,6 +5,8 @@
 //! BENCH_CLIENTS the concurrent callers, default 512). Starts a private,
 //! durable (fsync on) PostgreSQL cluster under `target/bench-postgres`.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,11 +14,8 @@ use std::time::{Duration, Instant};
 use creditd::config::Settings;
 use creditd::db::cluster::{Durability, PrivateCluster};
 use creditd::db::{self, Database};
-use creditd::ledger::{
-    store, AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType, UsageCharge,
-};
+use creditd::ledger::{store, AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType};
 use creditd::money::Micros;
-use creditd::pricing::TokenUsage;
 
 struct Run {
     name: String,
@@ -33,21 +32,6 @@ impl Run {
         }
         let index = ((self.latencies.len() - 1) as f64 * p).round() as usize;
         Duration::from_nanos(self.latencies[index])
-    }
-}
-
-fn charge() -> UsageCharge {
-    UsageCharge {
-        model: "claude-sonnet-4-5".into(),
-        tokens: TokenUsage {
-            input_tokens: 500,
-            output_tokens: 2000,
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-        },
-        cost: Micros::new(30_626),
-        conversation_id: None,
-        message_id: None,
     }
 }
 
@@ -80,7 +64,7 @@ async fn drive(
                     let begun = Instant::now();
                     let hold = HoldId::generate();
                     let ok = match engine.reserve(account, hold, Micros::new(100_000)).await {
-                        Ok(_) => engine.settle(account, hold, charge()).await.is_ok(),
+                        Ok(_) => engine.settle(account, hold, common::charge()).await.is_ok(),
                         Err(_) => false,
                     };
                     if ok {

@@ -10,13 +10,14 @@
 //! BENCH_TOUCH_CONCURRENCY (default 1024). Persistence is stubbed
 //! (`Engine::in_memory`): this measures the engine's own memory.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use creditd::config::Settings;
-use creditd::ledger::{AccountId, Engine, HoldId, UsageCharge};
+use creditd::ledger::{AccountId, Engine, HoldId};
 use creditd::money::Micros;
-use creditd::pricing::TokenUsage;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -46,21 +47,6 @@ fn trim_heap() {
     }
 }
 
-fn charge() -> UsageCharge {
-    UsageCharge {
-        model: "claude-sonnet-4-5".into(),
-        tokens: TokenUsage {
-            input_tokens: 500,
-            output_tokens: 2000,
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-        },
-        cost: Micros::new(30_626),
-        conversation_id: None,
-        message_id: None,
-    }
-}
-
 /// One reserve+settle on each of `count` accounts, `concurrency` at a time.
 async fn touch(engine: &Arc<Engine>, count: i64, concurrency: i64) -> Duration {
     let started = Instant::now();
@@ -77,7 +63,7 @@ async fn touch(engine: &Arc<Engine>, count: i64, concurrency: i64) -> Duration {
                     .await
                     .expect("reserve");
                 engine
-                    .settle(account, hold, charge())
+                    .settle(account, hold, common::charge())
                     .await
                     .expect("settle");
             }

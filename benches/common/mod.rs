@@ -1,5 +1,7 @@
-//! What the side-by-side benches share: knobs read from the environment and
-//! a private, durable PostgreSQL cluster with one migrated database per side.
+//! What the benches share: knobs read from the environment, a private,
+//! durable PostgreSQL cluster with one migrated database per side, and the
+//! usage every cycle settles. Each bench uses a subset.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -7,6 +9,29 @@ use std::str::FromStr;
 use creditd::config::DatabaseSettings;
 use creditd::db::cluster::{Durability, PrivateCluster};
 use creditd::db::{self, Database};
+use creditd::ledger::UsageCharge;
+use creditd::money::Micros;
+use creditd::pricing::TokenUsage;
+
+/// The real cost of the seed's typical request (500 input + 2,000 output
+/// tokens on claude-sonnet-4-5): what every benchmark cycle settles.
+pub const COST_MICROS: i64 = 30_626;
+
+/// The usage a benchmark cycle settles its hold with.
+pub fn charge() -> UsageCharge {
+    UsageCharge {
+        model: "claude-sonnet-4-5".into(),
+        tokens: TokenUsage {
+            input_tokens: 500,
+            output_tokens: 2000,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+        },
+        cost: Micros::new(COST_MICROS),
+        conversation_id: None,
+        message_id: None,
+    }
+}
 
 /// `name` from the environment, or `default` when unset; a value that does
 /// not parse stops the bench with a message naming the variable.
