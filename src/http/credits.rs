@@ -100,7 +100,7 @@ struct Overview<'a> {
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let snapshot = state.engine.balance(account).await?;
+    let snapshot = state.engine.balance_summary(account).await?;
     let history = history(&state, account, snapshot.version).await?;
     let low = Micros::new(state.settings.credits.low_balance_cents * MICROS_PER_CENT);
     Ok(HttpResponse::Ok().json(Overview {

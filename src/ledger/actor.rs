@@ -66,6 +66,33 @@ pub struct AccountActor {
     timer: Option<(SpawnHandle, Instant)>,
     /// Removes this actor from the directory (if it is still the registered one).
     deregister: Arc<dyn Fn() + Send + Sync>,
+    published: Arc<Published>,
+}
+
+/// What an actor shares with the directory entry that started it.
+pub(crate) struct DirectoryLinks {
+    /// Removes the entry (if it is still this actor's).
+    pub deregister: Arc<dyn Fn() + Send + Sync>,
+    /// The actor's durability, written by the journal writer.
+    pub durable: DurableSender,
+    pub published: Arc<Published>,
+}
+
+/// The account's summary as of its last operation, for reads that skip the
+/// mailbox; written by the actor only, cleared when it stops. A reader must
+/// also check the actor's durable watch: a state whose write failed is not
+/// to be shown.
+#[derive(Default)]
+pub(crate) struct Published(std::sync::Mutex<Option<BalanceSummary>>);
+
+impl Published {
+    pub fn get(&self) -> Option<BalanceSummary> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, summary: Option<BalanceSummary>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = summary;
+    }
 }
 
 impl AccountActor {
@@ -75,12 +102,14 @@ impl AccountActor {
         backend: Backend,
         writer: WriterHandle,
         settings: ActorSettings,
-        deregister: Arc<dyn Fn() + Send + Sync>,
+        links: DirectoryLinks,
     ) -> AccountActor {
-        let (tx, rx) = watch::channel(Durable {
-            seq: 0,
-            failed: false,
-        });
+        let DirectoryLinks {
+            deregister,
+            durable,
+            published,
+        } = links;
+        let rx = durable.subscribe();
         AccountActor {
             account,
             epoch,
@@ -88,11 +117,12 @@ impl AccountActor {
             writer,
             settings,
             phase: Phase::Loading,
-            durable_tx: Arc::new(tx),
+            durable_tx: durable,
             durable_rx: rx,
             last_activity: Instant::now(),
             timer: None,
             deregister,
+            published,
         }
     }
 
@@ -122,6 +152,7 @@ impl AccountActor {
 
     fn stop(&mut self, ctx: &mut Context<Self>) {
         if !matches!(self.phase, Phase::Stopping) {
+            self.published.set(None);
             (self.deregister)();
             self.phase = Phase::Stopping;
             ctx.stop();
@@ -169,6 +200,9 @@ impl AccountActor {
             Ok(Applied::Replay { value, seq }) => (value, seq, true),
             Err(error) => return ready(Err(error)),
         };
+        if !replayed {
+            self.published.set(Some(state.snapshot_summary()));
+        }
         if cfg!(debug_assertions) {
             if let Err(error) = state.check_invariants() {
                 tracing::error!(%error, "ledger invariant broken");
@@ -310,6 +344,7 @@ impl AccountActor {
         }
         self.durable_tx
             .send_modify(|durable| durable.seq = stored.version);
+        self.published.set(Some(state.snapshot_summary()));
         self.phase = Phase::Ready(Box::new(state));
         // Holds that expired while the account was not resident go first.
         self.tick(ctx);

@@ -11,7 +11,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 
 use super::actor::*;
-use super::journal::{spawn_writer, WriterHandle};
+use super::journal::{spawn_writer, Durable, DurableSender, WriterHandle};
 use super::types::*;
 use crate::config::{EngineSettings, JournalSettings};
 use crate::db::Database;
@@ -27,6 +27,9 @@ struct Handle {
     id: u64,
     /// Operations sent and not yet answered: bounds the mailbox.
     inflight: Arc<AtomicUsize>,
+    /// The actor's journal durability (a failed write makes its state void).
+    durable: DurableSender,
+    published: Arc<Published>,
 }
 
 struct Inner {
@@ -94,13 +97,22 @@ impl Directory {
         let backend = inner.backend.clone();
         let writer = inner.writer.clone();
         let settings = inner.settings;
+        let durable: DurableSender = Arc::new(tokio::sync::watch::channel(Durable::default()).0);
+        let published = Arc::new(Published::default());
+        let links = DirectoryLinks {
+            deregister,
+            durable: durable.clone(),
+            published: published.clone(),
+        };
         let addr = AccountActor::start_in_arbiter(arbiter, move |_| {
-            AccountActor::new(account, id, backend, writer, settings, deregister)
+            AccountActor::new(account, id, backend, writer, settings, links)
         });
         let handle = Handle {
             addr,
             id,
             inflight: Arc::new(AtomicUsize::new(0)),
+            durable,
+            published,
         };
         if shard.insert(account, handle.clone()).is_none() {
             inner.resident.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +165,18 @@ impl Directory {
         Err(LedgerError::Unavailable(
             "the account kept resetting; retry shortly".into(),
         ))
+    }
+
+    /// The account's summary as its resident actor last published it, with
+    /// no message: `None` when the actor is not resident, not loaded, or a
+    /// journal write of it failed (it must reload first).
+    pub fn summary(&self, account: AccountId) -> Option<BalanceSummary> {
+        let shard = lock(self.inner.shard(account));
+        let handle = shard.get(&account)?;
+        if !handle.addr.connected() || handle.durable.borrow().failed {
+            return None;
+        }
+        handle.published.get()
     }
 
     /// Actors currently resident.
@@ -377,6 +401,17 @@ impl Engine {
 
     pub async fn balance(&self, account: AccountId) -> Result<BalanceSnapshot, LedgerError> {
         self.directory.call(account, GetBalance).await
+    }
+
+    /// The account's amounts and version: from the resident actor's last
+    /// published state when there is one, else by asking (and loading) it.
+    pub async fn balance_summary(&self, account: AccountId) -> Result<BalanceSummary, LedgerError> {
+        if let Some(summary) = self.directory.summary(account) {
+            return Ok(summary);
+        }
+        self.balance(account)
+            .await
+            .map(|snapshot| snapshot.summary())
     }
 }
 

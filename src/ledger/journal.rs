@@ -35,7 +35,7 @@ pub(crate) enum Record {
 }
 
 /// An account's durability as the writer last saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Durable {
     /// Highest seq committed.
     pub seq: i64,

@@ -439,6 +439,15 @@ impl AccountState {
         self.holds.next_expiry()
     }
 
+    pub fn snapshot_summary(&self) -> BalanceSummary {
+        BalanceSummary {
+            balance_micros: self.balance,
+            held_micros: self.held,
+            available_micros: self.available(),
+            version: self.seq,
+        }
+    }
+
     pub fn snapshot(&self) -> BalanceSnapshot {
         let mut holds: Vec<HoldRecord> = self.holds.values().copied().collect();
         holds.sort_by_key(|h| h.seq);

@@ -299,6 +299,28 @@ pub struct BalanceSnapshot {
     pub holds: Vec<HoldRecord>,
 }
 
+/// An account's amounts and version, without its holds: what the balance
+/// page needs, readable without a message to the account's actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceSummary {
+    pub balance_micros: Micros,
+    pub held_micros: Micros,
+    pub available_micros: Micros,
+    pub version: i64,
+}
+
+impl BalanceSnapshot {
+    pub fn summary(&self) -> BalanceSummary {
+        BalanceSummary {
+            balance_micros: self.balance_micros,
+            held_micros: self.held_micros,
+            available_micros: self.available_micros,
+            version: self.version,
+        }
+    }
+}
+
 /// Every way an engine operation can fail, in the order they are checked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {

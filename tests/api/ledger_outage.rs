@@ -214,3 +214,71 @@ async fn operations_in_flight_when_the_database_stops_fail_cleanly_and_the_engin
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[actix::test]
+async fn a_balance_read_never_shows_an_operation_whose_write_failed() {
+    let dir = std::env::temp_dir().join(format!("creditd-test-{}-void-read", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = start_cluster(dir.clone()).await;
+    let mut client = connect(&cluster.config("postgres")).await.unwrap();
+    db::migrate(&mut client).await.unwrap();
+    let mut settings = settings();
+    settings.database.connect_timeout_ms = 500;
+    settings.database.pool_wait_timeout_ms = 500;
+    let database = Database {
+        config: cluster.config("postgres"),
+        cluster: None,
+    }
+    .with_settings(&settings.database);
+    let pool = database.pool(&settings.database).unwrap();
+    let engine = Engine::start(&settings.engine, &settings.journal, database, pool);
+    let account = creditd::ledger::store::ensure_user(&client, "user_void")
+        .await
+        .unwrap();
+    drop(client);
+    engine
+        .credit(account, posting("durable", TransactionType::TopUp, eur(10)))
+        .await
+        .unwrap();
+    assert_eq!(
+        engine
+            .balance_summary(account)
+            .await
+            .unwrap()
+            .balance_micros,
+        eur(10)
+    );
+
+    let stopping = cluster.clone();
+    tokio::task::spawn_blocking(move || stopping.stop())
+        .await
+        .unwrap();
+    // A hold id needs no lookup: the reserve applies in memory at once and
+    // only its journal write fails.
+    let lost = engine.reserve(account, HoldId::generate(), eur(5)).await;
+    let read = engine.balance_summary(account).await;
+
+    assert!(matches!(lost, Err(LedgerError::Unavailable(_))), "{lost:?}");
+    match read {
+        Err(LedgerError::Unavailable(_)) => {}
+        Ok(summary) => assert_eq!(summary.held_micros, eur(0), "the failed hold shows"),
+        Err(other) => panic!("unexpected {other:?}"),
+    }
+    drop(cluster);
+    let _cluster = start_cluster(dir.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let summary = loop {
+        match engine.balance_summary(account).await {
+            Ok(summary) => break summary,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(error) => panic!("no recovery: {error:?}"),
+        }
+    };
+    assert_eq!(
+        (summary.balance_micros, summary.held_micros),
+        (eur(10), eur(0))
+    );
+    engine.shutdown(Duration::from_secs(5)).await;
+}
