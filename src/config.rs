@@ -121,6 +121,7 @@ pub struct EngineSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalSettings {
+    pub writers: usize,
     pub batch_max: usize,
     pub batch_delay_us: u64,
     pub queue_capacity: usize,
@@ -268,6 +269,7 @@ impl Settings {
             ("engine.hold_ttl_s", self.engine.hold_ttl_s),
             ("engine.recent_keys", self.engine.recent_keys as u64),
             ("engine.call_timeout_ms", self.engine.call_timeout_ms),
+            ("journal.writers", self.journal.writers as u64),
             ("journal.batch_max", self.journal.batch_max as u64),
             ("journal.queue_capacity", self.journal.queue_capacity as u64),
             ("journal.stall_after_ms", self.journal.stall_after_ms),
@@ -284,6 +286,9 @@ impl Settings {
             return Err(
                 "configuration key `server.body_limit_bytes`: must be greater than 0".into(),
             );
+        }
+        if self.journal.writers > 64 {
+            return Err("configuration key `journal.writers`: at most 64".into());
         }
         if self.journal.batch_max > 65_535 {
             return Err("configuration key `journal.batch_max`: at most 65535".into());

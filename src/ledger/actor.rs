@@ -177,7 +177,7 @@ impl AccountActor {
         let Phase::Ready(state) = &mut self.phase else {
             return ready(Err(LedgerError::Reset));
         };
-        let permit = match self.writer.reserve() {
+        let permit = match self.writer.reserve(self.account) {
             Ok(permit) => permit,
             Err(error) => return ready(Err(error)),
         };

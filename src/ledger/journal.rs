@@ -101,19 +101,41 @@ impl JournalHealth {
     }
 }
 
-/// The actors' and the operators' side of the writer.
-#[derive(Clone)]
-pub struct WriterHandle {
+/// One journal writer: its queue and its liveness.
+struct Lane {
     tx: mpsc::Sender<Entry>,
     health: Arc<JournalHealth>,
+}
+
+impl Lane {
+    fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    fn busy(&self) -> bool {
+        self.queue_depth() > 0 || self.health.busy.load(Ordering::Acquire)
+    }
+}
+
+/// The actors' and the operators' side of the writers. Accounts are spread
+/// over `journal.writers` writers by id, each with its own connection, so
+/// batches of different accounts commit in parallel while every account's
+/// entries stay in one writer, in order.
+#[derive(Clone)]
+pub struct WriterHandle {
+    lanes: Arc<[Lane]>,
     stall_after: Duration,
 }
 
 impl WriterHandle {
-    /// Room for one entry, taken before the operation applies, so a full
-    /// queue refuses the operation instead of losing its entry.
-    pub(crate) fn reserve(&self) -> Result<mpsc::Permit<'_, Entry>, LedgerError> {
-        self.tx.try_reserve().map_err(|error| match error {
+    fn lane(&self, account: AccountId) -> &Lane {
+        &self.lanes[account.0.unsigned_abs() as usize % self.lanes.len()]
+    }
+
+    /// Room for one entry of `account`, taken before the operation applies,
+    /// so a full queue refuses the operation instead of losing its entry.
+    pub(crate) fn reserve(&self, account: AccountId) -> Result<mpsc::Permit<'_, Entry>, LedgerError> {
+        self.lane(account).tx.try_reserve().map_err(|error| match error {
             mpsc::error::TrySendError::Full(()) => LedgerError::Overloaded,
             mpsc::error::TrySendError::Closed(()) => {
                 LedgerError::Unavailable("the journal writer has stopped".into())
@@ -121,20 +143,22 @@ impl WriterHandle {
         })
     }
 
+    /// Entries waiting, over all writers.
     pub fn queue_depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.lanes.iter().map(Lane::queue_depth).sum()
     }
 
-    /// Entries are waiting and none was written for `stall_after`.
+    /// A writer has entries waiting and wrote none for `stall_after`.
     pub fn is_stalled(&self) -> bool {
-        let waiting = self.queue_depth() > 0 || self.health.busy.load(Ordering::Relaxed);
-        waiting && self.health.since_progress() > self.stall_after
+        self.lanes
+            .iter()
+            .any(|lane| lane.busy() && lane.health.since_progress() > self.stall_after)
     }
 
     /// Waits until every entry queued so far has been written or failed.
     pub async fn flush(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
-        while self.queue_depth() > 0 || self.health.busy.load(Ordering::Acquire) {
+        while self.lanes.iter().any(Lane::busy) {
             if Instant::now() > deadline {
                 return false;
             }
@@ -144,35 +168,38 @@ impl WriterHandle {
     }
 }
 
-/// Starts the writer on `arbiter`. Without a database every entry is
+/// Starts the writers on `arbiter`. Without a database every entry is
 /// acknowledged as soon as it is gathered (persistence stubbed).
 pub(crate) fn spawn_writer(
     arbiter: &actix::ArbiterHandle,
     database: Option<Database>,
     settings: &JournalSettings,
 ) -> WriterHandle {
-    let (tx, rx) = mpsc::channel(settings.queue_capacity);
-    let health = Arc::new(JournalHealth {
-        started: Instant::now(),
-        last_progress_ms: AtomicU64::new(0),
-        busy: AtomicBool::new(false),
-    });
-    let writer = JournalWriter {
-        rx,
-        database,
-        connection: None,
-        batch_max: settings.batch_max,
-        batch_delay: Duration::from_micros(settings.batch_delay_us),
-        failed_epochs: HashMap::new(),
-        health: health.clone(),
-    };
-    let handle = WriterHandle {
-        tx,
-        health,
+    let lanes: Vec<Lane> = (0..settings.writers.max(1))
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(settings.queue_capacity);
+            let health = Arc::new(JournalHealth {
+                started: Instant::now(),
+                last_progress_ms: AtomicU64::new(0),
+                busy: AtomicBool::new(false),
+            });
+            let writer = JournalWriter {
+                rx,
+                database: database.clone(),
+                connection: None,
+                batch_max: settings.batch_max,
+                batch_delay: Duration::from_micros(settings.batch_delay_us),
+                failed_epochs: HashMap::new(),
+                health: health.clone(),
+            };
+            arbiter.spawn(writer.run());
+            Lane { tx, health }
+        })
+        .collect();
+    WriterHandle {
+        lanes: lanes.into(),
         stall_after: Duration::from_millis(settings.stall_after_ms),
-    };
-    arbiter.spawn(writer.run());
-    handle
+    }
 }
 
 struct Statements {
@@ -221,8 +248,6 @@ impl JournalWriter {
             metrics::histogram!("creditd_journal_batch_size").record(batch.len() as f64);
             self.process(batch).await;
             self.health.touch();
-            metrics::gauge!("creditd_journal_queue_depth")
-                .set((self.rx.max_capacity() - self.rx.capacity()) as f64);
             self.health.busy.store(false, Ordering::Release);
         }
         tracing::info!("journal writer stopped: every sender is gone");
