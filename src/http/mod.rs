@@ -236,7 +236,7 @@ pub fn server(
                         method = %method,
                         route = %route,
                         status,
-                        duration_ms = elapsed.as_secs_f64() * 1e3,
+                        duration_us = elapsed.as_micros() as u64,
                         "request"
                     );
                     if let Ok(value) = HeaderValue::from_str(&request_id) {
