@@ -134,13 +134,19 @@ impl WriterHandle {
 
     /// Room for one entry of `account`, taken before the operation applies,
     /// so a full queue refuses the operation instead of losing its entry.
-    pub(crate) fn reserve(&self, account: AccountId) -> Result<mpsc::Permit<'_, Entry>, LedgerError> {
-        self.lane(account).tx.try_reserve().map_err(|error| match error {
-            mpsc::error::TrySendError::Full(()) => LedgerError::Overloaded,
-            mpsc::error::TrySendError::Closed(()) => {
-                LedgerError::Unavailable("the journal writer has stopped".into())
-            }
-        })
+    pub(crate) fn reserve(
+        &self,
+        account: AccountId,
+    ) -> Result<mpsc::Permit<'_, Entry>, LedgerError> {
+        self.lane(account)
+            .tx
+            .try_reserve()
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(()) => LedgerError::Overloaded,
+                mpsc::error::TrySendError::Closed(()) => {
+                    LedgerError::Unavailable("the journal writer has stopped".into())
+                }
+            })
     }
 
     /// Entries waiting, over all writers.
