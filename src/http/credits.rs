@@ -6,6 +6,7 @@ use std::sync::Arc;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::views::{Page, TransactionView, UsageView};
@@ -30,8 +31,9 @@ const OVERVIEW_ENTRIES: i64 = 10;
 pub struct History {
     version: i64,
     has_byok: bool,
-    transactions: Vec<TransactionView>,
-    usages: Vec<UsageView>,
+    /// Serialized once: the page is read far more often than it changes.
+    transactions: Box<RawValue>,
+    usages: Box<RawValue>,
 }
 
 /// The balance page's history: from the cache when the account has not
@@ -69,11 +71,17 @@ async fn history(
         store::usages_page(&**client, account, None, OVERVIEW_ENTRIES),
     )?;
     let (durable_version, has_byok) = head;
+    let rendered = |value: Result<Box<RawValue>, serde_json::Error>| {
+        value.map_err(|e| ApiError::internal("balance page history", e))
+    };
+    let transactions: Vec<TransactionView> =
+        transactions.iter().map(TransactionView::from).collect();
+    let usages: Vec<UsageView> = usages.iter().map(UsageView::from).collect();
     let history = Arc::new(History {
         version,
         has_byok,
-        transactions: transactions.iter().map(TransactionView::from).collect(),
-        usages: usages.iter().map(UsageView::from).collect(),
+        transactions: rendered(serde_json::value::to_raw_value(&transactions))?,
+        usages: rendered(serde_json::value::to_raw_value(&usages))?,
     });
     if durable_version == version {
         state.cache_history(account, history.clone());
@@ -92,8 +100,8 @@ struct Overview<'a> {
     balance_formatted: String,
     is_low: bool,
     has_byok: bool,
-    transactions: &'a [TransactionView],
-    usages: &'a [UsageView],
+    transactions: &'a RawValue,
+    usages: &'a RawValue,
 }
 
 /// Balance, holds, the 10 newest transactions and usages.
