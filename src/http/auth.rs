@@ -234,8 +234,9 @@ fn bearer(request: &HttpRequest) -> Result<&str, ApiError> {
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
         .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer token"))?;
-    let value = header
-        .to_str()
+    // `from_utf8` validates a whole token at once; a session token is ~1 KiB
+    // read on every request, and anything but base64url fails verification.
+    let value = std::str::from_utf8(header.as_bytes())
         .map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
     let token = value
         .strip_prefix("Bearer ")
