@@ -392,6 +392,7 @@ async fn a_top_up_opens_a_checkout_session_in_payment_mode_with_the_amount_and_m
         0,
         "nothing is credited before payment"
     );
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -436,6 +437,7 @@ async fn top_ups_outside_the_limits_or_with_a_bad_body_get_400_and_no_stripe_cal
 
     assert_eq!(not_json.status(), 400);
     assert_eq!(stripe.stripe.received_requests().await.unwrap().len(), 0);
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -456,6 +458,7 @@ async fn the_limits_themselves_are_accepted() {
         .await;
         assert_eq!(status, 200, "{amount}: {body}");
     }
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -508,6 +511,7 @@ async fn concurrent_first_top_ups_create_one_stripe_customer() {
             .all(|k| *k == format!("creditd-customer-{account}")),
         "{keys:?}"
     );
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -548,6 +552,7 @@ async fn a_double_click_reuses_the_idempotency_key_of_the_first_session() {
     if window(&keys[0]) == window(&keys[1]) {
         assert_eq!(keys[0], keys[1]);
     }
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -589,6 +594,7 @@ async fn a_stripe_error_answers_a_clear_error_and_stores_no_customer() {
         .unwrap()
         .get(0);
     assert_eq!(stored, None);
+    app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -619,6 +625,7 @@ async fn top_ups_and_webhooks_answer_503_when_stripe_is_not_configured() {
         .as_str()
         .unwrap()
         .contains("stripe.webhook_secret"));
+    app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -632,9 +639,29 @@ async fn a_webhook_signed_as_stripe_signs_is_accepted_and_an_unhandled_type_igno
             json!({ "id": "in_1", "object": "invoice" }),
         ))
         .await;
+    let metrics = stripe
+        .app
+        .http
+        .get(stripe.app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
 
     assert_eq!(status, 200);
     assert_eq!(stripe.recorded_events().await, 1);
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("creditd_webhook_events_total{")
+                && line.contains(r#"source="stripe""#)
+                && line.contains(r#"type="other""#)
+                && line.contains(r#"outcome="ignored""#)),
+        "{metrics}"
+    );
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -822,6 +849,7 @@ async fn a_checkout_that_is_not_a_top_up_credits_nothing() {
 
     assert_eq!(status, 200);
     assert_eq!(stripe.balance_micros("user_sub_checkout").await, 0);
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -959,6 +987,7 @@ async fn a_refund_of_a_charge_that_paid_no_top_up_is_acknowledged_and_ignored() 
 
     assert_eq!(status, 200);
     assert_eq!(stripe.balance_micros("user_other_charge").await, 10_000_000);
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -1069,6 +1098,7 @@ async fn subscription_events_keep_the_users_plan() {
         200
     );
     assert_eq!(plan().await, ("FREE".to_owned(), None));
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -1105,6 +1135,7 @@ async fn a_webhook_whose_effect_did_not_commit_answers_an_error_and_is_processed
         .unwrap()
         .get(0);
     assert_eq!(plan, "PRO");
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
