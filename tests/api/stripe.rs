@@ -1024,19 +1024,34 @@ async fn a_dispute_debits_the_disputed_amount_once() {
 }
 
 fn subscription_event(id: &str, kind: &str, price: &str) -> Value {
-    event(
+    let now = chrono::Utc::now().timestamp();
+    subscription_event_at(id, kind, "sub_1", price, "active", now)
+}
+
+/// A `customer.subscription.*` event created at `created` (unix s).
+fn subscription_event_at(
+    id: &str,
+    kind: &str,
+    subscription: &str,
+    price: &str,
+    status: &str,
+    created: i64,
+) -> Value {
+    let mut event = event(
         id,
         kind,
         json!({
-            "id": "sub_1",
+            "id": subscription,
             "object": "subscription",
             "customer": "cus_plan",
-            "status": "active",
+            "status": status,
             "items": { "object": "list", "data": [
                 { "id": "si_1", "object": "subscription_item", "price": { "id": price, "object": "price" } }
             ]},
         }),
-    )
+    );
+    event["created"] = json!(created);
+    event
 }
 
 #[actix::test]
@@ -1202,5 +1217,83 @@ async fn concurrent_deliveries_of_two_partial_refunds_claw_back_their_total_once
         .map(|(amount, _)| amount)
         .sum();
     assert_eq!(clawed_back, 35_000_000);
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn subscription_events_delivered_out_of_order_leave_the_newest_plan() {
+    let stripe = spawn_stripe_app().await;
+    let account = stripe.app.account("user_plan_order").await.0;
+    let client = stripe.app.db.client().await;
+    client
+        .execute(
+            "UPDATE users SET stripe_customer_id = 'cus_plan' WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    let plan = || async {
+        let row = client
+            .query_one(
+                "SELECT plan, stripe_subscription_id FROM users WHERE id = $1",
+                &[&account],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, Option<String>>(1))
+    };
+    let t = chrono::Utc::now().timestamp() - 1000;
+    let old_created = subscription_event_at(
+        "evt_o1",
+        "customer.subscription.created",
+        "sub_old",
+        "price_starter",
+        "active",
+        t,
+    );
+    let new_created = subscription_event_at(
+        "evt_o2",
+        "customer.subscription.created",
+        "sub_new",
+        "price_pro",
+        "active",
+        t + 10,
+    );
+    let old_deleted = subscription_event_at(
+        "evt_o3",
+        "customer.subscription.deleted",
+        "sub_old",
+        "price_starter",
+        "canceled",
+        t + 20,
+    );
+    let new_canceled = subscription_event_at(
+        "evt_o4",
+        "customer.subscription.updated",
+        "sub_new",
+        "price_pro",
+        "canceled",
+        t + 30,
+    );
+
+    assert_eq!(stripe.deliver(&new_created).await, 200);
+    assert_eq!(stripe.deliver(&old_created).await, 200);
+    assert_eq!(
+        plan().await,
+        ("PRO".to_owned(), Some("sub_new".to_owned())),
+        "an older event changes nothing"
+    );
+    assert_eq!(stripe.deliver(&old_deleted).await, 200);
+    assert_eq!(
+        plan().await,
+        ("PRO".to_owned(), Some("sub_new".to_owned())),
+        "deleting a replaced subscription keeps the current one"
+    );
+    assert_eq!(stripe.deliver(&new_canceled).await, 200);
+    assert_eq!(
+        plan().await,
+        ("FREE".to_owned(), Some("sub_new".to_owned())),
+        "a subscription no longer live is FREE"
+    );
     stripe.app.db.reconcile_is_clean().await;
 }
