@@ -176,6 +176,7 @@ pub(super) enum Outcome {
     UnknownAccount,
     NotATopup,
     NothingToClawBack,
+    Superseded,
     Ignored,
 }
 
@@ -189,6 +190,7 @@ impl Outcome {
             Outcome::UnknownAccount => "unknown_account",
             Outcome::NotATopup => "not_a_topup",
             Outcome::NothingToClawBack => "nothing_to_claw_back",
+            Outcome::Superseded => "superseded",
             Outcome::Ignored => "ignored",
         }
     }
@@ -316,9 +318,11 @@ async fn dispatch(state: &State, event: &Event) -> Result<Outcome, ApiError> {
             checkout(state, object(event)?).await
         }
         "customer.subscription.created" | "customer.subscription.updated" => {
-            subscription(state, object(event)?, false).await
+            subscription(state, object(event)?, false, event.created).await
         }
-        "customer.subscription.deleted" => subscription(state, object(event)?, true).await,
+        "customer.subscription.deleted" => {
+            subscription(state, object(event)?, true, event.created).await
+        }
         "charge.refunded" => refund(state, object(event)?).await,
         "charge.dispute.created" => dispute(state, object(event)?).await,
         _ => Ok(Outcome::Ignored),
@@ -408,11 +412,17 @@ async fn checkout(state: &State, session: CheckoutSession) -> Result<Outcome, Ap
     applied(state.engine.credit(account, posting).await, "top-up")
 }
 
-/// `users.plan` from the subscription's price (deleted: FREE).
+/// `users.plan` from the subscription's price while it is live (active,
+/// trialing or past due); FREE once it is deleted or no longer live.
+///
+/// Stripe delivers events out of order: an event older than the one that
+/// last set the plan changes nothing, and the deletion of a subscription
+/// that is no longer the user's current one leaves the current one alone.
 async fn subscription(
     state: &State,
     subscription: Subscription,
     deleted: bool,
+    event_created: i64,
 ) -> Result<Outcome, ApiError> {
     let settings = &state.settings.stripe;
     let price = subscription
@@ -420,8 +430,12 @@ async fn subscription(
         .data
         .first()
         .map(|item| item.price.id.as_str());
+    let live = matches!(
+        subscription.status.as_str(),
+        "active" | "trialing" | "past_due"
+    );
     let plan = match price {
-        _ if deleted => "FREE",
+        _ if deleted || !live => "FREE",
         Some(id) if id == settings.starter_price_id => "STARTER",
         Some(id) if id == settings.pro_price_id => "PRO",
         Some(id) if id == settings.team_price_id => "TEAM",
@@ -431,20 +445,43 @@ async fn subscription(
         }
     };
     let subscription_id = (!deleted).then_some(subscription.id.as_str());
+    let event_at = chrono::DateTime::from_timestamp(event_created, 0)
+        .ok_or_else(|| ApiError::invalid("created: not a timestamp"))?;
     let client = state.client().await?;
     let updated = client
         .execute(
-            "UPDATE users SET plan = $2, stripe_subscription_id = $3, updated_at = now()
-              WHERE stripe_customer_id = $1",
-            &[&subscription.customer, &plan, &subscription_id],
+            "UPDATE users SET plan = $2, stripe_subscription_id = $3,
+                    stripe_subscription_event_at = $4, updated_at = now()
+              WHERE stripe_customer_id = $1
+                AND (stripe_subscription_event_at IS NULL OR stripe_subscription_event_at <= $4)
+                AND ($5 = false OR stripe_subscription_id IS NULL OR stripe_subscription_id = $6)",
+            &[
+                &subscription.customer,
+                &plan,
+                &subscription_id,
+                &event_at,
+                &deleted,
+                &subscription.id,
+            ],
         )
         .await
         .map_err(database_failure)?;
-    if updated == 0 {
-        tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
-        return Ok(Outcome::UnknownAccount);
+    if updated == 1 {
+        return Ok(Outcome::Applied);
     }
-    Ok(Outcome::Applied)
+    let known = client
+        .query_opt(
+            "SELECT 1 FROM users WHERE stripe_customer_id = $1",
+            &[&subscription.customer],
+        )
+        .await
+        .map_err(database_failure)?
+        .is_some();
+    if known {
+        return Ok(Outcome::Superseded);
+    }
+    tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
+    Ok(Outcome::UnknownAccount)
 }
 
 /// The account whose top-up this payment intent paid, if any.

@@ -11,6 +11,8 @@ pub struct Event {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// Unix seconds; Stripe does not deliver events in this order.
+    pub created: i64,
     pub data: EventData,
 }
 
@@ -40,6 +42,8 @@ pub struct CheckoutSession {
 pub struct Subscription {
     pub id: String,
     pub customer: String,
+    /// `active`, `trialing`, `past_due`, `canceled`, `unpaid`, …
+    pub status: String,
     pub items: List<SubscriptionItem>,
 }
 

@@ -206,6 +206,7 @@ async fn badly_signed_clerk_deliveries_get_400_and_change_nothing() {
     assert_eq!(unsigned.status(), 400);
     assert_eq!(user_row(&app, "user_forged").await, None);
     assert_eq!(bonuses(&app).await, 0);
+    app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -226,6 +227,7 @@ async fn clerk_webhooks_answer_503_when_the_signing_secret_is_not_set() {
         .as_str()
         .unwrap()
         .contains("clerk_webhook.signing_secret"));
+    app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]

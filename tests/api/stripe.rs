@@ -392,6 +392,7 @@ async fn a_top_up_opens_a_checkout_session_in_payment_mode_with_the_amount_and_m
         0,
         "nothing is credited before payment"
     );
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -436,6 +437,7 @@ async fn top_ups_outside_the_limits_or_with_a_bad_body_get_400_and_no_stripe_cal
 
     assert_eq!(not_json.status(), 400);
     assert_eq!(stripe.stripe.received_requests().await.unwrap().len(), 0);
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -456,6 +458,7 @@ async fn the_limits_themselves_are_accepted() {
         .await;
         assert_eq!(status, 200, "{amount}: {body}");
     }
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -508,6 +511,7 @@ async fn concurrent_first_top_ups_create_one_stripe_customer() {
             .all(|k| *k == format!("creditd-customer-{account}")),
         "{keys:?}"
     );
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -548,6 +552,7 @@ async fn a_double_click_reuses_the_idempotency_key_of_the_first_session() {
     if window(&keys[0]) == window(&keys[1]) {
         assert_eq!(keys[0], keys[1]);
     }
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -589,6 +594,7 @@ async fn a_stripe_error_answers_a_clear_error_and_stores_no_customer() {
         .unwrap()
         .get(0);
     assert_eq!(stored, None);
+    app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -619,6 +625,7 @@ async fn top_ups_and_webhooks_answer_503_when_stripe_is_not_configured() {
         .as_str()
         .unwrap()
         .contains("stripe.webhook_secret"));
+    app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -632,9 +639,29 @@ async fn a_webhook_signed_as_stripe_signs_is_accepted_and_an_unhandled_type_igno
             json!({ "id": "in_1", "object": "invoice" }),
         ))
         .await;
+    let metrics = stripe
+        .app
+        .http
+        .get(stripe.app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
 
     assert_eq!(status, 200);
     assert_eq!(stripe.recorded_events().await, 1);
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("creditd_webhook_events_total{")
+                && line.contains(r#"source="stripe""#)
+                && line.contains(r#"type="other""#)
+                && line.contains(r#"outcome="ignored""#)),
+        "{metrics}"
+    );
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -822,6 +849,7 @@ async fn a_checkout_that_is_not_a_top_up_credits_nothing() {
 
     assert_eq!(status, 200);
     assert_eq!(stripe.balance_micros("user_sub_checkout").await, 0);
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -959,6 +987,7 @@ async fn a_refund_of_a_charge_that_paid_no_top_up_is_acknowledged_and_ignored() 
 
     assert_eq!(status, 200);
     assert_eq!(stripe.balance_micros("user_other_charge").await, 10_000_000);
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -995,19 +1024,34 @@ async fn a_dispute_debits_the_disputed_amount_once() {
 }
 
 fn subscription_event(id: &str, kind: &str, price: &str) -> Value {
-    event(
+    let now = chrono::Utc::now().timestamp();
+    subscription_event_at(id, kind, "sub_1", price, "active", now)
+}
+
+/// A `customer.subscription.*` event created at `created` (unix s).
+fn subscription_event_at(
+    id: &str,
+    kind: &str,
+    subscription: &str,
+    price: &str,
+    status: &str,
+    created: i64,
+) -> Value {
+    let mut event = event(
         id,
         kind,
         json!({
-            "id": "sub_1",
+            "id": subscription,
             "object": "subscription",
             "customer": "cus_plan",
-            "status": "active",
+            "status": status,
             "items": { "object": "list", "data": [
                 { "id": "si_1", "object": "subscription_item", "price": { "id": price, "object": "price" } }
             ]},
         }),
-    )
+    );
+    event["created"] = json!(created);
+    event
 }
 
 #[actix::test]
@@ -1069,6 +1113,7 @@ async fn subscription_events_keep_the_users_plan() {
         200
     );
     assert_eq!(plan().await, ("FREE".to_owned(), None));
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -1105,6 +1150,7 @@ async fn a_webhook_whose_effect_did_not_commit_answers_an_error_and_is_processed
         .unwrap()
         .get(0);
     assert_eq!(plan, "PRO");
+    stripe.app.db.reconcile_is_clean().await;
 }
 
 #[actix::test]
@@ -1171,5 +1217,83 @@ async fn concurrent_deliveries_of_two_partial_refunds_claw_back_their_total_once
         .map(|(amount, _)| amount)
         .sum();
     assert_eq!(clawed_back, 35_000_000);
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn subscription_events_delivered_out_of_order_leave_the_newest_plan() {
+    let stripe = spawn_stripe_app().await;
+    let account = stripe.app.account("user_plan_order").await.0;
+    let client = stripe.app.db.client().await;
+    client
+        .execute(
+            "UPDATE users SET stripe_customer_id = 'cus_plan' WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    let plan = || async {
+        let row = client
+            .query_one(
+                "SELECT plan, stripe_subscription_id FROM users WHERE id = $1",
+                &[&account],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, Option<String>>(1))
+    };
+    let t = chrono::Utc::now().timestamp() - 1000;
+    let old_created = subscription_event_at(
+        "evt_o1",
+        "customer.subscription.created",
+        "sub_old",
+        "price_starter",
+        "active",
+        t,
+    );
+    let new_created = subscription_event_at(
+        "evt_o2",
+        "customer.subscription.created",
+        "sub_new",
+        "price_pro",
+        "active",
+        t + 10,
+    );
+    let old_deleted = subscription_event_at(
+        "evt_o3",
+        "customer.subscription.deleted",
+        "sub_old",
+        "price_starter",
+        "canceled",
+        t + 20,
+    );
+    let new_canceled = subscription_event_at(
+        "evt_o4",
+        "customer.subscription.updated",
+        "sub_new",
+        "price_pro",
+        "canceled",
+        t + 30,
+    );
+
+    assert_eq!(stripe.deliver(&new_created).await, 200);
+    assert_eq!(stripe.deliver(&old_created).await, 200);
+    assert_eq!(
+        plan().await,
+        ("PRO".to_owned(), Some("sub_new".to_owned())),
+        "an older event changes nothing"
+    );
+    assert_eq!(stripe.deliver(&old_deleted).await, 200);
+    assert_eq!(
+        plan().await,
+        ("PRO".to_owned(), Some("sub_new".to_owned())),
+        "deleting a replaced subscription keeps the current one"
+    );
+    assert_eq!(stripe.deliver(&new_canceled).await, 200);
+    assert_eq!(
+        plan().await,
+        ("FREE".to_owned(), Some("sub_new".to_owned())),
+        "a subscription no longer live is FREE"
+    );
     stripe.app.db.reconcile_is_clean().await;
 }
