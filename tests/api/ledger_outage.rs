@@ -38,6 +38,30 @@ async fn start_cluster(dir: std::path::PathBuf) -> Arc<PrivateCluster> {
     Arc::new(cluster)
 }
 
+/// A migrated cluster of the test's own in `dir`, and an engine on it that
+/// fails fast when the cluster stops.
+async fn engine_on_own_cluster(
+    dir: &std::path::Path,
+    adjust: impl FnOnce(&mut creditd::config::Settings),
+) -> (Arc<PrivateCluster>, Engine, tokio_postgres::Client) {
+    let _ = std::fs::remove_dir_all(dir);
+    let cluster = start_cluster(dir.to_path_buf()).await;
+    let mut client = connect(&cluster.config("postgres")).await.unwrap();
+    db::migrate(&mut client).await.unwrap();
+    let mut settings = settings();
+    settings.database.connect_timeout_ms = 500;
+    settings.database.pool_wait_timeout_ms = 500;
+    adjust(&mut settings);
+    let database = Database {
+        config: cluster.config("postgres"),
+        cluster: None,
+    }
+    .with_settings(&settings.database);
+    let pool = database.pool(&settings.database).unwrap();
+    let engine = Engine::start(&settings.engine, &settings.journal, database, pool);
+    (cluster, engine, client)
+}
+
 #[derive(Default)]
 struct Seen {
     reserved: Vec<(AccountId, HoldId)>,
@@ -48,27 +72,9 @@ struct Seen {
 #[actix::test]
 async fn operations_in_flight_when_the_database_stops_fail_cleanly_and_the_engine_recovers() {
     let dir = std::env::temp_dir().join(format!("creditd-test-{}-outage", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cluster = start_cluster(dir.clone()).await;
-    let mut client = connect(&cluster.config("postgres")).await.unwrap();
-    db::migrate(&mut client).await.unwrap();
-
-    let mut settings = settings();
-    settings.database.connect_timeout_ms = 500;
-    settings.database.pool_wait_timeout_ms = 500;
-    settings.engine.call_timeout_ms = 3_000;
-    let database = Database {
-        config: cluster.config("postgres"),
-        cluster: None,
-    }
-    .with_settings(&settings.database);
-    let pool = database.pool(&settings.database).unwrap();
-    let engine = Arc::new(Engine::start(
-        &settings.engine,
-        &settings.journal,
-        database,
-        pool,
-    ));
+    let (cluster, engine, client) =
+        engine_on_own_cluster(&dir, |settings| settings.engine.call_timeout_ms = 3_000).await;
+    let engine = Arc::new(engine);
     let mut accounts = Vec::new();
     for index in 0..8 {
         let account = creditd::ledger::store::ensure_user(&client, &format!("outage_{index}"))
@@ -218,20 +224,7 @@ async fn operations_in_flight_when_the_database_stops_fail_cleanly_and_the_engin
 #[actix::test]
 async fn a_balance_read_never_shows_an_operation_whose_write_failed() {
     let dir = std::env::temp_dir().join(format!("creditd-test-{}-void-read", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cluster = start_cluster(dir.clone()).await;
-    let mut client = connect(&cluster.config("postgres")).await.unwrap();
-    db::migrate(&mut client).await.unwrap();
-    let mut settings = settings();
-    settings.database.connect_timeout_ms = 500;
-    settings.database.pool_wait_timeout_ms = 500;
-    let database = Database {
-        config: cluster.config("postgres"),
-        cluster: None,
-    }
-    .with_settings(&settings.database);
-    let pool = database.pool(&settings.database).unwrap();
-    let engine = Engine::start(&settings.engine, &settings.journal, database, pool);
+    let (cluster, engine, client) = engine_on_own_cluster(&dir, |_| {}).await;
     let account = creditd::ledger::store::ensure_user(&client, "user_void")
         .await
         .unwrap();
