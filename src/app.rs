@@ -85,6 +85,7 @@ pub struct Application {
     port: u16,
     server: actix_web::dev::Server,
     engine: Arc<Engine>,
+    settlements: Arc<crate::metering::Settlements>,
     storage: Storage,
     shutdown_timeout: Duration,
 }
@@ -114,11 +115,13 @@ impl Application {
             Arc::new(prices),
             metrics,
         )?;
+        let settlements = state.settlements.clone();
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,
             server,
             engine,
+            settlements,
             storage,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_s),
         })
@@ -138,7 +141,14 @@ impl Application {
     /// stops the private PostgreSQL.
     pub async fn run(self) -> anyhow::Result<()> {
         self.server.await.context("HTTP server failed")?;
-        tracing::info!("server stopped; flushing the journal");
+        tracing::info!("server stopped; settling the chats still in flight");
+        if !self.settlements.drain(self.shutdown_timeout).await {
+            tracing::error!(
+                in_flight = self.settlements.in_flight(),
+                "platform chats still unsettled at the shutdown timeout"
+            );
+        }
+        tracing::info!("flushing the journal");
         if !self.engine.shutdown(self.shutdown_timeout).await {
             tracing::error!("the journal did not drain before the shutdown timeout");
         }

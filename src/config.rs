@@ -55,9 +55,10 @@ pub struct ChatSettings {
     pub max_tokens_limit: u32,
     pub message_overhead_tokens: u64,
     pub request_overhead_tokens: u64,
-    pub settle_retry_ms: u64,
+    pub pending_settlements_max: usize,
     pub stream_buffer_events: usize,
     pub stream_keep_alive_ms: u64,
+    pub stream_write_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -320,6 +321,15 @@ impl Settings {
             (
                 "chat.stream_buffer_events",
                 self.chat.stream_buffer_events as u64,
+            ),
+            (
+                "chat.pending_settlements_max",
+                self.chat.pending_settlements_max as u64,
+            ),
+            ("chat.stream_keep_alive_ms", self.chat.stream_keep_alive_ms),
+            (
+                "chat.stream_write_timeout_ms",
+                self.chat.stream_write_timeout_ms,
             ),
         ];
         for (key, value) in positive {

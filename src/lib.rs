@@ -6,8 +6,8 @@
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
-//! - [`svix`]: the signature of Clerk's (Svix) webhooks.
-//! - [`ledger`]: the engine (account actors, journal writer, reconcile).
+//! - [`svix`]: the signature of Clerk's (Svix) webhooks;
+//! - [`metering`]: chat settlements, retried until they post;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
 //! - [`byok`]: users' own provider keys, encrypted at rest.
 
@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod ledger;
+pub mod metering;
 pub mod money;
 pub mod pricing;
 pub mod providers;

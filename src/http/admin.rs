@@ -57,6 +57,11 @@ async fn adjust(
     if reason.is_empty() || reason.len() > 500 {
         return Err(ApiError::invalid("field `reason`: 1 to 500 characters"));
     }
+    if crate::ledger::check_text("reason", reason).is_err() {
+        return Err(ApiError::invalid(
+            "field `reason`: must not contain control characters",
+        ));
+    }
     let kind = match adjustment.kind.as_deref() {
         None | Some("ADJUSTMENT") => TransactionType::Adjustment,
         Some("PROMO_BONUS") if adjustment.amount_micros > 0 => TransactionType::PromoBonus,

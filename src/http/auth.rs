@@ -134,6 +134,11 @@ impl ClerkVerifier {
         if claims.sub.is_empty() {
             return Err(ApiError::unauthorized("session token has an empty subject"));
         }
+        if crate::ledger::check_text("sub", &claims.sub).is_err() {
+            return Err(ApiError::unauthorized(
+                "session token subject contains control characters or is too long",
+            ));
+        }
         self.remember(token, &claims);
         Ok(claims.sub)
     }

@@ -14,12 +14,25 @@
 //! of the model (input, cache read, cache write), since a provider may bill
 //! prompt tokens as cache writes.
 //!
+//! The hold is admission control, not the record of the charge: the
+//! provider call starts as soon as the account's actor applied the hold,
+//! without waiting for its commit, and the answer waits for one commit, the
+//! settlement's. A settlement always posts (see `crate::metering`): whether
+//! the hold is still active, expired, released or was lost, the delivered
+//! usage is charged once under the hold id, retried for as long as the
+//! process lives when the ledger is unavailable. A non-streamed answer is
+//! returned once its settlement is durable; a stream's `done` event carries
+//! the durable credits.
+//!
 //! Streams settle for what was produced: the provider's usage where it
 //! came, else the input estimate for the input and `ceil(bytes / 3)` of the
-//! text received for the output (never zero for received text). A stream
-//! whose settlement cannot commit after `chat.settle_retry_ms` ends with an
-//! `error` event saying so; the text was already sent, and the hold stays
-//! until the engine expires it (`engine.hold_ttl_s`).
+//! text received for the output (never zero for received text). A client
+//! that leaves, or does not take the next event within
+//! `chat.stream_write_timeout_ms`, ends the provider call; the stream is
+//! settled for what was produced, the provider's reported input included
+//! even when no text came yet. Free text that is stored with the usage
+//! (`conversationId`, `messageId`, `model`) is checked before any hold or
+//! provider call: control characters or over-long values get 400.
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -30,11 +43,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use futures_util::FutureExt;
+
 use super::error::{parse_json, ApiError, Code};
 use super::settings::{open_key, stored_keys};
 use super::{read_body, State};
 use crate::config::{ChatSettings, Secret};
-use crate::ledger::{AccountId, HoldId, LedgerError, UsageCharge, UsageRecord};
+use crate::ledger::{check_text, AccountId, HoldId, LedgerError, UsageCharge, UsageRecord};
+use crate::metering::SettlementSlot;
 use crate::money::Micros;
 use crate::pricing::{ModelPrice, Provider, TokenUsage};
 use crate::providers::{
@@ -114,14 +130,16 @@ impl Chat {
             ("conversationId", &body.conversation_id),
             ("messageId", &body.message_id),
         ] {
-            if value
-                .as_ref()
-                .is_some_and(|v| v.is_empty() || v.len() > REFERENCE_MAX_LEN)
-            {
+            let Some(value) = value else { continue };
+            if value.is_empty() || value.len() > REFERENCE_MAX_LEN {
                 return Err(ApiError::invalid(format!(
-                    "field `{field}`: must be 1 to {REFERENCE_MAX_LEN} characters long"
+                    "field `{field}`: must be 1 to {REFERENCE_MAX_LEN} bytes long"
                 )));
             }
+            check_text(field, value).map_err(|_| text_error(field))?;
+        }
+        if let Some(model) = &body.model {
+            check_text("model", model).map_err(|_| text_error("model"))?;
         }
         Ok(Chat {
             messages: body
@@ -139,6 +157,12 @@ impl Chat {
             message_id: body.message_id,
         })
     }
+}
+
+fn text_error(field: &str) -> ApiError {
+    ApiError::invalid(format!(
+        "field `{field}`: must not contain control characters"
+    ))
 }
 
 /// Input tokens of `messages`, never fewer than the provider will count.
@@ -194,6 +218,7 @@ async fn chat(
         request,
         byok: route.byok,
         billing: None,
+        slot: None,
         conversation_id: chat.conversation_id,
         message_id: chat.message_id,
     };
@@ -298,7 +323,7 @@ async fn reserve(
     let amount = hold_amount(price, input_estimate, request.max_tokens)
         .ok_or_else(|| ApiError::invalid("field `messages`: the conversation is too large"))?;
     let hold = HoldId::generate();
-    match state.engine.reserve(account, hold, amount).await {
+    match state.engine.admit(account, hold, amount).await {
         Ok(_) => Ok(Billing {
             hold,
             input_estimate,
@@ -334,6 +359,9 @@ struct Call {
     byok: bool,
     /// Set once the platform call's hold is taken.
     billing: Option<Billing>,
+    /// The platform call's place among the pending settlements, given back
+    /// once it settled or released (when the call is dropped).
+    slot: Option<SettlementSlot>,
     conversation_id: Option<String>,
     message_id: Option<String>,
 }
@@ -342,6 +370,7 @@ impl Call {
     /// Takes the hold of a platform call (a BYOK call has none).
     async fn hold(mut self) -> Result<Call, ApiError> {
         if !self.byok {
+            self.slot = Some(self.state.settlements.admit()?);
             self.billing = Some(reserve(&self.state, self.account, &self.request).await?);
         }
         Ok(self)
@@ -405,8 +434,9 @@ impl Call {
         }
     }
 
-    /// Settles the hold to the cost of `usage`, retrying for
-    /// `chat.settle_retry_ms` while the ledger is unavailable.
+    /// Charges the cost of `usage` under the hold, whatever became of the
+    /// hold, and returns it once durable (retried while the ledger is
+    /// unavailable, for as long as the process lives).
     async fn settle(&self, hold: HoldId, usage: TokenUsage) -> Result<UsageRecord, ApiError> {
         let model = &self.request.model;
         let cost = self
@@ -421,37 +451,14 @@ impl Call {
             conversation_id: self.conversation_id.clone(),
             message_id: self.message_id.clone(),
         };
-        let window = Duration::from_millis(self.state.settings.chat.settle_retry_ms);
-        let deadline = Instant::now() + window;
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match self
-                .state
-                .engine
-                .settle(self.account, hold, charge.clone())
-                .await
-            {
-                Ok(outcome) => {
-                    record_tokens(model, &usage);
-                    return Ok(outcome.record);
-                }
-                Err(LedgerError::Unavailable(_) | LedgerError::Overloaded | LedgerError::Reset)
-                    if Instant::now() + pause < deadline =>
-                {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                Err(error) => {
-                    tracing::error!(%error, %hold, cost = %cost,
-                        "a settlement could not commit; the hold is left to expire");
-                    return Err(ApiError::new(
-                        Code::Unavailable,
-                        "The answer could not be billed because the ledger is unavailable, \
-                         so it is withheld; retry shortly.",
-                    ));
-                }
-            }
-        }
+        let record = self
+            .state
+            .settlements
+            .settle(&self.state.engine, self.account, hold, charge)
+            .await
+            .map_err(|e| ApiError::internal("chat settlement", e))?;
+        record_tokens(model, &usage);
+        Ok(record)
     }
 
     fn provider_error(&self, error: &ProviderError) -> ApiError {
@@ -556,6 +563,8 @@ fn error_event(error: &ApiError, credits: Option<Value>) -> Bytes {
 enum End {
     Completed,
     Disconnected,
+    /// The client did not take the next event within the write timeout.
+    TooSlow,
     Broken(ProviderError),
 }
 
@@ -622,14 +631,19 @@ impl Call {
             self.release("client_disconnected").await;
             return;
         }
-        let keep_alive = Duration::from_millis(self.state.settings.chat.stream_keep_alive_ms);
-        let (end, text_bytes) = pump(&mut upstream, &events, keep_alive).await;
+        let chat = &self.state.settings.chat;
+        let pacing = Pacing {
+            keep_alive: Duration::from_millis(chat.stream_keep_alive_ms),
+            write_timeout: Duration::from_millis(chat.stream_write_timeout_ms),
+        };
+        let (end, text_bytes) = pump(&mut upstream, &events, pacing).await;
         let usage = upstream.usage();
         drop(upstream);
         self.observe(
             match &end {
                 End::Completed => "ok",
                 End::Disconnected => "client_disconnected",
+                End::TooSlow => "client_too_slow",
                 End::Broken(error) => error.outcome(),
             },
             started,
@@ -650,13 +664,14 @@ impl Call {
                 event("done", &data)
             }
             End::Broken(error) => error_event(&self.provider_error(&error), credits),
-            End::Disconnected => return,
+            End::Disconnected | End::TooSlow => return,
         };
         let _ = events.send(last).await;
     }
 
     /// Settles a streamed call for what it produced, or releases it when it
-    /// produced nothing and did not finish.
+    /// produced nothing and did not finish. A client that left before any
+    /// text is charged the input the provider reported, if it did.
     async fn bill_stream(
         &self,
         end: &End,
@@ -666,22 +681,23 @@ impl Call {
         let Some(billing) = self.billing else {
             return Ok(None);
         };
-        if text_bytes == 0 && !matches!(end, End::Completed) {
+        let nothing_produced = text_bytes == 0
+            && match end {
+                End::Completed => false,
+                End::Broken(_) => true,
+                End::Disconnected | End::TooSlow => usage.input.is_none(),
+            };
+        if nothing_produced {
             let reason = match end {
                 End::Broken(error) => error.outcome(),
+                End::TooSlow => "client_too_slow",
                 _ => "client_disconnected",
             };
             self.release(reason).await;
             return Ok(None);
         }
         let tokens = streamed_usage(usage, text_bytes, billing.input_estimate);
-        let record = self.settle(billing.hold, tokens).await.map_err(|_| {
-            ApiError::new(
-                Code::Unavailable,
-                "The answer was delivered but its charge could not be recorded; \
-                 the ledger is unavailable.",
-            )
-        })?;
+        let record = self.settle(billing.hold, tokens).await?;
         Ok(Some(credits_view(&record)))
     }
 }
@@ -690,43 +706,72 @@ impl Call {
 /// so that proxies keep the connection open and a departed client is noticed.
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
+/// How a stream paces its client.
+#[derive(Clone, Copy)]
+struct Pacing {
+    /// A comment is sent after this long without text.
+    keep_alive: Duration,
+    /// A client that does not take an event within this long is cut.
+    write_timeout: Duration,
+}
+
+/// Hands `bytes` to the client, or says how the client failed to take it.
+async fn deliver(events: &mpsc::Sender<Bytes>, bytes: Bytes, pacing: Pacing) -> Result<(), End> {
+    match tokio::time::timeout(pacing.write_timeout, events.send(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Disconnected),
+        Err(_) => Err(End::TooSlow),
+    }
+}
+
+/// Reads what the provider already sent and nobody read yet (its usage
+/// counts above all), without waiting: the client is gone, but what the
+/// provider produced is charged.
+fn drain_ready(upstream: &mut ProviderStream, text_bytes: &mut u64) {
+    while let Some(Ok(Some(text))) = upstream.next().now_or_never() {
+        *text_bytes = text_bytes.saturating_add(text.len() as u64);
+    }
+}
+
 /// Forwards text deltas until the provider finishes, the stream breaks, or
-/// the client goes away. Returns how it ended and the bytes of text read.
+/// the client goes away or stops reading. Returns how it ended and the bytes
+/// of text the provider produced.
 async fn pump(
     upstream: &mut ProviderStream,
     events: &mpsc::Sender<Bytes>,
-    keep_alive: Duration,
+    pacing: Pacing,
 ) -> (End, u64) {
     let mut text_bytes = 0u64;
+    let keep_alive = pacing.keep_alive;
     let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
-    loop {
+    let end = loop {
         let next = tokio::select! {
             biased;
-            _ = events.closed() => return (End::Disconnected, text_bytes),
+            _ = events.closed() => break End::Disconnected,
             next = upstream.next() => next,
             _ = idle.tick() => {
-                if events.send(Bytes::from_static(KEEP_ALIVE)).await.is_err() {
-                    return (End::Disconnected, text_bytes);
+                match deliver(events, Bytes::from_static(KEEP_ALIVE), pacing).await {
+                    Ok(()) => continue,
+                    Err(end) => break end,
                 }
-                continue;
             }
         };
         match next {
             Ok(Some(text)) => {
                 idle.reset();
                 text_bytes = text_bytes.saturating_add(text.len() as u64);
-                if events
-                    .send(event("delta", &json!({ "text": text })))
-                    .await
-                    .is_err()
+                if let Err(end) =
+                    deliver(events, event("delta", &json!({ "text": text })), pacing).await
                 {
-                    return (End::Disconnected, text_bytes);
+                    break end;
                 }
             }
             Ok(None) => return (End::Completed, text_bytes),
             Err(error) => return (End::Broken(error), text_bytes),
         }
-    }
+    };
+    drain_ready(upstream, &mut text_bytes);
+    (end, text_bytes)
 }
 
 /// The tokens a stream is charged for: the provider's counts where they

@@ -56,7 +56,36 @@ struct DeletedUser {
     id: String,
 }
 
+/// A stored text of a Clerk event, checked: no control characters, not
+/// over-long; else 400 naming the field.
+fn check_field(field: &str, value: &str) -> Result<(), ApiError> {
+    crate::ledger::check_text(field, value).map_err(|_| {
+        ApiError::invalid(format!(
+            "field `data.{field}`: must not contain control characters and be at most {} bytes",
+            crate::ledger::TEXT_MAX_BYTES
+        ))
+    })
+}
+
 impl ClerkUser {
+    /// Every text of the user that is stored, checked before anything is.
+    fn check(&self) -> Result<(), ApiError> {
+        check_field("id", &self.id)?;
+        for address in &self.email_addresses {
+            check_field("email_addresses.email_address", &address.email_address)?;
+        }
+        for (field, value) in [
+            ("first_name", &self.first_name),
+            ("last_name", &self.last_name),
+            ("image_url", &self.image_url),
+        ] {
+            if let Some(value) = value {
+                check_field(field, value)?;
+            }
+        }
+        Ok(())
+    }
+
     fn primary_email(&self) -> Option<&str> {
         let primary = self.primary_email_address_id.as_deref()?;
         self.email_addresses
@@ -149,14 +178,21 @@ async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError
     match event.kind.as_str() {
         "user.created" => {
             let user: ClerkUser = data(event)?;
+            user.check()?;
             let account = upsert_user(state, &user).await?;
             grant_signup_bonus(state, account).await
         }
         "user.updated" => {
-            upsert_user(state, &data(event)?).await?;
+            let user: ClerkUser = data(event)?;
+            user.check()?;
+            upsert_user(state, &user).await?;
             Ok(Outcome::Applied)
         }
-        "user.deleted" => delete_user(state, &data(event)?).await,
+        "user.deleted" => {
+            let user: DeletedUser = data(event)?;
+            check_field("id", &user.id)?;
+            delete_user(state, &user).await
+        }
         _ => Ok(Outcome::Ignored),
     }
 }

@@ -43,6 +43,8 @@ pub struct AppState {
     pub providers: crate::providers::ProviderClient,
     /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
     pub byok: Option<crate::byok::KeyCipher>,
+    /// Platform chats whose settlement may still be pending.
+    pub settlements: Arc<crate::metering::Settlements>,
     users: Mutex<HashMap<String, AccountId>>,
     histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
     sealed_keys: Mutex<HashMap<AccountId, Arc<settings::StoredKeys>>>,
@@ -65,6 +67,9 @@ impl AppState {
         let providers = crate::providers::ProviderClient::new(&settings.providers)?;
         let byok = crate::byok::KeyCipher::from_settings(&settings.byok)
             .map_err(|e| anyhow::anyhow!("byok.encryption_key: {e}"))?;
+        let settlements = Arc::new(crate::metering::Settlements::new(
+            settings.chat.pending_settlements_max,
+        ));
         Ok(AppState {
             settings,
             engine,
@@ -75,6 +80,7 @@ impl AppState {
             stripe,
             providers,
             byok,
+            settlements,
             users: Mutex::new(HashMap::new()),
             histories: Mutex::new(HashMap::new()),
             sealed_keys: Mutex::new(HashMap::new()),

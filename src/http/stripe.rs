@@ -14,7 +14,9 @@ use serde_json::json;
 
 use super::error::{parse_json, ApiError, Code};
 use super::{read_body, State};
-use crate::ledger::{AccountId, IdempotencyKey, LedgerError, Posting, TransactionType};
+use crate::ledger::{
+    AccountId, ClawbackRequest, IdempotencyKey, LedgerError, Posting, TransactionType,
+};
 use crate::money::Micros;
 use crate::stripe::events::{Charge, CheckoutSession, Dispute, Event, Subscription};
 use crate::stripe::signature;
@@ -501,13 +503,14 @@ async fn topup_account(state: &State, payment_intent: &str) -> Result<Option<Acc
 
 /// Debits the part of a top-up refunded since the last clawback.
 ///
-/// `amount_refunded` is cumulative. What was already clawed back is read
-/// from the ledger (the REFUND debits of this charge), under a lock per
-/// charge so two deliveries cannot both see the same past. The debit's key
-/// is `stripe:charge:<id>:refunded:<cumulative cents>`: one state of the
-/// charge, applied once; each partial refund adds its own part exactly once,
-/// a redelivery finds nothing left to claw back, and an older event arriving
-/// after a newer one finds the newer total already taken.
+/// `amount_refunded` is cumulative. The engine computes the part still to
+/// claw back inside the account's actor, where every clawback of the charge
+/// is serialized and what was already taken (committed or in flight) is
+/// known, so any delivery order, concurrency or slow commit debits exactly
+/// the refunded total. The debit's key is
+/// `stripe:charge:<id>:refunded:<cumulative cents>`: one state of the
+/// charge, applied once; a redelivery, or an older event arriving after a
+/// newer one, finds nothing left to claw back.
 async fn refund(state: &State, charge: Charge) -> Result<Outcome, ApiError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
         return Ok(Outcome::NotATopup);
@@ -527,58 +530,31 @@ async fn refund(state: &State, charge: Charge) -> Result<Outcome, ApiError> {
         tracing::warn!(charge = %charge.id, "refund of a charge that paid no top-up; ignored");
         return Ok(Outcome::NotATopup);
     };
-    let refunded = Micros::from_cents(charge.amount_refunded)
+    let target = Micros::from_cents(charge.amount_refunded)
         .map_err(|_| ApiError::invalid("amount_refunded: too large"))?;
-    let mut client = state.client().await?;
-    let transaction = client.transaction().await.map_err(database_failure)?;
-    let locked: bool = transaction
-        .query_one(
-            "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
-            &[&format!("stripe:charge:{}", charge.id)],
-        )
-        .await
-        .map_err(database_failure)?
-        .get(0);
-    if !locked {
-        return Err(ApiError::new(
-            Code::Unavailable,
-            "another delivery for this charge is being processed; retry",
-        ));
-    }
-    let clawed_back: i64 = transaction
-        .query_one(
-            "SELECT COALESCE(sum(amount_micros), 0)::int8 FROM credit_transactions
-              WHERE stripe_payment_id = $1 AND type = 'REFUND' AND metadata->>'chargeId' = $2",
-            &[&payment_intent, &charge.id],
-        )
-        .await
-        .map_err(database_failure)?
-        .get(0);
-    let remaining = refunded
-        .checked_sub(Micros::new(clawed_back))
-        .map_err(|_| ApiError::internal("refund", "clawback overflows"))?;
-    if !remaining.is_positive() {
-        transaction.commit().await.map_err(database_failure)?;
-        return Ok(Outcome::NothingToClawBack);
-    }
-    let posting = Posting {
+    let request = ClawbackRequest {
+        object: charge.id.clone(),
+        target,
         key: key(format!(
             "stripe:charge:{}:refunded:{}",
             charge.id, charge.amount_refunded
         ))?,
         kind: TransactionType::Refund,
-        amount: remaining,
-        description: Some(format!("Remboursement de {remaining}")),
-        stripe_session_id: None,
+        describe: |amount| format!("Remboursement de {amount}"),
         stripe_payment_id: Some(payment_intent.to_owned()),
         metadata: Some(json!({
             "chargeId": charge.id,
             "amountRefundedCents": charge.amount_refunded,
         })),
     };
-    let outcome = applied(state.engine.debit(account, posting).await, "refund")?;
-    transaction.commit().await.map_err(database_failure)?;
-    Ok(outcome)
+    match state.engine.clawback(account, request).await {
+        Ok(crate::ledger::Outcome { record: None, .. }) => Ok(Outcome::NothingToClawBack),
+        Ok(crate::ledger::Outcome {
+            record: Some(record),
+            replayed,
+        }) => applied(Ok(crate::ledger::Outcome { record, replayed }), "refund"),
+        Err(error) => applied(Err(error), "refund"),
+    }
 }
 
 /// Debits the disputed amount once per dispute.

@@ -38,6 +38,17 @@ pub(crate) struct ActorSettings {
     pub recent_keys: usize,
 }
 
+/// When an operation's reply comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Once its entry committed: acknowledged means durable.
+    WhenDurable,
+    /// As soon as the actor applied it: for a chat's hold, which is
+    /// admission control and not the record of a charge (its settlement
+    /// is, and waits for its own commit, which this entry's precedes).
+    WhenApplied,
+}
+
 type Reply<T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>>>>;
 
 fn ready<T: 'static>(result: Result<T, LedgerError>) -> Reply<T> {
@@ -170,6 +181,17 @@ impl AccountActor {
         ctx: &mut Context<Self>,
         operation: impl FnOnce(&mut AccountState, DateTime<Utc>, i64) -> Result<Applied<T>, LedgerError>,
     ) -> Reply<Outcome<T>> {
+        self.apply_answering(ctx, Answer::WhenDurable, operation)
+    }
+
+    /// Applies an operation and queues its entry; `answer` says whether the
+    /// reply waits for the entry's commit or comes as soon as it applied.
+    fn apply_answering<T: 'static>(
+        &mut self,
+        ctx: &mut Context<Self>,
+        answer: Answer,
+        operation: impl FnOnce(&mut AccountState, DateTime<Utc>, i64) -> Result<Applied<T>, LedgerError>,
+    ) -> Reply<Outcome<T>> {
         if let Err(error) = self.gate(ctx) {
             return ready(Err(error));
         }
@@ -186,6 +208,14 @@ impl AccountActor {
         let now = Utc::now().trunc_subsecs(6);
         let (value, seq, replayed) = match operation(state, now, durable_seq) {
             Ok(Applied::New { value, record }) => {
+                // The candidate state is checked before its entry leaves:
+                // a broken invariant fails the account, never journals.
+                if let Err(error) = state.check_invariants() {
+                    tracing::error!(%error, "ledger invariant broken; the account reloads");
+                    drop(permit);
+                    self.stop(ctx);
+                    return ready(Err(error));
+                }
                 permit.send(Entry {
                     account: self.account,
                     epoch: self.epoch,
@@ -203,11 +233,11 @@ impl AccountActor {
         if !replayed {
             self.published.set(Some(state.snapshot_summary()));
         }
-        if cfg!(debug_assertions) {
-            if let Err(error) = state.check_invariants() {
-                tracing::error!(%error, "ledger invariant broken");
-                return ready(Err(error));
-            }
+        if answer == Answer::WhenApplied {
+            return ready(Ok(Outcome {
+                record: value,
+                replayed,
+            }));
         }
         let durable = self.durable_rx.clone();
         Box::pin(async move {
@@ -403,12 +433,23 @@ pub struct Debit {
     pub posting: Posting,
 }
 
-/// Holds `amount` if available, idempotent by hold id.
+/// Holds `amount` if available, idempotent by hold id. Sent from the engine
+/// to an account actor when a chat asks to start (or a caller reserves).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Outcome<HoldRecord>, LedgerError>")]
 pub struct Reserve {
     pub hold_id: HoldId,
     pub amount: Micros,
+    pub answer: Answer,
+}
+
+/// Debits what a Stripe charge refunded beyond what was already clawed back
+/// for it. Sent from the engine to an account actor when a refund event
+/// arrives; the actor serializes it with every other clawback of the charge.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Outcome<Option<TransactionRecord>>, LedgerError>")]
+pub struct Clawback {
+    pub request: ClawbackRequest,
 }
 
 /// Ends a hold and posts the real cost as a usage.
@@ -534,13 +575,55 @@ impl Handler<Reserve> for AccountActor {
             drop(reply);
         }
         let ttl = self.settings.hold_ttl;
-        let reply = self.apply(ctx, move |state, now, _| {
+        let reply = self.apply_answering(ctx, msg.answer, move |state, now, _| {
             state.reserve(msg.hold_id, msg.amount, now, now + ttl)
         });
         if matches!(self.phase, Phase::Ready(_)) {
             self.schedule(ctx);
         }
         reply
+    }
+}
+
+impl Handler<Clawback> for AccountActor {
+    type Result = ResponseFuture<Result<Outcome<Option<TransactionRecord>>, LedgerError>>;
+
+    fn handle(&mut self, msg: Clawback, ctx: &mut Context<Self>) -> Self::Result {
+        let request = msg.request;
+        let known = self
+            .state()
+            .is_some_and(|s| s.knows_clawbacks(&request.object) && s.knows_key(&request.key));
+        let Backend::Postgres(pool) = self.backend.clone() else {
+            if let Phase::Ready(state) = &mut self.phase {
+                state.remember_clawbacks(request.object.clone(), Micros::ZERO);
+            }
+            return self.apply(ctx, move |s, now, d| s.clawback(&request, now, d));
+        };
+        if known {
+            return self.apply(ctx, move |s, now, d| s.clawback(&request, now, d));
+        }
+        let account = self.account;
+        let (object, key) = (request.object.clone(), request.key.clone());
+        let lookup = async move {
+            let client = store::client(&pool).await?;
+            let taken = store::clawed_back(&**client, account, &object).await?;
+            let first = store::find_transaction(&**client, account, &key).await?;
+            Ok::<_, LedgerError>((taken, first))
+        };
+        self.after_lookup(ctx, lookup, move |actor, ctx, found| {
+            let (taken, first) = match found {
+                Ok(found) => found,
+                Err(error) => return ready(Err(error)),
+            };
+            let durable = actor.durable_seq();
+            if let Phase::Ready(state) = &mut actor.phase {
+                state.remember_clawbacks(request.object.clone(), taken);
+                if let Some(record) = first {
+                    state.remember_key(record, durable);
+                }
+            }
+            actor.apply(ctx, move |s, now, d| s.clawback(&request, now, d))
+        })
     }
 }
 

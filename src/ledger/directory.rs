@@ -343,20 +343,62 @@ impl Engine {
         )
     }
 
+    /// Holds `amount`; answers once the hold is durable.
     pub async fn reserve(
         &self,
         account: AccountId,
         hold_id: HoldId,
         amount: Micros,
     ) -> Result<Outcome<HoldRecord>, LedgerError> {
+        self.reserve_answering(account, hold_id, amount, Answer::WhenDurable)
+            .await
+    }
+
+    /// Holds `amount` as admission control for a chat: answers as soon as
+    /// the account's actor applied the hold, without waiting for its commit.
+    /// A hold whose commit then fails is simply gone; the chat's settlement
+    /// posts all the same (see `settle`).
+    pub async fn admit(
+        &self,
+        account: AccountId,
+        hold_id: HoldId,
+        amount: Micros,
+    ) -> Result<Outcome<HoldRecord>, LedgerError> {
+        self.reserve_answering(account, hold_id, amount, Answer::WhenApplied)
+            .await
+    }
+
+    async fn reserve_answering(
+        &self,
+        account: AccountId,
+        hold_id: HoldId,
+        amount: Micros,
+        answer: Answer,
+    ) -> Result<Outcome<HoldRecord>, LedgerError> {
+        let message = Reserve {
+            hold_id,
+            amount,
+            answer,
+        };
+        observe("reserve", self.directory.call(account, message).await)
+    }
+
+    /// Debits what `request.object` refunded beyond what was already clawed
+    /// back for it (`None`: nothing left), computed inside the account's
+    /// actor so that any delivery order gives exactly the refunded total.
+    pub async fn clawback(
+        &self,
+        account: AccountId,
+        request: ClawbackRequest,
+    ) -> Result<Outcome<Option<TransactionRecord>>, LedgerError> {
         observe(
-            "reserve",
-            self.directory
-                .call(account, Reserve { hold_id, amount })
-                .await,
+            "clawback",
+            self.directory.call(account, Clawback { request }).await,
         )
     }
 
+    /// Posts a delivered answer's cost under its hold id, whatever became of
+    /// the hold (active, expired, released or unknown); idempotent by hold id.
     pub async fn settle(
         &self,
         account: AccountId,

@@ -30,7 +30,12 @@ use crate::db::Database;
 pub(crate) enum Record {
     Transaction(TransactionRecord),
     HoldPlaced(HoldRecord),
-    Settled { usage: UsageRecord },
+    /// `late`: its hold was no longer active (expired, released or
+    /// unknown), so no hold row is finished by it.
+    Settled {
+        usage: UsageRecord,
+        late: bool,
+    },
     Released(ReleaseRecord),
 }
 
@@ -572,8 +577,10 @@ impl Columns {
                 self.hold_finished_seq.push(None);
                 self.hold_finished_at.push(None);
             }
-            Record::Settled { usage: u } => {
-                self.finish_hold(u.hold_id, HoldStatus::Settled, u.seq, u.created_at);
+            Record::Settled { usage: u, late } => {
+                if !late {
+                    self.finish_hold(u.hold_id, HoldStatus::Settled, u.seq, u.created_at);
+                }
                 self.use_id.push(u.id);
                 self.use_user.push(account.0);
                 self.use_seq.push(u.seq);

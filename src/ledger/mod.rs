@@ -13,10 +13,14 @@ mod directory;
 mod journal;
 pub mod reconcile;
 mod state;
+pub use state::{check_text, TEXT_MAX_BYTES};
 pub mod store;
 mod types;
 
-pub use actor::{AccountActor, Credit, Debit, ExpireHolds, GetBalance, Release, Reserve, Settle};
+pub use actor::{
+    AccountActor, Answer, Clawback, Credit, Debit, ExpireHolds, GetBalance, Release, Reserve,
+    Settle,
+};
 pub use directory::{Directory, Engine, EngineStats};
 pub use journal::{JournalHealth, WriterHandle};
 pub use types::*;

@@ -7,7 +7,9 @@
 //!   every `balance_after` follows from its own amount;
 //! - an account's journal seqs are exactly 1..=version, each used once
 //!   (so no operation was applied twice or lost);
-//! - every journal row belongs to an account, every usage to its settled hold.
+//! - every journal row belongs to an account, every usage to its settled
+//!   hold; a usage charged late (`held_micros` 0: its hold had expired, was
+//!   released or was lost) to no active or settled hold.
 
 use serde::Serialize;
 use tokio_postgres::{Client, IsolationLevel};
@@ -97,9 +99,17 @@ const ORPHANS: &str = "
     UNION ALL
     SELECT u.user_id, u.seq, 'usage', 'its hold is not a settled hold of this account'
       FROM credit_usages u
-     WHERE NOT EXISTS (SELECT 1 FROM credit_holds h
+     WHERE u.held_micros > 0
+       AND NOT EXISTS (SELECT 1 FROM credit_holds h
                         WHERE h.id = u.hold_id AND h.user_id = u.user_id
                           AND h.status = 'SETTLED' AND h.finished_seq = u.seq)
+    UNION ALL
+    SELECT u.user_id, u.seq, 'usage', 'charged late, but its hold is active, settled or another account''s'
+      FROM credit_usages u
+     WHERE u.held_micros = 0
+       AND EXISTS (SELECT 1 FROM credit_holds h
+                    WHERE h.id = u.hold_id
+                      AND (h.user_id <> u.user_id OR h.status IN ('ACTIVE', 'SETTLED')))
      ORDER BY 1, 2 LIMIT $1";
 
 /// Runs every check in one read-only snapshot.

@@ -123,6 +123,63 @@ pub(crate) struct AccountState {
     /// Boxed: a transaction is a few hundred bytes and a table has spare slots.
     keys: Recent<IdempotencyKey, Box<TransactionRecord>>,
     finished: Recent<HoldId, FinishedHold>,
+    /// Per Stripe object, the total clawed back so far (committed or in
+    /// flight); an object is loaded from PostgreSQL on its first clawback.
+    clawed_back: HashMap<String, Micros>,
+}
+
+/// Longest free text stored with an entry (a description, a Stripe id, a
+/// model name, a conversation or message id), in bytes.
+pub const TEXT_MAX_BYTES: usize = 1000;
+
+/// Free text the journal may store: no control character (PostgreSQL
+/// refuses NUL, and no stored text needs any), at most `TEXT_MAX_BYTES`.
+/// Checked before an operation applies, so a bad text never reaches a batch.
+pub fn check_text(field: &str, value: &str) -> Result<(), LedgerError> {
+    if value.len() > TEXT_MAX_BYTES {
+        return Err(LedgerError::InvalidRequest(format!(
+            "{field}: longer than {TEXT_MAX_BYTES} bytes"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(LedgerError::InvalidRequest(format!(
+            "{field}: must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_posting_text(posting: &Posting) -> Result<(), LedgerError> {
+    for (field, value) in [
+        ("description", &posting.description),
+        ("stripeSessionId", &posting.stripe_session_id),
+        ("stripePaymentId", &posting.stripe_payment_id),
+    ] {
+        if let Some(value) = value {
+            check_text(field, value)?;
+        }
+    }
+    if let Some(metadata) = &posting.metadata {
+        if metadata.to_string().contains("\\u0000") {
+            return Err(LedgerError::InvalidRequest(
+                "metadata: must not contain NUL characters".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_usage_text(charge: &UsageCharge) -> Result<(), LedgerError> {
+    check_text("model", &charge.model)?;
+    for (field, value) in [
+        ("conversationId", &charge.conversation_id),
+        ("messageId", &charge.message_id),
+    ] {
+        if let Some(value) = value {
+            check_text(field, value)?;
+        }
+    }
+    Ok(())
 }
 
 fn out_of_range() -> LedgerError {
@@ -151,6 +208,7 @@ impl AccountState {
                 }),
             keys: Recent::new(recent_capacity),
             finished: Recent::new(recent_capacity),
+            clawed_back: HashMap::new(),
         }
     }
 
@@ -216,6 +274,7 @@ impl AccountState {
                 "amount must be greater than zero".into(),
             ));
         }
+        check_posting_text(posting)?;
         if let Some(first) = self.keys.get(&posting.key) {
             if first.matches(direction, posting) {
                 return Ok(Applied::Replay {
@@ -333,6 +392,13 @@ impl AccountState {
         }
     }
 
+    /// Posts the real cost of a delivered answer, whatever became of its
+    /// hold: an active hold is settled (the usage records what it held); a
+    /// hold that expired, was released, or is unknown (never made durable,
+    /// or lost when the actor reset) is charged all the same under its id,
+    /// holding nothing (`held_micros` 0), and may leave debt, exactly as an
+    /// overrun does. Only an already settled hold is a replay (or, with a
+    /// different usage, a conflict).
     pub fn settle(
         &mut self,
         hold_id: HoldId,
@@ -345,28 +411,31 @@ impl AccountState {
                 "cost cannot be negative".into(),
             ));
         }
-        let Some(hold) = self.holds.get(&hold_id).copied() else {
-            return self.finished_answer(hold_id, |finished| match finished {
-                FinishedHold::Settled(usage) if usage.matches(charge) => {
-                    Ok((usage.as_ref().clone(), usage.seq))
-                }
-                FinishedHold::Settled(usage) => Err(format!(
-                    "hold {hold_id} was already settled for {} micros",
-                    usage.cost_micros.get()
-                )),
-                FinishedHold::Released(release) => Err(format!(
-                    "hold {hold_id} was already {}",
-                    release.status.as_str().to_ascii_lowercase()
-                )),
-            });
-        };
+        check_usage_text(charge)?;
+        if let Some(FinishedHold::Settled(usage)) = self.finished.get(&hold_id) {
+            if usage.matches(charge) {
+                return Ok(Applied::Replay {
+                    value: usage.as_ref().clone(),
+                    seq: usage.seq,
+                });
+            }
+            return Err(LedgerError::Conflict(format!(
+                "hold {hold_id} was already settled for {} micros",
+                usage.cost_micros.get()
+            )));
+        }
+        let held = self
+            .holds
+            .get(&hold_id)
+            .map_or(Micros::ZERO, |hold| hold.amount_micros);
         let before = self.balance;
         let after = before
             .checked_sub(charge.cost)
             .map_err(|_| out_of_range())?;
         let seq = self.next_seq();
-        self.holds.remove(&hold_id);
-        self.held = Micros::new(self.held.get() - hold.amount_micros.get());
+        if self.holds.remove(&hold_id).is_some() {
+            self.held = Micros::new(self.held.get() - held.get());
+        }
         self.balance = after;
         let usage = UsageRecord {
             id: Uuid::new_v4(),
@@ -378,7 +447,7 @@ impl AccountState {
             cache_read_tokens: charge.tokens.cache_read_tokens,
             cache_write_tokens: charge.tokens.cache_write_tokens,
             cost_micros: charge.cost,
-            held_micros: hold.amount_micros,
+            held_micros: held,
             conversation_id: charge.conversation_id.clone(),
             message_id: charge.message_id.clone(),
             balance_before_micros: before,
@@ -391,10 +460,83 @@ impl AccountState {
             seq,
             durable_seq,
         );
+        let late = !held.is_positive();
+        if late {
+            metrics::counter!("creditd_late_settlements_total").increment(1);
+        }
         Ok(Applied::New {
             value: usage.clone(),
-            record: Record::Settled { usage },
+            record: Record::Settled { usage, late },
         })
+    }
+
+    /// Debits what a Stripe object (a charge) refunded since the last
+    /// clawback: `target` is its cumulative refunded amount, and what this
+    /// account already clawed back for it is known here (loaded once from
+    /// PostgreSQL, then kept with every clawback applied), so any delivery
+    /// order, concurrency or slow commit debits exactly the refunded total.
+    /// `Ok(None)` when nothing is left to claw back.
+    pub fn clawback(
+        &mut self,
+        request: &ClawbackRequest,
+        now: DateTime<Utc>,
+        durable_seq: i64,
+    ) -> Result<Applied<Option<TransactionRecord>>, LedgerError> {
+        if let Some(first) = self.keys.get(&request.key) {
+            return Ok(Applied::Replay {
+                value: Some(first.as_ref().clone()),
+                seq: first.seq,
+            });
+        }
+        let Some(&taken) = self.clawed_back.get(&request.object) else {
+            return Err(LedgerError::Internal(format!(
+                "clawback of {} before its past was loaded",
+                request.object
+            )));
+        };
+        let remaining = request
+            .target
+            .checked_sub(taken)
+            .map_err(|_| out_of_range())?;
+        if !remaining.is_positive() {
+            return Ok(Applied::Replay {
+                value: None,
+                seq: self.seq,
+            });
+        }
+        let posting = Posting {
+            key: request.key.clone(),
+            kind: request.kind,
+            amount: remaining,
+            description: Some((request.describe)(remaining)),
+            stripe_session_id: None,
+            stripe_payment_id: request.stripe_payment_id.clone(),
+            metadata: request.metadata.clone(),
+        };
+        match self.post(Direction::Debit, &posting, now, durable_seq)? {
+            Applied::New { value, record } => {
+                self.clawed_back
+                    .insert(request.object.clone(), request.target);
+                Ok(Applied::New {
+                    value: Some(value),
+                    record,
+                })
+            }
+            Applied::Replay { value, seq } => Ok(Applied::Replay {
+                value: Some(value),
+                seq,
+            }),
+        }
+    }
+
+    /// Whether the clawbacks already taken for `object` are known.
+    pub fn knows_clawbacks(&self, object: &str) -> bool {
+        self.clawed_back.contains_key(object)
+    }
+
+    /// Records the clawbacks PostgreSQL holds for `object`.
+    pub fn remember_clawbacks(&mut self, object: String, taken: Micros) {
+        self.clawed_back.entry(object).or_insert(taken);
     }
 
     pub fn release(

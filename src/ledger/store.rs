@@ -226,12 +226,25 @@ pub async fn find_transaction(
         .transpose()
 }
 
-/// How a hold of this account ended, if it did.
+/// How a hold of this account ended, if it did: its usage when one was
+/// posted under its id (settled, or charged after it expired, was released
+/// or was lost), else its release.
 pub async fn find_finished_hold(
     client: &impl GenericClient,
     account: AccountId,
     hold: HoldId,
 ) -> Result<Option<FinishedHold>, LedgerError> {
+    let query =
+        format!("SELECT {USAGE_COLUMNS} FROM credit_usages WHERE hold_id = $1 AND user_id = $2");
+    if let Some(usage) = client
+        .query_opt(&query, &[&hold.0, &account.0])
+        .await
+        .map_err(unavailable)?
+    {
+        return Ok(Some(FinishedHold::Settled(Box::new(usage_from_row(
+            &usage,
+        )))));
+    }
     let Some(row) = client
         .query_opt(
             "SELECT status, finished_seq, amount_micros, finished_at FROM credit_holds
@@ -249,16 +262,9 @@ pub async fn find_finished_hold(
         None => Err(LedgerError::Internal(format!(
             "hold {hold} has an unknown status {status}"
         ))),
-        Some(HoldStatus::Settled) => {
-            let query = format!("SELECT {USAGE_COLUMNS} FROM credit_usages WHERE hold_id = $1");
-            let usage = client
-                .query_one(&query, &[&hold.0])
-                .await
-                .map_err(unavailable)?;
-            Ok(Some(FinishedHold::Settled(Box::new(usage_from_row(
-                &usage,
-            )))))
-        }
+        Some(HoldStatus::Settled) => Err(LedgerError::Internal(format!(
+            "hold {hold} is settled but has no usage"
+        ))),
         Some(status) => {
             // The schema ties a finished status to its seq and time.
             let (Some(seq), Some(finished_at)) = (
@@ -278,6 +284,26 @@ pub async fn find_finished_hold(
             })))
         }
     }
+}
+
+/// What this account already clawed back for a Stripe object (its REFUND
+/// debits carrying `{"chargeId": object}`).
+pub async fn clawed_back(
+    client: &impl GenericClient,
+    account: AccountId,
+    object: &str,
+) -> Result<Micros, LedgerError> {
+    let total: i64 = client
+        .query_one(
+            "SELECT COALESCE(sum(amount_micros), 0)::int8 FROM credit_transactions
+              WHERE user_id = $1 AND type = 'REFUND' AND direction = 'DEBIT'
+                AND metadata->>'chargeId' = $2",
+            &[&account.0, &object],
+        )
+        .await
+        .map_err(unavailable)?
+        .get(0);
+    Ok(Micros::new(total))
 }
 
 /// The user with this Clerk id, created (with a zero balance row) when new.

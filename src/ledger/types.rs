@@ -146,6 +146,24 @@ pub struct Posting {
     pub metadata: Option<serde_json::Value>,
 }
 
+/// A clawback asked for: debit what `object` (a Stripe charge) refunded
+/// beyond what was already clawed back for it, up to the cumulative `target`.
+#[derive(Debug, Clone)]
+pub struct ClawbackRequest {
+    /// The object whose refunds are clawed back (`ch_…`).
+    pub object: String,
+    /// Its cumulative refunded amount.
+    pub target: Micros,
+    /// The key of this cumulative state (`stripe:charge:<id>:refunded:<cents>`).
+    pub key: IdempotencyKey,
+    pub kind: TransactionType,
+    /// The description of the debit, given its amount.
+    pub describe: fn(Micros) -> String,
+    pub stripe_payment_id: Option<String>,
+    /// Must carry `{"chargeId": object}`: how past clawbacks are found.
+    pub metadata: Option<serde_json::Value>,
+}
+
 /// A committed credit or debit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -580,65 +580,168 @@ async fn two_hundred_concurrent_chats_never_spend_more_than_the_balance() {
     app.db.reconcile_is_clean().await;
 }
 
-#[actix::test]
-async fn an_answer_whose_charge_cannot_commit_is_withheld_with_503_and_its_hold_kept() {
-    let fakes = fakes().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(anthropic_message("never billed", 10, 10, 0, 0))
-                .set_delay(std::time::Duration::from_millis(1500)),
-        )
-        .mount(&fakes.anthropic)
-        .await;
-    let app = app_with(&fakes, |s| s.chat.settle_retry_ms = 500).await;
-    fund(&app, "user_outage", 10_000_000).await;
+/// Cuts the app's database off (no new connections, every backend ended)
+/// and returns the statement that lets it back.
+pub async fn cut_database(app: &TestApp) -> (tokio_postgres::Client, String) {
     let database = app.db.config.get_dbname().unwrap().to_owned();
     let mut maintenance = app.db.config.clone();
     maintenance.dbname("postgres");
     let admin = connect(&maintenance).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {database} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = '{database}';"
+        ))
+        .await
+        .unwrap();
+    (
+        admin,
+        format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"),
+    )
+}
+
+/// Waits until `sql` (a count) answers `expected`, polling the database.
+pub async fn wait_for_count(app: &TestApp, sql: &str, expected: i64) {
+    let client = app.db.client().await;
+    for _ in 0..500 {
+        let found: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
+        if found == expected {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("`{sql}` never reached {expected}");
+}
+
+#[actix::test]
+async fn an_answer_whose_charge_cannot_commit_yet_is_returned_charged_once_the_database_is_back() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message("billed late", 10, 10, 0, 0))
+                .set_delay(std::time::Duration::from_millis(1500)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_outage", 10_000_000).await;
 
     let request = json!({ "messages": conversation() });
     let chat = app.post_as("user_outage", "/api/chat", &request);
     let outage = async {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        admin
-            .batch_execute(&format!(
-                "ALTER DATABASE {database} ALLOW_CONNECTIONS false;
-                 SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                  WHERE datname = '{database}';"
-            ))
-            .await
-            .unwrap();
+        // Cut once the hold is durable, while the provider is answering.
+        wait_for_count(
+            &app,
+            "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
+            1,
+        )
+        .await;
+        let (admin, restore) = cut_database(&app).await;
+        // The provider answers at 1.5 s; the database comes back at 3.5 s.
+        tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+        admin.batch_execute(&restore).await.unwrap();
     };
     let (response, ()) = tokio::join!(chat, outage);
     let (status, body) = json_of(response).await;
-    admin
-        .batch_execute(&format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"))
-        .await
-        .unwrap();
 
-    assert_eq!(status, 503, "{body}");
-    assert!(body.get("content").is_none(), "{body}");
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("could not be billed"),
-        "{body}"
-    );
-    assert_eq!(count(&app, "credit_usages", "user_outage").await, 0);
-    let active: i64 = app
-        .db
-        .client()
-        .await
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["content"], "billed late");
+    // 10 input tokens at 2_916_667 + 10 output at 14_583_334 micros per
+    // million: 175_000_010 / 1_000_000, rounded up once.
+    assert_eq!(body["credits"]["usedMicros"], 176);
+    assert_eq!(count(&app, "credit_usages", "user_outage").await, 1);
+    let overview = balance(&app, "user_outage").await;
+    assert_eq!(overview["balanceMicros"], 10_000_000 - 176);
+    assert_eq!(overview["heldMicros"], 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_answer_that_outlives_its_hold_is_still_charged_in_full() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message("slow answer", 10, 10, 0, 0))
+                .set_delay(std::time::Duration::from_millis(2500)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |s| s.engine.hold_ttl_s = 1).await;
+    fund(&app, "user_slow", 10_000_000).await;
+
+    let (status, body) = json_of(
+        app.post_as(
+            "user_slow",
+            "/api/chat",
+            &json!({ "messages": conversation() }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["credits"]["usedMicros"], 176);
+    let client = app.db.client().await;
+    let row = client
         .query_one(
-            "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
+            "SELECT h.status, u.cost_micros, u.held_micros FROM credit_usages u
+               JOIN credit_holds h ON h.id = u.hold_id",
             &[],
         )
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(active, 1, "the hold is left to expire");
+        .unwrap();
+    let (status, cost, held): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(status, "EXPIRED", "the hold expired before the answer came");
+    assert_eq!(cost, 176, "the usage is charged all the same");
+    assert_eq!(held, 0, "a late settlement holds nothing");
+    let overview = balance(&app, "user_slow").await;
+    assert_eq!(overview["balanceMicros"], 10_000_000 - 176);
+    assert_eq!(overview["heldMicros"], 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn control_characters_in_a_stored_field_are_refused_with_400_before_any_provider_call() {
+    let fakes = fakes().await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_nul", 10_000_000).await;
+
+    for stream in [false, true] {
+        for (field, body) in [
+            (
+                "conversationId",
+                json!({ "messages": conversation(), "conversationId": "conv\u{0}x" }),
+            ),
+            (
+                "messageId",
+                json!({ "messages": conversation(), "messageId": "msg\u{7}1" }),
+            ),
+            (
+                "conversationId",
+                json!({ "messages": conversation(), "conversationId": "line\nbreak" }),
+            ),
+            (
+                "model",
+                json!({ "messages": conversation(), "model": "claude\u{0}" }),
+            ),
+        ] {
+            let mut body = body;
+            body["stream"] = json!(stream);
+            let (status, answer) = json_of(app.post_as("user_nul", "/api/chat", &body).await).await;
+            assert_eq!(status, 400, "{body}: {answer}");
+            let message = answer["message"].as_str().unwrap();
+            assert!(message.contains(&format!("`{field}`")), "{message}");
+        }
+    }
+    let calls = fakes
+        .anthropic
+        .received_requests()
+        .await
+        .unwrap_or_default();
+    assert!(calls.is_empty(), "a provider was called: {}", calls.len());
+    assert_eq!(count(&app, "credit_holds", "user_nul").await, 0);
     app.db.reconcile_is_clean().await;
 }

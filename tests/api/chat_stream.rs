@@ -328,6 +328,12 @@ enum Then {
     Break,
     /// Keeps streaming text every 50 ms until the reader goes away.
     KeepStreaming,
+    /// Writes the filler as fast as the reader takes it, until it goes away
+    /// (at most 256 MiB).
+    Flood,
+    /// Waits for the gate, then writes the filler (the rest of the answer)
+    /// and ends the answer.
+    Gated,
 }
 
 /// A one-connection fake provider on a local socket: answers 200 with an
@@ -337,6 +343,17 @@ async fn raw_provider(
     chunks: Vec<String>,
     then: Then,
     filler: String,
+) -> (String, oneshot::Receiver<bool>) {
+    let (_open, gate) = oneshot::channel();
+    gated_provider(chunks, then, filler, gate).await
+}
+
+/// `raw_provider`, whose `Then::Gated` waits for `gate`.
+async fn gated_provider(
+    chunks: Vec<String>,
+    then: Then,
+    filler: String,
+    gate: oneshot::Receiver<()>,
 ) -> (String, oneshot::Receiver<bool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
@@ -363,6 +380,20 @@ async fn raw_provider(
                     }
                 }
                 closed
+            }
+            Then::Flood => {
+                let mut closed = false;
+                for _ in 0..(256 << 20) / filler.len().max(1) {
+                    if socket.write_all(filler.as_bytes()).await.is_err() {
+                        closed = true;
+                        break;
+                    }
+                }
+                closed
+            }
+            Then::Gated => {
+                let _ = gate.await;
+                socket.write_all(filler.as_bytes()).await.is_err()
             }
         };
         drop(socket);
@@ -545,5 +576,199 @@ async fn a_client_that_leaves_while_the_provider_is_silent_is_noticed_by_the_kee
     assert_eq!(usage["inputTokens"], 50, "{usage}");
     assert_eq!(usage["outputTokens"], 5);
     assert_eq!(usage["costMicros"], 219);
+    app.db.reconcile_is_clean().await;
+}
+
+/// The end of an Anthropic answer: the block's end, the output count, the stop.
+fn anthropic_end(output: u64) -> String {
+    sse(
+        Some("content_block_stop"),
+        &json!({ "type": "content_block_stop", "index": 0 }),
+    ) + &sse(
+        Some("message_delta"),
+        &json!({
+            "type": "message_delta",
+            "delta": { "stop_reason": "end_turn", "stop_sequence": null },
+            "usage": { "output_tokens": output },
+        }),
+    ) + &sse(Some("message_stop"), &json!({ "type": "message_stop" }))
+}
+
+/// Polls the balance page until a usage is settled and nothing is held.
+async fn settled_usage(app: &TestApp, clerk_id: &str) -> Value {
+    for _ in 0..300 {
+        let overview = balance(app, clerk_id).await;
+        if overview["heldMicros"] == 0 && overview["usages"][0].is_object() {
+            return overview["usages"][0].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the stream was never settled");
+}
+
+/// Reads the stream into `seen` until it contains `mark`.
+async fn read_until(response: &mut reqwest::Response, seen: &mut String, mark: &str) {
+    while !seen.contains(mark) {
+        match response.chunk().await.unwrap() {
+            Some(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            None => panic!("the stream ended before `{mark}`: {seen}"),
+        }
+    }
+}
+
+/// Seconds the database stays down at the end of a stream (30 by default).
+fn stream_outage() -> Duration {
+    Duration::from_secs(
+        std::env::var("STREAM_OUTAGE_S")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
+    )
+}
+
+#[actix::test]
+async fn a_stream_whose_settlement_meets_a_database_outage_is_charged_once_it_is_back() {
+    let fakes = fakes().await;
+    let (open, gate) = oneshot::channel();
+    let (address, _closed) = gated_provider(
+        vec![message_start(50, 0, 0), text_delta("Hello")],
+        Then::Gated,
+        text_delta(" world") + &anthropic_end(4),
+        gate,
+    )
+    .await;
+    let app = app_with(&fakes, |s| s.providers.anthropic_base_url = address).await;
+    fund(&app, "user_late", 10_000_000).await;
+
+    let mut response = stream_chat(
+        &app,
+        "user_late",
+        json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    crate::chat::wait_for_count(
+        &app,
+        "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
+        1,
+    )
+    .await;
+    let (admin, restore) = crate::chat::cut_database(&app).await;
+    open.send(()).unwrap();
+    let mut seen = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        read_until(&mut response, &mut seen, " world"),
+    )
+    .await
+    .expect("the whole text was delivered");
+    tokio::time::sleep(stream_outage()).await;
+    assert!(
+        !seen.contains("event: done") && !seen.contains("event: error"),
+        "the stream ended while its charge could not be recorded: {seen}"
+    );
+    admin.batch_execute(&restore).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        read_until(&mut response, &mut seen, "event: done"),
+    )
+    .await
+    .expect("the stream ends once the charge is durable");
+
+    // 50 input tokens at 2_916_667 and 4 output at 14_583_334 micros per
+    // million: 145_833_350 + 58_333_336 = 204_166_686 → 205.
+    assert!(seen.contains(r#""usedMicros":205"#), "{seen}");
+    let usage = settled_usage(&app, "user_late").await;
+    assert_eq!(usage["costMicros"], 205);
+    assert_eq!(
+        crate::chat::count(&app, "credit_usages", "user_late").await,
+        1
+    );
+    assert_eq!(
+        balance(&app, "user_late").await["balanceMicros"],
+        10_000_000 - 205
+    );
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_client_that_stops_reading_is_cut_after_the_write_timeout_and_charged_for_what_was_produced(
+) {
+    let fakes = fakes().await;
+    let filler = text_delta(&"x".repeat(3000));
+    let (address, closed) = raw_provider(vec![message_start(50, 0, 0)], Then::Flood, filler).await;
+    let app = app_with(&fakes, |s| {
+        s.providers.anthropic_base_url = address;
+        s.chat.stream_write_timeout_ms = 300;
+    })
+    .await;
+    fund(&app, "user_stalled", 100_000_000).await;
+
+    let mut response = stream_chat(
+        &app,
+        "user_stalled",
+        json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap().expect("a first delta");
+    assert!(String::from_utf8_lossy(&first).contains("delta"));
+    // The client now stops reading but keeps its connection open.
+    let upstream_closed = tokio::time::timeout(Duration::from_secs(30), closed)
+        .await
+        .expect("the provider call is stopped while the client still holds the socket")
+        .unwrap();
+    assert!(upstream_closed, "the provider was never cut off");
+    let usage = settled_usage(&app, "user_stalled").await;
+    assert_eq!(usage["inputTokens"], 50, "{usage}");
+    let output = usage["outputTokens"].as_i64().unwrap();
+    // At least the first 3,000 bytes of text (1,000 tokens) were produced;
+    // never more than the provider could have written (256 MiB).
+    assert!((1_000..=(256 << 20) / 3).contains(&output), "{usage}");
+    let cost = (50 * 2_916_667 + output * 14_583_334 + 999_999) / 1_000_000;
+    assert_eq!(usage["costMicros"], cost);
+    assert_eq!(
+        balance(&app, "user_stalled").await["balanceMicros"],
+        100_000_000 - cost
+    );
+    drop(response);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_client_that_leaves_before_any_text_is_charged_the_input_the_provider_reported() {
+    let fakes = fakes().await;
+    let (address, closed) =
+        raw_provider(vec![message_start(50, 0, 0)], Then::KeepStreaming, ping()).await;
+    let app = app_with(&fakes, |s| {
+        s.providers.anthropic_base_url = address;
+        s.chat.stream_keep_alive_ms = 100;
+    })
+    .await;
+    fund(&app, "user_early", 10_000_000).await;
+
+    let mut response = stream_chat(
+        &app,
+        "user_early",
+        json!({ "stream": true, "messages": [{ "role": "user", "content": "hi" }] }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    // The first keep-alive comes after the provider's message_start was read.
+    let first = response.chunk().await.unwrap().expect("a keep-alive");
+    assert!(String::from_utf8_lossy(&first).contains("keep-alive"));
+    drop(response);
+
+    let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the provider connection is closed after the client left")
+        .unwrap();
+    assert!(upstream_closed);
+    let usage = settled_usage(&app, "user_early").await;
+    // 50 input tokens reported; 1 output token (message_start's count):
+    // 145_833_350 + 14_583_334 = 160_416_684 → 161.
+    assert_eq!(usage["inputTokens"], 50, "{usage}");
+    assert_eq!(usage["outputTokens"], 1, "{usage}");
+    assert_eq!(usage["costMicros"], 161);
     app.db.reconcile_is_clean().await;
 }

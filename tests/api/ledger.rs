@@ -200,7 +200,8 @@ async fn a_settle_above_its_hold_posts_the_whole_cost_as_debt_and_refuses_the_ne
 }
 
 #[actix::test]
-async fn release_returns_the_hold_and_unknown_holds_are_not_found() {
+async fn release_returns_the_hold_a_later_settlement_still_charges_and_unknown_releases_are_not_found(
+) {
     let db = TestDb::new().await;
     let engine = db.engine(&settings());
     let account = db.user("user_ledger_5").await;
@@ -214,8 +215,20 @@ async fn release_returns_the_hold_and_unknown_holds_are_not_found() {
     assert_eq!(released.record.status, HoldStatus::Released);
     assert_eq!(released.record.amount_micros, micros(100));
     assert!(engine.release(account, hold).await.unwrap().replayed);
-    let settle_after = engine.settle(account, hold, charge(1)).await.unwrap_err();
-    assert!(matches!(settle_after, LedgerError::Conflict(_)));
+    // A released hold's answer was delivered after all: its usage posts.
+    let settle_after = engine.settle(account, hold, charge(1)).await.unwrap();
+    assert!(!settle_after.replayed);
+    assert_eq!(settle_after.record.held_micros, micros(0));
+    let again = engine.settle(account, hold, charge(1)).await.unwrap();
+    assert!(again.replayed, "a settled hold is a replay");
+    assert!(matches!(
+        engine.settle(account, hold, charge(2)).await.unwrap_err(),
+        LedgerError::Conflict(_)
+    ));
+    assert!(matches!(
+        engine.release(account, hold).await.unwrap_err(),
+        LedgerError::Conflict(_)
+    ));
     let unknown = HoldId::generate();
     assert_eq!(
         engine.release(account, unknown).await.unwrap_err(),
@@ -223,7 +236,7 @@ async fn release_returns_the_hold_and_unknown_holds_are_not_found() {
     );
     assert_eq!(
         engine.balance(account).await.unwrap().available_micros,
-        micros(100)
+        micros(99)
     );
     db.reconcile_is_clean().await;
 }
@@ -294,8 +307,18 @@ async fn expired_holds_are_released_and_journaled_as_expired() {
         engine.balance(account).await.unwrap().available_micros,
         micros(1_000)
     );
-    let late = engine.settle(account, hold, charge(10)).await.unwrap_err();
-    assert!(matches!(late, LedgerError::Conflict(_)), "{late:?}");
+    let late = engine.settle(account, hold, charge(10)).await.unwrap();
+    assert!(!late.replayed);
+    assert_eq!(
+        late.record.cost_micros,
+        micros(10),
+        "expiry never frees usage"
+    );
+    assert_eq!(late.record.held_micros, micros(0));
+    assert_eq!(
+        engine.balance(account).await.unwrap().balance_micros,
+        micros(990)
+    );
     let status: String = db
         .client()
         .await
@@ -762,5 +785,200 @@ async fn a_refused_entry_fails_only_its_own_account_and_applies_nothing() {
         engine.balance(good).await.unwrap().balance_micros,
         micros(10_050)
     );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_settlement_after_its_hold_expired_is_charged_once_even_across_a_rebuild() {
+    let db = TestDb::new().await;
+    let settings = settings();
+    let account = db.user("user_ledger_late").await;
+    let hold = HoldId::generate();
+    {
+        let engine = db.engine(&settings);
+        engine
+            .credit(account, posting("k1", TransactionType::TopUp, micros(500)))
+            .await
+            .unwrap();
+        let placed = engine.reserve(account, hold, micros(400)).await.unwrap();
+        engine
+            .expire_holds(account, placed.record.expires_at)
+            .await
+            .unwrap();
+        let late = engine.settle(account, hold, charge(700)).await.unwrap();
+        assert_eq!(
+            late.record.balance_after_micros,
+            micros(-200),
+            "debt allowed"
+        );
+        engine.shutdown(Duration::from_secs(5)).await;
+    }
+    // A fresh engine knows the hold only from PostgreSQL: EXPIRED, with a usage.
+    let engine = db.engine(&settings);
+    let replay = engine.settle(account, hold, charge(700)).await.unwrap();
+    assert!(replay.replayed, "{replay:?}");
+    assert_eq!(replay.record.cost_micros, micros(700));
+    assert!(matches!(
+        engine.settle(account, hold, charge(1)).await.unwrap_err(),
+        LedgerError::Conflict(_)
+    ));
+    assert_eq!(
+        engine.balance(account).await.unwrap().balance_micros,
+        micros(-200)
+    );
+    let usages: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_usages WHERE hold_id = $1",
+            &[&hold.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(usages, 1);
+    db.reconcile_is_clean().await;
+}
+
+/// The journal writer's backend while it waits for a row lock.
+async fn blocked_writer_pid(db: &TestDb) -> i32 {
+    let client = db.client().await;
+    for _ in 0..500 {
+        if let Some(row) = client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE credit_balances%'",
+                &[],
+            )
+            .await
+            .unwrap()
+        {
+            return row.get(0);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no journal batch ever waited on the locked balance row");
+}
+
+#[actix::test]
+async fn a_hold_lost_with_its_failed_batch_is_still_charged_by_its_settlement() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_lost").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(1_000)),
+        )
+        .await
+        .unwrap();
+    // Stall the account's next batch on its balance row, admit a hold (it
+    // answers before its commit), then kill the stalled batch's connection.
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM credit_balances WHERE user_id = $1 FOR UPDATE",
+        &[&account.0],
+    )
+    .await
+    .unwrap();
+    let hold = HoldId::generate();
+    let admitted = engine.admit(account, hold, micros(300)).await.unwrap();
+    assert_eq!(admitted.record.amount_micros, micros(300));
+    let writer = blocked_writer_pid(&db).await;
+    lock.execute("SELECT pg_terminate_backend($1)", &[&writer])
+        .await
+        .unwrap();
+    lock.rollback().await.unwrap();
+
+    // The hold never became durable and the actor reset; the answer was
+    // delivered, so its settlement posts under the hold id all the same.
+    let mut settled = None;
+    for _ in 0..50 {
+        match engine.settle(account, hold, charge(250)).await {
+            Ok(outcome) => {
+                settled = Some(outcome);
+                break;
+            }
+            Err(LedgerError::Unavailable(_) | LedgerError::Reset) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(error) => panic!("{error:?}"),
+        }
+    }
+    let settled = settled.expect("the settlement committed");
+    assert_eq!(settled.record.held_micros, micros(0), "the hold was lost");
+    assert_eq!(settled.record.cost_micros, micros(250));
+    assert!(
+        engine
+            .settle(account, hold, charge(250))
+            .await
+            .unwrap()
+            .replayed
+    );
+    let snapshot = engine.balance(account).await.unwrap();
+    assert_eq!(snapshot.balance_micros, micros(750));
+    assert_eq!(snapshot.held_micros, micros(0));
+    let holds: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_holds WHERE id = $1",
+            &[&hold.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holds, 0, "the hold's batch did not commit");
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_admitted_hold_is_answered_before_its_commit_and_counts_against_the_balance_at_once() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_admit").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(1_000)),
+        )
+        .await
+        .unwrap();
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM credit_balances WHERE user_id = $1 FOR UPDATE",
+        &[&account.0],
+    )
+    .await
+    .unwrap();
+    // With the balance row locked nothing of this account can commit: an
+    // admission still answers, a durable reserve does not.
+    let first = HoldId::generate();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        engine.admit(account, first, micros(700)),
+    )
+    .await
+    .expect("an admission does not wait for its commit")
+    .unwrap();
+    let refused = engine.admit(account, HoldId::generate(), micros(400)).await;
+    assert!(
+        matches!(refused, Err(LedgerError::InsufficientCredits { .. })),
+        "{refused:?}"
+    );
+    let durable = tokio::time::timeout(
+        Duration::from_millis(300),
+        engine.reserve(account, HoldId::generate(), micros(100)),
+    )
+    .await;
+    assert!(
+        durable.is_err(),
+        "a durable reserve answered before its commit"
+    );
+    lock.rollback().await.unwrap();
+    let settled = engine.settle(account, first, charge(600)).await.unwrap();
+    assert_eq!(settled.record.held_micros, micros(700));
     db.reconcile_is_clean().await;
 }

@@ -102,16 +102,18 @@ impl Model {
         Expect::Applied
     }
 
+    /// A settlement posts whatever became of its hold (active, released,
+    /// expired or never placed); only a settled hold is a replay.
     fn settle(&mut self, hold: u8, cost: i64) -> Expect {
-        if self.holds.remove(&hold).is_some() {
-            self.balance -= cost;
-            self.finished.insert(hold, Finished::Settled(cost));
-            return Expect::Applied;
-        }
         match self.finished.get(&hold) {
             Some(Finished::Settled(first)) if *first == cost => Expect::Replayed,
-            Some(_) => Expect::Conflict,
-            None => Expect::HoldNotFound,
+            Some(Finished::Settled(_)) => Expect::Conflict,
+            _ => {
+                self.holds.remove(&hold);
+                self.balance -= cost;
+                self.finished.insert(hold, Finished::Settled(cost));
+                Expect::Applied
+            }
         }
     }
 
