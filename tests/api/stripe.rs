@@ -136,6 +136,12 @@ struct StripeApp {
 }
 
 async fn spawn_stripe_app() -> StripeApp {
+    spawn_stripe_app_with(|_| {}).await
+}
+
+async fn spawn_stripe_app_with(
+    adjust: impl FnOnce(&mut creditd::config::Settings) + Send + 'static,
+) -> StripeApp {
     let stripe = MockServer::start().await;
     let customers = Customers::default();
     let sessions = Sessions::default();
@@ -157,6 +163,7 @@ async fn spawn_stripe_app() -> StripeApp {
         settings.stripe.starter_price_id = "price_starter".into();
         settings.stripe.pro_price_id = "price_pro".into();
         settings.stripe.team_price_id = "price_team".into();
+        adjust(settings);
     })
     .await;
     StripeApp {
@@ -1295,5 +1302,69 @@ async fn subscription_events_delivered_out_of_order_leave_the_newest_plan() {
         ("FREE".to_owned(), Some("sub_new".to_owned())),
         "a subscription no longer live is FREE"
     );
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn refunds_out_of_order_and_concurrent_with_a_commit_slower_than_the_call_claw_back_the_total_once(
+) {
+    let stripe = spawn_stripe_app_with(|s| s.engine.call_timeout_ms = 800).await;
+    let account = top_up(&stripe, "user_refund_slow", "cs_slow", 5000).await;
+    let first = event(
+        "evt_slow_1",
+        "charge.refunded",
+        charge("ch_slow", "pi_cs_slow", 5000, 1000),
+    );
+    let second = event(
+        "evt_slow_2",
+        "charge.refunded",
+        charge("ch_slow", "pi_cs_slow", 5000, 3000),
+    );
+    // Hold the account's balance row: its clawbacks apply in the actor but
+    // cannot commit, and every delivery's engine call times out.
+    let mut locker = stripe.app.db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM credit_balances WHERE user_id = $1 FOR UPDATE",
+        &[&account],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stripe.deliver(&first).await,
+        503,
+        "the first commit is late"
+    );
+    let statuses = join_all((0..10).map(|i| {
+        let refund = if i % 2 == 0 { &second } else { &first };
+        stripe.deliver(refund)
+    }))
+    .await;
+    assert!(
+        statuses.iter().all(|&s| s == 503 || s == 200),
+        "{statuses:?}"
+    );
+    lock.rollback().await.unwrap();
+    // Stripe redelivers what was not acknowledged, newest first.
+    for refund in [&second, &first, &second] {
+        let mut status = 0;
+        for _ in 0..50 {
+            status = stripe.deliver(refund).await;
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, 200);
+    }
+
+    let clawed_back: i64 = stripe
+        .transactions("REFUND")
+        .await
+        .iter()
+        .map(|(amount, _)| amount)
+        .sum();
+    assert_eq!(clawed_back, 30_000_000, "exactly the refunded total");
+    assert_eq!(stripe.balance_micros("user_refund_slow").await, 20_000_000);
     stripe.app.db.reconcile_is_clean().await;
 }
