@@ -81,7 +81,7 @@ async fn adjust(
         .checked_abs()
         .map(Micros::new)
         .ok_or_else(|| ApiError::invalid("field `amountMicros`: out of range"))?;
-    let account = state.account(user).await?;
+    let account = state.any_account(user).await?;
     let posting = Posting {
         key,
         kind,

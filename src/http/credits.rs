@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::error::ApiError;
+use super::error::{ApiError, Code};
 use super::views::{Page, TransactionView, UsageView};
 use super::State;
 use crate::ledger::{store, AccountId, IdempotencyKey, Posting, TransactionType};
@@ -150,21 +150,54 @@ async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiE
     })))
 }
 
-/// The idempotency key of a user's signup bonus: one per user, ever,
-/// whichever path (this route, the Clerk webhook) grants it first.
+/// The idempotency key of an account's signup bonus: one per account,
+/// ever, whichever path (this route, the Clerk webhook) grants it first.
 fn signup_bonus_key(account: AccountId) -> Result<IdempotencyKey, ApiError> {
     IdempotencyKey::parse(format!("bonus:signup:{}", account.0))
         .map_err(|e| ApiError::internal("signup bonus key", e))
 }
 
-/// The signup bonus, once per user ever, whichever path asks first (this
-/// route or Clerk's `user.created`): one key, one credit.
+/// How the signup bonus knows a person by email: the address trimmed and
+/// lowercased, as SHA-256 hex (no address is stored in a key or a claim).
+pub(super) fn email_hash(email: &str) -> Option<String> {
+    use sha2::Digest;
+    let normalized = email.trim().to_lowercase();
+    if normalized.is_empty() {
+        return None;
+    }
+    let digest = sha2::Sha256::digest(normalized.as_bytes());
+    Some(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What asking for the signup bonus gave.
+pub(super) enum Bonus {
+    /// Credited now, or earlier to this account (`replayed`).
+    Granted(crate::ledger::Outcome<crate::ledger::TransactionRecord>),
+    /// Another account of the same person (same email) has it.
+    TakenByAnotherAccount,
+}
+
+/// The signup bonus, once per person, whichever path asks first (this
+/// route or Clerk's `user.created`).
+///
+/// A user whose verified email is known is a person by that email: the
+/// account first claims it in `signup_bonus_claims` (one row per email,
+/// naming the account, in its own committed statement), then is credited
+/// under its account's key. A second account of the same email (a
+/// re-signup, any letter case) finds the claim naming another account and
+/// gets nothing. A crash between the claim and the credit loses nothing:
+/// the claim names this account, so its retry passes the claim again and
+/// the deterministic key credits once. A user without an email is credited
+/// under its account's key alone, as before.
 pub(super) async fn grant_signup_bonus(
     state: &State,
     account: AccountId,
-) -> Result<crate::ledger::Outcome<crate::ledger::TransactionRecord>, ApiError> {
+) -> Result<Bonus, ApiError> {
     let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
         .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
+    if !claim_email(state, account).await? {
+        return Ok(Bonus::TakenByAnotherAccount);
+    }
     let posting = Posting {
         key: signup_bonus_key(account)?,
         kind: TransactionType::SignupBonus,
@@ -174,14 +207,49 @@ pub(super) async fn grant_signup_bonus(
         stripe_payment_id: None,
         metadata: None,
     };
-    Ok(state.engine.credit(account, posting).await?)
+    Ok(Bonus::Granted(state.engine.credit(account, posting).await?))
 }
 
-/// The signup bonus: 201 the first time, 200 with the same transaction after.
+/// Claims the account's email for its signup bonus: true when the claim
+/// names this account (made now or before), or the account has no email.
+/// Concurrent claims of one email wait on each other's row: one wins.
+async fn claim_email(state: &State, account: AccountId) -> Result<bool, ApiError> {
+    let client = state.client().await?;
+    let hash: Option<String> = client
+        .query_opt("SELECT email_hash FROM users WHERE id = $1", &[&account.0])
+        .await
+        .map_err(store::unavailable)?
+        .and_then(|row| row.get(0));
+    let Some(hash) = hash else {
+        return Ok(true);
+    };
+    let owner: i64 = client
+        .query_one(
+            "INSERT INTO signup_bonus_claims (email_hash, user_id) VALUES ($1, $2)
+             ON CONFLICT (email_hash) DO UPDATE SET email_hash = EXCLUDED.email_hash
+             RETURNING user_id",
+            &[&hash, &account.0],
+        )
+        .await
+        .map_err(store::unavailable)?
+        .get(0);
+    Ok(owner == account.0)
+}
+
+/// The signup bonus: 201 the first time, 200 with the same transaction
+/// after; 409 when another account of the same email had it.
 async fn claim_bonus(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let outcome = grant_signup_bonus(&state, account).await?;
+    let outcome = match grant_signup_bonus(&state, account).await? {
+        Bonus::Granted(outcome) => outcome,
+        Bonus::TakenByAnotherAccount => {
+            return Err(ApiError::new(
+                Code::Conflict,
+                "the signup bonus was already granted to an account with this email address",
+            ))
+        }
+    };
     let body = json!({
         "transaction": TransactionView::from(&outcome.record),
         "alreadyClaimed": outcome.replayed,

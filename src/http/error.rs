@@ -12,6 +12,8 @@ pub const RETRY_AFTER_S: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     Unauthorized,
+    AccountDeleted,
+    RateLimited,
     InvalidRequest,
     NotFound,
     Conflict,
@@ -32,6 +34,8 @@ impl Code {
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Unauthorized => "UNAUTHORIZED",
+            Code::AccountDeleted => "ACCOUNT_DELETED",
+            Code::RateLimited => "RATE_LIMITED",
             Code::InvalidRequest => "INVALID_REQUEST",
             Code::NotFound => "NOT_FOUND",
             Code::Conflict => "CONFLICT",
@@ -51,7 +55,8 @@ impl Code {
 
     pub fn status(self) -> StatusCode {
         match self {
-            Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::Unauthorized | Code::AccountDeleted => StatusCode::UNAUTHORIZED,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Code::InvalidRequest => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::Conflict => StatusCode::CONFLICT,
@@ -168,7 +173,7 @@ impl ResponseError for ApiError {
         if self.code == Code::Overloaded {
             response.insert_header(("Retry-After", RETRY_AFTER_S.to_string()));
         }
-        if self.code == Code::ProviderUnavailable {
+        if matches!(self.code, Code::ProviderUnavailable | Code::RateLimited) {
             let seconds = self
                 .details
                 .as_ref()

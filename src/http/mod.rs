@@ -45,7 +45,7 @@ pub struct AppState {
     pub byok: Option<crate::byok::KeyCipher>,
     /// Platform chats whose settlement may still be pending.
     pub settlements: Arc<crate::metering::Settlements>,
-    users: Mutex<HashMap<String, AccountId>>,
+    users: Mutex<HashMap<String, CachedUser>>,
     histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
     sealed_keys: Mutex<HashMap<AccountId, Arc<settings::StoredKeys>>>,
     /// Serializes the first lookup of a Clerk id (by hash shard).
@@ -53,6 +53,13 @@ pub struct AppState {
 }
 
 pub type State = web::Data<AppState>;
+
+/// A Clerk id's account and whether the user was deleted.
+#[derive(Debug, Clone, Copy)]
+struct CachedUser {
+    account: AccountId,
+    deleted: bool,
+}
 
 impl AppState {
     pub fn new(
@@ -95,36 +102,70 @@ impl AppState {
         })
     }
 
-    /// The account of a Clerk user, created on first sight. Concurrent first
-    /// requests of one user (a page load fires several) share one lookup.
+    /// The account of a Clerk user, created on first sight. Concurrent
+    /// first requests of one user (a page load fires several) share one
+    /// lookup. A deleted user is refused (401 `ACCOUNT_DELETED`).
     pub async fn account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
-        if let Some(account) = self.cached_user(clerk_id) {
-            return Ok(account);
+        let user = self.resolve_user(clerk_id).await?;
+        if user.deleted {
+            return Err(ApiError::new(
+                Code::AccountDeleted,
+                "this account was deleted; sign up again to use the service",
+            ));
         }
+        Ok(user.account)
+    }
+
+    /// The account of a Clerk user for an operator: created on first sight,
+    /// deleted or not (a deleted user's ledger stays and can be adjusted).
+    pub async fn any_account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
+        Ok(self.resolve_user(clerk_id).await?.account)
+    }
+
+    async fn resolve_user(&self, clerk_id: &str) -> Result<CachedUser, ApiError> {
+        if let Some(user) = self.cached_user(clerk_id) {
+            return Ok(user);
+        }
+        let _turn = self.user_turn(clerk_id).await;
+        if let Some(user) = self.cached_user(clerk_id) {
+            return Ok(user);
+        }
+        let client = self.client().await?;
+        let user = match store::find_user_status(&**client, clerk_id).await? {
+            Some((account, deleted)) => CachedUser { account, deleted },
+            None => CachedUser {
+                account: store::ensure_user(&**client, clerk_id).await?,
+                deleted: false,
+            },
+        };
+        self.cache_user(clerk_id, user);
+        Ok(user)
+    }
+
+    /// Serializes the lookups and the deletion state changes of one Clerk
+    /// id (by hash shard): a lookup that read the row before a deletion
+    /// cannot cache it after the deletion's own cache update.
+    pub async fn user_turn(&self, clerk_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(clerk_id, &mut hasher);
         let shard = std::hash::Hasher::finish(&hasher) as usize % self.first_sight.len();
-        let _turn = self.first_sight[shard].lock().await;
-        if let Some(account) = self.cached_user(clerk_id) {
-            return Ok(account);
-        }
-        let client = self.client().await?;
-        let account = store::ensure_user(&**client, clerk_id).await?;
-        self.cache_user(clerk_id, account);
-        Ok(account)
+        self.first_sight[shard].lock().await
     }
 
-    /// The account of a Clerk user, if the user exists.
+    /// Records in the cache that a user was deleted or brought back; call
+    /// it with `user_turn` held, after the row changed.
+    pub fn user_deletion_changed(&self, clerk_id: &str, account: AccountId, deleted: bool) {
+        self.cache_user(clerk_id, CachedUser { account, deleted });
+    }
+
+    /// The account of a Clerk user, if the user exists (deleted or not).
     pub async fn existing_account(&self, clerk_id: &str) -> Result<Option<AccountId>, ApiError> {
-        if let Some(account) = self.cached_user(clerk_id) {
-            return Ok(Some(account));
+        if let Some(user) = self.cached_user(clerk_id) {
+            return Ok(Some(user.account));
         }
         let client = self.client().await?;
-        let found = store::find_user(&**client, clerk_id).await?;
-        if let Some(account) = found {
-            self.cache_user(clerk_id, account);
-        }
-        Ok(found)
+        let found = store::find_user_status(&**client, clerk_id).await?;
+        Ok(found.map(|(account, _)| account))
     }
 
     fn cached_history(&self, account: AccountId) -> Option<Arc<credits::History>> {
@@ -172,17 +213,17 @@ impl AppState {
             .remove(&account);
     }
 
-    fn cached_user(&self, clerk_id: &str) -> Option<AccountId> {
+    fn cached_user(&self, clerk_id: &str) -> Option<CachedUser> {
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         users.get(clerk_id).copied()
     }
 
-    fn cache_user(&self, clerk_id: &str, account: AccountId) {
+    fn cache_user(&self, clerk_id: &str, user: CachedUser) {
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         if users.len() >= USER_CACHE_ENTRIES {
             users.clear();
         }
-        users.insert(clerk_id.to_owned(), account);
+        users.insert(clerk_id.to_owned(), user);
     }
 }
 

@@ -10,6 +10,7 @@ mod cli;
 mod credits;
 mod drills;
 mod history;
+mod identities;
 mod ledger;
 mod ledger_model;
 mod ledger_outage;
