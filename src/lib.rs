@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod ledger;
+pub mod limits;
 pub mod metering;
 pub mod money;
 pub mod pricing;

@@ -46,7 +46,7 @@ async fn adjust(
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
     let user = clerk_id(&path)?;
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let adjustment: Adjustment = parse_json(&body)?;
     if adjustment.amount_micros == 0 {
         return Err(ApiError::invalid("field `amountMicros`: must not be zero"));

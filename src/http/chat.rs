@@ -201,7 +201,7 @@ async fn chat(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let chat = Chat::parse(parse_json(&body)?, &state.settings.chat)?;
     let account = state.account(&clerk_id).await?;
     let route = route(&state, account, &chat).await?;
@@ -218,6 +218,7 @@ async fn chat(
         request,
         byok: route.byok,
         billing: None,
+        in_flight: None,
         slot: None,
         conversation_id: chat.conversation_id,
         message_id: chat.message_id,
@@ -359,6 +360,9 @@ struct Call {
     byok: bool,
     /// Set once the platform call's hold is taken.
     billing: Option<Billing>,
+    /// The platform call's place among its account's chats in flight
+    /// (`limits.chats_in_flight_per_account`), given back when it ends.
+    in_flight: Option<crate::limits::ChatPermit>,
     /// The platform call's place among the pending settlements, given back
     /// once it settled or released (when the call is dropped).
     slot: Option<SettlementSlot>,
@@ -370,6 +374,7 @@ impl Call {
     /// Takes the hold of a platform call (a BYOK call has none).
     async fn hold(mut self) -> Result<Call, ApiError> {
         if !self.byok {
+            self.in_flight = Some(self.state.limits.chat(self.account)?);
             self.slot = Some(self.state.settlements.admit()?);
             self.billing = Some(reserve(&self.state, self.account, &self.request).await?);
         }

@@ -152,7 +152,7 @@ async fn webhook(
             "Clerk webhooks are not configured (clerk_webhook.signing_secret)",
         ));
     }
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let headers = SvixHeaders {
         id: header(&request, "svix-id"),
         timestamp: header(&request, "svix-timestamp"),

@@ -19,6 +19,7 @@ pub enum Code {
     Conflict,
     InsufficientCredits,
     PayloadTooLarge,
+    RequestTimeout,
     Overloaded,
     Unavailable,
     Internal,
@@ -41,6 +42,7 @@ impl Code {
             Code::Conflict => "CONFLICT",
             Code::InsufficientCredits => "INSUFFICIENT_CREDITS",
             Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Code::RequestTimeout => "REQUEST_TIMEOUT",
             Code::Overloaded => "OVERLOADED",
             Code::Unavailable => "UNAVAILABLE",
             Code::Internal => "INTERNAL",
@@ -62,6 +64,7 @@ impl Code {
             Code::Conflict => StatusCode::CONFLICT,
             Code::InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::Overloaded | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Code::NoApiKey | Code::ByokKeyRefused => StatusCode::BAD_REQUEST,
@@ -148,6 +151,27 @@ impl From<LedgerError> for ApiError {
                 "the ledger is temporarily unavailable; retry",
             ),
             LedgerError::Internal(message) => ApiError::internal("ledger invariant", message),
+        }
+    }
+}
+
+impl From<crate::limits::Refused> for ApiError {
+    fn from(refused: crate::limits::Refused) -> ApiError {
+        let message = match refused.limit {
+            crate::limits::Limit::ChatsInFlight => {
+                "too many chats in flight for this account; retry when one has finished"
+            }
+            crate::limits::Limit::Topups => {
+                "too many top-ups opened in the last minute; retry later"
+            }
+            crate::limits::Limit::Unauthenticated => {
+                "too many requests from this address; slow down"
+            }
+        };
+        ApiError {
+            code: Code::RateLimited,
+            message: message.into(),
+            details: Some(serde_json::json!({ "retryAfterSeconds": refused.retry_after_s() })),
         }
     }
 }

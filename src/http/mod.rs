@@ -7,6 +7,7 @@ mod chat;
 mod clerk_webhooks;
 mod credits;
 pub mod error;
+mod limits;
 mod settings;
 mod stripe;
 mod views;
@@ -45,6 +46,7 @@ pub struct AppState {
     pub byok: Option<crate::byok::KeyCipher>,
     /// Platform chats whose settlement may still be pending.
     pub settlements: Arc<crate::metering::Settlements>,
+    pub limits: crate::limits::Limits,
     users: Mutex<HashMap<String, CachedUser>>,
     histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
     sealed_keys: Mutex<HashMap<AccountId, Arc<settings::StoredKeys>>>,
@@ -77,7 +79,9 @@ impl AppState {
         let settlements = Arc::new(crate::metering::Settlements::new(
             settings.chat.pending_settlements_max,
         ));
+        let limits = crate::limits::Limits::new(&settings.limits);
         Ok(AppState {
+            limits,
             settings,
             engine,
             pool,
@@ -227,20 +231,39 @@ impl AppState {
     }
 }
 
-/// Reads a request body up to `server.body_limit_bytes`.
-pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::new(
-                Code::PayloadTooLarge,
-                format!("request body: larger than {limit} bytes"),
-            ));
+/// Reads a request body up to `server.body_limit_bytes`, within
+/// `server.client_request_timeout_ms`: a client that sends its body too
+/// slowly gets 408 instead of holding the request open.
+pub async fn read_body(
+    mut payload: web::Payload,
+    server: &crate::config::ServerSettings,
+) -> Result<web::BytesMut, ApiError> {
+    let limit = server.body_limit_bytes;
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::new(
+                    Code::PayloadTooLarge,
+                    format!("request body: larger than {limit} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        Ok(body)
+    };
+    let deadline = Duration::from_millis(server.client_request_timeout_ms);
+    tokio::time::timeout(deadline, read).await.map_err(|_| {
+        metrics::counter!("creditd_request_body_timeouts_total").increment(1);
+        ApiError::new(
+            Code::RequestTimeout,
+            format!(
+                "request body: not received within {} ms",
+                server.client_request_timeout_ms
+            ),
+        )
+    })?
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -300,6 +323,7 @@ pub fn server(
                     Ok(response)
                 }
             })
+            .wrap(actix_web::middleware::from_fn(limits::unauthenticated))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
@@ -312,6 +336,9 @@ pub fn server(
             .default_service(web::to(error::no_route))
     })
     .workers(settings.server.workers)
+    .client_request_timeout(Duration::from_millis(
+        settings.server.client_request_timeout_ms,
+    ))
     .shutdown_timeout(settings.server.shutdown_timeout_s)
     .listen(listener)?
     .run();

@@ -177,7 +177,7 @@ async fn save(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let keys: SaveKeys = parse_json(&body)?;
     let cipher = cipher(&state)?;
     if keys.anthropic_key.is_none() && keys.openai_key.is_none() {

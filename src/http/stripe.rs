@@ -54,7 +54,7 @@ async fn topup(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     // serde would read a struct from a JSON array too: only an object is a request.
     if !parse_json::<serde_json::Value>(&body)?.is_object() {
         return Err(ApiError::invalid("request body: expected a JSON object"));
@@ -80,6 +80,7 @@ async fn topup(
         )
     })?;
     let account = state.account(&clerk_id).await?;
+    state.limits.topup(account)?;
     let customer = customer_of(&state, api, account, &clerk_id).await?;
     let session = api
         .create_topup_session(account, &customer, amount, chrono::Utc::now().timestamp())
@@ -279,7 +280,7 @@ async fn webhook(
             "Stripe webhooks are not configured (stripe.webhook_secret)",
         ));
     }
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let header = request
         .headers()
         .get("Stripe-Signature")

@@ -14,6 +14,7 @@ mod identities;
 mod ledger;
 mod ledger_model;
 mod ledger_outage;
+mod limits;
 mod ops;
 mod reconcile;
 mod stripe;

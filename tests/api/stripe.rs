@@ -470,7 +470,7 @@ async fn the_limits_themselves_are_accepted() {
 
 #[actix::test]
 async fn concurrent_first_top_ups_create_one_stripe_customer() {
-    let stripe = spawn_stripe_app().await;
+    let stripe = spawn_stripe_app_with(|s| s.limits.topups_per_minute = 10).await;
     let account = stripe.app.account("user_race").await.0;
 
     let answers = join_all((0..10).map(|i| {
@@ -559,6 +559,55 @@ async fn a_double_click_reuses_the_idempotency_key_of_the_first_session() {
     if window(&keys[0]) == window(&keys[1]) {
         assert_eq!(keys[0], keys[1]);
     }
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn fifty_concurrent_top_ups_of_one_account_with_a_limit_of_5_per_minute_open_5_sessions() {
+    let stripe = spawn_stripe_app_with(|s| s.limits.topups_per_minute = 5).await;
+
+    let bodies: Vec<_> = (0..50).map(|i| json!({ "amount": 500 + i })).collect();
+    let answers = join_all(bodies.iter().map(|body| {
+        stripe
+            .app
+            .post_as("user_card_testing", "/api/credits/topup", body)
+    }))
+    .await;
+    let other = stripe
+        .app
+        .post_as(
+            "user_honest",
+            "/api/credits/topup",
+            &json!({ "amount": 500 }),
+        )
+        .await
+        .status();
+
+    let mut opened = 0;
+    let mut refused = 0;
+    for answer in answers {
+        match answer.status().as_u16() {
+            200 => opened += 1,
+            429 => {
+                let retry_after = answer
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                assert!(
+                    retry_after.is_some_and(|s| (1..=60).contains(&s)),
+                    "{retry_after:?}"
+                );
+                let (_, body) = json_of(answer).await;
+                assert_eq!(body["error"], "RATE_LIMITED");
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((opened, refused), (5, 45));
+    assert_eq!(other, 200, "the limit is per account");
+    assert_eq!(stripe.sessions.received.lock().unwrap().len(), 6);
     stripe.app.db.reconcile_is_clean().await;
 }
 
