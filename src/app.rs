@@ -116,6 +116,7 @@ impl Application {
             metrics,
         )?;
         let settlements = state.settlements.clone();
+        crate::health::start(storage.database.clone(), &state.health).await;
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,

@@ -15,6 +15,7 @@ pub mod app;
 pub mod byok;
 pub mod config;
 pub mod db;
+pub mod health;
 pub mod http;
 pub mod ledger;
 pub mod limits;

@@ -10,7 +10,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::error::{ApiError, Code};
-use crate::config::{AdminSettings, ClerkSettings};
+use crate::config::{AdminSettings, ClerkSettings, MetricsSettings};
 
 #[derive(Debug, Deserialize)]
 struct Claims {
@@ -262,6 +262,26 @@ pub fn require_admin(settings: &AdminSettings, request: &HttpRequest) -> Result<
         Ok(())
     } else {
         Err(ApiError::unauthorized("invalid admin token"))
+    }
+}
+
+/// Checks the bearer token of `/metrics` when `metrics.token` is set
+/// (compared in constant time); without one, `/metrics` is open.
+pub fn require_metrics_token(
+    settings: &MetricsSettings,
+    request: &HttpRequest,
+) -> Result<(), ApiError> {
+    if settings.token.is_empty() {
+        return Ok(());
+    }
+    let presented = bearer(request)?;
+    let equal: bool =
+        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), settings.token.expose().as_bytes())
+            .into();
+    if equal {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("invalid metrics token"))
     }
 }
 

@@ -47,6 +47,8 @@ pub struct AppState {
     /// Platform chats whose settlement may still be pending.
     pub settlements: Arc<crate::metering::Settlements>,
     pub limits: crate::limits::Limits,
+    /// The database's health, refreshed in the background.
+    pub health: Arc<crate::health::Health>,
     users: Mutex<HashMap<String, CachedUser>>,
     histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
     sealed_keys: Mutex<HashMap<AccountId, Arc<settings::StoredKeys>>>,
@@ -80,8 +82,12 @@ impl AppState {
             settings.chat.pending_settlements_max,
         ));
         let limits = crate::limits::Limits::new(&settings.limits);
+        let health = Arc::new(crate::health::Health::new(Duration::from_millis(
+            settings.database.health_check_interval_ms,
+        )));
         Ok(AppState {
             limits,
+            health,
             settings,
             engine,
             pool,
@@ -290,7 +296,7 @@ pub fn server(
             .app_data(state.clone())
             .wrap_fn(|request, service| {
                 let started = Instant::now();
-                let method = request.method().to_string();
+                let method = method_label(request.method());
                 let request_id = request_id(&request);
                 let call = service.call(request);
                 async move {
@@ -314,7 +320,7 @@ pub fn server(
                     }
                     let labels = [
                         ("route", route),
-                        ("method", method),
+                        ("method", method.to_owned()),
                         ("status", status.to_string()),
                     ];
                     metrics::counter!("creditd_http_requests_total", &labels).increment(1);
@@ -350,24 +356,11 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
-    let probe = async {
-        let client = state.client().await?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|_| ApiError::new(Code::Unavailable, "the database is unreachable"))?;
-        Ok::<_, ApiError>(())
-    };
-    let limit = Duration::from_millis(state.settings.database.connect_timeout_ms.max(500));
-    match tokio::time::timeout(limit, probe).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return Err(error),
-        Err(_) => {
-            return Err(ApiError::new(
-                Code::Unavailable,
-                "the database did not answer",
-            ))
-        }
+    if !state.health.database_up() {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "the database did not answer the last health check",
+        ));
     }
     if state.engine.writer().is_stalled() {
         return Err(ApiError::new(
@@ -378,22 +371,36 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
 }
 
-async fn metrics_text(state: State) -> HttpResponse {
+/// The Prometheus text; with `metrics.token` set, only for its bearer.
+async fn metrics_text(
+    state: State,
+    request: actix_web::HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_metrics_token(&state.settings.metrics, &request)?;
     let stats = state.engine.stats();
     metrics::gauge!("creditd_account_actors_resident").set(stats.resident_actors as f64);
     metrics::gauge!("creditd_journal_queue_depth").set(stats.journal_queue_depth as f64);
-    if let Ok(client) = state.client().await {
-        if let Ok(row) = client
-            .query_one(
-                "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
-                &[],
-            )
-            .await
-        {
-            metrics::gauge!("creditd_active_holds").set(row.get::<_, i64>(0) as f64);
-        }
-    }
-    HttpResponse::Ok()
+    metrics::gauge!("creditd_database_up").set(if state.health.database_up() { 1.0 } else { 0.0 });
+    metrics::gauge!("creditd_active_holds").set(state.health.active_holds() as f64);
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(state.metrics.render()))
+}
+
+/// The `method` label: a standard verb, else `OTHER`, so made-up methods
+/// cannot add series.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
 }

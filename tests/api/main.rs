@@ -15,6 +15,7 @@ mod ledger;
 mod ledger_model;
 mod ledger_outage;
 mod limits;
+mod observability;
 mod ops;
 mod reconcile;
 mod stripe;
