@@ -38,7 +38,7 @@ pub struct AppState {
     pub pool: deadpool_postgres::Pool,
     pub prices: Arc<PriceTable>,
     pub metrics: PrometheusHandle,
-    pub clerk: ClerkVerifier,
+    pub clerk: Arc<ClerkVerifier>,
     /// `None` when `stripe.secret_key` is not set.
     pub stripe: Option<crate::stripe::StripeApi>,
     pub providers: crate::providers::ProviderClient,
@@ -73,7 +73,7 @@ impl AppState {
         prices: Arc<PriceTable>,
         metrics: PrometheusHandle,
     ) -> anyhow::Result<AppState> {
-        let clerk = ClerkVerifier::new(settings.clerk.clone())?;
+        let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
         let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
         let providers = crate::providers::ProviderClient::new(&settings.providers)?;
         let byok = crate::byok::KeyCipher::from_settings(&settings.byok)
