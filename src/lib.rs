@@ -8,6 +8,8 @@
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
 //! - [`svix`]: the signature of Clerk's (Svix) webhooks;
 //! - [`metering`]: chat settlements, retried until they post;
+//! - [`limits`]: chats in flight, top-ups per minute, per-IP request rate;
+//! - [`health`]: the database's health, checked in the background;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
 //! - [`byok`]: users' own provider keys, encrypted at rest.
 
