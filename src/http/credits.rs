@@ -196,6 +196,7 @@ pub(super) async fn grant_signup_bonus(
     let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
         .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
     if !claim_email(state, account).await? {
+        reverse_second_bonus(state, account).await?;
         return Ok(Bonus::TakenByAnotherAccount);
     }
     let posting = Posting {
@@ -208,6 +209,48 @@ pub(super) async fn grant_signup_bonus(
         metadata: None,
     };
     Ok(Bonus::Granted(state.engine.credit(account, posting).await?))
+}
+
+/// Takes back a bonus this account received by its Clerk id before its
+/// email was known (a re-signup that asked for the bonus before Clerk's
+/// `user.created` came), once the email shows that another account of the
+/// same person had it. Once, under `bonus:signup:<account>:duplicate`; the
+/// balance may go below zero, as for a refund.
+async fn reverse_second_bonus(state: &State, account: AccountId) -> Result<(), ApiError> {
+    let key = signup_bonus_key(account)?;
+    let granted: Option<i64> = {
+        let client = state.client().await?;
+        client
+            .query_opt(
+                "SELECT amount_micros FROM credit_transactions
+                  WHERE user_id = $1 AND idempotency_key = $2",
+                &[&account.0, &key.as_str()],
+            )
+            .await
+            .map_err(store::unavailable)?
+            .map(|row| row.get(0))
+    };
+    let Some(amount) = granted.map(Micros::new) else {
+        return Ok(());
+    };
+    tracing::warn!(
+        account = account.0,
+        "signup bonus of an email another account had: taken back"
+    );
+    let posting = Posting {
+        key: IdempotencyKey::parse(format!("{}:duplicate", key.as_str()))
+            .map_err(|e| ApiError::internal("signup bonus key", e))?,
+        kind: TransactionType::Adjustment,
+        amount,
+        description: Some(format!(
+            "Bonus de bienvenue déjà reçu avec cette adresse e-mail (-{amount})"
+        )),
+        stripe_session_id: None,
+        stripe_payment_id: None,
+        metadata: Some(json!({ "reason": "duplicate_signup_bonus" })),
+    };
+    state.engine.debit(account, posting).await?;
+    Ok(())
 }
 
 /// Claims the account's email for its signup bonus: true when the claim

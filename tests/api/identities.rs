@@ -220,3 +220,55 @@ async fn a_bonus_claim_left_without_its_credit_is_completed_by_the_same_accounts
     assert_eq!(bonuses(&app).await, 1);
     app.db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_re_signup_that_claims_the_bonus_before_its_email_is_known_gives_it_back_when_the_email_comes(
+) {
+    let app = clerk_app().await;
+    let first = user_event(
+        "user.created",
+        "user_quick_1",
+        "quick@example.com",
+        "Q",
+        "K",
+    );
+    assert_eq!(deliver(&app, "msg_quick_1", &first).await, 200);
+    assert_eq!(
+        deliver(&app, "msg_quick_1_gone", &deleted_event("user_quick_1")).await,
+        200
+    );
+
+    // The new account asks before Clerk's user.created for it arrives.
+    let (claimed, _) = json_of(
+        app.post_as("user_quick_2", "/api/credits/claim-bonus", &json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!(claimed, 201, "no email known yet: by Clerk id");
+    let again = user_event(
+        "user.created",
+        "user_quick_2",
+        "QUICK@example.com",
+        "Q",
+        "K",
+    );
+    let delivered = join_all((0..5).map(|_| deliver(&app, "msg_quick_2", &again))).await;
+    let redelivered = deliver(&app, "msg_quick_2_resent", &again).await;
+
+    assert!(delivered.iter().all(|&s| s == 200), "{delivered:?}");
+    assert_eq!(redelivered, 200);
+    assert_eq!(
+        balance_micros(&app, "user_quick_2").await,
+        0,
+        "taken back once"
+    );
+    let (_, first_account) = json_of(
+        app.admin(reqwest::Method::GET, "/admin/accounts/user_quick_1")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(first_account["balanceMicros"], 10_000_000);
+    app.db.reconcile_is_clean().await;
+}
