@@ -140,6 +140,23 @@ fn header<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
         .and_then(|value| value.to_str().ok())
 }
 
+/// Clerk's user events, Svix signature checked on the raw body.
+#[utoipa::path(post, path = "/api/webhooks/clerk", tag = "webhooks",
+    params(
+        ("svix-id" = String, Header, description = "Message id"),
+        ("svix-timestamp" = String, Header, description = "Unix seconds"),
+        ("svix-signature" = String, Header, description = "v1,<HMAC-SHA256 base64> (space-separated list)"),
+    ),
+    request_body(content = Object, description = "A Clerk event"),
+    responses(
+        (status = 200, description = "Taken (or already taken)", body = super::openapi::Received),
+        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (not configured, database unavailable: Svix retries)", body = super::openapi::ErrorBody)
+    ))]
 async fn webhook(
     state: State,
     request: HttpRequest,

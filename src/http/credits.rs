@@ -89,9 +89,9 @@ async fn history(
     Ok(history)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Overview<'a> {
+pub(super) struct Overview<'a> {
     /// Integer cents, as the seed's front end reads it.
     balance: i64,
     balance_micros: i64,
@@ -100,11 +100,20 @@ struct Overview<'a> {
     balance_formatted: String,
     is_low: bool,
     has_byok: bool,
+    #[schema(value_type = Vec<TransactionView>)]
     transactions: &'a RawValue,
+    #[schema(value_type = Vec<UsageView>)]
     usages: &'a RawValue,
 }
 
 /// Balance, holds, the 10 newest transactions and usages.
+#[utoipa::path(get, path = "/api/credits", tag = "credits", security(("clerk" = [])),
+    responses(
+        (status = 200, description = "The balance page", body = Overview),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
@@ -124,6 +133,19 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
     }))
 }
 
+/// Every transaction, newest first, by opaque cursor.
+#[utoipa::path(get, path = "/api/credits/transactions", tag = "credits", security(("clerk" = [])),
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "Items per page (default 20)"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of transactions", body = super::openapi::TransactionsPage),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
     let clerk_id = state.clerk.authenticate(&request).await?;
@@ -137,6 +159,19 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     })))
 }
 
+/// Every usage (chat charge), newest first, by opaque cursor.
+#[utoipa::path(get, path = "/api/credits/usages", tag = "credits", security(("clerk" = [])),
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "Items per page (default 20)"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of usages", body = super::openapi::UsagesPage),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
     let clerk_id = state.clerk.authenticate(&request).await?;
@@ -281,6 +316,15 @@ async fn claim_email(state: &State, account: AccountId) -> Result<bool, ApiError
 
 /// The signup bonus: 201 the first time, 200 with the same transaction
 /// after; 409 when another account of the same email had it.
+#[utoipa::path(post, path = "/api/credits/claim-bonus", tag = "credits", security(("clerk" = [])),
+    responses(
+        (status = 201, description = "The signup bonus, credited now", body = super::openapi::ClaimedBonus),
+        (status = 200, description = "The signup bonus, credited before", body = super::openapi::ClaimedBonus),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 409, description = "CONFLICT (another account of this email had the bonus)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn claim_bonus(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;

@@ -32,6 +32,28 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, as documented (README, `/openapi.json`).
+    pub const ALL: [Code; 18] = [
+        Code::InvalidRequest,
+        Code::NoApiKey,
+        Code::ByokKeyRefused,
+        Code::Unauthorized,
+        Code::AccountDeleted,
+        Code::InsufficientCredits,
+        Code::NotFound,
+        Code::RequestTimeout,
+        Code::Conflict,
+        Code::PayloadTooLarge,
+        Code::RateLimited,
+        Code::Internal,
+        Code::ByokNotConfigured,
+        Code::ProviderFailed,
+        Code::Overloaded,
+        Code::ProviderUnavailable,
+        Code::Unavailable,
+        Code::ProviderTimeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Unauthorized => "UNAUTHORIZED",
@@ -237,4 +259,48 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 /// Every 404 the router gives, in the common shape.
 pub async fn no_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found("no such route"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    /// Fails to compile when a code is added without being considered here.
+    fn listed(code: Code) -> bool {
+        match code {
+            Code::Unauthorized
+            | Code::AccountDeleted
+            | Code::RateLimited
+            | Code::InvalidRequest
+            | Code::NotFound
+            | Code::Conflict
+            | Code::InsufficientCredits
+            | Code::PayloadTooLarge
+            | Code::RequestTimeout
+            | Code::Overloaded
+            | Code::Unavailable
+            | Code::Internal
+            | Code::NoApiKey
+            | Code::ByokKeyRefused
+            | Code::ByokNotConfigured
+            | Code::ProviderUnavailable
+            | Code::ProviderTimeout
+            | Code::ProviderFailed => Code::ALL.contains(&code),
+        }
+    }
+
+    #[test]
+    fn every_code_is_listed_once_and_documented_in_the_readme() {
+        let readme = include_str!("../../README.md");
+        for (index, code) in Code::ALL.iter().enumerate() {
+            assert!(listed(*code));
+            assert!(!Code::ALL[..index].contains(code), "{code:?} twice");
+            let row = format!("| `{}` | {}", code.as_str(), code.status().as_u16());
+            assert!(
+                readme.contains(&row),
+                "README lacks the row of {}",
+                code.as_str()
+            );
+        }
+    }
 }

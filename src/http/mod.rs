@@ -8,6 +8,7 @@ mod clerk_webhooks;
 mod credits;
 pub mod error;
 mod limits;
+mod openapi;
 mod settings;
 mod stripe;
 mod views;
@@ -339,6 +340,7 @@ pub fn server(
             .configure(clerk_webhooks::routes)
             .configure(chat::routes)
             .configure(settings::routes)
+            .configure(openapi::routes)
             .default_service(web::to(error::no_route))
     })
     .workers(settings.server.workers)
@@ -351,10 +353,23 @@ pub fn server(
     Ok(server)
 }
 
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses(
+        (status = 200, description = "Up", body = openapi::Status),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody)
+    ))]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
+/// The database answered the last background check and the journal flows.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses(
+        (status = 200, description = "Ready", body = openapi::Status),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = openapi::ErrorBody)
+    ))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     if !state.health.database_up() {
         return Err(ApiError::new(
@@ -372,6 +387,12 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
 }
 
 /// The Prometheus text; with `metrics.token` set, only for its bearer.
+#[utoipa::path(get, path = "/metrics", tag = "ops", security((), ("metrics" = [])),
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 401, description = "UNAUTHORIZED (metrics.token set, missing or wrong)", body = openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody)
+    ))]
 async fn metrics_text(
     state: State,
     request: actix_web::HttpRequest,

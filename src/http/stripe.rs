@@ -31,9 +31,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/api/webhooks/stripe", web::post().to(webhook));
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TopupRequest {
+pub(super) struct TopupRequest {
     /// Cents.
     amount: i64,
 }
@@ -48,6 +48,18 @@ fn euros(cents: i64) -> String {
 }
 
 /// Opens a Checkout Session for a top-up of `amount` cents: `{url, sessionId}`.
+#[utoipa::path(post, path = "/api/credits/topup", tag = "credits", security(("clerk" = [])),
+    request_body = TopupRequest,
+    responses(
+        (status = 200, description = "The Checkout Session", body = super::openapi::TopupSession),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL (the payment provider refused the request)", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (Stripe not configured or unreachable, database unavailable)", body = super::openapi::ErrorBody)
+    ))]
 async fn topup(
     state: State,
     request: HttpRequest,
@@ -268,6 +280,19 @@ pub(super) async fn record_processed(
     Ok(())
 }
 
+/// Stripe's events, `Stripe-Signature` checked on the raw body.
+#[utoipa::path(post, path = "/api/webhooks/stripe", tag = "webhooks",
+    params(("Stripe-Signature" = String, Header, description = "t=<unix seconds>,v1=<HMAC-SHA256 hex>")),
+    request_body(content = Object, description = "A Stripe event"),
+    responses(
+        (status = 200, description = "Taken (or already taken)", body = super::openapi::Received),
+        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (not configured, a top-up not credited yet, database unavailable: Stripe retries)", body = super::openapi::ErrorBody)
+    ))]
 async fn webhook(
     state: State,
     request: HttpRequest,

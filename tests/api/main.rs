@@ -16,6 +16,7 @@ mod ledger_model;
 mod ledger_outage;
 mod limits;
 mod observability;
+mod openapi;
 mod ops;
 mod reconcile;
 mod stripe;
