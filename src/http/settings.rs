@@ -242,7 +242,7 @@ async fn save(
 
 /// Deletes one saved provider key.
 #[utoipa::path(delete, path = "/api/settings/api-keys/{provider}", tag = "settings", security(("clerk" = [])),
-    params(("provider" = String, Path, description = "`anthropic` or `openai`")),
+    params(("provider" = Provider, Path, description = "`anthropic` or `openai`")),
     responses(
         (status = 200, description = "The saved keys after", body = super::openapi::SavedKeys),
         (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
