@@ -42,7 +42,9 @@ fn clerk_id(path: &str) -> Result<&str, ApiError> {
     params(("userId" = String, Path, description = "Clerk user id")),
     request_body = Adjustment,
     responses(
-        (status = 201, description = "Applied now", body = super::openapi::Adjusted),
+        (status = 201, description = "Applied now", body = super::openapi::Adjusted, links(
+            ("AdjustedAccount" = (operation_id = "account", parameters(("userId" = "$request.path.userId")), description = "The account just adjusted"))
+        )),
         (status = 200, description = "Applied before under this key", body = super::openapi::Adjusted),
         (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
         (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),

@@ -318,7 +318,10 @@ async fn claim_email(state: &State, account: AccountId) -> Result<bool, ApiError
 /// after; 409 when another account of the same email had it.
 #[utoipa::path(post, path = "/api/credits/claim-bonus", tag = "credits", security(("clerk" = [])),
     responses(
-        (status = 201, description = "The signup bonus, credited now", body = super::openapi::ClaimedBonus),
+        (status = 201, description = "The signup bonus, credited now", body = super::openapi::ClaimedBonus, links(
+            ("BalanceAfterBonus" = (operation_id = "overview", description = "The balance with the bonus")),
+            ("HistoryAfterBonus" = (operation_id = "transactions", description = "The bonus in the history"))
+        )),
         (status = 200, description = "The signup bonus, credited before", body = super::openapi::ClaimedBonus),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
         (status = 409, description = "CONFLICT (another account of this email had the bonus)", body = super::openapi::ErrorBody),

@@ -51,7 +51,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         document,
         docs,
     ),
-    components(schemas(ErrorBody, ErrorCode)),
+    components(schemas(ErrorBody, ErrorCode, crate::pricing::Provider)),
     modifiers(&BearerTokens)
 )]
 pub struct ApiDoc;
@@ -228,10 +228,37 @@ pub struct Status {
 fn document_json() -> &'static str {
     static JSON: OnceLock<String> = OnceLock::new();
     JSON.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_json()
-            .unwrap_or_else(|error| format!("{{\"error\": \"{error}\"}}"))
+        let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+        camel_case_links(&mut document);
+        document.to_string()
     })
+}
+
+/// utoipa 5 writes a Link object's fields in snake case (`operation_id`);
+/// OpenAPI spells them `operationId`, `operationRef`, `requestBody`.
+fn camel_case_links(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(object) => {
+            if let Some(serde_json::Value::Object(links)) = object.get_mut("links") {
+                for link in links.values_mut() {
+                    if let serde_json::Value::Object(link) = link {
+                        for (from, to) in [
+                            ("operation_id", "operationId"),
+                            ("operation_ref", "operationRef"),
+                            ("request_body", "requestBody"),
+                        ] {
+                            if let Some(field) = link.remove(from) {
+                                link.insert(to.to_owned(), field);
+                            }
+                        }
+                    }
+                }
+            }
+            object.values_mut().for_each(camel_case_links);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(camel_case_links),
+        _ => {}
+    }
 }
 
 /// The OpenAPI 3.1 document of every route.

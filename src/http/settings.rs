@@ -184,7 +184,10 @@ fn check_key(field: &str, provider: Provider, key: &str) -> Result<(), ApiError>
 #[utoipa::path(put, path = "/api/settings/api-keys", tag = "settings", security(("clerk" = [])),
     request_body = SaveKeys,
     responses(
-        (status = 200, description = "The saved keys after", body = super::openapi::SavedKeys),
+        (status = 200, description = "The saved keys after", body = super::openapi::SavedKeys, links(
+            ("SavedKeysList" = (operation_id = "list", description = "The keys just saved")),
+            ("RemoveSavedOpenaiKey" = (operation_id = "remove", parameters(("provider" = "openai")), description = "Delete the OpenAI key"))
+        )),
         (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
         (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),

@@ -75,6 +75,38 @@ async fn the_openapi_document_describes_every_route_and_every_error_code() {
         );
     }
     let text = document.to_string();
+    // Every reference resolves; every link names an operation that exists.
+    let mut operation_ids = Vec::new();
+    for item in paths.values() {
+        for operation in item.as_object().unwrap().values() {
+            operation_ids.extend(operation["operationId"].as_str());
+        }
+    }
+    for reference in text.split("\"$ref\":\"").skip(1) {
+        let target = reference.split('"').next().unwrap();
+        let pointer = target.trim_start_matches('#');
+        assert!(
+            document.pointer(pointer).is_some(),
+            "{target} does not resolve"
+        );
+    }
+    let mut links = 0;
+    for item in paths.values() {
+        for operation in item.as_object().unwrap().values() {
+            for response in operation["responses"].as_object().unwrap().values() {
+                for link in response["links"]
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|l| l.values())
+                {
+                    links += 1;
+                    let target = link["operationId"].as_str().expect("operationId");
+                    assert!(operation_ids.contains(&target), "link to {target}");
+                }
+            }
+        }
+    }
+    assert!(links >= 3, "{links} links");
     for code in [
         "ACCOUNT_DELETED",
         "RATE_LIMITED",
