@@ -7,7 +7,7 @@
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
 //! - [`svix`]: the signature of Clerk's (Svix) webhooks.
-//! - [`ledger`]: the engine (account actors, journal writer, reconcile).
+//! - [`metering`]: usage reports (spend per day).
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
 //! - [`byok`]: users' own provider keys, encrypted at rest.
 
@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod ledger;
+pub mod metering;
 pub mod money;
 pub mod pricing;
 pub mod providers;
