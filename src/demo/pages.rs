@@ -5,16 +5,8 @@
 use actix_web::HttpResponse;
 
 use super::Shared;
+pub use crate::http::pages::escape;
 use crate::http::pages::{demo_banner, secured};
-
-/// Escapes text for HTML content and attribute values.
-pub fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
 
 /// A whole page around `body` (already escaped HTML).
 pub fn page(shared: &Shared, title: &str, body: &str) -> HttpResponse {

@@ -96,11 +96,13 @@ async fn no_icon() -> HttpResponse {
     HttpResponse::NoContent().finish()
 }
 
-fn escape(text: &str) -> String {
+/// Escapes text for HTML content and attribute values.
+pub fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
 fn page(state: &State, template: &str) -> HttpResponse {

@@ -567,6 +567,36 @@ async fn top_up_refuses_amounts_out_of_limits_pays_ten_euros_at_checkout_and_sho
     );
 
     browser.click(".credit-balance__topup").await;
+    browser.click(".topup__option[data-cents='1000']").await;
+    browser.click(".topup__pay").await;
+    browser
+        .until(
+            "the Checkout page",
+            "return document.querySelector('.checkout') !== null",
+        )
+        .await;
+    browser.click(".checkout__cancel").await;
+    browser
+        .until(
+            "back on /billing?topup=canceled",
+            &format!(
+                "return location.href === {:?}",
+                format!("{}/billing?topup=canceled", demo.url)
+            ),
+        )
+        .await;
+    assert_eq!(
+        browser.text("#topup-status").await,
+        "Paiement annulé : aucun montant n'a été débité."
+    );
+    assert_eq!(balance_state(&browser).await, "ok");
+    assert_eq!(
+        balance_micros(&browser).await,
+        10_011_000,
+        "nothing charged, nothing credited"
+    );
+
+    browser.click(".credit-balance__topup").await;
     browser.type_into(".topup__custom", "").await;
     browser.click(".topup__option[data-cents='1000']").await;
     assert_eq!(browser.text(".topup__pay").await, "Payer 10€");
