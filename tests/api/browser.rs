@@ -793,3 +793,84 @@ async fn demo_refuses_real_keys_and_addresses_beyond_loopback() {
     let refused = Demo::start(settings, storage).await.err().expect("refused");
     assert!(format!("{refused:#}").contains("loopback"), "{refused:#}");
 }
+
+#[actix::test]
+async fn demo_echo_model_streams_server_sent_events_and_is_charged_for_them() {
+    let (demo, handle) = start_demo().await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let signed_in = http
+        .post(&demo.sign_in_url)
+        .form(&[("user", "streamer")])
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(signed_in.status(), 303);
+    let cookie = signed_in
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("the __session cookie")
+        .to_owned();
+    assert!(cookie.starts_with("__session="), "{cookie}");
+    let refused = http
+        .post(&demo.sign_in_url)
+        .form(&[("user", "<script>")])
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(
+        refused.status(),
+        400,
+        "a user name is letters, digits, _ or -"
+    );
+
+    let post = |path: &str, body: Value| {
+        http.post(format!("{}{path}", demo.url))
+            .header("Cookie", &cookie)
+            .header("Origin", &demo.url)
+            .json(&body)
+            .send()
+    };
+    let bonus = post("/api/credits/claim-bonus", json!({}))
+        .await
+        .expect("bonus");
+    assert_eq!(bonus.status(), 201);
+    let stream = post(
+        "/api/chat",
+        json!({ "model": "demo-echo", "stream": true, "maxTokens": 64,
+                "messages": [{ "role": "user", "content": "Bonjour le flux" }] }),
+    )
+    .await
+    .expect("chat");
+    assert_eq!(stream.status(), 200);
+    let text = stream.text().await.expect("events");
+    assert!(text.contains("event: delta"), "{text}");
+    let done = text
+        .split("event: done\ndata: ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap_or_else(|| panic!("no done event in {text}"));
+    let done: Value = serde_json::from_str(done).expect("done is JSON");
+    let used = done["credits"]["usedMicros"].as_i64().expect("usedMicros");
+    assert!(used > 0, "{done}");
+    assert!(
+        done["credits"]["outputTokens"].as_i64().unwrap_or(0) > 0,
+        "{done}"
+    );
+
+    let overview = http
+        .get(format!("{}/api/credits", demo.url))
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .expect("balance")
+        .json::<Value>()
+        .await
+        .expect("JSON");
+    assert_eq!(overview["balanceMicros"], json!(10_000_000 - used));
+    handle.stop(true).await;
+}
