@@ -282,11 +282,12 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
 /// Why a request must be refused as cross-site: it changes state (not GET,
 /// HEAD or OPTIONS), authenticates by the `__session` cookie alone (a
 /// bearer token is never sent by a browser on its own) and its `Origin` is
-/// missing or neither in `allowed` nor the service's own origin.
+/// missing or neither in `allowed` nor the service's own origin
+/// (`own_origin` is asked only then: most requests are reads).
 pub fn cross_site_refusal(
     method: &Method,
     headers: &HeaderMap,
-    own_origin: &str,
+    own_origin: impl FnOnce() -> String,
     allowed: &[String],
 ) -> Option<ApiError> {
     if *method == Method::GET
@@ -301,7 +302,7 @@ pub fn cross_site_refusal(
         .get(actix_web::http::header::ORIGIN)
         .and_then(|value| value.to_str().ok());
     match origin {
-        Some(origin) if origin == own_origin || allowed.iter().any(|a| a == origin) => None,
+        Some(origin) if allowed.iter().any(|a| a == origin) || origin == own_origin() => None,
         Some(origin) => Some(ApiError::new(
             Code::Forbidden,
             format!(
@@ -373,7 +374,8 @@ mod tests {
         let allowed = vec!["https://app.example".to_owned()];
         let cookie = ("cookie", "__session=t");
         let refused = |method: Method, pairs: &[(&'static str, &'static str)]| {
-            cross_site_refusal(&method, &headers(pairs), own, &allowed).map(|e| e.code)
+            cross_site_refusal(&method, &headers(pairs), || own.to_owned(), &allowed)
+                .map(|e| e.code)
         };
         assert_eq!(
             refused(Method::GET, &[cookie, ("origin", "https://evil.example")]),

@@ -223,19 +223,10 @@ pub fn server(
         App::new()
             .app_data(state.clone())
             .wrap_fn(move |request, service| {
-                let own_origin = format!(
-                    "{}://{}",
-                    request.connection_info().scheme(),
-                    request
-                        .headers()
-                        .get(actix_web::http::header::HOST)
-                        .and_then(|host| host.to_str().ok())
-                        .unwrap_or_default()
-                );
                 let refusal = auth::cross_site_refusal(
                     request.method(),
                     request.headers(),
-                    &own_origin,
+                    || own_origin(&request),
                     &allowed,
                 );
                 match refusal {
@@ -296,6 +287,16 @@ pub fn server(
     .listen(listener)?
     .run();
     Ok(server)
+}
+
+/// This service's origin as the browser addressed it: `scheme://Host`.
+fn own_origin(request: &ServiceRequest) -> String {
+    let host = request
+        .headers()
+        .get(actix_web::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or_default();
+    format!("{}://{host}", request.connection_info().scheme())
 }
 
 /// CORS for the front ends of `server.allowed_origins`, credentials allowed
