@@ -86,10 +86,13 @@ impl Browser {
     async fn start() -> Browser {
         let driver_path = chromedriver_path();
         let port = free_port();
+        // A process group of its own: Chromium outlives a killed ChromeDriver,
+        // so a failed test ends the whole group (see `Drop`).
         let driver = tokio::process::Command::new(&driver_path)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", driver_path.display()));
@@ -291,9 +294,18 @@ impl Browser {
         );
     }
 
-    async fn close(mut self) {
+    async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill().await;
+    }
+}
+
+impl Drop for Browser {
+    /// Ends ChromeDriver and the Chromium it started, passed or failed.
+    fn drop(&mut self) {
+        if let Some(pid) = self.driver.id().and_then(|pid| i32::try_from(pid).ok()) {
+            // SAFETY: signals the process group this test created, nothing else.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+        }
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
