@@ -32,6 +32,10 @@ pub struct Settings {
     pub providers: ProviderSettings,
     pub chat: ChatSettings,
     pub byok: ByokSettings,
+    /// Set by `creditd demo` only (never from a file or the environment):
+    /// where the demo's sign-in page is; pages then show the demo banner.
+    #[serde(skip)]
+    pub demo_sign_in_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +98,9 @@ pub struct ServerSettings {
     pub shutdown_timeout_s: u64,
     pub body_limit_bytes: usize,
     pub history_cache_entries: usize,
+    /// Origins (`scheme://host[:port]`) whose pages may call the API
+    /// cross-origin (CORS) and send cookie-authenticated writes.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -297,6 +304,13 @@ impl Settings {
         if self.credits.signup_bonus_cents < 0 || self.credits.low_balance_cents < 0 {
             return Err("configuration key `credits`: amounts cannot be negative".into());
         }
+        for origin in &self.server.allowed_origins {
+            if !is_origin(origin) {
+                return Err(format!(
+                    "configuration key `server.allowed_origins`: `{origin}` is not an origin such as https://app.example.com (scheme, host, optional port; no path)"
+                ));
+            }
+        }
         self.validate_stripe()?;
         crate::pricing::PriceTable::from_settings(&self.pricing)
             .map_err(|e| format!("configuration key `{e}"))?;
@@ -400,6 +414,20 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// `http(s)://host[:port]`, nothing after.
+fn is_origin(text: &str) -> bool {
+    let Some(rest) = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 /// Sets `section.key` (or deeper: `pricing.models.<name>.input_usd` can't be
@@ -519,6 +547,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("stripe.currency"), "{err}");
+    }
+
+    #[test]
+    fn allowed_origins_are_read_from_a_list_and_checked() {
+        let settings = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[(
+                "CREDITD__SERVER__ALLOWED_ORIGINS",
+                "https://app.example.com, http://localhost:3000",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.server.allowed_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[(
+                "CREDITD__SERVER__ALLOWED_ORIGINS",
+                "https://app.example.com/",
+            )]),
+        )
+        .unwrap_err();
+        assert!(err.contains("server.allowed_origins"), "{err}");
+        let file = format!("demo_sign_in_url = \"http://127.0.0.1:1\"\n{DEFAULT_CONFIG}");
+        let err = Settings::from_sources(&file, &[]).unwrap_err();
+        assert!(
+            err.contains("demo_sign_in_url"),
+            "the demo is set in code only: {err}"
+        );
     }
 
     #[test]

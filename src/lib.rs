@@ -7,7 +7,8 @@
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
 //! - [`svix`]: the signature of Clerk's (Svix) webhooks;
-//! - [`metering`]: chat settlements, retried until they post;
+//! - [`metering`]: chat settlements retried until they post; usage reports;
+//! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
 //! - [`byok`]: users' own provider keys, encrypted at rest.
 
@@ -15,6 +16,7 @@ pub mod app;
 pub mod byok;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod http;
 pub mod ledger;
 pub mod metering;

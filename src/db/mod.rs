@@ -18,6 +18,11 @@ use cluster::{Durability, PrivateCluster};
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "ledger", include_str!("../../sql/0001_ledger.sql")),
     (2, "stripe", include_str!("../../sql/0002_stripe.sql")),
+    (
+        3,
+        "usage_by_day",
+        include_str!("../../sql/0003_usage_by_day.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

@@ -12,6 +12,7 @@ pub const RETRY_AFTER_S: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     Unauthorized,
+    Forbidden,
     InvalidRequest,
     NotFound,
     Conflict,
@@ -32,6 +33,7 @@ impl Code {
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Unauthorized => "UNAUTHORIZED",
+            Code::Forbidden => "FORBIDDEN",
             Code::InvalidRequest => "INVALID_REQUEST",
             Code::NotFound => "NOT_FOUND",
             Code::Conflict => "CONFLICT",
@@ -52,6 +54,7 @@ impl Code {
     pub fn status(self) -> StatusCode {
         match self {
             Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::Forbidden => StatusCode::FORBIDDEN,
             Code::InvalidRequest => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::Conflict => StatusCode::CONFLICT,
