@@ -7,9 +7,27 @@
 //! Failure handling, per account: entries of an account whose balance row
 //! moved (fencing) or whose write failed are failed, the account's actor is
 //! told (its durable watch turns `failed`) and reloads; entries of that actor
-//! incarnation still queued are dropped unwritten. A database error (not a
-//! lost connection) retries the batch one account per transaction, so one bad
-//! entry never fails other accounts' work.
+//! incarnation still queued are dropped unwritten.
+//!
+//! One account's bad entry never fails, nor slows, other accounts' entries:
+//!
+//! - Before writing, every entry is checked in Rust against what PostgreSQL
+//!   would refuse (NUL characters in text and jsonb, timestamps out of range,
+//!   the schema's CHECK constraints, an overflowing `total_tokens`). An
+//!   account with an entry that fails the check is failed and nothing of it
+//!   is sent.
+//! - What only the database can tell (a unique constraint: a reused hold id,
+//!   a seq or key already taken; a finish that matches no active hold of the
+//!   account) is counted instead of raised: the inserts are `ON CONFLICT DO
+//!   NOTHING ... RETURNING`, the finish returns the holds it finished, and
+//!   the writer compares, per account, rows written with rows sent. An
+//!   account whose counts differ is undone inside the same transaction (its
+//!   inserted rows deleted by id, its finished holds made ACTIVE again, its
+//!   balance row put back to the amounts and version it had before the
+//!   batch) and failed; the other accounts commit in that transaction.
+//! - Only an unexpected database error (not a lost connection) still aborts
+//!   the batch; it is then retried one account per transaction, so the
+//!   accounts that can commit do.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,6 +69,10 @@ pub(crate) struct Entry {
     /// The actor incarnation that produced it.
     pub epoch: u64,
     pub seq: i64,
+    /// The account's amounts before this entry's operation (to put the
+    /// balance row back if the entry's account is refused in its batch).
+    pub balance_before: i64,
+    pub held_before: i64,
     pub balance_after: i64,
     pub held_after: i64,
     pub record: Record,
@@ -80,14 +102,63 @@ pub(crate) async fn wait_durable(
     }
 }
 
-/// Liveness of the writer, for `/readyz` and metrics.
+/// Liveness and counters of one writer, for `/readyz`, metrics and tests.
 pub struct JournalHealth {
     started: Instant,
     last_progress_ms: AtomicU64,
     busy: AtomicBool,
+    /// Batch transactions committed at the first try.
+    committed: AtomicU64,
+    /// Batches retried one account per transaction after a database error.
+    split: AtomicU64,
+    /// Batches failed whole (connection lost).
+    failed: AtomicU64,
+    /// Accounts failed because an entry of theirs was refused (by the check
+    /// before writing or by a row count inside the transaction).
+    refused: AtomicU64,
+}
+
+/// The writers' counters, summed over every writer of an engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Batch transactions committed at the first try.
+    pub batches_committed: u64,
+    /// Batches retried one account per transaction after a database error.
+    pub batches_split: u64,
+    /// Batches failed whole (connection lost).
+    pub batches_failed: u64,
+    /// Accounts failed because an entry of theirs was refused.
+    pub accounts_refused: u64,
 }
 
 impl JournalHealth {
+    fn new() -> JournalHealth {
+        JournalHealth {
+            started: Instant::now(),
+            last_progress_ms: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
+            committed: AtomicU64::new(0),
+            split: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn count_batch(&self, outcome: &'static str) {
+        let counter = match outcome {
+            "committed" => &self.committed,
+            "split" => &self.split,
+            _ => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("creditd_journal_batches_total", "outcome" => outcome).increment(1);
+    }
+
+    fn count_refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("creditd_journal_accounts_refused_total").increment(1);
+    }
+
     fn touch(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_progress_ms.store(ms, Ordering::Relaxed);
@@ -161,6 +232,20 @@ impl WriterHandle {
             .any(|lane| lane.busy() && lane.health.since_progress() > self.stall_after)
     }
 
+    /// The counters of every writer, summed.
+    pub fn stats(&self) -> JournalStats {
+        self.lanes
+            .iter()
+            .fold(JournalStats::default(), |mut stats, lane| {
+                let health = &lane.health;
+                stats.batches_committed += health.committed.load(Ordering::Relaxed);
+                stats.batches_split += health.split.load(Ordering::Relaxed);
+                stats.batches_failed += health.failed.load(Ordering::Relaxed);
+                stats.accounts_refused += health.refused.load(Ordering::Relaxed);
+                stats
+            })
+    }
+
     /// Waits until every entry queued so far has been written or failed.
     pub async fn flush(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
@@ -184,11 +269,7 @@ pub(crate) fn spawn_writer(
     let lanes: Vec<Lane> = (0..settings.writers.max(1))
         .map(|_| {
             let (tx, rx) = mpsc::channel(settings.queue_capacity);
-            let health = Arc::new(JournalHealth {
-                started: Instant::now(),
-                last_progress_ms: AtomicU64::new(0),
-                busy: AtomicBool::new(false),
-            });
+            let health = Arc::new(JournalHealth::new());
             let writer = JournalWriter {
                 rx,
                 database: database.clone(),
@@ -214,6 +295,7 @@ struct Statements {
     insert_holds: Statement,
     insert_usages: Statement,
     finish_holds: Statement,
+    undo_accounts: Statement,
 }
 
 struct WriterConnection {
@@ -244,6 +326,16 @@ enum WriteError {
     Connection(String),
     /// The database refused something: another split may succeed.
     Refused(String),
+}
+
+/// What a committed batch did not write, by account.
+#[derive(Default)]
+struct Written {
+    /// Skipped: their balance row moved (fencing).
+    fenced: HashSet<AccountId>,
+    /// Written, then undone in the same transaction: fewer rows were written
+    /// than sent (a unique constraint, a finished hold).
+    refused: HashSet<AccountId>,
 }
 
 impl JournalWriter {
@@ -304,31 +396,46 @@ impl JournalWriter {
             });
             groups[slot].entries.push(entry);
         }
-        let (valid, broken): (Vec<Group>, Vec<Group>) =
-            groups.into_iter().partition(Group::is_contiguous);
-        for group in broken {
-            tracing::error!(account = group.account.0, "journal entries out of order");
-            self.fail(group, "entries out of order");
+        let mut valid = Vec::with_capacity(groups.len());
+        for group in groups {
+            if !group.is_contiguous() {
+                tracing::error!(account = group.account.0, "journal entries out of order");
+                self.fail(group, "entries out of order");
+                continue;
+            }
+            // What PostgreSQL would refuse is never sent: it would abort the
+            // whole transaction, every other account's entries with it.
+            if let Err(reason) = group.admissible() {
+                tracing::warn!(account = group.account.0, %reason, "journal entry refused");
+                self.health.count_refused();
+                self.fail(group, &reason);
+                continue;
+            }
+            valid.push(group);
         }
         if valid.is_empty() {
             return;
         }
         if self.database.is_none() {
-            self.finish(valid, &HashSet::new());
+            self.finish(valid, &Written::default());
             return;
         }
         let started = Instant::now();
         match self.write(&valid).await {
-            Ok(fenced) => {
+            Ok(written) => {
                 metrics::histogram!("creditd_journal_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
-                self.finish(valid, &fenced);
+                self.health.count_batch("committed");
+                self.finish(valid, &written);
             }
             Err(WriteError::Refused(reason)) if valid.len() > 1 => {
-                tracing::warn!(%reason, "batch refused; retrying one account per transaction");
+                // Not expected: the check above and the row counts catch what
+                // entries can do wrong. Keep the other accounts' work anyway.
+                tracing::error!(%reason, "batch refused; retrying one account per transaction");
+                self.health.count_batch("split");
                 for group in valid {
                     match self.write(std::slice::from_ref(&group)).await {
-                        Ok(fenced) => self.finish(vec![group], &fenced),
+                        Ok(written) => self.finish(vec![group], &written),
                         Err(WriteError::Refused(reason) | WriteError::Connection(reason)) => {
                             self.fail(group, &reason)
                         }
@@ -337,6 +444,7 @@ impl JournalWriter {
             }
             Err(WriteError::Refused(reason) | WriteError::Connection(reason)) => {
                 tracing::error!(%reason, accounts = valid.len(), "journal batch failed");
+                self.health.count_batch("failed");
                 for group in valid {
                     self.fail(group, &reason);
                 }
@@ -344,14 +452,23 @@ impl JournalWriter {
         }
     }
 
-    fn finish(&mut self, groups: Vec<Group>, fenced: &HashSet<AccountId>) {
+    fn finish(&mut self, groups: Vec<Group>, written: &Written) {
         for group in groups {
-            if fenced.contains(&group.account) {
+            if written.fenced.contains(&group.account) {
                 tracing::warn!(
                     account = group.account.0,
                     "balance row moved under this actor (fencing); reloading it"
                 );
                 self.fail(group, "fenced: the balance row version moved");
+                continue;
+            }
+            if written.refused.contains(&group.account) {
+                tracing::warn!(
+                    account = group.account.0,
+                    "journal entry refused by a unique constraint or a finished hold; undone"
+                );
+                self.health.count_refused();
+                self.fail(group, "refused: a row could not be written");
                 continue;
             }
             let (Some(first), Some(last)) = (group.entries.first(), group.entries.last()) else {
@@ -426,20 +543,16 @@ impl JournalWriter {
             .ok_or_else(|| WriteError::Connection("no connection".into()))
     }
 
-    /// Writes the groups in one transaction; returns the fenced accounts
-    /// (skipped, their balance row moved).
-    async fn write(&mut self, groups: &[Group]) -> Result<HashSet<AccountId>, WriteError> {
+    /// Writes the groups in one transaction; returns the accounts it did
+    /// not write (fenced or refused).
+    async fn write(&mut self, groups: &[Group]) -> Result<Written, WriteError> {
         let result = {
             let connection = self.connection().await?;
             write_groups(connection, groups).await
         };
         match result {
-            Ok(fenced) => Ok(fenced),
-            Err(BatchError::Invariant(reason)) => {
-                tracing::error!(%reason, "journal batch refused");
-                Err(WriteError::Refused(reason))
-            }
-            Err(BatchError::Postgres(error)) => {
+            Ok(written) => Ok(written),
+            Err(error) => {
                 let closed = self
                     .connection
                     .as_ref()
@@ -466,6 +579,101 @@ impl Group {
             .windows(2)
             .all(|pair| pair[1].seq == pair[0].seq + 1 && pair[1].epoch == pair[0].epoch)
     }
+
+    fn admissible(&self) -> Result<(), String> {
+        self.entries.iter().try_for_each(Entry::admissible)
+    }
+}
+
+/// PostgreSQL refuses a NUL character in text (and in jsonb strings).
+fn text(column: &str, value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(format!("{column} contains a NUL character"));
+    }
+    Ok(())
+}
+
+fn optional_text(column: &str, value: &Option<String>) -> Result<(), String> {
+    value.as_deref().map_or(Ok(()), |value| text(column, value))
+}
+
+fn json(column: &str, value: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::String(string) => text(column, string),
+        Value::Array(items) => items.iter().try_for_each(|item| json(column, item)),
+        Value::Object(fields) => fields.iter().try_for_each(|(key, item)| {
+            text(column, key)?;
+            json(column, item)
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    }
+}
+
+/// `timestamptz` starts in 4714 BC; chrono reaches further back.
+fn time(column: &str, at: &DateTime<Utc>) -> Result<(), String> {
+    use chrono::Datelike;
+    if at.year() < -4712 {
+        return Err(format!("{column} is before the range of timestamptz"));
+    }
+    Ok(())
+}
+
+fn positive(column: &str, amount: i64) -> Result<(), String> {
+    if amount <= 0 {
+        return Err(format!("{column} must be positive, got {amount}"));
+    }
+    Ok(())
+}
+
+impl Entry {
+    /// What PostgreSQL would refuse in this entry's rows: NUL characters,
+    /// timestamps out of range, the schema's CHECK constraints, an overflow
+    /// of a sum PostgreSQL computes. The enumerated columns (type,
+    /// direction, status) come from Rust enums and are not checked here.
+    fn admissible(&self) -> Result<(), String> {
+        if self.held_after < 0 {
+            return Err(format!("held_micros would be {}", self.held_after));
+        }
+        match &self.record {
+            Record::Transaction(t) => {
+                positive("amount_micros", t.amount_micros.get())?;
+                text("idempotency_key", t.idempotency_key.as_str())?;
+                optional_text("description", &t.description)?;
+                optional_text("stripe_session_id", &t.stripe_session_id)?;
+                optional_text("stripe_payment_id", &t.stripe_payment_id)?;
+                if let Some(metadata) = &t.metadata {
+                    json("metadata", metadata)?;
+                }
+                time("created_at", &t.created_at)
+            }
+            Record::HoldPlaced(h) => {
+                positive("amount_micros", h.amount_micros.get())?;
+                time("created_at", &h.created_at)?;
+                time("expires_at", &h.expires_at)
+            }
+            Record::Settled { usage: u } => {
+                // total_tokens is their sum, computed by PostgreSQL in int8.
+                [
+                    u.input_tokens,
+                    u.output_tokens,
+                    u.cache_read_tokens,
+                    u.cache_write_tokens,
+                ]
+                .into_iter()
+                .try_fold(0_i64, |sum, count| sum.checked_add(tokens(count)))
+                .ok_or_else(|| "total_tokens would overflow".to_owned())?;
+                if u.cost_micros.get() < 0 {
+                    return Err(format!("cost_micros is negative: {}", u.cost_micros.get()));
+                }
+                text("model", &u.model)?;
+                optional_text("conversation_id", &u.conversation_id)?;
+                optional_text("message_id", &u.message_id)?;
+                time("created_at", &u.created_at)
+            }
+            Record::Released(r) => time("finished_at", &r.finished_at),
+        }
+    }
 }
 
 impl Statements {
@@ -478,6 +686,7 @@ impl Statements {
             insert_holds: client.prepare(super::store::sql::INSERT_HOLDS).await?,
             insert_usages: client.prepare(super::store::sql::INSERT_USAGES).await?,
             finish_holds: client.prepare(super::store::sql::FINISH_HOLDS).await?,
+            undo_accounts: client.prepare(super::store::sql::UNDO_ACCOUNTS).await?,
         })
     }
 }
@@ -509,10 +718,11 @@ struct Columns {
     hold_expires: Vec<DateTime<Utc>>,
     hold_finished_seq: Vec<Option<i64>>,
     hold_finished_at: Vec<Option<DateTime<Utc>>>,
-    /// Holds placed in this batch: their row index above.
-    placed: HashMap<Uuid, usize>,
+    /// Holds placed in this batch, by account and id: their row index above.
+    placed: HashMap<(i64, Uuid), usize>,
     // credit_holds (placed in an earlier batch, finished in this one)
     fin_id: Vec<Uuid>,
+    fin_user: Vec<i64>,
     fin_status: Vec<&'static str>,
     fin_seq: Vec<i64>,
     fin_at: Vec<DateTime<Utc>>,
@@ -561,7 +771,7 @@ impl Columns {
                 self.tx_created.push(t.created_at);
             }
             Record::HoldPlaced(h) => {
-                self.placed.insert(h.id.0, self.hold_id.len());
+                self.placed.insert((account.0, h.id.0), self.hold_id.len());
                 self.hold_id.push(h.id.0);
                 self.hold_user.push(account.0);
                 self.hold_seq.push(h.seq);
@@ -573,7 +783,7 @@ impl Columns {
                 self.hold_finished_at.push(None);
             }
             Record::Settled { usage: u } => {
-                self.finish_hold(u.hold_id, HoldStatus::Settled, u.seq, u.created_at);
+                self.finish_hold(account, u.hold_id, HoldStatus::Settled, u.seq, u.created_at);
                 self.use_id.push(u.id);
                 self.use_user.push(account.0);
                 self.use_seq.push(u.seq);
@@ -592,13 +802,20 @@ impl Columns {
                 self.use_created.push(u.created_at);
             }
             Record::Released(r) => {
-                self.finish_hold(r.hold_id, r.status, r.seq, r.finished_at);
+                self.finish_hold(account, r.hold_id, r.status, r.seq, r.finished_at);
             }
         }
     }
 
-    fn finish_hold(&mut self, hold: HoldId, status: HoldStatus, seq: i64, at: DateTime<Utc>) {
-        match self.placed.remove(&hold.0) {
+    fn finish_hold(
+        &mut self,
+        account: AccountId,
+        hold: HoldId,
+        status: HoldStatus,
+        seq: i64,
+        at: DateTime<Utc>,
+    ) {
+        match self.placed.remove(&(account.0, hold.0)) {
             Some(row) => {
                 self.hold_status[row] = status.as_str();
                 self.hold_finished_seq[row] = Some(seq);
@@ -606,6 +823,7 @@ impl Columns {
             }
             None => {
                 self.fin_id.push(hold.0);
+                self.fin_user.push(account.0);
                 self.fin_status.push(status.as_str());
                 self.fin_seq.push(seq);
                 self.fin_at.push(at);
@@ -617,7 +835,7 @@ impl Columns {
 async fn write_groups(
     connection: &mut WriterConnection,
     groups: &[Group],
-) -> Result<HashSet<AccountId>, BatchError> {
+) -> Result<Written, tokio_postgres::Error> {
     let statements = &connection.statements;
     let tx = connection.client.transaction().await?;
     let mut users = Vec::with_capacity(groups.len());
@@ -635,20 +853,21 @@ async fn write_groups(
         balances.push(last.balance_after);
         helds.push(last.held_after);
     }
-    let updated: HashSet<i64> = tx
+    let mut updated = HashSet::with_capacity(groups.len());
+    for row in tx
         .query(
             &statements.update_balances,
             &[&users, &expected, &versions, &balances, &helds],
         )
         .await?
-        .iter()
-        .map(|row| row.get::<_, i64>(0))
-        .collect();
+    {
+        updated.insert(row.try_get::<_, i64>(0)?);
+    }
     let mut columns = Columns::default();
-    let mut fenced = HashSet::new();
+    let mut written = Written::default();
     for group in groups {
         if !updated.contains(&group.account.0) {
-            fenced.insert(group.account);
+            written.fenced.insert(group.account);
             continue;
         }
         for entry in &group.entries {
@@ -658,9 +877,9 @@ async fn write_groups(
     let c = &columns;
     let holds = async {
         if c.hold_id.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        tx.execute(
+        tx.query(
             &statements.insert_holds,
             &[
                 &c.hold_id,
@@ -678,9 +897,9 @@ async fn write_groups(
     };
     let transactions = async {
         if c.tx_id.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        tx.execute(
+        tx.query(
             &statements.insert_transactions,
             &[
                 &c.tx_id,
@@ -703,9 +922,9 @@ async fn write_groups(
     };
     let usages = async {
         if c.use_id.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        tx.execute(
+        tx.query(
             &statements.insert_usages,
             &[
                 &c.use_id,
@@ -730,37 +949,114 @@ async fn write_groups(
     };
     let finished = async {
         if c.fin_id.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        tx.execute(
+        tx.query(
             &statements.finish_holds,
-            &[&c.fin_id, &c.fin_status, &c.fin_seq, &c.fin_at],
+            &[&c.fin_id, &c.fin_user, &c.fin_status, &c.fin_seq, &c.fin_at],
         )
         .await
     };
     // Pipelined on one connection, executed in this order by the server:
     // holds exist before usages reference them and before they finish.
-    let (_, _, _, finished_count) = tokio::try_join!(holds, transactions, usages, finished)?;
-    if finished_count != c.fin_id.len() as u64 {
-        tx.rollback().await?;
-        return Err(BatchError::Invariant(format!(
-            "{} hold finishes matched only {finished_count} active holds",
-            c.fin_id.len()
-        )));
+    let (holds, transactions, usages, finished) =
+        tokio::try_join!(holds, transactions, usages, finished)?;
+    let holds = written_rows(&holds)?;
+    let transactions = written_rows(&transactions)?;
+    let usages = written_rows(&usages)?;
+    let finished = written_rows(&finished)?;
+
+    // Per account, rows sent minus rows written: anything but zero means a
+    // row of it was skipped (a unique constraint) or a finish matched no
+    // active hold of it.
+    let mut missing: HashMap<i64, i64> = HashMap::new();
+    for user in c
+        .hold_user
+        .iter()
+        .chain(&c.tx_user)
+        .chain(&c.use_user)
+        .chain(&c.fin_user)
+    {
+        *missing.entry(*user).or_default() += 1;
+    }
+    for (_, user) in holds
+        .iter()
+        .chain(&transactions)
+        .chain(&usages)
+        .chain(&finished)
+    {
+        *missing.entry(*user).or_default() -= 1;
+    }
+    let refused: HashSet<i64> = missing
+        .into_iter()
+        .filter(|&(_, count)| count != 0)
+        .map(|(user, _)| user)
+        .collect();
+    if !refused.is_empty() {
+        undo(
+            &tx,
+            statements,
+            groups,
+            &refused,
+            [&holds, &transactions, &usages, &finished],
+        )
+        .await?;
+        written.refused.extend(refused.into_iter().map(AccountId));
     }
     tx.commit().await?;
-    Ok(fenced)
+    Ok(written)
 }
 
-/// Why a batch's transaction did not commit.
-enum BatchError {
-    Postgres(tokio_postgres::Error),
-    /// A finish matched no active hold row: the batch is refused.
-    Invariant(String),
+/// The (id, user id) of each row a statement wrote.
+fn written_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<(Uuid, i64)>, tokio_postgres::Error> {
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
 }
 
-impl From<tokio_postgres::Error> for BatchError {
-    fn from(error: tokio_postgres::Error) -> Self {
-        BatchError::Postgres(error)
+/// Takes back, inside the batch's transaction, everything the refused
+/// accounts wrote in it: their inserted rows (by id: a skipped row's id may
+/// be an older row of the same account), their finished holds, and their
+/// balance rows, put back to their amounts and version before the batch.
+async fn undo(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    groups: &[Group],
+    refused: &HashSet<i64>,
+    [holds, transactions, usages, finished]: [&[(Uuid, i64)]; 4],
+) -> Result<(), tokio_postgres::Error> {
+    let ids = |rows: &[(Uuid, i64)]| -> Vec<Uuid> {
+        rows.iter()
+            .filter(|(_, user)| refused.contains(user))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let mut users = Vec::with_capacity(refused.len());
+    let mut versions = Vec::with_capacity(refused.len());
+    let mut balances = Vec::with_capacity(refused.len());
+    let mut helds = Vec::with_capacity(refused.len());
+    for group in groups.iter().filter(|g| refused.contains(&g.account.0)) {
+        let Some(first) = group.entries.first() else {
+            continue;
+        };
+        users.push(group.account.0);
+        versions.push(first.seq - 1);
+        balances.push(first.balance_before);
+        helds.push(first.held_before);
     }
+    tx.execute(
+        &statements.undo_accounts,
+        &[
+            &ids(holds),
+            &ids(transactions),
+            &ids(usages),
+            &ids(finished),
+            &users,
+            &versions,
+            &balances,
+            &helds,
+        ],
+    )
+    .await?;
+    Ok(())
 }

@@ -18,5 +18,5 @@ mod types;
 
 pub use actor::{AccountActor, Credit, Debit, ExpireHolds, GetBalance, Release, Reserve, Settle};
 pub use directory::{Directory, Engine, EngineStats};
-pub use journal::{JournalHealth, WriterHandle};
+pub use journal::{JournalHealth, JournalStats, WriterHandle};
 pub use types::*;

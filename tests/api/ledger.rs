@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use creditd::ledger::{HoldId, HoldStatus, LedgerError, TransactionType, UsageCharge};
+use creditd::ledger::{AccountId, HoldId, HoldStatus, LedgerError, TransactionType, UsageCharge};
 use creditd::pricing::TokenUsage;
 use futures_util::future::join_all;
 
@@ -707,6 +707,10 @@ async fn a_refused_entry_fails_only_its_own_account_and_applies_nothing() {
     let mut settings = settings();
     // Forget finished holds at once, so only PostgreSQL knows the old id.
     settings.engine.recent_keys = 1;
+    // One writer, so both accounts share its batches (with two, these two
+    // accounts land on different writers and never meet in a batch).
+    settings.journal.writers = 1;
+    settings.journal.batch_delay_us = 5_000;
     let engine = Arc::new(db.engine(&settings));
     let bad = db.user("user_refused_bad").await;
     let good = db.user("user_refused_good").await;
@@ -728,6 +732,7 @@ async fn a_refused_entry_fails_only_its_own_account_and_applies_nothing() {
         engine.release(bad, hold).await.unwrap();
     }
     let before = engine.balance(bad).await.unwrap();
+    let stats_before = engine.writer().stats();
 
     // The bad account reuses a finished hold id while the good one works.
     let good_work = {
@@ -762,5 +767,144 @@ async fn a_refused_entry_fails_only_its_own_account_and_applies_nothing() {
         engine.balance(good).await.unwrap().balance_micros,
         micros(10_050)
     );
+    // Catches the hold insert without `ON CONFLICT DO NOTHING` (the primary
+    // key aborts the batch, which is then split).
+    let stats = engine.writer().stats();
+    assert_eq!(stats.batches_split, stats_before.batches_split, "no split");
+    assert_eq!(stats.accounts_refused, stats_before.accounts_refused + 1);
+    db.reconcile_is_clean().await;
+}
+
+/// An account whose finished hold id `reused` only PostgreSQL remembers,
+/// and another account; both funded and resident on one writer.
+async fn bad_and_good_on_one_writer(
+    db: &TestDb,
+    batch_delay_us: u64,
+) -> (creditd::ledger::Engine, AccountId, AccountId, HoldId) {
+    let mut settings = settings();
+    settings.engine.recent_keys = 1;
+    settings.journal.writers = 1;
+    settings.journal.batch_delay_us = batch_delay_us;
+    let engine = db.engine(&settings);
+    let bad = db.user("user_batch_bad").await;
+    let good = db.user("user_batch_good").await;
+    let (a, b) = tokio::join!(
+        engine.credit(bad, posting("seed", TransactionType::TopUp, micros(10_000))),
+        engine.credit(
+            good,
+            posting("seed", TransactionType::TopUp, micros(10_000))
+        ),
+    );
+    a.unwrap();
+    b.unwrap();
+    let reused = HoldId::generate();
+    engine.reserve(bad, reused, micros(100)).await.unwrap();
+    engine.release(bad, reused).await.unwrap();
+    for _ in 0..3 {
+        let hold = HoldId::generate();
+        engine.reserve(bad, hold, micros(1)).await.unwrap();
+        engine.release(bad, hold).await.unwrap();
+    }
+    (engine, bad, good, reused)
+}
+
+#[actix::test]
+async fn an_entry_the_database_refuses_is_undone_and_the_other_account_in_its_batch_commits_in_the_same_transaction(
+) {
+    let db = TestDb::new().await;
+    // A gathering window long enough that two entries sent together share
+    // one batch.
+    let (engine, bad, good, reused) = bad_and_good_on_one_writer(&db, 50_000).await;
+    let bad_before = engine.balance(bad).await.unwrap();
+    let before = engine.writer().stats();
+
+    let (refused, credited) = tokio::join!(
+        engine.reserve(bad, reused, micros(100)),
+        engine.credit(
+            good,
+            posting("good-1", TransactionType::PromoBonus, micros(7))
+        ),
+    );
+    let after = engine.writer().stats();
+    assert!(
+        matches!(refused, Err(LedgerError::Unavailable(_))),
+        "{refused:?}"
+    );
+    credited.expect("the other account's entry commits");
+    // Catches the hold insert without `ON CONFLICT DO NOTHING`: the primary
+    // key aborts the transaction and the batch is split (committed 0, split 1).
+    assert_eq!(
+        after.batches_committed,
+        before.batches_committed + 1,
+        "both entries were written by one transaction: {before:?} → {after:?}"
+    );
+    assert_eq!(after.batches_split, before.batches_split, "no split");
+    assert_eq!(after.accounts_refused, before.accounts_refused + 1);
+
+    // Catches an undo that leaves the balance row moved: the reloaded actor
+    // would show the 100 held (and reconcile a balance without its hold).
+    assert_eq!(engine.balance(bad).await.unwrap(), bad_before);
+    assert_eq!(
+        engine.balance(good).await.unwrap().balance_micros,
+        micros(10_007)
+    );
+    let client = db.client().await;
+    let version: i64 = client
+        .query_one(
+            "SELECT version FROM credit_balances WHERE user_id = $1",
+            &[&bad.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, bad_before.version);
+    // The account serves again, from what PostgreSQL has.
+    engine
+        .reserve(bad, HoldId::generate(), micros(100))
+        .await
+        .expect("the refused account serves again");
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_entry_postgresql_would_refuse_is_failed_before_it_is_written_and_its_batch_commits_without_it(
+) {
+    let db = TestDb::new().await;
+    let (engine, bad, good, _) = bad_and_good_on_one_writer(&db, 50_000).await;
+    let bad_before = engine.balance(bad).await.unwrap();
+    let before = engine.writer().stats();
+    let mut nul = posting("nul-description", TransactionType::PromoBonus, micros(5));
+    nul.description = Some("a\0b".into());
+
+    let (refused, credited) = tokio::join!(
+        engine.credit(bad, nul),
+        engine.credit(
+            good,
+            posting("good-2", TransactionType::PromoBonus, micros(7))
+        ),
+    );
+    let after = engine.writer().stats();
+    assert!(
+        matches!(refused, Err(LedgerError::Unavailable(_))),
+        "{refused:?}"
+    );
+    credited.expect("the other account's entry commits");
+    // Catches a writer that skips the check before writing: PostgreSQL
+    // refuses the NUL, the batch aborts and is split.
+    assert_eq!(after.batches_split, before.batches_split, "no split");
+    assert_eq!(after.batches_committed, before.batches_committed + 1);
+    assert_eq!(after.accounts_refused, before.accounts_refused + 1);
+    assert_eq!(engine.balance(bad).await.unwrap(), bad_before);
+    let stored: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_transactions WHERE idempotency_key = 'nul-description'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
     db.reconcile_is_clean().await;
 }
