@@ -28,14 +28,44 @@
 //! - Only an unexpected database error (not a lost connection) still aborts
 //!   the batch; it is then retried one account per transaction, so the
 //!   accounts that can commit do.
+//!
+//! Pipelining. Each writer (one per lane, accounts by `id % writers`) may
+//! have up to `journal.pipeline_depth` batches in flight, each on a
+//! connection of its own: the next batch gathers, and writes the accounts
+//! it does not share with batches in flight, while earlier ones commit.
+//!
+//! - Per-account order. A batch holding an account that an earlier batch
+//!   in flight also holds waits, before its balance UPDATE, until that
+//!   batch has published its outcome; then it drops the entries of any
+//!   incarnation that batch failed (they were computed on a state that will
+//!   never exist) and fences the rest on the version the earlier batch
+//!   wrote (`WHERE b.version = expected`). The fence alone is not enough:
+//!   it compares numbers, and another writer (a second instance, or the
+//!   transactions of a killed process that still commit) can bring the
+//!   version to exactly the number a failed incarnation's later entries
+//!   expect. Waiting for the outcome costs about one round trip: the UPDATE
+//!   would have waited for the earlier batch's row lock anyway.
+//! - No deadlock between batches of one writer: two batches in flight never
+//!   hold the same balance row (the later one waits first), so their
+//!   UPDATEs never wait for each other. Journal rows of different accounts
+//!   could only meet on a duplicated id; PostgreSQL's deadlock detector
+//!   would then abort one (a database error: the split fallback).
+//! - Publishing. An account's durable seq only moves forward (`max`). A
+//!   failure sets the watch's `failed` flag and nothing clears it: a batch
+//!   that commits after an earlier one failed holds only entries of other
+//!   accounts or of a newer incarnation (with a watch of its own), so it
+//!   cannot make a failed incarnation look healthy. `failed_epochs` is
+//!   shared by the gathering loop and the batches; a failure is recorded
+//!   there before the actor can hear of it (its watch), so entries of the
+//!   failed incarnation gathered afterwards are dropped too.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
@@ -107,6 +137,9 @@ pub struct JournalHealth {
     started: Instant,
     last_progress_ms: AtomicU64,
     busy: AtomicBool,
+    /// Batches written or being written.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
     /// Batch transactions committed at the first try.
     committed: AtomicU64,
     /// Batches retried one account per transaction after a database error.
@@ -129,6 +162,8 @@ pub struct JournalStats {
     pub batches_failed: u64,
     /// Accounts failed because an entry of theirs was refused.
     pub accounts_refused: u64,
+    /// Most batches one writer had in flight at once.
+    pub peak_in_flight: u64,
 }
 
 impl JournalHealth {
@@ -137,6 +172,8 @@ impl JournalHealth {
             started: Instant::now(),
             last_progress_ms: AtomicU64::new(0),
             busy: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             split: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -184,7 +221,9 @@ impl Lane {
     }
 
     fn busy(&self) -> bool {
-        self.queue_depth() > 0 || self.health.busy.load(Ordering::Acquire)
+        self.queue_depth() > 0
+            || self.health.busy.load(Ordering::Acquire)
+            || self.health.in_flight.load(Ordering::Acquire) > 0
     }
 }
 
@@ -242,6 +281,9 @@ impl WriterHandle {
                 stats.batches_split += health.split.load(Ordering::Relaxed);
                 stats.batches_failed += health.failed.load(Ordering::Relaxed);
                 stats.accounts_refused += health.refused.load(Ordering::Relaxed);
+                stats.peak_in_flight = stats
+                    .peak_in_flight
+                    .max(health.peak_in_flight.load(Ordering::Relaxed));
                 stats
             })
     }
@@ -272,12 +314,16 @@ pub(crate) fn spawn_writer(
             let health = Arc::new(JournalHealth::new());
             let writer = JournalWriter {
                 rx,
-                database: database.clone(),
-                connection: None,
+                shared: Arc::new(LaneShared {
+                    database: database.clone(),
+                    idle: Mutex::new(Vec::new()),
+                    failed_epochs: Mutex::new(HashMap::new()),
+                    health: health.clone(),
+                }),
                 batch_max: settings.batch_max,
                 batch_delay: Duration::from_micros(settings.batch_delay_us),
-                failed_epochs: HashMap::new(),
-                health: health.clone(),
+                depth: settings.pipeline_depth.max(1),
+                latest: HashMap::new(),
             };
             arbiter.spawn(writer.run());
             Lane { tx, health }
@@ -303,15 +349,27 @@ struct WriterConnection {
     statements: Statements,
 }
 
+/// One writer's gathering loop. Batches it dispatches run as tasks of their
+/// own (up to `depth` at once), each on a connection of its own.
 struct JournalWriter {
     rx: mpsc::Receiver<Entry>,
-    database: Option<Database>,
-    connection: Option<WriterConnection>,
+    shared: Arc<LaneShared>,
     batch_max: usize,
     batch_delay: Duration,
+    depth: usize,
+    /// Per account, the last batch dispatched with entries of it: a later
+    /// batch holding the account waits until that one has published.
+    latest: HashMap<AccountId, watch::Receiver<bool>>,
+}
+
+/// What a writer's gathering loop and its batches in flight share.
+struct LaneShared {
+    database: Option<Database>,
+    /// Connections not in use by a batch.
+    idle: Mutex<Vec<WriterConnection>>,
     /// Per account, the newest actor incarnation whose write failed: its
     /// later entries were computed on a state that will never exist.
-    failed_epochs: HashMap<AccountId, u64>,
+    failed_epochs: Mutex<HashMap<AccountId, u64>>,
     health: Arc<JournalHealth>,
 }
 
@@ -338,17 +396,82 @@ struct Written {
     refused: HashSet<AccountId>,
 }
 
+/// Signals, once a batch has published its outcome, that the batches
+/// behind it holding the same accounts may go on.
+type Done = watch::Sender<bool>;
+
+/// Waits until a batch published its outcome (or its task ended).
+async fn finished(mut done: watch::Receiver<bool>) {
+    let _ = done.wait_for(|done| *done).await;
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned map is still valid.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl JournalWriter {
     async fn run(mut self) {
+        let slots = Arc::new(Semaphore::new(self.depth));
+        let health = self.shared.health.clone();
         while let Some(first) = self.rx.recv().await {
-            self.health.busy.store(true, Ordering::Release);
+            health.busy.store(true, Ordering::Release);
+            // A slot first: entries arriving while every batch slot is busy
+            // join this batch.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
             let batch = self.gather(first).await;
             metrics::histogram!("creditd_journal_batch_size").record(batch.len() as f64);
-            self.process(batch).await;
-            self.health.touch();
-            self.health.busy.store(false, Ordering::Release);
+            let groups = self.shared.prepare(batch);
+            if groups.is_empty() {
+                health.touch();
+            } else if self.shared.database.is_none() {
+                self.shared.finish(groups, &Written::default());
+                health.touch();
+            } else {
+                let (done, after) = watch::channel(false);
+                let before = self.depends_on(&groups, &after);
+                let in_flight = health.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+                health
+                    .peak_in_flight
+                    .fetch_max(in_flight, Ordering::Relaxed);
+                let shared = self.shared.clone();
+                actix::spawn(async move {
+                    shared.commit(groups, before, done).await;
+                    shared.health.touch();
+                    shared.health.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    drop(slot);
+                });
+            }
+            health.busy.store(false, Ordering::Release);
         }
         tracing::info!("journal writer stopped: every sender is gone");
+    }
+
+    /// The batches in flight that hold an account of `groups`, which this
+    /// batch must wait for; records this batch (`after`) as the last one of
+    /// its accounts.
+    fn depends_on(
+        &mut self,
+        groups: &[Group],
+        after: &watch::Receiver<bool>,
+    ) -> Vec<watch::Receiver<bool>> {
+        let mut before: Vec<watch::Receiver<bool>> = Vec::new();
+        for group in groups {
+            if let Some(previous) = self.latest.insert(group.account, after.clone()) {
+                if !*previous.borrow() && !before.iter().any(|b| b.same_channel(&previous)) {
+                    before.push(previous);
+                }
+            }
+        }
+        if self.latest.len() > 4 * self.depth * self.batch_max.min(4096) {
+            // Forget the accounts whose last batch has published.
+            self.latest.retain(|_, done| !*done.borrow());
+        }
+        before
     }
 
     async fn gather(&mut self, first: Entry) -> Vec<Entry> {
@@ -372,29 +495,36 @@ impl JournalWriter {
         }
         batch
     }
+}
 
-    async fn process(&mut self, batch: Vec<Entry>) {
+impl LaneShared {
+    /// Groups a batch by account, dropping entries of failed incarnations
+    /// and failing the accounts whose entries are out of order or would be
+    /// refused by PostgreSQL.
+    fn prepare(&self, batch: Vec<Entry>) -> Vec<Group> {
         let mut groups: Vec<Group> = Vec::new();
         let mut index: HashMap<AccountId, usize> = HashMap::new();
-        for entry in batch {
-            if self
-                .failed_epochs
-                .get(&entry.account)
-                .is_some_and(|&failed| entry.epoch <= failed)
-            {
-                // Its actor already knows (its durable watch says failed).
-                metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
-                    .increment(1);
-                continue;
-            }
-            let slot = *index.entry(entry.account).or_insert_with(|| {
-                groups.push(Group {
-                    account: entry.account,
-                    entries: Vec::new(),
+        {
+            let failed_epochs = lock(&self.failed_epochs);
+            for entry in batch {
+                if failed_epochs
+                    .get(&entry.account)
+                    .is_some_and(|&failed| entry.epoch <= failed)
+                {
+                    // Its actor already knows (its durable watch says failed).
+                    metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
+                        .increment(1);
+                    continue;
+                }
+                let slot = *index.entry(entry.account).or_insert_with(|| {
+                    groups.push(Group {
+                        account: entry.account,
+                        entries: Vec::new(),
+                    });
+                    groups.len() - 1
                 });
-                groups.len() - 1
-            });
-            groups[slot].entries.push(entry);
+                groups[slot].entries.push(entry);
+            }
         }
         let mut valid = Vec::with_capacity(groups.len());
         for group in groups {
@@ -413,28 +543,61 @@ impl JournalWriter {
             }
             valid.push(group);
         }
-        if valid.is_empty() {
-            return;
+        valid
+    }
+
+    /// Writes one batch on a connection of its own and publishes the
+    /// outcome, once the batches it depends on have published theirs.
+    async fn commit(&self, groups: Vec<Group>, before: Vec<watch::Receiver<bool>>, done: Done) {
+        for previous in before {
+            finished(previous).await;
         }
-        if self.database.is_none() {
-            self.finish(valid, &Written::default());
-            return;
+        // An earlier batch may have failed an incarnation whose later entries
+        // are here: they were computed on a state that will never exist.
+        let groups = self.drop_failed(groups);
+        if !groups.is_empty() {
+            self.write_and_publish(groups).await;
         }
+        done.send_replace(true);
+    }
+
+    fn drop_failed(&self, groups: Vec<Group>) -> Vec<Group> {
+        let failed_epochs = lock(&self.failed_epochs);
+        groups
+            .into_iter()
+            .filter(|group| {
+                let failed = failed_epochs
+                    .get(&group.account)
+                    .is_some_and(|&failed| group.entries.iter().any(|e| e.epoch <= failed));
+                if failed {
+                    // Its actor already knows (its durable watch says failed).
+                    metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
+                        .increment(group.entries.len() as u64);
+                }
+                !failed
+            })
+            .collect()
+    }
+
+    async fn write_and_publish(&self, groups: Vec<Group>) {
+        let mut connection = lock(&self.idle).pop();
         let started = Instant::now();
-        match self.write(&valid).await {
+        match self.write(&mut connection, &groups).await {
             Ok(written) => {
                 metrics::histogram!("creditd_journal_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 self.health.count_batch("committed");
-                self.finish(valid, &written);
+                self.finish(groups, &written);
             }
-            Err(WriteError::Refused(reason)) if valid.len() > 1 => {
-                // Not expected: the check above and the row counts catch what
-                // entries can do wrong. Keep the other accounts' work anyway.
+            Err(WriteError::Refused(reason)) if groups.len() > 1 => {
+                // Not expected: the check before writing and the row counts
+                // catch what entries can do wrong. Keep the other accounts'
+                // work anyway.
                 tracing::error!(%reason, "batch refused; retrying one account per transaction");
                 self.health.count_batch("split");
-                for group in valid {
-                    match self.write(std::slice::from_ref(&group)).await {
+                for group in groups {
+                    let one = std::slice::from_ref(&group);
+                    match self.write(&mut connection, one).await {
                         Ok(written) => self.finish(vec![group], &written),
                         Err(WriteError::Refused(reason) | WriteError::Connection(reason)) => {
                             self.fail(group, &reason)
@@ -443,16 +606,22 @@ impl JournalWriter {
                 }
             }
             Err(WriteError::Refused(reason) | WriteError::Connection(reason)) => {
-                tracing::error!(%reason, accounts = valid.len(), "journal batch failed");
+                tracing::error!(%reason, accounts = groups.len(), "journal batch failed");
                 self.health.count_batch("failed");
-                for group in valid {
+                for group in groups {
                     self.fail(group, &reason);
                 }
             }
         }
+        if let Some(connection) = connection.filter(|c| !c.client.is_closed()) {
+            lock(&self.idle).push(connection);
+        }
     }
 
-    fn finish(&mut self, groups: Vec<Group>, written: &Written) {
+    /// Publishes a committed batch: each written account's durable seq moves
+    /// forward (never back: batches of one writer may complete out of
+    /// order); fenced and refused accounts fail.
+    fn finish(&self, groups: Vec<Group>, written: &Written) {
         for group in groups {
             if written.fenced.contains(&group.account) {
                 tracing::warn!(
@@ -474,14 +643,19 @@ impl JournalWriter {
             let (Some(first), Some(last)) = (group.entries.first(), group.entries.last()) else {
                 continue;
             };
-            if self
-                .failed_epochs
-                .get(&group.account)
-                .is_some_and(|&failed| first.epoch > failed)
             {
-                self.failed_epochs.remove(&group.account);
+                // A newer incarnation committed: the failed one's entries
+                // are all behind it in the queue, so none is left to drop.
+                let mut failed_epochs = lock(&self.failed_epochs);
+                if failed_epochs
+                    .get(&group.account)
+                    .is_some_and(|&failed| first.epoch > failed)
+                {
+                    failed_epochs.remove(&group.account);
+                }
             }
             let seq = last.seq;
+            // Only `seq` moves: a `failed` set by an earlier batch stays set.
             last.durable
                 .send_modify(|durable| durable.seq = durable.seq.max(seq));
             metrics::counter!("creditd_journal_entries_total", "outcome" => "committed")
@@ -489,7 +663,7 @@ impl JournalWriter {
         }
     }
 
-    fn fail(&mut self, group: Group, reason: &str) {
+    fn fail(&self, group: Group, reason: &str) {
         let Some(last) = group.entries.last() else {
             return;
         };
@@ -500,8 +674,13 @@ impl JournalWriter {
             .map(|e| e.epoch)
             .max()
             .unwrap_or(last.epoch);
-        let failed = self.failed_epochs.entry(group.account).or_insert(epoch);
-        *failed = (*failed).max(epoch);
+        {
+            // Recorded before the actor can learn of it (below), so its
+            // queued entries are dropped before it reloads.
+            let mut failed_epochs = lock(&self.failed_epochs);
+            let failed = failed_epochs.entry(group.account).or_insert(epoch);
+            *failed = (*failed).max(epoch);
+        }
         for entry in &group.entries {
             entry.durable.send_modify(|durable| durable.failed = true);
         }
@@ -509,56 +688,48 @@ impl JournalWriter {
             .increment(group.entries.len() as u64);
     }
 
-    async fn connection(&mut self) -> Result<&mut WriterConnection, WriteError> {
-        if self
-            .connection
+    async fn connect(&self) -> Result<WriterConnection, WriteError> {
+        let database = self
+            .database
             .as_ref()
-            .is_some_and(|c| c.client.is_closed())
-        {
-            self.connection = None;
-        }
-        if self.connection.is_none() {
-            let database = self
-                .database
-                .as_ref()
-                .ok_or_else(|| WriteError::Connection("no database".into()))?;
-            let client = database
-                .connect()
-                .await
-                .map_err(|e| WriteError::Connection(format!("cannot connect: {e}")))?;
-            // A generic plan made while the journal tables were small (a new
-            // deployment) keeps seq-scanning them as they grow; planning each
-            // batch's statements for the tables as they are costs far less.
-            client
-                .batch_execute("SET plan_cache_mode = force_custom_plan")
-                .await
-                .map_err(|e| WriteError::Connection(format!("cannot configure: {e}")))?;
-            let statements = Statements::prepare(&client)
-                .await
-                .map_err(|e| WriteError::Connection(format!("cannot prepare: {e}")))?;
-            self.connection = Some(WriterConnection { client, statements });
-        }
-        self.connection
-            .as_mut()
-            .ok_or_else(|| WriteError::Connection("no connection".into()))
+            .ok_or_else(|| WriteError::Connection("no database".into()))?;
+        let client = database
+            .connect()
+            .await
+            .map_err(|e| WriteError::Connection(format!("cannot connect: {e}")))?;
+        // A generic plan made while the journal tables were small (a new
+        // deployment) keeps seq-scanning them as they grow; planning each
+        // batch's statements for the tables as they are costs far less.
+        client
+            .batch_execute("SET plan_cache_mode = force_custom_plan")
+            .await
+            .map_err(|e| WriteError::Connection(format!("cannot configure: {e}")))?;
+        let statements = Statements::prepare(&client)
+            .await
+            .map_err(|e| WriteError::Connection(format!("cannot prepare: {e}")))?;
+        Ok(WriterConnection { client, statements })
     }
 
-    /// Writes the groups in one transaction; returns the accounts it did
-    /// not write (fenced or refused).
-    async fn write(&mut self, groups: &[Group]) -> Result<Written, WriteError> {
-        let result = {
-            let connection = self.connection().await?;
-            write_groups(connection, groups).await
+    /// Writes the groups in one transaction on `connection` (opened when
+    /// missing, dropped when lost); returns the accounts it did not write
+    /// (fenced or refused).
+    async fn write(
+        &self,
+        connection: &mut Option<WriterConnection>,
+        groups: &[Group],
+    ) -> Result<Written, WriteError> {
+        if connection.as_ref().is_some_and(|c| c.client.is_closed()) {
+            *connection = None;
+        }
+        let current = match connection {
+            Some(current) => current,
+            None => connection.insert(self.connect().await?),
         };
-        match result {
+        match write_groups(current, groups).await {
             Ok(written) => Ok(written),
             Err(error) => {
-                let closed = self
-                    .connection
-                    .as_ref()
-                    .is_none_or(|c| c.client.is_closed());
-                if closed || error.as_db_error().is_none() {
-                    self.connection = None;
+                if connection_lost(&error, &current.client) {
+                    *connection = None;
                     Err(WriteError::Connection(error.to_string()))
                 } else {
                     Err(WriteError::Refused(
@@ -569,6 +740,24 @@ impl JournalWriter {
                     ))
                 }
             }
+        }
+    }
+}
+
+/// The error ended the session (the server closed it, was shut down, or
+/// terminated the backend): the batch did not commit, or we cannot know.
+/// Anything else is the database refusing the batch.
+fn connection_lost(error: &tokio_postgres::Error, client: &Client) -> bool {
+    if client.is_closed() || error.is_closed() {
+        return true;
+    }
+    match error.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            matches!(db.severity(), "FATAL" | "PANIC")
+                || code.starts_with("08")
+                || code.starts_with("57P")
         }
     }
 }
