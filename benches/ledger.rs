@@ -2,8 +2,10 @@
 //! (one hot account; 10,000 accounts) and in memory with persistence stubbed.
 //!
 //! `cargo bench --bench ledger` (BENCH_SECS sets each run's length, default 5;
-//! BENCH_CLIENTS the concurrent callers, default 512). Starts a private,
-//! durable (fsync on) PostgreSQL cluster under `target/bench-postgres`.
+//! BENCH_CLIENTS the concurrent callers, default 512; BENCH_PIPELINE_DEPTH
+//! the journal's batches in flight per writer, default `config.toml`'s).
+//! Starts a private, durable (fsync on) PostgreSQL cluster under
+//! `target/bench-postgres`.
 
 mod common;
 
@@ -158,6 +160,16 @@ fn main() {
     let mut settings = Settings::default_file().expect("default config");
     settings.engine.call_timeout_ms = 30_000;
     settings.database.pool_wait_timeout_ms = 30_000;
+    if let Some(depth) = std::env::var("BENCH_PIPELINE_DEPTH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        settings.journal.pipeline_depth = depth;
+    }
+    println!(
+        "journal: {} writers, pipeline depth {}",
+        settings.journal.writers, settings.journal.pipeline_depth
+    );
     let system = actix::System::new();
     let runs = system.block_on(async move {
         let mut runs = Vec::new();
