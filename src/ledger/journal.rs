@@ -25,9 +25,11 @@
 //!   inserted rows deleted by id, its finished holds made ACTIVE again, its
 //!   balance row put back to the amounts and version it had before the
 //!   batch) and failed; the other accounts commit in that transaction.
-//! - Only an unexpected database error (not a lost connection) still aborts
-//!   the batch; it is then retried one account per transaction, so the
-//!   accounts that can commit do.
+//! - Only an unexpected database error still aborts the batch; it is then
+//!   retried one account per transaction, so the accounts that can commit
+//!   do. A lost connection (or a terminated backend) fails the whole batch
+//!   instead: whether it committed cannot be known, and every account of it
+//!   reloads from what PostgreSQL has.
 //!
 //! Pipelining. Each writer (one per lane, accounts by `id % writers`) may
 //! have up to `journal.pipeline_depth` batches in flight, each on a
