@@ -134,6 +134,7 @@ pub struct JournalSettings {
     pub batch_delay_us: u64,
     pub queue_capacity: usize,
     pub stall_after_ms: u64,
+    pub pipeline_depth: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -281,6 +282,7 @@ impl Settings {
             ("journal.batch_max", self.journal.batch_max as u64),
             ("journal.queue_capacity", self.journal.queue_capacity as u64),
             ("journal.stall_after_ms", self.journal.stall_after_ms),
+            ("journal.pipeline_depth", self.journal.pipeline_depth as u64),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -297,6 +299,9 @@ impl Settings {
         }
         if self.journal.writers > 64 {
             return Err("configuration key `journal.writers`: at most 64".into());
+        }
+        if self.journal.pipeline_depth > 16 {
+            return Err("configuration key `journal.pipeline_depth`: at most 16".into());
         }
         if self.journal.batch_max > 65_535 {
             return Err("configuration key `journal.batch_max`: at most 65535".into());

@@ -367,7 +367,12 @@ async fn run_step(
             .await;
         return Ok(None);
     };
+    // Hold ids are made fresh per chat and a chat settles only a hold it
+    // took: reserves of round r use ids of their own, settles and releases
+    // name ids of the round before (round 0: ids never reserved).
     let (id, holds) = (accounts[*account], &holds[*account]);
+    let reserved = |hold: u8| holds[(round + 1) * 5 + hold as usize];
+    let named = |hold: u8| holds[round * 5 + hold as usize];
     let key = |k: u8| format!("r{round}-u{}-key-{k}", id.0);
     let acknowledged = |result: Result<(), LedgerError>, promise: Promise| match result {
         Ok(()) => Ok(Some(promise)),
@@ -401,14 +406,14 @@ async fn run_step(
             )
         }
         Op::Reserve { hold, amount } => {
-            let hold = holds[hold as usize];
+            let hold = reserved(hold);
             acknowledged(
                 engine.reserve(id, hold, micros(amount)).await.map(|_| ()),
                 Promise::HoldPlaced { hold },
             )
         }
         Op::Settle { hold, cost } => {
-            let hold = holds[hold as usize];
+            let hold = named(hold);
             acknowledged(
                 engine.settle(id, hold, charge(cost)).await.map(|_| ()),
                 Promise::Usage {
@@ -418,7 +423,7 @@ async fn run_step(
             )
         }
         Op::Release { hold } => {
-            let hold = holds[hold as usize];
+            let hold = named(hold);
             acknowledged(
                 engine.release(id, hold).await.map(|_| ()),
                 Promise::HoldEnded { hold },
@@ -509,7 +514,11 @@ fn pipelined_operations_of_several_accounts_with_failed_batches_keep_every_invar
                 accounts.push(db.user(&format!("pipelined_{case}_{index}")).await);
             }
             let holds: Vec<Vec<HoldId>> = (0..3)
-                .map(|_| (0..5).map(|_| HoldId::generate()).collect())
+                .map(|_| {
+                    (0..(rounds.len() + 1) * 5)
+                        .map(|_| HoldId::generate())
+                        .collect()
+                })
                 .collect();
             let mut promises = Vec::new();
             for (round, steps) in rounds.iter().enumerate() {
