@@ -165,12 +165,21 @@ impl Browser {
             .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
     }
 
-    /// Waits until `script` returns something truthy; returns it.
+    /// Waits until `script` returns something truthy; returns it. A script
+    /// that throws (the page is between two loads, say after a redirect)
+    /// counts as "not yet".
     async fn until(&self, what: &str, script: &str) -> Value {
         let started = Instant::now();
         let mut last = Value::Null;
         while started.elapsed() < PATIENCE {
-            last = self.js(script).await;
+            last = match self.client.execute(script, vec![]).await {
+                Ok(value) => value,
+                Err(error) => Value::String(format!("(script failed: {error})")),
+            };
+            if matches!(&last, Value::String(s) if s.starts_with("(script failed")) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
             let truthy = match &last {
                 Value::Null => false,
                 Value::Bool(b) => *b,
