@@ -2,6 +2,8 @@
 //!
 //! Both sides run the same reserve+settle cycles from the same driver:
 //! - engine: one actor per account, group-committed write-behind journal;
+//!   a cycle is a chat's: the hold applied without waiting for its commit
+//!   (`Engine::admit`), then the settlement waited for (one durable commit);
 //! - baseline: the seed's way, one PostgreSQL transaction per request that
 //!   locks the balance row (`SELECT … FOR UPDATE`), checks it and updates it.
 //!
@@ -174,13 +176,14 @@ impl Side {
         }
     }
 
-    /// One reserve, then the settle of that hold.
+    /// One reserve, then the settle of that hold (the engine's reserve is a
+    /// chat's admission: answered once applied, its commit not waited for).
     async fn cycle(&self, account: AccountId) -> anyhow::Result<()> {
         match self {
             Side::Engine(engine) => {
                 let hold = HoldId::generate();
                 engine
-                    .reserve(account, hold, Micros::new(HOLD_MICROS))
+                    .admit(account, hold, Micros::new(HOLD_MICROS))
                     .await?;
                 engine.settle(account, hold, common::charge()).await?;
             }

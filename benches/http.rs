@@ -1,18 +1,21 @@
 //! HTTP throughput of the real server: `GET /api/credits` (Clerk token
 //! verified, balance from the account's actor, last transactions and usages
 //! from PostgreSQL or the page cache) and `POST /api/chat` on the platform
-//! key (a hold, a call to a local fake Anthropic server that answers at once,
-//! a settlement: two durable journal entries), next to the no-op
-//! `GET /healthz` and `GET /readyz` (one `SELECT 1`), at the same
-//! concurrency, driven by `wrk`.
+//! key (a hold applied without waiting for its commit, a call to a local fake
+//! Anthropic server that answers at once, a settlement waited for: one
+//! durable commit in the chat's path) next to the same chat body sent by
+//! users who saved their own key (BYOK: no hold, no charge), which measures
+//! the metering overhead; and the no-op `GET /healthz` and `GET /readyz`
+//! (one `SELECT 1`), driven by `wrk`.
 //!
 //! `benches/run http` installs `wrk` when it is missing, or
 //! `cargo bench --bench http` with `wrk` on PATH (`apt-get install wrk`).
-//! Knobs (environment): BENCH_SECS (each run, default 5), BENCH_CONNECTIONS
-//! (default 64), BENCH_WRK_THREADS (default 2), BENCH_USERS (distinct users,
-//! each with its own session token, default 1000), BENCH_HISTORY (reserve+
-//! settle cycles in each user's history, default 20), BENCH_ROUTES (the runs,
-//! in order, default `/healthz,/api/credits,/api/chat,/readyz,/healthz,/api/credits,/api/chat`). Starts the app
+//! Knobs (environment): BENCH_SECS (each run, default 5), BENCH_WRK_THREADS
+//! (default 2), BENCH_USERS (distinct users, each with its own session token,
+//! default 1000; as many BYOK users), BENCH_HISTORY (reserve+settle cycles in
+//! each user's history, default 20), BENCH_RUNS (the runs, in order, each
+//! `connections:route` where route is a path or `byok:/api/chat`; default
+//! in `DEFAULT_RUNS`). Starts the app
 //! in-process on a private durable cluster under `target/bench-http-postgres`
 //! and a local JWKS server publishing the key that signs the tokens.
 
@@ -83,6 +86,41 @@ fn clerk_id(user: usize) -> String {
     format!("user_bench_{user}")
 }
 
+fn byok_clerk_id(user: usize) -> String {
+    format!("user_bench_byok_{user}")
+}
+
+/// The runs when BENCH_RUNS is not set: the page and the no-op routes at 64
+/// connections, then platform and BYOK chats side by side at 64 and at 256.
+const DEFAULT_RUNS: &str = "64:/healthz,64:/api/credits,64:/readyz,\
+    64:/api/chat,64:byok:/api/chat,256:/api/chat,256:byok:/api/chat,\
+    64:/api/chat,64:byok:/api/chat,256:/api/chat,256:byok:/api/chat,64:/healthz";
+
+/// A 32-byte key (base64) for the BYOK users' saved keys.
+const BENCH_BYOK_ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// Saves an Anthropic key for every BYOK user, through the real route.
+async fn save_byok_keys(base: &str, key: &SigningKey, users: usize) {
+    let http = reqwest::Client::new();
+    for chunk in (0..users).collect::<Vec<_>>().chunks(64) {
+        let saves = chunk.iter().map(|&user| {
+            let http = http.clone();
+            let token = key.token(&byok_clerk_id(user));
+            async move {
+                let response = http
+                    .put(format!("{base}/api/settings/api-keys"))
+                    .bearer_auth(token)
+                    .json(&serde_json::json!({ "anthropicKey": "sk-ant-bench-user-own-key-0123456789" }))
+                    .send()
+                    .await
+                    .expect("save a BYOK key");
+                assert!(response.status().is_success(), "{}", response.status());
+            }
+        });
+        futures_util::future::join_all(saves).await;
+    }
+}
+
 /// Every user with a top-up and `cycles` settled usages, written through an
 /// engine of its own that is shut down before the app starts.
 async fn seed_history(database: &Database, settings: &Settings, users: usize, cycles: usize) {
@@ -145,7 +183,13 @@ const ANTHROPIC_REPLY: &str = r#"{"id":"msg_bench","type":"message","role":"assi
 
 /// A wrk script sending each request with the next user's token; `POST`
 /// routes send the chat body.
-fn write_script(path: &Path, key: &SigningKey, users: usize, method: &str) {
+fn write_script(
+    path: &Path,
+    key: &SigningKey,
+    users: usize,
+    method: &str,
+    clerk_id: fn(usize) -> String,
+) {
     let tokens: Vec<String> = (0..users)
         .map(|user| format!("  \"{}\",", key.token(&clerk_id(user))))
         .collect();
@@ -164,11 +208,16 @@ fn write_script(path: &Path, key: &SigningKey, users: usize, method: &str) {
 }
 
 fn method_of(path: &str) -> &'static str {
-    if path == "/api/chat" {
+    if path.ends_with("/api/chat") {
         "POST"
     } else {
         "GET"
     }
+}
+
+/// The URL path of a run's route (`byok:/api/chat` is `/api/chat`).
+fn url_path(route: &str) -> &str {
+    route.strip_prefix("byok:").unwrap_or(route)
 }
 
 /// A local Anthropic Messages API that answers every call at once.
@@ -193,6 +242,7 @@ fn fake_anthropic() -> (String, actix_web::dev::Server) {
 
 struct WrkRun {
     path: &'static str,
+    connections: usize,
     cpu: common::Cpu,
     requests_per_s: f64,
     p50: String,
@@ -226,7 +276,7 @@ async fn wrk(
         .arg("--latency")
         .arg("-s")
         .arg(script)
-        .arg(format!("{base}{path}"))
+        .arg(format!("{base}{}", url_path(path)))
         .output()
         .await
         .unwrap_or_else(|e| panic!("cannot run wrk ({e}): install it with `apt-get install wrk`"));
@@ -238,6 +288,7 @@ async fn wrk(
         .unwrap_or(0);
     WrkRun {
         path,
+        connections,
         cpu,
         requests_per_s: field(&text, "Requests/sec:")
             .and_then(|n| n.parse().ok())
@@ -250,15 +301,24 @@ async fn wrk(
 
 fn main() {
     let secs: u64 = common::env_or("BENCH_SECS", 5);
-    let connections: usize = common::env_or("BENCH_CONNECTIONS", 64);
     let threads: usize = common::env_or("BENCH_WRK_THREADS", 2);
     let users: usize = common::env_or("BENCH_USERS", 1000);
     let history: usize = common::env_or("BENCH_HISTORY", 20);
-    let routes: &'static str = common::env_or(
-        "BENCH_ROUTES",
-        "/healthz,/api/credits,/api/chat,/readyz,/healthz,/api/credits,/api/chat".to_owned(),
-    )
-    .leak();
+    let plan: &'static str = common::env_or("BENCH_RUNS", DEFAULT_RUNS.to_owned()).leak();
+    let plan: Vec<(usize, &'static str)> = plan
+        .split(',')
+        .map(|run| {
+            let (connections, route) = run
+                .trim()
+                .split_once(':')
+                .unwrap_or_else(|| panic!("BENCH_RUNS: `{run}` is not `connections:route`"));
+            let connections = connections
+                .parse()
+                .unwrap_or_else(|_| panic!("BENCH_RUNS: `{connections}` is not a number"));
+            (connections, route)
+        })
+        .collect();
+    let connections = plan.iter().map(|(c, _)| *c).max().unwrap_or(64);
     let mut settings = Settings::default_file().expect("default config");
     settings.log.level = "warn".into();
     let system = actix_web::rt::System::new();
@@ -286,6 +346,7 @@ fn main() {
         settings.server.bind = "127.0.0.1:0".into();
         settings.clerk.jwks_url = format!("{}{JWKS_PATH}", jwks.uri());
         settings.clerk.issuer = ISSUER.into();
+        settings.byok.encryption_key = creditd::config::Secret::new(BENCH_BYOK_ENCRYPTION_KEY);
         let storage = creditd::app::Storage::on(database, &settings)
             .await
             .expect("storage");
@@ -296,28 +357,37 @@ fn main() {
         let handle = app.handle();
         let server = actix_web::rt::spawn(app.run());
 
+        save_byok_keys(&base, &key, users).await;
         let dir = common::bench_dir("bench-http-postgres");
-        let (get_script, post_script) = (dir.join("get.lua"), dir.join("post.lua"));
-        write_script(&get_script, &key, users, "GET");
-        write_script(&post_script, &key, users, "POST");
+        let (get_script, post_script, byok_script) = (
+            dir.join("get.lua"),
+            dir.join("post.lua"),
+            dir.join("byok.lua"),
+        );
+        write_script(&get_script, &key, users, "GET", clerk_id);
+        write_script(&post_script, &key, users, "POST", clerk_id);
+        write_script(&byok_script, &key, users, "POST", byok_clerk_id);
         let script = |path: &str| {
-            if method_of(path) == "POST" {
+            if path.starts_with("byok:") {
+                byok_script.clone()
+            } else if method_of(path) == "POST" {
                 post_script.clone()
             } else {
                 get_script.clone()
             }
         };
         eprintln!(
-            "server: {} workers, pool_size {}; wrk: {threads} threads, {connections} connections, {users} users",
+            "server: {} workers, pool_size {}; wrk: {threads} threads, {users} users and {users} BYOK users",
             settings.server.workers, settings.database.pool_size
         );
         // Warm-up: every user's token verified once and every actor loaded.
         wrk(&base, "/api/credits", &script("/api/credits"), 2, connections, threads).await;
+        wrk(&base, "byok:/api/chat", &script("byok:/api/chat"), 2, connections, threads).await;
         let mut runs = Vec::new();
-        for path in routes.split(',') {
+        for &(connections, path) in &plan {
             let run = wrk(&base, path, &script(path), secs, connections, threads).await;
             eprintln!(
-                "{path}: {:.0} requests/s, p50 {}, p99 {}, failures {}",
+                "{path} at {connections}: {:.0} requests/s, p50 {}, p99 {}, failures {}",
                 run.requests_per_s, run.p50, run.p99, run.failures
             );
             runs.push(run);
@@ -330,10 +400,17 @@ fn main() {
         cluster.stop();
         runs
     });
-    print(&runs, connections);
+    print(&runs);
 }
 
-fn print(runs: &[WrkRun], connections: usize) {
+fn label(path: &str) -> String {
+    match path.strip_prefix("byok:") {
+        Some(path) => format!("POST {path} (BYOK)"),
+        None => format!("{} {path}", method_of(path)),
+    }
+}
+
+fn print(runs: &[WrkRun]) {
     let best = |path: &str| {
         runs.iter()
             .filter(|run| run.path == path)
@@ -353,10 +430,9 @@ fn print(runs: &[WrkRun], connections: usize) {
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for run in runs {
         println!(
-            "| {} {} | {} | {:.0} | {} | {} | {} | {} |",
-            method_of(run.path),
-            run.path,
-            connections,
+            "| {} | {} | {:.0} | {} | {} | {} | {} |",
+            label(run.path),
+            run.connections,
             run.requests_per_s,
             run.p50,
             run.p99,
@@ -370,15 +446,15 @@ fn print(runs: &[WrkRun], connections: usize) {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
-    println!("| route | server process | postgres | wrk | others | CPU µs per request (server + postgres) |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| route | connections | server process | postgres | wrk | others | CPU µs per request (server + postgres) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for run in runs {
         let cpu = run.cpu;
         let requests = run.requests_per_s * cpu.wall;
         println!(
-            "| {} {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
-            method_of(run.path),
-            run.path,
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            label(run.path),
+            run.connections,
             cpu.cores(cpu.bench),
             cpu.cores(cpu.postgres),
             cpu.cores(cpu.children),
@@ -392,4 +468,28 @@ fn print(runs: &[WrkRun], connections: usize) {
         of_noop(best("/api/credits"))
     );
     println!("best POST /api/chat: {:.0} chats/s", best("/api/chat"));
+    println!();
+    println!("Metering overhead: platform chats against BYOK chats of the same body, same run:");
+    println!();
+    println!("| connections | platform chats/s | BYOK chats/s | platform of BYOK | platform p50 / p99 | BYOK p50 / p99 |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let mut pairs = runs.iter().zip(runs.iter().skip(1));
+    for (platform, byok) in pairs.by_ref() {
+        if platform.path == "/api/chat"
+            && byok.path == "byok:/api/chat"
+            && platform.connections == byok.connections
+        {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} |",
+                platform.connections,
+                platform.requests_per_s,
+                byok.requests_per_s,
+                platform.requests_per_s / byok.requests_per_s.max(1.0) * 100.0,
+                platform.p50,
+                platform.p99,
+                byok.p50,
+                byok.p99
+            );
+        }
+    }
 }

@@ -1,9 +1,14 @@
 //! Reserve+settle cycles through the ledger engine: durable on PostgreSQL
-//! (one hot account; 10,000 accounts) and in memory with persistence stubbed.
+//! (one hot account; 10,000 accounts), each with the hold's commit waited for
+//! (two commits in series) and as a chat runs it (the hold answered once
+//! applied, the settlement once durable: one commit), and in memory with
+//! persistence stubbed.
 //!
 //! `cargo bench --bench ledger` (BENCH_SECS sets each run's length, default 5;
-//! BENCH_CLIENTS the concurrent callers, default 512). Starts a private,
-//! durable (fsync on) PostgreSQL cluster under `target/bench-postgres`.
+//! BENCH_CLIENTS the concurrent callers, default 512; BENCH_PIPELINE_DEPTH
+//! the journal's batches in flight per writer, default `config.toml`'s).
+//! Starts a private, durable (fsync on) PostgreSQL cluster under
+//! `target/bench-postgres`.
 
 mod common;
 
@@ -35,6 +40,16 @@ impl Run {
     }
 }
 
+/// How a cycle waits for durability.
+#[derive(Clone, Copy)]
+enum Cycle {
+    /// A chat's: the hold answered once applied (`admit`), the settlement
+    /// once durable: one commit waited for.
+    OneCommit,
+    /// The hold's commit, then the settlement's: two commits in series.
+    TwoCommits,
+}
+
 /// `clients` callers loop reserve → settle on `accounts` for `secs`.
 async fn drive(
     name: &str,
@@ -42,6 +57,7 @@ async fn drive(
     accounts: Arc<Vec<AccountId>>,
     clients: usize,
     secs: u64,
+    cycle: Cycle,
 ) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -63,7 +79,12 @@ async fn drive(
                         >> 1;
                     let begun = Instant::now();
                     let hold = HoldId::generate();
-                    let ok = match engine.reserve(account, hold, Micros::new(100_000)).await {
+                    let amount = Micros::new(100_000);
+                    let held = match cycle {
+                        Cycle::OneCommit => engine.admit(account, hold, amount).await,
+                        Cycle::TwoCommits => engine.reserve(account, hold, amount).await,
+                    };
+                    let ok = match held {
                         Ok(_) => engine.settle(account, hold, common::charge()).await.is_ok(),
                         Err(_) => false,
                     };
@@ -158,6 +179,16 @@ fn main() {
     let mut settings = Settings::default_file().expect("default config");
     settings.engine.call_timeout_ms = 30_000;
     settings.database.pool_wait_timeout_ms = 30_000;
+    if let Some(depth) = std::env::var("BENCH_PIPELINE_DEPTH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        settings.journal.pipeline_depth = depth;
+    }
+    println!(
+        "journal: {} writers, pipeline depth {}",
+        settings.journal.writers, settings.journal.pipeline_depth
+    );
     let system = actix::System::new();
     let runs = system.block_on(async move {
         let mut runs = Vec::new();
@@ -175,6 +206,7 @@ fn main() {
                 hot,
                 clients,
                 secs,
+                Cycle::TwoCommits,
             )
             .await,
         );
@@ -186,6 +218,7 @@ fn main() {
                 many,
                 clients,
                 secs,
+                Cycle::TwoCommits,
             )
             .await,
         );
@@ -214,18 +247,16 @@ fn main() {
         ));
         let accounts = seed(&engine, &client, 10_001).await;
         let hot = Arc::new(vec![accounts[0]]);
-        runs.push(drive("durable, 1 hot account", engine.clone(), hot, clients, secs).await);
         let many = Arc::new(accounts[1..].to_vec());
-        runs.push(
-            drive(
-                "durable, 10,000 accounts",
-                engine.clone(),
-                many,
-                clients,
-                secs,
-            )
-            .await,
-        );
+        for (cycle, label) in [
+            (Cycle::TwoCommits, "two commits"),
+            (Cycle::OneCommit, "one commit (a chat's)"),
+        ] {
+            let name = format!("durable, 1 hot account, {label}");
+            runs.push(drive(&name, engine.clone(), hot.clone(), clients, secs, cycle).await);
+            let name = format!("durable, 10,000 accounts, {label}");
+            runs.push(drive(&name, engine.clone(), many.clone(), clients, secs, cycle).await);
+        }
         engine.shutdown(Duration::from_secs(30)).await;
         let report = creditd::ledger::reconcile::reconcile(&mut client)
             .await

@@ -100,13 +100,23 @@ impl Application {
 
     /// As `build`, on a database chosen by the caller (tests).
     pub async fn with_storage(settings: Settings, storage: Storage) -> anyhow::Result<Application> {
+        let listener = TcpListener::bind(&settings.server.bind)
+            .with_context(|| format!("cannot bind server.bind = {}", settings.server.bind))?;
+        Application::with_listener(settings, storage, listener).await
+    }
+
+    /// As `with_storage`, on a listener the caller bound (the demo needs
+    /// its address before the settings are final).
+    pub async fn with_listener(
+        settings: Settings,
+        storage: Storage,
+        listener: TcpListener,
+    ) -> anyhow::Result<Application> {
         let metrics = metrics_handle()?;
         let engine = Arc::new(storage.engine(&settings));
         let prices = PriceTable::from_settings(&settings.pricing)
             .map_err(|e| anyhow::anyhow!("pricing: {e}"))?;
         crate::telemetry::describe(&prices);
-        let listener = TcpListener::bind(&settings.server.bind)
-            .with_context(|| format!("cannot bind server.bind = {}", settings.server.bind))?;
         let port = listener.local_addr()?.port();
         let state = http::AppState::new(
             settings.clone(),

@@ -34,6 +34,10 @@ pub struct Settings {
     pub byok: ByokSettings,
     pub limits: LimitsSettings,
     pub metrics: MetricsSettings,
+    /// Set by `creditd demo` only (never from a file or the environment):
+    /// where the demo's sign-in page is; pages then show the demo banner.
+    #[serde(skip)]
+    pub demo_sign_in_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +117,9 @@ pub struct ServerSettings {
     pub body_limit_bytes: usize,
     pub client_request_timeout_ms: u64,
     pub history_cache_entries: usize,
+    /// Origins (`scheme://host[:port]`) whose pages may call the API
+    /// cross-origin (CORS) and send cookie-authenticated writes.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +154,7 @@ pub struct JournalSettings {
     pub batch_delay_us: u64,
     pub queue_capacity: usize,
     pub stall_after_ms: u64,
+    pub pipeline_depth: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -293,8 +301,18 @@ impl Settings {
         if self.journal.writers > 64 {
             return Err("configuration key `journal.writers`: at most 64".into());
         }
+        if self.journal.pipeline_depth > 16 {
+            return Err("configuration key `journal.pipeline_depth`: at most 16".into());
+        }
         if self.journal.batch_max > 65_535 {
             return Err("configuration key `journal.batch_max`: at most 65535".into());
+        }
+        for origin in &self.server.allowed_origins {
+            if !is_origin(origin) {
+                return Err(format!(
+                    "configuration key `server.allowed_origins`: `{origin}` is not an origin such as https://app.example.com (scheme, host, optional port; no path)"
+                ));
+            }
         }
         self.validate_stripe()?;
         crate::pricing::PriceTable::from_settings(&self.pricing)
@@ -387,6 +405,7 @@ impl Settings {
             ("journal.batch_max", wide(self.journal.batch_max)),
             ("journal.queue_capacity", wide(self.journal.queue_capacity)),
             ("journal.stall_after_ms", self.journal.stall_after_ms),
+            ("journal.pipeline_depth", wide(self.journal.pipeline_depth)),
             ("clerk.jwks_min_refresh_s", self.clerk.jwks_min_refresh_s),
             ("clerk.jwks_refresh_s", self.clerk.jwks_refresh_s),
             ("clerk.jwks_timeout_ms", self.clerk.jwks_timeout_ms),
@@ -466,6 +485,20 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// `http(s)://host[:port]`, nothing after.
+fn is_origin(text: &str) -> bool {
+    let Some(rest) = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
 }
 
 /// Sets `section.key` (or deeper: `pricing.models.<name>.input_usd` can't be
@@ -636,6 +669,37 @@ mod tests {
             }
         }
         assert!(walked >= 45, "only {walked} numeric keys walked");
+    }
+
+    #[test]
+    fn allowed_origins_are_read_from_a_list_and_checked() {
+        let settings = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[(
+                "CREDITD__SERVER__ALLOWED_ORIGINS",
+                "https://app.example.com, http://localhost:3000",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.server.allowed_origins,
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[(
+                "CREDITD__SERVER__ALLOWED_ORIGINS",
+                "https://app.example.com/",
+            )]),
+        )
+        .unwrap_err();
+        assert!(err.contains("server.allowed_origins"), "{err}");
+        let file = format!("demo_sign_in_url = \"http://127.0.0.1:1\"\n{DEFAULT_CONFIG}");
+        let err = Settings::from_sources(&file, &[]).unwrap_err();
+        assert!(
+            err.contains("demo_sign_in_url"),
+            "the demo is set in code only: {err}"
+        );
     }
 
     #[test]

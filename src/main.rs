@@ -1,5 +1,5 @@
-//! The `creditd` command: `serve` (default), `migrate`, `reconcile`,
-//! `grant`, `balance`.
+//! The `creditd` command: `serve` (default), `demo`, `migrate`,
+//! `reconcile`, `grant`, `balance`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Runs the HTTP service on `server.bind` (the default command).
     Serve,
+    /// Runs the whole product on this machine with local stand-ins for
+    /// Clerk, Stripe and the AI provider (loopback only, no real keys).
+    Demo,
     /// Applies the database migrations in `sql/`.
     Migrate,
     /// Checks the ledger invariants against PostgreSQL; exits 1 if any broke.
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
     app::init_logging(&settings.log);
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => app::serve(settings),
+        Command::Demo => creditd::demo::run(settings),
         Command::Migrate => app::run_migrate(settings),
         Command::Reconcile => app::run_reconcile(settings),
         Command::Grant {

@@ -61,6 +61,14 @@ pub fn describe(prices: &PriceTable) {
         "Journal entries by outcome (committed, failed, dropped)"
     );
     describe_counter!(
+        "creditd_journal_batches_total",
+        "Journal batches by outcome (committed; split: retried one account per transaction after a database error; failed)"
+    );
+    describe_counter!(
+        "creditd_journal_accounts_refused_total",
+        "Accounts failed in a batch because PostgreSQL would refuse or did not write an entry of theirs"
+    );
+    describe_counter!(
         "creditd_credited_micros_total",
         "Micros credited, by transaction type"
     );

@@ -22,8 +22,13 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "stripe", include_str!("../../sql/0002_stripe.sql")),
     (
         3,
+        "usage_by_day",
+        include_str!("../../sql/0003_usage_by_day.sql"),
+    ),
+    (
+        4,
         "signup_bonus_claims",
-        include_str!("../../sql/0003_signup_bonus_claims.sql"),
+        include_str!("../../sql/0004_signup_bonus_claims.sql"),
     ),
 ];
 

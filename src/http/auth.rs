@@ -1,10 +1,18 @@
 //! End users: Clerk session tokens (RS256 JWTs) verified against the
-//! instance's JWKS. Operators: a bearer token compared in constant time.
+//! instance's JWKS, from `Authorization: Bearer` or, as Clerk sets it for
+//! same-origin pages, the `__session` cookie. Operators: a bearer token
+//! compared in constant time.
+//!
+//! A browser sends cookies by itself, also on requests another site makes
+//! it send: a cookie-authenticated request that changes anything must come
+//! from an allowed origin (`server.allowed_origins` or the service's own).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use actix_web::http::header::HeaderMap;
+use actix_web::http::Method;
 use actix_web::HttpRequest;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -74,10 +82,21 @@ impl ClerkVerifier {
         })
     }
 
-    /// The Clerk user id (`sub`) of a valid token in `Authorization: Bearer`.
+    /// The Clerk user id (`sub`) of a valid token in `Authorization: Bearer`
+    /// or, without that header, in the `__session` cookie.
     pub async fn authenticate(&self, request: &HttpRequest) -> Result<String, ApiError> {
-        let token = bearer(request)?;
-        self.verify(token).await
+        if request
+            .headers()
+            .contains_key(actix_web::http::header::AUTHORIZATION)
+        {
+            return self.verify(bearer(request)?).await;
+        }
+        match session_cookie(request.headers()) {
+            Some(token) => self.verify(&token).await,
+            None => Err(ApiError::unauthorized(
+                "missing Authorization: Bearer token (or __session cookie)",
+            )),
+        }
     }
 
     pub async fn verify(&self, token: &str) -> Result<String, ApiError> {
@@ -307,6 +326,57 @@ fn bearer(request: &HttpRequest) -> Result<&str, ApiError> {
     Ok(token)
 }
 
+/// The name of the cookie Clerk keeps the session token in.
+pub const SESSION_COOKIE: &str = "__session";
+
+/// The `__session` cookie's value, if the request carries a non-empty one.
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(actix_web::http::header::COOKIE)
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, value)| *name == SESSION_COOKIE && !value.is_empty())
+        .map(|(_, value)| value.trim_matches('"').to_owned())
+}
+
+/// Why a request must be refused as cross-site: it changes state (not GET,
+/// HEAD or OPTIONS), authenticates by the `__session` cookie alone (a
+/// bearer token is never sent by a browser on its own) and its `Origin` is
+/// missing or neither in `allowed` nor the service's own origin
+/// (`own_origin` is asked only then: most requests are reads).
+pub fn cross_site_refusal(
+    method: &Method,
+    headers: &HeaderMap,
+    own_origin: impl FnOnce() -> String,
+    allowed: &[String],
+) -> Option<ApiError> {
+    if *method == Method::GET
+        || *method == Method::HEAD
+        || *method == Method::OPTIONS
+        || headers.contains_key(actix_web::http::header::AUTHORIZATION)
+        || session_cookie(headers).is_none()
+    {
+        return None;
+    }
+    let origin = headers
+        .get(actix_web::http::header::ORIGIN)
+        .and_then(|value| value.to_str().ok());
+    match origin {
+        Some(origin) if allowed.iter().any(|a| a == origin) || origin == own_origin() => None,
+        Some(origin) => Some(ApiError::new(
+            Code::Forbidden,
+            format!(
+                "Origin {origin} may not change anything with the session cookie (server.allowed_origins)"
+            ),
+        )),
+        None => Some(ApiError::new(
+            Code::Forbidden,
+            "a request authenticated by the session cookie must carry an Origin header",
+        )),
+    }
+}
+
 /// Checks the admin bearer token. With no token configured the admin
 /// routes do not exist (404).
 pub fn require_admin(settings: &AdminSettings, request: &HttpRequest) -> Result<(), ApiError> {
@@ -354,7 +424,73 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
+    use actix_web::http::header::{HeaderName, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let found = session_cookie(&headers(&[("cookie", "a=1; __session=tok.en.sig; b=2")]));
+        assert_eq!(found.as_deref(), Some("tok.en.sig"));
+        assert_eq!(session_cookie(&headers(&[("cookie", "__session=")])), None);
+        assert_eq!(
+            session_cookie(&headers(&[("cookie", "x__session=t")])),
+            None
+        );
+    }
+
+    #[test]
+    fn only_cookie_authenticated_writes_need_an_allowed_origin() {
+        let own = "http://127.0.0.1:8080";
+        let allowed = vec!["https://app.example".to_owned()];
+        let cookie = ("cookie", "__session=t");
+        let refused = |method: Method, pairs: &[(&'static str, &'static str)]| {
+            cross_site_refusal(&method, &headers(pairs), || own.to_owned(), &allowed)
+                .map(|e| e.code)
+        };
+        assert_eq!(
+            refused(Method::GET, &[cookie, ("origin", "https://evil.example")]),
+            None
+        );
+        assert_eq!(
+            refused(Method::POST, &[cookie, ("origin", "https://evil.example")]),
+            Some(Code::Forbidden)
+        );
+        assert_eq!(refused(Method::DELETE, &[cookie]), Some(Code::Forbidden));
+        assert_eq!(
+            refused(Method::POST, &[cookie, ("origin", "https://app.example")]),
+            None
+        );
+        assert_eq!(
+            refused(Method::PUT, &[cookie, ("origin", "http://127.0.0.1:8080")]),
+            None
+        );
+        assert_eq!(
+            refused(
+                Method::POST,
+                &[
+                    cookie,
+                    ("origin", "https://evil.example"),
+                    ("authorization", "Bearer t")
+                ]
+            ),
+            None
+        );
+        assert_eq!(
+            refused(Method::POST, &[("origin", "https://evil.example")]),
+            None
+        );
+    }
 
     #[test]
     fn constant_time_comparison_accepts_only_equal_tokens() {

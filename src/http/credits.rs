@@ -12,6 +12,7 @@ use super::error::{ApiError, Code};
 use super::views::{Page, TransactionView, UsageView};
 use super::State;
 use crate::ledger::{store, AccountId, IdempotencyKey, Posting, TransactionType};
+use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -19,6 +20,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/api/credits", web::get().to(overview))
         .route("/api/credits/transactions", web::get().to(transactions))
         .route("/api/credits/usages", web::get().to(usages))
+        .route("/api/credits/usage/daily", web::get().to(usage_daily))
         .route("/api/credits/claim-bonus", web::post().to(claim_bonus));
 }
 
@@ -183,6 +185,75 @@ async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiE
         "items": items.iter().map(UsageView::from).collect::<Vec<_>>(),
         "nextCursor": next,
     })))
+}
+
+/// `?days=1..=90` (default 30) of `GET /api/credits/usage/daily`; anything
+/// else is refused by name.
+fn parse_days(query: &str) -> Result<u32, ApiError> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(query)
+        .map_err(|e| ApiError::invalid(format!("query string: {e}")))?
+        .into_inner();
+    let mut days = DEFAULT_CHART_DAYS;
+    for (name, value) in pairs {
+        if name != "days" {
+            return Err(ApiError::invalid(format!(
+                "field `{name}`: unknown query parameter (expected days)"
+            )));
+        }
+        days = value
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=metering::MAX_DAYS).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "field `days`: must be an integer from 1 to {}",
+                    metering::MAX_DAYS
+                ))
+            })?;
+    }
+    Ok(days)
+}
+
+/// Days of the usage chart when the request names none.
+const DEFAULT_CHART_DAYS: u32 = 30;
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DailyUsageView {
+    date: chrono::NaiveDate,
+    cost_micros: i64,
+    chats: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+}
+
+/// Spend per UTC day over the last `days` days, oldest first, today last.
+#[utoipa::path(get, path = "/api/credits/usage/daily", tag = "credits", security(("clerk" = [])),
+    params(("days" = Option<u32>, Query, minimum = 1, maximum = 90, description = "Days to report (default 30)")),
+    responses(
+        (status = 200, description = "Spend per day", body = super::openapi::DailyUsage),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
+async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let days = parse_days(request.query_string())?;
+    let clerk_id = state.clerk.authenticate(&request).await?;
+    let account = state.account(&clerk_id).await?;
+    let client = state.client().await?;
+    let report = metering::daily_usage(&**client, account, days, chrono::Utc::now()).await?;
+    let days: Vec<DailyUsageView> = report
+        .into_iter()
+        .map(|day| DailyUsageView {
+            date: day.date,
+            cost_micros: day.cost_micros,
+            chats: day.chats,
+            input_tokens: day.input_tokens,
+            output_tokens: day.output_tokens,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "days": days })))
 }
 
 /// The idempotency key of an account's signup bonus: one per account,

@@ -14,6 +14,7 @@ pub enum Code {
     Unauthorized,
     AccountDeleted,
     RateLimited,
+    Forbidden,
     InvalidRequest,
     NotFound,
     Conflict,
@@ -33,13 +34,14 @@ pub enum Code {
 
 impl Code {
     /// Every code, as documented (README, `/openapi.json`).
-    pub const ALL: [Code; 18] = [
+    pub const ALL: [Code; 19] = [
         Code::InvalidRequest,
         Code::NoApiKey,
         Code::ByokKeyRefused,
         Code::Unauthorized,
         Code::AccountDeleted,
         Code::InsufficientCredits,
+        Code::Forbidden,
         Code::NotFound,
         Code::RequestTimeout,
         Code::Conflict,
@@ -59,6 +61,7 @@ impl Code {
             Code::Unauthorized => "UNAUTHORIZED",
             Code::AccountDeleted => "ACCOUNT_DELETED",
             Code::RateLimited => "RATE_LIMITED",
+            Code::Forbidden => "FORBIDDEN",
             Code::InvalidRequest => "INVALID_REQUEST",
             Code::NotFound => "NOT_FOUND",
             Code::Conflict => "CONFLICT",
@@ -80,6 +83,7 @@ impl Code {
     pub fn status(self) -> StatusCode {
         match self {
             Code::Unauthorized | Code::AccountDeleted => StatusCode::UNAUTHORIZED,
+            Code::Forbidden => StatusCode::FORBIDDEN,
             Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Code::InvalidRequest => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
@@ -270,6 +274,7 @@ mod tests {
         match code {
             Code::Unauthorized
             | Code::AccountDeleted
+            | Code::Forbidden
             | Code::RateLimited
             | Code::InvalidRequest
             | Code::NotFound

@@ -9,6 +9,7 @@ mod credits;
 pub mod error;
 mod limits;
 mod openapi;
+pub mod pages;
 mod settings;
 mod stripe;
 mod views;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use actix_web::dev::{Server, Service, ServiceRequest};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpResponse, HttpServer};
+use futures_util::future::{ready, Either};
 use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -292,9 +294,23 @@ pub fn server(
     settings: &Settings,
 ) -> anyhow::Result<Server> {
     let state = web::Data::new(state);
+    let allowed_origins = Arc::new(settings.server.allowed_origins.clone());
     let server = HttpServer::new(move || {
+        let allowed = allowed_origins.clone();
         App::new()
             .app_data(state.clone())
+            .wrap_fn(move |request, service| {
+                let refusal = auth::cross_site_refusal(
+                    request.method(),
+                    request.headers(),
+                    || own_origin(&request),
+                    &allowed,
+                );
+                match refusal {
+                    Some(error) => Either::Left(ready(Ok(request.error_response(error)))),
+                    None => Either::Right(service.call(request)),
+                }
+            })
             .wrap_fn(|request, service| {
                 let started = Instant::now();
                 let method = method_label(request.method());
@@ -341,7 +357,9 @@ pub fn server(
             .configure(chat::routes)
             .configure(settings::routes)
             .configure(openapi::routes)
+            .configure(pages::routes)
             .default_service(web::to(error::no_route))
+            .wrap(cors(&allowed_origins))
     })
     .workers(settings.server.workers)
     .client_request_timeout(Duration::from_millis(
@@ -351,6 +369,39 @@ pub fn server(
     .listen(listener)?
     .run();
     Ok(server)
+}
+
+/// This service's origin as the browser addressed it: `scheme://Host`.
+fn own_origin(request: &ServiceRequest) -> String {
+    let host = request
+        .headers()
+        .get(actix_web::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or_default();
+    format!("{}://{host}", request.connection_info().scheme())
+}
+
+/// CORS for the front ends of `server.allowed_origins`, credentials allowed
+/// (their requests carry a bearer token or the session cookie). A foreign
+/// origin gets no CORS headers (its browser then hides the answer) rather
+/// than an error here: same-origin pages send `Origin` too, and writes from
+/// foreign origins are refused by the cross-site check with 403.
+fn cors(allowed: &[String]) -> actix_cors::Cors {
+    let mut cors = actix_cors::Cors::default()
+        .allowed_methods(["GET", "POST", "PUT", "DELETE"])
+        .allowed_headers([
+            actix_web::http::header::AUTHORIZATION,
+            actix_web::http::header::CONTENT_TYPE,
+            actix_web::http::header::ACCEPT,
+        ])
+        .expose_headers(["x-request-id", "retry-after"])
+        .supports_credentials()
+        .block_on_origin_mismatch(false)
+        .max_age(600);
+    for origin in allowed {
+        cors = cors.allowed_origin(origin);
+    }
+    cors
 }
 
 /// The process is up.

@@ -34,6 +34,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::credits::overview,
         super::credits::transactions,
         super::credits::usages,
+        super::credits::usage_daily,
         super::credits::claim_bonus,
         super::stripe::topup,
         super::stripe::webhook,
@@ -48,6 +49,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::healthz,
         super::readyz,
         super::metrics_text,
+        super::pages::billing,
         document,
         docs,
     ),
@@ -110,6 +112,12 @@ impl utoipa::PartialSchema for ErrorCode {
 }
 
 impl ToSchema for ErrorCode {}
+
+/// `GET /api/credits/usage/daily`: spend per UTC day, oldest first.
+#[derive(Serialize, ToSchema)]
+pub struct DailyUsage {
+    days: Vec<super::credits::DailyUsageView>,
+}
 
 /// `POST /api/credits/topup`: the Checkout Session to send the user to.
 #[derive(Serialize, ToSchema)]

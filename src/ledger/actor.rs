@@ -206,6 +206,9 @@ impl AccountActor {
         // PostgreSQL keeps microseconds: so does the engine, so a record
         // reads back exactly as it was answered.
         let now = Utc::now().trunc_subsecs(6);
+        // What the balance row holds before this entry, should the writer
+        // have to put it back.
+        let (balance_before, held_before) = (state.balance.get(), state.held.get());
         let (value, seq, replayed) = match operation(state, now, durable_seq) {
             Ok(Applied::New { value, record }) => {
                 // The candidate state is checked before its entry leaves:
@@ -220,6 +223,8 @@ impl AccountActor {
                     account: self.account,
                     epoch: self.epoch,
                     seq: state.seq,
+                    balance_before,
+                    held_before,
                     balance_after: state.balance.get(),
                     held_after: state.held.get(),
                     record,

@@ -7,17 +7,67 @@
 //! Failure handling, per account: entries of an account whose balance row
 //! moved (fencing) or whose write failed are failed, the account's actor is
 //! told (its durable watch turns `failed`) and reloads; entries of that actor
-//! incarnation still queued are dropped unwritten. A database error (not a
-//! lost connection) retries the batch one account per transaction, so one bad
-//! entry never fails other accounts' work.
+//! incarnation still queued are dropped unwritten.
+//!
+//! One account's bad entry never fails, nor slows, other accounts' entries:
+//!
+//! - Before writing, every entry is checked in Rust against what PostgreSQL
+//!   would refuse (NUL characters in text and jsonb, timestamps out of range,
+//!   the schema's CHECK constraints, an overflowing `total_tokens`). An
+//!   account with an entry that fails the check is failed and nothing of it
+//!   is sent.
+//! - What only the database can tell (a unique constraint: a reused hold id,
+//!   a seq or key already taken; a finish that matches no active hold of the
+//!   account) is counted instead of raised: the inserts are `ON CONFLICT DO
+//!   NOTHING ... RETURNING`, the finish returns the holds it finished, and
+//!   the writer compares, per account, rows written with rows sent. An
+//!   account whose counts differ is undone inside the same transaction (its
+//!   inserted rows deleted by id, its finished holds made ACTIVE again, its
+//!   balance row put back to the amounts and version it had before the
+//!   batch) and failed; the other accounts commit in that transaction.
+//! - Only an unexpected database error still aborts the batch; it is then
+//!   retried one account per transaction, so the accounts that can commit
+//!   do. A lost connection (or a terminated backend) fails the whole batch
+//!   instead: whether it committed cannot be known, and every account of it
+//!   reloads from what PostgreSQL has.
+//!
+//! Pipelining. Each writer (one per lane, accounts by `id % writers`) may
+//! have up to `journal.pipeline_depth` batches in flight, each on a
+//! connection of its own: the next batch gathers, and writes the accounts
+//! it does not share with batches in flight, while earlier ones commit.
+//!
+//! - Per-account order. A batch holding an account that an earlier batch
+//!   in flight also holds waits, before its balance UPDATE, until that
+//!   batch has published its outcome; then it drops the entries of any
+//!   incarnation that batch failed (they were computed on a state that will
+//!   never exist) and fences the rest on the version the earlier batch
+//!   wrote (`WHERE b.version = expected`). The fence alone is not enough:
+//!   it compares numbers, and another writer (a second instance, or the
+//!   transactions of a killed process that still commit) can bring the
+//!   version to exactly the number a failed incarnation's later entries
+//!   expect. Waiting for the outcome costs about one round trip: the UPDATE
+//!   would have waited for the earlier batch's row lock anyway.
+//! - No deadlock between batches of one writer: two batches in flight never
+//!   hold the same balance row (the later one waits first), so their
+//!   UPDATEs never wait for each other. Journal rows of different accounts
+//!   could only meet on a duplicated id; PostgreSQL's deadlock detector
+//!   would then abort one (a database error: the split fallback).
+//! - Publishing. An account's durable seq only moves forward (`max`). A
+//!   failure sets the watch's `failed` flag and nothing clears it: a batch
+//!   that commits after an earlier one failed holds only entries of other
+//!   accounts or of a newer incarnation (with a watch of its own), so it
+//!   cannot make a failed incarnation look healthy. `failed_epochs` is
+//!   shared by the gathering loop and the batches; a failure is recorded
+//!   there before the actor can hear of it (its watch), so entries of the
+//!   failed incarnation gathered afterwards are dropped too.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
@@ -56,6 +106,10 @@ pub(crate) struct Entry {
     /// The actor incarnation that produced it.
     pub epoch: u64,
     pub seq: i64,
+    /// The account's amounts before this entry's operation (to put the
+    /// balance row back if the entry's account is refused in its batch).
+    pub balance_before: i64,
+    pub held_before: i64,
     pub balance_after: i64,
     pub held_after: i64,
     pub record: Record,
@@ -85,14 +139,70 @@ pub(crate) async fn wait_durable(
     }
 }
 
-/// Liveness of the writer, for `/readyz` and metrics.
+/// Liveness and counters of one writer, for `/readyz`, metrics and tests.
 pub struct JournalHealth {
     started: Instant,
     last_progress_ms: AtomicU64,
     busy: AtomicBool,
+    /// Batches written or being written.
+    in_flight: AtomicU64,
+    peak_in_flight: AtomicU64,
+    /// Batch transactions committed at the first try.
+    committed: AtomicU64,
+    /// Batches retried one account per transaction after a database error.
+    split: AtomicU64,
+    /// Batches failed whole (connection lost).
+    failed: AtomicU64,
+    /// Accounts failed because an entry of theirs was refused (by the check
+    /// before writing or by a row count inside the transaction).
+    refused: AtomicU64,
+}
+
+/// The writers' counters, summed over every writer of an engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Batch transactions committed at the first try.
+    pub batches_committed: u64,
+    /// Batches retried one account per transaction after a database error.
+    pub batches_split: u64,
+    /// Batches failed whole (connection lost).
+    pub batches_failed: u64,
+    /// Accounts failed because an entry of theirs was refused.
+    pub accounts_refused: u64,
+    /// Most batches one writer had in flight at once.
+    pub peak_in_flight: u64,
 }
 
 impl JournalHealth {
+    fn new() -> JournalHealth {
+        JournalHealth {
+            started: Instant::now(),
+            last_progress_ms: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            peak_in_flight: AtomicU64::new(0),
+            committed: AtomicU64::new(0),
+            split: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    fn count_batch(&self, outcome: &'static str) {
+        let counter = match outcome {
+            "committed" => &self.committed,
+            "split" => &self.split,
+            _ => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("creditd_journal_batches_total", "outcome" => outcome).increment(1);
+    }
+
+    fn count_refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("creditd_journal_accounts_refused_total").increment(1);
+    }
+
     fn touch(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_progress_ms.store(ms, Ordering::Relaxed);
@@ -118,7 +228,9 @@ impl Lane {
     }
 
     fn busy(&self) -> bool {
-        self.queue_depth() > 0 || self.health.busy.load(Ordering::Acquire)
+        self.queue_depth() > 0
+            || self.health.busy.load(Ordering::Acquire)
+            || self.health.in_flight.load(Ordering::Acquire) > 0
     }
 }
 
@@ -166,6 +278,23 @@ impl WriterHandle {
             .any(|lane| lane.busy() && lane.health.since_progress() > self.stall_after)
     }
 
+    /// The counters of every writer, summed.
+    pub fn stats(&self) -> JournalStats {
+        self.lanes
+            .iter()
+            .fold(JournalStats::default(), |mut stats, lane| {
+                let health = &lane.health;
+                stats.batches_committed += health.committed.load(Ordering::Relaxed);
+                stats.batches_split += health.split.load(Ordering::Relaxed);
+                stats.batches_failed += health.failed.load(Ordering::Relaxed);
+                stats.accounts_refused += health.refused.load(Ordering::Relaxed);
+                stats.peak_in_flight = stats
+                    .peak_in_flight
+                    .max(health.peak_in_flight.load(Ordering::Relaxed));
+                stats
+            })
+    }
+
     /// Waits until every entry queued so far has been written or failed.
     pub async fn flush(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
@@ -189,19 +318,19 @@ pub(crate) fn spawn_writer(
     let lanes: Vec<Lane> = (0..settings.writers.max(1))
         .map(|_| {
             let (tx, rx) = mpsc::channel(settings.queue_capacity);
-            let health = Arc::new(JournalHealth {
-                started: Instant::now(),
-                last_progress_ms: AtomicU64::new(0),
-                busy: AtomicBool::new(false),
-            });
+            let health = Arc::new(JournalHealth::new());
             let writer = JournalWriter {
                 rx,
-                database: database.clone(),
-                connection: None,
+                shared: Arc::new(LaneShared {
+                    database: database.clone(),
+                    idle: Mutex::new(Vec::new()),
+                    failed_epochs: Mutex::new(HashMap::new()),
+                    health: health.clone(),
+                }),
                 batch_max: settings.batch_max,
                 batch_delay: Duration::from_micros(settings.batch_delay_us),
-                failed_epochs: HashMap::new(),
-                health: health.clone(),
+                depth: settings.pipeline_depth.max(1),
+                latest: HashMap::new(),
             };
             arbiter.spawn(writer.run());
             Lane { tx, health }
@@ -219,6 +348,7 @@ struct Statements {
     insert_holds: Statement,
     insert_usages: Statement,
     finish_holds: Statement,
+    undo_accounts: Statement,
 }
 
 struct WriterConnection {
@@ -226,15 +356,27 @@ struct WriterConnection {
     statements: Statements,
 }
 
+/// One writer's gathering loop. Batches it dispatches run as tasks of their
+/// own (up to `depth` at once), each on a connection of its own.
 struct JournalWriter {
     rx: mpsc::Receiver<Entry>,
-    database: Option<Database>,
-    connection: Option<WriterConnection>,
+    shared: Arc<LaneShared>,
     batch_max: usize,
     batch_delay: Duration,
+    depth: usize,
+    /// Per account, the last batch dispatched with entries of it: a later
+    /// batch holding the account waits until that one has published.
+    latest: HashMap<AccountId, watch::Receiver<bool>>,
+}
+
+/// What a writer's gathering loop and its batches in flight share.
+struct LaneShared {
+    database: Option<Database>,
+    /// Connections not in use by a batch.
+    idle: Mutex<Vec<WriterConnection>>,
     /// Per account, the newest actor incarnation whose write failed: its
     /// later entries were computed on a state that will never exist.
-    failed_epochs: HashMap<AccountId, u64>,
+    failed_epochs: Mutex<HashMap<AccountId, u64>>,
     health: Arc<JournalHealth>,
 }
 
@@ -251,17 +393,92 @@ enum WriteError {
     Refused(String),
 }
 
+/// What a committed batch did not write, by account.
+#[derive(Default)]
+struct Written {
+    /// Skipped: their balance row moved (fencing).
+    fenced: HashSet<AccountId>,
+    /// Written, then undone in the same transaction: fewer rows were written
+    /// than sent (a unique constraint, a finished hold).
+    refused: HashSet<AccountId>,
+}
+
+/// Signals, once a batch has published its outcome, that the batches
+/// behind it holding the same accounts may go on.
+type Done = watch::Sender<bool>;
+
+/// Waits until a batch published its outcome (or its task ended).
+async fn finished(mut done: watch::Receiver<bool>) {
+    let _ = done.wait_for(|done| *done).await;
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned map is still valid.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl JournalWriter {
     async fn run(mut self) {
+        let slots = Arc::new(Semaphore::new(self.depth));
+        let health = self.shared.health.clone();
         while let Some(first) = self.rx.recv().await {
-            self.health.busy.store(true, Ordering::Release);
+            health.busy.store(true, Ordering::Release);
+            // A slot first: entries arriving while every batch slot is busy
+            // join this batch.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
             let batch = self.gather(first).await;
             metrics::histogram!("creditd_journal_batch_size").record(batch.len() as f64);
-            self.process(batch).await;
-            self.health.touch();
-            self.health.busy.store(false, Ordering::Release);
+            let groups = self.shared.prepare(batch);
+            if groups.is_empty() {
+                health.touch();
+            } else if self.shared.database.is_none() {
+                self.shared.finish(groups, &Written::default());
+                health.touch();
+            } else {
+                let (done, after) = watch::channel(false);
+                let before = self.depends_on(&groups, &after);
+                let in_flight = health.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+                health
+                    .peak_in_flight
+                    .fetch_max(in_flight, Ordering::Relaxed);
+                let shared = self.shared.clone();
+                actix::spawn(async move {
+                    shared.commit(groups, before, done).await;
+                    shared.health.touch();
+                    shared.health.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    drop(slot);
+                });
+            }
+            health.busy.store(false, Ordering::Release);
         }
         tracing::info!("journal writer stopped: every sender is gone");
+    }
+
+    /// The batches in flight that hold an account of `groups`, which this
+    /// batch must wait for; records this batch (`after`) as the last one of
+    /// its accounts.
+    fn depends_on(
+        &mut self,
+        groups: &[Group],
+        after: &watch::Receiver<bool>,
+    ) -> Vec<watch::Receiver<bool>> {
+        let mut before: Vec<watch::Receiver<bool>> = Vec::new();
+        for group in groups {
+            if let Some(previous) = self.latest.insert(group.account, after.clone()) {
+                if !*previous.borrow() && !before.iter().any(|b| b.same_channel(&previous)) {
+                    before.push(previous);
+                }
+            }
+        }
+        if self.latest.len() > 4 * self.depth * self.batch_max.min(4096) {
+            // Forget the accounts whose last batch has published.
+            self.latest.retain(|_, done| !*done.borrow());
+        }
+        before
     }
 
     async fn gather(&mut self, first: Entry) -> Vec<Entry> {
@@ -285,55 +502,110 @@ impl JournalWriter {
         }
         batch
     }
+}
 
-    async fn process(&mut self, batch: Vec<Entry>) {
+impl LaneShared {
+    /// Groups a batch by account, dropping entries of failed incarnations
+    /// and failing the accounts whose entries are out of order or would be
+    /// refused by PostgreSQL.
+    fn prepare(&self, batch: Vec<Entry>) -> Vec<Group> {
         let mut groups: Vec<Group> = Vec::new();
         let mut index: HashMap<AccountId, usize> = HashMap::new();
-        for entry in batch {
-            if self
-                .failed_epochs
-                .get(&entry.account)
-                .is_some_and(|&failed| entry.epoch <= failed)
-            {
-                // Its actor already knows (its durable watch says failed).
-                metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
-                    .increment(1);
+        {
+            let failed_epochs = lock(&self.failed_epochs);
+            for entry in batch {
+                if failed_epochs
+                    .get(&entry.account)
+                    .is_some_and(|&failed| entry.epoch <= failed)
+                {
+                    // Its actor already knows (its durable watch says failed).
+                    metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
+                        .increment(1);
+                    continue;
+                }
+                let slot = *index.entry(entry.account).or_insert_with(|| {
+                    groups.push(Group {
+                        account: entry.account,
+                        entries: Vec::new(),
+                    });
+                    groups.len() - 1
+                });
+                groups[slot].entries.push(entry);
+            }
+        }
+        let mut valid = Vec::with_capacity(groups.len());
+        for group in groups {
+            if !group.is_contiguous() {
+                tracing::error!(account = group.account.0, "journal entries out of order");
+                self.fail(group, "entries out of order");
                 continue;
             }
-            let slot = *index.entry(entry.account).or_insert_with(|| {
-                groups.push(Group {
-                    account: entry.account,
-                    entries: Vec::new(),
-                });
-                groups.len() - 1
-            });
-            groups[slot].entries.push(entry);
+            // What PostgreSQL would refuse is never sent: it would abort the
+            // whole transaction, every other account's entries with it.
+            if let Err(reason) = group.admissible() {
+                tracing::warn!(account = group.account.0, %reason, "journal entry refused");
+                self.health.count_refused();
+                self.fail(group, &reason);
+                continue;
+            }
+            valid.push(group);
         }
-        let (valid, broken): (Vec<Group>, Vec<Group>) =
-            groups.into_iter().partition(Group::is_contiguous);
-        for group in broken {
-            tracing::error!(account = group.account.0, "journal entries out of order");
-            self.fail(group, "entries out of order");
+        valid
+    }
+
+    /// Writes one batch on a connection of its own and publishes the
+    /// outcome, once the batches it depends on have published theirs.
+    async fn commit(&self, groups: Vec<Group>, before: Vec<watch::Receiver<bool>>, done: Done) {
+        for previous in before {
+            finished(previous).await;
         }
-        if valid.is_empty() {
-            return;
+        // An earlier batch may have failed an incarnation whose later entries
+        // are here: they were computed on a state that will never exist.
+        let groups = self.drop_failed(groups);
+        if !groups.is_empty() {
+            self.write_and_publish(groups).await;
         }
-        if self.database.is_none() {
-            self.finish(valid, &HashSet::new());
-            return;
-        }
+        done.send_replace(true);
+    }
+
+    fn drop_failed(&self, groups: Vec<Group>) -> Vec<Group> {
+        let failed_epochs = lock(&self.failed_epochs);
+        groups
+            .into_iter()
+            .filter(|group| {
+                let failed = failed_epochs
+                    .get(&group.account)
+                    .is_some_and(|&failed| group.entries.iter().any(|e| e.epoch <= failed));
+                if failed {
+                    // Its actor already knows (its durable watch says failed).
+                    metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
+                        .increment(group.entries.len() as u64);
+                }
+                !failed
+            })
+            .collect()
+    }
+
+    async fn write_and_publish(&self, groups: Vec<Group>) {
+        let mut connection = lock(&self.idle).pop();
         let started = Instant::now();
-        match self.write(&valid).await {
-            Ok(fenced) => {
+        match self.write(&mut connection, &groups).await {
+            Ok(written) => {
                 metrics::histogram!("creditd_journal_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
-                self.finish(valid, &fenced);
+                self.health.count_batch("committed");
+                self.finish(groups, &written);
             }
-            Err(WriteError::Refused(reason)) if valid.len() > 1 => {
-                tracing::warn!(%reason, "batch refused; retrying one account per transaction");
-                for group in valid {
-                    match self.write(std::slice::from_ref(&group)).await {
-                        Ok(fenced) => self.finish(vec![group], &fenced),
+            Err(WriteError::Refused(reason)) if groups.len() > 1 => {
+                // Not expected: the check before writing and the row counts
+                // catch what entries can do wrong. Keep the other accounts'
+                // work anyway.
+                tracing::error!(%reason, "batch refused; retrying one account per transaction");
+                self.health.count_batch("split");
+                for group in groups {
+                    let one = std::slice::from_ref(&group);
+                    match self.write(&mut connection, one).await {
+                        Ok(written) => self.finish(vec![group], &written),
                         Err(WriteError::Refused(reason) | WriteError::Connection(reason)) => {
                             self.fail(group, &reason)
                         }
@@ -341,17 +613,24 @@ impl JournalWriter {
                 }
             }
             Err(WriteError::Refused(reason) | WriteError::Connection(reason)) => {
-                tracing::error!(%reason, accounts = valid.len(), "journal batch failed");
-                for group in valid {
+                tracing::error!(%reason, accounts = groups.len(), "journal batch failed");
+                self.health.count_batch("failed");
+                for group in groups {
                     self.fail(group, &reason);
                 }
             }
         }
+        if let Some(connection) = connection.filter(|c| !c.client.is_closed()) {
+            lock(&self.idle).push(connection);
+        }
     }
 
-    fn finish(&mut self, groups: Vec<Group>, fenced: &HashSet<AccountId>) {
+    /// Publishes a committed batch: each written account's durable seq moves
+    /// forward (never back: batches of one writer may complete out of
+    /// order); fenced and refused accounts fail.
+    fn finish(&self, groups: Vec<Group>, written: &Written) {
         for group in groups {
-            if fenced.contains(&group.account) {
+            if written.fenced.contains(&group.account) {
                 tracing::warn!(
                     account = group.account.0,
                     "balance row moved under this actor (fencing); reloading it"
@@ -359,17 +638,31 @@ impl JournalWriter {
                 self.fail(group, "fenced: the balance row version moved");
                 continue;
             }
+            if written.refused.contains(&group.account) {
+                tracing::warn!(
+                    account = group.account.0,
+                    "journal entry refused by a unique constraint or a finished hold; undone"
+                );
+                self.health.count_refused();
+                self.fail(group, "refused: a row could not be written");
+                continue;
+            }
             let (Some(first), Some(last)) = (group.entries.first(), group.entries.last()) else {
                 continue;
             };
-            if self
-                .failed_epochs
-                .get(&group.account)
-                .is_some_and(|&failed| first.epoch > failed)
             {
-                self.failed_epochs.remove(&group.account);
+                // A newer incarnation committed: the failed one's entries
+                // are all behind it in the queue, so none is left to drop.
+                let mut failed_epochs = lock(&self.failed_epochs);
+                if failed_epochs
+                    .get(&group.account)
+                    .is_some_and(|&failed| first.epoch > failed)
+                {
+                    failed_epochs.remove(&group.account);
+                }
             }
             let seq = last.seq;
+            // Only `seq` moves: a `failed` set by an earlier batch stays set.
             last.durable
                 .send_modify(|durable| durable.seq = durable.seq.max(seq));
             metrics::counter!("creditd_journal_entries_total", "outcome" => "committed")
@@ -377,7 +670,7 @@ impl JournalWriter {
         }
     }
 
-    fn fail(&mut self, group: Group, reason: &str) {
+    fn fail(&self, group: Group, reason: &str) {
         let Some(last) = group.entries.last() else {
             return;
         };
@@ -388,8 +681,13 @@ impl JournalWriter {
             .map(|e| e.epoch)
             .max()
             .unwrap_or(last.epoch);
-        let failed = self.failed_epochs.entry(group.account).or_insert(epoch);
-        *failed = (*failed).max(epoch);
+        {
+            // Recorded before the actor can learn of it (below), so its
+            // queued entries are dropped before it reloads.
+            let mut failed_epochs = lock(&self.failed_epochs);
+            let failed = failed_epochs.entry(group.account).or_insert(epoch);
+            *failed = (*failed).max(epoch);
+        }
         for entry in &group.entries {
             entry.durable.send_modify(|durable| durable.failed = true);
         }
@@ -397,60 +695,48 @@ impl JournalWriter {
             .increment(group.entries.len() as u64);
     }
 
-    async fn connection(&mut self) -> Result<&mut WriterConnection, WriteError> {
-        if self
-            .connection
+    async fn connect(&self) -> Result<WriterConnection, WriteError> {
+        let database = self
+            .database
             .as_ref()
-            .is_some_and(|c| c.client.is_closed())
-        {
-            self.connection = None;
-        }
-        if self.connection.is_none() {
-            let database = self
-                .database
-                .as_ref()
-                .ok_or_else(|| WriteError::Connection("no database".into()))?;
-            let client = database
-                .connect()
-                .await
-                .map_err(|e| WriteError::Connection(format!("cannot connect: {e}")))?;
-            // A generic plan made while the journal tables were small (a new
-            // deployment) keeps seq-scanning them as they grow; planning each
-            // batch's statements for the tables as they are costs far less.
-            client
-                .batch_execute("SET plan_cache_mode = force_custom_plan")
-                .await
-                .map_err(|e| WriteError::Connection(format!("cannot configure: {e}")))?;
-            let statements = Statements::prepare(&client)
-                .await
-                .map_err(|e| WriteError::Connection(format!("cannot prepare: {e}")))?;
-            self.connection = Some(WriterConnection { client, statements });
-        }
-        self.connection
-            .as_mut()
-            .ok_or_else(|| WriteError::Connection("no connection".into()))
+            .ok_or_else(|| WriteError::Connection("no database".into()))?;
+        let client = database
+            .connect()
+            .await
+            .map_err(|e| WriteError::Connection(format!("cannot connect: {e}")))?;
+        // A generic plan made while the journal tables were small (a new
+        // deployment) keeps seq-scanning them as they grow; planning each
+        // batch's statements for the tables as they are costs far less.
+        client
+            .batch_execute("SET plan_cache_mode = force_custom_plan")
+            .await
+            .map_err(|e| WriteError::Connection(format!("cannot configure: {e}")))?;
+        let statements = Statements::prepare(&client)
+            .await
+            .map_err(|e| WriteError::Connection(format!("cannot prepare: {e}")))?;
+        Ok(WriterConnection { client, statements })
     }
 
-    /// Writes the groups in one transaction; returns the fenced accounts
-    /// (skipped, their balance row moved).
-    async fn write(&mut self, groups: &[Group]) -> Result<HashSet<AccountId>, WriteError> {
-        let result = {
-            let connection = self.connection().await?;
-            write_groups(connection, groups).await
+    /// Writes the groups in one transaction on `connection` (opened when
+    /// missing, dropped when lost); returns the accounts it did not write
+    /// (fenced or refused).
+    async fn write(
+        &self,
+        connection: &mut Option<WriterConnection>,
+        groups: &[Group],
+    ) -> Result<Written, WriteError> {
+        if connection.as_ref().is_some_and(|c| c.client.is_closed()) {
+            *connection = None;
+        }
+        let current = match connection {
+            Some(current) => current,
+            None => connection.insert(self.connect().await?),
         };
-        match result {
-            Ok(fenced) => Ok(fenced),
-            Err(BatchError::Invariant(reason)) => {
-                tracing::error!(%reason, "journal batch refused");
-                Err(WriteError::Refused(reason))
-            }
-            Err(BatchError::Postgres(error)) => {
-                let closed = self
-                    .connection
-                    .as_ref()
-                    .is_none_or(|c| c.client.is_closed());
-                if closed || error.as_db_error().is_none() {
-                    self.connection = None;
+        match write_groups(current, groups).await {
+            Ok(written) => Ok(written),
+            Err(error) => {
+                if connection_lost(&error, &current.client) {
+                    *connection = None;
                     Err(WriteError::Connection(error.to_string()))
                 } else {
                     Err(WriteError::Refused(
@@ -465,11 +751,124 @@ impl JournalWriter {
     }
 }
 
+/// The error ended the session (the server closed it, was shut down, or
+/// terminated the backend): the batch did not commit, or we cannot know.
+/// Anything else is the database refusing the batch.
+fn connection_lost(error: &tokio_postgres::Error, client: &Client) -> bool {
+    if client.is_closed() || error.is_closed() {
+        return true;
+    }
+    match error.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            matches!(db.severity(), "FATAL" | "PANIC")
+                || code.starts_with("08")
+                || code.starts_with("57P")
+        }
+    }
+}
+
 impl Group {
     fn is_contiguous(&self) -> bool {
         self.entries
             .windows(2)
             .all(|pair| pair[1].seq == pair[0].seq + 1 && pair[1].epoch == pair[0].epoch)
+    }
+
+    fn admissible(&self) -> Result<(), String> {
+        self.entries.iter().try_for_each(Entry::admissible)
+    }
+}
+
+/// PostgreSQL refuses a NUL character in text (and in jsonb strings).
+fn text(column: &str, value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(format!("{column} contains a NUL character"));
+    }
+    Ok(())
+}
+
+fn optional_text(column: &str, value: &Option<String>) -> Result<(), String> {
+    value.as_deref().map_or(Ok(()), |value| text(column, value))
+}
+
+fn json(column: &str, value: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::String(string) => text(column, string),
+        Value::Array(items) => items.iter().try_for_each(|item| json(column, item)),
+        Value::Object(fields) => fields.iter().try_for_each(|(key, item)| {
+            text(column, key)?;
+            json(column, item)
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    }
+}
+
+/// `timestamptz` starts in 4714 BC; chrono reaches further back.
+fn time(column: &str, at: &DateTime<Utc>) -> Result<(), String> {
+    use chrono::Datelike;
+    if at.year() < -4712 {
+        return Err(format!("{column} is before the range of timestamptz"));
+    }
+    Ok(())
+}
+
+fn positive(column: &str, amount: i64) -> Result<(), String> {
+    if amount <= 0 {
+        return Err(format!("{column} must be positive, got {amount}"));
+    }
+    Ok(())
+}
+
+impl Entry {
+    /// What PostgreSQL would refuse in this entry's rows: NUL characters,
+    /// timestamps out of range, the schema's CHECK constraints, an overflow
+    /// of a sum PostgreSQL computes. The enumerated columns (type,
+    /// direction, status) come from Rust enums and are not checked here.
+    fn admissible(&self) -> Result<(), String> {
+        if self.held_after < 0 {
+            return Err(format!("held_micros would be {}", self.held_after));
+        }
+        match &self.record {
+            Record::Transaction(t) => {
+                positive("amount_micros", t.amount_micros.get())?;
+                text("idempotency_key", t.idempotency_key.as_str())?;
+                optional_text("description", &t.description)?;
+                optional_text("stripe_session_id", &t.stripe_session_id)?;
+                optional_text("stripe_payment_id", &t.stripe_payment_id)?;
+                if let Some(metadata) = &t.metadata {
+                    json("metadata", metadata)?;
+                }
+                time("created_at", &t.created_at)
+            }
+            Record::HoldPlaced(h) => {
+                positive("amount_micros", h.amount_micros.get())?;
+                time("created_at", &h.created_at)?;
+                time("expires_at", &h.expires_at)
+            }
+            Record::Settled { usage: u, .. } => {
+                // total_tokens is their sum, computed by PostgreSQL in int8.
+                [
+                    u.input_tokens,
+                    u.output_tokens,
+                    u.cache_read_tokens,
+                    u.cache_write_tokens,
+                ]
+                .into_iter()
+                .try_fold(0_i64, |sum, count| sum.checked_add(tokens(count)))
+                .ok_or_else(|| "total_tokens would overflow".to_owned())?;
+                if u.cost_micros.get() < 0 {
+                    return Err(format!("cost_micros is negative: {}", u.cost_micros.get()));
+                }
+                text("model", &u.model)?;
+                optional_text("conversation_id", &u.conversation_id)?;
+                optional_text("message_id", &u.message_id)?;
+                time("created_at", &u.created_at)
+            }
+            Record::Released(r) => time("finished_at", &r.finished_at),
+        }
     }
 }
 
@@ -483,6 +882,7 @@ impl Statements {
             insert_holds: client.prepare(super::store::sql::INSERT_HOLDS).await?,
             insert_usages: client.prepare(super::store::sql::INSERT_USAGES).await?,
             finish_holds: client.prepare(super::store::sql::FINISH_HOLDS).await?,
+            undo_accounts: client.prepare(super::store::sql::UNDO_ACCOUNTS).await?,
         })
     }
 }
@@ -514,10 +914,11 @@ struct Columns {
     hold_expires: Vec<DateTime<Utc>>,
     hold_finished_seq: Vec<Option<i64>>,
     hold_finished_at: Vec<Option<DateTime<Utc>>>,
-    /// Holds placed in this batch: their row index above.
-    placed: HashMap<Uuid, usize>,
+    /// Holds placed in this batch, by account and id: their row index above.
+    placed: HashMap<(i64, Uuid), usize>,
     // credit_holds (placed in an earlier batch, finished in this one)
     fin_id: Vec<Uuid>,
+    fin_user: Vec<i64>,
     fin_status: Vec<&'static str>,
     fin_seq: Vec<i64>,
     fin_at: Vec<DateTime<Utc>>,
@@ -566,7 +967,7 @@ impl Columns {
                 self.tx_created.push(t.created_at);
             }
             Record::HoldPlaced(h) => {
-                self.placed.insert(h.id.0, self.hold_id.len());
+                self.placed.insert((account.0, h.id.0), self.hold_id.len());
                 self.hold_id.push(h.id.0);
                 self.hold_user.push(account.0);
                 self.hold_seq.push(h.seq);
@@ -579,7 +980,7 @@ impl Columns {
             }
             Record::Settled { usage: u, late } => {
                 if !late {
-                    self.finish_hold(u.hold_id, HoldStatus::Settled, u.seq, u.created_at);
+                    self.finish_hold(account, u.hold_id, HoldStatus::Settled, u.seq, u.created_at);
                 }
                 self.use_id.push(u.id);
                 self.use_user.push(account.0);
@@ -599,13 +1000,20 @@ impl Columns {
                 self.use_created.push(u.created_at);
             }
             Record::Released(r) => {
-                self.finish_hold(r.hold_id, r.status, r.seq, r.finished_at);
+                self.finish_hold(account, r.hold_id, r.status, r.seq, r.finished_at);
             }
         }
     }
 
-    fn finish_hold(&mut self, hold: HoldId, status: HoldStatus, seq: i64, at: DateTime<Utc>) {
-        match self.placed.remove(&hold.0) {
+    fn finish_hold(
+        &mut self,
+        account: AccountId,
+        hold: HoldId,
+        status: HoldStatus,
+        seq: i64,
+        at: DateTime<Utc>,
+    ) {
+        match self.placed.remove(&(account.0, hold.0)) {
             Some(row) => {
                 self.hold_status[row] = status.as_str();
                 self.hold_finished_seq[row] = Some(seq);
@@ -613,6 +1021,7 @@ impl Columns {
             }
             None => {
                 self.fin_id.push(hold.0);
+                self.fin_user.push(account.0);
                 self.fin_status.push(status.as_str());
                 self.fin_seq.push(seq);
                 self.fin_at.push(at);
@@ -624,7 +1033,7 @@ impl Columns {
 async fn write_groups(
     connection: &mut WriterConnection,
     groups: &[Group],
-) -> Result<HashSet<AccountId>, BatchError> {
+) -> Result<Written, tokio_postgres::Error> {
     let statements = &connection.statements;
     let tx = connection.client.transaction().await?;
     let mut users = Vec::with_capacity(groups.len());
@@ -642,20 +1051,21 @@ async fn write_groups(
         balances.push(last.balance_after);
         helds.push(last.held_after);
     }
-    let updated: HashSet<i64> = tx
+    let mut updated = HashSet::with_capacity(groups.len());
+    for row in tx
         .query(
             &statements.update_balances,
             &[&users, &expected, &versions, &balances, &helds],
         )
         .await?
-        .iter()
-        .map(|row| row.get::<_, i64>(0))
-        .collect();
+    {
+        updated.insert(row.try_get::<_, i64>(0)?);
+    }
     let mut columns = Columns::default();
-    let mut fenced = HashSet::new();
+    let mut written = Written::default();
     for group in groups {
         if !updated.contains(&group.account.0) {
-            fenced.insert(group.account);
+            written.fenced.insert(group.account);
             continue;
         }
         for entry in &group.entries {
@@ -665,9 +1075,9 @@ async fn write_groups(
     let c = &columns;
     let holds = async {
         if c.hold_id.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        tx.execute(
+        tx.query(
             &statements.insert_holds,
             &[
                 &c.hold_id,
@@ -685,9 +1095,9 @@ async fn write_groups(
     };
     let transactions = async {
         if c.tx_id.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        tx.execute(
+        tx.query(
             &statements.insert_transactions,
             &[
                 &c.tx_id,
@@ -710,9 +1120,9 @@ async fn write_groups(
     };
     let usages = async {
         if c.use_id.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        tx.execute(
+        tx.query(
             &statements.insert_usages,
             &[
                 &c.use_id,
@@ -737,37 +1147,165 @@ async fn write_groups(
     };
     let finished = async {
         if c.fin_id.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        tx.execute(
+        tx.query(
             &statements.finish_holds,
-            &[&c.fin_id, &c.fin_status, &c.fin_seq, &c.fin_at],
+            &[&c.fin_id, &c.fin_user, &c.fin_status, &c.fin_seq, &c.fin_at],
         )
         .await
     };
     // Pipelined on one connection, executed in this order by the server:
     // holds exist before usages reference them and before they finish.
-    let (_, _, _, finished_count) = tokio::try_join!(holds, transactions, usages, finished)?;
-    if finished_count != c.fin_id.len() as u64 {
-        tx.rollback().await?;
-        return Err(BatchError::Invariant(format!(
-            "{} hold finishes matched only {finished_count} active holds",
-            c.fin_id.len()
-        )));
+    let (holds, transactions, usages, finished) =
+        tokio::try_join!(holds, transactions, usages, finished)?;
+    let holds = written_rows(&holds)?;
+    let transactions = written_rows(&transactions)?;
+    let usages = written_rows(&usages)?;
+    let finished = written_rows(&finished)?;
+
+    // Per account, rows sent minus rows written: anything but zero means a
+    // row of it was skipped (a unique constraint) or a finish matched no
+    // active hold of it.
+    let mut missing: HashMap<i64, i64> = HashMap::new();
+    for user in c
+        .hold_user
+        .iter()
+        .chain(&c.tx_user)
+        .chain(&c.use_user)
+        .chain(&c.fin_user)
+    {
+        *missing.entry(*user).or_default() += 1;
+    }
+    for (_, user) in holds
+        .iter()
+        .chain(&transactions)
+        .chain(&usages)
+        .chain(&finished)
+    {
+        *missing.entry(*user).or_default() -= 1;
+    }
+    let refused: HashSet<i64> = missing
+        .into_iter()
+        .filter(|&(_, count)| count != 0)
+        .map(|(user, _)| user)
+        .collect();
+    if !refused.is_empty() {
+        undo(
+            &tx,
+            statements,
+            groups,
+            &refused,
+            [&holds, &transactions, &usages, &finished],
+        )
+        .await?;
+        written.refused.extend(refused.into_iter().map(AccountId));
     }
     tx.commit().await?;
-    Ok(fenced)
+    Ok(written)
 }
 
-/// Why a batch's transaction did not commit.
-enum BatchError {
-    Postgres(tokio_postgres::Error),
-    /// A finish matched no active hold row: the batch is refused.
-    Invariant(String),
+/// The (id, user id) of each row a statement wrote.
+fn written_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<(Uuid, i64)>, tokio_postgres::Error> {
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
 }
 
-impl From<tokio_postgres::Error> for BatchError {
-    fn from(error: tokio_postgres::Error) -> Self {
-        BatchError::Postgres(error)
+/// Takes back, inside the batch's transaction, everything the refused
+/// accounts wrote in it: their inserted rows (by id: a skipped row's id may
+/// be an older row of the same account), their finished holds, and their
+/// balance rows, put back to their amounts and version before the batch.
+async fn undo(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    groups: &[Group],
+    refused: &HashSet<i64>,
+    [holds, transactions, usages, finished]: [&[(Uuid, i64)]; 4],
+) -> Result<(), tokio_postgres::Error> {
+    let ids = |rows: &[(Uuid, i64)]| -> Vec<Uuid> {
+        rows.iter()
+            .filter(|(_, user)| refused.contains(user))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let mut users = Vec::with_capacity(refused.len());
+    let mut versions = Vec::with_capacity(refused.len());
+    let mut balances = Vec::with_capacity(refused.len());
+    let mut helds = Vec::with_capacity(refused.len());
+    for group in groups.iter().filter(|g| refused.contains(&g.account.0)) {
+        let Some(first) = group.entries.first() else {
+            continue;
+        };
+        users.push(group.account.0);
+        versions.push(first.seq - 1);
+        balances.push(first.balance_before);
+        helds.push(first.held_before);
+    }
+    tx.execute(
+        &statements.undo_accounts,
+        &[
+            &ids(holds),
+            &ids(transactions),
+            &ids(usages),
+            &ids(finished),
+            &users,
+            &versions,
+            &balances,
+            &helds,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Micros;
+
+    fn entry(record: Record) -> Entry {
+        let (durable, _) = watch::channel(Durable::default());
+        Entry {
+            account: AccountId(1),
+            epoch: 1,
+            seq: 1,
+            balance_before: 0,
+            held_before: 0,
+            balance_after: 0,
+            held_after: 0,
+            record,
+            durable: Arc::new(durable),
+        }
+    }
+
+    fn transaction(description: &str, metadata: serde_json::Value) -> Record {
+        Record::Transaction(TransactionRecord {
+            id: Uuid::new_v4(),
+            seq: 1,
+            kind: TransactionType::Adjustment,
+            direction: Direction::Credit,
+            amount_micros: Micros::new(5),
+            idempotency_key: IdempotencyKey::parse("k").unwrap_or_else(|e| panic!("{e}")),
+            description: Some(description.into()),
+            stripe_session_id: None,
+            stripe_payment_id: None,
+            metadata: Some(metadata),
+            balance_before_micros: Micros::ZERO,
+            balance_after_micros: Micros::new(5),
+            created_at: Utc::now(),
+        })
+    }
+
+    #[test]
+    fn an_entry_postgresql_would_refuse_is_caught_before_it_is_written() {
+        let clean = entry(transaction("ok", serde_json::json!({ "chargeId": "ch_1" })));
+        assert_eq!(clean.admissible(), Ok(()));
+        let nul_text = entry(transaction("a\0b", serde_json::json!({})));
+        assert!(nul_text.admissible().is_err());
+        let nul_key = entry(transaction("ok", serde_json::json!({ "a\0": 1 })));
+        assert!(nul_key.admissible().is_err());
+        let nul_value = entry(transaction("ok", serde_json::json!({ "a": ["\0"] })));
+        assert!(nul_value.admissible().is_err());
     }
 }

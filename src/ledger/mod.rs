@@ -22,5 +22,5 @@ pub use actor::{
     Settle,
 };
 pub use directory::{Directory, Engine, EngineStats};
-pub use journal::{JournalHealth, WriterHandle};
+pub use journal::{JournalHealth, JournalStats, WriterHandle};
 pub use types::*;

@@ -9,7 +9,10 @@ use tokio_postgres::{GenericClient, Row};
 use super::types::*;
 use crate::money::Micros;
 
-/// The statements of a journal batch. Arrays in, one round trip each.
+/// The statements of a journal batch. Arrays in, one round trip each. The
+/// inserts skip rows that would break a unique constraint (`ON CONFLICT DO
+/// NOTHING`) and return the rows they wrote, so the writer can tell, per
+/// account, whether everything it sent was written.
 pub(crate) mod sql {
     /// Moves each balance row forward, only from the version its actor
     /// holds (fencing). Returns the user ids it moved.
@@ -28,7 +31,9 @@ pub(crate) mod sql {
         INSERT INTO credit_holds (id, user_id, seq, amount_micros, status, created_at,
                expires_at, finished_seq, finished_at)
         SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
-                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[])";
+                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[])
+        ON CONFLICT DO NOTHING
+        RETURNING id, user_id";
 
     pub const INSERT_TRANSACTIONS: &str = "
         INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
@@ -36,7 +41,9 @@ pub(crate) mod sql {
                balance_before_micros, balance_after_micros, metadata, created_at)
         SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], $5::text[],
                $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[],
-               $12::int8[], $13::jsonb[], $14::timestamptz[])";
+               $12::int8[], $13::jsonb[], $14::timestamptz[])
+        ON CONFLICT DO NOTHING
+        RETURNING id, user_id";
 
     pub const INSERT_USAGES: &str = "
         INSERT INTO credit_usages (id, user_id, seq, hold_id, model, input_tokens,
@@ -52,15 +59,40 @@ pub(crate) mod sql {
                       $16::timestamptz[])
                AS u(id, user_id, seq, hold_id, model, input, output, cache_read,
                     cache_write, cost, held, conversation_id, message_id, before,
-                    after, created_at)";
+                    after, created_at)
+        ON CONFLICT DO NOTHING
+        RETURNING id, user_id";
 
-    /// Finishes active holds; the writer checks that every one matched.
+    /// Finishes active holds of their own account; the writer checks, per
+    /// account, that every one matched.
     pub const FINISH_HOLDS: &str = "
         UPDATE credit_holds AS h
            SET status = f.status, finished_seq = f.seq, finished_at = f.at
-          FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::timestamptz[])
-               AS f(id, status, seq, at)
-         WHERE h.id = f.id AND h.status = 'ACTIVE'";
+          FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
+               AS f(id, user_id, status, seq, at)
+         WHERE h.id = f.id AND h.user_id = f.user_id AND h.status = 'ACTIVE'
+        RETURNING h.id, h.user_id";
+
+    /// Undoes a refused account's writes inside the batch's transaction:
+    /// the rows it inserted ($1 holds, $2 transactions, $3 usages, by id),
+    /// the holds it finished back to ACTIVE ($4), and its balance row back to
+    /// what it was before the batch ($5..$8: user, version, balance, held).
+    /// The rows touched by each part are disjoint (a hold placed and finished
+    /// in one batch is inserted finished, never finished by `FINISH_HOLDS`).
+    pub const UNDO_ACCOUNTS: &str = "
+        WITH holds AS (DELETE FROM credit_holds WHERE id = ANY($1::uuid[])),
+             transactions AS (DELETE FROM credit_transactions WHERE id = ANY($2::uuid[])),
+             usages AS (DELETE FROM credit_usages WHERE id = ANY($3::uuid[])),
+             reopened AS (
+                 UPDATE credit_holds
+                    SET status = 'ACTIVE', finished_seq = NULL, finished_at = NULL
+                  WHERE id = ANY($4::uuid[]))
+        UPDATE credit_balances AS b
+           SET balance_micros = u.balance, held_micros = u.held,
+               version = u.version, updated_at = now()
+          FROM unnest($5::int8[], $6::int8[], $7::int8[], $8::int8[])
+               AS u(user_id, version, balance, held)
+         WHERE b.user_id = u.user_id";
 }
 
 /// A database failure as the engine reports it: the database is unreachable

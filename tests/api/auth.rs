@@ -289,3 +289,135 @@ async fn admin_routes_do_not_exist_when_no_admin_token_is_configured() {
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"], "NOT_FOUND");
 }
+
+/// A POST with the `__session` cookie alone, from `origin` (if any).
+async fn cookie_post(
+    app: &TestApp,
+    clerk_id: &str,
+    origin: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut request = app
+        .http
+        .post(app.url("/api/credits/claim-bonus"))
+        .header("Cookie", format!("__session={}", app.token(clerk_id)));
+    if let Some(origin) = origin {
+        request = request.header("Origin", origin);
+    }
+    json_of(request.send().await.expect("request")).await
+}
+
+#[actix::test]
+async fn the_session_cookie_authenticates_like_a_bearer_token() {
+    let app = spawn_app().await;
+    let response = app
+        .http
+        .get(app.url("/api/credits"))
+        .header(
+            "Cookie",
+            format!("theme=dark; __session={}", app.token("user_cookie")),
+        )
+        .send()
+        .await
+        .expect("request");
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["balanceMicros"], 0);
+
+    let forged = app
+        .http
+        .get(app.url("/api/credits"))
+        .header("Cookie", "__session=not.a.token")
+        .send()
+        .await
+        .expect("request");
+    assert_unauthorized(json_of(forged).await);
+}
+
+#[actix::test]
+async fn a_cookie_authenticated_write_from_a_foreign_origin_is_forbidden_and_from_an_allowed_one_accepted(
+) {
+    let app = spawn_app_with(|settings| {
+        settings.server.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+
+    let (status, body) = cookie_post(&app, "user_csrf", Some("https://evil.example")).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "FORBIDDEN");
+    assert!(body["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("https://evil.example"));
+    let (status, body) = cookie_post(&app, "user_csrf", None).await;
+    assert_eq!(
+        (status, body["error"].clone()),
+        (403, json!("FORBIDDEN")),
+        "no Origin at all"
+    );
+    let (_, overview) = json_of(app.get_as("user_csrf", "/api/credits").await).await;
+    assert_eq!(
+        overview["balanceMicros"], 0,
+        "nothing was granted by refused requests"
+    );
+
+    let (status, body) = cookie_post(&app, "user_csrf", Some("https://app.example.com")).await;
+    assert_eq!(status, 201, "{body}");
+    let own = app.address.clone();
+    let (status, body) = cookie_post(&app, "user_csrf", Some(&own)).await;
+    assert_eq!(status, 200, "the service's own origin: {body}");
+
+    let bearer = app
+        .http
+        .post(app.url("/api/credits/claim-bonus"))
+        .bearer_auth(app.token("user_bearer"))
+        .header("Origin", "https://evil.example")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        bearer.status(),
+        201,
+        "a bearer token is never sent by a browser on its own"
+    );
+}
+
+#[actix::test]
+async fn allowed_origins_get_cors_answers_and_others_do_not() {
+    let app = spawn_app_with(|settings| {
+        settings.server.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let preflight = |origin: &'static str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, app.url("/api/credits/topup"))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .header(
+                "Access-Control-Request-Headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("https://app.example.com")
+        .await
+        .expect("preflight");
+    assert_eq!(
+        allowed
+            .headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://app.example.com")
+    );
+    assert_eq!(
+        allowed
+            .headers()
+            .get("access-control-allow-credentials")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    let foreign = preflight("https://evil.example").await.expect("preflight");
+    assert!(foreign
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+}

@@ -117,3 +117,98 @@ async fn the_balance_page_shows_every_new_entry_on_the_next_read() {
         }
     }
 }
+
+#[actix::test]
+async fn daily_usage_refuses_a_range_outside_one_to_ninety_days_by_name() {
+    let app = spawn_app().await;
+    for query in [
+        "days=0",
+        "days=91",
+        "days=ten",
+        "days=-1",
+        "from=2026-01-01",
+    ] {
+        let (status, body) = json_of(
+            app.get_as("user_days", &format!("/api/credits/usage/daily?{query}"))
+                .await,
+        )
+        .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["error"], "INVALID_REQUEST");
+        let field = if query.starts_with("from") {
+            "from"
+        } else {
+            "days"
+        };
+        assert!(
+            body["message"].as_str().unwrap_or_default().contains(field),
+            "{query}: {body}"
+        );
+    }
+}
+
+#[actix::test]
+async fn daily_usage_lists_every_utc_day_up_to_today_with_a_chat_on_today() {
+    let fakes = crate::chat::fakes().await;
+    let app = crate::chat::app_with(&fakes, |_| {}).await;
+    crate::chat::fund(&app, "user_daily", 5_000_000).await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .and(wiremock::matchers::path("/v1/messages"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200)
+                .set_body_json(crate::chat::anthropic_message("Voici.", 1_200, 300, 0, 0)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let (status, chat) = json_of(
+        app.post_as(
+            "user_daily",
+            "/api/chat",
+            &json!({ "messages": [{ "role": "user", "content": "Bonjour" }], "maxTokens": 500 }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{chat}");
+
+    let (status, body) = json_of(
+        app.get_as("user_daily", "/api/credits/usage/daily?days=7")
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let days = body["days"].as_array().expect("days");
+    assert_eq!(days.len(), 7);
+    let today = chrono::Utc::now().date_naive();
+    for (index, day) in days.iter().enumerate() {
+        let expected = today - chrono::Duration::days(6 - index as i64);
+        assert_eq!(day["date"], json!(expected.to_string()), "oldest first");
+    }
+    for day in &days[..6] {
+        assert_eq!(
+            (
+                &day["costMicros"],
+                &day["chats"],
+                &day["inputTokens"],
+                &day["outputTokens"]
+            ),
+            (&json!(0), &json!(0), &json!(0), &json!(0))
+        );
+    }
+    assert_eq!(days[6]["costMicros"], chat["credits"]["usedMicros"]);
+    assert_eq!(days[6]["chats"], 1);
+    assert_eq!(days[6]["inputTokens"], 1_200);
+    assert_eq!(days[6]["outputTokens"], 300);
+
+    let (_, default) = json_of(app.get_as("user_daily", "/api/credits/usage/daily").await).await;
+    assert_eq!(default["days"].as_array().map(Vec::len), Some(30));
+    let (_, other) = json_of(
+        app.get_as("user_other", "/api/credits/usage/daily?days=1")
+            .await,
+    )
+    .await;
+    assert_eq!(
+        other["days"][0]["costMicros"], 0,
+        "one's usage is one's own"
+    );
+}

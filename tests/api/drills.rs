@@ -4,6 +4,10 @@
 //! none twice, `reconcile` clean, and every unacknowledged one must be safe
 //! to retry with its key.
 //!
+//! Some clients chat on the platform's key (a local fake Anthropic): after
+//! every kill, each chat answered 200 must be charged exactly once, for the
+//! credits its answer showed.
+//!
 //! Short form here (`DRILL_RUNS`, default 3); the long form is
 //! `DRILL_RUNS=20 cargo test --test api drills -- --nocapture`.
 
@@ -19,10 +23,49 @@ use crate::support::*;
 
 const CLIENTS: usize = 16;
 const USERS: usize = 4;
+/// Of the crash drill's clients, these chat instead of crediting.
+const CHAT_CLIENTS: usize = 6;
 
 struct Server {
     child: Child,
     base: String,
+}
+
+/// The outside services the drill's server talks to: Clerk's JWKS and a
+/// fake Anthropic answering every chat with the same usage.
+struct Outside {
+    jwks: wiremock::MockServer,
+    anthropic: wiremock::MockServer,
+}
+
+async fn outside() -> Outside {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, ResponseTemplate};
+
+    let anthropic = wiremock::MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(crate::chat::anthropic_message(
+                "drill answer",
+                40,
+                12,
+                0,
+                0,
+            )),
+        )
+        .mount(&anthropic)
+        .await;
+    Outside {
+        jwks: jwks_server().await,
+        anthropic,
+    }
+}
+
+fn chat_token(clerk_id: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    primary_key().sign(&json!({
+        "sub": clerk_id, "iss": ISSUER, "iat": now, "nbf": now - 10, "exp": now + 3600,
+    }))
 }
 
 fn free_port() -> u16 {
@@ -32,11 +75,24 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-async fn start_server(db: &TestDb) -> Server {
+async fn start_server(db: &TestDb, outside: &Outside) -> Server {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_creditd"))
         .arg("serve")
         .env("CREDITD__DATABASE__URL", db.url())
+        .env(
+            "CREDITD__CLERK__JWKS_URL",
+            format!("{}{JWKS_PATH}", outside.jwks.uri()),
+        )
+        .env("CREDITD__CLERK__ISSUER", ISSUER)
+        .env(
+            "CREDITD__PROVIDERS__ANTHROPIC_BASE_URL",
+            outside.anthropic.uri(),
+        )
+        .env(
+            "CREDITD__PROVIDERS__ANTHROPIC_API_KEY",
+            crate::chat::PLATFORM_ANTHROPIC_KEY,
+        )
         .env("CREDITD__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("CREDITD__ADMIN__TOKEN", ADMIN_TOKEN)
         .env("CREDITD__DATABASE__POOL_SIZE", "4")
@@ -68,6 +124,29 @@ async fn start_server(db: &TestDb) -> Server {
 struct Log {
     acknowledged: BTreeMap<String, (String, i64)>,
     unacknowledged: BTreeMap<String, (String, i64)>,
+    /// Chats answered 200, by message id: the credits their answer showed.
+    chats_answered: BTreeMap<String, i64>,
+}
+
+/// One platform chat; the `usedMicros` of its answer when it was answered.
+async fn chat(http: &reqwest::Client, base: &str, user: &str, message_id: &str) -> Option<i64> {
+    let response = http
+        .post(format!("{base}/api/chat"))
+        .bearer_auth(chat_token(user))
+        .json(&json!({
+            "messages": [{ "role": "user", "content": "drill" }],
+            "maxTokens": 64,
+            "messageId": message_id,
+        }))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    let body: serde_json::Value = response.json().await.ok()?;
+    body["credits"]["usedMicros"].as_i64()
 }
 
 fn body(key: &str, amount: i64) -> serde_json::Value {
@@ -97,6 +176,23 @@ async fn load(base: String, run: usize, log: Arc<Mutex<Log>>) {
     let clients = (0..CLIENTS).map(|client| {
         let (http, base, log) = (http.clone(), base.clone(), log.clone());
         async move {
+            if client < CHAT_CLIENTS {
+                for n in 0.. {
+                    let message = format!("drill-chat-{run}-{client}-{n}");
+                    let user = format!("user_drill_chat_{}", client % 2);
+                    match chat(&http, &base, &user, &message).await {
+                        Some(used) => {
+                            lock(&log).chats_answered.insert(message, used);
+                        }
+                        // Refused or cut by the kill: nothing was delivered.
+                        None => {
+                            if http.get(format!("{base}/healthz")).send().await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
             for n in 0.. {
                 let key = format!("drill-{run}-{client}-{n}");
                 let user = format!("user_drill_{}", (client + n) % USERS);
@@ -133,7 +229,19 @@ async fn acknowledged_operations_survive_sigkill_and_restarts_none_lost_none_twi
         .unwrap_or(3);
     let db = TestDb::new().await;
     let log = Arc::new(Mutex::new(Log::default()));
-    let mut server = start_server(&db).await;
+    let outside = outside().await;
+    let mut server = start_server(&db, &outside).await;
+    let http = reqwest::Client::new();
+    for user in ["user_drill_chat_0", "user_drill_chat_1"] {
+        let funded = http
+            .post(format!("{}/admin/accounts/{user}/credits", server.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"amountMicros": 1_000_000_000, "key": format!("fund-{user}"), "reason": "drill funds"}))
+            .send()
+            .await
+            .expect("fund");
+        assert!(funded.status().is_success());
+    }
     for run in 0..runs {
         let loader = actix_web::rt::spawn(load(server.base.clone(), run, log.clone()));
         let delay = rand::thread_rng().gen_range(200..1500);
@@ -141,7 +249,7 @@ async fn acknowledged_operations_survive_sigkill_and_restarts_none_lost_none_twi
         server.child.kill().expect("SIGKILL");
         server.child.wait().expect("reaped");
         loader.await.expect("load");
-        server = start_server(&db).await;
+        server = start_server(&db, &outside).await;
 
         let client = db.client().await;
         let snapshot = {
@@ -174,6 +282,33 @@ async fn acknowledged_operations_survive_sigkill_and_restarts_none_lost_none_twi
                 "run {run}: acknowledged {key} must be stored once, as sent"
             );
         }
+        let charged: BTreeMap<String, (i64, i64)> = client
+            .query(
+                "SELECT message_id, count(*), sum(cost_micros)::int8 FROM credit_usages
+                  WHERE message_id LIKE 'drill-chat-%' GROUP BY message_id",
+                &[],
+            )
+            .await
+            .expect("stored usages")
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .collect();
+        let answered = lock(&log).chats_answered.clone();
+        assert!(
+            run > 0 || !answered.is_empty(),
+            "run {run}: no chat was answered before the kill"
+        );
+        for (message, used) in &answered {
+            assert_eq!(
+                charged.get(message),
+                Some(&(1, *used)),
+                "run {run}: answered chat {message} must be charged once, as shown"
+            );
+        }
+        assert!(
+            charged.values().all(|(count, _)| *count == 1),
+            "run {run}: a chat was charged twice"
+        );
         db.reconcile_is_clean().await;
         // Unacknowledged operations are safe to retry: applied at most once.
         let http = reqwest::Client::new();
@@ -203,8 +338,10 @@ async fn acknowledged_operations_survive_sigkill_and_restarts_none_lost_none_twi
             total as usize, acknowledged,
             "run {run}: none twice, none extra"
         );
+        let chats = lock(&log).chats_answered.len();
         println!(
-            "crash drill run {}/{runs}: killed after {delay} ms, {} acknowledged so far, lost 0, duplicated 0",
+            "crash drill run {}/{runs}: killed after {delay} ms, {} acknowledged and {chats} chats \
+             answered so far, lost 0, duplicated 0, every answered chat charged once",
             run + 1,
             acknowledged
         );

@@ -316,3 +316,281 @@ fn random_operation_sequences_match_the_reference_model_after_every_step() {
         db.reconcile_is_clean().await;
     });
 }
+
+/// One operation of the pipelined test, on one of its accounts.
+#[derive(Debug, Clone)]
+enum Step {
+    Op {
+        account: usize,
+        op: Op,
+    },
+    /// Ends every connection of the engine (journal writer and pool) while
+    /// the round's operations are in flight: their batch fails.
+    Fail,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        12 => (0usize..3, op()).prop_map(|(account, op)| Step::Op { account, op }),
+        1 => Just(Step::Fail),
+    ]
+}
+
+/// What an acknowledged operation promises PostgreSQL holds.
+#[derive(Debug)]
+enum Promise {
+    Transaction { key: String, signed_micros: i64 },
+    Usage { hold: HoldId, cost_micros: i64 },
+    HoldPlaced { hold: HoldId },
+    HoldEnded { hold: HoldId },
+}
+
+async fn run_step(
+    engine: &Engine,
+    accounts: &[AccountId],
+    holds: &[Vec<HoldId>],
+    round: usize,
+    step: &Step,
+    db: &TestDb,
+) -> Result<Option<Promise>, String> {
+    let Step::Op { account, op } = step else {
+        // Every backend of this database but the one asking (a concurrent
+        // `Fail` may end this one first: either way the engine's went).
+        let _ = db
+            .client()
+            .await
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await;
+        return Ok(None);
+    };
+    // Hold ids are made fresh per chat and a chat settles only a hold it
+    // took: reserves of round r use ids of their own, settles and releases
+    // name ids of the round before (round 0: ids never reserved).
+    let (id, holds) = (accounts[*account], &holds[*account]);
+    let reserved = |hold: u8| holds[(round + 1) * 5 + hold as usize];
+    let named = |hold: u8| holds[round * 5 + hold as usize];
+    let key = |k: u8| format!("r{round}-u{}-key-{k}", id.0);
+    let acknowledged = |result: Result<(), LedgerError>, promise: Promise| match result {
+        Ok(()) => Ok(Some(promise)),
+        // Refusals by the rules, and failures the fault injection causes.
+        Err(
+            LedgerError::Conflict(_)
+            | LedgerError::InsufficientCredits { .. }
+            | LedgerError::HoldNotFound(_)
+            | LedgerError::Unavailable(_)
+            | LedgerError::Overloaded
+            | LedgerError::Reset,
+        ) => Ok(None),
+        Err(other) => Err(format!("{op:?}: unexpected {other:?}")),
+    };
+    match *op {
+        Op::Credit { key: k, amount } | Op::Debit { key: k, amount } => {
+            let credit = matches!(op, Op::Credit { .. });
+            let posting = posting(&key(k), TransactionType::TopUp, micros(amount));
+            let result = if credit {
+                engine.credit(id, posting).await
+            } else {
+                engine.debit(id, posting).await
+            };
+            let signed_micros = if credit { amount } else { -amount };
+            acknowledged(
+                result.map(|_| ()),
+                Promise::Transaction {
+                    key: key(k),
+                    signed_micros,
+                },
+            )
+        }
+        Op::Reserve { hold, amount } => {
+            let hold = reserved(hold);
+            acknowledged(
+                engine.reserve(id, hold, micros(amount)).await.map(|_| ()),
+                Promise::HoldPlaced { hold },
+            )
+        }
+        Op::Settle { hold, cost } => {
+            let hold = named(hold);
+            acknowledged(
+                engine.settle(id, hold, charge(cost)).await.map(|_| ()),
+                Promise::Usage {
+                    hold,
+                    cost_micros: cost,
+                },
+            )
+        }
+        Op::Release { hold } => {
+            let hold = named(hold);
+            acknowledged(
+                engine.release(id, hold).await.map(|_| ()),
+                Promise::HoldEnded { hold },
+            )
+        }
+        Op::ExpireAll => {
+            let far = Utc::now() + chrono::Duration::days(365);
+            match engine.expire_holds(id, far).await {
+                Ok(_) | Err(LedgerError::Unavailable(_) | LedgerError::Reset) => Ok(None),
+                Err(other) => Err(format!("expire: unexpected {other:?}")),
+            }
+        }
+        Op::Balance => Ok(None),
+    }
+}
+
+async fn check_promise(db: &TestDb, promise: &Promise) -> Result<(), String> {
+    let client = db.client().await;
+    let found = match promise {
+        Promise::Transaction { key, signed_micros } => client
+            .query_opt(
+                "SELECT 1 FROM credit_transactions WHERE idempotency_key = $1
+                   AND CASE direction WHEN 'DEBIT' THEN -amount_micros ELSE amount_micros END = $2",
+                &[key, signed_micros],
+            )
+            .await
+            .map(|row| row.is_some()),
+        Promise::Usage { hold, cost_micros } => client
+            .query_opt(
+                "SELECT 1 FROM credit_usages WHERE hold_id = $1 AND cost_micros = $2",
+                &[&hold.0, cost_micros],
+            )
+            .await
+            .map(|row| row.is_some()),
+        Promise::HoldPlaced { hold } => client
+            .query_opt("SELECT 1 FROM credit_holds WHERE id = $1", &[&hold.0])
+            .await
+            .map(|row| row.is_some()),
+        Promise::HoldEnded { hold } => client
+            .query_opt(
+                "SELECT 1 FROM credit_holds WHERE id = $1 AND status <> 'ACTIVE'",
+                &[&hold.0],
+            )
+            .await
+            .map(|row| row.is_some()),
+    }
+    .map_err(|e| e.to_string())?;
+    if found {
+        Ok(())
+    } else {
+        Err(format!("acknowledged but not durable: {promise:?}"))
+    }
+}
+
+/// Several accounts' operations run concurrently in rounds (so one batch
+/// holds entries of several accounts, and several entries of one account
+/// are in flight at once), with the engine's connections killed at random
+/// moments. After every round: every acknowledged operation is durable,
+/// each account's state as the engine serves it is what PostgreSQL holds,
+/// and every ledger invariant reconciles.
+#[test]
+fn pipelined_operations_of_several_accounts_with_failed_batches_keep_every_invariant() {
+    let system = actix::System::new();
+    let db = system.block_on(TestDb::new());
+    let mut settings = settings();
+    settings.engine.recent_keys = 2;
+    // One writer, and batches that wait for company: accounts share batches.
+    settings.journal.writers = 1;
+    settings.journal.batch_delay_us = 2_000;
+    let engine = system.block_on(async { db.engine(&settings) });
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let counter = std::cell::Cell::new(0u32);
+    let rounds = prop::collection::vec(prop::collection::vec(step(), 1..12), 1..8);
+    let result = runner.run(&rounds, |rounds| {
+        counter.set(counter.get() + 1);
+        system.block_on(async {
+            let case = counter.get();
+            let mut accounts = Vec::new();
+            for index in 0..3 {
+                accounts.push(db.user(&format!("pipelined_{case}_{index}")).await);
+            }
+            let holds: Vec<Vec<HoldId>> = (0..3)
+                .map(|_| {
+                    (0..(rounds.len() + 1) * 5)
+                        .map(|_| HoldId::generate())
+                        .collect()
+                })
+                .collect();
+            let mut promises = Vec::new();
+            for (round, steps) in rounds.iter().enumerate() {
+                let results = futures_util::future::join_all(
+                    steps
+                        .iter()
+                        .map(|step| run_step(&engine, &accounts, &holds, round, step, &db)),
+                )
+                .await;
+                for result in results {
+                    if let Some(promise) = result.map_err(TestCaseError::fail)? {
+                        promises.push(promise);
+                    }
+                }
+                for promise in &promises {
+                    check_promise(&db, promise)
+                        .await
+                        .map_err(|e| TestCaseError::fail(format!("round {round}: {e}")))?;
+                }
+                for &account in &accounts {
+                    let snapshot = serve_balance(&engine, account).await?;
+                    let row = db
+                        .client()
+                        .await
+                        .query_one(
+                            "SELECT balance_micros, held_micros, version FROM credit_balances
+                              WHERE user_id = $1",
+                            &[&account.0],
+                        )
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    // The engine may be a few entries ahead of PostgreSQL only
+                    // while they are in flight; every step of the round was
+                    // awaited, so both agree here.
+                    prop_assert_eq!(row.get::<_, i64>(2), snapshot.version, "round {}", round);
+                    prop_assert_eq!(row.get::<_, i64>(0), snapshot.balance_micros.get());
+                    prop_assert_eq!(row.get::<_, i64>(1), snapshot.held_micros.get());
+                    let sum: i64 = snapshot.holds.iter().map(|h| h.amount_micros.get()).sum();
+                    prop_assert_eq!(sum, snapshot.held_micros.get(), "held = sum of holds");
+                }
+                let mut client = db.client().await;
+                let report = creditd::ledger::reconcile::reconcile(&mut client)
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert!(report.clean, "round {}: {:?}", round, report.problems);
+            }
+            Ok(())
+        })
+    });
+    if let Err(error) = result {
+        panic!("{error}");
+    }
+    system.block_on(async {
+        engine.shutdown(Duration::from_secs(5)).await;
+        db.reconcile_is_clean().await;
+    });
+}
+
+/// The account as the engine serves it, retried while a killed connection
+/// is being replaced.
+async fn serve_balance(
+    engine: &Engine,
+    account: AccountId,
+) -> Result<creditd::ledger::BalanceSnapshot, TestCaseError> {
+    for _ in 0..100 {
+        match engine.balance(account).await {
+            Ok(snapshot) => return Ok(snapshot),
+            Err(LedgerError::Unavailable(_) | LedgerError::Reset) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(other) => return Err(TestCaseError::fail(format!("balance: {other:?}"))),
+        }
+    }
+    Err(TestCaseError::fail("the account never came back"))
+}

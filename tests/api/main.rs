@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod browser;
 mod byok;
 mod chat;
 mod chat_stream;

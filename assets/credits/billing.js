@@ -1,0 +1,67 @@
+// The /billing page: composes the credit elements and, back from Stripe
+// Checkout, tells what happened. `?topup=success`: the payment is being
+// confirmed (the webhook may lag) and the balance is reloaded until the
+// top-up's credit is there. `?topup=canceled`: nothing was charged.
+
+import './credit-balance.js'
+import './credit-topup-dialog.js'
+import './credit-history.js'
+import './credit-usage-chart.js'
+import { PENDING_TOPUP_KEY } from './credit-topup-dialog.js'
+import { formatMicros, request } from './credits-api.js'
+
+const POLL_INTERVAL_MS = 1000
+const POLL_ATTEMPTS = 90
+
+function status(text, state) {
+  const element = document.getElementById('topup-status')
+  if (!element) return
+  element.textContent = text
+  element.dataset.state = state
+  element.hidden = false
+}
+
+function pendingTopup() {
+  try {
+    return JSON.parse(sessionStorage.getItem(PENDING_TOPUP_KEY) ?? 'null')
+  } catch {
+    return null
+  }
+}
+
+/** The top-up transaction that confirms the payment, if it landed. */
+function landed(overview, pending, since) {
+  return overview.transactions.find((t) =>
+    t.type === 'TOP_UP' && (pending?.sessionId ? t.stripeSessionId === pending.sessionId : Date.parse(t.createdAt) >= since),
+  )
+}
+
+async function confirmTopup() {
+  const pending = pendingTopup()
+  const since = Date.now() - 15 * 60 * 1000
+  status('Paiement reçu, confirmation en cours… Votre solde sera mis à jour automatiquement.', 'pending')
+  for (let attempt = 0; attempt < POLL_ATTEMPTS; attempt += 1) {
+    try {
+      const overview = await request(document.body, '/api/credits')
+      const topup = landed(overview, pending, since)
+      if (topup) {
+        sessionStorage.removeItem(PENDING_TOPUP_KEY)
+        document.dispatchEvent(new CustomEvent('credit-balance:refresh'))
+        status(`Paiement confirmé : ${formatMicros(topup.amountMicros, { signed: true })} ajoutés à vos crédits.`, 'confirmed')
+        return
+      }
+    } catch {
+      // A failed poll is retried like a late webhook.
+    }
+    await new Promise((resolve) => setTimeout(resolve, POLL_INTERVAL_MS))
+  }
+  status("Le paiement n'est pas encore confirmé. Vos crédits apparaîtront dès sa réception, sans nouveau paiement.", 'late')
+}
+
+const outcome = new URLSearchParams(window.location.search).get('topup')
+if (outcome === 'success') {
+  confirmTopup()
+} else if (outcome === 'canceled') {
+  sessionStorage.removeItem(PENDING_TOPUP_KEY)
+  status("Paiement annulé : aucun montant n'a été débité.", 'canceled')
+}

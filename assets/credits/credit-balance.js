@@ -1,0 +1,104 @@
+// <credit-balance variant="compact|full">: the person's AI credits, the
+// low-balance warning and a "Recharger" button. Hidden for people who use
+// their own provider keys (BYOK): they are never charged.
+//
+// Events: `credit-balance:loaded` (detail: the `/api/credits` answer) after
+// every load; `credit-balance:topup` (cancelable) when "Recharger" is
+// pressed; unless canceled, the page's <credit-topup-dialog> opens.
+// A `credit-balance:refresh` event on the document reloads every balance.
+
+import { formatMicros, h, request } from './credits-api.js'
+
+class CreditBalanceElement extends HTMLElement {
+  connectedCallback() {
+    this.refreshListener ??= () => this.refresh()
+    document.addEventListener('credit-balance:refresh', this.refreshListener)
+    if (!this.dataset.state) this.renderLoading()
+    this.refresh()
+  }
+
+  disconnectedCallback() {
+    document.removeEventListener('credit-balance:refresh', this.refreshListener)
+  }
+
+  get variant() {
+    return this.getAttribute('variant') === 'full' ? 'full' : 'compact'
+  }
+
+  /** Reloads the balance; resolves with the `/api/credits` answer or null. */
+  async refresh() {
+    try {
+      const data = await request(this, '/api/credits')
+      this.render(data)
+      this.dispatchEvent(new CustomEvent('credit-balance:loaded', { bubbles: true, detail: data }))
+      return data
+    } catch (error) {
+      this.renderError(error)
+      return null
+    }
+  }
+
+  renderLoading() {
+    this.dataset.state = 'loading'
+    this.replaceChildren(h('span', { class: 'credit-balance__loading' }, 'Chargement…'))
+  }
+
+  renderError(error) {
+    this.hidden = false
+    if (error.status === 401) {
+      this.dataset.state = 'signed-out'
+      this.replaceChildren(h('p', { class: 'credit-balance__message' }, 'Connectez-vous pour voir vos crédits.'))
+    } else {
+      this.dataset.state = 'error'
+      this.replaceChildren(h('p', { class: 'credit-balance__message', role: 'alert' }, `Solde indisponible : ${error.message}`))
+    }
+  }
+
+  render(data) {
+    this.dataset.balanceMicros = String(data.balanceMicros)
+    if (data.hasByok) {
+      this.dataset.state = 'byok'
+      this.hidden = true
+      this.replaceChildren()
+      return
+    }
+    this.hidden = false
+    this.dataset.state = data.isLow ? 'low' : 'ok'
+    const amount = formatMicros(data.balanceMicros)
+    const topup = h('button', { type: 'button', class: 'credit-balance__topup' })
+    topup.addEventListener('click', () => this.requestTopup(topup))
+    if (this.variant === 'compact') {
+      topup.classList.add('credit-balance__compact')
+      topup.setAttribute('aria-label', `Crédits AI : ${amount}. Recharger`)
+      topup.append(h('span', { class: 'credit-balance__amount' }, amount))
+      if (data.isLow) topup.append(h('span', { class: 'credit-balance__low-mark', 'aria-hidden': 'true' }, '↘'))
+      this.replaceChildren(topup)
+      return
+    }
+    topup.textContent = 'Recharger'
+    const warning = data.isLow
+      ? h('p', { class: 'credit-balance__warning', role: 'status' }, "⚠ Solde faible. Rechargez pour continuer à utiliser l'IA.")
+      : null
+    this.replaceChildren(
+      h(
+        'div',
+        { class: 'credit-balance__card' },
+        h(
+          'div',
+          {},
+          h('p', { class: 'credit-balance__label' }, 'Crédits AI'),
+          h('p', { class: 'credit-balance__amount' }, amount),
+        ),
+        topup,
+      ),
+      ...(warning ? [warning] : []),
+    )
+  }
+
+  requestTopup(opener) {
+    const event = new CustomEvent('credit-balance:topup', { bubbles: true, cancelable: true })
+    if (this.dispatchEvent(event)) document.querySelector('credit-topup-dialog')?.open(opener)
+  }
+}
+
+if (!customElements.get('credit-balance')) customElements.define('credit-balance', CreditBalanceElement)

@@ -1,0 +1,158 @@
+//! The billing page and its assets, compiled into the binary: plain ES
+//! modules defining custom elements (`<credit-balance>`,
+//! `<credit-topup-dialog>`, `<credit-history>`, `<credit-usage-chart>`) that
+//! `/billing` composes and any other front end can embed. No build step.
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{web, HttpResponse, HttpResponseBuilder};
+
+use super::error::ApiError;
+use super::State;
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/billing", web::get().to(billing))
+        .route("/demo", web::get().to(demo))
+        .route("/assets/credits/{file}", web::get().to(asset))
+        .route("/favicon.ico", web::get().to(no_icon));
+}
+
+/// The files under `/assets/credits/`: name, content type, content.
+const ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "credits-api.js",
+        JS,
+        include_str!("../../assets/credits/credits-api.js"),
+    ),
+    (
+        "credit-balance.js",
+        JS,
+        include_str!("../../assets/credits/credit-balance.js"),
+    ),
+    (
+        "credit-topup-dialog.js",
+        JS,
+        include_str!("../../assets/credits/credit-topup-dialog.js"),
+    ),
+    (
+        "credit-history.js",
+        JS,
+        include_str!("../../assets/credits/credit-history.js"),
+    ),
+    (
+        "credit-usage-chart.js",
+        JS,
+        include_str!("../../assets/credits/credit-usage-chart.js"),
+    ),
+    (
+        "billing.js",
+        JS,
+        include_str!("../../assets/credits/billing.js"),
+    ),
+    (
+        "demo-chat.js",
+        JS,
+        include_str!("../../assets/credits/demo-chat.js"),
+    ),
+    (
+        "billing.css",
+        CSS,
+        include_str!("../../assets/credits/billing.css"),
+    ),
+];
+
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+
+const BILLING_PAGE: &str = include_str!("../../assets/billing.html");
+const DEMO_PAGE: &str = include_str!("../../assets/demo.html");
+
+/// No inline script or style, nothing from elsewhere, no framing by others.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+    style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; \
+    base-uri 'none'; frame-ancestors 'self'";
+
+/// The security headers of every page and asset.
+pub fn secured(mut response: HttpResponseBuilder) -> HttpResponseBuilder {
+    response
+        .insert_header((header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .insert_header((header::REFERRER_POLICY, "same-origin"));
+    response
+}
+
+/// The demo banner (only under `creditd demo`), for every page; `base` is
+/// creditd's URL on the stand-ins' pages, empty on creditd's own.
+pub fn demo_banner(base: &str, sign_in_url: &str) -> String {
+    format!(
+        r#"<div class="demo-banner" role="note"><strong>Démo locale</strong> : aucun vrai paiement, aucune vraie IA, tout tourne sur cette machine. <a href="{base}/demo">Chat</a> · <a href="{base}/billing">Facturation</a> · <a href="{sign_in}">Changer d'utilisateur</a></div>"#,
+        base = escape(base),
+        sign_in = escape(sign_in_url)
+    )
+}
+
+/// No icon (and no 404 in the browser's console for it).
+async fn no_icon() -> HttpResponse {
+    HttpResponse::NoContent().finish()
+}
+
+/// Escapes text for HTML content and attribute values.
+pub fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn page(state: &State, template: &str) -> HttpResponse {
+    let settings = &state.settings;
+    let banner = settings
+        .demo_sign_in_url
+        .as_deref()
+        .map(|sign_in_url| demo_banner("", sign_in_url))
+        .unwrap_or_default();
+    let body = template
+        .replace("{{demo_banner}}", &banner)
+        .replace(
+            "{{min_topup_cents}}",
+            &settings.stripe.min_topup_cents.to_string(),
+        )
+        .replace(
+            "{{max_topup_cents}}",
+            &settings.stripe.max_topup_cents.to_string(),
+        );
+    secured(HttpResponse::Ok())
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .content_type("text/html; charset=utf-8")
+        .body(body)
+}
+
+/// `/billing`: balance, top-up, usage chart and history.
+#[utoipa::path(get, path = "/billing", tag = "pages",
+    responses(
+        (status = 200, description = "The billing page", content_type = "text/html", body = String),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
+async fn billing(state: State) -> HttpResponse {
+    page(&state, BILLING_PAGE)
+}
+
+/// `/demo`: a chat box on the `demo-echo` model; only under `creditd demo`.
+async fn demo(state: State) -> Result<HttpResponse, ApiError> {
+    if state.settings.demo_sign_in_url.is_none() {
+        return Err(ApiError::not_found("no such route"));
+    }
+    Ok(page(&state, DEMO_PAGE))
+}
+
+async fn asset(file: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let (_, content_type, content) = ASSETS
+        .iter()
+        .find(|(name, _, _)| *name == file.as_str())
+        .ok_or_else(|| ApiError::not_found("no such asset"))?;
+    Ok(secured(HttpResponse::Ok())
+        .insert_header((header::CONTENT_TYPE, HeaderValue::from_static(content_type)))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .body(*content))
+}
