@@ -126,6 +126,8 @@ impl Application {
             metrics,
         )?;
         let settlements = state.settlements.clone();
+        crate::health::start(storage.database.clone(), &state.health).await;
+        http::auth::spawn_jwks_refresh(&state.clerk);
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,

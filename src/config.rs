@@ -32,10 +32,27 @@ pub struct Settings {
     pub providers: ProviderSettings,
     pub chat: ChatSettings,
     pub byok: ByokSettings,
+    pub limits: LimitsSettings,
+    pub metrics: MetricsSettings,
     /// Set by `creditd demo` only (never from a file or the environment):
     /// where the demo's sign-in page is; pages then show the demo banner.
     #[serde(skip)]
     pub demo_sign_in_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSettings {
+    pub chats_in_flight_per_account: u32,
+    pub topups_per_minute: u32,
+    pub unauthenticated_per_ip_per_second: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Bearer token `/metrics` asks for; empty: `/metrics` is open.
+    pub token: Secret,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +97,7 @@ pub struct ClerkSettings {
     pub authorized_parties: Vec<String>,
     pub leeway_s: u64,
     pub jwks_min_refresh_s: u64,
+    pub jwks_refresh_s: u64,
     pub jwks_timeout_ms: u64,
     pub token_cache_entries: usize,
 }
@@ -97,6 +115,7 @@ pub struct ServerSettings {
     pub workers: usize,
     pub shutdown_timeout_s: u64,
     pub body_limit_bytes: usize,
+    pub client_request_timeout_ms: u64,
     pub history_cache_entries: usize,
     /// Origins (`scheme://host[:port]`) whose pages may call the API
     /// cross-origin (CORS) and send cookie-authenticated writes.
@@ -113,6 +132,7 @@ pub struct DatabaseSettings {
     pub connect_timeout_ms: u64,
     pub pool_wait_timeout_ms: u64,
     pub statement_timeout_ms: u64,
+    pub health_check_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,43 +279,24 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let positive = [
-            ("server.workers", self.server.workers as u64),
-            ("database.pool_size", self.database.pool_size as u64),
-            (
-                "database.connect_timeout_ms",
-                self.database.connect_timeout_ms,
-            ),
-            (
-                "database.pool_wait_timeout_ms",
-                self.database.pool_wait_timeout_ms,
-            ),
-            (
-                "engine.mailbox_capacity",
-                self.engine.mailbox_capacity as u64,
-            ),
-            ("engine.idle_timeout_ms", self.engine.idle_timeout_ms),
-            ("engine.hold_ttl_s", self.engine.hold_ttl_s),
-            ("engine.recent_keys", self.engine.recent_keys as u64),
-            ("engine.call_timeout_ms", self.engine.call_timeout_ms),
-            ("journal.writers", self.journal.writers as u64),
-            ("journal.batch_max", self.journal.batch_max as u64),
-            ("journal.queue_capacity", self.journal.queue_capacity as u64),
-            ("journal.stall_after_ms", self.journal.stall_after_ms),
-            ("journal.pipeline_depth", self.journal.pipeline_depth as u64),
-        ];
-        for (key, value) in positive {
+        for (key, value) in self.must_be_positive() {
             if value == 0 {
                 return Err(format!("configuration key `{key}`: must be greater than 0"));
             }
         }
+        for (key, value) in [
+            (
+                "credits.signup_bonus_cents",
+                self.credits.signup_bonus_cents,
+            ),
+            ("credits.low_balance_cents", self.credits.low_balance_cents),
+        ] {
+            if value < 0 {
+                return Err(format!("configuration key `{key}`: cannot be negative"));
+            }
+        }
         if self.clerk.leeway_s > 5 {
             return Err("configuration key `clerk.leeway_s`: at most 5".into());
-        }
-        if self.server.body_limit_bytes == 0 {
-            return Err(
-                "configuration key `server.body_limit_bytes`: must be greater than 0".into(),
-            );
         }
         if self.journal.writers > 64 {
             return Err("configuration key `journal.writers`: at most 64".into());
@@ -305,9 +306,6 @@ impl Settings {
         }
         if self.journal.batch_max > 65_535 {
             return Err("configuration key `journal.batch_max`: at most 65535".into());
-        }
-        if self.credits.signup_bonus_cents < 0 || self.credits.low_balance_cents < 0 {
-            return Err("configuration key `credits`: amounts cannot be negative".into());
         }
         for origin in &self.server.allowed_origins {
             if !is_origin(origin) {
@@ -324,38 +322,6 @@ impl Settings {
     }
 
     fn validate_chat(&self) -> Result<(), String> {
-        let positive = [
-            (
-                "providers.connect_timeout_ms",
-                self.providers.connect_timeout_ms,
-            ),
-            (
-                "providers.total_timeout_ms",
-                self.providers.total_timeout_ms,
-            ),
-            (
-                "chat.default_max_tokens",
-                u64::from(self.chat.default_max_tokens),
-            ),
-            (
-                "chat.stream_buffer_events",
-                self.chat.stream_buffer_events as u64,
-            ),
-            (
-                "chat.pending_settlements_max",
-                self.chat.pending_settlements_max as u64,
-            ),
-            ("chat.stream_keep_alive_ms", self.chat.stream_keep_alive_ms),
-            (
-                "chat.stream_write_timeout_ms",
-                self.chat.stream_write_timeout_ms,
-            ),
-        ];
-        for (key, value) in positive {
-            if value == 0 {
-                return Err(format!("configuration key `{key}`: must be greater than 0"));
-            }
-        }
         if self.chat.default_max_tokens > self.chat.max_tokens_limit {
             return Err(
                 "configuration key `chat.default_max_tokens`: at most chat.max_tokens_limit".into(),
@@ -395,8 +361,111 @@ impl Settings {
 }
 
 impl Settings {
+    /// Every duration, size, count and rate that cannot work at 0, by key
+    /// (negative values are refused by their unsigned types, by key too).
+    fn must_be_positive(&self) -> Vec<(&'static str, u64)> {
+        let wide = |value: usize| value as u64;
+        vec![
+            ("server.workers", wide(self.server.workers)),
+            ("server.shutdown_timeout_s", self.server.shutdown_timeout_s),
+            (
+                "server.body_limit_bytes",
+                wide(self.server.body_limit_bytes),
+            ),
+            (
+                "server.client_request_timeout_ms",
+                self.server.client_request_timeout_ms,
+            ),
+            ("database.pool_size", wide(self.database.pool_size)),
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
+            (
+                "database.pool_wait_timeout_ms",
+                self.database.pool_wait_timeout_ms,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+            ),
+            (
+                "database.health_check_interval_ms",
+                self.database.health_check_interval_ms,
+            ),
+            (
+                "engine.mailbox_capacity",
+                wide(self.engine.mailbox_capacity),
+            ),
+            ("engine.idle_timeout_ms", self.engine.idle_timeout_ms),
+            ("engine.hold_ttl_s", self.engine.hold_ttl_s),
+            ("engine.recent_keys", wide(self.engine.recent_keys)),
+            ("engine.call_timeout_ms", self.engine.call_timeout_ms),
+            ("journal.writers", wide(self.journal.writers)),
+            ("journal.batch_max", wide(self.journal.batch_max)),
+            ("journal.queue_capacity", wide(self.journal.queue_capacity)),
+            ("journal.stall_after_ms", self.journal.stall_after_ms),
+            ("journal.pipeline_depth", wide(self.journal.pipeline_depth)),
+            ("clerk.jwks_min_refresh_s", self.clerk.jwks_min_refresh_s),
+            ("clerk.jwks_refresh_s", self.clerk.jwks_refresh_s),
+            ("clerk.jwks_timeout_ms", self.clerk.jwks_timeout_ms),
+            ("stripe.timeout_ms", self.stripe.timeout_ms),
+            (
+                "stripe.webhook_tolerance_s",
+                self.stripe.webhook_tolerance_s,
+            ),
+            ("clerk_webhook.tolerance_s", self.clerk_webhook.tolerance_s),
+            (
+                "providers.connect_timeout_ms",
+                self.providers.connect_timeout_ms,
+            ),
+            (
+                "providers.total_timeout_ms",
+                self.providers.total_timeout_ms,
+            ),
+            (
+                "chat.default_max_tokens",
+                u64::from(self.chat.default_max_tokens),
+            ),
+            (
+                "chat.max_tokens_limit",
+                u64::from(self.chat.max_tokens_limit),
+            ),
+            (
+                "chat.pending_settlements_max",
+                wide(self.chat.pending_settlements_max),
+            ),
+            (
+                "chat.stream_buffer_events",
+                wide(self.chat.stream_buffer_events),
+            ),
+            ("chat.stream_keep_alive_ms", self.chat.stream_keep_alive_ms),
+            (
+                "chat.stream_write_timeout_ms",
+                self.chat.stream_write_timeout_ms,
+            ),
+            (
+                "limits.chats_in_flight_per_account",
+                u64::from(self.limits.chats_in_flight_per_account),
+            ),
+            (
+                "limits.topups_per_minute",
+                u64::from(self.limits.topups_per_minute),
+            ),
+            (
+                "limits.unauthenticated_per_ip_per_second",
+                u64::from(self.limits.unauthenticated_per_ip_per_second),
+            ),
+        ]
+    }
+
     fn validate_stripe(&self) -> Result<(), String> {
         let stripe = &self.stripe;
+        if stripe.max_topup_cents <= 0 {
+            return Err(
+                "configuration key `stripe.max_topup_cents`: must be greater than 0".into(),
+            );
+        }
         if stripe.min_topup_cents <= 0 || stripe.min_topup_cents > stripe.max_topup_cents {
             return Err(
                 "configuration key `stripe.min_topup_cents`: must be positive and at most stripe.max_topup_cents"
@@ -410,9 +479,6 @@ impl Settings {
             return Err(
                 "configuration key `stripe.currency`: a lowercase ISO code such as \"eur\"".into(),
             );
-        }
-        if stripe.timeout_ms == 0 {
-            return Err("configuration key `stripe.timeout_ms`: must be greater than 0".into());
         }
         if !stripe.api_base.starts_with("http://") && !stripe.api_base.starts_with("https://") {
             return Err("configuration key `stripe.api_base`: an http(s) URL".into());
@@ -552,6 +618,57 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("stripe.currency"), "{err}");
+    }
+
+    /// Numeric keys whose 0 means something that works.
+    const ZERO_MEANS_SOMETHING: &[&str] = &[
+        "server.history_cache_entries", // no cache
+        "engine.arbiters",              // one per CPU core
+        "journal.batch_delay_us",       // commit at once
+        "credits.signup_bonus_cents",   // no bonus
+        "credits.low_balance_cents",    // never flagged low
+        "clerk.leeway_s",               // no clock leeway
+        "clerk.token_cache_entries",    // no cache
+        "pricing.margin_bps",           // sold at cost
+        "chat.message_overhead_tokens", // estimate from bytes alone
+        "chat.request_overhead_tokens",
+    ];
+
+    #[test]
+    fn every_numeric_key_is_refused_by_name_at_zero_where_it_must_be_positive_and_when_negative() {
+        let root: toml::Table = DEFAULT_CONFIG.parse().unwrap();
+        let mut walked = 0;
+        for (section, table) in &root {
+            let Some(table) = table.as_table() else {
+                continue;
+            };
+            for (key, value) in table {
+                if !value.is_integer() {
+                    continue;
+                }
+                walked += 1;
+                let name = format!("{section}.{key}");
+                let variable = format!(
+                    "{ENV_PREFIX}{}__{}",
+                    section.to_uppercase(),
+                    key.to_uppercase()
+                );
+                let negative = Settings::from_sources(DEFAULT_CONFIG, &env(&[(&variable, "-1")]));
+                let err = negative.expect_err(&format!("{name} = -1 was accepted"));
+                assert!(
+                    err.contains(&name) || err.contains(&variable),
+                    "{name} = -1: {err}"
+                );
+                let zero = Settings::from_sources(DEFAULT_CONFIG, &env(&[(&variable, "0")]));
+                if ZERO_MEANS_SOMETHING.contains(&name.as_str()) {
+                    assert!(zero.is_ok(), "{name} = 0: {:?}", zero.err());
+                } else {
+                    let err = zero.expect_err(&format!("{name} = 0 was accepted"));
+                    assert!(err.contains(&name), "{name} = 0: {err}");
+                }
+            }
+        }
+        assert!(walked >= 45, "only {walked} numeric keys walked");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
 //! - [`svix`]: the signature of Clerk's (Svix) webhooks;
 //! - [`metering`]: chat settlements retried until they post; usage reports;
+//! - [`limits`]: chats in flight, top-ups per minute, per-IP request rate;
+//! - [`health`]: the database's health, checked in the background;
 //! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
 //! - [`byok`]: users' own provider keys, encrypted at rest.
@@ -17,8 +19,10 @@ pub mod byok;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod health;
 pub mod http;
 pub mod ledger;
+pub mod limits;
 pub mod metering;
 pub mod money;
 pub mod pricing;

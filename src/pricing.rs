@@ -10,7 +10,9 @@ use crate::config::{ModelPriceSettings, PricingSettings};
 use crate::money::{Decimal, Micros};
 
 /// Which provider's API serves a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     Anthropic,

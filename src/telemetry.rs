@@ -1,7 +1,8 @@
 //! Every Prometheus family creditd exports, described in one place. Families
 //! with a known, small label set start at zero, so a scrape shows them before
-//! the first event. HTTP families are labelled by route template, never by
-//! raw path or user id.
+//! the first event. HTTP families are labelled by route template (`unmatched`
+//! for any path no route matched) and a standard method (else `OTHER`),
+//! never by raw path, raw method or user id: their label sets are closed.
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
@@ -75,6 +76,31 @@ pub fn describe(prices: &PriceTable) {
         "creditd_charged_micros_total",
         "Micros charged for usage, by model"
     );
+    describe_counter!(
+        "creditd_rate_limited_total",
+        "Requests refused with 429 RATE_LIMITED, by limit"
+    );
+    describe_gauge!(
+        "creditd_database_up",
+        "1 when the last background health check reached the database"
+    );
+    describe_counter!(
+        "creditd_topup_amount_mismatch_total",
+        "Paid top-up sessions not credited: amount_total differs from metadata.amountCents"
+    );
+    describe_counter!(
+        "creditd_request_body_timeouts_total",
+        "Request bodies not received within server.client_request_timeout_ms"
+    );
+    describe_counter!(
+        "creditd_jwks_refresh_failures_total",
+        "JWKS refetches that failed (the last good keys were kept)"
+    );
+    for limit in ["chats_in_flight", "topups", "unauthenticated"] {
+        metrics::counter!("creditd_rate_limited_total", "limit" => limit).increment(0);
+    }
+    metrics::counter!("creditd_topup_amount_mismatch_total").increment(0);
+    metrics::counter!("creditd_jwks_refresh_failures_total").increment(0);
     metrics::counter!("creditd_reserves_refused_total").increment(0);
     metrics::counter!("creditd_holds_expired_total").increment(0);
     metrics::gauge!("creditd_journal_queue_depth").set(0.0);

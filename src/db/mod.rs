@@ -4,12 +4,14 @@
 pub mod cluster;
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseSettings;
 use cluster::{Durability, PrivateCluster};
@@ -22,6 +24,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         3,
         "usage_by_day",
         include_str!("../../sql/0003_usage_by_day.sql"),
+    ),
+    (
+        4,
+        "signup_bonus_claims",
+        include_str!("../../sql/0004_signup_bonus_claims.sql"),
     ),
 ];
 
@@ -43,8 +50,9 @@ impl Database {
             };
             return Ok(database.with_settings(settings));
         }
-        let config = tokio_postgres::Config::from_str(settings.url.expose())
-            .context("database.url is not a valid PostgreSQL connection string")?;
+        let config =
+            tokio_postgres::Config::from_str(&verified_tls_as_require(settings.url.expose()))
+                .context("database.url is not a valid PostgreSQL connection string")?;
         Ok(Database {
             config,
             cluster: None,
@@ -63,14 +71,22 @@ impl Database {
         self
     }
 
+    /// TLS (rustls, the server's certificate verified against the webpki
+    /// roots, its name against the host) when the URL asks for it with
+    /// `sslmode=require`, `verify-ca` or `verify-full`; plain otherwise
+    /// (no `sslmode`, `disable`, `prefer`, the private cluster's socket).
+    pub fn tls(&self) -> Option<MakeRustlsConnect> {
+        (self.config.get_ssl_mode() == SslMode::Require).then(rustls_connector)
+    }
+
     pub fn pool(&self, settings: &DatabaseSettings) -> anyhow::Result<Pool> {
-        let manager = Manager::from_config(
-            self.config.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let recycling = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match self.tls() {
+            Some(tls) => Manager::from_config(self.config.clone(), tls, recycling),
+            None => Manager::from_config(self.config.clone(), NoTls, recycling),
+        };
         let wait = Duration::from_millis(settings.pool_wait_timeout_ms);
         Pool::builder(manager)
             .max_size(settings.pool_size)
@@ -84,14 +100,54 @@ impl Database {
 
     /// Opens one connection outside the pool; its driver runs on a spawned task.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, connection) = self.config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "database connection closed");
+        match self.tls() {
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls).await?;
+                tokio::spawn(drive(connection));
+                Ok(client)
             }
-        });
-        Ok(client)
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                tokio::spawn(drive(connection));
+                Ok(client)
+            }
+        }
     }
+}
+
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "database connection closed");
+    }
+}
+
+/// libpq's `sslmode=verify-ca` and `verify-full`, which tokio-postgres does
+/// not parse, as `require`: creditd's TLS always verifies the certificate
+/// and the host name, so `require` already means `verify-full` here.
+fn verified_tls_as_require(url: &str) -> String {
+    url.replace("sslmode=verify-full", "sslmode=require")
+        .replace("sslmode=verify-ca", "sslmode=require")
+}
+
+/// One rustls client configuration for the process: ring, TLS 1.2 and 1.3,
+/// Mozilla's roots (webpki-roots).
+fn rustls_connector() -> MakeRustlsConnect {
+    static CONNECTOR: OnceLock<MakeRustlsConnect> = OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            // Ring has cipher suites for TLS 1.2 and 1.3: this cannot fail.
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("the ring provider supports the default TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            MakeRustlsConnect::new(config)
+        })
+        .clone()
 }
 
 /// Applies every migration not yet applied, each in its own transaction,
@@ -135,4 +191,33 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<
         tx.commit().await.context("commit migration")?;
     }
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn located(url: &str) -> Database {
+        let mut settings = crate::config::Settings::default_file().unwrap().database;
+        settings.url = crate::config::Secret::new(url);
+        Database::locate(&settings).unwrap()
+    }
+
+    #[test]
+    fn a_url_that_asks_for_tls_gets_a_rustls_connector_and_others_stay_plain() {
+        for url in [
+            "postgres://creditd@db.example.com/credits?sslmode=require",
+            "postgres://creditd@db.example.com/credits?sslmode=verify-full",
+            "host=db.example.com user=creditd sslmode=verify-ca",
+        ] {
+            assert!(located(url).tls().is_some(), "{url}");
+        }
+        for url in [
+            "postgres://creditd@db.example.com/credits",
+            "postgres://creditd@db.example.com/credits?sslmode=disable",
+            "postgres://creditd@db.example.com/credits?sslmode=prefer",
+        ] {
+            assert!(located(url).tls().is_none(), "{url}");
+        }
+    }
 }

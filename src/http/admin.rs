@@ -19,9 +19,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/admin/reconcile", web::get().to(run_reconcile));
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Adjustment {
+pub(super) struct Adjustment {
     amount_micros: i64,
     key: String,
     reason: String,
@@ -38,6 +38,23 @@ fn clerk_id(path: &str) -> Result<&str, ApiError> {
 }
 
 /// Credits (positive amount) or debits (negative) a user, idempotent by key.
+#[utoipa::path(post, path = "/admin/accounts/{userId}/credits", tag = "admin", security(("admin" = [])),
+    params(("userId" = String, Path, description = "Clerk user id")),
+    request_body = Adjustment,
+    responses(
+        (status = 201, description = "Applied now", body = super::openapi::Adjusted, links(
+            ("AdjustedAccount" = (operation_id = "account", parameters(("userId" = "$request.path.userId")), description = "The account just adjusted"))
+        )),
+        (status = 200, description = "Applied before under this key", body = super::openapi::Adjusted),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 409, description = "CONFLICT (same key, different content)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn adjust(
     state: State,
     request: HttpRequest,
@@ -46,7 +63,7 @@ async fn adjust(
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
     let user = clerk_id(&path)?;
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let adjustment: Adjustment = parse_json(&body)?;
     if adjustment.amount_micros == 0 {
         return Err(ApiError::invalid("field `amountMicros`: must not be zero"));
@@ -81,7 +98,7 @@ async fn adjust(
         .checked_abs()
         .map(Micros::new)
         .ok_or_else(|| ApiError::invalid("field `amountMicros`: out of range"))?;
-    let account = state.account(user).await?;
+    let account = state.any_account(user).await?;
     let posting = Posting {
         key,
         kind,
@@ -111,6 +128,17 @@ async fn adjust(
     })
 }
 
+/// An account's balance, holds, plan and recent entries (deleted users too).
+#[utoipa::path(get, path = "/admin/accounts/{userId}", tag = "admin", security(("admin" = [])),
+    params(("userId" = String, Path, description = "Clerk user id")),
+    responses(
+        (status = 200, description = "The account", body = super::openapi::AdminAccount),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn account(
     state: State,
     request: HttpRequest,
@@ -150,6 +178,15 @@ async fn account(
     })))
 }
 
+/// Checks every ledger invariant against PostgreSQL.
+#[utoipa::path(get, path = "/admin/reconcile", tag = "admin", security(("admin" = [])),
+    responses(
+        (status = 200, description = "The reconcile report (`clean`, `problems`)", body = Object),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn run_reconcile(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
     let mut client = state.client().await?;

@@ -8,7 +8,7 @@
 //! from an allowed origin (`server.allowed_origins` or the service's own).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::HeaderMap;
@@ -18,7 +18,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::error::{ApiError, Code};
-use crate::config::{AdminSettings, ClerkSettings};
+use crate::config::{AdminSettings, ClerkSettings, MetricsSettings};
 
 #[derive(Debug, Deserialize)]
 struct Claims {
@@ -158,7 +158,7 @@ impl ClerkVerifier {
                 "session token subject contains control characters or is too long",
             ));
         }
-        self.remember(token, &claims);
+        self.remember(token, &claims, &kid);
         Ok(claims.sub)
     }
 
@@ -168,12 +168,17 @@ impl ClerkVerifier {
         (entry.expires_at + leeway > now_s()).then(|| entry.subject.clone())
     }
 
-    fn remember(&self, token: &str, claims: &Claims) {
+    /// Caches a verified token while its key is still published (a
+    /// refresh that withdrew the key meanwhile has emptied the cache).
+    fn remember(&self, token: &str, claims: &Claims, kid: &str) {
         let capacity = self.settings.token_cache_entries;
         if capacity == 0 {
             return;
         }
         let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if !read(&self.keys).contains_key(kid) {
+            return;
+        }
         if cache.len() >= capacity {
             let now = now_s();
             cache.retain(|_, entry| entry.expires_at > now);
@@ -207,10 +212,37 @@ impl ClerkVerifier {
             ));
         }
         *last = Some(Instant::now());
-        let keys = self.fetch().await?;
+        let keys = self.fetch().await.inspect_err(|_| refresh_failed())?;
         let found = keys.get(kid).cloned();
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        self.install(keys);
         found.ok_or_else(|| ApiError::unauthorized("session token signed with an unknown key"))
+    }
+
+    /// Refetches the JWKS (the schedule of `clerk.jwks_refresh_s`). A failed
+    /// refetch keeps the last good keys; it is logged and counted.
+    pub async fn refresh(&self) -> bool {
+        let mut last = self.last_fetch.lock().await;
+        *last = Some(Instant::now());
+        match self.fetch().await {
+            Ok(keys) if !keys.is_empty() => {
+                self.install(keys);
+                true
+            }
+            Ok(_) | Err(_) => {
+                refresh_failed();
+                false
+            }
+        }
+    }
+
+    /// Publishes a fetched key set. Verified tokens are forgotten: one
+    /// signed by a key the set no longer has must not pass from the cache.
+    fn install(&self, keys: HashMap<String, DecodingKey>) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     async fn fetch(&self) -> Result<HashMap<String, DecodingKey>, ApiError> {
@@ -251,6 +283,30 @@ impl ClerkVerifier {
         }
         Ok(keys)
     }
+}
+
+fn refresh_failed() {
+    tracing::warn!("JWKS refetch failed; the last good keys stay in use");
+    metrics::counter!("creditd_jwks_refresh_failures_total").increment(1);
+}
+
+/// Refetches the JWKS every `clerk.jwks_refresh_s` while the verifier
+/// lives, so a key Clerk withdrew stops being trusted without a restart.
+pub fn spawn_jwks_refresh(verifier: &Arc<ClerkVerifier>) {
+    if verifier.settings.jwks_url.is_empty() {
+        return;
+    }
+    let period = Duration::from_secs(verifier.settings.jwks_refresh_s);
+    let verifier = Arc::downgrade(verifier);
+    actix_web::rt::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let Some(verifier) = verifier.upgrade() else {
+                return;
+            };
+            verifier.refresh().await;
+        }
+    });
 }
 
 fn bearer(request: &HttpRequest) -> Result<&str, ApiError> {
@@ -332,6 +388,26 @@ pub fn require_admin(settings: &AdminSettings, request: &HttpRequest) -> Result<
         Ok(())
     } else {
         Err(ApiError::unauthorized("invalid admin token"))
+    }
+}
+
+/// Checks the bearer token of `/metrics` when `metrics.token` is set
+/// (compared in constant time); without one, `/metrics` is open.
+pub fn require_metrics_token(
+    settings: &MetricsSettings,
+    request: &HttpRequest,
+) -> Result<(), ApiError> {
+    if settings.token.is_empty() {
+        return Ok(());
+    }
+    let presented = bearer(request)?;
+    let equal: bool =
+        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), settings.token.expose().as_bytes())
+            .into();
+    if equal {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("invalid metrics token"))
     }
 }
 

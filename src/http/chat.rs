@@ -71,9 +71,9 @@ const NO_API_KEY: &str =
     "No API key configured. Please add your OpenAI or Anthropic API key in settings.";
 const NOT_ENOUGH_CREDITS: &str = "Not enough credits. Please top up or add your own API key.";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ChatBody {
+pub(super) struct ChatBody {
     messages: Vec<MessageBody>,
     model: Option<String>,
     max_tokens: Option<u32>,
@@ -83,9 +83,9 @@ struct ChatBody {
     message_id: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct MessageBody {
+pub(super) struct MessageBody {
     role: Role,
     content: String,
 }
@@ -195,13 +195,34 @@ pub fn hold_amount(price: &ModelPrice, input_tokens: u64, max_tokens: u32) -> Op
         .ok()
 }
 
+/// A chat: on the user's own key (not charged) or the platform's (held,
+/// then charged per token). With `stream: true`, Server-Sent Events.
+#[utoipa::path(post, path = "/api/chat", tag = "chat", security(("clerk" = [])),
+    request_body = ChatBody,
+    responses(
+        (status = 200, description = "The answer (JSON), or with `stream: true` an event stream (`delta`, then `done` or `error`)", content(
+            (super::openapi::ChatAnswer = "application/json"),
+            (String = "text/event-stream"),
+        )),
+        (status = 400, description = "INVALID_REQUEST (the message names the field), NO_API_KEY, BYOK_KEY_REFUSED", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros)", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (too many chats in flight; Retry-After)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
+        (status = 502, description = "PROVIDER_ERROR", body = super::openapi::ErrorBody),
+        (status = 503, description = "PROVIDER_UNAVAILABLE (Retry-After), OVERLOADED, UNAVAILABLE", body = super::openapi::ErrorBody),
+        (status = 504, description = "PROVIDER_TIMEOUT", body = super::openapi::ErrorBody)
+    ))]
 async fn chat(
     state: State,
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let chat = Chat::parse(parse_json(&body)?, &state.settings.chat)?;
     let account = state.account(&clerk_id).await?;
     let route = route(&state, account, &chat).await?;
@@ -218,6 +239,7 @@ async fn chat(
         request,
         byok: route.byok,
         billing: None,
+        in_flight: None,
         slot: None,
         conversation_id: chat.conversation_id,
         message_id: chat.message_id,
@@ -359,6 +381,9 @@ struct Call {
     byok: bool,
     /// Set once the platform call's hold is taken.
     billing: Option<Billing>,
+    /// The platform call's place among its account's chats in flight
+    /// (`limits.chats_in_flight_per_account`), given back when it ends.
+    in_flight: Option<crate::limits::ChatPermit>,
     /// The platform call's place among the pending settlements, given back
     /// once it settled or released (when the call is dropped).
     slot: Option<SettlementSlot>,
@@ -370,6 +395,7 @@ impl Call {
     /// Takes the hold of a platform call (a BYOK call has none).
     async fn hold(mut self) -> Result<Call, ApiError> {
         if !self.byok {
+            self.in_flight = Some(self.state.limits.chat(self.account)?);
             self.slot = Some(self.state.settlements.admit()?);
             self.billing = Some(reserve(&self.state, self.account, &self.request).await?);
         }

@@ -1,8 +1,9 @@
 //! `POST /api/webhooks/clerk`: Clerk's user events, signed with Svix.
-//! `user.created` creates the user and grants the signup bonus (the same
-//! key as `claim-bonus`, so one bonus whichever comes first);
-//! `user.updated` keeps email and name; `user.deleted` marks the user
-//! deleted and keeps the ledger.
+//! `user.created` creates the user (or brings a deleted one back) and
+//! grants the signup bonus (once per person: see `credits::grant_signup_bonus`,
+//! shared with `claim-bonus`); `user.updated` keeps email and name;
+//! `user.deleted` marks the user deleted (401 `ACCOUNT_DELETED` from then
+//! on) and keeps the ledger.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::de::DeserializeOwned;
@@ -49,6 +50,14 @@ struct ClerkUser {
 struct EmailAddress {
     id: String,
     email_address: String,
+    #[serde(default)]
+    verification: Option<Verification>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Verification {
+    #[serde(default)]
+    status: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +103,25 @@ impl ClerkUser {
             .map(|address| address.email_address.as_str())
     }
 
+    /// The primary email as the signup bonus knows a person by: verified
+    /// (an address Clerk reports as not verified names nobody yet),
+    /// trimmed and lowercased, then hashed so no address sits in a key.
+    fn bonus_email_hash(&self) -> Option<String> {
+        let primary = self.primary_email_address_id.as_deref()?;
+        let address = self
+            .email_addresses
+            .iter()
+            .find(|address| address.id == primary)?;
+        let verified = address
+            .verification
+            .as_ref()
+            .and_then(|v| v.status.as_deref())
+            .is_none_or(|status| status == "verified");
+        verified
+            .then(|| super::credits::email_hash(&address.email_address))
+            .flatten()
+    }
+
     fn name(&self) -> Option<String> {
         let parts: Vec<&str> = [&self.first_name, &self.last_name]
             .into_iter()
@@ -112,6 +140,23 @@ fn header<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
         .and_then(|value| value.to_str().ok())
 }
 
+/// Clerk's user events, Svix signature checked on the raw body.
+#[utoipa::path(post, path = "/api/webhooks/clerk", tag = "webhooks",
+    params(
+        ("svix-id" = String, Header, description = "Message id"),
+        ("svix-timestamp" = String, Header, description = "Unix seconds"),
+        ("svix-signature" = String, Header, description = "v1,<HMAC-SHA256 base64> (space-separated list)"),
+    ),
+    request_body(content = Object, description = "A Clerk event"),
+    responses(
+        (status = 200, description = "Taken (or already taken)", body = super::openapi::Received),
+        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (not configured, database unavailable: Svix retries)", body = super::openapi::ErrorBody)
+    ))]
 async fn webhook(
     state: State,
     request: HttpRequest,
@@ -124,7 +169,7 @@ async fn webhook(
             "Clerk webhooks are not configured (clerk_webhook.signing_secret)",
         ));
     }
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let headers = SvixHeaders {
         id: header(&request, "svix-id"),
         timestamp: header(&request, "svix-timestamp"),
@@ -179,13 +224,13 @@ async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError
         "user.created" => {
             let user: ClerkUser = data(event)?;
             user.check()?;
-            let account = upsert_user(state, &user).await?;
+            let account = upsert_user(state, &user, true).await?;
             grant_signup_bonus(state, account).await
         }
         "user.updated" => {
             let user: ClerkUser = data(event)?;
             user.check()?;
-            upsert_user(state, &user).await?;
+            upsert_user(state, &user, false).await?;
             Ok(Outcome::Applied)
         }
         "user.deleted" => {
@@ -197,23 +242,41 @@ async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError
     }
 }
 
-/// Creates the user, or brings email, name and picture up to date.
-async fn upsert_user(state: &State, user: &ClerkUser) -> Result<AccountId, ApiError> {
-    let client = state.client().await?;
+/// Creates the user, or brings email, name and picture up to date;
+/// `created` (Clerk's `user.created`) also brings a deleted user back.
+async fn upsert_user(
+    state: &State,
+    user: &ClerkUser,
+    created: bool,
+) -> Result<AccountId, ApiError> {
     let email = user.primary_email();
+    let email_hash = user.bonus_email_hash();
     let name = user.name();
+    let _turn = state.user_turn(&user.id).await;
+    let client = state.client().await?;
     let row = client
         .query_one(
-            "INSERT INTO users (clerk_id, email, name, image_url) VALUES ($1, $2, $3, $4)
+            "INSERT INTO users (clerk_id, email, name, image_url, email_hash)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (clerk_id) DO UPDATE
                 SET email = EXCLUDED.email, name = EXCLUDED.name,
-                    image_url = EXCLUDED.image_url, updated_at = now()
-             RETURNING id",
-            &[&user.id, &email, &name, &user.image_url],
+                    image_url = EXCLUDED.image_url, email_hash = EXCLUDED.email_hash,
+                    deleted_at = CASE WHEN $6 THEN NULL ELSE users.deleted_at END,
+                    updated_at = now()
+             RETURNING id, deleted_at IS NOT NULL",
+            &[
+                &user.id,
+                &email,
+                &name,
+                &user.image_url,
+                &email_hash,
+                &created,
+            ],
         )
         .await
         .map_err(|e| ApiError::internal("clerk user upsert", e))?;
     let account = AccountId(row.get(0));
+    state.user_deletion_changed(&user.id, account, row.get(1));
     client
         .execute(
             "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
@@ -224,31 +287,38 @@ async fn upsert_user(state: &State, user: &ClerkUser) -> Result<AccountId, ApiEr
     Ok(account)
 }
 
-/// The signup bonus, under the key `claim-bonus` uses: granted once.
+/// The signup bonus, as `claim-bonus` grants it: once per person.
 async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Outcome, ApiError> {
-    let outcome = super::credits::grant_signup_bonus(state, account).await?;
-    Ok(if outcome.replayed {
-        Outcome::Replayed
-    } else {
-        Outcome::Applied
-    })
+    Ok(
+        match super::credits::grant_signup_bonus(state, account).await? {
+            super::credits::Bonus::Granted(outcome) if outcome.replayed => Outcome::Replayed,
+            super::credits::Bonus::Granted(_) => Outcome::Applied,
+            super::credits::Bonus::TakenByAnotherAccount => Outcome::BonusAlreadyClaimed,
+        },
+    )
 }
 
 /// Marks the user deleted; the ledger stays. The email is released so the
 /// address can sign up again as a new user.
+/// From now on the user's tokens get 401 `ACCOUNT_DELETED` (the cache
+/// learns it under the user's turn, so no lookup in flight can undo it).
 async fn delete_user(state: &State, user: &DeletedUser) -> Result<Outcome, ApiError> {
+    let _turn = state.user_turn(&user.id).await;
     let client = state.client().await?;
     let updated = client
-        .execute(
+        .query_opt(
             "UPDATE users SET deleted_at = now(), email = NULL, updated_at = now()
-              WHERE clerk_id = $1 AND deleted_at IS NULL",
+              WHERE clerk_id = $1 AND deleted_at IS NULL
+             RETURNING id",
             &[&user.id],
         )
         .await
         .map_err(|e| ApiError::internal("clerk user delete", e))?;
-    Ok(if updated == 0 {
-        Outcome::Ignored
-    } else {
-        Outcome::Applied
+    Ok(match updated {
+        Some(row) => {
+            state.user_deletion_changed(&user.id, AccountId(row.get(0)), true);
+            Outcome::Applied
+        }
+        None => Outcome::Ignored,
     })
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use super::error::ApiError;
+use super::error::{ApiError, Code};
 use super::views::{Page, TransactionView, UsageView};
 use super::State;
 use crate::ledger::{store, AccountId, IdempotencyKey, Posting, TransactionType};
@@ -91,9 +91,9 @@ async fn history(
     Ok(history)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Overview<'a> {
+pub(super) struct Overview<'a> {
     /// Integer cents, as the seed's front end reads it.
     balance: i64,
     balance_micros: i64,
@@ -102,11 +102,20 @@ struct Overview<'a> {
     balance_formatted: String,
     is_low: bool,
     has_byok: bool,
+    #[schema(value_type = Vec<TransactionView>)]
     transactions: &'a RawValue,
+    #[schema(value_type = Vec<UsageView>)]
     usages: &'a RawValue,
 }
 
 /// Balance, holds, the 10 newest transactions and usages.
+#[utoipa::path(get, path = "/api/credits", tag = "credits", security(("clerk" = [])),
+    responses(
+        (status = 200, description = "The balance page", body = Overview),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
@@ -126,6 +135,19 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
     }))
 }
 
+/// Every transaction, newest first, by opaque cursor.
+#[utoipa::path(get, path = "/api/credits/transactions", tag = "credits", security(("clerk" = [])),
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "Items per page (default 20)"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of transactions", body = super::openapi::TransactionsPage),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
     let clerk_id = state.clerk.authenticate(&request).await?;
@@ -139,6 +161,19 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     })))
 }
 
+/// Every usage (chat charge), newest first, by opaque cursor.
+#[utoipa::path(get, path = "/api/credits/usages", tag = "credits", security(("clerk" = [])),
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "Items per page (default 20)"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of usages", body = super::openapi::UsagesPage),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
     let clerk_id = state.clerk.authenticate(&request).await?;
@@ -182,9 +217,9 @@ fn parse_days(query: &str) -> Result<u32, ApiError> {
 /// Days of the usage chart when the request names none.
 const DEFAULT_CHART_DAYS: u32 = 30;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct DailyUsageView {
+pub(super) struct DailyUsageView {
     date: chrono::NaiveDate,
     cost_micros: i64,
     chats: i64,
@@ -193,6 +228,15 @@ struct DailyUsageView {
 }
 
 /// Spend per UTC day over the last `days` days, oldest first, today last.
+#[utoipa::path(get, path = "/api/credits/usage/daily", tag = "credits", security(("clerk" = [])),
+    params(("days" = Option<u32>, Query, minimum = 1, maximum = 90, description = "Days to report (default 30)")),
+    responses(
+        (status = 200, description = "Spend per day", body = super::openapi::DailyUsage),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let days = parse_days(request.query_string())?;
     let clerk_id = state.clerk.authenticate(&request).await?;
@@ -212,21 +256,55 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
     Ok(HttpResponse::Ok().json(json!({ "days": days })))
 }
 
-/// The idempotency key of a user's signup bonus: one per user, ever,
-/// whichever path (this route, the Clerk webhook) grants it first.
+/// The idempotency key of an account's signup bonus: one per account,
+/// ever, whichever path (this route, the Clerk webhook) grants it first.
 fn signup_bonus_key(account: AccountId) -> Result<IdempotencyKey, ApiError> {
     IdempotencyKey::parse(format!("bonus:signup:{}", account.0))
         .map_err(|e| ApiError::internal("signup bonus key", e))
 }
 
-/// The signup bonus, once per user ever, whichever path asks first (this
-/// route or Clerk's `user.created`): one key, one credit.
+/// How the signup bonus knows a person by email: the address trimmed and
+/// lowercased, as SHA-256 hex (no address is stored in a key or a claim).
+pub(super) fn email_hash(email: &str) -> Option<String> {
+    use sha2::Digest;
+    let normalized = email.trim().to_lowercase();
+    if normalized.is_empty() {
+        return None;
+    }
+    let digest = sha2::Sha256::digest(normalized.as_bytes());
+    Some(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What asking for the signup bonus gave.
+pub(super) enum Bonus {
+    /// Credited now, or earlier to this account (`replayed`).
+    Granted(crate::ledger::Outcome<crate::ledger::TransactionRecord>),
+    /// Another account of the same person (same email) has it.
+    TakenByAnotherAccount,
+}
+
+/// The signup bonus, once per person, whichever path asks first (this
+/// route or Clerk's `user.created`).
+///
+/// A user whose verified email is known is a person by that email: the
+/// account first claims it in `signup_bonus_claims` (one row per email,
+/// naming the account, in its own committed statement), then is credited
+/// under its account's key. A second account of the same email (a
+/// re-signup, any letter case) finds the claim naming another account and
+/// gets nothing. A crash between the claim and the credit loses nothing:
+/// the claim names this account, so its retry passes the claim again and
+/// the deterministic key credits once. A user without an email is credited
+/// under its account's key alone, as before.
 pub(super) async fn grant_signup_bonus(
     state: &State,
     account: AccountId,
-) -> Result<crate::ledger::Outcome<crate::ledger::TransactionRecord>, ApiError> {
+) -> Result<Bonus, ApiError> {
     let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
         .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
+    if !claim_email(state, account).await? {
+        reverse_second_bonus(state, account).await?;
+        return Ok(Bonus::TakenByAnotherAccount);
+    }
     let posting = Posting {
         key: signup_bonus_key(account)?,
         kind: TransactionType::SignupBonus,
@@ -236,14 +314,103 @@ pub(super) async fn grant_signup_bonus(
         stripe_payment_id: None,
         metadata: None,
     };
-    Ok(state.engine.credit(account, posting).await?)
+    Ok(Bonus::Granted(state.engine.credit(account, posting).await?))
 }
 
-/// The signup bonus: 201 the first time, 200 with the same transaction after.
+/// Takes back a bonus this account received by its Clerk id before its
+/// email was known (a re-signup that asked for the bonus before Clerk's
+/// `user.created` came), once the email shows that another account of the
+/// same person had it. Once, under `bonus:signup:<account>:duplicate`; the
+/// balance may go below zero, as for a refund.
+async fn reverse_second_bonus(state: &State, account: AccountId) -> Result<(), ApiError> {
+    let key = signup_bonus_key(account)?;
+    let granted: Option<i64> = {
+        let client = state.client().await?;
+        client
+            .query_opt(
+                "SELECT amount_micros FROM credit_transactions
+                  WHERE user_id = $1 AND idempotency_key = $2",
+                &[&account.0, &key.as_str()],
+            )
+            .await
+            .map_err(store::unavailable)?
+            .map(|row| row.get(0))
+    };
+    let Some(amount) = granted.map(Micros::new) else {
+        return Ok(());
+    };
+    tracing::warn!(
+        account = account.0,
+        "signup bonus of an email another account had: taken back"
+    );
+    let posting = Posting {
+        key: IdempotencyKey::parse(format!("{}:duplicate", key.as_str()))
+            .map_err(|e| ApiError::internal("signup bonus key", e))?,
+        kind: TransactionType::Adjustment,
+        amount,
+        description: Some(format!(
+            "Bonus de bienvenue déjà reçu avec cette adresse e-mail (-{amount})"
+        )),
+        stripe_session_id: None,
+        stripe_payment_id: None,
+        metadata: Some(json!({ "reason": "duplicate_signup_bonus" })),
+    };
+    state.engine.debit(account, posting).await?;
+    Ok(())
+}
+
+/// Claims the account's email for its signup bonus: true when the claim
+/// names this account (made now or before), or the account has no email.
+/// Concurrent claims of one email wait on each other's row: one wins.
+async fn claim_email(state: &State, account: AccountId) -> Result<bool, ApiError> {
+    let client = state.client().await?;
+    let hash: Option<String> = client
+        .query_opt("SELECT email_hash FROM users WHERE id = $1", &[&account.0])
+        .await
+        .map_err(store::unavailable)?
+        .and_then(|row| row.get(0));
+    let Some(hash) = hash else {
+        return Ok(true);
+    };
+    let owner: i64 = client
+        .query_one(
+            "INSERT INTO signup_bonus_claims (email_hash, user_id) VALUES ($1, $2)
+             ON CONFLICT (email_hash) DO UPDATE SET email_hash = EXCLUDED.email_hash
+             RETURNING user_id",
+            &[&hash, &account.0],
+        )
+        .await
+        .map_err(store::unavailable)?
+        .get(0);
+    Ok(owner == account.0)
+}
+
+/// The signup bonus: 201 the first time, 200 with the same transaction
+/// after; 409 when another account of the same email had it.
+#[utoipa::path(post, path = "/api/credits/claim-bonus", tag = "credits", security(("clerk" = [])),
+    responses(
+        (status = 201, description = "The signup bonus, credited now", body = super::openapi::ClaimedBonus, links(
+            ("BalanceAfterBonus" = (operation_id = "overview", description = "The balance with the bonus")),
+            ("HistoryAfterBonus" = (operation_id = "transactions", description = "The bonus in the history"))
+        )),
+        (status = 200, description = "The signup bonus, credited before", body = super::openapi::ClaimedBonus),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 409, description = "CONFLICT (another account of this email had the bonus)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn claim_bonus(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let outcome = grant_signup_bonus(&state, account).await?;
+    let outcome = match grant_signup_bonus(&state, account).await? {
+        Bonus::Granted(outcome) => outcome,
+        Bonus::TakenByAnotherAccount => {
+            return Err(ApiError::new(
+                Code::Conflict,
+                "the signup bonus was already granted to an account with this email address",
+            ))
+        }
+    };
     let body = json!({
         "transaction": TransactionView::from(&outcome.record),
         "alreadyClaimed": outcome.replayed,

@@ -12,12 +12,15 @@ pub const RETRY_AFTER_S: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Code {
     Unauthorized,
+    AccountDeleted,
+    RateLimited,
     Forbidden,
     InvalidRequest,
     NotFound,
     Conflict,
     InsufficientCredits,
     PayloadTooLarge,
+    RequestTimeout,
     Overloaded,
     Unavailable,
     Internal,
@@ -30,15 +33,41 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, as documented (README, `/openapi.json`).
+    pub const ALL: [Code; 19] = [
+        Code::InvalidRequest,
+        Code::NoApiKey,
+        Code::ByokKeyRefused,
+        Code::Unauthorized,
+        Code::AccountDeleted,
+        Code::InsufficientCredits,
+        Code::Forbidden,
+        Code::NotFound,
+        Code::RequestTimeout,
+        Code::Conflict,
+        Code::PayloadTooLarge,
+        Code::RateLimited,
+        Code::Internal,
+        Code::ByokNotConfigured,
+        Code::ProviderFailed,
+        Code::Overloaded,
+        Code::ProviderUnavailable,
+        Code::Unavailable,
+        Code::ProviderTimeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::Unauthorized => "UNAUTHORIZED",
+            Code::AccountDeleted => "ACCOUNT_DELETED",
+            Code::RateLimited => "RATE_LIMITED",
             Code::Forbidden => "FORBIDDEN",
             Code::InvalidRequest => "INVALID_REQUEST",
             Code::NotFound => "NOT_FOUND",
             Code::Conflict => "CONFLICT",
             Code::InsufficientCredits => "INSUFFICIENT_CREDITS",
             Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Code::RequestTimeout => "REQUEST_TIMEOUT",
             Code::Overloaded => "OVERLOADED",
             Code::Unavailable => "UNAVAILABLE",
             Code::Internal => "INTERNAL",
@@ -53,13 +82,15 @@ impl Code {
 
     pub fn status(self) -> StatusCode {
         match self {
-            Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::Unauthorized | Code::AccountDeleted => StatusCode::UNAUTHORIZED,
             Code::Forbidden => StatusCode::FORBIDDEN,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Code::InvalidRequest => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::Conflict => StatusCode::CONFLICT,
             Code::InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::Overloaded | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Code::NoApiKey | Code::ByokKeyRefused => StatusCode::BAD_REQUEST,
@@ -150,6 +181,27 @@ impl From<LedgerError> for ApiError {
     }
 }
 
+impl From<crate::limits::Refused> for ApiError {
+    fn from(refused: crate::limits::Refused) -> ApiError {
+        let message = match refused.limit {
+            crate::limits::Limit::ChatsInFlight => {
+                "too many chats in flight for this account; retry when one has finished"
+            }
+            crate::limits::Limit::Topups => {
+                "too many top-ups opened in the last minute; retry later"
+            }
+            crate::limits::Limit::Unauthenticated => {
+                "too many requests from this address; slow down"
+            }
+        };
+        ApiError {
+            code: Code::RateLimited,
+            message: message.into(),
+            details: Some(serde_json::json!({ "retryAfterSeconds": refused.retry_after_s() })),
+        }
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         self.code.status()
@@ -171,7 +223,7 @@ impl ResponseError for ApiError {
         if self.code == Code::Overloaded {
             response.insert_header(("Retry-After", RETRY_AFTER_S.to_string()));
         }
-        if self.code == Code::ProviderUnavailable {
+        if matches!(self.code, Code::ProviderUnavailable | Code::RateLimited) {
             let seconds = self
                 .details
                 .as_ref()
@@ -211,4 +263,49 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 /// Every 404 the router gives, in the common shape.
 pub async fn no_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found("no such route"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    /// Fails to compile when a code is added without being considered here.
+    fn listed(code: Code) -> bool {
+        match code {
+            Code::Unauthorized
+            | Code::AccountDeleted
+            | Code::Forbidden
+            | Code::RateLimited
+            | Code::InvalidRequest
+            | Code::NotFound
+            | Code::Conflict
+            | Code::InsufficientCredits
+            | Code::PayloadTooLarge
+            | Code::RequestTimeout
+            | Code::Overloaded
+            | Code::Unavailable
+            | Code::Internal
+            | Code::NoApiKey
+            | Code::ByokKeyRefused
+            | Code::ByokNotConfigured
+            | Code::ProviderUnavailable
+            | Code::ProviderTimeout
+            | Code::ProviderFailed => Code::ALL.contains(&code),
+        }
+    }
+
+    #[test]
+    fn every_code_is_listed_once_and_documented_in_the_readme() {
+        let readme = include_str!("../../README.md");
+        for (index, code) in Code::ALL.iter().enumerate() {
+            assert!(listed(*code));
+            assert!(!Code::ALL[..index].contains(code), "{code:?} twice");
+            let row = format!("| `{}` | {}", code.as_str(), code.status().as_u16());
+            assert!(
+                readme.contains(&row),
+                "README lacks the row of {}",
+                code.as_str()
+            );
+        }
+    }
 }

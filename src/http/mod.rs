@@ -7,6 +7,8 @@ mod chat;
 mod clerk_webhooks;
 mod credits;
 pub mod error;
+mod limits;
+mod openapi;
 pub mod pages;
 mod settings;
 mod stripe;
@@ -39,7 +41,7 @@ pub struct AppState {
     pub pool: deadpool_postgres::Pool,
     pub prices: Arc<PriceTable>,
     pub metrics: PrometheusHandle,
-    pub clerk: ClerkVerifier,
+    pub clerk: Arc<ClerkVerifier>,
     /// `None` when `stripe.secret_key` is not set.
     pub stripe: Option<crate::stripe::StripeApi>,
     pub providers: crate::providers::ProviderClient,
@@ -47,7 +49,10 @@ pub struct AppState {
     pub byok: Option<crate::byok::KeyCipher>,
     /// Platform chats whose settlement may still be pending.
     pub settlements: Arc<crate::metering::Settlements>,
-    users: Mutex<HashMap<String, AccountId>>,
+    pub limits: crate::limits::Limits,
+    /// The database's health, refreshed in the background.
+    pub health: Arc<crate::health::Health>,
+    users: Mutex<HashMap<String, CachedUser>>,
     histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
     sealed_keys: Mutex<HashMap<AccountId, Arc<settings::StoredKeys>>>,
     /// Serializes the first lookup of a Clerk id (by hash shard).
@@ -55,6 +60,13 @@ pub struct AppState {
 }
 
 pub type State = web::Data<AppState>;
+
+/// A Clerk id's account and whether the user was deleted.
+#[derive(Debug, Clone, Copy)]
+struct CachedUser {
+    account: AccountId,
+    deleted: bool,
+}
 
 impl AppState {
     pub fn new(
@@ -64,7 +76,7 @@ impl AppState {
         prices: Arc<PriceTable>,
         metrics: PrometheusHandle,
     ) -> anyhow::Result<AppState> {
-        let clerk = ClerkVerifier::new(settings.clerk.clone())?;
+        let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
         let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
         let providers = crate::providers::ProviderClient::new(&settings.providers)?;
         let byok = crate::byok::KeyCipher::from_settings(&settings.byok)
@@ -72,7 +84,13 @@ impl AppState {
         let settlements = Arc::new(crate::metering::Settlements::new(
             settings.chat.pending_settlements_max,
         ));
+        let limits = crate::limits::Limits::new(&settings.limits);
+        let health = Arc::new(crate::health::Health::new(Duration::from_millis(
+            settings.database.health_check_interval_ms,
+        )));
         Ok(AppState {
+            limits,
+            health,
             settings,
             engine,
             pool,
@@ -97,36 +115,70 @@ impl AppState {
         })
     }
 
-    /// The account of a Clerk user, created on first sight. Concurrent first
-    /// requests of one user (a page load fires several) share one lookup.
+    /// The account of a Clerk user, created on first sight. Concurrent
+    /// first requests of one user (a page load fires several) share one
+    /// lookup. A deleted user is refused (401 `ACCOUNT_DELETED`).
     pub async fn account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
-        if let Some(account) = self.cached_user(clerk_id) {
-            return Ok(account);
+        let user = self.resolve_user(clerk_id).await?;
+        if user.deleted {
+            return Err(ApiError::new(
+                Code::AccountDeleted,
+                "this account was deleted; sign up again to use the service",
+            ));
         }
+        Ok(user.account)
+    }
+
+    /// The account of a Clerk user for an operator: created on first sight,
+    /// deleted or not (a deleted user's ledger stays and can be adjusted).
+    pub async fn any_account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
+        Ok(self.resolve_user(clerk_id).await?.account)
+    }
+
+    async fn resolve_user(&self, clerk_id: &str) -> Result<CachedUser, ApiError> {
+        if let Some(user) = self.cached_user(clerk_id) {
+            return Ok(user);
+        }
+        let _turn = self.user_turn(clerk_id).await;
+        if let Some(user) = self.cached_user(clerk_id) {
+            return Ok(user);
+        }
+        let client = self.client().await?;
+        let user = match store::find_user_status(&**client, clerk_id).await? {
+            Some((account, deleted)) => CachedUser { account, deleted },
+            None => CachedUser {
+                account: store::ensure_user(&**client, clerk_id).await?,
+                deleted: false,
+            },
+        };
+        self.cache_user(clerk_id, user);
+        Ok(user)
+    }
+
+    /// Serializes the lookups and the deletion state changes of one Clerk
+    /// id (by hash shard): a lookup that read the row before a deletion
+    /// cannot cache it after the deletion's own cache update.
+    pub async fn user_turn(&self, clerk_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(clerk_id, &mut hasher);
         let shard = std::hash::Hasher::finish(&hasher) as usize % self.first_sight.len();
-        let _turn = self.first_sight[shard].lock().await;
-        if let Some(account) = self.cached_user(clerk_id) {
-            return Ok(account);
-        }
-        let client = self.client().await?;
-        let account = store::ensure_user(&**client, clerk_id).await?;
-        self.cache_user(clerk_id, account);
-        Ok(account)
+        self.first_sight[shard].lock().await
     }
 
-    /// The account of a Clerk user, if the user exists.
+    /// Records in the cache that a user was deleted or brought back; call
+    /// it with `user_turn` held, after the row changed.
+    pub fn user_deletion_changed(&self, clerk_id: &str, account: AccountId, deleted: bool) {
+        self.cache_user(clerk_id, CachedUser { account, deleted });
+    }
+
+    /// The account of a Clerk user, if the user exists (deleted or not).
     pub async fn existing_account(&self, clerk_id: &str) -> Result<Option<AccountId>, ApiError> {
-        if let Some(account) = self.cached_user(clerk_id) {
-            return Ok(Some(account));
+        if let Some(user) = self.cached_user(clerk_id) {
+            return Ok(Some(user.account));
         }
         let client = self.client().await?;
-        let found = store::find_user(&**client, clerk_id).await?;
-        if let Some(account) = found {
-            self.cache_user(clerk_id, account);
-        }
-        Ok(found)
+        let found = store::find_user_status(&**client, clerk_id).await?;
+        Ok(found.map(|(account, _)| account))
     }
 
     fn cached_history(&self, account: AccountId) -> Option<Arc<credits::History>> {
@@ -174,34 +226,53 @@ impl AppState {
             .remove(&account);
     }
 
-    fn cached_user(&self, clerk_id: &str) -> Option<AccountId> {
+    fn cached_user(&self, clerk_id: &str) -> Option<CachedUser> {
         let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         users.get(clerk_id).copied()
     }
 
-    fn cache_user(&self, clerk_id: &str, account: AccountId) {
+    fn cache_user(&self, clerk_id: &str, user: CachedUser) {
         let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
         if users.len() >= USER_CACHE_ENTRIES {
             users.clear();
         }
-        users.insert(clerk_id.to_owned(), account);
+        users.insert(clerk_id.to_owned(), user);
     }
 }
 
-/// Reads a request body up to `server.body_limit_bytes`.
-pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::new(
-                Code::PayloadTooLarge,
-                format!("request body: larger than {limit} bytes"),
-            ));
+/// Reads a request body up to `server.body_limit_bytes`, within
+/// `server.client_request_timeout_ms`: a client that sends its body too
+/// slowly gets 408 instead of holding the request open.
+pub async fn read_body(
+    mut payload: web::Payload,
+    server: &crate::config::ServerSettings,
+) -> Result<web::BytesMut, ApiError> {
+    let limit = server.body_limit_bytes;
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::new(
+                    Code::PayloadTooLarge,
+                    format!("request body: larger than {limit} bytes"),
+                ));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+        Ok(body)
+    };
+    let deadline = Duration::from_millis(server.client_request_timeout_ms);
+    tokio::time::timeout(deadline, read).await.map_err(|_| {
+        metrics::counter!("creditd_request_body_timeouts_total").increment(1);
+        ApiError::new(
+            Code::RequestTimeout,
+            format!(
+                "request body: not received within {} ms",
+                server.client_request_timeout_ms
+            ),
+        )
+    })?
 }
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -242,7 +313,7 @@ pub fn server(
             })
             .wrap_fn(|request, service| {
                 let started = Instant::now();
-                let method = request.method().to_string();
+                let method = method_label(request.method());
                 let request_id = request_id(&request);
                 let call = service.call(request);
                 async move {
@@ -266,7 +337,7 @@ pub fn server(
                     }
                     let labels = [
                         ("route", route),
-                        ("method", method),
+                        ("method", method.to_owned()),
                         ("status", status.to_string()),
                     ];
                     metrics::counter!("creditd_http_requests_total", &labels).increment(1);
@@ -275,6 +346,7 @@ pub fn server(
                     Ok(response)
                 }
             })
+            .wrap(actix_web::middleware::from_fn(limits::unauthenticated))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
@@ -284,11 +356,15 @@ pub fn server(
             .configure(clerk_webhooks::routes)
             .configure(chat::routes)
             .configure(settings::routes)
+            .configure(openapi::routes)
             .configure(pages::routes)
             .default_service(web::to(error::no_route))
             .wrap(cors(&allowed_origins))
     })
     .workers(settings.server.workers)
+    .client_request_timeout(Duration::from_millis(
+        settings.server.client_request_timeout_ms,
+    ))
     .shutdown_timeout(settings.server.shutdown_timeout_s)
     .listen(listener)?
     .run();
@@ -328,29 +404,29 @@ fn cors(allowed: &[String]) -> actix_cors::Cors {
     cors
 }
 
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses(
+        (status = 200, description = "Up", body = openapi::Status),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody)
+    ))]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
 }
 
+/// The database answered the last background check and the journal flows.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses(
+        (status = 200, description = "Ready", body = openapi::Status),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = openapi::ErrorBody)
+    ))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
-    let probe = async {
-        let client = state.client().await?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|_| ApiError::new(Code::Unavailable, "the database is unreachable"))?;
-        Ok::<_, ApiError>(())
-    };
-    let limit = Duration::from_millis(state.settings.database.connect_timeout_ms.max(500));
-    match tokio::time::timeout(limit, probe).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => return Err(error),
-        Err(_) => {
-            return Err(ApiError::new(
-                Code::Unavailable,
-                "the database did not answer",
-            ))
-        }
+    if !state.health.database_up() {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "the database did not answer the last health check",
+        ));
     }
     if state.engine.writer().is_stalled() {
         return Err(ApiError::new(
@@ -361,22 +437,42 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
 }
 
-async fn metrics_text(state: State) -> HttpResponse {
+/// The Prometheus text; with `metrics.token` set, only for its bearer.
+#[utoipa::path(get, path = "/metrics", tag = "ops", security((), ("metrics" = [])),
+    responses(
+        (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
+        (status = 401, description = "UNAUTHORIZED (metrics.token set, missing or wrong)", body = openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody)
+    ))]
+async fn metrics_text(
+    state: State,
+    request: actix_web::HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    auth::require_metrics_token(&state.settings.metrics, &request)?;
     let stats = state.engine.stats();
     metrics::gauge!("creditd_account_actors_resident").set(stats.resident_actors as f64);
     metrics::gauge!("creditd_journal_queue_depth").set(stats.journal_queue_depth as f64);
-    if let Ok(client) = state.client().await {
-        if let Ok(row) = client
-            .query_one(
-                "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
-                &[],
-            )
-            .await
-        {
-            metrics::gauge!("creditd_active_holds").set(row.get::<_, i64>(0) as f64);
-        }
-    }
-    HttpResponse::Ok()
+    metrics::gauge!("creditd_database_up").set(if state.health.database_up() { 1.0 } else { 0.0 });
+    metrics::gauge!("creditd_active_holds").set(state.health.active_holds() as f64);
+    Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(state.metrics.render()))
+}
+
+/// The `method` label: a standard verb, else `OTHER`, so made-up methods
+/// cannot add series.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
 }

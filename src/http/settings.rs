@@ -105,6 +105,15 @@ pub fn open_key(
         })
 }
 
+/// Which provider keys the user saved (last 4 characters only).
+#[utoipa::path(get, path = "/api/settings/api-keys", tag = "settings", security(("clerk" = [])),
+    responses(
+        (status = 200, description = "The saved keys", body = super::openapi::SavedKeys),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL (a stored key does not open under byok.encryption_key)", body = super::openapi::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn list(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     cipher(&state)?;
@@ -137,9 +146,9 @@ async fn summary(state: &State, account: AccountId) -> Result<serde_json::Value,
     Ok(serde_json::Value::Object(body))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SaveKeys {
+pub(super) struct SaveKeys {
     anthropic_key: Option<String>,
     openai_key: Option<String>,
 }
@@ -171,13 +180,29 @@ fn check_key(field: &str, provider: Provider, key: &str) -> Result<(), ApiError>
     Ok(())
 }
 
+/// Saves the user's own provider keys (sealed with AES-256-GCM).
+#[utoipa::path(put, path = "/api/settings/api-keys", tag = "settings", security(("clerk" = [])),
+    request_body = SaveKeys,
+    responses(
+        (status = 200, description = "The saved keys after", body = super::openapi::SavedKeys, links(
+            ("SavedKeysList" = (operation_id = "list", description = "The keys just saved")),
+            ("RemoveSavedOpenaiKey" = (operation_id = "remove", parameters(("provider" = "openai")), description = "Delete the OpenAI key"))
+        )),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn save(
     state: State,
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let keys: SaveKeys = parse_json(&body)?;
     let cipher = cipher(&state)?;
     if keys.anthropic_key.is_none() && keys.openai_key.is_none() {
@@ -218,6 +243,17 @@ async fn save(
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }
 
+/// Deletes one saved provider key.
+#[utoipa::path(delete, path = "/api/settings/api-keys/{provider}", tag = "settings", security(("clerk" = [])),
+    params(("provider" = Provider, Path, description = "`anthropic` or `openai`")),
+    responses(
+        (status = 200, description = "The saved keys after", body = super::openapi::SavedKeys),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
 async fn remove(
     state: State,
     request: HttpRequest,

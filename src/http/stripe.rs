@@ -31,9 +31,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/api/webhooks/stripe", web::post().to(webhook));
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TopupRequest {
+pub(super) struct TopupRequest {
     /// Cents.
     amount: i64,
 }
@@ -48,13 +48,25 @@ fn euros(cents: i64) -> String {
 }
 
 /// Opens a Checkout Session for a top-up of `amount` cents: `{url, sessionId}`.
+#[utoipa::path(post, path = "/api/credits/topup", tag = "credits", security(("clerk" = [])),
+    request_body = TopupRequest,
+    responses(
+        (status = 200, description = "The Checkout Session", body = super::openapi::TopupSession),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL (the payment provider refused the request)", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (Stripe not configured or unreachable, database unavailable)", body = super::openapi::ErrorBody)
+    ))]
 async fn topup(
     state: State,
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     // serde would read a struct from a JSON array too: only an object is a request.
     if !parse_json::<serde_json::Value>(&body)?.is_object() {
         return Err(ApiError::invalid("request body: expected a JSON object"));
@@ -80,6 +92,7 @@ async fn topup(
         )
     })?;
     let account = state.account(&clerk_id).await?;
+    state.limits.topup(account)?;
     let customer = customer_of(&state, api, account, &clerk_id).await?;
     let session = api
         .create_topup_session(account, &customer, amount, chrono::Utc::now().timestamp())
@@ -180,6 +193,9 @@ pub(super) enum Outcome {
     NothingToClawBack,
     Superseded,
     Ignored,
+    BonusAlreadyClaimed,
+    Inquiry,
+    AmountMismatch,
 }
 
 impl Outcome {
@@ -194,6 +210,9 @@ impl Outcome {
             Outcome::NothingToClawBack => "nothing_to_claw_back",
             Outcome::Superseded => "superseded",
             Outcome::Ignored => "ignored",
+            Outcome::BonusAlreadyClaimed => "bonus_already_claimed",
+            Outcome::Inquiry => "inquiry",
+            Outcome::AmountMismatch => "amount_mismatch",
         }
     }
 }
@@ -219,6 +238,9 @@ const HANDLED: &[&str] = &[
     "customer.subscription.deleted",
     "charge.refunded",
     "charge.dispute.created",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
+    "charge.dispute.closed",
 ];
 
 /// Whether this event id was already handled (its effect committed).
@@ -258,6 +280,19 @@ pub(super) async fn record_processed(
     Ok(())
 }
 
+/// Stripe's events, `Stripe-Signature` checked on the raw body.
+#[utoipa::path(post, path = "/api/webhooks/stripe", tag = "webhooks",
+    params(("Stripe-Signature" = String, Header, description = "t=<unix seconds>,v1=<HMAC-SHA256 hex>")),
+    request_body(content = Object, description = "A Stripe event"),
+    responses(
+        (status = 200, description = "Taken (or already taken)", body = super::openapi::Received),
+        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (not configured, a top-up not credited yet, database unavailable: Stripe retries)", body = super::openapi::ErrorBody)
+    ))]
 async fn webhook(
     state: State,
     request: HttpRequest,
@@ -270,7 +305,7 @@ async fn webhook(
             "Stripe webhooks are not configured (stripe.webhook_secret)",
         ));
     }
-    let body = read_body(payload, state.settings.server.body_limit_bytes).await?;
+    let body = read_body(payload, &state.settings.server).await?;
     let header = request
         .headers()
         .get("Stripe-Signature")
@@ -326,7 +361,13 @@ async fn dispatch(state: &State, event: &Event) -> Result<Outcome, ApiError> {
             subscription(state, object(event)?, true, event.created).await
         }
         "charge.refunded" => refund(state, object(event)?).await,
-        "charge.dispute.created" => dispute(state, object(event)?).await,
+        "charge.dispute.funds_withdrawn" => {
+            dispute_funds(state, object(event)?, Funds::Withdrawn).await
+        }
+        "charge.dispute.funds_reinstated" => {
+            dispute_funds(state, object(event)?, Funds::Reinstated).await
+        }
+        "charge.dispute.created" | "charge.dispute.closed" => dispute_noted(object(event)?),
         _ => Ok(Outcome::Ignored),
     }
 }
@@ -401,7 +442,21 @@ async fn checkout(state: &State, session: CheckoutSession) -> Result<Outcome, Ap
         tracing::error!(session = %session.id, "top-up session without a valid metadata.userId");
         return Ok(Outcome::UnknownAccount);
     };
-    let amount = cents(session.amount_total.unwrap_or(0), "amount_total")?;
+    let amount_total = session.amount_total.unwrap_or(0);
+    let asked = session
+        .metadata
+        .get("amountCents")
+        .and_then(|cents| cents.parse::<i64>().ok());
+    if asked != Some(amount_total) {
+        // Not what the top-up asked for (a changed price, a discount, a
+        // session edited outside creditd): no credit until an operator
+        // looks; the event is recorded, so Stripe stops retrying it.
+        tracing::error!(session = %session.id, amount_total, asked = ?asked,
+            "paid top-up whose amount_total differs from metadata.amountCents; not credited");
+        metrics::counter!("creditd_topup_amount_mismatch_total").increment(1);
+        return Ok(Outcome::AmountMismatch);
+    }
+    let amount = cents(amount_total, "amount_total")?;
     let posting = Posting {
         key: key(format!("stripe:checkout:{}", session.id))?,
         kind: TransactionType::TopUp,
@@ -557,27 +612,96 @@ async fn refund(state: &State, charge: Charge) -> Result<Outcome, ApiError> {
     }
 }
 
-/// Debits the disputed amount once per dispute.
-async fn dispute(state: &State, dispute: Dispute) -> Result<Outcome, ApiError> {
+/// A dispute's money movement, as Stripe reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Funds {
+    /// `charge.dispute.funds_withdrawn`: the disputed amount left the
+    /// balance; the credits bought with it are debited.
+    Withdrawn,
+    /// `charge.dispute.funds_reinstated`: the dispute closed in the
+    /// merchant's favour (won) and the funds came back; so do the credits.
+    Reinstated,
+}
+
+/// `charge.dispute.created` and `charge.dispute.closed` move no credits.
+///
+/// Stripe withdraws a dispute's funds in a separate step and says so with
+/// `charge.dispute.funds_withdrawn`; an inquiry (`warning_needs_response`,
+/// `warning_under_review`, closed as `warning_closed`) withdraws nothing
+/// and may never become a dispute. Debiting at `created` would charge
+/// inquiries and, once `funds_withdrawn` came, risk a second debit. At
+/// `closed`, a won dispute is followed by `funds_reinstated` (its funds
+/// come back then), a lost one keeps the withdrawal: the funds events
+/// alone carry the money.
+fn dispute_noted(dispute: Dispute) -> Result<Outcome, ApiError> {
+    if dispute.status.starts_with("warning_") {
+        return Ok(Outcome::Inquiry);
+    }
+    Ok(Outcome::Ignored)
+}
+
+/// Debits (withdrawn) or credits back (reinstated) the disputed amount,
+/// each once per dispute. The withdrawal's key is `stripe:dispute:<id>`
+/// (the key disputes were debited under before, so a dispute debited
+/// then is not debited again), the reinstatement's
+/// `stripe:dispute:<id>:reinstated`. A dispute of a top-up not credited
+/// yet answers 503, so Stripe retries it after the credit.
+async fn dispute_funds(state: &State, dispute: Dispute, funds: Funds) -> Result<Outcome, ApiError> {
     let Some(payment_intent) = dispute.payment_intent.as_deref() else {
         return Ok(Outcome::NotATopup);
     };
+    if dispute.status.starts_with("warning_") {
+        tracing::warn!(dispute = %dispute.id, status = %dispute.status, "funds event of an inquiry; no credits move");
+        return Ok(Outcome::Inquiry);
+    }
     if currency_mismatch(state, Some(&dispute.currency), "dispute", &dispute.id) {
         return Ok(Outcome::CurrencyMismatch);
     }
     let Some(account) = topup_account(state, payment_intent).await? else {
-        tracing::warn!(dispute = %dispute.id, "dispute of a charge that paid no top-up; ignored");
-        return Ok(Outcome::NotATopup);
+        return unknown_dispute_payment(state, &dispute, payment_intent).await;
     };
     let amount = cents(dispute.amount, "amount")?;
+    let (suffix, description) = match funds {
+        Funds::Withdrawn => ("", format!("Litige de {amount}")),
+        Funds::Reinstated => (":reinstated", format!("Litige gagné, {amount} rendus")),
+    };
     let posting = Posting {
-        key: key(format!("stripe:dispute:{}", dispute.id))?,
+        key: key(format!("stripe:dispute:{}{suffix}", dispute.id))?,
         kind: TransactionType::Dispute,
         amount,
-        description: Some(format!("Litige de {amount}")),
+        description: Some(description),
         stripe_session_id: None,
         stripe_payment_id: Some(payment_intent.to_owned()),
         metadata: Some(json!({ "chargeId": dispute.charge, "disputeId": dispute.id })),
     };
-    applied(state.engine.debit(account, posting).await, "dispute")
+    let result = match funds {
+        Funds::Withdrawn => state.engine.debit(account, posting).await,
+        Funds::Reinstated => state.engine.credit(account, posting).await,
+    };
+    applied(result, "dispute")
+}
+
+/// A dispute of a payment creditd credited nothing for: a top-up whose
+/// credit has not landed yet (503: Stripe retries it), or no top-up.
+async fn unknown_dispute_payment(
+    state: &State,
+    dispute: &Dispute,
+    payment_intent: &str,
+) -> Result<Outcome, ApiError> {
+    let Some(api) = state.stripe.as_ref() else {
+        tracing::warn!(dispute = %dispute.id, "dispute of a payment that credited nothing (Stripe API not configured to check it); ignored");
+        return Ok(Outcome::NotATopup);
+    };
+    if api
+        .is_topup_payment(payment_intent)
+        .await
+        .map_err(stripe_failure)?
+    {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "the top-up this dispute is about is not credited yet; retry later",
+        ));
+    }
+    tracing::warn!(dispute = %dispute.id, "dispute of a charge that paid no top-up; ignored");
+    Ok(Outcome::NotATopup)
 }

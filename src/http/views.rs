@@ -10,12 +10,14 @@ use uuid::Uuid;
 use super::error::ApiError;
 use crate::ledger::{HoldRecord, TransactionRecord, UsageRecord};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TransactionView {
     pub id: Uuid,
     #[serde(rename = "type")]
+    #[schema(value_type = String)]
     pub kind: &'static str,
+    #[schema(value_type = String)]
     pub direction: &'static str,
     pub amount_micros: i64,
     pub description: Option<String>,
@@ -41,7 +43,7 @@ impl From<&TransactionRecord> for TransactionView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UsageView {
     pub id: Uuid,
@@ -85,7 +87,7 @@ impl From<&UsageRecord> for UsageView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HoldView {
     pub id: Uuid,

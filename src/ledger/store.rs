@@ -381,6 +381,21 @@ pub async fn find_user(
         .map(|row| AccountId(row.get(0))))
 }
 
+/// The account of a Clerk id and whether the user was deleted.
+pub async fn find_user_status(
+    client: &impl GenericClient,
+    clerk_id: &str,
+) -> Result<Option<(AccountId, bool)>, LedgerError> {
+    Ok(client
+        .query_opt(
+            "SELECT id, deleted_at IS NOT NULL FROM users WHERE clerk_id = $1",
+            &[&clerk_id],
+        )
+        .await
+        .map_err(unavailable)?
+        .map(|row| (AccountId(row.get(0)), row.get(1))))
+}
+
 /// Committed transactions, newest first, strictly before `before_seq`.
 pub async fn transactions_page(
     client: &impl GenericClient,

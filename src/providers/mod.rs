@@ -16,7 +16,7 @@ use crate::pricing::{Provider, TokenUsage};
 use sse::SseParser;
 
 /// Who wrote a message of the conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,

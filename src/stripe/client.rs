@@ -58,6 +58,8 @@ pub struct TopupSession {
 /// The Stripe API, with its settings.
 pub struct StripeApi {
     client: stripe::Client,
+    /// For the one read creditd makes (a payment intent's metadata).
+    http: reqwest::Client,
     settings: StripeSettings,
 }
 
@@ -76,8 +78,12 @@ impl StripeApi {
             .timeout(Duration::from_millis(settings.timeout_ms))
             .build()
             .map_err(|e| anyhow::anyhow!("stripe client: {e}"))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            .build()?;
         Ok(Some(StripeApi {
             client,
+            http,
             settings: settings.clone(),
         }))
     }
@@ -177,6 +183,59 @@ impl StripeApi {
             id: session.id.to_string(),
             url,
         })
+    }
+}
+
+impl StripeApi {
+    /// Whether a payment intent paid a top-up (`metadata.type =
+    /// credit_topup`, set by `create_topup_session`): a dispute names only
+    /// its payment intent, not the intent's metadata.
+    pub async fn is_topup_payment(&self, payment_intent: &str) -> Result<bool, StripeCallError> {
+        #[derive(serde::Deserialize)]
+        struct PaymentIntent {
+            #[serde(default)]
+            metadata: HashMap<String, String>,
+        }
+        if payment_intent.is_empty()
+            || !payment_intent
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Ok(false);
+        }
+        let url = format!(
+            "{}/v1/payment_intents/{payment_intent}",
+            self.settings.api_base.trim_end_matches('/')
+        );
+        let sent = self
+            .http
+            .get(url)
+            .bearer_auth(self.settings.secret_key.expose())
+            .send()
+            .await;
+        let outcome = match &sent {
+            Ok(response) if response.status().is_success() => "ok",
+            Ok(_) => "refused",
+            Err(_) => "unreachable",
+        };
+        metrics::counter!("creditd_stripe_requests_total", "operation" => "retrieve_payment_intent", "outcome" => outcome)
+            .increment(1);
+        let response = sent.map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        if !status.is_success() {
+            return Err(StripeCallError::Refused {
+                status: status.as_u16(),
+                message: "payment intent lookup".into(),
+            });
+        }
+        let intent: PaymentIntent = response
+            .json()
+            .await
+            .map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
+        Ok(intent.metadata.get("type").map(String::as_str) == Some("credit_topup"))
     }
 }
 

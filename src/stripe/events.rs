@@ -75,7 +75,7 @@ pub struct Charge {
     pub metadata: HashMap<String, String>,
 }
 
-/// `charge.dispute.created`: a Dispute.
+/// `charge.dispute.*`: a Dispute.
 #[derive(Debug, Deserialize)]
 pub struct Dispute {
     pub id: String,
@@ -84,4 +84,9 @@ pub struct Dispute {
     pub charge: String,
     #[serde(default)]
     pub payment_intent: Option<String>,
+    /// `warning_needs_response`, `warning_under_review`, `warning_closed`
+    /// (an inquiry: no funds move), `needs_response`, `under_review`,
+    /// `won`, `lost`, …
+    #[serde(default)]
+    pub status: String,
 }

@@ -166,6 +166,71 @@ async fn unknown_key_ids_refetch_the_key_set_at_most_once_per_refresh_interval()
     );
 }
 
+async fn publish(app: &TestApp, response: ResponseTemplate) {
+    app.jwks.reset().await;
+    Mock::given(method("GET"))
+        .and(path(JWKS_PATH))
+        .respond_with(response)
+        .mount(&app.jwks)
+        .await;
+}
+
+async fn jwks_failures(app: &TestApp) -> f64 {
+    let text = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|line| line.starts_with("creditd_jwks_refresh_failures_total"))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[actix::test]
+async fn a_withdrawn_key_is_refused_after_the_scheduled_refresh_and_a_failed_refresh_keeps_the_last_keys(
+) {
+    let app = spawn_app_with(|settings| settings.clerk.jwks_refresh_s = 1).await;
+    publish(
+        &app,
+        ResponseTemplate::new(200).set_body_json(json!({
+            "keys": [primary_key().jwk, rotated_key().jwk]
+        })),
+    )
+    .await;
+    let withdrawn = rotated_key().sign(&app.claims("user_withdrawn"));
+    assert_eq!(status_with_token(&app, &withdrawn).await.0, 200);
+    let kept = app.token("user_kept");
+    assert_eq!(status_with_token(&app, &kept).await.0, 200);
+
+    // Clerk withdraws the rotated key: the same token, already verified
+    // and cached, is refused once the schedule refetched the set.
+    publish(
+        &app,
+        ResponseTemplate::new(200).set_body_json(json!({ "keys": [primary_key().jwk] })),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+    assert_unauthorized(status_with_token(&app, &withdrawn).await);
+    assert_eq!(status_with_token(&app, &kept).await.0, 200);
+
+    let failures_before = jwks_failures(&app).await;
+    publish(&app, ResponseTemplate::new(500)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2300)).await;
+
+    assert_eq!(
+        status_with_token(&app, &app.token("user_kept")).await.0,
+        200,
+        "the last good keys stay"
+    );
+    assert!(jwks_failures(&app).await > failures_before);
+}
+
 #[actix::test]
 async fn admin_routes_refuse_a_missing_or_wrong_token() {
     let app = spawn_app().await;

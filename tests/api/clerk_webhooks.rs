@@ -11,10 +11,10 @@ use sha2::Sha256;
 use crate::support::*;
 
 /// A Svix secret as Clerk shows it: `whsec_` + base64 of the key.
-const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// `svix-signature` as Svix's libraries build it.
-fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
+pub(crate) fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
     let key = STANDARD
         .decode(secret.trim_start_matches("whsec_"))
         .unwrap();
@@ -23,7 +23,7 @@ fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
     format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
 }
 
-async fn clerk_app() -> TestApp {
+pub(crate) async fn clerk_app() -> TestApp {
     spawn_app_with(|settings| {
         settings.clerk_webhook.signing_secret = creditd::config::Secret::new(SIGNING_SECRET);
     })
@@ -50,7 +50,7 @@ async fn deliver_signed(
 }
 
 /// Delivers `event` as Svix message `id`, signed now; its status.
-async fn deliver(app: &TestApp, id: &str, event: &Value) -> u16 {
+pub(crate) async fn deliver(app: &TestApp, id: &str, event: &Value) -> u16 {
     let body = event.to_string();
     let now = chrono::Utc::now().timestamp();
     deliver_signed(app, id, now, &sign(SIGNING_SECRET, id, now, &body), &body)
@@ -59,7 +59,13 @@ async fn deliver(app: &TestApp, id: &str, event: &Value) -> u16 {
         .as_u16()
 }
 
-fn user_event(kind: &str, clerk_id: &str, email: &str, first: &str, last: &str) -> Value {
+pub(crate) fn user_event(
+    kind: &str,
+    clerk_id: &str,
+    email: &str,
+    first: &str,
+    last: &str,
+) -> Value {
     json!({
         "object": "event",
         "type": kind,
@@ -93,7 +99,7 @@ async fn user_row(app: &TestApp, clerk_id: &str) -> Option<(Option<String>, Opti
         .map(|row| (row.get(0), row.get(1), row.get(2)))
 }
 
-async fn bonuses(app: &TestApp) -> i64 {
+pub(crate) async fn bonuses(app: &TestApp) -> i64 {
     let client = app.db.client().await;
     client
         .query_one(

@@ -149,11 +149,20 @@ async fn a_database_outage_fails_readiness_and_money_routes_fast_and_both_recove
 
     cluster.stop();
     let began = Instant::now();
-    let ready = http
+    // Readiness follows the background check: down within an interval.
+    let mut ready = http
         .get(format!("{base}/readyz"))
         .send()
         .await
         .expect("readyz");
+    while ready.status().is_success() && began.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+    }
     let (grant_status, grant_body) = json_of(grant().await.expect("grant")).await;
     let (new_user_status, _) = json_of(claim("user_newcomer").await.expect("claim")).await;
     let (read_status, _) = json_of(

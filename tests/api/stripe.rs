@@ -470,7 +470,7 @@ async fn the_limits_themselves_are_accepted() {
 
 #[actix::test]
 async fn concurrent_first_top_ups_create_one_stripe_customer() {
-    let stripe = spawn_stripe_app().await;
+    let stripe = spawn_stripe_app_with(|s| s.limits.topups_per_minute = 10).await;
     let account = stripe.app.account("user_race").await.0;
 
     let answers = join_all((0..10).map(|i| {
@@ -559,6 +559,55 @@ async fn a_double_click_reuses_the_idempotency_key_of_the_first_session() {
     if window(&keys[0]) == window(&keys[1]) {
         assert_eq!(keys[0], keys[1]);
     }
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn fifty_concurrent_top_ups_of_one_account_with_a_limit_of_5_per_minute_open_5_sessions() {
+    let stripe = spawn_stripe_app_with(|s| s.limits.topups_per_minute = 5).await;
+
+    let bodies: Vec<_> = (0..50).map(|i| json!({ "amount": 500 + i })).collect();
+    let answers = join_all(bodies.iter().map(|body| {
+        stripe
+            .app
+            .post_as("user_card_testing", "/api/credits/topup", body)
+    }))
+    .await;
+    let other = stripe
+        .app
+        .post_as(
+            "user_honest",
+            "/api/credits/topup",
+            &json!({ "amount": 500 }),
+        )
+        .await
+        .status();
+
+    let mut opened = 0;
+    let mut refused = 0;
+    for answer in answers {
+        match answer.status().as_u16() {
+            200 => opened += 1,
+            429 => {
+                let retry_after = answer
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                assert!(
+                    retry_after.is_some_and(|s| (1..=60).contains(&s)),
+                    "{retry_after:?}"
+                );
+                let (_, body) = json_of(answer).await;
+                assert_eq!(body["error"], "RATE_LIMITED");
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((opened, refused), (5, 45));
+    assert_eq!(other, 200, "the limit is per account");
+    assert_eq!(stripe.sessions.received.lock().unwrap().len(), 6);
     stripe.app.db.reconcile_is_clean().await;
 }
 
@@ -997,36 +1046,236 @@ async fn a_refund_of_a_charge_that_paid_no_top_up_is_acknowledged_and_ignored() 
     stripe.app.db.reconcile_is_clean().await;
 }
 
+fn dispute_object(id: &str, payment_intent: &str, amount: i64, status: &str) -> Value {
+    json!({
+        "id": id,
+        "object": "dispute",
+        "amount": amount,
+        "charge": format!("ch_{id}"),
+        "currency": "eur",
+        "payment_intent": payment_intent,
+        "reason": "fraudulent",
+        "status": status,
+    })
+}
+
+fn dispute_event(
+    event_id: &str,
+    kind: &str,
+    id: &str,
+    payment_intent: &str,
+    status: &str,
+) -> Value {
+    event(
+        event_id,
+        kind,
+        dispute_object(id, payment_intent, 3000, status),
+    )
+}
+
+/// Delivers `event` once, then 20 times concurrently, then under a new event id.
+async fn deliver_many_times(stripe: &StripeApp, event: &Value) -> Vec<u16> {
+    let mut statuses = vec![stripe.deliver(event).await];
+    statuses.extend(join_all((0..20).map(|_| stripe.deliver(event))).await);
+    let mut resent = event.clone();
+    resent["id"] = json!(format!("{}_resent", event["id"].as_str().unwrap()));
+    statuses.push(stripe.deliver(&resent).await);
+    statuses
+}
+
 #[actix::test]
-async fn a_dispute_debits_the_disputed_amount_once() {
+async fn a_dispute_is_debited_once_when_funds_are_withdrawn_and_credited_back_once_when_reinstated()
+{
     let stripe = spawn_stripe_app().await;
     top_up(&stripe, "user_dispute", "cs_dispute", 3000).await;
-    let dispute = event(
-        "evt_dispute",
+    let pi = "pi_cs_dispute";
+
+    let created = dispute_event(
+        "evt_dp_created",
         "charge.dispute.created",
-        json!({
-            "id": "dp_1",
-            "object": "dispute",
-            "amount": 3000,
-            "charge": "ch_dispute",
-            "currency": "eur",
-            "payment_intent": "pi_cs_dispute",
-            "reason": "fraudulent",
-            "status": "needs_response",
-        }),
+        "dp_1",
+        pi,
+        "needs_response",
     );
-    let mut resent = dispute.clone();
-    resent["id"] = json!("evt_dispute_resent");
+    assert!(deliver_many_times(&stripe, &created)
+        .await
+        .iter()
+        .all(|&s| s == 200));
+    assert_eq!(
+        stripe.balance_micros("user_dispute").await,
+        30_000_000,
+        "no funds left yet, no credits either"
+    );
 
-    assert_eq!(stripe.deliver(&dispute).await, 200);
-    assert_eq!(stripe.deliver(&resent).await, 200);
-    assert_eq!(stripe.deliver(&dispute).await, 200);
-
+    let withdrawn = dispute_event(
+        "evt_dp_withdrawn",
+        "charge.dispute.funds_withdrawn",
+        "dp_1",
+        pi,
+        "needs_response",
+    );
+    let statuses = deliver_many_times(&stripe, &withdrawn).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     assert_eq!(stripe.balance_micros("user_dispute").await, 0);
+
+    let won = dispute_event("evt_dp_closed", "charge.dispute.closed", "dp_1", pi, "won");
+    assert!(deliver_many_times(&stripe, &won)
+        .await
+        .iter()
+        .all(|&s| s == 200));
+    let reinstated = dispute_event(
+        "evt_dp_reinstated",
+        "charge.dispute.funds_reinstated",
+        "dp_1",
+        pi,
+        "won",
+    );
+    let statuses = deliver_many_times(&stripe, &reinstated).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+
+    assert_eq!(stripe.balance_micros("user_dispute").await, 30_000_000);
     assert_eq!(
         stripe.transactions("DISPUTE").await,
-        vec![(30_000_000, "stripe:dispute:dp_1".to_owned())]
+        vec![
+            (30_000_000, "stripe:dispute:dp_1".to_owned()),
+            (30_000_000, "stripe:dispute:dp_1:reinstated".to_owned()),
+        ]
     );
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_inquiry_moves_no_credits_however_often_it_is_delivered() {
+    let stripe = spawn_stripe_app().await;
+    top_up(&stripe, "user_inquiry", "cs_inquiry", 3000).await;
+    let pi = "pi_cs_inquiry";
+
+    for (id, kind, status) in [
+        (
+            "evt_inq_created",
+            "charge.dispute.created",
+            "warning_needs_response",
+        ),
+        (
+            "evt_inq_funds",
+            "charge.dispute.funds_withdrawn",
+            "warning_under_review",
+        ),
+        ("evt_inq_closed", "charge.dispute.closed", "warning_closed"),
+    ] {
+        let statuses =
+            deliver_many_times(&stripe, &dispute_event(id, kind, "dp_inq", pi, status)).await;
+        assert!(statuses.iter().all(|&s| s == 200), "{kind}: {statuses:?}");
+    }
+
+    assert_eq!(stripe.balance_micros("user_inquiry").await, 30_000_000);
+    assert!(stripe.transactions("DISPUTE").await.is_empty());
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+/// `GET /v1/payment_intents/{id}` answering `metadata`.
+async fn mount_payment_intent(stripe: &StripeApp, id: &str, metadata: Value) {
+    Mock::given(method("GET"))
+        .and(path(format!("/v1/payment_intents/{id}")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": id, "object": "payment_intent", "metadata": metadata,
+        })))
+        .mount(&stripe.stripe)
+        .await;
+}
+
+#[actix::test]
+async fn a_dispute_before_its_top_up_credit_answers_503_then_applies_once_after_the_credit() {
+    let stripe = spawn_stripe_app().await;
+    let account = stripe.app.account("user_early_dispute").await.0;
+    let pi = "pi_cs_early_dispute";
+    mount_payment_intent(&stripe, pi, json!({ "type": "credit_topup" })).await;
+    mount_payment_intent(&stripe, "pi_subscription", json!({})).await;
+    let withdrawn = dispute_event(
+        "evt_early_dp",
+        "charge.dispute.funds_withdrawn",
+        "dp_early",
+        pi,
+        "needs_response",
+    );
+
+    let early = stripe.deliver(&withdrawn).await;
+    let not_a_top_up = stripe
+        .deliver(&dispute_event(
+            "evt_sub_dp",
+            "charge.dispute.funds_withdrawn",
+            "dp_sub",
+            "pi_subscription",
+            "needs_response",
+        ))
+        .await;
+
+    assert_eq!(early, 503, "Stripe must retry it");
+    assert_eq!(not_a_top_up, 200);
+    assert_eq!(stripe.recorded_events().await, 1);
+    let status = stripe
+        .deliver(&event(
+            "evt_cs_early_dispute",
+            "checkout.session.completed",
+            checkout_session("cs_early_dispute", account, 3000, "paid"),
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let statuses = deliver_many_times(&stripe, &withdrawn).await;
+
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(stripe.balance_micros("user_early_dispute").await, 0);
+    assert_eq!(stripe.transactions("DISPUTE").await.len(), 1);
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_paid_session_whose_amount_differs_from_the_top_up_asked_is_recorded_and_not_credited() {
+    let stripe = spawn_stripe_app().await;
+    let account = stripe.app.account("user_mismatch").await.0;
+    let mut session = checkout_session("cs_mismatch", account, 500, "paid");
+    session["amount_total"] = json!(100_000);
+    let mut without_amount = checkout_session("cs_no_amount", account, 500, "paid");
+    without_amount["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("amountCents");
+
+    let status = stripe
+        .deliver(&event(
+            "evt_mismatch",
+            "checkout.session.completed",
+            session,
+        ))
+        .await;
+    let status_without = stripe
+        .deliver(&event(
+            "evt_no_amount",
+            "checkout.session.completed",
+            without_amount,
+        ))
+        .await;
+
+    assert_eq!((status, status_without), (200, 200));
+    assert_eq!(stripe.recorded_events().await, 2, "Stripe stops retrying");
+    assert_eq!(stripe.balance_micros("user_mismatch").await, 0);
+    let metrics = stripe
+        .app
+        .http
+        .get(stripe.app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = metrics
+        .lines()
+        .find(|line| line.starts_with("creditd_topup_amount_mismatch_total"))
+        .and_then(|line| line.split_whitespace().last())
+        .and_then(|value| value.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(counted >= 2.0, "{counted}");
     stripe.app.db.reconcile_is_clean().await;
 }
 

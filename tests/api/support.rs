@@ -340,6 +340,7 @@ pub fn outage_settings(jwks: &wiremock::MockServer) -> Settings {
     settings.admin.token = creditd::config::Secret::new(ADMIN_TOKEN);
     settings.database.connect_timeout_ms = 500;
     settings.database.pool_wait_timeout_ms = 500;
+    settings.database.health_check_interval_ms = 200;
     settings.engine.call_timeout_ms = 1_500;
     settings
 }
