@@ -136,10 +136,10 @@ impl Chat {
                     "field `{field}`: must be 1 to {REFERENCE_MAX_LEN} bytes long"
                 )));
             }
-            check_text(field, value).map_err(|_| text_error(field))?;
+            check_text(field, value).map_err(|error| text_error(field, &error))?;
         }
         if let Some(model) = &body.model {
-            check_text("model", model).map_err(|_| text_error("model"))?;
+            check_text("model", model).map_err(|error| text_error("model", &error))?;
         }
         Ok(Chat {
             messages: body
@@ -159,10 +159,13 @@ impl Chat {
     }
 }
 
-fn text_error(field: &str) -> ApiError {
-    ApiError::invalid(format!(
-        "field `{field}`: must not contain control characters"
-    ))
+/// A stored text refused: the field named, the reason from the ledger's check.
+fn text_error(field: &str, error: &LedgerError) -> ApiError {
+    let reason = error.to_string();
+    let reason = reason
+        .strip_prefix(&format!("{field}: "))
+        .unwrap_or(&reason);
+    ApiError::invalid(format!("field `{field}`: {reason}"))
 }
 
 /// Input tokens of `messages`, never fewer than the provider will count.
@@ -632,7 +635,7 @@ impl Call {
     }
 
     async fn stream_held(
-        self,
+        mut self,
         opened: oneshot::Sender<Result<(), ApiError>>,
         events: mpsc::Sender<Bytes>,
     ) {
@@ -651,18 +654,20 @@ impl Call {
                 return;
             }
         };
-        if opened.send(Ok(())).is_err() {
-            drop(upstream);
-            self.observe("client_disconnected", started);
-            self.release("client_disconnected").await;
-            return;
-        }
         let chat = &self.state.settings.chat;
         let pacing = Pacing {
             keep_alive: Duration::from_millis(chat.stream_keep_alive_ms),
             write_timeout: Duration::from_millis(chat.stream_write_timeout_ms),
         };
-        let (end, text_bytes) = pump(&mut upstream, &events, pacing).await;
+        let (end, text_bytes) = if opened.send(Ok(())).is_err() {
+            // Gone before the answer opened: what the provider already
+            // reported is charged all the same.
+            let mut text_bytes = 0;
+            drain_ready(&mut upstream, &mut text_bytes);
+            (End::Disconnected, text_bytes)
+        } else {
+            pump(&mut upstream, &events, pacing).await
+        };
         let usage = upstream.usage();
         drop(upstream);
         self.observe(
@@ -674,10 +679,15 @@ impl Call {
             },
             started,
         );
-        let credits = match self.bill_stream(&end, usage, text_bytes).await {
+        let billed = self.bill_stream(&end, usage, text_bytes).await;
+        // Settled or released: the chat's places are given back before the
+        // last event, which a client that stopped reading may never take.
+        self.slot = None;
+        self.in_flight = None;
+        let credits = match billed {
             Ok(credits) => credits,
             Err(error) => {
-                let _ = events.send(error_event(&error, None)).await;
+                let _ = deliver(&events, error_event(&error, None), pacing).await;
                 return;
             }
         };
@@ -692,7 +702,7 @@ impl Call {
             End::Broken(error) => error_event(&self.provider_error(&error), credits),
             End::Disconnected | End::TooSlow => return,
         };
-        let _ = events.send(last).await;
+        let _ = deliver(&events, last, pacing).await;
     }
 
     /// Settles a streamed call for what it produced, or releases it when it

@@ -302,9 +302,12 @@ impl AccountActor {
         let mut replies = Vec::with_capacity(due.len());
         for hold in due {
             replies.push(self.apply(ctx, move |state, at, durable| {
-                state.release(hold, HoldStatus::Expired, at, durable)
+                let expired = state.release(hold, HoldStatus::Expired, at, durable);
+                if matches!(expired, Ok(Applied::New { .. })) {
+                    metrics::counter!("creditd_holds_expired_total").increment(1);
+                }
+                expired
             }));
-            metrics::counter!("creditd_holds_expired_total").increment(1);
         }
         replies
     }

@@ -124,8 +124,12 @@ pub(crate) struct AccountState {
     keys: Recent<IdempotencyKey, Box<TransactionRecord>>,
     finished: Recent<HoldId, FinishedHold>,
     /// Per Stripe object, the total clawed back so far (committed or in
-    /// flight); an object is loaded from PostgreSQL on its first clawback.
-    clawed_back: HashMap<String, Micros>,
+    /// flight) and the seq of its last clawback (0: loaded from PostgreSQL);
+    /// an object is loaded on its first clawback. Bounded like the keys:
+    /// past `recent_capacity` objects, those with nothing in flight are
+    /// forgotten (a later clawback loads them again).
+    clawed_back: HashMap<String, (Micros, i64)>,
+    recent_capacity: usize,
 }
 
 /// Longest free text stored with an entry (a description, a Stripe id, a
@@ -159,14 +163,25 @@ fn check_posting_text(posting: &Posting) -> Result<(), LedgerError> {
             check_text(field, value)?;
         }
     }
-    if let Some(metadata) = &posting.metadata {
-        if metadata.to_string().contains("\\u0000") {
-            return Err(LedgerError::InvalidRequest(
-                "metadata: must not contain NUL characters".into(),
-            ));
-        }
+    if posting.metadata.as_ref().is_some_and(holds_nul) {
+        return Err(LedgerError::InvalidRequest(
+            "metadata: must not contain NUL characters".into(),
+        ));
     }
     Ok(())
+}
+
+/// A NUL in any key or string of a JSON value (PostgreSQL's jsonb refuses it).
+fn holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(key, item)| key.contains('\0') || holds_nul(item)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 fn check_usage_text(charge: &UsageCharge) -> Result<(), LedgerError> {
@@ -209,6 +224,7 @@ impl AccountState {
             keys: Recent::new(recent_capacity),
             finished: Recent::new(recent_capacity),
             clawed_back: HashMap::new(),
+            recent_capacity,
         }
     }
 
@@ -488,7 +504,7 @@ impl AccountState {
                 seq: first.seq,
             });
         }
-        let Some(&taken) = self.clawed_back.get(&request.object) else {
+        let Some(&(taken, _)) = self.clawed_back.get(&request.object) else {
             return Err(LedgerError::Internal(format!(
                 "clawback of {} before its past was loaded",
                 request.object
@@ -515,8 +531,14 @@ impl AccountState {
         };
         match self.post(Direction::Debit, &posting, now, durable_seq)? {
             Applied::New { value, record } => {
+                let seq = self.seq;
                 self.clawed_back
-                    .insert(request.object.clone(), request.target);
+                    .insert(request.object.clone(), (request.target, seq));
+                if self.clawed_back.len() > self.recent_capacity {
+                    self.clawed_back.retain(|_, (_, last)| *last > durable_seq);
+                    self.clawed_back
+                        .insert(request.object.clone(), (request.target, seq));
+                }
                 Ok(Applied::New {
                     value: Some(value),
                     record,
@@ -536,7 +558,7 @@ impl AccountState {
 
     /// Records the clawbacks PostgreSQL holds for `object`.
     pub fn remember_clawbacks(&mut self, object: String, taken: Micros) {
-        self.clawed_back.entry(object).or_insert(taken);
+        self.clawed_back.entry(object).or_insert((taken, 0));
     }
 
     pub fn release(
