@@ -112,6 +112,10 @@ impl Limits {
 struct Keyed<K: Hash + Eq + Clone> {
     limiter: DefaultKeyedRateLimiter<K>,
     clock: DefaultClock,
+    /// Keys held before the next sweep: twice what the last sweep left (at
+    /// least `KEYS_BEFORE_SWEEP`), so sweeping stays amortized O(1) per
+    /// request even when most keys are recent.
+    sweep_at: std::sync::atomic::AtomicUsize,
 }
 
 impl<K: Hash + Eq + Clone> Keyed<K> {
@@ -119,13 +123,20 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
         Keyed {
             limiter: RateLimiter::keyed(quota),
             clock: DefaultClock::default(),
+            sweep_at: std::sync::atomic::AtomicUsize::new(KEYS_BEFORE_SWEEP),
         }
     }
 
     fn check(&self, key: &K, limit: Limit) -> Result<(), Refused> {
-        if self.limiter.len() > KEYS_BEFORE_SWEEP {
+        use std::sync::atomic::Ordering;
+        if self.limiter.len() > self.sweep_at.load(Ordering::Relaxed) {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
+            let left = self.limiter.len();
+            self.sweep_at.store(
+                left.saturating_mul(2).max(KEYS_BEFORE_SWEEP),
+                Ordering::Relaxed,
+            );
         }
         self.limiter.check_key(key).map_err(|not_until| {
             Refused::counted(limit, not_until.wait_time_from(self.clock.now()))
