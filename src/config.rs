@@ -155,6 +155,8 @@ pub struct JournalSettings {
     pub queue_capacity: usize,
     pub stall_after_ms: u64,
     pub pipeline_depth: usize,
+    /// How long an admitted hold's entry waits for its settlement.
+    pub hold_delay_us: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -625,6 +627,7 @@ mod tests {
         "server.history_cache_entries", // no cache
         "engine.arbiters",              // one per CPU core
         "journal.batch_delay_us",       // commit at once
+        "journal.hold_delay_us",        // a hold's entry sent at once
         "credits.signup_bonus_cents",   // no bonus
         "credits.low_balance_cents",    // never flagged low
         "clerk.leeway_s",               // no clock leeway

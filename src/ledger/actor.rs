@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::{DateTime, SubsecRound, Utc};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use super::journal::{wait_durable, Durable, DurableSender, Entry, WriterHandle};
+use super::journal::{wait_durable, Durable, DurableSender, Entry, Record, WriterHandle};
 use super::state::{AccountState, Applied};
 use super::store::{self, StoredAccount};
 use super::types::*;
@@ -36,6 +36,8 @@ pub(crate) struct ActorSettings {
     pub idle_timeout: Duration,
     pub hold_ttl: chrono::Duration,
     pub recent_keys: usize,
+    /// How long an admitted hold's entry waits for its settlement.
+    pub hold_delay: Duration,
 }
 
 /// When an operation's reply comes.
@@ -78,6 +80,11 @@ pub struct AccountActor {
     /// Removes this actor from the directory (if it is still the registered one).
     deregister: Arc<dyn Fn() + Send + Sync>,
     published: Arc<Published>,
+    /// An admitted hold's entry, held back (its queue room already taken)
+    /// until the account's next operation or `hold_delay`, so that a fast
+    /// chat's hold and settlement go to the writer together and are written
+    /// as one finished hold row. Always sent before any later entry.
+    pending: Option<(mpsc::OwnedPermit<Entry>, Entry)>,
 }
 
 /// What an actor shares with the directory entry that started it.
@@ -134,6 +141,14 @@ impl AccountActor {
             timer: None,
             deregister,
             published,
+            pending: None,
+        }
+    }
+
+    /// Sends the held-back hold entry, if any.
+    fn flush_pending(&mut self) {
+        if let Some((permit, entry)) = self.pending.take() {
+            permit.send(entry);
         }
     }
 
@@ -162,6 +177,8 @@ impl AccountActor {
     }
 
     fn stop(&mut self, ctx: &mut Context<Self>) {
+        // A held-back entry of a failed or stopping incarnation is void.
+        self.pending = None;
         if !matches!(self.phase, Phase::Stopping) {
             self.published.set(None);
             (self.deregister)();
@@ -195,7 +212,10 @@ impl AccountActor {
         if let Err(error) = self.gate(ctx) {
             return ready(Err(error));
         }
+        // Entries leave in seq order: a held-back hold goes first.
+        self.flush_pending();
         let durable_seq = self.durable_seq();
+        let hold_delay = self.settings.hold_delay;
         let Phase::Ready(state) = &mut self.phase else {
             return ready(Err(LedgerError::Reset));
         };
@@ -219,7 +239,10 @@ impl AccountActor {
                     self.stop(ctx);
                     return ready(Err(error));
                 }
-                permit.send(Entry {
+                let hold_back = answer == Answer::WhenApplied
+                    && !hold_delay.is_zero()
+                    && matches!(record, Record::HoldPlaced(_));
+                let entry = Entry {
                     account: self.account,
                     epoch: self.epoch,
                     seq: state.seq,
@@ -229,8 +252,19 @@ impl AccountActor {
                     held_after: state.held.get(),
                     record,
                     durable: self.durable_tx.clone(),
-                });
-                (value, state.seq, false)
+                };
+                let seq = state.seq;
+                if hold_back {
+                    self.pending = Some((permit, entry));
+                    ctx.run_later(hold_delay, move |actor, _| {
+                        if actor.pending.as_ref().is_some_and(|(_, e)| e.seq == seq) {
+                            actor.flush_pending();
+                        }
+                    });
+                } else {
+                    permit.send(entry);
+                }
+                (value, seq, false)
             }
             Ok(Applied::Replay { value, seq }) => (value, seq, true),
             Err(error) => return ready(Err(error)),

@@ -200,8 +200,9 @@ pub struct Engine {
     arbiters: Vec<Arbiter>,
 }
 
-fn actor_settings(settings: &EngineSettings) -> ActorSettings {
+fn actor_settings(settings: &EngineSettings, journal: &JournalSettings) -> ActorSettings {
     ActorSettings {
+        hold_delay: Duration::from_micros(journal.hold_delay_us),
         mailbox_capacity: settings.mailbox_capacity.max(1),
         idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
         hold_ttl: chrono::Duration::seconds(
@@ -267,7 +268,7 @@ impl Engine {
             arbiters: handles,
             backend,
             writer: writer.clone(),
-            settings: actor_settings(engine),
+            settings: actor_settings(engine, journal),
             call_timeout: Duration::from_millis(engine.call_timeout_ms),
             next_id: AtomicU64::new(1),
             resident: AtomicUsize::new(0),

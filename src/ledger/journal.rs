@@ -254,13 +254,14 @@ impl WriterHandle {
     pub(crate) fn reserve(
         &self,
         account: AccountId,
-    ) -> Result<mpsc::Permit<'_, Entry>, LedgerError> {
+    ) -> Result<mpsc::OwnedPermit<Entry>, LedgerError> {
         self.lane(account)
             .tx
-            .try_reserve()
+            .clone()
+            .try_reserve_owned()
             .map_err(|error| match error {
-                mpsc::error::TrySendError::Full(()) => LedgerError::Overloaded,
-                mpsc::error::TrySendError::Closed(()) => {
+                mpsc::error::TrySendError::Full(_) => LedgerError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => {
                     LedgerError::Unavailable("the journal writer has stopped".into())
                 }
             })

@@ -1439,3 +1439,88 @@ async fn an_admitted_hold_is_answered_before_its_commit_and_counts_against_the_b
     assert_eq!(settled.record.held_micros, micros(700));
     db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_fast_chat_writes_its_hold_and_settlement_in_one_batch_as_one_finished_hold_row() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    settings.journal.writers = 1;
+    // Long enough that the pause below (a provider answering) fits in it
+    // even on a loaded machine.
+    settings.journal.hold_delay_us = 2_000_000;
+    let engine = db.engine(&settings);
+    let account = db.user("user_ledger_fast_chat").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(1_000)),
+        )
+        .await
+        .unwrap();
+    let before = engine.writer().stats();
+    let hold = HoldId::generate();
+    engine.admit(account, hold, micros(300)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let settled = engine.settle(account, hold, charge(120)).await.unwrap();
+    let after = engine.writer().stats();
+
+    // Catches a hold entry sent at once: it commits in a batch of its own,
+    // and the settlement finishes it with an update in a second one.
+    assert_eq!(
+        after.batches_committed,
+        before.batches_committed + 1,
+        "the hold and its settlement committed together"
+    );
+    assert_eq!(settled.record.held_micros, micros(300));
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT status, finished_seq FROM credit_holds WHERE id = $1",
+            &[&hold.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "SETTLED");
+    assert_eq!(row.get::<_, Option<i64>>(1), Some(settled.record.seq));
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_held_back_hold_is_journaled_after_its_delay_when_no_settlement_comes() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    settings.journal.hold_delay_us = 50_000;
+    let engine = db.engine(&settings);
+    let account = db.user("user_ledger_slow_chat").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(1_000)),
+        )
+        .await
+        .unwrap();
+    let hold = HoldId::generate();
+    engine.admit(account, hold, micros(300)).await.unwrap();
+    let client = db.client().await;
+    let mut active: i64 = 0;
+    for _ in 0..300 {
+        active = client
+            .query_one(
+                "SELECT count(*) FROM credit_holds WHERE id = $1 AND status = 'ACTIVE'",
+                &[&hold.0],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if active == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        active, 1,
+        "the hold reached PostgreSQL without any other operation"
+    );
+    db.reconcile_is_clean().await;
+}
