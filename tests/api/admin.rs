@@ -222,18 +222,21 @@ async fn the_account_view_shows_amounts_first_then_holds_plan_and_entries() {
 async fn the_reconcile_report_is_clean_after_traffic() {
     let app = spawn_app().await;
     for index in 0..5 {
-        adjust(
+        let (adjusted, body) = adjust(
             &app,
             &format!("user_r{index}"),
             json!({"amountMicros": 1_000_000 + index, "key": format!("r{index}"), "reason": "seed"}),
         )
         .await;
-        app.post_as(
-            &format!("user_r{index}"),
-            "/api/credits/claim-bonus",
-            &json!({}),
-        )
-        .await;
+        assert_eq!(adjusted, 201, "{body}");
+        let claimed = app
+            .post_as(
+                &format!("user_r{index}"),
+                "/api/credits/claim-bonus",
+                &json!({}),
+            )
+            .await;
+        assert_eq!(claimed.status(), 201, "user_r{index}'s bonus");
     }
     let response = app
         .admin(Method::GET, "/admin/reconcile")
@@ -244,4 +247,5 @@ async fn the_reconcile_report_is_clean_after_traffic() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["clean"], true, "{body}");
     assert_eq!(body["accountsChecked"], 5);
+    assert_eq!(transaction_count(&app).await, 10, "the traffic was written");
 }

@@ -237,7 +237,7 @@ async fn clerk_webhooks_answer_503_when_the_signing_secret_is_not_set() {
 }
 
 #[actix::test]
-async fn user_created_replayed_twenty_times_makes_one_user_with_one_bonus() {
+async fn twenty_concurrent_user_created_deliveries_make_one_user_with_one_bonus() {
     let app = clerk_app().await;
     let created = user_event(
         "user.created",
@@ -247,13 +247,21 @@ async fn user_created_replayed_twenty_times_makes_one_user_with_one_bonus() {
         "Lovelace",
     );
 
-    let sequential = deliver(&app, "msg_signup", &created).await;
-    let concurrent = join_all((0..19).map(|_| deliver(&app, "msg_signup", &created))).await;
-    let resent_under_new_id = deliver(&app, "msg_signup_resent", &created).await;
+    // None has committed when the others arrive: ten Svix retries of one
+    // message and ten resends under new message ids race the upsert and
+    // the bonus, not the event record.
+    let ids: Vec<String> = (0..20)
+        .map(|i| {
+            if i % 2 == 0 {
+                "msg_signup".to_owned()
+            } else {
+                format!("msg_signup_resent_{i}")
+            }
+        })
+        .collect();
+    let statuses = join_all(ids.iter().map(|id| deliver(&app, id, &created))).await;
 
-    assert_eq!(sequential, 200);
-    assert!(concurrent.iter().all(|&s| s == 200), "{concurrent:?}");
-    assert_eq!(resent_under_new_id, 200);
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     assert_eq!(
         user_row(&app, "user_signup").await,
         Some((
@@ -265,6 +273,60 @@ async fn user_created_replayed_twenty_times_makes_one_user_with_one_bonus() {
     assert_eq!(bonuses(&app).await, 1);
     let (_, overview) = json_of(app.get_as("user_signup", "/api/credits").await).await;
     assert_eq!(overview["balanceMicros"], 10_000_000);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_redelivered_older_clerk_event_does_not_undo_a_newer_one() {
+    let app = clerk_app().await;
+    let created = user_event(
+        "user.created",
+        "user_redelivered",
+        "first@example.com",
+        "Old",
+        "Name",
+    );
+    let older = user_event(
+        "user.updated",
+        "user_redelivered",
+        "older@example.com",
+        "Older",
+        "Name",
+    );
+    let newer = user_event(
+        "user.updated",
+        "user_redelivered",
+        "newer@example.com",
+        "Newer",
+        "Name",
+    );
+    let deleted = json!({ "object": "event", "type": "user.deleted",
+        "data": { "object": "user", "id": "user_redelivered", "deleted": true } });
+    assert_eq!(deliver(&app, "msg_r_created", &created).await, 200);
+    assert_eq!(deliver(&app, "msg_r_older", &older).await, 200);
+    assert_eq!(deliver(&app, "msg_r_newer", &newer).await, 200);
+
+    // Only the record of the message id tells this redelivery from news:
+    // the upsert itself would write the older name and email back.
+    assert_eq!(deliver(&app, "msg_r_older", &older).await, 200);
+    assert_eq!(
+        user_row(&app, "user_redelivered").await,
+        Some((
+            Some("newer@example.com".into()),
+            Some("Newer Name".into()),
+            false
+        ))
+    );
+
+    // A late retry of `user.created` would bring the deleted user back.
+    assert_eq!(deliver(&app, "msg_r_deleted", &deleted).await, 200);
+    assert_eq!(deliver(&app, "msg_r_created", &created).await, 200);
+    let (_, _, is_deleted) = user_row(&app, "user_redelivered").await.unwrap();
+    assert!(
+        is_deleted,
+        "a redelivered user.created revived a deleted user"
+    );
+    assert_eq!(bonuses(&app).await, 1);
     app.db.reconcile_is_clean().await;
 }
 

@@ -121,6 +121,9 @@ async fn sigterm_finishes_in_flight_requests_and_flushes_the_journal_before_exit
         .env("CREDITD__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("CREDITD__ADMIN__TOKEN", ADMIN_TOKEN)
         .env("CREDITD__LOG__LEVEL", "warn")
+        // The test holds balance rows locked for a moment; no lock timeout.
+        .env("CREDITD__DATABASE__STATEMENT_TIMEOUT_MS", "60000")
+        .env("CREDITD__SERVER__SHUTDOWN_TIMEOUT_S", "30")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -138,17 +141,91 @@ async fn sigterm_finishes_in_flight_requests_and_flushes_the_journal_before_exit
         assert!(Instant::now() < deadline, "creditd did not become ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let requests = (0..64).map(|n| {
+    let credit = |n: usize| {
         http.post(format!("{base}/admin/accounts/user_term_{}/credits", n % 4))
             .bearer_auth(ADMIN_TOKEN)
             .json(&json!({"amountMicros": 1_000 + n, "key": format!("term-{n}"), "reason": "stop"}))
             .send()
-    });
-    let in_flight = futures_util::future::join_all(requests);
+    };
+    let client = db.client().await;
+    let durable = |keys: Vec<String>| {
+        let client = &client;
+        async move {
+            let mut stored = Vec::new();
+            for key in keys {
+                let count: i64 = client
+                    .query_one(
+                        "SELECT count(*) FROM credit_transactions WHERE idempotency_key = $1",
+                        &[&key],
+                    )
+                    .await
+                    .expect("count")
+                    .get(0);
+                assert!(count <= 1, "{key} stored {count} times");
+                if count == 1 {
+                    stored.push(key);
+                }
+            }
+            stored
+        }
+    };
+
+    // The service serves before the signal: 16 credits over 4 accounts.
+    let before = futures_util::future::join_all((0..16).map(credit)).await;
+    for (n, answer) in before.iter().enumerate() {
+        let status = answer.as_ref().map(|r| r.status().as_u16());
+        assert_eq!(
+            status.ok(),
+            Some(201),
+            "credit {n} before the signal: {answer:?}"
+        );
+    }
+
+    // The journal cannot commit while these balance rows are locked, so the
+    // next credits wait inside their handlers when the signal comes.
+    let locker = db.client().await;
+    locker
+        .batch_execute(
+            "BEGIN;
+             SELECT 1 FROM credit_balances
+              WHERE user_id IN (SELECT id FROM users WHERE clerk_id LIKE 'user_term_%')
+                FOR UPDATE;",
+        )
+        .await
+        .expect("lock the balance rows");
+    let in_flight = futures_util::future::join_all((16..64).map(credit));
     let terminate = async {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .expect("lock waits")
+                .get(0);
+            if waiting > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the journal never waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // SAFETY: kill(2) on the child we spawned.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        // The listener closes once the stop began; only then may the
+        // journal commit, so the waiting credits finish during the stop.
+        let address: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        while std::net::TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok() {
+            assert!(Instant::now() < deadline, "creditd kept accepting");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Not a wait for anything: a commit slower than the HTTP server's
+        // first look at its stopping workers (after 1 s), well inside the
+        // shutdown timeout, so a stop that does not wait drops them.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        locker.batch_execute("ROLLBACK").await.expect("unlock");
     };
     let (answers, ()) = futures_util::join!(in_flight, terminate);
     let status = tokio::task::spawn_blocking(move || child.wait())
@@ -160,23 +237,30 @@ async fn sigterm_finishes_in_flight_requests_and_flushes_the_journal_before_exit
         status.success(),
         "creditd exits cleanly on SIGTERM: {status:?}"
     );
-    let acknowledged: Vec<String> = answers
-        .into_iter()
-        .enumerate()
-        .filter(|(_, answer)| answer.as_ref().is_ok_and(|r| r.status().as_u16() == 201))
-        .map(|(n, _)| format!("admin:term-{n}"))
-        .collect();
-    let client = db.client().await;
-    for key in &acknowledged {
-        let count: i64 = client
-            .query_one(
-                "SELECT count(*) FROM credit_transactions WHERE idempotency_key = $1",
-                &[key],
-            )
-            .await
-            .expect("count")
-            .get(0);
-        assert_eq!(count, 1, "acknowledged {key} is stored");
+    let mut acknowledged = Vec::new();
+    for (n, answer) in (16..64).zip(&answers) {
+        match answer {
+            Ok(response) => {
+                assert_eq!(response.status(), 201, "credit {n} during the stop");
+                acknowledged.push(format!("admin:term-{n}"));
+            }
+            Err(error) => assert!(
+                error.is_connect() || error.is_request(),
+                "credit {n} during the stop: {error:?}"
+            ),
+        }
     }
+    let before_keys: Vec<String> = (0..16).map(|n| format!("admin:term-{n}")).collect();
+    assert_eq!(durable(before_keys.clone()).await, before_keys);
+    let stored = durable((16..64).map(|n| format!("admin:term-{n}")).collect()).await;
+    assert!(
+        !acknowledged.is_empty(),
+        "none of the credits waiting on the journal at the signal was answered: {:?}",
+        answers.first()
+    );
+    assert_eq!(
+        stored, acknowledged,
+        "every acknowledged credit is stored, and every stored one was answered"
+    );
     db.reconcile_is_clean().await;
 }

@@ -81,8 +81,12 @@ async fn fifty_concurrent_bonus_claims_grant_one_bonus() {
 #[actix::test]
 async fn a_user_never_sees_another_users_balance_or_history() {
     let app = spawn_app().await;
-    app.post_as("user_alice", "/api/credits/claim-bonus", &json!({}))
+    let claimed = app
+        .post_as("user_alice", "/api/credits/claim-bonus", &json!({}))
         .await;
+    assert_eq!(claimed.status(), 201, "Alice has credits Bob could see");
+    let (_, alice) = json_of(app.get_as("user_alice", "/api/credits").await).await;
+    assert_eq!(alice["balanceMicros"], 10_000_000);
 
     let (_, bob) = json_of(app.get_as("user_bob", "/api/credits").await).await;
     let (_, bob_history) = json_of(app.get_as("user_bob", "/api/credits/transactions").await).await;

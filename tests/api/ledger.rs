@@ -643,6 +643,83 @@ async fn a_stale_actor_cannot_overwrite_a_newer_state_and_reloads() {
 }
 
 #[actix::test]
+async fn a_stale_actor_cannot_release_a_hold_over_a_newer_state_and_reloads() {
+    let db = TestDb::new().await;
+    let engine = db.engine(&settings());
+    let account = db.user("user_ledger_stale_release").await;
+    engine
+        .credit(account, posting("k1", TransactionType::TopUp, eur(1)))
+        .await
+        .unwrap();
+    let hold = HoldId::generate();
+    engine
+        .reserve(account, hold, micros(300_000))
+        .await
+        .unwrap();
+
+    // Another writer (a second instance) moves the account on to seq 3.
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
+                 idempotency_key, balance_before_micros, balance_after_micros, created_at)
+             VALUES (gen_random_uuid(), $1, 3, 'ADJUSTMENT', 'CREDIT', 4000000, 'elsewhere',
+                 1000000, 5000000, now())",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE credit_balances SET balance_micros = 5000000, version = 3
+              WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+
+    // The release is journaled as seq 3 too, but it inserts no row keyed
+    // by seq (it finishes the hold row in place): only the version fence
+    // on the balance row can refuse it.
+    let stale = engine.release(account, hold).await.unwrap_err();
+    assert!(matches!(stale, LedgerError::Unavailable(_)), "{stale:?}");
+    let balance = client
+        .query_one(
+            "SELECT balance_micros, held_micros, version FROM credit_balances WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            balance.get::<_, i64>(0),
+            balance.get::<_, i64>(1),
+            balance.get::<_, i64>(2)
+        ),
+        (5_000_000, 300_000, 3),
+        "the stale actor's balance did not overwrite the newer one"
+    );
+    let status: String = client
+        .query_one("SELECT status FROM credit_holds WHERE id = $1", &[&hold.0])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "ACTIVE", "the refused release was undone");
+
+    let retried = engine
+        .release(account, hold)
+        .await
+        .expect("a fresh actor serves after reloading");
+    assert_eq!(retried.record.status, HoldStatus::Released);
+    let after = engine.balance(account).await.unwrap();
+    assert_eq!(
+        (after.balance_micros, after.held_micros),
+        (eur(5), micros(0))
+    );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
 async fn a_flooded_account_answers_overloaded_and_loses_nothing() {
     let db = TestDb::new().await;
     let mut settings = settings();

@@ -134,7 +134,9 @@ async fn operations_in_flight_when_the_database_stops_fail_cleanly_and_the_engin
         .unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, Ordering::Relaxed);
-    join_all(workers).await;
+    for finished in join_all(workers).await {
+        finished.expect("a worker ended without a panic");
+    }
 
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(settled_before > 0, "work committed before the outage");
@@ -216,7 +218,10 @@ async fn operations_in_flight_when_the_database_stops_fail_cleanly_and_the_engin
         .await
         .unwrap();
     assert!(report.clean, "{:#?}", report.problems);
-    engine.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        engine.shutdown(Duration::from_secs(5)).await,
+        "the journal drained"
+    );
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -273,5 +278,8 @@ async fn a_balance_read_never_shows_an_operation_whose_write_failed() {
         (summary.balance_micros, summary.held_micros),
         (eur(10), eur(0))
     );
-    engine.shutdown(Duration::from_secs(5)).await;
+    assert!(
+        engine.shutdown(Duration::from_secs(5)).await,
+        "the journal drained"
+    );
 }

@@ -1373,6 +1373,82 @@ async fn subscription_events_keep_the_users_plan() {
 }
 
 #[actix::test]
+async fn a_redelivered_subscription_event_does_not_undo_a_newer_one_of_the_same_second() {
+    let stripe = spawn_stripe_app().await;
+    let account = stripe.app.account("user_same_second").await.0;
+    let client = stripe.app.db.client().await;
+    client
+        .execute(
+            "UPDATE users SET stripe_customer_id = 'cus_plan' WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    let second = chrono::Utc::now().timestamp();
+    let pro = subscription_event_at(
+        "evt_same_second_pro",
+        "customer.subscription.updated",
+        "sub_1",
+        "price_pro",
+        "active",
+        second,
+    );
+    let team = subscription_event_at(
+        "evt_same_second_team",
+        "customer.subscription.updated",
+        "sub_1",
+        "price_team",
+        "active",
+        second,
+    );
+    assert_eq!(stripe.deliver(&pro).await, 200);
+    assert_eq!(stripe.deliver(&team).await, 200);
+
+    // Both were created in the same second, so the event time cannot order
+    // them: only the record of the event id keeps the retry from writing
+    // PRO back over TEAM.
+    let body = pro.to_string();
+    let (status, answer) = json_of(
+        stripe
+            .deliver_with(&body, Some(&signed_header(&body)))
+            .await,
+    )
+    .await;
+    let plan: String = client
+        .query_one("SELECT plan FROM users WHERE id = $1", &[&account])
+        .await
+        .unwrap()
+        .get(0);
+    let metrics = stripe
+        .app
+        .http
+        .get(stripe.app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+
+    assert_eq!(
+        plan, "TEAM",
+        "the retry of the older event was applied again"
+    );
+    assert_eq!(status, 200);
+    assert_eq!(answer, json!({ "received": true, "duplicate": true }));
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("creditd_webhook_events_total{")
+                && line.contains(r#"source="stripe""#)
+                && line.contains(r#"type="customer.subscription.updated""#)
+                && line.contains(r#"outcome="duplicate""#)),
+        "{metrics}"
+    );
+    stripe.app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
 async fn a_webhook_whose_effect_did_not_commit_answers_an_error_and_is_processed_on_redelivery() {
     let stripe = spawn_stripe_app().await;
     let account = stripe.app.account("user_sabotage").await.0;
