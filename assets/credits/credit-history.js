@@ -50,7 +50,7 @@ function usageRow(item) {
       'div',
       { class: 'history__main' },
       h('p', { class: 'history__label' }, item.model),
-      h('p', { class: 'history__tokens' }, `${tokens.format(item.inputTokens)} in / ${tokens.format(item.outputTokens)} out`),
+      h('p', { class: 'history__tokens' }, `${tokens.format(item.inputTokens)} jetons en entrée · ${tokens.format(item.outputTokens)} en sortie`),
     ),
     h(
       'div',

@@ -50,7 +50,7 @@ class CreditTopupDialogElement extends HTMLElement {
       inputmode: 'decimal',
       name: 'custom-amount',
       class: 'topup__custom',
-      placeholder: '€',
+      placeholder: 'Ex. : 15',
       autocomplete: 'off',
       'aria-describedby': 'credit-topup-error',
     })

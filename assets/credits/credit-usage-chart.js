@@ -85,7 +85,15 @@ class CreditUsageChartElement extends HTMLElement {
       ' · ',
       h('span', { class: 'chart__total' }, `Total ${days.length} jours : ${formatMicros(total, { decimals: 4, roundUp: true })}`),
     )
-    const parts = [h('h2', {}, `Dépenses par jour (${days.length} derniers jours)`), chart, summary]
+    // The chart's ends and scale, so a lone bar reads as a day and an amount.
+    const range = h(
+      'p',
+      { class: 'chart__range', 'aria-hidden': 'true' },
+      h('span', {}, days.length ? dayFormat.format(new Date(`${days[0].date}T00:00:00Z`)) : ''),
+      h('span', {}, highest > 0n ? `max ${formatMicros(highest, { decimals: 4, roundUp: true })} / jour` : ''),
+      h('span', {}, "aujourd'hui"),
+    )
+    const parts = [h('h2', {}, `Dépenses par jour (${days.length} derniers jours)`), chart, range, summary]
     if (total === 0n) parts.push(h('p', { class: 'chart__status' }, 'Aucune utilisation sur la période.'))
     this.replaceChildren(...parts)
   }

@@ -43,7 +43,7 @@ class DemoChatElement extends HTMLElement {
       })
       const credits = answer.credits
       const cost = credits
-        ? `Coût : ${formatMicros(credits.usedMicros, { decimals: 4, roundUp: true })} · ${credits.inputTokens} in / ${credits.outputTokens} out · solde ${formatMicros(credits.balanceMicros)}`
+        ? `Coût : ${formatMicros(credits.usedMicros, { decimals: 4, roundUp: true })} · ${credits.inputTokens} jetons en entrée / ${credits.outputTokens} en sortie · solde ${formatMicros(credits.balanceMicros)}`
         : 'Vos propres clés : non facturé'
       this.log.append(
         h('li', { class: 'chat__message is-user' }, content),
