@@ -49,7 +49,7 @@ use super::error::{parse_json, ApiError, Code};
 use super::settings::{open_key, stored_keys};
 use super::{read_body, State};
 use crate::config::{ChatSettings, Secret};
-use crate::ledger::{check_text, AccountId, HoldId, LedgerError, UsageCharge, UsageRecord};
+use crate::ledger::{text_problem, AccountId, HoldId, LedgerError, UsageCharge, UsageRecord};
 use crate::metering::SettlementSlot;
 use crate::money::Micros;
 use crate::pricing::{ModelPrice, Provider, TokenUsage};
@@ -136,10 +136,10 @@ impl Chat {
                     "field `{field}`: must be 1 to {REFERENCE_MAX_LEN} bytes long"
                 )));
             }
-            check_text(field, value).map_err(|error| text_error(field, &error))?;
+            stored_text(field, value)?;
         }
         if let Some(model) = &body.model {
-            check_text("model", model).map_err(|error| text_error("model", &error))?;
+            stored_text("model", model)?;
         }
         Ok(Chat {
             messages: body
@@ -159,13 +159,13 @@ impl Chat {
     }
 }
 
-/// A stored text refused: the field named, the reason from the ledger's check.
-fn text_error(field: &str, error: &LedgerError) -> ApiError {
-    let reason = error.to_string();
-    let reason = reason
-        .strip_prefix(&format!("{field}: "))
-        .unwrap_or(&reason);
-    ApiError::invalid(format!("field `{field}`: {reason}"))
+/// A text stored with the usage, refused by the ledger's own rule with the
+/// field named.
+fn stored_text(field: &str, value: &str) -> Result<(), ApiError> {
+    match text_problem(value) {
+        Some(problem) => Err(ApiError::invalid(format!("field `{field}`: {problem}"))),
+        None => Ok(()),
+    }
 }
 
 /// Input tokens of `messages`, never fewer than the provider will count.

@@ -795,16 +795,10 @@ fn optional_text(column: &str, value: &Option<String>) -> Result<(), String> {
 }
 
 fn json(column: &str, value: &serde_json::Value) -> Result<(), String> {
-    use serde_json::Value;
-    match value {
-        Value::String(string) => text(column, string),
-        Value::Array(items) => items.iter().try_for_each(|item| json(column, item)),
-        Value::Object(fields) => fields.iter().try_for_each(|(key, item)| {
-            text(column, key)?;
-            json(column, item)
-        }),
-        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    if super::state::holds_nul(value) {
+        return Err(format!("{column} contains a NUL character"));
     }
+    Ok(())
 }
 
 /// `timestamptz` starts in 4714 BC; chrono reaches further back.

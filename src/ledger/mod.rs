@@ -13,7 +13,7 @@ mod directory;
 mod journal;
 pub mod reconcile;
 mod state;
-pub use state::{check_text, TEXT_MAX_BYTES};
+pub use state::{check_text, text_problem, TEXT_MAX_BYTES};
 pub mod store;
 mod types;
 

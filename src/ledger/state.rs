@@ -140,17 +140,21 @@ pub const TEXT_MAX_BYTES: usize = 1000;
 /// refuses NUL, and no stored text needs any), at most `TEXT_MAX_BYTES`.
 /// Checked before an operation applies, so a bad text never reaches a batch.
 pub fn check_text(field: &str, value: &str) -> Result<(), LedgerError> {
+    match text_problem(value) {
+        Some(problem) => Err(LedgerError::InvalidRequest(format!("{field}: {problem}"))),
+        None => Ok(()),
+    }
+}
+
+/// Why `value` may not be stored, if it may not (see `check_text`).
+pub fn text_problem(value: &str) -> Option<String> {
     if value.len() > TEXT_MAX_BYTES {
-        return Err(LedgerError::InvalidRequest(format!(
-            "{field}: longer than {TEXT_MAX_BYTES} bytes"
-        )));
+        return Some(format!("longer than {TEXT_MAX_BYTES} bytes"));
     }
     if value.chars().any(char::is_control) {
-        return Err(LedgerError::InvalidRequest(format!(
-            "{field}: must not contain control characters"
-        )));
+        return Some("must not contain control characters".into());
     }
-    Ok(())
+    None
 }
 
 fn check_posting_text(posting: &Posting) -> Result<(), LedgerError> {
@@ -172,7 +176,7 @@ fn check_posting_text(posting: &Posting) -> Result<(), LedgerError> {
 }
 
 /// A NUL in any key or string of a JSON value (PostgreSQL's jsonb refuses it).
-fn holds_nul(value: &serde_json::Value) -> bool {
+pub(crate) fn holds_nul(value: &serde_json::Value) -> bool {
     use serde_json::Value;
     match value {
         Value::String(text) => text.contains('\0'),
@@ -535,9 +539,8 @@ impl AccountState {
                 self.clawed_back
                     .insert(request.object.clone(), (request.target, seq));
                 if self.clawed_back.len() > self.recent_capacity {
+                    // Keeps the one just applied: its seq is past durable.
                     self.clawed_back.retain(|_, (_, last)| *last > durable_seq);
-                    self.clawed_back
-                        .insert(request.object.clone(), (request.target, seq));
                 }
                 Ok(Applied::New {
                     value: Some(value),
