@@ -48,6 +48,8 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
 pub struct Storage {
     pub database: Database,
     pub pool: deadpool_postgres::Pool,
+    /// The engine's clock: the system's, unless a test sets its own.
+    pub clock: crate::clock::Clock,
 }
 
 impl Storage {
@@ -67,15 +69,20 @@ impl Storage {
             tracing::info!(?applied, "migrations applied");
         }
         let pool = database.pool(&settings.database)?;
-        Ok(Storage { database, pool })
+        Ok(Storage {
+            database,
+            pool,
+            clock: crate::clock::Clock::system(),
+        })
     }
 
     pub fn engine(&self, settings: &Settings) -> Engine {
-        Engine::start(
+        Engine::start_with_clock(
             &settings.engine,
             &settings.journal,
             self.database.clone(),
             self.pool.clone(),
+            self.clock.clone(),
         )
     }
 }

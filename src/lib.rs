@@ -16,6 +16,7 @@
 
 pub mod app;
 pub mod byok;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;

@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::journal::{wait_durable, Durable, DurableSender, Entry, Record, WriterHandle};
 use super::state::{AccountState, Applied};
 use super::store::{self, StoredAccount};
 use super::types::*;
+use crate::clock::Clock;
 use crate::money::Micros;
 
 /// Where accounts load from.
@@ -30,7 +31,7 @@ pub(crate) enum Backend {
 }
 
 /// Engine settings an actor needs.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct ActorSettings {
     pub mailbox_capacity: usize,
     pub idle_timeout: Duration,
@@ -38,6 +39,8 @@ pub(crate) struct ActorSettings {
     pub recent_keys: usize,
     /// How long an admitted hold's entry waits for its settlement.
     pub hold_delay: Duration,
+    /// What the actor reads the time from (expiries, windows).
+    pub clock: Clock,
 }
 
 /// When an operation's reply comes.
@@ -225,7 +228,7 @@ impl AccountActor {
         };
         // PostgreSQL keeps microseconds: so does the engine, so a record
         // reads back exactly as it was answered.
-        let now = Utc::now().trunc_subsecs(6);
+        let now = self.settings.clock.now();
         // What the balance row holds before this entry, should the writer
         // have to put it back.
         let (balance_before, held_before) = (state.balance.get(), state.held.get());
@@ -351,7 +354,9 @@ impl AccountActor {
         let now = Instant::now();
         let idle_at = self.last_activity + self.settings.idle_timeout;
         let expiry_at = self.state().and_then(|s| s.next_expiry()).map(|at| {
-            let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            let wait = (at - self.settings.clock.now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
             now + wait
         });
         let at = expiry_at
@@ -378,7 +383,7 @@ impl AccountActor {
             self.stop(ctx);
             return;
         }
-        let replies = self.expire_due(ctx, Utc::now());
+        let replies = self.expire_due(ctx, self.settings.clock.now());
         for reply in replies {
             ctx.spawn(
                 async move {
@@ -613,7 +618,7 @@ impl Handler<Reserve> for AccountActor {
 
     fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
         // Expired holds give their amount back before a new one is judged.
-        for reply in self.expire_due(ctx, Utc::now()) {
+        for reply in self.expire_due(ctx, self.settings.clock.now()) {
             drop(reply);
         }
         let ttl = self.settings.hold_ttl;

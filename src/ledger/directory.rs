@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use super::actor::*;
 use super::journal::{spawn_writer, Durable, DurableSender, WriterHandle};
 use super::types::*;
+use crate::clock::Clock;
 use crate::config::{EngineSettings, JournalSettings};
 use crate::db::Database;
 use crate::money::Micros;
@@ -96,7 +97,7 @@ impl Directory {
         });
         let backend = inner.backend.clone();
         let writer = inner.writer.clone();
-        let settings = inner.settings;
+        let settings = inner.settings.clone();
         let durable: DurableSender = Arc::new(tokio::sync::watch::channel(Durable::default()).0);
         let published = Arc::new(Published::default());
         let links = DirectoryLinks {
@@ -198,10 +199,16 @@ pub struct Engine {
     writer: WriterHandle,
     pool: Option<deadpool_postgres::Pool>,
     arbiters: Vec<Arbiter>,
+    clock: Clock,
 }
 
-fn actor_settings(settings: &EngineSettings, journal: &JournalSettings) -> ActorSettings {
+fn actor_settings(
+    settings: &EngineSettings,
+    journal: &JournalSettings,
+    clock: Clock,
+) -> ActorSettings {
     ActorSettings {
+        clock,
         hold_delay: Duration::from_micros(journal.hold_delay_us),
         mailbox_capacity: settings.mailbox_capacity.max(1),
         idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
@@ -220,12 +227,24 @@ impl Engine {
         database: Database,
         pool: deadpool_postgres::Pool,
     ) -> Engine {
+        Engine::start_with_clock(engine, journal, database, pool, Clock::system())
+    }
+
+    /// As `start`, reading the time from `clock` (tests move it by hand).
+    pub fn start_with_clock(
+        engine: &EngineSettings,
+        journal: &JournalSettings,
+        database: Database,
+        pool: deadpool_postgres::Pool,
+        clock: Clock,
+    ) -> Engine {
         Engine::build(
             engine,
             journal,
             Some(database),
             Backend::Postgres(pool.clone()),
             Some(pool),
+            clock,
         )
     }
 
@@ -243,6 +262,7 @@ impl Engine {
             None,
             Backend::Memory { opening_balance },
             None,
+            Clock::system(),
         )
     }
 
@@ -252,6 +272,7 @@ impl Engine {
         database: Option<Database>,
         backend: Backend,
         pool: Option<deadpool_postgres::Pool>,
+        clock: Clock,
     ) -> Engine {
         let count = if engine.arbiters == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -268,7 +289,7 @@ impl Engine {
             arbiters: handles,
             backend,
             writer: writer.clone(),
-            settings: actor_settings(engine, journal),
+            settings: actor_settings(engine, journal, clock.clone()),
             call_timeout: Duration::from_millis(engine.call_timeout_ms),
             next_id: AtomicU64::new(1),
             resident: AtomicUsize::new(0),
@@ -280,7 +301,13 @@ impl Engine {
             writer,
             pool,
             arbiters,
+            clock,
         }
+    }
+
+    /// The clock the engine's actors read.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub fn directory(&self) -> &Directory {
