@@ -5,6 +5,7 @@
 //! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY`;
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
+//! - [`events`]: delivery of the outbox's events (alerts, top-ups), signed;
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
 //! - [`svix`]: the signature of Clerk's (Svix) webhooks;
 //! - [`metering`]: chat settlements retried until they post; usage reports;
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod ledger;

@@ -30,6 +30,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "signup_bonus_claims",
         include_str!("../../sql/0004_signup_bonus_claims.sql"),
     ),
+    (
+        5,
+        "outgoing_events",
+        include_str!("../../sql/0005_outgoing_events.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

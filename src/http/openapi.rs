@@ -46,6 +46,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::admin::adjust,
         super::admin::account,
         super::admin::run_reconcile,
+        super::admin::list_events,
+        super::admin::redeliver_event,
         super::healthz,
         super::readyz,
         super::metrics_text,
@@ -112,6 +114,12 @@ impl utoipa::PartialSchema for ErrorCode {
 }
 
 impl ToSchema for ErrorCode {}
+
+/// `GET /admin/events`: the outbox's events, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct EventList {
+    events: Vec<crate::events::store::EventDelivery>,
+}
 
 /// `GET /api/credits/usage/daily`: spend per UTC day, oldest first.
 #[derive(Serialize, ToSchema)]

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::journal::{wait_durable, Durable, DurableSender, Entry, Record, WriterHandle};
+use super::outbox::{self, AlertState, AlertThresholds};
 use super::state::{AccountState, Applied};
 use super::store::{self, StoredAccount};
 use super::types::*;
@@ -41,6 +42,8 @@ pub(crate) struct ActorSettings {
     pub hold_delay: Duration,
     /// What the actor reads the time from (expiries, windows).
     pub clock: Clock,
+    /// When the account's balance alerts fire.
+    pub alerts: AlertThresholds,
 }
 
 /// When an operation's reply comes.
@@ -88,6 +91,9 @@ pub struct AccountActor {
     /// chat's hold and settlement go to the writer together and are written
     /// as one finished hold row. Always sent before any later entry.
     pending: Option<(mpsc::OwnedPermit<Entry>, Entry)>,
+    /// Which balance alerts were sent since the last recovery (loaded with
+    /// the account, moved by every change as its entry is made).
+    alerts: AlertState,
 }
 
 /// What an actor shares with the directory entry that started it.
@@ -145,6 +151,7 @@ impl AccountActor {
             deregister,
             published,
             pending: None,
+            alerts: AlertState::default(),
         }
     }
 
@@ -242,6 +249,15 @@ impl AccountActor {
                     self.stop(ctx);
                     return ready(Err(error));
                 }
+                let events = outbox::events_of(
+                    &record,
+                    &mut self.alerts,
+                    &self.settings.alerts,
+                    state.balance,
+                    Micros::new(balance_before - held_before),
+                    state.available(),
+                    now,
+                );
                 let hold_back = answer == Answer::WhenApplied
                     && !hold_delay.is_zero()
                     && matches!(record, Record::HoldPlaced(_));
@@ -254,6 +270,7 @@ impl AccountActor {
                     balance_after: state.balance.get(),
                     held_after: state.held.get(),
                     record,
+                    events,
                     durable: self.durable_tx.clone(),
                 };
                 let seq = state.seq;
@@ -405,7 +422,8 @@ impl AccountActor {
         self.schedule(ctx);
     }
 
-    fn loaded(&mut self, ctx: &mut Context<Self>, stored: StoredAccount) {
+    fn loaded(&mut self, ctx: &mut Context<Self>, stored: StoredAccount, alerts: AlertState) {
+        self.alerts = alerts;
         let state = AccountState::new(
             self.account,
             stored.balance,
@@ -439,20 +457,25 @@ impl Actor for AccountActor {
             match backend {
                 Backend::Postgres(pool) => {
                     let client = store::client(&pool).await?;
-                    store::load_account(&**client, account).await
+                    let stored = store::load_account(&**client, account).await?;
+                    let alerts = outbox::load_alert_state(&**client, account).await?;
+                    Ok((stored, alerts))
                 }
-                Backend::Memory { opening_balance } => Ok(StoredAccount {
-                    balance: opening_balance,
-                    held: Micros::ZERO,
-                    version: 0,
-                    holds: Vec::new(),
-                }),
+                Backend::Memory { opening_balance } => Ok((
+                    StoredAccount {
+                        balance: opening_balance,
+                        held: Micros::ZERO,
+                        version: 0,
+                        holds: Vec::new(),
+                    },
+                    AlertState::default(),
+                )),
             }
         };
         ctx.wait(
             load.into_actor(self)
                 .map(|result, actor, ctx| match result {
-                    Ok(stored) => actor.loaded(ctx, stored),
+                    Ok((stored, alerts)) => actor.loaded(ctx, stored, alerts),
                     Err(error) => {
                         tracing::debug!(account = actor.account.0, %error, "account load failed");
                         actor.phase = Phase::Failed(error);

@@ -11,6 +11,7 @@
 mod actor;
 mod directory;
 mod journal;
+pub mod outbox;
 pub mod reconcile;
 mod state;
 pub use state::{check_text, text_problem, TEXT_MAX_BYTES};
