@@ -98,19 +98,30 @@ pub struct AlertState {
 }
 
 impl AlertState {
-    /// The alerts a move of the available balance to `available` causes,
-    /// in the order they happen.
-    pub fn observe(&mut self, thresholds: &AlertThresholds, available: Micros) -> Vec<EventType> {
+    /// The alerts a move of the available balance from `before` to
+    /// `available` causes, in the order they happen. Only a fall sends
+    /// `balance.low` or `balance.depleted` (a credit that leaves the balance
+    /// low is no news); only a rise sends `balance.recovered`.
+    pub fn observe(
+        &mut self,
+        thresholds: &AlertThresholds,
+        before: Micros,
+        available: Micros,
+    ) -> Vec<EventType> {
         let mut fired = Vec::new();
-        if !self.low_sent && available < thresholds.low {
+        let falling = available < before;
+        if falling && !self.low_sent && available < thresholds.low {
             self.low_sent = true;
             fired.push(EventType::BalanceLow);
         }
-        if !self.depleted_sent && !available.is_positive() {
+        if falling && !self.depleted_sent && !available.is_positive() {
             self.depleted_sent = true;
             fired.push(EventType::BalanceDepleted);
         }
-        if (self.low_sent || self.depleted_sent) && available.get() >= thresholds.recovered_at() {
+        if available > before
+            && (self.low_sent || self.depleted_sent)
+            && available.get() >= thresholds.recovered_at()
+        {
             *self = AlertState::default();
             fired.push(EventType::BalanceRecovered);
         }
@@ -164,7 +175,7 @@ pub(crate) fn events_of(
         }
     }
     if available != available_before {
-        for kind in alerts.observe(thresholds, available) {
+        for kind in alerts.observe(thresholds, available_before, available) {
             push(
                 kind,
                 json!({
@@ -221,10 +232,12 @@ mod tests {
         let thresholds = AlertThresholds::default();
         let mut state = AlertState::default();
         let mut fired = Vec::new();
+        let mut before = eur(0);
         for cents in [
             500, 250, 199, 150, 250, 299, 150, 0, -20, 100, 299, 300, 250, 199,
         ] {
-            fired.extend(state.observe(&thresholds, eur(cents)));
+            fired.extend(state.observe(&thresholds, before, eur(cents)));
+            before = eur(cents);
         }
         assert_eq!(
             fired,
@@ -240,10 +253,21 @@ mod tests {
     #[test]
     fn a_drop_straight_to_zero_fires_low_then_depleted_in_that_order() {
         let mut state = AlertState::default();
-        let fired = state.observe(&AlertThresholds::default(), Micros::ZERO);
+        let fired = state.observe(&AlertThresholds::default(), eur(300), Micros::ZERO);
         assert_eq!(
             fired,
             vec![EventType::BalanceLow, EventType::BalanceDepleted]
+        );
+    }
+
+    #[test]
+    fn a_credit_that_leaves_a_new_account_under_the_threshold_sends_nothing() {
+        let mut state = AlertState::default();
+        let thresholds = AlertThresholds::default();
+        assert!(state.observe(&thresholds, eur(0), eur(100)).is_empty());
+        assert_eq!(
+            state.observe(&thresholds, eur(100), eur(90)),
+            vec![EventType::BalanceLow]
         );
     }
 }
