@@ -457,6 +457,10 @@ async fn checkout(state: &State, session: CheckoutSession) -> Result<Outcome, Ap
         return Ok(Outcome::AmountMismatch);
     }
     let amount = cents(amount_total, "amount_total")?;
+    let metadata = match session.invoice.as_deref() {
+        Some(invoice) => Some(invoice_metadata(state, invoice).await?),
+        None => None,
+    };
     let posting = Posting {
         key: key(format!("stripe:checkout:{}", session.id))?,
         kind: TransactionType::TopUp,
@@ -464,9 +468,43 @@ async fn checkout(state: &State, session: CheckoutSession) -> Result<Outcome, Ap
         description: Some(format!("Recharge de {amount}")),
         stripe_session_id: Some(session.id.clone()),
         stripe_payment_id: session.payment_intent.clone(),
-        metadata: None,
+        metadata,
     };
     applied(state.engine.credit(account, posting).await, "top-up")
+}
+
+/// The top-up's invoice as its transaction keeps it: `invoiceId`, and the
+/// hosted page and PDF read from the Invoice (Checkout finalizes it as the
+/// session completes). Stripe unreachable: 503, and Stripe redelivers the
+/// event; the credit waits for its invoice link rather than lose it.
+async fn invoice_metadata(state: &State, invoice: &str) -> Result<serde_json::Value, ApiError> {
+    let Some(api) = state.stripe.as_ref() else {
+        tracing::warn!(%invoice, "top-up invoice not read: the Stripe API is not configured");
+        return Ok(json!({ "invoiceId": invoice }));
+    };
+    let found = api
+        .retrieve_invoice(invoice)
+        .await
+        .map_err(|error| match error {
+            // Stripe's own failure: it redelivers the event later.
+            StripeCallError::Refused { status, .. } if status >= 500 => {
+                tracing::warn!(%invoice, %error, "Stripe could not read the top-up's invoice");
+                ApiError::new(
+                    Code::Unavailable,
+                    "the payment provider could not read the invoice; retry shortly",
+                )
+            }
+            other => stripe_failure(other),
+        })?;
+    let Some(found) = found else {
+        tracing::error!(%invoice, "the top-up's invoice is unknown to Stripe");
+        return Ok(json!({ "invoiceId": invoice }));
+    };
+    Ok(json!({
+        "invoiceId": found.id,
+        "invoiceUrl": found.hosted_invoice_url,
+        "invoicePdf": found.invoice_pdf,
+    }))
 }
 
 /// `users.plan` from the subscription's price while it is live (active,
