@@ -584,3 +584,52 @@ async fn an_event_survives_a_sigkill_before_its_delivery_and_is_delivered_once_a
     assert!(duplicates(&receiver.deliveries()).is_empty());
     assert!(receiver.deliveries().iter().all(|d| d.signed));
 }
+
+#[actix::test]
+async fn a_change_refused_in_its_batch_leaves_no_event_and_the_other_accounts_keep_theirs() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    // One writer with a wide batch, so both accounts share a transaction.
+    settings.journal.writers = 1;
+    settings.journal.batch_delay_us = 5_000;
+    let engine = engine(&db, &settings);
+    let bad = db.user("user_event_refused").await;
+    let good = db.user("user_event_kept").await;
+    for account in [bad, good] {
+        engine
+            .credit(account, posting("in", TransactionType::Adjustment, eur(3)))
+            .await
+            .expect("credit");
+    }
+    // Another writer took the bad account's next journal row (seq 2) without
+    // moving its balance row: the fence passes, the insert is refused.
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
+                 idempotency_key, balance_before_micros, balance_after_micros, created_at)
+             VALUES (gen_random_uuid(), $1, 2, 'ADJUSTMENT', 'DEBIT', 1, 'elsewhere',
+                 3000000, 2999999, now())",
+            &[&bad.0],
+        )
+        .await
+        .expect("conflicting row");
+
+    let (refused, kept) = tokio::join!(
+        engine.debit(bad, posting("out", TransactionType::Adjustment, eur(2))),
+        engine.debit(good, posting("out", TransactionType::Adjustment, eur(2))),
+    );
+
+    assert!(refused.is_err(), "{refused:?}");
+    kept.expect("the other account's debit commits");
+    assert!(
+        outbox(&db, bad).await.is_empty(),
+        "no event without its change"
+    );
+    let types: Vec<String> = outbox(&db, good)
+        .await
+        .into_iter()
+        .map(|(_, t, _)| t)
+        .collect();
+    assert_eq!(types, ["balance.low"], "no change without its event");
+}
