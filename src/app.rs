@@ -148,7 +148,11 @@ impl Application {
         let settlements = state.settlements.clone();
         crate::health::start(storage.database.clone(), &state.health).await;
         http::auth::spawn_jwks_refresh(&state.clerk);
-        let sender = crate::events::spawn_sender(storage.pool.clone(), &settings.events)?;
+        let sender = crate::events::spawn_sender(
+            storage.database.clone(),
+            storage.pool.clone(),
+            &settings.events,
+        )?;
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,

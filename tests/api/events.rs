@@ -206,11 +206,13 @@ async fn a_thousand_chats_through_the_threshold_twice_send_each_alert_once_signe
     let mut settings = settings();
     sending_to(&mut settings, &server);
     let engine = engine(&db, &settings);
-    let pool = db
-        .database(&settings)
-        .pool(&settings.database)
-        .expect("pool");
-    let sender = creditd::events::spawn_sender(pool, &settings.events)
+    let database = db.database(&settings);
+    let pool = database.pool(&settings.database).expect("pool");
+    // Two instances' senders on one database: one sends, the other waits.
+    let second = creditd::events::spawn_sender(database.clone(), pool.clone(), &settings.events)
+        .expect("sender")
+        .expect("a URL is configured");
+    let sender = creditd::events::spawn_sender(database, pool, &settings.events)
         .expect("sender")
         .expect("a URL is configured");
     let account = db.user("user_walks_down").await;
@@ -237,6 +239,7 @@ async fn a_thousand_chats_through_the_threshold_twice_send_each_alert_once_signe
     let balance = engine.balance(account).await.expect("balance");
     wait_until_sent(&db, Duration::from_secs(60)).await;
     sender.abort();
+    second.abort();
 
     assert_eq!(balance.balance_micros, eur(11));
     let outbox = outbox(&db, account).await;
