@@ -636,3 +636,41 @@ async fn a_change_refused_in_its_batch_leaves_no_event_and_the_other_accounts_ke
         .collect();
     assert_eq!(types, ["balance.low"], "no change without its event");
 }
+
+#[actix::test]
+async fn a_top_up_and_its_refund_announce_themselves_with_their_amounts() {
+    let db = TestDb::new().await;
+    let engine = engine(&db, &settings());
+    let account = db.user("user_refunded").await;
+    let mut topup = posting("stripe:checkout:cs_1", TransactionType::TopUp, eur(20));
+    topup.stripe_session_id = Some("cs_1".into());
+    engine.credit(account, topup).await.expect("top-up");
+    let mut refund = posting(
+        "stripe:charge:ch_1:refunded:500",
+        TransactionType::Refund,
+        eur(5),
+    );
+    refund.stripe_payment_id = Some("pi_1".into());
+    engine.debit(account, refund).await.expect("refund");
+
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT type, data FROM outgoing_events WHERE user_id = $1 ORDER BY seq, ordinal",
+            &[&account.0],
+        )
+        .await
+        .expect("outbox");
+    let events: Vec<(String, serde_json::Value)> =
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].0, "topup.succeeded");
+    assert_eq!(events[0].1["amountMicros"], 20_000_000);
+    assert_eq!(events[0].1["balanceMicros"], 20_000_000);
+    assert_eq!(events[0].1["stripeSessionId"], "cs_1");
+    assert_eq!(events[1].0, "topup.refunded");
+    assert_eq!(events[1].1["amountMicros"], 5_000_000);
+    assert_eq!(events[1].1["balanceMicros"], 15_000_000);
+    assert_eq!(events[1].1["stripePaymentId"], "pi_1");
+}
