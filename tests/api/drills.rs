@@ -44,15 +44,13 @@ async fn outside() -> Outside {
 
     let anthropic = wiremock::MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(crate::chat::anthropic_message(
-                "drill answer",
-                40,
-                12,
-                0,
-                0,
-            )),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_message(
+            "drill answer",
+            40,
+            12,
+            0,
+            0,
+        )))
         .mount(&anthropic)
         .await;
     Outside {
@@ -91,7 +89,7 @@ async fn start_server(db: &TestDb, outside: &Outside) -> Server {
         )
         .env(
             "CREDITD__PROVIDERS__ANTHROPIC_API_KEY",
-            crate::chat::PLATFORM_ANTHROPIC_KEY,
+            PLATFORM_ANTHROPIC_KEY,
         )
         .env("CREDITD__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("CREDITD__ADMIN__TOKEN", ADMIN_TOKEN)

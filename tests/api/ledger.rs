@@ -27,6 +27,28 @@ fn charge(cost: i64) -> UsageCharge {
     }
 }
 
+/// Another writer (a second instance) moves the account from version 1 to
+/// 2: its seq 2, a 4 EUR adjustment on top of the 1 EUR the test credited.
+async fn move_on_elsewhere(client: &impl tokio_postgres::GenericClient, account: AccountId) {
+    client
+        .execute(
+            "INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
+                 idempotency_key, balance_before_micros, balance_after_micros, created_at)
+             VALUES (gen_random_uuid(), $1, 2, 'ADJUSTMENT', 'CREDIT', 4000000, 'elsewhere',
+                 1000000, 5000000, now())",
+            &[&account.0],
+        )
+        .await
+        .expect("the other writer's entry");
+    client
+        .execute(
+            "UPDATE credit_balances SET balance_micros = 5000000, version = 2 WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .expect("the other writer's balance");
+}
+
 #[actix::test]
 async fn credits_and_debits_are_journaled_with_their_running_balance() {
     let db = TestDb::new().await;
@@ -600,19 +622,7 @@ async fn a_stale_actor_cannot_overwrite_a_newer_state_and_reloads() {
         .unwrap();
 
     // Another writer (a second instance) moves the account on.
-    db.client()
-        .await
-        .batch_execute(&format!(
-            "INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
-                 idempotency_key, balance_before_micros, balance_after_micros, created_at)
-             VALUES (gen_random_uuid(), {id}, 2, 'ADJUSTMENT', 'CREDIT', 4000000, 'elsewhere',
-                 1000000, 5000000, now());
-             UPDATE credit_balances SET balance_micros = 5000000, version = 2
-              WHERE user_id = {id};",
-            id = account.0
-        ))
-        .await
-        .unwrap();
+    move_on_elsewhere(&db.client().await, account).await;
 
     let stale = engine
         .credit(account, posting("k2", TransactionType::TopUp, eur(2)))
@@ -1279,18 +1289,7 @@ async fn entries_behind_a_failed_batch_in_flight_never_commit_even_when_another_
 
     // The other writer commits its own seq 2: the first batch is fenced, and
     // the version is now exactly the one the second batch expects.
-    foreign
-        .batch_execute(&format!(
-            "INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
-                 idempotency_key, balance_before_micros, balance_after_micros, created_at)
-             VALUES (gen_random_uuid(), {id}, 2, 'ADJUSTMENT', 'CREDIT', 4000000, 'elsewhere',
-                 1000000, 5000000, now());
-             UPDATE credit_balances SET balance_micros = 5000000, version = 2
-              WHERE user_id = {id};",
-            id = account.0
-        ))
-        .await
-        .unwrap();
+    move_on_elsewhere(&foreign, account).await;
     foreign.commit().await.unwrap();
 
     let first = first.await.unwrap();
