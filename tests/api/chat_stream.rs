@@ -2,6 +2,7 @@
 //! a final event with the credits, settlement for what was produced when the
 //! provider breaks or the client leaves.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -226,9 +227,16 @@ async fn a_stream_that_breaks_midway_settles_the_text_received_and_ends_with_an_
 #[actix::test]
 async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_what_was_produced() {
     let fakes = fakes().await;
-    let first = openai_chunk("The first words");
-    let (address, closed) =
-        raw_provider(vec![first], Then::KeepStreaming, openai_chunk(" and more")).await;
+    // Multi-byte text: 10 three-byte characters and a four-byte one, then
+    // fillers of a space and a three-byte check mark.
+    let first_text = "Premiers mots déjà écrits: 日本語のテキストです 🙂";
+    let filler_text = " ✓";
+    let (address, closed, fillers) = counted_provider(
+        vec![openai_chunk(first_text)],
+        Then::KeepStreaming,
+        openai_chunk(filler_text),
+    )
+    .await;
     let app = app_with(&fakes, |s| s.providers.openai_base_url = address).await;
     fund(&app, "user_gone", 10_000_000).await;
 
@@ -239,20 +247,20 @@ async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_wh
     )
     .await;
     assert_eq!(response.status(), 200);
-    let mut seen = String::new();
+    let mut seen = Vec::new();
     let read = async {
-        while !seen.contains("The first words") {
+        while !String::from_utf8_lossy(&seen).contains(first_text) {
             let chunk = response
                 .chunk()
                 .await
                 .unwrap()
                 .expect("a delta before the end");
-            seen.push_str(&String::from_utf8_lossy(&chunk));
+            seen.extend_from_slice(&chunk);
         }
     };
     tokio::time::timeout(Duration::from_secs(10), read)
         .await
-        .expect("the stream reached the awaited point");
+        .expect("the first text reached the client whole, as UTF-8");
     drop(response);
 
     let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
@@ -263,23 +271,25 @@ async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_wh
         upstream_closed,
         "the upstream call went on after the client left"
     );
-    let mut usage = Value::Null;
-    for _ in 0..100 {
-        let overview = balance(&app, "user_gone").await;
-        if overview["heldMicros"] == 0 && overview["usages"][0].is_object() {
-            usage = overview["usages"][0].clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(usage.is_object(), "the stream was never settled");
+    let usage = settled_usage(&app, "user_gone").await;
     // No usage chunk came: input is the estimate, 16 + (2 + 8) = 26 tokens;
-    // output is counted from the text received, at least ceil(15 / 3) = 5.
+    // output is counted from the bytes of text received: at least the first
+    // text's, at most everything the provider wrote.
     assert_eq!(usage["inputTokens"], 26);
     let output = usage["outputTokens"].as_u64().unwrap();
-    assert!(output >= 5, "{usage}");
+    let first_bytes = first_text.len() as u64;
+    let written_bytes =
+        first_bytes + fillers.load(Ordering::SeqCst) as u64 * filler_text.len() as u64;
+    assert!(
+        (first_bytes.div_ceil(3)..=written_bytes.div_ceil(3)).contains(&output),
+        "{output} output tokens for {first_bytes} to {written_bytes} bytes of text: {usage}"
+    );
     let cost = (26 * 2_430_556 + output as i64 * 9_722_223 + 999_999) / 1_000_000;
     assert_eq!(usage["costMicros"], cost);
+    assert_eq!(
+        balance(&app, "user_gone").await["balanceMicros"],
+        10_000_000 - cost
+    );
     app.db.reconcile_is_clean().await;
 }
 

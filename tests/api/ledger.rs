@@ -1380,7 +1380,8 @@ async fn blocked_writer_pid(db: &TestDb) -> i32 {
         if let Some(row) = client
             .query_opt(
                 "SELECT pid FROM pg_stat_activity
-                  WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE credit_balances%'",
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'
+                    AND query LIKE '%UPDATE credit_balances%'",
                 &[],
             )
             .await
@@ -1391,6 +1392,106 @@ async fn blocked_writer_pid(db: &TestDb) -> i32 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("no journal batch ever waited on the locked balance row");
+}
+
+#[actix::test]
+async fn a_key_replayed_while_its_first_entry_is_still_uncommitted_applies_once() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    // One key in memory: the entry in flight must be the one it keeps.
+    settings.engine.recent_keys = 1;
+    let engine = Arc::new(db.engine(&settings));
+    let account = db.user("user_replay_in_flight").await;
+    engine
+        .credit(
+            account,
+            posting("seed", TransactionType::TopUp, micros(1_000)),
+        )
+        .await
+        .unwrap();
+
+    // Stall the journal on the account's balance row: the first top-up is
+    // applied by the actor and sent, but not committed.
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM credit_balances WHERE user_id = $1 FOR UPDATE",
+        &[&account.0],
+    )
+    .await
+    .unwrap();
+    let first = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .credit(
+                    account,
+                    posting("top-up-1", TransactionType::TopUp, micros(500)),
+                )
+                .await
+        })
+    };
+    blocked_writer_pid(&db).await;
+
+    // Another key (which would push the first out of a memory that forgot
+    // entries in flight), then the replay, then a hold answered as soon as
+    // it is applied: when it answers, the actor has taken the other two.
+    let probe = HoldId::generate();
+    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
+    let later = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let admitted = async {
+                let admitted = engine.admit(account, probe, micros(1)).await;
+                let _ = taken_tx.send(());
+                admitted
+            };
+            futures_util::join!(
+                engine.credit(
+                    account,
+                    posting("top-up-2", TransactionType::TopUp, micros(200)),
+                ),
+                engine.credit(
+                    account,
+                    posting("top-up-1", TransactionType::TopUp, micros(500)),
+                ),
+                admitted,
+            )
+        })
+    };
+    taken_rx.await.expect("the probe hold was applied");
+    assert!(
+        !first.is_finished(),
+        "the first top-up answered before its commit"
+    );
+    lock.rollback().await.unwrap();
+
+    let first = first.await.unwrap().expect("the first top-up");
+    let (other, replay, admitted) = later.await.unwrap();
+    assert!(!first.replayed);
+    other.expect("the other top-up");
+    admitted.expect("the probe hold");
+    let replay = replay.expect("the replay answers like the first");
+    assert!(replay.replayed, "the replay applied again");
+    assert_eq!(replay.record.id, first.record.id);
+    assert_eq!(replay.record.seq, first.record.seq);
+    let rows: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_transactions
+              WHERE user_id = $1 AND idempotency_key = 'top-up-1'",
+            &[&account.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+    engine.release(account, probe).await.unwrap();
+    let snapshot = engine.balance(account).await.unwrap();
+    assert_eq!(snapshot.balance_micros, micros(1_700));
+    assert_eq!(snapshot.held_micros, micros(0));
+    db.reconcile_is_clean().await;
 }
 
 #[actix::test]

@@ -2,6 +2,8 @@
 //! whole answers (wiremock), SSE streams, and a hand-written one-connection
 //! provider for streams that break, stall or outlive their reader.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -284,12 +286,35 @@ pub async fn raw_provider(
     gated_provider(chunks, then, filler, gate).await
 }
 
+/// `raw_provider`, that also counts the fillers it wrote (each one the
+/// socket took: the reader may not have read the last ones).
+pub async fn counted_provider(
+    chunks: Vec<String>,
+    then: Then,
+    filler: String,
+) -> (String, oneshot::Receiver<bool>, Arc<AtomicUsize>) {
+    let (_open, gate) = oneshot::channel();
+    let written = Arc::new(AtomicUsize::new(0));
+    let (address, closed) = provider(chunks, then, filler, gate, written.clone()).await;
+    (address, closed, written)
+}
+
 /// `raw_provider`, whose `Then::Gated` waits for `gate`.
 pub async fn gated_provider(
     chunks: Vec<String>,
     then: Then,
     filler: String,
     gate: oneshot::Receiver<()>,
+) -> (String, oneshot::Receiver<bool>) {
+    provider(chunks, then, filler, gate, Arc::default()).await
+}
+
+async fn provider(
+    chunks: Vec<String>,
+    then: Then,
+    filler: String,
+    gate: oneshot::Receiver<()>,
+    written: Arc<AtomicUsize>,
 ) -> (String, oneshot::Receiver<bool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
@@ -314,6 +339,7 @@ pub async fn gated_provider(
                         closed = true;
                         break;
                     }
+                    written.fetch_add(1, Ordering::SeqCst);
                 }
                 closed
             }
