@@ -674,3 +674,106 @@ async fn a_top_up_and_its_refund_announce_themselves_with_their_amounts() {
     assert_eq!(events[1].1["balanceMicros"], 15_000_000);
     assert_eq!(events[1].1["stripePaymentId"], "pi_1");
 }
+
+/// Waits until `sql` (one bigint) returns `expected`.
+async fn wait_for(db: &TestDb, sql: &str, expected: i64) {
+    let client = db.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found: i64 = client.query_one(sql, &[]).await.expect("query").get(0);
+        if found == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sql}: {found}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[actix::test]
+async fn an_event_refused_past_its_retry_window_fails_and_lets_the_next_one_go_until_redelivered() {
+    let (server, receiver) = Receiver::start(0).await;
+    receiver.down.store(true, Ordering::SeqCst);
+    let app = spawn_app_with(|settings| sending_to(settings, &server)).await;
+    let (status, _) = json_of(
+        app.admin(Method::POST, "/admin/accounts/user_window/credits")
+            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 201);
+    wait_for(
+        &app.db,
+        "SELECT count(*) FROM outgoing_events WHERE type = 'balance.low' AND attempts >= 3",
+        1,
+    )
+    .await;
+    let depleted_attempts: i64 = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT attempts::int8 FROM outgoing_events WHERE type = 'balance.depleted'",
+            &[],
+        )
+        .await
+        .expect("attempts")
+        .get(0);
+    // The first event has been refused for longer than its retry window.
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE outgoing_events SET pending_since = now() - interval '73 hours'
+              WHERE type = 'balance.low'",
+            &[],
+        )
+        .await
+        .expect("age the event");
+    wait_for(
+        &app.db,
+        "SELECT count(*) FROM outgoing_events WHERE type = 'balance.low' AND status = 'FAILED'",
+        1,
+    )
+    .await;
+    receiver.down.store(false, Ordering::SeqCst);
+    wait_until_sent(&app.db, Duration::from_secs(30)).await;
+
+    assert_eq!(depleted_attempts, 0, "nothing sent behind a pending event");
+    let (_, failed) = json_of(
+        app.admin(Method::GET, "/admin/events?status=FAILED")
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    let failed = failed["events"].as_array().expect("events").clone();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["type"], "balance.low");
+    assert!(
+        failed[0]["lastError"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("500"),
+        "{failed:?}"
+    );
+    let accepted: Vec<String> = receiver.accepted().into_iter().map(|d| d.kind).collect();
+    assert_eq!(accepted, ["balance.depleted"], "the next event went");
+
+    let id = failed[0]["id"].as_str().expect("id");
+    let (status, _) = json_of(
+        app.admin(Method::POST, &format!("/admin/events/{id}/redeliver"))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_until_sent(&app.db, Duration::from_secs(30)).await;
+    let accepted: Vec<String> = receiver.accepted().into_iter().map(|d| d.kind).collect();
+    assert_eq!(accepted, ["balance.depleted", "balance.low"]);
+}
