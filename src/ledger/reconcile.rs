@@ -9,7 +9,9 @@
 //!   (so no operation was applied twice or lost);
 //! - every journal row belongs to an account, every usage to its settled
 //!   hold; a usage charged late (`held_micros` 0: its hold had expired, was
-//!   released or was lost) to no active or settled hold.
+//!   released or was lost) to no active or settled hold;
+//! - every outgoing event names a journal entry of its account (the change
+//!   that caused it, committed in the same transaction).
 
 use serde::Serialize;
 use tokio_postgres::{Client, IsolationLevel};
@@ -112,6 +114,18 @@ const ORPHANS: &str = "
                       AND (h.user_id <> u.user_id OR h.status IN ('ACTIVE', 'SETTLED')))
      ORDER BY 1, 2 LIMIT $1";
 
+/// Outgoing events whose seq names no journal entry of their account.
+const EVENTS: &str = "
+    SELECT e.user_id, e.seq, e.type FROM outgoing_events e
+     WHERE NOT EXISTS (SELECT 1 FROM credit_transactions t
+                        WHERE t.user_id = e.user_id AND t.seq = e.seq)
+       AND NOT EXISTS (SELECT 1 FROM credit_usages u
+                        WHERE u.user_id = e.user_id AND u.seq = e.seq)
+       AND NOT EXISTS (SELECT 1 FROM credit_holds h
+                        WHERE h.user_id = e.user_id
+                          AND (h.seq = e.seq OR h.finished_seq = e.seq))
+     ORDER BY 1, 2 LIMIT $1";
+
 /// Runs every check in one read-only snapshot.
 pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_postgres::Error> {
     let tx = client
@@ -175,6 +189,14 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             detail: format!(
                 "version {version}; journal has {n} entries, {distinct} distinct seqs, from {bottom} to {top}"
             ),
+        });
+    }
+    for row in tx.query(EVENTS, &[&LIMIT]).await? {
+        let (user_id, seq, kind): (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
+        problems.push(Problem {
+            user_id,
+            check: "event",
+            detail: format!("{kind} event of seq {seq}: no journal entry has this seq"),
         });
     }
     tx.commit().await?;

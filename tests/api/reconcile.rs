@@ -101,3 +101,9 @@ async fn journal_rows_of_an_account_without_a_balance_row_are_orphans() {
     let checks = checks_failing_after("DELETE FROM credit_balances").await;
     assert_eq!(checks, vec!["orphan"]);
 }
+
+#[actix::test]
+async fn an_event_without_the_change_that_caused_it_is_reported() {
+    let checks = checks_failing_after("UPDATE outgoing_events SET seq = seq + 100").await;
+    assert_eq!(checks, vec!["event"]);
+}
