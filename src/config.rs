@@ -356,7 +356,7 @@ impl Settings {
                 }
             }
         }
-        crate::byok::KeyCipher::from_settings(&self.byok)
+        crate::accounts::KeyCipher::from_settings(&self.byok)
             .map_err(|e| format!("configuration key `byok.encryption_key`: {e}"))?;
         Ok(())
     }

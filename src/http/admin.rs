@@ -9,6 +9,7 @@ use super::auth::require_admin;
 use super::error::{parse_json, ApiError};
 use super::views::{HoldView, TransactionView, UsageView};
 use super::{read_body, State};
+use crate::accounts::users;
 use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
 
@@ -156,13 +157,7 @@ async fn account(
     let (transactions, usages, plan) = tokio::try_join!(
         store::transactions_page(&**client, account, None, 20),
         store::usages_page(&**client, account, None, 20),
-        async {
-            client
-                .query_one("SELECT plan FROM users WHERE id = $1", &[&account.0])
-                .await
-                .map(|row| row.get::<_, String>(0))
-                .map_err(store::unavailable)
-        }
+        users::plan(&**client, account)
     )?;
     Ok(HttpResponse::Ok().json(json!({
         "balanceMicros": snapshot.balance_micros.get(),

@@ -46,7 +46,6 @@ use tokio::sync::{mpsc, oneshot};
 use futures_util::FutureExt;
 
 use super::error::{parse_json, ApiError, Code};
-use super::settings::{open_key, stored_keys};
 use super::{read_body, State};
 use crate::config::{ChatSettings, Secret};
 use crate::ledger::{text_problem, AccountId, HoldId, LedgerError, UsageCharge, UsageRecord};
@@ -277,7 +276,7 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
         })?),
         None => None,
     };
-    let stored = stored_keys(state, account).await?;
+    let stored = state.stored_keys(account).await?;
     if stored.any() {
         let provider = match named {
             Some(price) if stored.get(price.provider).is_none() => {
@@ -294,7 +293,7 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
             None => Provider::Openai,
         };
         let sealed = stored.get(provider).unwrap_or_default();
-        let key = open_key(state, account, provider, sealed)?;
+        let key = state.open_key(account, provider, sealed)?;
         let model = chat
             .model
             .clone()

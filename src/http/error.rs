@@ -181,6 +181,17 @@ impl From<LedgerError> for ApiError {
     }
 }
 
+impl From<crate::accounts::AccountError> for ApiError {
+    fn from(error: crate::accounts::AccountError) -> ApiError {
+        match error {
+            deleted @ crate::accounts::AccountError::Deleted => {
+                ApiError::new(Code::AccountDeleted, deleted.to_string())
+            }
+            crate::accounts::AccountError::Ledger(error) => error.into(),
+        }
+    }
+}
+
 impl From<crate::limits::Refused> for ApiError {
     fn from(refused: crate::limits::Refused) -> ApiError {
         let message = match refused.limit {

@@ -11,7 +11,7 @@ use crate::chat::{
     anthropic_error, anthropic_message, app_with, count, fakes, fund, openai_completion,
 };
 use crate::support::*;
-use creditd::byok::KeyCipher;
+use creditd::accounts::KeyCipher;
 use creditd::config::{Secret, Settings};
 use creditd::pricing::Provider;
 

@@ -2,7 +2,7 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use creditd::svix::{self, SvixError, SvixHeaders};
+use creditd::clerk::svix::{self, SvixError, SvixHeaders};
 use futures_util::future::join_all;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};

@@ -1,0 +1,198 @@
+//! What every handler shares: the application state built once at
+//! startup, and the per-account caches of what the pages read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::web;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use super::auth::ClerkVerifier;
+use super::error::{ApiError, Code};
+use super::views::History;
+use crate::accounts::{KeyCipher, StoredKeys};
+use crate::config::{Secret, Settings};
+use crate::ledger::{AccountId, Engine};
+use crate::pricing::{PriceTable, Provider};
+
+pub struct AppState {
+    pub settings: Settings,
+    pub engine: Arc<Engine>,
+    pub pool: deadpool_postgres::Pool,
+    pub prices: Arc<PriceTable>,
+    pub metrics: PrometheusHandle,
+    pub clerk: Arc<ClerkVerifier>,
+    /// `None` when `stripe.secret_key` is not set.
+    pub stripe: Option<crate::stripe::StripeApi>,
+    pub providers: crate::providers::ProviderClient,
+    /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
+    pub byok: Option<crate::accounts::KeyCipher>,
+    /// Platform chats whose settlement may still be pending.
+    pub settlements: Arc<crate::metering::Settlements>,
+    pub limits: crate::limits::Limits,
+    /// The database's health, refreshed in the background.
+    pub health: Arc<crate::health::Health>,
+    /// Clerk id → account, created on first sight.
+    pub users: crate::accounts::Users,
+    histories: Mutex<HashMap<AccountId, Arc<History>>>,
+    sealed_keys: Mutex<HashMap<AccountId, Arc<StoredKeys>>>,
+}
+
+pub type State = web::Data<AppState>;
+
+impl AppState {
+    pub fn new(
+        settings: Settings,
+        engine: Arc<Engine>,
+        pool: deadpool_postgres::Pool,
+        prices: Arc<PriceTable>,
+        metrics: PrometheusHandle,
+    ) -> anyhow::Result<AppState> {
+        let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
+        let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
+        let providers = crate::providers::ProviderClient::new(&settings.providers)?;
+        let byok = crate::accounts::KeyCipher::from_settings(&settings.byok)
+            .map_err(|e| anyhow::anyhow!("byok.encryption_key: {e}"))?;
+        let settlements = Arc::new(crate::metering::Settlements::new(
+            settings.chat.pending_settlements_max,
+        ));
+        let limits = crate::limits::Limits::new(&settings.limits);
+        let health = Arc::new(crate::health::Health::new(Duration::from_millis(
+            settings.database.health_check_interval_ms,
+        )));
+        Ok(AppState {
+            limits,
+            health,
+            settings,
+            engine,
+            users: crate::accounts::Users::new(pool.clone()),
+            pool,
+            prices,
+            metrics,
+            clerk,
+            stripe,
+            providers,
+            byok,
+            settlements,
+            histories: Mutex::new(HashMap::new()),
+            sealed_keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
+        self.pool.get().await.map_err(|error| {
+            tracing::warn!(%error, "no database connection");
+            ApiError::new(Code::Unavailable, "the database is unavailable; retry")
+        })
+    }
+
+    /// The account of a Clerk user, created on first sight. A deleted
+    /// user is refused (401 `ACCOUNT_DELETED`).
+    pub async fn account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
+        Ok(self.users.account(clerk_id).await?)
+    }
+
+    /// The account of a Clerk user for an operator: created on first sight,
+    /// deleted or not (a deleted user's ledger stays and can be adjusted).
+    pub async fn any_account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
+        Ok(self.users.any_account(clerk_id).await?)
+    }
+
+    /// The account of a Clerk user, if the user exists (deleted or not).
+    pub async fn existing_account(&self, clerk_id: &str) -> Result<Option<AccountId>, ApiError> {
+        Ok(self.users.existing_account(clerk_id).await?)
+    }
+
+    /// The user's sealed keys, from memory until they change (every platform
+    /// chat asks whether the user has keys of their own).
+    pub async fn stored_keys(&self, account: AccountId) -> Result<Arc<StoredKeys>, ApiError> {
+        if let Some(keys) = self.cached_keys(account) {
+            return Ok(keys);
+        }
+        let client = self.client().await?;
+        let keys = Arc::new(crate::accounts::keys::load(&**client, account).await?);
+        self.cache_keys(account, keys.clone());
+        Ok(keys)
+    }
+
+    /// The BYOK cipher, or 501 `BYOK_NOT_CONFIGURED`.
+    pub fn cipher(&self) -> Result<&KeyCipher, ApiError> {
+        self.byok.as_ref().ok_or_else(|| {
+            ApiError::new(
+                Code::ByokNotConfigured,
+                "Using your own API keys is not configured on this server \
+                 (byok.encryption_key is empty).",
+            )
+        })
+    }
+
+    /// Opens a stored key; a key that does not open is a clear error, not garbage.
+    pub fn open_key(
+        &self,
+        account: AccountId,
+        provider: Provider,
+        sealed: &[u8],
+    ) -> Result<Secret, ApiError> {
+        self.cipher()?
+            .open(account, provider, sealed)
+            .map(Secret::new)
+            .map_err(|error| {
+                tracing::error!(%error, account = account.0, provider = provider.as_str(),
+                    "a stored BYOK key cannot be opened");
+                ApiError::new(
+                    Code::Internal,
+                    format!(
+                        "Your saved {} API key cannot be decrypted with this server's \
+                         byok.encryption_key; save the key again in settings.",
+                        provider.as_str()
+                    ),
+                )
+            })
+    }
+
+    pub fn cached_history(&self, account: AccountId) -> Option<Arc<History>> {
+        let histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        histories.get(&account).cloned()
+    }
+
+    pub fn cache_history(&self, account: AccountId, history: Arc<History>) {
+        let capacity = self.settings.server.history_cache_entries;
+        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
+        if histories.len() >= capacity {
+            histories.clear();
+        }
+        if capacity > 0 {
+            histories.insert(account, history);
+        }
+    }
+
+    pub fn cached_keys(&self, account: AccountId) -> Option<Arc<StoredKeys>> {
+        let keys = self.sealed_keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.get(&account).cloned()
+    }
+
+    pub fn cache_keys(&self, account: AccountId, stored: Arc<StoredKeys>) {
+        let capacity = self.settings.server.history_cache_entries;
+        let mut keys = self.sealed_keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.len() >= capacity {
+            keys.clear();
+        }
+        if capacity > 0 {
+            keys.insert(account, stored);
+        }
+    }
+
+    /// Forgets what is cached from a user row whose provider keys changed:
+    /// the sealed keys and the balance page's `hasByok`.
+    pub fn user_keys_changed(&self, account: AccountId) {
+        self.sealed_keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&account);
+        self.histories
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&account);
+    }
+}
