@@ -127,7 +127,7 @@ impl Application {
         )?;
         let settlements = state.settlements.clone();
         crate::health::start(storage.database.clone(), &state.health).await;
-        http::auth::spawn_jwks_refresh(&state.clerk);
+        crate::clerk::tokens::spawn_jwks_refresh(&state.clerk);
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,

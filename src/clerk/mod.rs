@@ -2,6 +2,7 @@
 //! carry (creation, profile updates, deletion).
 
 pub mod svix;
+pub mod tokens;
 pub mod users;
 
 pub use users::{ClerkEvent, EventError};

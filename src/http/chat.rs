@@ -223,7 +223,7 @@ async fn chat(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let body = read_body(payload, &state.settings.server).await?;
     let chat = Chat::parse(parse_json(&body)?, &state.settings.chat)?;
     let account = state.account(&clerk_id).await?;

@@ -95,7 +95,7 @@ pub(super) struct Overview<'a> {
         (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
     ))]
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let snapshot = state.engine.balance_summary(account).await?;
     let history = history(&state, account, snapshot.version).await?;
@@ -128,7 +128,7 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
     ))]
 async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
     let items = store::transactions_page(&**client, account, page.before_seq, page.limit).await?;
@@ -154,7 +154,7 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     ))]
 async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
     let items = store::usages_page(&**client, account, page.before_seq, page.limit).await?;
@@ -217,7 +217,7 @@ pub(super) struct DailyUsageView {
     ))]
 async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let days = parse_days(request.query_string())?;
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
     let report = metering::daily_usage(&**client, account, days, chrono::Utc::now()).await?;
@@ -256,7 +256,7 @@ async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Bonus, 
         (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
     ))]
 async fn claim_bonus(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let outcome = match grant_signup_bonus(&state, account).await? {
         Bonus::Granted(outcome) => outcome,

@@ -36,7 +36,7 @@ const KEY_MAX_LEN: usize = 512;
         (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
     ))]
 async fn list(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     state.cipher()?;
     let account = state.account(&clerk_id).await?;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
@@ -122,7 +122,7 @@ async fn save(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let body = read_body(payload, &state.settings.server).await?;
     let keys: SaveKeys = parse_json(&body)?;
     let cipher = state.cipher()?;
@@ -170,7 +170,7 @@ async fn remove(
     request: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     state.cipher()?;
     let provider = match path.as_str() {
         "anthropic" => Provider::Anthropic,

@@ -8,10 +8,10 @@ use std::time::Duration;
 use actix_web::web;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use super::auth::ClerkVerifier;
 use super::error::{ApiError, Code};
 use super::views::History;
 use crate::accounts::{KeyCipher, StoredKeys};
+use crate::clerk::tokens::{ClerkUserId, ClerkVerifier};
 use crate::config::{Secret, Settings};
 use crate::ledger::{AccountId, Engine};
 use crate::pricing::{PriceTable, Provider};
@@ -85,6 +85,14 @@ impl AppState {
             tracing::warn!(%error, "no database connection");
             ApiError::new(Code::Unavailable, "the database is unavailable; retry")
         })
+    }
+
+    /// The Clerk user a request is authenticated as (401 otherwise).
+    pub async fn authenticate(
+        &self,
+        request: &actix_web::HttpRequest,
+    ) -> Result<ClerkUserId, ApiError> {
+        super::auth::authenticate(&self.clerk, request).await
     }
 
     /// The account of a Clerk user, created on first sight. A deleted

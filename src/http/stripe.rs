@@ -57,7 +57,7 @@ async fn topup(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let body = read_body(payload, &state.settings.server).await?;
     // serde would read a struct from a JSON array too: only an object is a request.
     if !parse_json::<serde_json::Value>(&body)?.is_object() {
