@@ -30,7 +30,9 @@ pub struct AppState {
     pub byok: Option<crate::accounts::KeyCipher>,
     /// Platform chats whose settlement may still be pending.
     pub settlements: Arc<crate::metering::Settlements>,
-    pub limits: crate::limits::Limits,
+    pub limits: Arc<crate::limits::Limits>,
+    /// Chats: hold, provider call, settlement.
+    pub chats: Arc<crate::metering::Chats>,
     /// The database's health, refreshed in the background.
     pub health: Arc<crate::health::Health>,
     /// Clerk id → account, created on first sight.
@@ -57,12 +59,21 @@ impl AppState {
         let settlements = Arc::new(crate::metering::Settlements::new(
             settings.chat.pending_settlements_max,
         ));
-        let limits = crate::limits::Limits::new(&settings.limits);
+        let limits = Arc::new(crate::limits::Limits::new(&settings.limits));
+        let chats = Arc::new(crate::metering::Chats {
+            engine: engine.clone(),
+            prices: prices.clone(),
+            providers: providers.clone(),
+            settlements: settlements.clone(),
+            limits: limits.clone(),
+            settings: settings.chat.clone(),
+        });
         let health = Arc::new(crate::health::Health::new(Duration::from_millis(
             settings.database.health_check_interval_ms,
         )));
         Ok(AppState {
             limits,
+            chats,
             health,
             settings,
             engine,
