@@ -2,7 +2,8 @@
 //!
 //! - [`money`]: exact amounts in integer micros;
 //! - [`pricing`]: the model price table and per-request cost;
-//! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY`;
+//! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY` (plain data);
+//! - [`runtime`]: settings turned once into the price table, cipher, keys;
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
@@ -29,6 +30,7 @@ pub mod metering;
 pub mod money;
 pub mod pricing;
 pub mod providers;
+pub mod runtime;
 pub mod stripe;
 pub mod telemetry;
 pub mod webhooks;

@@ -9,7 +9,6 @@ use super::{read_body, State};
 use crate::clerk::svix::{self, SvixHeaders};
 use crate::clerk::users::{Effects, HANDLED};
 use crate::clerk::{ClerkEvent, EventError};
-use crate::money::Micros;
 use crate::webhooks::{self, Outcome, Source};
 
 const SOURCE: Source = Source::Clerk;
@@ -48,12 +47,12 @@ async fn webhook(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let settings = &state.settings.clerk_webhook;
-    if settings.signing_secret.is_empty() {
+    let Some(signing_key) = &state.clerk_webhook_key else {
         return Err(ApiError::new(
             Code::Unavailable,
             "Clerk webhooks are not configured (clerk_webhook.signing_secret)",
         ));
-    }
+    };
     let body = read_body(payload, &state.settings.server).await?;
     let headers = SvixHeaders {
         id: header(&request, "svix-id"),
@@ -61,24 +60,9 @@ async fn webhook(
         signature: header(&request, "svix-signature"),
     };
     let now = chrono::Utc::now().timestamp();
-    match svix::verify(
-        settings.signing_secret.expose(),
-        headers,
-        &body,
-        settings.tolerance_s,
-        now,
-    ) {
-        Ok(()) => {}
-        Err(svix::SvixError::BadSecret) => {
-            return Err(ApiError::internal(
-                "clerk webhook",
-                "clerk_webhook.signing_secret is not whsec_ followed by base64",
-            ))
-        }
-        Err(error) => {
-            webhooks::count(SOURCE, "", HANDLED, "invalid_signature");
-            return Err(ApiError::invalid(error.to_string()));
-        }
+    if let Err(error) = svix::verify_with(signing_key, headers, &body, settings.tolerance_s, now) {
+        webhooks::count(SOURCE, "", HANDLED, "invalid_signature");
+        return Err(ApiError::invalid(error.to_string()));
     }
     let event_id = headers.id.unwrap_or_default();
     let event: ClerkEvent = parse_json(&body)?;
@@ -106,13 +90,11 @@ async fn webhook(
 /// Parses the event by type and applies it.
 async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError> {
     let parsed = event.parse().map_err(event_failure)?;
-    let signup_bonus = Micros::from_cents(state.settings.credits.signup_bonus_cents)
-        .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
     let effects = Effects {
         users: &state.users,
         engine: &state.engine,
         pool: &state.pool,
-        signup_bonus,
+        signup_bonus: state.signup_bonus,
     };
     Ok(parsed.apply(effects).await?)
 }

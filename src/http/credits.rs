@@ -236,8 +236,7 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
 
 /// The signup bonus, once per person (see `accounts::bonus`).
 async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Bonus, ApiError> {
-    let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
-        .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
+    let amount = state.signup_bonus;
     Ok(accounts::grant_signup_bonus(&state.engine, &state.pool, amount, account).await?)
 }
 

@@ -15,6 +15,7 @@ use crate::clerk::tokens::{ClerkUserId, ClerkVerifier};
 use crate::config::{Secret, Settings};
 use crate::ledger::{AccountId, Engine};
 use crate::pricing::{PriceTable, Provider};
+use crate::runtime::Runtime;
 
 pub struct AppState {
     pub settings: Settings,
@@ -28,6 +29,10 @@ pub struct AppState {
     pub providers: crate::providers::ProviderClient,
     /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
     pub byok: Option<crate::accounts::KeyCipher>,
+    /// `None` when `clerk_webhook.signing_secret` is empty.
+    pub clerk_webhook_key: Option<crate::clerk::svix::SigningKey>,
+    /// `credits.signup_bonus_cents`, in micros.
+    pub signup_bonus: crate::money::Micros,
     /// Platform chats whose settlement may still be pending.
     pub settlements: Arc<crate::metering::Settlements>,
     pub limits: Arc<crate::limits::Limits>,
@@ -45,17 +50,21 @@ pub type State = web::Data<AppState>;
 
 impl AppState {
     pub fn new(
-        settings: Settings,
+        runtime: Runtime,
         engine: Arc<Engine>,
         pool: deadpool_postgres::Pool,
-        prices: Arc<PriceTable>,
         metrics: PrometheusHandle,
     ) -> anyhow::Result<AppState> {
+        let Runtime {
+            settings,
+            prices,
+            cipher: byok,
+            clerk_webhook_key,
+            signup_bonus,
+        } = runtime;
         let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
         let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
         let providers = crate::providers::ProviderClient::new(&settings.providers)?;
-        let byok = crate::accounts::KeyCipher::from_settings(&settings.byok)
-            .map_err(|e| anyhow::anyhow!("byok.encryption_key: {e}"))?;
         let settlements = Arc::new(crate::metering::Settlements::new(
             settings.chat.pending_settlements_max,
         ));
@@ -85,17 +94,18 @@ impl AppState {
             stripe,
             providers,
             byok,
+            clerk_webhook_key,
+            signup_bonus,
             settlements,
             histories: Mutex::new(HashMap::new()),
             sealed_keys: Mutex::new(HashMap::new()),
         })
     }
 
+    /// A database connection; none is 503 `UNAVAILABLE`, as every database
+    /// failure is (`LedgerError::Unavailable`).
     pub async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        self.pool.get().await.map_err(|error| {
-            tracing::warn!(%error, "no database connection");
-            ApiError::new(Code::Unavailable, "the database is unavailable; retry")
-        })
+        Ok(crate::ledger::store::client(&self.pool).await?)
     }
 
     /// The Clerk user a request is authenticated as (401 otherwise).
