@@ -286,11 +286,31 @@ pub async fn plan(client: &impl GenericClient, account: AccountId) -> Result<Str
         .get(0))
 }
 
+/// A user's plan, as `users.plan` stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    Free,
+    Starter,
+    Pro,
+    Team,
+}
+
+impl Plan {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Free => "FREE",
+            Plan::Starter => "STARTER",
+            Plan::Pro => "PRO",
+            Plan::Team => "TEAM",
+        }
+    }
+}
+
 /// A subscription event's effect on a customer's user.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanChange<'a> {
     pub customer_id: &'a str,
-    pub plan: &'a str,
+    pub plan: Plan,
     /// The subscription now current; `None` once deleted.
     pub current_subscription_id: Option<&'a str>,
     pub subscription_id: &'a str,
@@ -318,7 +338,7 @@ pub async fn set_plan(
             sql::SET_PLAN,
             &[
                 &change.customer_id,
-                &change.plan,
+                &change.plan.as_str(),
                 &change.current_subscription_id,
                 &change.event_at,
                 &change.deleted,

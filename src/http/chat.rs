@@ -318,14 +318,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
     };
     match error {
         ProviderError::Unavailable { retry_after_s, .. } => busy(*retry_after_s),
-        ProviderError::Stream { kind, .. }
-            if matches!(
-                kind.as_str(),
-                "overloaded_error" | "rate_limit_error" | "api_error" | "server_error"
-            ) =>
-        {
-            busy(None)
-        }
+        ProviderError::Stream { kind, .. } if kind.is_busy() => busy(None),
         ProviderError::Unauthorized { .. } if byok => ApiError::new(
             Code::ByokKeyRefused,
             format!("{name} refused your API key; check or replace it in settings."),

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::events::{Charge, CheckoutSession, Dispute, Event, Subscription};
 use super::{StripeApi, StripeError};
-use crate::accounts::users::{self, PlanChange, PlanSet};
+use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
 use crate::config::StripeSettings;
 use crate::ledger::store::{self, unavailable};
 use crate::ledger::{
@@ -250,13 +250,13 @@ async fn subscription(
         "active" | "trialing" | "past_due"
     );
     let plan = match price {
-        _ if deleted || !live => "FREE",
-        Some(id) if id == settings.starter_price_id => "STARTER",
-        Some(id) if id == settings.pro_price_id => "PRO",
-        Some(id) if id == settings.team_price_id => "TEAM",
+        _ if deleted || !live => Plan::Free,
+        Some(id) if id == settings.starter_price_id => Plan::Starter,
+        Some(id) if id == settings.pro_price_id => Plan::Pro,
+        Some(id) if id == settings.team_price_id => Plan::Team,
         other => {
             tracing::warn!(subscription = %subscription.id, price = ?other, "subscription price is not a configured plan; plan set to FREE");
-            "FREE"
+            Plan::Free
         }
     };
     let event_at = chrono::DateTime::from_timestamp(event_created, 0)
