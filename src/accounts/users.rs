@@ -2,17 +2,15 @@
 //! deletion, the profile from Clerk's events, the Stripe customer and the
 //! plan. Named queries in [`sql`].
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use deadpool_postgres::Pool;
+use moka::future::Cache;
 use tokio_postgres::GenericClient;
 
 use crate::ledger::store::{self, unavailable};
 use crate::ledger::{AccountId, LedgerError};
 
 /// Most Clerk ids kept in the id → account cache.
-const USER_CACHE_ENTRIES: usize = 100_000;
+const USER_CACHE_ENTRIES: u64 = 100_000;
 
 mod sql {
     pub const CUSTOMER: &str = "SELECT stripe_customer_id, email, name FROM users WHERE id = $1";
@@ -79,7 +77,8 @@ pub struct Profile<'a> {
 /// Clerk id → account, created on first sight and kept in memory.
 pub struct Users {
     pool: Pool,
-    cache: Mutex<HashMap<String, CachedUser>>,
+    /// Clerk id → account, the least used evicted past `USER_CACHE_ENTRIES`.
+    cache: Cache<String, CachedUser>,
     /// Serializes the first lookup of a Clerk id (by hash shard).
     first_sight: Vec<tokio::sync::Mutex<()>>,
 }
@@ -88,7 +87,7 @@ impl Users {
     pub fn new(pool: Pool) -> Users {
         Users {
             pool,
-            cache: Mutex::new(HashMap::new()),
+            cache: Cache::new(USER_CACHE_ENTRIES),
             first_sight: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
@@ -112,7 +111,7 @@ impl Users {
 
     /// The account of a Clerk user, if the user exists (deleted or not).
     pub async fn existing_account(&self, clerk_id: &str) -> Result<Option<AccountId>, LedgerError> {
-        if let Some(user) = self.cached(clerk_id) {
+        if let Some(user) = self.cached(clerk_id).await {
             return Ok(Some(user.account));
         }
         let client = store::client(&self.pool).await?;
@@ -121,11 +120,11 @@ impl Users {
     }
 
     async fn resolve(&self, clerk_id: &str) -> Result<CachedUser, LedgerError> {
-        if let Some(user) = self.cached(clerk_id) {
+        if let Some(user) = self.cached(clerk_id).await {
             return Ok(user);
         }
         let _turn = self.turn(clerk_id).await;
-        if let Some(user) = self.cached(clerk_id) {
+        if let Some(user) = self.cached(clerk_id).await {
             return Ok(user);
         }
         let client = store::client(&self.pool).await?;
@@ -136,7 +135,7 @@ impl Users {
                 deleted: false,
             },
         };
-        self.remember(clerk_id, user);
+        self.remember(clerk_id, user).await;
         Ok(user)
     }
 
@@ -180,7 +179,8 @@ impl Users {
                 account,
                 deleted: row.get(1),
             },
-        );
+        )
+        .await;
         client
             .execute(sql::ENSURE_BALANCE, &[&account.0])
             .await
@@ -208,24 +208,20 @@ impl Users {
                         account,
                         deleted: true,
                     },
-                );
+                )
+                .await;
                 true
             }
             None => false,
         })
     }
 
-    fn cached(&self, clerk_id: &str) -> Option<CachedUser> {
-        let users = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        users.get(clerk_id).copied()
+    async fn cached(&self, clerk_id: &str) -> Option<CachedUser> {
+        self.cache.get(clerk_id).await
     }
 
-    fn remember(&self, clerk_id: &str, user: CachedUser) {
-        let mut users = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if users.len() >= USER_CACHE_ENTRIES {
-            users.clear();
-        }
-        users.insert(clerk_id.to_owned(), user);
+    async fn remember(&self, clerk_id: &str, user: CachedUser) {
+        self.cache.insert(clerk_id.to_owned(), user).await;
     }
 }
 

@@ -38,7 +38,8 @@ async fn history(
 ) -> Result<Arc<History>, ApiError> {
     if let Some(history) = state
         .cached_history(account)
-        .filter(|h| h.version == version)
+        .await
+        .filter(|cached| cached.version == version)
     {
         return Ok(history);
     }
@@ -64,7 +65,7 @@ async fn history(
         usages: rendered(serde_json::value::to_raw_value(&usages))?,
     });
     if durable_version == version {
-        state.cache_history(account, history.clone());
+        state.cache_history(account, history.clone()).await;
     }
     Ok(history)
 }

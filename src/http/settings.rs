@@ -150,7 +150,7 @@ async fn save(
     let client = state.client().await?;
     keys::save(&**client, account, anthropic, openai).await?;
     drop(client);
-    state.user_keys_changed(account);
+    state.user_keys_changed(account).await;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }
 
@@ -185,6 +185,6 @@ async fn remove(
     let client = state.client().await?;
     keys::remove(&**client, account, provider).await?;
     drop(client);
-    state.user_keys_changed(account);
+    state.user_keys_changed(account).await;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }

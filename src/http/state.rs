@@ -1,12 +1,12 @@
 //! What every handler shares: the application state built once at
 //! startup, and the per-account caches of what the pages read.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
 use metrics_exporter_prometheus::PrometheusHandle;
+use moka::future::Cache;
 
 use super::error::{ApiError, Code};
 use super::views::History;
@@ -42,8 +42,10 @@ pub struct AppState {
     pub health: Arc<crate::health::Health>,
     /// Clerk id → account, created on first sight.
     pub users: crate::accounts::Users,
-    histories: Mutex<HashMap<AccountId, Arc<History>>>,
-    sealed_keys: Mutex<HashMap<AccountId, Arc<StoredKeys>>>,
+    /// The balance page's history per account (`server.history_cache_entries`).
+    histories: Cache<AccountId, Arc<History>>,
+    /// The sealed provider keys per account, until they change.
+    sealed_keys: Cache<AccountId, Arc<StoredKeys>>,
 }
 
 pub type State = web::Data<AppState>;
@@ -80,6 +82,7 @@ impl AppState {
         let health = Arc::new(crate::health::Health::new(Duration::from_millis(
             settings.database.health_check_interval_ms,
         )));
+        let cache_entries = settings.server.history_cache_entries as u64;
         Ok(AppState {
             limits,
             chats,
@@ -97,8 +100,8 @@ impl AppState {
             clerk_webhook_key,
             signup_bonus,
             settlements,
-            histories: Mutex::new(HashMap::new()),
-            sealed_keys: Mutex::new(HashMap::new()),
+            histories: Cache::new(cache_entries),
+            sealed_keys: Cache::new(cache_entries),
         })
     }
 
@@ -136,13 +139,19 @@ impl AppState {
     /// The user's sealed keys, from memory until they change (every platform
     /// chat asks whether the user has keys of their own).
     pub async fn stored_keys(&self, account: AccountId) -> Result<Arc<StoredKeys>, ApiError> {
-        if let Some(keys) = self.cached_keys(account) {
-            return Ok(keys);
+        // Concurrent first reads of one account share one query.
+        let load = async {
+            let client = crate::ledger::store::client(&self.pool).await?;
+            let keys = crate::accounts::keys::load(&**client, account).await?;
+            Ok::<_, crate::ledger::LedgerError>(Arc::new(keys))
+        };
+        if self.settings.server.history_cache_entries == 0 {
+            return Ok(load.await?);
         }
-        let client = self.client().await?;
-        let keys = Arc::new(crate::accounts::keys::load(&**client, account).await?);
-        self.cache_keys(account, keys.clone());
-        Ok(keys)
+        self.sealed_keys
+            .try_get_with(account, load)
+            .await
+            .map_err(|error| ApiError::from((*error).clone()))
     }
 
     /// The BYOK cipher, or 501 `BYOK_NOT_CONFIGURED`.
@@ -180,48 +189,20 @@ impl AppState {
             })
     }
 
-    pub fn cached_history(&self, account: AccountId) -> Option<Arc<History>> {
-        let histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
-        histories.get(&account).cloned()
+    pub async fn cached_history(&self, account: AccountId) -> Option<Arc<History>> {
+        self.histories.get(&account).await
     }
 
-    pub fn cache_history(&self, account: AccountId, history: Arc<History>) {
-        let capacity = self.settings.server.history_cache_entries;
-        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
-        if histories.len() >= capacity {
-            histories.clear();
-        }
-        if capacity > 0 {
-            histories.insert(account, history);
-        }
-    }
-
-    pub fn cached_keys(&self, account: AccountId) -> Option<Arc<StoredKeys>> {
-        let keys = self.sealed_keys.lock().unwrap_or_else(|p| p.into_inner());
-        keys.get(&account).cloned()
-    }
-
-    pub fn cache_keys(&self, account: AccountId, stored: Arc<StoredKeys>) {
-        let capacity = self.settings.server.history_cache_entries;
-        let mut keys = self.sealed_keys.lock().unwrap_or_else(|p| p.into_inner());
-        if keys.len() >= capacity {
-            keys.clear();
-        }
-        if capacity > 0 {
-            keys.insert(account, stored);
+    pub async fn cache_history(&self, account: AccountId, history: Arc<History>) {
+        if self.settings.server.history_cache_entries > 0 {
+            self.histories.insert(account, history).await;
         }
     }
 
     /// Forgets what is cached from a user row whose provider keys changed:
     /// the sealed keys and the balance page's `hasByok`.
-    pub fn user_keys_changed(&self, account: AccountId) {
-        self.sealed_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&account);
-        self.histories
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&account);
+    pub async fn user_keys_changed(&self, account: AccountId) {
+        self.sealed_keys.invalidate(&account).await;
+        self.histories.invalidate(&account).await;
     }
 }
