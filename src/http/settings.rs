@@ -1,5 +1,5 @@
 //! `/api/settings/api-keys`: a user's own provider keys (BYOK). Stored
-//! sealed (see `crate::byok`), never returned whole, never logged: reads show
+//! sealed (see `crate::accounts::cipher`), never returned whole, never logged: reads show
 //! only whether each key is set and its last 4 characters.
 
 use actix_web::{web, HttpRequest, HttpResponse};
