@@ -18,7 +18,7 @@ use super::{read_body, State};
 use crate::config::{ChatSettings, Secret};
 use crate::ledger::{text_problem, AccountId, UsageRecord};
 use crate::metering::{ChatCall, ChatError, StreamEvent};
-use crate::pricing::Provider;
+use crate::pricing::{ModelPrice, Provider};
 use crate::providers::{ChatMessage, ChatRequest, ProviderError, Role};
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -168,6 +168,7 @@ async fn chat(
     let call = ChatCall {
         account,
         provider: route.provider,
+        price: route.price,
         key: route.key,
         request,
         byok: route.byok,
@@ -191,6 +192,9 @@ async fn chat(
 struct Route {
     provider: Provider,
     model: String,
+    /// The model's price, looked up once; `None` on the user's own key
+    /// (nothing is held nor charged).
+    price: Option<ModelPrice>,
     key: Secret,
     byok: bool,
 }
@@ -233,19 +237,23 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
         return Ok(Route {
             provider,
             model,
+            price: None,
             key,
             byok: true,
         });
     }
-    let model = chat
-        .model
-        .clone()
-        .unwrap_or_else(|| state.prices.default_model().to_owned());
-    let provider = state
-        .prices
-        .price(&model)
-        .map_err(|e| ApiError::internal("default model", e))?
-        .provider;
+    let (model, price) = match (&chat.model, named) {
+        (Some(model), Some(price)) => (model.clone(), *price),
+        _ => {
+            let model = state.prices.default_model().to_owned();
+            let price = *state
+                .prices
+                .price(&model)
+                .map_err(|e| ApiError::internal("default model", e))?;
+            (model, price)
+        }
+    };
+    let provider = price.provider;
     let key = state
         .providers
         .platform_key(provider)
@@ -254,6 +262,7 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
     Ok(Route {
         provider,
         model,
+        price: Some(price),
         key,
         byok: false,
     })

@@ -73,7 +73,6 @@ impl AppState {
         let limits = Arc::new(crate::limits::Limits::new(&settings.limits));
         let chats = Arc::new(crate::metering::Chats {
             engine: engine.clone(),
-            prices: prices.clone(),
             providers: providers.clone(),
             settlements: settlements.clone(),
             limits: limits.clone(),

@@ -46,13 +46,12 @@ use crate::config::{ChatSettings, Secret};
 use crate::ledger::{AccountId, Engine, HoldId, LedgerError, UsageCharge, UsageRecord};
 use crate::limits::Limits;
 use crate::money::Micros;
-use crate::pricing::{PriceTable, Provider, TokenUsage};
+use crate::pricing::{ModelPrice, Provider, TokenUsage};
 use crate::providers::{ChatRequest, ProviderClient, ProviderError, ProviderStream, StreamUsage};
 
 /// What chats need, built once at startup.
 pub struct Chats {
     pub engine: Arc<Engine>,
-    pub prices: Arc<PriceTable>,
     pub providers: ProviderClient,
     pub settlements: Arc<Settlements>,
     pub limits: Arc<Limits>,
@@ -111,6 +110,9 @@ impl From<crate::limits::Refused> for ChatError {
 pub struct ChatCall {
     pub account: AccountId,
     pub provider: Provider,
+    /// The price of `request.model`, looked up once; `None` on the user's
+    /// own key.
+    pub price: Option<ModelPrice>,
     pub key: Secret,
     pub request: ChatRequest,
     /// On the user's own key: nothing is held nor charged.
@@ -148,6 +150,7 @@ impl Chats {
             chats: self.clone(),
             account: chat.account,
             provider: chat.provider,
+            price: chat.price,
             key: chat.key,
             request: chat.request,
             byok: chat.byok,
@@ -196,11 +199,8 @@ async fn reserve(
     chats: &Chats,
     account: AccountId,
     request: &ChatRequest,
+    price: &ModelPrice,
 ) -> Result<Billing, ChatError> {
-    let price = chats
-        .prices
-        .price(&request.model)
-        .map_err(|e| ChatError::Invalid(format!("field `model`: {e}")))?;
     let input_estimate = estimate_input_tokens(&request.messages, &chats.settings);
     let amount = hold_amount(price, input_estimate, request.max_tokens).ok_or_else(|| {
         ChatError::Invalid("field `messages`: the conversation is too large".into())
@@ -231,6 +231,8 @@ struct Call {
     chats: Arc<Chats>,
     account: AccountId,
     provider: Provider,
+    /// The model's price; `None` on the user's own key.
+    price: Option<ModelPrice>,
     key: Secret,
     request: ChatRequest,
     byok: bool,
@@ -252,7 +254,10 @@ impl Call {
         if !self.byok {
             self.in_flight = Some(self.chats.limits.chat(self.account)?);
             self.slot = Some(self.chats.settlements.admit()?);
-            self.billing = Some(reserve(&self.chats, self.account, &self.request).await?);
+            let price = self.price.ok_or_else(|| {
+                ChatError::internal("chat hold", "a platform chat without a price")
+            })?;
+            self.billing = Some(reserve(&self.chats, self.account, &self.request, &price).await?);
         }
         Ok(self)
     }
@@ -319,9 +324,9 @@ impl Call {
     async fn settle(&self, hold: HoldId, usage: TokenUsage) -> Result<UsageRecord, ChatError> {
         let model = &self.request.model;
         let cost = self
-            .chats
-            .prices
-            .cost(model, &usage)
+            .price
+            .ok_or_else(|| ChatError::internal("chat cost", "a platform chat without a price"))?
+            .cost(&usage)
             .map_err(|e| ChatError::internal("chat cost", e))?;
         let charge = UsageCharge {
             model: model.clone(),
