@@ -17,4 +17,4 @@ pub mod users;
 pub use bonus::{grant_signup_bonus, Bonus};
 pub use cipher::KeyCipher;
 pub use keys::StoredKeys;
-pub use users::{AccountError, Users};
+pub use users::{AccountError, ClerkUserId, Users};

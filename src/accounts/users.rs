@@ -46,6 +46,36 @@ mod sql {
               WHERE b.user_id = $1";
 }
 
+/// A Clerk user id (a session token's `sub`, a webhook's `data.id`, an
+/// operator's path), as each edge checked it (not empty, no control
+/// characters, not over-long: each names its own field when it refuses).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClerkUserId(String);
+
+impl ClerkUserId {
+    /// An id its edge has checked.
+    pub fn new(checked: impl Into<String>) -> ClerkUserId {
+        ClerkUserId(checked.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ClerkUserId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+impl std::ops::Deref for ClerkUserId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Why a user's request cannot go on.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AccountError {
@@ -66,7 +96,7 @@ struct CachedUser {
 /// The profile of a user as Clerk's events give it, checked.
 #[derive(Debug, Clone, Copy)]
 pub struct Profile<'a> {
-    pub clerk_id: &'a str,
+    pub clerk_id: &'a ClerkUserId,
     pub email: Option<&'a str>,
     pub name: Option<&'a str>,
     pub image_url: Option<&'a str>,
@@ -78,7 +108,7 @@ pub struct Profile<'a> {
 pub struct Users {
     pool: Pool,
     /// Clerk id → account, the least used evicted past `USER_CACHE_ENTRIES`.
-    cache: Cache<String, CachedUser>,
+    cache: Cache<ClerkUserId, CachedUser>,
     /// Serializes the first lookup of a Clerk id (by hash shard).
     first_sight: Vec<tokio::sync::Mutex<()>>,
 }
@@ -95,7 +125,7 @@ impl Users {
     /// The account of a Clerk user, created on first sight. Concurrent
     /// first requests of one user (a page load fires several) share one
     /// lookup. A deleted user is refused.
-    pub async fn account(&self, clerk_id: &str) -> Result<AccountId, AccountError> {
+    pub async fn account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, AccountError> {
         let user = self.resolve(clerk_id).await?;
         if user.deleted {
             return Err(AccountError::Deleted);
@@ -105,21 +135,24 @@ impl Users {
 
     /// The account of a Clerk user for an operator: created on first sight,
     /// deleted or not (a deleted user's ledger stays and can be adjusted).
-    pub async fn any_account(&self, clerk_id: &str) -> Result<AccountId, LedgerError> {
+    pub async fn any_account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, LedgerError> {
         Ok(self.resolve(clerk_id).await?.account)
     }
 
     /// The account of a Clerk user, if the user exists (deleted or not).
-    pub async fn existing_account(&self, clerk_id: &str) -> Result<Option<AccountId>, LedgerError> {
+    pub async fn existing_account(
+        &self,
+        clerk_id: &ClerkUserId,
+    ) -> Result<Option<AccountId>, LedgerError> {
         if let Some(user) = self.cached(clerk_id).await {
             return Ok(Some(user.account));
         }
         let client = store::client(&self.pool).await?;
-        let found = store::find_user_status(&**client, clerk_id).await?;
+        let found = store::find_user_status(&**client, clerk_id.as_str()).await?;
         Ok(found.map(|(account, _)| account))
     }
 
-    async fn resolve(&self, clerk_id: &str) -> Result<CachedUser, LedgerError> {
+    async fn resolve(&self, clerk_id: &ClerkUserId) -> Result<CachedUser, LedgerError> {
         if let Some(user) = self.cached(clerk_id).await {
             return Ok(user);
         }
@@ -128,10 +161,10 @@ impl Users {
             return Ok(user);
         }
         let client = store::client(&self.pool).await?;
-        let user = match store::find_user_status(&**client, clerk_id).await? {
+        let user = match store::find_user_status(&**client, clerk_id.as_str()).await? {
             Some((account, deleted)) => CachedUser { account, deleted },
             None => CachedUser {
-                account: store::ensure_user(&**client, clerk_id).await?,
+                account: store::ensure_user(&**client, clerk_id.as_str()).await?,
                 deleted: false,
             },
         };
@@ -142,7 +175,7 @@ impl Users {
     /// Serializes the lookups and the deletion state changes of one Clerk
     /// id (by hash shard): a lookup that read the row before a deletion
     /// cannot cache it after the deletion's own cache update.
-    async fn turn(&self, clerk_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+    async fn turn(&self, clerk_id: &ClerkUserId) -> tokio::sync::MutexGuard<'_, ()> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(clerk_id, &mut hasher);
         let shard = std::hash::Hasher::finish(&hasher) as usize % self.first_sight.len();
@@ -162,7 +195,7 @@ impl Users {
             .query_one(
                 sql::UPSERT_PROFILE,
                 &[
-                    &profile.clerk_id,
+                    &profile.clerk_id.as_str(),
                     &profile.email,
                     &profile.name,
                     &profile.image_url,
@@ -192,11 +225,11 @@ impl Users {
     /// the address can sign up again as a new user. From now on the user's
     /// requests are refused (the cache learns it under the user's turn, so
     /// no lookup in flight can undo it). False when there was no live user.
-    pub async fn mark_deleted(&self, clerk_id: &str) -> Result<bool, LedgerError> {
+    pub async fn mark_deleted(&self, clerk_id: &ClerkUserId) -> Result<bool, LedgerError> {
         let _turn = self.turn(clerk_id).await;
         let client = store::client(&self.pool).await?;
         let updated = client
-            .query_opt(sql::MARK_DELETED, &[&clerk_id])
+            .query_opt(sql::MARK_DELETED, &[&clerk_id.as_str()])
             .await
             .map_err(unavailable)?;
         Ok(match updated {
@@ -216,12 +249,12 @@ impl Users {
         })
     }
 
-    async fn cached(&self, clerk_id: &str) -> Option<CachedUser> {
+    async fn cached(&self, clerk_id: &ClerkUserId) -> Option<CachedUser> {
         self.cache.get(clerk_id).await
     }
 
-    async fn remember(&self, clerk_id: &str, user: CachedUser) {
-        self.cache.insert(clerk_id.to_owned(), user).await;
+    async fn remember(&self, clerk_id: &ClerkUserId, user: CachedUser) {
+        self.cache.insert(clerk_id.clone(), user).await;
     }
 }
 

@@ -11,31 +11,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+pub use crate::accounts::ClerkUserId;
 use crate::config::ClerkSettings;
-
-/// A Clerk user id (a session token's `sub`, a webhook's `data.id`),
-/// checked: not empty, no control characters, not over-long.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ClerkUserId(String);
-
-impl ClerkUserId {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for ClerkUserId {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(&self.0)
-    }
-}
-
-impl std::ops::Deref for ClerkUserId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
 
 /// Why a session token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,7 +84,7 @@ impl ClerkVerifier {
         }
         let leeway = self.settings.leeway_s as i64;
         if let Some(subject) = self.cached(token, leeway) {
-            return Ok(ClerkUserId(subject));
+            return Ok(ClerkUserId::new(subject));
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| TokenError::Refused("malformed session token"))?;
@@ -159,7 +136,7 @@ impl ClerkVerifier {
             ));
         }
         self.remember(token, &claims, &kid);
-        Ok(ClerkUserId(claims.sub))
+        Ok(ClerkUserId::new(claims.sub))
     }
 
     fn cached(&self, token: &str, leeway: i64) -> Option<String> {

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::accounts::users::Profile;
-use crate::accounts::{bonus, Bonus, Users};
+use crate::accounts::{bonus, Bonus, ClerkUserId, Users};
 use crate::ledger::{Engine, LedgerError};
 use crate::money::Micros;
 use crate::webhooks::Outcome;
@@ -175,8 +175,9 @@ impl ClerkUser {
     ) -> Result<crate::ledger::AccountId, LedgerError> {
         let email_hash = self.bonus_email_hash();
         let name = self.name();
+        let clerk_id = ClerkUserId::new(self.id.as_str());
         let profile = Profile {
-            clerk_id: &self.id,
+            clerk_id: &clerk_id,
             email: self.primary_email(),
             name: name.as_deref(),
             image_url: self.image_url.as_deref(),
@@ -217,11 +218,17 @@ impl UserEvent {
                 user.upsert(effects.users, false).await?;
                 Ok(Outcome::Applied)
             }
-            UserEvent::Deleted(user) => Ok(if effects.users.mark_deleted(&user.id).await? {
-                Outcome::Applied
-            } else {
-                Outcome::Ignored
-            }),
+            UserEvent::Deleted(user) => Ok(
+                if effects
+                    .users
+                    .mark_deleted(&ClerkUserId::new(user.id))
+                    .await?
+                {
+                    Outcome::Applied
+                } else {
+                    Outcome::Ignored
+                },
+            ),
             UserEvent::Unknown => Ok(Outcome::Ignored),
         }
     }

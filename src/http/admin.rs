@@ -9,7 +9,7 @@ use super::auth::require_admin;
 use super::error::{parse_json, ApiError};
 use super::views::{HoldView, TransactionView, UsageView};
 use super::{read_body, State};
-use crate::accounts::users;
+use crate::accounts::{users, ClerkUserId};
 use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
 
@@ -30,12 +30,12 @@ pub(super) struct Adjustment {
     kind: Option<String>,
 }
 
-fn clerk_id(path: &str) -> Result<&str, ApiError> {
+fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
     let id = path.trim();
     if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
         return Err(ApiError::invalid("field `userId`: not a Clerk user id"));
     }
-    Ok(id)
+    Ok(ClerkUserId::new(id))
 }
 
 /// Credits (positive amount) or debits (negative) a user, idempotent by key.
@@ -99,7 +99,7 @@ async fn adjust(
         .checked_abs()
         .map(Micros::new)
         .ok_or_else(|| ApiError::invalid("field `amountMicros`: out of range"))?;
-    let account = state.any_account(user).await?;
+    let account = state.any_account(&user).await?;
     let posting = Posting {
         key,
         kind,
@@ -147,7 +147,7 @@ async fn account(
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
     let user = clerk_id(&path)?;
-    let Some(account) = state.existing_account(user).await? else {
+    let Some(account) = state.existing_account(&user).await? else {
         return Err(ApiError::not_found(format!(
             "no user with Clerk id `{user}`"
         )));
@@ -163,7 +163,7 @@ async fn account(
         "balanceMicros": snapshot.balance_micros.get(),
         "heldMicros": snapshot.held_micros.get(),
         "availableMicros": snapshot.available_micros.get(),
-        "userId": user,
+        "userId": user.as_str(),
         "accountId": account.0,
         "version": snapshot.version,
         "plan": plan,

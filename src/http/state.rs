@@ -120,18 +120,21 @@ impl AppState {
 
     /// The account of a Clerk user, created on first sight. A deleted
     /// user is refused (401 `ACCOUNT_DELETED`).
-    pub async fn account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
+    pub async fn account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, ApiError> {
         Ok(self.users.account(clerk_id).await?)
     }
 
     /// The account of a Clerk user for an operator: created on first sight,
     /// deleted or not (a deleted user's ledger stays and can be adjusted).
-    pub async fn any_account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
+    pub async fn any_account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, ApiError> {
         Ok(self.users.any_account(clerk_id).await?)
     }
 
     /// The account of a Clerk user, if the user exists (deleted or not).
-    pub async fn existing_account(&self, clerk_id: &str) -> Result<Option<AccountId>, ApiError> {
+    pub async fn existing_account(
+        &self,
+        clerk_id: &ClerkUserId,
+    ) -> Result<Option<AccountId>, ApiError> {
         Ok(self.users.existing_account(clerk_id).await?)
     }
 
