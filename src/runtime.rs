@@ -29,14 +29,13 @@ impl Runtime {
         let cipher = KeyCipher::from_settings(&settings.byok)
             .map_err(|e| format!("configuration key `byok.encryption_key`: {e}"))?;
         let secret = &settings.clerk_webhook.signing_secret;
-        let clerk_webhook_key =
-            if secret.is_empty() {
-                None
-            } else {
-                Some(SigningKey::from_secret(secret.expose()).map_err(|e| {
-                    format!("configuration key `clerk_webhook.signing_secret`: {e}")
-                })?)
-            };
+        let clerk_webhook_key = if secret.is_empty() {
+            None
+        } else {
+            Some(SigningKey::from_secret(secret.expose()).map_err(|error| {
+                format!("configuration key `clerk_webhook.signing_secret`: {error}")
+            })?)
+        };
         let signup_bonus = Micros::from_cents(settings.credits.signup_bonus_cents)
             .map_err(|_| "configuration key `credits.signup_bonus_cents`: too large".to_owned())?;
         Ok(Runtime {

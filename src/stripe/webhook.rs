@@ -117,9 +117,9 @@ impl StripeEvent {
 }
 
 fn object<T: DeserializeOwned>(event: &Event) -> Result<T, StripeError> {
-    serde_json::from_value(event.data.object.clone()).map_err(|e| {
+    serde_json::from_value(event.data.object.clone()).map_err(|error| {
         StripeError::Invalid(format!(
-            "event {} ({}): data.object: {e}",
+            "event {} ({}): data.object: {error}",
             event.id, event.kind
         ))
     })
