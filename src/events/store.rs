@@ -6,6 +6,8 @@ use serde::Serialize;
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
+use crate::accounts::ClerkUserId;
+
 /// An account's earliest pending event, due now.
 #[derive(Debug, Clone)]
 pub struct DueEvent {
@@ -145,13 +147,14 @@ fn delivery(row: &Row) -> Result<EventDelivery, tokio_postgres::Error> {
     })
 }
 
-/// The newest events, optionally of one status and one user (Clerk id).
+/// The newest events, optionally of one status and one user.
 pub async fn list(
     client: &impl GenericClient,
     status: Option<&str>,
-    clerk_id: Option<&str>,
+    user: Option<&ClerkUserId>,
     limit: i64,
 ) -> Result<Vec<EventDelivery>, tokio_postgres::Error> {
+    let clerk_id = user.map(ClerkUserId::as_str);
     let rows = client
         .query(
             &format!(

@@ -204,8 +204,8 @@ pub(super) struct EventFilter {
     /// PENDING, DELIVERED or FAILED.
     status: Option<String>,
     /// Only this user's events (Clerk id).
-    #[param(rename = "userId")]
-    user_id: Option<String>,
+    #[param(rename = "userId", value_type = Option<String>)]
+    user_id: Option<ClerkUserId>,
     /// 1 to 500 (default 100).
     limit: Option<i64>,
 }
@@ -227,7 +227,7 @@ impl EventFilter {
                         ))
                     }
                 },
-                "userId" => filter.user_id = Some(clerk_id(&value)?.as_str().to_owned()),
+                "userId" => filter.user_id = Some(clerk_id(&value)?),
                 "limit" => {
                     filter.limit = Some(
                         value
@@ -268,7 +268,7 @@ async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse,
     let events = events::store::list(
         &**client,
         filter.status.as_deref(),
-        filter.user_id.as_deref(),
+        filter.user_id.as_ref(),
         filter.limit.unwrap_or(100),
     )
     .await
