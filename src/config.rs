@@ -683,6 +683,44 @@ mod tests {
     }
 
     #[test]
+    fn an_events_url_needs_a_signing_secret_and_must_be_http() {
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[(
+                "CREDITD__EVENTS__WEBHOOK_URL",
+                "https://app.example.com/hooks",
+            )]),
+        )
+        .unwrap_err();
+        assert!(err.contains("events.signing_secret"), "{err}");
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[
+                (
+                    "CREDITD__EVENTS__WEBHOOK_URL",
+                    "ftp://app.example.com/hooks",
+                ),
+                ("CREDITD__EVENTS__SIGNING_SECRET", "whsec_x"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.contains("events.webhook_url"), "{err}");
+        let settings = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[
+                (
+                    "CREDITD__EVENTS__WEBHOOK_URL",
+                    "https://app.example.com/hooks",
+                ),
+                ("CREDITD__EVENTS__SIGNING_SECRET", "whsec_x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.events.signing_secret.expose(), "whsec_x");
+        assert_eq!(format!("{:?}", settings.events.signing_secret), "***");
+    }
+
+    #[test]
     fn top_up_limits_that_cannot_hold_are_refused() {
         let err = Settings::from_sources(
             DEFAULT_CONFIG,
