@@ -95,6 +95,7 @@ pub fn alert_thresholds(credits: &crate::config::CreditsSettings) -> AlertThresh
     AlertThresholds {
         low: micros(credits.low_balance_cents),
         rearm: micros(credits.low_balance_rearm_cents),
+        recharge_monthly_max_cents: credits.auto_recharge_monthly_max_cents,
     }
 }
 
@@ -108,6 +109,8 @@ pub struct Application {
     shutdown_timeout: Duration,
     /// Delivers the outbox's events (none without `events.webhook_url`).
     sender: Option<tokio::task::JoinHandle<()>>,
+    /// Pays the auto-recharge attempts (none without Stripe).
+    recharge: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -157,6 +160,17 @@ impl Application {
             storage.pool.clone(),
             &settings.events,
         )?;
+        let recharge = match crate::stripe::StripeApi::new(&settings.stripe)? {
+            Some(api) => Some(crate::recharge::spawn_worker(
+                storage.pool.clone(),
+                engine.clone(),
+                Arc::new(api),
+                Duration::from_millis(
+                    u64::try_from(settings.credits.auto_recharge_poll_interval_ms).unwrap_or(1000),
+                ),
+            )),
+            None => None,
+        };
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,
@@ -166,6 +180,7 @@ impl Application {
             storage,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_s),
             sender,
+            recharge,
         })
     }
 
@@ -189,6 +204,9 @@ impl Application {
                 in_flight = self.settlements.in_flight(),
                 "platform chats still unsettled at the shutdown timeout"
             );
+        }
+        if let Some(recharge) = &self.recharge {
+            recharge.abort();
         }
         if let Some(sender) = &self.sender {
             // Undelivered events stay in the outbox for the next start.

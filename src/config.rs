@@ -205,6 +205,15 @@ pub struct CreditsSettings {
     pub low_balance_cents: i64,
     /// `balance.recovered` (re-arming the low alert) at low + this.
     pub low_balance_rearm_cents: i64,
+    /// Bounds of an auto-recharge's amount and threshold, as a user sets them.
+    pub auto_recharge_min_amount_cents: i64,
+    pub auto_recharge_max_amount_cents: i64,
+    pub auto_recharge_min_threshold_cents: i64,
+    pub auto_recharge_max_threshold_cents: i64,
+    /// The most auto-recharges take from one account in a calendar month (UTC).
+    pub auto_recharge_monthly_max_cents: i64,
+    /// How often the payment worker looks for decided attempts.
+    pub auto_recharge_poll_interval_ms: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -341,6 +350,43 @@ impl Settings {
             if value < 0 {
                 return Err(format!("configuration key `{key}`: cannot be negative"));
             }
+        }
+        let credits = &self.credits;
+        for (key, value) in [
+            (
+                "credits.auto_recharge_min_amount_cents",
+                credits.auto_recharge_min_amount_cents,
+            ),
+            (
+                "credits.auto_recharge_max_amount_cents",
+                credits.auto_recharge_max_amount_cents,
+            ),
+            (
+                "credits.auto_recharge_min_threshold_cents",
+                credits.auto_recharge_min_threshold_cents,
+            ),
+            (
+                "credits.auto_recharge_max_threshold_cents",
+                credits.auto_recharge_max_threshold_cents,
+            ),
+            (
+                "credits.auto_recharge_monthly_max_cents",
+                credits.auto_recharge_monthly_max_cents,
+            ),
+            (
+                "credits.auto_recharge_poll_interval_ms",
+                credits.auto_recharge_poll_interval_ms,
+            ),
+        ] {
+            if value <= 0 {
+                return Err(format!("configuration key `{key}`: must be greater than 0"));
+            }
+        }
+        if credits.auto_recharge_min_amount_cents > credits.auto_recharge_max_amount_cents {
+            return Err("configuration key `credits.auto_recharge_min_amount_cents`: above credits.auto_recharge_max_amount_cents".into());
+        }
+        if credits.auto_recharge_min_threshold_cents > credits.auto_recharge_max_threshold_cents {
+            return Err("configuration key `credits.auto_recharge_min_threshold_cents`: above credits.auto_recharge_max_threshold_cents".into());
         }
         if self.clerk.leeway_s > 5 {
             return Err("configuration key `clerk.leeway_s`: at most 5".into());

@@ -33,6 +33,7 @@ pub mod metering;
 pub mod money;
 pub mod pricing;
 pub mod providers;
+pub mod recharge;
 pub mod runtime;
 pub mod stripe;
 pub mod telemetry;

@@ -35,6 +35,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outgoing_events",
         include_str!("../../sql/0005_outgoing_events.sql"),
     ),
+    (
+        9,
+        "auto_recharge",
+        include_str!("../../sql/0009_auto_recharge.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

@@ -3,6 +3,7 @@
 
 mod admin;
 pub mod auth;
+mod auto_recharge;
 mod chat;
 mod clerk_webhooks;
 mod credits;
@@ -140,6 +141,7 @@ pub fn server(
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
             .configure(credits::routes)
+            .configure(auto_recharge::routes)
             .configure(admin::routes)
             .configure(stripe::routes)
             .configure(clerk_webhooks::routes)

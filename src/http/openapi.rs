@@ -36,6 +36,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::credits::usages,
         super::credits::usage_daily,
         super::credits::claim_bonus,
+        super::auto_recharge::show,
+        super::auto_recharge::save,
         super::stripe::topup,
         super::stripe::webhook,
         super::clerk_webhooks::webhook,

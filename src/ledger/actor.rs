@@ -20,6 +20,7 @@ use super::store::{self, StoredAccount};
 use super::types::*;
 use crate::clock::Clock;
 use crate::money::Micros;
+use crate::recharge::{self, RechargeConfig, RechargeState};
 
 /// Where accounts load from.
 #[derive(Clone)]
@@ -94,6 +95,9 @@ pub struct AccountActor {
     /// Which balance alerts were sent since the last recovery (loaded with
     /// the account, moved by every change as its entry is made).
     alerts: AlertState,
+    /// The account's auto-recharge: its settings, its attempt in flight and
+    /// this month's total (loaded with the account).
+    recharge: RechargeState,
 }
 
 /// What an actor shares with the directory entry that started it.
@@ -152,6 +156,7 @@ impl AccountActor {
             published,
             pending: None,
             alerts: AlertState::default(),
+            recharge: RechargeState::default(),
         }
     }
 
@@ -249,15 +254,32 @@ impl AccountActor {
                     self.stop(ctx);
                     return ready(Err(error));
                 }
-                let events = outbox::events_of(
+                let available_before = Micros::new(balance_before - held_before);
+                let mut events = outbox::events_of(
                     &record,
                     &mut self.alerts,
                     &self.settings.alerts,
                     state.balance,
-                    Micros::new(balance_before - held_before),
+                    available_before,
                     state.available(),
                     now,
                 );
+                // The credit of an auto-recharge ends its attempt; a fall
+                // under the threshold may start the next one, recorded with
+                // this change.
+                if let Record::Transaction(t) = &record {
+                    if let Some(attempt) = recharge::attempt_of(t.metadata.as_ref()) {
+                        self.recharge.ended(attempt, true);
+                    }
+                }
+                if let Some(event) = self.recharge.observe(
+                    self.settings.alerts.recharge_monthly_max_cents,
+                    available_before,
+                    state.available(),
+                    now,
+                ) {
+                    events.push(event);
+                }
                 let hold_back = answer == Answer::WhenApplied
                     && !hold_delay.is_zero()
                     && matches!(record, Record::HoldPlaced(_));
@@ -422,8 +444,14 @@ impl AccountActor {
         self.schedule(ctx);
     }
 
-    fn loaded(&mut self, ctx: &mut Context<Self>, stored: StoredAccount, alerts: AlertState) {
+    fn loaded(
+        &mut self,
+        ctx: &mut Context<Self>,
+        stored: StoredAccount,
+        (alerts, recharge): (AlertState, RechargeState),
+    ) {
         self.alerts = alerts;
+        self.recharge = recharge;
         let state = AccountState::new(
             self.account,
             stored.balance,
@@ -453,13 +481,15 @@ impl Actor for AccountActor {
         ctx.set_mailbox_capacity(self.settings.mailbox_capacity);
         let account = self.account;
         let backend = self.backend.clone();
+        let now = self.settings.clock.now();
         let load = async move {
             match backend {
                 Backend::Postgres(pool) => {
                     let client = store::client(&pool).await?;
                     let stored = store::load_account(&**client, account).await?;
                     let alerts = outbox::load_alert_state(&**client, account).await?;
-                    Ok((stored, alerts))
+                    let recharge = recharge::store::load_state(&**client, account, now).await?;
+                    Ok((stored, (alerts, recharge)))
                 }
                 Backend::Memory { opening_balance } => Ok((
                     StoredAccount {
@@ -468,14 +498,14 @@ impl Actor for AccountActor {
                         version: 0,
                         holds: Vec::new(),
                     },
-                    AlertState::default(),
+                    (AlertState::default(), RechargeState::default()),
                 )),
             }
         };
         ctx.wait(
             load.into_actor(self)
                 .map(|result, actor, ctx| match result {
-                    Ok((stored, alerts)) => actor.loaded(ctx, stored, alerts),
+                    Ok((stored, loaded)) => actor.loaded(ctx, stored, loaded),
                     Err(error) => {
                         tracing::debug!(account = actor.account.0, %error, "account load failed");
                         actor.phase = Phase::Failed(error);
@@ -564,6 +594,44 @@ pub struct ExpireHolds {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<BalanceSnapshot, LedgerError>")]
 pub struct GetBalance;
+
+/// Sets the account's auto-recharge (`None`: off). Sent from
+/// `Engine::set_auto_recharge` when the user saves the settings.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct SetAutoRecharge {
+    pub config: Option<RechargeConfig>,
+}
+
+/// An auto-recharge attempt ended. Sent from `Engine::auto_recharge_ended`
+/// when its payment succeeded (after its credit) or failed (after the
+/// failure switched auto-recharge off in PostgreSQL).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct AutoRechargeEnded {
+    pub attempt: uuid::Uuid,
+    pub succeeded: bool,
+}
+
+impl Handler<SetAutoRecharge> for AccountActor {
+    type Result = Result<(), LedgerError>;
+
+    fn handle(&mut self, msg: SetAutoRecharge, ctx: &mut Context<Self>) -> Self::Result {
+        self.gate(ctx)?;
+        self.recharge.config = msg.config;
+        Ok(())
+    }
+}
+
+impl Handler<AutoRechargeEnded> for AccountActor {
+    type Result = Result<(), LedgerError>;
+
+    fn handle(&mut self, msg: AutoRechargeEnded, ctx: &mut Context<Self>) -> Self::Result {
+        self.gate(ctx)?;
+        self.recharge.ended(msg.attempt, msg.succeeded);
+        Ok(())
+    }
+}
 
 impl AccountActor {
     fn post(

@@ -491,6 +491,32 @@ impl Engine {
         self.directory.call(account, ExpireHolds { now }).await
     }
 
+    /// Sets the account's auto-recharge (`None`: off, or no saved card).
+    pub async fn set_auto_recharge(
+        &self,
+        account: AccountId,
+        config: Option<crate::recharge::RechargeConfig>,
+    ) -> Result<(), LedgerError> {
+        self.directory
+            .call(account, super::actor::SetAutoRecharge { config })
+            .await
+    }
+
+    /// An auto-recharge attempt ended (a failed one switched it off).
+    pub async fn auto_recharge_ended(
+        &self,
+        account: AccountId,
+        attempt: uuid::Uuid,
+        succeeded: bool,
+    ) -> Result<(), LedgerError> {
+        self.directory
+            .call(
+                account,
+                super::actor::AutoRechargeEnded { attempt, succeeded },
+            )
+            .await
+    }
+
     pub async fn balance(&self, account: AccountId) -> Result<BalanceSnapshot, LedgerError> {
         self.directory.call(account, GetBalance).await
     }

@@ -30,6 +30,11 @@ pub enum EventType {
     BalanceRecovered,
     TopupSucceeded,
     TopupRefunded,
+    /// An auto-recharge attempt was decided (the event's id is the attempt's).
+    AutoRechargeRequested,
+    AutoRechargeSucceeded,
+    AutoRechargeFailed,
+    AutoRechargeDisabled,
 }
 
 impl EventType {
@@ -40,6 +45,10 @@ impl EventType {
             EventType::BalanceRecovered => "balance.recovered",
             EventType::TopupSucceeded => "topup.succeeded",
             EventType::TopupRefunded => "topup.refunded",
+            EventType::AutoRechargeRequested => "auto_recharge.requested",
+            EventType::AutoRechargeSucceeded => "auto_recharge.succeeded",
+            EventType::AutoRechargeFailed => "auto_recharge.failed",
+            EventType::AutoRechargeDisabled => "auto_recharge.disabled",
         }
     }
 
@@ -50,6 +59,10 @@ impl EventType {
             EventType::BalanceRecovered,
             EventType::TopupSucceeded,
             EventType::TopupRefunded,
+            EventType::AutoRechargeRequested,
+            EventType::AutoRechargeSucceeded,
+            EventType::AutoRechargeFailed,
+            EventType::AutoRechargeDisabled,
         ]
         .into_iter()
         .find(|t| t.as_str() == text)
@@ -72,6 +85,8 @@ pub struct AlertThresholds {
     pub low: Micros,
     /// Re-armed (`balance.recovered`) at `low + rearm` or above.
     pub rearm: Micros,
+    /// The most auto-recharges may take from a card in a calendar month (UTC).
+    pub recharge_monthly_max_cents: i64,
 }
 
 impl Default for AlertThresholds {
@@ -80,6 +95,7 @@ impl Default for AlertThresholds {
         AlertThresholds {
             low: Micros::new(2_000_000),
             rearm: Micros::new(1_000_000),
+            recharge_monthly_max_cents: 20_000,
         }
     }
 }
@@ -151,7 +167,22 @@ pub(crate) fn events_of(
         })
     };
     if let Record::Transaction(t) = record {
+        let attempt = t
+            .metadata
+            .as_ref()
+            .and_then(|m| m.get(crate::recharge::ATTEMPT_METADATA_KEY))
+            .cloned();
         match (t.kind, t.direction) {
+            (TransactionType::TopUp, Direction::Credit) if attempt.is_some() => push(
+                EventType::AutoRechargeSucceeded,
+                json!({
+                    "attemptId": attempt,
+                    "transactionId": t.id,
+                    "amountMicros": t.amount_micros.get(),
+                    "balanceMicros": t.balance_after_micros.get(),
+                    "stripePaymentId": t.stripe_payment_id,
+                }),
+            ),
             (TransactionType::TopUp, Direction::Credit) => push(
                 EventType::TopupSucceeded,
                 json!({

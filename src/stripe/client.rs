@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use stripe::{IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_checkout::checkout_session::CreateCheckoutSessionPaymentIntentDataSetupFutureUsage;
 use stripe_checkout::checkout_session::{
     CreateCheckoutSession, CreateCheckoutSessionAdaptivePricing,
     CreateCheckoutSessionInvoiceCreation, CreateCheckoutSessionLineItems,
@@ -13,6 +14,8 @@ use stripe_checkout::checkout_session::{
 };
 use stripe_checkout::CheckoutSessionMode;
 use stripe_core::customer::CreateCustomer;
+use stripe_core::payment_intent::{CreatePaymentIntent, CreatePaymentIntentOffSession};
+use stripe_core::PaymentIntentStatus;
 
 use crate::config::StripeSettings;
 use crate::ledger::AccountId;
@@ -152,6 +155,9 @@ impl StripeApi {
         // refund webhook can then tell a top-up charge from any other.
         let mut payment_intent = CreateCheckoutSessionPaymentIntentData::new();
         payment_intent.metadata = Some(metadata.clone());
+        // The card is kept for auto-recharges, charged off session.
+        payment_intent.setup_future_usage =
+            Some(CreateCheckoutSessionPaymentIntentDataSetupFutureUsage::OffSession);
         let request = CreateCheckoutSession::new()
             .mode(CheckoutSessionMode::Payment)
             .customer(customer)
@@ -282,6 +288,130 @@ impl StripeApi {
             .await
             .map(Some)
             .map_err(|e| StripeCallError::Unreachable(e.to_string()))
+    }
+}
+
+/// How an off-session payment went, as far as its creation says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OffSessionPayment {
+    /// Succeeded or processing: the credit waits for `payment_intent.succeeded`.
+    Submitted { payment_intent: String },
+    /// The card was refused, or the bank asks the customer to authenticate:
+    /// Stripe's error code (`card_declined`, `authentication_required`, ...).
+    Refused { code: String },
+}
+
+impl StripeApi {
+    /// Charges `amount_cents` to the saved `payment_method`, off session,
+    /// under the attempt's id as Stripe's idempotency key (a retried call
+    /// gets the same PaymentIntent, never a second charge).
+    pub async fn create_off_session_payment(
+        &self,
+        account: AccountId,
+        attempt: uuid::Uuid,
+        customer: &str,
+        payment_method: &str,
+        amount_cents: i64,
+    ) -> Result<OffSessionPayment, StripeCallError> {
+        let currency = stripe_types::Currency::from_str(&self.settings.currency)
+            .map_err(|never| StripeCallError::Unreachable(format!("{never:?}")))?;
+        let metadata = HashMap::from([
+            ("type".to_owned(), crate::recharge::PAYMENT_TYPE.to_owned()),
+            ("userId".to_owned(), account.0.to_string()),
+            ("attemptId".to_owned(), attempt.to_string()),
+            ("amountCents".to_owned(), amount_cents.to_string()),
+        ]);
+        let request = CreatePaymentIntent::new(amount_cents, currency)
+            .confirm(true)
+            .off_session(CreatePaymentIntentOffSession::Bool(true))
+            .customer(customer)
+            .payment_method(payment_method)
+            .metadata(metadata);
+        let key = idempotency_key(attempt.to_string())?;
+        let sent = request
+            .customize()
+            .request_strategy(RequestStrategy::Idempotent(key))
+            .send(&self.client)
+            .await;
+        let intent = match sent {
+            Err(StripeError::Stripe(errors, 402)) => {
+                metrics::counter!("creditd_stripe_requests_total", "operation" => "create_payment_intent", "outcome" => "refused")
+                    .increment(1);
+                let code = errors
+                    .code
+                    .as_ref()
+                    .map(|code| code.as_str().to_owned())
+                    .unwrap_or_else(|| "card_error".to_owned());
+                return Ok(OffSessionPayment::Refused { code });
+            }
+            other => observe("create_payment_intent", other)?,
+        };
+        Ok(match intent.status {
+            PaymentIntentStatus::Succeeded | PaymentIntentStatus::Processing => {
+                OffSessionPayment::Submitted {
+                    payment_intent: intent.id.to_string(),
+                }
+            }
+            PaymentIntentStatus::RequiresAction => OffSessionPayment::Refused {
+                code: "authentication_required".into(),
+            },
+            other => OffSessionPayment::Refused {
+                code: format!("payment_{}", other.as_str()),
+            },
+        })
+    }
+
+    /// The payment method a payment intent was paid with (`None` when
+    /// Stripe has no such intent): the card a top-up saved.
+    pub async fn payment_method_of(
+        &self,
+        payment_intent: &str,
+    ) -> Result<Option<String>, StripeCallError> {
+        #[derive(serde::Deserialize)]
+        struct PaymentIntent {
+            #[serde(default)]
+            payment_method: Option<String>,
+        }
+        if payment_intent.is_empty()
+            || !payment_intent
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Ok(None);
+        }
+        let url = format!(
+            "{}/v1/payment_intents/{payment_intent}",
+            self.settings.api_base.trim_end_matches('/')
+        );
+        let sent = self
+            .http
+            .get(url)
+            .bearer_auth(self.settings.secret_key.expose())
+            .send()
+            .await;
+        let outcome = match &sent {
+            Ok(response) if response.status().is_success() => "ok",
+            Ok(_) => "refused",
+            Err(_) => "unreachable",
+        };
+        metrics::counter!("creditd_stripe_requests_total", "operation" => "retrieve_payment_intent", "outcome" => outcome)
+            .increment(1);
+        let response = sent.map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(StripeCallError::Refused {
+                status: status.as_u16(),
+                message: "payment intent lookup".into(),
+            });
+        }
+        let intent: PaymentIntent = response
+            .json()
+            .await
+            .map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
+        Ok(intent.payment_method)
     }
 }
 

@@ -40,6 +40,27 @@ pub struct CheckoutSession {
     pub metadata: HashMap<String, String>,
 }
 
+/// `payment_intent.succeeded` / `payment_intent.payment_failed`: a
+/// PaymentIntent (creditd acts only on its auto-recharges').
+#[derive(Debug, Deserialize)]
+pub struct PaymentIntent {
+    pub id: String,
+    pub amount: i64,
+    #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub metadata: HashMap<String, String>,
+    #[serde(default)]
+    pub last_payment_error: Option<PaymentError>,
+}
+
+/// Why a payment failed (`last_payment_error`).
+#[derive(Debug, Deserialize)]
+pub struct PaymentError {
+    #[serde(default)]
+    pub code: Option<String>,
+}
+
 /// An Invoice (`GET /v1/invoices/{id}`): where the customer reads it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Invoice {

@@ -9,7 +9,7 @@ use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::events::{Charge, CheckoutSession, Dispute, Event, Subscription};
+use super::events::{Charge, CheckoutSession, Dispute, Event, PaymentIntent, Subscription};
 use super::{StripeApi, StripeCallError, StripeError};
 use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
 use crate::config::StripeSettings;
@@ -32,6 +32,8 @@ pub const HANDLED: &[&str] = &[
     "charge.dispute.funds_withdrawn",
     "charge.dispute.funds_reinstated",
     "charge.dispute.closed",
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
 ];
 
 mod sql {
@@ -62,6 +64,11 @@ pub enum StripeEvent {
     Refund(Charge),
     DisputeFunds(Dispute, Funds),
     DisputeNoted(Dispute),
+    /// An auto-recharge's payment: `succeeded` credits, failed ends it.
+    Payment {
+        intent: PaymentIntent,
+        succeeded: bool,
+    },
     Unknown,
 }
 
@@ -93,6 +100,14 @@ impl StripeEvent {
             "charge.dispute.created" | "charge.dispute.closed" => {
                 StripeEvent::DisputeNoted(object(event)?)
             }
+            "payment_intent.succeeded" => StripeEvent::Payment {
+                intent: object(event)?,
+                succeeded: true,
+            },
+            "payment_intent.payment_failed" => StripeEvent::Payment {
+                intent: object(event)?,
+                succeeded: false,
+            },
             _ => StripeEvent::Unknown,
         })
     }
@@ -111,6 +126,9 @@ impl StripeEvent {
                 dispute_funds(effects, dispute, funds).await
             }
             StripeEvent::DisputeNoted(dispute) => Ok(dispute_noted(dispute)),
+            StripeEvent::Payment { intent, succeeded } => {
+                auto_recharge(effects, intent, succeeded).await
+            }
             StripeEvent::Unknown => Ok(Outcome::Ignored),
         }
     }
@@ -228,7 +246,107 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         stripe_payment_id: session.payment_intent.clone(),
         metadata,
     };
-    applied(effects.engine.credit(account, posting).await, "top-up")
+    let outcome = applied(effects.engine.credit(account, posting).await, "top-up")?;
+    if let (Some(api), Some(payment_intent)) = (effects.api, session.payment_intent.as_deref()) {
+        save_card(effects, api, account, payment_intent).await?;
+    }
+    Ok(outcome)
+}
+
+/// Keeps the card a top-up was paid with (Checkout saved it for off-session
+/// use): the card auto-recharges charge.
+async fn save_card(
+    effects: &Effects<'_>,
+    api: &StripeApi,
+    account: AccountId,
+    payment_intent: &str,
+) -> Result<(), StripeError> {
+    let Some(payment_method) = api.payment_method_of(payment_intent).await? else {
+        return Ok(());
+    };
+    let client = store::client(effects.pool).await?;
+    crate::recharge::store::save_card(&**client, account, &payment_method).await?;
+    Ok(())
+}
+
+/// An auto-recharge's payment: a success credits the attempt's amount once
+/// (key `stripe:payment_intent:<id>`) and ends the attempt; a failure ends
+/// it and switches auto-recharge off. Any other PaymentIntent (a top-up's,
+/// paid through Checkout) is the Checkout Session's business.
+async fn auto_recharge(
+    effects: &Effects<'_>,
+    intent: PaymentIntent,
+    succeeded: bool,
+) -> Result<Outcome, StripeError> {
+    if intent.metadata.get("type").map(String::as_str) != Some(crate::recharge::PAYMENT_TYPE) {
+        return Ok(Outcome::Ignored);
+    }
+    let account = intent
+        .metadata
+        .get("userId")
+        .and_then(|id| id.parse::<i64>().ok())
+        .map(AccountId);
+    let attempt = intent
+        .metadata
+        .get("attemptId")
+        .and_then(|id| uuid::Uuid::parse_str(id).ok());
+    let (Some(account), Some(attempt)) = (account, attempt) else {
+        tracing::error!(payment_intent = %intent.id, "auto-recharge payment without a valid metadata.userId and attemptId");
+        return Ok(Outcome::UnknownAccount);
+    };
+    let now = chrono::Utc::now();
+    if !succeeded {
+        let reason = intent
+            .last_payment_error
+            .and_then(|error| error.code)
+            .unwrap_or_else(|| "payment_failed".into());
+        let mut client = store::client(effects.pool).await?;
+        let ended =
+            crate::recharge::store::fail(&mut client, account, attempt, &reason, now).await?;
+        drop(client);
+        effects
+            .engine
+            .auto_recharge_ended(account, attempt, false)
+            .await?;
+        return Ok(if ended {
+            Outcome::Applied
+        } else {
+            Outcome::Replayed
+        });
+    }
+    if currency_mismatch(
+        effects.settings,
+        intent.currency.as_deref(),
+        "payment_intent",
+        &intent.id,
+    ) {
+        return Ok(Outcome::CurrencyMismatch);
+    }
+    let amount = cents(intent.amount, "amount")?;
+    let posting = Posting {
+        key: key(format!("stripe:payment_intent:{}", intent.id))?,
+        kind: TransactionType::TopUp,
+        amount,
+        description: Some(format!("Recharge automatique de {amount}")),
+        stripe_session_id: None,
+        stripe_payment_id: Some(intent.id.clone()),
+        metadata: Some(json!({ crate::recharge::ATTEMPT_METADATA_KEY: attempt })),
+    };
+    let outcome = applied(
+        effects.engine.credit(account, posting).await,
+        "auto-recharge",
+    )?;
+    if outcome == Outcome::UnknownAccount {
+        return Ok(outcome);
+    }
+    let client = store::client(effects.pool).await?;
+    crate::recharge::store::succeed(&**client, attempt, &intent.id, now).await?;
+    drop(client);
+    effects
+        .engine
+        .auto_recharge_ended(account, attempt, true)
+        .await?;
+    Ok(outcome)
 }
 
 /// The top-up's invoice as its transaction keeps it: `invoiceId`, and the

@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod auto_recharge;
 mod browser;
 mod byok;
 mod chat;

@@ -126,11 +126,147 @@ impl Respond for Sessions {
     }
 }
 
+/// `POST /v1/payment_intents` (confirmed off session) as Stripe answers
+/// it: the same answer for the same idempotency key (Stripe replays the
+/// stored response, errors included). Told to refuse, it answers Stripe's
+/// card error (402) with that code (`card_declined`,
+/// `authentication_required`).
+#[derive(Clone, Default)]
+pub struct PaymentIntents {
+    /// Per idempotency key, the status and body answered.
+    pub by_key: Arc<Mutex<HashMap<String, (u16, Value)>>>,
+    /// Every request, replays included.
+    pub received: Arc<Mutex<Vec<Received>>>,
+    pub refuse_with: Arc<Mutex<Option<String>>>,
+}
+
+impl PaymentIntents {
+    /// The PaymentIntents created (one per idempotency key), oldest first.
+    pub fn created(&self) -> Vec<Value> {
+        let by_key = self.by_key.lock().unwrap();
+        let mut intents: Vec<Value> = by_key
+            .values()
+            .map(|(status, body)| {
+                if *status == 200 {
+                    body.clone()
+                } else {
+                    body["error"]["payment_intent"].clone()
+                }
+            })
+            .collect();
+        intents.sort_by_key(|intent| {
+            intent["id"]
+                .as_str()
+                .and_then(|id| id.strip_prefix("pi_auto_"))
+                .and_then(|n| n.parse::<u64>().ok())
+        });
+        intents
+    }
+
+    pub fn refuse(&self, code: Option<&str>) {
+        *self.refuse_with.lock().unwrap() = code.map(str::to_owned);
+    }
+}
+
+impl Respond for PaymentIntents {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        if request
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(&format!("Bearer {SECRET_KEY}"))
+        {
+            return stripe_error(401, "Invalid API Key provided");
+        }
+        let fields = form(request);
+        let key = idempotency_key(request);
+        self.received
+            .lock()
+            .unwrap()
+            .push((key.clone(), fields.clone()));
+        let Some(key) = key else {
+            return stripe_error(400, "creditd always sends an idempotency key");
+        };
+        for field in ["amount", "currency", "customer", "payment_method"] {
+            if !fields.contains_key(field) {
+                return stripe_error(400, &format!("Missing required param: {field}."));
+            }
+        }
+        let mut by_key = self.by_key.lock().unwrap();
+        let seq = by_key.len();
+        let refuse = self.refuse_with.lock().unwrap().clone();
+        let (status, body) = by_key
+            .entry(key)
+            .or_insert_with(|| {
+                let id = format!("pi_auto_{}", seq + 1);
+                let metadata: serde_json::Map<String, Value> = fields
+                    .iter()
+                    .filter_map(|(name, value)| {
+                        let name = name.strip_prefix("metadata[")?.strip_suffix(']')?;
+                        Some((name.to_owned(), Value::String(value.clone())))
+                    })
+                    .collect();
+                let mut intent = json!({
+                    "id": id,
+                    "object": "payment_intent",
+                    "amount": fields["amount"].parse::<i64>().unwrap(),
+                    "amount_capturable": 0,
+                    "amount_received": 0,
+                    "capture_method": "automatic_async",
+                    "confirmation_method": "automatic",
+                    "created": chrono::Utc::now().timestamp(),
+                    "currency": fields["currency"],
+                    "customer": fields["customer"],
+                    "livemode": false,
+                    "metadata": metadata,
+                    "payment_method": fields["payment_method"],
+                    "payment_method_types": ["card"],
+                    "status": "succeeded",
+                });
+                match refuse {
+                    None => {
+                        intent["amount_received"] = intent["amount"].clone();
+                        (200, intent)
+                    }
+                    Some(code) => {
+                        intent["status"] = json!("requires_payment_method");
+                        let (decline_code, message) = if code == "card_declined" {
+                            (json!("generic_decline"), "Your card was declined.")
+                        } else {
+                            (
+                                Value::Null,
+                                "Your card was declined. This transaction requires authentication.",
+                            )
+                        };
+                        intent["last_payment_error"] = json!({
+                            "type": "card_error", "code": code, "message": message,
+                        });
+                        (
+                            402,
+                            json!({ "error": {
+                                "type": "card_error",
+                                "code": code,
+                                "decline_code": decline_code,
+                                "doc_url": format!("https://stripe.com/docs/error-codes/{code}"),
+                                "message": message,
+                                "payment_intent": intent,
+                                "request_log_url": "https://dashboard.stripe.com/test/logs/req_test",
+                            }}),
+                        )
+                    }
+                }
+            })
+            .clone();
+        ResponseTemplate::new(status).set_body_json(body)
+    }
+}
+
 pub struct StripeApp {
     pub app: TestApp,
     pub stripe: MockServer,
     pub customers: Customers,
     pub sessions: Sessions,
+    pub payment_intents: PaymentIntents,
 }
 
 pub async fn spawn_stripe_app() -> StripeApp {
@@ -143,6 +279,12 @@ pub async fn spawn_stripe_app_with(
     let stripe = MockServer::start().await;
     let customers = Customers::default();
     let sessions = Sessions::default();
+    let payment_intents = PaymentIntents::default();
+    Mock::given(method("POST"))
+        .and(path("/v1/payment_intents"))
+        .respond_with(payment_intents.clone())
+        .mount(&stripe)
+        .await;
     Mock::given(method("POST"))
         .and(path("/v1/customers"))
         .respond_with(customers.clone())
@@ -169,6 +311,7 @@ pub async fn spawn_stripe_app_with(
         stripe,
         customers,
         sessions,
+        payment_intents,
     }
 }
 
