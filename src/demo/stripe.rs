@@ -4,7 +4,12 @@
 //! like Stripe: the session's invoice is finalized, the browser goes back
 //! to the success URL at once, and the `checkout.session.completed` event
 //! (naming its `invoice`) follows as a signed webhook, a moment later
-//! (webhooks lag).
+//! (webhooks lag). The card chosen on the checkout page is saved for
+//! off-session payments (Stripe's test cards: `pm_card_visa` pays,
+//! `pm_card_chargeDeclined` is declined, `pm_card_authenticationRequired`
+//! asks for authentication), and `POST /v1/payment_intents` charges it as
+//! Stripe does: a refused card answers Stripe's 402 card error, a paid
+//! intent is followed by the signed `payment_intent.succeeded` event.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -32,6 +37,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/c/pay/{id}", web::get().to(checkout_page))
         .route("/c/pay/{id}", web::post().to(pay))
         .route("/v1/invoices/{id}", web::get().to(retrieve_invoice))
+        .route("/v1/payment_intents", web::post().to(create_payment_intent))
+        .route(
+            "/v1/payment_intents/{id}",
+            web::get().to(retrieve_payment_intent),
+        )
         .route("/i/{id}", web::get().to(invoice_page));
 }
 
@@ -53,6 +63,10 @@ pub struct Ledger {
     by_idempotency_key: Mutex<HashMap<String, String>>,
     /// Invoices of paid sessions, by id, with their amount in cents.
     invoices: Mutex<HashMap<String, (Value, i64)>>,
+    /// PaymentIntents (of paid sessions, and off-session ones), by id.
+    payment_intents: Mutex<HashMap<String, Value>>,
+    /// Off-session PaymentIntents' answers (status, body) by idempotency key.
+    intent_answers: Mutex<HashMap<String, (u16, Value)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -245,6 +259,12 @@ async fn checkout_page(shared: web::Data<Shared>, id: web::Path<String>) -> Http
 <p class="credit-balance__amount checkout__amount">{amount}</p>
 <p class="credit-balance__message">Aucune carte n'est débitée : « Payer » envoie à creditd l'évènement signé checkout.session.completed, comme Stripe.</p>
 <form method="post" action="{action}" class="topup__actions">
+<label>Carte (gardée pour les recharges automatiques)
+<select name="card" class="checkout__card">
+<option value="pm_card_visa">Visa qui paie</option>
+<option value="pm_card_chargeDeclined">Visa refusée aux paiements suivants</option>
+<option value="pm_card_authenticationRequired">Visa qui demande une authentification</option>
+</select></label>
 <a href="{cancel}" class="checkout__cancel">Annuler</a>
 <button type="submit" class="topup__pay checkout__pay">Payer {amount}</button>
 </form>
@@ -259,7 +279,11 @@ async fn checkout_page(shared: web::Data<Shared>, id: web::Path<String>) -> Http
 }
 
 /// "Payer": back to the success URL now, the signed webhook a moment later.
-async fn pay(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
+async fn pay(shared: web::Data<Shared>, id: web::Path<String>, body: web::Bytes) -> HttpResponse {
+    let card = form(&body)
+        .remove("card")
+        .filter(|card| CARDS.contains(&card.as_str()))
+        .unwrap_or_else(|| CARDS[0].to_owned());
     let session = {
         let mut sessions = lock(&shared.stripe.sessions);
         let Some(session) = sessions.get_mut(id.as_str()) else {
@@ -277,7 +301,7 @@ async fn pay(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
     let shared = shared.into_inner();
     actix_web::rt::spawn(async move {
         actix_web::rt::time::sleep(WEBHOOK_DELAY).await;
-        deliver_completed(&shared, session, invoice).await;
+        deliver_completed(&shared, session, invoice, card).await;
     });
     HttpResponse::SeeOther()
         .insert_header((header::LOCATION, success_url))
@@ -363,19 +387,179 @@ async fn invoice_page(shared: web::Data<Shared>, id: web::Path<String>) -> HttpR
     page(&shared, "Facture · Démo", &body)
 }
 
-async fn deliver_completed(shared: &Shared, session: Session, invoice: String) {
+async fn deliver_completed(shared: &Shared, session: Session, invoice: String, card: String) {
     let mut object = session.json;
+    let payment_intent = format!("pi_demo_{}", uuid::Uuid::new_v4().simple());
+    lock(&shared.stripe.payment_intents).insert(
+        payment_intent.clone(),
+        json!({
+            "id": payment_intent,
+            "object": "payment_intent",
+            "amount": session.amount_cents,
+            "currency": object["currency"],
+            "customer": object["customer"],
+            "metadata": object["metadata"],
+            "payment_method": card,
+            "setup_future_usage": "off_session",
+            "status": "succeeded",
+        }),
+    );
     object["invoice"] = json!(invoice);
     object["payment_status"] = json!("paid");
     object["status"] = json!("complete");
-    object["payment_intent"] = json!(format!("pi_demo_{}", uuid::Uuid::new_v4().simple()));
+    object["payment_intent"] = json!(payment_intent);
+    deliver_event(shared, "checkout.session.completed", object).await;
+}
+
+/// The demo's test cards, the first one paying.
+const CARDS: [&str; 3] = [
+    "pm_card_visa",
+    "pm_card_chargeDeclined",
+    "pm_card_authenticationRequired",
+];
+
+/// `GET /v1/payment_intents/{id}`: a read, so the secret key only.
+async fn retrieve_payment_intent(
+    shared: web::Data<Shared>,
+    request: HttpRequest,
+    id: web::Path<String>,
+) -> HttpResponse {
+    let expected = format!("Bearer {}", shared.stripe_secret_key);
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if presented != Some(expected.as_str()) {
+        return Refusal::InvalidApiKey.response();
+    }
+    match lock(&shared.stripe.payment_intents).get(id.as_str()) {
+        Some(intent) => HttpResponse::Ok().json(intent.clone()),
+        None => stripe_error(
+            404,
+            "invalid_request_error",
+            &format!("No such payment_intent: '{id}'"),
+        ),
+    }
+}
+
+/// `POST /v1/payment_intents`, confirmed off session: the saved card pays
+/// (then `payment_intent.succeeded` follows) or is refused with Stripe's
+/// 402 card error; the same idempotency key gets the same answer.
+async fn create_payment_intent(
+    shared: web::Data<Shared>,
+    request: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    let key = match authorize(&shared, &request) {
+        Ok(key) => key,
+        Err(refusal) => return refusal.response(),
+    };
+    let answer = |(status, body): &(u16, Value)| {
+        HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(*status)
+                .unwrap_or(actix_web::http::StatusCode::OK),
+        )
+        .json(body.clone())
+    };
+    if let Some(answered) = lock(&shared.stripe.intent_answers).get(&key) {
+        return answer(answered);
+    }
+    let fields = form(&body);
+    let field = |name: &str| fields.get(name).cloned();
+    let Some(amount) = field("amount")
+        .and_then(|a| a.parse::<i64>().ok())
+        .filter(|a| *a > 0)
+    else {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            "Missing required param: amount.",
+        );
+    };
+    let (Some(currency), Some(customer), Some(card)) = (
+        field("currency"),
+        field("customer"),
+        field("payment_method"),
+    ) else {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            "Missing required param: currency, customer or payment_method.",
+        );
+    };
+    let metadata: serde_json::Map<String, Value> = fields
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = name.strip_prefix("metadata[")?.strip_suffix(']')?;
+            Some((name.to_owned(), Value::String(value.clone())))
+        })
+        .collect();
+    let id = format!("pi_demo_{}", uuid::Uuid::new_v4().simple());
+    let mut intent = json!({
+        "id": id,
+        "object": "payment_intent",
+        "amount": amount,
+        "amount_capturable": 0,
+        "amount_received": amount,
+        "capture_method": "automatic_async",
+        "confirmation_method": "automatic",
+        "created": chrono::Utc::now().timestamp(),
+        "currency": currency,
+        "customer": customer,
+        "livemode": false,
+        "metadata": metadata,
+        "payment_method": card,
+        "payment_method_types": ["card"],
+        "status": "succeeded",
+    });
+    let refusal = match card.as_str() {
+        "pm_card_chargeDeclined" => Some(("card_declined", "Your card was declined.")),
+        "pm_card_authenticationRequired" => Some((
+            "authentication_required",
+            "Your card was declined. This transaction requires authentication.",
+        )),
+        _ => None,
+    };
+    let answered = match refusal {
+        None => (200, intent.clone()),
+        Some((code, message)) => {
+            intent["status"] = json!("requires_payment_method");
+            intent["amount_received"] = json!(0);
+            intent["last_payment_error"] =
+                json!({ "type": "card_error", "code": code, "message": message });
+            (
+                402,
+                json!({ "error": {
+                    "type": "card_error",
+                    "code": code,
+                    "doc_url": format!("https://stripe.com/docs/error-codes/{code}"),
+                    "message": message,
+                    "payment_intent": intent,
+                }}),
+            )
+        }
+    };
+    lock(&shared.stripe.payment_intents).insert(id, intent.clone());
+    lock(&shared.stripe.intent_answers).insert(key, answered.clone());
+    if answered.0 == 200 {
+        let shared = shared.into_inner();
+        actix_web::rt::spawn(async move {
+            actix_web::rt::time::sleep(WEBHOOK_DELAY).await;
+            deliver_event(&shared, "payment_intent.succeeded", intent).await;
+        });
+    }
+    answer(&answered)
+}
+
+/// Sends `object` as a signed event of `kind`, retried a few times.
+async fn deliver_event(shared: &Shared, kind: &str, object: Value) {
     let event = json!({
         "id": format!("evt_demo_{}", uuid::Uuid::new_v4().simple()),
         "object": "event",
         "api_version": "2025-03-31.basil",
         "created": chrono::Utc::now().timestamp(),
         "livemode": false,
-        "type": "checkout.session.completed",
+        "type": kind,
         "data": { "object": object },
     });
     let body = event.to_string();
