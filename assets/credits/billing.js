@@ -7,6 +7,7 @@ import './credit-balance.js'
 import './credit-topup-dialog.js'
 import './credit-history.js'
 import './credit-usage-chart.js'
+import './credit-auto-recharge.js'
 import { PENDING_TOPUP_KEY } from './credit-topup-dialog.js'
 import { formatMicros, request } from './credits-api.js'
 

@@ -1,6 +1,7 @@
 //! The billing page and its assets, compiled into the binary: plain ES
 //! modules defining custom elements (`<credit-balance>`,
-//! `<credit-topup-dialog>`, `<credit-history>`, `<credit-usage-chart>`) that
+//! `<credit-topup-dialog>`, `<credit-history>`, `<credit-usage-chart>`,
+//! `<credit-auto-recharge>`) that
 //! `/billing` composes and any other front end can embed. No build step.
 
 use actix_web::http::header::{self, HeaderValue};
@@ -43,6 +44,11 @@ const ASSETS: &[(&str, &str, &str)] = &[
         "credit-usage-chart.js",
         JS,
         include_str!("../../assets/credits/credit-usage-chart.js"),
+    ),
+    (
+        "credit-auto-recharge.js",
+        JS,
+        include_str!("../../assets/credits/credit-auto-recharge.js"),
     ),
     (
         "billing.js",
