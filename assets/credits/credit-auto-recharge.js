@@ -63,6 +63,8 @@ class CreditAutoRechargeElement extends HTMLElement {
 
   render(settings) {
     this.settings = settings
+    this.dataset.enabled = String(settings.enabled)
+    this.dataset.monthTotalCents = String(settings.monthTotalCents)
     this.enabled.checked = settings.enabled
     this.threshold.value = settings.thresholdCents === null ? '5' : String(settings.thresholdCents / 100)
     this.amount.value = settings.amountCents === null ? '20' : String(settings.amountCents / 100)

@@ -909,3 +909,94 @@ async fn demo_echo_model_streams_server_sent_events_and_is_charged_for_them() {
     assert_eq!(overview["balanceMicros"], json!(10_000_000 - used));
     handle.stop(true).await;
 }
+
+#[actix::test]
+async fn auto_recharge_saved_on_the_billing_page_recharges_the_demo_card_once_a_chat_crosses_the_threshold(
+) {
+    let (demo, handle) = start_demo().await;
+    let mut browser = Browser::start().await;
+    demo_sign_in(&browser, &demo, "bob").await;
+
+    browser.goto(&format!("{}/billing", demo.url)).await;
+    // Before any top-up there is no card to charge: saving says so.
+    browser
+        .until(
+            "the auto-recharge settings",
+            "return document.querySelector('credit-auto-recharge').dataset.enabled === 'false'",
+        )
+        .await;
+    browser.click(".auto-recharge__enabled").await;
+    browser.click(".auto-recharge__save").await;
+    assert!(
+        browser
+            .text(".auto-recharge__error")
+            .await
+            .contains("saved card"),
+        "enabling without a card is refused"
+    );
+    // The browser logs that refusal (a 409 answer) as a failed load: expected.
+    browser.collect_errors().await;
+    browser
+        .errors
+        .retain(|error| !error.contains("auto-recharge") || !error.contains("409"));
+
+    browser.click(".credit-balance__topup").await;
+    browser.click(".topup__option[data-cents='500']").await;
+    browser.click(".topup__pay").await;
+    browser.click(".checkout__pay").await;
+    browser
+        .until(
+            "the top-up's credit",
+            "return Number(document.querySelector('credit-balance').dataset.balanceMicros) === 15000000",
+        )
+        .await;
+    browser.goto(&format!("{}/billing", demo.url)).await;
+    browser
+        .until(
+            "the saved card",
+            "const e = document.querySelector('credit-auto-recharge'); return e.dataset.enabled === 'false' && e.querySelector('.auto-recharge__notice').hidden",
+        )
+        .await;
+    browser
+        .js("document.querySelector('.auto-recharge__enabled').checked = true")
+        .await;
+    browser.type_into(".auto-recharge__threshold", "15").await;
+    browser.type_into(".auto-recharge__amount", "20").await;
+    browser.click(".auto-recharge__save").await;
+    browser
+        .until(
+            "the saved settings",
+            "return document.querySelector('credit-auto-recharge').dataset.enabled === 'true'",
+        )
+        .await;
+
+    browser.goto(&format!("{}/demo", demo.url)).await;
+    browser.type_into(".chat__input", "Un agenda.").await;
+    browser.click(".chat__send").await;
+    let used = browser
+        .until(
+            "the chat's answer",
+            "const m = document.querySelector('.chat__message.is-assistant'); return m ? Number(m.dataset.usedMicros) : null",
+        )
+        .await
+        .as_i64()
+        .expect("used micros");
+    browser.goto(&format!("{}/billing", demo.url)).await;
+    browser
+        .until(
+            "the auto-recharge's credit",
+            &format!(
+                "document.dispatchEvent(new CustomEvent('credit-balance:refresh')); return Number(document.querySelector('credit-balance').dataset.balanceMicros) === {}",
+                35_000_000 - used
+            ),
+        )
+        .await;
+    browser.goto(&format!("{}/billing", demo.url)).await;
+    assert!(browser
+        .text(".auto-recharge__month")
+        .await
+        .starts_with("Ce mois-ci : 20€ rechargés automatiquement"));
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+    handle.stop(true).await;
+}
