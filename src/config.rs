@@ -164,6 +164,9 @@ pub struct JournalSettings {
 pub struct CreditsSettings {
     pub signup_bonus_cents: i64,
     pub low_balance_cents: i64,
+    /// Days the signup bonus can be spent; 0: it never expires.
+    #[serde(default)]
+    pub signup_bonus_expiry_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -624,16 +627,17 @@ mod tests {
 
     /// Numeric keys whose 0 means something that works.
     const ZERO_MEANS_SOMETHING: &[&str] = &[
-        "server.history_cache_entries", // no cache
-        "engine.arbiters",              // one per CPU core
-        "journal.batch_delay_us",       // commit at once
-        "journal.hold_delay_us",        // a hold's entry sent at once
-        "credits.signup_bonus_cents",   // no bonus
-        "credits.low_balance_cents",    // never flagged low
-        "clerk.leeway_s",               // no clock leeway
-        "clerk.token_cache_entries",    // no cache
-        "pricing.margin_bps",           // sold at cost
-        "chat.message_overhead_tokens", // estimate from bytes alone
+        "server.history_cache_entries",     // no cache
+        "engine.arbiters",                  // one per CPU core
+        "journal.batch_delay_us",           // commit at once
+        "journal.hold_delay_us",            // a hold's entry sent at once
+        "credits.signup_bonus_cents",       // no bonus
+        "credits.low_balance_cents",        // never flagged low
+        "credits.signup_bonus_expiry_days", // the bonus never expires
+        "clerk.leeway_s",                   // no clock leeway
+        "clerk.token_cache_entries",        // no cache
+        "pricing.margin_bps",               // sold at cost
+        "chat.message_overhead_tokens",     // estimate from bytes alone
         "chat.request_overhead_tokens",
     ];
 

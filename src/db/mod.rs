@@ -30,6 +30,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "signup_bonus_claims",
         include_str!("../../sql/0004_signup_bonus_claims.sql"),
     ),
+    (5, "grants", include_str!("../../sql/0005_grants.sql")),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

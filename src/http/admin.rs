@@ -27,6 +27,9 @@ pub(super) struct Adjustment {
     reason: String,
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// When the credit's grant expires (credits of type ADJUSTMENT or
+    /// PROMO_BONUS only; RFC 3339, in the future). None: never.
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn clerk_id(path: &str) -> Result<&str, ApiError> {
@@ -98,6 +101,11 @@ async fn adjust(
         .checked_abs()
         .map(Micros::new)
         .ok_or_else(|| ApiError::invalid("field `amountMicros`: out of range"))?;
+    if adjustment.expires_at.is_some() && adjustment.amount_micros < 0 {
+        return Err(ApiError::invalid(
+            "field `expiresAt`: only a credit (positive amountMicros) can expire",
+        ));
+    }
     let account = state.any_account(user).await?;
     let posting = Posting {
         key,
@@ -107,6 +115,7 @@ async fn adjust(
         stripe_session_id: None,
         stripe_payment_id: None,
         metadata: Some(json!({ "source": "admin" })),
+        expires_at: adjustment.expires_at,
     };
     let outcome = if adjustment.amount_micros > 0 {
         state.engine.credit(account, posting).await?

@@ -9,7 +9,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::error::{ApiError, Code};
-use super::views::{Page, TransactionView, UsageView};
+use super::views::{GrantView, Page, TransactionView, UsageView};
 use super::State;
 use crate::ledger::{store, AccountId, IdempotencyKey, Posting, TransactionType};
 use crate::metering;
@@ -106,6 +106,9 @@ pub(super) struct Overview<'a> {
     transactions: &'a RawValue,
     #[schema(value_type = Vec<UsageView>)]
     usages: &'a RawValue,
+    /// What the balance is made of: the grants with money left, in spend
+    /// order (promo before paid, then earliest expiry, then oldest).
+    grants: Vec<GrantView>,
 }
 
 /// Balance, holds, the 10 newest transactions and usages.
@@ -119,7 +122,8 @@ pub(super) struct Overview<'a> {
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.clerk.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let snapshot = state.engine.balance_summary(account).await?;
+    let full = state.engine.balance(account).await?;
+    let snapshot = full.summary();
     let history = history(&state, account, snapshot.version).await?;
     let low = Micros::new(state.settings.credits.low_balance_cents * MICROS_PER_CENT);
     Ok(HttpResponse::Ok().json(Overview {
@@ -132,6 +136,7 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
         has_byok: history.has_byok,
         transactions: &history.transactions,
         usages: &history.usages,
+        grants: full.grants.iter().map(GrantView::from).collect(),
     }))
 }
 
@@ -275,7 +280,9 @@ pub(super) fn email_hash(email: &str) -> Option<String> {
     Some(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// What asking for the signup bonus gave.
+/// What asking for the signup bonus gave. Built once per request and
+/// consumed at once: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Bonus {
     /// Credited now, or earlier to this account (`replayed`).
     Granted(crate::ledger::Outcome<crate::ledger::TransactionRecord>),
@@ -313,8 +320,28 @@ pub(super) async fn grant_signup_bonus(
         stripe_session_id: None,
         stripe_payment_id: None,
         metadata: None,
+        expires_at: signup_bonus_expiry(state)?,
     };
     Ok(Bonus::Granted(state.engine.credit(account, posting).await?))
+}
+
+/// When a signup bonus granted now expires (`credits.signup_bonus_expiry_days`;
+/// 0: never).
+fn signup_bonus_expiry(state: &State) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    let days = state.settings.credits.signup_bonus_expiry_days;
+    if days == 0 {
+        return Ok(None);
+    }
+    let now = state.engine.clock().now();
+    chrono::Duration::try_days(i64::from(days))
+        .and_then(|span| now.checked_add_signed(span))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::internal(
+                "signup bonus",
+                "credits.signup_bonus_expiry_days is out of range",
+            )
+        })
 }
 
 /// Takes back a bonus this account received by its Clerk id before its
@@ -354,6 +381,7 @@ async fn reverse_second_bonus(state: &State, account: AccountId) -> Result<(), A
         stripe_session_id: None,
         stripe_payment_id: None,
         metadata: Some(json!({ "reason": "duplicate_signup_bonus" })),
+        expires_at: None,
     };
     state.engine.debit(account, posting).await?;
     Ok(())

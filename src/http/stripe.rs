@@ -465,6 +465,7 @@ async fn checkout(state: &State, session: CheckoutSession) -> Result<Outcome, Ap
         stripe_session_id: Some(session.id.clone()),
         stripe_payment_id: session.payment_intent.clone(),
         metadata: None,
+        expires_at: None,
     };
     applied(state.engine.credit(account, posting).await, "top-up")
 }
@@ -673,6 +674,7 @@ async fn dispute_funds(state: &State, dispute: Dispute, funds: Funds) -> Result<
         stripe_session_id: None,
         stripe_payment_id: Some(payment_intent.to_owned()),
         metadata: Some(json!({ "chargeId": dispute.charge, "disputeId": dispute.id })),
+        expires_at: None,
     };
     let result = match funds {
         Funds::Withdrawn => state.engine.debit(account, posting).await,

@@ -607,6 +607,9 @@ async fn a_stale_actor_cannot_overwrite_a_newer_state_and_reloads() {
                  idempotency_key, balance_before_micros, balance_after_micros, created_at)
              VALUES (gen_random_uuid(), {id}, 2, 'ADJUSTMENT', 'CREDIT', 4000000, 'elsewhere',
                  1000000, 5000000, now());
+             INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
+                 source, seq, created_at)
+             VALUES (gen_random_uuid(), {id}, 'PROMO', 4000000, 4000000, 'elsewhere', 2, now());
              UPDATE credit_balances SET balance_micros = 5000000, version = 2
               WHERE user_id = {id};",
             id = account.0
@@ -665,6 +668,15 @@ async fn a_stale_actor_cannot_release_a_hold_over_a_newer_state_and_reloads() {
                  idempotency_key, balance_before_micros, balance_after_micros, created_at)
              VALUES (gen_random_uuid(), $1, 3, 'ADJUSTMENT', 'CREDIT', 4000000, 'elsewhere',
                  1000000, 5000000, now())",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
+                 source, seq, created_at)
+             VALUES (gen_random_uuid(), $1, 'PROMO', 4000000, 4000000, 'elsewhere', 3, now())",
             &[&account.0],
         )
         .await
@@ -1285,6 +1297,9 @@ async fn entries_behind_a_failed_batch_in_flight_never_commit_even_when_another_
                  idempotency_key, balance_before_micros, balance_after_micros, created_at)
              VALUES (gen_random_uuid(), {id}, 2, 'ADJUSTMENT', 'CREDIT', 4000000, 'elsewhere',
                  1000000, 5000000, now());
+             INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
+                 source, seq, created_at)
+             VALUES (gen_random_uuid(), {id}, 'PROMO', 4000000, 4000000, 'elsewhere', 2, now());
              UPDATE credit_balances SET balance_micros = 5000000, version = 2
               WHERE user_id = {id};",
             id = account.0

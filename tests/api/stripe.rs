@@ -128,14 +128,14 @@ impl Respond for Sessions {
     }
 }
 
-struct StripeApp {
-    app: TestApp,
+pub(crate) struct StripeApp {
+    pub(crate) app: TestApp,
     stripe: MockServer,
     customers: Customers,
     sessions: Sessions,
 }
 
-async fn spawn_stripe_app() -> StripeApp {
+pub(crate) async fn spawn_stripe_app() -> StripeApp {
     spawn_stripe_app_with(|_| {}).await
 }
 
@@ -206,7 +206,7 @@ impl StripeApp {
     }
 
     /// Delivers `event` signed now; its status.
-    async fn deliver(&self, event: &Value) -> u16 {
+    pub(crate) async fn deliver(&self, event: &Value) -> u16 {
         let body = event.to_string();
         self.deliver_with(&body, Some(&signed_header(&body)))
             .await
@@ -248,7 +248,7 @@ impl StripeApp {
     }
 }
 
-fn event(id: &str, kind: &str, object: Value) -> Value {
+pub(crate) fn event(id: &str, kind: &str, object: Value) -> Value {
     json!({
         "id": id,
         "object": "event",
@@ -284,7 +284,7 @@ fn checkout_session(id: &str, account: i64, cents: i64, payment_status: &str) ->
 }
 
 /// A charge of a top-up: Stripe copied the payment intent's metadata to it.
-fn charge(id: &str, payment_intent: &str, amount: i64, refunded: i64) -> Value {
+pub(crate) fn charge(id: &str, payment_intent: &str, amount: i64, refunded: i64) -> Value {
     json!({
         "id": id,
         "object": "charge",
@@ -299,7 +299,7 @@ fn charge(id: &str, payment_intent: &str, amount: i64, refunded: i64) -> Value {
     })
 }
 
-async fn top_up(stripe: &StripeApp, clerk_id: &str, session: &str, cents: i64) -> i64 {
+pub(crate) async fn top_up(stripe: &StripeApp, clerk_id: &str, session: &str, cents: i64) -> i64 {
     let account = stripe.app.account(clerk_id).await.0;
     let status = stripe
         .deliver(&event(
