@@ -121,12 +121,21 @@ const ORPHANS: &str = "
      ORDER BY 1, 2 LIMIT $1";
 
 /// Per account: the balance, Σ remaining, and what unexpired grants hold.
+/// "Unexpired" as of the account's last entry or now, whichever is later:
+/// the engine's clock wrote the entries' times.
 const GRANT_SUMS: &str = "
-    WITH g AS (
-        SELECT user_id, sum(remaining_micros) AS granted,
-               sum(remaining_micros) FILTER (WHERE expires_at IS NULL OR expires_at > now())
+    WITH last AS (
+        SELECT user_id, max(created_at) AS at FROM (
+            SELECT user_id, created_at FROM credit_transactions
+            UNION ALL SELECT user_id, created_at FROM credit_usages) e
+         GROUP BY user_id),
+    g AS (
+        SELECT g.user_id, sum(g.remaining_micros) AS granted,
+               sum(g.remaining_micros) FILTER (
+                   WHERE g.expires_at IS NULL OR g.expires_at > greatest(now(), l.at))
                    AS spendable
-          FROM credit_grants GROUP BY user_id)
+          FROM credit_grants g LEFT JOIN last l USING (user_id)
+         GROUP BY g.user_id)
     SELECT b.user_id, b.balance_micros::text, coalesce(g.granted, 0)::text,
            coalesce(g.spendable, 0)::text
       FROM credit_balances b LEFT JOIN g USING (user_id)
