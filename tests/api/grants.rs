@@ -478,3 +478,54 @@ async fn a_bonus_partly_held_by_a_chat_expires_its_unheld_part_then_what_the_cha
     assert_eq!(found[1], (format!("grant:{bonus}:expired"), 5_000_000));
     db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_partial_refund_takes_from_its_own_top_up_before_a_bonus_that_comes_first_in_spend_order()
+{
+    let stripe = spawn_stripe_app().await;
+    let app = &stripe.app;
+    let user = "user_grants_own";
+    top_up(&stripe, user, "cs_own", 2000).await;
+    let bonus = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/accounts/{user}/credits"),
+        )
+        .json(&json!({
+            "amountMicros": 5_000_000, "key": "bonus", "reason": "geste", "type": "PROMO_BONUS",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bonus.status(), 201);
+
+    let status = stripe
+        .deliver(&event(
+            "evt_own_refund",
+            "charge.refunded",
+            charge("ch_own", "pi_cs_own", 2000, 1000),
+        ))
+        .await;
+    assert_eq!(status, 200);
+
+    let (_, overview) = json_of(app.get_as(user, "/api/credits").await).await;
+    assert_eq!(overview["balanceMicros"], 15_000_000);
+    let grants = overview["grants"].as_array().cloned().unwrap_or_default();
+    let remaining: Vec<(Value, Value)> = grants
+        .iter()
+        .map(|g| (g["kind"].clone(), g["remainingMicros"].clone()))
+        .collect();
+    assert_eq!(
+        remaining,
+        vec![
+            (json!("PROMO"), json!(5_000_000)),
+            (json!("PAID"), json!(10_000_000)),
+        ]
+    );
+    let (_, history) = json_of(app.get_as(user, "/api/credits/transactions").await).await;
+    assert_eq!(
+        history["items"][0]["paidBy"],
+        json!([{ "grantId": grants[1]["id"], "kind": "PAID", "amountMicros": 10_000_000 }])
+    );
+    app.db.reconcile_is_clean().await;
+}

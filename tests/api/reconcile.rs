@@ -102,3 +102,41 @@ async fn journal_rows_of_an_account_without_a_balance_row_are_orphans() {
     let checks = checks_failing_after("DELETE FROM credit_balances").await;
     assert_eq!(checks, vec!["orphan"]);
 }
+
+#[actix::test]
+async fn grants_holding_more_than_the_balance_are_reported() {
+    let checks = checks_failing_after(
+        "UPDATE credit_grants SET remaining_micros = remaining_micros + 1, amount_micros = amount_micros + 1",
+    )
+    .await;
+    assert_eq!(checks, vec!["grants"]);
+}
+
+#[actix::test]
+async fn a_usage_paid_by_more_than_it_cost_is_reported() {
+    let checks = checks_failing_after(
+        "UPDATE credit_usages SET paid_by = jsonb_build_array(jsonb_build_object(
+             'grantId', paid_by->0->>'grantId', 'kind', 'PAID', 'amountMicros', cost_micros + 1))",
+    )
+    .await;
+    assert_eq!(checks, vec!["paidBy"]);
+}
+
+#[actix::test]
+async fn a_grant_that_paid_more_than_it_had_is_reported() {
+    let checks = checks_failing_after(
+        "UPDATE credit_grants SET remaining_micros = amount_micros;
+         UPDATE credit_balances SET balance_micros = balance_micros + 12345",
+    )
+    .await;
+    assert!(checks.contains(&"paidBy"), "{checks:?}");
+}
+
+#[actix::test]
+async fn a_grant_spent_after_it_expired_is_reported() {
+    let checks = checks_failing_after(
+        "UPDATE credit_grants SET kind = 'PROMO', expires_at = created_at - interval '1 hour'",
+    )
+    .await;
+    assert!(checks.contains(&"expiry"), "{checks:?}");
+}
