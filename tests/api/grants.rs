@@ -529,3 +529,70 @@ async fn a_partial_refund_takes_from_its_own_top_up_before_a_bonus_that_comes_fi
     );
     app.db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn many_spends_of_one_grant_written_in_one_batch_store_what_it_has_left_after_the_last() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    // Batches wait for company: the spends share one.
+    settings.journal.batch_delay_us = 20_000;
+    let engine = db.engine(&settings);
+    let account = db.user("user_grants_batch").await;
+    engine
+        .credit(account, posting("t", TransactionType::TopUp, eur(10)))
+        .await
+        .unwrap();
+    let spends = futures_util::future::join_all((0..20).map(|i| {
+        engine.debit(
+            account,
+            posting(
+                &format!("d{i}"),
+                TransactionType::Adjustment,
+                micros(100_000),
+            ),
+        )
+    }))
+    .await;
+    assert!(spends.iter().all(Result::is_ok), "{spends:?}");
+    let batches = engine.writer().stats().batches_committed;
+    assert!(batches < 21, "{batches} batches for 21 entries");
+    engine.shutdown(Duration::from_secs(5)).await;
+
+    let engine = db.engine(&settings);
+    let grants = engine.balance(account).await.unwrap().grants;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(grants[0].remaining_micros, eur(8));
+    engine.shutdown(Duration::from_secs(5)).await;
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_refused_batch_entry_puts_back_what_its_account_spent_of_a_grant_in_that_batch() {
+    let db = TestDb::new().await;
+    let (engine, bad, _good, reused) = crate::ledger::bad_and_good_on_one_writer(&db, 50_000).await;
+    let before = engine.balance(bad).await.unwrap();
+
+    // The debit spends from the grant; the reserve in the same batch reuses
+    // a hold id PostgreSQL refuses: the whole account is undone.
+    let (debit, refused) = tokio::join!(
+        engine.debit(
+            bad,
+            posting("spend", TransactionType::Adjustment, micros(500))
+        ),
+        engine.reserve(bad, reused, micros(100)),
+    );
+    assert!(
+        matches!(refused, Err(LedgerError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert!(
+        matches!(debit, Err(LedgerError::Unavailable(_))),
+        "{debit:?}"
+    );
+
+    let after = engine.balance(bad).await.unwrap();
+    assert_eq!(after.balance_micros, before.balance_micros);
+    assert_eq!(after.grants, before.grants);
+    engine.shutdown(Duration::from_secs(5)).await;
+    db.reconcile_is_clean().await;
+}

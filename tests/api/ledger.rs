@@ -889,7 +889,7 @@ async fn a_refused_entry_fails_only_its_own_account_and_applies_nothing() {
 
 /// An account whose finished hold id `reused` only PostgreSQL remembers,
 /// and another account; both funded and resident on one writer.
-async fn bad_and_good_on_one_writer(
+pub(crate) async fn bad_and_good_on_one_writer(
     db: &TestDb,
     batch_delay_us: u64,
 ) -> (creditd::ledger::Engine, AccountId, AccountId, HoldId) {
