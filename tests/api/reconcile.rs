@@ -46,13 +46,21 @@ async fn busy_ledger() -> TestDb {
     db
 }
 
-async fn checks_failing_after(tamper: &str) -> Vec<&'static str> {
+async fn problems_after(tamper: &str) -> Vec<creditd::ledger::reconcile::Problem> {
     let db = busy_ledger().await;
     let mut client = db.client().await;
     client.batch_execute(tamper).await.expect("tamper");
     let report = reconcile(&mut client).await.expect("reconcile");
     assert!(!report.clean);
-    let mut checks: Vec<&'static str> = report.problems.iter().map(|p| p.check).collect();
+    report.problems
+}
+
+async fn checks_failing_after(tamper: &str) -> Vec<&'static str> {
+    let mut checks: Vec<&'static str> = problems_after(tamper)
+        .await
+        .iter()
+        .map(|p| p.check)
+        .collect();
     checks.dedup();
     checks
 }
@@ -104,12 +112,16 @@ async fn journal_rows_of_an_account_without_a_balance_row_are_orphans() {
 }
 
 #[actix::test]
-async fn grants_holding_more_than_the_balance_are_reported() {
-    let checks = checks_failing_after(
+async fn grants_holding_more_or_less_than_the_balance_are_reported() {
+    let more = checks_failing_after(
         "UPDATE credit_grants SET remaining_micros = remaining_micros + 1, amount_micros = amount_micros + 1",
     )
     .await;
-    assert_eq!(checks, vec!["grants"]);
+    assert_eq!(more, vec!["grants"]);
+    let less =
+        checks_failing_after("UPDATE credit_grants SET remaining_micros = remaining_micros - 1")
+            .await;
+    assert_eq!(less, vec!["grants"]);
 }
 
 #[actix::test]
@@ -133,10 +145,23 @@ async fn a_grant_that_paid_more_than_it_had_is_reported() {
 }
 
 #[actix::test]
-async fn a_grant_spent_after_it_expired_is_reported() {
-    let checks = checks_failing_after(
+async fn a_grant_spent_after_it_expired_and_one_left_unexpired_are_reported() {
+    let problems = problems_after(
         "UPDATE credit_grants SET kind = 'PROMO', expires_at = created_at - interval '1 hour'",
     )
     .await;
-    assert!(checks.contains(&"expiry"), "{checks:?}");
+    let expiry: Vec<&str> = problems
+        .iter()
+        .filter(|p| p.check == "expiry")
+        .map(|p| p.detail.as_str())
+        .collect();
+    // The usage paid by it after its expiry, and the money it still holds.
+    assert!(
+        expiry.iter().any(|d| d.contains("after it expired")),
+        "{problems:?}"
+    );
+    assert!(
+        expiry.iter().any(|d| d.contains("but keeps")),
+        "{problems:?}"
+    );
 }
