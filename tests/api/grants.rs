@@ -596,3 +596,61 @@ async fn a_refused_batch_entry_puts_back_what_its_account_spent_of_a_grant_in_th
     engine.shutdown(Duration::from_secs(5)).await;
     db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_balance_from_before_grants_becomes_one_paid_grant_that_never_expires() {
+    let db = TestDb::new().await;
+    let rich = db.user("user_grants_migrated").await;
+    let indebted = db.user("user_grants_migrated_debt").await;
+    let mut client = db.client().await;
+    // The database as it was before grants: their migration undone, and
+    // two accounts, one in credit, one in debt.
+    client
+        .batch_execute(&format!(
+            "DROP TABLE credit_grants;
+             ALTER TABLE credit_transactions DROP COLUMN paid_by;
+             ALTER TABLE credit_usages DROP COLUMN paid_by;
+             DELETE FROM schema_migrations WHERE name = 'grants';
+             INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
+                 idempotency_key, balance_before_micros, balance_after_micros, created_at)
+             VALUES (gen_random_uuid(), {rich}, 1, 'TOP_UP', 'CREDIT', 7000000, 'old-top-up',
+                     0, 7000000, now()),
+                    (gen_random_uuid(), {indebted}, 1, 'ADJUSTMENT', 'DEBIT', 2000000, 'old-debit',
+                     0, -2000000, now());
+             UPDATE credit_balances SET balance_micros = 7000000, version = 1
+              WHERE user_id = {rich};
+             UPDATE credit_balances SET balance_micros = -2000000, version = 1
+              WHERE user_id = {indebted};",
+            rich = rich.0,
+            indebted = indebted.0,
+        ))
+        .await
+        .unwrap();
+
+    creditd::db::migrate(&mut client).await.unwrap();
+
+    let engine = db.engine(&settings());
+    let grants = engine.balance(rich).await.unwrap().grants;
+    assert_eq!(grants.len(), 1);
+    assert_eq!(
+        (
+            grants[0].kind,
+            grants[0].amount_micros,
+            grants[0].remaining_micros,
+            grants[0].expires_at,
+            grants[0].source.as_str()
+        ),
+        (GrantKind::Paid, eur(7), eur(7), None, "migrated")
+    );
+    assert!(engine.balance(indebted).await.unwrap().grants.is_empty());
+    let spend = engine
+        .debit(rich, posting("spend", TransactionType::Adjustment, eur(1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        spend.record.paid_by,
+        vec![spent(grants[0].id, GrantKind::Paid, eur(1))]
+    );
+    engine.shutdown(Duration::from_secs(5)).await;
+    db.reconcile_is_clean().await;
+}
