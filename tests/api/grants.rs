@@ -654,3 +654,65 @@ async fn a_balance_from_before_grants_becomes_one_paid_grant_that_never_expires(
     engine.shutdown(Duration::from_secs(5)).await;
     db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_chat_usage_lists_the_grants_that_paid_it_in_spend_order() {
+    use crate::chat::{anthropic_message, app_with, conversation, fakes, fund};
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, ResponseTemplate};
+
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message("Voilà.", 1000, 500, 2000, 300)),
+        )
+        .mount(&fakes.anthropic)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    let user = "user_grants_chat";
+    fund(&app, user, 10_000_000).await;
+    let expires = Utc::now() + chrono::Duration::days(7);
+    let bonus = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/accounts/{user}/credits"),
+        )
+        .json(&json!({
+            "amountMicros": 5_000, "key": "bonus", "reason": "essai", "type": "PROMO_BONUS",
+            "expiresAt": expires.to_rfc3339(),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bonus.status(), 201);
+    let (_, overview) = json_of(app.get_as(user, "/api/credits").await).await;
+    let (expiring, lasting) = (
+        overview["grants"][0]["id"].clone(),
+        overview["grants"][1]["id"].clone(),
+    );
+
+    let (status, answer) = json_of(
+        app.post_as(
+            user,
+            "/api/chat",
+            &json!({ "messages": conversation(), "maxTokens": 1000 }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // 11_886 micros: the expiring bonus first, the rest from the older credit.
+    let (_, usages) = json_of(app.get_as(user, "/api/credits/usages").await).await;
+    assert_eq!(usages["items"][0]["costMicros"], 11_886);
+    assert_eq!(
+        usages["items"][0]["paidBy"],
+        json!([
+            { "grantId": expiring, "kind": "PROMO", "amountMicros": 5_000 },
+            { "grantId": lasting, "kind": "PROMO", "amountMicros": 6_886 },
+        ])
+    );
+    app.db.reconcile_is_clean().await;
+}
