@@ -16,8 +16,8 @@
 //! - every debit's and usage's `paid_by` names grants of its account, each
 //!   part positive, their sum at most its amount (the rest is debt);
 //! - no grant paid after its expiry, except the settlement of a hold
-//!   placed before it; what is left of a grant a minute past its expiry
-//!   is kept by active holds placed before it.
+//!   placed before it. (What is left of a grant past its expiry may still
+//!   be there: an account not loaded expires its grants when it loads.)
 
 use serde::Serialize;
 use tokio_postgres::{Client, IsolationLevel};
@@ -191,17 +191,6 @@ const EXPIRY: &str = "
        AND NOT EXISTS (SELECT 1 FROM credit_holds h
                         WHERE s.hold_id IS NOT NULL AND h.id = s.hold_id
                           AND h.user_id = s.user_id AND h.created_at < g.expires_at)
-    UNION ALL
-    SELECT g.user_id, 0, 'grant ' || g.id || ' expired at ' || g.expires_at || ' but keeps '
-           || g.remaining_micros || ' while holds placed before hold '
-           || coalesce((SELECT sum(h.amount_micros) FROM credit_holds h
-                         WHERE h.user_id = g.user_id AND h.status = 'ACTIVE'
-                           AND h.created_at < g.expires_at), 0)
-      FROM credit_grants g
-     WHERE g.expires_at < now() - interval '1 minute' AND g.remaining_micros > 0
-       AND g.remaining_micros > coalesce((SELECT sum(h.amount_micros) FROM credit_holds h
-                                           WHERE h.user_id = g.user_id AND h.status = 'ACTIVE'
-                                             AND h.created_at < g.expires_at), 0)
     ORDER BY 1, 2 LIMIT $1";
 
 /// Runs every check in one read-only snapshot.
