@@ -15,7 +15,8 @@ use creditd::money::Micros;
 use creditd::pricing::TokenUsage;
 use serde_json::{json, Value};
 
-use crate::stripe::{charge, event, spawn_stripe_app, top_up};
+use crate::stripe::top_up;
+use crate::support::stripe::{charge, event, spawn_stripe_app};
 use crate::support::*;
 
 fn promo(key: &str, amount: Micros, expires_at: Option<DateTime<Utc>>) -> Posting {
@@ -657,7 +658,7 @@ async fn a_balance_from_before_grants_becomes_one_paid_grant_that_never_expires(
 
 #[actix::test]
 async fn a_chat_usage_lists_the_grants_that_paid_it_in_spend_order() {
-    use crate::chat::{anthropic_message, app_with, conversation, fakes, fund};
+    use crate::support::providers::{anthropic_message, app_with, conversation, fakes, fund};
     use wiremock::matchers::{method, path};
     use wiremock::{Mock, ResponseTemplate};
 
