@@ -445,10 +445,12 @@ async fn the_balance_shows_its_grants_in_spend_order_with_their_kind_and_expiry_
             .await;
         browser.goto(&app.url("/billing")).await;
         assert_eq!(balance_state(&browser).await, "ok");
+        // The page's full balance lists them (its compact one may load first).
         let grants = browser
-            .js(
-                "return [...document.querySelectorAll('.credit-balance__grant')] \
-                 .map((li) => [...li.children].map((span) => span.textContent))",
+            .until(
+                "the grants",
+                "const items = [...document.querySelectorAll('.credit-balance__grant')]; \
+                 return items.length ? items.map((li) => [...li.children].map((s) => s.textContent)) : null",
             )
             .await;
         assert_eq!(
