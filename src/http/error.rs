@@ -109,6 +109,9 @@ pub struct ApiError {
     pub message: String,
     /// Extra fields for the body (e.g. the amounts of INSUFFICIENT_CREDITS).
     pub details: Option<serde_json::Value>,
+    /// Seconds for the `Retry-After` header of RATE_LIMITED and
+    /// PROVIDER_UNAVAILABLE (`RETRY_AFTER_S` when not given).
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -117,6 +120,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after_s: None,
         }
     }
 
@@ -160,6 +164,7 @@ impl From<LedgerError> for ApiError {
                     "availableMicros": available.get(),
                     "requiredMicros": required.get(),
                 })),
+                retry_after_s: None,
             },
             LedgerError::Overloaded => ApiError::new(
                 Code::Overloaded,
@@ -181,6 +186,17 @@ impl From<LedgerError> for ApiError {
     }
 }
 
+impl From<crate::accounts::AccountError> for ApiError {
+    fn from(error: crate::accounts::AccountError) -> ApiError {
+        match error {
+            deleted @ crate::accounts::AccountError::Deleted => {
+                ApiError::new(Code::AccountDeleted, deleted.to_string())
+            }
+            crate::accounts::AccountError::Ledger(error) => error.into(),
+        }
+    }
+}
+
 impl From<crate::limits::Refused> for ApiError {
     fn from(refused: crate::limits::Refused) -> ApiError {
         let message = match refused.limit {
@@ -198,6 +214,7 @@ impl From<crate::limits::Refused> for ApiError {
             code: Code::RateLimited,
             message: message.into(),
             details: Some(serde_json::json!({ "retryAfterSeconds": refused.retry_after_s() })),
+            retry_after_s: Some(refused.retry_after_s()),
         }
     }
 }
@@ -224,11 +241,7 @@ impl ResponseError for ApiError {
             response.insert_header(("Retry-After", RETRY_AFTER_S.to_string()));
         }
         if matches!(self.code, Code::ProviderUnavailable | Code::RateLimited) {
-            let seconds = self
-                .details
-                .as_ref()
-                .and_then(|d| d["retryAfterSeconds"].as_u64())
-                .unwrap_or(u64::from(RETRY_AFTER_S));
+            let seconds = self.retry_after_s.unwrap_or(u64::from(RETRY_AFTER_S));
             response.insert_header(("Retry-After", seconds.to_string()));
         }
         response.json(body)
