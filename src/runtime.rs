@@ -71,6 +71,14 @@ mod tests {
         let error = Runtime::build(settings).err().unwrap_or_default();
         assert!(error.contains("pricing.default_model"), "{error}");
 
+        let mut settings = Settings::default_file().unwrap();
+        settings.credits.signup_bonus_expiry_days = 36_501;
+        let error = Runtime::build(settings).err().unwrap_or_default();
+        assert!(
+            error.contains("credits.signup_bonus_expiry_days"),
+            "{error}"
+        );
+
         assert!(Runtime::build(Settings::default_file().unwrap()).is_ok());
     }
 }

@@ -18,6 +18,9 @@ mod sql {
           WHERE user_id = $1 AND idempotency_key = $2";
 }
 
+/// The longest a signup bonus may last: a century (0 says "never").
+const MAX_EXPIRY_DAYS: u32 = 36_500;
+
 /// The signup bonus as configured: its amount and how long it can be
 /// spent (`credits.signup_bonus_cents`, `credits.signup_bonus_expiry_days`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +37,12 @@ impl SignupBonus {
             .map_err(|_| "configuration key `credits.signup_bonus_cents`: too large".to_owned())?;
         let lifetime = match expiry_days {
             0 => None,
-            days => Some(chrono::Duration::try_days(i64::from(days)).ok_or_else(|| {
-                "configuration key `credits.signup_bonus_expiry_days`: too large".to_owned()
-            })?),
+            days if days > MAX_EXPIRY_DAYS => {
+                return Err(format!(
+                    "configuration key `credits.signup_bonus_expiry_days`: at most {MAX_EXPIRY_DAYS} (0: never)"
+                ))
+            }
+            days => Some(chrono::Duration::days(i64::from(days))),
         };
         Ok(SignupBonus { amount, lifetime })
     }
