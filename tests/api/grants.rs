@@ -717,3 +717,75 @@ async fn a_chat_usage_lists_the_grants_that_paid_it_in_spend_order() {
     );
     app.db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_dispute_takes_from_its_own_top_up_before_a_bonus_and_its_reinstatement_is_paid_money() {
+    let stripe = spawn_stripe_app().await;
+    let app = &stripe.app;
+    let user = "user_grants_dispute";
+    top_up(&stripe, user, "cs_disputed", 2000).await;
+    let bonus = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("/admin/accounts/{user}/credits"),
+        )
+        .json(&json!({
+            "amountMicros": 5_000_000, "key": "bonus", "reason": "geste", "type": "PROMO_BONUS",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bonus.status(), 201);
+    let dispute = |event_id: &str, kind: &str| {
+        event(
+            event_id,
+            kind,
+            json!({
+                "id": "dp_grants", "object": "dispute", "amount": 1000, "charge": "ch_disputed",
+                "currency": "eur", "payment_intent": "pi_cs_disputed", "reason": "fraudulent",
+                "status": "needs_response",
+            }),
+        )
+    };
+
+    let status = stripe
+        .deliver(&dispute("evt_withdrawn", "charge.dispute.funds_withdrawn"))
+        .await;
+    assert_eq!(status, 200);
+    let (_, overview) = json_of(app.get_as(user, "/api/credits").await).await;
+    let topup = overview["grants"][1]["id"].clone();
+    assert_eq!(overview["grants"][0]["remainingMicros"], 5_000_000);
+    assert_eq!(overview["grants"][1]["remainingMicros"], 10_000_000);
+    let (_, history) = json_of(app.get_as(user, "/api/credits/transactions").await).await;
+    assert_eq!(history["items"][0]["type"], "DISPUTE");
+    assert_eq!(
+        history["items"][0]["paidBy"],
+        json!([{ "grantId": topup, "kind": "PAID", "amountMicros": 10_000_000 }])
+    );
+
+    // Won: the funds come back as paid money, spent after the bonus.
+    let status = stripe
+        .deliver(&dispute(
+            "evt_reinstated",
+            "charge.dispute.funds_reinstated",
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let (_, overview) = json_of(app.get_as(user, "/api/credits").await).await;
+    let kinds: Vec<(Value, Value)> = overview["grants"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|g| (g["kind"].clone(), g["remainingMicros"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (json!("PROMO"), json!(5_000_000)),
+            (json!("PAID"), json!(10_000_000)),
+            (json!("PAID"), json!(10_000_000)),
+        ]
+    );
+    app.db.reconcile_is_clean().await;
+}
