@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::auth::require_admin;
 use super::error::{parse_json, ApiError};
-use super::views::{HoldView, TransactionView, UsageView};
+use super::views::{GrantView, HoldView, TransactionView, UsageView};
 use super::{read_body, State};
 use crate::accounts::{users, ClerkUserId};
 use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
@@ -177,6 +177,7 @@ async fn account(
         "version": snapshot.version,
         "plan": plan,
         "holds": snapshot.holds.iter().map(HoldView::from).collect::<Vec<_>>(),
+        "grants": snapshot.grants.iter().map(GrantView::from).collect::<Vec<_>>(),
         "transactions": transactions.iter().map(TransactionView::from).collect::<Vec<_>>(),
         "usages": usages.iter().map(UsageView::from).collect::<Vec<_>>(),
     })))
