@@ -721,8 +721,14 @@ enum Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
+    // Promo credits too, lasting or expiring later, so spends in failed
+    // batches move grants of every kind.
+    let gift = prop_oneof![Just(Gift::Promo), (60i64..600).prop_map(Gift::PromoFor)];
+    let grant =
+        (0u8..6, 1i64..5_000, gift).prop_map(|(key, amount, gift)| Op::Grant { key, amount, gift });
     prop_oneof![
         12 => (0usize..3, op()).prop_map(|(account, op)| Step::Op { account, op }),
+        3 => (0usize..3, grant).prop_map(|(account, op)| Step::Op { account, op }),
         1 => Just(Step::Fail),
     ]
 }
@@ -779,7 +785,29 @@ async fn run_step(
         Err(other) => Err(format!("{op:?}: unexpected {other:?}")),
     };
     match *op {
-        Op::Grant { .. } | Op::Advance { .. } => Ok(None),
+        Op::Advance { .. } => Ok(None),
+        Op::Grant {
+            key: k,
+            amount,
+            gift,
+        } => {
+            let posting = Posting {
+                expires_at: match gift {
+                    Gift::PromoFor(minutes) => {
+                        Some(Utc::now() + chrono::Duration::minutes(minutes))
+                    }
+                    Gift::Paid | Gift::Promo => None,
+                },
+                ..posting(&key(k), gift.kind(), micros(amount))
+            };
+            acknowledged(
+                engine.credit(id, posting).await.map(|_| ()),
+                Promise::Transaction {
+                    key: key(k),
+                    signed_micros: amount,
+                },
+            )
+        }
         Op::Credit { key: k, amount } | Op::Debit { key: k, amount } => {
             let credit = matches!(op, Op::Credit { .. });
             let posting = posting(&key(k), TransactionType::TopUp, micros(amount));
@@ -951,6 +979,23 @@ fn pipelined_operations_of_several_accounts_with_failed_batches_keep_every_invar
                     prop_assert_eq!(row.get::<_, i64>(1), snapshot.held_micros.get());
                     let sum: i64 = snapshot.holds.iter().map(|h| h.amount_micros.get()).sum();
                     prop_assert_eq!(sum, snapshot.held_micros.get(), "held = sum of holds");
+                    let stored: i64 = db
+                        .client()
+                        .await
+                        .query_one(
+                            "SELECT coalesce(sum(remaining_micros), 0)::int8 FROM credit_grants
+                              WHERE user_id = $1",
+                            &[&account.0],
+                        )
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?
+                        .get(0);
+                    let granted: i64 = snapshot
+                        .grants
+                        .iter()
+                        .map(|g| g.remaining_micros.get())
+                        .sum();
+                    prop_assert_eq!(stored, granted, "round {}: grants as stored", round);
                 }
                 let mut client = db.client().await;
                 let report = creditd::ledger::reconcile::reconcile(&mut client)
