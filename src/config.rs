@@ -214,6 +214,9 @@ pub struct CreditsSettings {
     pub auto_recharge_monthly_max_cents: i64,
     /// How often the payment worker looks for decided attempts.
     pub auto_recharge_poll_interval_ms: i64,
+    /// Days the signup bonus can be spent; 0: it never expires.
+    #[serde(default)]
+    pub signup_bonus_expiry_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -784,17 +787,18 @@ mod tests {
 
     /// Numeric keys whose 0 means something that works.
     const ZERO_MEANS_SOMETHING: &[&str] = &[
-        "server.history_cache_entries",    // no cache
-        "engine.arbiters",                 // one per CPU core
-        "journal.batch_delay_us",          // commit at once
-        "journal.hold_delay_us",           // a hold's entry sent at once
-        "credits.signup_bonus_cents",      // no bonus
-        "credits.low_balance_cents",       // never flagged low
-        "credits.low_balance_rearm_cents", // re-armed as soon as back at the threshold
-        "clerk.leeway_s",                  // no clock leeway
-        "clerk.token_cache_entries",       // no cache
-        "pricing.margin_bps",              // sold at cost
-        "chat.message_overhead_tokens",    // estimate from bytes alone
+        "server.history_cache_entries",     // no cache
+        "engine.arbiters",                  // one per CPU core
+        "journal.batch_delay_us",           // commit at once
+        "journal.hold_delay_us",            // a hold's entry sent at once
+        "credits.signup_bonus_cents",       // no bonus
+        "credits.low_balance_cents",        // never flagged low
+        "credits.signup_bonus_expiry_days", // the bonus never expires
+        "credits.low_balance_rearm_cents",  // re-armed as soon as back at the threshold
+        "clerk.leeway_s",                   // no clock leeway
+        "clerk.token_cache_entries",        // no cache
+        "pricing.margin_bps",               // sold at cost
+        "chat.message_overhead_tokens",     // estimate from bytes alone
         "chat.request_overhead_tokens",
     ];
 

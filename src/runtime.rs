@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use crate::accounts::KeyCipher;
+use crate::accounts::{KeyCipher, SignupBonus};
 use crate::clerk::svix::SigningKey;
 use crate::config::Settings;
-use crate::money::Micros;
 use crate::pricing::PriceTable;
 
 /// Settings turned into the values the service uses.
@@ -18,7 +17,7 @@ pub struct Runtime {
     pub cipher: Option<KeyCipher>,
     /// `None` when `clerk_webhook.signing_secret` is empty.
     pub clerk_webhook_key: Option<SigningKey>,
-    pub signup_bonus: Micros,
+    pub signup_bonus: SignupBonus,
 }
 
 impl Runtime {
@@ -36,8 +35,10 @@ impl Runtime {
                 format!("configuration key `clerk_webhook.signing_secret`: {error}")
             })?)
         };
-        let signup_bonus = Micros::from_cents(settings.credits.signup_bonus_cents)
-            .map_err(|_| "configuration key `credits.signup_bonus_cents`: too large".to_owned())?;
+        let signup_bonus = SignupBonus::new(
+            settings.credits.signup_bonus_cents,
+            settings.credits.signup_bonus_expiry_days,
+        )?;
         Ok(Runtime {
             settings,
             prices: Arc::new(prices),
@@ -69,6 +70,14 @@ mod tests {
         settings.pricing.default_model = "no-such-model".into();
         let error = Runtime::build(settings).err().unwrap_or_default();
         assert!(error.contains("pricing.default_model"), "{error}");
+
+        let mut settings = Settings::default_file().unwrap();
+        settings.credits.signup_bonus_expiry_days = 36_501;
+        let error = Runtime::build(settings).err().unwrap_or_default();
+        assert!(
+            error.contains("credits.signup_bonus_expiry_days"),
+            "{error}"
+        );
 
         assert!(Runtime::build(Settings::default_file().unwrap()).is_ok());
     }

@@ -30,10 +30,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "signup_bonus_claims",
         include_str!("../../sql/0004_signup_bonus_claims.sql"),
     ),
+    (5, "grants", include_str!("../../sql/0005_grants.sql")),
     (
-        5,
+        6,
         "outgoing_events",
-        include_str!("../../sql/0005_outgoing_events.sql"),
+        include_str!("../../sql/0006_outgoing_events.sql"),
     ),
     (
         9,

@@ -517,6 +517,16 @@ impl Engine {
             .await
     }
 
+    /// Expires the grants due at `now` (the account's actor also does so on
+    /// its own); the `EXPIRED` debits journaled.
+    pub async fn expire_grants(
+        &self,
+        account: AccountId,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<TransactionRecord>, LedgerError> {
+        self.directory.call(account, ExpireGrants { now }).await
+    }
+
     pub async fn balance(&self, account: AccountId) -> Result<BalanceSnapshot, LedgerError> {
         self.directory.call(account, GetBalance).await
     }

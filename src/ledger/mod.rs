@@ -19,8 +19,8 @@ pub mod store;
 mod types;
 
 pub use actor::{
-    AccountActor, Answer, AutoRechargeEnded, Clawback, Credit, Debit, ExpireHolds, GetBalance,
-    Release, Reserve, SetAutoRecharge, Settle,
+    AccountActor, Answer, AutoRechargeEnded, Clawback, Credit, Debit, ExpireGrants, ExpireHolds,
+    GetBalance, Release, Reserve, SetAutoRecharge, Settle,
 };
 pub use directory::{Directory, Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};

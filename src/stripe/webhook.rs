@@ -245,6 +245,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         stripe_session_id: Some(session.id.clone()),
         stripe_payment_id: session.payment_intent.clone(),
         metadata,
+        expires_at: None,
     };
     let outcome = applied(effects.engine.credit(account, posting).await, "top-up")?;
     if let (Some(api), Some(payment_intent)) = (effects.api, session.payment_intent.as_deref()) {
@@ -331,6 +332,8 @@ async fn auto_recharge(
         stripe_session_id: None,
         stripe_payment_id: Some(intent.id.clone()),
         metadata: Some(json!({ crate::recharge::ATTEMPT_METADATA_KEY: attempt })),
+        // Paid credits never expire.
+        expires_at: None,
     };
     let outcome = applied(
         effects.engine.credit(account, posting).await,
@@ -579,6 +582,7 @@ async fn dispute_funds(
         stripe_session_id: None,
         stripe_payment_id: Some(payment_intent.to_owned()),
         metadata: Some(json!({ "chargeId": dispute.charge, "disputeId": dispute.id })),
+        expires_at: None,
     };
     let result = match funds {
         Funds::Withdrawn => effects.engine.debit(account, posting).await,

@@ -12,6 +12,7 @@ mod cli;
 mod credits;
 mod drills;
 mod events;
+mod grants;
 mod history;
 mod identities;
 mod ledger;
