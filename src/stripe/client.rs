@@ -241,7 +241,11 @@ impl StripeApi {
             .json()
             .await
             .map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
-        Ok(intent.metadata.get("type").map(String::as_str) == Some("credit_topup"))
+        // An auto-recharge's payment credits as a top-up does.
+        Ok(matches!(
+            intent.metadata.get("type").map(String::as_str),
+            Some("credit_topup" | crate::recharge::PAYMENT_TYPE)
+        ))
     }
 }
 

@@ -475,9 +475,12 @@ async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, Stripe
         return Ok(Outcome::CurrencyMismatch);
     }
     let Some(account) = topup_account(effects.pool, payment_intent).await? else {
-        if charge.metadata.get("type").map(String::as_str) == Some("credit_topup") {
-            // A top-up whose credit has not landed yet (its checkout event
-            // is still being retried): the refund must wait for it.
+        if matches!(
+            charge.metadata.get("type").map(String::as_str),
+            Some("credit_topup" | crate::recharge::PAYMENT_TYPE)
+        ) {
+            // A top-up whose credit has not landed yet (its checkout or
+            // payment event is still being retried): the refund must wait.
             return Err(StripeError::NotCreditedYet(
                 "the top-up this charge paid is not credited yet; retry later",
             ));

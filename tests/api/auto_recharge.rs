@@ -429,3 +429,36 @@ async fn the_settings_are_refused_by_field_and_enabling_needs_a_saved_card() {
     assert_eq!(settings["enabled"], false);
     assert_eq!(settings["hasSavedCard"], false);
 }
+
+#[actix::test]
+async fn a_refunded_auto_recharge_is_clawed_back_as_a_top_up_is() {
+    let fakes = fakes().await;
+    let stripe = recharge_app(&fakes, |_| {}).await;
+    top_up_saving_the_card(&stripe, "user_refunded", 1_000).await;
+    enable(&stripe, "user_refunded", 500, 2_000).await;
+    spend(&stripe, "user_refunded", 6_000_000, "spend-1").await;
+    let intent = wait_for_intents(&stripe, 1).await.remove(0);
+    assert_eq!(stripe.deliver(&succeeded("evt_paid", &intent)).await, 200);
+    assert_eq!(stripe.balance_micros("user_refunded").await, 24_000_000);
+
+    // Stripe copies the PaymentIntent's metadata to its charge.
+    let refunded = event(
+        "evt_refunded",
+        "charge.refunded",
+        json!({
+            "id": "ch_auto_1",
+            "object": "charge",
+            "amount": 2_000,
+            "amount_captured": 2_000,
+            "amount_refunded": 2_000,
+            "currency": "eur",
+            "metadata": intent["metadata"],
+            "payment_intent": intent["id"],
+            "refunded": true,
+            "status": "succeeded",
+        }),
+    );
+    assert_eq!(stripe.deliver(&refunded).await, 200);
+    assert_eq!(stripe.balance_micros("user_refunded").await, 4_000_000);
+    stripe.app.db.reconcile_is_clean().await;
+}
