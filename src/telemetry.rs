@@ -112,6 +112,21 @@ pub fn describe(prices: &PriceTable) {
         "creditd_event_delivery_failures_total",
         "Delivery attempts of outgoing events that failed (retried or given up)"
     );
+    describe_counter!(
+        "creditd_auto_recharges_submitted_total",
+        "Auto-recharge PaymentIntents Stripe accepted (credited on payment_intent.succeeded)"
+    );
+    describe_counter!(
+        "creditd_auto_recharges_failed_total",
+        "Auto-recharge attempts refused (declined card, authentication required, no card): switched off"
+    );
+    describe_counter!(
+        "creditd_auto_recharges_capped_total",
+        "Falls under an auto-recharge threshold that started nothing: credits.auto_recharge_monthly_max_cents reached"
+    );
+    metrics::counter!("creditd_auto_recharges_submitted_total").increment(0);
+    metrics::counter!("creditd_auto_recharges_failed_total").increment(0);
+    metrics::counter!("creditd_auto_recharges_capped_total").increment(0);
     metrics::counter!("creditd_events_delivered_total").increment(0);
     metrics::counter!("creditd_events_failed_total").increment(0);
     metrics::counter!("creditd_event_delivery_failures_total").increment(0);
