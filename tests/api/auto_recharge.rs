@@ -462,3 +462,58 @@ async fn a_refunded_auto_recharge_is_clawed_back_as_a_top_up_is() {
     assert_eq!(stripe.balance_micros("user_refunded").await, 4_000_000);
     stripe.app.db.reconcile_is_clean().await;
 }
+
+/// Waits until no account actor is resident (each passivated: the next
+/// operation loads its account from PostgreSQL).
+async fn wait_until_passivated(stripe: &StripeApp) {
+    for _ in 0..1_000 {
+        let metrics = stripe
+            .app
+            .http
+            .get(stripe.app.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        if metrics
+            .lines()
+            .any(|line| line == "creditd_account_actors_resident 0")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the account actors never passivated");
+}
+
+#[actix::test]
+async fn an_account_reloaded_from_postgresql_keeps_its_attempt_in_flight_and_starts_the_next_only_after_it_ended(
+) {
+    let fakes = fakes().await;
+    let stripe = recharge_app(&fakes, |s| s.engine.idle_timeout_ms = 20).await;
+    top_up_saving_the_card(&stripe, "user_reloaded", 1_000).await;
+    enable(&stripe, "user_reloaded", 500, 2_000).await;
+    spend(&stripe, "user_reloaded", 6_000_000, "spend-1").await;
+    let intent = wait_for_intents(&stripe, 1).await.remove(0);
+    let requested = "SELECT count(*) FROM outgoing_events WHERE type = 'auto_recharge.requested'";
+
+    wait_until_passivated(&stripe).await;
+    spend(&stripe, "user_reloaded", 100_000, "spend-2").await;
+    assert_eq!(
+        count_of(&stripe, requested).await,
+        1,
+        "one attempt in flight"
+    );
+
+    assert_eq!(stripe.deliver(&succeeded("evt_paid", &intent)).await, 200);
+    wait_until_passivated(&stripe).await;
+    spend(&stripe, "user_reloaded", 20_000_000, "spend-3").await;
+    assert_eq!(
+        count_of(&stripe, requested).await,
+        2,
+        "the next one, once it ended"
+    );
+    wait_for_intents(&stripe, 2).await;
+}
