@@ -29,7 +29,7 @@ pub(super) struct Adjustment {
     kind: Option<String>,
 }
 
-fn clerk_id(path: &str) -> Result<&str, ApiError> {
+pub(super) fn clerk_id(path: &str) -> Result<&str, ApiError> {
     let id = path.trim();
     if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
         return Err(ApiError::invalid("field `userId`: not a Clerk user id"));

@@ -11,6 +11,7 @@ mod limits;
 mod openapi;
 pub mod pages;
 mod settings;
+mod spending;
 mod stripe;
 mod views;
 
@@ -356,6 +357,7 @@ pub fn server(
             .configure(clerk_webhooks::routes)
             .configure(chat::routes)
             .configure(settings::routes)
+            .configure(spending::routes)
             .configure(openapi::routes)
             .configure(pages::routes)
             .default_service(web::to(error::no_route))

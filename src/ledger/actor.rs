@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::journal::{wait_durable, Durable, DurableSender, Entry, Record, WriterHandle};
+use super::spend::{self, SpendCounters};
 use super::state::{AccountState, Applied};
 use super::store::{self, StoredAccount};
 use super::types::*;
@@ -405,8 +406,13 @@ impl AccountActor {
         self.schedule(ctx);
     }
 
-    fn loaded(&mut self, ctx: &mut Context<Self>, stored: StoredAccount) {
-        let state = AccountState::new(
+    fn loaded(
+        &mut self,
+        ctx: &mut Context<Self>,
+        stored: StoredAccount,
+        spending: Option<(SpendLimits, SpendCounters)>,
+    ) {
+        let mut state = AccountState::new(
             self.account,
             stored.balance,
             stored.held,
@@ -414,6 +420,9 @@ impl AccountActor {
             stored.holds,
             self.settings.recent_keys,
         );
+        if let Some((limits, counters)) = spending {
+            state.load_spending(limits, counters);
+        }
         if let Err(error) = state.check_invariants() {
             tracing::error!(%error, "stored account is inconsistent");
             self.phase = Phase::Failed(error);
@@ -435,24 +444,32 @@ impl Actor for AccountActor {
         ctx.set_mailbox_capacity(self.settings.mailbox_capacity);
         let account = self.account;
         let backend = self.backend.clone();
+        let clock = self.settings.clock.clone();
         let load = async move {
             match backend {
                 Backend::Postgres(pool) => {
                     let client = store::client(&pool).await?;
-                    store::load_account(&**client, account).await
+                    let stored = store::load_account(&**client, account).await?;
+                    // Read after the account: usages it settles from now on
+                    // are counted by the actor, those before by this read.
+                    let spending = spend::load(&**client, account, clock.now()).await?;
+                    Ok((stored, Some(spending)))
                 }
-                Backend::Memory { opening_balance } => Ok(StoredAccount {
-                    balance: opening_balance,
-                    held: Micros::ZERO,
-                    version: 0,
-                    holds: Vec::new(),
-                }),
+                Backend::Memory { opening_balance } => Ok((
+                    StoredAccount {
+                        balance: opening_balance,
+                        held: Micros::ZERO,
+                        version: 0,
+                        holds: Vec::new(),
+                    },
+                    None,
+                )),
             }
         };
         ctx.wait(
             load.into_actor(self)
                 .map(|result, actor, ctx| match result {
-                    Ok(stored) => actor.loaded(ctx, stored),
+                    Ok((stored, spending)) => actor.loaded(ctx, stored, spending),
                     Err(error) => {
                         tracing::debug!(account = actor.account.0, %error, "account load failed");
                         actor.phase = Phase::Failed(error);
@@ -525,6 +542,19 @@ pub struct ExpireHolds {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<BalanceSnapshot, LedgerError>")]
 pub struct GetBalance;
+
+/// Changes the account's spending limits; answered once they are stored,
+/// and applied to every hold the actor judges after this message.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<SpendingSnapshot, LedgerError>")]
+pub struct SetLimits {
+    pub change: LimitsChange,
+}
+
+/// The account's spending limits and what its windows count.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<SpendingSnapshot, LedgerError>")]
+pub struct GetSpending;
 
 impl AccountActor {
     fn post(
@@ -722,5 +752,68 @@ impl Handler<GetBalance> for AccountActor {
         self.state()
             .map(AccountState::snapshot)
             .ok_or(LedgerError::Reset)
+    }
+}
+
+impl Handler<SetLimits> for AccountActor {
+    type Result = ResponseFuture<Result<SpendingSnapshot, LedgerError>>;
+
+    fn handle(&mut self, msg: SetLimits, ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.gate(ctx) {
+            return ready(Err(error));
+        }
+        let Some(state) = self.state() else {
+            return ready(Err(LedgerError::Reset));
+        };
+        let limits = match spend::apply_change(&state.limits, msg.change) {
+            Ok(limits) => limits,
+            Err(error) => return ready(Err(error)),
+        };
+        let now = self.settings.clock.now();
+        let Backend::Postgres(pool) = self.backend.clone() else {
+            return ready(match &mut self.phase {
+                Phase::Ready(state) => {
+                    state.limits = limits;
+                    Ok(state.spending(now))
+                }
+                _ => Err(LedgerError::Reset),
+            });
+        };
+        let account = self.account;
+        // Stored with the mailbox held: no hold is judged between the
+        // change and its write, and none after it on the old limits.
+        let write = async move {
+            let client = store::client(&pool).await?;
+            spend::store(&**client, account, &limits).await
+        };
+        self.after_lookup(ctx, write, move |actor, ctx, written| {
+            if let Err(error) = written {
+                // The write may have committed all the same: the account
+                // reloads its limits from PostgreSQL.
+                actor.stop(ctx);
+                return ready(Err(error));
+            }
+            let now = actor.settings.clock.now();
+            ready(match &mut actor.phase {
+                Phase::Ready(state) => {
+                    state.limits = limits;
+                    Ok(state.spending(now))
+                }
+                _ => Err(LedgerError::Reset),
+            })
+        })
+    }
+}
+
+impl Handler<GetSpending> for AccountActor {
+    type Result = Result<SpendingSnapshot, LedgerError>;
+
+    fn handle(&mut self, _msg: GetSpending, ctx: &mut Context<Self>) -> Self::Result {
+        self.gate(ctx)?;
+        let now = self.settings.clock.now();
+        match &mut self.phase {
+            Phase::Ready(state) => Ok(state.spending(now)),
+            _ => Err(LedgerError::Reset),
+        }
     }
 }

@@ -469,6 +469,20 @@ impl Engine {
         self.directory.call(account, ExpireHolds { now }).await
     }
 
+    /// Changes an account's spending limits; answers once they are stored.
+    pub async fn set_limits(
+        &self,
+        account: AccountId,
+        change: LimitsChange,
+    ) -> Result<SpendingSnapshot, LedgerError> {
+        self.directory.call(account, SetLimits { change }).await
+    }
+
+    /// An account's spending limits and what its windows count now.
+    pub async fn spending(&self, account: AccountId) -> Result<SpendingSnapshot, LedgerError> {
+        self.directory.call(account, GetSpending).await
+    }
+
     pub async fn balance(&self, account: AccountId) -> Result<BalanceSnapshot, LedgerError> {
         self.directory.call(account, GetBalance).await
     }
@@ -501,6 +515,7 @@ fn observe<T>(
         Ok(Outcome { replayed: true, .. }) => "replayed",
         Ok(_) => "ok",
         Err(LedgerError::InsufficientCredits { .. }) => "insufficient_credits",
+        Err(LedgerError::SpendLimitReached { .. }) => "spend_limit_reached",
         Err(LedgerError::Conflict(_)) => "conflict",
         Err(LedgerError::InvalidRequest(_)) => "invalid",
         Err(LedgerError::AccountNotFound(_) | LedgerError::HoldNotFound(_)) => "not_found",

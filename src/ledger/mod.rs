@@ -12,14 +12,15 @@ mod actor;
 mod directory;
 mod journal;
 pub mod reconcile;
+pub mod spend;
 mod state;
 pub use state::{check_text, text_problem, TEXT_MAX_BYTES};
 pub mod store;
 mod types;
 
 pub use actor::{
-    AccountActor, Answer, Clawback, Credit, Debit, ExpireHolds, GetBalance, Release, Reserve,
-    Settle,
+    AccountActor, Answer, Clawback, Credit, Debit, ExpireHolds, GetBalance, GetSpending, Release,
+    Reserve, SetLimits, Settle,
 };
 pub use directory::{Directory, Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};

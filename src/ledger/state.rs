@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::journal::Record;
+use super::spend::SpendCounters;
 use super::types::*;
 use crate::money::Micros;
 
@@ -130,6 +131,10 @@ pub(crate) struct AccountState {
     /// forgotten (a later clawback loads them again).
     clawed_back: HashMap<String, (Micros, i64)>,
     recent_capacity: usize,
+    /// The account's spending limits (none until loaded).
+    pub limits: SpendLimits,
+    /// Settled spend of the current UTC day and month.
+    spend: SpendCounters,
 }
 
 /// Longest free text stored with an entry (a description, a Stripe id, a
@@ -229,6 +234,25 @@ impl AccountState {
             finished: Recent::new(recent_capacity),
             clawed_back: HashMap::new(),
             recent_capacity,
+            limits: SpendLimits::default(),
+            spend: SpendCounters::new(DateTime::<Utc>::MIN_UTC, Micros::ZERO, Micros::ZERO),
+        }
+    }
+
+    /// Sets the limits and window counters loaded with the account.
+    pub fn load_spending(&mut self, limits: SpendLimits, counters: SpendCounters) {
+        self.limits = limits;
+        self.spend = counters;
+    }
+
+    /// The limits and what each window counts at `now`.
+    pub fn spending(&mut self, now: DateTime<Utc>) -> SpendingSnapshot {
+        let limits = self.limits;
+        SpendingSnapshot {
+            limits,
+            daily: self.spend.window(&limits, LimitWindow::Daily, now),
+            monthly: self.spend.window(&limits, LimitWindow::Monthly, now),
+            held_micros: self.held,
         }
     }
 
@@ -381,6 +405,7 @@ impl AccountState {
                 required: amount,
             });
         }
+        self.spend.admit(&self.limits, self.held, amount, now)?;
         let held = self.held.checked_add(amount).map_err(|_| out_of_range())?;
         let seq = self.next_seq();
         self.held = held;
@@ -457,6 +482,7 @@ impl AccountState {
             self.held = Micros::new(self.held.get() - held.get());
         }
         self.balance = after;
+        self.spend.record(charge.cost, now);
         let usage = UsageRecord {
             id: Uuid::new_v4(),
             seq,
