@@ -12,7 +12,8 @@
 //! - [`health`]: the database's health, checked in the background;
 //! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
-//! - [`byok`]: users' own provider keys, encrypted at rest.
+//! - [`byok`]: users' own provider keys, encrypted at rest;
+//! - [`referrals`]: referral codes and the bonus after a referred user's first top-up.
 
 pub mod app;
 pub mod byok;
@@ -28,6 +29,7 @@ pub mod metering;
 pub mod money;
 pub mod pricing;
 pub mod providers;
+pub mod referrals;
 pub mod stripe;
 pub mod svix;
 pub mod telemetry;

@@ -10,6 +10,7 @@ pub mod error;
 mod limits;
 mod openapi;
 pub mod pages;
+mod referrals;
 mod settings;
 mod spending;
 mod stripe;
@@ -358,6 +359,7 @@ pub fn server(
             .configure(chat::routes)
             .configure(settings::routes)
             .configure(spending::routes)
+            .configure(referrals::routes)
             .configure(openapi::routes)
             .configure(pages::routes)
             .default_service(web::to(error::no_route))

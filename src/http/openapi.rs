@@ -49,6 +49,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::spending::show,
         super::spending::set,
         super::spending::admin_set,
+        super::referrals::show,
+        super::referrals::redeem,
         super::healthz,
         super::readyz,
         super::metrics_text,
@@ -115,6 +117,15 @@ impl utoipa::PartialSchema for ErrorCode {
 }
 
 impl ToSchema for ErrorCode {}
+
+/// `POST /api/credits/referral`: the code was taken.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Referred {
+    referred: bool,
+    /// This user had presented the same code before.
+    already_applied: bool,
+}
 
 /// `GET /api/credits/usage/daily`: spend per UTC day, oldest first.
 #[derive(Serialize, ToSchema)]

@@ -466,7 +466,20 @@ async fn checkout(state: &State, session: CheckoutSession) -> Result<Outcome, Ap
         stripe_payment_id: session.payment_intent.clone(),
         metadata: None,
     };
-    applied(state.engine.credit(account, posting).await, "top-up")
+    let credited = applied(state.engine.credit(account, posting).await, "top-up")?;
+    if matches!(credited, Outcome::Applied | Outcome::Replayed) {
+        // A referral is paid after the top-up's credit, and again tried
+        // on every redelivery until it is (its credits have their own keys).
+        crate::referrals::reward_after_topup(
+            &state.pool,
+            &state.engine,
+            &state.settings.credits,
+            account,
+            session.customer.as_deref(),
+        )
+        .await?;
+    }
+    Ok(credited)
 }
 
 /// `users.plan` from the subscription's price while it is live (active,

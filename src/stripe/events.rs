@@ -35,6 +35,9 @@ pub struct CheckoutSession {
     pub payment_intent: Option<String>,
     #[serde(default)]
     pub metadata: HashMap<String, String>,
+    /// The Stripe customer who paid (`cus_…`).
+    #[serde(default)]
+    pub customer: Option<String>,
 }
 
 /// `customer.subscription.*`: a Subscription.

@@ -128,8 +128,8 @@ impl Respond for Sessions {
     }
 }
 
-struct StripeApp {
-    app: TestApp,
+pub struct StripeApp {
+    pub app: TestApp,
     stripe: MockServer,
     customers: Customers,
     sessions: Sessions,
@@ -139,7 +139,7 @@ async fn spawn_stripe_app() -> StripeApp {
     spawn_stripe_app_with(|_| {}).await
 }
 
-async fn spawn_stripe_app_with(
+pub async fn spawn_stripe_app_with(
     adjust: impl FnOnce(&mut creditd::config::Settings) + Send + 'static,
 ) -> StripeApp {
     let stripe = MockServer::start().await;
@@ -206,7 +206,7 @@ impl StripeApp {
     }
 
     /// Delivers `event` signed now; its status.
-    async fn deliver(&self, event: &Value) -> u16 {
+    pub async fn deliver(&self, event: &Value) -> u16 {
         let body = event.to_string();
         self.deliver_with(&body, Some(&signed_header(&body)))
             .await
@@ -214,7 +214,7 @@ impl StripeApp {
             .as_u16()
     }
 
-    async fn balance_micros(&self, clerk_id: &str) -> i64 {
+    pub async fn balance_micros(&self, clerk_id: &str) -> i64 {
         let (status, body) = json_of(self.app.get_as(clerk_id, "/api/credits").await).await;
         assert_eq!(status, 200, "{body}");
         body["balanceMicros"].as_i64().expect("balanceMicros")
@@ -248,7 +248,7 @@ impl StripeApp {
     }
 }
 
-fn event(id: &str, kind: &str, object: Value) -> Value {
+pub fn event(id: &str, kind: &str, object: Value) -> Value {
     json!({
         "id": id,
         "object": "event",
@@ -262,7 +262,7 @@ fn event(id: &str, kind: &str, object: Value) -> Value {
     })
 }
 
-fn checkout_session(id: &str, account: i64, cents: i64, payment_status: &str) -> Value {
+pub fn checkout_session(id: &str, account: i64, cents: i64, payment_status: &str) -> Value {
     json!({
         "id": id,
         "object": "checkout.session",
