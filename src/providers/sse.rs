@@ -1,5 +1,9 @@
 //! Server-Sent Events framing (the `text/event-stream` format both providers
 //! stream in): bytes in, `(event, data)` frames out, whatever the chunking.
+//!
+//! A push parser rather than a stream adapter such as `eventsource-stream`:
+//! the chat's loop reads the provider's body itself (it times each read and
+//! drains what is ready when the client leaves) and hands the bytes here.
 
 /// Longest frame accepted; a provider frame is a few hundred bytes.
 const FRAME_MAX_BYTES: usize = 1 << 20;
@@ -11,9 +15,20 @@ pub struct Frame {
     pub data: String,
 }
 
+/// A line-at-a-time parser of the event-stream format: each byte is looked
+/// at once, whatever the chunking (lines end with CRLF, LF or CR; a blank
+/// line dispatches the event).
 #[derive(Debug, Default)]
 pub struct SseParser {
-    buffer: Vec<u8>,
+    /// The current line, until its terminator arrives.
+    line: Vec<u8>,
+    /// The last terminator was a CR: an LF right after it belongs to it.
+    after_cr: bool,
+    event: Option<String>,
+    /// The `data:` lines so far, joined by `\n`; `None` before the first.
+    data: Option<String>,
+    /// Bytes of the event being read, for the size bound.
+    event_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,57 +42,65 @@ pub enum SseError {
 impl SseParser {
     /// Adds `chunk` and returns every frame it completed.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Frame>, SseError> {
-        self.buffer.extend_from_slice(chunk);
         let mut frames = Vec::new();
-        while let Some((end, separator)) = frame_end(&self.buffer) {
-            let raw: Vec<u8> = self.buffer.drain(..end + separator).take(end).collect();
-            let text = String::from_utf8(raw).map_err(|_| SseError::NotUtf8)?;
-            if let Some(frame) = parse_frame(&text) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            if std::mem::take(&mut self.after_cr) && rest[0] == b'\n' {
+                rest = &rest[1..];
+                continue;
+            }
+            let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') else {
+                self.grow(rest)?;
+                break;
+            };
+            self.grow(&rest[..end])?;
+            self.after_cr = rest[end] == b'\r';
+            rest = &rest[end + 1..];
+            let line = std::mem::take(&mut self.line);
+            if let Some(frame) = self.finish_line(line)? {
                 frames.push(frame);
             }
         }
-        if self.buffer.len() > FRAME_MAX_BYTES {
-            return Err(SseError::TooLarge);
-        }
         Ok(frames)
     }
-}
 
-/// Where the first complete frame ends, and the length of its blank-line separator.
-fn frame_end(buffer: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i < buffer.len() {
-        for separator in [&b"\r\n\r\n"[..], b"\n\n", b"\r\r"] {
-            if buffer[i..].starts_with(separator) {
-                return Some((i, separator.len()));
-            }
+    fn grow(&mut self, bytes: &[u8]) -> Result<(), SseError> {
+        self.event_bytes += bytes.len();
+        if self.event_bytes > FRAME_MAX_BYTES {
+            return Err(SseError::TooLarge);
         }
-        i += 1;
+        self.line.extend_from_slice(bytes);
+        Ok(())
     }
-    None
-}
 
-fn parse_frame(text: &str) -> Option<Frame> {
-    let mut event = None;
-    let mut data: Vec<&str> = Vec::new();
-    for line in text.split(['\n', '\r']) {
-        if line.is_empty() || line.starts_with(':') {
-            continue;
+    /// Applies one complete line; a blank one dispatches the event, if it has data.
+    fn finish_line(&mut self, line: Vec<u8>) -> Result<Option<Frame>, SseError> {
+        if line.is_empty() {
+            self.event_bytes = 0;
+            let event = self.event.take();
+            return Ok(self.data.take().map(|data| Frame { event, data }));
+        }
+        let line = String::from_utf8(line).map_err(|_| SseError::NotUtf8)?;
+        if line.starts_with(':') {
+            return Ok(None);
         }
         let (field, value) = match line.split_once(':') {
             Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
-            None => (line, ""),
+            None => (line.as_str(), ""),
         };
         match field {
-            "event" => event = Some(value.to_owned()),
-            "data" => data.push(value),
+            "event" => self.event = Some(value.to_owned()),
+            "data" => match &mut self.data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(value);
+                }
+                None => self.data = Some(value.to_owned()),
+            },
             _ => {}
         }
+        Ok(None)
     }
-    (!data.is_empty()).then(|| Frame {
-        event,
-        data: data.join("\n"),
-    })
 }
 
 #[cfg(test)]
@@ -112,6 +135,43 @@ mod tests {
         let mut parser = SseParser::default();
         assert!(parser.push(b"data: [DONE]\n").unwrap().is_empty());
         assert_eq!(parser.push(b"\n").unwrap()[0].data, "[DONE]");
+    }
+
+    #[test]
+    fn every_line_ending_and_any_split_give_the_same_frames() {
+        let stream = "event: a\r\ndata: é1\r\rdata: x\n\r\nevent: b\rdata: 2\n\n";
+        let expected = vec![
+            Frame {
+                event: Some("a".into()),
+                data: "é1".into(),
+            },
+            Frame {
+                event: None,
+                data: "x".into(),
+            },
+            Frame {
+                event: Some("b".into()),
+                data: "2".into(),
+            },
+        ];
+        for size in 1..stream.len() {
+            let mut parser = SseParser::default();
+            let mut frames = Vec::new();
+            for chunk in stream.as_bytes().chunks(size) {
+                frames.extend(parser.push(chunk).unwrap());
+            }
+            assert_eq!(frames, expected, "chunks of {size} bytes");
+        }
+    }
+
+    #[test]
+    fn a_long_stream_of_small_frames_is_not_bounded_by_its_total_size() {
+        let mut parser = SseParser::default();
+        let mut count = 0;
+        for _ in 0..(FRAME_MAX_BYTES / 8) {
+            count += parser.push(b"data: 1\n\n").unwrap().len();
+        }
+        assert_eq!(count, FRAME_MAX_BYTES / 8);
     }
 
     #[test]

@@ -7,9 +7,6 @@ use serde_json::json;
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::chat::{
-    anthropic_error, anthropic_message, app_with, count, fakes, fund, openai_completion,
-};
 use crate::support::*;
 use creditd::byok::KeyCipher;
 use creditd::config::{Secret, Settings};
@@ -41,9 +38,15 @@ async fn put_keys(
 
 async fn stored_column(app: &TestApp, clerk_id: &str, column: &str) -> Option<Vec<u8>> {
     let client = app.db.client().await;
-    let sql = format!("SELECT {column} FROM users WHERE clerk_id = $1");
+    let sql = match column {
+        "anthropic_key_encrypted" => {
+            "SELECT anthropic_key_encrypted FROM users WHERE clerk_id = $1"
+        }
+        "openai_key_encrypted" => "SELECT openai_key_encrypted FROM users WHERE clerk_id = $1",
+        other => panic!("no query for column `{other}`"),
+    };
     client
-        .query_one(&sql, &[&clerk_id])
+        .query_one(sql, &[&clerk_id])
         .await
         .expect("user row")
         .get(0)

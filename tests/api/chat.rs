@@ -5,138 +5,9 @@
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 use wiremock::matchers::{body_partial_json, header, method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::{Mock, ResponseTemplate};
 
 use crate::support::*;
-
-pub const PLATFORM_ANTHROPIC_KEY: &str = "sk-ant-platform-0123456789abcdef";
-pub const PLATFORM_OPENAI_KEY: &str = "sk-platform-0123456789abcdef";
-
-/// Local fake providers and the app pointed at them with platform keys.
-pub struct Fakes {
-    pub anthropic: MockServer,
-    pub openai: MockServer,
-}
-
-pub async fn fakes() -> Fakes {
-    Fakes {
-        anthropic: MockServer::start().await,
-        openai: MockServer::start().await,
-    }
-}
-
-/// The app with both platform keys, talking to `fakes`.
-pub async fn app_with(
-    fakes: &Fakes,
-    adjust: impl FnOnce(&mut creditd::config::Settings),
-) -> TestApp {
-    let anthropic = fakes.anthropic.uri();
-    let openai = fakes.openai.uri();
-    spawn_app_with(move |s| {
-        s.providers.anthropic_base_url = anthropic;
-        s.providers.openai_base_url = openai;
-        s.providers.anthropic_api_key = creditd::config::Secret::new(PLATFORM_ANTHROPIC_KEY);
-        s.providers.openai_api_key = creditd::config::Secret::new(PLATFORM_OPENAI_KEY);
-        adjust(s);
-    })
-    .await
-}
-
-/// Credits `clerk_id` with `amount_micros` through the admin route.
-pub async fn fund(app: &TestApp, clerk_id: &str, amount_micros: i64) {
-    app.account(clerk_id).await;
-    let response = app
-        .admin(
-            reqwest::Method::POST,
-            &format!("/admin/accounts/{clerk_id}/credits"),
-        )
-        .json(&json!({
-            "amountMicros": amount_micros,
-            "key": format!("fund-{clerk_id}-{amount_micros}"),
-            "reason": "test funds",
-        }))
-        .send()
-        .await
-        .expect("fund request");
-    assert!(response.status().is_success(), "{}", response.status());
-}
-
-/// An Anthropic Messages API answer with the given usage.
-pub fn anthropic_message(
-    text: &str,
-    input: u64,
-    output: u64,
-    cache_read: u64,
-    cache_write: u64,
-) -> Value {
-    json!({
-        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-sonnet-4-5-20250929",
-        "content": [{ "type": "text", "text": text }],
-        "stop_reason": "end_turn",
-        "stop_sequence": null,
-        "usage": {
-            "input_tokens": input,
-            "cache_creation_input_tokens": cache_write,
-            "cache_read_input_tokens": cache_read,
-            "output_tokens": output,
-        },
-    })
-}
-
-/// An OpenAI chat completion with the given usage (`prompt` includes `cached`).
-pub fn openai_completion(text: &str, prompt: u64, completion: u64, cached: u64) -> Value {
-    json!({
-        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
-        "object": "chat.completion",
-        "created": 1_741_570_283,
-        "model": "gpt-4o-2024-08-06",
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": text, "refusal": null },
-            "logprobs": null,
-            "finish_reason": "stop",
-        }],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": { "cached_tokens": cached, "audio_tokens": 0 },
-            "completion_tokens_details": { "reasoning_tokens": 0 },
-        },
-        "system_fingerprint": "fp_fc9f1d7035",
-    })
-}
-
-pub fn anthropic_error(kind: &str, message: &str) -> Value {
-    json!({ "type": "error", "error": { "type": kind, "message": message } })
-}
-
-pub fn conversation() -> Value {
-    json!([
-        { "role": "system", "content": "You write apps." },
-        { "role": "user", "content": "Build me a todo app." },
-    ])
-}
-
-/// Rows of a table for one account.
-pub async fn count(app: &TestApp, table: &str, clerk_id: &str) -> i64 {
-    let client = app.db.client().await;
-    let sql = format!(
-        "SELECT count(*) FROM {table} t JOIN users u ON u.id = t.user_id WHERE u.clerk_id = $1"
-    );
-    client
-        .query_one(&sql, &[&clerk_id])
-        .await
-        .expect("count rows")
-        .get(0)
-}
-
-pub async fn balance(app: &TestApp, clerk_id: &str) -> Value {
-    json_of(app.get_as(clerk_id, "/api/credits").await).await.1
-}
 
 #[actix::test]
 async fn an_anthropic_chat_is_charged_the_price_table_cost_of_its_reported_usage_with_cache_tokens()
@@ -581,40 +452,6 @@ async fn two_hundred_concurrent_chats_never_spend_more_than_the_balance() {
     app.db.reconcile_is_clean().await;
 }
 
-/// Cuts the app's database off (no new connections, every backend ended)
-/// and returns the statement that lets it back.
-pub async fn cut_database(app: &TestApp) -> (tokio_postgres::Client, String) {
-    let database = app.db.config.get_dbname().unwrap().to_owned();
-    let mut maintenance = app.db.config.clone();
-    maintenance.dbname("postgres");
-    let admin = connect(&maintenance).await.unwrap();
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {database} ALLOW_CONNECTIONS false;
-             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = '{database}';"
-        ))
-        .await
-        .unwrap();
-    (
-        admin,
-        format!("ALTER DATABASE {database} ALLOW_CONNECTIONS true"),
-    )
-}
-
-/// Waits until `sql` (a count) answers `expected`, polling the database.
-pub async fn wait_for_count(app: &TestApp, sql: &str, expected: i64) {
-    let client = app.db.client().await;
-    for _ in 0..500 {
-        let found: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
-        if found == expected {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("`{sql}` never reached {expected}");
-}
-
 #[actix::test]
 async fn an_answer_whose_charge_cannot_commit_yet_is_returned_charged_once_the_database_is_back() {
     let fakes = fakes().await;
@@ -639,10 +476,10 @@ async fn an_answer_whose_charge_cannot_commit_yet_is_returned_charged_once_the_d
             1,
         )
         .await;
-        let (admin, restore) = cut_database(&app).await;
+        let cut = cut_database(&app).await;
         // The provider answers at 1.5 s; the database comes back at 3.5 s.
         tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
-        admin.batch_execute(&restore).await.unwrap();
+        cut.restore().await;
     };
     let (response, ()) = tokio::join!(chat, outage);
     let (status, body) = json_of(response).await;

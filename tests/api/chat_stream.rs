@@ -2,146 +2,15 @@
 //! a final event with the credits, settlement for what was produced when the
 //! provider breaks or the client leaves.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use wiremock::matchers::{body_partial_json, method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::chat::{anthropic_error, app_with, balance, count, fakes, fund};
 use crate::support::*;
-
-fn sse(event: Option<&str>, data: &Value) -> String {
-    match event {
-        Some(name) => format!("event: {name}\ndata: {data}\n\n"),
-        None => format!("data: {data}\n\n"),
-    }
-}
-
-fn message_start(input: u64, cache_read: u64, cache_write: u64) -> String {
-    sse(
-        Some("message_start"),
-        &json!({
-            "type": "message_start",
-            "message": {
-                "id": "msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY",
-                "type": "message",
-                "role": "assistant",
-                "content": [],
-                "model": "claude-sonnet-4-5-20250929",
-                "stop_reason": null,
-                "stop_sequence": null,
-                "usage": {
-                    "input_tokens": input,
-                    "cache_creation_input_tokens": cache_write,
-                    "cache_read_input_tokens": cache_read,
-                    "output_tokens": 1,
-                },
-            },
-        }),
-    )
-}
-
-fn text_delta(text: &str) -> String {
-    sse(
-        Some("content_block_delta"),
-        &json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": text } }),
-    )
-}
-
-fn ping() -> String {
-    sse(Some("ping"), &json!({ "type": "ping" }))
-}
-
-/// A whole Anthropic stream, with a ping and two cumulative `message_delta`s.
-fn anthropic_stream(
-    texts: &[&str],
-    input: u64,
-    output: u64,
-    cache_read: u64,
-    cache_write: u64,
-) -> String {
-    let mut body = message_start(input, cache_read, cache_write);
-    body += &sse(
-        Some("content_block_start"),
-        &json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } }),
-    );
-    body += &ping();
-    for text in texts {
-        body += &text_delta(text);
-    }
-    body += &sse(
-        Some("content_block_stop"),
-        &json!({ "type": "content_block_stop", "index": 0 }),
-    );
-    for count in [output / 2, output] {
-        body += &sse(
-            Some("message_delta"),
-            &json!({
-                "type": "message_delta",
-                "delta": { "stop_reason": "end_turn", "stop_sequence": null },
-                "usage": { "output_tokens": count },
-            }),
-        );
-    }
-    body += &sse(Some("message_stop"), &json!({ "type": "message_stop" }));
-    body
-}
-
-fn openai_chunk(text: &str) -> String {
-    sse(
-        None,
-        &json!({
-            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
-            "model": "gpt-4o-2024-08-06", "system_fingerprint": "fp_44709d6fcb",
-            "choices": [{ "index": 0, "delta": { "content": text }, "logprobs": null, "finish_reason": null }],
-            "usage": null,
-        }),
-    )
-}
-
-fn openai_stream(texts: &[&str], prompt: u64, completion: u64, cached: u64) -> String {
-    let mut body = sse(
-        None,
-        &json!({
-            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
-            "model": "gpt-4o-2024-08-06",
-            "choices": [{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }],
-            "usage": null,
-        }),
-    );
-    for text in texts {
-        body += &openai_chunk(text);
-    }
-    body += &sse(
-        None,
-        &json!({
-            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
-            "model": "gpt-4o-2024-08-06",
-            "choices": [{ "index": 0, "delta": {}, "finish_reason": "stop" }],
-            "usage": null,
-        }),
-    );
-    body += &sse(
-        None,
-        &json!({
-            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
-            "model": "gpt-4o-2024-08-06", "choices": [],
-            "usage": {
-                "prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": { "cached_tokens": cached },
-            },
-        }),
-    );
-    body + "data: [DONE]\n\n"
-}
-
-fn sse_response(body: String) -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_raw(body.into_bytes(), "text/event-stream")
-}
 
 /// The client's events, as `(event, data)`.
 async fn events_of(response: reqwest::Response) -> Vec<(String, Value)> {
@@ -321,111 +190,6 @@ async fn a_stream_refused_before_any_output_is_an_ordinary_503_and_is_not_charge
     app.db.reconcile_is_clean().await;
 }
 
-/// What the hand-written provider does after its scripted chunks.
-#[derive(Clone, Copy)]
-enum Then {
-    /// Closes the connection mid-answer.
-    Break,
-    /// Keeps streaming text every 50 ms until the reader goes away.
-    KeepStreaming,
-    /// Writes the filler as fast as the reader takes it, until it goes away
-    /// (at most 256 MiB).
-    Flood,
-    /// Waits for the gate, then writes the filler (the rest of the answer)
-    /// and ends the answer.
-    Gated,
-}
-
-/// A one-connection fake provider on a local socket: answers 200 with an
-/// SSE body written chunk by chunk, then breaks or keeps streaming. Reports
-/// whether the reader closed the connection.
-async fn raw_provider(
-    chunks: Vec<String>,
-    then: Then,
-    filler: String,
-) -> (String, oneshot::Receiver<bool>) {
-    let (_open, gate) = oneshot::channel();
-    gated_provider(chunks, then, filler, gate).await
-}
-
-/// `raw_provider`, whose `Then::Gated` waits for `gate`.
-async fn gated_provider(
-    chunks: Vec<String>,
-    then: Then,
-    filler: String,
-    gate: oneshot::Receiver<()>,
-) -> (String, oneshot::Receiver<bool>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    let (closed_tx, closed_rx) = oneshot::channel();
-    actix_web::rt::spawn(async move {
-        let (mut socket, _) = listener.accept().await.unwrap();
-        read_request(&mut socket).await;
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
-        socket.write_all(head.as_bytes()).await.unwrap();
-        for chunk in chunks {
-            socket.write_all(chunk.as_bytes()).await.unwrap();
-            socket.flush().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let closed = match then {
-            Then::Break => false,
-            Then::KeepStreaming => {
-                let mut closed = false;
-                for _ in 0..400 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    if socket.write_all(filler.as_bytes()).await.is_err() {
-                        closed = true;
-                        break;
-                    }
-                }
-                closed
-            }
-            Then::Flood => {
-                let mut closed = false;
-                for _ in 0..(256 << 20) / filler.len().max(1) {
-                    if socket.write_all(filler.as_bytes()).await.is_err() {
-                        closed = true;
-                        break;
-                    }
-                }
-                closed
-            }
-            Then::Gated => {
-                let _ = gate.await;
-                socket.write_all(filler.as_bytes()).await.is_err()
-            }
-        };
-        drop(socket);
-        let _ = closed_tx.send(closed);
-    });
-    (address, closed_rx)
-}
-
-async fn read_request(socket: &mut tokio::net::TcpStream) {
-    let mut request = Vec::new();
-    let mut buffer = [0u8; 4096];
-    loop {
-        let n = socket.read(&mut buffer).await.unwrap();
-        assert!(n > 0, "the client closed before sending its request");
-        request.extend_from_slice(&buffer[..n]);
-        let text = String::from_utf8_lossy(&request);
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap())
-                })
-                .unwrap_or(0);
-            if request.len() >= end + 4 + length {
-                return;
-            }
-        }
-    }
-}
-
 #[actix::test]
 async fn a_stream_that_breaks_midway_settles_the_text_received_and_ends_with_an_error_event() {
     let fakes = fakes().await;
@@ -463,9 +227,16 @@ async fn a_stream_that_breaks_midway_settles_the_text_received_and_ends_with_an_
 #[actix::test]
 async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_what_was_produced() {
     let fakes = fakes().await;
-    let first = openai_chunk("The first words");
-    let (address, closed) =
-        raw_provider(vec![first], Then::KeepStreaming, openai_chunk(" and more")).await;
+    // Multi-byte text: 10 three-byte characters and a four-byte one, then
+    // fillers of a space and a three-byte check mark.
+    let first_text = "Premiers mots déjà écrits: 日本語のテキストです 🙂";
+    let filler_text = " ✓";
+    let (address, closed, fillers) = counted_provider(
+        vec![openai_chunk(first_text)],
+        Then::KeepStreaming,
+        openai_chunk(filler_text),
+    )
+    .await;
     let app = app_with(&fakes, |s| s.providers.openai_base_url = address).await;
     fund(&app, "user_gone", 10_000_000).await;
 
@@ -476,20 +247,20 @@ async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_wh
     )
     .await;
     assert_eq!(response.status(), 200);
-    let mut seen = String::new();
+    let mut seen = Vec::new();
     let read = async {
-        while !seen.contains("The first words") {
+        while !String::from_utf8_lossy(&seen).contains(first_text) {
             let chunk = response
                 .chunk()
                 .await
                 .unwrap()
                 .expect("a delta before the end");
-            seen.push_str(&String::from_utf8_lossy(&chunk));
+            seen.extend_from_slice(&chunk);
         }
     };
     tokio::time::timeout(Duration::from_secs(10), read)
         .await
-        .expect("the stream reached the awaited point");
+        .expect("the first text reached the client whole, as UTF-8");
     drop(response);
 
     let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
@@ -500,23 +271,25 @@ async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_wh
         upstream_closed,
         "the upstream call went on after the client left"
     );
-    let mut usage = Value::Null;
-    for _ in 0..100 {
-        let overview = balance(&app, "user_gone").await;
-        if overview["heldMicros"] == 0 && overview["usages"][0].is_object() {
-            usage = overview["usages"][0].clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(usage.is_object(), "the stream was never settled");
+    let usage = settled_usage(&app, "user_gone").await;
     // No usage chunk came: input is the estimate, 16 + (2 + 8) = 26 tokens;
-    // output is counted from the text received, at least ceil(15 / 3) = 5.
+    // output is counted from the bytes of text received: at least the first
+    // text's, at most everything the provider wrote.
     assert_eq!(usage["inputTokens"], 26);
     let output = usage["outputTokens"].as_u64().unwrap();
-    assert!(output >= 5, "{usage}");
+    let first_bytes = first_text.len() as u64;
+    let written_bytes =
+        first_bytes + fillers.load(Ordering::SeqCst) as u64 * filler_text.len() as u64;
+    assert!(
+        (first_bytes.div_ceil(3)..=written_bytes.div_ceil(3)).contains(&output),
+        "{output} output tokens for {first_bytes} to {written_bytes} bytes of text: {usage}"
+    );
     let cost = (26 * 2_430_556 + output as i64 * 9_722_223 + 999_999) / 1_000_000;
     assert_eq!(usage["costMicros"], cost);
+    assert_eq!(
+        balance(&app, "user_gone").await["balanceMicros"],
+        10_000_000 - cost
+    );
     app.db.reconcile_is_clean().await;
 }
 
@@ -579,21 +352,6 @@ async fn a_client_that_leaves_while_the_provider_is_silent_is_noticed_by_the_kee
     app.db.reconcile_is_clean().await;
 }
 
-/// The end of an Anthropic answer: the block's end, the output count, the stop.
-fn anthropic_end(output: u64) -> String {
-    sse(
-        Some("content_block_stop"),
-        &json!({ "type": "content_block_stop", "index": 0 }),
-    ) + &sse(
-        Some("message_delta"),
-        &json!({
-            "type": "message_delta",
-            "delta": { "stop_reason": "end_turn", "stop_sequence": null },
-            "usage": { "output_tokens": output },
-        }),
-    ) + &sse(Some("message_stop"), &json!({ "type": "message_stop" }))
-}
-
 /// Polls the balance page until a usage is settled and nothing is held.
 async fn settled_usage(app: &TestApp, clerk_id: &str) -> Value {
     for _ in 0..300 {
@@ -647,13 +405,13 @@ async fn a_stream_whose_settlement_meets_a_database_outage_is_charged_once_it_is
     )
     .await;
     assert_eq!(response.status(), 200);
-    crate::chat::wait_for_count(
+    wait_for_count(
         &app,
         "SELECT count(*) FROM credit_holds WHERE status = 'ACTIVE'",
         1,
     )
     .await;
-    let (admin, restore) = crate::chat::cut_database(&app).await;
+    let cut = cut_database(&app).await;
     open.send(()).unwrap();
     let mut seen = String::new();
     tokio::time::timeout(
@@ -667,7 +425,7 @@ async fn a_stream_whose_settlement_meets_a_database_outage_is_charged_once_it_is
         !seen.contains("event: done") && !seen.contains("event: error"),
         "the stream ended while its charge could not be recorded: {seen}"
     );
-    admin.batch_execute(&restore).await.unwrap();
+    cut.restore().await;
     tokio::time::timeout(
         Duration::from_secs(20),
         read_until(&mut response, &mut seen, "event: done"),
@@ -680,10 +438,7 @@ async fn a_stream_whose_settlement_meets_a_database_outage_is_charged_once_it_is
     assert!(seen.contains(r#""usedMicros":205"#), "{seen}");
     let usage = settled_usage(&app, "user_late").await;
     assert_eq!(usage["costMicros"], 205);
-    assert_eq!(
-        crate::chat::count(&app, "credit_usages", "user_late").await,
-        1
-    );
+    assert_eq!(count(&app, "credit_usages", "user_late").await, 1);
     assert_eq!(
         balance(&app, "user_late").await["balanceMicros"],
         10_000_000 - 205

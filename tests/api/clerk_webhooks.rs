@@ -1,27 +1,10 @@
 //! `POST /api/webhooks/clerk`: Svix signatures and Clerk's user events.
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine as _;
 use creditd::svix::{self, SvixError, SvixHeaders};
 use futures_util::future::join_all;
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
-use sha2::Sha256;
 
 use crate::support::*;
-
-/// A Svix secret as Clerk shows it: `whsec_` + base64 of the key.
-pub(crate) const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-/// `svix-signature` as Svix's libraries build it.
-pub(crate) fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
-    let key = STANDARD
-        .decode(secret.trim_start_matches("whsec_"))
-        .unwrap();
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
-    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
-    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
-}
 
 pub(crate) async fn clerk_app() -> TestApp {
     spawn_app_with(|settings| {

@@ -153,14 +153,14 @@ async fn daily_usage_refuses_a_range_outside_one_to_ninety_days_by_name() {
 
 #[actix::test]
 async fn daily_usage_lists_every_utc_day_up_to_today_with_a_chat_on_today() {
-    let fakes = crate::chat::fakes().await;
-    let app = crate::chat::app_with(&fakes, |_| {}).await;
-    crate::chat::fund(&app, "user_daily", 5_000_000).await;
+    let fakes = fakes().await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_daily", 5_000_000).await;
     wiremock::Mock::given(wiremock::matchers::method("POST"))
         .and(wiremock::matchers::path("/v1/messages"))
         .respond_with(
             wiremock::ResponseTemplate::new(200)
-                .set_body_json(crate::chat::anthropic_message("Voici.", 1_200, 300, 0, 0)),
+                .set_body_json(anthropic_message("Voici.", 1_200, 300, 0, 0)),
         )
         .mount(&fakes.anthropic)
         .await;

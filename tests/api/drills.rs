@@ -44,15 +44,13 @@ async fn outside() -> Outside {
 
     let anthropic = wiremock::MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(crate::chat::anthropic_message(
-                "drill answer",
-                40,
-                12,
-                0,
-                0,
-            )),
-        )
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_message(
+            "drill answer",
+            40,
+            12,
+            0,
+            0,
+        )))
         .mount(&anthropic)
         .await;
     Outside {
@@ -91,7 +89,7 @@ async fn start_server(db: &TestDb, outside: &Outside) -> Server {
         )
         .env(
             "CREDITD__PROVIDERS__ANTHROPIC_API_KEY",
-            crate::chat::PLATFORM_ANTHROPIC_KEY,
+            PLATFORM_ANTHROPIC_KEY,
         )
         .env("CREDITD__SERVER__BIND", format!("127.0.0.1:{port}"))
         .env("CREDITD__ADMIN__TOKEN", ADMIN_TOKEN)
@@ -119,6 +117,9 @@ async fn start_server(db: &TestDb, outside: &Outside) -> Server {
     }
 }
 
+/// Operations a crash drill run must have acknowledged before its kill.
+const MIN_ACKNOWLEDGED_PER_RUN: usize = 50;
+
 /// What the client saw of each operation, by key.
 #[derive(Default)]
 struct Log {
@@ -126,6 +127,17 @@ struct Log {
     unacknowledged: BTreeMap<String, (String, i64)>,
     /// Chats answered 200, by message id: the credits their answer showed.
     chats_answered: BTreeMap<String, i64>,
+}
+
+impl Log {
+    /// Operations of run `run` acknowledged so far (keys `drill-{run}-…`).
+    fn acknowledged_in_run(&self, run: usize) -> usize {
+        let prefix = format!("drill-{run}-");
+        self.acknowledged
+            .keys()
+            .filter(|key| key.starts_with(&prefix))
+            .count()
+    }
 }
 
 /// One platform chat; the `usedMicros` of its answer when it was answered.
@@ -244,7 +256,17 @@ async fn acknowledged_operations_survive_sigkill_and_restarts_none_lost_none_twi
     }
     for run in 0..runs {
         let loader = actix_web::rt::spawn(load(server.base.clone(), run, log.clone()));
-        let delay = rand::thread_rng().gen_range(200..1500);
+        // The kill lands while the load runs: once this run has a minimum of
+        // acknowledged operations, at a random moment after that.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while lock(&log).acknowledged_in_run(run) < MIN_ACKNOWLEDGED_PER_RUN {
+            assert!(
+                Instant::now() < deadline,
+                "run {run}: the load never reached {MIN_ACKNOWLEDGED_PER_RUN} acknowledged operations"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let delay = rand::thread_rng().gen_range(0..800);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         server.child.kill().expect("SIGKILL");
         server.child.wait().expect("reaped");
@@ -257,6 +279,11 @@ async fn acknowledged_operations_survive_sigkill_and_restarts_none_lost_none_twi
             (log.acknowledged.clone(), log.unacknowledged.clone())
         };
         let (acknowledged, unacknowledged) = snapshot;
+        let acknowledged_in_run = lock(&log).acknowledged_in_run(run);
+        assert!(
+            acknowledged_in_run >= MIN_ACKNOWLEDGED_PER_RUN,
+            "run {run}: {acknowledged_in_run} acknowledged operations"
+        );
         let stored: BTreeMap<String, Vec<(String, i64)>> = client
             .query(
                 "SELECT substr(t.idempotency_key, 7), u.clerk_id,
@@ -340,7 +367,8 @@ async fn acknowledged_operations_survive_sigkill_and_restarts_none_lost_none_twi
         );
         let chats = lock(&log).chats_answered.len();
         println!(
-            "crash drill run {}/{runs}: killed after {delay} ms, {} acknowledged and {chats} chats \
+            "crash drill run {}/{runs}: killed {delay} ms after {MIN_ACKNOWLEDGED_PER_RUN} were \
+             acknowledged ({acknowledged_in_run} by then), {} acknowledged and {chats} chats \
              answered so far, lost 0, duplicated 0, every answered chat charged once",
             run + 1,
             acknowledged

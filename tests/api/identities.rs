@@ -4,7 +4,7 @@
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-use crate::clerk_webhooks::{bonuses, clerk_app, deliver, user_event, SIGNING_SECRET};
+use crate::clerk_webhooks::{bonuses, clerk_app, deliver, user_event};
 use crate::support::*;
 
 /// 32 bytes, standard base64: BYOK on, so its routes reach the account.

@@ -8,7 +8,6 @@ use serde_json::json;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::chat::{anthropic_message, app_with, conversation, fakes, fund};
 use crate::support::*;
 
 /// The value of a counter series in `/metrics`, 0 when absent.

@@ -5,7 +5,7 @@
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-use crate::stripe::{checkout_session, event, spawn_stripe_app_with, StripeApp};
+use crate::support::stripe::{checkout_session, event, spawn_stripe_app_with, StripeApp};
 use crate::support::*;
 
 /// `credits.referral_bonus_cents` by default: 5 €.

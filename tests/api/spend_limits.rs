@@ -8,8 +8,6 @@ use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, ResponseTemplate};
 
-use crate::chat::{anthropic_message, fakes, fund, Fakes};
-use crate::chat::{PLATFORM_ANTHROPIC_KEY, PLATFORM_OPENAI_KEY};
 use crate::support::*;
 use creditd::clock::Clock;
 use creditd::config::{Secret, Settings};

@@ -14,6 +14,15 @@ use creditd::ledger::{AccountId, Engine, IdempotencyKey, Posting, TransactionTyp
 use creditd::money::Micros;
 use tokio_postgres::NoTls;
 
+mod clerk;
+pub mod providers;
+pub mod stripe;
+mod svix;
+
+pub use clerk::*;
+pub use providers::*;
+pub use svix::*;
+
 struct Shared {
     /// Connection settings for the server's maintenance database.
     admin: tokio_postgres::Config,
@@ -211,57 +220,7 @@ pub fn posting(key_text: &str, kind: TransactionType, amount: Micros) -> Posting
     }
 }
 
-/// A signing key of the test's own, published by a local JWKS server as
-/// Clerk publishes its keys.
-pub struct SigningKey {
-    pub kid: String,
-    encoding: jsonwebtoken::EncodingKey,
-    pub jwk: serde_json::Value,
-}
-
-impl SigningKey {
-    /// A fresh 2048-bit RSA key (generated once per test binary per `kid`).
-    pub fn generate(kid: &str) -> SigningKey {
-        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        use base64::Engine as _;
-        use rsa::pkcs1::EncodeRsaPrivateKey;
-        use rsa::traits::PublicKeyParts;
-
-        let mut rng = rand::thread_rng();
-        let private = rsa::RsaPrivateKey::new(&mut rng, 2048).expect("RSA key");
-        let der = private.to_pkcs1_der().expect("PKCS#1 DER");
-        let public = private.to_public_key();
-        SigningKey {
-            kid: kid.to_owned(),
-            encoding: jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes()),
-            jwk: serde_json::json!({
-                "kty": "RSA",
-                "use": "sig",
-                "alg": "RS256",
-                "kid": kid,
-                "n": URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
-                "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
-            }),
-        }
-    }
-
-    /// Signs `claims` with RS256 under this key's `kid`.
-    pub fn sign(&self, claims: &serde_json::Value) -> String {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding).expect("sign token")
-    }
-}
-
-/// The key every test app trusts first (RSA generation is slow: once per binary).
-pub fn primary_key() -> &'static SigningKey {
-    static KEY: OnceLock<SigningKey> = OnceLock::new();
-    KEY.get_or_init(|| SigningKey::generate("test-key-1"))
-}
-
-pub const ISSUER: &str = "https://clerk.creditd.test";
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
-pub const JWKS_PATH: &str = "/.well-known/jwks.json";
 
 /// The real service on port 0, on a fresh database, trusting a local JWKS.
 pub struct TestApp {
@@ -363,23 +322,6 @@ pub fn outage_settings(jwks: &wiremock::MockServer) -> Settings {
     settings
 }
 
-/// A local JWKS server publishing the primary key.
-pub async fn jwks_server() -> wiremock::MockServer {
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, ResponseTemplate};
-
-    let jwks = wiremock::MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path(JWKS_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({ "keys": [primary_key().jwk] })),
-        )
-        .mount(&jwks)
-        .await;
-    jwks
-}
-
 impl TestApp {
     /// A valid session token for `clerk_id`, signed by the primary key.
     pub fn token(&self, clerk_id: &str) -> String {
@@ -478,4 +420,86 @@ impl TestDb {
         }
         url
     }
+}
+
+/// The tables `count` counts rows of, each with its own query.
+const COUNTS: [(&str, &str); 2] = [
+    (
+        "credit_holds",
+        "SELECT count(*) FROM credit_holds t JOIN users u ON u.id = t.user_id WHERE u.clerk_id = $1",
+    ),
+    (
+        "credit_usages",
+        "SELECT count(*) FROM credit_usages t JOIN users u ON u.id = t.user_id WHERE u.clerk_id = $1",
+    ),
+];
+
+/// Rows of a table for one account.
+pub async fn count(app: &TestApp, table: &str, clerk_id: &str) -> i64 {
+    let (_, sql) = COUNTS
+        .iter()
+        .find(|(name, _)| *name == table)
+        .unwrap_or_else(|| panic!("no count query for table `{table}`"));
+    let client = app.db.client().await;
+    client
+        .query_one(*sql, &[&clerk_id])
+        .await
+        .expect("count rows")
+        .get(0)
+}
+
+/// A database cut off from its app by `cut_database`, until `restore`.
+pub struct Cut {
+    admin: tokio_postgres::Client,
+    database: String,
+}
+
+impl Cut {
+    /// Lets connections to the database back in.
+    pub async fn restore(&self) {
+        self.admin
+            .execute(
+                "UPDATE pg_database SET datallowconn = true WHERE datname = $1",
+                &[&self.database],
+            )
+            .await
+            .expect("let connections back");
+    }
+}
+
+/// Cuts the app's database off (no new connections, every backend ended).
+pub async fn cut_database(app: &TestApp) -> Cut {
+    let database = app.db.config.get_dbname().unwrap().to_owned();
+    let mut maintenance = app.db.config.clone();
+    maintenance.dbname("postgres");
+    let admin = connect(&maintenance).await.unwrap();
+    // `ALTER DATABASE … ALLOW_CONNECTIONS false`, with the name as a parameter.
+    admin
+        .execute(
+            "UPDATE pg_database SET datallowconn = false WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .expect("refuse new connections");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .expect("end every connection");
+    Cut { admin, database }
+}
+
+/// Waits until `sql` (a count) answers `expected`, polling the database.
+pub async fn wait_for_count(app: &TestApp, sql: &str, expected: i64) {
+    let client = app.db.client().await;
+    for _ in 0..500 {
+        let found: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
+        if found == expected {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("`{sql}` never reached {expected}");
 }

@@ -1,0 +1,298 @@
+//! A local Stripe API that checks what creditd sends and answers as Stripe
+//! does, and webhook events signed as Stripe's own libraries sign them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
+
+use super::*;
+
+pub const SECRET_KEY: &str = "sk_test_creditd_0123456789";
+pub const WEBHOOK_SECRET: &str = "whsec_test_creditd_webhook_secret";
+
+/// The form fields of a request, as Stripe reads them.
+pub fn form(request: &Request) -> HashMap<String, String> {
+    form_urlencoded::parse(&request.body).into_owned().collect()
+}
+
+pub fn idempotency_key(request: &Request) -> Option<String> {
+    request
+        .headers
+        .get("idempotency-key")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
+pub fn stripe_error(status: u16, message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status).set_body_json(json!({
+        "error": { "type": "invalid_request_error", "message": message }
+    }))
+}
+
+/// `POST /v1/customers` as Stripe answers it: the same customer for the
+/// same idempotency key.
+#[derive(Clone, Default)]
+pub struct Customers {
+    pub by_key: Arc<Mutex<HashMap<String, Value>>>,
+    pub created: Arc<AtomicUsize>,
+}
+
+impl Respond for Customers {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        if request
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(&format!("Bearer {SECRET_KEY}"))
+        {
+            return stripe_error(401, "Invalid API Key provided");
+        }
+        let Some(key) = idempotency_key(request) else {
+            return stripe_error(400, "creditd always sends an idempotency key");
+        };
+        let fields = form(request);
+        let mut by_key = self.by_key.lock().unwrap();
+        let customer = by_key.entry(key).or_insert_with(|| {
+            let n = self.created.fetch_add(1, Ordering::SeqCst) + 1;
+            json!({
+                "id": format!("cus_test_{n}"),
+                "object": "customer",
+                "created": chrono::Utc::now().timestamp(),
+                "livemode": false,
+                "email": fields.get("email"),
+                "metadata": {
+                    "userId": fields.get("metadata[userId]"),
+                    "clerkId": fields.get("metadata[clerkId]"),
+                },
+            })
+        });
+        ResponseTemplate::new(200).set_body_json(customer.clone())
+    }
+}
+
+/// `POST /v1/checkout/sessions`: answers a Checkout Session built from the
+/// form, and keeps every form it received.
+/// One request as received: its idempotency key and its form fields.
+pub type Received = (Option<String>, HashMap<String, String>);
+
+#[derive(Clone, Default)]
+pub struct Sessions {
+    pub received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Respond for Sessions {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let fields = form(request);
+        let key = idempotency_key(request);
+        let mut received = self.received.lock().unwrap();
+        received.push((key, fields.clone()));
+        let id = format!("cs_test_{}", received.len());
+        let now = chrono::Utc::now().timestamp();
+        ResponseTemplate::new(200).set_body_json(json!({
+            "id": id,
+            "object": "checkout.session",
+            "amount_total": fields.get("line_items[0][price_data][unit_amount]")
+                .and_then(|a| a.parse::<i64>().ok()),
+            "automatic_tax": { "enabled": false, "liability": null, "status": null },
+            "client_reference_id": fields.get("client_reference_id"),
+            "created": now,
+            "currency": "eur",
+            "custom_fields": [],
+            "custom_text": {
+                "after_submit": null, "shipping_address": null,
+                "submit": null, "terms_of_service_acceptance": null
+            },
+            "customer": fields.get("customer"),
+            "expires_at": now + 86_400,
+            "livemode": false,
+            "metadata": {
+                "type": fields.get("metadata[type]"),
+                "userId": fields.get("metadata[userId]"),
+                "amountCents": fields.get("metadata[amountCents]"),
+            },
+            "mode": "payment",
+            "payment_method_types": ["card"],
+            "payment_status": "unpaid",
+            "shipping_options": [],
+            "status": "open",
+            "url": format!("https://checkout.stripe.com/c/pay/{id}"),
+        }))
+    }
+}
+
+pub struct StripeApp {
+    pub app: TestApp,
+    pub stripe: MockServer,
+    pub customers: Customers,
+    pub sessions: Sessions,
+}
+
+pub async fn spawn_stripe_app() -> StripeApp {
+    spawn_stripe_app_with(|_| {}).await
+}
+
+pub async fn spawn_stripe_app_with(
+    adjust: impl FnOnce(&mut creditd::config::Settings) + Send + 'static,
+) -> StripeApp {
+    let stripe = MockServer::start().await;
+    let customers = Customers::default();
+    let sessions = Sessions::default();
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(customers.clone())
+        .mount(&stripe)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/checkout/sessions"))
+        .respond_with(sessions.clone())
+        .mount(&stripe)
+        .await;
+    let uri = stripe.uri();
+    let app = spawn_app_with(move |settings| {
+        settings.stripe.secret_key = creditd::config::Secret::new(SECRET_KEY);
+        settings.stripe.webhook_secret = creditd::config::Secret::new(WEBHOOK_SECRET);
+        settings.stripe.api_base = uri;
+        settings.stripe.starter_price_id = "price_starter".into();
+        settings.stripe.pro_price_id = "price_pro".into();
+        settings.stripe.team_price_id = "price_team".into();
+        adjust(settings);
+    })
+    .await;
+    StripeApp {
+        app,
+        stripe,
+        customers,
+        sessions,
+    }
+}
+
+/// `Stripe-Signature` as Stripe's libraries build it: `t=<ts>,v1=<hex>`,
+/// HMAC-SHA256 over `"{t}.{body}"` keyed with the whole secret.
+pub fn v1(secret: &str, timestamp: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn signed_header(body: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    format!("t={now},v1={}", v1(WEBHOOK_SECRET, now, body))
+}
+
+impl StripeApp {
+    pub async fn deliver_with(&self, body: &str, header: Option<&str>) -> reqwest::Response {
+        let mut request = self
+            .app
+            .http
+            .post(self.app.url("/api/webhooks/stripe"))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(header) = header {
+            request = request.header("Stripe-Signature", header);
+        }
+        request.send().await.expect("request")
+    }
+
+    /// Delivers `event` signed now; its status.
+    pub async fn deliver(&self, event: &Value) -> u16 {
+        let body = event.to_string();
+        self.deliver_with(&body, Some(&signed_header(&body)))
+            .await
+            .status()
+            .as_u16()
+    }
+
+    pub async fn balance_micros(&self, clerk_id: &str) -> i64 {
+        let (status, body) = json_of(self.app.get_as(clerk_id, "/api/credits").await).await;
+        assert_eq!(status, 200, "{body}");
+        body["balanceMicros"].as_i64().expect("balanceMicros")
+    }
+
+    pub async fn recorded_events(&self) -> i64 {
+        let client = self.app.db.client().await;
+        client
+            .query_one(
+                "SELECT count(*) FROM processed_webhook_events WHERE source = 'stripe'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    pub async fn transactions(&self, kind: &str) -> Vec<(i64, String)> {
+        let client = self.app.db.client().await;
+        client
+            .query(
+                "SELECT amount_micros, idempotency_key FROM credit_transactions
+                  WHERE type = $1 ORDER BY seq",
+                &[&kind],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    }
+}
+
+pub fn event(id: &str, kind: &str, object: Value) -> Value {
+    json!({
+        "id": id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "created": chrono::Utc::now().timestamp(),
+        "livemode": false,
+        "pending_webhooks": 1,
+        "request": { "id": null, "idempotency_key": null },
+        "type": kind,
+        "data": { "object": object },
+    })
+}
+
+pub fn checkout_session(id: &str, account: i64, cents: i64, payment_status: &str) -> Value {
+    json!({
+        "id": id,
+        "object": "checkout.session",
+        "amount_subtotal": cents,
+        "amount_total": cents,
+        "client_reference_id": account.to_string(),
+        "currency": "eur",
+        "customer": "cus_test_1",
+        "metadata": {
+            "type": "credit_topup",
+            "userId": account.to_string(),
+            "amountCents": cents.to_string(),
+        },
+        "mode": "payment",
+        "payment_intent": format!("pi_{id}"),
+        "payment_status": payment_status,
+        "status": "complete",
+    })
+}
+
+/// A charge of a top-up: Stripe copied the payment intent's metadata to it.
+pub fn charge(id: &str, payment_intent: &str, amount: i64, refunded: i64) -> Value {
+    json!({
+        "id": id,
+        "object": "charge",
+        "amount": amount,
+        "amount_captured": amount,
+        "amount_refunded": refunded,
+        "currency": "eur",
+        "metadata": { "type": "credit_topup", "amountCents": amount.to_string() },
+        "payment_intent": payment_intent,
+        "refunded": refunded == amount,
+        "status": "succeeded",
+    })
+}
