@@ -528,5 +528,9 @@ fn observe<T>(
     if outcome == "insufficient_credits" {
         metrics::counter!("creditd_reserves_refused_total").increment(1);
     }
+    if let Err(LedgerError::SpendLimitReached { window, .. }) = &result {
+        metrics::counter!("creditd_spend_limit_refusals_total", "window" => window.as_str())
+            .increment(1);
+    }
     result
 }
