@@ -128,7 +128,7 @@ pub async fn summary(
 /// Why a code was not taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    /// No user has this code.
+    /// No user has this code (or its owner was deleted).
     Unknown,
     /// The code is the user's own.
     OwnCode,
@@ -158,7 +158,7 @@ pub async fn redeem(
         .query_opt(
             "SELECT c.user_id, u.email_hash
                FROM referral_codes c JOIN users u ON u.id = c.user_id
-              WHERE c.code = $1",
+              WHERE c.code = $1 AND u.deleted_at IS NULL",
             &[&code],
         )
         .await

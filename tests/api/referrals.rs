@@ -159,6 +159,17 @@ async fn own_codes_same_emails_second_codes_and_late_codes_are_refused_by_name()
         409,
         "REFERRAL_WINDOW_CLOSED",
     );
+    let gone = code_of(app, "user_gone").await;
+    sql(
+        app,
+        "UPDATE users SET deleted_at = now() WHERE clerk_id = 'user_gone'",
+    )
+    .await;
+    expect(
+        present(app, "user_fickle", &gone).await,
+        404,
+        "REFERRAL_CODE_UNKNOWN",
+    );
     expect(
         present(app, "user_fickle", "ZZZZZZZZ").await,
         404,

@@ -259,6 +259,10 @@ async fn an_owner_cannot_raise_a_limit_past_the_ceiling_an_administrator_set() {
         put_limits(&app, "user_kid", &json!({ "dailyMicros": CHAT_MICROS })).await;
     assert_eq!(status, 200, "{lower}");
     assert_eq!(lower["daily"]["limitMicros"], CHAT_MICROS);
+    // The very next chat is judged by it (two chats are spent already).
+    let (status, body, _) = chat(&app, "user_kid").await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["limitMicros"], CHAT_MICROS);
     let row = app
         .db
         .client()
