@@ -313,3 +313,34 @@ async fn byok_chats_are_neither_counted_nor_refused_by_spending_limits() {
     let shown = limits(&app, "user_byok").await;
     assert_eq!(shown["spentTodayMicros"], CHAT_MICROS);
 }
+
+#[actix::test]
+async fn a_limit_change_that_cannot_be_stored_is_refused_and_changes_nothing() {
+    let fakes = fakes().await;
+    exact_provider(&fakes).await;
+    let clock = Clock::manual(at("2026-09-09T09:00:00Z"));
+    let app = app_on(&fakes, &clock).await;
+    fund(&app, "user_outage", 10_000_000).await;
+    let (status, _) = put_limits(&app, "user_outage", &json!({ "dailyMicros": CHAT_MICROS })).await;
+    assert_eq!(status, 200);
+
+    let cut = cut_database(&app).await;
+    let (status, refused) = put_limits(&app, "user_outage", &json!({ "dailyMicros": null })).await;
+    cut.restore().await;
+
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(refused["error"], "UNAVAILABLE");
+    // Once the database is back, the account serves the limit it had.
+    let mut shown = Value::Null;
+    for _ in 0..100 {
+        let (status, body) = json_of(app.get_as("user_outage", "/api/credits/limits").await).await;
+        if status == 200 {
+            shown = body;
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+    }
+    assert_eq!(shown["dailyMicros"], CHAT_MICROS, "{shown}");
+    assert_eq!(chat(&app, "user_outage").await.0, 200);
+    assert_eq!(chat(&app, "user_outage").await.0, 402);
+}
