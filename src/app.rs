@@ -14,7 +14,7 @@ use crate::db::{self, Database};
 use crate::http;
 use crate::ledger::{self, store, Engine, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
-use crate::pricing::PriceTable;
+use crate::runtime::Runtime;
 
 pub fn init_logging(settings: &LogSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -100,15 +100,15 @@ pub struct Application {
 impl Application {
     /// Opens the database, starts the engine and binds `server.bind`
     /// (port 0 picks a free port).
-    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let storage = Storage::open(&settings).await?;
-        Application::with_storage(settings, storage).await
+    pub async fn build(runtime: Runtime) -> anyhow::Result<Application> {
+        let storage = Storage::open(&runtime.settings).await?;
+        let listener = bind(&runtime.settings)?;
+        Application::with_runtime(runtime, storage, listener).await
     }
 
     /// As `build`, on a database chosen by the caller (tests).
     pub async fn with_storage(settings: Settings, storage: Storage) -> anyhow::Result<Application> {
-        let listener = TcpListener::bind(&settings.server.bind)
-            .with_context(|| format!("cannot bind server.bind = {}", settings.server.bind))?;
+        let listener = bind(&settings)?;
         Application::with_listener(settings, storage, listener).await
     }
 
@@ -119,22 +119,26 @@ impl Application {
         storage: Storage,
         listener: TcpListener,
     ) -> anyhow::Result<Application> {
+        let runtime = Runtime::build(settings).map_err(anyhow::Error::msg)?;
+        Application::with_runtime(runtime, storage, listener).await
+    }
+
+    /// As `with_listener`, with the settings already built into their
+    /// values (`Runtime`, once at startup).
+    pub async fn with_runtime(
+        runtime: Runtime,
+        storage: Storage,
+        listener: TcpListener,
+    ) -> anyhow::Result<Application> {
+        let settings = runtime.settings.clone();
         let metrics = metrics_handle()?;
         let engine = Arc::new(storage.engine(&settings));
-        let prices = PriceTable::from_settings(&settings.pricing)
-            .map_err(|e| anyhow::anyhow!("pricing: {e}"))?;
-        crate::telemetry::describe(&prices);
+        crate::telemetry::describe(&runtime.prices);
         let port = listener.local_addr()?.port();
-        let state = http::AppState::new(
-            settings.clone(),
-            engine.clone(),
-            storage.pool.clone(),
-            Arc::new(prices),
-            metrics,
-        )?;
+        let state = http::AppState::new(runtime, engine.clone(), storage.pool.clone(), metrics)?;
         let settlements = state.settlements.clone();
         crate::health::start(storage.database.clone(), &state.health).await;
-        http::auth::spawn_jwks_refresh(&state.clerk);
+        crate::clerk::tokens::spawn_jwks_refresh(&state.clerk);
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,
@@ -178,9 +182,15 @@ impl Application {
     }
 }
 
-pub fn serve(settings: Settings) -> anyhow::Result<ExitCode> {
+/// Binds `server.bind` (port 0 picks a free port).
+fn bind(settings: &Settings) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(&settings.server.bind)
+        .with_context(|| format!("cannot bind server.bind = {}", settings.server.bind))
+}
+
+pub fn serve(runtime: Runtime) -> anyhow::Result<ExitCode> {
     actix_web::rt::System::new().block_on(async move {
-        let app = Application::build(settings).await?;
+        let app = Application::build(runtime).await?;
         tracing::info!(port = app.port(), "creditd listening");
         app.run().await
     })?;

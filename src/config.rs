@@ -8,12 +8,29 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::pricing::Provider;
-
 /// The committed defaults, also compiled in so tests and tools share them.
 pub const DEFAULT_CONFIG: &str = include_str!("../config.toml");
 /// Prefix of environment overrides: `CREDITD__SECTION__KEY`.
 pub const ENV_PREFIX: &str = "CREDITD__";
+
+/// Which provider's API serves a model.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Anthropic,
+    Openai,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Anthropic => "anthropic",
+            Provider::Openai => "openai",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -332,8 +349,6 @@ impl Settings {
             }
         }
         self.validate_stripe()?;
-        crate::pricing::PriceTable::from_settings(&self.pricing)
-            .map_err(|e| format!("configuration key `{e}"))?;
         self.validate_chat()?;
         Ok(())
     }
@@ -371,8 +386,6 @@ impl Settings {
                 }
             }
         }
-        crate::byok::KeyCipher::from_settings(&self.byok)
-            .map_err(|e| format!("configuration key `byok.encryption_key`: {e}"))?;
         Ok(())
     }
 }
@@ -749,11 +762,6 @@ mod tests {
     #[test]
     fn chat_provider_and_byok_settings_are_checked_by_name() {
         for (variable, value, key) in [
-            (
-                "CREDITD__BYOK__ENCRYPTION_KEY",
-                "c2hvcnQ=",
-                "byok.encryption_key",
-            ),
             (
                 "CREDITD__PROVIDERS__TOTAL_TIMEOUT_MS",
                 "900000",

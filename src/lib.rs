@@ -2,21 +2,24 @@
 //!
 //! - [`money`]: exact amounts in integer micros;
 //! - [`pricing`]: the model price table and per-request cost;
-//! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY`;
+//! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY` (plain data);
+//! - [`runtime`]: settings turned once into the price table, cipher, keys;
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
-//! - [`svix`]: the signature of Clerk's (Svix) webhooks;
+//! - [`clerk`]: Clerk's webhook signature (Svix) and user events;
+//! - [`webhooks`]: event ids already handled, shared by both senders;
 //! - [`metering`]: chat settlements retried until they post; usage reports;
 //! - [`limits`]: chats in flight, top-ups per minute, per-IP request rate;
 //! - [`health`]: the database's health, checked in the background;
 //! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
-//! - [`byok`]: users' own provider keys, encrypted at rest;
+//! - [`accounts`]: users, deletion, the signup bonus, own provider keys;
 //! - [`referrals`]: referral codes and the bonus after a referred user's first top-up.
 
+pub mod accounts;
 pub mod app;
-pub mod byok;
+pub mod clerk;
 pub mod clock;
 pub mod config;
 pub mod db;
@@ -30,6 +33,7 @@ pub mod money;
 pub mod pricing;
 pub mod providers;
 pub mod referrals;
+pub mod runtime;
 pub mod stripe;
-pub mod svix;
 pub mod telemetry;
+pub mod webhooks;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use creditd::app;
 use creditd::config::Settings;
+use creditd::runtime::Runtime;
 
 #[derive(Parser)]
 #[command(name = "creditd", version, about = "Prepaid AI-credits ledger service")]
@@ -63,7 +64,13 @@ fn main() -> ExitCode {
     };
     app::init_logging(&settings.log);
     let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => app::serve(settings),
+        Command::Serve => match Runtime::build(settings) {
+            Ok(runtime) => app::serve(runtime),
+            Err(error) => {
+                eprintln!("creditd: invalid configuration: {error}");
+                return ExitCode::from(2);
+            }
+        },
         Command::Demo => creditd::demo::run(settings),
         Command::Migrate => app::run_migrate(settings),
         Command::Reconcile => app::run_reconcile(settings),

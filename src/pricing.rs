@@ -9,24 +9,7 @@ use serde::Serialize;
 use crate::config::{ModelPriceSettings, PricingSettings};
 use crate::money::{Decimal, Micros};
 
-/// Which provider's API serves a model.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    Anthropic,
-    Openai,
-}
-
-impl Provider {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Anthropic => "anthropic",
-            Provider::Openai => "openai",
-        }
-    }
-}
+pub use crate::config::Provider;
 
 /// Tokens of one request, as the provider reported them, split by price class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]

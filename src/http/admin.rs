@@ -9,6 +9,7 @@ use super::auth::require_admin;
 use super::error::{parse_json, ApiError};
 use super::views::{HoldView, TransactionView, UsageView};
 use super::{read_body, State};
+use crate::accounts::{users, ClerkUserId};
 use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
 
@@ -29,12 +30,12 @@ pub(super) struct Adjustment {
     kind: Option<String>,
 }
 
-pub(super) fn clerk_id(path: &str) -> Result<&str, ApiError> {
+pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
     let id = path.trim();
     if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
         return Err(ApiError::invalid("field `userId`: not a Clerk user id"));
     }
-    Ok(id)
+    Ok(ClerkUserId::new(id))
 }
 
 /// Credits (positive amount) or debits (negative) a user, idempotent by key.
@@ -98,7 +99,7 @@ async fn adjust(
         .checked_abs()
         .map(Micros::new)
         .ok_or_else(|| ApiError::invalid("field `amountMicros`: out of range"))?;
-    let account = state.any_account(user).await?;
+    let account = state.any_account(&user).await?;
     let posting = Posting {
         key,
         kind,
@@ -146,7 +147,7 @@ async fn account(
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
     let user = clerk_id(&path)?;
-    let Some(account) = state.existing_account(user).await? else {
+    let Some(account) = state.existing_account(&user).await? else {
         return Err(ApiError::not_found(format!(
             "no user with Clerk id `{user}`"
         )));
@@ -156,19 +157,13 @@ async fn account(
     let (transactions, usages, plan) = tokio::try_join!(
         store::transactions_page(&**client, account, None, 20),
         store::usages_page(&**client, account, None, 20),
-        async {
-            client
-                .query_one("SELECT plan FROM users WHERE id = $1", &[&account.0])
-                .await
-                .map(|row| row.get::<_, String>(0))
-                .map_err(store::unavailable)
-        }
+        users::plan(&**client, account)
     )?;
     Ok(HttpResponse::Ok().json(json!({
         "balanceMicros": snapshot.balance_micros.get(),
         "heldMicros": snapshot.held_micros.get(),
         "availableMicros": snapshot.available_micros.get(),
-        "userId": user,
+        "userId": user.as_str(),
         "accountId": account.0,
         "version": snapshot.version,
         "plan": plan,

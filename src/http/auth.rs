@@ -1,312 +1,45 @@
-//! End users: Clerk session tokens (RS256 JWTs) verified against the
-//! instance's JWKS, from `Authorization: Bearer` or, as Clerk sets it for
-//! same-origin pages, the `__session` cookie. Operators: a bearer token
-//! compared in constant time.
+//! End users: a Clerk session token (verified by `crate::clerk::tokens`)
+//! from `Authorization: Bearer` or, as Clerk sets it for same-origin pages,
+//! the `__session` cookie. Operators: a bearer token compared in constant
+//! time.
 //!
 //! A browser sends cookies by itself, also on requests another site makes
 //! it send: a cookie-authenticated request that changes anything must come
 //! from an allowed origin (`server.allowed_origins` or the service's own).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
-
 use actix_web::http::header::HeaderMap;
 use actix_web::http::Method;
 use actix_web::HttpRequest;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
 
 use super::error::{ApiError, Code};
-use crate::config::{AdminSettings, ClerkSettings, MetricsSettings};
+use crate::clerk::tokens::{ClerkUserId, ClerkVerifier, TokenError};
+use crate::config::{AdminSettings, MetricsSettings};
 
-#[derive(Debug, Deserialize)]
-struct Claims {
-    sub: String,
-    exp: i64,
-    #[serde(default)]
-    azp: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Jwks {
-    keys: Vec<Jwk>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Jwk {
-    kty: String,
-    #[serde(default)]
-    kid: Option<String>,
-    #[serde(default)]
-    n: Option<String>,
-    #[serde(default)]
-    e: Option<String>,
-    #[serde(default)]
-    alg: Option<String>,
-}
-
-struct CachedToken {
-    subject: String,
-    expires_at: i64,
-}
-
-/// Verifies Clerk session tokens; keeps keys and verified tokens cached.
-pub struct ClerkVerifier {
-    settings: ClerkSettings,
-    http: reqwest::Client,
-    keys: RwLock<HashMap<String, DecodingKey>>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
-    verified: Mutex<HashMap<String, CachedToken>>,
-}
-
-fn now_s() -> i64 {
-    chrono::Utc::now().timestamp()
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-impl ClerkVerifier {
-    pub fn new(settings: ClerkSettings) -> anyhow::Result<ClerkVerifier> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.jwks_timeout_ms))
-            .build()?;
-        Ok(ClerkVerifier {
-            settings,
-            http,
-            keys: RwLock::new(HashMap::new()),
-            last_fetch: tokio::sync::Mutex::new(None),
-            verified: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// The Clerk user id (`sub`) of a valid token in `Authorization: Bearer`
-    /// or, without that header, in the `__session` cookie.
-    pub async fn authenticate(&self, request: &HttpRequest) -> Result<String, ApiError> {
-        if request
-            .headers()
-            .contains_key(actix_web::http::header::AUTHORIZATION)
-        {
-            return self.verify(bearer(request)?).await;
-        }
+/// The Clerk user id (`sub`) of a valid token in `Authorization: Bearer`
+/// or, without that header, in the `__session` cookie.
+pub async fn authenticate(
+    verifier: &ClerkVerifier,
+    request: &HttpRequest,
+) -> Result<ClerkUserId, ApiError> {
+    let verified = if request
+        .headers()
+        .contains_key(actix_web::http::header::AUTHORIZATION)
+    {
+        verifier.verify(bearer(request)?).await
+    } else {
         match session_cookie(request.headers()) {
-            Some(token) => self.verify(&token).await,
-            None => Err(ApiError::unauthorized(
-                "missing Authorization: Bearer token (or __session cookie)",
-            )),
-        }
-    }
-
-    pub async fn verify(&self, token: &str) -> Result<String, ApiError> {
-        if self.settings.jwks_url.is_empty() {
-            return Err(ApiError::unauthorized(
-                "end-user authentication is not configured (clerk.jwks_url)",
-            ));
-        }
-        let leeway = self.settings.leeway_s as i64;
-        if let Some(subject) = self.cached(token, leeway) {
-            return Ok(subject);
-        }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| ApiError::unauthorized("malformed session token"))?;
-        if header.alg != Algorithm::RS256 {
-            return Err(ApiError::unauthorized(
-                "session token must be signed with RS256",
-            ));
-        }
-        let kid = header
-            .kid
-            .ok_or_else(|| ApiError::unauthorized("session token has no key id (kid)"))?;
-        let key = self.key(&kid).await?;
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.leeway = self.settings.leeway_s;
-        validation.validate_nbf = true;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp", "sub", "iss"]);
-        validation.set_issuer(&[self.settings.issuer.as_str()]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|error| {
-            use jsonwebtoken::errors::ErrorKind;
-            let reason = match error.kind() {
-                ErrorKind::ExpiredSignature => "session token expired",
-                ErrorKind::ImmatureSignature => "session token not valid yet (nbf)",
-                ErrorKind::InvalidIssuer => "session token issuer is not accepted",
-                ErrorKind::InvalidSignature => "session token signature is invalid",
-                ErrorKind::MissingRequiredClaim(_) => "session token lacks a required claim",
-                _ => "invalid session token",
-            };
-            ApiError::unauthorized(reason)
-        })?;
-        let claims = data.claims;
-        if !self.settings.authorized_parties.is_empty() {
-            let allowed = claims
-                .azp
-                .as_deref()
-                .is_some_and(|azp| self.settings.authorized_parties.iter().any(|p| p == azp));
-            if !allowed {
+            Some(token) => verifier.verify(&token).await,
+            None => {
                 return Err(ApiError::unauthorized(
-                    "session token was issued for another party (azp)",
-                ));
+                    "missing Authorization: Bearer token (or __session cookie)",
+                ))
             }
         }
-        if claims.sub.is_empty() {
-            return Err(ApiError::unauthorized("session token has an empty subject"));
-        }
-        if crate::ledger::check_text("sub", &claims.sub).is_err() {
-            return Err(ApiError::unauthorized(
-                "session token subject contains control characters or is too long",
-            ));
-        }
-        self.remember(token, &claims, &kid);
-        Ok(claims.sub)
-    }
-
-    fn cached(&self, token: &str, leeway: i64) -> Option<String> {
-        let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = cache.get(token)?;
-        (entry.expires_at + leeway > now_s()).then(|| entry.subject.clone())
-    }
-
-    /// Caches a verified token while its key is still published (a
-    /// refresh that withdrew the key meanwhile has emptied the cache).
-    fn remember(&self, token: &str, claims: &Claims, kid: &str) {
-        let capacity = self.settings.token_cache_entries;
-        if capacity == 0 {
-            return;
-        }
-        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if !read(&self.keys).contains_key(kid) {
-            return;
-        }
-        if cache.len() >= capacity {
-            let now = now_s();
-            cache.retain(|_, entry| entry.expires_at > now);
-            if cache.len() >= capacity {
-                cache.clear();
-            }
-        }
-        cache.insert(
-            token.to_owned(),
-            CachedToken {
-                subject: claims.sub.clone(),
-                expires_at: claims.exp,
-            },
-        );
-    }
-
-    /// The key for `kid`, refetching the JWKS when it is unknown (at most
-    /// once per `jwks_min_refresh_s`).
-    async fn key(&self, kid: &str) -> Result<DecodingKey, ApiError> {
-        if let Some(key) = read(&self.keys).get(kid) {
-            return Ok(key.clone());
-        }
-        let mut last = self.last_fetch.lock().await;
-        if let Some(key) = read(&self.keys).get(kid) {
-            return Ok(key.clone());
-        }
-        let min_refresh = Duration::from_secs(self.settings.jwks_min_refresh_s);
-        if last.is_some_and(|at| at.elapsed() < min_refresh) {
-            return Err(ApiError::unauthorized(
-                "session token signed with an unknown key",
-            ));
-        }
-        *last = Some(Instant::now());
-        let keys = self.fetch().await.inspect_err(|_| refresh_failed())?;
-        let found = keys.get(kid).cloned();
-        self.install(keys);
-        found.ok_or_else(|| ApiError::unauthorized("session token signed with an unknown key"))
-    }
-
-    /// Refetches the JWKS (the schedule of `clerk.jwks_refresh_s`). A failed
-    /// refetch keeps the last good keys; it is logged and counted.
-    pub async fn refresh(&self) -> bool {
-        let mut last = self.last_fetch.lock().await;
-        *last = Some(Instant::now());
-        match self.fetch().await {
-            Ok(keys) if !keys.is_empty() => {
-                self.install(keys);
-                true
-            }
-            Ok(_) | Err(_) => {
-                refresh_failed();
-                false
-            }
-        }
-    }
-
-    /// Publishes a fetched key set. Verified tokens are forgotten: one
-    /// signed by a key the set no longer has must not pass from the cache.
-    fn install(&self, keys: HashMap<String, DecodingKey>) {
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        self.verified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
-
-    async fn fetch(&self) -> Result<HashMap<String, DecodingKey>, ApiError> {
-        let unavailable = |error: String| {
-            tracing::warn!(%error, "cannot fetch the Clerk JWKS");
-            ApiError::new(
-                Code::Unavailable,
-                "cannot verify session tokens right now; retry",
-            )
-        };
-        let response = self
-            .http
-            .get(&self.settings.jwks_url)
-            .send()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        if !response.status().is_success() {
-            return Err(unavailable(format!("JWKS answered {}", response.status())));
-        }
-        let jwks: Jwks = response
-            .json()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        let mut keys = HashMap::new();
-        for jwk in jwks.keys {
-            if jwk.kty != "RSA" || jwk.alg.as_deref().is_some_and(|alg| alg != "RS256") {
-                continue;
-            }
-            let (Some(kid), Some(n), Some(e)) = (jwk.kid, jwk.n, jwk.e) else {
-                continue;
-            };
-            match DecodingKey::from_rsa_components(&n, &e) {
-                Ok(key) => {
-                    keys.insert(kid, key);
-                }
-                Err(error) => tracing::warn!(%kid, %error, "skipping an unusable JWKS key"),
-            }
-        }
-        Ok(keys)
-    }
-}
-
-fn refresh_failed() {
-    tracing::warn!("JWKS refetch failed; the last good keys stay in use");
-    metrics::counter!("creditd_jwks_refresh_failures_total").increment(1);
-}
-
-/// Refetches the JWKS every `clerk.jwks_refresh_s` while the verifier
-/// lives, so a key Clerk withdrew stops being trusted without a restart.
-pub fn spawn_jwks_refresh(verifier: &Arc<ClerkVerifier>) {
-    if verifier.settings.jwks_url.is_empty() {
-        return;
-    }
-    let period = Duration::from_secs(verifier.settings.jwks_refresh_s);
-    let verifier = Arc::downgrade(verifier);
-    actix_web::rt::spawn(async move {
-        loop {
-            tokio::time::sleep(period).await;
-            let Some(verifier) = verifier.upgrade() else {
-                return;
-            };
-            verifier.refresh().await;
-        }
-    });
+    };
+    verified.map_err(|error| match error {
+        TokenError::Refused(reason) => ApiError::unauthorized(reason),
+        TokenError::Unavailable => ApiError::new(Code::Unavailable, error.to_string()),
+    })
 }
 
 fn bearer(request: &HttpRequest) -> Result<&str, ApiError> {
@@ -401,25 +134,16 @@ pub fn require_metrics_token(
         return Ok(());
     }
     let presented = bearer(request)?;
-    let equal: bool =
-        subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), settings.token.expose().as_bytes())
-            .into();
-    if equal {
+    if constant_time_eq(presented.as_bytes(), settings.token.expose().as_bytes()) {
         Ok(())
     } else {
         Err(ApiError::unauthorized("invalid metrics token"))
     }
 }
 
-/// Compares without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for index in 0..a.len().max(b.len()) {
-        let x = a.get(index).copied().unwrap_or(0);
-        let y = b.get(index).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    diff == 0
+/// Compares without an early exit on the first differing byte (`subtle`).
+fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
+    subtle::ConstantTimeEq::ct_eq(presented, expected).into()
 }
 
 #[cfg(test)]

@@ -1,61 +1,25 @@
-//! `POST /api/chat`: a conversation sent to Anthropic or OpenAI.
-//!
-//! With the user's own key (BYOK) nothing is charged. With the platform's
-//! key, a hold is taken before the call (estimated input + `maxTokens` of
-//! output), then settled to the cost of the usage the provider reports, or
-//! released if the provider failed before any output. The hold, the call
-//! and the settlement run in a task of their own, so a client that goes away
-//! never leaves a hold half-done.
-//!
-//! Input estimate (never under the provider's count): the UTF-8 bytes of
-//! every message, plus `chat.message_overhead_tokens` per message and
-//! `chat.request_overhead_tokens` once. A BPE token covers at least one
-//! byte, so bytes ≥ tokens. The hold prices it at the dearest input class
-//! of the model (input, cache read, cache write), since a provider may bill
-//! prompt tokens as cache writes.
-//!
-//! The hold is admission control, not the record of the charge: the
-//! provider call starts as soon as the account's actor applied the hold,
-//! without waiting for its commit, and the answer waits for one commit, the
-//! settlement's. A settlement always posts (see `crate::metering`): whether
-//! the hold is still active, expired, released or was lost, the delivered
-//! usage is charged once under the hold id, retried for as long as the
-//! process lives when the ledger is unavailable. A non-streamed answer is
-//! returned once its settlement is durable; a stream's `done` event carries
-//! the durable credits.
-//!
-//! Streams settle for what was produced: the provider's usage where it
-//! came, else the input estimate for the input and `ceil(bytes / 3)` of the
-//! text received for the output (never zero for received text). A client
-//! that leaves, or does not take the next event within
-//! `chat.stream_write_timeout_ms`, ends the provider call; the stream is
-//! settled for what was produced, the provider's reported input included
-//! even when no text came yet. Free text that is stored with the usage
-//! (`conversationId`, `messageId`, `model`) is checked before any hold or
-//! provider call: control characters or over-long values get 400.
+//! `POST /api/chat`: a conversation sent to Anthropic or OpenAI (see
+//! `crate::metering::chat` for the hold, the call and the settlement).
+//! Here: the request checked (free text stored with the usage, such as
+//! `conversationId`, `messageId` and `model`, is checked before any hold
+//! or provider call: control characters or over-long values get 400), the
+//! provider, model and key chosen (BYOK first), and the answer rendered as
+//! JSON or as Server-Sent Events.
 
 use std::convert::Infallible;
-use std::time::{Duration, Instant};
 
 use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
-
-use futures_util::FutureExt;
 
 use super::error::{parse_json, ApiError, Code};
-use super::settings::{open_key, stored_keys};
 use super::{read_body, State};
 use crate::config::{ChatSettings, Secret};
-use crate::ledger::{text_problem, AccountId, HoldId, LedgerError, UsageCharge, UsageRecord};
-use crate::metering::SettlementSlot;
-use crate::money::Micros;
-use crate::pricing::{ModelPrice, Provider, TokenUsage};
-use crate::providers::{
-    ChatMessage, ChatRequest, InputUsage, ProviderError, ProviderStream, Role, StreamUsage,
-};
+use crate::ledger::{text_problem, AccountId, UsageRecord};
+use crate::metering::{ChatCall, ChatError, StreamEvent};
+use crate::pricing::{ModelPrice, Provider};
+use crate::providers::{ChatMessage, ChatRequest, ProviderError, Role};
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config.route("/api/chat", web::post().to(chat));
@@ -63,9 +27,6 @@ pub fn routes(config: &mut web::ServiceConfig) {
 
 /// Longest `conversationId` / `messageId`.
 const REFERENCE_MAX_LEN: usize = 200;
-/// Bytes of streamed text counted as one output token when the provider's
-/// count never came.
-const STREAMED_BYTES_PER_TOKEN: u64 = 3;
 /// The seed's answers, kept word for word.
 const NO_API_KEY: &str =
     "No API key configured. Please add your OpenAI or Anthropic API key in settings.";
@@ -168,36 +129,6 @@ fn stored_text(field: &str, value: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Input tokens of `messages`, never fewer than the provider will count.
-pub fn estimate_input_tokens(messages: &[ChatMessage], settings: &ChatSettings) -> u64 {
-    messages
-        .iter()
-        .fold(settings.request_overhead_tokens, |sum, m| {
-            sum.saturating_add(m.content.len() as u64)
-                .saturating_add(settings.message_overhead_tokens)
-        })
-}
-
-/// The hold of a call: the input estimate at the dearest input price plus
-/// `max_tokens` at the output price.
-pub fn hold_amount(price: &ModelPrice, input_tokens: u64, max_tokens: u32) -> Option<Micros> {
-    let dearest = price
-        .input_micros_per_million
-        .max(price.cache_read_micros_per_million)
-        .max(price.cache_write_micros_per_million);
-    let priced = ModelPrice {
-        input_micros_per_million: dearest,
-        ..*price
-    };
-    priced
-        .cost(&TokenUsage {
-            input_tokens,
-            output_tokens: u64::from(max_tokens),
-            ..TokenUsage::default()
-        })
-        .ok()
-}
-
 /// A chat: on the user's own key (not charged) or the platform's (held,
 /// then charged per token). With `stream: true`, Server-Sent Events.
 #[utoipa::path(post, path = "/api/chat", tag = "chat", security(("clerk" = [])),
@@ -224,7 +155,7 @@ async fn chat(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let body = read_body(payload, &state.settings.server).await?;
     let chat = Chat::parse(parse_json(&body)?, &state.settings.chat)?;
     let account = state.account(&clerk_id).await?;
@@ -234,25 +165,26 @@ async fn chat(
         messages: chat.messages,
         max_tokens: chat.max_tokens,
     };
-    let call = Call {
-        state: state.clone(),
+    let call = ChatCall {
         account,
         provider: route.provider,
+        price: route.price,
         key: route.key,
         request,
         byok: route.byok,
-        billing: None,
-        in_flight: None,
-        slot: None,
         conversation_id: chat.conversation_id,
         message_id: chat.message_id,
     };
     if chat.stream {
-        stream_answer(call).await
+        let events = state.chats.open_stream(call).await?;
+        Ok(stream_response(events))
     } else {
-        actix_web::rt::spawn(async move { call.hold().await?.complete().await })
-            .await
-            .map_err(|e| ApiError::internal("chat task", e))?
+        let answer = state.chats.answer(call).await?;
+        let mut body = json!({ "content": answer.content, "model": answer.model });
+        if let Some(record) = &answer.credits {
+            body["credits"] = credits_view(record);
+        }
+        Ok(HttpResponse::Ok().json(body))
     }
 }
 
@@ -260,6 +192,9 @@ async fn chat(
 struct Route {
     provider: Provider,
     model: String,
+    /// The model's price, looked up once; `None` on the user's own key
+    /// (nothing is held nor charged).
+    price: Option<ModelPrice>,
     key: Secret,
     byok: bool,
 }
@@ -277,7 +212,7 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
         })?),
         None => None,
     };
-    let stored = stored_keys(state, account).await?;
+    let stored = state.stored_keys(account).await?;
     if stored.any() {
         let provider = match named {
             Some(price) if stored.get(price.provider).is_none() => {
@@ -294,7 +229,7 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
             None => Provider::Openai,
         };
         let sealed = stored.get(provider).unwrap_or_default();
-        let key = open_key(state, account, provider, sealed)?;
+        let key = state.open_key(account, provider, sealed)?;
         let model = chat
             .model
             .clone()
@@ -302,19 +237,23 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
         return Ok(Route {
             provider,
             model,
+            price: None,
             key,
             byok: true,
         });
     }
-    let model = chat
-        .model
-        .clone()
-        .unwrap_or_else(|| state.prices.default_model().to_owned());
-    let provider = state
-        .prices
-        .price(&model)
-        .map_err(|e| ApiError::internal("default model", e))?
-        .provider;
+    let (model, price) = match (&chat.model, named) {
+        (Some(model), Some(price)) => (model.clone(), *price),
+        _ => {
+            let model = state.prices.default_model().to_owned();
+            let price = *state
+                .prices
+                .price(&model)
+                .map_err(|e| ApiError::internal("default model", e))?;
+            (model, price)
+        }
+    };
+    let provider = price.provider;
     let key = state
         .providers
         .platform_key(provider)
@@ -323,188 +262,10 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
     Ok(Route {
         provider,
         model,
+        price: Some(price),
         key,
         byok: false,
     })
-}
-
-/// A platform call's hold.
-#[derive(Debug, Clone, Copy)]
-struct Billing {
-    hold: HoldId,
-    input_estimate: u64,
-}
-
-async fn reserve(
-    state: &State,
-    account: AccountId,
-    request: &ChatRequest,
-) -> Result<Billing, ApiError> {
-    let price = state
-        .prices
-        .price(&request.model)
-        .map_err(|e| ApiError::invalid(format!("field `model`: {e}")))?;
-    let input_estimate = estimate_input_tokens(&request.messages, &state.settings.chat);
-    let amount = hold_amount(price, input_estimate, request.max_tokens)
-        .ok_or_else(|| ApiError::invalid("field `messages`: the conversation is too large"))?;
-    let hold = HoldId::generate();
-    match state.engine.admit(account, hold, amount).await {
-        Ok(_) => Ok(Billing {
-            hold,
-            input_estimate,
-        }),
-        Err(LedgerError::InsufficientCredits {
-            available,
-            required,
-        }) => {
-            let snapshot = state.engine.balance(account).await?;
-            Err(ApiError {
-                code: Code::InsufficientCredits,
-                message: NOT_ENOUGH_CREDITS.into(),
-                details: Some(json!({
-                    "balance": snapshot.balance_micros.floor_cents(),
-                    "balanceMicros": snapshot.balance_micros.get(),
-                    "availableMicros": available.get(),
-                    "estimatedCost": required.ceil_cents(),
-                    "estimatedCostMicros": required.get(),
-                })),
-            })
-        }
-        Err(error) => Err(error.into()),
-    }
-}
-
-/// One provider call and, for the platform's key, its hold.
-struct Call {
-    state: State,
-    account: AccountId,
-    provider: Provider,
-    key: Secret,
-    request: ChatRequest,
-    byok: bool,
-    /// Set once the platform call's hold is taken.
-    billing: Option<Billing>,
-    /// The platform call's place among its account's chats in flight
-    /// (`limits.chats_in_flight_per_account`), given back when it ends.
-    in_flight: Option<crate::limits::ChatPermit>,
-    /// The platform call's place among the pending settlements, given back
-    /// once it settled or released (when the call is dropped).
-    slot: Option<SettlementSlot>,
-    conversation_id: Option<String>,
-    message_id: Option<String>,
-}
-
-impl Call {
-    /// Takes the hold of a platform call (a BYOK call has none).
-    async fn hold(mut self) -> Result<Call, ApiError> {
-        if !self.byok {
-            self.in_flight = Some(self.state.limits.chat(self.account)?);
-            self.slot = Some(self.state.settlements.admit()?);
-            self.billing = Some(reserve(&self.state, self.account, &self.request).await?);
-        }
-        Ok(self)
-    }
-
-    /// A whole answer: call, then settle (or release), then answer.
-    async fn complete(self) -> Result<HttpResponse, ApiError> {
-        let started = Instant::now();
-        let result = self
-            .state
-            .providers
-            .complete(self.provider, &self.key, &self.request)
-            .await;
-        let outcome = result
-            .as_ref()
-            .map_or_else(ProviderError::outcome, |_| "ok");
-        self.observe(outcome, started);
-        let completion = match result {
-            Ok(completion) => completion,
-            Err(error) => {
-                self.release(error.outcome()).await;
-                return Err(self.provider_error(&error));
-            }
-        };
-        let credits = match self.billing {
-            Some(billing) => Some(credits_view(
-                &self.settle(billing.hold, completion.usage).await?,
-            )),
-            None => None,
-        };
-        let mut body = json!({ "content": completion.content, "model": self.request.model });
-        if let Some(credits) = credits {
-            body["credits"] = credits;
-        }
-        Ok(HttpResponse::Ok().json(body))
-    }
-
-    fn observe(&self, outcome: &'static str, started: Instant) {
-        let provider = self.provider.as_str();
-        let model = self.request.model.clone();
-        metrics::counter!("creditd_provider_calls_total",
-            "provider" => provider, "model" => model.clone(), "outcome" => outcome)
-        .increment(1);
-        metrics::histogram!("creditd_provider_call_duration_seconds",
-            "provider" => provider, "model" => model)
-        .record(started.elapsed().as_secs_f64());
-    }
-
-    /// Removes the hold without charge. A release that fails leaves the
-    /// hold to expiry, which releases it the same way.
-    async fn release(&self, reason: &'static str) {
-        let Some(billing) = self.billing else {
-            return;
-        };
-        match self.state.engine.release(self.account, billing.hold).await {
-            Ok(_) => {
-                metrics::counter!("creditd_holds_released_total", "reason" => reason).increment(1)
-            }
-            Err(error) => tracing::warn!(%error, hold = %billing.hold,
-                "a hold could not be released; it will expire"),
-        }
-    }
-
-    /// Charges the cost of `usage` under the hold, whatever became of the
-    /// hold, and returns it once durable (retried while the ledger is
-    /// unavailable, for as long as the process lives).
-    async fn settle(&self, hold: HoldId, usage: TokenUsage) -> Result<UsageRecord, ApiError> {
-        let model = &self.request.model;
-        let cost = self
-            .state
-            .prices
-            .cost(model, &usage)
-            .map_err(|e| ApiError::internal("chat cost", e))?;
-        let charge = UsageCharge {
-            model: model.clone(),
-            tokens: usage,
-            cost,
-            conversation_id: self.conversation_id.clone(),
-            message_id: self.message_id.clone(),
-        };
-        let record = self
-            .state
-            .settlements
-            .settle(&self.state.engine, self.account, hold, charge)
-            .await
-            .map_err(|e| ApiError::internal("chat settlement", e))?;
-        record_tokens(model, &usage);
-        Ok(record)
-    }
-
-    fn provider_error(&self, error: &ProviderError) -> ApiError {
-        provider_api_error(error, self.provider, self.byok)
-    }
-}
-
-fn record_tokens(model: &str, usage: &TokenUsage) {
-    for (kind, tokens) in [
-        ("input", usage.input_tokens),
-        ("output", usage.output_tokens),
-        ("cache_read", usage.cache_read_tokens),
-        ("cache_write", usage.cache_write_tokens),
-    ] {
-        metrics::counter!("creditd_chat_tokens_total", "model" => model.to_owned(), "kind" => kind)
-            .increment(tokens);
-    }
 }
 
 fn credits_view(record: &UsageRecord) -> Value {
@@ -520,6 +281,38 @@ fn credits_view(record: &UsageRecord) -> Value {
     })
 }
 
+impl From<ChatError> for ApiError {
+    fn from(error: ChatError) -> ApiError {
+        match error {
+            ChatError::Invalid(message) => ApiError::invalid(message),
+            ChatError::InsufficientCredits {
+                balance,
+                available,
+                required,
+            } => ApiError {
+                code: Code::InsufficientCredits,
+                message: NOT_ENOUGH_CREDITS.into(),
+                details: Some(json!({
+                    "balance": balance.floor_cents(),
+                    "balanceMicros": balance.get(),
+                    "availableMicros": available.get(),
+                    "estimatedCost": required.ceil_cents(),
+                    "estimatedCostMicros": required.get(),
+                })),
+                retry_after_s: None,
+            },
+            ChatError::Refused(refused) => refused.into(),
+            ChatError::Ledger(error) => error.into(),
+            ChatError::Provider {
+                error,
+                provider,
+                byok,
+            } => provider_api_error(&error, provider, byok),
+            ChatError::Internal { context, message } => ApiError::internal(context, message),
+        }
+    }
+}
+
 /// A provider failure as the client sees it.
 fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> ApiError {
     let name = match provider {
@@ -529,18 +322,12 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
     let busy = |retry_after_s: Option<u64>| ApiError {
         code: Code::ProviderUnavailable,
         message: format!("{name} is overloaded or unavailable; retry in a moment."),
-        details: retry_after_s.map(|s| json!({ "retryAfterSeconds": s })),
+        details: retry_after_s.map(|seconds| json!({ "retryAfterSeconds": seconds })),
+        retry_after_s,
     };
     match error {
         ProviderError::Unavailable { retry_after_s, .. } => busy(*retry_after_s),
-        ProviderError::Stream { kind, .. }
-            if matches!(
-                kind.as_str(),
-                "overloaded_error" | "rate_limit_error" | "api_error" | "server_error"
-            ) =>
-        {
-            busy(None)
-        }
+        ProviderError::Stream { kind, .. } if kind.is_busy() => busy(None),
         ProviderError::Unauthorized { .. } if byok => ApiError::new(
             Code::ByokKeyRefused,
             format!("{name} refused your API key; check or replace it in settings."),
@@ -580,297 +367,45 @@ fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
-fn error_event(error: &ApiError, credits: Option<Value>) -> Bytes {
+fn error_event(error: &ApiError, credits: Option<&UsageRecord>) -> Bytes {
     let mut data = json!({ "error": error.code.as_str(), "message": error.message });
-    if let Some(credits) = credits {
-        data["credits"] = credits;
+    if let Some(record) = credits {
+        data["credits"] = credits_view(record);
     }
     event("error", &data)
-}
-
-/// How the upstream reading ended.
-enum End {
-    Completed,
-    Disconnected,
-    /// The client did not take the next event within the write timeout.
-    TooSlow,
-    Broken(ProviderError),
-}
-
-/// Opens the provider's stream in a task of its own, then answers with the
-/// events that task forwards. An error status from the provider is an
-/// ordinary JSON error: nothing was streamed yet.
-async fn stream_answer(call: Call) -> Result<HttpResponse, ApiError> {
-    let (opened_tx, opened_rx) = oneshot::channel();
-    let (events_tx, events_rx) = mpsc::channel(call.state.settings.chat.stream_buffer_events);
-    actix_web::rt::spawn(call.stream(opened_tx, events_tx));
-    opened_rx
-        .await
-        .map_err(|e| ApiError::internal("chat stream task", e))??;
-    let body = futures_util::stream::unfold(events_rx, |mut events| async move {
-        events
-            .recv()
-            .await
-            .map(|bytes| (Ok::<_, Infallible>(bytes), events))
-    });
-    Ok(HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("Cache-Control", "no-cache"))
-        .insert_header(("X-Accel-Buffering", "no"))
-        .streaming(body))
-}
-
-impl Call {
-    async fn stream(
-        self,
-        opened: oneshot::Sender<Result<(), ApiError>>,
-        events: mpsc::Sender<Bytes>,
-    ) {
-        match self.hold().await {
-            Ok(call) => call.stream_held(opened, events).await,
-            Err(error) => {
-                let _ = opened.send(Err(error));
-            }
-        }
-    }
-
-    async fn stream_held(
-        mut self,
-        opened: oneshot::Sender<Result<(), ApiError>>,
-        events: mpsc::Sender<Bytes>,
-    ) {
-        let started = Instant::now();
-        let upstream = self
-            .state
-            .providers
-            .stream(self.provider, &self.key, &self.request)
-            .await;
-        let mut upstream = match upstream {
-            Ok(upstream) => upstream,
-            Err(error) => {
-                self.observe(error.outcome(), started);
-                self.release(error.outcome()).await;
-                let _ = opened.send(Err(self.provider_error(&error)));
-                return;
-            }
-        };
-        let chat = &self.state.settings.chat;
-        let pacing = Pacing {
-            keep_alive: Duration::from_millis(chat.stream_keep_alive_ms),
-            write_timeout: Duration::from_millis(chat.stream_write_timeout_ms),
-        };
-        let (end, text_bytes) = if opened.send(Ok(())).is_err() {
-            // Gone before the answer opened: what the provider already
-            // reported is charged all the same.
-            let mut text_bytes = 0;
-            drain_ready(&mut upstream, &mut text_bytes);
-            (End::Disconnected, text_bytes)
-        } else {
-            pump(&mut upstream, &events, pacing).await
-        };
-        let usage = upstream.usage();
-        drop(upstream);
-        self.observe(
-            match &end {
-                End::Completed => "ok",
-                End::Disconnected => "client_disconnected",
-                End::TooSlow => "client_too_slow",
-                End::Broken(error) => error.outcome(),
-            },
-            started,
-        );
-        let billed = self.bill_stream(&end, usage, text_bytes).await;
-        // Settled or released: the chat's places are given back before the
-        // last event, which a client that stopped reading may never take.
-        self.slot = None;
-        self.in_flight = None;
-        let credits = match billed {
-            Ok(credits) => credits,
-            Err(error) => {
-                let _ = deliver(&events, error_event(&error, None), pacing).await;
-                return;
-            }
-        };
-        let last = match end {
-            End::Completed => {
-                let mut data = json!({ "model": self.request.model });
-                if let Some(credits) = credits {
-                    data["credits"] = credits;
-                }
-                event("done", &data)
-            }
-            End::Broken(error) => error_event(&self.provider_error(&error), credits),
-            End::Disconnected | End::TooSlow => return,
-        };
-        let _ = deliver(&events, last, pacing).await;
-    }
-
-    /// Settles a streamed call for what it produced, or releases it when it
-    /// produced nothing and did not finish. A client that left before any
-    /// text is charged the input the provider reported, if it did.
-    async fn bill_stream(
-        &self,
-        end: &End,
-        usage: StreamUsage,
-        text_bytes: u64,
-    ) -> Result<Option<Value>, ApiError> {
-        let Some(billing) = self.billing else {
-            return Ok(None);
-        };
-        let nothing_produced = text_bytes == 0
-            && match end {
-                End::Completed => false,
-                End::Broken(_) => true,
-                End::Disconnected | End::TooSlow => usage.input.is_none(),
-            };
-        if nothing_produced {
-            let reason = match end {
-                End::Broken(error) => error.outcome(),
-                End::TooSlow => "client_too_slow",
-                _ => "client_disconnected",
-            };
-            self.release(reason).await;
-            return Ok(None);
-        }
-        let tokens = streamed_usage(usage, text_bytes, billing.input_estimate);
-        let record = self.settle(billing.hold, tokens).await?;
-        Ok(Some(credits_view(&record)))
-    }
 }
 
 /// An SSE comment the client ignores; written while the provider is silent
 /// so that proxies keep the connection open and a departed client is noticed.
 const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
-/// How a stream paces its client.
-#[derive(Clone, Copy)]
-struct Pacing {
-    /// A comment is sent after this long without text.
-    keep_alive: Duration,
-    /// A client that does not take an event within this long is cut.
-    write_timeout: Duration,
-}
-
-/// Hands `bytes` to the client, or says how the client failed to take it.
-async fn deliver(events: &mpsc::Sender<Bytes>, bytes: Bytes, pacing: Pacing) -> Result<(), End> {
-    match tokio::time::timeout(pacing.write_timeout, events.send(bytes)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(End::Disconnected),
-        Err(_) => Err(End::TooSlow),
-    }
-}
-
-/// Reads what the provider already sent and nobody read yet (its usage
-/// counts above all), without waiting: the client is gone, but what the
-/// provider produced is charged.
-fn drain_ready(upstream: &mut ProviderStream, text_bytes: &mut u64) {
-    while let Some(Ok(Some(text))) = upstream.next().now_or_never() {
-        *text_bytes = text_bytes.saturating_add(text.len() as u64);
-    }
-}
-
-/// Forwards text deltas until the provider finishes, the stream breaks, or
-/// the client goes away or stops reading. Returns how it ended and the bytes
-/// of text the provider produced.
-async fn pump(
-    upstream: &mut ProviderStream,
-    events: &mpsc::Sender<Bytes>,
-    pacing: Pacing,
-) -> (End, u64) {
-    let mut text_bytes = 0u64;
-    let keep_alive = pacing.keep_alive;
-    let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
-    let end = loop {
-        let next = tokio::select! {
-            biased;
-            _ = events.closed() => break End::Disconnected,
-            next = upstream.next() => next,
-            _ = idle.tick() => {
-                match deliver(events, Bytes::from_static(KEEP_ALIVE), pacing).await {
-                    Ok(()) => continue,
-                    Err(end) => break end,
-                }
+/// One stream event as the client reads it.
+fn render(stream_event: StreamEvent) -> Bytes {
+    match stream_event {
+        StreamEvent::Delta(text) => event("delta", &json!({ "text": text })),
+        StreamEvent::KeepAlive => Bytes::from_static(KEEP_ALIVE),
+        StreamEvent::Done { model, credits } => {
+            let mut data = json!({ "model": model });
+            if let Some(record) = &credits {
+                data["credits"] = credits_view(record);
             }
-        };
-        match next {
-            Ok(Some(text)) => {
-                idle.reset();
-                text_bytes = text_bytes.saturating_add(text.len() as u64);
-                if let Err(end) =
-                    deliver(events, event("delta", &json!({ "text": text })), pacing).await
-                {
-                    break end;
-                }
-            }
-            Ok(None) => return (End::Completed, text_bytes),
-            Err(error) => return (End::Broken(error), text_bytes),
+            event("done", &data)
         }
-    };
-    drain_ready(upstream, &mut text_bytes);
-    (end, text_bytes)
+        StreamEvent::Failed { error, credits } => error_event(&error.into(), credits.as_ref()),
+    }
 }
 
-/// The tokens a stream is charged for: the provider's counts where they
-/// came; otherwise the input estimate, and `ceil(bytes / 3)` of the text
-/// received for the output (at least one token for any text).
-pub fn streamed_usage(usage: StreamUsage, text_bytes: u64, input_estimate: u64) -> TokenUsage {
-    let input = usage.input.unwrap_or(InputUsage {
-        input_tokens: input_estimate,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
+/// The answer of a stream: the events its task forwards, as they come.
+fn stream_response(events: tokio::sync::mpsc::Receiver<StreamEvent>) -> HttpResponse {
+    let body = futures_util::stream::unfold(events, |mut events| async move {
+        events
+            .recv()
+            .await
+            .map(|stream_event| (Ok::<_, Infallible>(render(stream_event)), events))
     });
-    let received = u64::from(text_bytes > 0);
-    let output_tokens = match usage.output_tokens {
-        Some(reported) => reported.max(received),
-        None => text_bytes
-            .div_ceil(STREAMED_BYTES_PER_TOKEN)
-            .max(usage.output_tokens_so_far),
-    };
-    TokenUsage {
-        input_tokens: input.input_tokens,
-        output_tokens,
-        cache_read_tokens: input.cache_read_tokens,
-        cache_write_tokens: input.cache_write_tokens,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> ChatSettings {
-        crate::config::Settings::default_file().unwrap().chat
-    }
-
-    #[test]
-    fn the_input_estimate_counts_bytes_and_overheads() {
-        let messages = vec![
-            ChatMessage {
-                role: Role::System,
-                content: "abc".into(),
-            },
-            ChatMessage {
-                role: Role::User,
-                content: "é€".into(),
-            },
-        ];
-        // 16 + (3 + 8) + (5 + 8)
-        assert_eq!(estimate_input_tokens(&messages, &settings()), 40);
-    }
-
-    #[test]
-    fn streamed_text_without_a_count_is_charged_by_its_bytes() {
-        let usage = streamed_usage(StreamUsage::default(), 10, 100);
-        assert_eq!(usage.output_tokens, 4);
-        assert_eq!(usage.input_tokens, 100);
-        assert_eq!(
-            streamed_usage(StreamUsage::default(), 1, 0).output_tokens,
-            1
-        );
-        let reported = StreamUsage {
-            output_tokens: Some(0),
-            ..StreamUsage::default()
-        };
-        assert_eq!(streamed_usage(reported, 2, 0).output_tokens, 1);
-    }
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body)
 }

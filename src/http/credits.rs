@@ -9,9 +9,10 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::error::{ApiError, Code};
-use super::views::{Page, TransactionView, UsageView};
+use super::views::{History, Page, TransactionView, UsageView};
 use super::State;
-use crate::ledger::{store, AccountId, IdempotencyKey, Posting, TransactionType};
+use crate::accounts::{self, users, Bonus};
+use crate::ledger::{store, AccountId};
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
 
@@ -27,17 +28,6 @@ pub fn routes(config: &mut web::ServiceConfig) {
 /// Entries shown on the balance page.
 const OVERVIEW_ENTRIES: i64 = 10;
 
-/// What the balance page reads from PostgreSQL for one account, kept while
-/// the account's version stays the same: the page is polled far more often
-/// than the account changes, and the version moves with every entry.
-pub struct History {
-    version: i64,
-    has_byok: bool,
-    /// Serialized once: the page is read far more often than it changes.
-    transactions: Box<RawValue>,
-    usages: Box<RawValue>,
-}
-
 /// The balance page's history: from the cache when the account has not
 /// moved since, else from PostgreSQL (cached when PostgreSQL has caught up
 /// with the actor's version, so a speculative state is never cached).
@@ -48,7 +38,8 @@ async fn history(
 ) -> Result<Arc<History>, ApiError> {
     if let Some(history) = state
         .cached_history(account)
-        .filter(|h| h.version == version)
+        .await
+        .filter(|cached| cached.version == version)
     {
         return Ok(history);
     }
@@ -56,19 +47,7 @@ async fn history(
     // The version is read first: every entry up to it is then visible to
     // the page queries that follow on the same connection.
     let (head, transactions, usages) = tokio::try_join!(
-        async {
-            client
-                .query_one(
-                    "SELECT b.version, u.openai_key_encrypted IS NOT NULL
-                                       OR u.anthropic_key_encrypted IS NOT NULL
-                       FROM credit_balances b JOIN users u ON u.id = b.user_id
-                      WHERE b.user_id = $1",
-                    &[&account.0],
-                )
-                .await
-                .map(|row| (row.get::<_, i64>(0), row.get::<_, bool>(1)))
-                .map_err(store::unavailable)
-        },
+        async { users::version_and_byok(&**client, account).await },
         store::transactions_page(&**client, account, None, OVERVIEW_ENTRIES),
         store::usages_page(&**client, account, None, OVERVIEW_ENTRIES),
     )?;
@@ -86,7 +65,7 @@ async fn history(
         usages: rendered(serde_json::value::to_raw_value(&usages))?,
     });
     if durable_version == version {
-        state.cache_history(account, history.clone());
+        state.cache_history(account, history.clone()).await;
     }
     Ok(history)
 }
@@ -117,7 +96,7 @@ pub(super) struct Overview<'a> {
         (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
     ))]
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let snapshot = state.engine.balance_summary(account).await?;
     let history = history(&state, account, snapshot.version).await?;
@@ -150,7 +129,7 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
     ))]
 async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
     let items = store::transactions_page(&**client, account, page.before_seq, page.limit).await?;
@@ -176,7 +155,7 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     ))]
 async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
     let items = store::usages_page(&**client, account, page.before_seq, page.limit).await?;
@@ -239,7 +218,7 @@ pub(super) struct DailyUsageView {
     ))]
 async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let days = parse_days(request.query_string())?;
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
     let report = metering::daily_usage(&**client, account, days, chrono::Utc::now()).await?;
@@ -256,133 +235,10 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
     Ok(HttpResponse::Ok().json(json!({ "days": days })))
 }
 
-/// The idempotency key of an account's signup bonus: one per account,
-/// ever, whichever path (this route, the Clerk webhook) grants it first.
-fn signup_bonus_key(account: AccountId) -> Result<IdempotencyKey, ApiError> {
-    IdempotencyKey::parse(format!("bonus:signup:{}", account.0))
-        .map_err(|e| ApiError::internal("signup bonus key", e))
-}
-
-/// How the signup bonus knows a person by email: the address trimmed and
-/// lowercased, as SHA-256 hex (no address is stored in a key or a claim).
-pub(super) fn email_hash(email: &str) -> Option<String> {
-    use sha2::Digest;
-    let normalized = email.trim().to_lowercase();
-    if normalized.is_empty() {
-        return None;
-    }
-    let digest = sha2::Sha256::digest(normalized.as_bytes());
-    Some(digest.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// What asking for the signup bonus gave.
-pub(super) enum Bonus {
-    /// Credited now, or earlier to this account (`replayed`).
-    Granted(crate::ledger::Outcome<crate::ledger::TransactionRecord>),
-    /// Another account of the same person (same email) has it.
-    TakenByAnotherAccount,
-}
-
-/// The signup bonus, once per person, whichever path asks first (this
-/// route or Clerk's `user.created`).
-///
-/// A user whose verified email is known is a person by that email: the
-/// account first claims it in `signup_bonus_claims` (one row per email,
-/// naming the account, in its own committed statement), then is credited
-/// under its account's key. A second account of the same email (a
-/// re-signup, any letter case) finds the claim naming another account and
-/// gets nothing. A crash between the claim and the credit loses nothing:
-/// the claim names this account, so its retry passes the claim again and
-/// the deterministic key credits once. A user without an email is credited
-/// under its account's key alone, as before.
-pub(super) async fn grant_signup_bonus(
-    state: &State,
-    account: AccountId,
-) -> Result<Bonus, ApiError> {
-    let amount = Micros::from_cents(state.settings.credits.signup_bonus_cents)
-        .map_err(|_| ApiError::internal("signup bonus", "credits.signup_bonus_cents overflows"))?;
-    if !claim_email(state, account).await? {
-        reverse_second_bonus(state, account).await?;
-        return Ok(Bonus::TakenByAnotherAccount);
-    }
-    let posting = Posting {
-        key: signup_bonus_key(account)?,
-        kind: TransactionType::SignupBonus,
-        amount,
-        description: Some(format!("Bonus de bienvenue {amount}")),
-        stripe_session_id: None,
-        stripe_payment_id: None,
-        metadata: None,
-    };
-    Ok(Bonus::Granted(state.engine.credit(account, posting).await?))
-}
-
-/// Takes back a bonus this account received by its Clerk id before its
-/// email was known (a re-signup that asked for the bonus before Clerk's
-/// `user.created` came), once the email shows that another account of the
-/// same person had it. Once, under `bonus:signup:<account>:duplicate`; the
-/// balance may go below zero, as for a refund.
-async fn reverse_second_bonus(state: &State, account: AccountId) -> Result<(), ApiError> {
-    let key = signup_bonus_key(account)?;
-    let granted: Option<i64> = {
-        let client = state.client().await?;
-        client
-            .query_opt(
-                "SELECT amount_micros FROM credit_transactions
-                  WHERE user_id = $1 AND idempotency_key = $2",
-                &[&account.0, &key.as_str()],
-            )
-            .await
-            .map_err(store::unavailable)?
-            .map(|row| row.get(0))
-    };
-    let Some(amount) = granted.map(Micros::new) else {
-        return Ok(());
-    };
-    tracing::warn!(
-        account = account.0,
-        "signup bonus of an email another account had: taken back"
-    );
-    let posting = Posting {
-        key: IdempotencyKey::parse(format!("{}:duplicate", key.as_str()))
-            .map_err(|e| ApiError::internal("signup bonus key", e))?,
-        kind: TransactionType::Adjustment,
-        amount,
-        description: Some(format!(
-            "Bonus de bienvenue déjà reçu avec cette adresse e-mail (-{amount})"
-        )),
-        stripe_session_id: None,
-        stripe_payment_id: None,
-        metadata: Some(json!({ "reason": "duplicate_signup_bonus" })),
-    };
-    state.engine.debit(account, posting).await?;
-    Ok(())
-}
-
-/// Claims the account's email for its signup bonus: true when the claim
-/// names this account (made now or before), or the account has no email.
-/// Concurrent claims of one email wait on each other's row: one wins.
-async fn claim_email(state: &State, account: AccountId) -> Result<bool, ApiError> {
-    let client = state.client().await?;
-    let hash: Option<String> = client
-        .query_opt("SELECT email_hash FROM users WHERE id = $1", &[&account.0])
-        .await
-        .map_err(store::unavailable)?
-        .and_then(|row| row.get(0));
-    let Some(hash) = hash else {
-        return Ok(true);
-    };
-    let owner: i64 = client
-        .query_one(
-            "INSERT INTO signup_bonus_claims (email_hash, user_id) VALUES ($1, $2)
-             ON CONFLICT (email_hash) DO UPDATE SET email_hash = EXCLUDED.email_hash
-             RETURNING user_id",
-            &[&hash, &account.0],
-        )
-        .await
-        .map_err(store::unavailable)?
-        .get(0);
-    Ok(owner == account.0)
+/// The signup bonus, once per person (see `accounts::bonus`).
+async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Bonus, ApiError> {
+    let amount = state.signup_bonus;
+    Ok(accounts::grant_signup_bonus(&state.engine, &state.pool, amount, account).await?)
 }
 
 /// The signup bonus: 201 the first time, 200 with the same transaction
@@ -400,7 +256,7 @@ async fn claim_email(state: &State, account: AccountId) -> Result<bool, ApiError
         (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
     ))]
 async fn claim_bonus(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let outcome = match grant_signup_bonus(&state, account).await? {
         Bonus::Granted(outcome) => outcome,

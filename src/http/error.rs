@@ -128,6 +128,10 @@ pub struct ApiError {
     pub message: String,
     /// Extra fields for the body (e.g. the amounts of INSUFFICIENT_CREDITS).
     pub details: Option<serde_json::Value>,
+    /// Seconds for the `Retry-After` header of RATE_LIMITED,
+    /// PROVIDER_UNAVAILABLE and SPEND_LIMIT_REACHED (`RETRY_AFTER_S` when
+    /// not given).
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -136,6 +140,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after_s: None,
         }
     }
 
@@ -179,6 +184,7 @@ impl From<LedgerError> for ApiError {
                     "availableMicros": available.get(),
                     "requiredMicros": required.get(),
                 })),
+                retry_after_s: None,
             },
             LedgerError::SpendLimitReached {
                 window,
@@ -204,6 +210,7 @@ impl From<LedgerError> for ApiError {
                     "resetsAt": resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     "retryAfterSeconds": retry_after_s,
                 })),
+                retry_after_s: Some(retry_after_s),
             },
             LedgerError::Overloaded => ApiError::new(
                 Code::Overloaded,
@@ -225,6 +232,17 @@ impl From<LedgerError> for ApiError {
     }
 }
 
+impl From<crate::accounts::AccountError> for ApiError {
+    fn from(error: crate::accounts::AccountError) -> ApiError {
+        match error {
+            deleted @ crate::accounts::AccountError::Deleted => {
+                ApiError::new(Code::AccountDeleted, deleted.to_string())
+            }
+            crate::accounts::AccountError::Ledger(error) => error.into(),
+        }
+    }
+}
+
 impl From<crate::limits::Refused> for ApiError {
     fn from(refused: crate::limits::Refused) -> ApiError {
         let message = match refused.limit {
@@ -242,6 +260,7 @@ impl From<crate::limits::Refused> for ApiError {
             code: Code::RateLimited,
             message: message.into(),
             details: Some(serde_json::json!({ "retryAfterSeconds": refused.retry_after_s() })),
+            retry_after_s: Some(refused.retry_after_s()),
         }
     }
 }
@@ -271,11 +290,7 @@ impl ResponseError for ApiError {
             self.code,
             Code::ProviderUnavailable | Code::RateLimited | Code::SpendLimitReached
         ) {
-            let seconds = self
-                .details
-                .as_ref()
-                .and_then(|d| d["retryAfterSeconds"].as_u64())
-                .unwrap_or(u64::from(RETRY_AFTER_S));
+            let seconds = self.retry_after_s.unwrap_or(u64::from(RETRY_AFTER_S));
             response.insert_header(("Retry-After", seconds.to_string()));
         }
         response.json(body)

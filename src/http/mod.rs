@@ -13,12 +13,12 @@ pub mod pages;
 mod referrals;
 mod settings;
 mod spending;
+mod state;
 mod stripe;
 mod views;
 
-use std::collections::HashMap;
 use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::dev::{Server, Service, ServiceRequest};
@@ -26,221 +26,10 @@ use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use futures_util::future::{ready, Either};
 use futures_util::StreamExt;
-use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::Settings;
-use crate::ledger::{store, AccountId, Engine};
-use crate::pricing::PriceTable;
-use auth::ClerkVerifier;
 use error::{ApiError, Code};
-
-/// Most Clerk ids kept in the id → account cache.
-const USER_CACHE_ENTRIES: usize = 100_000;
-
-pub struct AppState {
-    pub settings: Settings,
-    pub engine: Arc<Engine>,
-    pub pool: deadpool_postgres::Pool,
-    pub prices: Arc<PriceTable>,
-    pub metrics: PrometheusHandle,
-    pub clerk: Arc<ClerkVerifier>,
-    /// `None` when `stripe.secret_key` is not set.
-    pub stripe: Option<crate::stripe::StripeApi>,
-    pub providers: crate::providers::ProviderClient,
-    /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
-    pub byok: Option<crate::byok::KeyCipher>,
-    /// Platform chats whose settlement may still be pending.
-    pub settlements: Arc<crate::metering::Settlements>,
-    pub limits: crate::limits::Limits,
-    /// The database's health, refreshed in the background.
-    pub health: Arc<crate::health::Health>,
-    users: Mutex<HashMap<String, CachedUser>>,
-    histories: Mutex<HashMap<AccountId, Arc<credits::History>>>,
-    sealed_keys: Mutex<HashMap<AccountId, Arc<settings::StoredKeys>>>,
-    /// Serializes the first lookup of a Clerk id (by hash shard).
-    first_sight: Vec<tokio::sync::Mutex<()>>,
-}
-
-pub type State = web::Data<AppState>;
-
-/// A Clerk id's account and whether the user was deleted.
-#[derive(Debug, Clone, Copy)]
-struct CachedUser {
-    account: AccountId,
-    deleted: bool,
-}
-
-impl AppState {
-    pub fn new(
-        settings: Settings,
-        engine: Arc<Engine>,
-        pool: deadpool_postgres::Pool,
-        prices: Arc<PriceTable>,
-        metrics: PrometheusHandle,
-    ) -> anyhow::Result<AppState> {
-        let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
-        let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
-        let providers = crate::providers::ProviderClient::new(&settings.providers)?;
-        let byok = crate::byok::KeyCipher::from_settings(&settings.byok)
-            .map_err(|e| anyhow::anyhow!("byok.encryption_key: {e}"))?;
-        let settlements = Arc::new(crate::metering::Settlements::new(
-            settings.chat.pending_settlements_max,
-        ));
-        let limits = crate::limits::Limits::new(&settings.limits);
-        let health = Arc::new(crate::health::Health::new(Duration::from_millis(
-            settings.database.health_check_interval_ms,
-        )));
-        Ok(AppState {
-            limits,
-            health,
-            settings,
-            engine,
-            pool,
-            prices,
-            metrics,
-            clerk,
-            stripe,
-            providers,
-            byok,
-            settlements,
-            users: Mutex::new(HashMap::new()),
-            histories: Mutex::new(HashMap::new()),
-            sealed_keys: Mutex::new(HashMap::new()),
-            first_sight: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
-        })
-    }
-
-    pub async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        self.pool.get().await.map_err(|error| {
-            tracing::warn!(%error, "no database connection");
-            ApiError::new(Code::Unavailable, "the database is unavailable; retry")
-        })
-    }
-
-    /// The account of a Clerk user, created on first sight. Concurrent
-    /// first requests of one user (a page load fires several) share one
-    /// lookup. A deleted user is refused (401 `ACCOUNT_DELETED`).
-    pub async fn account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
-        let user = self.resolve_user(clerk_id).await?;
-        if user.deleted {
-            return Err(ApiError::new(
-                Code::AccountDeleted,
-                "this account was deleted; sign up again to use the service",
-            ));
-        }
-        Ok(user.account)
-    }
-
-    /// The account of a Clerk user for an operator: created on first sight,
-    /// deleted or not (a deleted user's ledger stays and can be adjusted).
-    pub async fn any_account(&self, clerk_id: &str) -> Result<AccountId, ApiError> {
-        Ok(self.resolve_user(clerk_id).await?.account)
-    }
-
-    async fn resolve_user(&self, clerk_id: &str) -> Result<CachedUser, ApiError> {
-        if let Some(user) = self.cached_user(clerk_id) {
-            return Ok(user);
-        }
-        let _turn = self.user_turn(clerk_id).await;
-        if let Some(user) = self.cached_user(clerk_id) {
-            return Ok(user);
-        }
-        let client = self.client().await?;
-        let user = match store::find_user_status(&**client, clerk_id).await? {
-            Some((account, deleted)) => CachedUser { account, deleted },
-            None => CachedUser {
-                account: store::ensure_user(&**client, clerk_id).await?,
-                deleted: false,
-            },
-        };
-        self.cache_user(clerk_id, user);
-        Ok(user)
-    }
-
-    /// Serializes the lookups and the deletion state changes of one Clerk
-    /// id (by hash shard): a lookup that read the row before a deletion
-    /// cannot cache it after the deletion's own cache update.
-    pub async fn user_turn(&self, clerk_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(clerk_id, &mut hasher);
-        let shard = std::hash::Hasher::finish(&hasher) as usize % self.first_sight.len();
-        self.first_sight[shard].lock().await
-    }
-
-    /// Records in the cache that a user was deleted or brought back; call
-    /// it with `user_turn` held, after the row changed.
-    pub fn user_deletion_changed(&self, clerk_id: &str, account: AccountId, deleted: bool) {
-        self.cache_user(clerk_id, CachedUser { account, deleted });
-    }
-
-    /// The account of a Clerk user, if the user exists (deleted or not).
-    pub async fn existing_account(&self, clerk_id: &str) -> Result<Option<AccountId>, ApiError> {
-        if let Some(user) = self.cached_user(clerk_id) {
-            return Ok(Some(user.account));
-        }
-        let client = self.client().await?;
-        let found = store::find_user_status(&**client, clerk_id).await?;
-        Ok(found.map(|(account, _)| account))
-    }
-
-    fn cached_history(&self, account: AccountId) -> Option<Arc<credits::History>> {
-        let histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
-        histories.get(&account).cloned()
-    }
-
-    fn cache_history(&self, account: AccountId, history: Arc<credits::History>) {
-        let capacity = self.settings.server.history_cache_entries;
-        let mut histories = self.histories.lock().unwrap_or_else(|p| p.into_inner());
-        if histories.len() >= capacity {
-            histories.clear();
-        }
-        if capacity > 0 {
-            histories.insert(account, history);
-        }
-    }
-
-    fn cached_keys(&self, account: AccountId) -> Option<Arc<settings::StoredKeys>> {
-        let keys = self.sealed_keys.lock().unwrap_or_else(|p| p.into_inner());
-        keys.get(&account).cloned()
-    }
-
-    fn cache_keys(&self, account: AccountId, stored: Arc<settings::StoredKeys>) {
-        let capacity = self.settings.server.history_cache_entries;
-        let mut keys = self.sealed_keys.lock().unwrap_or_else(|p| p.into_inner());
-        if keys.len() >= capacity {
-            keys.clear();
-        }
-        if capacity > 0 {
-            keys.insert(account, stored);
-        }
-    }
-
-    /// Forgets what is cached from a user row whose provider keys changed:
-    /// the sealed keys and the balance page's `hasByok`.
-    pub fn user_keys_changed(&self, account: AccountId) {
-        self.sealed_keys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&account);
-        self.histories
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&account);
-    }
-
-    fn cached_user(&self, clerk_id: &str) -> Option<CachedUser> {
-        let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        users.get(clerk_id).copied()
-    }
-
-    fn cache_user(&self, clerk_id: &str, user: CachedUser) {
-        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
-        if users.len() >= USER_CACHE_ENTRIES {
-            users.clear();
-        }
-        users.insert(clerk_id.to_owned(), user);
-    }
-}
+pub use state::{AppState, State};
 
 /// Reads a request body up to `server.body_limit_bytes`, within
 /// `server.client_request_timeout_ms`: a client that sends its body too

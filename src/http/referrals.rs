@@ -49,7 +49,7 @@ pub(super) struct CodeBody {
         (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
     ))]
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
     let summary = referrals::summary(&**client, account).await?;
@@ -87,7 +87,7 @@ pub(super) async fn redeem(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let body = read_body(payload, &state.settings.server).await?;
     let asked: CodeBody = parse_json(&body)?;

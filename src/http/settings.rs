@@ -1,18 +1,15 @@
 //! `/api/settings/api-keys`: a user's own provider keys (BYOK). Stored
-//! sealed (see `crate::byok`), never returned whole, never logged: reads show
+//! sealed (see `crate::accounts::cipher`), never returned whole, never logged: reads show
 //! only whether each key is set and its last 4 characters.
-
-use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::error::{parse_json, ApiError, Code};
+use super::error::{parse_json, ApiError};
 use super::{read_body, State};
-use crate::byok::KeyCipher;
-use crate::config::Secret;
-use crate::ledger::{store, AccountId};
+use crate::accounts::keys;
+use crate::ledger::AccountId;
 use crate::pricing::Provider;
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -29,82 +26,6 @@ pub fn routes(config: &mut web::ServiceConfig) {
 const KEY_MIN_LEN: usize = 20;
 const KEY_MAX_LEN: usize = 512;
 
-/// A user's sealed keys as stored.
-#[derive(Debug, Default)]
-pub struct StoredKeys {
-    pub anthropic: Option<Vec<u8>>,
-    pub openai: Option<Vec<u8>>,
-}
-
-impl StoredKeys {
-    pub fn get(&self, provider: Provider) -> Option<&[u8]> {
-        match provider {
-            Provider::Anthropic => self.anthropic.as_deref(),
-            Provider::Openai => self.openai.as_deref(),
-        }
-    }
-
-    pub fn any(&self) -> bool {
-        self.anthropic.is_some() || self.openai.is_some()
-    }
-}
-
-/// The user's sealed keys, from memory until they change (every platform
-/// chat asks whether the user has keys of their own).
-pub async fn stored_keys(state: &State, account: AccountId) -> Result<Arc<StoredKeys>, ApiError> {
-    if let Some(keys) = state.cached_keys(account) {
-        return Ok(keys);
-    }
-    let client = state.client().await?;
-    let row = client
-        .query_opt(
-            "SELECT anthropic_key_encrypted, openai_key_encrypted FROM users WHERE id = $1",
-            &[&account.0],
-        )
-        .await
-        .map_err(store::unavailable)?;
-    let keys = Arc::new(row.map_or_else(StoredKeys::default, |row| StoredKeys {
-        anthropic: row.get(0),
-        openai: row.get(1),
-    }));
-    state.cache_keys(account, keys.clone());
-    Ok(keys)
-}
-
-pub fn cipher(state: &State) -> Result<&KeyCipher, ApiError> {
-    state.byok.as_ref().ok_or_else(|| {
-        ApiError::new(
-            Code::ByokNotConfigured,
-            "Using your own API keys is not configured on this server \
-             (byok.encryption_key is empty).",
-        )
-    })
-}
-
-/// Opens a stored key; a key that does not open is a clear error, not garbage.
-pub fn open_key(
-    state: &State,
-    account: AccountId,
-    provider: Provider,
-    sealed: &[u8],
-) -> Result<Secret, ApiError> {
-    cipher(state)?
-        .open(account, provider, sealed)
-        .map(Secret::new)
-        .map_err(|error| {
-            tracing::error!(%error, account = account.0, provider = provider.as_str(),
-                "a stored BYOK key cannot be opened");
-            ApiError::new(
-                Code::Internal,
-                format!(
-                    "Your saved {} API key cannot be decrypted with this server's \
-                     byok.encryption_key; save the key again in settings.",
-                    provider.as_str()
-                ),
-            )
-        })
-}
-
 /// Which provider keys the user saved (last 4 characters only).
 #[utoipa::path(get, path = "/api/settings/api-keys", tag = "settings", security(("clerk" = [])),
     responses(
@@ -115,19 +36,19 @@ pub fn open_key(
         (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
     ))]
 async fn list(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
-    cipher(&state)?;
+    let clerk_id = state.authenticate(&request).await?;
+    state.cipher()?;
     let account = state.account(&clerk_id).await?;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }
 
 async fn summary(state: &State, account: AccountId) -> Result<serde_json::Value, ApiError> {
-    let stored = stored_keys(state, account).await?;
+    let stored = state.stored_keys(account).await?;
     let mut body = serde_json::Map::new();
     for provider in [Provider::Anthropic, Provider::Openai] {
         let last4 = match stored.get(provider) {
             Some(sealed) => {
-                let key = open_key(state, account, provider, sealed)?;
+                let key = state.open_key(account, provider, sealed)?;
                 let chars: Vec<char> = key.expose().chars().collect();
                 Some(
                     chars[chars.len().saturating_sub(4)..]
@@ -201,10 +122,10 @@ async fn save(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let body = read_body(payload, &state.settings.server).await?;
     let keys: SaveKeys = parse_json(&body)?;
-    let cipher = cipher(&state)?;
+    let cipher = state.cipher()?;
     if keys.anthropic_key.is_none() && keys.openai_key.is_none() {
         return Err(ApiError::invalid(
             "request body: give `anthropicKey`, `openaiKey` or both",
@@ -227,19 +148,9 @@ async fn save(
     }
     let [anthropic, openai] = sealed;
     let client = state.client().await?;
-    client
-        .execute(
-            "UPDATE users
-                SET anthropic_key_encrypted = COALESCE($2, anthropic_key_encrypted),
-                    openai_key_encrypted = COALESCE($3, openai_key_encrypted),
-                    updated_at = now()
-              WHERE id = $1",
-            &[&account.0, &anthropic, &openai],
-        )
-        .await
-        .map_err(store::unavailable)?;
+    keys::save(&**client, account, anthropic, openai).await?;
     drop(client);
-    state.user_keys_changed(account);
+    state.user_keys_changed(account).await;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }
 
@@ -259,15 +170,11 @@ async fn remove(
     request: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
-    cipher(&state)?;
-    let statement = match path.as_str() {
-        "anthropic" => {
-            "UPDATE users SET anthropic_key_encrypted = NULL, updated_at = now() WHERE id = $1"
-        }
-        "openai" => {
-            "UPDATE users SET openai_key_encrypted = NULL, updated_at = now() WHERE id = $1"
-        }
+    let clerk_id = state.authenticate(&request).await?;
+    state.cipher()?;
+    let provider = match path.as_str() {
+        "anthropic" => Provider::Anthropic,
+        "openai" => Provider::Openai,
         _ => {
             return Err(ApiError::invalid(
                 "field `provider`: must be `anthropic` or `openai`",
@@ -276,11 +183,8 @@ async fn remove(
     };
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
-    client
-        .execute(statement, &[&account.0])
-        .await
-        .map_err(store::unavailable)?;
+    keys::remove(&**client, account, provider).await?;
     drop(client);
-    state.user_keys_changed(account);
+    state.user_keys_changed(account).await;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }

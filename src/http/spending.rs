@@ -112,7 +112,7 @@ fn limit(field: &str, value: Option<i64>) -> Result<Option<Micros>, ApiError> {
         (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
     ))]
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let snapshot = state.engine.spending(account).await?;
     Ok(HttpResponse::Ok().json(view(&snapshot)))
@@ -138,7 +138,7 @@ pub(super) async fn set(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.clerk.authenticate(&request).await?;
+    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let body = read_body(payload, &state.settings.server).await?;
     let asked: OwnerLimits = parse_json(&body)?;
@@ -182,7 +182,7 @@ pub(super) async fn admin_set(
         daily_ceiling_micros: limit("dailyCeilingMicros", asked.daily_ceiling_micros)?,
         monthly_ceiling_micros: limit("monthlyCeilingMicros", asked.monthly_ceiling_micros)?,
     };
-    let account = state.any_account(user).await?;
+    let account = state.any_account(&user).await?;
     let snapshot = state
         .engine
         .set_limits(account, LimitsChange::Admin(limits))

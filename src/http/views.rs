@@ -5,6 +5,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -172,6 +173,17 @@ impl Page {
             .flatten()
             .map(encode_cursor)
     }
+}
+
+/// What the balance page reads from PostgreSQL for one account, kept while
+/// the account's version stays the same: the page is polled far more often
+/// than the account changes, and the version moves with every entry.
+pub struct History {
+    pub version: i64,
+    pub has_byok: bool,
+    /// Serialized once: the page is read far more often than it changes.
+    pub transactions: Box<RawValue>,
+    pub usages: Box<RawValue>,
 }
 
 #[cfg(test)]

@@ -484,6 +484,9 @@ impl Actor for AccountActor {
 }
 
 /// Credits an account (bonus, top-up, promo, adjustment), idempotent by key.
+/// Sent from `Engine::credit` to the account's actor when a signup bonus is
+/// granted, a paid top-up or a won dispute is heard from Stripe, or an
+/// operator grants credits (admin route, `creditd grant`).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Outcome<TransactionRecord>, LedgerError>")]
 pub struct Credit {
@@ -491,14 +494,18 @@ pub struct Credit {
 }
 
 /// Debits an account (refund, dispute, adjustment); may leave it in debt.
+/// Sent from `Engine::debit` to the account's actor when a dispute's funds
+/// are withdrawn, a second signup bonus of one person is taken back, or an
+/// operator debits the account (admin route, `creditd grant` negative).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Outcome<TransactionRecord>, LedgerError>")]
 pub struct Debit {
     pub posting: Posting,
 }
 
-/// Holds `amount` if available, idempotent by hold id. Sent from the engine
-/// to an account actor when a chat asks to start (or a caller reserves).
+/// Holds `amount` if available, idempotent by hold id. Sent from
+/// `Engine::admit` / `Engine::reserve` to the account's actor when a
+/// platform chat is about to call its provider (or a caller reserves).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Outcome<HoldRecord>, LedgerError>")]
 pub struct Reserve {
@@ -508,15 +515,18 @@ pub struct Reserve {
 }
 
 /// Debits what a Stripe charge refunded beyond what was already clawed back
-/// for it. Sent from the engine to an account actor when a refund event
-/// arrives; the actor serializes it with every other clawback of the charge.
+/// for it. Sent from `Engine::clawback` to the account's actor when Stripe's
+/// `charge.refunded` event arrives; the actor serializes it with every
+/// other clawback of the charge.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Outcome<Option<TransactionRecord>>, LedgerError>")]
 pub struct Clawback {
     pub request: ClawbackRequest,
 }
 
-/// Ends a hold and posts the real cost as a usage.
+/// Ends a hold and posts the real cost as a usage. Sent from
+/// `Engine::settle` to the account's actor when a platform chat's provider
+/// call delivered (retried by `metering::Settlements` until it posts).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Outcome<UsageRecord>, LedgerError>")]
 pub struct Settle {
@@ -524,21 +534,27 @@ pub struct Settle {
     pub charge: UsageCharge,
 }
 
-/// Ends a hold without charge.
+/// Ends a hold without charge. Sent from `Engine::release` to the
+/// account's actor when a platform chat's provider call failed before any
+/// output, or a stream ended having produced nothing.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Outcome<ReleaseRecord>, LedgerError>")]
 pub struct Release {
     pub hold_id: HoldId,
 }
 
-/// Expires every hold due at `now` (also done by the actor's own timer).
+/// Expires every hold due at `now`. Sent from `Engine::expire_holds` to
+/// the account's actor when a caller (tests, benchmarks) wants expiry now;
+/// the actor's own timer does the same when a hold falls due.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Vec<ReleaseRecord>, LedgerError>")]
 pub struct ExpireHolds {
     pub now: DateTime<Utc>,
 }
 
-/// The account as its actor sees it.
+/// The account as its actor sees it. Sent from `Engine::balance` to the
+/// account's actor when a read must see every operation applied so far (a
+/// chat refused for its balance, the admin account view, `creditd balance`).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<BalanceSnapshot, LedgerError>")]
 pub struct GetBalance;

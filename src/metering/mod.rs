@@ -1,12 +1,19 @@
-//! Metering: what a chat costs once delivered, and what was spent.
+//! Metering: what a chat is held for and costs once delivered, and what
+//! was spent.
 //!
+//! - [`chat`]: a chat from the hold through the provider call to the
+//!   settlement, streamed or whole;
+//! - [`estimate`]: the input estimate, the hold amount, a stream's tokens;
 //! - [`settlements`]: a platform chat's settlement, retried until it posts,
 //!   and the bound on how many may be pending;
 //! - [`usage`]: usage reports read from the ledger's usage rows (spend per
 //!   UTC day, for the billing page's chart).
 
+pub mod chat;
+pub mod estimate;
 pub mod settlements;
 pub mod usage;
 
+pub use chat::{Answer, ChatCall, ChatError, Chats, StreamEvent};
 pub use settlements::{SettlementSlot, Settlements};
 pub use usage::{daily_usage, DailyUsage, MAX_DAYS};

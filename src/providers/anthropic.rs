@@ -6,7 +6,8 @@ use serde_json::{json, Value};
 
 use super::sse::Frame;
 use super::{
-    malformed, ChatRequest, Completion, Decoded, InputUsage, ProviderError, Role, StreamUsage,
+    malformed, ChatRequest, Completion, Decoded, InputUsage, ProviderError, Role, StreamErrorKind,
+    StreamUsage,
 };
 use crate::pricing::TokenUsage;
 
@@ -167,7 +168,7 @@ pub(super) fn decode(frame: &Frame, usage: &mut StreamUsage) -> Result<Decoded, 
         Event::MessageStop => Decoded::Finished,
         Event::Error { error } => {
             return Err(ProviderError::Stream {
-                kind: error.kind,
+                kind: StreamErrorKind::from_wire(&error.kind),
                 message: error.message,
             })
         }
@@ -253,7 +254,7 @@ mod tests {
         assert_eq!(
             result,
             Err(ProviderError::Stream {
-                kind: "overloaded_error".into(),
+                kind: StreamErrorKind::Overloaded,
                 message: "Overloaded".into()
             })
         );

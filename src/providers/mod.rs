@@ -82,7 +82,58 @@ pub enum ProviderError {
     Malformed(String),
     /// An `error` event in the middle of a streamed answer.
     #[error("the provider's stream reported an error ({kind}): {message}")]
-    Stream { kind: String, message: String },
+    Stream {
+        kind: StreamErrorKind,
+        message: String,
+    },
+}
+
+/// The type of an `error` event in a stream, as the providers name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamErrorKind {
+    /// `overloaded_error`: the provider is busy.
+    Overloaded,
+    /// `rate_limit_error`.
+    RateLimited,
+    /// `api_error`: the provider failed internally.
+    ApiError,
+    /// `server_error`.
+    ServerError,
+    /// Any other type, kept as sent.
+    Other(String),
+}
+
+impl StreamErrorKind {
+    pub fn from_wire(kind: &str) -> StreamErrorKind {
+        match kind {
+            "overloaded_error" => StreamErrorKind::Overloaded,
+            "rate_limit_error" => StreamErrorKind::RateLimited,
+            "api_error" => StreamErrorKind::ApiError,
+            "server_error" => StreamErrorKind::ServerError,
+            other => StreamErrorKind::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            StreamErrorKind::Overloaded => "overloaded_error",
+            StreamErrorKind::RateLimited => "rate_limit_error",
+            StreamErrorKind::ApiError => "api_error",
+            StreamErrorKind::ServerError => "server_error",
+            StreamErrorKind::Other(kind) => kind,
+        }
+    }
+
+    /// The provider is busy or failing on its side: worth a retry later.
+    pub fn is_busy(&self) -> bool {
+        !matches!(self, StreamErrorKind::Other(_))
+    }
+}
+
+impl std::fmt::Display for StreamErrorKind {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
 }
 
 impl ProviderError {

@@ -7,7 +7,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::sse::Frame;
-use super::{malformed, ChatRequest, Completion, Decoded, InputUsage, ProviderError, StreamUsage};
+use super::{
+    malformed, ChatRequest, Completion, Decoded, InputUsage, ProviderError, StreamErrorKind,
+    StreamUsage,
+};
 use crate::pricing::TokenUsage;
 
 pub(super) fn body(request: &ChatRequest, stream: bool) -> Value {
@@ -130,7 +133,7 @@ pub(super) fn decode(frame: &Frame, usage: &mut StreamUsage) -> Result<Decoded, 
     let chunk: Chunk = serde_json::from_str(&frame.data).map_err(|e| malformed("chunk", e))?;
     if let Some(error) = chunk.error {
         return Err(ProviderError::Stream {
-            kind: error.kind.unwrap_or_else(|| "error".into()),
+            kind: StreamErrorKind::from_wire(error.kind.as_deref().unwrap_or("error")),
             message: error.message,
         });
     }

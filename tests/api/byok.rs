@@ -8,7 +8,7 @@ use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, ResponseTemplate};
 
 use crate::support::*;
-use creditd::byok::KeyCipher;
+use creditd::accounts::KeyCipher;
 use creditd::config::{Secret, Settings};
 use creditd::pricing::Provider;
 

@@ -1,6 +1,6 @@
 //! `POST /api/webhooks/clerk`: Svix signatures and Clerk's user events.
 
-use creditd::svix::{self, SvixError, SvixHeaders};
+use creditd::clerk::svix::{self, SvixError, SvixHeaders};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 

@@ -31,6 +31,26 @@ pub struct SvixHeaders<'a> {
     pub signature: Option<&'a str>,
 }
 
+/// The signing key: the base64-decoded part of the secret after `whsec_`,
+/// decoded once at startup.
+#[derive(Clone)]
+pub struct SigningKey(Vec<u8>);
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("SigningKey(***)")
+    }
+}
+
+impl SigningKey {
+    pub fn from_secret(secret: &str) -> Result<SigningKey, SvixError> {
+        STANDARD
+            .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
+            .map(SigningKey)
+            .map_err(|_| SvixError::BadSecret)
+    }
+}
+
 /// Checks a delivery signed with `secret` at time `now` (unix s).
 pub fn verify(
     secret: &str,
@@ -39,9 +59,24 @@ pub fn verify(
     tolerance_s: u64,
     now: i64,
 ) -> Result<(), SvixError> {
-    let key = STANDARD
-        .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
-        .map_err(|_| SvixError::BadSecret)?;
+    verify_with(
+        &SigningKey::from_secret(secret)?,
+        headers,
+        body,
+        tolerance_s,
+        now,
+    )
+}
+
+/// Checks a delivery signed with `key` at time `now` (unix s).
+pub fn verify_with(
+    signing_key: &SigningKey,
+    headers: SvixHeaders<'_>,
+    body: &[u8],
+    tolerance_s: u64,
+    now: i64,
+) -> Result<(), SvixError> {
+    let key = &signing_key.0;
     let (Some(id), Some(timestamp_text), Some(signatures)) =
         (headers.id, headers.timestamp, headers.signature)
     else {
@@ -61,7 +96,7 @@ pub fn verify(
         let Ok(expected) = STANDARD.decode(encoded) else {
             return false;
         };
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&key) else {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
             return false;
         };
         mac.update(id.as_bytes());

@@ -1,0 +1,137 @@
+//! The signup bonus: once per person, whichever path asks first (the
+//! `claim-bonus` route or Clerk's `user.created`).
+
+use deadpool_postgres::Pool;
+use serde_json::json;
+
+use super::users;
+use crate::ledger::store::{self, unavailable};
+use crate::ledger::{AccountId, Engine, IdempotencyKey, LedgerError, Posting, TransactionType};
+use crate::money::Micros;
+
+mod sql {
+    pub const CLAIM_EMAIL: &str =
+        "INSERT INTO signup_bonus_claims (email_hash, user_id) VALUES ($1, $2)
+         ON CONFLICT (email_hash) DO UPDATE SET email_hash = EXCLUDED.email_hash
+         RETURNING user_id";
+    pub const GRANTED_AMOUNT: &str = "SELECT amount_micros FROM credit_transactions
+          WHERE user_id = $1 AND idempotency_key = $2";
+}
+
+/// What asking for the signup bonus gave.
+pub enum Bonus {
+    /// Credited now, or earlier to this account (`replayed`).
+    Granted(crate::ledger::Outcome<crate::ledger::TransactionRecord>),
+    /// Another account of the same person (same email) has it.
+    TakenByAnotherAccount,
+}
+
+/// The idempotency key of an account's signup bonus: one per account,
+/// ever, whichever path grants it first.
+fn signup_bonus_key(account: AccountId) -> Result<IdempotencyKey, LedgerError> {
+    IdempotencyKey::parse(format!("bonus:signup:{}", account.0))
+        .map_err(|e| LedgerError::Internal(format!("signup bonus key: {e}")))
+}
+
+/// How the signup bonus knows a person by email: the address trimmed and
+/// lowercased, as SHA-256 hex (no address is stored in a key or a claim).
+pub fn email_hash(email: &str) -> Option<String> {
+    use sha2::Digest;
+    let normalized = email.trim().to_lowercase();
+    if normalized.is_empty() {
+        return None;
+    }
+    let digest = sha2::Sha256::digest(normalized.as_bytes());
+    Some(digest.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+/// The signup bonus of `amount`, once per person.
+///
+/// A user whose verified email is known is a person by that email: the
+/// account first claims it in `signup_bonus_claims` (one row per email,
+/// naming the account, in its own committed statement), then is credited
+/// under its account's key. A second account of the same email (a
+/// re-signup, any letter case) finds the claim naming another account and
+/// gets nothing. A crash between the claim and the credit loses nothing:
+/// the claim names this account, so its retry passes the claim again and
+/// the deterministic key credits once. A user without an email is credited
+/// under its account's key alone, as before.
+pub async fn grant_signup_bonus(
+    engine: &Engine,
+    pool: &Pool,
+    amount: Micros,
+    account: AccountId,
+) -> Result<Bonus, LedgerError> {
+    if !claim_email(pool, account).await? {
+        reverse_second_bonus(engine, pool, account).await?;
+        return Ok(Bonus::TakenByAnotherAccount);
+    }
+    let posting = Posting {
+        key: signup_bonus_key(account)?,
+        kind: TransactionType::SignupBonus,
+        amount,
+        description: Some(format!("Bonus de bienvenue {amount}")),
+        stripe_session_id: None,
+        stripe_payment_id: None,
+        metadata: None,
+    };
+    Ok(Bonus::Granted(engine.credit(account, posting).await?))
+}
+
+/// Takes back a bonus this account received by its Clerk id before its
+/// email was known (a re-signup that asked for the bonus before Clerk's
+/// `user.created` came), once the email shows that another account of the
+/// same person had it. Once, under `bonus:signup:<account>:duplicate`; the
+/// balance may go below zero, as for a refund.
+async fn reverse_second_bonus(
+    engine: &Engine,
+    pool: &Pool,
+    account: AccountId,
+) -> Result<(), LedgerError> {
+    let key = signup_bonus_key(account)?;
+    let granted: Option<i64> = {
+        let client = store::client(pool).await?;
+        client
+            .query_opt(sql::GRANTED_AMOUNT, &[&account.0, &key.as_str()])
+            .await
+            .map_err(unavailable)?
+            .map(|row| row.get(0))
+    };
+    let Some(amount) = granted.map(Micros::new) else {
+        return Ok(());
+    };
+    tracing::warn!(
+        account = account.0,
+        "signup bonus of an email another account had: taken back"
+    );
+    let posting = Posting {
+        key: IdempotencyKey::parse(format!("{}:duplicate", key.as_str()))
+            .map_err(|e| LedgerError::Internal(format!("signup bonus key: {e}")))?,
+        kind: TransactionType::Adjustment,
+        amount,
+        description: Some(format!(
+            "Bonus de bienvenue déjà reçu avec cette adresse e-mail (-{amount})"
+        )),
+        stripe_session_id: None,
+        stripe_payment_id: None,
+        metadata: Some(json!({ "reason": "duplicate_signup_bonus" })),
+    };
+    engine.debit(account, posting).await?;
+    Ok(())
+}
+
+/// Claims the account's email for its signup bonus: true when the claim
+/// names this account (made now or before), or the account has no email.
+/// Concurrent claims of one email wait on each other's row: one wins.
+async fn claim_email(pool: &Pool, account: AccountId) -> Result<bool, LedgerError> {
+    let client = store::client(pool).await?;
+    let Some(hash) = users::email_hash(&**client, account).await? else {
+        return Ok(true);
+    };
+    let owner: i64 = client
+        .query_one(sql::CLAIM_EMAIL, &[&hash, &account.0])
+        .await
+        .map_err(unavailable)?
+        .get(0);
+    Ok(owner == account.0)
+}

@@ -1,0 +1,417 @@
+//! The `users` table: a Clerk id's account (created on first sight),
+//! deletion, the profile from Clerk's events, the Stripe customer and the
+//! plan. Named queries in [`sql`].
+
+use deadpool_postgres::Pool;
+use moka::future::Cache;
+use tokio_postgres::GenericClient;
+
+use crate::ledger::store::{self, unavailable};
+use crate::ledger::{AccountId, LedgerError};
+
+/// Most Clerk ids kept in the id → account cache.
+const USER_CACHE_ENTRIES: u64 = 100_000;
+
+mod sql {
+    pub const CUSTOMER: &str = "SELECT stripe_customer_id, email, name FROM users WHERE id = $1";
+    pub const STORE_CUSTOMER: &str = "UPDATE users SET stripe_customer_id = $2, updated_at = now()
+          WHERE id = $1 AND stripe_customer_id IS NULL";
+    pub const STORED_CUSTOMER: &str = "SELECT stripe_customer_id FROM users WHERE id = $1";
+    pub const PLAN: &str = "SELECT plan FROM users WHERE id = $1";
+    pub const SET_PLAN: &str = "UPDATE users SET plan = $2, stripe_subscription_id = $3,
+                stripe_subscription_event_at = $4, updated_at = now()
+          WHERE stripe_customer_id = $1
+            AND (stripe_subscription_event_at IS NULL OR stripe_subscription_event_at <= $4)
+            AND ($5 = false OR stripe_subscription_id IS NULL OR stripe_subscription_id = $6)";
+    pub const CUSTOMER_KNOWN: &str = "SELECT 1 FROM users WHERE stripe_customer_id = $1";
+    pub const UPSERT_PROFILE: &str =
+        "INSERT INTO users (clerk_id, email, name, image_url, email_hash)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (clerk_id) DO UPDATE
+            SET email = EXCLUDED.email, name = EXCLUDED.name,
+                image_url = EXCLUDED.image_url, email_hash = EXCLUDED.email_hash,
+                deleted_at = CASE WHEN $6 THEN NULL ELSE users.deleted_at END,
+                updated_at = now()
+         RETURNING id, deleted_at IS NOT NULL";
+    pub const ENSURE_BALANCE: &str =
+        "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING";
+    pub const MARK_DELETED: &str =
+        "UPDATE users SET deleted_at = now(), email = NULL, updated_at = now()
+          WHERE clerk_id = $1 AND deleted_at IS NULL
+         RETURNING id";
+    pub const EMAIL_HASH: &str = "SELECT email_hash FROM users WHERE id = $1";
+    pub const VERSION_AND_BYOK: &str = "SELECT b.version, u.openai_key_encrypted IS NOT NULL
+                               OR u.anthropic_key_encrypted IS NOT NULL
+               FROM credit_balances b JOIN users u ON u.id = b.user_id
+              WHERE b.user_id = $1";
+}
+
+/// A Clerk user id (a session token's `sub`, a webhook's `data.id`, an
+/// operator's path), as each edge checked it (not empty, no control
+/// characters, not over-long: each names its own field when it refuses).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClerkUserId(String);
+
+impl ClerkUserId {
+    /// An id its edge has checked.
+    pub fn new(checked: impl Into<String>) -> ClerkUserId {
+        ClerkUserId(checked.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ClerkUserId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+impl std::ops::Deref for ClerkUserId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a user's request cannot go on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AccountError {
+    /// The user was deleted (Clerk's `user.deleted`).
+    #[error("this account was deleted; sign up again to use the service")]
+    Deleted,
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// A Clerk id's account and whether the user was deleted.
+#[derive(Debug, Clone, Copy)]
+struct CachedUser {
+    account: AccountId,
+    deleted: bool,
+}
+
+/// The profile of a user as Clerk's events give it, checked.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile<'a> {
+    pub clerk_id: &'a ClerkUserId,
+    pub email: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub image_url: Option<&'a str>,
+    /// How the signup bonus knows the person (see `bonus::email_hash`).
+    pub email_hash: Option<&'a str>,
+}
+
+/// Clerk id → account, created on first sight and kept in memory.
+pub struct Users {
+    pool: Pool,
+    /// Clerk id → account, the least used evicted past `USER_CACHE_ENTRIES`.
+    cache: Cache<ClerkUserId, CachedUser>,
+    /// Serializes the first lookup of a Clerk id (by hash shard).
+    first_sight: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Users {
+    pub fn new(pool: Pool) -> Users {
+        Users {
+            pool,
+            cache: Cache::new(USER_CACHE_ENTRIES),
+            first_sight: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    /// The account of a Clerk user, created on first sight. Concurrent
+    /// first requests of one user (a page load fires several) share one
+    /// lookup. A deleted user is refused.
+    pub async fn account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, AccountError> {
+        let user = self.resolve(clerk_id).await?;
+        if user.deleted {
+            return Err(AccountError::Deleted);
+        }
+        Ok(user.account)
+    }
+
+    /// The account of a Clerk user for an operator: created on first sight,
+    /// deleted or not (a deleted user's ledger stays and can be adjusted).
+    pub async fn any_account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, LedgerError> {
+        Ok(self.resolve(clerk_id).await?.account)
+    }
+
+    /// The account of a Clerk user, if the user exists (deleted or not).
+    pub async fn existing_account(
+        &self,
+        clerk_id: &ClerkUserId,
+    ) -> Result<Option<AccountId>, LedgerError> {
+        if let Some(user) = self.cached(clerk_id).await {
+            return Ok(Some(user.account));
+        }
+        let client = store::client(&self.pool).await?;
+        let found = store::find_user_status(&**client, clerk_id.as_str()).await?;
+        Ok(found.map(|(account, _)| account))
+    }
+
+    async fn resolve(&self, clerk_id: &ClerkUserId) -> Result<CachedUser, LedgerError> {
+        if let Some(user) = self.cached(clerk_id).await {
+            return Ok(user);
+        }
+        let _turn = self.turn(clerk_id).await;
+        if let Some(user) = self.cached(clerk_id).await {
+            return Ok(user);
+        }
+        let client = store::client(&self.pool).await?;
+        let user = match store::find_user_status(&**client, clerk_id.as_str()).await? {
+            Some((account, deleted)) => CachedUser { account, deleted },
+            None => CachedUser {
+                account: store::ensure_user(&**client, clerk_id.as_str()).await?,
+                deleted: false,
+            },
+        };
+        self.remember(clerk_id, user).await;
+        Ok(user)
+    }
+
+    /// Serializes the lookups and the deletion state changes of one Clerk
+    /// id (by hash shard): a lookup that read the row before a deletion
+    /// cannot cache it after the deletion's own cache update.
+    async fn turn(&self, clerk_id: &ClerkUserId) -> tokio::sync::MutexGuard<'_, ()> {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(clerk_id, &mut hasher);
+        let shard = std::hash::Hasher::finish(&hasher) as usize % self.first_sight.len();
+        self.first_sight[shard].lock().await
+    }
+
+    /// Creates the user, or brings email, name and picture up to date;
+    /// `created` (Clerk's `user.created`) also brings a deleted user back.
+    pub async fn upsert_profile(
+        &self,
+        profile: Profile<'_>,
+        created: bool,
+    ) -> Result<AccountId, LedgerError> {
+        let _turn = self.turn(profile.clerk_id).await;
+        let client = store::client(&self.pool).await?;
+        let row = client
+            .query_one(
+                sql::UPSERT_PROFILE,
+                &[
+                    &profile.clerk_id.as_str(),
+                    &profile.email,
+                    &profile.name,
+                    &profile.image_url,
+                    &profile.email_hash,
+                    &created,
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        let account = AccountId(row.get(0));
+        self.remember(
+            profile.clerk_id,
+            CachedUser {
+                account,
+                deleted: row.get(1),
+            },
+        )
+        .await;
+        client
+            .execute(sql::ENSURE_BALANCE, &[&account.0])
+            .await
+            .map_err(unavailable)?;
+        Ok(account)
+    }
+
+    /// Marks the user deleted; the ledger stays. The email is released so
+    /// the address can sign up again as a new user. From now on the user's
+    /// requests are refused (the cache learns it under the user's turn, so
+    /// no lookup in flight can undo it). False when there was no live user.
+    pub async fn mark_deleted(&self, clerk_id: &ClerkUserId) -> Result<bool, LedgerError> {
+        let _turn = self.turn(clerk_id).await;
+        let client = store::client(&self.pool).await?;
+        let updated = client
+            .query_opt(sql::MARK_DELETED, &[&clerk_id.as_str()])
+            .await
+            .map_err(unavailable)?;
+        Ok(match updated {
+            Some(row) => {
+                let account = AccountId(row.get(0));
+                self.remember(
+                    clerk_id,
+                    CachedUser {
+                        account,
+                        deleted: true,
+                    },
+                )
+                .await;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn cached(&self, clerk_id: &ClerkUserId) -> Option<CachedUser> {
+        self.cache.get(clerk_id).await
+    }
+
+    async fn remember(&self, clerk_id: &ClerkUserId, user: CachedUser) {
+        self.cache.insert(clerk_id.clone(), user).await;
+    }
+}
+
+/// The user's Stripe customer id, email and name.
+pub struct CustomerFields {
+    pub customer_id: Option<String>,
+    pub email: Option<String>,
+    pub name: Option<String>,
+}
+
+pub async fn customer_fields(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<CustomerFields, LedgerError> {
+    let row = client
+        .query_one(sql::CUSTOMER, &[&account.0])
+        .await
+        .map_err(unavailable)?;
+    Ok(CustomerFields {
+        customer_id: row.get(0),
+        email: row.get(1),
+        name: row.get(2),
+    })
+}
+
+/// Stores the user's Stripe customer unless one is stored already; true
+/// when this one was stored.
+pub async fn store_customer(
+    client: &impl GenericClient,
+    account: AccountId,
+    customer_id: &str,
+) -> Result<bool, LedgerError> {
+    let updated = client
+        .execute(sql::STORE_CUSTOMER, &[&account.0, &customer_id])
+        .await
+        .map_err(unavailable)?;
+    Ok(updated == 1)
+}
+
+/// The user's stored Stripe customer.
+pub async fn stored_customer(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<Option<String>, LedgerError> {
+    Ok(client
+        .query_one(sql::STORED_CUSTOMER, &[&account.0])
+        .await
+        .map_err(unavailable)?
+        .get(0))
+}
+
+/// The user's plan as stored (`users.plan`).
+pub async fn plan(client: &impl GenericClient, account: AccountId) -> Result<String, LedgerError> {
+    Ok(client
+        .query_one(sql::PLAN, &[&account.0])
+        .await
+        .map_err(unavailable)?
+        .get(0))
+}
+
+/// A user's plan, as `users.plan` stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    Free,
+    Starter,
+    Pro,
+    Team,
+}
+
+impl Plan {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Free => "FREE",
+            Plan::Starter => "STARTER",
+            Plan::Pro => "PRO",
+            Plan::Team => "TEAM",
+        }
+    }
+}
+
+/// A subscription event's effect on a customer's user.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanChange<'a> {
+    pub customer_id: &'a str,
+    pub plan: Plan,
+    /// The subscription now current; `None` once deleted.
+    pub current_subscription_id: Option<&'a str>,
+    pub subscription_id: &'a str,
+    pub deleted: bool,
+    pub event_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What setting the plan did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanSet {
+    Applied,
+    /// A newer event already set the plan, or the deleted subscription is
+    /// not the user's current one.
+    Superseded,
+    UnknownCustomer,
+}
+
+/// Sets the plan of the customer's user, unless a newer event set it.
+pub async fn set_plan(
+    client: &impl GenericClient,
+    change: PlanChange<'_>,
+) -> Result<PlanSet, LedgerError> {
+    let updated = client
+        .execute(
+            sql::SET_PLAN,
+            &[
+                &change.customer_id,
+                &change.plan.as_str(),
+                &change.current_subscription_id,
+                &change.event_at,
+                &change.deleted,
+                &change.subscription_id,
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+    if updated == 1 {
+        return Ok(PlanSet::Applied);
+    }
+    let known = client
+        .query_opt(sql::CUSTOMER_KNOWN, &[&change.customer_id])
+        .await
+        .map_err(unavailable)?
+        .is_some();
+    Ok(if known {
+        PlanSet::Superseded
+    } else {
+        PlanSet::UnknownCustomer
+    })
+}
+
+/// The email hash the signup bonus knows the user by, if any.
+pub async fn email_hash(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<Option<String>, LedgerError> {
+    Ok(client
+        .query_opt(sql::EMAIL_HASH, &[&account.0])
+        .await
+        .map_err(unavailable)?
+        .and_then(|row| row.get(0)))
+}
+
+/// The account's durable version and whether the user saved a key of
+/// their own.
+pub async fn version_and_byok(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<(i64, bool), LedgerError> {
+    client
+        .query_one(sql::VERSION_AND_BYOK, &[&account.0])
+        .await
+        .map(|row| (row.get::<_, i64>(0), row.get::<_, bool>(1)))
+        .map_err(unavailable)
+}

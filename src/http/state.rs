@@ -1,0 +1,210 @@
+//! What every handler shares: the application state built once at
+//! startup, and the per-account caches of what the pages read.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+use metrics_exporter_prometheus::PrometheusHandle;
+use moka::future::Cache;
+
+use super::error::{ApiError, Code};
+use super::views::History;
+use crate::accounts::{KeyCipher, StoredKeys};
+use crate::clerk::tokens::{ClerkUserId, ClerkVerifier};
+use crate::config::{Secret, Settings};
+use crate::ledger::{AccountId, Engine};
+use crate::pricing::{PriceTable, Provider};
+use crate::runtime::Runtime;
+
+pub struct AppState {
+    pub settings: Settings,
+    pub engine: Arc<Engine>,
+    pub pool: deadpool_postgres::Pool,
+    pub prices: Arc<PriceTable>,
+    pub metrics: PrometheusHandle,
+    pub clerk: Arc<ClerkVerifier>,
+    /// `None` when `stripe.secret_key` is not set.
+    pub stripe: Option<crate::stripe::StripeApi>,
+    pub providers: crate::providers::ProviderClient,
+    /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
+    pub byok: Option<crate::accounts::KeyCipher>,
+    /// `None` when `clerk_webhook.signing_secret` is empty.
+    pub clerk_webhook_key: Option<crate::clerk::svix::SigningKey>,
+    /// `credits.signup_bonus_cents`, in micros.
+    pub signup_bonus: crate::money::Micros,
+    /// Platform chats whose settlement may still be pending.
+    pub settlements: Arc<crate::metering::Settlements>,
+    pub limits: Arc<crate::limits::Limits>,
+    /// Chats: hold, provider call, settlement.
+    pub chats: Arc<crate::metering::Chats>,
+    /// The database's health, refreshed in the background.
+    pub health: Arc<crate::health::Health>,
+    /// Clerk id → account, created on first sight.
+    pub users: crate::accounts::Users,
+    /// The balance page's history per account (`server.history_cache_entries`).
+    histories: Cache<AccountId, Arc<History>>,
+    /// The sealed provider keys per account, until they change.
+    sealed_keys: Cache<AccountId, Arc<StoredKeys>>,
+}
+
+pub type State = web::Data<AppState>;
+
+impl AppState {
+    pub fn new(
+        runtime: Runtime,
+        engine: Arc<Engine>,
+        pool: deadpool_postgres::Pool,
+        metrics: PrometheusHandle,
+    ) -> anyhow::Result<AppState> {
+        let Runtime {
+            settings,
+            prices,
+            cipher: byok,
+            clerk_webhook_key,
+            signup_bonus,
+        } = runtime;
+        let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
+        let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
+        let providers = crate::providers::ProviderClient::new(&settings.providers)?;
+        let settlements = Arc::new(crate::metering::Settlements::new(
+            settings.chat.pending_settlements_max,
+        ));
+        let limits = Arc::new(crate::limits::Limits::new(&settings.limits));
+        let chats = Arc::new(crate::metering::Chats {
+            engine: engine.clone(),
+            providers: providers.clone(),
+            settlements: settlements.clone(),
+            limits: limits.clone(),
+            settings: settings.chat.clone(),
+        });
+        let health = Arc::new(crate::health::Health::new(Duration::from_millis(
+            settings.database.health_check_interval_ms,
+        )));
+        let cache_entries = settings.server.history_cache_entries as u64;
+        Ok(AppState {
+            limits,
+            chats,
+            health,
+            settings,
+            engine,
+            users: crate::accounts::Users::new(pool.clone()),
+            pool,
+            prices,
+            metrics,
+            clerk,
+            stripe,
+            providers,
+            byok,
+            clerk_webhook_key,
+            signup_bonus,
+            settlements,
+            histories: Cache::new(cache_entries),
+            sealed_keys: Cache::new(cache_entries),
+        })
+    }
+
+    /// A database connection; none is 503 `UNAVAILABLE`, as every database
+    /// failure is (`LedgerError::Unavailable`).
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
+        Ok(crate::ledger::store::client(&self.pool).await?)
+    }
+
+    /// The Clerk user a request is authenticated as (401 otherwise).
+    pub async fn authenticate(
+        &self,
+        request: &actix_web::HttpRequest,
+    ) -> Result<ClerkUserId, ApiError> {
+        super::auth::authenticate(&self.clerk, request).await
+    }
+
+    /// The account of a Clerk user, created on first sight. A deleted
+    /// user is refused (401 `ACCOUNT_DELETED`).
+    pub async fn account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, ApiError> {
+        Ok(self.users.account(clerk_id).await?)
+    }
+
+    /// The account of a Clerk user for an operator: created on first sight,
+    /// deleted or not (a deleted user's ledger stays and can be adjusted).
+    pub async fn any_account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, ApiError> {
+        Ok(self.users.any_account(clerk_id).await?)
+    }
+
+    /// The account of a Clerk user, if the user exists (deleted or not).
+    pub async fn existing_account(
+        &self,
+        clerk_id: &ClerkUserId,
+    ) -> Result<Option<AccountId>, ApiError> {
+        Ok(self.users.existing_account(clerk_id).await?)
+    }
+
+    /// The user's sealed keys, from memory until they change (every platform
+    /// chat asks whether the user has keys of their own).
+    pub async fn stored_keys(&self, account: AccountId) -> Result<Arc<StoredKeys>, ApiError> {
+        // Concurrent first reads of one account share one query.
+        let load = async {
+            let client = crate::ledger::store::client(&self.pool).await?;
+            let keys = crate::accounts::keys::load(&**client, account).await?;
+            Ok::<_, crate::ledger::LedgerError>(Arc::new(keys))
+        };
+        if self.settings.server.history_cache_entries == 0 {
+            return Ok(load.await?);
+        }
+        self.sealed_keys
+            .try_get_with(account, load)
+            .await
+            .map_err(|error| ApiError::from((*error).clone()))
+    }
+
+    /// The BYOK cipher, or 501 `BYOK_NOT_CONFIGURED`.
+    pub fn cipher(&self) -> Result<&KeyCipher, ApiError> {
+        self.byok.as_ref().ok_or_else(|| {
+            ApiError::new(
+                Code::ByokNotConfigured,
+                "Using your own API keys is not configured on this server \
+                 (byok.encryption_key is empty).",
+            )
+        })
+    }
+
+    /// Opens a stored key; a key that does not open is a clear error, not garbage.
+    pub fn open_key(
+        &self,
+        account: AccountId,
+        provider: Provider,
+        sealed: &[u8],
+    ) -> Result<Secret, ApiError> {
+        self.cipher()?
+            .open(account, provider, sealed)
+            .map(Secret::new)
+            .map_err(|error| {
+                tracing::error!(%error, account = account.0, provider = provider.as_str(),
+                    "a stored BYOK key cannot be opened");
+                ApiError::new(
+                    Code::Internal,
+                    format!(
+                        "Your saved {} API key cannot be decrypted with this server's \
+                         byok.encryption_key; save the key again in settings.",
+                        provider.as_str()
+                    ),
+                )
+            })
+    }
+
+    pub async fn cached_history(&self, account: AccountId) -> Option<Arc<History>> {
+        self.histories.get(&account).await
+    }
+
+    pub async fn cache_history(&self, account: AccountId, history: Arc<History>) {
+        if self.settings.server.history_cache_entries > 0 {
+            self.histories.insert(account, history).await;
+        }
+    }
+
+    /// Forgets what is cached from a user row whose provider keys changed:
+    /// the sealed keys and the balance page's `hasByok`.
+    pub async fn user_keys_changed(&self, account: AccountId) {
+        self.sealed_keys.invalidate(&account).await;
+        self.histories.invalidate(&account).await;
+    }
+}

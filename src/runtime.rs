@@ -1,0 +1,75 @@
+//! The one step from settings (plain data) to what the service runs with:
+//! the price table, the BYOK cipher, the Clerk webhook signing key and the
+//! signup bonus, each built and checked once at startup, in its own type.
+
+use std::sync::Arc;
+
+use crate::accounts::KeyCipher;
+use crate::clerk::svix::SigningKey;
+use crate::config::Settings;
+use crate::money::Micros;
+use crate::pricing::PriceTable;
+
+/// Settings turned into the values the service uses.
+pub struct Runtime {
+    pub settings: Settings,
+    pub prices: Arc<PriceTable>,
+    /// `None` when `byok.encryption_key` is empty.
+    pub cipher: Option<KeyCipher>,
+    /// `None` when `clerk_webhook.signing_secret` is empty.
+    pub clerk_webhook_key: Option<SigningKey>,
+    pub signup_bonus: Micros,
+}
+
+impl Runtime {
+    /// Builds every value, or names the configuration key at fault.
+    pub fn build(settings: Settings) -> Result<Runtime, String> {
+        let prices = PriceTable::from_settings(&settings.pricing)
+            .map_err(|e| format!("configuration key `{e}"))?;
+        let cipher = KeyCipher::from_settings(&settings.byok)
+            .map_err(|e| format!("configuration key `byok.encryption_key`: {e}"))?;
+        let secret = &settings.clerk_webhook.signing_secret;
+        let clerk_webhook_key = if secret.is_empty() {
+            None
+        } else {
+            Some(SigningKey::from_secret(secret.expose()).map_err(|error| {
+                format!("configuration key `clerk_webhook.signing_secret`: {error}")
+            })?)
+        };
+        let signup_bonus = Micros::from_cents(settings.credits.signup_bonus_cents)
+            .map_err(|_| "configuration key `credits.signup_bonus_cents`: too large".to_owned())?;
+        Ok(Runtime {
+            settings,
+            prices: Arc::new(prices),
+            cipher,
+            clerk_webhook_key,
+            signup_bonus,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn values_that_cannot_be_built_are_refused_by_their_key() {
+        let mut settings = Settings::default_file().unwrap();
+        settings.byok.encryption_key = Secret::new("c2hvcnQ=");
+        let error = Runtime::build(settings).err().unwrap_or_default();
+        assert!(error.contains("byok.encryption_key"), "{error}");
+
+        let mut settings = Settings::default_file().unwrap();
+        settings.clerk_webhook.signing_secret = Secret::new("whsec_not base64!");
+        let error = Runtime::build(settings).err().unwrap_or_default();
+        assert!(error.contains("clerk_webhook.signing_secret"), "{error}");
+
+        let mut settings = Settings::default_file().unwrap();
+        settings.pricing.default_model = "no-such-model".into();
+        let error = Runtime::build(settings).err().unwrap_or_default();
+        assert!(error.contains("pricing.default_model"), "{error}");
+
+        assert!(Runtime::build(Settings::default_file().unwrap()).is_ok());
+    }
+}

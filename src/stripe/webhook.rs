@@ -1,0 +1,467 @@
+//! What each Stripe webhook event does: top-ups credit, refunds and
+//! disputes debit (or credit back), subscriptions keep `users.plan`.
+//!
+//! Every effect goes through the engine under an idempotency key derived
+//! from Stripe's ids, so a replayed or concurrent delivery cannot apply
+//! twice.
+
+use deadpool_postgres::Pool;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::events::{Charge, CheckoutSession, Dispute, Event, Subscription};
+use super::{StripeApi, StripeError};
+use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
+use crate::config::{CreditsSettings, StripeSettings};
+use crate::ledger::store::{self, unavailable};
+use crate::ledger::{
+    AccountId, ClawbackRequest, Engine, IdempotencyKey, LedgerError, Posting, TransactionType,
+};
+use crate::money::Micros;
+use crate::webhooks::Outcome;
+
+/// The event types creditd handles, as counted.
+pub const HANDLED: &[&str] = &[
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "charge.refunded",
+    "charge.dispute.created",
+    "charge.dispute.funds_withdrawn",
+    "charge.dispute.funds_reinstated",
+    "charge.dispute.closed",
+];
+
+mod sql {
+    pub const TOPUP_ACCOUNT: &str = "SELECT user_id FROM credit_transactions
+          WHERE stripe_payment_id = $1 AND type = 'TOP_UP' AND direction = 'CREDIT'
+          LIMIT 1";
+}
+
+/// What the effects of an event need.
+pub struct Effects<'a> {
+    pub settings: &'a StripeSettings,
+    /// The referral bonus a first paid top-up pays.
+    pub credits: &'a CreditsSettings,
+    pub engine: &'a Engine,
+    pub pool: &'a Pool,
+    /// `None` when `stripe.secret_key` is not set.
+    pub api: Option<&'a StripeApi>,
+}
+
+/// The events creditd acts on, read from the envelope by type; any other
+/// type is `Unknown`.
+#[derive(Debug)]
+pub enum StripeEvent {
+    Checkout(CheckoutSession),
+    Subscription {
+        subscription: Subscription,
+        deleted: bool,
+        created: i64,
+    },
+    Refund(Charge),
+    DisputeFunds(Dispute, Funds),
+    DisputeNoted(Dispute),
+    Unknown,
+}
+
+impl StripeEvent {
+    pub fn parse(event: &Event) -> Result<StripeEvent, StripeError> {
+        Ok(match event.kind.as_str() {
+            "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+                StripeEvent::Checkout(object(event)?)
+            }
+            "customer.subscription.created" | "customer.subscription.updated" => {
+                StripeEvent::Subscription {
+                    subscription: object(event)?,
+                    deleted: false,
+                    created: event.created,
+                }
+            }
+            "customer.subscription.deleted" => StripeEvent::Subscription {
+                subscription: object(event)?,
+                deleted: true,
+                created: event.created,
+            },
+            "charge.refunded" => StripeEvent::Refund(object(event)?),
+            "charge.dispute.funds_withdrawn" => {
+                StripeEvent::DisputeFunds(object(event)?, Funds::Withdrawn)
+            }
+            "charge.dispute.funds_reinstated" => {
+                StripeEvent::DisputeFunds(object(event)?, Funds::Reinstated)
+            }
+            "charge.dispute.created" | "charge.dispute.closed" => {
+                StripeEvent::DisputeNoted(object(event)?)
+            }
+            _ => StripeEvent::Unknown,
+        })
+    }
+
+    /// Applies the event.
+    pub async fn apply(self, effects: &Effects<'_>) -> Result<Outcome, StripeError> {
+        match self {
+            StripeEvent::Checkout(session) => checkout(effects, session).await,
+            StripeEvent::Subscription {
+                subscription: paid,
+                deleted,
+                created,
+            } => subscription(effects, paid, deleted, created).await,
+            StripeEvent::Refund(charge) => refund(effects, charge).await,
+            StripeEvent::DisputeFunds(dispute, funds) => {
+                dispute_funds(effects, dispute, funds).await
+            }
+            StripeEvent::DisputeNoted(dispute) => Ok(dispute_noted(dispute)),
+            StripeEvent::Unknown => Ok(Outcome::Ignored),
+        }
+    }
+}
+
+fn object<T: DeserializeOwned>(event: &Event) -> Result<T, StripeError> {
+    serde_json::from_value(event.data.object.clone()).map_err(|error| {
+        StripeError::Invalid(format!(
+            "event {} ({}): data.object: {error}",
+            event.id, event.kind
+        ))
+    })
+}
+
+fn key(text: String) -> Result<IdempotencyKey, StripeError> {
+    IdempotencyKey::parse(text).map_err(|e| StripeError::Invalid(format!("Stripe id: {e}")))
+}
+
+fn cents(amount: i64, field: &str) -> Result<Micros, StripeError> {
+    if amount <= 0 {
+        return Err(StripeError::Invalid(format!("{field}: must be positive")));
+    }
+    Micros::from_cents(amount).map_err(|_| StripeError::Invalid(format!("{field}: too large")))
+}
+
+/// A currency other than the ledger's is never credited nor debited: the
+/// amount would mean something else. Logged as an error for the operators.
+fn currency_mismatch(
+    settings: &StripeSettings,
+    currency: Option<&str>,
+    what: &str,
+    id: &str,
+) -> bool {
+    let ledger = settings.currency.as_str();
+    let matches = currency.is_some_and(|c| c.eq_ignore_ascii_case(ledger));
+    if !matches {
+        tracing::error!(%id, currency = ?currency, %ledger, "{what} in a currency other than the ledger's; not applied");
+        metrics::counter!("creditd_topup_currency_mismatch_total", "object" => what.to_owned())
+            .increment(1);
+    }
+    !matches
+}
+
+/// Maps an engine answer: a missing account is not Stripe's retry to make.
+fn applied(
+    result: Result<crate::ledger::Outcome<crate::ledger::TransactionRecord>, LedgerError>,
+    what: &str,
+) -> Result<Outcome, StripeError> {
+    match result {
+        Ok(outcome) if outcome.replayed => Ok(Outcome::Replayed),
+        Ok(_) => Ok(Outcome::Applied),
+        Err(LedgerError::AccountNotFound(account)) => {
+            tracing::error!(
+                account = account.0,
+                "{what} for an account that does not exist"
+            );
+            Ok(Outcome::UnknownAccount)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// A paid top-up session credits `amount_total` once per session: the key
+/// is the session's, so `completed` and `async_payment_succeeded` (and any
+/// redelivery) collapse into one credit.
+async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Outcome, StripeError> {
+    if session.metadata.get("type").map(String::as_str) != Some("credit_topup") {
+        return Ok(Outcome::Ignored);
+    }
+    if session.payment_status != "paid" {
+        return Ok(Outcome::AwaitingPayment);
+    }
+    if currency_mismatch(
+        effects.settings,
+        session.currency.as_deref(),
+        "checkout_session",
+        &session.id,
+    ) {
+        return Ok(Outcome::CurrencyMismatch);
+    }
+    let Some(account) = session
+        .metadata
+        .get("userId")
+        .and_then(|id| id.parse::<i64>().ok())
+        .map(AccountId)
+    else {
+        tracing::error!(session = %session.id, "top-up session without a valid metadata.userId");
+        return Ok(Outcome::UnknownAccount);
+    };
+    let amount_total = session.amount_total.unwrap_or(0);
+    let asked = session
+        .metadata
+        .get("amountCents")
+        .and_then(|cents| cents.parse::<i64>().ok());
+    if asked != Some(amount_total) {
+        // Not what the top-up asked for (a changed price, a discount, a
+        // session edited outside creditd): no credit until an operator
+        // looks; the event is recorded, so Stripe stops retrying it.
+        tracing::error!(session = %session.id, amount_total, asked = ?asked,
+            "paid top-up whose amount_total differs from metadata.amountCents; not credited");
+        metrics::counter!("creditd_topup_amount_mismatch_total").increment(1);
+        return Ok(Outcome::AmountMismatch);
+    }
+    let amount = cents(amount_total, "amount_total")?;
+    let posting = Posting {
+        key: key(format!("stripe:checkout:{}", session.id))?,
+        kind: TransactionType::TopUp,
+        amount,
+        description: Some(format!("Recharge de {amount}")),
+        stripe_session_id: Some(session.id.clone()),
+        stripe_payment_id: session.payment_intent.clone(),
+        metadata: None,
+    };
+    let credited = applied(effects.engine.credit(account, posting).await, "top-up")?;
+    if matches!(credited, Outcome::Applied | Outcome::Replayed) {
+        // A referral is paid after the top-up's credit, and tried again on
+        // every redelivery until it is (its credits have keys of their own).
+        crate::referrals::reward_after_topup(
+            effects.pool,
+            effects.engine,
+            effects.credits,
+            account,
+            session.customer.as_deref(),
+        )
+        .await?;
+    }
+    Ok(credited)
+}
+
+/// `users.plan` from the subscription's price while it is live (active,
+/// trialing or past due); FREE once it is deleted or no longer live.
+///
+/// Stripe delivers events out of order: an event older than the one that
+/// last set the plan changes nothing, and the deletion of a subscription
+/// that is no longer the user's current one leaves the current one alone.
+async fn subscription(
+    effects: &Effects<'_>,
+    subscription: Subscription,
+    deleted: bool,
+    event_created: i64,
+) -> Result<Outcome, StripeError> {
+    let settings = effects.settings;
+    let price = subscription
+        .items
+        .data
+        .first()
+        .map(|item| item.price.id.as_str());
+    let live = matches!(
+        subscription.status.as_str(),
+        "active" | "trialing" | "past_due"
+    );
+    let plan = match price {
+        _ if deleted || !live => Plan::Free,
+        Some(id) if id == settings.starter_price_id => Plan::Starter,
+        Some(id) if id == settings.pro_price_id => Plan::Pro,
+        Some(id) if id == settings.team_price_id => Plan::Team,
+        other => {
+            tracing::warn!(subscription = %subscription.id, price = ?other, "subscription price is not a configured plan; plan set to FREE");
+            Plan::Free
+        }
+    };
+    let event_at = chrono::DateTime::from_timestamp(event_created, 0)
+        .ok_or_else(|| StripeError::Invalid("created: not a timestamp".into()))?;
+    let client = store::client(effects.pool).await?;
+    let change = PlanChange {
+        customer_id: &subscription.customer,
+        plan,
+        current_subscription_id: (!deleted).then_some(subscription.id.as_str()),
+        subscription_id: &subscription.id,
+        deleted,
+        event_at,
+    };
+    Ok(match users::set_plan(&**client, change).await? {
+        PlanSet::Applied => Outcome::Applied,
+        PlanSet::Superseded => Outcome::Superseded,
+        PlanSet::UnknownCustomer => {
+            tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
+            Outcome::UnknownAccount
+        }
+    })
+}
+
+/// The account whose top-up this payment intent paid, if any.
+async fn topup_account(
+    pool: &Pool,
+    payment_intent: &str,
+) -> Result<Option<AccountId>, LedgerError> {
+    let client = store::client(pool).await?;
+    Ok(client
+        .query_opt(sql::TOPUP_ACCOUNT, &[&payment_intent])
+        .await
+        .map_err(unavailable)?
+        .map(|row| AccountId(row.get(0))))
+}
+
+/// Debits the part of a top-up refunded since the last clawback.
+///
+/// `amount_refunded` is cumulative. The engine computes the part still to
+/// claw back inside the account's actor, where every clawback of the charge
+/// is serialized and what was already taken (committed or in flight) is
+/// known, so any delivery order, concurrency or slow commit debits exactly
+/// the refunded total. The debit's key is
+/// `stripe:charge:<id>:refunded:<cumulative cents>`: one state of the
+/// charge, applied once; a redelivery, or an older event arriving after a
+/// newer one, finds nothing left to claw back.
+async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, StripeError> {
+    let Some(payment_intent) = charge.payment_intent.as_deref() else {
+        return Ok(Outcome::NotATopup);
+    };
+    if currency_mismatch(
+        effects.settings,
+        Some(&charge.currency),
+        "charge",
+        &charge.id,
+    ) {
+        return Ok(Outcome::CurrencyMismatch);
+    }
+    let Some(account) = topup_account(effects.pool, payment_intent).await? else {
+        if charge.metadata.get("type").map(String::as_str) == Some("credit_topup") {
+            // A top-up whose credit has not landed yet (its checkout event
+            // is still being retried): the refund must wait for it.
+            return Err(StripeError::NotCreditedYet(
+                "the top-up this charge paid is not credited yet; retry later",
+            ));
+        }
+        tracing::warn!(charge = %charge.id, "refund of a charge that paid no top-up; ignored");
+        return Ok(Outcome::NotATopup);
+    };
+    let target = Micros::from_cents(charge.amount_refunded)
+        .map_err(|_| StripeError::Invalid("amount_refunded: too large".into()))?;
+    let request = ClawbackRequest {
+        object: charge.id.clone(),
+        target,
+        key: key(format!(
+            "stripe:charge:{}:refunded:{}",
+            charge.id, charge.amount_refunded
+        ))?,
+        kind: TransactionType::Refund,
+        describe: |amount| format!("Remboursement de {amount}"),
+        stripe_payment_id: Some(payment_intent.to_owned()),
+        metadata: Some(json!({
+            "chargeId": charge.id,
+            "amountRefundedCents": charge.amount_refunded,
+        })),
+    };
+    match effects.engine.clawback(account, request).await {
+        Ok(crate::ledger::Outcome { record: None, .. }) => Ok(Outcome::NothingToClawBack),
+        Ok(crate::ledger::Outcome {
+            record: Some(record),
+            replayed,
+        }) => applied(Ok(crate::ledger::Outcome { record, replayed }), "refund"),
+        Err(error) => applied(Err(error), "refund"),
+    }
+}
+
+/// A dispute's money movement, as Stripe reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Funds {
+    /// `charge.dispute.funds_withdrawn`: the disputed amount left the
+    /// balance; the credits bought with it are debited.
+    Withdrawn,
+    /// `charge.dispute.funds_reinstated`: the dispute closed in the
+    /// merchant's favour (won) and the funds came back; so do the credits.
+    Reinstated,
+}
+
+/// `charge.dispute.created` and `charge.dispute.closed` move no credits.
+///
+/// Stripe withdraws a dispute's funds in a separate step and says so with
+/// `charge.dispute.funds_withdrawn`; an inquiry (`warning_needs_response`,
+/// `warning_under_review`, closed as `warning_closed`) withdraws nothing
+/// and may never become a dispute. Debiting at `created` would charge
+/// inquiries and, once `funds_withdrawn` came, risk a second debit. At
+/// `closed`, a won dispute is followed by `funds_reinstated` (its funds
+/// come back then), a lost one keeps the withdrawal: the funds events
+/// alone carry the money.
+fn dispute_noted(dispute: Dispute) -> Outcome {
+    if dispute.status.starts_with("warning_") {
+        return Outcome::Inquiry;
+    }
+    Outcome::Ignored
+}
+
+/// Debits (withdrawn) or credits back (reinstated) the disputed amount,
+/// each once per dispute. The withdrawal's key is `stripe:dispute:<id>`
+/// (the key disputes were debited under before, so a dispute debited
+/// then is not debited again), the reinstatement's
+/// `stripe:dispute:<id>:reinstated`. A dispute of a top-up not credited
+/// yet answers 503, so Stripe retries it after the credit.
+async fn dispute_funds(
+    effects: &Effects<'_>,
+    dispute: Dispute,
+    funds: Funds,
+) -> Result<Outcome, StripeError> {
+    let Some(payment_intent) = dispute.payment_intent.as_deref() else {
+        return Ok(Outcome::NotATopup);
+    };
+    if dispute.status.starts_with("warning_") {
+        tracing::warn!(dispute = %dispute.id, status = %dispute.status, "funds event of an inquiry; no credits move");
+        return Ok(Outcome::Inquiry);
+    }
+    if currency_mismatch(
+        effects.settings,
+        Some(&dispute.currency),
+        "dispute",
+        &dispute.id,
+    ) {
+        return Ok(Outcome::CurrencyMismatch);
+    }
+    let Some(account) = topup_account(effects.pool, payment_intent).await? else {
+        return unknown_dispute_payment(effects, &dispute, payment_intent).await;
+    };
+    let amount = cents(dispute.amount, "amount")?;
+    let (suffix, description) = match funds {
+        Funds::Withdrawn => ("", format!("Litige de {amount}")),
+        Funds::Reinstated => (":reinstated", format!("Litige gagné, {amount} rendus")),
+    };
+    let posting = Posting {
+        key: key(format!("stripe:dispute:{}{suffix}", dispute.id))?,
+        kind: TransactionType::Dispute,
+        amount,
+        description: Some(description),
+        stripe_session_id: None,
+        stripe_payment_id: Some(payment_intent.to_owned()),
+        metadata: Some(json!({ "chargeId": dispute.charge, "disputeId": dispute.id })),
+    };
+    let result = match funds {
+        Funds::Withdrawn => effects.engine.debit(account, posting).await,
+        Funds::Reinstated => effects.engine.credit(account, posting).await,
+    };
+    applied(result, "dispute")
+}
+
+/// A dispute of a payment creditd credited nothing for: a top-up whose
+/// credit has not landed yet (503: Stripe retries it), or no top-up.
+async fn unknown_dispute_payment(
+    effects: &Effects<'_>,
+    dispute: &Dispute,
+    payment_intent: &str,
+) -> Result<Outcome, StripeError> {
+    let Some(api) = effects.api else {
+        tracing::warn!(dispute = %dispute.id, "dispute of a payment that credited nothing (Stripe API not configured to check it); ignored");
+        return Ok(Outcome::NotATopup);
+    };
+    if api.is_topup_payment(payment_intent).await? {
+        return Err(StripeError::NotCreditedYet(
+            "the top-up this dispute is about is not credited yet; retry later",
+        ));
+    }
+    tracing::warn!(dispute = %dispute.id, "dispute of a charge that paid no top-up; ignored");
+    Ok(Outcome::NotATopup)
+}
