@@ -13,7 +13,6 @@
 use chrono::{DateTime, Duration, Utc};
 use tokio_postgres::GenericClient;
 
-use crate::config::CreditsSettings;
 use crate::ledger::store::{self, unavailable};
 use crate::ledger::{AccountId, Engine, IdempotencyKey, LedgerError, Posting, TransactionType};
 use crate::money::Micros;
@@ -238,6 +237,15 @@ pub async fn redeem(
     })
 }
 
+/// The promo credit each side of a referral gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bonus {
+    /// 0: no referral bonus.
+    pub amount: Micros,
+    /// Days the bonus lasts; 0: it never expires.
+    pub expiry_days: u32,
+}
+
 /// How a referral went at a paid top-up of the referred user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reward {
@@ -253,16 +261,15 @@ pub enum Reward {
 
 fn bonus_posting(
     key: String,
-    amount: Micros,
     description: &str,
     referred: AccountId,
     referrer: AccountId,
-    settings: &CreditsSettings,
+    bonus: Bonus,
 ) -> Result<Posting, LedgerError> {
     Ok(Posting {
         key: IdempotencyKey::parse(key).map_err(LedgerError::Internal)?,
         kind: TransactionType::PromoBonus,
-        amount,
+        amount: bonus.amount,
         description: Some(description.to_owned()),
         stripe_session_id: None,
         stripe_payment_id: None,
@@ -270,7 +277,7 @@ fn bonus_posting(
             "referral": {
                 "referredUserId": referred.0,
                 "referrerUserId": referrer.0,
-                "expiryDays": settings.referral_bonus_expiry_days,
+                "expiryDays": bonus.expiry_days,
             }
         })),
     })
@@ -303,11 +310,11 @@ fn paid(result: Result<impl Sized, LedgerError>, side: &str) -> Result<(), Ledge
 pub async fn reward_after_topup(
     pool: &deadpool_postgres::Pool,
     engine: &Engine,
-    settings: &CreditsSettings,
+    bonus: Bonus,
     referred: AccountId,
     customer: Option<&str>,
 ) -> Result<Reward, LedgerError> {
-    if settings.referral_bonus_cents <= 0 {
+    if !bonus.amount.is_positive() {
         return Ok(Reward::None);
     }
     let client = store::client(pool).await?;
@@ -337,24 +344,20 @@ pub async fn reward_after_topup(
         );
         return Ok(Reward::Refused);
     }
-    let amount = Micros::from_cents(settings.referral_bonus_cents)
-        .map_err(|_| LedgerError::Internal("credits.referral_bonus_cents out of range".into()))?;
     let referee_posting = bonus_posting(
         format!("referral:{}:referee", referred.0),
-        amount,
         "Bonus de parrainage (filleul)",
         referred,
         referrer,
-        settings,
+        bonus,
     )?;
     paid(engine.credit(referred, referee_posting).await, "referee")?;
     let referrer_posting = bonus_posting(
         format!("referral:{}:referrer", referred.0),
-        amount,
         "Bonus de parrainage (parrain)",
         referred,
         referrer,
-        settings,
+        bonus,
     )?;
     paid(engine.credit(referrer, referrer_posting).await, "referrer")?;
     store::client(pool)

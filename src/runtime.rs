@@ -1,6 +1,7 @@
 //! The one step from settings (plain data) to what the service runs with:
-//! the price table, the BYOK cipher, the Clerk webhook signing key and the
-//! signup bonus, each built and checked once at startup, in its own type.
+//! the price table, the BYOK cipher, the Clerk webhook signing key, the
+//! signup and referral bonuses, each built and checked once at startup, in
+//! its own type.
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ pub struct Runtime {
     /// `None` when `clerk_webhook.signing_secret` is empty.
     pub clerk_webhook_key: Option<SigningKey>,
     pub signup_bonus: Micros,
+    pub referral_bonus: crate::referrals::Bonus,
 }
 
 impl Runtime {
@@ -38,7 +40,14 @@ impl Runtime {
         };
         let signup_bonus = Micros::from_cents(settings.credits.signup_bonus_cents)
             .map_err(|_| "configuration key `credits.signup_bonus_cents`: too large".to_owned())?;
+        let referral_bonus = crate::referrals::Bonus {
+            amount: Micros::from_cents(settings.credits.referral_bonus_cents).map_err(|_| {
+                "configuration key `credits.referral_bonus_cents`: too large".to_owned()
+            })?,
+            expiry_days: settings.credits.referral_bonus_expiry_days,
+        };
         Ok(Runtime {
+            referral_bonus,
             settings,
             prices: Arc::new(prices),
             cipher,
@@ -69,6 +78,11 @@ mod tests {
         settings.pricing.default_model = "no-such-model".into();
         let error = Runtime::build(settings).err().unwrap_or_default();
         assert!(error.contains("pricing.default_model"), "{error}");
+
+        let mut settings = Settings::default_file().unwrap();
+        settings.credits.referral_bonus_cents = i64::MAX;
+        let error = Runtime::build(settings).err().unwrap_or_default();
+        assert!(error.contains("credits.referral_bonus_cents"), "{error}");
 
         assert!(Runtime::build(Settings::default_file().unwrap()).is_ok());
     }

@@ -5,8 +5,6 @@
 
 import { formatMicros, h, request } from './credits-api.js'
 
-const MICROS_PER_CENT = 10000n
-
 const REFUSALS = {
   REFERRAL_CODE_UNKNOWN: 'Ce code de parrainage est inconnu.',
   REFERRAL_WINDOW_CLOSED: "Un code de parrainage se saisit dans les 7 jours qui suivent l'inscription.",
@@ -37,7 +35,7 @@ class CreditReferralElement extends HTMLElement {
 
   render(data) {
     this.dataset.state = 'ok'
-    const bonus = formatMicros(BigInt(data.bonusCents) * MICROS_PER_CENT)
+    const bonus = formatMicros(data.bonusMicros)
     const friends = data.referredCount === 1 ? '1 ami a utilisé votre code' : `${data.referredCount} amis ont utilisé votre code`
     const parts = [
       h('h2', {}, 'Parrainage'),

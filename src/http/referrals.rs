@@ -25,8 +25,8 @@ pub(super) struct ReferralView {
     referred_count: i64,
     /// Of those, the ones whose first paid top-up paid both bonuses.
     rewarded_count: i64,
-    /// Promo credit each side gets, in cents.
-    bonus_cents: i64,
+    /// Promo credit each side gets.
+    bonus_micros: i64,
     /// Whether this user presented someone's code.
     referred: bool,
     /// RFC 3339; until when this user may present a code (null once referred).
@@ -57,7 +57,7 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
         code: summary.code,
         referred_count: summary.referred_count,
         rewarded_count: summary.rewarded_count,
-        bonus_cents: state.settings.credits.referral_bonus_cents,
+        bonus_micros: state.referral_bonus.amount.get(),
         referred: summary.referred,
         redeem_until: summary
             .redeem_until

@@ -560,14 +560,19 @@ pub struct ExpireHolds {
 pub struct GetBalance;
 
 /// Changes the account's spending limits; answered once they are stored,
-/// and applied to every hold the actor judges after this message.
+/// and applied to every hold the actor judges after this message. Sent
+/// from `Engine::set_limits` to the account's actor when its owner
+/// (`PUT /api/credits/limits`) or an operator (`PUT
+/// /admin/accounts/{userId}/limits`) changes them.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<SpendingSnapshot, LedgerError>")]
 pub struct SetLimits {
     pub change: LimitsChange,
 }
 
-/// The account's spending limits and what its windows count.
+/// The account's spending limits and what its windows count. Sent from
+/// `Engine::spending` to the account's actor when `GET /api/credits/limits`
+/// or a test reads them.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<SpendingSnapshot, LedgerError>")]
 pub struct GetSpending;

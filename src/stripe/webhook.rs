@@ -12,7 +12,7 @@ use serde_json::json;
 use super::events::{Charge, CheckoutSession, Dispute, Event, Subscription};
 use super::{StripeApi, StripeError};
 use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
-use crate::config::{CreditsSettings, StripeSettings};
+use crate::config::StripeSettings;
 use crate::ledger::store::{self, unavailable};
 use crate::ledger::{
     AccountId, ClawbackRequest, Engine, IdempotencyKey, LedgerError, Posting, TransactionType,
@@ -44,7 +44,7 @@ mod sql {
 pub struct Effects<'a> {
     pub settings: &'a StripeSettings,
     /// The referral bonus a first paid top-up pays.
-    pub credits: &'a CreditsSettings,
+    pub referral_bonus: crate::referrals::Bonus,
     pub engine: &'a Engine,
     pub pool: &'a Pool,
     /// `None` when `stripe.secret_key` is not set.
@@ -233,7 +233,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         crate::referrals::reward_after_topup(
             effects.pool,
             effects.engine,
-            effects.credits,
+            effects.referral_bonus,
             account,
             session.customer.as_deref(),
         )
