@@ -152,6 +152,7 @@ async fn seed_history(database: &Database, settings: &Settings, users: usize, cy
                     stripe_session_id: None,
                     stripe_payment_id: None,
                     metadata: None,
+                    expires_at: None,
                 };
                 engine.credit(account, posting).await.expect("top-up");
                 for _ in 0..cycles {

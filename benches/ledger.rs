@@ -124,6 +124,7 @@ fn posting(index: usize) -> Posting {
         stripe_session_id: None,
         stripe_payment_id: None,
         metadata: None,
+        expires_at: None,
     }
 }
 

@@ -255,6 +255,7 @@ pub fn run_grant(
             stripe_session_id: None,
             stripe_payment_id: None,
             metadata: None,
+            expires_at: None,
         };
         let outcome = if amount.is_positive() {
             engine.credit(account, posting).await?

@@ -181,6 +181,9 @@ pub struct JournalSettings {
 pub struct CreditsSettings {
     pub signup_bonus_cents: i64,
     pub low_balance_cents: i64,
+    /// Days the signup bonus can be spent; 0: it never expires.
+    #[serde(default)]
+    pub signup_bonus_expiry_days: u32,
     /// Promo credit each side of a referral gets after the referred
     /// user's first paid top-up; 0: no referral bonus.
     pub referral_bonus_cents: i64,
@@ -670,6 +673,7 @@ mod tests {
         "journal.hold_delay_us",              // a hold's entry sent at once
         "credits.signup_bonus_cents",         // no bonus
         "credits.low_balance_cents",          // never flagged low
+        "credits.signup_bonus_expiry_days",   // the bonus never expires
         "credits.referral_bonus_cents",       // no referral bonus
         "credits.referral_bonus_expiry_days", // never expires
         "clerk.leeway_s",                     // no clock leeway

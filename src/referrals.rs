@@ -265,6 +265,7 @@ fn bonus_posting(
     referred: AccountId,
     referrer: AccountId,
     bonus: Bonus,
+    expires_at: Option<DateTime<Utc>>,
 ) -> Result<Posting, LedgerError> {
     Ok(Posting {
         key: IdempotencyKey::parse(key).map_err(LedgerError::Internal)?,
@@ -280,6 +281,7 @@ fn bonus_posting(
                 "expiryDays": bonus.expiry_days,
             }
         })),
+        expires_at,
     })
 }
 
@@ -344,12 +346,28 @@ pub async fn reward_after_topup(
         );
         return Ok(Reward::Refused);
     }
+    // Both sides' bonuses last `expiry_days` from this first top-up.
+    let expires_at = match bonus.expiry_days {
+        0 => None,
+        days => Some(
+            engine
+                .clock()
+                .now()
+                .checked_add_signed(Duration::days(i64::from(days)))
+                .ok_or_else(|| {
+                    LedgerError::InvalidRequest(
+                        "credits.referral_bonus_expiry_days: the expiry is out of range".into(),
+                    )
+                })?,
+        ),
+    };
     let referee_posting = bonus_posting(
         format!("referral:{}:referee", referred.0),
         "Bonus de parrainage (filleul)",
         referred,
         referrer,
         bonus,
+        expires_at,
     )?;
     paid(engine.credit(referred, referee_posting).await, "referee")?;
     let referrer_posting = bonus_posting(
@@ -358,6 +376,7 @@ pub async fn reward_after_topup(
         referred,
         referrer,
         bonus,
+        expires_at,
     )?;
     paid(engine.credit(referrer, referrer_posting).await, "referrer")?;
     store::client(pool)

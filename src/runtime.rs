@@ -5,10 +5,9 @@
 
 use std::sync::Arc;
 
-use crate::accounts::KeyCipher;
+use crate::accounts::{KeyCipher, SignupBonus};
 use crate::clerk::svix::SigningKey;
 use crate::config::Settings;
-use crate::money::Micros;
 use crate::pricing::PriceTable;
 
 /// Settings turned into the values the service uses.
@@ -19,7 +18,7 @@ pub struct Runtime {
     pub cipher: Option<KeyCipher>,
     /// `None` when `clerk_webhook.signing_secret` is empty.
     pub clerk_webhook_key: Option<SigningKey>,
-    pub signup_bonus: Micros,
+    pub signup_bonus: SignupBonus,
     pub referral_bonus: crate::referrals::Bonus,
 }
 
@@ -38,12 +37,15 @@ impl Runtime {
                 format!("configuration key `clerk_webhook.signing_secret`: {error}")
             })?)
         };
-        let signup_bonus = Micros::from_cents(settings.credits.signup_bonus_cents)
-            .map_err(|_| "configuration key `credits.signup_bonus_cents`: too large".to_owned())?;
+        let signup_bonus = SignupBonus::new(
+            settings.credits.signup_bonus_cents,
+            settings.credits.signup_bonus_expiry_days,
+        )?;
         let referral_bonus = crate::referrals::Bonus {
-            amount: Micros::from_cents(settings.credits.referral_bonus_cents).map_err(|_| {
-                "configuration key `credits.referral_bonus_cents`: too large".to_owned()
-            })?,
+            amount: crate::money::Micros::from_cents(settings.credits.referral_bonus_cents)
+                .map_err(|_| {
+                    "configuration key `credits.referral_bonus_cents`: too large".to_owned()
+                })?,
             expiry_days: settings.credits.referral_bonus_expiry_days,
         };
         Ok(Runtime {
@@ -78,6 +80,14 @@ mod tests {
         settings.pricing.default_model = "no-such-model".into();
         let error = Runtime::build(settings).err().unwrap_or_default();
         assert!(error.contains("pricing.default_model"), "{error}");
+
+        let mut settings = Settings::default_file().unwrap();
+        settings.credits.signup_bonus_expiry_days = 36_501;
+        let error = Runtime::build(settings).err().unwrap_or_default();
+        assert!(
+            error.contains("credits.signup_bonus_expiry_days"),
+            "{error}"
+        );
 
         let mut settings = Settings::default_file().unwrap();
         settings.credits.referral_bonus_cents = i64::MAX;

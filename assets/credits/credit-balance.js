@@ -1,6 +1,8 @@
 // <credit-balance variant="compact|full">: the person's AI credits, the
 // low-balance warning and a "Recharger" button. Hidden for people who use
-// their own provider keys (BYOK): they are never charged.
+// their own provider keys (BYOK): they are never charged. The full variant
+// also lists what the balance is made of (its grants, in the order they
+// are spent: offered credits first, the soonest to expire first).
 //
 // Events: `credit-balance:loaded` (detail: the `/api/credits` answer) after
 // every load; `credit-balance:topup` (cancelable) when "Recharger" is
@@ -80,6 +82,14 @@ class CreditBalanceElement extends HTMLElement {
       ? h('p', { class: 'credit-balance__warning', role: 'status' }, "⚠ Solde faible. Rechargez pour continuer à utiliser l'IA.")
       : null
     this.replaceChildren(
+      ...this.card(amount, topup),
+      ...(warning ? [warning] : []),
+      ...this.grants(data.grants ?? []),
+    )
+  }
+
+  card(amount, topup) {
+    return [
       h(
         'div',
         { class: 'credit-balance__card' },
@@ -91,14 +101,37 @@ class CreditBalanceElement extends HTMLElement {
         ),
         topup,
       ),
-      ...(warning ? [warning] : []),
+    ]
+  }
+
+  /** The grants with money left: kind, what is left, and when it expires. */
+  grants(grants) {
+    if (grants.length === 0) return []
+    const items = grants.map((grant) =>
+      h(
+        'li',
+        { class: 'credit-balance__grant', 'data-kind': grant.kind },
+        h('span', { class: 'credit-balance__grant-kind' }, grant.kind === 'PAID' ? 'Payé' : 'Offert'),
+        h('span', { class: 'credit-balance__grant-remaining' }, formatMicros(grant.remainingMicros)),
+        h(
+          'span',
+          { class: 'credit-balance__grant-expiry' },
+          grant.expiresAt ? `expire le ${expiryDate(grant.expiresAt)}` : "n'expire pas",
+        ),
+      ),
     )
+    return [h('ul', { class: 'credit-balance__grants', 'aria-label': 'Composition du solde' }, ...items)]
   }
 
   requestTopup(opener) {
     const event = new CustomEvent('credit-balance:topup', { bubbles: true, cancelable: true })
     if (this.dispatchEvent(event)) document.querySelector('credit-topup-dialog')?.open(opener)
   }
+}
+
+/** "15 juin 2030": a grant's expiry day, in French, in the reader's time zone. */
+function expiryDate(iso) {
+  return new Date(iso).toLocaleDateString('fr-FR', { day: 'numeric', month: 'long', year: 'numeric' })
 }
 
 if (!customElements.get('credit-balance')) customElements.define('credit-balance', CreditBalanceElement)

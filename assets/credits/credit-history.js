@@ -12,6 +12,7 @@ const BADGES = {
   REFUND: 'Remboursement',
   DISPUTE: 'Litige',
   ADJUSTMENT: 'Ajustement',
+  EXPIRED: 'Expiration',
 }
 
 const TABS = [

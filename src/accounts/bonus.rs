@@ -18,7 +18,39 @@ mod sql {
           WHERE user_id = $1 AND idempotency_key = $2";
 }
 
-/// What asking for the signup bonus gave.
+/// The longest a signup bonus may last: a century (0 says "never").
+const MAX_EXPIRY_DAYS: u32 = 36_500;
+
+/// The signup bonus as configured: its amount and how long it can be
+/// spent (`credits.signup_bonus_cents`, `credits.signup_bonus_expiry_days`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignupBonus {
+    pub amount: Micros,
+    /// `None`: it never expires.
+    pub lifetime: Option<chrono::Duration>,
+}
+
+impl SignupBonus {
+    /// From the settings, or why they cannot make one.
+    pub fn new(cents: i64, expiry_days: u32) -> Result<SignupBonus, String> {
+        let amount = Micros::from_cents(cents)
+            .map_err(|_| "configuration key `credits.signup_bonus_cents`: too large".to_owned())?;
+        let lifetime = match expiry_days {
+            0 => None,
+            days if days > MAX_EXPIRY_DAYS => {
+                return Err(format!(
+                    "configuration key `credits.signup_bonus_expiry_days`: at most {MAX_EXPIRY_DAYS} (0: never)"
+                ))
+            }
+            days => Some(chrono::Duration::days(i64::from(days))),
+        };
+        Ok(SignupBonus { amount, lifetime })
+    }
+}
+
+/// What asking for the signup bonus gave. Built once per request and
+/// consumed at once: boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Bonus {
     /// Credited now, or earlier to this account (`replayed`).
     Granted(crate::ledger::Outcome<crate::ledger::TransactionRecord>),
@@ -45,7 +77,7 @@ pub fn email_hash(email: &str) -> Option<String> {
     Some(digest.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
-/// The signup bonus of `amount`, once per person.
+/// The signup bonus (expiring after its lifetime, if any), once per person.
 ///
 /// A user whose verified email is known is a person by that email: the
 /// account first claims it in `signup_bonus_claims` (one row per email,
@@ -59,9 +91,24 @@ pub fn email_hash(email: &str) -> Option<String> {
 pub async fn grant_signup_bonus(
     engine: &Engine,
     pool: &Pool,
-    amount: Micros,
+    bonus: SignupBonus,
     account: AccountId,
 ) -> Result<Bonus, LedgerError> {
+    let amount = bonus.amount;
+    let expires_at = match bonus.lifetime {
+        None => None,
+        Some(lifetime) => Some(
+            engine
+                .clock()
+                .now()
+                .checked_add_signed(lifetime)
+                .ok_or_else(|| {
+                    LedgerError::InvalidRequest(
+                        "credits.signup_bonus_expiry_days: the expiry is out of range".into(),
+                    )
+                })?,
+        ),
+    };
     if !claim_email(pool, account).await? {
         reverse_second_bonus(engine, pool, account).await?;
         return Ok(Bonus::TakenByAnotherAccount);
@@ -74,6 +121,7 @@ pub async fn grant_signup_bonus(
         stripe_session_id: None,
         stripe_payment_id: None,
         metadata: None,
+        expires_at,
     };
     Ok(Bonus::Granted(engine.credit(account, posting).await?))
 }
@@ -115,6 +163,7 @@ async fn reverse_second_bonus(
         stripe_session_id: None,
         stripe_payment_id: None,
         metadata: Some(json!({ "reason": "duplicate_signup_bonus" })),
+        expires_at: None,
     };
     engine.debit(account, posting).await?;
     Ok(())

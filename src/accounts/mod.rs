@@ -14,7 +14,7 @@ pub mod cipher;
 pub mod keys;
 pub mod users;
 
-pub use bonus::{grant_signup_bonus, Bonus};
+pub use bonus::{grant_signup_bonus, Bonus, SignupBonus};
 pub use cipher::KeyCipher;
 pub use keys::StoredKeys;
 pub use users::{AccountError, ClerkUserId, Users};

@@ -11,7 +11,6 @@ use serde::Deserialize;
 use crate::accounts::users::Profile;
 use crate::accounts::{bonus, Bonus, ClerkUserId, Users};
 use crate::ledger::{Engine, LedgerError};
-use crate::money::Micros;
 use crate::webhooks::Outcome;
 
 /// The event types creditd handles, as counted.
@@ -192,7 +191,7 @@ pub struct Effects<'a> {
     pub users: &'a Users,
     pub engine: &'a Engine,
     pub pool: &'a Pool,
-    pub signup_bonus: Micros,
+    pub signup_bonus: crate::accounts::SignupBonus,
 }
 
 impl UserEvent {

@@ -30,12 +30,13 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "signup_bonus_claims",
         include_str!("../../sql/0004_signup_bonus_claims.sql"),
     ),
+    (5, "grants", include_str!("../../sql/0005_grants.sql")),
     (
-        5,
+        6,
         "spend_limits",
-        include_str!("../../sql/0005_spend_limits.sql"),
+        include_str!("../../sql/0006_spend_limits.sql"),
     ),
-    (6, "referrals", include_str!("../../sql/0006_referrals.sql")),
+    (7, "referrals", include_str!("../../sql/0007_referrals.sql")),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::auth::require_admin;
 use super::error::{parse_json, ApiError};
-use super::views::{HoldView, TransactionView, UsageView};
+use super::views::{GrantView, HoldView, TransactionView, UsageView};
 use super::{read_body, State};
 use crate::accounts::{users, ClerkUserId};
 use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
@@ -28,6 +28,9 @@ pub(super) struct Adjustment {
     reason: String,
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// When the credit's grant expires (credits of type ADJUSTMENT or
+    /// PROMO_BONUS only; RFC 3339, in the future). None: never.
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
@@ -99,6 +102,11 @@ async fn adjust(
         .checked_abs()
         .map(Micros::new)
         .ok_or_else(|| ApiError::invalid("field `amountMicros`: out of range"))?;
+    if adjustment.expires_at.is_some() && adjustment.amount_micros < 0 {
+        return Err(ApiError::invalid(
+            "field `expiresAt`: only a credit (positive amountMicros) can expire",
+        ));
+    }
     let account = state.any_account(&user).await?;
     let posting = Posting {
         key,
@@ -108,6 +116,7 @@ async fn adjust(
         stripe_session_id: None,
         stripe_payment_id: None,
         metadata: Some(json!({ "source": "admin" })),
+        expires_at: adjustment.expires_at,
     };
     let outcome = if adjustment.amount_micros > 0 {
         state.engine.credit(account, posting).await?
@@ -168,6 +177,7 @@ async fn account(
         "version": snapshot.version,
         "plan": plan,
         "holds": snapshot.holds.iter().map(HoldView::from).collect::<Vec<_>>(),
+        "grants": snapshot.grants.iter().map(GrantView::from).collect::<Vec<_>>(),
         "transactions": transactions.iter().map(TransactionView::from).collect::<Vec<_>>(),
         "usages": usages.iter().map(UsageView::from).collect::<Vec<_>>(),
     })))

@@ -9,7 +9,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::error::{ApiError, Code};
-use super::views::{History, Page, TransactionView, UsageView};
+use super::views::{GrantView, History, Page, TransactionView, UsageView};
 use super::State;
 use crate::accounts::{self, users, Bonus};
 use crate::ledger::{store, AccountId};
@@ -85,6 +85,9 @@ pub(super) struct Overview<'a> {
     transactions: &'a RawValue,
     #[schema(value_type = Vec<UsageView>)]
     usages: &'a RawValue,
+    /// What the balance is made of: the grants with money left, in spend
+    /// order (promo before paid, then earliest expiry, then oldest).
+    grants: Vec<GrantView>,
 }
 
 /// Balance, holds, the 10 newest transactions and usages.
@@ -98,7 +101,8 @@ pub(super) struct Overview<'a> {
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let snapshot = state.engine.balance_summary(account).await?;
+    let full = state.engine.balance(account).await?;
+    let snapshot = full.summary();
     let history = history(&state, account, snapshot.version).await?;
     let low = Micros::new(state.settings.credits.low_balance_cents * MICROS_PER_CENT);
     Ok(HttpResponse::Ok().json(Overview {
@@ -111,6 +115,7 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
         has_byok: history.has_byok,
         transactions: &history.transactions,
         usages: &history.usages,
+        grants: full.grants.iter().map(GrantView::from).collect(),
     }))
 }
 
@@ -237,8 +242,8 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
 
 /// The signup bonus, once per person (see `accounts::bonus`).
 async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Bonus, ApiError> {
-    let amount = state.signup_bonus;
-    Ok(accounts::grant_signup_bonus(&state.engine, &state.pool, amount, account).await?)
+    let bonus = state.signup_bonus;
+    Ok(accounts::grant_signup_bonus(&state.engine, &state.pool, bonus, account).await?)
 }
 
 /// The signup bonus: 201 the first time, 200 with the same transaction

@@ -16,7 +16,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::error::Code;
-use super::views::{HoldView, TransactionView, UsageView};
+use super::views::{GrantView, HoldView, TransactionView, UsageView};
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -230,6 +230,8 @@ pub struct AdminAccount {
     version: i64,
     plan: String,
     holds: Vec<HoldView>,
+    /// Grants with money left, in spend order.
+    grants: Vec<GrantView>,
     transactions: Vec<TransactionView>,
     usages: Vec<UsageView>,
 }

@@ -31,8 +31,8 @@ pub struct AppState {
     pub byok: Option<crate::accounts::KeyCipher>,
     /// `None` when `clerk_webhook.signing_secret` is empty.
     pub clerk_webhook_key: Option<crate::clerk::svix::SigningKey>,
-    /// `credits.signup_bonus_cents`, in micros.
-    pub signup_bonus: crate::money::Micros,
+    /// `credits.signup_bonus_cents` in micros, and its lifetime.
+    pub signup_bonus: crate::accounts::SignupBonus,
     /// `credits.referral_bonus_cents` (in micros) and its expiry.
     pub referral_bonus: crate::referrals::Bonus,
     /// Platform chats whose settlement may still be pending.

@@ -9,7 +9,59 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::error::ApiError;
-use crate::ledger::{HoldRecord, TransactionRecord, UsageRecord};
+use crate::ledger::{GrantRecord, GrantSpend, HoldRecord, TransactionRecord, UsageRecord};
+
+/// The part of a debit or usage one grant paid.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PaidByView {
+    pub grant_id: Uuid,
+    /// `PAID` or `PROMO`.
+    #[schema(value_type = String)]
+    pub kind: &'static str,
+    pub amount_micros: i64,
+}
+
+fn paid_by(spends: &[GrantSpend]) -> Vec<PaidByView> {
+    spends
+        .iter()
+        .map(|spend| PaidByView {
+            grant_id: spend.grant_id,
+            kind: spend.kind.as_str(),
+            amount_micros: spend.amount_micros.get(),
+        })
+        .collect()
+}
+
+/// A grant with money left: spent in order, promo before paid, then
+/// earliest expiry (none last), then oldest.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantView {
+    pub id: Uuid,
+    /// `PAID` (never expires) or `PROMO`.
+    #[schema(value_type = String)]
+    pub kind: &'static str,
+    pub amount_micros: i64,
+    pub remaining_micros: i64,
+    /// None: never expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The Stripe Checkout session of a top-up, else the credit's key.
+    pub source: String,
+}
+
+impl From<&GrantRecord> for GrantView {
+    fn from(g: &GrantRecord) -> Self {
+        GrantView {
+            id: g.id,
+            kind: g.kind.as_str(),
+            amount_micros: g.amount_micros.get(),
+            remaining_micros: g.remaining_micros.get(),
+            expires_at: g.expires_at,
+            source: g.source.clone(),
+        }
+    }
+}
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -26,6 +78,9 @@ pub struct TransactionView {
     pub balance_before_micros: i64,
     pub balance_after_micros: i64,
     pub created_at: DateTime<Utc>,
+    /// A debit's grants, in spend order; amountMicros − their sum is the
+    /// debt it left. Empty for a credit.
+    pub paid_by: Vec<PaidByView>,
 }
 
 impl From<&TransactionRecord> for TransactionView {
@@ -40,6 +95,7 @@ impl From<&TransactionRecord> for TransactionView {
             balance_before_micros: t.balance_before_micros.get(),
             balance_after_micros: t.balance_after_micros.get(),
             created_at: t.created_at,
+            paid_by: paid_by(&t.paid_by),
         }
     }
 }
@@ -61,6 +117,9 @@ pub struct UsageView {
     pub message_id: Option<String>,
     pub balance_after_micros: i64,
     pub created_at: DateTime<Utc>,
+    /// The grants that paid its cost, in spend order; costMicros − their
+    /// sum is the debt it left.
+    pub paid_by: Vec<PaidByView>,
 }
 
 impl From<&UsageRecord> for UsageView {
@@ -84,6 +143,7 @@ impl From<&UsageRecord> for UsageView {
             message_id: u.message_id.clone(),
             balance_after_micros: u.balance_after_micros.get(),
             created_at: u.created_at,
+            paid_by: paid_by(&u.paid_by),
         }
     }
 }

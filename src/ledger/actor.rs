@@ -233,6 +233,8 @@ impl AccountActor {
         // What the balance row holds before this entry, should the writer
         // have to put it back.
         let (balance_before, held_before) = (state.balance.get(), state.held.get());
+        drop(state.take_grant_writes());
+        let mut expiring = false;
         let (value, seq, replayed) = match operation(state, now, durable_seq) {
             Ok(Applied::New { value, record }) => {
                 // The candidate state is checked before its entry leaves:
@@ -255,9 +257,11 @@ impl AccountActor {
                     balance_after: state.balance.get(),
                     held_after: state.held.get(),
                     record,
+                    grants: state.take_grant_writes(),
                     durable: self.durable_tx.clone(),
                 };
                 let seq = state.seq;
+                expiring = entry.grants.iter().any(|w| w.grant.expires_at.is_some());
                 if hold_back {
                     self.pending = Some((permit, entry));
                     ctx.run_later(hold_delay, move |actor, _| {
@@ -275,6 +279,11 @@ impl AccountActor {
         };
         if !replayed {
             self.published.set(Some(state.snapshot_summary()));
+        }
+        if expiring {
+            // A grant that expires (or an expired one just spent from):
+            // the timer wakes the actor when it is due.
+            self.schedule(ctx);
         }
         if answer == Answer::WhenApplied {
             return ready(Ok(Outcome {
@@ -350,11 +359,59 @@ impl AccountActor {
         replies
     }
 
+    /// Expires (journaling each) the unheld remainder of every grant past
+    /// its expiry by `now`. Returns the replies.
+    fn expire_grants(
+        &mut self,
+        ctx: &mut Context<Self>,
+        now: DateTime<Utc>,
+    ) -> Vec<Reply<Outcome<Option<TransactionRecord>>>> {
+        let due = match self.state() {
+            Some(state) => state.expired_grants(now),
+            None => return Vec::new(),
+        };
+        due.into_iter()
+            .map(|grant| {
+                self.apply(ctx, move |state, at, durable| {
+                    state.expire_grant(grant, at.max(now), durable)
+                })
+            })
+            .collect()
+    }
+
+    /// Expires what is due of the grants before an operation spends them
+    /// (or after one freed what holds kept of an expired grant); nobody
+    /// waits for these: a failure is logged and retried after reload.
+    fn expire_grants_due(&mut self, ctx: &mut Context<Self>) {
+        if !matches!(self.phase, Phase::Ready(_)) {
+            return;
+        }
+        let now = self.settings.clock.now();
+        for reply in self.expire_grants(ctx, now) {
+            ctx.spawn(
+                async move {
+                    if let Err(error) = reply.await {
+                        tracing::warn!(%error, "grant expiry not committed; retried after reload");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
+
     /// Arms the housekeeping timer for the next expiry or the idle deadline.
     fn schedule(&mut self, ctx: &mut Context<Self>) {
         let now = Instant::now();
         let idle_at = self.last_activity + self.settings.idle_timeout;
-        let expiry_at = self.state().and_then(|s| s.next_expiry()).map(|at| {
+        let clock_now = self.settings.clock.now();
+        let next =
+            self.state().and_then(
+                |s| match (s.next_expiry(), s.next_grant_expiry(clock_now)) {
+                    (Some(hold), Some(grant)) => Some(hold.min(grant)),
+                    (hold, grant) => hold.or(grant),
+                },
+            );
+        let expiry_at = next.map(|at| {
             let wait = (at - self.settings.clock.now())
                 .to_std()
                 .unwrap_or(Duration::ZERO);
@@ -395,6 +452,9 @@ impl AccountActor {
                 .into_actor(self),
             );
         }
+        // Grants expire after the holds: an expired hold no longer keeps
+        // its part of an expired grant.
+        self.expire_grants_due(ctx);
         let quiet = self.state().is_some_and(|state| {
             state.holds.is_empty() && self.durable_rx.borrow().seq >= state.seq
         });
@@ -418,6 +478,7 @@ impl AccountActor {
             stored.held,
             stored.version,
             stored.holds,
+            stored.grants,
             self.settings.recent_keys,
         );
         if let Some((limits, counters)) = spending {
@@ -461,6 +522,7 @@ impl Actor for AccountActor {
                         held: Micros::ZERO,
                         version: 0,
                         holds: Vec::new(),
+                        grants: opening_grant(opening_balance, clock.now()),
                     },
                     None,
                 )),
@@ -481,6 +543,25 @@ impl Actor for AccountActor {
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         (self.deregister)();
     }
+}
+
+/// The one paid grant holding a stubbed account's opening balance.
+fn opening_grant(balance: Micros, now: DateTime<Utc>) -> Vec<GrantRecord> {
+    if !balance.is_positive() {
+        return Vec::new();
+    }
+    vec![GrantRecord {
+        id: uuid::Uuid::new_v4(),
+        kind: GrantKind::Paid,
+        amount_micros: balance,
+        remaining_micros: balance,
+        expires_at: None,
+        source: "opening".into(),
+        stripe_payment_id: None,
+        transaction_id: None,
+        seq: 0,
+        created_at: now,
+    }]
 }
 
 /// Credits an account (bonus, top-up, promo, adjustment), idempotent by key.
@@ -552,9 +633,19 @@ pub struct ExpireHolds {
     pub now: DateTime<Utc>,
 }
 
+/// Expires every grant due at `now` (also done by the actor's own timer
+/// and before every operation): the debits it journaled. Sent from
+/// `Engine::expire_grants` (tests moving a manual clock).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Vec<TransactionRecord>, LedgerError>")]
+pub struct ExpireGrants {
+    pub now: DateTime<Utc>,
+}
+
 /// The account as its actor sees it. Sent from `Engine::balance` to the
 /// account's actor when a read must see every operation applied so far (a
-/// chat refused for its balance, the admin account view, `creditd balance`).
+/// chat refused for its balance, the balance page and its grants, the admin
+/// account view, `creditd balance`).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<BalanceSnapshot, LedgerError>")]
 pub struct GetBalance;
@@ -652,6 +743,7 @@ impl Handler<Credit> for AccountActor {
     type Result = ResponseFuture<Result<Outcome<TransactionRecord>, LedgerError>>;
 
     fn handle(&mut self, msg: Credit, ctx: &mut Context<Self>) -> Self::Result {
+        self.expire_grants_due(ctx);
         self.post(ctx, Direction::Credit, msg.posting)
     }
 }
@@ -660,6 +752,7 @@ impl Handler<Debit> for AccountActor {
     type Result = ResponseFuture<Result<Outcome<TransactionRecord>, LedgerError>>;
 
     fn handle(&mut self, msg: Debit, ctx: &mut Context<Self>) -> Self::Result {
+        self.expire_grants_due(ctx);
         self.post(ctx, Direction::Debit, msg.posting)
     }
 }
@@ -672,6 +765,7 @@ impl Handler<Reserve> for AccountActor {
         for reply in self.expire_due(ctx, self.settings.clock.now()) {
             drop(reply);
         }
+        self.expire_grants_due(ctx);
         let ttl = self.settings.hold_ttl;
         let reply = self.apply_answering(ctx, msg.answer, move |state, now, _| {
             state.reserve(msg.hold_id, msg.amount, now, now + ttl)
@@ -687,6 +781,7 @@ impl Handler<Clawback> for AccountActor {
     type Result = ResponseFuture<Result<Outcome<Option<TransactionRecord>>, LedgerError>>;
 
     fn handle(&mut self, msg: Clawback, ctx: &mut Context<Self>) -> Self::Result {
+        self.expire_grants_due(ctx);
         let request = msg.request;
         let known = self
             .state()
@@ -730,9 +825,16 @@ impl Handler<Settle> for AccountActor {
 
     fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) -> Self::Result {
         let hold_id = msg.hold_id;
-        self.finish(ctx, hold_id, move |state, now, durable| {
+        self.expire_grants_due(ctx);
+        let reply = self.finish(ctx, hold_id, move |state, now, durable| {
             state.settle(hold_id, &msg.charge, now, durable)
-        })
+        });
+        // What the hold kept of an expired grant and did not spend expires.
+        self.expire_grants_due(ctx);
+        if matches!(self.phase, Phase::Ready(_)) {
+            self.schedule(ctx);
+        }
+        reply
     }
 }
 
@@ -741,9 +843,14 @@ impl Handler<Release> for AccountActor {
 
     fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) -> Self::Result {
         let hold_id = msg.hold_id;
-        self.finish(ctx, hold_id, move |state, now, durable| {
+        let reply = self.finish(ctx, hold_id, move |state, now, durable| {
             state.release(hold_id, HoldStatus::Released, now, durable)
-        })
+        });
+        self.expire_grants_due(ctx);
+        if matches!(self.phase, Phase::Ready(_)) {
+            self.schedule(ctx);
+        }
+        reply
     }
 }
 
@@ -755,12 +862,34 @@ impl Handler<ExpireHolds> for AccountActor {
             return ready(Err(error));
         }
         let replies = self.expire_due(ctx, msg.now);
+        // What expired holds kept of expired grants expires with them.
+        self.expire_grants_due(ctx);
         Box::pin(async move {
             let mut released = Vec::with_capacity(replies.len());
             for reply in replies {
                 released.push(reply.await?.record);
             }
             Ok(released)
+        })
+    }
+}
+
+impl Handler<ExpireGrants> for AccountActor {
+    type Result = ResponseFuture<Result<Vec<TransactionRecord>, LedgerError>>;
+
+    fn handle(&mut self, msg: ExpireGrants, ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.gate(ctx) {
+            return ready(Err(error));
+        }
+        let replies = self.expire_grants(ctx, msg.now);
+        Box::pin(async move {
+            let mut expired = Vec::with_capacity(replies.len());
+            for reply in replies {
+                if let Some(record) = reply.await?.record {
+                    expired.push(record);
+                }
+            }
+            Ok(expired)
         })
     }
 }

@@ -469,6 +469,16 @@ impl Engine {
         self.directory.call(account, ExpireHolds { now }).await
     }
 
+    /// Expires the grants due at `now` (the account's actor also does so on
+    /// its own); the `EXPIRED` debits journaled.
+    pub async fn expire_grants(
+        &self,
+        account: AccountId,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<TransactionRecord>, LedgerError> {
+        self.directory.call(account, ExpireGrants { now }).await
+    }
+
     /// Changes an account's spending limits; answers once they are stored.
     pub async fn set_limits(
         &self,

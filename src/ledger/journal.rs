@@ -89,6 +89,14 @@ pub(crate) enum Record {
     Released(ReleaseRecord),
 }
 
+/// A grant row an entry inserts (`before` none) or whose remaining
+/// amount it moves (from `before`).
+#[derive(Debug, Clone)]
+pub(crate) struct GrantWrite {
+    pub grant: GrantRecord,
+    pub before: Option<crate::money::Micros>,
+}
+
 /// An account's durability as the writer last saw it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Durable {
@@ -113,6 +121,8 @@ pub(crate) struct Entry {
     pub balance_after: i64,
     pub held_after: i64,
     pub record: Record,
+    /// The grant rows its operation inserted or changed.
+    pub grants: Vec<GrantWrite>,
     pub durable: DurableSender,
 }
 
@@ -350,6 +360,8 @@ struct Statements {
     insert_usages: Statement,
     finish_holds: Statement,
     undo_accounts: Statement,
+    upsert_grants: Statement,
+    undo_grants: Statement,
 }
 
 struct WriterConnection {
@@ -826,6 +838,26 @@ impl Entry {
         if self.held_after < 0 {
             return Err(format!("held_micros would be {}", self.held_after));
         }
+        for write in &self.grants {
+            let g = &write.grant;
+            positive("grant amount_micros", g.amount_micros.get())?;
+            if g.remaining_micros.is_negative() || g.remaining_micros > g.amount_micros {
+                return Err(format!(
+                    "grant remaining_micros {} is outside 0..={}",
+                    g.remaining_micros.get(),
+                    g.amount_micros.get()
+                ));
+            }
+            if g.kind == GrantKind::Paid && g.expires_at.is_some() {
+                return Err("a paid grant cannot expire".into());
+            }
+            text("grant source", &g.source)?;
+            optional_text("grant stripe_payment_id", &g.stripe_payment_id)?;
+            time("grant created_at", &g.created_at)?;
+            if let Some(at) = &g.expires_at {
+                time("grant expires_at", at)?;
+            }
+        }
         match &self.record {
             Record::Transaction(t) => {
                 positive("amount_micros", t.amount_micros.get())?;
@@ -878,6 +910,8 @@ impl Statements {
             insert_usages: client.prepare(super::store::sql::INSERT_USAGES).await?,
             finish_holds: client.prepare(super::store::sql::FINISH_HOLDS).await?,
             undo_accounts: client.prepare(super::store::sql::UNDO_ACCOUNTS).await?,
+            upsert_grants: client.prepare(super::store::sql::UPSERT_GRANTS).await?,
+            undo_grants: client.prepare(super::store::sql::UNDO_GRANTS).await?,
         })
     }
 }
@@ -899,6 +933,22 @@ struct Columns {
     tx_after: Vec<i64>,
     tx_metadata: Vec<Option<serde_json::Value>>,
     tx_created: Vec<DateTime<Utc>>,
+    tx_paid_by: Vec<Option<serde_json::Value>>,
+    // credit_grants (one row per grant: its last state in the batch)
+    grant_id: Vec<Uuid>,
+    grant_user: Vec<i64>,
+    grant_kind: Vec<&'static str>,
+    grant_amount: Vec<i64>,
+    grant_remaining: Vec<i64>,
+    grant_expires: Vec<Option<DateTime<Utc>>>,
+    grant_source: Vec<String>,
+    grant_payment: Vec<Option<String>>,
+    grant_transaction: Vec<Option<Uuid>>,
+    grant_seq: Vec<i64>,
+    grant_created: Vec<DateTime<Utc>>,
+    /// Grants written in this batch, by id: their row index above and
+    /// their remaining amount before the batch (none: inserted by it).
+    grant_rows: HashMap<Uuid, (usize, Option<i64>)>,
     // credit_holds (new)
     hold_id: Vec<Uuid>,
     hold_user: Vec<i64>,
@@ -934,6 +984,23 @@ struct Columns {
     use_before: Vec<i64>,
     use_after: Vec<i64>,
     use_created: Vec<DateTime<Utc>>,
+    use_paid_by: Vec<Option<serde_json::Value>>,
+}
+
+/// `paid_by` as stored: [{grantId, kind, amountMicros}].
+fn paid_by_json(paid_by: &[GrantSpend]) -> Option<serde_json::Value> {
+    Some(serde_json::Value::Array(
+        paid_by
+            .iter()
+            .map(|spend| {
+                serde_json::json!({
+                    "grantId": spend.grant_id,
+                    "kind": spend.kind.as_str(),
+                    "amountMicros": spend.amount_micros.get(),
+                })
+            })
+            .collect(),
+    ))
 }
 
 /// Token counts are u64 in memory and BIGINT in PostgreSQL; counts past
@@ -960,6 +1027,10 @@ impl Columns {
                 self.tx_after.push(t.balance_after_micros.get());
                 self.tx_metadata.push(t.metadata.clone());
                 self.tx_created.push(t.created_at);
+                self.tx_paid_by.push(match t.direction {
+                    Direction::Debit => paid_by_json(&t.paid_by),
+                    Direction::Credit => None,
+                });
             }
             Record::HoldPlaced(h) => {
                 self.placed.insert((account.0, h.id.0), self.hold_id.len());
@@ -993,11 +1064,36 @@ impl Columns {
                 self.use_before.push(u.balance_before_micros.get());
                 self.use_after.push(u.balance_after_micros.get());
                 self.use_created.push(u.created_at);
+                self.use_paid_by.push(paid_by_json(&u.paid_by));
             }
             Record::Released(r) => {
                 self.finish_hold(account, r.hold_id, r.status, r.seq, r.finished_at);
             }
         }
+    }
+
+    /// A grant's state after this entry; its row carries the last one.
+    fn push_grant(&mut self, account: AccountId, write: &GrantWrite) {
+        let g = &write.grant;
+        if let Some((row, _)) = self.grant_rows.get(&g.id) {
+            self.grant_remaining[*row] = g.remaining_micros.get();
+            return;
+        }
+        self.grant_rows.insert(
+            g.id,
+            (self.grant_id.len(), write.before.map(|before| before.get())),
+        );
+        self.grant_id.push(g.id);
+        self.grant_user.push(account.0);
+        self.grant_kind.push(g.kind.as_str());
+        self.grant_amount.push(g.amount_micros.get());
+        self.grant_remaining.push(g.remaining_micros.get());
+        self.grant_expires.push(g.expires_at);
+        self.grant_source.push(g.source.clone());
+        self.grant_payment.push(g.stripe_payment_id.clone());
+        self.grant_transaction.push(g.transaction_id);
+        self.grant_seq.push(g.seq);
+        self.grant_created.push(g.created_at);
     }
 
     fn finish_hold(
@@ -1065,6 +1161,9 @@ async fn write_groups(
         }
         for entry in &group.entries {
             columns.push(group.account, &entry.record);
+            for write in &entry.grants {
+                columns.push_grant(group.account, write);
+            }
         }
     }
     let c = &columns;
@@ -1109,6 +1208,7 @@ async fn write_groups(
                 &c.tx_after,
                 &c.tx_metadata,
                 &c.tx_created,
+                &c.tx_paid_by,
             ],
         )
         .await
@@ -1136,6 +1236,7 @@ async fn write_groups(
                 &c.use_before,
                 &c.use_after,
                 &c.use_created,
+                &c.use_paid_by,
             ],
         )
         .await
@@ -1150,14 +1251,37 @@ async fn write_groups(
         )
         .await
     };
+    let grants = async {
+        if c.grant_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(
+            &statements.upsert_grants,
+            &[
+                &c.grant_id,
+                &c.grant_user,
+                &c.grant_kind,
+                &c.grant_amount,
+                &c.grant_remaining,
+                &c.grant_expires,
+                &c.grant_source,
+                &c.grant_payment,
+                &c.grant_transaction,
+                &c.grant_seq,
+                &c.grant_created,
+            ],
+        )
+        .await
+    };
     // Pipelined on one connection, executed in this order by the server:
     // holds exist before usages reference them and before they finish.
-    let (holds, transactions, usages, finished) =
-        tokio::try_join!(holds, transactions, usages, finished)?;
+    let (holds, transactions, usages, finished, grants) =
+        tokio::try_join!(holds, transactions, usages, finished, grants)?;
     let holds = written_rows(&holds)?;
     let transactions = written_rows(&transactions)?;
     let usages = written_rows(&usages)?;
     let finished = written_rows(&finished)?;
+    let grants = written_rows(&grants)?;
 
     // Per account, rows sent minus rows written: anything but zero means a
     // row of it was skipped (a unique constraint) or a finish matched no
@@ -1169,6 +1293,7 @@ async fn write_groups(
         .chain(&c.tx_user)
         .chain(&c.use_user)
         .chain(&c.fin_user)
+        .chain(&c.grant_user)
     {
         *missing.entry(*user).or_default() += 1;
     }
@@ -1177,6 +1302,7 @@ async fn write_groups(
         .chain(&transactions)
         .chain(&usages)
         .chain(&finished)
+        .chain(&grants)
     {
         *missing.entry(*user).or_default() -= 1;
     }
@@ -1194,10 +1320,49 @@ async fn write_groups(
             [&holds, &transactions, &usages, &finished],
         )
         .await?;
+        undo_grants(&tx, statements, &columns, &refused).await?;
         written.refused.extend(refused.into_iter().map(AccountId));
     }
     tx.commit().await?;
     Ok(written)
+}
+
+/// Puts a refused account's grant rows back: those this batch inserted
+/// are deleted, the others get their remaining amount from before it.
+async fn undo_grants(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+    refused: &HashSet<i64>,
+) -> Result<(), tokio_postgres::Error> {
+    let (mut new_ids, mut new_users) = (Vec::new(), Vec::new());
+    let (mut old_ids, mut old_users, mut old_remaining) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, (row, before)) in &columns.grant_rows {
+        let user = columns.grant_user[*row];
+        if !refused.contains(&user) {
+            continue;
+        }
+        match before {
+            None => {
+                new_ids.push(*id);
+                new_users.push(user);
+            }
+            Some(before) => {
+                old_ids.push(*id);
+                old_users.push(user);
+                old_remaining.push(*before);
+            }
+        }
+    }
+    if new_ids.is_empty() && old_ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        &statements.undo_grants,
+        &[&new_ids, &new_users, &old_ids, &old_users, &old_remaining],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The (id, user id) of each row a statement wrote.
@@ -1270,6 +1435,7 @@ mod tests {
             balance_after: 0,
             held_after: 0,
             record,
+            grants: Vec::new(),
             durable: Arc::new(durable),
         }
     }
@@ -1289,6 +1455,7 @@ mod tests {
             balance_before_micros: Micros::ZERO,
             balance_after_micros: Micros::new(5),
             created_at: Utc::now(),
+            paid_by: Vec::new(),
         })
     }
 

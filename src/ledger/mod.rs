@@ -19,8 +19,8 @@ pub mod store;
 mod types;
 
 pub use actor::{
-    AccountActor, Answer, Clawback, Credit, Debit, ExpireHolds, GetBalance, GetSpending, Release,
-    Reserve, SetLimits, Settle,
+    AccountActor, Answer, Clawback, Credit, Debit, ExpireGrants, ExpireHolds, GetBalance,
+    GetSpending, Release, Reserve, SetLimits, Settle,
 };
 pub use directory::{Directory, Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};

@@ -9,7 +9,15 @@
 //!   (so no operation was applied twice or lost);
 //! - every journal row belongs to an account, every usage to its settled
 //!   hold; a usage charged late (`held_micros` 0: its hold had expired, was
-//!   released or was lost) to no active or settled hold.
+//!   released or was lost) to no active or settled hold;
+//! - grants: Σ remaining − debt = balance with debt ≥ 0, and debt only
+//!   once no unexpired grant has money left; remaining ≤ amount; a grant
+//!   never paid more than it had (its spends + remaining ≤ amount);
+//! - every debit's and usage's `paid_by` names grants of its account, each
+//!   part positive, their sum at most its amount (the rest is debt);
+//! - no grant paid after its expiry, except the settlement of a hold
+//!   placed before it. (What is left of a grant past its expiry may still
+//!   be there: an account not loaded expires its grants when it loads.)
 
 use serde::Serialize;
 use tokio_postgres::{Client, IsolationLevel};
@@ -112,6 +120,79 @@ const ORPHANS: &str = "
                       AND (h.user_id <> u.user_id OR h.status IN ('ACTIVE', 'SETTLED')))
      ORDER BY 1, 2 LIMIT $1";
 
+/// Per account: the balance, Σ remaining, and what unexpired grants hold.
+/// "Unexpired" as of the account's last entry or now, whichever is later:
+/// the engine's clock wrote the entries' times.
+const GRANT_SUMS: &str = "
+    WITH last AS (
+        SELECT user_id, max(created_at) AS at FROM (
+            SELECT user_id, created_at FROM credit_transactions
+            UNION ALL SELECT user_id, created_at FROM credit_usages) e
+         GROUP BY user_id),
+    g AS (
+        SELECT g.user_id, sum(g.remaining_micros) AS granted,
+               sum(g.remaining_micros) FILTER (
+                   WHERE g.expires_at IS NULL OR g.expires_at > greatest(now(), l.at))
+                   AS spendable
+          FROM credit_grants g LEFT JOIN last l USING (user_id)
+         GROUP BY g.user_id)
+    SELECT b.user_id, b.balance_micros::text, coalesce(g.granted, 0)::text,
+           coalesce(g.spendable, 0)::text
+      FROM credit_balances b LEFT JOIN g USING (user_id)
+     WHERE coalesce(g.granted, 0) < b.balance_micros
+        OR (coalesce(g.granted, 0) > b.balance_micros AND coalesce(g.spendable, 0) > 0)
+     ORDER BY b.user_id LIMIT $1";
+
+/// Every part of every `paid_by`, with its entry.
+const SPENDS: &str = "
+    spends AS (
+        SELECT t.user_id, t.seq, 'debit' AS entry, t.type, t.amount_micros AS total,
+               t.created_at, NULL::uuid AS hold_id,
+               (p->>'grantId')::uuid AS grant_id, (p->>'amountMicros')::int8 AS amount
+          FROM credit_transactions t, jsonb_array_elements(t.paid_by) p
+         WHERE t.paid_by IS NOT NULL
+        UNION ALL
+        SELECT u.user_id, u.seq, 'usage', NULL, u.cost_micros, u.created_at, u.hold_id,
+               (p->>'grantId')::uuid, (p->>'amountMicros')::int8
+          FROM credit_usages u, jsonb_array_elements(u.paid_by) p
+         WHERE u.paid_by IS NOT NULL)";
+
+const PAID_BY: &str = "
+    WITH {SPENDS},
+    entries AS (
+        SELECT user_id, seq, entry, total, sum(amount) AS paid, min(amount) AS smallest
+          FROM spends GROUP BY user_id, seq, entry, total)
+    SELECT user_id, seq, entry || ' ' || seq || ': paid_by sums to ' || paid
+           || ' (smallest part ' || smallest || ') for an amount of ' || total
+      FROM entries WHERE paid > total OR smallest <= 0
+    UNION ALL
+    SELECT s.user_id, s.seq, s.entry || ' ' || s.seq || ': paid by grant ' || s.grant_id
+           || ', not a grant of this account'
+      FROM spends s
+     WHERE NOT EXISTS (SELECT 1 FROM credit_grants g
+                        WHERE g.id = s.grant_id AND g.user_id = s.user_id)
+    UNION ALL
+    SELECT g.user_id, 0, 'grant ' || g.id || ': remaining ' || g.remaining_micros
+           || ' plus ' || coalesce(sum(s.amount), 0) || ' spent exceeds its amount '
+           || g.amount_micros
+      FROM credit_grants g LEFT JOIN spends s ON s.grant_id = g.id AND s.user_id = g.user_id
+     GROUP BY g.id, g.user_id, g.remaining_micros, g.amount_micros
+    HAVING g.remaining_micros + coalesce(sum(s.amount), 0) > g.amount_micros
+        OR g.remaining_micros > g.amount_micros
+    ORDER BY 1, 2 LIMIT $1";
+
+const EXPIRY: &str = "
+    WITH {SPENDS}
+    SELECT s.user_id, s.seq, s.entry || ' ' || s.seq || ': paid ' || s.amount
+           || ' by grant ' || g.id || ' after it expired at ' || g.expires_at
+      FROM spends s JOIN credit_grants g ON g.id = s.grant_id AND g.user_id = s.user_id
+     WHERE g.expires_at IS NOT NULL AND s.created_at > g.expires_at
+       AND s.type IS DISTINCT FROM 'EXPIRED'
+       AND NOT EXISTS (SELECT 1 FROM credit_holds h
+                        WHERE s.hold_id IS NOT NULL AND h.id = s.hold_id
+                          AND h.user_id = s.user_id AND h.created_at < g.expires_at)
+    ORDER BY 1, 2 LIMIT $1";
+
 /// Runs every check in one read-only snapshot.
 pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_postgres::Error> {
     let tx = client
@@ -176,6 +257,33 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
                 "version {version}; journal has {n} entries, {distinct} distinct seqs, from {bottom} to {top}"
             ),
         });
+    }
+    for row in tx.query(GRANT_SUMS, &[&LIMIT]).await? {
+        let user_id: i64 = row.get(0);
+        let (balance, granted, spendable): (String, String, String) =
+            (row.get(1), row.get(2), row.get(3));
+        problems.push(Problem {
+            user_id,
+            check: "grants",
+            detail: format!(
+                "balance_micros is {balance}; grants hold {granted}, {spendable} of it unexpired: \
+                 the balance must be what the grants hold less a debt, and debt only once no \
+                 unexpired grant has money left"
+            ),
+        });
+    }
+    for (check, query) in [("paidBy", PAID_BY), ("expiry", EXPIRY)] {
+        for row in tx
+            .query(&query.replace("{SPENDS}", SPENDS), &[&LIMIT])
+            .await?
+        {
+            let (user_id, detail): (i64, String) = (row.get(0), row.get(2));
+            problems.push(Problem {
+                user_id,
+                check,
+                detail,
+            });
+        }
     }
     tx.commit().await?;
     Ok(ReconcileReport {

@@ -8,13 +8,16 @@ use std::hash::Hash;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::journal::Record;
+use super::journal::{GrantWrite, Record};
 use super::spend::SpendCounters;
 use super::types::*;
 use crate::money::Micros;
 
 /// What an operation produced: a new record to journal, or a replay of an
-/// earlier one (answered once the earlier one is durable).
+/// earlier one (answered once the earlier one is durable). Returned once
+/// per operation and taken apart at once by the actor: boxing the record
+/// would only add an allocation to every operation.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Applied<T> {
     New { value: T, record: Record },
     Replay { value: T, seq: i64 },
@@ -134,7 +137,13 @@ pub(crate) struct AccountState {
     /// The account's spending limits (none until loaded).
     pub limits: SpendLimits,
     /// Settled spend of the current UTC day and month.
-    spend: SpendCounters,
+    windows: SpendCounters,
+    /// Grants with money left, in spend order. Σ remaining − balance is
+    /// the debt (never negative).
+    grants: Vec<GrantRecord>,
+    /// Grant rows changed by the last operation, taken by the actor into
+    /// that operation's journal entry.
+    grant_writes: Vec<GrantWrite>,
 }
 
 /// Longest free text stored with an entry (a description, a Stripe id, a
@@ -217,9 +226,17 @@ impl AccountState {
         held: Micros,
         seq: i64,
         holds: Vec<HoldRecord>,
+        grants: Vec<GrantRecord>,
         recent_capacity: usize,
     ) -> Self {
+        let mut grants: Vec<GrantRecord> = grants
+            .into_iter()
+            .filter(|g| g.remaining_micros.is_positive())
+            .collect();
+        grants.sort_by_key(GrantRecord::spend_rank);
         AccountState {
+            grants,
+            grant_writes: Vec::new(),
             account,
             balance,
             held,
@@ -235,14 +252,14 @@ impl AccountState {
             clawed_back: HashMap::new(),
             recent_capacity,
             limits: SpendLimits::default(),
-            spend: SpendCounters::new(DateTime::<Utc>::MIN_UTC, Micros::ZERO, Micros::ZERO),
+            windows: SpendCounters::new(DateTime::<Utc>::MIN_UTC, Micros::ZERO, Micros::ZERO),
         }
     }
 
     /// Sets the limits and window counters loaded with the account.
     pub fn load_spending(&mut self, limits: SpendLimits, counters: SpendCounters) {
         self.limits = limits;
-        self.spend = counters;
+        self.windows = counters;
     }
 
     /// The limits and what each window counts at `now`.
@@ -250,8 +267,8 @@ impl AccountState {
         let limits = self.limits;
         SpendingSnapshot {
             limits,
-            daily: self.spend.window(&limits, LimitWindow::Daily, now),
-            monthly: self.spend.window(&limits, LimitWindow::Monthly, now),
+            daily: self.windows.window(&limits, LimitWindow::Daily, now),
+            monthly: self.windows.window(&limits, LimitWindow::Monthly, now),
             held_micros: self.held,
         }
     }
@@ -288,7 +305,9 @@ impl AccountState {
         self.finished.insert(hold, finished, seq, durable_seq);
     }
 
-    /// held = sum of active holds. A failure is a bug.
+    /// held = sum of active holds; the grants' remaining amounts are at
+    /// least the balance (the difference is debt), and within their amounts.
+    /// A failure is a bug.
     pub fn check_invariants(&self) -> Result<(), LedgerError> {
         let sum: i64 = self.holds.values().map(|h| h.amount_micros.get()).sum();
         if sum != self.held.get() {
@@ -298,7 +317,232 @@ impl AccountState {
                 self.held.get()
             )));
         }
+        let debt = i128::from(self.granted().get()) - i128::from(self.balance.get());
+        if debt < 0 {
+            return Err(LedgerError::Internal(format!(
+                "account {:?}: balance {} exceeds what its grants hold ({})",
+                self.account,
+                self.balance.get(),
+                self.granted().get()
+            )));
+        }
+        if let Some(grant) = self
+            .grants
+            .iter()
+            .find(|g| !g.remaining_micros.is_positive() || g.remaining_micros > g.amount_micros)
+        {
+            return Err(LedgerError::Internal(format!(
+                "account {:?}: grant {} holds {} of {}",
+                self.account,
+                grant.id,
+                grant.remaining_micros.get(),
+                grant.amount_micros.get()
+            )));
+        }
         Ok(())
+    }
+
+    /// Σ remaining of the grants (saturating: a sum past i64 is refused
+    /// when a credit would make it).
+    pub fn granted(&self) -> Micros {
+        Micros::new(
+            self.grants
+                .iter()
+                .fold(0_i64, |sum, g| sum.saturating_add(g.remaining_micros.get())),
+        )
+    }
+
+    /// What the account owes beyond its grants: Σ remaining − balance.
+    pub fn debt(&self) -> Micros {
+        Micros::new(
+            self.granted()
+                .get()
+                .saturating_sub(self.balance.get())
+                .max(0),
+        )
+    }
+
+    /// The grant rows the last operation changed (for its journal entry).
+    pub(crate) fn take_grant_writes(&mut self) -> Vec<GrantWrite> {
+        std::mem::take(&mut self.grant_writes)
+    }
+
+    /// Takes `amount` from the grants `eligible` allows, in spend order
+    /// (`first`: the grant paid by this Stripe payment, taken before the
+    /// others), and says which paid what. What they cannot pay is debt.
+    fn spend(
+        &mut self,
+        amount: Micros,
+        first: Option<&str>,
+        eligible: impl Fn(&GrantRecord) -> bool,
+    ) -> Vec<GrantSpend> {
+        let mut order: Vec<usize> = (0..self.grants.len())
+            .filter(|&i| eligible(&self.grants[i]))
+            .collect();
+        if let Some(payment) = first {
+            if let Some(at) = order
+                .iter()
+                .position(|&i| self.grants[i].stripe_payment_id.as_deref() == Some(payment))
+            {
+                let own = order.remove(at);
+                order.insert(0, own);
+            }
+        }
+        let mut left = amount.get();
+        let mut paid_by = Vec::new();
+        for i in order {
+            if left <= 0 {
+                break;
+            }
+            let grant = &mut self.grants[i];
+            let take = left.min(grant.remaining_micros.get());
+            if take <= 0 {
+                continue;
+            }
+            let before = grant.remaining_micros;
+            grant.remaining_micros = Micros::new(before.get() - take);
+            left -= take;
+            paid_by.push(GrantSpend {
+                grant_id: grant.id,
+                kind: grant.kind,
+                amount_micros: Micros::new(take),
+            });
+            self.grant_writes.push(GrantWrite {
+                grant: grant.clone(),
+                before: Some(before),
+            });
+        }
+        self.grants.retain(|g| g.remaining_micros.is_positive());
+        paid_by
+    }
+
+    /// What active holds placed before each expired grant's expiry keep of
+    /// it (their settlement may still spend it): the holds are given to the
+    /// expired grants in spend order.
+    fn protected(&self, now: DateTime<Utc>) -> HashMap<Uuid, i64> {
+        let mut protected = HashMap::new();
+        let mut used: i64 = 0;
+        for grant in self.grants.iter().filter(|g| g.has_expired_at(now)) {
+            let Some(expiry) = grant.expires_at else {
+                continue;
+            };
+            let pool: i64 = self
+                .holds
+                .values()
+                .filter(|h| h.created_at < expiry)
+                .fold(0_i64, |sum, h| sum.saturating_add(h.amount_micros.get()));
+            let keep = grant
+                .remaining_micros
+                .get()
+                .min(pool.saturating_sub(used).max(0));
+            used = used.saturating_add(keep);
+            protected.insert(grant.id, keep);
+        }
+        protected
+    }
+
+    /// Grants past their expiry with an unheld part left to expire.
+    pub fn expired_grants(&self, now: DateTime<Utc>) -> Vec<Uuid> {
+        let protected = self.protected(now);
+        self.grants
+            .iter()
+            .filter(|g| g.has_expired_at(now))
+            .filter(|g| g.remaining_micros.get() > protected.get(&g.id).copied().unwrap_or(0))
+            .map(|g| g.id)
+            .collect()
+    }
+
+    /// The next moment a grant expiry has work: now when one is due, else
+    /// the earliest expiry still to come.
+    pub fn next_grant_expiry(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if !self.expired_grants(now).is_empty() {
+            return Some(now);
+        }
+        self.grants
+            .iter()
+            .filter_map(|g| g.expires_at)
+            .filter(|at| *at > now)
+            .min()
+    }
+
+    /// Debits the unspent, unheld remainder of an expired grant
+    /// (`EXPIRED`, key `grant:<id>:expired`; a later remainder, once the
+    /// holds that kept part of it finished, `grant:<id>:expired:<seq>`).
+    /// `Ok(None)` when nothing is left to expire.
+    pub fn expire_grant(
+        &mut self,
+        grant_id: Uuid,
+        now: DateTime<Utc>,
+        durable_seq: i64,
+    ) -> Result<Applied<Option<TransactionRecord>>, LedgerError> {
+        let protected = self.protected(now);
+        let Some(index) = self
+            .grants
+            .iter()
+            .position(|g| g.id == grant_id && g.has_expired_at(now))
+        else {
+            return Ok(Applied::Replay {
+                value: None,
+                seq: self.seq,
+            });
+        };
+        let keep = protected.get(&grant_id).copied().unwrap_or(0);
+        let grant = &mut self.grants[index];
+        let amount = grant.remaining_micros.get() - keep;
+        if amount <= 0 {
+            return Ok(Applied::Replay {
+                value: None,
+                seq: self.seq,
+            });
+        }
+        let whole = keep == 0;
+        let before_remaining = grant.remaining_micros;
+        let kind = grant.kind;
+        grant.remaining_micros = Micros::new(keep);
+        let write = GrantWrite {
+            grant: grant.clone(),
+            before: Some(before_remaining),
+        };
+        let amount = Micros::new(amount);
+        let before = self.balance;
+        let after = before.checked_sub(amount).map_err(|_| out_of_range())?;
+        let seq = self.next_seq();
+        let key = if whole {
+            format!("grant:{grant_id}:expired")
+        } else {
+            format!("grant:{grant_id}:expired:{seq}")
+        };
+        let key = IdempotencyKey::parse(key).map_err(LedgerError::Internal)?;
+        self.balance = after;
+        self.grant_writes.push(write);
+        self.grants.retain(|g| g.remaining_micros.is_positive());
+        let record = TransactionRecord {
+            id: Uuid::new_v4(),
+            seq,
+            kind: TransactionType::Expired,
+            direction: Direction::Debit,
+            amount_micros: amount,
+            idempotency_key: key.clone(),
+            description: Some(format!("Crédits expirés : {amount}")),
+            stripe_session_id: None,
+            stripe_payment_id: None,
+            metadata: Some(serde_json::json!({ "grantId": grant_id })),
+            balance_before_micros: before,
+            balance_after_micros: after,
+            created_at: now,
+            paid_by: vec![GrantSpend {
+                grant_id,
+                kind,
+                amount_micros: amount,
+            }],
+        };
+        self.keys
+            .insert(key, Box::new(record.clone()), seq, durable_seq);
+        metrics::counter!("creditd_grants_expired_total").increment(1);
+        Ok(Applied::New {
+            value: Some(record.clone()),
+            record: Record::Transaction(record),
+        })
     }
 
     fn next_seq(&mut self) -> i64 {
@@ -334,16 +578,80 @@ impl AccountState {
                 first.amount_micros.get()
             )));
         }
+        let grant_kind = GrantKind::of_credit(posting.kind);
+        if direction == Direction::Credit {
+            if let Some(expiry) = posting.expires_at {
+                if grant_kind == GrantKind::Paid {
+                    return Err(LedgerError::InvalidRequest(format!(
+                        "expiresAt: a {} credit is paid money and never expires",
+                        posting.kind.as_str()
+                    )));
+                }
+                if expiry <= now {
+                    return Err(LedgerError::InvalidRequest(
+                        "expiresAt: must be in the future".into(),
+                    ));
+                }
+            }
+            // Σ remaining must stay representable.
+            self.granted()
+                .checked_add(posting.amount)
+                .map_err(|_| out_of_range())?;
+        }
         let before = self.balance;
         let after = match direction {
             Direction::Credit => before.checked_add(posting.amount),
             Direction::Debit => before.checked_sub(posting.amount),
         }
         .map_err(|_| out_of_range())?;
+        let id = Uuid::new_v4();
         let seq = self.next_seq();
+        let paid_by = match direction {
+            Direction::Credit => {
+                // A credit first repays debt; the rest is the grant's.
+                let repaid = self.debt().min(posting.amount);
+                let grant = GrantRecord {
+                    id: Uuid::new_v4(),
+                    kind: grant_kind,
+                    amount_micros: posting.amount,
+                    remaining_micros: Micros::new(posting.amount.get() - repaid.get()),
+                    expires_at: posting.expires_at,
+                    source: posting
+                        .stripe_session_id
+                        .clone()
+                        .unwrap_or_else(|| posting.key.as_str().to_owned()),
+                    stripe_payment_id: posting.stripe_payment_id.clone(),
+                    transaction_id: Some(id),
+                    seq,
+                    created_at: now,
+                };
+                self.grant_writes.push(GrantWrite {
+                    grant: grant.clone(),
+                    before: None,
+                });
+                if grant.remaining_micros.is_positive() {
+                    let at = self
+                        .grants
+                        .partition_point(|g| g.spend_rank() < grant.spend_rank());
+                    self.grants.insert(at, grant);
+                }
+                Vec::new()
+            }
+            Direction::Debit => {
+                // A refund or dispute takes from its own top-up first.
+                let own = match posting.kind {
+                    TransactionType::Refund | TransactionType::Dispute => {
+                        posting.stripe_payment_id.as_deref()
+                    }
+                    _ => None,
+                };
+                self.spend(posting.amount, own, |g| !g.has_expired_at(now))
+            }
+        };
         self.balance = after;
         let record = TransactionRecord {
-            id: Uuid::new_v4(),
+            paid_by,
+            id,
             seq,
             kind: posting.kind,
             direction,
@@ -405,7 +713,7 @@ impl AccountState {
                 required: amount,
             });
         }
-        self.spend.admit(&self.limits, self.held, amount, now)?;
+        self.windows.admit(&self.limits, self.held, amount, now)?;
         let held = self.held.checked_add(amount).map_err(|_| out_of_range())?;
         let seq = self.next_seq();
         self.held = held;
@@ -469,10 +777,12 @@ impl AccountState {
                 usage.cost_micros.get()
             )));
         }
-        let held = self
+        let (held, placed_at) = self
             .holds
             .get(&hold_id)
-            .map_or(Micros::ZERO, |hold| hold.amount_micros);
+            .map_or((Micros::ZERO, now), |hold| {
+                (hold.amount_micros, hold.created_at)
+            });
         let before = self.balance;
         let after = before
             .checked_sub(charge.cost)
@@ -482,8 +792,11 @@ impl AccountState {
             self.held = Micros::new(self.held.get() - held.get());
         }
         self.balance = after;
-        self.spend.record(charge.cost, now);
+        // A hold placed before a grant expired may still spend what it kept.
+        let paid_by = self.spend(charge.cost, None, |g| !g.has_expired_at(placed_at));
+        self.windows.record(charge.cost, now);
         let usage = UsageRecord {
+            paid_by,
             id: Uuid::new_v4(),
             seq,
             hold_id,
@@ -558,6 +871,7 @@ impl AccountState {
             stripe_session_id: None,
             stripe_payment_id: request.stripe_payment_id.clone(),
             metadata: request.metadata.clone(),
+            expires_at: None,
         };
         match self.post(Direction::Debit, &posting, now, durable_seq)? {
             Applied::New { value, record } => {
@@ -651,6 +965,7 @@ impl AccountState {
             available_micros: self.available(),
             version: self.seq,
             holds,
+            grants: self.grants.clone(),
         }
     }
 }

@@ -38,10 +38,10 @@ pub(crate) mod sql {
     pub const INSERT_TRANSACTIONS: &str = "
         INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
                idempotency_key, description, stripe_session_id, stripe_payment_id,
-               balance_before_micros, balance_after_micros, metadata, created_at)
+               balance_before_micros, balance_after_micros, metadata, created_at, paid_by)
         SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], $5::text[],
                $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[],
-               $12::int8[], $13::jsonb[], $14::timestamptz[])
+               $12::int8[], $13::jsonb[], $14::timestamptz[], $15::jsonb[])
         ON CONFLICT DO NOTHING
         RETURNING id, user_id";
 
@@ -49,17 +49,17 @@ pub(crate) mod sql {
         INSERT INTO credit_usages (id, user_id, seq, hold_id, model, input_tokens,
                output_tokens, cache_read_tokens, cache_write_tokens, total_tokens,
                cost_micros, held_micros, conversation_id, message_id,
-               balance_before_micros, balance_after_micros, created_at)
+               balance_before_micros, balance_after_micros, created_at, paid_by)
         SELECT id, user_id, seq, hold_id, model, input, output, cache_read, cache_write,
                input + output + cache_read + cache_write,
-               cost, held, conversation_id, message_id, before, after, created_at
+               cost, held, conversation_id, message_id, before, after, created_at, paid_by
           FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::uuid[], $5::text[],
                       $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[],
                       $11::int8[], $12::text[], $13::text[], $14::int8[], $15::int8[],
-                      $16::timestamptz[])
+                      $16::timestamptz[], $17::jsonb[])
                AS u(id, user_id, seq, hold_id, model, input, output, cache_read,
                     cache_write, cost, held, conversation_id, message_id, before,
-                    after, created_at)
+                    after, created_at, paid_by)
         ON CONFLICT DO NOTHING
         RETURNING id, user_id";
 
@@ -72,6 +72,33 @@ pub(crate) mod sql {
                AS f(id, user_id, status, seq, at)
          WHERE h.id = f.id AND h.user_id = f.user_id AND h.status = 'ACTIVE'
         RETURNING h.id, h.user_id";
+
+    /// New grants, and the remaining amount of grants an entry spent from
+    /// (one row per grant per batch: its last state). An id of another
+    /// account's grant writes nothing, which the writer counts as refused.
+    pub const UPSERT_GRANTS: &str = "
+        INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
+               expires_at, source, stripe_payment_id, transaction_id, seq, created_at)
+        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
+                      $6::timestamptz[], $7::text[], $8::text[], $9::uuid[], $10::int8[],
+                      $11::timestamptz[])
+        ON CONFLICT (id) DO UPDATE
+           SET remaining_micros = EXCLUDED.remaining_micros, updated_at = now()
+         WHERE credit_grants.user_id = EXCLUDED.user_id
+        RETURNING id, user_id";
+
+    /// Undoes a refused account's grant writes: deletes those it inserted
+    /// ($1 ids, $2 users), puts back the remaining amount of the others
+    /// ($3 ids, $4 users, $5 remaining before the batch).
+    pub const UNDO_GRANTS: &str = "
+        WITH inserted AS (
+            DELETE FROM credit_grants g
+             USING unnest($1::uuid[], $2::int8[]) AS n(id, user_id)
+             WHERE g.id = n.id AND g.user_id = n.user_id)
+        UPDATE credit_grants AS g
+           SET remaining_micros = o.remaining, updated_at = now()
+          FROM unnest($3::uuid[], $4::int8[], $5::int8[]) AS o(id, user_id, remaining)
+         WHERE g.id = o.id AND g.user_id = o.user_id";
 
     /// Undoes a refused account's writes inside the batch's transaction:
     /// the rows it inserted ($1 holds, $2 transactions, $3 usages, by id),
@@ -113,6 +140,55 @@ pub struct StoredAccount {
     pub held: Micros,
     pub version: i64,
     pub holds: Vec<HoldRecord>,
+    /// Its grants with money left.
+    pub grants: Vec<GrantRecord>,
+}
+
+const GRANT_COLUMNS: &str = "id, kind, amount_micros, remaining_micros, expires_at, source,
+    stripe_payment_id, transaction_id, seq, created_at";
+
+fn grant_from_row(row: &Row) -> Result<GrantRecord, LedgerError> {
+    let kind: String = row.get(1);
+    Ok(GrantRecord {
+        id: row.get(0),
+        kind: GrantKind::parse(&kind)
+            .ok_or_else(|| LedgerError::Internal(format!("unknown grant kind {kind}")))?,
+        amount_micros: Micros::new(row.get(2)),
+        remaining_micros: Micros::new(row.get(3)),
+        expires_at: row.get(4),
+        source: row.get(5),
+        stripe_payment_id: row.get(6),
+        transaction_id: row.get(7),
+        seq: row.get(8),
+        created_at: row.get(9),
+    })
+}
+
+/// An account's grants with money left.
+pub async fn active_grants(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<Vec<GrantRecord>, LedgerError> {
+    let query = format!(
+        "SELECT {GRANT_COLUMNS} FROM credit_grants
+          WHERE user_id = $1 AND remaining_micros > 0 ORDER BY seq, id"
+    );
+    client
+        .query(&query, &[&account.0])
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(grant_from_row)
+        .collect()
+}
+
+/// `paid_by` as stored ([{grantId, kind, amountMicros}]; NULL: none).
+fn paid_by_from(value: Option<serde_json::Value>) -> Result<Vec<GrantSpend>, LedgerError> {
+    match value {
+        None => Ok(Vec::new()),
+        Some(value) => serde_json::from_value(value)
+            .map_err(|e| LedgerError::Internal(format!("unreadable paid_by: {e}"))),
+    }
 }
 
 /// Loads an account and its active holds, creating its balance row at zero
@@ -176,17 +252,19 @@ pub async fn load_account(
             expires_at: row.get(4),
         })
         .collect();
+    let grants = active_grants(client, account).await?;
     Ok(StoredAccount {
         balance: Micros::new(row.get(0)),
         held: Micros::new(row.get(1)),
         version: row.get(2),
         holds,
+        grants,
     })
 }
 
 const TRANSACTION_COLUMNS: &str = "id, seq, type, direction, amount_micros, idempotency_key,
     description, stripe_session_id, stripe_payment_id, metadata, balance_before_micros,
-    balance_after_micros, created_at";
+    balance_after_micros, created_at, paid_by";
 
 fn transaction_from_row(row: &Row) -> Result<TransactionRecord, LedgerError> {
     let kind: String = row.get(2);
@@ -208,20 +286,22 @@ fn transaction_from_row(row: &Row) -> Result<TransactionRecord, LedgerError> {
         balance_before_micros: Micros::new(row.get(10)),
         balance_after_micros: Micros::new(row.get(11)),
         created_at: row.get(12),
+        paid_by: paid_by_from(row.get(13))?,
     })
 }
 
 const USAGE_COLUMNS: &str = "id, seq, hold_id, model, input_tokens, output_tokens,
     cache_read_tokens, cache_write_tokens, cost_micros, held_micros, conversation_id,
-    message_id, balance_before_micros, balance_after_micros, created_at";
+    message_id, balance_before_micros, balance_after_micros, created_at, paid_by";
 
 /// Token counts are checked `>= 0` by the schema.
 fn count(row: &Row, index: usize) -> u64 {
     row.get::<_, i64>(index).unsigned_abs()
 }
 
-fn usage_from_row(row: &Row) -> UsageRecord {
-    UsageRecord {
+fn usage_from_row(row: &Row) -> Result<UsageRecord, LedgerError> {
+    Ok(UsageRecord {
+        paid_by: paid_by_from(row.get(15))?,
         id: row.get(0),
         seq: row.get(1),
         hold_id: HoldId(row.get(2)),
@@ -237,7 +317,7 @@ fn usage_from_row(row: &Row) -> UsageRecord {
         balance_before_micros: Micros::new(row.get(12)),
         balance_after_micros: Micros::new(row.get(13)),
         created_at: row.get(14),
-    }
+    })
 }
 
 /// The committed transaction under an idempotency key, if any.
@@ -275,7 +355,7 @@ pub async fn find_finished_hold(
     {
         return Ok(Some(FinishedHold::Settled(Box::new(usage_from_row(
             &usage,
-        )))));
+        )?))));
     }
     let Some(row) = client
         .query_opt(
@@ -430,7 +510,7 @@ pub async fn usages_page(
         "SELECT {USAGE_COLUMNS} FROM credit_usages
           WHERE user_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
     );
-    Ok(client
+    client
         .query(
             &query,
             &[&account.0, &before_seq.unwrap_or(i64::MAX), &limit],
@@ -439,5 +519,5 @@ pub async fn usages_page(
         .map_err(unavailable)?
         .iter()
         .map(usage_from_row)
-        .collect())
+        .collect()
 }

@@ -81,6 +81,8 @@ pub enum TransactionType {
     Refund,
     Dispute,
     Adjustment,
+    /// The unspent, unheld remainder of a grant, debited at its expiry.
+    Expired,
 }
 
 impl TransactionType {
@@ -92,6 +94,7 @@ impl TransactionType {
             TransactionType::Refund => "REFUND",
             TransactionType::Dispute => "DISPUTE",
             TransactionType::Adjustment => "ADJUSTMENT",
+            TransactionType::Expired => "EXPIRED",
         }
     }
 
@@ -103,6 +106,7 @@ impl TransactionType {
             TransactionType::Refund,
             TransactionType::Dispute,
             TransactionType::Adjustment,
+            TransactionType::Expired,
         ]
         .into_iter()
         .find(|t| t.as_str() == text)
@@ -144,6 +148,102 @@ pub struct Posting {
     pub stripe_session_id: Option<String>,
     pub stripe_payment_id: Option<String>,
     pub metadata: Option<serde_json::Value>,
+    /// When the grant a credit creates expires (promo credits only; paid
+    /// credits never expire). Ignored by debits.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// What a grant's money came from: a payment (`PAID`, never expires) or a
+/// gift (`PROMO`: signup bonus, promo, referral, goodwill).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum GrantKind {
+    Paid,
+    Promo,
+}
+
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::Paid => "PAID",
+            GrantKind::Promo => "PROMO",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<GrantKind> {
+        match text {
+            "PAID" => Some(GrantKind::Paid),
+            "PROMO" => Some(GrantKind::Promo),
+            _ => None,
+        }
+    }
+
+    /// The kind of grant a credit of this type creates: money paid (a
+    /// top-up, a dispute's funds reinstated, a refund given back) or a gift.
+    pub fn of_credit(kind: TransactionType) -> GrantKind {
+        match kind {
+            TransactionType::TopUp | TransactionType::Dispute | TransactionType::Refund => {
+                GrantKind::Paid
+            }
+            TransactionType::SignupBonus
+            | TransactionType::PromoBonus
+            | TransactionType::Adjustment
+            | TransactionType::Expired => GrantKind::Promo,
+        }
+    }
+}
+
+/// One credit as spendable money: what is left of it, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantRecord {
+    pub id: Uuid,
+    pub kind: GrantKind,
+    pub amount_micros: Micros,
+    pub remaining_micros: Micros,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The Stripe Checkout session of a top-up, else the credit's key
+    /// (`migrated` for the balance an account had before grants existed).
+    pub source: String,
+    /// The Stripe payment of a top-up: its refunds and disputes take from
+    /// this grant first.
+    pub stripe_payment_id: Option<String>,
+    /// The credit that created it (none for a migrated balance).
+    pub transaction_id: Option<Uuid>,
+    /// The account seq of that credit (0 when migrated): "oldest first".
+    pub seq: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl GrantRecord {
+    /// The spend order: promo before paid, then earliest expiry (none
+    /// last), then oldest.
+    pub fn spend_rank(&self) -> (u8, bool, Option<DateTime<Utc>>, i64, Uuid) {
+        let paid = match self.kind {
+            GrantKind::Promo => 0,
+            GrantKind::Paid => 1,
+        };
+        (
+            paid,
+            self.expires_at.is_none(),
+            self.expires_at,
+            self.seq,
+            self.id,
+        )
+    }
+
+    pub fn has_expired_at(&self, at: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|expiry| expiry <= at)
+    }
+}
+
+/// The part of a debit or usage one grant paid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantSpend {
+    pub grant_id: Uuid,
+    pub kind: GrantKind,
+    pub amount_micros: Micros,
 }
 
 /// A clawback asked for: debit what `object` (a Stripe charge) refunded
@@ -182,6 +282,9 @@ pub struct TransactionRecord {
     pub balance_before_micros: Micros,
     pub balance_after_micros: Micros,
     pub created_at: DateTime<Utc>,
+    /// For a debit: the grants that paid it, in spend order; what they did
+    /// not pay (amount − their sum) became debt.
+    pub paid_by: Vec<GrantSpend>,
 }
 
 impl TransactionRecord {
@@ -233,6 +336,9 @@ pub struct UsageRecord {
     pub balance_before_micros: Micros,
     pub balance_after_micros: Micros,
     pub created_at: DateTime<Utc>,
+    /// The grants that paid its cost, in spend order; what they did not
+    /// pay (cost − their sum) became debt.
+    pub paid_by: Vec<GrantSpend>,
 }
 
 impl UsageRecord {
@@ -315,6 +421,8 @@ pub struct BalanceSnapshot {
     pub available_micros: Micros,
     pub version: i64,
     pub holds: Vec<HoldRecord>,
+    /// Grants with money left, in spend order.
+    pub grants: Vec<GrantRecord>,
 }
 
 /// An account's amounts and version, without its holds: what the balance

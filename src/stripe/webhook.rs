@@ -225,6 +225,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         stripe_session_id: Some(session.id.clone()),
         stripe_payment_id: session.payment_intent.clone(),
         metadata: None,
+        expires_at: None,
     };
     let credited = applied(effects.engine.credit(account, posting).await, "top-up")?;
     if matches!(credited, Outcome::Applied | Outcome::Replayed) {
@@ -438,6 +439,7 @@ async fn dispute_funds(
         stripe_session_id: None,
         stripe_payment_id: Some(payment_intent.to_owned()),
         metadata: Some(json!({ "chargeId": dispute.charge, "disputeId": dispute.id })),
+        expires_at: None,
     };
     let result = match funds {
         Funds::Withdrawn => effects.engine.debit(account, posting).await,

@@ -214,6 +214,9 @@ async fn the_account_view_shows_amounts_first_then_holds_plan_and_entries() {
     assert_eq!(body["availableMicros"], 7_000_000);
     assert_eq!(body["plan"], "FREE");
     assert_eq!(body["holds"], json!([]));
+    assert_eq!(body["grants"].as_array().map(Vec::len), Some(1));
+    assert_eq!(body["grants"][0]["kind"], "PROMO");
+    assert_eq!(body["grants"][0]["remainingMicros"], 7_000_000);
     assert_eq!(body["transactions"].as_array().map(Vec::len), Some(1));
     assert_eq!(missing.status().as_u16(), 404);
 }

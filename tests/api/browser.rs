@@ -419,6 +419,54 @@ async fn shows_the_balance_of_a_signed_in_cookie_the_low_balance_warning_and_not
 }
 
 #[actix::test]
+async fn the_balance_shows_its_grants_in_spend_order_with_their_kind_and_expiry_in_french() {
+    let app = spawn_app().await;
+    app.account("user_grants_page").await;
+    grant(&app.address, "user_grants_page", 3_000_000, "goodwill").await;
+    let bonus = app
+        .admin(
+            reqwest::Method::POST,
+            "/admin/accounts/user_grants_page/credits",
+        )
+        .json(&json!({
+            "amountMicros": 10_000_000, "key": "bonus", "reason": "bienvenue",
+            "type": "PROMO_BONUS", "expiresAt": "2030-06-15T12:00:00Z",
+        }))
+        .send()
+        .await
+        .expect("bonus");
+    assert_eq!(bonus.status(), 201);
+
+    let mut browser = Browser::start().await;
+    for width in [1280, 360] {
+        browser.resize(width).await;
+        browser
+            .sign_in_with_cookie(&app.address, app.token("user_grants_page"))
+            .await;
+        browser.goto(&app.url("/billing")).await;
+        assert_eq!(balance_state(&browser).await, "ok");
+        // The page's full balance lists them (its compact one may load first).
+        let grants = browser
+            .until(
+                "the grants",
+                "const items = [...document.querySelectorAll('.credit-balance__grant')]; \
+                 return items.length ? items.map((li) => [...li.children].map((s) => s.textContent)) : null",
+            )
+            .await;
+        assert_eq!(
+            grants,
+            json!([
+                ["Offert", "10.00€", "expire le 15 juin 2030"],
+                ["Offert", "3.00€", "n'expire pas"],
+            ])
+        );
+        browser.fits(width).await;
+    }
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+}
+
+#[actix::test]
 async fn pages_carry_a_script_policy_without_inline_code_and_no_sniffing() {
     let app = spawn_app().await;
     for path in ["/billing", "/assets/credits/credit-balance.js"] {

@@ -1,27 +1,55 @@
 //! Random operation sequences against a plain reference model: every
-//! answer and every balance must match the model after each step, and the
-//! journal in PostgreSQL must reconcile at the end.
+//! answer, every balance and every grant must match the model after each
+//! step, and the journal in PostgreSQL must reconcile at the end.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::Utc;
+use creditd::clock::Clock;
 use creditd::config::Settings;
 use creditd::ledger::{
-    AccountId, Engine, HoldId, HoldStatus, LedgerError, LimitWindow, LimitsChange, TransactionType,
-    UsageCharge,
+    AccountId, Engine, GrantSpend, HoldId, HoldStatus, LedgerError, LimitWindow, LimitsChange,
+    Posting, TransactionType, UsageCharge,
 };
 use creditd::pricing::TokenUsage;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use uuid::Uuid;
 
 use crate::support::*;
+
+/// What a credit is: paid money, or a gift that may expire (in minutes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gift {
+    Paid,
+    Promo,
+    PromoFor(i64),
+}
+
+impl Gift {
+    fn kind(self) -> TransactionType {
+        match self {
+            Gift::Paid => TransactionType::TopUp,
+            Gift::Promo | Gift::PromoFor(_) => TransactionType::PromoBonus,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Op {
     Credit {
         key: u8,
         amount: i64,
+    },
+    Grant {
+        key: u8,
+        amount: i64,
+        gift: Gift,
+    },
+    /// Moves the clock on by this many minutes; due grants expire.
+    Advance {
+        minutes: i64,
     },
     Debit {
         key: u8,
@@ -80,6 +108,22 @@ fn model_op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// `model_op()` with grants of every kind and a clock that moves, so spends
+/// meet expiring bonuses, held parts and expiries.
+fn grant_op() -> impl Strategy<Value = Op> {
+    let amount = prop_oneof![Just(100i64), Just(250), Just(1_000), 1i64..5_000];
+    let gift = prop_oneof![
+        Just(Gift::Paid),
+        Just(Gift::Promo),
+        (1i64..120).prop_map(Gift::PromoFor),
+    ];
+    prop_oneof![
+        6 => model_op(),
+        3 => (0u8..6, amount, gift).prop_map(|(key, amount, gift)| Op::Grant { key, amount, gift }),
+        2 => (1i64..90).prop_map(|minutes| Op::Advance { minutes }),
+    ]
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Finished {
     Settled(i64),
@@ -87,13 +131,34 @@ enum Finished {
     Expired,
 }
 
+/// A grant as the model sees it: named by the credit that made it.
+#[derive(Debug, Clone)]
+struct ModelGrant {
+    credit: Uuid,
+    promo: bool,
+    /// Minutes since the case started.
+    expires: Option<i64>,
+    remaining: i64,
+}
+
+impl ModelGrant {
+    fn expired_at(&self, at: i64) -> bool {
+        self.expires.is_some_and(|expiry| expiry <= at)
+    }
+}
+
 /// What the engine must do, written as plainly as possible.
 #[derive(Default)]
 struct Model {
     balance: i64,
-    holds: HashMap<u8, i64>,
+    /// Amount and the minute it was placed.
+    holds: HashMap<u8, (i64, i64)>,
     finished: HashMap<u8, Finished>,
-    keys: HashMap<u8, (bool, i64)>,
+    keys: HashMap<u8, (bool, i64, TransactionType)>,
+    /// Minutes since the case started.
+    now: i64,
+    /// In the order they were made.
+    grants: Vec<ModelGrant>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -107,23 +172,111 @@ enum Expect {
 
 impl Model {
     fn held(&self) -> i64 {
-        self.holds.values().sum()
+        self.holds.values().map(|(amount, _)| amount).sum()
     }
 
-    fn post(&mut self, key: u8, credit: bool, amount: i64) -> Expect {
+    fn debt(&self) -> i64 {
+        self.grants.iter().map(|g| g.remaining).sum::<i64>() - self.balance
+    }
+
+    /// Grant indexes in spend order: promo before paid, then earliest
+    /// expiry (none last), then oldest.
+    fn spend_order(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.grants.len()).collect();
+        order.sort_by_key(|&i| {
+            let g = &self.grants[i];
+            (!g.promo, g.expires.is_none(), g.expires, i)
+        });
+        order
+    }
+
+    /// Takes `amount` from the grants that may pay, in spend order; the
+    /// rest is debt.
+    fn spend(&mut self, amount: i64, may_pay: impl Fn(&ModelGrant) -> bool) -> Vec<(Uuid, i64)> {
+        let mut left = amount;
+        let mut paid_by = Vec::new();
+        for i in self.spend_order() {
+            let grant = &mut self.grants[i];
+            if left == 0 || grant.remaining == 0 || !may_pay(grant) {
+                continue;
+            }
+            let take = left.min(grant.remaining);
+            grant.remaining -= take;
+            left -= take;
+            paid_by.push((grant.credit, take));
+        }
+        paid_by
+    }
+
+    /// Expires what is left of each grant past its expiry, except what
+    /// active holds placed before the expiry keep of it. The amounts.
+    fn expire(&mut self) -> Vec<i64> {
+        let mut expired = Vec::new();
+        let mut kept_so_far = 0;
+        for i in self.spend_order() {
+            let grant = &self.grants[i];
+            let Some(expiry) = grant.expires.filter(|_| grant.expired_at(self.now)) else {
+                continue;
+            };
+            if grant.remaining == 0 {
+                continue;
+            }
+            let pool: i64 = self
+                .holds
+                .values()
+                .filter(|(_, placed)| *placed < expiry)
+                .map(|(amount, _)| amount)
+                .sum();
+            let keep = grant.remaining.min((pool - kept_so_far).max(0));
+            kept_so_far += keep;
+            let gone = grant.remaining - keep;
+            if gone > 0 {
+                self.grants[i].remaining = keep;
+                self.balance -= gone;
+                expired.push(gone);
+            }
+        }
+        expired
+    }
+
+    /// A credit or debit; what paid a debit when it applied.
+    fn post(
+        &mut self,
+        key: u8,
+        credit: bool,
+        amount: i64,
+        gift: Gift,
+        credit_id: impl FnOnce() -> Option<Uuid>,
+    ) -> (Expect, Option<Vec<(Uuid, i64)>>) {
         match self.keys.get(&key) {
-            Some(&first) if first == (credit, amount) => Expect::Replayed,
-            Some(_) => Expect::Conflict,
+            Some(&first) if first == (credit, amount, gift.kind()) => (Expect::Replayed, None),
+            Some(_) => (Expect::Conflict, None),
             None => {
-                self.keys.insert(key, (credit, amount));
-                self.balance += if credit { amount } else { -amount };
-                Expect::Applied
+                self.keys.insert(key, (credit, amount, gift.kind()));
+                if !credit {
+                    let now = self.now;
+                    let paid_by = self.spend(amount, |g| !g.expired_at(now));
+                    self.balance -= amount;
+                    return (Expect::Applied, Some(paid_by));
+                }
+                let repaid = self.debt().min(amount);
+                self.grants.push(ModelGrant {
+                    credit: credit_id().unwrap_or_else(Uuid::nil),
+                    promo: gift != Gift::Paid,
+                    expires: match gift {
+                        Gift::PromoFor(minutes) => Some(self.now + minutes),
+                        Gift::Paid | Gift::Promo => None,
+                    },
+                    remaining: amount - repaid,
+                });
+                self.balance += amount;
+                (Expect::Applied, None)
             }
         }
     }
 
     fn reserve(&mut self, hold: u8, amount: i64) -> Expect {
-        if let Some(&held) = self.holds.get(&hold) {
+        if let Some(&(held, _)) = self.holds.get(&hold) {
             return if held == amount {
                 Expect::Replayed
             } else {
@@ -137,21 +290,24 @@ impl Model {
                 required: amount,
             };
         }
-        self.holds.insert(hold, amount);
+        self.holds.insert(hold, (amount, self.now));
         Expect::Applied
     }
 
     /// A settlement posts whatever became of its hold (active, released,
     /// expired or never placed); only a settled hold is a replay.
-    fn settle(&mut self, hold: u8, cost: i64) -> Expect {
+    /// A hold placed before a grant expired may spend what it kept of it.
+    fn settle(&mut self, hold: u8, cost: i64) -> (Expect, Option<Vec<(Uuid, i64)>>) {
         match self.finished.get(&hold) {
-            Some(Finished::Settled(first)) if *first == cost => Expect::Replayed,
-            Some(Finished::Settled(_)) => Expect::Conflict,
+            Some(Finished::Settled(first)) if *first == cost => (Expect::Replayed, None),
+            Some(Finished::Settled(_)) => (Expect::Conflict, None),
             _ => {
-                self.holds.remove(&hold);
+                let placed = self.holds.remove(&hold).map_or(self.now, |(_, at)| at);
+                let paid_by = self.spend(cost, |g| !g.expired_at(placed));
                 self.balance -= cost;
                 self.finished.insert(hold, Finished::Settled(cost));
-                Expect::Applied
+                self.expire();
+                (Expect::Applied, Some(paid_by))
             }
         }
     }
@@ -159,6 +315,7 @@ impl Model {
     fn release(&mut self, hold: u8) -> Expect {
         if self.holds.remove(&hold).is_some() {
             self.finished.insert(hold, Finished::Released);
+            self.expire();
             return Expect::Applied;
         }
         match self.finished.get(&hold) {
@@ -201,40 +358,70 @@ fn charge(cost: i64) -> UsageCharge {
     }
 }
 
+/// What the engine answered a debit or settlement: whether it applied,
+/// and the grants that paid it.
+fn spent<T>(
+    result: Result<creditd::ledger::Outcome<T>, LedgerError>,
+    paid_by: impl Fn(&T) -> Vec<GrantSpend>,
+) -> (Result<Expect, String>, Option<Vec<GrantSpend>>) {
+    let spends = match &result {
+        Ok(outcome) if !outcome.replayed => Some(paid_by(&outcome.record)),
+        _ => None,
+    };
+    (observed(result), spends)
+}
+
 async fn run_case(
     engine: &mut Engine,
     db: &TestDb,
     settings: &Settings,
+    clock: &Clock,
     account: AccountId,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
     let mut model = Model::default();
+    let start = clock.now();
+    let minutes = |m: i64| start + chrono::Duration::minutes(m);
     let holds: Vec<HoldId> = (0..5).map(|_| HoldId::generate()).collect();
+    // Each grant's id, learnt from the snapshots: the credit that made it.
+    let mut credits: HashMap<Uuid, Uuid> = HashMap::new();
     for (step, op) in ops.iter().enumerate() {
         let key = |k: u8| format!("key-{k}");
+        let mut expected_paid_by = None;
+        let mut got_paid_by = None;
         let (expected, got) = match *op {
-            Op::Credit { key: k, amount } => (
-                model.post(k, true, amount),
-                observed(
-                    engine
-                        .credit(
-                            account,
-                            posting(&key(k), TransactionType::TopUp, micros(amount)),
-                        )
-                        .await,
-                ),
-            ),
-            Op::Debit { key: k, amount } => (
-                model.post(k, false, amount),
-                observed(
+            Op::Credit { key: k, amount } | Op::Grant { key: k, amount, .. } => {
+                let gift = match *op {
+                    Op::Grant { gift, .. } => gift,
+                    _ => Gift::Paid,
+                };
+                let posting = Posting {
+                    expires_at: match gift {
+                        Gift::PromoFor(m) => Some(minutes(model.now + m)),
+                        Gift::Paid | Gift::Promo => None,
+                    },
+                    ..posting(&key(k), gift.kind(), micros(amount))
+                };
+                let result = engine.credit(account, posting).await;
+                let id = result.as_ref().ok().map(|outcome| outcome.record.id);
+                let (expected, _) = model.post(k, true, amount, gift, || id);
+                (expected, observed(result))
+            }
+            Op::Debit { key: k, amount } => {
+                let (got, paid_by) = spent(
                     engine
                         .debit(
                             account,
                             posting(&key(k), TransactionType::TopUp, micros(amount)),
                         )
                         .await,
-                ),
-            ),
+                    |t| t.paid_by.clone(),
+                );
+                got_paid_by = paid_by;
+                let (expected, paid_by) = model.post(k, false, amount, Gift::Paid, || None);
+                expected_paid_by = paid_by;
+                (expected, got)
+            }
             // Hold ids are made by creditd, fresh per request: a finished id
             // is never reserved again (the database refuses it; see the
             // dedicated test).
@@ -247,14 +434,18 @@ async fn run_case(
                         .await,
                 ),
             ),
-            Op::Settle { hold, cost } => (
-                model.settle(hold, cost),
-                observed(
+            Op::Settle { hold, cost } => {
+                let (got, paid_by) = spent(
                     engine
                         .settle(account, holds[hold as usize], charge(cost))
                         .await,
-                ),
-            ),
+                    |u| u.paid_by.clone(),
+                );
+                got_paid_by = paid_by;
+                let (expected, paid_by) = model.settle(hold, cost);
+                expected_paid_by = paid_by;
+                (expected, got)
+            }
             Op::Release { hold } => (
                 model.release(hold),
                 observed(engine.release(account, holds[hold as usize]).await),
@@ -265,13 +456,29 @@ async fn run_case(
                     model.holds.remove(hold);
                     model.finished.insert(*hold, Finished::Expired);
                 }
-                let far = Utc::now() + chrono::Duration::days(365);
+                model.expire();
+                let far = clock.now() + chrono::Duration::days(365);
                 let released = engine
                     .expire_holds(account, far)
                     .await
                     .map_err(|e| TestCaseError::fail(format!("expire: {e:?}")))?;
                 prop_assert_eq!(released.len(), due.len(), "step {}: expired holds", step);
                 prop_assert!(released.iter().all(|r| r.status == HoldStatus::Expired));
+                (Expect::Applied, Ok(Expect::Applied))
+            }
+            Op::Advance { minutes: by } => {
+                model.now += by;
+                let expected = model.expire();
+                clock
+                    .set(minutes(model.now))
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let expired = engine
+                    .expire_grants(account, clock.now())
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("expire grants: {e:?}")))?;
+                let amounts: Vec<i64> = expired.iter().map(|t| t.amount_micros.get()).collect();
+                prop_assert_eq!(&amounts, &expected, "step {}: grants expired", step);
+                prop_assert!(expired.iter().all(|t| t.kind == TransactionType::Expired));
                 (Expect::Applied, Ok(Expect::Applied))
             }
             Op::Balance => (Expect::Applied, Ok(Expect::Applied)),
@@ -281,7 +488,7 @@ async fn run_case(
                     "step {}: the journal drained before the restart",
                     step
                 );
-                *engine = db.engine(settings);
+                *engine = db.engine_with_clock(settings, clock.clone());
                 (Expect::Applied, Ok(Expect::Applied))
             }
             Op::PlaceAndFinish { hold, .. } if model.finished.contains_key(&hold) => continue,
@@ -295,7 +502,9 @@ async fn run_case(
                             engine.reserve(account, id, micros(amount)),
                             engine.settle(account, id, charge(cost)),
                         );
-                        (observed(placed), observed(settled))
+                        let (settled, paid_by) = spent(settled, |u| u.paid_by.clone());
+                        got_paid_by = paid_by;
+                        (observed(placed), settled)
                     }
                     None => {
                         let (placed, released) = futures_util::join!(
@@ -315,7 +524,11 @@ async fn run_case(
                     op
                 );
                 let expected = match cost {
-                    Some(cost) => model.settle(hold, cost),
+                    Some(cost) => {
+                        let (expected, paid_by) = model.settle(hold, cost);
+                        expected_paid_by = paid_by;
+                        expected
+                    }
                     None => model.release(hold),
                 };
                 (expected, finished)
@@ -323,6 +536,25 @@ async fn run_case(
         };
         let got = got.map_err(TestCaseError::fail)?;
         prop_assert_eq!(&got, &expected, "step {}: {:?}", step, op);
+        if let (Some(expected), Some(got)) = (&expected_paid_by, &got_paid_by) {
+            // Which grants paid, named by their credits, in spend order.
+            let got: Vec<(Uuid, i64)> = got
+                .iter()
+                .map(|spend| {
+                    let credit = credits.get(&spend.grant_id).copied();
+                    (credit.unwrap_or_else(Uuid::nil), spend.amount_micros.get())
+                })
+                .collect();
+            prop_assert_eq!(&got, expected, "step {}: paidBy of {:?}", step, op);
+            let paid: i64 = got.iter().map(|(_, amount)| amount).sum();
+            let amount = match *op {
+                Op::Debit { amount, .. } => amount,
+                Op::Settle { cost, .. } => cost,
+                Op::PlaceAndFinish { cost, .. } => cost.unwrap_or(0),
+                _ => 0,
+            };
+            prop_assert!(paid <= amount, "step {}: paidBy exceeds the amount", step);
+        }
         let snapshot = engine
             .balance(account)
             .await
@@ -352,6 +584,50 @@ async fn run_case(
             snapshot.held_micros.get(),
             "held = sum of active holds"
         );
+        // balance = Σ remaining − debt, debt ≥ 0; each grant as the model has it.
+        let granted: i64 = snapshot
+            .grants
+            .iter()
+            .map(|g| g.remaining_micros.get())
+            .sum();
+        prop_assert!(model.debt() >= 0, "step {}: negative debt", step);
+        prop_assert_eq!(
+            granted - snapshot.balance_micros.get(),
+            model.debt(),
+            "step {}: debt",
+            step
+        );
+        let mut engine_grants: Vec<(Uuid, i64)> = Vec::new();
+        for grant in &snapshot.grants {
+            let credit = grant.transaction_id.unwrap_or_else(Uuid::nil);
+            credits.insert(grant.id, credit);
+            engine_grants.push((credit, grant.remaining_micros.get()));
+            prop_assert!(grant.remaining_micros <= grant.amount_micros);
+        }
+        engine_grants.sort();
+        let mut model_grants: Vec<(Uuid, i64)> = model
+            .grants
+            .iter()
+            .filter(|g| g.remaining > 0)
+            .map(|g| (g.credit, g.remaining))
+            .collect();
+        model_grants.sort();
+        prop_assert_eq!(engine_grants, model_grants, "step {}: grants", step);
+        // No grant past its expiry keeps more than the holds placed before it.
+        for grant in model.grants.iter().filter(|g| g.expired_at(model.now)) {
+            let expiry = grant.expires.unwrap_or(i64::MAX);
+            let kept: i64 = model
+                .holds
+                .values()
+                .filter(|(_, placed)| *placed < expiry)
+                .map(|(amount, _)| amount)
+                .sum();
+            prop_assert!(
+                grant.remaining <= kept,
+                "step {}: expired grant spendable",
+                step
+            );
+        }
     }
     Ok(())
 }
@@ -363,11 +639,16 @@ fn random_operation_sequences_match_the_reference_model_after_every_step() {
     let mut settings = settings();
     // Tiny memories, so replays often go to PostgreSQL.
     settings.engine.recent_keys = 2;
+    // Holds outlive the hours the clock moves by in a case.
+    settings.engine.hold_ttl_s = 30 * 86_400;
     // One writer whose batches wait a little for company, so entries sent
     // together (a hold placed and finished) share a batch.
     settings.journal.writers = 1;
     settings.journal.batch_delay_us = 500;
-    let engine = std::cell::RefCell::new(system.block_on(async { db.engine(&settings) }));
+    let clock = Clock::manual(Utc::now());
+    let engine = std::cell::RefCell::new(
+        system.block_on(async { db.engine_with_clock(&settings, clock.clone()) }),
+    );
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -378,16 +659,15 @@ fn random_operation_sequences_match_the_reference_model_after_every_step() {
         ..Config::default()
     });
     let counter = std::cell::Cell::new(0u32);
-    let result = runner.run(&prop::collection::vec(model_op(), 1..60), |ops| {
+    let result = runner.run(&prop::collection::vec(grant_op(), 1..60), |ops| {
         counter.set(counter.get() + 1);
         let mut engine = engine.borrow_mut();
         system.block_on(async {
             let account = db.user(&format!("model_{}", counter.get())).await;
-            run_case(&mut engine, &db, &settings, account, &ops).await?;
+            run_case(&mut engine, &db, &settings, &clock, account, &ops).await?;
             // What the engine answered is what PostgreSQL holds.
-            let row = db
-                .client()
-                .await
+            let client = db.client().await;
+            let row = client
                 .query_one(
                     "SELECT balance_micros, held_micros FROM credit_balances WHERE user_id = $1",
                     &[&account.0],
@@ -400,6 +680,21 @@ fn random_operation_sequences_match_the_reference_model_after_every_step() {
                 .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
             prop_assert_eq!(row.get::<_, i64>(0), snapshot.balance_micros.get());
             prop_assert_eq!(row.get::<_, i64>(1), snapshot.held_micros.get());
+            let stored: i64 = client
+                .query_one(
+                    "SELECT coalesce(sum(remaining_micros), 0)::int8 FROM credit_grants
+                      WHERE user_id = $1",
+                    &[&account.0],
+                )
+                .await
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+                .get(0);
+            let granted: i64 = snapshot
+                .grants
+                .iter()
+                .map(|g| g.remaining_micros.get())
+                .sum();
+            prop_assert_eq!(stored, granted, "grants as PostgreSQL holds them");
             Ok(())
         })
     });
@@ -426,8 +721,14 @@ enum Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
+    // Promo credits too, lasting or expiring later, so spends in failed
+    // batches move grants of every kind.
+    let gift = prop_oneof![Just(Gift::Promo), (60i64..600).prop_map(Gift::PromoFor)];
+    let grant =
+        (0u8..6, 1i64..5_000, gift).prop_map(|(key, amount, gift)| Op::Grant { key, amount, gift });
     prop_oneof![
         12 => (0usize..3, op()).prop_map(|(account, op)| Step::Op { account, op }),
+        3 => (0usize..3, grant).prop_map(|(account, op)| Step::Op { account, op }),
         1 => Just(Step::Fail),
     ]
 }
@@ -484,6 +785,29 @@ async fn run_step(
         Err(other) => Err(format!("{op:?}: unexpected {other:?}")),
     };
     match *op {
+        Op::Advance { .. } => Ok(None),
+        Op::Grant {
+            key: k,
+            amount,
+            gift,
+        } => {
+            let posting = Posting {
+                expires_at: match gift {
+                    Gift::PromoFor(minutes) => {
+                        Some(Utc::now() + chrono::Duration::minutes(minutes))
+                    }
+                    Gift::Paid | Gift::Promo => None,
+                },
+                ..posting(&key(k), gift.kind(), micros(amount))
+            };
+            acknowledged(
+                engine.credit(id, posting).await.map(|_| ()),
+                Promise::Transaction {
+                    key: key(k),
+                    signed_micros: amount,
+                },
+            )
+        }
         Op::Credit { key: k, amount } | Op::Debit { key: k, amount } => {
             let credit = matches!(op, Op::Credit { .. });
             let posting = posting(&key(k), TransactionType::TopUp, micros(amount));
@@ -655,6 +979,23 @@ fn pipelined_operations_of_several_accounts_with_failed_batches_keep_every_invar
                     prop_assert_eq!(row.get::<_, i64>(1), snapshot.held_micros.get());
                     let sum: i64 = snapshot.holds.iter().map(|h| h.amount_micros.get()).sum();
                     prop_assert_eq!(sum, snapshot.held_micros.get(), "held = sum of holds");
+                    let stored: i64 = db
+                        .client()
+                        .await
+                        .query_one(
+                            "SELECT coalesce(sum(remaining_micros), 0)::int8 FROM credit_grants
+                              WHERE user_id = $1",
+                            &[&account.0],
+                        )
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?
+                        .get(0);
+                    let granted: i64 = snapshot
+                        .grants
+                        .iter()
+                        .map(|g| g.remaining_micros.get())
+                        .sum();
+                    prop_assert_eq!(stored, granted, "round {}: grants as stored", round);
                 }
                 let mut client = db.client().await;
                 let report = creditd::ledger::reconcile::reconcile(&mut client)

@@ -10,6 +10,7 @@ mod clerk_webhooks;
 mod cli;
 mod credits;
 mod drills;
+mod grants;
 mod history;
 mod identities;
 mod ledger;

@@ -46,13 +46,21 @@ async fn busy_ledger() -> TestDb {
     db
 }
 
-async fn checks_failing_after(tamper: &str) -> Vec<&'static str> {
+async fn problems_after(tamper: &str) -> Vec<creditd::ledger::reconcile::Problem> {
     let db = busy_ledger().await;
     let mut client = db.client().await;
     client.batch_execute(tamper).await.expect("tamper");
     let report = reconcile(&mut client).await.expect("reconcile");
     assert!(!report.clean);
-    let mut checks: Vec<&'static str> = report.problems.iter().map(|p| p.check).collect();
+    report.problems
+}
+
+async fn checks_failing_after(tamper: &str) -> Vec<&'static str> {
+    let mut checks: Vec<&'static str> = problems_after(tamper)
+        .await
+        .iter()
+        .map(|p| p.check)
+        .collect();
     checks.dedup();
     checks
 }
@@ -62,7 +70,8 @@ async fn a_balance_that_disagrees_with_the_journal_is_reported() {
     let checks =
         checks_failing_after("UPDATE credit_balances SET balance_micros = balance_micros + 1")
             .await;
-    assert_eq!(checks, vec!["balance"]);
+    // The balance no longer matches its grants either.
+    assert_eq!(checks, vec!["balance", "grants"]);
 }
 
 #[actix::test]
@@ -100,4 +109,53 @@ async fn a_usage_without_its_settled_hold_is_an_orphan() {
 async fn journal_rows_of_an_account_without_a_balance_row_are_orphans() {
     let checks = checks_failing_after("DELETE FROM credit_balances").await;
     assert_eq!(checks, vec!["orphan"]);
+}
+
+#[actix::test]
+async fn grants_holding_more_or_less_than_the_balance_are_reported() {
+    let more = checks_failing_after(
+        "UPDATE credit_grants SET remaining_micros = remaining_micros + 1, amount_micros = amount_micros + 1",
+    )
+    .await;
+    assert_eq!(more, vec!["grants"]);
+    let less =
+        checks_failing_after("UPDATE credit_grants SET remaining_micros = remaining_micros - 1")
+            .await;
+    assert_eq!(less, vec!["grants"]);
+}
+
+#[actix::test]
+async fn a_usage_paid_by_more_than_it_cost_is_reported() {
+    let checks = checks_failing_after(
+        "UPDATE credit_usages SET paid_by = jsonb_build_array(jsonb_build_object(
+             'grantId', paid_by->0->>'grantId', 'kind', 'PAID', 'amountMicros', cost_micros + 1))",
+    )
+    .await;
+    assert_eq!(checks, vec!["paidBy"]);
+}
+
+#[actix::test]
+async fn a_grant_that_paid_more_than_it_had_is_reported() {
+    let checks = checks_failing_after(
+        "UPDATE credit_grants SET remaining_micros = amount_micros;
+         UPDATE credit_balances SET balance_micros = balance_micros + 12345",
+    )
+    .await;
+    assert!(checks.contains(&"paidBy"), "{checks:?}");
+}
+
+#[actix::test]
+async fn a_grant_spent_after_it_expired_is_reported() {
+    let problems = problems_after(
+        "UPDATE credit_grants SET kind = 'PROMO', expires_at = created_at - interval '1 hour'",
+    )
+    .await;
+    let expiry: Vec<&str> = problems
+        .iter()
+        .filter(|p| p.check == "expiry")
+        .map(|p| p.detail.as_str())
+        .collect();
+    // The usage it paid after its expiry (its hold was placed after it).
+    assert_eq!(expiry.len(), 1, "{problems:?}");
+    assert!(expiry[0].contains("after it expired"), "{problems:?}");
 }

@@ -199,6 +199,15 @@ async fn a_stale_actor_cannot_release_a_hold_over_a_newer_state_and_reloads() {
         .unwrap();
     client
         .execute(
+            "INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
+                 source, seq, created_at)
+             VALUES (gen_random_uuid(), $1, 'PROMO', 4000000, 4000000, 'elsewhere', 3, now())",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
             "UPDATE credit_balances SET balance_micros = 5000000, version = 3
               WHERE user_id = $1",
             &[&account.0],

@@ -46,6 +46,15 @@ pub(super) async fn move_on_elsewhere(
         .expect("the other writer's entry");
     client
         .execute(
+            "INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
+                 source, seq, created_at)
+             VALUES (gen_random_uuid(), $1, 'PROMO', 4000000, 4000000, 'elsewhere', 2, now())",
+            &[&account.0],
+        )
+        .await
+        .expect("the other writer's grant");
+    client
+        .execute(
             "UPDATE credit_balances SET balance_micros = 5000000, version = 2 WHERE user_id = $1",
             &[&account.0],
         )
@@ -55,7 +64,7 @@ pub(super) async fn move_on_elsewhere(
 
 /// An account whose finished hold id `reused` only PostgreSQL remembers,
 /// and another account; both funded and resident on one writer.
-pub(super) async fn bad_and_good_on_one_writer(
+pub(crate) async fn bad_and_good_on_one_writer(
     db: &TestDb,
     batch_delay_us: u64,
 ) -> (creditd::ledger::Engine, AccountId, AccountId, HoldId) {

@@ -174,6 +174,13 @@ impl TestDb {
         Engine::start(&settings.engine, &settings.journal, database, pool)
     }
 
+    /// An engine reading the time from `clock`.
+    pub fn engine_with_clock(&self, settings: &Settings, clock: creditd::clock::Clock) -> Engine {
+        let database = self.database(settings);
+        let pool = database.pool(&settings.database).expect("pool");
+        Engine::start_with_clock(&settings.engine, &settings.journal, database, pool, clock)
+    }
+
     /// A new user (and balance row) named by its Clerk id.
     pub async fn user(&self, clerk_id: &str) -> AccountId {
         let client = self.client().await;
@@ -217,6 +224,7 @@ pub fn posting(key_text: &str, kind: TransactionType, amount: Micros) -> Posting
         stripe_session_id: None,
         stripe_payment_id: None,
         metadata: None,
+        expires_at: None,
     }
 }
 
