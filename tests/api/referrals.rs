@@ -243,3 +243,38 @@ async fn twenty_concurrent_redeemers_of_one_code_are_each_counted_and_paid_once(
     assert_eq!(referral_credits(app).await.len(), 40);
     app.db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn with_an_expiry_both_referral_bonuses_are_promo_grants_that_expire_after_so_many_days() {
+    let stripe = spawn_stripe_app_with(|s| s.credits.referral_bonus_expiry_days = 30).await;
+    let app = &stripe.app;
+    let code = code_of(app, "user_giver").await;
+    assert_eq!(present(app, "user_taker", &code).await.0, 201);
+    let before = chrono::Utc::now();
+    top_up(&stripe, "user_taker", "cs_taker", 1000).await;
+    let after = chrono::Utc::now();
+
+    let grants = app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT g.kind, g.amount_micros, g.expires_at FROM credit_grants g
+               JOIN credit_transactions t ON t.id = g.transaction_id
+              WHERE t.idempotency_key LIKE 'referral:%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(grants.len(), 2);
+    for grant in &grants {
+        assert_eq!(grant.get::<_, String>(0), "PROMO");
+        assert_eq!(grant.get::<_, i64>(1), BONUS_MICROS);
+        let expires: chrono::DateTime<chrono::Utc> = grant.get(2);
+        assert!(
+            expires >= before + chrono::Duration::days(30)
+                && expires <= after + chrono::Duration::days(30),
+            "{expires}"
+        );
+    }
+}
