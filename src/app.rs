@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::config::{LogFormat, LogSettings, Settings};
 use crate::db::{self, Database};
 use crate::http;
+use crate::ledger::outbox::AlertThresholds;
 use crate::ledger::{self, store, Engine, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
 use crate::runtime::Runtime;
@@ -77,13 +78,23 @@ impl Storage {
     }
 
     pub fn engine(&self, settings: &Settings) -> Engine {
-        Engine::start_with_clock(
+        Engine::start_with_alerts(
             &settings.engine,
             &settings.journal,
             self.database.clone(),
             self.pool.clone(),
             self.clock.clone(),
+            alert_thresholds(&settings.credits),
         )
+    }
+}
+
+/// The balance alerts' thresholds, from cents in the settings.
+pub fn alert_thresholds(credits: &crate::config::CreditsSettings) -> AlertThresholds {
+    let micros = |cents: i64| Micros::new(cents.saturating_mul(crate::money::MICROS_PER_CENT));
+    AlertThresholds {
+        low: micros(credits.low_balance_cents),
+        rearm: micros(credits.low_balance_rearm_cents),
     }
 }
 
@@ -95,6 +106,8 @@ pub struct Application {
     settlements: Arc<crate::metering::Settlements>,
     storage: Storage,
     shutdown_timeout: Duration,
+    /// Delivers the outbox's events (none without `events.webhook_url`).
+    sender: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -139,6 +152,11 @@ impl Application {
         let settlements = state.settlements.clone();
         crate::health::start(storage.database.clone(), &state.health).await;
         crate::clerk::tokens::spawn_jwks_refresh(&state.clerk);
+        let sender = crate::events::spawn_sender(
+            storage.database.clone(),
+            storage.pool.clone(),
+            &settings.events,
+        )?;
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,
@@ -147,6 +165,7 @@ impl Application {
             settlements,
             storage,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_s),
+            sender,
         })
     }
 
@@ -170,6 +189,10 @@ impl Application {
                 in_flight = self.settlements.in_flight(),
                 "platform chats still unsettled at the shutdown timeout"
             );
+        }
+        if let Some(sender) = &self.sender {
+            // Undelivered events stay in the outbox for the next start.
+            sender.abort();
         }
         tracing::info!("flushing the journal");
         if !self.engine.shutdown(self.shutdown_timeout).await {

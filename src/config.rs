@@ -51,6 +51,7 @@ pub struct Settings {
     pub byok: ByokSettings,
     pub limits: LimitsSettings,
     pub metrics: MetricsSettings,
+    pub events: EventsSettings,
     /// Set by `creditd demo` only (never from a file or the environment):
     /// where the demo's sign-in page is; pages then show the demo banner.
     #[serde(skip)]
@@ -63,6 +64,27 @@ pub struct LimitsSettings {
     pub chats_in_flight_per_account: u32,
     pub topups_per_minute: u32,
     pub unauthenticated_per_ip_per_second: u32,
+}
+
+/// Outgoing events (balance alerts, top-ups) and their delivery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// Where events are POSTed; empty: the sender is off and events stay
+    /// recorded, pending, until a URL is configured.
+    pub webhook_url: String,
+    /// HMAC-SHA256 key of `Creditd-Signature`; required with a URL.
+    pub signing_secret: Secret,
+    pub timeout_ms: u64,
+    /// How often the sender looks for due events when it has none.
+    pub poll_interval_ms: u64,
+    /// First retry delay, doubled at each failure up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// An event still undelivered this long after it was recorded is FAILED.
+    pub retry_for_hours: u64,
+    /// Accounts whose next event is delivered at once.
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -181,6 +203,8 @@ pub struct JournalSettings {
 pub struct CreditsSettings {
     pub signup_bonus_cents: i64,
     pub low_balance_cents: i64,
+    /// `balance.recovered` (re-arming the low alert) at low + this.
+    pub low_balance_rearm_cents: i64,
     /// Days the signup bonus can be spent; 0: it never expires.
     #[serde(default)]
     pub signup_bonus_expiry_days: u32,
@@ -321,6 +345,10 @@ impl Settings {
                 "credits.referral_bonus_cents",
                 self.credits.referral_bonus_cents,
             ),
+            (
+                "credits.low_balance_rearm_cents",
+                self.credits.low_balance_rearm_cents,
+            ),
         ] {
             if value < 0 {
                 return Err(format!("configuration key `{key}`: cannot be negative"));
@@ -352,6 +380,7 @@ impl Settings {
             }
         }
         self.validate_stripe()?;
+        self.validate_events()?;
         self.validate_chat()?;
         Ok(())
     }
@@ -489,7 +518,41 @@ impl Settings {
                 "limits.unauthenticated_per_ip_per_second",
                 u64::from(self.limits.unauthenticated_per_ip_per_second),
             ),
+            ("events.timeout_ms", self.events.timeout_ms),
+            ("events.poll_interval_ms", self.events.poll_interval_ms),
+            ("events.retry_base_ms", self.events.retry_base_ms),
+            ("events.retry_max_ms", self.events.retry_max_ms),
+            ("events.retry_for_hours", self.events.retry_for_hours),
+            ("events.concurrency", wide(self.events.concurrency)),
         ]
+    }
+
+    fn validate_events(&self) -> Result<(), String> {
+        let events = &self.events;
+        if events.webhook_url.is_empty() {
+            return Ok(());
+        }
+        if !(events.webhook_url.starts_with("https://")
+            || events.webhook_url.starts_with("http://"))
+            || reqwest::Url::parse(&events.webhook_url).is_err()
+        {
+            return Err(format!(
+                "configuration key `events.webhook_url`: `{}` is not an http(s) URL",
+                events.webhook_url
+            ));
+        }
+        if events.signing_secret.is_empty() {
+            return Err(
+                "configuration key `events.signing_secret`: required when events.webhook_url is set (set CREDITD__EVENTS__SIGNING_SECRET)"
+                    .into(),
+            );
+        }
+        if events.retry_base_ms > events.retry_max_ms {
+            return Err(
+                "configuration key `events.retry_base_ms`: at most events.retry_max_ms".into(),
+            );
+        }
+        Ok(())
     }
 
     fn validate_stripe(&self) -> Result<(), String> {
@@ -638,6 +701,44 @@ mod tests {
     }
 
     #[test]
+    fn an_events_url_needs_a_signing_secret_and_must_be_http() {
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[(
+                "CREDITD__EVENTS__WEBHOOK_URL",
+                "https://app.example.com/hooks",
+            )]),
+        )
+        .unwrap_err();
+        assert!(err.contains("events.signing_secret"), "{err}");
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[
+                (
+                    "CREDITD__EVENTS__WEBHOOK_URL",
+                    "ftp://app.example.com/hooks",
+                ),
+                ("CREDITD__EVENTS__SIGNING_SECRET", "whsec_x"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.contains("events.webhook_url"), "{err}");
+        let settings = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[
+                (
+                    "CREDITD__EVENTS__WEBHOOK_URL",
+                    "https://app.example.com/hooks",
+                ),
+                ("CREDITD__EVENTS__SIGNING_SECRET", "whsec_x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.events.signing_secret.expose(), "whsec_x");
+        assert_eq!(format!("{:?}", settings.events.signing_secret), "***");
+    }
+
+    #[test]
     fn top_up_limits_that_cannot_hold_are_refused() {
         let err = Settings::from_sources(
             DEFAULT_CONFIG,
@@ -674,6 +775,7 @@ mod tests {
         "credits.signup_bonus_cents",         // no bonus
         "credits.low_balance_cents",          // never flagged low
         "credits.signup_bonus_expiry_days",   // the bonus never expires
+        "credits.low_balance_rearm_cents",    // re-armed as soon as back at the threshold
         "credits.referral_bonus_cents",       // no referral bonus
         "credits.referral_bonus_expiry_days", // never expires
         "clerk.leeway_s",                     // no clock leeway

@@ -6,6 +6,7 @@
 //! - [`runtime`]: settings turned once into the price table, cipher, keys;
 //! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
+//! - [`events`]: delivery of the outbox's events (alerts, top-ups), signed;
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;
 //! - [`clerk`]: Clerk's webhook signature (Svix) and user events;
 //! - [`webhooks`]: event ids already handled, shared by both senders;
@@ -24,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod ledger;

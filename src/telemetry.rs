@@ -104,6 +104,25 @@ pub fn describe(prices: &PriceTable) {
         "creditd_jwks_refresh_failures_total",
         "JWKS refetches that failed (the last good keys were kept)"
     );
+    describe_gauge!(
+        "creditd_events_pending",
+        "Outgoing events recorded and not yet delivered nor failed (read by the sender)"
+    );
+    describe_counter!(
+        "creditd_events_delivered_total",
+        "Outgoing events the receiver acknowledged with a 2xx"
+    );
+    describe_counter!(
+        "creditd_events_failed_total",
+        "Outgoing events given up after events.retry_for_hours"
+    );
+    describe_counter!(
+        "creditd_event_delivery_failures_total",
+        "Delivery attempts of outgoing events that failed (retried or given up)"
+    );
+    metrics::counter!("creditd_events_delivered_total").increment(0);
+    metrics::counter!("creditd_events_failed_total").increment(0);
+    metrics::counter!("creditd_event_delivery_failures_total").increment(0);
     for limit in ["chats_in_flight", "topups", "unauthenticated"] {
         metrics::counter!("creditd_rate_limited_total", "limit" => limit).increment(0);
     }

@@ -1,7 +1,8 @@
 // <credit-history page-size="10">: tabs "Transactions" and "Utilisation",
 // newest first, "Charger plus" follows the API's cursors. Each transaction
-// shows its label, its badge, its signed amount and when it happened; each
-// usage its model, its tokens and its cost.
+// shows its label, its badge, its signed amount and when it happened (and a
+// top-up its "Facture" link, Stripe's hosted invoice); each usage its model,
+// its tokens and its cost.
 
 import { formatMicros, h, relativeDate, request } from './credits-api.js'
 
@@ -39,6 +40,13 @@ function transactionRow(item) {
       { class: 'history__side' },
       h('p', { class: `history__amount ${credit ? 'is-credit' : 'is-debit'}` }, amount),
       h('span', { class: 'history__badge' }, BADGES[item.type] ?? item.type),
+      item.invoiceUrl
+        ? h(
+            'a',
+            { class: 'history__invoice', href: item.invoiceUrl, target: '_blank', rel: 'noopener noreferrer' },
+            'Facture',
+          )
+        : null,
     ),
   )
 }

@@ -33,10 +33,15 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "grants", include_str!("../../sql/0005_grants.sql")),
     (
         6,
-        "spend_limits",
-        include_str!("../../sql/0006_spend_limits.sql"),
+        "outgoing_events",
+        include_str!("../../sql/0006_outgoing_events.sql"),
     ),
-    (7, "referrals", include_str!("../../sql/0007_referrals.sql")),
+    (
+        7,
+        "spend_limits",
+        include_str!("../../sql/0007_spend_limits.sql"),
+    ),
+    (8, "referrals", include_str!("../../sql/0008_referrals.sql")),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

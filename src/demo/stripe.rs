@@ -1,8 +1,10 @@
-//! The demo's Stripe: the two API calls creditd makes (customers, Checkout
-//! Sessions, form-encoded, bearer key, idempotency keys honoured) and the
-//! hosted checkout page. "Payer" answers like Stripe: the browser goes back
+//! The demo's Stripe: the API calls creditd makes (customers, Checkout
+//! Sessions, form-encoded, bearer key, idempotency keys honoured; invoices
+//! read back) and the hosted checkout and invoice pages. "Payer" answers
+//! like Stripe: the session's invoice is finalized, the browser goes back
 //! to the success URL at once, and the `checkout.session.completed` event
-//! follows as a signed webhook, a moment later (webhooks lag).
+//! (naming its `invoice`) follows as a signed webhook, a moment later
+//! (webhooks lag).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,7 +30,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/v1/customers", web::post().to(create_customer))
         .route("/v1/checkout/sessions", web::post().to(create_session))
         .route("/c/pay/{id}", web::get().to(checkout_page))
-        .route("/c/pay/{id}", web::post().to(pay));
+        .route("/c/pay/{id}", web::post().to(pay))
+        .route("/v1/invoices/{id}", web::get().to(retrieve_invoice))
+        .route("/i/{id}", web::get().to(invoice_page));
 }
 
 /// A Checkout Session as the demo keeps it.
@@ -47,6 +51,8 @@ pub struct Ledger {
     customers: Mutex<HashMap<String, Value>>,
     sessions: Mutex<HashMap<String, Session>>,
     by_idempotency_key: Mutex<HashMap<String, String>>,
+    /// Invoices of paid sessions, by id, with their amount in cents.
+    invoices: Mutex<HashMap<String, (Value, i64)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -267,10 +273,11 @@ async fn pay(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
         return HttpResponse::Conflict().body("this Checkout Session is already paid");
     };
     let success_url = session.success_url.clone();
+    let invoice = finalize_invoice(&shared, &session);
     let shared = shared.into_inner();
     actix_web::rt::spawn(async move {
         actix_web::rt::time::sleep(WEBHOOK_DELAY).await;
-        deliver_completed(&shared, session).await;
+        deliver_completed(&shared, session, invoice).await;
     });
     HttpResponse::SeeOther()
         .insert_header((header::LOCATION, success_url))
@@ -290,8 +297,75 @@ fn signature(secret: &str, timestamp: i64, body: &str) -> Option<String> {
     Some(format!("t={timestamp},v1={hex}"))
 }
 
-async fn deliver_completed(shared: &Shared, session: Session) {
+/// The invoice Checkout creates for a paid session
+/// (`invoice_creation[enabled]=true`), finalized and paid; its id.
+fn finalize_invoice(shared: &Shared, session: &Session) -> String {
+    let id = format!("in_demo_{}", uuid::Uuid::new_v4().simple());
+    let hosted = format!("{}/i/{id}", shared.stand_ins_url);
+    let invoice = json!({
+        "id": id,
+        "object": "invoice",
+        "amount_paid": session.amount_cents,
+        "currency": session.json["currency"],
+        "customer": session.json["customer"],
+        "status": "paid",
+        "hosted_invoice_url": hosted,
+        "invoice_pdf": format!("{hosted}/pdf"),
+        "created": chrono::Utc::now().timestamp(),
+        "livemode": false,
+    });
+    lock(&shared.stripe.invoices).insert(id.clone(), (invoice, session.amount_cents));
+    id
+}
+
+/// `GET /v1/invoices/{id}`: a read, so the secret key only.
+async fn retrieve_invoice(
+    shared: web::Data<Shared>,
+    request: HttpRequest,
+    id: web::Path<String>,
+) -> HttpResponse {
+    let expected = format!("Bearer {}", shared.stripe_secret_key);
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if presented != Some(expected.as_str()) {
+        return Refusal::InvalidApiKey.response();
+    }
+    match lock(&shared.stripe.invoices).get(id.as_str()) {
+        Some((invoice, _)) => HttpResponse::Ok().json(invoice.clone()),
+        None => stripe_error(
+            404,
+            "invalid_request_error",
+            &format!("No such invoice: '{id}'"),
+        ),
+    }
+}
+
+/// The hosted invoice page.
+async fn invoice_page(shared: web::Data<Shared>, id: web::Path<String>) -> HttpResponse {
+    let Some(cents) = lock(&shared.stripe.invoices)
+        .get(id.as_str())
+        .map(|(_, cents)| *cents)
+    else {
+        return HttpResponse::NotFound().body("no such invoice");
+    };
+    let body = format!(
+        r#"<h1>Facture (démo de Stripe)</h1>
+<section class="panel invoice" data-invoice-id="{id}">
+<h2>Crédits AI</h2>
+<p class="credit-balance__amount">{amount}</p>
+<p class="credit-balance__message">Payée. Facture {id}.</p>
+</section>"#,
+        id = escape(&id),
+        amount = escape(&euros(cents)),
+    );
+    page(&shared, "Facture · Démo", &body)
+}
+
+async fn deliver_completed(shared: &Shared, session: Session, invoice: String) {
     let mut object = session.json;
+    object["invoice"] = json!(invoice);
     object["payment_status"] = json!("paid");
     object["status"] = json!("complete");
     object["payment_intent"] = json!(format!("pi_demo_{}", uuid::Uuid::new_v4().simple()));

@@ -10,6 +10,7 @@ use super::error::{parse_json, ApiError};
 use super::views::{GrantView, HoldView, TransactionView, UsageView};
 use super::{read_body, State};
 use crate::accounts::{users, ClerkUserId};
+use crate::events;
 use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
 
@@ -17,7 +18,12 @@ pub fn routes(config: &mut web::ServiceConfig) {
     config
         .route("/admin/accounts/{userId}/credits", web::post().to(adjust))
         .route("/admin/accounts/{userId}", web::get().to(account))
-        .route("/admin/reconcile", web::get().to(run_reconcile));
+        .route("/admin/reconcile", web::get().to(run_reconcile))
+        .route("/admin/events", web::get().to(list_events))
+        .route(
+            "/admin/events/{eventId}/redeliver",
+            web::post().to(redeliver_event),
+        );
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -199,4 +205,112 @@ async fn run_reconcile(state: State, request: HttpRequest) -> Result<HttpRespons
         .await
         .map_err(store::unavailable)?;
     Ok(HttpResponse::Ok().json(report))
+}
+
+/// The query of `GET /admin/events`.
+#[derive(Debug, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct EventFilter {
+    /// PENDING, DELIVERED or FAILED.
+    status: Option<String>,
+    /// Only this user's events (Clerk id).
+    #[param(rename = "userId", value_type = Option<String>)]
+    user_id: Option<ClerkUserId>,
+    /// 1 to 500 (default 100).
+    limit: Option<i64>,
+}
+
+impl EventFilter {
+    /// Every parameter checked by name; anything unknown is refused.
+    fn parse(query: &str) -> Result<EventFilter, ApiError> {
+        let pairs = web::Query::<Vec<(String, String)>>::from_query(query)
+            .map_err(|e| ApiError::invalid(format!("query string: {e}")))?
+            .into_inner();
+        let mut filter = EventFilter::default();
+        for (name, value) in pairs {
+            match name.as_str() {
+                "status" => match value.as_str() {
+                    "PENDING" | "DELIVERED" | "FAILED" => filter.status = Some(value),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "field `status`: one of PENDING, DELIVERED, FAILED",
+                        ))
+                    }
+                },
+                "userId" => filter.user_id = Some(clerk_id(&value)?),
+                "limit" => {
+                    filter.limit = Some(
+                        value
+                            .parse::<i64>()
+                            .ok()
+                            .filter(|n| (1..=500).contains(n))
+                            .ok_or_else(|| {
+                                ApiError::invalid("field `limit`: an integer from 1 to 500")
+                            })?,
+                    )
+                }
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "field `{name}`: unknown query parameter (expected status, userId, limit)"
+                    )))
+                }
+            }
+        }
+        Ok(filter)
+    }
+}
+
+/// The outbox's events, newest first, with their delivery state.
+#[utoipa::path(get, path = "/admin/events", tag = "admin", security(("admin" = [])),
+    params(EventFilter),
+    responses(
+        (status = 200, description = "The events (`events`)", body = super::openapi::EventList),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+    ))]
+async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    require_admin(&state.settings.admin, &request)?;
+    let filter = EventFilter::parse(request.query_string())?;
+    let client = state.client().await?;
+    let events = events::store::list(
+        &**client,
+        filter.status.as_deref(),
+        filter.user_id.as_ref(),
+        filter.limit.unwrap_or(100),
+    )
+    .await
+    .map_err(store::unavailable)?;
+    Ok(HttpResponse::Ok().json(json!({ "events": events })))
+}
+
+/// Puts an event back in the queue: it is sent again, in its account's order.
+#[utoipa::path(post, path = "/admin/events/{eventId}/redeliver", tag = "admin", security(("admin" = [])),
+    params(("eventId" = String, Path, description = "The event's id (a UUID)")),
+    responses(
+        (status = 200, description = "The event, PENDING again", body = crate::events::store::EventDelivery),
+        (status = 400, description = "INVALID_REQUEST (eventId is not a UUID)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no such event; or no admin token configured)", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+    ))]
+async fn redeliver_event(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&state.settings.admin, &request)?;
+    let id = uuid::Uuid::parse_str(path.trim())
+        .map_err(|_| ApiError::invalid("field `eventId`: not a UUID"))?;
+    let client = state.client().await?;
+    match events::store::redeliver(&**client, id, chrono::Utc::now())
+        .await
+        .map_err(store::unavailable)?
+    {
+        Some(event) => Ok(HttpResponse::Ok().json(event)),
+        None => Err(ApiError::not_found(format!("no event with id `{id}`"))),
+    }
 }

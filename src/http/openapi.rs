@@ -51,6 +51,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::spending::admin_set,
         super::referrals::show,
         super::referrals::redeem,
+        super::admin::list_events,
+        super::admin::redeliver_event,
         super::healthz,
         super::readyz,
         super::metrics_text,
@@ -125,6 +127,12 @@ pub struct Referred {
     referred: bool,
     /// This user had presented the same code before.
     already_applied: bool,
+}
+
+/// `GET /admin/events`: the outbox's events, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct EventList {
+    events: Vec<crate::events::store::EventDelivery>,
 }
 
 /// `GET /api/credits/usage/daily`: spend per UTC day, oldest first.

@@ -75,6 +75,8 @@ pub struct TransactionView {
     pub amount_micros: i64,
     pub description: Option<String>,
     pub stripe_session_id: Option<String>,
+    /// A top-up's invoice page (Stripe's hosted invoice), when it has one.
+    pub invoice_url: Option<String>,
     pub balance_before_micros: i64,
     pub balance_after_micros: i64,
     pub created_at: DateTime<Utc>,
@@ -92,6 +94,13 @@ impl From<&TransactionRecord> for TransactionView {
             amount_micros: t.amount_micros.get(),
             description: t.description.clone(),
             stripe_session_id: t.stripe_session_id.clone(),
+            invoice_url: t
+                .metadata
+                .as_ref()
+                .and_then(|m| m.get("invoiceUrl"))
+                .and_then(serde_json::Value::as_str)
+                .filter(|url| url.starts_with("https://") || url.starts_with("http://"))
+                .map(str::to_owned),
             balance_before_micros: t.balance_before_micros.get(),
             balance_after_micros: t.balance_after_micros.get(),
             created_at: t.created_at,

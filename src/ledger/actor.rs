@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::journal::{wait_durable, Durable, DurableSender, Entry, Record, WriterHandle};
+use super::outbox::{self, AlertState, AlertThresholds};
 use super::spend::{self, SpendCounters};
 use super::state::{AccountState, Applied};
 use super::store::{self, StoredAccount};
@@ -42,6 +43,8 @@ pub(crate) struct ActorSettings {
     pub hold_delay: Duration,
     /// What the actor reads the time from (expiries, windows).
     pub clock: Clock,
+    /// When the account's balance alerts fire.
+    pub alerts: AlertThresholds,
 }
 
 /// When an operation's reply comes.
@@ -89,6 +92,9 @@ pub struct AccountActor {
     /// chat's hold and settlement go to the writer together and are written
     /// as one finished hold row. Always sent before any later entry.
     pending: Option<(mpsc::OwnedPermit<Entry>, Entry)>,
+    /// Which balance alerts were sent since the last recovery (loaded with
+    /// the account, moved by every change as its entry is made).
+    alerts: AlertState,
 }
 
 /// What an actor shares with the directory entry that started it.
@@ -146,6 +152,7 @@ impl AccountActor {
             deregister,
             published,
             pending: None,
+            alerts: AlertState::default(),
         }
     }
 
@@ -245,6 +252,15 @@ impl AccountActor {
                     self.stop(ctx);
                     return ready(Err(error));
                 }
+                let events = outbox::events_of(
+                    &record,
+                    &mut self.alerts,
+                    &self.settings.alerts,
+                    state.balance,
+                    Micros::new(balance_before - held_before),
+                    state.available(),
+                    now,
+                );
                 let hold_back = answer == Answer::WhenApplied
                     && !hold_delay.is_zero()
                     && matches!(record, Record::HoldPlaced(_));
@@ -257,6 +273,7 @@ impl AccountActor {
                     balance_after: state.balance.get(),
                     held_after: state.held.get(),
                     record,
+                    events,
                     grants: state.take_grant_writes(),
                     durable: self.durable_tx.clone(),
                 };
@@ -470,8 +487,10 @@ impl AccountActor {
         &mut self,
         ctx: &mut Context<Self>,
         stored: StoredAccount,
+        alerts: AlertState,
         spending: Option<(SpendLimits, SpendCounters)>,
     ) {
+        self.alerts = alerts;
         let mut state = AccountState::new(
             self.account,
             stored.balance,
@@ -511,10 +530,11 @@ impl Actor for AccountActor {
                 Backend::Postgres(pool) => {
                     let client = store::client(&pool).await?;
                     let stored = store::load_account(&**client, account).await?;
+                    let alerts = outbox::load_alert_state(&**client, account).await?;
                     // Read after the account: usages it settles from now on
                     // are counted by the actor, those before by this read.
                     let spending = spend::load(&**client, account, clock.now()).await?;
-                    Ok((stored, Some(spending)))
+                    Ok((stored, alerts, Some(spending)))
                 }
                 Backend::Memory { opening_balance } => Ok((
                     StoredAccount {
@@ -524,6 +544,7 @@ impl Actor for AccountActor {
                         holds: Vec::new(),
                         grants: opening_grant(opening_balance, clock.now()),
                     },
+                    AlertState::default(),
                     None,
                 )),
             }
@@ -531,7 +552,7 @@ impl Actor for AccountActor {
         ctx.wait(
             load.into_actor(self)
                 .map(|result, actor, ctx| match result {
-                    Ok((stored, spending)) => actor.loaded(ctx, stored, spending),
+                    Ok((stored, alerts, spending)) => actor.loaded(ctx, stored, alerts, spending),
                     Err(error) => {
                         tracing::debug!(account = actor.account.0, %error, "account load failed");
                         actor.phase = Phase::Failed(error);

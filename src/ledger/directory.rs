@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::actor::*;
 use super::journal::{spawn_writer, Durable, DurableSender, WriterHandle};
+use super::outbox::AlertThresholds;
 use super::types::*;
 use crate::clock::Clock;
 use crate::config::{EngineSettings, JournalSettings};
@@ -206,9 +207,11 @@ fn actor_settings(
     settings: &EngineSettings,
     journal: &JournalSettings,
     clock: Clock,
+    alerts: AlertThresholds,
 ) -> ActorSettings {
     ActorSettings {
         clock,
+        alerts,
         hold_delay: Duration::from_micros(journal.hold_delay_us),
         mailbox_capacity: settings.mailbox_capacity.max(1),
         idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
@@ -238,13 +241,32 @@ impl Engine {
         pool: deadpool_postgres::Pool,
         clock: Clock,
     ) -> Engine {
+        Engine::start_with_alerts(
+            engine,
+            journal,
+            database,
+            pool,
+            clock,
+            AlertThresholds::default(),
+        )
+    }
+
+    /// As `start_with_clock`, with the balance alerts' thresholds.
+    pub fn start_with_alerts(
+        engine: &EngineSettings,
+        journal: &JournalSettings,
+        database: Database,
+        pool: deadpool_postgres::Pool,
+        clock: Clock,
+        alerts: AlertThresholds,
+    ) -> Engine {
         Engine::build(
             engine,
             journal,
             Some(database),
             Backend::Postgres(pool.clone()),
             Some(pool),
-            clock,
+            (clock, alerts),
         )
     }
 
@@ -262,7 +284,7 @@ impl Engine {
             None,
             Backend::Memory { opening_balance },
             None,
-            Clock::system(),
+            (Clock::system(), AlertThresholds::default()),
         )
     }
 
@@ -272,7 +294,7 @@ impl Engine {
         database: Option<Database>,
         backend: Backend,
         pool: Option<deadpool_postgres::Pool>,
-        clock: Clock,
+        (clock, alerts): (Clock, AlertThresholds),
     ) -> Engine {
         let count = if engine.arbiters == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -289,7 +311,7 @@ impl Engine {
             arbiters: handles,
             backend,
             writer: writer.clone(),
-            settings: actor_settings(engine, journal, clock.clone()),
+            settings: actor_settings(engine, journal, clock.clone(), alerts),
             call_timeout: Duration::from_millis(engine.call_timeout_ms),
             next_id: AtomicU64::new(1),
             resident: AtomicUsize::new(0),

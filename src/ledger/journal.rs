@@ -71,6 +71,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
+use super::outbox::OutgoingEvent;
 use super::types::*;
 use crate::config::JournalSettings;
 use crate::db::Database;
@@ -121,6 +122,8 @@ pub(crate) struct Entry {
     pub balance_after: i64,
     pub held_after: i64,
     pub record: Record,
+    /// The events this entry's change caused, committed with it.
+    pub events: Vec<OutgoingEvent>,
     /// The grant rows its operation inserted or changed.
     pub grants: Vec<GrantWrite>,
     pub durable: DurableSender,
@@ -360,6 +363,8 @@ struct Statements {
     insert_usages: Statement,
     finish_holds: Statement,
     undo_accounts: Statement,
+    insert_events: Statement,
+    undo_events: Statement,
     upsert_grants: Statement,
     undo_grants: Statement,
 }
@@ -910,6 +915,8 @@ impl Statements {
             insert_usages: client.prepare(super::store::sql::INSERT_USAGES).await?,
             finish_holds: client.prepare(super::store::sql::FINISH_HOLDS).await?,
             undo_accounts: client.prepare(super::store::sql::UNDO_ACCOUNTS).await?,
+            insert_events: client.prepare(super::store::sql::INSERT_EVENTS).await?,
+            undo_events: client.prepare(super::store::sql::UNDO_EVENTS).await?,
             upsert_grants: client.prepare(super::store::sql::UPSERT_GRANTS).await?,
             undo_grants: client.prepare(super::store::sql::UNDO_GRANTS).await?,
         })
@@ -984,6 +991,14 @@ struct Columns {
     use_before: Vec<i64>,
     use_after: Vec<i64>,
     use_created: Vec<DateTime<Utc>>,
+    // outgoing_events
+    ev_id: Vec<Uuid>,
+    ev_user: Vec<i64>,
+    ev_seq: Vec<i64>,
+    ev_ordinal: Vec<i32>,
+    ev_type: Vec<&'static str>,
+    ev_data: Vec<serde_json::Value>,
+    ev_created: Vec<DateTime<Utc>>,
     use_paid_by: Vec<Option<serde_json::Value>>,
 }
 
@@ -1069,6 +1084,19 @@ impl Columns {
             Record::Released(r) => {
                 self.finish_hold(account, r.hold_id, r.status, r.seq, r.finished_at);
             }
+        }
+    }
+
+    fn push_events(&mut self, account: AccountId, seq: i64, events: &[OutgoingEvent]) {
+        for (ordinal, event) in events.iter().enumerate() {
+            self.ev_id.push(event.id);
+            self.ev_user.push(account.0);
+            self.ev_seq.push(seq);
+            self.ev_ordinal
+                .push(i32::try_from(ordinal).unwrap_or(i32::MAX));
+            self.ev_type.push(event.kind.as_str());
+            self.ev_data.push(event.data.clone());
+            self.ev_created.push(event.created_at);
         }
     }
 
@@ -1161,6 +1189,7 @@ async fn write_groups(
         }
         for entry in &group.entries {
             columns.push(group.account, &entry.record);
+            columns.push_events(group.account, entry.seq, &entry.events);
             for write in &entry.grants {
                 columns.push_grant(group.account, write);
             }
@@ -1251,6 +1280,24 @@ async fn write_groups(
         )
         .await
     };
+    let events = async {
+        if c.ev_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(
+            &statements.insert_events,
+            &[
+                &c.ev_id,
+                &c.ev_user,
+                &c.ev_seq,
+                &c.ev_ordinal,
+                &c.ev_type,
+                &c.ev_data,
+                &c.ev_created,
+            ],
+        )
+        .await
+    };
     let grants = async {
         if c.grant_id.is_empty() {
             return Ok(Vec::new());
@@ -1275,12 +1322,13 @@ async fn write_groups(
     };
     // Pipelined on one connection, executed in this order by the server:
     // holds exist before usages reference them and before they finish.
-    let (holds, transactions, usages, finished, grants) =
-        tokio::try_join!(holds, transactions, usages, finished, grants)?;
+    let (holds, transactions, usages, finished, grants, events) =
+        tokio::try_join!(holds, transactions, usages, finished, grants, events)?;
     let holds = written_rows(&holds)?;
     let transactions = written_rows(&transactions)?;
     let usages = written_rows(&usages)?;
     let finished = written_rows(&finished)?;
+    let events = written_rows(&events)?;
     let grants = written_rows(&grants)?;
 
     // Per account, rows sent minus rows written: anything but zero means a
@@ -1293,6 +1341,7 @@ async fn write_groups(
         .chain(&c.tx_user)
         .chain(&c.use_user)
         .chain(&c.fin_user)
+        .chain(&c.ev_user)
         .chain(&c.grant_user)
     {
         *missing.entry(*user).or_default() += 1;
@@ -1302,6 +1351,7 @@ async fn write_groups(
         .chain(&transactions)
         .chain(&usages)
         .chain(&finished)
+        .chain(&events)
         .chain(&grants)
     {
         *missing.entry(*user).or_default() -= 1;
@@ -1320,6 +1370,12 @@ async fn write_groups(
             [&holds, &transactions, &usages, &finished],
         )
         .await?;
+        let undone: Vec<Uuid> = events
+            .iter()
+            .filter(|(_, user)| refused.contains(user))
+            .map(|(id, _)| *id)
+            .collect();
+        tx.execute(&statements.undo_events, &[&undone]).await?;
         undo_grants(&tx, statements, &columns, &refused).await?;
         written.refused.extend(refused.into_iter().map(AccountId));
     }
@@ -1435,6 +1491,7 @@ mod tests {
             balance_after: 0,
             held_after: 0,
             record,
+            events: Vec::new(),
             grants: Vec::new(),
             durable: Arc::new(durable),
         }

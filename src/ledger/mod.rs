@@ -11,6 +11,7 @@
 mod actor;
 mod directory;
 mod journal;
+pub mod outbox;
 pub mod reconcile;
 pub mod spend;
 mod state;

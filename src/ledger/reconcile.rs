@@ -10,6 +10,8 @@
 //! - every journal row belongs to an account, every usage to its settled
 //!   hold; a usage charged late (`held_micros` 0: its hold had expired, was
 //!   released or was lost) to no active or settled hold;
+//! - every outgoing event names a journal entry of its account (the change
+//!   that caused it, committed in the same transaction);
 //! - grants: Σ remaining − debt = balance with debt ≥ 0, and debt only
 //!   once no unexpired grant has money left; remaining ≤ amount; a grant
 //!   never paid more than it had (its spends + remaining ≤ amount);
@@ -120,6 +122,17 @@ const ORPHANS: &str = "
                       AND (h.user_id <> u.user_id OR h.status IN ('ACTIVE', 'SETTLED')))
      ORDER BY 1, 2 LIMIT $1";
 
+/// Outgoing events whose seq names no journal entry of their account.
+const EVENTS: &str = "
+    SELECT e.user_id, e.seq, e.type FROM outgoing_events e
+     WHERE NOT EXISTS (SELECT 1 FROM credit_transactions t
+                        WHERE t.user_id = e.user_id AND t.seq = e.seq)
+       AND NOT EXISTS (SELECT 1 FROM credit_usages u
+                        WHERE u.user_id = e.user_id AND u.seq = e.seq)
+       AND NOT EXISTS (SELECT 1 FROM credit_holds h
+                        WHERE h.user_id = e.user_id
+                          AND (h.seq = e.seq OR h.finished_seq = e.seq))
+     ORDER BY 1, 2 LIMIT $1";
 /// Per account: the balance, Σ remaining, and what unexpired grants hold.
 /// "Unexpired" as of the account's last entry or now, whichever is later:
 /// the engine's clock wrote the entries' times.
@@ -256,6 +269,14 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             detail: format!(
                 "version {version}; journal has {n} entries, {distinct} distinct seqs, from {bottom} to {top}"
             ),
+        });
+    }
+    for row in tx.query(EVENTS, &[&LIMIT]).await? {
+        let (user_id, seq, kind): (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
+        problems.push(Problem {
+            user_id,
+            check: "event",
+            detail: format!("{kind} event of seq {seq}: no journal entry has this seq"),
         });
     }
     for row in tx.query(GRANT_SUMS, &[&LIMIT]).await? {

@@ -120,6 +120,20 @@ pub(crate) mod sql {
           FROM unnest($5::int8[], $6::int8[], $7::int8[], $8::int8[])
                AS u(user_id, version, balance, held)
          WHERE b.user_id = u.user_id";
+
+    /// The events caused by the batch's changes, pending delivery.
+    pub const INSERT_EVENTS: &str = "
+        INSERT INTO outgoing_events (id, user_id, seq, ordinal, type, data, created_at,
+               pending_since, next_attempt_at)
+        SELECT id, user_id, seq, ordinal, type, data, created_at, created_at, created_at
+          FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::text[],
+                      $6::jsonb[], $7::timestamptz[])
+               AS e(id, user_id, seq, ordinal, type, data, created_at)
+        ON CONFLICT DO NOTHING
+        RETURNING id, user_id";
+
+    /// Undoes a refused account's events inside the batch's transaction.
+    pub const UNDO_EVENTS: &str = "DELETE FROM outgoing_events WHERE id = ANY($1::uuid[])";
 }
 
 /// A database failure as the engine reports it: the database is unreachable

@@ -239,6 +239,52 @@ impl StripeApi {
     }
 }
 
+impl StripeApi {
+    /// The invoice `id` (`None` when Stripe has no such invoice): where the
+    /// customer reads the invoice of a top-up.
+    pub async fn retrieve_invoice(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::stripe::events::Invoice>, StripeCallError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Ok(None);
+        }
+        let url = format!(
+            "{}/v1/invoices/{id}",
+            self.settings.api_base.trim_end_matches('/')
+        );
+        let sent = self
+            .http
+            .get(url)
+            .bearer_auth(self.settings.secret_key.expose())
+            .send()
+            .await;
+        let outcome = match &sent {
+            Ok(response) if response.status().is_success() => "ok",
+            Ok(_) => "refused",
+            Err(_) => "unreachable",
+        };
+        metrics::counter!("creditd_stripe_requests_total", "operation" => "retrieve_invoice", "outcome" => outcome)
+            .increment(1);
+        let response = sent.map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(StripeCallError::Refused {
+                status: status.as_u16(),
+                message: "invoice lookup".into(),
+            });
+        }
+        response
+            .json()
+            .await
+            .map(Some)
+            .map_err(|e| StripeCallError::Unreachable(e.to_string()))
+    }
+}
+
 fn idempotency_key(text: String) -> Result<IdempotencyKey, StripeCallError> {
     IdempotencyKey::new(text).map_err(|e| StripeCallError::Unreachable(format!("{e:?}")))
 }

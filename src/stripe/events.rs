@@ -33,11 +33,25 @@ pub struct CheckoutSession {
     pub payment_status: String,
     #[serde(default)]
     pub payment_intent: Option<String>,
+    /// The invoice Checkout created (`invoice_creation[enabled]=true`).
+    #[serde(default)]
+    pub invoice: Option<String>,
     #[serde(default)]
     pub metadata: HashMap<String, String>,
     /// The Stripe customer who paid (`cus_…`).
     #[serde(default)]
     pub customer: Option<String>,
+}
+
+/// An Invoice (`GET /v1/invoices/{id}`): where the customer reads it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Invoice {
+    pub id: String,
+    /// The hosted invoice page; absent until the invoice is finalized.
+    #[serde(default)]
+    pub hosted_invoice_url: Option<String>,
+    #[serde(default)]
+    pub invoice_pdf: Option<String>,
 }
 
 /// `customer.subscription.*`: a Subscription.

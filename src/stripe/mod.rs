@@ -20,6 +20,10 @@ pub enum StripeError {
     /// event must be retried later (answered 503).
     #[error("{0}")]
     NotCreditedYet(&'static str),
+    /// Stripe could not answer a read the effect needs (its own 5xx): the
+    /// event must be retried later (answered 503).
+    #[error("{0}")]
+    ProviderUnavailable(String),
     #[error(transparent)]
     Call(#[from] StripeCallError),
     #[error(transparent)]

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::events::{Charge, CheckoutSession, Dispute, Event, Subscription};
-use super::{StripeApi, StripeError};
+use super::{StripeApi, StripeCallError, StripeError};
 use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
 use crate::config::StripeSettings;
 use crate::ledger::store::{self, unavailable};
@@ -217,6 +217,10 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         return Ok(Outcome::AmountMismatch);
     }
     let amount = cents(amount_total, "amount_total")?;
+    let metadata = match session.invoice.as_deref() {
+        Some(invoice) => Some(invoice_metadata(effects, invoice).await?),
+        None => None,
+    };
     let posting = Posting {
         key: key(format!("stripe:checkout:{}", session.id))?,
         kind: TransactionType::TopUp,
@@ -224,7 +228,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         description: Some(format!("Recharge de {amount}")),
         stripe_session_id: Some(session.id.clone()),
         stripe_payment_id: session.payment_intent.clone(),
-        metadata: None,
+        metadata,
         expires_at: None,
     };
     let credited = applied(effects.engine.credit(account, posting).await, "top-up")?;
@@ -241,6 +245,40 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         .await?;
     }
     Ok(credited)
+}
+
+/// The top-up's invoice as its transaction keeps it: `invoiceId`, and the
+/// hosted page and PDF read from the Invoice (Checkout finalizes it as the
+/// session completes). Stripe failing to answer: 503, and Stripe
+/// redelivers the event; the credit waits for its invoice link rather than
+/// lose it.
+async fn invoice_metadata(
+    effects: &Effects<'_>,
+    invoice: &str,
+) -> Result<serde_json::Value, StripeError> {
+    let Some(api) = effects.api else {
+        tracing::warn!(%invoice, "top-up invoice not read: the Stripe API is not configured");
+        return Ok(json!({ "invoiceId": invoice }));
+    };
+    let found = match api.retrieve_invoice(invoice).await {
+        Ok(found) => found,
+        Err(StripeCallError::Refused { status, .. }) if status >= 500 => {
+            tracing::warn!(%invoice, status, "Stripe could not read the top-up's invoice");
+            return Err(StripeError::ProviderUnavailable(
+                "the payment provider could not read the invoice; retry shortly".into(),
+            ));
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let Some(found) = found else {
+        tracing::error!(%invoice, "the top-up's invoice is unknown to Stripe");
+        return Ok(json!({ "invoiceId": invoice }));
+    };
+    Ok(json!({
+        "invoiceId": found.id,
+        "invoiceUrl": found.hosted_invoice_url,
+        "invoicePdf": found.invoice_pdf,
+    }))
 }
 
 /// `users.plan` from the subscription's price while it is live (active,

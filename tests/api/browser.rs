@@ -734,6 +734,20 @@ async fn top_up_refuses_amounts_out_of_limits_pays_ten_euros_at_checkout_and_sho
             .await,
         "+10.00€"
     );
+    assert_eq!(
+        browser
+            .text("[data-tab=transactions] .history__row .history__invoice")
+            .await,
+        "Facture"
+    );
+    let invoice = browser
+        .js("return document.querySelector('[data-tab=transactions] .history__row .history__invoice').href")
+        .await;
+    let invoice = invoice.as_str().unwrap_or_default().to_owned();
+    assert!(invoice.contains("/i/in_demo_"), "{invoice}");
+    let page = reqwest::get(&invoice).await.expect("the invoice page");
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap_or_default().contains("Facture"));
     let rows = "return document.querySelectorAll('[data-tab=transactions] .history__row').length";
     assert_eq!(browser.js(rows).await, json!(10));
     browser

@@ -10,6 +10,7 @@ mod clerk_webhooks;
 mod cli;
 mod credits;
 mod drills;
+mod events;
 mod grants;
 mod history;
 mod identities;

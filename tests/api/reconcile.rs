@@ -112,6 +112,12 @@ async fn journal_rows_of_an_account_without_a_balance_row_are_orphans() {
 }
 
 #[actix::test]
+async fn an_event_without_the_change_that_caused_it_is_reported() {
+    let checks = checks_failing_after("UPDATE outgoing_events SET seq = seq + 100").await;
+    assert_eq!(checks, vec!["event"]);
+}
+
+#[actix::test]
 async fn grants_holding_more_or_less_than_the_balance_are_reported() {
     let more = checks_failing_after(
         "UPDATE credit_grants SET remaining_micros = remaining_micros + 1, amount_micros = amount_micros + 1",

@@ -3,6 +3,7 @@
 
 mod checkout;
 mod disputes;
+mod invoices;
 mod refunds;
 mod subscriptions;
 mod top_ups;

@@ -1,0 +1,196 @@
+//! The outbox's SQL: what the sender reads and marks, what operators list
+//! and redeliver. The ledger's journal writer inserts the rows.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::{GenericClient, Row};
+use uuid::Uuid;
+
+use crate::accounts::ClerkUserId;
+
+/// An account's earliest pending event, due now.
+#[derive(Debug, Clone)]
+pub struct DueEvent {
+    pub id: Uuid,
+    pub kind: String,
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub pending_since: DateTime<Utc>,
+    /// The account's owner as the app knows them.
+    pub clerk_id: String,
+}
+
+/// Each account's earliest PENDING event (by journal order), of those whose
+/// next attempt is due at `now`, the longest-waiting first. An account whose
+/// earliest pending event is not due yet sends nothing: its later events
+/// wait behind it.
+pub async fn due_heads(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<DueEvent>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT h.id, h.type, h.data, h.created_at, h.attempts, h.pending_since, u.clerk_id
+               FROM (SELECT DISTINCT ON (user_id) id, user_id, type, data, created_at,
+                            attempts, pending_since, next_attempt_at
+                       FROM outgoing_events
+                      WHERE status = 'PENDING'
+                      ORDER BY user_id, seq, ordinal) AS h
+               JOIN users u ON u.id = h.user_id
+              WHERE h.next_attempt_at <= $1
+              ORDER BY h.next_attempt_at
+              LIMIT $2",
+            &[&now, &limit],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(DueEvent {
+                id: row.try_get(0)?,
+                kind: row.try_get(1)?,
+                data: row.try_get(2)?,
+                created_at: row.try_get(3)?,
+                attempts: row.try_get(4)?,
+                pending_since: row.try_get(5)?,
+                clerk_id: row.try_get(6)?,
+            })
+        })
+        .collect()
+}
+
+pub async fn pending_count(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    client
+        .query_one(
+            "SELECT count(*) FROM outgoing_events WHERE status = 'PENDING'",
+            &[],
+        )
+        .await?
+        .try_get(0)
+}
+
+pub async fn mark_delivered(
+    client: &impl GenericClient,
+    id: Uuid,
+    at: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE outgoing_events
+                SET status = 'DELIVERED', attempts = attempts + 1, delivered_at = $2,
+                    last_error = NULL
+              WHERE id = $1 AND status = 'PENDING'",
+            &[&id, &at],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Records a failed attempt: retried at `next`, or FAILED when `give_up`.
+pub async fn mark_attempt_failed(
+    client: &impl GenericClient,
+    id: Uuid,
+    next: DateTime<Utc>,
+    give_up: bool,
+    error: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let status = if give_up { "FAILED" } else { "PENDING" };
+    client
+        .execute(
+            "UPDATE outgoing_events
+                SET status = $2, attempts = attempts + 1, next_attempt_at = $3,
+                    last_error = $4
+              WHERE id = $1 AND status = 'PENDING'",
+            &[&id, &status, &next, &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One event and its delivery state, as operators see it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventDelivery {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The Clerk id of the account's owner.
+    pub user_id: String,
+    pub seq: i64,
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    /// PENDING, DELIVERED or FAILED.
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+const DELIVERY_COLUMNS: &str = "e.id, e.type, u.clerk_id, e.seq, e.data, e.created_at, e.status,
+    e.attempts, e.next_attempt_at, e.last_error, e.delivered_at";
+
+fn delivery(row: &Row) -> Result<EventDelivery, tokio_postgres::Error> {
+    Ok(EventDelivery {
+        id: row.try_get(0)?,
+        kind: row.try_get(1)?,
+        user_id: row.try_get(2)?,
+        seq: row.try_get(3)?,
+        data: row.try_get(4)?,
+        created_at: row.try_get(5)?,
+        status: row.try_get(6)?,
+        attempts: row.try_get(7)?,
+        next_attempt_at: row.try_get(8)?,
+        last_error: row.try_get(9)?,
+        delivered_at: row.try_get(10)?,
+    })
+}
+
+/// The newest events, optionally of one status and one user.
+pub async fn list(
+    client: &impl GenericClient,
+    status: Option<&str>,
+    user: Option<&ClerkUserId>,
+    limit: i64,
+) -> Result<Vec<EventDelivery>, tokio_postgres::Error> {
+    let clerk_id = user.map(ClerkUserId::as_str);
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {DELIVERY_COLUMNS}
+                   FROM outgoing_events e JOIN users u ON u.id = e.user_id
+                  WHERE ($1::text IS NULL OR e.status = $1)
+                    AND ($2::text IS NULL OR u.clerk_id = $2)
+                  ORDER BY e.created_at DESC, e.seq DESC, e.ordinal DESC
+                  LIMIT $3"
+            ),
+            &[&status, &clerk_id, &limit],
+        )
+        .await?;
+    rows.iter().map(delivery).collect()
+}
+
+/// Puts an event back in the queue (due now, with a fresh retry window);
+/// it goes out in its account's order. `None` when there is no such event.
+pub async fn redeliver(
+    client: &impl GenericClient,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Option<EventDelivery>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            &format!(
+                "WITH e AS (
+                     UPDATE outgoing_events
+                        SET status = 'PENDING', next_attempt_at = $2, pending_since = $2,
+                            delivered_at = NULL
+                      WHERE id = $1
+                  RETURNING *)
+                 SELECT {DELIVERY_COLUMNS} FROM e JOIN users u ON u.id = e.user_id"
+            ),
+            &[&id, &now],
+        )
+        .await?;
+    row.as_ref().map(delivery).transpose()
+}

@@ -1,0 +1,273 @@
+//! Outgoing events as the engine produces them. An account's actor decides,
+//! from the change it just applied, which events that change causes (a
+//! top-up, a refund, a balance crossing its low threshold) and hands them to
+//! the journal writer with the change's entry: they commit in the same
+//! transaction (`outgoing_events`), and a sender (`crate::events`) delivers
+//! them afterwards.
+//!
+//! Low-balance alerts fire once per crossing. The actor keeps whether
+//! `balance.low` and `balance.depleted` were sent since the last
+//! `balance.recovered`; that state is not stored anywhere else: it is
+//! derived on load from the account's last alert events, which commit with
+//! the changes that caused them, so a restart neither repeats nor loses an
+//! alert.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use super::journal::Record;
+use super::store::unavailable;
+use super::types::*;
+use crate::money::Micros;
+
+/// What happened, as the receiver of the events reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    BalanceLow,
+    BalanceDepleted,
+    BalanceRecovered,
+    TopupSucceeded,
+    TopupRefunded,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::BalanceLow => "balance.low",
+            EventType::BalanceDepleted => "balance.depleted",
+            EventType::BalanceRecovered => "balance.recovered",
+            EventType::TopupSucceeded => "topup.succeeded",
+            EventType::TopupRefunded => "topup.refunded",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventType> {
+        [
+            EventType::BalanceLow,
+            EventType::BalanceDepleted,
+            EventType::BalanceRecovered,
+            EventType::TopupSucceeded,
+            EventType::TopupRefunded,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == text)
+    }
+}
+
+/// One event, written with the entry of the change that caused it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingEvent {
+    pub id: Uuid,
+    pub kind: EventType,
+    pub data: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The low-balance thresholds, in micros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertThresholds {
+    /// `balance.low` once the available balance goes under this.
+    pub low: Micros,
+    /// Re-armed (`balance.recovered`) at `low + rearm` or above.
+    pub rearm: Micros,
+}
+
+impl Default for AlertThresholds {
+    /// The design's numbers: low under 2 EUR, re-armed at 3 EUR.
+    fn default() -> Self {
+        AlertThresholds {
+            low: Micros::new(2_000_000),
+            rearm: Micros::new(1_000_000),
+        }
+    }
+}
+
+impl AlertThresholds {
+    fn recovered_at(&self) -> i64 {
+        self.low.get().saturating_add(self.rearm.get())
+    }
+}
+
+/// Which alerts were sent since the last `balance.recovered` (none: armed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AlertState {
+    pub low_sent: bool,
+    pub depleted_sent: bool,
+}
+
+impl AlertState {
+    /// The alerts a move of the available balance from `before` to
+    /// `available` causes, in the order they happen. Only a fall sends
+    /// `balance.low` or `balance.depleted` (a credit that leaves the balance
+    /// low is no news); only a rise sends `balance.recovered`.
+    pub fn observe(
+        &mut self,
+        thresholds: &AlertThresholds,
+        before: Micros,
+        available: Micros,
+    ) -> Vec<EventType> {
+        let mut fired = Vec::new();
+        let falling = available < before;
+        if falling && !self.low_sent && available < thresholds.low {
+            self.low_sent = true;
+            fired.push(EventType::BalanceLow);
+        }
+        if falling && !self.depleted_sent && !available.is_positive() {
+            self.depleted_sent = true;
+            fired.push(EventType::BalanceDepleted);
+        }
+        if available > before
+            && (self.low_sent || self.depleted_sent)
+            && available.get() >= thresholds.recovered_at()
+        {
+            *self = AlertState::default();
+            fired.push(EventType::BalanceRecovered);
+        }
+        fired
+    }
+}
+
+/// The events one applied change causes: what its record says (a top-up
+/// credited, a refund debited) and what its move of the available balance
+/// crosses.
+pub(crate) fn events_of(
+    record: &Record,
+    alerts: &mut AlertState,
+    thresholds: &AlertThresholds,
+    balance: Micros,
+    available_before: Micros,
+    available: Micros,
+    now: DateTime<Utc>,
+) -> Vec<OutgoingEvent> {
+    let mut events = Vec::new();
+    let mut push = |kind: EventType, data: serde_json::Value| {
+        events.push(OutgoingEvent {
+            id: Uuid::new_v4(),
+            kind,
+            data,
+            created_at: now,
+        })
+    };
+    if let Record::Transaction(t) = record {
+        match (t.kind, t.direction) {
+            (TransactionType::TopUp, Direction::Credit) => push(
+                EventType::TopupSucceeded,
+                json!({
+                    "transactionId": t.id,
+                    "amountMicros": t.amount_micros.get(),
+                    "balanceMicros": t.balance_after_micros.get(),
+                    "stripeSessionId": t.stripe_session_id,
+                    "stripePaymentId": t.stripe_payment_id,
+                }),
+            ),
+            (TransactionType::Refund, Direction::Debit) => push(
+                EventType::TopupRefunded,
+                json!({
+                    "transactionId": t.id,
+                    "amountMicros": t.amount_micros.get(),
+                    "balanceMicros": t.balance_after_micros.get(),
+                    "stripePaymentId": t.stripe_payment_id,
+                }),
+            ),
+            _ => {}
+        }
+    }
+    if available != available_before {
+        for kind in alerts.observe(thresholds, available_before, available) {
+            push(
+                kind,
+                json!({
+                    "availableMicros": available.get(),
+                    "balanceMicros": balance.get(),
+                    "thresholdMicros": thresholds.low.get(),
+                }),
+            );
+        }
+    }
+    events
+}
+
+/// The alert state of an account, derived from its last alert events: after
+/// the last `balance.recovered` there is at most one `balance.low` and one
+/// `balance.depleted`, so the last three say everything.
+pub async fn load_alert_state(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<AlertState, LedgerError> {
+    let rows = client
+        .query(
+            "SELECT type FROM outgoing_events
+              WHERE user_id = $1
+                AND type IN ('balance.low', 'balance.depleted', 'balance.recovered')
+              ORDER BY seq DESC, ordinal DESC
+              LIMIT 3",
+            &[&account.0],
+        )
+        .await
+        .map_err(unavailable)?;
+    let mut state = AlertState::default();
+    for row in rows {
+        let kind: String = row.try_get(0).map_err(unavailable)?;
+        match EventType::parse(&kind) {
+            Some(EventType::BalanceLow) => state.low_sent = true,
+            Some(EventType::BalanceDepleted) => state.depleted_sent = true,
+            _ => break,
+        }
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eur(cents: i64) -> Micros {
+        Micros::new(cents * 10_000)
+    }
+
+    #[test]
+    fn a_walk_down_and_back_up_fires_each_alert_once_per_crossing() {
+        let thresholds = AlertThresholds::default();
+        let mut state = AlertState::default();
+        let mut fired = Vec::new();
+        let mut before = eur(0);
+        for cents in [
+            500, 250, 199, 150, 250, 299, 150, 0, -20, 100, 299, 300, 250, 199,
+        ] {
+            fired.extend(state.observe(&thresholds, before, eur(cents)));
+            before = eur(cents);
+        }
+        assert_eq!(
+            fired,
+            vec![
+                EventType::BalanceLow,
+                EventType::BalanceDepleted,
+                EventType::BalanceRecovered,
+                EventType::BalanceLow,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_drop_straight_to_zero_fires_low_then_depleted_in_that_order() {
+        let mut state = AlertState::default();
+        let fired = state.observe(&AlertThresholds::default(), eur(300), Micros::ZERO);
+        assert_eq!(
+            fired,
+            vec![EventType::BalanceLow, EventType::BalanceDepleted]
+        );
+    }
+
+    #[test]
+    fn a_credit_that_leaves_a_new_account_under_the_threshold_sends_nothing() {
+        let mut state = AlertState::default();
+        let thresholds = AlertThresholds::default();
+        assert!(state.observe(&thresholds, eur(0), eur(100)).is_empty());
+        assert_eq!(
+            state.observe(&thresholds, eur(100), eur(90)),
+            vec![EventType::BalanceLow]
+        );
+    }
+}

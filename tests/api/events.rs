@@ -1,0 +1,779 @@
+//! Outgoing events: written with the change that caused them, delivered
+//! signed, in order per account, at least once, to a local receiver that
+//! records every delivery and answers as each test tells it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use creditd::config::{Secret, Settings};
+use creditd::ledger::{AccountId, Engine, HoldId, TransactionType, UsageCharge};
+use creditd::money::Micros;
+use creditd::pricing::TokenUsage;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::support::*;
+
+pub const SIGNING_SECRET: &str = "whsec_creditd_events_test";
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: String,
+    pub kind: String,
+    pub user: String,
+    pub status: u16,
+    pub signed: bool,
+}
+
+/// A webhook receiver: records each delivery, checks its signature, and
+/// answers 500 to every `fail_every`-th request (0: never) or to all of
+/// them while `down` is set.
+#[derive(Clone)]
+pub struct Receiver {
+    deliveries: Arc<Mutex<Vec<Delivery>>>,
+    fail_every: usize,
+    pub down: Arc<AtomicBool>,
+}
+
+impl wiremock::Respond for Receiver {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let header = request
+            .headers
+            .get("creditd-signature")
+            .and_then(|value| value.to_str().ok());
+        let now = chrono::Utc::now().timestamp();
+        let signed =
+            creditd::stripe::signature::verify(header, &request.body, SIGNING_SECRET, 300, now)
+                .is_ok();
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let mut deliveries = lock(&self.deliveries);
+        let count = deliveries.len() + 1;
+        let failing = self.down.load(Ordering::SeqCst)
+            || (self.fail_every > 0 && count.is_multiple_of(self.fail_every));
+        let status = if failing { 500 } else { 200 };
+        deliveries.push(Delivery {
+            id: body["id"].as_str().unwrap_or_default().to_owned(),
+            kind: body["type"].as_str().unwrap_or_default().to_owned(),
+            user: body["data"]["userId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            status,
+            signed,
+        });
+        wiremock::ResponseTemplate::new(status)
+    }
+}
+
+impl Receiver {
+    pub async fn start(fail_every: usize) -> (wiremock::MockServer, Receiver) {
+        let server = wiremock::MockServer::start().await;
+        let receiver = Receiver {
+            deliveries: Arc::new(Mutex::new(Vec::new())),
+            fail_every,
+            down: Arc::new(AtomicBool::new(false)),
+        };
+        wiremock::Mock::given(wiremock::matchers::method("POST"))
+            .and(wiremock::matchers::path("/events"))
+            .respond_with(receiver.clone())
+            .mount(&server)
+            .await;
+        (server, receiver)
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        lock(&self.deliveries).clone()
+    }
+
+    /// The deliveries it answered 2xx, in the order they arrived.
+    pub fn accepted(&self) -> Vec<Delivery> {
+        self.deliveries()
+            .into_iter()
+            .filter(|d| d.status == 200)
+            .collect()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Settings that send events to `server` and retry within milliseconds.
+pub fn sending_to(settings: &mut Settings, server: &wiremock::MockServer) {
+    settings.events.webhook_url = format!("{}/events", server.uri());
+    settings.events.signing_secret = Secret::new(SIGNING_SECRET);
+    settings.events.retry_base_ms = 5;
+    settings.events.retry_max_ms = 40;
+    settings.events.poll_interval_ms = 10;
+}
+
+/// The outbox of an account, in its journal order: (id, type, status).
+async fn outbox(db: &TestDb, account: AccountId) -> Vec<(String, String, String)> {
+    db.client()
+        .await
+        .query(
+            "SELECT id::text, type, status FROM outgoing_events
+              WHERE user_id = $1 ORDER BY seq, ordinal",
+            &[&account.0],
+        )
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect()
+}
+
+/// Waits until the database has no PENDING event left.
+async fn wait_until_sent(db: &TestDb, limit: Duration) {
+    let client = db.client().await;
+    let deadline = Instant::now() + limit;
+    loop {
+        let pending: i64 = client
+            .query_one(
+                "SELECT count(*) FROM outgoing_events WHERE status = 'PENDING'",
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0);
+        if pending == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pending} events still pending after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn engine(db: &TestDb, settings: &Settings) -> Engine {
+    let database = db.database(settings);
+    let pool = database.pool(&settings.database).expect("pool");
+    Engine::start_with_alerts(
+        &settings.engine,
+        &settings.journal,
+        database,
+        pool,
+        creditd::clock::Clock::system(),
+        creditd::app::alert_thresholds(&settings.credits),
+    )
+}
+
+fn charge(cost: Micros) -> UsageCharge {
+    UsageCharge {
+        model: "claude-sonnet-4-5".into(),
+        tokens: TokenUsage {
+            input_tokens: 10,
+            output_tokens: 10,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+        },
+        cost,
+        conversation_id: None,
+        message_id: None,
+    }
+}
+
+/// `count` chats of `cost` each, as `streams` concurrent callers: each
+/// admitted on a hold of its cost, then settled.
+async fn chats(engine: &Engine, account: AccountId, count: usize, cost: Micros, streams: usize) {
+    let per_stream = count / streams;
+    let mut tasks = Vec::new();
+    for _ in 0..streams {
+        tasks.push(async move {
+            for _ in 0..per_stream {
+                let hold = HoldId::generate();
+                engine.admit(account, hold, cost).await.expect("admitted");
+                engine
+                    .settle(account, hold, charge(cost))
+                    .await
+                    .expect("settled");
+            }
+        });
+    }
+    futures_util::future::join_all(tasks).await;
+}
+
+#[actix::test]
+async fn a_thousand_chats_through_the_threshold_twice_send_each_alert_once_signed_in_order_despite_failures(
+) {
+    let (server, receiver) = Receiver::start(3).await;
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    sending_to(&mut settings, &server);
+    let engine = engine(&db, &settings);
+    let database = db.database(&settings);
+    let pool = database.pool(&settings.database).expect("pool");
+    // Two instances' senders on one database: one sends, the other waits.
+    let second = creditd::events::spawn_sender(database.clone(), pool.clone(), &settings.events)
+        .expect("sender")
+        .expect("a URL is configured");
+    let sender = creditd::events::spawn_sender(database, pool, &settings.events)
+        .expect("sender")
+        .expect("a URL is configured");
+    let account = db.user("user_walks_down").await;
+    engine
+        .credit(
+            account,
+            posting("opening", TransactionType::Adjustment, eur(10)),
+        )
+        .await
+        .expect("opening credit");
+
+    // 500 chats of 2 cents: 10 EUR down to exactly zero.
+    chats(&engine, account, 500, micros(20_000), 10).await;
+    engine
+        .credit(account, posting("topup-1", TransactionType::TopUp, eur(10)))
+        .await
+        .expect("first top-up");
+    // 500 chats of 1.8 cents: 10 EUR down to 1 EUR, low but not depleted.
+    chats(&engine, account, 500, micros(18_000), 10).await;
+    engine
+        .credit(account, posting("topup-2", TransactionType::TopUp, eur(10)))
+        .await
+        .expect("second top-up");
+    let balance = engine.balance(account).await.expect("balance");
+    wait_until_sent(&db, Duration::from_secs(60)).await;
+    sender.abort();
+    second.abort();
+
+    assert_eq!(balance.balance_micros, eur(11));
+    let outbox = outbox(&db, account).await;
+    let types: Vec<&str> = outbox.iter().map(|(_, t, _)| t.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "balance.low",
+            "balance.depleted",
+            "topup.succeeded",
+            "balance.recovered",
+            "balance.low",
+            "topup.succeeded",
+            "balance.recovered",
+        ]
+    );
+    assert!(outbox.iter().all(|(_, _, status)| status == "DELIVERED"));
+    let deliveries = receiver.deliveries();
+    assert!(
+        deliveries.iter().any(|d| d.status == 500),
+        "the receiver refused some deliveries"
+    );
+    assert!(deliveries.iter().all(|d| d.signed), "{deliveries:?}");
+    assert!(deliveries.iter().all(|d| d.user == "user_walks_down"));
+    let accepted: Vec<String> = receiver.accepted().into_iter().map(|d| d.id).collect();
+    let in_order: Vec<String> = outbox.into_iter().map(|(id, _, _)| id).collect();
+    assert_eq!(accepted, in_order, "accepted once each, in journal order");
+    // Every attempt of an event comes before any of the next one's.
+    let mut attempted: Vec<String> = Vec::new();
+    for delivery in &deliveries {
+        if attempted.last() != Some(&delivery.id) {
+            assert!(
+                !attempted.contains(&delivery.id),
+                "{} retried after a later event was sent",
+                delivery.id
+            );
+            attempted.push(delivery.id.clone());
+        }
+    }
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn alerts_are_not_repeated_by_an_engine_that_reloads_the_account() {
+    let db = TestDb::new().await;
+    let settings = settings();
+    let account = db.user("user_reloads").await;
+    {
+        let engine = engine(&db, &settings);
+        engine
+            .credit(account, posting("in", TransactionType::Adjustment, eur(5)))
+            .await
+            .expect("credit");
+        engine
+            .debit(account, posting("out", TransactionType::Adjustment, eur(4)))
+            .await
+            .expect("debit under the threshold");
+        engine.shutdown(Duration::from_secs(5)).await;
+    }
+    let engine = engine(&db, &settings);
+    engine
+        .debit(
+            account,
+            posting("out-2", TransactionType::Adjustment, micros(500_000)),
+        )
+        .await
+        .expect("a debit still under the threshold");
+    engine
+        .credit(
+            account,
+            posting("back", TransactionType::Adjustment, eur(3)),
+        )
+        .await
+        .expect("back above the threshold and its margin");
+
+    let types: Vec<String> = outbox(&db, account)
+        .await
+        .into_iter()
+        .map(|(_, t, _)| t)
+        .collect();
+    assert_eq!(types, ["balance.low", "balance.recovered"]);
+}
+
+#[actix::test]
+async fn without_a_webhook_url_events_are_recorded_and_wait_pending() {
+    let app = spawn_app().await;
+    let (status, _) = json_of(
+        app.admin(Method::POST, "/admin/accounts/user_unsent/credits")
+            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 201);
+
+    let account = app.account("user_unsent").await;
+    let outbox = outbox(&app.db, account).await;
+    let found: Vec<(&str, &str)> = outbox
+        .iter()
+        .map(|(_, t, s)| (t.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [("balance.low", "PENDING"), ("balance.depleted", "PENDING")]
+    );
+}
+
+#[actix::test]
+async fn an_operator_lists_delivery_states_and_redelivers_an_event_which_is_sent_again() {
+    let (server, receiver) = Receiver::start(0).await;
+    let app = spawn_app_with(|settings| sending_to(settings, &server)).await;
+    let (status, _) = json_of(
+        app.admin(Method::POST, "/admin/accounts/user_ops/credits")
+            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 201);
+    wait_until_sent(&app.db, Duration::from_secs(30)).await;
+
+    let (status, listed) = json_of(
+        app.admin(
+            Method::GET,
+            "/admin/events?status=DELIVERED&userId=user_ops",
+        )
+        .send()
+        .await
+        .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 200, "{listed}");
+    let events = listed["events"].as_array().expect("events").clone();
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types, ["balance.depleted", "balance.low"], "newest first");
+    assert!(events.iter().all(|e| e["attempts"] == 1), "{listed}");
+    let low = events[1]["id"].as_str().expect("id").to_owned();
+    let id = events[0]["id"].as_str().expect("id").to_owned();
+
+    let (status, again) = json_of(
+        app.admin(Method::POST, &format!("/admin/events/{id}/redeliver"))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["status"], "PENDING");
+    wait_until_sent(&app.db, Duration::from_secs(30)).await;
+    let sent: Vec<String> = receiver.accepted().into_iter().map(|d| d.id).collect();
+    assert_eq!(sent, [low, id.clone(), id]);
+
+    for (path, field) in [
+        ("/admin/events?status=LOST", "status"),
+        ("/admin/events?limit=0", "limit"),
+        ("/admin/events?color=red", "color"),
+        ("/admin/events/not-a-uuid/redeliver", "eventId"),
+    ] {
+        let method = if path.ends_with("redeliver") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let (status, body) = json_of(app.admin(method, path).send().await.expect("request")).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["message"].as_str().unwrap_or_default().contains(field),
+            "{path}: {body}"
+        );
+    }
+    let missing = uuid::Uuid::new_v4();
+    let (status, _) = json_of(
+        app.admin(Method::POST, &format!("/admin/events/{missing}/redeliver"))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("creditd_events_delivered_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("creditd_events_pending"), "{metrics}");
+}
+
+/// Ids accepted more than once by the receiver.
+pub fn duplicates(deliveries: &[Delivery]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    let mut twice: HashMap<String, usize> = HashMap::new();
+    for delivery in deliveries.iter().filter(|d| d.status == 200) {
+        if !seen.insert(delivery.id.clone()) {
+            *twice.entry(delivery.id.clone()).or_default() += 1;
+        }
+    }
+    twice.into_keys().collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// A running `creditd serve`, killed with SIGKILL when dropped.
+struct Creditd {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Creditd {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Creditd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The real `creditd serve` on `db`, sending events to `receiver`.
+async fn start_creditd(
+    db: &TestDb,
+    jwks: &wiremock::MockServer,
+    receiver: &wiremock::MockServer,
+) -> Creditd {
+    use std::process::{Command, Stdio};
+
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_creditd"))
+        .arg("serve")
+        .env("CREDITD__DATABASE__URL", db.url())
+        .env(
+            "CREDITD__CLERK__JWKS_URL",
+            format!("{}{JWKS_PATH}", jwks.uri()),
+        )
+        .env("CREDITD__CLERK__ISSUER", ISSUER)
+        .env("CREDITD__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("CREDITD__ADMIN__TOKEN", ADMIN_TOKEN)
+        .env("CREDITD__DATABASE__POOL_SIZE", "4")
+        .env("CREDITD__LOG__LEVEL", "warn")
+        .env(
+            "CREDITD__EVENTS__WEBHOOK_URL",
+            format!("{}/events", receiver.uri()),
+        )
+        .env("CREDITD__EVENTS__SIGNING_SECRET", SIGNING_SECRET)
+        .env("CREDITD__EVENTS__RETRY_BASE_MS", "5")
+        .env("CREDITD__EVENTS__RETRY_MAX_MS", "40")
+        .env("CREDITD__EVENTS__POLL_INTERVAL_MS", "10")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start creditd");
+    let creditd = Creditd {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let base = creditd.base.clone();
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(response) = http.get(format!("{base}/readyz")).send().await {
+            if response.status().is_success() {
+                return creditd;
+            }
+        }
+        assert!(Instant::now() < deadline, "creditd did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn adjust(base: &str, user: &str, amount_micros: i64, key: &str) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{base}/admin/accounts/{user}/credits"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"amountMicros": amount_micros, "key": key, "reason": "drill"}))
+        .send()
+        .await
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
+#[actix::test]
+async fn an_event_survives_a_sigkill_before_its_delivery_and_is_delivered_once_after_restart() {
+    let db = TestDb::new().await;
+    let jwks = jwks_server().await;
+    let (server, receiver) = Receiver::start(0).await;
+    receiver.down.store(true, Ordering::SeqCst);
+    let mut first = start_creditd(&db, &jwks, &server).await;
+    assert_eq!(
+        adjust(&first.base, "user_killed", 5_000_000, "in").await,
+        201
+    );
+    assert_eq!(
+        adjust(&first.base, "user_killed", -4_000_000, "out").await,
+        201
+    );
+    // The change is acknowledged and its event tried (and refused) at least once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while receiver.deliveries().is_empty() {
+        assert!(Instant::now() < deadline, "no delivery attempted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.kill();
+    receiver.down.store(false, Ordering::SeqCst);
+
+    let mut second = start_creditd(&db, &jwks, &server).await;
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+    // Still under the threshold: the alert was sent before the kill, not again.
+    assert_eq!(
+        adjust(&second.base, "user_killed", -500_000, "out-2").await,
+        201
+    );
+    let account = db.user("user_killed").await;
+    let outbox = outbox(&db, account).await;
+    second.kill();
+
+    let found: Vec<(&str, &str)> = outbox
+        .iter()
+        .map(|(_, t, s)| (t.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(found, [("balance.low", "DELIVERED")]);
+    let accepted = receiver.accepted();
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(accepted[0].id, outbox[0].0);
+    assert_eq!(accepted[0].kind, "balance.low");
+    assert!(duplicates(&receiver.deliveries()).is_empty());
+    assert!(receiver.deliveries().iter().all(|d| d.signed));
+}
+
+#[actix::test]
+async fn a_change_refused_in_its_batch_leaves_no_event_and_the_other_accounts_keep_theirs() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    // One writer with a wide batch, so both accounts share a transaction.
+    settings.journal.writers = 1;
+    settings.journal.batch_delay_us = 5_000;
+    let engine = engine(&db, &settings);
+    let bad = db.user("user_event_refused").await;
+    let good = db.user("user_event_kept").await;
+    for account in [bad, good] {
+        engine
+            .credit(account, posting("in", TransactionType::Adjustment, eur(3)))
+            .await
+            .expect("credit");
+    }
+    // Another writer took the bad account's next journal row (seq 2) without
+    // moving its balance row: the fence passes, the insert is refused.
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
+                 idempotency_key, balance_before_micros, balance_after_micros, created_at)
+             VALUES (gen_random_uuid(), $1, 2, 'ADJUSTMENT', 'DEBIT', 1, 'elsewhere',
+                 3000000, 2999999, now())",
+            &[&bad.0],
+        )
+        .await
+        .expect("conflicting row");
+
+    let (refused, kept) = tokio::join!(
+        engine.debit(bad, posting("out", TransactionType::Adjustment, eur(2))),
+        engine.debit(good, posting("out", TransactionType::Adjustment, eur(2))),
+    );
+
+    assert!(refused.is_err(), "{refused:?}");
+    kept.expect("the other account's debit commits");
+    assert!(
+        outbox(&db, bad).await.is_empty(),
+        "no event without its change"
+    );
+    let types: Vec<String> = outbox(&db, good)
+        .await
+        .into_iter()
+        .map(|(_, t, _)| t)
+        .collect();
+    assert_eq!(types, ["balance.low"], "no change without its event");
+}
+
+#[actix::test]
+async fn a_top_up_and_its_refund_announce_themselves_with_their_amounts() {
+    let db = TestDb::new().await;
+    let engine = engine(&db, &settings());
+    let account = db.user("user_refunded").await;
+    let mut topup = posting("stripe:checkout:cs_1", TransactionType::TopUp, eur(20));
+    topup.stripe_session_id = Some("cs_1".into());
+    engine.credit(account, topup).await.expect("top-up");
+    let mut refund = posting(
+        "stripe:charge:ch_1:refunded:500",
+        TransactionType::Refund,
+        eur(5),
+    );
+    refund.stripe_payment_id = Some("pi_1".into());
+    engine.debit(account, refund).await.expect("refund");
+
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT type, data FROM outgoing_events WHERE user_id = $1 ORDER BY seq, ordinal",
+            &[&account.0],
+        )
+        .await
+        .expect("outbox");
+    let events: Vec<(String, serde_json::Value)> =
+        rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0].0, "topup.succeeded");
+    assert_eq!(events[0].1["amountMicros"], 20_000_000);
+    assert_eq!(events[0].1["balanceMicros"], 20_000_000);
+    assert_eq!(events[0].1["stripeSessionId"], "cs_1");
+    assert_eq!(events[1].0, "topup.refunded");
+    assert_eq!(events[1].1["amountMicros"], 5_000_000);
+    assert_eq!(events[1].1["balanceMicros"], 15_000_000);
+    assert_eq!(events[1].1["stripePaymentId"], "pi_1");
+}
+
+/// Waits until `sql` (one bigint) returns `expected`.
+async fn wait_for(db: &TestDb, sql: &str, expected: i64) {
+    let client = db.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found: i64 = client.query_one(sql, &[]).await.expect("query").get(0);
+        if found == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sql}: {found}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[actix::test]
+async fn an_event_refused_past_its_retry_window_fails_and_lets_the_next_one_go_until_redelivered() {
+    let (server, receiver) = Receiver::start(0).await;
+    receiver.down.store(true, Ordering::SeqCst);
+    let app = spawn_app_with(|settings| sending_to(settings, &server)).await;
+    let (status, _) = json_of(
+        app.admin(Method::POST, "/admin/accounts/user_window/credits")
+            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 201);
+    wait_for(
+        &app.db,
+        "SELECT count(*) FROM outgoing_events WHERE type = 'balance.low' AND attempts >= 3",
+        1,
+    )
+    .await;
+    let depleted_attempts: i64 = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT attempts::int8 FROM outgoing_events WHERE type = 'balance.depleted'",
+            &[],
+        )
+        .await
+        .expect("attempts")
+        .get(0);
+    // The first event has been refused for longer than its retry window.
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE outgoing_events SET pending_since = now() - interval '73 hours'
+              WHERE type = 'balance.low'",
+            &[],
+        )
+        .await
+        .expect("age the event");
+    wait_for(
+        &app.db,
+        "SELECT count(*) FROM outgoing_events WHERE type = 'balance.low' AND status = 'FAILED'",
+        1,
+    )
+    .await;
+    receiver.down.store(false, Ordering::SeqCst);
+    wait_until_sent(&app.db, Duration::from_secs(30)).await;
+
+    assert_eq!(depleted_attempts, 0, "nothing sent behind a pending event");
+    let (_, failed) = json_of(
+        app.admin(Method::GET, "/admin/events?status=FAILED")
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    let failed = failed["events"].as_array().expect("events").clone();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["type"], "balance.low");
+    assert!(
+        failed[0]["lastError"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("500"),
+        "{failed:?}"
+    );
+    let accepted: Vec<String> = receiver.accepted().into_iter().map(|d| d.kind).collect();
+    assert_eq!(accepted, ["balance.depleted"], "the next event went");
+
+    let id = failed[0]["id"].as_str().expect("id");
+    let (status, _) = json_of(
+        app.admin(Method::POST, &format!("/admin/events/{id}/redeliver"))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_until_sent(&app.db, Duration::from_secs(30)).await;
+    let accepted: Vec<String> = receiver.accepted().into_iter().map(|d| d.kind).collect();
+    assert_eq!(accepted, ["balance.depleted", "balance.low"]);
+}
