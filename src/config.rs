@@ -217,6 +217,11 @@ pub struct CreditsSettings {
     /// Days the signup bonus can be spent; 0: it never expires.
     #[serde(default)]
     pub signup_bonus_expiry_days: u32,
+    /// Promo credit each side of a referral gets after the referred
+    /// user's first paid top-up; 0: no referral bonus.
+    pub referral_bonus_cents: i64,
+    /// Days a referral bonus lasts; 0: it never expires.
+    pub referral_bonus_expiry_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -346,6 +351,10 @@ impl Settings {
             ),
             ("credits.low_balance_cents", self.credits.low_balance_cents),
             (
+                "credits.referral_bonus_cents",
+                self.credits.referral_bonus_cents,
+            ),
+            (
                 "credits.low_balance_rearm_cents",
                 self.credits.low_balance_rearm_cents,
             ),
@@ -390,6 +399,12 @@ impl Settings {
         }
         if credits.auto_recharge_min_threshold_cents > credits.auto_recharge_max_threshold_cents {
             return Err("configuration key `credits.auto_recharge_min_threshold_cents`: above credits.auto_recharge_max_threshold_cents".into());
+        }
+        if self.credits.referral_bonus_expiry_days > 3650 {
+            return Err(
+                "configuration key `credits.referral_bonus_expiry_days`: at most 3650 (0: never)"
+                    .into(),
+            );
         }
         if self.clerk.leeway_s > 5 {
             return Err("configuration key `clerk.leeway_s`: at most 5".into());
@@ -785,20 +800,34 @@ mod tests {
         assert!(err.contains("stripe.currency"), "{err}");
     }
 
+    #[test]
+    fn a_referral_bonus_expiry_past_ten_years_is_refused_by_name() {
+        let key = "CREDITD__CREDITS__REFERRAL_BONUS_EXPIRY_DAYS";
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[(key, "3651")])).unwrap_err();
+        assert!(err.contains("credits.referral_bonus_expiry_days"), "{err}");
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[(key, "-1")])).unwrap_err();
+        assert!(err.contains("credits.referral_bonus_expiry_days"), "{err}");
+        let settings = Settings::from_sources(DEFAULT_CONFIG, &env(&[(key, "30")])).unwrap();
+        assert_eq!(settings.credits.referral_bonus_expiry_days, 30);
+        assert_eq!(settings.credits.referral_bonus_cents, 500);
+    }
+
     /// Numeric keys whose 0 means something that works.
     const ZERO_MEANS_SOMETHING: &[&str] = &[
-        "server.history_cache_entries",     // no cache
-        "engine.arbiters",                  // one per CPU core
-        "journal.batch_delay_us",           // commit at once
-        "journal.hold_delay_us",            // a hold's entry sent at once
-        "credits.signup_bonus_cents",       // no bonus
-        "credits.low_balance_cents",        // never flagged low
-        "credits.signup_bonus_expiry_days", // the bonus never expires
-        "credits.low_balance_rearm_cents",  // re-armed as soon as back at the threshold
-        "clerk.leeway_s",                   // no clock leeway
-        "clerk.token_cache_entries",        // no cache
-        "pricing.margin_bps",               // sold at cost
-        "chat.message_overhead_tokens",     // estimate from bytes alone
+        "server.history_cache_entries",       // no cache
+        "engine.arbiters",                    // one per CPU core
+        "journal.batch_delay_us",             // commit at once
+        "journal.hold_delay_us",              // a hold's entry sent at once
+        "credits.signup_bonus_cents",         // no bonus
+        "credits.low_balance_cents",          // never flagged low
+        "credits.signup_bonus_expiry_days",   // the bonus never expires
+        "credits.low_balance_rearm_cents",    // re-armed as soon as back at the threshold
+        "credits.referral_bonus_cents",       // no referral bonus
+        "credits.referral_bonus_expiry_days", // never expires
+        "clerk.leeway_s",                     // no clock leeway
+        "clerk.token_cache_entries",          // no cache
+        "pricing.margin_bps",                 // sold at cost
+        "chat.message_overhead_tokens",       // estimate from bytes alone
         "chat.request_overhead_tokens",
     ];
 

@@ -15,7 +15,8 @@
 //! - [`health`]: the database's health, checked in the background;
 //! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
-//! - [`accounts`]: users, deletion, the signup bonus, own provider keys.
+//! - [`accounts`]: users, deletion, the signup bonus, own provider keys;
+//! - [`referrals`]: referral codes and the bonus after a referred user's first top-up.
 
 pub mod accounts;
 pub mod app;
@@ -34,6 +35,7 @@ pub mod money;
 pub mod pricing;
 pub mod providers;
 pub mod recharge;
+pub mod referrals;
 pub mod runtime;
 pub mod stripe;
 pub mod telemetry;

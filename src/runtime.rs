@@ -1,6 +1,7 @@
 //! The one step from settings (plain data) to what the service runs with:
-//! the price table, the BYOK cipher, the Clerk webhook signing key and the
-//! signup bonus, each built and checked once at startup, in its own type.
+//! the price table, the BYOK cipher, the Clerk webhook signing key, the
+//! signup and referral bonuses, each built and checked once at startup, in
+//! its own type.
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ pub struct Runtime {
     /// `None` when `clerk_webhook.signing_secret` is empty.
     pub clerk_webhook_key: Option<SigningKey>,
     pub signup_bonus: SignupBonus,
+    pub referral_bonus: crate::referrals::Bonus,
 }
 
 impl Runtime {
@@ -39,7 +41,15 @@ impl Runtime {
             settings.credits.signup_bonus_cents,
             settings.credits.signup_bonus_expiry_days,
         )?;
+        let referral_bonus = crate::referrals::Bonus {
+            amount: crate::money::Micros::from_cents(settings.credits.referral_bonus_cents)
+                .map_err(|_| {
+                    "configuration key `credits.referral_bonus_cents`: too large".to_owned()
+                })?,
+            expiry_days: settings.credits.referral_bonus_expiry_days,
+        };
         Ok(Runtime {
+            referral_bonus,
             settings,
             prices: Arc::new(prices),
             cipher,
@@ -78,6 +88,11 @@ mod tests {
             error.contains("credits.signup_bonus_expiry_days"),
             "{error}"
         );
+
+        let mut settings = Settings::default_file().unwrap();
+        settings.credits.referral_bonus_cents = i64::MAX;
+        let error = Runtime::build(settings).err().unwrap_or_default();
+        assert!(error.contains("credits.referral_bonus_cents"), "{error}");
 
         assert!(Runtime::build(Settings::default_file().unwrap()).is_ok());
     }

@@ -37,6 +37,14 @@ pub fn describe(prices: &PriceTable) {
         "creditd_reserves_refused_total",
         "Reserves refused for insufficient credits"
     );
+    describe_counter!(
+        "creditd_spend_limit_refusals_total",
+        "Reserves refused by a spending limit, by window (daily, monthly)"
+    );
+    describe_counter!(
+        "creditd_referral_bonuses_total",
+        "Referral bonuses paid (two per rewarded referral)"
+    );
     describe_counter!("creditd_holds_expired_total", "Holds released by expiry");
     describe_gauge!("creditd_active_holds", "Active holds in PostgreSQL");
     describe_gauge!(
@@ -137,6 +145,10 @@ pub fn describe(prices: &PriceTable) {
     metrics::counter!("creditd_jwks_refresh_failures_total").increment(0);
     metrics::counter!("creditd_reserves_refused_total").increment(0);
     metrics::counter!("creditd_holds_expired_total").increment(0);
+    metrics::counter!("creditd_referral_bonuses_total").increment(0);
+    for window in ["daily", "monthly"] {
+        metrics::counter!("creditd_spend_limit_refusals_total", "window" => window).increment(0);
+    }
     metrics::gauge!("creditd_journal_queue_depth").set(0.0);
     for kind in TRANSACTION_TYPES {
         metrics::counter!("creditd_credited_micros_total", "kind" => kind.as_str()).increment(0);

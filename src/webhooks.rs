@@ -1,10 +1,13 @@
 //! What both webhook senders (Stripe, Clerk) share: the record of event ids
 //! already handled (`processed_webhook_events`), and how deliveries are
-//! counted in `creditd_webhook_events_total`.
+//! counted in `creditd_webhook_events_total`; and the HMAC-SHA256 over
+//! dot-joined parts that Stripe, Svix and creditd's own events sign with.
 //!
 //! An event id is recorded only after its effect committed, so a failure
 //! (answered 5xx, retried by the sender) is never taken for done.
 
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
 use tokio_postgres::GenericClient;
 
 use crate::ledger::store::unavailable;
@@ -109,4 +112,25 @@ pub async fn record_processed(
         .await
         .map_err(unavailable)?;
     Ok(())
+}
+
+/// HMAC-SHA256 with `key` over `parts` joined by `.` (`t.body` for Stripe
+/// and creditd's events, `id.t.body` for Svix).
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+    // HMAC takes keys of any length: `new_from_slice` cannot fail for it.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            mac.update(b".");
+        }
+        mac.update(part);
+    }
+    mac
+}
+
+/// Whether `expected` is the HMAC-SHA256 of `parts` under `key`, compared in
+/// constant time.
+pub fn hmac_sha256_matches(key: &[u8], parts: &[&[u8]], expected: &[u8]) -> bool {
+    hmac_sha256(key, parts).verify_slice(expected).is_ok()
 }

@@ -8,6 +8,8 @@ import './credit-topup-dialog.js'
 import './credit-history.js'
 import './credit-usage-chart.js'
 import './credit-auto-recharge.js'
+import './credit-limits.js'
+import './credit-referral.js'
 import { PENDING_TOPUP_KEY } from './credit-topup-dialog.js'
 import { formatMicros, request } from './credits-api.js'
 

@@ -5,8 +5,6 @@
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
 
 /// Why a Svix-signed request was refused, in the order checked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,15 +94,11 @@ pub fn verify_with(
         let Ok(expected) = STANDARD.decode(encoded) else {
             return false;
         };
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
-            return false;
-        };
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp_text.as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        mac.verify_slice(&expected).is_ok()
+        crate::webhooks::hmac_sha256_matches(
+            key,
+            &[id.as_bytes(), timestamp_text.as_bytes(), body],
+            &expected,
+        )
     });
     if matches {
         Ok(())

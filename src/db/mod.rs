@@ -37,6 +37,12 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0006_outgoing_events.sql"),
     ),
     (
+        7,
+        "spend_limits",
+        include_str!("../../sql/0007_spend_limits.sql"),
+    ),
+    (8, "referrals", include_str!("../../sql/0008_referrals.sql")),
+    (
         9,
         "auto_recharge",
         include_str!("../../sql/0009_auto_recharge.sql"),

@@ -39,7 +39,7 @@ pub(super) struct Adjustment {
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
+pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
     let id = path.trim();
     if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
         return Err(ApiError::invalid("field `userId`: not a Clerk user id"));

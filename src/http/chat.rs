@@ -140,7 +140,7 @@ fn stored_text(field: &str, value: &str) -> Result<(), ApiError> {
         )),
         (status = 400, description = "INVALID_REQUEST (the message names the field), NO_API_KEY, BYOK_KEY_REFUSED", body = super::openapi::ErrorBody),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros)", body = super::openapi::ErrorBody),
+        (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros), SPEND_LIMIT_REACHED (limit, limitMicros, spentMicros, heldMicros, requiredMicros, resetsAt; Retry-After)", body = super::openapi::ErrorBody),
         (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
         (status = 429, description = "RATE_LIMITED (too many chats in flight; Retry-After)", body = super::openapi::ErrorBody),

@@ -19,6 +19,11 @@ pub enum Code {
     NotFound,
     Conflict,
     InsufficientCredits,
+    SpendLimitReached,
+    ReferralCodeUnknown,
+    ReferralWindowClosed,
+    AlreadyReferred,
+    SelfReferral,
     PayloadTooLarge,
     RequestTimeout,
     Overloaded,
@@ -34,7 +39,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, as documented (README, `/openapi.json`).
-    pub const ALL: [Code; 19] = [
+    pub const ALL: [Code; 24] = [
         Code::InvalidRequest,
         Code::NoApiKey,
         Code::ByokKeyRefused,
@@ -54,6 +59,11 @@ impl Code {
         Code::ProviderUnavailable,
         Code::Unavailable,
         Code::ProviderTimeout,
+        Code::SpendLimitReached,
+        Code::ReferralCodeUnknown,
+        Code::ReferralWindowClosed,
+        Code::AlreadyReferred,
+        Code::SelfReferral,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +76,11 @@ impl Code {
             Code::NotFound => "NOT_FOUND",
             Code::Conflict => "CONFLICT",
             Code::InsufficientCredits => "INSUFFICIENT_CREDITS",
+            Code::SpendLimitReached => "SPEND_LIMIT_REACHED",
+            Code::ReferralCodeUnknown => "REFERRAL_CODE_UNKNOWN",
+            Code::ReferralWindowClosed => "REFERRAL_WINDOW_CLOSED",
+            Code::AlreadyReferred => "ALREADY_REFERRED",
+            Code::SelfReferral => "SELF_REFERRAL",
             Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Code::RequestTimeout => "REQUEST_TIMEOUT",
             Code::Overloaded => "OVERLOADED",
@@ -88,7 +103,11 @@ impl Code {
             Code::InvalidRequest => StatusCode::BAD_REQUEST,
             Code::NotFound => StatusCode::NOT_FOUND,
             Code::Conflict => StatusCode::CONFLICT,
-            Code::InsufficientCredits => StatusCode::PAYMENT_REQUIRED,
+            Code::InsufficientCredits | Code::SpendLimitReached => StatusCode::PAYMENT_REQUIRED,
+            Code::ReferralCodeUnknown => StatusCode::NOT_FOUND,
+            Code::ReferralWindowClosed | Code::AlreadyReferred | Code::SelfReferral => {
+                StatusCode::CONFLICT
+            }
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::Overloaded | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -109,8 +128,9 @@ pub struct ApiError {
     pub message: String,
     /// Extra fields for the body (e.g. the amounts of INSUFFICIENT_CREDITS).
     pub details: Option<serde_json::Value>,
-    /// Seconds for the `Retry-After` header of RATE_LIMITED and
-    /// PROVIDER_UNAVAILABLE (`RETRY_AFTER_S` when not given).
+    /// Seconds for the `Retry-After` header of RATE_LIMITED,
+    /// PROVIDER_UNAVAILABLE and SPEND_LIMIT_REACHED (`RETRY_AFTER_S` when
+    /// not given).
     pub retry_after_s: Option<u64>,
 }
 
@@ -165,6 +185,32 @@ impl From<LedgerError> for ApiError {
                     "requiredMicros": required.get(),
                 })),
                 retry_after_s: None,
+            },
+            LedgerError::SpendLimitReached {
+                window,
+                limit,
+                spent,
+                held,
+                required,
+                resets_at,
+                retry_after_s,
+            } => ApiError {
+                code: Code::SpendLimitReached,
+                message: format!(
+                    "the {} spending limit of {limit} is reached: {spent} spent and {held} held in this window, {required} more needed; it resets at {}",
+                    window.as_str(),
+                    resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                details: Some(serde_json::json!({
+                    "limit": window.as_str(),
+                    "limitMicros": limit.get(),
+                    "spentMicros": spent.get(),
+                    "heldMicros": held.get(),
+                    "requiredMicros": required.get(),
+                    "resetsAt": resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "retryAfterSeconds": retry_after_s,
+                })),
+                retry_after_s: Some(retry_after_s),
             },
             LedgerError::Overloaded => ApiError::new(
                 Code::Overloaded,
@@ -240,7 +286,10 @@ impl ResponseError for ApiError {
         if self.code == Code::Overloaded {
             response.insert_header(("Retry-After", RETRY_AFTER_S.to_string()));
         }
-        if matches!(self.code, Code::ProviderUnavailable | Code::RateLimited) {
+        if matches!(
+            self.code,
+            Code::ProviderUnavailable | Code::RateLimited | Code::SpendLimitReached
+        ) {
             let seconds = self.retry_after_s.unwrap_or(u64::from(RETRY_AFTER_S));
             response.insert_header(("Retry-After", seconds.to_string()));
         }
@@ -293,6 +342,11 @@ mod tests {
             | Code::NotFound
             | Code::Conflict
             | Code::InsufficientCredits
+            | Code::SpendLimitReached
+            | Code::ReferralCodeUnknown
+            | Code::ReferralWindowClosed
+            | Code::AlreadyReferred
+            | Code::SelfReferral
             | Code::PayloadTooLarge
             | Code::RequestTimeout
             | Code::Overloaded

@@ -11,7 +11,9 @@ pub mod error;
 mod limits;
 mod openapi;
 pub mod pages;
+mod referrals;
 mod settings;
+mod spending;
 mod state;
 mod stripe;
 mod views;
@@ -147,6 +149,8 @@ pub fn server(
             .configure(clerk_webhooks::routes)
             .configure(chat::routes)
             .configure(settings::routes)
+            .configure(spending::routes)
+            .configure(referrals::routes)
             .configure(openapi::routes)
             .configure(pages::routes)
             .default_service(web::to(error::no_route))

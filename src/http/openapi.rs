@@ -48,6 +48,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::admin::adjust,
         super::admin::account,
         super::admin::run_reconcile,
+        super::spending::show,
+        super::spending::set,
+        super::spending::admin_set,
+        super::referrals::show,
+        super::referrals::redeem,
         super::admin::list_events,
         super::admin::redeliver_event,
         super::healthz,
@@ -116,6 +121,15 @@ impl utoipa::PartialSchema for ErrorCode {
 }
 
 impl ToSchema for ErrorCode {}
+
+/// `POST /api/credits/referral`: the code was taken.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Referred {
+    referred: bool,
+    /// This user had presented the same code before.
+    already_applied: bool,
+}
 
 /// `GET /admin/events`: the outbox's events, newest first.
 #[derive(Serialize, ToSchema)]

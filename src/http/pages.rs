@@ -51,6 +51,16 @@ const ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../../assets/credits/credit-auto-recharge.js"),
     ),
     (
+        "credit-limits.js",
+        JS,
+        include_str!("../../assets/credits/credit-limits.js"),
+    ),
+    (
+        "credit-referral.js",
+        JS,
+        include_str!("../../assets/credits/credit-referral.js"),
+    ),
+    (
         "billing.js",
         JS,
         include_str!("../../assets/credits/billing.js"),

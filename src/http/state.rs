@@ -33,6 +33,8 @@ pub struct AppState {
     pub clerk_webhook_key: Option<crate::clerk::svix::SigningKey>,
     /// `credits.signup_bonus_cents` in micros, and its lifetime.
     pub signup_bonus: crate::accounts::SignupBonus,
+    /// `credits.referral_bonus_cents` (in micros) and its expiry.
+    pub referral_bonus: crate::referrals::Bonus,
     /// Platform chats whose settlement may still be pending.
     pub settlements: Arc<crate::metering::Settlements>,
     pub limits: Arc<crate::limits::Limits>,
@@ -63,6 +65,7 @@ impl AppState {
             cipher: byok,
             clerk_webhook_key,
             signup_bonus,
+            referral_bonus,
         } = runtime;
         let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
         let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
@@ -98,6 +101,7 @@ impl AppState {
             byok,
             clerk_webhook_key,
             signup_bonus,
+            referral_bonus,
             settlements,
             histories: Cache::new(cache_entries),
             sealed_keys: Cache::new(cache_entries),

@@ -125,6 +125,7 @@ async fn dispatch(state: &State, event: &Event) -> Result<crate::webhooks::Outco
     let parsed = StripeEvent::parse(event).map_err(stripe_error)?;
     let effects = Effects {
         settings: &state.settings.stripe,
+        referral_bonus: state.referral_bonus,
         engine: &state.engine,
         pool: &state.pool,
         api: state.stripe.as_ref(),

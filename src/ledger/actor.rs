@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::journal::{wait_durable, Durable, DurableSender, Entry, Record, WriterHandle};
 use super::outbox::{self, AlertState, AlertThresholds};
+use super::spend::{self, SpendCounters};
 use super::state::{AccountState, Applied};
 use super::store::{self, StoredAccount};
 use super::types::*;
@@ -509,10 +510,11 @@ impl AccountActor {
         ctx: &mut Context<Self>,
         stored: StoredAccount,
         (alerts, recharge): (AlertState, RechargeState),
+        spending: Option<(SpendLimits, SpendCounters)>,
     ) {
         self.alerts = alerts;
         self.recharge = recharge;
-        let state = AccountState::new(
+        let mut state = AccountState::new(
             self.account,
             stored.balance,
             stored.held,
@@ -521,6 +523,9 @@ impl AccountActor {
             stored.grants,
             self.settings.recent_keys,
         );
+        if let Some((limits, counters)) = spending {
+            state.load_spending(limits, counters);
+        }
         if let Err(error) = state.check_invariants() {
             tracing::error!(%error, "stored account is inconsistent");
             self.phase = Phase::Failed(error);
@@ -551,7 +556,10 @@ impl Actor for AccountActor {
                     let alerts = outbox::load_alert_state(&**client, account).await?;
                     let recharge =
                         recharge::store::load_state(&**client, account, clock.now()).await?;
-                    Ok((stored, (alerts, recharge)))
+                    // Read after the account: usages it settles from now on
+                    // are counted by the actor, those before by this read.
+                    let spending = spend::load(&**client, account, clock.now()).await?;
+                    Ok((stored, (alerts, recharge), Some(spending)))
                 }
                 Backend::Memory { opening_balance } => Ok((
                     StoredAccount {
@@ -562,13 +570,14 @@ impl Actor for AccountActor {
                         grants: opening_grant(opening_balance, clock.now()),
                     },
                     (AlertState::default(), RechargeState::default()),
+                    None,
                 )),
             }
         };
         ctx.wait(
             load.into_actor(self)
                 .map(|result, actor, ctx| match result {
-                    Ok((stored, loaded)) => actor.loaded(ctx, stored, loaded),
+                    Ok((stored, loaded, spending)) => actor.loaded(ctx, stored, loaded, spending),
                     Err(error) => {
                         tracing::debug!(account = actor.account.0, %error, "account load failed");
                         actor.phase = Phase::Failed(error);
@@ -724,6 +733,24 @@ impl Handler<AutoRechargeEnded> for AccountActor {
         Ok(())
     }
 }
+
+/// Changes the account's spending limits; answered once they are stored,
+/// and applied to every hold the actor judges after this message. Sent
+/// from `Engine::set_limits` to the account's actor when its owner
+/// (`PUT /api/credits/limits`) or an operator (`PUT
+/// /admin/accounts/{userId}/limits`) changes them.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<SpendingSnapshot, LedgerError>")]
+pub struct SetLimits {
+    pub change: LimitsChange,
+}
+
+/// The account's spending limits and what its windows count. Sent from
+/// `Engine::spending` to the account's actor when `GET /api/credits/limits`
+/// or a test reads them.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<SpendingSnapshot, LedgerError>")]
+pub struct GetSpending;
 
 impl AccountActor {
     fn post(
@@ -959,5 +986,68 @@ impl Handler<GetBalance> for AccountActor {
         self.state()
             .map(AccountState::snapshot)
             .ok_or(LedgerError::Reset)
+    }
+}
+
+impl Handler<SetLimits> for AccountActor {
+    type Result = ResponseFuture<Result<SpendingSnapshot, LedgerError>>;
+
+    fn handle(&mut self, msg: SetLimits, ctx: &mut Context<Self>) -> Self::Result {
+        if let Err(error) = self.gate(ctx) {
+            return ready(Err(error));
+        }
+        let Some(state) = self.state() else {
+            return ready(Err(LedgerError::Reset));
+        };
+        let limits = match spend::apply_change(&state.limits, msg.change) {
+            Ok(limits) => limits,
+            Err(error) => return ready(Err(error)),
+        };
+        let now = self.settings.clock.now();
+        let Backend::Postgres(pool) = self.backend.clone() else {
+            return ready(match &mut self.phase {
+                Phase::Ready(state) => {
+                    state.limits = limits;
+                    Ok(state.spending(now))
+                }
+                _ => Err(LedgerError::Reset),
+            });
+        };
+        let account = self.account;
+        // Stored with the mailbox held: no hold is judged between the
+        // change and its write, and none after it on the old limits.
+        let write = async move {
+            let client = store::client(&pool).await?;
+            spend::store(&**client, account, &limits).await
+        };
+        self.after_lookup(ctx, write, move |actor, ctx, written| {
+            if let Err(error) = written {
+                // The write may have committed all the same: the account
+                // reloads its limits from PostgreSQL.
+                actor.stop(ctx);
+                return ready(Err(error));
+            }
+            let now = actor.settings.clock.now();
+            ready(match &mut actor.phase {
+                Phase::Ready(state) => {
+                    state.limits = limits;
+                    Ok(state.spending(now))
+                }
+                _ => Err(LedgerError::Reset),
+            })
+        })
+    }
+}
+
+impl Handler<GetSpending> for AccountActor {
+    type Result = Result<SpendingSnapshot, LedgerError>;
+
+    fn handle(&mut self, _msg: GetSpending, ctx: &mut Context<Self>) -> Self::Result {
+        self.gate(ctx)?;
+        let now = self.settings.clock.now();
+        match &mut self.phase {
+            Phase::Ready(state) => Ok(state.spending(now)),
+            _ => Err(LedgerError::Reset),
+        }
     }
 }

@@ -527,6 +527,20 @@ impl Engine {
         self.directory.call(account, ExpireGrants { now }).await
     }
 
+    /// Changes an account's spending limits; answers once they are stored.
+    pub async fn set_limits(
+        &self,
+        account: AccountId,
+        change: LimitsChange,
+    ) -> Result<SpendingSnapshot, LedgerError> {
+        self.directory.call(account, SetLimits { change }).await
+    }
+
+    /// An account's spending limits and what its windows count now.
+    pub async fn spending(&self, account: AccountId) -> Result<SpendingSnapshot, LedgerError> {
+        self.directory.call(account, GetSpending).await
+    }
+
     pub async fn balance(&self, account: AccountId) -> Result<BalanceSnapshot, LedgerError> {
         self.directory.call(account, GetBalance).await
     }
@@ -559,6 +573,7 @@ fn observe<T>(
         Ok(Outcome { replayed: true, .. }) => "replayed",
         Ok(_) => "ok",
         Err(LedgerError::InsufficientCredits { .. }) => "insufficient_credits",
+        Err(LedgerError::SpendLimitReached { .. }) => "spend_limit_reached",
         Err(LedgerError::Conflict(_)) => "conflict",
         Err(LedgerError::InvalidRequest(_)) => "invalid",
         Err(LedgerError::AccountNotFound(_) | LedgerError::HoldNotFound(_)) => "not_found",
@@ -570,6 +585,10 @@ fn observe<T>(
         .increment(1);
     if outcome == "insufficient_credits" {
         metrics::counter!("creditd_reserves_refused_total").increment(1);
+    }
+    if let Err(LedgerError::SpendLimitReached { window, .. }) = &result {
+        metrics::counter!("creditd_spend_limit_refusals_total", "window" => window.as_str())
+            .increment(1);
     }
     result
 }

@@ -13,6 +13,7 @@ mod directory;
 mod journal;
 pub mod outbox;
 pub mod reconcile;
+pub mod spend;
 mod state;
 pub use state::{check_text, text_problem, TEXT_MAX_BYTES};
 pub mod store;
@@ -20,7 +21,7 @@ mod types;
 
 pub use actor::{
     AccountActor, Answer, AutoRechargeEnded, Clawback, Credit, Debit, ExpireGrants, ExpireHolds,
-    GetBalance, Release, Reserve, SetAutoRecharge, Settle,
+    GetBalance, GetSpending, Release, Reserve, SetAutoRecharge, SetLimits, Settle,
 };
 pub use directory::{Directory, Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::journal::{GrantWrite, Record};
+use super::spend::SpendCounters;
 use super::types::*;
 use crate::money::Micros;
 
@@ -133,6 +134,10 @@ pub(crate) struct AccountState {
     /// forgotten (a later clawback loads them again).
     clawed_back: HashMap<String, (Micros, i64)>,
     recent_capacity: usize,
+    /// The account's spending limits (none until loaded).
+    pub limits: SpendLimits,
+    /// Settled spend of the current UTC day and month.
+    windows: SpendCounters,
     /// Grants with money left, in spend order. Σ remaining − balance is
     /// the debt (never negative).
     grants: Vec<GrantRecord>,
@@ -246,6 +251,25 @@ impl AccountState {
             finished: Recent::new(recent_capacity),
             clawed_back: HashMap::new(),
             recent_capacity,
+            limits: SpendLimits::default(),
+            windows: SpendCounters::new(DateTime::<Utc>::MIN_UTC, Micros::ZERO, Micros::ZERO),
+        }
+    }
+
+    /// Sets the limits and window counters loaded with the account.
+    pub fn load_spending(&mut self, limits: SpendLimits, counters: SpendCounters) {
+        self.limits = limits;
+        self.windows = counters;
+    }
+
+    /// The limits and what each window counts at `now`.
+    pub fn spending(&mut self, now: DateTime<Utc>) -> SpendingSnapshot {
+        let limits = self.limits;
+        SpendingSnapshot {
+            limits,
+            daily: self.windows.window(&limits, LimitWindow::Daily, now),
+            monthly: self.windows.window(&limits, LimitWindow::Monthly, now),
+            held_micros: self.held,
         }
     }
 
@@ -689,6 +713,7 @@ impl AccountState {
                 required: amount,
             });
         }
+        self.windows.admit(&self.limits, self.held, amount, now)?;
         let held = self.held.checked_add(amount).map_err(|_| out_of_range())?;
         let seq = self.next_seq();
         self.held = held;
@@ -769,6 +794,7 @@ impl AccountState {
         self.balance = after;
         // A hold placed before a grant expired may still spend what it kept.
         let paid_by = self.spend(charge.cost, None, |g| !g.has_expired_at(placed_at));
+        self.windows.record(charge.cost, now);
         let usage = UsageRecord {
             paid_by,
             id: Uuid::new_v4(),

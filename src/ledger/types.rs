@@ -447,6 +447,93 @@ impl BalanceSnapshot {
     }
 }
 
+/// A spending limit's window: the UTC day or the UTC month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitWindow {
+    Daily,
+    Monthly,
+}
+
+impl LimitWindow {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitWindow::Daily => "daily",
+            LimitWindow::Monthly => "monthly",
+        }
+    }
+}
+
+/// An account's spending limits: those its owner set and the ceilings an
+/// administrator set, each optional. A ceiling is a limit of its own the
+/// owner cannot raise: the limit that applies is the lower of the two.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendLimits {
+    pub daily_micros: Option<Micros>,
+    pub monthly_micros: Option<Micros>,
+    pub daily_ceiling_micros: Option<Micros>,
+    pub monthly_ceiling_micros: Option<Micros>,
+}
+
+impl SpendLimits {
+    /// The limit that applies in `window`: the lower of the owner's and the ceiling.
+    pub fn effective(&self, window: LimitWindow) -> Option<Micros> {
+        let (own, ceiling) = match window {
+            LimitWindow::Daily => (self.daily_micros, self.daily_ceiling_micros),
+            LimitWindow::Monthly => (self.monthly_micros, self.monthly_ceiling_micros),
+        };
+        match (own, ceiling) {
+            (Some(own), Some(ceiling)) => Some(own.min(ceiling)),
+            (own, ceiling) => own.or(ceiling),
+        }
+    }
+
+    /// The ceiling of `window`, if an administrator set one.
+    pub fn ceiling(&self, window: LimitWindow) -> Option<Micros> {
+        match window {
+            LimitWindow::Daily => self.daily_ceiling_micros,
+            LimitWindow::Monthly => self.monthly_ceiling_micros,
+        }
+    }
+}
+
+/// A change of an account's spending limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitsChange {
+    /// The owner sets their limits (`None`: no limit of their own); a limit
+    /// above an administrator's ceiling is refused.
+    Owner {
+        daily_micros: Option<Micros>,
+        monthly_micros: Option<Micros>,
+    },
+    /// An administrator sets everything.
+    Admin(SpendLimits),
+}
+
+/// One window's spend as the account's actor counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowSpend {
+    /// The limit that applies (the lower of the owner's and the ceiling).
+    pub limit_micros: Option<Micros>,
+    /// Settled usage in the window.
+    pub spent_micros: Micros,
+    /// When the window ends and its count starts again from zero.
+    pub resets_at: DateTime<Utc>,
+}
+
+/// An account's limits and what its windows count now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendingSnapshot {
+    pub limits: SpendLimits,
+    pub daily: WindowSpend,
+    pub monthly: WindowSpend,
+    /// Active holds, which count against both windows until they finish.
+    pub held_micros: Micros,
+}
+
 /// Every way an engine operation can fail, in the order they are checked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
@@ -465,6 +552,19 @@ pub enum LedgerError {
     /// A reserve larger than the available amount.
     #[error("insufficient credits: {available:?} available, {required:?} required")]
     InsufficientCredits { available: Micros, required: Micros },
+    /// A reserve that would take a window's settled spend plus its active
+    /// holds past the window's limit.
+    #[error("{} spending limit of {limit:?} reached: {spent:?} spent, {held:?} held, {required:?} required", window.as_str())]
+    SpendLimitReached {
+        window: LimitWindow,
+        limit: Micros,
+        spent: Micros,
+        held: Micros,
+        required: Micros,
+        resets_at: DateTime<Utc>,
+        /// Whole seconds from the refusal to `resets_at`, rounded up.
+        retry_after_s: u64,
+    },
     /// Too many operations in flight for this account or for the journal.
     #[error("too many operations in flight; retry shortly")]
     Overloaded,

@@ -202,65 +202,40 @@ impl StripeApi {
             #[serde(default)]
             metadata: HashMap<String, String>,
         }
-        if payment_intent.is_empty()
-            || !payment_intent
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
-            return Ok(false);
-        }
-        let url = format!(
-            "{}/v1/payment_intents/{payment_intent}",
-            self.settings.api_base.trim_end_matches('/')
-        );
-        let sent = self
-            .http
-            .get(url)
-            .bearer_auth(self.settings.secret_key.expose())
-            .send()
-            .await;
-        let outcome = match &sent {
-            Ok(response) if response.status().is_success() => "ok",
-            Ok(_) => "refused",
-            Err(_) => "unreachable",
-        };
-        metrics::counter!("creditd_stripe_requests_total", "operation" => "retrieve_payment_intent", "outcome" => outcome)
-            .increment(1);
-        let response = sent.map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(false);
-        }
-        if !status.is_success() {
-            return Err(StripeCallError::Refused {
-                status: status.as_u16(),
-                message: "payment intent lookup".into(),
-            });
-        }
-        let intent: PaymentIntent = response
-            .json()
-            .await
-            .map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
+        let intent: Option<PaymentIntent> = self
+            .retrieve("payment_intents", payment_intent, "retrieve_payment_intent")
+            .await?;
         // An auto-recharge's payment credits as a top-up does.
-        Ok(matches!(
-            intent.metadata.get("type").map(String::as_str),
-            Some("credit_topup" | crate::recharge::PAYMENT_TYPE)
-        ))
+        Ok(intent.is_some_and(|intent| {
+            matches!(
+                intent.metadata.get("type").map(String::as_str),
+                Some("credit_topup" | crate::recharge::PAYMENT_TYPE)
+            )
+        }))
     }
-}
 
-impl StripeApi {
     /// The invoice `id` (`None` when Stripe has no such invoice): where the
     /// customer reads the invoice of a top-up.
     pub async fn retrieve_invoice(
         &self,
         id: &str,
     ) -> Result<Option<crate::stripe::events::Invoice>, StripeCallError> {
+        self.retrieve("invoices", id, "retrieve_invoice").await
+    }
+
+    /// `GET /v1/{collection}/{id}`: `None` when Stripe has no such object
+    /// (or `id` cannot be one), an error when Stripe cannot be asked.
+    async fn retrieve<T: serde::de::DeserializeOwned>(
+        &self,
+        collection: &str,
+        id: &str,
+        operation: &'static str,
+    ) -> Result<Option<T>, StripeCallError> {
         if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Ok(None);
         }
         let url = format!(
-            "{}/v1/invoices/{id}",
+            "{}/v1/{collection}/{id}",
             self.settings.api_base.trim_end_matches('/')
         );
         let sent = self
@@ -274,7 +249,7 @@ impl StripeApi {
             Ok(_) => "refused",
             Err(_) => "unreachable",
         };
-        metrics::counter!("creditd_stripe_requests_total", "operation" => "retrieve_invoice", "outcome" => outcome)
+        metrics::counter!("creditd_stripe_requests_total", "operation" => operation, "outcome" => outcome)
             .increment(1);
         let response = sent.map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
         let status = response.status();
@@ -284,7 +259,7 @@ impl StripeApi {
         if !status.is_success() {
             return Err(StripeCallError::Refused {
                 status: status.as_u16(),
-                message: "invoice lookup".into(),
+                message: format!("{operation}: Stripe answered {status}"),
             });
         }
         response
@@ -376,46 +351,10 @@ impl StripeApi {
             #[serde(default)]
             payment_method: Option<String>,
         }
-        if payment_intent.is_empty()
-            || !payment_intent
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
-            return Ok(None);
-        }
-        let url = format!(
-            "{}/v1/payment_intents/{payment_intent}",
-            self.settings.api_base.trim_end_matches('/')
-        );
-        let sent = self
-            .http
-            .get(url)
-            .bearer_auth(self.settings.secret_key.expose())
-            .send()
-            .await;
-        let outcome = match &sent {
-            Ok(response) if response.status().is_success() => "ok",
-            Ok(_) => "refused",
-            Err(_) => "unreachable",
-        };
-        metrics::counter!("creditd_stripe_requests_total", "operation" => "retrieve_payment_intent", "outcome" => outcome)
-            .increment(1);
-        let response = sent.map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
-        let status = response.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        if !status.is_success() {
-            return Err(StripeCallError::Refused {
-                status: status.as_u16(),
-                message: "payment intent lookup".into(),
-            });
-        }
-        let intent: PaymentIntent = response
-            .json()
-            .await
-            .map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
-        Ok(intent.payment_method)
+        let intent: Option<PaymentIntent> = self
+            .retrieve("payment_intents", payment_intent, "retrieve_payment_intent")
+            .await?;
+        Ok(intent.and_then(|intent| intent.payment_method))
     }
 }
 

@@ -45,6 +45,8 @@ mod sql {
 /// What the effects of an event need.
 pub struct Effects<'a> {
     pub settings: &'a StripeSettings,
+    /// The referral bonus a first paid top-up pays.
+    pub referral_bonus: crate::referrals::Bonus,
     pub engine: &'a Engine,
     pub pool: &'a Pool,
     /// `None` when `stripe.secret_key` is not set.
@@ -247,11 +249,24 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         metadata,
         expires_at: None,
     };
-    let outcome = applied(effects.engine.credit(account, posting).await, "top-up")?;
-    if let (Some(api), Some(payment_intent)) = (effects.api, session.payment_intent.as_deref()) {
-        save_card(effects, api, account, payment_intent).await?;
+    let credited = applied(effects.engine.credit(account, posting).await, "top-up")?;
+    if matches!(credited, Outcome::Applied | Outcome::Replayed) {
+        // A referral is paid after the top-up's credit, and tried again on
+        // every redelivery until it is (its credits have keys of their own).
+        crate::referrals::reward_after_topup(
+            effects.pool,
+            effects.engine,
+            effects.referral_bonus,
+            account,
+            session.customer.as_deref(),
+        )
+        .await?;
+        if let (Some(api), Some(payment_intent)) = (effects.api, session.payment_intent.as_deref())
+        {
+            save_card(effects, api, account, payment_intent).await?;
+        }
     }
-    Ok(outcome)
+    Ok(credited)
 }
 
 /// Keeps the card a top-up was paid with (Checkout saved it for off-session

@@ -1048,3 +1048,84 @@ async fn auto_recharge_saved_on_the_billing_page_recharges_the_demo_card_once_a_
     browser.close().await;
     handle.stop(true).await;
 }
+
+#[actix::test]
+async fn the_billing_page_sets_spending_limits_under_the_ceiling_and_takes_a_friends_referral_code()
+{
+    let app = spawn_app().await;
+    app.account("user_limits").await;
+    let ceiling = app
+        .admin(reqwest::Method::PUT, "/admin/accounts/user_limits/limits")
+        .json(&json!({ "dailyCeilingMicros": 4_000_000 }))
+        .send()
+        .await
+        .expect("ceiling");
+    assert_eq!(ceiling.status(), 200);
+    let (_, friend) = json_of(app.get_as("user_friend", "/api/credits/referral").await).await;
+    let friend_code = friend["code"].as_str().expect("code").to_owned();
+
+    let mut browser = Browser::start().await;
+    browser.resize(360).await;
+    browser
+        .sign_in_with_cookie(&app.address, app.token("user_limits"))
+        .await;
+    browser.goto(&app.url("/billing")).await;
+    let daily = browser.text(".limits__spent[data-window=\"daily\"]").await;
+    assert!(
+        daily.starts_with("0.00€ dépensés sur 4.00€ · remise à zéro le "),
+        "the ceiling is the daily limit: {daily}"
+    );
+    let ceiling = browser.text(".limits__ceiling").await;
+    assert!(ceiling.contains("4.00€"), "{ceiling}");
+
+    browser.type_into("#limits-daily", "3,50").await;
+    browser.click(".limits__save").await;
+    assert_eq!(
+        browser.text(".limits__status").await,
+        "Limites enregistrées."
+    );
+    let (_, stored) = json_of(app.get_as("user_limits", "/api/credits/limits").await).await;
+    assert_eq!(stored["dailyMicros"], 3_500_000);
+    assert_eq!(stored["monthlyMicros"], Value::Null);
+
+    browser.type_into("#limits-daily", "5").await;
+    browser.click(".limits__save").await;
+    browser
+        .until(
+            "the ceiling's refusal",
+            "return document.querySelector('.limits__status')?.textContent === \
+             'Cette limite dépasse le plafond fixé par un administrateur.'",
+        )
+        .await;
+    let (_, unchanged) = json_of(app.get_as("user_limits", "/api/credits/limits").await).await;
+    assert_eq!(unchanged["dailyMicros"], 3_500_000);
+
+    let (_, own) = json_of(app.get_as("user_limits", "/api/credits/referral").await).await;
+    assert_eq!(
+        browser.text(".referral__code").await,
+        own["code"].as_str().unwrap()
+    );
+    browser.type_into("#referral-code", "ZZZZZZZZ").await;
+    browser.click(".referral__submit").await;
+    assert_eq!(
+        browser.text(".referral__status").await,
+        "Ce code de parrainage est inconnu."
+    );
+    browser
+        .type_into("#referral-code", &friend_code.to_lowercase())
+        .await;
+    browser.click(".referral__submit").await;
+    browser.text(".referral__referred").await;
+    let (_, friend) = json_of(app.get_as("user_friend", "/api/credits/referral").await).await;
+    assert_eq!(friend["referredCount"], 1);
+    browser.fits(360).await;
+    browser.shows_no_placeholder().await;
+    // Chromium logs the two refusals asked for above; nothing else.
+    browser.collect_errors().await;
+    browser.errors.retain(|error| {
+        !(error.contains("/api/credits/limits") && error.contains("409")
+            || error.contains("/api/credits/referral") && error.contains("404"))
+    });
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+}

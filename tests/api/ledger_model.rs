@@ -9,8 +9,8 @@ use chrono::Utc;
 use creditd::clock::Clock;
 use creditd::config::Settings;
 use creditd::ledger::{
-    AccountId, Engine, GrantSpend, HoldId, HoldStatus, LedgerError, Posting, TransactionType,
-    UsageCharge,
+    AccountId, Engine, GrantSpend, HoldId, HoldStatus, LedgerError, LimitWindow, LimitsChange,
+    Posting, TransactionType, UsageCharge,
 };
 use creditd::pricing::TokenUsage;
 use proptest::prelude::*;
@@ -1031,4 +1031,266 @@ async fn serve_balance(
         }
     }
     Err(TestCaseError::fail("the account never came back"))
+}
+
+/// An operation of the spending limits model.
+#[derive(Debug, Clone)]
+enum LimitOp {
+    Reserve {
+        amount: i64,
+    },
+    /// Settles the `nth` active hold (modulo their number) at `percent`
+    /// of its amount: a chat costs at most what it held.
+    Settle {
+        nth: usize,
+        percent: i64,
+    },
+    Release {
+        nth: usize,
+    },
+    /// Moves the clock forward by whole days and some hours.
+    Later {
+        days: i64,
+        hours: i64,
+    },
+}
+
+fn limit_op() -> impl Strategy<Value = LimitOp> {
+    let amount = prop_oneof![Just(100i64), Just(1_000), 1i64..3_000];
+    prop_oneof![
+        6 => amount.prop_map(|amount| LimitOp::Reserve { amount }),
+        4 => (0usize..8, 0i64..=100).prop_map(|(nth, percent)| LimitOp::Settle { nth, percent }),
+        1 => (0usize..8).prop_map(|nth| LimitOp::Release { nth }),
+        1 => (0i64..20, 0i64..24).prop_map(|(days, hours)| LimitOp::Later { days, hours }),
+    ]
+}
+
+/// The limits rule, plainly: settled spend of the UTC day (month) plus
+/// active holds plus the new hold must stay within the day's (month's) limit.
+struct LimitModel {
+    daily: Option<i64>,
+    monthly: Option<i64>,
+    now: chrono::DateTime<Utc>,
+    spent_today: i64,
+    spent_this_month: i64,
+    holds: Vec<(HoldId, i64)>,
+}
+
+#[derive(Debug, PartialEq)]
+enum LimitAnswer {
+    Held,
+    Refused {
+        window: LimitWindow,
+        limit: i64,
+        spent: i64,
+        held: i64,
+    },
+}
+
+impl LimitModel {
+    fn held(&self) -> i64 {
+        self.holds.iter().map(|(_, amount)| amount).sum()
+    }
+
+    fn reserve(&mut self, hold: HoldId, amount: i64) -> LimitAnswer {
+        let held = self.held();
+        for (window, limit, spent) in [
+            (LimitWindow::Daily, self.daily, self.spent_today),
+            (LimitWindow::Monthly, self.monthly, self.spent_this_month),
+        ] {
+            if let Some(limit) = limit {
+                if spent + held + amount > limit {
+                    return LimitAnswer::Refused {
+                        window,
+                        limit,
+                        spent,
+                        held,
+                    };
+                }
+            }
+        }
+        self.holds.push((hold, amount));
+        LimitAnswer::Held
+    }
+
+    fn later(&mut self, by: chrono::Duration) {
+        use chrono::Datelike;
+        let next = self.now + by;
+        if next.date_naive() != self.now.date_naive() {
+            self.spent_today = 0;
+        }
+        if (next.year(), next.month()) != (self.now.year(), self.now.month()) {
+            self.spent_this_month = 0;
+        }
+        self.now = next;
+    }
+}
+
+async fn run_limits_case(
+    engine: &Engine,
+    clock: &creditd::clock::Clock,
+    account: AccountId,
+    limits: (Option<i64>, Option<i64>),
+    ops: &[LimitOp],
+) -> Result<(), TestCaseError> {
+    let fail = |what: &str, e: LedgerError| TestCaseError::fail(format!("{what}: {e:?}"));
+    engine
+        .credit(
+            account,
+            posting(
+                "limits-funds",
+                TransactionType::TopUp,
+                micros(1_000_000_000),
+            ),
+        )
+        .await
+        .map_err(|e| fail("fund", e))?;
+    let change = LimitsChange::Owner {
+        daily_micros: limits.0.map(micros),
+        monthly_micros: limits.1.map(micros),
+    };
+    engine
+        .set_limits(account, change)
+        .await
+        .map_err(|e| fail("limits", e))?;
+    let mut model = LimitModel {
+        daily: limits.0,
+        monthly: limits.1,
+        now: clock.now(),
+        spent_today: 0,
+        spent_this_month: 0,
+        holds: Vec::new(),
+    };
+    for (step, op) in ops.iter().enumerate() {
+        match *op {
+            LimitOp::Reserve { amount } => {
+                let hold = HoldId::generate();
+                let expected = model.reserve(hold, amount);
+                let got = match engine.reserve(account, hold, micros(amount)).await {
+                    Ok(_) => LimitAnswer::Held,
+                    Err(LedgerError::SpendLimitReached {
+                        window,
+                        limit,
+                        spent,
+                        held,
+                        ..
+                    }) => LimitAnswer::Refused {
+                        window,
+                        limit: limit.get(),
+                        spent: spent.get(),
+                        held: held.get(),
+                    },
+                    Err(other) => return Err(fail("reserve", other)),
+                };
+                prop_assert_eq!(got, expected, "step {}: {:?}", step, op);
+            }
+            LimitOp::Settle { nth, percent } if !model.holds.is_empty() => {
+                let (hold, amount) = model.holds.remove(nth % model.holds.len());
+                let cost = amount * percent / 100;
+                model.spent_today += cost;
+                model.spent_this_month += cost;
+                engine
+                    .settle(account, hold, charge(cost))
+                    .await
+                    .map_err(|e| fail("settle", e))?;
+            }
+            LimitOp::Release { nth } if !model.holds.is_empty() => {
+                let (hold, _) = model.holds.remove(nth % model.holds.len());
+                engine
+                    .release(account, hold)
+                    .await
+                    .map_err(|e| fail("release", e))?;
+            }
+            LimitOp::Settle { .. } | LimitOp::Release { .. } => continue,
+            LimitOp::Later { days, hours } => {
+                let by = chrono::Duration::days(days) + chrono::Duration::hours(hours);
+                model.later(by);
+                clock.set(model.now).map_err(TestCaseError::fail)?;
+            }
+        }
+        let spending = engine
+            .spending(account)
+            .await
+            .map_err(|e| fail("spending", e))?;
+        prop_assert_eq!(
+            spending.daily.spent_micros.get(),
+            model.spent_today,
+            "step {}",
+            step
+        );
+        prop_assert_eq!(
+            spending.monthly.spent_micros.get(),
+            model.spent_this_month,
+            "step {}",
+            step
+        );
+        prop_assert_eq!(spending.held_micros.get(), model.held(), "step {}", step);
+        // No window is ever past its limit, holds included.
+        for window in [&spending.daily, &spending.monthly] {
+            if let Some(limit) = window.limit_micros {
+                prop_assert!(
+                    window.spent_micros.get() + spending.held_micros.get() <= limit.get(),
+                    "step {}: {:?} with {:?} held",
+                    step,
+                    window,
+                    spending.held_micros
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn random_sequences_against_spending_limits_never_take_a_window_past_its_limit() {
+    let system = actix::System::new();
+    let db = system.block_on(TestDb::new());
+    let mut settings = settings();
+    // Holds outlive every case (the clock moves by days): expiry is not
+    // what this model is about.
+    settings.engine.hold_ttl_s = 100_000 * 86_400;
+    let clock = creditd::clock::Clock::manual("2026-01-27T18:00:00Z".parse().unwrap());
+    let engine = system.block_on(async {
+        let database = db.database(&settings);
+        let pool = database.pool(&settings.database).expect("pool");
+        Engine::start_with_clock(
+            &settings.engine,
+            &settings.journal,
+            database,
+            pool,
+            clock.clone(),
+        )
+    });
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let limit = prop_oneof![Just(None), (0i64..12_000).prop_map(Some)];
+    let case = (
+        (limit.clone(), limit),
+        prop::collection::vec(limit_op(), 1..60),
+    );
+    let counter = std::cell::Cell::new(0u32);
+    let result = runner.run(&case, |(limits, ops)| {
+        counter.set(counter.get() + 1);
+        clock
+            .set("2026-01-27T18:00:00Z".parse().unwrap())
+            .map_err(TestCaseError::fail)?;
+        system.block_on(async {
+            let account = db.user(&format!("limits_{}", counter.get())).await;
+            run_limits_case(&engine, &clock, account, limits, &ops).await
+        })
+    });
+    if let Err(error) = result {
+        panic!("{error}");
+    }
+    system.block_on(async {
+        engine.shutdown(Duration::from_secs(5)).await;
+        db.reconcile_is_clean().await;
+    });
 }

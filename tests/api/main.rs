@@ -23,6 +23,8 @@ mod observability;
 mod openapi;
 mod ops;
 mod reconcile;
+mod referrals;
+mod spend_limits;
 mod stripe;
 #[allow(dead_code)] // shared helpers; each area uses its own subset
 mod support;

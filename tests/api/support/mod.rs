@@ -247,6 +247,14 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts the app after `adjust` changed the test settings.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_on_clock(creditd::clock::Clock::system(), adjust).await
+}
+
+/// As `spawn_app_with`, the engine reading the time from `clock`.
+pub async fn spawn_app_on_clock(
+    clock: creditd::clock::Clock,
+    adjust: impl FnOnce(&mut Settings),
+) -> TestApp {
     let db = TestDb::new().await;
     let jwks = jwks_server().await;
     let mut settings = settings();
@@ -257,7 +265,7 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     settings.admin.token = creditd::config::Secret::new(ADMIN_TOKEN);
     adjust(&mut settings);
     let database = db.database(&settings);
-    let (address, handle) = start_app(database, &settings).await;
+    let (address, handle) = start_app_on_clock(database, &settings, clock).await;
     TestApp {
         address,
         db,
@@ -273,9 +281,19 @@ pub async fn start_app(
     database: Database,
     settings: &Settings,
 ) -> (String, actix_web::dev::ServerHandle) {
-    let storage = creditd::app::Storage::on(database, settings)
+    start_app_on_clock(database, settings, creditd::clock::Clock::system()).await
+}
+
+/// As `start_app`, the engine reading the time from `clock`.
+pub async fn start_app_on_clock(
+    database: Database,
+    settings: &Settings,
+    clock: creditd::clock::Clock,
+) -> (String, actix_web::dev::ServerHandle) {
+    let mut storage = creditd::app::Storage::on(database, settings)
         .await
         .expect("storage");
+    storage.clock = clock;
     let app = creditd::app::Application::with_storage(settings.clone(), storage)
         .await
         .expect("build app");

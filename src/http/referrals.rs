@@ -1,0 +1,140 @@
+//! `GET /api/credits/referral` (the user's code and counts) and
+//! `POST /api/credits/referral {code}` (a new user presents a code).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::SecondsFormat;
+use serde::{Deserialize, Serialize};
+
+use super::error::{parse_json, ApiError, Code};
+use super::{read_body, State};
+use crate::referrals::{self, Refusal};
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/api/credits/referral", web::get().to(show))
+        .route("/api/credits/referral", web::post().to(redeem));
+}
+
+/// A user's referral code and what it brought.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ReferralView {
+    /// 8 characters, stable, to give to friends.
+    code: String,
+    /// Users who presented this code.
+    referred_count: i64,
+    /// Of those, the ones whose first paid top-up paid both bonuses.
+    rewarded_count: i64,
+    /// Promo credit each side gets.
+    bonus_micros: i64,
+    /// Whether this user presented someone's code.
+    referred: bool,
+    /// RFC 3339; until when this user may present a code (null once referred).
+    redeem_until: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CodeBody {
+    /// The code a friend gave (case and surrounding spaces do not matter).
+    code: String,
+}
+
+/// The user's referral code (made on first asking) and its counts.
+#[utoipa::path(get, path = "/api/credits/referral", tag = "credits", security(("clerk" = [])),
+    responses(
+        (status = 200, description = "The code and its counts", body = ReferralView),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+    ))]
+pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.authenticate(&request).await?;
+    let account = state.account(&clerk_id).await?;
+    let client = state.client().await?;
+    let summary = referrals::summary(&**client, account).await?;
+    Ok(HttpResponse::Ok().json(ReferralView {
+        code: summary.code,
+        referred_count: summary.referred_count,
+        rewarded_count: summary.rewarded_count,
+        bonus_micros: state.referral_bonus.amount.get(),
+        referred: summary.referred,
+        redeem_until: summary
+            .redeem_until
+            .map(|at| at.to_rfc3339_opts(SecondsFormat::Secs, true)),
+    }))
+}
+
+/// Presents a friend's code, once, within 7 days of signing up. Both get
+/// the referral bonus after this user's first paid top-up.
+#[utoipa::path(post, path = "/api/credits/referral", tag = "credits", security(("clerk" = [])),
+    request_body = CodeBody,
+    responses(
+        (status = 201, description = "Taken: `{referred: true, alreadyApplied: false}`", body = super::openapi::Referred),
+        (status = 200, description = "This code was presented before: `alreadyApplied: true`", body = super::openapi::Referred),
+        (status = 400, description = "INVALID_REQUEST (field `code`: not a code's shape)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::openapi::ErrorBody),
+        (status = 404, description = "REFERRAL_CODE_UNKNOWN", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 409, description = "REFERRAL_WINDOW_CLOSED (signed up more than 7 days ago), ALREADY_REFERRED (another code was presented), SELF_REFERRAL (own code, or its owner has the same email)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+    ))]
+pub(super) async fn redeem(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.authenticate(&request).await?;
+    let account = state.account(&clerk_id).await?;
+    let body = read_body(payload, &state.settings.server).await?;
+    let asked: CodeBody = parse_json(&body)?;
+    let Some(code) = referrals::normalize(&asked.code) else {
+        return Err(ApiError::invalid(format!(
+            "field `code`: a referral code is {} letters and digits",
+            referrals::CODE_LEN
+        )));
+    };
+    let now = state.engine.clock().now();
+    let client = state.client().await?;
+    let redeemed = referrals::redeem(&**client, account, &code, now)
+        .await?
+        .map_err(refused)?;
+    let body = serde_json::json!({ "referred": true, "alreadyApplied": redeemed.replayed });
+    Ok(if redeemed.replayed {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::Created().json(body)
+    })
+}
+
+fn refused(refusal: Refusal) -> ApiError {
+    let (code, message) = match refusal {
+        Refusal::Unknown => (
+            Code::ReferralCodeUnknown,
+            "no user has this referral code".to_owned(),
+        ),
+        Refusal::OwnCode => (
+            Code::SelfReferral,
+            "this referral code is your own".to_owned(),
+        ),
+        Refusal::SameEmail => (
+            Code::SelfReferral,
+            "this referral code belongs to an account with your email address".to_owned(),
+        ),
+        Refusal::TooLate { closed_at } => (
+            Code::ReferralWindowClosed,
+            format!(
+                "a referral code can be presented within 7 days of signing up; that ended at {}",
+                closed_at.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ),
+        ),
+        Refusal::AlreadyReferred => (
+            Code::AlreadyReferred,
+            "you already presented another referral code".to_owned(),
+        ),
+    };
+    ApiError::new(code, message)
+}

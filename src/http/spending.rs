@@ -1,0 +1,191 @@
+//! Spending limits: `GET`/`PUT /api/credits/limits` for the account's owner,
+//! `PUT /admin/accounts/{userId}/limits` for an operator (limits and the
+//! ceilings the owner cannot raise). Every change goes through the
+//! account's actor, which stores it before answering and enforces it on
+//! every hold after it.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::SecondsFormat;
+use serde::{Deserialize, Serialize};
+
+use super::auth::require_admin;
+use super::error::{parse_json, ApiError};
+use super::{read_body, State};
+use crate::ledger::{LimitsChange, SpendLimits, SpendingSnapshot, WindowSpend};
+use crate::money::Micros;
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .route("/api/credits/limits", web::get().to(show))
+        .route("/api/credits/limits", web::put().to(set))
+        .route("/admin/accounts/{userId}/limits", web::put().to(admin_set));
+}
+
+/// The owner's limits, in micros; `null` (or absent): no limit.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct OwnerLimits {
+    daily_micros: Option<i64>,
+    monthly_micros: Option<i64>,
+}
+
+/// Every limit of an account, in micros; `null` (or absent): none.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct AdminLimits {
+    daily_micros: Option<i64>,
+    monthly_micros: Option<i64>,
+    daily_ceiling_micros: Option<i64>,
+    monthly_ceiling_micros: Option<i64>,
+}
+
+/// One UTC window: the limit that applies (the lower of the owner's and
+/// the ceiling), settled spend in it, and when it starts again from zero.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct WindowView {
+    limit_micros: Option<i64>,
+    spent_micros: i64,
+    /// RFC 3339, UTC.
+    resets_at: String,
+}
+
+/// An account's limits and spend.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct LimitsView {
+    /// The owner's own limits.
+    daily_micros: Option<i64>,
+    monthly_micros: Option<i64>,
+    /// Set by an administrator; the owner cannot set a limit above them.
+    daily_ceiling_micros: Option<i64>,
+    monthly_ceiling_micros: Option<i64>,
+    /// Settled platform usage of the current UTC day and month.
+    spent_today_micros: i64,
+    spent_this_month_micros: i64,
+    /// Chats in progress, counted against both windows until they settle.
+    held_micros: i64,
+    daily: WindowView,
+    monthly: WindowView,
+}
+
+fn window_view(window: &WindowSpend) -> WindowView {
+    WindowView {
+        limit_micros: window.limit_micros.map(Micros::get),
+        spent_micros: window.spent_micros.get(),
+        resets_at: window.resets_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+    }
+}
+
+fn view(snapshot: &SpendingSnapshot) -> LimitsView {
+    let limits = &snapshot.limits;
+    LimitsView {
+        daily_micros: limits.daily_micros.map(Micros::get),
+        monthly_micros: limits.monthly_micros.map(Micros::get),
+        daily_ceiling_micros: limits.daily_ceiling_micros.map(Micros::get),
+        monthly_ceiling_micros: limits.monthly_ceiling_micros.map(Micros::get),
+        spent_today_micros: snapshot.daily.spent_micros.get(),
+        spent_this_month_micros: snapshot.monthly.spent_micros.get(),
+        held_micros: snapshot.held_micros.get(),
+        daily: window_view(&snapshot.daily),
+        monthly: window_view(&snapshot.monthly),
+    }
+}
+
+/// A limit as given: absent or null is none, else at least 0.
+fn limit(field: &str, value: Option<i64>) -> Result<Option<Micros>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(micros) if micros < 0 => Err(ApiError::invalid(format!(
+            "field `{field}`: cannot be negative"
+        ))),
+        Some(micros) => Ok(Some(Micros::new(micros))),
+    }
+}
+
+/// The account's spending limits and what each UTC window counts.
+#[utoipa::path(get, path = "/api/credits/limits", tag = "credits", security(("clerk" = [])),
+    responses(
+        (status = 200, description = "Limits, ceilings and spend per window", body = LimitsView),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
+pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.authenticate(&request).await?;
+    let account = state.account(&clerk_id).await?;
+    let snapshot = state.engine.spending(account).await?;
+    Ok(HttpResponse::Ok().json(view(&snapshot)))
+}
+
+/// Sets the account's own daily and monthly limits (null: none). Stored
+/// before the answer; every later chat is judged by them.
+#[utoipa::path(put, path = "/api/credits/limits", tag = "credits", security(("clerk" = [])),
+    request_body = OwnerLimits,
+    responses(
+        (status = 200, description = "The limits as stored", body = LimitsView),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
+        (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 409, description = "CONFLICT (a limit above the ceiling an administrator set; the message names the field)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
+pub(super) async fn set(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.authenticate(&request).await?;
+    let account = state.account(&clerk_id).await?;
+    let body = read_body(payload, &state.settings.server).await?;
+    let asked: OwnerLimits = parse_json(&body)?;
+    let change = LimitsChange::Owner {
+        daily_micros: limit("dailyMicros", asked.daily_micros)?,
+        monthly_micros: limit("monthlyMicros", asked.monthly_micros)?,
+    };
+    let snapshot = state.engine.set_limits(account, change).await?;
+    Ok(HttpResponse::Ok().json(view(&snapshot)))
+}
+
+/// Sets a user's limits and the ceilings the user cannot raise (every
+/// field; null: none). A ceiling applies at once, whatever the user's own
+/// limit: the lower of the two is enforced.
+#[utoipa::path(put, path = "/admin/accounts/{userId}/limits", tag = "admin", security(("admin" = [])),
+    params(("userId" = String, Path, description = "Clerk user id")),
+    request_body = AdminLimits,
+    responses(
+        (status = 200, description = "The limits as stored", body = LimitsView),
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no admin token configured: the admin routes do not exist)", body = super::openapi::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+    ))]
+pub(super) async fn admin_set(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    require_admin(&state.settings.admin, &request)?;
+    let user = super::admin::clerk_id(&path)?;
+    let body = read_body(payload, &state.settings.server).await?;
+    let asked: AdminLimits = parse_json(&body)?;
+    let limits = SpendLimits {
+        daily_micros: limit("dailyMicros", asked.daily_micros)?,
+        monthly_micros: limit("monthlyMicros", asked.monthly_micros)?,
+        daily_ceiling_micros: limit("dailyCeilingMicros", asked.daily_ceiling_micros)?,
+        monthly_ceiling_micros: limit("monthlyCeilingMicros", asked.monthly_ceiling_micros)?,
+    };
+    let account = state.any_account(&user).await?;
+    let snapshot = state
+        .engine
+        .set_limits(account, LimitsChange::Admin(limits))
+        .await?;
+    Ok(HttpResponse::Ok().json(view(&snapshot)))
+}

@@ -1,0 +1,717 @@
+//! What a batch writes: each entry checked against what PostgreSQL would
+//! refuse, the batch's rows gathered into columns for multi-row `unnest`
+//! inserts, the fenced balance updates, and the per-account undo.
+
+use super::writer::*;
+use super::*;
+
+/// PostgreSQL refuses a NUL character in text (and in jsonb strings).
+fn text(column: &str, value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(format!("{column} contains a NUL character"));
+    }
+    Ok(())
+}
+
+fn optional_text(column: &str, value: &Option<String>) -> Result<(), String> {
+    value.as_deref().map_or(Ok(()), |value| text(column, value))
+}
+
+fn json(column: &str, value: &serde_json::Value) -> Result<(), String> {
+    if crate::ledger::state::holds_nul(value) {
+        return Err(format!("{column} contains a NUL character"));
+    }
+    Ok(())
+}
+
+/// `timestamptz` starts in 4714 BC; chrono reaches further back.
+fn time(column: &str, at: &DateTime<Utc>) -> Result<(), String> {
+    use chrono::Datelike;
+    if at.year() < -4712 {
+        return Err(format!("{column} is before the range of timestamptz"));
+    }
+    Ok(())
+}
+
+fn positive(column: &str, amount: i64) -> Result<(), String> {
+    if amount <= 0 {
+        return Err(format!("{column} must be positive, got {amount}"));
+    }
+    Ok(())
+}
+
+impl Entry {
+    /// What PostgreSQL would refuse in this entry's rows: NUL characters,
+    /// timestamps out of range, the schema's CHECK constraints, an overflow
+    /// of a sum PostgreSQL computes. The enumerated columns (type,
+    /// direction, status) come from Rust enums and are not checked here.
+    pub(super) fn admissible(&self) -> Result<(), String> {
+        if self.held_after < 0 {
+            return Err(format!("held_micros would be {}", self.held_after));
+        }
+        for write in &self.grants {
+            let g = &write.grant;
+            positive("grant amount_micros", g.amount_micros.get())?;
+            if g.remaining_micros.is_negative() || g.remaining_micros > g.amount_micros {
+                return Err(format!(
+                    "grant remaining_micros {} is outside 0..={}",
+                    g.remaining_micros.get(),
+                    g.amount_micros.get()
+                ));
+            }
+            if g.kind == GrantKind::Paid && g.expires_at.is_some() {
+                return Err("a paid grant cannot expire".into());
+            }
+            text("grant source", &g.source)?;
+            optional_text("grant stripe_payment_id", &g.stripe_payment_id)?;
+            time("grant created_at", &g.created_at)?;
+            if let Some(at) = &g.expires_at {
+                time("grant expires_at", at)?;
+            }
+        }
+        match &self.record {
+            Record::Transaction(t) => {
+                positive("amount_micros", t.amount_micros.get())?;
+                text("idempotency_key", t.idempotency_key.as_str())?;
+                optional_text("description", &t.description)?;
+                optional_text("stripe_session_id", &t.stripe_session_id)?;
+                optional_text("stripe_payment_id", &t.stripe_payment_id)?;
+                if let Some(metadata) = &t.metadata {
+                    json("metadata", metadata)?;
+                }
+                time("created_at", &t.created_at)
+            }
+            Record::HoldPlaced(h) => {
+                positive("amount_micros", h.amount_micros.get())?;
+                time("created_at", &h.created_at)?;
+                time("expires_at", &h.expires_at)
+            }
+            Record::Settled { usage: u, .. } => {
+                // total_tokens is their sum, computed by PostgreSQL in int8.
+                [
+                    u.input_tokens,
+                    u.output_tokens,
+                    u.cache_read_tokens,
+                    u.cache_write_tokens,
+                ]
+                .into_iter()
+                .try_fold(0_i64, |sum, count| sum.checked_add(tokens(count)))
+                .ok_or_else(|| "total_tokens would overflow".to_owned())?;
+                if u.cost_micros.get() < 0 {
+                    return Err(format!("cost_micros is negative: {}", u.cost_micros.get()));
+                }
+                text("model", &u.model)?;
+                optional_text("conversation_id", &u.conversation_id)?;
+                optional_text("message_id", &u.message_id)?;
+                time("created_at", &u.created_at)
+            }
+            Record::Released(r) => time("finished_at", &r.finished_at),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Columns {
+    // credit_transactions
+    tx_id: Vec<Uuid>,
+    tx_user: Vec<i64>,
+    tx_seq: Vec<i64>,
+    tx_type: Vec<&'static str>,
+    tx_direction: Vec<&'static str>,
+    tx_amount: Vec<i64>,
+    tx_key: Vec<String>,
+    tx_description: Vec<Option<String>>,
+    tx_session: Vec<Option<String>>,
+    tx_payment: Vec<Option<String>>,
+    tx_before: Vec<i64>,
+    tx_after: Vec<i64>,
+    tx_metadata: Vec<Option<serde_json::Value>>,
+    tx_created: Vec<DateTime<Utc>>,
+    tx_paid_by: Vec<Option<serde_json::Value>>,
+    // credit_grants (one row per grant: its last state in the batch)
+    grant_id: Vec<Uuid>,
+    grant_user: Vec<i64>,
+    grant_kind: Vec<&'static str>,
+    grant_amount: Vec<i64>,
+    grant_remaining: Vec<i64>,
+    grant_expires: Vec<Option<DateTime<Utc>>>,
+    grant_source: Vec<String>,
+    grant_payment: Vec<Option<String>>,
+    grant_transaction: Vec<Option<Uuid>>,
+    grant_seq: Vec<i64>,
+    grant_created: Vec<DateTime<Utc>>,
+    /// Grants written in this batch, by id: their row index above and
+    /// their remaining amount before the batch (none: inserted by it).
+    grant_rows: HashMap<Uuid, (usize, Option<i64>)>,
+    // credit_holds (new)
+    hold_id: Vec<Uuid>,
+    hold_user: Vec<i64>,
+    hold_seq: Vec<i64>,
+    hold_amount: Vec<i64>,
+    hold_status: Vec<&'static str>,
+    hold_created: Vec<DateTime<Utc>>,
+    hold_expires: Vec<DateTime<Utc>>,
+    hold_finished_seq: Vec<Option<i64>>,
+    hold_finished_at: Vec<Option<DateTime<Utc>>>,
+    /// Holds placed in this batch, by account and id: their row index above.
+    placed: HashMap<(i64, Uuid), usize>,
+    // credit_holds (placed in an earlier batch, finished in this one)
+    fin_id: Vec<Uuid>,
+    fin_user: Vec<i64>,
+    fin_status: Vec<&'static str>,
+    fin_seq: Vec<i64>,
+    fin_at: Vec<DateTime<Utc>>,
+    // credit_usages
+    use_id: Vec<Uuid>,
+    use_user: Vec<i64>,
+    use_seq: Vec<i64>,
+    use_hold: Vec<Uuid>,
+    use_model: Vec<String>,
+    use_input: Vec<i64>,
+    use_output: Vec<i64>,
+    use_cache_read: Vec<i64>,
+    use_cache_write: Vec<i64>,
+    use_cost: Vec<i64>,
+    use_held: Vec<i64>,
+    use_conversation: Vec<Option<String>>,
+    use_message: Vec<Option<String>>,
+    use_before: Vec<i64>,
+    use_after: Vec<i64>,
+    use_created: Vec<DateTime<Utc>>,
+    // outgoing_events
+    ev_id: Vec<Uuid>,
+    ev_user: Vec<i64>,
+    ev_seq: Vec<i64>,
+    ev_ordinal: Vec<i32>,
+    ev_type: Vec<&'static str>,
+    ev_data: Vec<serde_json::Value>,
+    ev_created: Vec<DateTime<Utc>>,
+    use_paid_by: Vec<Option<serde_json::Value>>,
+}
+
+/// `paid_by` as stored: [{grantId, kind, amountMicros}].
+fn paid_by_json(paid_by: &[GrantSpend]) -> Option<serde_json::Value> {
+    Some(serde_json::Value::Array(
+        paid_by
+            .iter()
+            .map(|spend| {
+                serde_json::json!({
+                    "grantId": spend.grant_id,
+                    "kind": spend.kind.as_str(),
+                    "amountMicros": spend.amount_micros.get(),
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// Token counts are u64 in memory and BIGINT in PostgreSQL; counts past
+/// i64::MAX cannot be priced anyway (the cost overflows first).
+fn tokens(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+impl Columns {
+    fn push(&mut self, account: AccountId, record: &Record) {
+        match record {
+            Record::Transaction(t) => {
+                self.tx_id.push(t.id);
+                self.tx_user.push(account.0);
+                self.tx_seq.push(t.seq);
+                self.tx_type.push(t.kind.as_str());
+                self.tx_direction.push(t.direction.as_str());
+                self.tx_amount.push(t.amount_micros.get());
+                self.tx_key.push(t.idempotency_key.as_str().to_owned());
+                self.tx_description.push(t.description.clone());
+                self.tx_session.push(t.stripe_session_id.clone());
+                self.tx_payment.push(t.stripe_payment_id.clone());
+                self.tx_before.push(t.balance_before_micros.get());
+                self.tx_after.push(t.balance_after_micros.get());
+                self.tx_metadata.push(t.metadata.clone());
+                self.tx_created.push(t.created_at);
+                self.tx_paid_by.push(match t.direction {
+                    Direction::Debit => paid_by_json(&t.paid_by),
+                    Direction::Credit => None,
+                });
+            }
+            Record::HoldPlaced(h) => {
+                self.placed.insert((account.0, h.id.0), self.hold_id.len());
+                self.hold_id.push(h.id.0);
+                self.hold_user.push(account.0);
+                self.hold_seq.push(h.seq);
+                self.hold_amount.push(h.amount_micros.get());
+                self.hold_status.push(HoldStatus::Active.as_str());
+                self.hold_created.push(h.created_at);
+                self.hold_expires.push(h.expires_at);
+                self.hold_finished_seq.push(None);
+                self.hold_finished_at.push(None);
+            }
+            Record::Settled { usage: u, late } => {
+                if !late {
+                    self.finish_hold(account, u.hold_id, HoldStatus::Settled, u.seq, u.created_at);
+                }
+                self.use_id.push(u.id);
+                self.use_user.push(account.0);
+                self.use_seq.push(u.seq);
+                self.use_hold.push(u.hold_id.0);
+                self.use_model.push(u.model.clone());
+                self.use_input.push(tokens(u.input_tokens));
+                self.use_output.push(tokens(u.output_tokens));
+                self.use_cache_read.push(tokens(u.cache_read_tokens));
+                self.use_cache_write.push(tokens(u.cache_write_tokens));
+                self.use_cost.push(u.cost_micros.get());
+                self.use_held.push(u.held_micros.get());
+                self.use_conversation.push(u.conversation_id.clone());
+                self.use_message.push(u.message_id.clone());
+                self.use_before.push(u.balance_before_micros.get());
+                self.use_after.push(u.balance_after_micros.get());
+                self.use_created.push(u.created_at);
+                self.use_paid_by.push(paid_by_json(&u.paid_by));
+            }
+            Record::Released(r) => {
+                self.finish_hold(account, r.hold_id, r.status, r.seq, r.finished_at);
+            }
+        }
+    }
+
+    fn push_events(&mut self, account: AccountId, seq: i64, events: &[OutgoingEvent]) {
+        for (ordinal, event) in events.iter().enumerate() {
+            self.ev_id.push(event.id);
+            self.ev_user.push(account.0);
+            self.ev_seq.push(seq);
+            self.ev_ordinal
+                .push(i32::try_from(ordinal).unwrap_or(i32::MAX));
+            self.ev_type.push(event.kind.as_str());
+            self.ev_data.push(event.data.clone());
+            self.ev_created.push(event.created_at);
+        }
+    }
+
+    /// A grant's state after this entry; its row carries the last one.
+    fn push_grant(&mut self, account: AccountId, write: &GrantWrite) {
+        let g = &write.grant;
+        if let Some((row, _)) = self.grant_rows.get(&g.id) {
+            self.grant_remaining[*row] = g.remaining_micros.get();
+            return;
+        }
+        self.grant_rows.insert(
+            g.id,
+            (self.grant_id.len(), write.before.map(|before| before.get())),
+        );
+        self.grant_id.push(g.id);
+        self.grant_user.push(account.0);
+        self.grant_kind.push(g.kind.as_str());
+        self.grant_amount.push(g.amount_micros.get());
+        self.grant_remaining.push(g.remaining_micros.get());
+        self.grant_expires.push(g.expires_at);
+        self.grant_source.push(g.source.clone());
+        self.grant_payment.push(g.stripe_payment_id.clone());
+        self.grant_transaction.push(g.transaction_id);
+        self.grant_seq.push(g.seq);
+        self.grant_created.push(g.created_at);
+    }
+
+    fn finish_hold(
+        &mut self,
+        account: AccountId,
+        hold: HoldId,
+        status: HoldStatus,
+        seq: i64,
+        at: DateTime<Utc>,
+    ) {
+        match self.placed.remove(&(account.0, hold.0)) {
+            Some(row) => {
+                self.hold_status[row] = status.as_str();
+                self.hold_finished_seq[row] = Some(seq);
+                self.hold_finished_at[row] = Some(at);
+            }
+            None => {
+                self.fin_id.push(hold.0);
+                self.fin_user.push(account.0);
+                self.fin_status.push(status.as_str());
+                self.fin_seq.push(seq);
+                self.fin_at.push(at);
+            }
+        }
+    }
+}
+
+pub(super) async fn write_groups(
+    connection: &mut WriterConnection,
+    groups: &[Group],
+) -> Result<Written, tokio_postgres::Error> {
+    let statements = &connection.statements;
+    let tx = connection.client.transaction().await?;
+    let mut users = Vec::with_capacity(groups.len());
+    let mut expected = Vec::with_capacity(groups.len());
+    let mut versions = Vec::with_capacity(groups.len());
+    let mut balances = Vec::with_capacity(groups.len());
+    let mut helds = Vec::with_capacity(groups.len());
+    for group in groups {
+        let (Some(first), Some(last)) = (group.entries.first(), group.entries.last()) else {
+            continue;
+        };
+        users.push(group.account.0);
+        expected.push(first.seq - 1);
+        versions.push(last.seq);
+        balances.push(last.balance_after);
+        helds.push(last.held_after);
+    }
+    let mut updated = HashSet::with_capacity(groups.len());
+    for row in tx
+        .query(
+            &statements.update_balances,
+            &[&users, &expected, &versions, &balances, &helds],
+        )
+        .await?
+    {
+        updated.insert(row.try_get::<_, i64>(0)?);
+    }
+    let mut columns = Columns::default();
+    let mut written = Written::default();
+    for group in groups {
+        if !updated.contains(&group.account.0) {
+            written.fenced.insert(group.account);
+            continue;
+        }
+        for entry in &group.entries {
+            columns.push(group.account, &entry.record);
+            columns.push_events(group.account, entry.seq, &entry.events);
+            for write in &entry.grants {
+                columns.push_grant(group.account, write);
+            }
+        }
+    }
+    let c = &columns;
+    let holds = async {
+        if c.hold_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(
+            &statements.insert_holds,
+            &[
+                &c.hold_id,
+                &c.hold_user,
+                &c.hold_seq,
+                &c.hold_amount,
+                &c.hold_status,
+                &c.hold_created,
+                &c.hold_expires,
+                &c.hold_finished_seq,
+                &c.hold_finished_at,
+            ],
+        )
+        .await
+    };
+    let transactions = async {
+        if c.tx_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(
+            &statements.insert_transactions,
+            &[
+                &c.tx_id,
+                &c.tx_user,
+                &c.tx_seq,
+                &c.tx_type,
+                &c.tx_direction,
+                &c.tx_amount,
+                &c.tx_key,
+                &c.tx_description,
+                &c.tx_session,
+                &c.tx_payment,
+                &c.tx_before,
+                &c.tx_after,
+                &c.tx_metadata,
+                &c.tx_created,
+                &c.tx_paid_by,
+            ],
+        )
+        .await
+    };
+    let usages = async {
+        if c.use_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(
+            &statements.insert_usages,
+            &[
+                &c.use_id,
+                &c.use_user,
+                &c.use_seq,
+                &c.use_hold,
+                &c.use_model,
+                &c.use_input,
+                &c.use_output,
+                &c.use_cache_read,
+                &c.use_cache_write,
+                &c.use_cost,
+                &c.use_held,
+                &c.use_conversation,
+                &c.use_message,
+                &c.use_before,
+                &c.use_after,
+                &c.use_created,
+                &c.use_paid_by,
+            ],
+        )
+        .await
+    };
+    let finished = async {
+        if c.fin_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(
+            &statements.finish_holds,
+            &[&c.fin_id, &c.fin_user, &c.fin_status, &c.fin_seq, &c.fin_at],
+        )
+        .await
+    };
+    let events = async {
+        if c.ev_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(
+            &statements.insert_events,
+            &[
+                &c.ev_id,
+                &c.ev_user,
+                &c.ev_seq,
+                &c.ev_ordinal,
+                &c.ev_type,
+                &c.ev_data,
+                &c.ev_created,
+            ],
+        )
+        .await
+    };
+    let grants = async {
+        if c.grant_id.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(
+            &statements.upsert_grants,
+            &[
+                &c.grant_id,
+                &c.grant_user,
+                &c.grant_kind,
+                &c.grant_amount,
+                &c.grant_remaining,
+                &c.grant_expires,
+                &c.grant_source,
+                &c.grant_payment,
+                &c.grant_transaction,
+                &c.grant_seq,
+                &c.grant_created,
+            ],
+        )
+        .await
+    };
+    // Pipelined on one connection, executed in this order by the server:
+    // holds exist before usages reference them and before they finish.
+    let (holds, transactions, usages, finished, grants, events) =
+        tokio::try_join!(holds, transactions, usages, finished, grants, events)?;
+    let holds = written_rows(&holds)?;
+    let transactions = written_rows(&transactions)?;
+    let usages = written_rows(&usages)?;
+    let finished = written_rows(&finished)?;
+    let events = written_rows(&events)?;
+    let grants = written_rows(&grants)?;
+
+    // Per account, rows sent minus rows written: anything but zero means a
+    // row of it was skipped (a unique constraint) or a finish matched no
+    // active hold of it.
+    let mut missing: HashMap<i64, i64> = HashMap::new();
+    for user in c
+        .hold_user
+        .iter()
+        .chain(&c.tx_user)
+        .chain(&c.use_user)
+        .chain(&c.fin_user)
+        .chain(&c.ev_user)
+        .chain(&c.grant_user)
+    {
+        *missing.entry(*user).or_default() += 1;
+    }
+    for (_, user) in holds
+        .iter()
+        .chain(&transactions)
+        .chain(&usages)
+        .chain(&finished)
+        .chain(&events)
+        .chain(&grants)
+    {
+        *missing.entry(*user).or_default() -= 1;
+    }
+    let refused: HashSet<i64> = missing
+        .into_iter()
+        .filter(|&(_, count)| count != 0)
+        .map(|(user, _)| user)
+        .collect();
+    if !refused.is_empty() {
+        undo(
+            &tx,
+            statements,
+            groups,
+            &refused,
+            [&holds, &transactions, &usages, &finished],
+        )
+        .await?;
+        let undone: Vec<Uuid> = events
+            .iter()
+            .filter(|(_, user)| refused.contains(user))
+            .map(|(id, _)| *id)
+            .collect();
+        tx.execute(&statements.undo_events, &[&undone]).await?;
+        undo_grants(&tx, statements, &columns, &refused).await?;
+        written.refused.extend(refused.into_iter().map(AccountId));
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Puts a refused account's grant rows back: those this batch inserted
+/// are deleted, the others get their remaining amount from before it.
+async fn undo_grants(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+    refused: &HashSet<i64>,
+) -> Result<(), tokio_postgres::Error> {
+    let (mut new_ids, mut new_users) = (Vec::new(), Vec::new());
+    let (mut old_ids, mut old_users, mut old_remaining) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, (row, before)) in &columns.grant_rows {
+        let user = columns.grant_user[*row];
+        if !refused.contains(&user) {
+            continue;
+        }
+        match before {
+            None => {
+                new_ids.push(*id);
+                new_users.push(user);
+            }
+            Some(before) => {
+                old_ids.push(*id);
+                old_users.push(user);
+                old_remaining.push(*before);
+            }
+        }
+    }
+    if new_ids.is_empty() && old_ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        &statements.undo_grants,
+        &[&new_ids, &new_users, &old_ids, &old_users, &old_remaining],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The (id, user id) of each row a statement wrote.
+fn written_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<(Uuid, i64)>, tokio_postgres::Error> {
+    rows.iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect()
+}
+
+/// Takes back, inside the batch's transaction, everything the refused
+/// accounts wrote in it: their inserted rows (by id: a skipped row's id may
+/// be an older row of the same account), their finished holds, and their
+/// balance rows, put back to their amounts and version before the batch.
+async fn undo(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    groups: &[Group],
+    refused: &HashSet<i64>,
+    [holds, transactions, usages, finished]: [&[(Uuid, i64)]; 4],
+) -> Result<(), tokio_postgres::Error> {
+    let ids = |rows: &[(Uuid, i64)]| -> Vec<Uuid> {
+        rows.iter()
+            .filter(|(_, user)| refused.contains(user))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let mut users = Vec::with_capacity(refused.len());
+    let mut versions = Vec::with_capacity(refused.len());
+    let mut balances = Vec::with_capacity(refused.len());
+    let mut helds = Vec::with_capacity(refused.len());
+    for group in groups.iter().filter(|g| refused.contains(&g.account.0)) {
+        let Some(first) = group.entries.first() else {
+            continue;
+        };
+        users.push(group.account.0);
+        versions.push(first.seq - 1);
+        balances.push(first.balance_before);
+        helds.push(first.held_before);
+    }
+    tx.execute(
+        &statements.undo_accounts,
+        &[
+            &ids(holds),
+            &ids(transactions),
+            &ids(usages),
+            &ids(finished),
+            &users,
+            &versions,
+            &balances,
+            &helds,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::Micros;
+
+    fn entry(record: Record) -> Entry {
+        let (durable, _) = watch::channel(Durable::default());
+        Entry {
+            account: AccountId(1),
+            epoch: 1,
+            seq: 1,
+            balance_before: 0,
+            held_before: 0,
+            balance_after: 0,
+            held_after: 0,
+            record,
+            events: Vec::new(),
+            grants: Vec::new(),
+            durable: Arc::new(durable),
+        }
+    }
+
+    fn transaction(description: &str, metadata: serde_json::Value) -> Record {
+        Record::Transaction(TransactionRecord {
+            id: Uuid::new_v4(),
+            seq: 1,
+            kind: TransactionType::Adjustment,
+            direction: Direction::Credit,
+            amount_micros: Micros::new(5),
+            idempotency_key: IdempotencyKey::parse("k").unwrap_or_else(|e| panic!("{e}")),
+            description: Some(description.into()),
+            stripe_session_id: None,
+            stripe_payment_id: None,
+            metadata: Some(metadata),
+            balance_before_micros: Micros::ZERO,
+            balance_after_micros: Micros::new(5),
+            created_at: Utc::now(),
+            paid_by: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn an_entry_postgresql_would_refuse_is_caught_before_it_is_written() {
+        let clean = entry(transaction("ok", serde_json::json!({ "chargeId": "ch_1" })));
+        assert_eq!(clean.admissible(), Ok(()));
+        let nul_text = entry(transaction("a\0b", serde_json::json!({})));
+        assert!(nul_text.admissible().is_err());
+        let nul_key = entry(transaction("ok", serde_json::json!({ "a\0": 1 })));
+        assert!(nul_key.admissible().is_err());
+        let nul_value = entry(transaction("ok", serde_json::json!({ "a": ["\0"] })));
+        assert!(nul_value.admissible().is_err());
+    }
+}

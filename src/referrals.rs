@@ -1,0 +1,413 @@
+//! Referrals: each user's code, a new user presenting one, and the promo
+//! credit both sides get once the referred user's first paid top-up lands.
+//!
+//! A code is made once, on first asking: 8 characters of an alphabet with
+//! no look-alikes (no 0/O, 1/I/L), 40 random bits, unique in PostgreSQL.
+//! A user presents at most one code, within `REDEEM_DAYS` of signing up,
+//! never their own nor one of an account with the same email or Stripe
+//! customer. The bonus is posted under one idempotency key per side and
+//! referred person (`referral:<referred>:referee`, `…:referrer`), so a
+//! replayed webhook, a retry after a crash or a later top-up never pays
+//! twice.
+
+use chrono::{DateTime, Duration, Utc};
+use tokio_postgres::GenericClient;
+
+use crate::ledger::store::{self, unavailable};
+use crate::ledger::{AccountId, Engine, IdempotencyKey, LedgerError, Posting, TransactionType};
+use crate::money::Micros;
+
+/// Days after signup during which a code may be presented.
+pub const REDEEM_DAYS: i64 = 7;
+/// The characters of a code: letters and digits without the look-alikes
+/// 0/O and 1/I/L.
+const ALPHABET: &[u8; 31] = b"ABCDEFGHJKMNPQRSTUVWXYZ23456789";
+pub const CODE_LEN: usize = 8;
+
+/// A new random code: 64 random bits read as base-31 digits (31^8 is far
+/// below 2^64, so the digits are as good as uniform), about 40 bits.
+fn new_code() -> String {
+    let random = uuid::Uuid::new_v4();
+    // Bytes 6 and 8 of a v4 UUID carry its version and variant bits.
+    let bytes = random.as_bytes();
+    let mut n = [0, 1, 2, 3, 4, 5, 10, 11]
+        .iter()
+        .fold(0u64, |n, &i| (n << 8) | u64::from(bytes[i]));
+    let base = ALPHABET.len() as u64;
+    (0..CODE_LEN)
+        .map(|_| {
+            let digit = (n % base) as usize;
+            n /= base;
+            char::from(ALPHABET[digit])
+        })
+        .collect()
+}
+
+/// A code as typed: trimmed, upper-cased, checked for shape.
+pub fn normalize(code: &str) -> Option<String> {
+    let code = code.trim().to_ascii_uppercase();
+    (code.len() == CODE_LEN && code.bytes().all(|b| ALPHABET.contains(&b))).then_some(code)
+}
+
+/// The user's code, made on first asking.
+pub async fn code_of(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<String, LedgerError> {
+    for _ in 0..8 {
+        if let Some(row) = client
+            .query_opt(
+                "SELECT code FROM referral_codes WHERE user_id = $1",
+                &[&account.0],
+            )
+            .await
+            .map_err(unavailable)?
+        {
+            return Ok(row.get(0));
+        }
+        // Skips both a concurrent first asking (same user) and a code
+        // another user already has; the loop reads which it was.
+        client
+            .execute(
+                "INSERT INTO referral_codes (user_id, code) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING",
+                &[&account.0, &new_code()],
+            )
+            .await
+            .map_err(unavailable)?;
+    }
+    Err(LedgerError::Internal(
+        "no free referral code after 8 tries".into(),
+    ))
+}
+
+/// What the referral page shows a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub code: String,
+    /// Users who presented this user's code.
+    pub referred_count: i64,
+    /// Of those, the ones whose first top-up paid both bonuses.
+    pub rewarded_count: i64,
+    /// Whether this user presented someone's code.
+    pub referred: bool,
+    /// Until when this user may present a code (none once referred).
+    pub redeem_until: Option<DateTime<Utc>>,
+}
+
+pub async fn summary(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<Summary, LedgerError> {
+    let code = code_of(client, account).await?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM referrals WHERE referrer_user_id = $1),
+                    (SELECT count(*) FROM referrals
+                      WHERE referrer_user_id = $1 AND rewarded_at IS NOT NULL),
+                    EXISTS (SELECT 1 FROM referrals WHERE referred_user_id = $1),
+                    (SELECT created_at FROM users WHERE id = $1)",
+            &[&account.0],
+        )
+        .await
+        .map_err(unavailable)?;
+    let referred: bool = row.get(2);
+    let signed_up: Option<DateTime<Utc>> = row.get(3);
+    Ok(Summary {
+        code,
+        referred_count: row.get(0),
+        rewarded_count: row.get(1),
+        referred,
+        redeem_until: signed_up
+            .filter(|_| !referred)
+            .map(|at| at + Duration::days(REDEEM_DAYS)),
+    })
+}
+
+/// Why a code was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No user has this code (or its owner was deleted).
+    Unknown,
+    /// The code is the user's own.
+    OwnCode,
+    /// Its owner's account has the same email as the user's.
+    SameEmail,
+    /// The user signed up more than `REDEEM_DAYS` ago.
+    TooLate { closed_at: DateTime<Utc> },
+    /// The user already presented another code.
+    AlreadyReferred,
+}
+
+/// A code taken: `replayed` when this user had presented it before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redeemed {
+    pub referrer: AccountId,
+    pub replayed: bool,
+}
+
+/// The user `account` presents `code` at `now`.
+pub async fn redeem(
+    client: &impl GenericClient,
+    account: AccountId,
+    code: &str,
+    now: DateTime<Utc>,
+) -> Result<Result<Redeemed, Refusal>, LedgerError> {
+    let Some(owner) = client
+        .query_opt(
+            "SELECT c.user_id, u.email_hash
+               FROM referral_codes c JOIN users u ON u.id = c.user_id
+              WHERE c.code = $1 AND u.deleted_at IS NULL",
+            &[&code],
+        )
+        .await
+        .map_err(unavailable)?
+    else {
+        return Ok(Err(Refusal::Unknown));
+    };
+    let referrer = AccountId(owner.get(0));
+    if referrer == account {
+        return Ok(Err(Refusal::OwnCode));
+    }
+    let me = client
+        .query_one(
+            "SELECT u.created_at, u.email_hash,
+                    (SELECT referrer_user_id FROM referrals WHERE referred_user_id = u.id)
+               FROM users u WHERE u.id = $1",
+            &[&account.0],
+        )
+        .await
+        .map_err(unavailable)?;
+    if let Some(earlier) = me.get::<_, Option<i64>>(2) {
+        return Ok(if earlier == referrer.0 {
+            Ok(Redeemed {
+                referrer,
+                replayed: true,
+            })
+        } else {
+            Err(Refusal::AlreadyReferred)
+        });
+    }
+    let closed_at = me.get::<_, DateTime<Utc>>(0) + Duration::days(REDEEM_DAYS);
+    if now > closed_at {
+        return Ok(Err(Refusal::TooLate { closed_at }));
+    }
+    // (A Stripe customer is one user's: `users.stripe_customer_id` is
+    // unique. A top-up paid by the referrer's customer is refused when the
+    // bonus would be paid, see `reward_after_topup`.)
+    let same_email = matches!(
+        (owner.get::<_, Option<String>>(1), me.get::<_, Option<String>>(1)),
+        (Some(theirs), Some(mine)) if theirs == mine
+    );
+    if same_email {
+        return Ok(Err(Refusal::SameEmail));
+    }
+    let inserted = client
+        .query_opt(
+            "INSERT INTO referrals (referred_user_id, referrer_user_id, code, created_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (referred_user_id) DO NOTHING
+             RETURNING referrer_user_id",
+            &[&account.0, &referrer.0, &code, &now],
+        )
+        .await
+        .map_err(unavailable)?;
+    if inserted.is_some() {
+        return Ok(Ok(Redeemed {
+            referrer,
+            replayed: false,
+        }));
+    }
+    // A concurrent request of this user won: it decides.
+    let winner: i64 = client
+        .query_one(
+            "SELECT referrer_user_id FROM referrals WHERE referred_user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .map_err(unavailable)?
+        .get(0);
+    Ok(if winner == referrer.0 {
+        Ok(Redeemed {
+            referrer,
+            replayed: true,
+        })
+    } else {
+        Err(Refusal::AlreadyReferred)
+    })
+}
+
+/// The promo credit each side of a referral gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bonus {
+    /// 0: no referral bonus.
+    pub amount: Micros,
+    /// Days the bonus lasts; 0: it never expires.
+    pub expiry_days: u32,
+}
+
+/// How a referral went at a paid top-up of the referred user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reward {
+    /// The user was not referred, or the bonus is off.
+    None,
+    /// Paid before: nothing more.
+    AlreadyPaid,
+    /// The top-up was paid by the referrer's own Stripe customer: no bonus.
+    Refused,
+    /// Both bonuses posted (or found posted) now.
+    Paid,
+}
+
+fn bonus_posting(
+    key: String,
+    description: &str,
+    referred: AccountId,
+    referrer: AccountId,
+    bonus: Bonus,
+    expires_at: Option<DateTime<Utc>>,
+) -> Result<Posting, LedgerError> {
+    Ok(Posting {
+        key: IdempotencyKey::parse(key).map_err(LedgerError::Internal)?,
+        kind: TransactionType::PromoBonus,
+        amount: bonus.amount,
+        description: Some(description.to_owned()),
+        stripe_session_id: None,
+        stripe_payment_id: None,
+        metadata: Some(serde_json::json!({
+            "referral": {
+                "referredUserId": referred.0,
+                "referrerUserId": referrer.0,
+                "expiryDays": bonus.expiry_days,
+            }
+        })),
+        expires_at,
+    })
+}
+
+/// A bonus credit whose key is already taken was paid once: done.
+fn paid(result: Result<impl Sized, LedgerError>, side: &str) -> Result<(), LedgerError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(LedgerError::Conflict(message)) => {
+            tracing::warn!(%message, side, "referral bonus key already used; not paid again");
+            Ok(())
+        }
+        Err(LedgerError::AccountNotFound(account)) => {
+            tracing::error!(
+                account = account.0,
+                side,
+                "referral bonus for an account that does not exist"
+            );
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// After a paid top-up of `referred` (checkout session of `customer`):
+/// pays both sides of its referral once. An error leaves the referral
+/// unpaid, for the webhook's retry. No connection is held while the
+/// engine credits (loading an account takes one from the same pool).
+pub async fn reward_after_topup(
+    pool: &deadpool_postgres::Pool,
+    engine: &Engine,
+    bonus: Bonus,
+    referred: AccountId,
+    customer: Option<&str>,
+) -> Result<Reward, LedgerError> {
+    if !bonus.amount.is_positive() {
+        return Ok(Reward::None);
+    }
+    let client = store::client(pool).await?;
+    let found = client
+        .query_opt(
+            "SELECT r.referrer_user_id, r.rewarded_at IS NOT NULL, u.stripe_customer_id
+               FROM referrals r JOIN users u ON u.id = r.referrer_user_id
+              WHERE r.referred_user_id = $1",
+            &[&referred.0],
+        )
+        .await
+        .map_err(unavailable)?;
+    drop(client);
+    let Some(row) = found else {
+        return Ok(Reward::None);
+    };
+    let referrer = AccountId(row.get(0));
+    if row.get::<_, bool>(1) {
+        return Ok(Reward::AlreadyPaid);
+    }
+    let referrer_customer: Option<String> = row.get(2);
+    if customer.is_some() && referrer_customer.as_deref() == customer {
+        tracing::warn!(
+            referred = referred.0,
+            referrer = referrer.0,
+            "top-up paid by the referrer's own Stripe customer; no referral bonus"
+        );
+        return Ok(Reward::Refused);
+    }
+    // Both sides' bonuses last `expiry_days` from this first top-up.
+    let expires_at = match bonus.expiry_days {
+        0 => None,
+        days => Some(
+            engine
+                .clock()
+                .now()
+                .checked_add_signed(Duration::days(i64::from(days)))
+                .ok_or_else(|| {
+                    LedgerError::InvalidRequest(
+                        "credits.referral_bonus_expiry_days: the expiry is out of range".into(),
+                    )
+                })?,
+        ),
+    };
+    let referee_posting = bonus_posting(
+        format!("referral:{}:referee", referred.0),
+        "Bonus de parrainage (filleul)",
+        referred,
+        referrer,
+        bonus,
+        expires_at,
+    )?;
+    paid(engine.credit(referred, referee_posting).await, "referee")?;
+    let referrer_posting = bonus_posting(
+        format!("referral:{}:referrer", referred.0),
+        "Bonus de parrainage (parrain)",
+        referred,
+        referrer,
+        bonus,
+        expires_at,
+    )?;
+    paid(engine.credit(referrer, referrer_posting).await, "referrer")?;
+    store::client(pool)
+        .await?
+        .execute(
+            "UPDATE referrals SET rewarded_at = now()
+              WHERE referred_user_id = $1 AND rewarded_at IS NULL",
+            &[&referred.0],
+        )
+        .await
+        .map_err(unavailable)?;
+    metrics::counter!("creditd_referral_bonuses_total").increment(2);
+    Ok(Reward::Paid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_codes_have_eight_unambiguous_characters_and_read_back_as_typed() {
+        for _ in 0..1000 {
+            let code = new_code();
+            assert_eq!(normalize(&code).as_deref(), Some(code.as_str()));
+            assert!(!code.contains(['0', 'O', '1', 'I', 'L']), "{code}");
+            assert_eq!(
+                normalize(&format!("  {}  ", code.to_lowercase())),
+                Some(code)
+            );
+        }
+        assert_eq!(normalize("ABCDEFG0"), None);
+        assert_eq!(normalize("ABCDEFG"), None);
+    }
+}
