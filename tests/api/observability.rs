@@ -121,31 +121,37 @@ async fn readyz_follows_the_background_check_of_the_database() {
         .batch_execute("ALTER TABLE credit_holds RENAME TO credit_holds_away")
         .await
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    let down = app
-        .http
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    // The check runs in the background: wait for it to see the failure.
+    let down = readyz_becomes(&app, 503).await;
     let gauge = metrics_text(&app).await;
     client
         .batch_execute("ALTER TABLE credit_holds_away RENAME TO credit_holds")
         .await
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    let up = app
-        .http
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let up = readyz_becomes(&app, 200).await;
 
     assert_eq!(down, 503);
     assert!(gauge.contains("creditd_database_up 0"), "{gauge}");
     assert_eq!(up, 200);
+}
+
+/// Polls `/readyz` until it answers `status` (or 30 s pass); its last status.
+async fn readyz_becomes(app: &TestApp, status: u16) -> u16 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = app
+            .http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if now == status || std::time::Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[actix::test]
