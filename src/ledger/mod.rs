@@ -10,6 +10,7 @@
 
 mod actor;
 mod directory;
+mod engine;
 mod journal;
 pub mod outbox;
 pub mod reconcile;
@@ -23,6 +24,7 @@ pub use actor::{
     AccountActor, Answer, Clawback, Credit, Debit, ExpireGrants, ExpireHolds, GetBalance,
     GetSpending, Release, Reserve, SetLimits, Settle,
 };
-pub use directory::{Directory, Engine, EngineStats};
+pub use directory::Directory;
+pub use engine::{Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};
 pub use types::*;
