@@ -1,5 +1,6 @@
-//! The directory (account id → actor address) and the `Engine` that owns
-//! the actors' arbiters and the journal writer.
+//! The directory: account id → actor address. Starts an account's actor on
+//! its first message, retries a message its actor could no longer take
+//! (passivated, reset), and bounds each actor's mailbox.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -8,16 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use chrono::{DateTime, Utc};
 
 use super::actor::*;
-use super::journal::{spawn_writer, Durable, DurableSender, WriterHandle};
-use super::outbox::AlertThresholds;
+use super::journal::{Durable, DurableSender, WriterHandle};
 use super::types::*;
-use crate::clock::Clock;
-use crate::config::{EngineSettings, JournalSettings};
-use crate::db::Database;
-use crate::money::Micros;
 
 const SHARDS: usize = 64;
 /// A message that met a resetting actor is retried on a fresh one this often.
@@ -75,6 +70,30 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Directory {
+    /// A directory that starts actors on `arbiters`, loading them from
+    /// `backend` and sending their entries to `writer`.
+    pub(super) fn new(
+        arbiters: Vec<ArbiterHandle>,
+        backend: Backend,
+        writer: WriterHandle,
+        settings: ActorSettings,
+        call_timeout: Duration,
+    ) -> Directory {
+        let inner = Inner {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            arbiters,
+            backend,
+            writer,
+            settings,
+            call_timeout,
+            next_id: AtomicU64::new(1),
+            resident: AtomicUsize::new(0),
+        };
+        Directory {
+            inner: Arc::new(inner),
+        }
+    }
+
     /// The account's live actor, started (and loading) if there is none.
     fn handle(&self, account: AccountId) -> Handle {
         let inner = &self.inner;
@@ -185,410 +204,4 @@ impl Directory {
     pub fn resident(&self) -> usize {
         self.inner.resident.load(Ordering::Relaxed)
     }
-}
-
-/// What operators and metrics read off the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EngineStats {
-    pub resident_actors: usize,
-    pub journal_queue_depth: usize,
-}
-
-/// The ledger engine: actors on their arbiters, the journal writer on its own.
-pub struct Engine {
-    directory: Directory,
-    writer: WriterHandle,
-    pool: Option<deadpool_postgres::Pool>,
-    arbiters: Vec<Arbiter>,
-    clock: Clock,
-}
-
-fn actor_settings(
-    settings: &EngineSettings,
-    journal: &JournalSettings,
-    clock: Clock,
-    alerts: AlertThresholds,
-) -> ActorSettings {
-    ActorSettings {
-        clock,
-        alerts,
-        hold_delay: Duration::from_micros(journal.hold_delay_us),
-        mailbox_capacity: settings.mailbox_capacity.max(1),
-        idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
-        hold_ttl: chrono::Duration::seconds(
-            i64::try_from(settings.hold_ttl_s).unwrap_or(i64::MAX / 1000),
-        ),
-        recent_keys: settings.recent_keys,
-    }
-}
-
-impl Engine {
-    /// Starts the engine on PostgreSQL (`pool` for account loads and reads).
-    pub fn start(
-        engine: &EngineSettings,
-        journal: &JournalSettings,
-        database: Database,
-        pool: deadpool_postgres::Pool,
-    ) -> Engine {
-        Engine::start_with_clock(engine, journal, database, pool, Clock::system())
-    }
-
-    /// As `start`, reading the time from `clock` (tests move it by hand).
-    pub fn start_with_clock(
-        engine: &EngineSettings,
-        journal: &JournalSettings,
-        database: Database,
-        pool: deadpool_postgres::Pool,
-        clock: Clock,
-    ) -> Engine {
-        Engine::start_with_alerts(
-            engine,
-            journal,
-            database,
-            pool,
-            clock,
-            AlertThresholds::default(),
-        )
-    }
-
-    /// As `start_with_clock`, with the balance alerts' thresholds.
-    pub fn start_with_alerts(
-        engine: &EngineSettings,
-        journal: &JournalSettings,
-        database: Database,
-        pool: deadpool_postgres::Pool,
-        clock: Clock,
-        alerts: AlertThresholds,
-    ) -> Engine {
-        Engine::build(
-            engine,
-            journal,
-            Some(database),
-            Backend::Postgres(pool.clone()),
-            Some(pool),
-            (clock, alerts),
-        )
-    }
-
-    /// An engine whose persistence is stubbed: every account opens with
-    /// `opening_balance` and every entry is acknowledged at once. For
-    /// measuring the engine itself.
-    pub fn in_memory(
-        engine: &EngineSettings,
-        journal: &JournalSettings,
-        opening_balance: Micros,
-    ) -> Engine {
-        Engine::build(
-            engine,
-            journal,
-            None,
-            Backend::Memory { opening_balance },
-            None,
-            (Clock::system(), AlertThresholds::default()),
-        )
-    }
-
-    fn build(
-        engine: &EngineSettings,
-        journal: &JournalSettings,
-        database: Option<Database>,
-        backend: Backend,
-        pool: Option<deadpool_postgres::Pool>,
-        (clock, alerts): (Clock, AlertThresholds),
-    ) -> Engine {
-        let count = if engine.arbiters == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
-        } else {
-            engine.arbiters
-        };
-        let writer_arbiter = Arbiter::new();
-        let writer = spawn_writer(&writer_arbiter.handle(), database, journal);
-        let mut arbiters: Vec<Arbiter> = (0..count).map(|_| Arbiter::new()).collect();
-        let handles = arbiters.iter().map(Arbiter::handle).collect();
-        arbiters.push(writer_arbiter);
-        let inner = Inner {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            arbiters: handles,
-            backend,
-            writer: writer.clone(),
-            settings: actor_settings(engine, journal, clock.clone(), alerts),
-            call_timeout: Duration::from_millis(engine.call_timeout_ms),
-            next_id: AtomicU64::new(1),
-            resident: AtomicUsize::new(0),
-        };
-        Engine {
-            directory: Directory {
-                inner: Arc::new(inner),
-            },
-            writer,
-            pool,
-            arbiters,
-            clock,
-        }
-    }
-
-    /// The clock the engine's actors read.
-    pub fn clock(&self) -> &Clock {
-        &self.clock
-    }
-
-    pub fn directory(&self) -> &Directory {
-        &self.directory
-    }
-
-    pub fn writer(&self) -> &WriterHandle {
-        &self.writer
-    }
-
-    /// The pool the engine reads with (none when persistence is stubbed).
-    pub fn pool(&self) -> Option<&deadpool_postgres::Pool> {
-        self.pool.as_ref()
-    }
-
-    pub fn stats(&self) -> EngineStats {
-        EngineStats {
-            resident_actors: self.directory.resident(),
-            journal_queue_depth: self.writer.queue_depth(),
-        }
-    }
-
-    /// Waits for the journal to drain, then stops every actor and the writer.
-    pub async fn shutdown(&self, limit: Duration) -> bool {
-        let drained = self.writer.flush(limit).await;
-        for arbiter in &self.arbiters {
-            arbiter.stop();
-        }
-        drained
-    }
-
-    pub async fn credit(
-        &self,
-        account: AccountId,
-        posting: Posting,
-    ) -> Result<Outcome<TransactionRecord>, LedgerError> {
-        let kind = posting.kind;
-        let result = observe(
-            "credit",
-            self.directory.call(account, Credit { posting }).await,
-        );
-        if let Ok(Outcome {
-            record,
-            replayed: false,
-        }) = &result
-        {
-            metrics::counter!("creditd_credited_micros_total", "kind" => kind.as_str())
-                .increment(record.amount_micros.get().unsigned_abs());
-        }
-        result
-    }
-
-    pub async fn debit(
-        &self,
-        account: AccountId,
-        posting: Posting,
-    ) -> Result<Outcome<TransactionRecord>, LedgerError> {
-        observe(
-            "debit",
-            self.directory.call(account, Debit { posting }).await,
-        )
-    }
-
-    /// Holds `amount`; answers once the hold is durable.
-    pub async fn reserve(
-        &self,
-        account: AccountId,
-        hold_id: HoldId,
-        amount: Micros,
-    ) -> Result<Outcome<HoldRecord>, LedgerError> {
-        self.reserve_answering(account, hold_id, amount, Answer::WhenDurable)
-            .await
-    }
-
-    /// Holds `amount` as admission control for a chat: answers as soon as
-    /// the account's actor applied the hold, without waiting for its commit.
-    /// A hold whose commit then fails is simply gone; the chat's settlement
-    /// posts all the same (see `settle`).
-    pub async fn admit(
-        &self,
-        account: AccountId,
-        hold_id: HoldId,
-        amount: Micros,
-    ) -> Result<Outcome<HoldRecord>, LedgerError> {
-        self.reserve_answering(account, hold_id, amount, Answer::WhenApplied)
-            .await
-    }
-
-    async fn reserve_answering(
-        &self,
-        account: AccountId,
-        hold_id: HoldId,
-        amount: Micros,
-        answer: Answer,
-    ) -> Result<Outcome<HoldRecord>, LedgerError> {
-        let message = Reserve {
-            hold_id,
-            amount,
-            answer,
-        };
-        observe("reserve", self.directory.call(account, message).await)
-    }
-
-    /// Debits what `request.object` refunded beyond what was already clawed
-    /// back for it (`None`: nothing left), computed inside the account's
-    /// actor so that any delivery order gives exactly the refunded total.
-    pub async fn clawback(
-        &self,
-        account: AccountId,
-        request: ClawbackRequest,
-    ) -> Result<Outcome<Option<TransactionRecord>>, LedgerError> {
-        observe(
-            "clawback",
-            self.directory.call(account, Clawback { request }).await,
-        )
-    }
-
-    /// Posts a delivered answer's cost under its hold id, whatever became of
-    /// the hold (active, expired, released or unknown); idempotent by hold id.
-    pub async fn settle(
-        &self,
-        account: AccountId,
-        hold_id: HoldId,
-        charge: UsageCharge,
-    ) -> Result<Outcome<UsageRecord>, LedgerError> {
-        let result = observe(
-            "settle",
-            self.directory
-                .call(account, Settle { hold_id, charge })
-                .await,
-        );
-        if let Ok(Outcome {
-            record,
-            replayed: false,
-        }) = &result
-        {
-            metrics::counter!("creditd_charged_micros_total", "model" => record.model.clone())
-                .increment(record.cost_micros.get().unsigned_abs());
-        }
-        result
-    }
-
-    pub async fn release(
-        &self,
-        account: AccountId,
-        hold_id: HoldId,
-    ) -> Result<Outcome<ReleaseRecord>, LedgerError> {
-        observe(
-            "release",
-            self.directory.call(account, Release { hold_id }).await,
-        )
-    }
-
-    pub async fn expire_holds(
-        &self,
-        account: AccountId,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<ReleaseRecord>, LedgerError> {
-        self.directory.call(account, ExpireHolds { now }).await
-    }
-
-    /// Sets the account's auto-recharge (`None`: off, or no saved card).
-    pub async fn set_auto_recharge(
-        &self,
-        account: AccountId,
-        config: Option<crate::recharge::RechargeConfig>,
-    ) -> Result<(), LedgerError> {
-        self.directory
-            .call(account, super::actor::SetAutoRecharge { config })
-            .await
-    }
-
-    /// An auto-recharge attempt ended (a failed one switched it off).
-    pub async fn auto_recharge_ended(
-        &self,
-        account: AccountId,
-        attempt: uuid::Uuid,
-        succeeded: bool,
-    ) -> Result<(), LedgerError> {
-        self.directory
-            .call(
-                account,
-                super::actor::AutoRechargeEnded { attempt, succeeded },
-            )
-            .await
-    }
-
-    /// Expires the grants due at `now` (the account's actor also does so on
-    /// its own); the `EXPIRED` debits journaled.
-    pub async fn expire_grants(
-        &self,
-        account: AccountId,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<TransactionRecord>, LedgerError> {
-        self.directory.call(account, ExpireGrants { now }).await
-    }
-
-    /// Changes an account's spending limits; answers once they are stored.
-    pub async fn set_limits(
-        &self,
-        account: AccountId,
-        change: LimitsChange,
-    ) -> Result<SpendingSnapshot, LedgerError> {
-        self.directory.call(account, SetLimits { change }).await
-    }
-
-    /// An account's spending limits and what its windows count now.
-    pub async fn spending(&self, account: AccountId) -> Result<SpendingSnapshot, LedgerError> {
-        self.directory.call(account, GetSpending).await
-    }
-
-    pub async fn balance(&self, account: AccountId) -> Result<BalanceSnapshot, LedgerError> {
-        self.directory.call(account, GetBalance).await
-    }
-
-    /// The account's amounts and version: from the resident actor's last
-    /// published state when there is one, else by asking (and loading) it.
-    pub async fn balance_summary(&self, account: AccountId) -> Result<BalanceSummary, LedgerError> {
-        if let Some(summary) = self.directory.summary(account) {
-            return Ok(summary);
-        }
-        self.balance(account)
-            .await
-            .map(|snapshot| snapshot.summary())
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        for arbiter in &self.arbiters {
-            arbiter.stop();
-        }
-    }
-}
-
-fn observe<T>(
-    kind: &'static str,
-    result: Result<Outcome<T>, LedgerError>,
-) -> Result<Outcome<T>, LedgerError> {
-    let outcome = match &result {
-        Ok(Outcome { replayed: true, .. }) => "replayed",
-        Ok(_) => "ok",
-        Err(LedgerError::InsufficientCredits { .. }) => "insufficient_credits",
-        Err(LedgerError::SpendLimitReached { .. }) => "spend_limit_reached",
-        Err(LedgerError::Conflict(_)) => "conflict",
-        Err(LedgerError::InvalidRequest(_)) => "invalid",
-        Err(LedgerError::AccountNotFound(_) | LedgerError::HoldNotFound(_)) => "not_found",
-        Err(LedgerError::Overloaded) => "overloaded",
-        Err(LedgerError::Unavailable(_) | LedgerError::Reset) => "unavailable",
-        Err(LedgerError::Internal(_)) => "internal",
-    };
-    metrics::counter!("creditd_ledger_operations_total", "kind" => kind, "outcome" => outcome)
-        .increment(1);
-    if outcome == "insufficient_credits" {
-        metrics::counter!("creditd_reserves_refused_total").increment(1);
-    }
-    if let Err(LedgerError::SpendLimitReached { window, .. }) = &result {
-        metrics::counter!("creditd_spend_limit_refusals_total", "window" => window.as_str())
-            .increment(1);
-    }
-    result
 }

@@ -10,6 +10,7 @@
 
 mod actor;
 mod directory;
+mod engine;
 mod journal;
 pub mod outbox;
 pub mod reconcile;
@@ -23,6 +24,7 @@ pub use actor::{
     AccountActor, Answer, AutoRechargeEnded, Clawback, Credit, Debit, ExpireGrants, ExpireHolds,
     GetBalance, GetSpending, Release, Reserve, SetAutoRecharge, SetLimits, Settle,
 };
-pub use directory::{Directory, Engine, EngineStats};
+pub use directory::Directory;
+pub use engine::{Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};
 pub use types::*;
