@@ -1019,6 +1019,12 @@ async fn auto_recharge_saved_on_the_billing_page_recharges_the_demo_card_once_a_
         .await;
 
     browser.goto(&format!("{}/demo", demo.url)).await;
+    browser
+        .until(
+            "the chat's input",
+            "return document.querySelector('.chat__input') !== null",
+        )
+        .await;
     browser.type_into(".chat__input", "Un agenda.").await;
     browser.click(".chat__send").await;
     let used = browser
