@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use super::actor::*;
 use super::directory::Directory;
 use super::journal::{spawn_writer, WriterHandle};
-use super::outbox::AlertThresholds;
+use super::outbox::{self, AlertThresholds, LimitRefusal};
 use super::types::*;
 use crate::clock::Clock;
 use crate::config::{EngineSettings, JournalSettings};
@@ -32,6 +32,9 @@ pub struct Engine {
     pool: Option<deadpool_postgres::Pool>,
     arbiters: Vec<Arbiter>,
     clock: Clock,
+    /// Windows whose `spend_limit.reached` is recorded: later refusals in
+    /// them skip the database.
+    limit_events: moka::future::Cache<(AccountId, LimitWindow, DateTime<Utc>), ()>,
 }
 
 fn actor_settings(
@@ -150,6 +153,10 @@ impl Engine {
             pool,
             arbiters,
             clock,
+            limit_events: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(32 * 24 * 3600))
+                .build(),
         }
     }
 
@@ -256,7 +263,44 @@ impl Engine {
             amount,
             answer,
         };
-        observe("reserve", self.directory.call(account, message).await)
+        let result = observe("reserve", self.directory.call(account, message).await);
+        if let Err(LedgerError::SpendLimitReached {
+            window,
+            limit,
+            spent,
+            resets_at,
+            ..
+        }) = &result
+        {
+            let refusal = LimitRefusal {
+                window: *window,
+                limit: *limit,
+                spent: *spent,
+                resets_at: *resets_at,
+            };
+            self.limit_reached(account, refusal).await;
+        }
+        result
+    }
+
+    /// Records `spend_limit.reached` for the window a hold was refused in,
+    /// once per account and window. The refusal is answered whatever
+    /// happens here: a failure to record is logged, and the window's next
+    /// refusal tries again.
+    async fn limit_reached(&self, account: AccountId, refusal: LimitRefusal) {
+        let key = (account, refusal.window, refusal.resets_at);
+        if self.limit_events.contains_key(&key) {
+            return;
+        }
+        let Some(pool) = &self.pool else {
+            return;
+        };
+        match outbox::record_limit_reached(pool, account, refusal, self.clock.now()).await {
+            Ok(()) => self.limit_events.insert(key, ()).await,
+            Err(error) => {
+                tracing::error!(account = account.0, %error, "spend_limit.reached not recorded; the next refusal retries");
+            }
+        }
     }
 
     /// Debits what `request.object` refunded beyond what was already clawed

@@ -30,6 +30,8 @@ pub enum EventType {
     BalanceRecovered,
     TopupSucceeded,
     TopupRefunded,
+    /// A hold was refused by a spending limit (once per account and window).
+    SpendLimitReached,
     /// An auto-recharge attempt was decided (the event's id is the attempt's).
     AutoRechargeRequested,
     AutoRechargeSucceeded,
@@ -45,6 +47,7 @@ impl EventType {
             EventType::BalanceRecovered => "balance.recovered",
             EventType::TopupSucceeded => "topup.succeeded",
             EventType::TopupRefunded => "topup.refunded",
+            EventType::SpendLimitReached => "spend_limit.reached",
             EventType::AutoRechargeRequested => "auto_recharge.requested",
             EventType::AutoRechargeSucceeded => "auto_recharge.succeeded",
             EventType::AutoRechargeFailed => "auto_recharge.failed",
@@ -59,6 +62,7 @@ impl EventType {
             EventType::BalanceRecovered,
             EventType::TopupSucceeded,
             EventType::TopupRefunded,
+            EventType::SpendLimitReached,
             EventType::AutoRechargeRequested,
             EventType::AutoRechargeSucceeded,
             EventType::AutoRechargeFailed,
@@ -301,4 +305,69 @@ mod tests {
             vec![EventType::BalanceLow]
         );
     }
+}
+
+/// The id of `spend_limit.reached` for `account`'s `window` ending at
+/// `resets_at`: the same for every refusal in that window, so the event is
+/// recorded once however many holds are refused, by however many instances.
+pub fn limit_event_id(account: AccountId, window: LimitWindow, resets_at: DateTime<Utc>) -> Uuid {
+    use sha2::Digest;
+    let name = format!(
+        "spend_limit.reached:{}:{}:{}",
+        account.0,
+        window.as_str(),
+        resets_at.timestamp_micros()
+    );
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    Uuid::from_bytes(bytes)
+}
+
+/// Records `spend_limit.reached` for a hold refused by `window`'s limit,
+/// after the account's last committed change (a refusal changes nothing,
+/// so it has no journal entry of its own). Recorded once per window.
+pub async fn record_limit_reached(
+    pool: &deadpool_postgres::Pool,
+    account: AccountId,
+    refusal: LimitRefusal,
+    now: DateTime<Utc>,
+) -> Result<(), LedgerError> {
+    let client = super::store::client(pool).await?;
+    let data = json!({
+        "limit": refusal.window.as_str(),
+        "limitMicros": refusal.limit.get(),
+        "spentMicros": refusal.spent.get(),
+        "resetsAt": refusal.resets_at,
+    });
+    client
+        .execute(
+            "INSERT INTO outgoing_events (id, user_id, seq, ordinal, type, data, created_at,
+                    pending_since, next_attempt_at)
+             SELECT $1, $2, b.version,
+                    1000 + (SELECT COUNT(*) FROM outgoing_events o
+                             WHERE o.user_id = $2 AND o.seq = b.version)::int4,
+                    $3, $4, $5, $5, $5
+               FROM credit_balances b WHERE b.user_id = $2
+             ON CONFLICT (id) DO NOTHING",
+            &[
+                &limit_event_id(account, refusal.window, refusal.resets_at),
+                &account.0,
+                &EventType::SpendLimitReached.as_str(),
+                &data,
+                &now,
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+/// What a spending-limit refusal says about its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LimitRefusal {
+    pub window: LimitWindow,
+    pub limit: Micros,
+    pub spent: Micros,
+    pub resets_at: DateTime<Utc>,
 }

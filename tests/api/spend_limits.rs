@@ -152,6 +152,20 @@ async fn five_hundred_concurrent_chats_against_a_daily_limit_of_thirty_seven_ser
     // A minute before midnight the day is still spent; at midnight it is new.
     clock.set(at("2026-03-10T23:59:00Z")).unwrap();
     assert_eq!(chat(&app, "user_cap").await.0, 402);
+    // 464 refusals in one window: one `spend_limit.reached`, with its window.
+    let reached = client
+        .query(
+            "SELECT e.data FROM outgoing_events e JOIN users u ON u.id = e.user_id
+              WHERE u.clerk_id = $1 AND e.type = 'spend_limit.reached'",
+            &[&"user_cap"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reached.len(), 1);
+    let data: Value = reached[0].get(0);
+    assert_eq!(data["limit"], "daily");
+    assert_eq!(data["limitMicros"], 37 * CHAT_MICROS);
+    assert_eq!(data["resetsAt"], "2026-03-11T00:00:00Z");
     clock.set(at("2026-03-11T00:00:00Z")).unwrap();
     let (status, body, _) = chat(&app, "user_cap").await;
     assert_eq!(status, 200, "{body}");
