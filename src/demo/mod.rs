@@ -84,6 +84,14 @@ pub fn refuse_real_services(settings: &Settings) -> anyhow::Result<()> {
             !settings.clerk_webhook.signing_secret.is_empty(),
         ),
         ("database.url", !settings.database.url.is_empty()),
+        (
+            "events.webhook_url",
+            !settings.events.webhook_url.is_empty(),
+        ),
+        (
+            "events.signing_secret",
+            !settings.events.signing_secret.is_empty(),
+        ),
     ]
     .into_iter()
     .filter_map(|(key, set)| set.then_some(key))

@@ -869,6 +869,27 @@ async fn demo_refuses_real_keys_and_addresses_beyond_loopback() {
     );
 
     settings.stripe.secret_key = Secret::default();
+    settings.events.webhook_url = "https://hooks.example.com/creditd".into();
+    settings.events.signing_secret = Secret::new("whsec_real_events_secret");
+    let storage = creditd::app::Storage::on(db.database(&settings), &settings)
+        .await
+        .expect("storage");
+    let refused = Demo::start(settings.clone(), storage)
+        .await
+        .err()
+        .expect("refused");
+    let message = format!("{refused:#}");
+    assert!(
+        message.contains("events.webhook_url") && message.contains("events.signing_secret"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("whsec_real_events_secret"),
+        "never prints a secret"
+    );
+
+    settings.events.webhook_url = String::new();
+    settings.events.signing_secret = Secret::default();
     settings.server.bind = "0.0.0.0:0".into();
     let storage = creditd::app::Storage::on(db.database(&settings), &settings)
         .await
