@@ -16,8 +16,9 @@
 //!   applied sees an event that ended FAILED as a gap and its redelivery as
 //!   late. Numbering at insert time instead would cost the journal's hot
 //!   path a lookup per account per batch, and would number events without
-//!   a change of their own (written by other transactions) in commit order
-//!   rather than in the order they are sent.
+//!   a change of their own (written by other transactions, see
+//!   `ledger::Engine::record_events`) in commit order rather than in the
+//!   order they are sent.
 //! - Retries back off exponentially (`retry_base_ms` doubled per attempt, up
 //!   to `retry_max_ms`) for `retry_for_hours`, then the event is FAILED and
 //!   the account's next event goes; an operator can redeliver it.

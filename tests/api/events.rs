@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use creditd::config::{Secret, Settings};
-use creditd::ledger::{AccountId, Engine, HoldId, TransactionType, UsageCharge};
+use creditd::ledger::{AccountId, Engine, HoldId, LedgerError, TransactionType, UsageCharge};
 use creditd::money::Micros;
 use creditd::pricing::TokenUsage;
 use reqwest::Method;
@@ -1098,4 +1098,182 @@ async fn backend_waiting(db: &TestDb, state: &str, query: &str) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Locks `account`'s balance row in a transaction of its own: the journal
+/// batch carrying the account's next entries stalls on it until rollback.
+async fn stall_account(
+    client: &mut tokio_postgres::Client,
+    account: AccountId,
+) -> tokio_postgres::Transaction<'_> {
+    let lock = client.transaction().await.expect("begin");
+    lock.execute(
+        "SELECT 1 FROM credit_balances WHERE user_id = $1 FOR UPDATE",
+        &[&account.0],
+    )
+    .await
+    .expect("lock the balance row");
+    lock
+}
+
+/// Polls the account's actor until `applied` holds of its state.
+async fn until_applied(
+    engine: &Engine,
+    account: AccountId,
+    applied: impl Fn(&creditd::ledger::BalanceSnapshot) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !applied(&engine.balance(account).await.expect("balance")) {
+        assert!(Instant::now() < deadline, "the change was not applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[actix::test]
+async fn spend_limit_reached_recorded_while_a_chat_is_still_uncommitted_is_delivered_after_its_events(
+) {
+    let (server, receiver) = Receiver::start(0).await;
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    sending_to(&mut settings, &server);
+    let engine = engine(&db, &settings);
+    let [sender, second] = two_senders(&db, &settings);
+    let account = db.user("user_limit_in_flight").await;
+    engine
+        .credit(account, posting("topup", TransactionType::TopUp, eur(3)))
+        .await
+        .expect("top-up");
+    engine
+        .set_limits(
+            account,
+            creditd::ledger::LimitsChange::Owner {
+                daily_micros: Some(micros(1_500_000)),
+                monthly_micros: None,
+            },
+        )
+        .await
+        .expect("a daily limit of 1.50 EUR");
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+
+    // A chat of 1.20 EUR: its hold (available 3 → 1.80: balance.low) and
+    // its settlement are applied, their batch stalled on the balance row.
+    let mut locker = db.client().await;
+    let lock = stall_account(&mut locker, account).await;
+    let hold = HoldId::generate();
+    engine
+        .admit(account, hold, micros(1_200_000))
+        .await
+        .expect("admitted");
+    let settle = engine.settle(account, hold, charge(micros(1_200_000)));
+    let refusal = async {
+        until_applied(&engine, account, |s| s.held_micros == Micros::ZERO).await;
+        // The next chat passes the balance, not the day's limit.
+        let refused = engine.admit(account, HoldId::generate(), micros(500_000));
+        tokio::pin!(refused);
+        let early = tokio::select! {
+            result = &mut refused => Some(result),
+            _ = backend_waiting(&db, "idle in transaction", "START TRANSACTION%") => None,
+        };
+        lock.rollback().await.expect("rollback");
+        match early {
+            Some(result) => result,
+            None => refused.await,
+        }
+    };
+    let (settled, refused) = tokio::join!(settle, refusal);
+    settled.expect("settled");
+    assert!(
+        matches!(refused, Err(LedgerError::SpendLimitReached { .. })),
+        "{refused:?}"
+    );
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+    sender.abort();
+    second.abort();
+
+    assert_eq!(
+        accepted_sequences(&receiver, "user_limit_in_flight"),
+        [
+            ("topup.succeeded".to_owned(), 1),
+            ("balance.low".to_owned(), 2),
+            ("spend_limit.reached".to_owned(), 3),
+        ]
+    );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn auto_recharge_failed_recorded_while_a_debit_is_still_uncommitted_is_delivered_after_its_events(
+) {
+    let (server, receiver) = Receiver::start(0).await;
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    sending_to(&mut settings, &server);
+    let engine = engine(&db, &settings);
+    let [sender, second] = two_senders(&db, &settings);
+    let account = db.user("user_recharge_in_flight").await;
+    engine
+        .credit(account, posting("topup", TransactionType::TopUp, eur(3)))
+        .await
+        .expect("top-up");
+    let attempt = uuid::Uuid::new_v4();
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO auto_recharge_attempts (id, user_id, amount_cents, created_at)
+             VALUES ($1, $2, 2000, now())",
+            &[&attempt, &account.0],
+        )
+        .await
+        .expect("an attempt in flight");
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+
+    let mut locker = db.client().await;
+    let lock = stall_account(&mut locker, account).await;
+    let debit = engine.debit(
+        account,
+        posting("spend", TransactionType::Adjustment, eur(2)),
+    );
+    let failure = async {
+        until_applied(&engine, account, |s| s.balance_micros == eur(1)).await;
+        let pool = db
+            .database(&settings)
+            .pool(&settings.database)
+            .expect("pool");
+        let mut client = pool.get().await.expect("client");
+        let failing = creditd::recharge::store::fail(
+            &mut client,
+            &engine,
+            account,
+            attempt,
+            "card_declined",
+            chrono::Utc::now(),
+        );
+        tokio::pin!(failing);
+        let early = tokio::select! {
+            result = &mut failing => Some(result),
+            _ = backend_waiting(&db, "idle in transaction", "%auto_recharge_settings%") => None,
+        };
+        lock.rollback().await.expect("rollback");
+        match early {
+            Some(result) => result,
+            None => failing.await,
+        }
+    };
+    let (debited, failed) = tokio::join!(debit, failure);
+    debited.expect("debited");
+    assert!(failed.expect("the attempt ends"), "it was pending");
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+    sender.abort();
+    second.abort();
+
+    assert_eq!(
+        accepted_sequences(&receiver, "user_recharge_in_flight"),
+        [
+            ("topup.succeeded".to_owned(), 1),
+            ("balance.low".to_owned(), 2),
+            ("auto_recharge.failed".to_owned(), 3),
+            ("auto_recharge.disabled".to_owned(), 4),
+        ]
+    );
+    db.reconcile_is_clean().await;
 }
