@@ -47,6 +47,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "auto_recharge",
         include_str!("../../sql/0009_auto_recharge.sql"),
     ),
+    (
+        13,
+        "event_sequences",
+        include_str!("../../sql/0013_event_sequences.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

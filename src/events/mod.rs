@@ -1,14 +1,24 @@
 //! Delivery of outgoing events. The ledger records each event in the outbox
 //! (`outgoing_events`) with the change that caused it; the sender here POSTs
-//! them to `events.webhook_url` as JSON `{id, type, createdAt, data}`,
-//! signed as Stripe signs its webhooks (`Creditd-Signature: t=<unix
+//! them to `events.webhook_url` as JSON `{id, type, createdAt, sequence,
+//! data}`, signed as Stripe signs its webhooks (`Creditd-Signature: t=<unix
 //! s>,v1=<hex HMAC-SHA256(secret, "t.body")>`).
 //!
 //! - At least once: an event is marked DELIVERED only after a 2xx answer; a
 //!   crash between the answer and the mark delivers it again (receivers
 //!   dedupe by `id`).
-//! - In order per account: only an account's earliest PENDING event is ever
+//! - In order per account: only an account's next PENDING event is ever
 //!   sent, so a later one waits until the earlier is DELIVERED or FAILED.
+//! - Numbered per account: the first time an event is handed over it takes
+//!   its account's next `sequence` (1, 2, 3…, committed before the POST),
+//!   and keeps it on every retry and redelivery. Numbers follow the order
+//!   events are handed over, so a receiver that keeps the highest number it
+//!   applied sees an event that ended FAILED as a gap and its redelivery as
+//!   late. Numbering at insert time instead would cost the journal's hot
+//!   path a lookup per account per batch, and would number events without
+//!   a change of their own (written by other transactions, see
+//!   `ledger::Engine::record_events`) in commit order rather than in the
+//!   order they are sent.
 //! - Retries back off exponentially (`retry_base_ms` doubled per attempt, up
 //!   to `retry_max_ms`) for `retry_for_hours`, then the event is FAILED and
 //!   the account's next event goes; an operator can redeliver it.
@@ -16,6 +26,8 @@
 //!   PostgreSQL advisory lock on a connection of its own, and only the
 //!   holder sends (two senders would break the per-account order). Should
 //!   that connection drop, the lock is gone and any instance may take it.
+//!   Should two send all the same, `UNIQUE (user_id, sequence)` still gives
+//!   each number once.
 //! - No `webhook_url`: the sender does not start; events are recorded all
 //!   the same and wait, PENDING, for a URL.
 
@@ -46,18 +58,42 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!("t={timestamp},v1={hex}")
 }
 
-/// The JSON body of one delivery.
-pub fn envelope(event: &DueEvent) -> serde_json::Value {
-    let mut data = event.data.clone();
-    if let Some(object) = data.as_object_mut() {
-        object.insert("userId".into(), event.clerk_id.clone().into());
+/// The JSON body of one delivery: what a receiver gets.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = EventEnvelope)]
+pub struct Envelope {
+    /// The event's id, the same on every delivery of it: dedupe by it.
+    pub id: uuid::Uuid,
+    /// What happened: `balance.low`, `topup.succeeded`, … (README).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub created_at: chrono::DateTime<Utc>,
+    /// The event's place among its account's events: 1, 2, 3… per account,
+    /// no gap, the same on every delivery of it. Keep the highest applied:
+    /// a lower one is late (a redelivery), a jump past the next is a gap
+    /// (an event not delivered yet, or FAILED): wait for it or fetch it.
+    pub sequence: i64,
+    /// The event's fields, with `userId` (the account owner's Clerk id).
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+impl Envelope {
+    /// The envelope of `event` under its number `sequence`.
+    pub fn of(event: &DueEvent, sequence: i64) -> Envelope {
+        let mut data = event.data.clone();
+        if let Some(object) = data.as_object_mut() {
+            object.insert("userId".into(), event.clerk_id.clone().into());
+        }
+        Envelope {
+            id: event.id,
+            kind: event.kind.clone(),
+            created_at: event.created_at,
+            sequence,
+            data,
+        }
     }
-    serde_json::json!({
-        "id": event.id,
-        "type": event.kind,
-        "createdAt": event.created_at,
-        "data": data,
-    })
 }
 
 /// The wait before the attempt after `attempts` failed ones.
@@ -169,7 +205,14 @@ impl Sender {
     }
 
     async fn deliver(&self, event: DueEvent) -> anyhow::Result<()> {
-        let body = serde_json::to_vec(&envelope(&event))?;
+        let sequence = match event.sequence {
+            Some(sequence) => sequence,
+            None => {
+                let client = self.pool.get().await?;
+                store::assign_sequence(&**client, event.id, event.user_id).await?
+            }
+        };
+        let body = serde_json::to_vec(&Envelope::of(&event, sequence))?;
         let now = Utc::now();
         let header = signature(
             self.settings.signing_secret.expose(),

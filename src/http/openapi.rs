@@ -62,7 +62,12 @@ pub fn routes(config: &mut web::ServiceConfig) {
         document,
         docs,
     ),
-    components(schemas(ErrorBody, ErrorCode, crate::pricing::Provider)),
+    components(schemas(
+        ErrorBody,
+        ErrorCode,
+        crate::pricing::Provider,
+        crate::events::Envelope
+    )),
     modifiers(&BearerTokens)
 )]
 pub struct ApiDoc;
@@ -264,8 +269,44 @@ fn document_json() -> &'static str {
     JSON.get_or_init(|| {
         let mut document = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
         camel_case_links(&mut document);
+        add_event_webhook(&mut document);
         document.to_string()
     })
+}
+
+/// What creditd POSTs to `events.webhook_url`, as an OpenAPI 3.1 webhook
+/// (utoipa 5 has no `webhooks` field; the body is `EventEnvelope`).
+fn add_event_webhook(document: &mut serde_json::Value) {
+    let Some(object) = document.as_object_mut() else {
+        return;
+    };
+    let webhook = serde_json::json!({
+        "post": {
+            "tags": ["events"],
+            "summary": "An outgoing event, sent to events.webhook_url",
+            "description": "Signed `Creditd-Signature: t=<unix s>,v1=<hex HMAC-SHA256(events.signing_secret, \"<t>.<body>\")>` (Stripe's scheme). Sent at least once (dedupe by `id`), in order per account; `sequence` numbers an account's events 1, 2, 3… with no gap and stays the same on every delivery of an event: keep the highest applied, take a lower one as late and a jump as a gap (wait for the missing event or fetch it).",
+            "parameters": [{
+                "name": crate::events::SIGNATURE_HEADER,
+                "in": "header",
+                "required": true,
+                "schema": {"type": "string"}
+            }],
+            "requestBody": {
+                "required": true,
+                "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/EventEnvelope"}
+                }}
+            },
+            "responses": {
+                "2XX": {"description": "Taken: the event is DELIVERED"},
+                "default": {"description": "Not taken: retried with backoff for events.retry_for_hours, then FAILED"}
+            }
+        }
+    });
+    object.insert(
+        "webhooks".to_owned(),
+        serde_json::json!({ "outgoingEvent": webhook }),
+    );
 }
 
 /// utoipa 5 writes a Link object's fields in snake case (`operation_id`);

@@ -13,7 +13,9 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::journal::{wait_durable, Durable, DurableSender, Entry, Record, WriterHandle};
+use super::journal::{
+    wait_durable, wait_resolved, Durable, DurableSender, Entry, Record, WriterHandle,
+};
 use super::outbox::{self, AlertState, AlertThresholds};
 use super::spend::{self, SpendCounters};
 use super::state::{AccountState, Applied};
@@ -712,6 +714,33 @@ pub struct SetAutoRecharge {
 pub struct AutoRechargeEnded {
     pub attempt: uuid::Uuid,
     pub succeeded: bool,
+}
+
+/// Answers once every change the actor applied before this message is
+/// committed or failed: none of them is still in flight. Sent from
+/// `Engine::record_events` before an event without a journal entry of its
+/// own is recorded, so that it takes its place after those changes.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Result<(), LedgerError>")]
+pub struct AwaitApplied;
+
+impl Handler<AwaitApplied> for AccountActor {
+    type Result = ResponseFuture<Result<(), LedgerError>>;
+
+    fn handle(&mut self, _msg: AwaitApplied, _ctx: &mut Context<Self>) -> Self::Result {
+        // Loading, stopping, or failed: nothing of this incarnation will
+        // still commit.
+        if self.durable_rx.borrow().failed || !matches!(self.phase, Phase::Ready(_)) {
+            return ready(Ok(()));
+        }
+        // A held-back hold entry is one of them: it leaves now rather than
+        // make the caller wait out its delay.
+        self.flush_pending();
+        let Some(applied) = self.state().map(|state| state.seq) else {
+            return ready(Ok(()));
+        };
+        Box::pin(wait_resolved(self.durable_rx.clone(), applied))
+    }
 }
 
 impl Handler<SetAutoRecharge> for AccountActor {

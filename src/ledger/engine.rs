@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use super::actor::*;
 use super::directory::Directory;
 use super::journal::{spawn_writer, WriterHandle};
-use super::outbox::{self, AlertThresholds, LimitRefusal};
+use super::outbox::{self, AlertThresholds, LimitRefusal, OutgoingEvent};
+use super::store;
 use super::types::*;
 use crate::clock::Clock;
 use crate::config::{EngineSettings, JournalSettings};
@@ -33,7 +34,7 @@ pub struct Engine {
     arbiters: Vec<Arbiter>,
     clock: Clock,
     /// Windows whose `spend_limit.reached` is recorded: later refusals in
-    /// them skip the database.
+    /// them skip the database (and concurrent ones wait for one recording).
     limit_events: moka::future::Cache<(AccountId, LimitWindow, DateTime<Utc>), ()>,
 }
 
@@ -284,23 +285,66 @@ impl Engine {
     }
 
     /// Records `spend_limit.reached` for the window a hold was refused in,
-    /// once per account and window. The refusal is answered whatever
-    /// happens here: a failure to record is logged, and the window's next
-    /// refusal tries again.
+    /// once per account and window (concurrent refusals wait for one
+    /// recording), after the changes the account applied before it. The
+    /// refusal is answered whatever happens here: a failure to record is
+    /// logged, and the window's next refusal tries again.
     async fn limit_reached(&self, account: AccountId, refusal: LimitRefusal) {
-        let key = (account, refusal.window, refusal.resets_at);
-        if self.limit_events.contains_key(&key) {
-            return;
-        }
         let Some(pool) = &self.pool else {
             return;
         };
-        match outbox::record_limit_reached(pool, account, refusal, self.clock.now()).await {
-            Ok(()) => self.limit_events.insert(key, ()).await,
-            Err(error) => {
-                tracing::error!(account = account.0, %error, "spend_limit.reached not recorded; the next refusal retries");
-            }
+        let key = (account, refusal.window, refusal.resets_at);
+        let event = outbox::limit_reached_event(account, refusal, self.clock.now());
+        let recorded = self
+            .limit_events
+            .try_get_with(key, async {
+                let mut client = store::client(pool).await?;
+                let tx = client.transaction().await.map_err(store::unavailable)?;
+                self.record_events(&tx, account, &[event]).await?;
+                tx.commit().await.map_err(store::unavailable)
+            })
+            .await;
+        if let Err(error) = recorded {
+            tracing::error!(account = account.0, %error, "spend_limit.reached not recorded; the next refusal retries");
         }
+    }
+
+    /// Records, in `tx`, events that have no journal entry of their own
+    /// (a refusal, an auto-recharge that failed), in their place in the
+    /// account's order: after every change the account's actor applied
+    /// before this call. It waits until those changes are committed (or
+    /// failed: they never happened), typically one group commit, then
+    /// writes the events after the account's last committed change, so
+    /// they are never sent before the events of an earlier change. The
+    /// caller commits `tx` with the events' cause: no event without its
+    /// cause, no cause without its event. Changes in flight on another
+    /// instance are not waited for (the account is moving between
+    /// instances: its events may then come first).
+    pub async fn record_events(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        account: AccountId,
+        events: &[OutgoingEvent],
+    ) -> Result<(), LedgerError> {
+        self.applied_committed(account).await?;
+        outbox::insert_following_committed(tx, account, events).await
+    }
+
+    /// Waits until no change the account's actor applied so far is still
+    /// in flight. An account with no live actor here has none.
+    async fn applied_committed(&self, account: AccountId) -> Result<(), LedgerError> {
+        if self.directory.summary(account).is_none() {
+            return Ok(());
+        }
+        self.directory
+            .call(account, AwaitApplied)
+            .await
+            .map_err(|error| match error {
+                LedgerError::Unavailable(reason) => LedgerError::Unavailable(format!(
+                    "the account's earlier changes did not commit in time: {reason}"
+                )),
+                other => other,
+            })
     }
 
     /// Debits what `request.object` refunded beyond what was already clawed

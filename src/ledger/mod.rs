@@ -21,8 +21,8 @@ pub mod store;
 mod types;
 
 pub use actor::{
-    AccountActor, Answer, AutoRechargeEnded, Clawback, Credit, Debit, ExpireGrants, ExpireHolds,
-    GetBalance, GetSpending, Release, Reserve, SetAutoRecharge, SetLimits, Settle,
+    AccountActor, Answer, AutoRechargeEnded, AwaitApplied, Clawback, Credit, Debit, ExpireGrants,
+    ExpireHolds, GetBalance, GetSpending, Release, Reserve, SetAutoRecharge, SetLimits, Settle,
 };
 pub use directory::Directory;
 pub use engine::{Engine, EngineStats};

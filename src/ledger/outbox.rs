@@ -5,6 +5,13 @@
 //! transaction (`outgoing_events`), and a sender (`crate::events`) delivers
 //! them afterwards.
 //!
+//! Some events have no journal entry of their own (a hold refused by a
+//! spending limit changes nothing; an auto-recharge that failed is recorded
+//! by its own transaction). They take their place in the account's order
+//! through `Engine::record_events`: once no change the account applied
+//! before them is still in flight, they are written after the events of
+//! the account's last committed change (`insert_following_committed`).
+//!
 //! Low-balance alerts fire once per crossing. The actor keeps whether
 //! `balance.low` and `balance.depleted` were sent since the last
 //! `balance.recovered`; that state is not stored anywhere else: it is
@@ -324,42 +331,84 @@ pub fn limit_event_id(account: AccountId, window: LimitWindow, resets_at: DateTi
     Uuid::from_bytes(bytes)
 }
 
-/// Records `spend_limit.reached` for a hold refused by `window`'s limit,
-/// after the account's last committed change (a refusal changes nothing,
-/// so it has no journal entry of its own). Recorded once per window.
-pub async fn record_limit_reached(
-    pool: &deadpool_postgres::Pool,
+/// `spend_limit.reached` for a hold refused by `refusal`'s window.
+pub fn limit_reached_event(
     account: AccountId,
     refusal: LimitRefusal,
     now: DateTime<Utc>,
+) -> OutgoingEvent {
+    OutgoingEvent {
+        id: limit_event_id(account, refusal.window, refusal.resets_at),
+        kind: EventType::SpendLimitReached,
+        data: json!({
+            "limit": refusal.window.as_str(),
+            "limitMicros": refusal.limit.get(),
+            "spentMicros": refusal.spent.get(),
+            "resetsAt": refusal.resets_at,
+        }),
+        created_at: now,
+    }
+}
+
+/// Where events without a change of their own start among the events of
+/// the change they follow: past any ordinal the journal gives one change.
+const FOLLOWING_ORDINAL: i32 = 1000;
+
+/// Locks the account's user row against other writers of events without a
+/// change of their own (the journal's inserts only share it), and reads the
+/// version of its last committed change.
+const LOCK_ACCOUNT_VERSION: &str = "
+    SELECT b.version FROM users u JOIN credit_balances b ON b.user_id = u.id
+     WHERE u.id = $1
+       FOR NO KEY UPDATE OF u";
+
+/// Inserts events after every event of the change at seq $2, in the order
+/// given; one already recorded (same id) is skipped.
+const INSERT_FOLLOWING: &str = "
+    INSERT INTO outgoing_events (id, user_id, seq, ordinal, type, data, created_at,
+           pending_since, next_attempt_at)
+    SELECT e.id, $1, $2,
+           ((SELECT COALESCE(max(o.ordinal), $3 - 1) FROM outgoing_events o
+              WHERE o.user_id = $1 AND o.seq = $2 AND o.ordinal >= $3) + e.n)::int4,
+           e.type, e.data, e.created_at, e.created_at, e.created_at
+      FROM unnest($4::uuid[], $5::text[], $6::jsonb[], $7::timestamptz[])
+           WITH ORDINALITY AS e(id, type, data, created_at, n)
+    ON CONFLICT (id) DO NOTHING";
+
+/// Writes, in `tx`, events that have no journal entry of their own, after
+/// every event of the account's last committed change. The caller makes
+/// sure no earlier change of the account is still in flight (see
+/// `Engine::record_events`), and commits `tx` with the events' cause.
+pub(crate) async fn insert_following_committed(
+    tx: &tokio_postgres::Transaction<'_>,
+    account: AccountId,
+    events: &[OutgoingEvent],
 ) -> Result<(), LedgerError> {
-    let client = super::store::client(pool).await?;
-    let data = json!({
-        "limit": refusal.window.as_str(),
-        "limitMicros": refusal.limit.get(),
-        "spentMicros": refusal.spent.get(),
-        "resetsAt": refusal.resets_at,
-    });
-    client
-        .execute(
-            "INSERT INTO outgoing_events (id, user_id, seq, ordinal, type, data, created_at,
-                    pending_since, next_attempt_at)
-             SELECT $1, $2, b.version,
-                    1000 + (SELECT COUNT(*) FROM outgoing_events o
-                             WHERE o.user_id = $2 AND o.seq = b.version)::int4,
-                    $3, $4, $5, $5, $5
-               FROM credit_balances b WHERE b.user_id = $2
-             ON CONFLICT (id) DO NOTHING",
-            &[
-                &limit_event_id(account, refusal.window, refusal.resets_at),
-                &account.0,
-                &EventType::SpendLimitReached.as_str(),
-                &data,
-                &now,
-            ],
-        )
+    let version: i64 = tx
+        .query_opt(LOCK_ACCOUNT_VERSION, &[&account.0])
         .await
+        .map_err(unavailable)?
+        .ok_or(LedgerError::AccountNotFound(account))?
+        .try_get(0)
         .map_err(unavailable)?;
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
+    let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.created_at).collect();
+    tx.execute(
+        INSERT_FOLLOWING,
+        &[
+            &account.0,
+            &version,
+            &FOLLOWING_ORDINAL,
+            &ids,
+            &kinds,
+            &data,
+            &times,
+        ],
+    )
+    .await
+    .map_err(unavailable)?;
     Ok(())
 }
 

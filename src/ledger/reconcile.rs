@@ -12,6 +12,8 @@
 //!   released or was lost) to no active or settled hold;
 //! - every outgoing event names a journal entry of its account (the change
 //!   that caused it, committed in the same transaction);
+//! - the sequences given to an account's events are exactly 1..=n, each
+//!   once (a receiver sees every gap for what it is: an event not taken);
 //! - grants: Σ remaining − debt = balance with debt ≥ 0, and debt only
 //!   once no unexpired grant has money left; remaining ≤ amount; a grant
 //!   never paid more than it had (its spends + remaining ≤ amount);
@@ -133,6 +135,13 @@ const EVENTS: &str = "
                         WHERE h.user_id = e.user_id
                           AND (h.seq = e.seq OR h.finished_seq = e.seq))
      ORDER BY 1, 2 LIMIT $1";
+/// Accounts whose events' sequences are not exactly 1..=n, each once.
+const EVENT_SEQUENCES: &str = "
+    SELECT user_id, count(*), count(DISTINCT sequence), max(sequence) FROM outgoing_events
+     WHERE sequence IS NOT NULL
+     GROUP BY user_id
+    HAVING count(*) <> max(sequence) OR count(DISTINCT sequence) <> max(sequence)
+     ORDER BY user_id LIMIT $1";
 /// Per account: the balance, Σ remaining, and what unexpired grants hold.
 /// "Unexpired" as of the account's last entry or now, whichever is later:
 /// the engine's clock wrote the entries' times.
@@ -277,6 +286,17 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             user_id,
             check: "event",
             detail: format!("{kind} event of seq {seq}: no journal entry has this seq"),
+        });
+    }
+    for row in tx.query(EVENT_SEQUENCES, &[&LIMIT]).await? {
+        let user_id: i64 = row.get(0);
+        let (n, distinct, top): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
+        problems.push(Problem {
+            user_id,
+            check: "eventSequence",
+            detail: format!(
+                "{n} events numbered ({distinct} distinct numbers) up to {top}: a number was skipped or given twice"
+            ),
         });
     }
     for row in tx.query(GRANT_SUMS, &[&LIMIT]).await? {

@@ -5,9 +5,9 @@ use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::{month_of, InFlight, RechargeConfig, RechargeState};
-use crate::ledger::outbox::EventType;
+use crate::ledger::outbox::{EventType, OutgoingEvent};
 use crate::ledger::store::unavailable;
-use crate::ledger::{AccountId, LedgerError};
+use crate::ledger::{AccountId, Engine, LedgerError};
 use crate::money::Micros;
 
 /// The user's settings as stored.
@@ -216,9 +216,11 @@ pub async fn succeed(
 
 /// Ends an attempt as failed, once: switches auto-recharge off with
 /// `reason` and records `auto_recharge.failed` and `auto_recharge.disabled`
-/// in the outbox, in one transaction. `false` when it had already ended.
+/// in the outbox, in one transaction, after the account's changes applied
+/// so far (`Engine::record_events`). `false` when it had already ended.
 pub async fn fail(
     client: &mut deadpool_postgres::Object,
+    engine: &Engine,
     account: AccountId,
     attempt: Uuid,
     reason: &str,
@@ -246,32 +248,23 @@ pub async fn fail(
     )
     .await
     .map_err(unavailable)?;
-    // The events follow the account's last committed change in its order
-    // (ordinals past any the journal gives one change).
+    let event = |kind, data| OutgoingEvent {
+        id: Uuid::new_v4(),
+        kind,
+        data,
+        created_at: now,
+    };
     let events = [
-        (
+        event(
             EventType::AutoRechargeFailed,
             serde_json::json!({"attemptId": attempt, "amountCents": amount_cents, "reason": reason}),
         ),
-        (
+        event(
             EventType::AutoRechargeDisabled,
             serde_json::json!({"attemptId": attempt, "reason": reason}),
         ),
     ];
-    for (kind, data) in events {
-        tx.execute(
-            "INSERT INTO outgoing_events (id, user_id, seq, ordinal, type, data, created_at,
-                    pending_since, next_attempt_at)
-             SELECT $1, $2, b.version,
-                    1000 + (SELECT COUNT(*) FROM outgoing_events o
-                             WHERE o.user_id = $2 AND o.seq = b.version)::int4,
-                    $3, $4, $5, $5, $5
-               FROM credit_balances b WHERE b.user_id = $2",
-            &[&Uuid::new_v4(), &account.0, &kind.as_str(), &data, &now],
-        )
-        .await
-        .map_err(unavailable)?;
-    }
+    engine.record_events(&tx, account, &events).await?;
     tx.commit().await.map_err(unavailable)?;
     Ok(true)
 }

@@ -162,7 +162,7 @@ async fn end_failed(
     tracing::info!(attempt = %due.attempt, account = due.account.0, %reason,
         "auto-recharge refused; switched off");
     metrics::counter!("creditd_auto_recharges_failed_total").increment(1);
-    store::fail(client, due.account, due.attempt, reason, Utc::now()).await?;
+    store::fail(client, engine, due.account, due.attempt, reason, Utc::now()).await?;
     engine
         .auto_recharge_ended(due.account, due.attempt, false)
         .await

@@ -317,8 +317,15 @@ async fn auto_recharge(
             .and_then(|error| error.code)
             .unwrap_or_else(|| "payment_failed".into());
         let mut client = store::client(effects.pool).await?;
-        let ended =
-            crate::recharge::store::fail(&mut client, account, attempt, &reason, now).await?;
+        let ended = crate::recharge::store::fail(
+            &mut client,
+            effects.engine,
+            account,
+            attempt,
+            &reason,
+            now,
+        )
+        .await?;
         drop(client);
         effects
             .engine

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use creditd::config::{Secret, Settings};
-use creditd::ledger::{AccountId, Engine, HoldId, TransactionType, UsageCharge};
+use creditd::ledger::{AccountId, Engine, HoldId, LedgerError, TransactionType, UsageCharge};
 use creditd::money::Micros;
 use creditd::pricing::TokenUsage;
 use reqwest::Method;
@@ -26,16 +26,19 @@ pub struct Delivery {
     pub user: String,
     pub status: u16,
     pub signed: bool,
+    /// The envelope's `sequence`.
+    pub sequence: Option<i64>,
 }
 
 /// A webhook receiver: records each delivery, checks its signature, and
-/// answers 500 to every `fail_every`-th request (0: never) or to all of
-/// them while `down` is set.
+/// answers 500 to every `fail_every`-th request (0: never), to all of
+/// them while `down` is set, and to events of the types in `refused`.
 #[derive(Clone)]
 pub struct Receiver {
     deliveries: Arc<Mutex<Vec<Delivery>>>,
     fail_every: usize,
     pub down: Arc<AtomicBool>,
+    pub refused: Arc<Mutex<HashSet<String>>>,
 }
 
 impl wiremock::Respond for Receiver {
@@ -49,20 +52,23 @@ impl wiremock::Respond for Receiver {
             creditd::stripe::signature::verify(header, &request.body, SIGNING_SECRET, 300, now)
                 .is_ok();
         let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+        let kind = body["type"].as_str().unwrap_or_default().to_owned();
         let mut deliveries = lock(&self.deliveries);
         let count = deliveries.len() + 1;
         let failing = self.down.load(Ordering::SeqCst)
-            || (self.fail_every > 0 && count.is_multiple_of(self.fail_every));
+            || (self.fail_every > 0 && count.is_multiple_of(self.fail_every))
+            || lock(&self.refused).contains(&kind);
         let status = if failing { 500 } else { 200 };
         deliveries.push(Delivery {
             id: body["id"].as_str().unwrap_or_default().to_owned(),
-            kind: body["type"].as_str().unwrap_or_default().to_owned(),
+            kind,
             user: body["data"]["userId"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned(),
             status,
             signed,
+            sequence: body["sequence"].as_i64(),
         });
         wiremock::ResponseTemplate::new(status)
     }
@@ -75,6 +81,7 @@ impl Receiver {
             deliveries: Arc::new(Mutex::new(Vec::new())),
             fail_every,
             down: Arc::new(AtomicBool::new(false)),
+            refused: Arc::new(Mutex::new(HashSet::new())),
         };
         wiremock::Mock::given(wiremock::matchers::method("POST"))
             .and(wiremock::matchers::path("/events"))
@@ -776,4 +783,497 @@ async fn an_event_refused_past_its_retry_window_fails_and_lets_the_next_one_go_u
     wait_until_sent(&app.db, Duration::from_secs(30)).await;
     let accepted: Vec<String> = receiver.accepted().into_iter().map(|d| d.kind).collect();
     assert_eq!(accepted, ["balance.depleted", "balance.low"]);
+}
+
+/// The sequence of each delivery of `user`'s events the receiver accepted,
+/// in arrival order, the first acceptance of each event only.
+fn accepted_sequences(receiver: &Receiver, user: &str) -> Vec<(String, i64)> {
+    let mut seen = HashSet::new();
+    receiver
+        .accepted()
+        .into_iter()
+        .filter(|d| d.user == user && seen.insert(d.id.clone()))
+        .map(|d| {
+            (
+                d.kind,
+                d.sequence.expect("every envelope carries its sequence"),
+            )
+        })
+        .collect()
+}
+
+/// An account's events in journal order: (id, sequence).
+async fn sequences_in_journal_order(db: &TestDb, account: AccountId) -> Vec<(String, Option<i64>)> {
+    db.client()
+        .await
+        .query(
+            "SELECT id::text, sequence FROM outgoing_events
+              WHERE user_id = $1 ORDER BY seq, ordinal",
+            &[&account.0],
+        )
+        .await
+        .expect("outbox")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+async fn admin_adjust(app: &TestApp, user: &str, amount_micros: i64, key: &str) {
+    let (status, body) = json_of(
+        app.admin(Method::POST, &format!("/admin/accounts/{user}/credits"))
+            .json(&json!({"amountMicros": amount_micros, "key": key, "reason": "test"}))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[actix::test]
+async fn an_event_that_ends_failed_leaves_a_gap_in_its_accounts_sequence_and_its_redelivery_carries_its_own_number(
+) {
+    let (server, receiver) = Receiver::start(0).await;
+    lock(&receiver.refused).insert("balance.depleted".into());
+    let app = spawn_app_with(|settings| sending_to(settings, &server)).await;
+    admin_adjust(&app, "user_gap", 5_000_000, "in").await;
+    admin_adjust(&app, "user_gap", -4_000_000, "low").await;
+    admin_adjust(&app, "user_gap", -2_000_000, "depleted").await;
+    admin_adjust(&app, "user_gap", 5_000_000, "recovered").await;
+    wait_for(
+        &app.db,
+        "SELECT count(*) FROM outgoing_events WHERE type = 'balance.depleted' AND attempts >= 3",
+        1,
+    )
+    .await;
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE outgoing_events SET pending_since = now() - interval '73 hours'
+              WHERE type = 'balance.depleted'",
+            &[],
+        )
+        .await
+        .expect("age the event");
+    wait_until_sent(&app.db, Duration::from_secs(30)).await;
+
+    // The receiver applied 1, then got 3: the gap is the FAILED event.
+    assert_eq!(
+        accepted_sequences(&receiver, "user_gap"),
+        [
+            ("balance.low".to_owned(), 1),
+            ("balance.recovered".to_owned(), 3)
+        ]
+    );
+    let (_, listed) = json_of(
+        app.admin(Method::GET, "/admin/events?userId=user_gap")
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    let listed: Vec<(String, String, i64)> = listed["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_owned(),
+                e["status"].as_str().unwrap_or_default().to_owned(),
+                e["sequence"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("balance.recovered".into(), "DELIVERED".into(), 3),
+            ("balance.depleted".into(), "FAILED".into(), 2),
+            ("balance.low".into(), "DELIVERED".into(), 1),
+        ]
+    );
+
+    lock(&receiver.refused).clear();
+    let depleted = receiver
+        .deliveries()
+        .into_iter()
+        .find(|d| d.kind == "balance.depleted")
+        .expect("the depleted event was tried")
+        .id;
+    let (status, again) = json_of(
+        app.admin(Method::POST, &format!("/admin/events/{depleted}/redeliver"))
+            .send()
+            .await
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["sequence"], 2, "{again}");
+    wait_until_sent(&app.db, Duration::from_secs(30)).await;
+
+    // Late, under its own number: the receiver knows it is not news.
+    assert_eq!(
+        accepted_sequences(&receiver, "user_gap"),
+        [
+            ("balance.low".to_owned(), 1),
+            ("balance.recovered".to_owned(), 3),
+            ("balance.depleted".to_owned(), 2),
+        ]
+    );
+    let tries: Vec<Option<i64>> = receiver
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.id == depleted)
+        .map(|d| d.sequence)
+        .collect();
+    assert!(tries.len() >= 4, "{tries:?}");
+    assert!(
+        tries.iter().all(|s| *s == Some(2)),
+        "every try carried 2: {tries:?}"
+    );
+}
+
+/// `count` top-ups of 1 EUR on each account, the accounts in parallel.
+async fn top_ups(engine: &Engine, accounts: &[AccountId], round: &str, count: usize) {
+    futures_util::future::join_all(accounts.iter().map(|&account| async move {
+        for index in 0..count {
+            engine
+                .credit(
+                    account,
+                    posting(&format!("{round}-{index}"), TransactionType::TopUp, eur(1)),
+                )
+                .await
+                .expect("top-up");
+        }
+    }))
+    .await;
+}
+
+/// Two senders on `db`, as two instances would run them.
+fn two_senders(db: &TestDb, settings: &Settings) -> [tokio::task::JoinHandle<()>; 2] {
+    let database = db.database(settings);
+    let pool = database.pool(&settings.database).expect("pool");
+    let spawn = || {
+        creditd::events::spawn_sender(database.clone(), pool.clone(), &settings.events)
+            .expect("sender")
+            .expect("a URL is configured")
+    };
+    [spawn(), spawn()]
+}
+
+#[actix::test]
+async fn sequences_stay_gap_free_and_in_order_per_account_across_a_restart_and_with_two_senders_on_one_database(
+) {
+    let (server, receiver) = Receiver::start(3).await;
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    sending_to(&mut settings, &server);
+    let users = ["user_seq_a", "user_seq_b", "user_seq_c"];
+    let mut accounts = Vec::new();
+    for user in users {
+        accounts.push(db.user(user).await);
+    }
+
+    let first = engine(&db, &settings);
+    let senders = two_senders(&db, &settings);
+    top_ups(&first, &accounts, "before", 6).await;
+    // Stopped with deliveries half done: numbered events still pending.
+    wait_for(
+        &db,
+        "SELECT least(count(*), 9) FROM outgoing_events WHERE status = 'DELIVERED'",
+        9,
+    )
+    .await;
+    for sender in senders {
+        sender.abort();
+    }
+    first.shutdown(Duration::from_secs(5)).await;
+
+    let second = engine(&db, &settings);
+    let senders = two_senders(&db, &settings);
+    top_ups(&second, &accounts, "after", 6).await;
+    wait_until_sent(&db, Duration::from_secs(60)).await;
+    for sender in senders {
+        sender.abort();
+    }
+
+    assert!(receiver.deliveries().iter().any(|d| d.status == 500));
+    let mut numbers: HashMap<String, HashSet<Option<i64>>> = HashMap::new();
+    for delivery in receiver.deliveries() {
+        numbers
+            .entry(delivery.id)
+            .or_default()
+            .insert(delivery.sequence);
+    }
+    assert!(
+        numbers.values().all(|tries| tries.len() == 1),
+        "every delivery of an event carries one number: {numbers:?}"
+    );
+    for (user, account) in users.into_iter().zip(accounts) {
+        let got: Vec<i64> = accepted_sequences(&receiver, user)
+            .into_iter()
+            .map(|(_, sequence)| sequence)
+            .collect();
+        assert_eq!(got, (1..=12).collect::<Vec<i64>>(), "{user}");
+        let stored: Vec<Option<i64>> = sequences_in_journal_order(&db, account)
+            .await
+            .into_iter()
+            .map(|(_, sequence)| sequence)
+            .collect();
+        assert_eq!(stored, (1..=12).map(Some).collect::<Vec<_>>(), "{user}");
+    }
+}
+
+#[actix::test]
+async fn two_senders_numbering_one_accounts_events_at_once_cannot_both_take_its_next_number() {
+    let db = TestDb::new().await;
+    let engine = engine(&db, &settings());
+    let account = db.user("user_seq_race").await;
+    top_ups(&engine, &[account], "race", 2).await;
+    let events: Vec<uuid::Uuid> = sequences_in_journal_order(&db, account)
+        .await
+        .into_iter()
+        .map(|(id, _)| id.parse().expect("uuid"))
+        .collect();
+    assert_eq!(events.len(), 2);
+
+    // The first sender numbers its event and has not committed yet when
+    // the second numbers the account's other event.
+    let mut first = db.client().await;
+    let first = first.transaction().await.expect("begin");
+    let taken = creditd::events::store::assign_sequence(&first, events[0], account.0)
+        .await
+        .expect("the first takes 1");
+    assert_eq!(taken, 1);
+    let second = db.client().await;
+    let racing = creditd::events::store::assign_sequence(&second, events[1], account.0);
+    tokio::pin!(racing);
+    let early = tokio::select! {
+        result = &mut racing => Some(result),
+        _ = backend_waiting(&db, "Lock", "%SET sequence%") => None,
+    };
+    first.commit().await.expect("commit");
+    let raced = match early {
+        Some(result) => result,
+        None => racing.await,
+    };
+
+    assert!(raced.is_err(), "the second took a number too: {raced:?}");
+    let stored: Vec<Option<i64>> = sequences_in_journal_order(&db, account)
+        .await
+        .into_iter()
+        .map(|(_, sequence)| sequence)
+        .collect();
+    assert_eq!(stored, [Some(1), None]);
+    let next = creditd::events::store::assign_sequence(&second, events[1], account.0)
+        .await
+        .expect("its next round takes the next number");
+    assert_eq!(next, 2);
+}
+
+/// Waits until a backend of `db` other than this one is in `state` (a
+/// wait event type such as `Lock`, or `idle in transaction`) with its last
+/// query like `query`.
+async fn backend_waiting(db: &TestDb, state: &str, query: &str) {
+    let client = db.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND (wait_event_type = $1 OR state = $1) AND query LIKE $2",
+                &[&state, &query],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if found > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no backend in {state} on {query}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Locks `account`'s balance row in a transaction of its own: the journal
+/// batch carrying the account's next entries stalls on it until rollback.
+async fn stall_account(
+    client: &mut tokio_postgres::Client,
+    account: AccountId,
+) -> tokio_postgres::Transaction<'_> {
+    let lock = client.transaction().await.expect("begin");
+    lock.execute(
+        "SELECT 1 FROM credit_balances WHERE user_id = $1 FOR UPDATE",
+        &[&account.0],
+    )
+    .await
+    .expect("lock the balance row");
+    lock
+}
+
+/// Polls the account's actor until `applied` holds of its state.
+async fn until_applied(
+    engine: &Engine,
+    account: AccountId,
+    applied: impl Fn(&creditd::ledger::BalanceSnapshot) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !applied(&engine.balance(account).await.expect("balance")) {
+        assert!(Instant::now() < deadline, "the change was not applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[actix::test]
+async fn spend_limit_reached_recorded_while_a_chat_is_still_uncommitted_is_delivered_after_its_events(
+) {
+    let (server, receiver) = Receiver::start(0).await;
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    sending_to(&mut settings, &server);
+    let engine = engine(&db, &settings);
+    let [sender, second] = two_senders(&db, &settings);
+    let account = db.user("user_limit_in_flight").await;
+    engine
+        .credit(account, posting("topup", TransactionType::TopUp, eur(3)))
+        .await
+        .expect("top-up");
+    engine
+        .set_limits(
+            account,
+            creditd::ledger::LimitsChange::Owner {
+                daily_micros: Some(micros(1_500_000)),
+                monthly_micros: None,
+            },
+        )
+        .await
+        .expect("a daily limit of 1.50 EUR");
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+
+    // A chat of 1.20 EUR: its hold (available 3 → 1.80: balance.low) and
+    // its settlement are applied, their batch stalled on the balance row.
+    let mut locker = db.client().await;
+    let lock = stall_account(&mut locker, account).await;
+    let hold = HoldId::generate();
+    engine
+        .admit(account, hold, micros(1_200_000))
+        .await
+        .expect("admitted");
+    let settle = engine.settle(account, hold, charge(micros(1_200_000)));
+    let refusal = async {
+        until_applied(&engine, account, |s| s.held_micros == Micros::ZERO).await;
+        // The next chat passes the balance, not the day's limit.
+        let refused = engine.admit(account, HoldId::generate(), micros(500_000));
+        tokio::pin!(refused);
+        let early = tokio::select! {
+            result = &mut refused => Some(result),
+            _ = backend_waiting(&db, "idle in transaction", "START TRANSACTION%") => None,
+        };
+        lock.rollback().await.expect("rollback");
+        match early {
+            Some(result) => result,
+            None => refused.await,
+        }
+    };
+    let (settled, refused) = tokio::join!(settle, refusal);
+    settled.expect("settled");
+    assert!(
+        matches!(refused, Err(LedgerError::SpendLimitReached { .. })),
+        "{refused:?}"
+    );
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+    sender.abort();
+    second.abort();
+
+    assert_eq!(
+        accepted_sequences(&receiver, "user_limit_in_flight"),
+        [
+            ("topup.succeeded".to_owned(), 1),
+            ("balance.low".to_owned(), 2),
+            ("spend_limit.reached".to_owned(), 3),
+        ]
+    );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn auto_recharge_failed_recorded_while_a_debit_is_still_uncommitted_is_delivered_after_its_events(
+) {
+    let (server, receiver) = Receiver::start(0).await;
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    sending_to(&mut settings, &server);
+    let engine = engine(&db, &settings);
+    let [sender, second] = two_senders(&db, &settings);
+    let account = db.user("user_recharge_in_flight").await;
+    engine
+        .credit(account, posting("topup", TransactionType::TopUp, eur(3)))
+        .await
+        .expect("top-up");
+    let attempt = uuid::Uuid::new_v4();
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO auto_recharge_attempts (id, user_id, amount_cents, created_at)
+             VALUES ($1, $2, 2000, now())",
+            &[&attempt, &account.0],
+        )
+        .await
+        .expect("an attempt in flight");
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+
+    let mut locker = db.client().await;
+    let lock = stall_account(&mut locker, account).await;
+    let debit = engine.debit(
+        account,
+        posting("spend", TransactionType::Adjustment, eur(2)),
+    );
+    let failure = async {
+        until_applied(&engine, account, |s| s.balance_micros == eur(1)).await;
+        let pool = db
+            .database(&settings)
+            .pool(&settings.database)
+            .expect("pool");
+        let mut client = pool.get().await.expect("client");
+        let failing = creditd::recharge::store::fail(
+            &mut client,
+            &engine,
+            account,
+            attempt,
+            "card_declined",
+            chrono::Utc::now(),
+        );
+        tokio::pin!(failing);
+        let early = tokio::select! {
+            result = &mut failing => Some(result),
+            _ = backend_waiting(&db, "idle in transaction", "%auto_recharge_settings%") => None,
+        };
+        lock.rollback().await.expect("rollback");
+        match early {
+            Some(result) => result,
+            None => failing.await,
+        }
+    };
+    let (debited, failed) = tokio::join!(debit, failure);
+    debited.expect("debited");
+    assert!(failed.expect("the attempt ends"), "it was pending");
+    wait_until_sent(&db, Duration::from_secs(30)).await;
+    sender.abort();
+    second.abort();
+
+    assert_eq!(
+        accepted_sequences(&receiver, "user_recharge_in_flight"),
+        [
+            ("topup.succeeded".to_owned(), 1),
+            ("balance.low".to_owned(), 2),
+            ("auto_recharge.failed".to_owned(), 3),
+            ("auto_recharge.disabled".to_owned(), 4),
+        ]
+    );
+    db.reconcile_is_clean().await;
 }

@@ -129,3 +129,32 @@ async fn the_docs_page_is_served_from_the_binary() {
         .is_some_and(|v| v.starts_with("text/html")));
     assert!(response.text().await.unwrap().contains("/openapi.json"));
 }
+
+#[actix::test]
+async fn the_openapi_document_describes_the_outgoing_event_a_receiver_gets_with_its_sequence() {
+    let app = spawn_app().await;
+    let document = document(&app).await;
+
+    let webhook = &document["webhooks"]["outgoingEvent"]["post"];
+    assert_eq!(
+        webhook["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/EventEnvelope",
+        "{webhook}"
+    );
+    assert_eq!(webhook["parameters"][0]["name"], "Creditd-Signature");
+    let envelope = &document["components"]["schemas"]["EventEnvelope"];
+    let required: Vec<&str> = envelope["required"]
+        .as_array()
+        .expect("required fields")
+        .iter()
+        .filter_map(|field| field.as_str())
+        .collect();
+    for field in ["id", "type", "createdAt", "sequence", "data"] {
+        assert!(required.contains(&field), "{field}: {envelope}");
+    }
+    assert!(envelope["properties"]["sequence"]["description"]
+        .as_str()
+        .is_some_and(|text| text.contains("gap")));
+    let listed = &document["components"]["schemas"]["EventDelivery"]["properties"];
+    assert!(listed["sequence"].is_object(), "{listed}");
+}

@@ -118,6 +118,12 @@ async fn an_event_without_the_change_that_caused_it_is_reported() {
 }
 
 #[actix::test]
+async fn an_event_numbered_past_a_number_never_given_is_reported() {
+    let checks = checks_failing_after("UPDATE outgoing_events SET sequence = 2").await;
+    assert_eq!(checks, vec!["eventSequence"]);
+}
+
+#[actix::test]
 async fn grants_holding_more_or_less_than_the_balance_are_reported() {
     let more = checks_failing_after(
         "UPDATE credit_grants SET remaining_micros = remaining_micros + 1, amount_micros = amount_micros + 1",

@@ -161,6 +161,25 @@ pub(crate) async fn wait_durable(
     }
 }
 
+/// Waits until nothing up to `seq` is still in flight: durable, or failed
+/// (it never will be). An error only when the writer stopped first.
+pub(crate) async fn wait_resolved(
+    mut durable: watch::Receiver<Durable>,
+    seq: i64,
+) -> Result<(), LedgerError> {
+    loop {
+        let state = *durable.borrow_and_update();
+        if state.seq >= seq || state.failed {
+            return Ok(());
+        }
+        if durable.changed().await.is_err() {
+            return Err(LedgerError::Unavailable(
+                "the journal writer stopped before the account's changes committed".into(),
+            ));
+        }
+    }
+}
+
 /// Liveness and counters of one writer, for `/readyz`, metrics and tests.
 pub struct JournalHealth {
     started: Instant,
