@@ -40,6 +40,7 @@ pub struct Settings {
     pub engine: EngineSettings,
     pub journal: JournalSettings,
     pub credits: CreditsSettings,
+    pub recharge: RechargeSettings,
     pub pricing: PricingSettings,
     pub clerk: ClerkSettings,
     pub admin: AdminSettings,
@@ -223,6 +224,19 @@ pub struct CreditsSettings {
     /// Days a referral bonus lasts; 0: it never expires.
     pub referral_bonus_expiry_days: u32,
 }
+
+/// The auto-recharge payment worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RechargeSettings {
+    /// An attempt unconfirmed this long after it was recorded is looked up
+    /// on Stripe, never sent again: at most 86400, the least Stripe keeps
+    /// an idempotency key.
+    pub attempt_timeout_s: u64,
+}
+
+/// Stripe keeps an idempotency key at least this long after its first use.
+pub const STRIPE_IDEMPOTENCY_WINDOW_S: u64 = 86_400;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -426,6 +440,7 @@ impl Settings {
             }
         }
         self.validate_stripe()?;
+        self.validate_recharge()?;
         self.validate_events()?;
         self.validate_chat()?;
         Ok(())
@@ -624,6 +639,27 @@ impl Settings {
         }
         if !stripe.api_base.starts_with("http://") && !stripe.api_base.starts_with("https://") {
             return Err("configuration key `stripe.api_base`: an http(s) URL".into());
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// The attempt timeout keeps every call to Stripe inside the window in
+    /// which Stripe remembers the attempt's idempotency key, and leaves
+    /// room for at least one call.
+    fn validate_recharge(&self) -> Result<(), String> {
+        let timeout_s = self.recharge.attempt_timeout_s;
+        if timeout_s == 0 || timeout_s > STRIPE_IDEMPOTENCY_WINDOW_S {
+            return Err(format!(
+                "configuration key `recharge.attempt_timeout_s`: 1 to {STRIPE_IDEMPOTENCY_WINDOW_S} (Stripe may forget an idempotency key after 24 h)"
+            ));
+        }
+        if timeout_s.saturating_mul(1000) <= self.stripe.timeout_ms {
+            return Err(
+                "configuration key `recharge.attempt_timeout_s`: must be longer than stripe.timeout_ms"
+                    .into(),
+            );
         }
         Ok(())
     }

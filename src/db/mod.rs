@@ -47,6 +47,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "auto_recharge",
         include_str!("../../sql/0009_auto_recharge.sql"),
     ),
+    (
+        10,
+        "auto_recharge_safety",
+        include_str!("../../sql/0010_auto_recharge_safety.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

@@ -37,6 +37,8 @@ pub enum EventType {
     AutoRechargeSucceeded,
     AutoRechargeFailed,
     AutoRechargeDisabled,
+    /// The payment worker gave an attempt up before paying it.
+    AutoRechargeCanceled,
 }
 
 impl EventType {
@@ -52,6 +54,7 @@ impl EventType {
             EventType::AutoRechargeSucceeded => "auto_recharge.succeeded",
             EventType::AutoRechargeFailed => "auto_recharge.failed",
             EventType::AutoRechargeDisabled => "auto_recharge.disabled",
+            EventType::AutoRechargeCanceled => "auto_recharge.canceled",
         }
     }
 
@@ -67,6 +70,7 @@ impl EventType {
             EventType::AutoRechargeSucceeded,
             EventType::AutoRechargeFailed,
             EventType::AutoRechargeDisabled,
+            EventType::AutoRechargeCanceled,
         ]
         .into_iter()
         .find(|t| t.as_str() == text)
