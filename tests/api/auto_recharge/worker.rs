@@ -130,7 +130,12 @@ async fn an_attempt_past_its_timeout_is_looked_up_on_stripe_and_adopted_not_crea
     chat_spend(&stripe, &fakes, "user_lost_answer", 6_000_000).await;
 
     until("the attempt adopted", || async {
-        attempt_and_payment(&stripe).await.1.is_some()
+        count_of(
+            &stripe,
+            "SELECT count(*) FROM auto_recharge_attempts WHERE payment_intent_id IS NOT NULL",
+        )
+        .await
+            == 1
     })
     .await;
     let (attempt, payment) = attempt_and_payment(&stripe).await;
