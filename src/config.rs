@@ -821,6 +821,26 @@ mod tests {
     }
 
     #[test]
+    fn an_attempt_timeout_past_stripes_idempotency_window_or_under_one_call_is_refused() {
+        for (timeout_s, stripe_timeout_ms) in [("86401", "10000"), ("0", "10000"), ("5", "5000")] {
+            let err = Settings::from_sources(
+                DEFAULT_CONFIG,
+                &env(&[
+                    ("CREDITD__RECHARGE__ATTEMPT_TIMEOUT_S", timeout_s),
+                    ("CREDITD__STRIPE__TIMEOUT_MS", stripe_timeout_ms),
+                ]),
+            )
+            .unwrap_err();
+            assert!(
+                err.contains("recharge.attempt_timeout_s"),
+                "{timeout_s}: {err}"
+            );
+        }
+        let settings = Settings::default_file().unwrap();
+        assert_eq!(settings.recharge.attempt_timeout_s, 86_400);
+    }
+
+    #[test]
     fn top_up_limits_that_cannot_hold_are_refused() {
         let err = Settings::from_sources(
             DEFAULT_CONFIG,
