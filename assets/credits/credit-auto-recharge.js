@@ -13,9 +13,9 @@ const REASONS = {
   card_declined: 'votre carte a été refusée',
   authentication_required: 'votre banque demande une authentification : faites une recharge manuelle pour la confirmer',
   no_saved_card: "aucune carte n'est enregistrée",
-  dispute: "un paiement de votre compte fait l'objet d'un litige : la carte enregistrée a été oubliée, faites une recharge pour en enregistrer une autre",
+  dispute: "un paiement de votre compte fait l'objet d'un litige, la carte enregistrée a été oubliée",
   refunded: 'une recharge automatique a été remboursée : réactivez-la si vous le souhaitez',
-  account_deleted: 'votre compte a été supprimé et la carte enregistrée oubliée',
+  account_deleted: 'votre compte a été supprimé, la carte enregistrée a été oubliée',
 }
 
 function reasonText(reason) {
