@@ -99,6 +99,18 @@ pub fn alert_thresholds(credits: &crate::config::CreditsSettings) -> AlertThresh
     }
 }
 
+/// The auto-recharge payment worker's settings.
+fn recharge_worker_settings(settings: &Settings) -> crate::recharge::WorkerSettings {
+    crate::recharge::WorkerSettings {
+        interval: Duration::from_millis(
+            u64::try_from(settings.credits.auto_recharge_poll_interval_ms).unwrap_or(1000),
+        ),
+        monthly_max_cents: settings.credits.auto_recharge_monthly_max_cents,
+        attempt_timeout: Duration::from_secs(settings.recharge.attempt_timeout_s),
+        call_timeout: Duration::from_millis(settings.stripe.timeout_ms),
+    }
+}
+
 /// The HTTP service bound to its listener, ready to run.
 pub struct Application {
     port: u16,
@@ -165,9 +177,7 @@ impl Application {
                 storage.pool.clone(),
                 engine.clone(),
                 Arc::new(api),
-                Duration::from_millis(
-                    u64::try_from(settings.credits.auto_recharge_poll_interval_ms).unwrap_or(1000),
-                ),
+                recharge_worker_settings(&settings),
             )),
             None => None,
         };

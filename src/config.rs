@@ -40,6 +40,7 @@ pub struct Settings {
     pub engine: EngineSettings,
     pub journal: JournalSettings,
     pub credits: CreditsSettings,
+    pub recharge: RechargeSettings,
     pub pricing: PricingSettings,
     pub clerk: ClerkSettings,
     pub admin: AdminSettings,
@@ -223,6 +224,19 @@ pub struct CreditsSettings {
     /// Days a referral bonus lasts; 0: it never expires.
     pub referral_bonus_expiry_days: u32,
 }
+
+/// The auto-recharge payment worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RechargeSettings {
+    /// An attempt unconfirmed this long after it was recorded is looked up
+    /// on Stripe, never sent again: at most 86400, the least Stripe keeps
+    /// an idempotency key.
+    pub attempt_timeout_s: u64,
+}
+
+/// Stripe keeps an idempotency key at least this long after its first use.
+pub const STRIPE_IDEMPOTENCY_WINDOW_S: u64 = 86_400;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -426,6 +440,7 @@ impl Settings {
             }
         }
         self.validate_stripe()?;
+        self.validate_recharge()?;
         self.validate_events()?;
         self.validate_chat()?;
         Ok(())
@@ -629,6 +644,27 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The attempt timeout keeps every call to Stripe inside the window in
+    /// which Stripe remembers the attempt's idempotency key, and leaves
+    /// room for at least one call.
+    fn validate_recharge(&self) -> Result<(), String> {
+        let timeout_s = self.recharge.attempt_timeout_s;
+        if timeout_s == 0 || timeout_s > STRIPE_IDEMPOTENCY_WINDOW_S {
+            return Err(format!(
+                "configuration key `recharge.attempt_timeout_s`: 1 to {STRIPE_IDEMPOTENCY_WINDOW_S} (Stripe may forget an idempotency key after 24 h)"
+            ));
+        }
+        if timeout_s.saturating_mul(1000) <= self.stripe.timeout_ms {
+            return Err(
+                "configuration key `recharge.attempt_timeout_s`: must be longer than stripe.timeout_ms"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// `http(s)://host[:port]`, nothing after.
 fn is_origin(text: &str) -> bool {
     let Some(rest) = text
@@ -782,6 +818,26 @@ mod tests {
         .unwrap();
         assert_eq!(settings.events.signing_secret.expose(), "whsec_x");
         assert_eq!(format!("{:?}", settings.events.signing_secret), "***");
+    }
+
+    #[test]
+    fn an_attempt_timeout_past_stripes_idempotency_window_or_under_one_call_is_refused() {
+        for (timeout_s, stripe_timeout_ms) in [("86401", "10000"), ("0", "10000"), ("5", "5000")] {
+            let err = Settings::from_sources(
+                DEFAULT_CONFIG,
+                &env(&[
+                    ("CREDITD__RECHARGE__ATTEMPT_TIMEOUT_S", timeout_s),
+                    ("CREDITD__STRIPE__TIMEOUT_MS", stripe_timeout_ms),
+                ]),
+            )
+            .unwrap_err();
+            assert!(
+                err.contains("recharge.attempt_timeout_s"),
+                "{timeout_s}: {err}"
+            );
+        }
+        let settings = Settings::default_file().unwrap();
+        assert_eq!(settings.recharge.attempt_timeout_s, 86_400);
     }
 
     #[test]

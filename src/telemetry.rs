@@ -130,7 +130,15 @@ pub fn describe(prices: &PriceTable) {
     );
     describe_counter!(
         "creditd_auto_recharges_capped_total",
-        "Falls under an auto-recharge threshold that started nothing: credits.auto_recharge_monthly_max_cents reached"
+        "Spending under an auto-recharge threshold that started nothing: credits.auto_recharge_monthly_max_cents reached"
+    );
+    describe_counter!(
+        "creditd_auto_recharges_canceled_total",
+        "Auto-recharge attempts the payment worker canceled before paying, by reason (disabled, account_deleted, card_changed, monthly_cap, timed_out)"
+    );
+    describe_counter!(
+        "creditd_auto_recharges_looked_up_total",
+        "Auto-recharge attempts past recharge.attempt_timeout_s looked up on Stripe, by outcome (found: adopted; not_found: canceled)"
     );
     metrics::counter!("creditd_auto_recharges_submitted_total").increment(0);
     metrics::counter!("creditd_auto_recharges_failed_total").increment(0);

@@ -2,7 +2,8 @@
 // available balance under the threshold, the card saved by a top-up is
 // charged the chosen amount, never more than the monthly maximum. Shows
 // why creditd switched it off (a declined card, an authentication the bank
-// asks for) and what was recharged this month.
+// asks for, a dispute, a refunded auto-recharge, a deleted account) and
+// what was recharged this month.
 
 import { ApiError, formatCents, h, parseEuros, request } from './credits-api.js'
 
@@ -12,6 +13,9 @@ const REASONS = {
   card_declined: 'votre carte a été refusée',
   authentication_required: 'votre banque demande une authentification : faites une recharge manuelle pour la confirmer',
   no_saved_card: "aucune carte n'est enregistrée",
+  dispute: "un paiement de votre compte fait l'objet d'un litige, la carte enregistrée a été oubliée",
+  refunded: 'une recharge automatique a été remboursée : réactivez-la si vous le souhaitez',
+  account_deleted: 'votre compte a été supprimé, la carte enregistrée a été oubliée',
 }
 
 function reasonText(reason) {

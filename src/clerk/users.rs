@@ -2,7 +2,8 @@
 //! deleted one back) and grants the signup bonus (once per person: see
 //! `accounts::bonus`, shared with `claim-bonus`); `user.updated` keeps
 //! email and name; `user.deleted` marks the user deleted (its requests are
-//! refused from then on) and keeps the ledger.
+//! refused from then on), keeps the ledger, and switches auto-recharge off
+//! with the saved card forgotten.
 
 use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
@@ -217,17 +218,26 @@ impl UserEvent {
                 user.upsert(effects.users, false).await?;
                 Ok(Outcome::Applied)
             }
-            UserEvent::Deleted(user) => Ok(
-                if effects
-                    .users
-                    .mark_deleted(&ClerkUserId::new(user.id))
-                    .await?
-                {
+            UserEvent::Deleted(user) => {
+                let clerk_id = ClerkUserId::new(user.id);
+                let deleted = effects.users.mark_deleted(&clerk_id).await?;
+                // A deleted account's card is charged no more: auto-recharge
+                // off, card forgotten (again on a redelivery, harmlessly).
+                if let Some(account) = effects.users.existing_account(&clerk_id).await? {
+                    crate::recharge::switch_off(
+                        effects.pool,
+                        effects.engine,
+                        account,
+                        crate::recharge::OffReason::AccountDeleted,
+                    )
+                    .await?;
+                }
+                Ok(if deleted {
                     Outcome::Applied
                 } else {
                     Outcome::Ignored
-                },
-            ),
+                })
+            }
             UserEvent::Unknown => Ok(Outcome::Ignored),
         }
     }

@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0009_auto_recharge.sql"),
     ),
     (
+        10,
+        "auto_recharge_safety",
+        include_str!("../../sql/0010_auto_recharge_safety.sql"),
+    ),
+    (
         13,
         "event_sequences",
         include_str!("../../sql/0013_event_sequences.sql"),

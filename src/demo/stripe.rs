@@ -10,6 +10,8 @@
 //! asks for authentication), and `POST /v1/payment_intents` charges it as
 //! Stripe does: a refused card answers Stripe's 402 card error, a paid
 //! intent is followed by the signed `payment_intent.succeeded` event.
+//! `GET /v1/payment_intents/search` finds them by a metadata clause
+//! (`metadata['attemptId']:'…'`), as Stripe's Search API does.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -38,6 +40,11 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/c/pay/{id}", web::post().to(pay))
         .route("/v1/invoices/{id}", web::get().to(retrieve_invoice))
         .route("/v1/payment_intents", web::post().to(create_payment_intent))
+        // Before `{id}`, which "search" would match.
+        .route(
+            "/v1/payment_intents/search",
+            web::get().to(search_payment_intents),
+        )
         .route(
             "/v1/payment_intents/{id}",
             web::get().to(retrieve_payment_intent),
@@ -442,6 +449,62 @@ async fn retrieve_payment_intent(
     }
 }
 
+/// `metadata['key']:'value'` (or double quotes) as (key, value): the one
+/// clause of Stripe's search query language creditd sends.
+fn metadata_clause(query: &str) -> Option<(&str, &str)> {
+    let rest = query.trim().strip_prefix("metadata[")?;
+    let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let (key, rest) = rest[1..].split_once(quote)?;
+    let rest = rest.strip_prefix("]:")?;
+    let value_quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let value = rest[1..].strip_suffix(value_quote)?;
+    (!value.contains(value_quote)).then_some((key, value))
+}
+
+/// `GET /v1/payment_intents/search?query=metadata['key']:'value'`: the
+/// PaymentIntents with that metadata, as Stripe's `search_result`; a query
+/// it cannot read is Stripe's 400.
+async fn search_payment_intents(
+    shared: web::Data<Shared>,
+    request: HttpRequest,
+    query: web::Query<HashMap<String, String>>,
+) -> HttpResponse {
+    let expected = format!("Bearer {}", shared.stripe_secret_key);
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if presented != Some(expected.as_str()) {
+        return Refusal::InvalidApiKey.response();
+    }
+    let Some(text) = query.get("query") else {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            "Missing required param: query.",
+        );
+    };
+    let Some((key, value)) = metadata_clause(text) else {
+        return stripe_error(
+            400,
+            "invalid_request_error",
+            &format!("Invalid search query: {text}"),
+        );
+    };
+    let data: Vec<Value> = lock(&shared.stripe.payment_intents)
+        .values()
+        .filter(|intent| intent["metadata"][key].as_str() == Some(value))
+        .cloned()
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "object": "search_result",
+        "url": "/v1/payment_intents/search",
+        "has_more": false,
+        "data": data,
+        "next_page": null,
+    }))
+}
+
 /// `POST /v1/payment_intents`, confirmed off session: the saved card pays
 /// (then `payment_intent.succeeded` follows) or is refused with Stripe's
 /// 402 card error; the same idempotency key gets the same answer.
@@ -586,5 +649,30 @@ async fn deliver_event(shared: &Shared, kind: &str, object: Value) {
             Err(error) => tracing::warn!(%error, attempt, "demo webhook not delivered"),
         }
         actix_web::rt::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metadata_clause;
+
+    #[test]
+    fn the_search_reads_a_metadata_clause_in_either_quotes_and_nothing_else() {
+        assert_eq!(
+            metadata_clause("metadata['attemptId']:'4b5c'"),
+            Some(("attemptId", "4b5c"))
+        );
+        assert_eq!(
+            metadata_clause(r#"metadata["type"]:"auto_recharge""#),
+            Some(("type", "auto_recharge"))
+        );
+        for unreadable in [
+            "metadata['attemptId']:4b5c",
+            "metadata['attemptId']='4b5c'",
+            "amount:1000",
+            "metadata['a']:'b' AND status:'succeeded'",
+        ] {
+            assert_eq!(metadata_clause(unreadable), None, "{unreadable}");
+        }
     }
 }

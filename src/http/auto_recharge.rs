@@ -23,7 +23,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct AutoRechargeRequest {
     enabled: bool,
-    /// Cents: a recharge starts when the available balance falls under this.
+    /// Cents: a recharge starts when spending takes the available balance
+    /// under this (money taken back, a refund or a dispute, never does).
     threshold_cents: i64,
     /// Cents charged to the saved card each time.
     amount_cents: i64,

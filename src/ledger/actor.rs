@@ -23,7 +23,7 @@ use super::store::{self, StoredAccount};
 use super::types::*;
 use crate::clock::Clock;
 use crate::money::Micros;
-use crate::recharge::{self, RechargeConfig, RechargeState};
+use crate::recharge::{self, AttemptEnd, RechargeConfig, RechargeState};
 
 /// Where accounts load from.
 #[derive(Clone)]
@@ -269,17 +269,17 @@ impl AccountActor {
                     state.available(),
                     now,
                 );
-                // The credit of an auto-recharge ends its attempt; a fall
+                // The credit of an auto-recharge ends its attempt; spending
                 // under the threshold may start the next one, recorded with
                 // this change.
                 if let Record::Transaction(t) = &record {
                     if let Some(attempt) = recharge::attempt_of(t.metadata.as_ref()) {
-                        self.recharge.ended(attempt, true);
+                        self.recharge.ended(attempt, AttemptEnd::Succeeded);
                     }
                 }
                 if let Some(event) = self.recharge.observe(
+                    &record,
                     self.settings.alerts.recharge_monthly_max_cents,
-                    available_before,
                     state.available(),
                     now,
                 ) {
@@ -707,13 +707,14 @@ pub struct SetAutoRecharge {
 }
 
 /// An auto-recharge attempt ended. Sent from `Engine::auto_recharge_ended`
-/// when its payment succeeded (after its credit) or failed (after the
-/// failure switched auto-recharge off in PostgreSQL).
+/// when its payment succeeded (after its credit), failed (after the
+/// failure switched auto-recharge off in PostgreSQL) or the payment worker
+/// canceled it before paying.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<(), LedgerError>")]
 pub struct AutoRechargeEnded {
     pub attempt: uuid::Uuid,
-    pub succeeded: bool,
+    pub end: AttemptEnd,
 }
 
 /// Answers once every change the actor applied before this message is
@@ -758,7 +759,7 @@ impl Handler<AutoRechargeEnded> for AccountActor {
 
     fn handle(&mut self, msg: AutoRechargeEnded, ctx: &mut Context<Self>) -> Self::Result {
         self.gate(ctx)?;
-        self.recharge.ended(msg.attempt, msg.succeeded);
+        self.recharge.ended(msg.attempt, msg.end);
         Ok(())
     }
 }

@@ -445,13 +445,10 @@ impl Engine {
         &self,
         account: AccountId,
         attempt: uuid::Uuid,
-        succeeded: bool,
+        end: crate::recharge::AttemptEnd,
     ) -> Result<(), LedgerError> {
         self.directory
-            .call(
-                account,
-                super::actor::AutoRechargeEnded { attempt, succeeded },
-            )
+            .call(account, super::actor::AutoRechargeEnded { attempt, end })
             .await
     }
 

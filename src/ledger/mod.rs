@@ -26,5 +26,8 @@ pub use actor::{
 };
 pub use directory::Directory;
 pub use engine::{Engine, EngineStats};
+/// What a journal entry makes durable: auto-recharge reads which kind of
+/// change moved the balance.
+pub(crate) use journal::Record;
 pub use journal::{JournalHealth, JournalStats, WriterHandle};
 pub use types::*;

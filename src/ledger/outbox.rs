@@ -44,6 +44,8 @@ pub enum EventType {
     AutoRechargeSucceeded,
     AutoRechargeFailed,
     AutoRechargeDisabled,
+    /// The payment worker gave an attempt up before paying it.
+    AutoRechargeCanceled,
 }
 
 impl EventType {
@@ -59,6 +61,7 @@ impl EventType {
             EventType::AutoRechargeSucceeded => "auto_recharge.succeeded",
             EventType::AutoRechargeFailed => "auto_recharge.failed",
             EventType::AutoRechargeDisabled => "auto_recharge.disabled",
+            EventType::AutoRechargeCanceled => "auto_recharge.canceled",
         }
     }
 
@@ -74,6 +77,7 @@ impl EventType {
             EventType::AutoRechargeSucceeded,
             EventType::AutoRechargeFailed,
             EventType::AutoRechargeDisabled,
+            EventType::AutoRechargeCanceled,
         ]
         .into_iter()
         .find(|t| t.as_str() == text)

@@ -1,10 +1,12 @@
-//! Auto-recharge's SQL: the user's settings, the saved card, the attempts.
+//! Auto-recharge's SQL: the user's settings, the saved card, the attempts,
+//! and the events they cause outside the journal.
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
+use serde_json::json;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::{month_of, InFlight, RechargeConfig, RechargeState};
+use super::{month_of, CancelReason, InFlight, OffReason, RechargeConfig, RechargeState};
 use crate::ledger::outbox::{EventType, OutgoingEvent};
 use crate::ledger::store::unavailable;
 use crate::ledger::{AccountId, Engine, LedgerError};
@@ -78,7 +80,8 @@ pub async fn load_state(
         let amount_cents: i64 = row.try_get(1).map_err(unavailable)?;
         let created_at: DateTime<Utc> = row.try_get(2).map_err(unavailable)?;
         let status: String = row.try_get(3).map_err(unavailable)?;
-        if created_at >= start && status != "FAILED" {
+        // Failed and canceled attempts charged nothing.
+        if created_at >= start && status != "FAILED" && status != "CANCELED" {
             state.month_cents = state.month_cents.saturating_add(amount_cents);
         }
         if status == "PENDING" {
@@ -195,7 +198,10 @@ pub async fn month_total_cents(
     row.try_get(0).map_err(unavailable)
 }
 
-/// Marks an attempt paid (once; `false` when it had already ended).
+/// Marks an attempt paid (once; `false` when it had already succeeded).
+/// A payment Stripe reports succeeded is the last word on its attempt:
+/// one creditd had failed or canceled (a call whose answer was lost, an
+/// event out of order) did charge the card, and this month counts it.
 pub async fn succeed(
     client: &impl GenericClient,
     attempt: Uuid,
@@ -206,7 +212,7 @@ pub async fn succeed(
         .execute(
             "UPDATE auto_recharge_attempts
                 SET status = 'SUCCEEDED', payment_intent_id = $2, ended_at = $3
-              WHERE id = $1 AND status = 'PENDING'",
+              WHERE id = $1 AND status <> 'SUCCEEDED'",
             &[&attempt, &payment_intent, &now],
         )
         .await
@@ -216,8 +222,8 @@ pub async fn succeed(
 
 /// Ends an attempt as failed, once: switches auto-recharge off with
 /// `reason` and records `auto_recharge.failed` and `auto_recharge.disabled`
-/// in the outbox, in one transaction, after the account's changes applied
-/// so far (`Engine::record_events`). `false` when it had already ended.
+/// in the outbox, in one transaction. `false` when it had already ended
+/// (a failure after a success changes nothing).
 pub async fn fail(
     client: &mut deadpool_postgres::Object,
     engine: &Engine,
@@ -248,23 +254,387 @@ pub async fn fail(
     )
     .await
     .map_err(unavailable)?;
-    let event = |kind, data| OutgoingEvent {
-        id: Uuid::new_v4(),
-        kind,
-        data,
-        created_at: now,
-    };
     let events = [
-        event(
+        (
             EventType::AutoRechargeFailed,
-            serde_json::json!({"attemptId": attempt, "amountCents": amount_cents, "reason": reason}),
+            json!({"attemptId": attempt, "amountCents": amount_cents, "reason": reason}),
         ),
-        event(
+        (
             EventType::AutoRechargeDisabled,
-            serde_json::json!({"attemptId": attempt, "reason": reason}),
+            json!({"attemptId": attempt, "reason": reason}),
         ),
     ];
-    engine.record_events(&tx, account, &events).await?;
+    insert_events(engine, &tx, account, &events, now).await?;
     tx.commit().await.map_err(unavailable)?;
     Ok(true)
+}
+
+/// Records events that no journal entry carries (auto-recharge's failures,
+/// cancellations and switch-offs), in the caller's transaction, in their
+/// place in the account's order (`Engine::record_events`: after the changes
+/// the account applied so far). Every such event of auto-recharge is
+/// inserted here, and only here.
+pub async fn insert_events(
+    engine: &Engine,
+    tx: &tokio_postgres::Transaction<'_>,
+    account: AccountId,
+    events: &[(EventType, serde_json::Value)],
+    now: DateTime<Utc>,
+) -> Result<(), LedgerError> {
+    let events: Vec<OutgoingEvent> = events
+        .iter()
+        .map(|(kind, data)| OutgoingEvent {
+            id: Uuid::new_v4(),
+            kind: *kind,
+            data: data.clone(),
+            created_at: now,
+        })
+        .collect();
+    engine.record_events(tx, account, &events).await
+}
+
+/// Switches auto-recharge off for `reason`, forgetting the saved card when
+/// the reason says so, and records `auto_recharge.disabled` when it was
+/// on; in one transaction. `true` when it was on.
+pub async fn switch_off(
+    client: &mut deadpool_postgres::Object,
+    engine: &Engine,
+    account: AccountId,
+    reason: OffReason,
+    now: DateTime<Utc>,
+) -> Result<bool, LedgerError> {
+    let tx = client.transaction().await.map_err(unavailable)?;
+    let was_on = tx
+        .query_opt(
+            "SELECT enabled FROM auto_recharge_settings WHERE user_id = $1 FOR UPDATE",
+            &[&account.0],
+        )
+        .await
+        .map_err(unavailable)?
+        .map(|row| row.try_get::<_, bool>(0))
+        .transpose()
+        .map_err(unavailable)?
+        .unwrap_or(false);
+    // A reason that forgets the card also names why auto-recharge cannot
+    // be on, even when its owner had already switched it off.
+    if was_on || reason.forgets_card() {
+        tx.execute(
+            "UPDATE auto_recharge_settings SET enabled = false, disabled_reason = $2, updated_at = $3
+              WHERE user_id = $1",
+            &[&account.0, &reason.as_str(), &now],
+        )
+        .await
+        .map_err(unavailable)?;
+    }
+    if reason.forgets_card() {
+        tx.execute(
+            "UPDATE users SET stripe_payment_method_id = NULL WHERE id = $1",
+            &[&account.0],
+        )
+        .await
+        .map_err(unavailable)?;
+    }
+    if was_on {
+        let event = (
+            EventType::AutoRechargeDisabled,
+            json!({"reason": reason.as_str()}),
+        );
+        insert_events(engine, &tx, account, &[event], now).await?;
+    }
+    tx.commit().await.map_err(unavailable)?;
+    Ok(was_on)
+}
+
+/// The account and attempt of an auto-recharge's payment: by its
+/// PaymentIntent, or by the attempt id its metadata names (a payment whose
+/// creation answer was lost has no PaymentIntent recorded).
+pub async fn attempt_of_payment(
+    client: &impl GenericClient,
+    payment_intent: &str,
+    attempt: Option<Uuid>,
+) -> Result<Option<(AccountId, Uuid)>, LedgerError> {
+    let row = client
+        .query_opt(
+            "SELECT user_id, id FROM auto_recharge_attempts
+              WHERE payment_intent_id = $1 OR id = $2
+              LIMIT 1",
+            &[&payment_intent, &attempt],
+        )
+        .await
+        .map_err(unavailable)?;
+    row.map(|row| {
+        Ok((
+            AccountId(row.try_get(0).map_err(unavailable)?),
+            row.try_get(1).map_err(unavailable)?,
+        ))
+    })
+    .transpose()
+}
+
+/// A recorded attempt the worker is about to pay.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub attempt: Uuid,
+    pub account: AccountId,
+    pub amount_cents: i64,
+    /// When the account's actor recorded it: Stripe cannot have seen its
+    /// idempotency key before.
+    pub created_at: DateTime<Utc>,
+    /// Calls (or look-ups) made for it so far.
+    pub tries: u32,
+}
+
+/// Every recorded attempt without its PaymentIntent yet, due for a try,
+/// oldest first, at most `limit`.
+pub async fn due(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Due>, LedgerError> {
+    let rows = client
+        .query(
+            "SELECT e.id, e.user_id, (e.data->>'amountCents')::int8, e.created_at,
+                    COALESCE(a.tries, 0)
+               FROM outgoing_events e
+               LEFT JOIN auto_recharge_attempts a ON a.id = e.id
+              WHERE e.type = 'auto_recharge.requested'
+                AND (a.id IS NULL OR (a.status = 'PENDING' AND a.payment_intent_id IS NULL
+                                      AND (a.next_try_at IS NULL OR a.next_try_at <= $1)))
+              ORDER BY e.created_at
+              LIMIT $2",
+            &[&now, &limit],
+        )
+        .await
+        .map_err(unavailable)?;
+    rows.iter()
+        .map(|row| {
+            Ok(Due {
+                attempt: row.try_get(0).map_err(unavailable)?,
+                account: AccountId(row.try_get(1).map_err(unavailable)?),
+                amount_cents: row.try_get(2).map_err(unavailable)?,
+                created_at: row.try_get(3).map_err(unavailable)?,
+                tries: u32::try_from(row.try_get::<_, i32>(4).map_err(unavailable)?).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// What the worker may do with an attempt, decided in the transaction that
+/// marks it as tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Call Stripe with this customer and card.
+    Send {
+        customer: String,
+        payment_method: String,
+    },
+    /// Past its send window: look it up on Stripe, never send it again.
+    LookUp,
+    /// Canceled (committed, with its event): nothing to send.
+    Canceled(CancelReason),
+    /// Auto-recharge is on but the user has no saved card (or customer).
+    NoCard,
+    /// Already ended (or another attempt of the account is pending).
+    Nothing,
+}
+
+/// What the worker's check needs besides the attempt.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub monthly_max_cents: i64,
+    /// No call may start at or after `created_at + this`.
+    pub send_window: chrono::Duration,
+    /// When a failed try is tried again: `now + this`.
+    pub retry_in: chrono::Duration,
+}
+
+/// The attempt and its account as the check reads them, locked.
+struct Checked {
+    status: String,
+    card: Option<String>,
+    deleted: bool,
+    enabled: bool,
+    customer: Option<String>,
+    user_card: Option<String>,
+}
+
+/// Takes the attempt (its row made on first sight, keeping the card saved
+/// then), re-reads what may forbid paying it and decides, in one
+/// transaction: a cancellation is committed with its event; a send or a
+/// look-up is committed with the time of the next try.
+pub async fn next_step(
+    client: &mut deadpool_postgres::Object,
+    engine: &Engine,
+    due: &Due,
+    rules: Rules,
+    now: DateTime<Utc>,
+) -> Result<Next, LedgerError> {
+    let tx = client.transaction().await.map_err(unavailable)?;
+    tx.execute(
+        "INSERT INTO auto_recharge_attempts (id, user_id, amount_cents, created_at, payment_method_id)
+         SELECT $1, $2, $3, $4, u.stripe_payment_method_id FROM users u WHERE u.id = $2
+         ON CONFLICT DO NOTHING",
+        &[&due.attempt, &due.account.0, &due.amount_cents, &due.created_at],
+    )
+    .await
+    .map_err(unavailable)?;
+    let Some(checked) = check(&*tx, due.attempt).await? else {
+        tracing::warn!(attempt = %due.attempt, account = due.account.0,
+            "auto-recharge attempt not taken: another attempt of the account is pending");
+        return Ok(Next::Nothing);
+    };
+    if checked.status != "PENDING" {
+        return Ok(Next::Nothing);
+    }
+    let next = decide(&*tx, due, &checked, rules, now).await?;
+    match next {
+        Next::Canceled(reason) => cancel(engine, &tx, due, reason, now).await?,
+        Next::Send { .. } | Next::LookUp => {
+            tx.execute(
+                "UPDATE auto_recharge_attempts
+                    SET tries = tries + 1, next_try_at = $2,
+                        payment_method_id = COALESCE(payment_method_id, $3)
+                  WHERE id = $1",
+                &[&due.attempt, &(now + rules.retry_in), &checked.user_card],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        Next::NoCard | Next::Nothing => {}
+    }
+    tx.commit().await.map_err(unavailable)?;
+    Ok(next)
+}
+
+async fn check(tx: &impl GenericClient, attempt: Uuid) -> Result<Option<Checked>, LedgerError> {
+    let row = tx
+        .query_opt(
+            "SELECT a.status, a.payment_method_id, u.deleted_at IS NOT NULL,
+                    COALESCE(s.enabled, false), u.stripe_customer_id, u.stripe_payment_method_id
+               FROM auto_recharge_attempts a
+               JOIN users u ON u.id = a.user_id
+               LEFT JOIN auto_recharge_settings s ON s.user_id = a.user_id
+              WHERE a.id = $1
+                FOR UPDATE OF a",
+            &[&attempt],
+        )
+        .await
+        .map_err(unavailable)?;
+    row.map(|row| {
+        Ok(Checked {
+            status: row.try_get(0).map_err(unavailable)?,
+            card: row.try_get(1).map_err(unavailable)?,
+            deleted: row.try_get(2).map_err(unavailable)?,
+            enabled: row.try_get(3).map_err(unavailable)?,
+            customer: row.try_get(4).map_err(unavailable)?,
+            user_card: row.try_get(5).map_err(unavailable)?,
+        })
+    })
+    .transpose()
+}
+
+/// The rules, in the order they are checked: deleted, switched off, no
+/// card, another card, the month's cap, then the send window.
+async fn decide(
+    tx: &impl GenericClient,
+    due: &Due,
+    checked: &Checked,
+    rules: Rules,
+    now: DateTime<Utc>,
+) -> Result<Next, LedgerError> {
+    if checked.deleted {
+        return Ok(Next::Canceled(CancelReason::AccountDeleted));
+    }
+    if !checked.enabled {
+        return Ok(Next::Canceled(CancelReason::Disabled));
+    }
+    let (Some(customer), Some(user_card)) = (&checked.customer, &checked.user_card) else {
+        return Ok(Next::NoCard);
+    };
+    // An attempt taken before cards were kept with attempts has none: it
+    // takes the card saved now.
+    if checked.card.as_ref().is_some_and(|card| card != user_card) {
+        return Ok(Next::Canceled(CancelReason::CardChanged));
+    }
+    let succeeded: i64 = tx
+        .query_one(
+            "SELECT COALESCE(SUM(amount_cents), 0)::int8 FROM auto_recharge_attempts
+              WHERE user_id = $1 AND status = 'SUCCEEDED' AND created_at >= $2 AND id <> $3",
+            &[&due.account.0, &month_start(now), &due.attempt],
+        )
+        .await
+        .map_err(unavailable)?
+        .try_get(0)
+        .map_err(unavailable)?;
+    if succeeded.saturating_add(due.amount_cents) > rules.monthly_max_cents {
+        return Ok(Next::Canceled(CancelReason::MonthlyCap));
+    }
+    if now >= due.created_at + rules.send_window {
+        return Ok(Next::LookUp);
+    }
+    Ok(Next::Send {
+        customer: customer.clone(),
+        payment_method: user_card.clone(),
+    })
+}
+
+/// Ends a pending attempt as canceled, with `auto_recharge.canceled`.
+async fn cancel(
+    engine: &Engine,
+    tx: &tokio_postgres::Transaction<'_>,
+    due: &Due,
+    reason: CancelReason,
+    now: DateTime<Utc>,
+) -> Result<(), LedgerError> {
+    tx.execute(
+        "UPDATE auto_recharge_attempts
+            SET status = 'CANCELED', cancel_reason = $2, ended_at = $3
+          WHERE id = $1 AND status = 'PENDING'",
+        &[&due.attempt, &reason.as_str(), &now],
+    )
+    .await
+    .map_err(unavailable)?;
+    let event = (
+        EventType::AutoRechargeCanceled,
+        json!({"attemptId": due.attempt, "amountCents": due.amount_cents, "reason": reason.as_str()}),
+    );
+    insert_events(engine, tx, due.account, &[event], now).await
+}
+
+/// Cancels a pending attempt that was looked up on Stripe and not found;
+/// `false` when it had ended meanwhile.
+pub async fn cancel_not_found(
+    client: &mut deadpool_postgres::Object,
+    engine: &Engine,
+    due: &Due,
+    now: DateTime<Utc>,
+) -> Result<bool, LedgerError> {
+    let tx = client.transaction().await.map_err(unavailable)?;
+    let Some(checked) = check(&*tx, due.attempt).await? else {
+        return Ok(false);
+    };
+    if checked.status != "PENDING" {
+        return Ok(false);
+    }
+    cancel(engine, &tx, due, CancelReason::TimedOut, now).await?;
+    tx.commit().await.map_err(unavailable)?;
+    Ok(true)
+}
+
+/// Keeps the PaymentIntent Stripe created for a pending attempt: its
+/// webhooks end it.
+pub async fn submitted(
+    client: &impl GenericClient,
+    attempt: Uuid,
+    payment_intent: &str,
+) -> Result<(), LedgerError> {
+    client
+        .execute(
+            "UPDATE auto_recharge_attempts SET payment_intent_id = $2
+              WHERE id = $1 AND status = 'PENDING'",
+            &[&attempt, &payment_intent],
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(())
 }

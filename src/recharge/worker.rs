@@ -1,156 +1,189 @@
 //! The payment worker: creates the off-session PaymentIntent of each
-//! recorded attempt, and ends the attempt when Stripe refuses it.
+//! recorded attempt once it checked the attempt may still be paid, ends
+//! the attempt when Stripe refuses it, and looks up on Stripe, instead of
+//! calling again, an attempt whose idempotency key Stripe may forget.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use uuid::Uuid;
+use chrono::Utc;
 
-use super::store;
+use super::store::{self, Due, Next, Rules};
+use super::{AttemptEnd, CancelReason};
 use crate::ledger::store::unavailable;
-use crate::ledger::{AccountId, Engine, LedgerError};
+use crate::ledger::{Engine, LedgerError};
 use crate::stripe::client::OffSessionPayment;
 use crate::stripe::StripeApi;
 
 /// Attempts taken per round.
 const ROUND: i64 = 50;
 
+/// The longest wait between two tries of one attempt (Stripe failing).
+const RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// How the worker runs, from the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSettings {
+    /// How often it looks for attempts to pay
+    /// (`credits.auto_recharge_poll_interval_ms`).
+    pub interval: Duration,
+    /// `credits.auto_recharge_monthly_max_cents`.
+    pub monthly_max_cents: i64,
+    /// `recharge.attempt_timeout_s`: at most 24 h, the least Stripe keeps
+    /// an idempotency key.
+    pub attempt_timeout: Duration,
+    /// The Stripe call's own timeout (`stripe.timeout_ms`): a call must
+    /// end before the attempt's timeout, so it starts that much earlier.
+    pub call_timeout: Duration,
+}
+
+impl WorkerSettings {
+    /// The check's rules for an attempt tried `tries` times before.
+    fn rules(&self, tries: u32) -> Rules {
+        let window = self.attempt_timeout.saturating_sub(self.call_timeout);
+        let backoff = self
+            .interval
+            .saturating_mul(1 << tries.min(16))
+            .min(RETRY_MAX);
+        Rules {
+            monthly_max_cents: self.monthly_max_cents,
+            send_window: chrono::Duration::from_std(window).unwrap_or(chrono::Duration::zero()),
+            retry_in: chrono::Duration::from_std(backoff).unwrap_or(chrono::Duration::zero()),
+        }
+    }
+}
+
 /// Starts the worker; it runs until the process ends.
 pub fn spawn_worker(
     pool: deadpool_postgres::Pool,
     engine: Arc<Engine>,
     api: Arc<StripeApi>,
-    interval: Duration,
+    settings: WorkerSettings,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            if let Err(error) = round(&pool, &engine, &api).await {
+            if let Err(error) = round(&pool, &engine, &api, &settings).await {
                 tracing::warn!(%error, "auto-recharge round failed; retrying");
             }
-            tokio::time::sleep(interval).await;
+            tokio::time::sleep(settings.interval).await;
         }
     })
-}
-
-struct Due {
-    attempt: Uuid,
-    account: AccountId,
-    amount_cents: i64,
-    created_at: DateTime<Utc>,
-    customer: Option<String>,
-    payment_method: Option<String>,
-}
-
-/// Every recorded attempt without its PaymentIntent yet.
-async fn due(pool: &deadpool_postgres::Pool) -> Result<Vec<Due>, LedgerError> {
-    let client = pool.get().await.map_err(unavailable)?;
-    let rows = client
-        .query(
-            "SELECT e.id, e.user_id, (e.data->>'amountCents')::int8, e.created_at,
-                    u.stripe_customer_id, u.stripe_payment_method_id
-               FROM outgoing_events e
-               JOIN users u ON u.id = e.user_id
-               LEFT JOIN auto_recharge_attempts a ON a.id = e.id
-              WHERE e.type = 'auto_recharge.requested'
-                AND (a.id IS NULL OR (a.status = 'PENDING' AND a.payment_intent_id IS NULL))
-              ORDER BY e.created_at
-              LIMIT $1",
-            &[&ROUND],
-        )
-        .await
-        .map_err(unavailable)?;
-    rows.iter()
-        .map(|row| {
-            Ok(Due {
-                attempt: row.try_get(0).map_err(unavailable)?,
-                account: AccountId(row.try_get(1).map_err(unavailable)?),
-                amount_cents: row.try_get(2).map_err(unavailable)?,
-                created_at: row.try_get(3).map_err(unavailable)?,
-                customer: row.try_get(4).map_err(unavailable)?,
-                payment_method: row.try_get(5).map_err(unavailable)?,
-            })
-        })
-        .collect()
 }
 
 async fn round(
     pool: &deadpool_postgres::Pool,
     engine: &Engine,
     api: &StripeApi,
+    settings: &WorkerSettings,
 ) -> Result<(), LedgerError> {
-    for due in due(pool).await? {
-        if let Err(error) = pay(pool, engine, api, &due).await {
+    let due = {
+        let client = pool.get().await.map_err(unavailable)?;
+        store::due(&**client, Utc::now(), ROUND).await?
+    };
+    for due in due {
+        if let Err(error) = pay(pool, engine, api, settings, &due).await {
             tracing::warn!(attempt = %due.attempt, account = due.account.0, %error,
-                "auto-recharge payment not made; retried next round");
+                "auto-recharge payment not made; tried again later");
         }
     }
     Ok(())
 }
 
+/// Checks the attempt, then does what the check allows.
 async fn pay(
     pool: &deadpool_postgres::Pool,
     engine: &Engine,
     api: &StripeApi,
+    settings: &WorkerSettings,
     due: &Due,
 ) -> Result<(), LedgerError> {
     let mut client = pool.get().await.map_err(unavailable)?;
-    let taken = client
-        .execute(
-            "INSERT INTO auto_recharge_attempts (id, user_id, amount_cents, created_at)
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            &[
-                &due.attempt,
-                &due.account.0,
-                &due.amount_cents,
-                &due.created_at,
-            ],
-        )
-        .await
-        .map_err(unavailable)?;
-    if taken == 0 {
-        let exists = client
-            .query_opt(
-                "SELECT 1 FROM auto_recharge_attempts WHERE id = $1",
-                &[&due.attempt],
-            )
-            .await
-            .map_err(unavailable)?;
-        if exists.is_none() {
-            return Err(LedgerError::Internal(format!(
-                "account {} has another auto-recharge attempt pending",
-                due.account.0
-            )));
-        }
-    }
-    let (Some(customer), Some(payment_method)) = (&due.customer, &due.payment_method) else {
-        return end_failed(&mut client, engine, due, "no_saved_card").await;
-    };
-    let payment = api
-        .create_off_session_payment(
-            due.account,
-            due.attempt,
+    let rules = settings.rules(due.tries);
+    match store::next_step(&mut client, engine, due, rules, Utc::now()).await? {
+        Next::Send {
             customer,
             payment_method,
-            due.amount_cents,
-        )
-        .await
-        .map_err(|error| LedgerError::Unavailable(error.to_string()))?;
-    match payment {
-        OffSessionPayment::Submitted { payment_intent } => {
-            client
-                .execute(
-                    "UPDATE auto_recharge_attempts SET payment_intent_id = $2
-                      WHERE id = $1 AND status = 'PENDING'",
-                    &[&due.attempt, &payment_intent],
+        } => {
+            let payment = api
+                .create_off_session_payment(
+                    due.account,
+                    due.attempt,
+                    &customer,
+                    &payment_method,
+                    due.amount_cents,
                 )
                 .await
-                .map_err(unavailable)?;
+                .map_err(|error| LedgerError::Unavailable(error.to_string()))?;
+            settle(&mut client, engine, due, payment).await
+        }
+        Next::LookUp => look_up(&mut client, engine, api, due).await,
+        Next::Canceled(reason) => canceled(engine, due, reason).await,
+        Next::NoCard => end_failed(&mut client, engine, due, "no_saved_card").await,
+        Next::Nothing => Ok(()),
+    }
+}
+
+/// What Stripe said of the attempt's payment: kept until its webhook
+/// credits it, or the attempt ended as failed.
+async fn settle(
+    client: &mut deadpool_postgres::Object,
+    engine: &Engine,
+    due: &Due,
+    payment: OffSessionPayment,
+) -> Result<(), LedgerError> {
+    match payment {
+        OffSessionPayment::Submitted { payment_intent } => {
+            store::submitted(&***client, due.attempt, &payment_intent).await?;
             metrics::counter!("creditd_auto_recharges_submitted_total").increment(1);
             Ok(())
         }
-        OffSessionPayment::Refused { code } => end_failed(&mut client, engine, due, &code).await,
+        OffSessionPayment::Refused { code } => end_failed(client, engine, due, &code).await,
     }
+}
+
+/// An attempt past its send window: Stripe may have forgotten its
+/// idempotency key, so it is never sent again. Stripe made its
+/// PaymentIntent (a call whose answer was lost): adopted. Stripe has none:
+/// it never charged, and is canceled.
+async fn look_up(
+    client: &mut deadpool_postgres::Object,
+    engine: &Engine,
+    api: &StripeApi,
+    due: &Due,
+) -> Result<(), LedgerError> {
+    let found = api
+        .find_attempt_payment(due.attempt)
+        .await
+        .map_err(|error| LedgerError::Unavailable(error.to_string()))?;
+    let outcome = if found.is_some() {
+        "found"
+    } else {
+        "not_found"
+    };
+    metrics::counter!("creditd_auto_recharges_looked_up_total", "outcome" => outcome).increment(1);
+    match found {
+        Some(payment) => {
+            tracing::info!(attempt = %due.attempt, account = due.account.0,
+                "auto-recharge past its timeout found on Stripe; adopted");
+            settle(client, engine, due, payment).await
+        }
+        None => {
+            if store::cancel_not_found(client, engine, due, Utc::now()).await? {
+                canceled(engine, due, CancelReason::TimedOut).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn canceled(engine: &Engine, due: &Due, reason: CancelReason) -> Result<(), LedgerError> {
+    tracing::info!(attempt = %due.attempt, account = due.account.0, reason = reason.as_str(),
+        "auto-recharge attempt canceled before paying");
+    metrics::counter!("creditd_auto_recharges_canceled_total", "reason" => reason.as_str())
+        .increment(1);
+    engine
+        .auto_recharge_ended(due.account, due.attempt, AttemptEnd::Canceled)
+        .await
 }
 
 async fn end_failed(
@@ -159,11 +192,13 @@ async fn end_failed(
     due: &Due,
     reason: &str,
 ) -> Result<(), LedgerError> {
+    if !store::fail(client, engine, due.account, due.attempt, reason, Utc::now()).await? {
+        return Ok(());
+    }
     tracing::info!(attempt = %due.attempt, account = due.account.0, %reason,
         "auto-recharge refused; switched off");
     metrics::counter!("creditd_auto_recharges_failed_total").increment(1);
-    store::fail(client, engine, due.account, due.attempt, reason, Utc::now()).await?;
     engine
-        .auto_recharge_ended(due.account, due.attempt, false)
+        .auto_recharge_ended(due.account, due.attempt, AttemptEnd::Failed)
         .await
 }

@@ -14,7 +14,9 @@ use stripe_checkout::checkout_session::{
 };
 use stripe_checkout::CheckoutSessionMode;
 use stripe_core::customer::CreateCustomer;
-use stripe_core::payment_intent::{CreatePaymentIntent, CreatePaymentIntentOffSession};
+use stripe_core::payment_intent::{
+    CreatePaymentIntent, CreatePaymentIntentOffSession, SearchPaymentIntent,
+};
 use stripe_core::PaymentIntentStatus;
 
 use crate::config::StripeSettings;
@@ -325,19 +327,37 @@ impl StripeApi {
             }
             other => observe("create_payment_intent", other)?,
         };
-        Ok(match intent.status {
-            PaymentIntentStatus::Succeeded | PaymentIntentStatus::Processing => {
-                OffSessionPayment::Submitted {
-                    payment_intent: intent.id.to_string(),
-                }
-            }
-            PaymentIntentStatus::RequiresAction => OffSessionPayment::Refused {
-                code: "authentication_required".into(),
-            },
-            other => OffSessionPayment::Refused {
-                code: format!("payment_{}", other.as_str()),
-            },
-        })
+        Ok(off_session_outcome(&intent))
+    }
+
+    /// The PaymentIntent of an auto-recharge attempt, found by its metadata
+    /// with Stripe's Search API (`metadata['attemptId']:'<id>'`), as its
+    /// creation would have answered; `None` when Stripe has none. Search
+    /// lags writes (under a minute, more during Stripe's outages): asked
+    /// only long after the attempt's last call.
+    pub async fn find_attempt_payment(
+        &self,
+        attempt: uuid::Uuid,
+    ) -> Result<Option<OffSessionPayment>, StripeCallError> {
+        // A UUID needs no escaping inside the quotes.
+        let query = format!("metadata['attemptId']:'{attempt}'");
+        let found = observe(
+            "search_payment_intents",
+            SearchPaymentIntent::new(query)
+                .limit(10)
+                .send(&self.client)
+                .await,
+        )?;
+        // Stripe never made two for one attempt (one idempotency key);
+        // should it have, a paid one is the one that counts.
+        let mut intents = found.data;
+        intents.sort_by_key(|intent| {
+            !matches!(
+                intent.status,
+                PaymentIntentStatus::Succeeded | PaymentIntentStatus::Processing
+            )
+        });
+        Ok(intents.first().map(off_session_outcome))
     }
 
     /// The payment method a payment intent was paid with (`None` when
@@ -355,6 +375,28 @@ impl StripeApi {
             .retrieve("payment_intents", payment_intent, "retrieve_payment_intent")
             .await?;
         Ok(intent.and_then(|intent| intent.payment_method))
+    }
+}
+
+/// What a confirmed off-session PaymentIntent says of its payment.
+fn off_session_outcome(intent: &stripe_core::PaymentIntent) -> OffSessionPayment {
+    match &intent.status {
+        PaymentIntentStatus::Succeeded | PaymentIntentStatus::Processing => {
+            OffSessionPayment::Submitted {
+                payment_intent: intent.id.to_string(),
+            }
+        }
+        PaymentIntentStatus::RequiresAction => OffSessionPayment::Refused {
+            code: "authentication_required".into(),
+        },
+        other => OffSessionPayment::Refused {
+            code: intent
+                .last_payment_error
+                .as_ref()
+                .and_then(|error| error.code.as_ref())
+                .map(|code| code.as_str().to_owned())
+                .unwrap_or_else(|| format!("payment_{}", other.as_str())),
+        },
     }
 }
 

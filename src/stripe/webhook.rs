@@ -123,11 +123,18 @@ impl StripeEvent {
                 deleted,
                 created,
             } => subscription(effects, paid, deleted, created).await,
-            StripeEvent::Refund(charge) => refund(effects, charge).await,
+            StripeEvent::Refund(charge) => {
+                refund_stops_auto_recharge(effects, &charge).await?;
+                refund(effects, charge).await
+            }
             StripeEvent::DisputeFunds(dispute, funds) => {
+                dispute_stops_auto_recharge(effects, &dispute).await?;
                 dispute_funds(effects, dispute, funds).await
             }
-            StripeEvent::DisputeNoted(dispute) => Ok(dispute_noted(dispute)),
+            StripeEvent::DisputeNoted(dispute) => {
+                dispute_stops_auto_recharge(effects, &dispute).await?;
+                Ok(dispute_noted(dispute))
+            }
             StripeEvent::Payment { intent, succeeded } => {
                 auto_recharge(effects, intent, succeeded).await
             }
@@ -327,15 +334,16 @@ async fn auto_recharge(
         )
         .await?;
         drop(client);
+        // A failure that ended nothing (the attempt had succeeded, or
+        // failed already) changes nothing, in PostgreSQL nor in memory.
+        if !ended {
+            return Ok(Outcome::Replayed);
+        }
         effects
             .engine
-            .auto_recharge_ended(account, attempt, false)
+            .auto_recharge_ended(account, attempt, crate::recharge::AttemptEnd::Failed)
             .await?;
-        return Ok(if ended {
-            Outcome::Applied
-        } else {
-            Outcome::Replayed
-        });
+        return Ok(Outcome::Applied);
     }
     if currency_mismatch(
         effects.settings,
@@ -369,9 +377,73 @@ async fn auto_recharge(
     drop(client);
     effects
         .engine
-        .auto_recharge_ended(account, attempt, true)
+        .auto_recharge_ended(account, attempt, crate::recharge::AttemptEnd::Succeeded)
         .await?;
     Ok(outcome)
+}
+
+/// A refund of an auto-recharge's payment switches auto-recharge off
+/// (reason `refunded`) before the refund is clawed back: the person did
+/// not want that charge, and spending on must not start the next one
+/// until they turn it on again. Any other refund leaves it alone.
+async fn refund_stops_auto_recharge(
+    effects: &Effects<'_>,
+    charge: &Charge,
+) -> Result<(), StripeError> {
+    let Some(payment_intent) = charge.payment_intent.as_deref() else {
+        return Ok(());
+    };
+    let attempt = charge
+        .metadata
+        .get("attemptId")
+        .and_then(|id| uuid::Uuid::parse_str(id).ok());
+    let client = store::client(effects.pool).await?;
+    let paid =
+        crate::recharge::store::attempt_of_payment(&**client, payment_intent, attempt).await?;
+    drop(client);
+    if let Some((account, _)) = paid {
+        crate::recharge::switch_off(
+            effects.pool,
+            effects.engine,
+            account,
+            crate::recharge::OffReason::Refunded,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Any event of a dispute (or inquiry) on one of the account's payments,
+/// a top-up's or an auto-recharge's, switches auto-recharge off and
+/// forgets the saved card (reason `dispute`), before anything else the
+/// event does: a disputed card is the mark of a card used without its
+/// owner's consent, never to be charged again by itself.
+async fn dispute_stops_auto_recharge(
+    effects: &Effects<'_>,
+    dispute: &Dispute,
+) -> Result<(), StripeError> {
+    let Some(payment_intent) = dispute.payment_intent.as_deref() else {
+        return Ok(());
+    };
+    let account = match topup_account(effects.pool, payment_intent).await? {
+        Some(account) => Some(account),
+        None => {
+            let client = store::client(effects.pool).await?;
+            crate::recharge::store::attempt_of_payment(&**client, payment_intent, None)
+                .await?
+                .map(|(account, _)| account)
+        }
+    };
+    if let Some(account) = account {
+        crate::recharge::switch_off(
+            effects.pool,
+            effects.engine,
+            account,
+            crate::recharge::OffReason::Dispute,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// The top-up's invoice as its transaction keeps it: `invoiceId`, and the

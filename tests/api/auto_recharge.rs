@@ -1,9 +1,16 @@
-//! Auto-recharge: the card a top-up saved is charged off session when a
-//! change takes the available balance under the user's threshold; one
-//! attempt at a time, credited once on Stripe's `payment_intent.succeeded`,
-//! switched off by a refused card, never past the monthly cap.
+//! Auto-recharge: the card a top-up saved is charged off session when
+//! spending (a chat's usage) takes the available balance under the user's
+//! threshold; one attempt at a time, credited once on Stripe's
+//! `payment_intent.succeeded`, switched off by a refused card, never past
+//! the monthly cap. `safety`: what never charges the card (money taken
+//! back, disputes, a deleted account); `worker`: the worker asks before it
+//! pays, and looks an old attempt up on Stripe rather than create it again.
 
-use std::time::Duration;
+mod safety;
+mod worker;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
@@ -14,9 +21,13 @@ use crate::support::providers::*;
 use crate::support::stripe::*;
 use crate::support::*;
 
+/// How long a test watches for a charge that must not come.
+pub(super) const NOTHING_WITHIN: Duration = Duration::from_secs(5);
+
 /// The app with Stripe and the providers faked, its payment worker polling
-/// every few milliseconds, and room for many chats at once.
-async fn recharge_app(
+/// every few milliseconds, room for many chats at once, Clerk's webhook
+/// signed, and prices that make every token cost one micro.
+pub(super) async fn recharge_app(
     fakes: &Fakes,
     adjust: impl FnOnce(&mut creditd::config::Settings) + Send + 'static,
 ) -> StripeApp {
@@ -26,14 +37,108 @@ async fn recharge_app(
         s.providers.anthropic_api_key = creditd::config::Secret::new(PLATFORM_ANTHROPIC_KEY);
         s.limits.chats_in_flight_per_account = 1_000;
         s.credits.auto_recharge_poll_interval_ms = 10;
+        s.clerk_webhook.signing_secret = creditd::config::Secret::new(SIGNING_SECRET);
+        s.pricing.usd_per_eur = "1".into();
+        s.pricing.margin_bps = 0;
+        for price in s.pricing.models.values_mut() {
+            price.input_usd = "1".into();
+            price.output_usd = "1".into();
+            price.cache_read_usd = "1".into();
+            price.cache_write_usd = "1".into();
+        }
         adjust(s);
     })
     .await
 }
 
+/// One chat costing `micros` (its provider reports that many output
+/// tokens, a micro each): a usage, the spending auto-recharge watches.
+pub(super) async fn chat_spend(stripe: &StripeApp, fakes: &Fakes, clerk_id: &str, micros: u64) {
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(anthropic_message("ok", 0, micros, 0, 0)),
+        )
+        .up_to_n_times(1)
+        .mount(&fakes.anthropic)
+        .await;
+    let (status, body) = json_of(
+        stripe
+            .app
+            .post_as(
+                clerk_id,
+                "/api/chat",
+                &json!({ "messages": conversation(), "maxTokens": 16 }),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["credits"]["usedMicros"], micros, "{body}");
+}
+
+/// Polls `check` until it holds, failing after 15 s with `what`.
+pub(super) async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+/// Watches the Stripe stand-in for `NOTHING_WITHIN`: it must receive no
+/// PaymentIntent call past the `before` it had received.
+pub(super) async fn no_payment_intent_within(stripe: &StripeApp, before: usize) {
+    let deadline = Instant::now() + NOTHING_WITHIN;
+    while Instant::now() < deadline {
+        let received = stripe.payment_intents.received.lock().unwrap().clone();
+        assert_eq!(
+            received.len(),
+            before,
+            "the card was charged: {:?}",
+            &received[before.min(received.len())..]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every attempt's status and cancel reason, oldest first.
+pub(super) async fn attempts(stripe: &StripeApp) -> Vec<(String, Option<String>)> {
+    stripe
+        .app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT status, cancel_reason FROM auto_recharge_attempts ORDER BY created_at",
+            &[],
+        )
+        .await
+        .expect("attempts")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// PaymentIntent calls the stand-in received so far.
+pub(super) fn calls(stripe: &StripeApp) -> usize {
+    stripe.payment_intents.received.lock().unwrap().len()
+}
+
 /// A top-up of `cents` through Checkout, paid: it credits the account and
-/// saves its card (`pm_card_visa`), as Stripe reports it.
-async fn top_up_saving_the_card(stripe: &StripeApp, clerk_id: &str, cents: i64) {
+/// saves its card (`pm_card_visa`), as Stripe reports it. Its session id.
+pub(super) async fn top_up_saving_the_card(
+    stripe: &StripeApp,
+    clerk_id: &str,
+    cents: i64,
+) -> String {
     let account = stripe.app.account(clerk_id).await.0;
     let (status, body) = json_of(
         stripe
@@ -73,9 +178,10 @@ async fn top_up_saving_the_card(stripe: &StripeApp, clerk_id: &str, cents: i64) 
         checkout_session(&session, account, cents, "paid"),
     );
     assert_eq!(stripe.deliver(&completed).await, 200);
+    session
 }
 
-async fn settings_of(stripe: &StripeApp, clerk_id: &str) -> Value {
+pub(super) async fn settings_of(stripe: &StripeApp, clerk_id: &str) -> Value {
     let (status, body) = json_of(
         stripe
             .app
@@ -87,7 +193,7 @@ async fn settings_of(stripe: &StripeApp, clerk_id: &str) -> Value {
     body
 }
 
-async fn put_settings(stripe: &StripeApp, clerk_id: &str, body: &Value) -> (u16, Value) {
+pub(super) async fn put_settings(stripe: &StripeApp, clerk_id: &str, body: &Value) -> (u16, Value) {
     let response = stripe
         .app
         .http
@@ -100,7 +206,12 @@ async fn put_settings(stripe: &StripeApp, clerk_id: &str, body: &Value) -> (u16,
     json_of(response).await
 }
 
-async fn enable(stripe: &StripeApp, clerk_id: &str, threshold_cents: i64, amount_cents: i64) {
+pub(super) async fn enable(
+    stripe: &StripeApp,
+    clerk_id: &str,
+    threshold_cents: i64,
+    amount_cents: i64,
+) {
     let (status, body) = put_settings(
         stripe,
         clerk_id,
@@ -111,22 +222,7 @@ async fn enable(stripe: &StripeApp, clerk_id: &str, threshold_cents: i64, amount
     assert_eq!(body["enabled"], true);
 }
 
-/// Debits through the admin route (a spend).
-async fn spend(stripe: &StripeApp, clerk_id: &str, micros: i64, key: &str) {
-    let response = stripe
-        .app
-        .admin(
-            reqwest::Method::POST,
-            &format!("/admin/accounts/{clerk_id}/credits"),
-        )
-        .json(&json!({ "amountMicros": -micros, "key": key, "reason": "spend" }))
-        .send()
-        .await
-        .expect("debit");
-    assert!(response.status().is_success(), "{}", response.status());
-}
-
-async fn count_of(stripe: &StripeApp, sql: &str) -> i64 {
+pub(super) async fn count_of(stripe: &StripeApp, sql: &str) -> i64 {
     stripe
         .app
         .db
@@ -140,7 +236,7 @@ async fn count_of(stripe: &StripeApp, sql: &str) -> i64 {
 
 /// Waits until the fake Stripe has created `n` PaymentIntents and the
 /// worker has recorded the last one's outcome.
-async fn wait_for_intents(stripe: &StripeApp, n: usize) -> Vec<Value> {
+pub(super) async fn wait_for_intents(stripe: &StripeApp, n: usize) -> Vec<Value> {
     for _ in 0..1_000 {
         let created = stripe.payment_intents.created();
         let settled = count_of(
@@ -160,7 +256,7 @@ async fn wait_for_intents(stripe: &StripeApp, n: usize) -> Vec<Value> {
     );
 }
 
-fn succeeded(event_id: &str, intent: &Value) -> Value {
+pub(super) fn succeeded(event_id: &str, intent: &Value) -> Value {
     let mut intent = intent.clone();
     intent["amount_received"] = intent["amount"].clone();
     event(event_id, "payment_intent.succeeded", intent)
@@ -173,7 +269,8 @@ async fn two_hundred_concurrent_chats_crossing_the_threshold_together_create_exa
     Mock::given(method("POST"))
         .and(path("/v1/messages"))
         .respond_with(
-            ResponseTemplate::new(200).set_body_json(anthropic_message("ok", 10, 10, 0, 0)),
+            // 5010 micros a chat: the 200 of them spend a little over 1 EUR.
+            ResponseTemplate::new(200).set_body_json(anthropic_message("ok", 10, 5_000, 0, 0)),
         )
         .mount(&fakes.anthropic)
         .await;
@@ -230,7 +327,7 @@ async fn a_succeeded_payment_credits_once_even_when_its_webhook_is_replayed() {
     let stripe = recharge_app(&fakes, |_| {}).await;
     top_up_saving_the_card(&stripe, "user_paid", 1_000).await;
     enable(&stripe, "user_paid", 500, 2_000).await;
-    spend(&stripe, "user_paid", 6_000_000, "spend-1").await;
+    chat_spend(&stripe, &fakes, "user_paid", 6_000_000).await;
     let intent = wait_for_intents(&stripe, 1).await.remove(0);
     assert_eq!(stripe.balance_micros("user_paid").await, 4_000_000);
 
@@ -281,7 +378,7 @@ async fn a_declined_card_credits_nothing_and_switches_auto_recharge_off_announci
     stripe.payment_intents.refuse(Some("card_declined"));
     top_up_saving_the_card(&stripe, "user_declined", 1_000).await;
     enable(&stripe, "user_declined", 500, 2_000).await;
-    spend(&stripe, "user_declined", 6_000_000, "spend-1").await;
+    chat_spend(&stripe, &fakes, "user_declined", 6_000_000).await;
 
     wait_for_intents(&stripe, 1).await;
     let settings = settings_of(&stripe, "user_declined").await;
@@ -307,7 +404,7 @@ async fn a_declined_card_credits_nothing_and_switches_auto_recharge_off_announci
     );
 
     // Off: a further fall starts nothing.
-    spend(&stripe, "user_declined", 1_000_000, "spend-2").await;
+    chat_spend(&stripe, &fakes, "user_declined", 1_000_000).await;
     assert_eq!(
         count_of(
             &stripe,
@@ -328,7 +425,7 @@ async fn a_bank_asking_for_authentication_switches_auto_recharge_off_with_that_r
         .refuse(Some("authentication_required"));
     top_up_saving_the_card(&stripe, "user_3ds", 1_000).await;
     enable(&stripe, "user_3ds", 500, 2_000).await;
-    spend(&stripe, "user_3ds", 6_000_000, "spend-1").await;
+    chat_spend(&stripe, &fakes, "user_3ds", 6_000_000).await;
     wait_for_intents(&stripe, 1).await;
     let settings = settings_of(&stripe, "user_3ds").await;
     assert_eq!(settings["enabled"], false, "{settings}");
@@ -350,8 +447,8 @@ async fn repeated_crossings_never_charge_past_the_monthly_cap() {
         // Down to 1 EUR (under the 5 EUR threshold), or 10 cents lower
         // when already there: a fall under the threshold either way.
         let balance = stripe.balance_micros("user_capped").await;
-        let down = (balance - 1_000_000).max(100_000);
-        spend(&stripe, "user_capped", down, &format!("spend-{round}")).await;
+        let down = u64::try_from((balance - 1_000_000).max(100_000)).unwrap();
+        chat_spend(&stripe, &fakes, "user_capped", down).await;
         let requested = count_of(
             &stripe,
             "SELECT count(*) FROM outgoing_events WHERE type = 'auto_recharge.requested'",
@@ -430,39 +527,6 @@ async fn the_settings_are_refused_by_field_and_enabling_needs_a_saved_card() {
     assert_eq!(settings["hasSavedCard"], false);
 }
 
-#[actix::test]
-async fn a_refunded_auto_recharge_is_clawed_back_as_a_top_up_is() {
-    let fakes = fakes().await;
-    let stripe = recharge_app(&fakes, |_| {}).await;
-    top_up_saving_the_card(&stripe, "user_refunded", 1_000).await;
-    enable(&stripe, "user_refunded", 500, 2_000).await;
-    spend(&stripe, "user_refunded", 6_000_000, "spend-1").await;
-    let intent = wait_for_intents(&stripe, 1).await.remove(0);
-    assert_eq!(stripe.deliver(&succeeded("evt_paid", &intent)).await, 200);
-    assert_eq!(stripe.balance_micros("user_refunded").await, 24_000_000);
-
-    // Stripe copies the PaymentIntent's metadata to its charge.
-    let refunded = event(
-        "evt_refunded",
-        "charge.refunded",
-        json!({
-            "id": "ch_auto_1",
-            "object": "charge",
-            "amount": 2_000,
-            "amount_captured": 2_000,
-            "amount_refunded": 2_000,
-            "currency": "eur",
-            "metadata": intent["metadata"],
-            "payment_intent": intent["id"],
-            "refunded": true,
-            "status": "succeeded",
-        }),
-    );
-    assert_eq!(stripe.deliver(&refunded).await, 200);
-    assert_eq!(stripe.balance_micros("user_refunded").await, 4_000_000);
-    stripe.app.db.reconcile_is_clean().await;
-}
-
 /// Waits until no account actor is resident (each passivated: the next
 /// operation loads its account from PostgreSQL).
 async fn wait_until_passivated(stripe: &StripeApp) {
@@ -495,12 +559,12 @@ async fn an_account_reloaded_from_postgresql_keeps_its_attempt_in_flight_and_sta
     let stripe = recharge_app(&fakes, |s| s.engine.idle_timeout_ms = 20).await;
     top_up_saving_the_card(&stripe, "user_reloaded", 1_000).await;
     enable(&stripe, "user_reloaded", 500, 2_000).await;
-    spend(&stripe, "user_reloaded", 6_000_000, "spend-1").await;
+    chat_spend(&stripe, &fakes, "user_reloaded", 6_000_000).await;
     let intent = wait_for_intents(&stripe, 1).await.remove(0);
     let requested = "SELECT count(*) FROM outgoing_events WHERE type = 'auto_recharge.requested'";
 
     wait_until_passivated(&stripe).await;
-    spend(&stripe, "user_reloaded", 100_000, "spend-2").await;
+    chat_spend(&stripe, &fakes, "user_reloaded", 100_000).await;
     assert_eq!(
         count_of(&stripe, requested).await,
         1,
@@ -509,7 +573,7 @@ async fn an_account_reloaded_from_postgresql_keeps_its_attempt_in_flight_and_sta
 
     assert_eq!(stripe.deliver(&succeeded("evt_paid", &intent)).await, 200);
     wait_until_passivated(&stripe).await;
-    spend(&stripe, "user_reloaded", 20_000_000, "spend-3").await;
+    chat_spend(&stripe, &fakes, "user_reloaded", 20_000_000).await;
     assert_eq!(
         count_of(&stripe, requested).await,
         2,

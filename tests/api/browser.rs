@@ -1156,3 +1156,47 @@ async fn the_billing_page_sets_spending_limits_under_the_ceiling_and_takes_a_fri
     browser.assert_no_console_errors().await;
     browser.close().await;
 }
+
+#[actix::test]
+async fn the_auto_recharge_element_says_in_french_why_creditd_switched_it_off() {
+    let app = spawn_app().await;
+    let client = app.db.client().await;
+    let cases = [
+        ("user_off_dispute", "dispute", "fait l'objet d'un litige"),
+        ("user_off_refunded", "refunded", "a été remboursée"),
+    ];
+    for (user, reason, _) in cases {
+        let account = app.account(user).await;
+        client
+            .execute(
+                "INSERT INTO auto_recharge_settings
+                        (user_id, enabled, threshold_cents, amount_cents, disabled_reason, updated_at)
+                 VALUES ($1, false, 500, 2000, $2, now())",
+                &[&account.0, &reason],
+            )
+            .await
+            .expect("settings");
+    }
+
+    let mut browser = Browser::start().await;
+    for (user, _, words) in cases {
+        browser
+            .sign_in_with_cookie(&app.address, app.token(user))
+            .await;
+        browser.goto(&app.url("/billing")).await;
+        let notice = browser
+            .until(
+                "the auto-recharge notice",
+                "const n = document.querySelector('.auto-recharge__notice'); \
+                 return n && !n.hidden ? n.textContent : null",
+            )
+            .await;
+        let notice = notice.as_str().unwrap_or_default();
+        assert!(
+            notice.starts_with("Recharge automatique désactivée : ") && notice.contains(words),
+            "{user}: {notice}"
+        );
+    }
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+}

@@ -130,7 +130,11 @@ impl Respond for Sessions {
 /// it: the same answer for the same idempotency key (Stripe replays the
 /// stored response, errors included). Told to refuse, it answers Stripe's
 /// card error (402) with that code (`card_declined`,
-/// `authentication_required`).
+/// `authentication_required`). Told to fail, it answers Stripe's
+/// `api_error` with that status and creates nothing; told to be slow, it
+/// creates the PaymentIntent and answers late (past creditd's timeout,
+/// an answer lost). `GET /v1/payment_intents/search` finds what it created
+/// (see `Search`).
 #[derive(Clone, Default)]
 pub struct PaymentIntents {
     /// Per idempotency key, the status and body answered.
@@ -138,6 +142,10 @@ pub struct PaymentIntents {
     /// Every request, replays included.
     pub received: Arc<Mutex<Vec<Received>>>,
     pub refuse_with: Arc<Mutex<Option<String>>>,
+    pub fail_with: Arc<Mutex<Option<u16>>>,
+    pub answer_after: Arc<Mutex<Option<std::time::Duration>>>,
+    /// Every search query received.
+    pub searches: Arc<Mutex<Vec<String>>>,
 }
 
 impl PaymentIntents {
@@ -166,16 +174,34 @@ impl PaymentIntents {
     pub fn refuse(&self, code: Option<&str>) {
         *self.refuse_with.lock().unwrap() = code.map(str::to_owned);
     }
+
+    /// Answers `status` (a 5xx: Stripe failing) to every creation, making
+    /// nothing; `None`: back to normal.
+    pub fn fail(&self, status: Option<u16>) {
+        *self.fail_with.lock().unwrap() = status;
+    }
+
+    /// Creates as usual but answers only after `delay`; `None`: at once.
+    pub fn answer_after(&self, delay: Option<std::time::Duration>) {
+        *self.answer_after.lock().unwrap() = delay;
+    }
+
+    pub fn searched(&self) -> Vec<String> {
+        self.searches.lock().unwrap().clone()
+    }
+}
+
+fn authorized(request: &Request) -> bool {
+    request
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {SECRET_KEY}"))
 }
 
 impl Respond for PaymentIntents {
     fn respond(&self, request: &Request) -> ResponseTemplate {
-        if request
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            != Some(&format!("Bearer {SECRET_KEY}"))
-        {
+        if !authorized(request) {
             return stripe_error(401, "Invalid API Key provided");
         }
         let fields = form(request);
@@ -187,6 +213,13 @@ impl Respond for PaymentIntents {
         let Some(key) = key else {
             return stripe_error(400, "creditd always sends an idempotency key");
         };
+        if let Some(status) = *self.fail_with.lock().unwrap() {
+            return ResponseTemplate::new(status).set_body_json(json!({ "error": {
+                "type": "api_error",
+                "message": "An unknown error occurred",
+                "request_log_url": "https://dashboard.stripe.com/test/logs/req_test",
+            }}));
+        }
         for field in ["amount", "currency", "customer", "payment_method"] {
             if !fields.contains_key(field) {
                 return stripe_error(400, &format!("Missing required param: {field}."));
@@ -257,7 +290,59 @@ impl Respond for PaymentIntents {
                 }
             })
             .clone();
-        ResponseTemplate::new(status).set_body_json(body)
+        let answer = ResponseTemplate::new(status).set_body_json(body);
+        match *self.answer_after.lock().unwrap() {
+            Some(delay) => answer.set_delay(delay),
+            None => answer,
+        }
+    }
+}
+
+/// `GET /v1/payment_intents/search` as Stripe answers it, for the one
+/// clause creditd sends, `metadata['<key>']:'<value>'` (either quotes):
+/// the PaymentIntents created with that metadata, in a `search_result`.
+/// Anything else is Stripe's 400 for a query it cannot parse.
+#[derive(Clone)]
+pub struct Search(pub PaymentIntents);
+
+/// `metadata['key']:'value'` (or double quotes) as (key, value).
+fn metadata_clause(query: &str) -> Option<(String, String)> {
+    let rest = query.trim().strip_prefix("metadata[")?;
+    let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let rest = &rest[1..];
+    let (key, rest) = rest.split_once(quote)?;
+    let rest = rest.strip_prefix("]:")?;
+    let value_quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let value = rest[1..].strip_suffix(value_quote)?;
+    (!value.contains(value_quote)).then(|| (key.to_owned(), value.to_owned()))
+}
+
+impl Respond for Search {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        if !authorized(request) {
+            return stripe_error(401, "Invalid API Key provided");
+        }
+        let query: HashMap<String, String> = request.url.query_pairs().into_owned().collect();
+        let Some(text) = query.get("query") else {
+            return stripe_error(400, "Missing required param: query.");
+        };
+        self.0.searches.lock().unwrap().push(text.clone());
+        let Some((key, value)) = metadata_clause(text) else {
+            return stripe_error(400, &format!("Invalid search query: {text}"));
+        };
+        let data: Vec<Value> = self
+            .0
+            .created()
+            .into_iter()
+            .filter(|intent| intent["metadata"][&key].as_str() == Some(value.as_str()))
+            .collect();
+        ResponseTemplate::new(200).set_body_json(json!({
+            "object": "search_result",
+            "url": "/v1/payment_intents/search",
+            "has_more": false,
+            "data": data,
+            "next_page": null,
+        }))
     }
 }
 
@@ -283,6 +368,11 @@ pub async fn spawn_stripe_app_with(
     Mock::given(method("POST"))
         .and(path("/v1/payment_intents"))
         .respond_with(payment_intents.clone())
+        .mount(&stripe)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/payment_intents/search"))
+        .respond_with(Search(payment_intents.clone()))
         .mount(&stripe)
         .await;
     Mock::given(method("POST"))
