@@ -3,12 +3,12 @@
 //!
 //! A code is made once, on first asking: 8 characters of an alphabet with
 //! no look-alikes (no 0/O, 1/I/L), 40 random bits, unique in PostgreSQL.
-//! A user presents at most one code, within `REDEEM_DAYS` of signing up,
-//! never their own nor one of an account with the same email or Stripe
-//! customer. The bonus is posted under one idempotency key per side and
-//! referred person (`referral:<referred>:referee`, `…:referrer`), so a
-//! replayed webhook, a retry after a crash or a later top-up never pays
-//! twice.
+//! A person presents at most one code (one per canonical mailbox, not per
+//! account), within `REDEEM_DAYS` of signing up at Clerk, never their own
+//! nor one of an account of the same canonical mailbox or Stripe customer.
+//! The bonus is posted under one idempotency key per side and referred
+//! person (`referral:<referred>:referee`, `…:referrer`), so a replayed
+//! webhook, a retry after a crash or a later top-up never pays twice.
 
 use chrono::{DateTime, Duration, Utc};
 use tokio_postgres::GenericClient;
@@ -106,7 +106,7 @@ pub async fn summary(
                     (SELECT count(*) FROM referrals
                       WHERE referrer_user_id = $1 AND rewarded_at IS NOT NULL),
                     EXISTS (SELECT 1 FROM referrals WHERE referred_user_id = $1),
-                    (SELECT created_at FROM users WHERE id = $1)",
+                    (SELECT COALESCE(signed_up_at, created_at) FROM users WHERE id = $1)",
             &[&account.0],
         )
         .await
@@ -124,19 +124,22 @@ pub async fn summary(
     })
 }
 
-/// Why a code was not taken.
+/// Why a code was not taken, in the order they are checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// No user has this code (or its owner was deleted).
     Unknown,
     /// The code is the user's own.
     OwnCode,
-    /// Its owner's account has the same email as the user's.
-    SameEmail,
     /// The user signed up more than `REDEEM_DAYS` ago.
     TooLate { closed_at: DateTime<Utc> },
+    /// Its owner's account has the same canonical mailbox as the user's.
+    SameEmail,
     /// The user already presented another code.
     AlreadyReferred,
+    /// Another account of the same person (canonical mailbox) presented a
+    /// code.
+    PersonAlreadyReferred,
 }
 
 /// A code taken: `replayed` when this user had presented it before.
@@ -169,9 +172,11 @@ pub async fn redeem(
     if referrer == account {
         return Ok(Err(Refusal::OwnCode));
     }
+    // The window opens at Clerk's signup when Clerk told it, else at
+    // creditd's first sight of the user.
     let me = client
         .query_one(
-            "SELECT u.created_at, u.email_hash,
+            "SELECT COALESCE(u.signed_up_at, u.created_at), u.email_hash,
                     (SELECT referrer_user_id FROM referrals WHERE referred_user_id = u.id)
                FROM users u WHERE u.id = $1",
             &[&account.0],
@@ -179,36 +184,30 @@ pub async fn redeem(
         .await
         .map_err(unavailable)?;
     if let Some(earlier) = me.get::<_, Option<i64>>(2) {
-        return Ok(if earlier == referrer.0 {
-            Ok(Redeemed {
-                referrer,
-                replayed: true,
-            })
-        } else {
-            Err(Refusal::AlreadyReferred)
-        });
+        return Ok(presented_before(earlier, referrer));
     }
     let closed_at = me.get::<_, DateTime<Utc>>(0) + Duration::days(REDEEM_DAYS);
     if now > closed_at {
         return Ok(Err(Refusal::TooLate { closed_at }));
     }
-    // (A Stripe customer is one user's: `users.stripe_customer_id` is
-    // unique. A top-up paid by the referrer's customer is refused when the
-    // bonus would be paid, see `reward_after_topup`.)
-    let same_email = matches!(
-        (owner.get::<_, Option<String>>(1), me.get::<_, Option<String>>(1)),
+    let mine: Option<String> = me.get(1);
+    let same_person = matches!(
+        (owner.get::<_, Option<String>>(1), mine.as_deref()),
         (Some(theirs), Some(mine)) if theirs == mine
     );
-    if same_email {
+    if same_person {
         return Ok(Err(Refusal::SameEmail));
     }
+    // Unique per referred account and per referred person: a second
+    // presentation of either inserts nothing.
     let inserted = client
         .query_opt(
-            "INSERT INTO referrals (referred_user_id, referrer_user_id, code, created_at)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (referred_user_id) DO NOTHING
+            "INSERT INTO referrals
+                    (referred_user_id, referrer_user_id, code, created_at, referred_email_hash)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT DO NOTHING
              RETURNING referrer_user_id",
-            &[&account.0, &referrer.0, &code, &now],
+            &[&account.0, &referrer.0, &code, &now, &mine],
         )
         .await
         .map_err(unavailable)?;
@@ -218,23 +217,32 @@ pub async fn redeem(
             replayed: false,
         }));
     }
-    // A concurrent request of this user won: it decides.
-    let winner: i64 = client
-        .query_one(
+    // A concurrent request of this user won (it decides), or another
+    // account of the same person was referred.
+    let winner = client
+        .query_opt(
             "SELECT referrer_user_id FROM referrals WHERE referred_user_id = $1",
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?
-        .get(0);
-    Ok(if winner == referrer.0 {
+        .map_err(unavailable)?;
+    Ok(match winner {
+        Some(row) => presented_before(row.get(0), referrer),
+        None => Err(Refusal::PersonAlreadyReferred),
+    })
+}
+
+/// The user had presented the code of `earlier`: the same code again is a
+/// replay, another one a refusal.
+fn presented_before(earlier: i64, referrer: AccountId) -> Result<Redeemed, Refusal> {
+    if earlier == referrer.0 {
         Ok(Redeemed {
             referrer,
             replayed: true,
         })
     } else {
         Err(Refusal::AlreadyReferred)
-    })
+    }
 }
 
 /// The promo credit each side of a referral gets.

@@ -47,6 +47,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "auto_recharge",
         include_str!("../../sql/0009_auto_recharge.sql"),
     ),
+    (
+        12,
+        "referral_reversals_and_mailboxes",
+        include_str!("../../sql/0012_referral_reversals_and_mailboxes.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

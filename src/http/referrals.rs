@@ -77,7 +77,7 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
         (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::openapi::ErrorBody),
         (status = 404, description = "REFERRAL_CODE_UNKNOWN", body = super::openapi::ErrorBody),
         (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 409, description = "REFERRAL_WINDOW_CLOSED (signed up more than 7 days ago), ALREADY_REFERRED (another code was presented), SELF_REFERRAL (own code, or its owner has the same email)", body = super::openapi::ErrorBody),
+        (status = 409, description = "REFERRAL_WINDOW_CLOSED (signed up at Clerk more than 7 days ago), ALREADY_REFERRED (another code was presented, by this account or another of the same mailbox), SELF_REFERRAL (own code, or its owner has the same canonical mailbox)", body = super::openapi::ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
         (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
         (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
@@ -134,6 +134,10 @@ fn refused(refusal: Refusal) -> ApiError {
         Refusal::AlreadyReferred => (
             Code::AlreadyReferred,
             "you already presented another referral code".to_owned(),
+        ),
+        Refusal::PersonAlreadyReferred => (
+            Code::AlreadyReferred,
+            "an account with your email address already presented a referral code".to_owned(),
         ),
     };
     ApiError::new(code, message)

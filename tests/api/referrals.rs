@@ -1,10 +1,12 @@
-//! Referrals: a stable code per user, presented once by a new user, and one
-//! pair of bonuses after the referred user's first paid top-up, through
-//! the signed Stripe webhook.
+//! Referrals: a stable code per user, presented once by a new person, and
+//! one pair of bonuses after the referred user's first paid top-up, through
+//! the signed Stripe webhook; the window follows Clerk's signup time.
 
+use chrono::{DateTime, Duration, Utc};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
+use crate::clerk_webhooks::deliver as deliver_clerk;
 use crate::support::stripe::{checkout_session, event, spawn_stripe_app_with, StripeApp};
 use crate::support::*;
 
@@ -277,4 +279,149 @@ async fn with_an_expiry_both_referral_bonuses_are_promo_grants_that_expire_after
             "{expires}"
         );
     }
+}
+
+/// Clerk's `kind` event of `clerk_id`, whose verified primary address is
+/// `email`, signed up at Clerk at `signed_up`.
+fn clerk_user(kind: &str, clerk_id: &str, email: &str, signed_up: DateTime<Utc>) -> Value {
+    json!({
+        "object": "event",
+        "type": kind,
+        "data": {
+            "object": "user",
+            "id": clerk_id,
+            "email_addresses": [{
+                "id": "idn_primary",
+                "object": "email_address",
+                "email_address": email,
+                "verification": { "status": "verified", "strategy": "email_code" },
+            }],
+            "primary_email_address_id": "idn_primary",
+            "first_name": "Test",
+            "last_name": "User",
+            "created_at": signed_up.timestamp_millis(),
+        },
+    })
+}
+
+async fn sign_up(app: &TestApp, clerk_id: &str, email: &str, signed_up: DateTime<Utc>) {
+    let created = clerk_user("user.created", clerk_id, email, signed_up);
+    let status = deliver_clerk(app, &format!("msg_{clerk_id}"), &created).await;
+    assert_eq!(status, 200, "user.created of {clerk_id}");
+}
+
+async fn stripe_and_clerk_app() -> StripeApp {
+    spawn_stripe_app_with(|s| {
+        s.clerk_webhook.signing_secret = creditd::config::Secret::new(SIGNING_SECRET);
+    })
+    .await
+}
+
+fn refused_with(answer: (u16, Value), error: &str) {
+    let (status, body) = answer;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"], error, "{body}");
+}
+
+#[actix::test]
+async fn mailbox_aliases_cannot_refer_each_other_and_one_person_presents_one_code() {
+    let stripe = stripe_and_clerk_app().await;
+    let app = &stripe.app;
+    let now = Utc::now();
+    for (clerk_id, email) in [
+        ("user_xavier", "x.avier@gmail.com"),
+        ("user_xavier_tagged", "XAVIER+2@googlemail.com"),
+        ("user_yves", "yves@example.com"),
+        ("user_yves_tagged", "Yves+promo@Example.com"),
+        ("user_zoe", "zoe@example.com"),
+    ] {
+        sign_up(app, clerk_id, email, now).await;
+    }
+    let xavier = code_of(app, "user_xavier").await;
+    let zoe = code_of(app, "user_zoe").await;
+
+    refused_with(
+        present(app, "user_xavier_tagged", &xavier).await,
+        "SELF_REFERRAL",
+    );
+    assert_eq!(present(app, "user_yves", &zoe).await.0, 201);
+    let (status, again) = present(app, "user_yves_tagged", &xavier).await;
+    refused_with((status, again.clone()), "ALREADY_REFERRED");
+    assert!(
+        again["message"].as_str().unwrap().contains("email"),
+        "{again}"
+    );
+
+    assert_eq!(referral(app, "user_xavier").await["referredCount"], 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn the_referral_window_follows_clerks_signup_time_not_creditds_first_sight() {
+    let stripe = stripe_and_clerk_app().await;
+    let app = &stripe.app;
+    let code = code_of(app, "user_host").await;
+
+    // At Clerk 8 days ago, first seen by creditd now.
+    let eight_days_ago = Utc::now() - Duration::days(8);
+    sign_up(app, "user_old", "old@example.com", eight_days_ago).await;
+    refused_with(
+        present(app, "user_old", &code).await,
+        "REFERRAL_WINDOW_CLOSED",
+    );
+    let until = referral(app, "user_old").await["redeemUntil"]
+        .as_str()
+        .expect("redeemUntil")
+        .parse::<DateTime<Utc>>()
+        .unwrap();
+    assert!(until < Utc::now(), "{until}");
+
+    // First seen 8 days ago, at Clerk 6 days ago: Clerk's time counts.
+    app.account("user_recent").await;
+    sql(
+        app,
+        "UPDATE users SET created_at = now() - interval '8 days' WHERE clerk_id = 'user_recent'",
+    )
+    .await;
+    refused_with(
+        present(app, "user_recent", &code).await,
+        "REFERRAL_WINDOW_CLOSED",
+    );
+    let updated = clerk_user(
+        "user.updated",
+        "user_recent",
+        "recent@example.com",
+        Utc::now() - Duration::days(6),
+    );
+    assert_eq!(deliver_clerk(app, "msg_recent", &updated).await, 200);
+    assert_eq!(present(app, "user_recent", &code).await.0, 201);
+
+    // A signup time that is not one is refused by its field.
+    let mut bad = clerk_user("user.created", "user_bad", "bad@example.com", Utc::now());
+    bad["data"]["created_at"] = json!(-1);
+    let body = bad.to_string();
+    let now = Utc::now().timestamp();
+    let response = app
+        .http
+        .post(app.url("/api/webhooks/clerk"))
+        .header("svix-id", "msg_bad")
+        .header("svix-timestamp", now.to_string())
+        .header(
+            "svix-signature",
+            sign(SIGNING_SECRET, "msg_bad", now, &body),
+        )
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, error) = json_of(response).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("data.created_at"),
+        "{error}"
+    );
 }
