@@ -74,12 +74,19 @@ ON CONFLICT DO NOTHING;
 
 DROP FUNCTION pg_temp.canonical_mailbox(TEXT);
 
--- The referred person's hash makes presenting a code once per person, not
--- per account. Existing referrals: the first person to be referred keeps
--- the row's hash (two spellings referred before this carry one person
--- twice).
-ALTER TABLE referrals ADD COLUMN referred_email_hash TEXT;
+-- A referral records the top-up that paid its bonuses (its Checkout
+-- session and payment intent: a refund or dispute of that payment finds
+-- the referral by it), and the bonus each side was paid. The referred
+-- person's hash makes presenting a code once per person, not per account.
+ALTER TABLE referrals
+    ADD COLUMN referred_email_hash TEXT,
+    ADD COLUMN paid_by_session_id  TEXT,
+    ADD COLUMN paid_by_payment_id  TEXT,
+    ADD COLUMN bonus_micros        BIGINT CHECK (bonus_micros > 0),
+    ADD COLUMN reversal_steps      INTEGER NOT NULL DEFAULT 0 CHECK (reversal_steps >= 0);
 
+-- Existing referrals: the first person to be referred keeps the row's
+-- hash (two spellings referred before this carry one person twice).
 UPDATE referrals r SET referred_email_hash = u.email_hash
   FROM users u
  WHERE u.id = r.referred_user_id AND u.email_hash IS NOT NULL
@@ -90,3 +97,46 @@ UPDATE referrals r SET referred_email_hash = u.email_hash
           AND (o.created_at, o.referred_user_id) < (r.created_at, r.referred_user_id));
 CREATE UNIQUE INDEX referrals_one_per_person
     ON referrals (referred_email_hash) WHERE referred_email_hash IS NOT NULL;
+
+-- Existing rewarded referrals: the paying top-up is the referred user's
+-- first Checkout top-up credited once the code was presented (the first
+-- the bonuses followed), else the last one before them; the bonus is the
+-- amount the referred side was credited.
+UPDATE referrals r
+   SET (paid_by_session_id, paid_by_payment_id) = (
+        SELECT t.stripe_session_id, t.stripe_payment_id
+          FROM credit_transactions t
+         WHERE t.user_id = r.referred_user_id AND t.type = 'TOP_UP'
+           AND t.direction = 'CREDIT' AND t.stripe_session_id IS NOT NULL
+         ORDER BY (t.created_at >= r.created_at) DESC,
+                  CASE WHEN t.created_at >= r.created_at THEN t.seq ELSE -t.seq END
+         LIMIT 1),
+       bonus_micros = (
+        SELECT t.amount_micros FROM credit_transactions t
+         WHERE t.user_id = r.referred_user_id
+           AND t.idempotency_key = 'referral:' || r.referred_user_id || ':referee')
+ WHERE r.rewarded_at IS NOT NULL AND r.paid_by_session_id IS NULL;
+
+-- The steps a referral's bonuses took back and forth as the paying
+-- top-up's money moved: odd steps take both bonuses back (a refund, a
+-- lost dispute), even steps give them back (a won dispute). Each step's
+-- amounts are fixed when it is recorded, under the referral row's lock,
+-- and posted under `referral:<referred>:<side>:reversal:<step>`, so every
+-- delivery, in any order, posts the same entries once.
+CREATE TABLE referral_reversals (
+    referred_user_id BIGINT NOT NULL REFERENCES referrals (referred_user_id),
+    step             INTEGER NOT NULL CHECK (step > 0),
+    reason           TEXT NOT NULL CHECK (reason IN ('REFUNDED', 'DISPUTED', 'DISPUTE_WON')),
+    referee_micros   BIGINT NOT NULL CHECK (referee_micros >= 0),
+    referrer_micros  BIGINT NOT NULL CHECK (referrer_micros >= 0),
+    created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (referred_user_id, step),
+    CHECK ((step % 2 = 1) = (reason <> 'DISPUTE_WON'))
+);
+
+-- A step's amount reads what the credit it reverses still stands for
+-- (what of its grant expired unspent): a credit's grant by the credit.
+-- Credits are rare next to usages, and the column never changes (grant
+-- updates stay HOT).
+CREATE INDEX credit_grants_transaction ON credit_grants (transaction_id)
+    WHERE transaction_id IS NOT NULL;

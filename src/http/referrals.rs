@@ -23,7 +23,8 @@ pub(super) struct ReferralView {
     code: String,
     /// Users who presented this code.
     referred_count: i64,
-    /// Of those, the ones whose first paid top-up paid both bonuses.
+    /// Of those, the ones whose first paid top-up paid both bonuses and
+    /// was neither refunded nor lost in a dispute.
     rewarded_count: i64,
     /// Promo credit each side gets.
     bonus_micros: i64,
