@@ -45,6 +45,10 @@ pub fn describe(prices: &PriceTable) {
         "creditd_referral_bonuses_total",
         "Referral bonuses paid (two per rewarded referral)"
     );
+    describe_counter!(
+        "creditd_referral_reversals_total",
+        "Referral bonuses taken back (the paying top-up refunded or disputed) or given back (dispute won), one per side"
+    );
     describe_counter!("creditd_holds_expired_total", "Holds released by expiry");
     describe_gauge!("creditd_active_holds", "Active holds in PostgreSQL");
     describe_gauge!(
@@ -154,6 +158,9 @@ pub fn describe(prices: &PriceTable) {
     metrics::counter!("creditd_reserves_refused_total").increment(0);
     metrics::counter!("creditd_holds_expired_total").increment(0);
     metrics::counter!("creditd_referral_bonuses_total").increment(0);
+    for step in ["taken_back", "given_back"] {
+        metrics::counter!("creditd_referral_reversals_total", "step" => step).increment(0);
+    }
     for window in ["daily", "monthly"] {
         metrics::counter!("creditd_spend_limit_refusals_total", "window" => window).increment(0);
     }

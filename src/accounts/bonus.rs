@@ -65,15 +65,14 @@ fn signup_bonus_key(account: AccountId) -> Result<IdempotencyKey, LedgerError> {
         .map_err(|e| LedgerError::Internal(format!("signup bonus key: {e}")))
 }
 
-/// How the signup bonus knows a person by email: the address trimmed and
-/// lowercased, as SHA-256 hex (no address is stored in a key or a claim).
+/// How the "once per person" rules know a person by email: the canonical
+/// mailbox (see `mailbox::canonical_mailbox`: case, `+tag` and Gmail's dots
+/// do not make another person), as SHA-256 hex (no address is stored in a
+/// key or a claim).
 pub fn email_hash(email: &str) -> Option<String> {
     use sha2::Digest;
-    let normalized = email.trim().to_lowercase();
-    if normalized.is_empty() {
-        return None;
-    }
-    let digest = sha2::Sha256::digest(normalized.as_bytes());
+    let canonical = super::mailbox::canonical_mailbox(email)?;
+    let digest = sha2::Sha256::digest(canonical.as_bytes());
     Some(digest.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
@@ -82,9 +81,9 @@ pub fn email_hash(email: &str) -> Option<String> {
 /// A user whose verified email is known is a person by that email: the
 /// account first claims it in `signup_bonus_claims` (one row per email,
 /// naming the account, in its own committed statement), then is credited
-/// under its account's key. A second account of the same email (a
-/// re-signup, any letter case) finds the claim naming another account and
-/// gets nothing. A crash between the claim and the credit loses nothing:
+/// under its account's key. A second account of the same mailbox (a
+/// re-signup, any letter case, a `+tag`, Gmail's dots) finds the claim
+/// naming another account and gets nothing. A crash between the claim and the credit loses nothing:
 /// the claim names this account, so its retry passes the claim again and
 /// the deterministic key credits once. A user without an email is credited
 /// under its account's key alone, as before.

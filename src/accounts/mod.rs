@@ -3,6 +3,7 @@
 //! - [`users`]: Clerk id → account (created on first sight, cached),
 //!   deletion, the profile Clerk sends, the Stripe customer and plan;
 //! - [`bonus`]: the signup-bonus rule (once per person, by email);
+//! - [`mailbox`]: the canonical mailbox a person is known by;
 //! - [`keys`]: users' own provider keys (BYOK) as stored;
 //! - [`cipher`]: how those keys are sealed at rest.
 //!
@@ -12,6 +13,7 @@
 pub mod bonus;
 pub mod cipher;
 pub mod keys;
+pub mod mailbox;
 pub mod users;
 
 pub use bonus::{grant_signup_bonus, Bonus, SignupBonus};

@@ -25,11 +25,12 @@ mod sql {
             AND ($5 = false OR stripe_subscription_id IS NULL OR stripe_subscription_id = $6)";
     pub const CUSTOMER_KNOWN: &str = "SELECT 1 FROM users WHERE stripe_customer_id = $1";
     pub const UPSERT_PROFILE: &str =
-        "INSERT INTO users (clerk_id, email, name, image_url, email_hash)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO users (clerk_id, email, name, image_url, email_hash, signed_up_at)
+         VALUES ($1, $2, $3, $4, $5, $7)
          ON CONFLICT (clerk_id) DO UPDATE
             SET email = EXCLUDED.email, name = EXCLUDED.name,
                 image_url = EXCLUDED.image_url, email_hash = EXCLUDED.email_hash,
+                signed_up_at = COALESCE(EXCLUDED.signed_up_at, users.signed_up_at),
                 deleted_at = CASE WHEN $6 THEN NULL ELSE users.deleted_at END,
                 updated_at = now()
          RETURNING id, deleted_at IS NOT NULL";
@@ -102,6 +103,8 @@ pub struct Profile<'a> {
     pub image_url: Option<&'a str>,
     /// How the signup bonus knows the person (see `bonus::email_hash`).
     pub email_hash: Option<&'a str>,
+    /// When the user signed up at Clerk (`created_at`), if Clerk said.
+    pub signed_up_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Clerk id → account, created on first sight and kept in memory.
@@ -201,6 +204,7 @@ impl Users {
                     &profile.image_url,
                     &profile.email_hash,
                     &created,
+                    &profile.signed_up_at,
                 ],
             )
             .await

@@ -1,10 +1,12 @@
 //! Clerk's user events: `user.created` creates the user (or brings a
 //! deleted one back) and grants the signup bonus (once per person: see
 //! `accounts::bonus`, shared with `claim-bonus`); `user.updated` keeps
-//! email and name; `user.deleted` marks the user deleted (its requests are
+//! email and name (and both keep Clerk's signup time, where the referral
+//! window starts); `user.deleted` marks the user deleted (its requests are
 //! refused from then on), keeps the ledger, and switches auto-recharge off
 //! with the saved card forgotten.
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -78,6 +80,10 @@ pub struct ClerkUser {
     last_name: Option<String>,
     #[serde(default)]
     image_url: Option<String>,
+    /// When the user signed up at Clerk, in milliseconds since the epoch:
+    /// where the referral window starts.
+    #[serde(default)]
+    created_at: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,7 +132,25 @@ impl ClerkUser {
                 check_field(field, value)?;
             }
         }
+        self.signed_up_at()?;
         Ok(self)
+    }
+
+    /// Clerk's `created_at` as a time, if sent; an error naming the field
+    /// when it is not a time since the epoch.
+    fn signed_up_at(&self) -> Result<Option<DateTime<Utc>>, EventError> {
+        let Some(millis) = self.created_at else {
+            return Ok(None);
+        };
+        DateTime::from_timestamp_millis(millis)
+            .filter(|_| millis > 0)
+            .map(Some)
+            .ok_or_else(|| {
+                EventError::Invalid(
+                    "field `data.created_at`: must be a positive number of milliseconds since the epoch"
+                        .into(),
+                )
+            })
     }
 
     fn primary_email(&self) -> Option<&str> {
@@ -138,8 +162,8 @@ impl ClerkUser {
     }
 
     /// The primary email as the signup bonus knows a person by: verified
-    /// (an address Clerk reports as not verified names nobody yet),
-    /// trimmed and lowercased, then hashed so no address sits in a key.
+    /// (an address Clerk reports as not verified names nobody yet), as its
+    /// canonical mailbox, hashed so no address sits in a key.
     fn bonus_email_hash(&self) -> Option<String> {
         let primary = self.primary_email_address_id.as_deref()?;
         let address = self
@@ -174,6 +198,9 @@ impl ClerkUser {
         created: bool,
     ) -> Result<crate::ledger::AccountId, LedgerError> {
         let email_hash = self.bonus_email_hash();
+        let signed_up_at = self
+            .signed_up_at()
+            .map_err(|error| LedgerError::InvalidRequest(error.to_string()))?;
         let name = self.name();
         let clerk_id = ClerkUserId::new(self.id.as_str());
         let profile = Profile {
@@ -182,6 +209,7 @@ impl ClerkUser {
             name: name.as_deref(),
             image_url: self.image_url.as_deref(),
             email_hash: email_hash.as_deref(),
+            signed_up_at,
         };
         users.upsert_profile(profile, created).await
     }

@@ -53,6 +53,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0010_auto_recharge_safety.sql"),
     ),
     (
+        12,
+        "referral_reversals_and_mailboxes",
+        include_str!("../../sql/0012_referral_reversals_and_mailboxes.sql"),
+    ),
+    (
         13,
         "event_sequences",
         include_str!("../../sql/0013_event_sequences.sql"),

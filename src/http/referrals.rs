@@ -23,7 +23,8 @@ pub(super) struct ReferralView {
     code: String,
     /// Users who presented this code.
     referred_count: i64,
-    /// Of those, the ones whose first paid top-up paid both bonuses.
+    /// Of those, the ones whose first paid top-up paid both bonuses and
+    /// was neither refunded nor lost in a dispute.
     rewarded_count: i64,
     /// Promo credit each side gets.
     bonus_micros: i64,
@@ -77,7 +78,7 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
         (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::openapi::ErrorBody),
         (status = 404, description = "REFERRAL_CODE_UNKNOWN", body = super::openapi::ErrorBody),
         (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 409, description = "REFERRAL_WINDOW_CLOSED (signed up more than 7 days ago), ALREADY_REFERRED (another code was presented), SELF_REFERRAL (own code, or its owner has the same email)", body = super::openapi::ErrorBody),
+        (status = 409, description = "REFERRAL_WINDOW_CLOSED (signed up at Clerk more than 7 days ago), ALREADY_REFERRED (another code was presented, by this account or another of the same mailbox), SELF_REFERRAL (own code, or its owner has the same canonical mailbox)", body = super::openapi::ErrorBody),
         (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
         (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
         (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
@@ -134,6 +135,10 @@ fn refused(refusal: Refusal) -> ApiError {
         Refusal::AlreadyReferred => (
             Code::AlreadyReferred,
             "you already presented another referral code".to_owned(),
+        ),
+        Refusal::PersonAlreadyReferred => (
+            Code::AlreadyReferred,
+            "an account with your email address already presented a referral code".to_owned(),
         ),
     };
     ApiError::new(code, message)

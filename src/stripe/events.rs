@@ -38,9 +38,6 @@ pub struct CheckoutSession {
     pub invoice: Option<String>,
     #[serde(default)]
     pub metadata: HashMap<String, String>,
-    /// The Stripe customer who paid (`cus_…`).
-    #[serde(default)]
-    pub customer: Option<String>,
 }
 
 /// `payment_intent.succeeded` / `payment_intent.payment_failed`: a

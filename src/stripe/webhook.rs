@@ -1,5 +1,6 @@
 //! What each Stripe webhook event does: top-ups credit, refunds and
-//! disputes debit (or credit back), subscriptions keep `users.plan`.
+//! disputes debit (or credit back), and the referral bonuses a top-up paid
+//! follow it; subscriptions keep `users.plan`.
 //!
 //! Every effect goes through the engine under an idempotency key derived
 //! from Stripe's ids, so a replayed or concurrent delivery cannot apply
@@ -260,12 +261,16 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
     if matches!(credited, Outcome::Applied | Outcome::Replayed) {
         // A referral is paid after the top-up's credit, and tried again on
         // every redelivery until it is (its credits have keys of their own).
+        let topup = crate::referrals::PaidTopup {
+            session_id: &session.id,
+            payment_intent: session.payment_intent.as_deref(),
+        };
         crate::referrals::reward_after_topup(
             effects.pool,
             effects.engine,
             effects.referral_bonus,
             account,
-            session.customer.as_deref(),
+            topup,
         )
         .await?;
         if let (Some(api), Some(payment_intent)) = (effects.api, session.payment_intent.as_deref())
@@ -599,14 +604,24 @@ async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, Stripe
             "amountRefundedCents": charge.amount_refunded,
         })),
     };
-    match effects.engine.clawback(account, request).await {
+    let outcome = match effects.engine.clawback(account, request).await {
         Ok(crate::ledger::Outcome { record: None, .. }) => Ok(Outcome::NothingToClawBack),
         Ok(crate::ledger::Outcome {
             record: Some(record),
             replayed,
         }) => applied(Ok(crate::ledger::Outcome { record, replayed }), "refund"),
         Err(error) => applied(Err(error), "refund"),
-    }
+    }?;
+    // The referral bonuses this top-up paid follow its money.
+    crate::referrals::follow_paying_topup(
+        effects.pool,
+        effects.engine,
+        effects.referral_bonus,
+        account,
+        payment_intent,
+    )
+    .await?;
+    Ok(outcome)
 }
 
 /// A dispute's money movement, as Stripe reports it.
@@ -685,7 +700,17 @@ async fn dispute_funds(
         Funds::Withdrawn => effects.engine.debit(account, posting).await,
         Funds::Reinstated => effects.engine.credit(account, posting).await,
     };
-    applied(result, "dispute")
+    let outcome = applied(result, "dispute")?;
+    // The referral bonuses this top-up paid follow its money.
+    crate::referrals::follow_paying_topup(
+        effects.pool,
+        effects.engine,
+        effects.referral_bonus,
+        account,
+        payment_intent,
+    )
+    .await?;
+    Ok(outcome)
 }
 
 /// A dispute of a payment creditd credited nothing for: a top-up whose

@@ -272,3 +272,47 @@ async fn a_re_signup_that_claims_the_bonus_before_its_email_is_known_gives_it_ba
     assert_eq!(first_account["balanceMicros"], 10_000_000);
     app.db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn mailbox_aliases_get_one_signup_bonus_between_them_and_dots_outside_gmail_are_other_people()
+{
+    let app = clerk_app().await;
+    let aliases = [
+        "j.doe@gmail.com",
+        "jdoe+apps@gmail.com",
+        "JDOE@GMAIL.COM",
+        "j.d.o.e@googlemail.com",
+        " JDoe+x@GoogleMail.com ",
+    ];
+
+    let statuses = join_all(aliases.iter().enumerate().map(|(n, email)| {
+        let created = user_event("user.created", &format!("user_alias_{n}"), email, "J", "D");
+        let app = &app;
+        async move { deliver(app, &format!("msg_alias_{n}"), &created).await }
+    }))
+    .await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(bonuses(&app).await, 1);
+    let mut total = 0;
+    for n in 0..aliases.len() {
+        total += balance_micros(&app, &format!("user_alias_{n}")).await;
+    }
+    assert_eq!(total, 10_000_000);
+
+    for (clerk_id, email) in [
+        ("user_dotted", "j.doe@example.com"),
+        ("user_undotted", "jdoe@example.com"),
+        ("user_undotted_tagged", "jdoe+x@example.com"),
+    ] {
+        let created = user_event("user.created", clerk_id, email, "J", "D");
+        assert_eq!(
+            deliver(&app, &format!("msg_{clerk_id}"), &created).await,
+            200
+        );
+    }
+    assert_eq!(balance_micros(&app, "user_dotted").await, 10_000_000);
+    assert_eq!(balance_micros(&app, "user_undotted").await, 10_000_000);
+    assert_eq!(balance_micros(&app, "user_undotted_tagged").await, 0);
+    assert_eq!(bonuses(&app).await, 3);
+    app.db.reconcile_is_clean().await;
+}

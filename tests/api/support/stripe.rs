@@ -361,6 +361,14 @@ pub async fn spawn_stripe_app() -> StripeApp {
 pub async fn spawn_stripe_app_with(
     adjust: impl FnOnce(&mut creditd::config::Settings) + Send + 'static,
 ) -> StripeApp {
+    spawn_stripe_app_on_clock(creditd::clock::Clock::system(), adjust).await
+}
+
+/// As `spawn_stripe_app_with`, the engine reading the time from `clock`.
+pub async fn spawn_stripe_app_on_clock(
+    clock: creditd::clock::Clock,
+    adjust: impl FnOnce(&mut creditd::config::Settings) + Send + 'static,
+) -> StripeApp {
     let stripe = MockServer::start().await;
     let customers = Customers::default();
     let sessions = Sessions::default();
@@ -386,7 +394,7 @@ pub async fn spawn_stripe_app_with(
         .mount(&stripe)
         .await;
     let uri = stripe.uri();
-    let app = spawn_app_with(move |settings| {
+    let app = spawn_app_on_clock(clock, move |settings| {
         settings.stripe.secret_key = creditd::config::Secret::new(SECRET_KEY);
         settings.stripe.webhook_secret = creditd::config::Secret::new(WEBHOOK_SECRET);
         settings.stripe.api_base = uri;
