@@ -41,7 +41,7 @@ pub(super) struct Adjustment {
 
 pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
     let id = path.trim();
-    if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+    if id.is_empty() || id.len() > 200 || crate::text::refused_in(id).is_some() {
         return Err(ApiError::invalid("field `userId`: not a Clerk user id"));
     }
     Ok(ClerkUserId::new(id))
@@ -84,10 +84,8 @@ async fn adjust(
     if reason.is_empty() || reason.len() > 500 {
         return Err(ApiError::invalid("field `reason`: 1 to 500 characters"));
     }
-    if crate::ledger::check_text("reason", reason).is_err() {
-        return Err(ApiError::invalid(
-            "field `reason`: must not contain control characters",
-        ));
+    if let Some(problem) = crate::text::problem(reason) {
+        return Err(ApiError::invalid(format!("field `reason`: {problem}")));
     }
     let kind = match adjustment.kind.as_deref() {
         None | Some("ADJUSTMENT") => TransactionType::Adjustment,

@@ -9,7 +9,9 @@ use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::events::{Charge, CheckoutSession, Dispute, Event, PaymentIntent, Subscription};
+use super::events::{
+    Charge, CheckoutSession, Dispute, Event, PaymentIntent, StoredText, Subscription,
+};
 use super::{StripeApi, StripeCallError, StripeError};
 use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
 use crate::config::StripeSettings;
@@ -75,7 +77,9 @@ pub enum StripeEvent {
 }
 
 impl StripeEvent {
+    /// The event by type, every text that would be stored checked.
     pub fn parse(event: &Event) -> Result<StripeEvent, StripeError> {
+        stored_text(event)?;
         Ok(match event.kind.as_str() {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
                 StripeEvent::Checkout(object(event)?)
@@ -136,13 +140,26 @@ impl StripeEvent {
     }
 }
 
-fn object<T: DeserializeOwned>(event: &Event) -> Result<T, StripeError> {
-    serde_json::from_value(event.data.object.clone()).map_err(|error| {
+fn object<T: DeserializeOwned + StoredText>(event: &Event) -> Result<T, StripeError> {
+    let object: T = serde_json::from_value(event.data.object.clone()).map_err(|error| {
         StripeError::Invalid(format!(
             "event {} ({}): data.object: {error}",
             event.id, event.kind
         ))
-    })
+    })?;
+    stored_text(&object)?;
+    Ok(object)
+}
+
+/// Refuses a payload whose stored texts hold a control or invisible
+/// formatting character (or are over-long), naming the field.
+fn stored_text(payload: &impl StoredText) -> Result<(), StripeError> {
+    for (field, value) in payload.stored_text() {
+        if let Some(problem) = value.and_then(crate::ledger::text_problem) {
+            return Err(StripeError::Invalid(format!("field `{field}`: {problem}")));
+        }
+    }
+    Ok(())
 }
 
 fn key(text: String) -> Result<IdempotencyKey, StripeError> {
