@@ -31,8 +31,9 @@ async fn recharge_app(
     .await
 }
 
-/// A top-up of `cents` through Checkout, paid: it credits the account and
-/// saves its card (`pm_card_visa`), as Stripe reports it.
+/// A top-up of `cents` through Checkout, paid: it credits the account and,
+/// once its follow-up ran, its card (`pm_card_visa`) is saved, as Stripe
+/// reports it.
 async fn top_up_saving_the_card(stripe: &StripeApp, clerk_id: &str, cents: i64) {
     let account = stripe.app.account(clerk_id).await.0;
     let (status, body) = json_of(
@@ -73,6 +74,14 @@ async fn top_up_saving_the_card(stripe: &StripeApp, clerk_id: &str, cents: i64) 
         checkout_session(&session, account, cents, "paid"),
     );
     assert_eq!(stripe.deliver(&completed).await, 200);
+    // The card is saved by the top-up's follow-up, after the credit.
+    for _ in 0..2_000 {
+        if settings_of(stripe, clerk_id).await["hasSavedCard"] == json!(true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the top-up's card was never saved");
 }
 
 async fn settings_of(stripe: &StripeApp, clerk_id: &str) -> Value {
