@@ -33,7 +33,7 @@ use serde_json::json;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::{StripeApi, StripeCallError};
+use super::StripeApi;
 use crate::config::StripeSettings;
 use crate::db::Database;
 use crate::ledger::store::unavailable;
@@ -197,26 +197,6 @@ struct Worker {
     settings: StripeSettings,
 }
 
-/// Why a step of a follow-up did not finish.
-enum StepError {
-    /// Stripe could not answer: the attempt fails and is retried.
-    Stripe(StripeCallError),
-    /// The database could not: the round stops, the job stays as it was.
-    Database(LedgerError),
-}
-
-impl From<StripeCallError> for StepError {
-    fn from(error: StripeCallError) -> StepError {
-        StepError::Stripe(error)
-    }
-}
-
-impl From<LedgerError> for StepError {
-    fn from(error: LedgerError) -> StepError {
-        StepError::Database(error)
-    }
-}
-
 impl Worker {
     async fn run(self) {
         let poll = Duration::from_millis(self.settings.followup_poll_interval_ms);
@@ -261,25 +241,37 @@ impl Worker {
             i64::from(self.settings.followup_batch),
         )
         .await?;
+        // No pooled connection is held while Stripe answers (or does not).
+        drop(client);
         let taken = due.len();
         for job in due {
-            self.follow_up(&**client, job).await?;
+            self.follow_up(job).await?;
         }
         Ok(taken)
     }
 
-    /// One attempt at a job: both steps, then the job marked done or failed.
-    async fn follow_up(&self, client: &impl GenericClient, job: Job) -> Result<(), LedgerError> {
+    /// One attempt at a job: both reads from Stripe, then what they gave
+    /// written and the job marked done, or failed.
+    async fn follow_up(&self, job: Job) -> Result<(), LedgerError> {
+        let card = match job.payment_intent.as_deref() {
+            Some(payment_intent) => self.api.payment_method_of(payment_intent).await,
+            None => Ok(None),
+        };
+        let invoice = match job.invoice.as_deref().filter(|_| !job.invoice_kept) {
+            Some(invoice) => Some((invoice, self.api.retrieve_invoice(invoice).await)),
+            None => None,
+        };
+        let client = crate::ledger::store::client(&self.pool).await?;
         let mut failures = Vec::new();
-        for (step, outcome) in [
-            ("card", self.keep_card(client, &job).await),
-            ("invoice", self.keep_invoice(client, &job).await),
-        ] {
-            match outcome {
-                Ok(()) => {}
-                Err(StepError::Stripe(error)) => failures.push(format!("{step}: {error}")),
-                Err(StepError::Database(error)) => return Err(error),
-            }
+        match card {
+            Ok(Some(payment_method)) => keep_card(&**client, &job, &payment_method).await?,
+            Ok(None) => {}
+            Err(error) => failures.push(format!("card: {error}")),
+        }
+        match invoice {
+            Some((invoice, Ok(found))) => keep_invoice(&**client, &job, invoice, found).await?,
+            Some((_, Err(error))) => failures.push(format!("invoice: {error}")),
+            None => {}
         }
         let now = Utc::now();
         if failures.is_empty() {
@@ -290,7 +282,7 @@ impl Worker {
             metrics::counter!("creditd_topup_followups_done_total").increment(1);
             return Ok(());
         }
-        self.attempt_failed(client, &job, &failures.join("; "), now)
+        self.attempt_failed(&**client, &job, &failures.join("; "), now)
             .await
     }
 
@@ -326,55 +318,53 @@ impl Worker {
         }
         Ok(())
     }
+}
 
-    /// Keeps the card the top-up was paid with (Checkout saved it for
-    /// off-session use), unless a newer top-up's follow-up is done: its
-    /// card is the one to keep.
-    async fn keep_card(&self, client: &impl GenericClient, job: &Job) -> Result<(), StepError> {
-        let Some(payment_intent) = job.payment_intent.as_deref() else {
-            return Ok(());
-        };
-        let Some(payment_method) = self.api.payment_method_of(payment_intent).await? else {
-            return Ok(());
-        };
-        let newer_done: bool = client
-            .query_one(sql::NEWER_DONE, &[&job.account.0, &job.seq])
-            .await
-            .and_then(|row| row.try_get(0))
-            .map_err(unavailable)?;
-        if newer_done {
-            return Ok(());
+/// Keeps the card the top-up was paid with (Checkout saved it for
+/// off-session use), unless a newer top-up's follow-up is done: its card is
+/// the one to keep.
+async fn keep_card(
+    client: &impl GenericClient,
+    job: &Job,
+    payment_method: &str,
+) -> Result<(), LedgerError> {
+    let newer_done: bool = client
+        .query_one(sql::NEWER_DONE, &[&job.account.0, &job.seq])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(unavailable)?;
+    if newer_done {
+        return Ok(());
+    }
+    crate::recharge::store::save_card(client, job.account, payment_method).await
+}
+
+/// Merges the invoice's hosted page and PDF into the top-up's metadata
+/// (where the history reads `invoiceUrl`). An invoice Stripe does not know
+/// is logged and kept as having no link.
+async fn keep_invoice(
+    client: &impl GenericClient,
+    job: &Job,
+    invoice: &str,
+    found: Option<super::events::Invoice>,
+) -> Result<(), LedgerError> {
+    let link = match found {
+        Some(found) => json!({
+            "invoiceId": found.id,
+            "invoiceUrl": found.hosted_invoice_url,
+            "invoicePdf": found.invoice_pdf,
+        }),
+        None => {
+            tracing::error!(%invoice, transaction = %job.transaction,
+                "the top-up's invoice is unknown to Stripe; kept without a link");
+            json!({ "invoiceUrl": null, "invoicePdf": null })
         }
-        crate::recharge::store::save_card(client, job.account, &payment_method).await?;
-        Ok(())
-    }
-
-    /// Merges the invoice's hosted page and PDF into the top-up's metadata
-    /// (where the history reads `invoiceUrl`). An invoice Stripe does not
-    /// know is logged and kept as having no link.
-    async fn keep_invoice(&self, client: &impl GenericClient, job: &Job) -> Result<(), StepError> {
-        let Some(invoice) = job.invoice.as_deref().filter(|_| !job.invoice_kept) else {
-            return Ok(());
-        };
-        let found = self.api.retrieve_invoice(invoice).await?;
-        let link = match found {
-            Some(found) => json!({
-                "invoiceId": found.id,
-                "invoiceUrl": found.hosted_invoice_url,
-                "invoicePdf": found.invoice_pdf,
-            }),
-            None => {
-                tracing::error!(%invoice, transaction = %job.transaction,
-                    "the top-up's invoice is unknown to Stripe; kept without a link");
-                json!({ "invoiceUrl": null, "invoicePdf": null })
-            }
-        };
-        client
-            .execute(sql::KEEP_INVOICE, &[&job.transaction, &link])
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
+    };
+    client
+        .execute(sql::KEEP_INVOICE, &[&job.transaction, &link])
+        .await
+        .map_err(unavailable)?;
+    Ok(())
 }
 
 /// The open jobs due at `now`, the longest-waiting first.
