@@ -21,3 +21,8 @@ ALTER TABLE auto_recharge_attempts ADD CONSTRAINT auto_recharge_attempts_status_
 -- A refund or a dispute finds the attempt its payment paid.
 CREATE INDEX auto_recharge_attempts_payment_intent ON auto_recharge_attempts (payment_intent_id)
     WHERE payment_intent_id IS NOT NULL;
+
+-- When a dispute or the account's deletion last forgot the saved card: a
+-- top-up paid before it must not save its card again (its follow-up may
+-- run late, after the dispute).
+ALTER TABLE users ADD COLUMN card_forgotten_at TIMESTAMPTZ;

@@ -123,6 +123,9 @@ pub struct Application {
     sender: Option<tokio::task::JoinHandle<()>>,
     /// Pays the auto-recharge attempts (none without Stripe).
     recharge: Option<tokio::task::JoinHandle<()>>,
+    /// Saves paid top-ups' cards and reads their invoice links (none
+    /// without Stripe).
+    followups: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -181,6 +184,14 @@ impl Application {
             )),
             None => None,
         };
+        let followups = crate::stripe::StripeApi::new(&settings.stripe)?.map(|api| {
+            crate::stripe::followup::spawn_worker(
+                storage.database.clone(),
+                storage.pool.clone(),
+                Arc::new(api),
+                &settings.stripe,
+            )
+        });
         let server = http::server(state, listener, &settings)?;
         Ok(Application {
             port,
@@ -191,6 +202,7 @@ impl Application {
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_s),
             sender,
             recharge,
+            followups,
         })
     }
 
@@ -217,6 +229,10 @@ impl Application {
         }
         if let Some(recharge) = &self.recharge {
             recharge.abort();
+        }
+        if let Some(followups) = &self.followups {
+            // Open follow-ups stay in their rows for the next start.
+            followups.abort();
         }
         if let Some(sender) = &self.sender {
             // Undelivered events stay in the outbox for the next start.

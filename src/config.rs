@@ -288,6 +288,17 @@ pub struct StripeSettings {
     pub starter_price_id: String,
     pub pro_price_id: String,
     pub team_price_id: String,
+    /// How often the follow-up worker looks for due top-up follow-ups
+    /// (saving the card, reading the invoice link) when it found none.
+    pub followup_poll_interval_ms: u64,
+    /// First retry delay of a failed follow-up, doubled at each failure up
+    /// to `followup_retry_max_ms`.
+    pub followup_retry_base_ms: u64,
+    pub followup_retry_max_ms: u64,
+    /// Attempts after which a follow-up is FAILED (shown to operators).
+    pub followup_max_attempts: u32,
+    /// Follow-ups taken per round.
+    pub followup_batch: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -420,6 +431,9 @@ impl Settings {
                     .into(),
             );
         }
+        if self.stripe.followup_retry_base_ms > self.stripe.followup_retry_max_ms {
+            return Err("configuration key `stripe.followup_retry_base_ms`: above stripe.followup_retry_max_ms".into());
+        }
         if self.clerk.leeway_s > 5 {
             return Err("configuration key `clerk.leeway_s`: at most 5".into());
         }
@@ -533,6 +547,26 @@ impl Settings {
             ("clerk.jwks_refresh_s", self.clerk.jwks_refresh_s),
             ("clerk.jwks_timeout_ms", self.clerk.jwks_timeout_ms),
             ("stripe.timeout_ms", self.stripe.timeout_ms),
+            (
+                "stripe.followup_poll_interval_ms",
+                self.stripe.followup_poll_interval_ms,
+            ),
+            (
+                "stripe.followup_retry_base_ms",
+                self.stripe.followup_retry_base_ms,
+            ),
+            (
+                "stripe.followup_retry_max_ms",
+                self.stripe.followup_retry_max_ms,
+            ),
+            (
+                "stripe.followup_max_attempts",
+                u64::from(self.stripe.followup_max_attempts),
+            ),
+            (
+                "stripe.followup_batch",
+                u64::from(self.stripe.followup_batch),
+            ),
             (
                 "stripe.webhook_tolerance_s",
                 self.stripe.webhook_tolerance_s,

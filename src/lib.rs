@@ -1,6 +1,7 @@
 //! creditd: the prepaid AI-credits ledger of an AI app builder.
 //!
 //! - [`money`]: exact amounts in integer micros;
+//! - [`text`]: the characters no stored text may hold (controls, invisible formatting);
 //! - [`pricing`]: the model price table and per-request cost;
 //! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY` (plain data);
 //! - [`runtime`]: settings turned once into the price table, cipher, keys;
@@ -39,4 +40,5 @@ pub mod referrals;
 pub mod runtime;
 pub mod stripe;
 pub mod telemetry;
+pub mod text;
 pub mod webhooks;

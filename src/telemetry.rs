@@ -100,6 +100,22 @@ pub fn describe(prices: &PriceTable) {
         "creditd_topup_amount_mismatch_total",
         "Paid top-up sessions not credited: amount_total differs from metadata.amountCents"
     );
+    describe_gauge!(
+        "creditd_topup_followups_pending",
+        "Paid top-ups whose follow-ups (card saved, invoice link read) are not done nor given up (read by the follow-up worker)"
+    );
+    describe_counter!(
+        "creditd_topup_followups_done_total",
+        "Top-up follow-ups done (card saved, invoice link read)"
+    );
+    describe_counter!(
+        "creditd_topup_followup_failures_total",
+        "Top-up follow-up attempts that failed (Stripe unavailable or unreadable; retried or given up)"
+    );
+    describe_counter!(
+        "creditd_topup_followups_failed_total",
+        "Top-up follow-ups given up after stripe.followup_max_attempts"
+    );
     describe_counter!(
         "creditd_request_body_timeouts_total",
         "Request bodies not received within server.client_request_timeout_ms"
@@ -154,6 +170,9 @@ pub fn describe(prices: &PriceTable) {
         metrics::counter!("creditd_rate_limited_total", "limit" => limit).increment(0);
     }
     metrics::counter!("creditd_topup_amount_mismatch_total").increment(0);
+    metrics::counter!("creditd_topup_followups_done_total").increment(0);
+    metrics::counter!("creditd_topup_followup_failures_total").increment(0);
+    metrics::counter!("creditd_topup_followups_failed_total").increment(0);
     metrics::counter!("creditd_jwks_refresh_failures_total").increment(0);
     metrics::counter!("creditd_reserves_refused_total").increment(0);
     metrics::counter!("creditd_holds_expired_total").increment(0);

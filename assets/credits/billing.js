@@ -1,7 +1,9 @@
 // The /billing page: composes the credit elements and, back from Stripe
 // Checkout, tells what happened. `?topup=success`: the payment is being
 // confirmed (the webhook may lag) and the balance is reloaded until the
-// top-up's credit is there. `?topup=canceled`: nothing was charged.
+// top-up's credit is there, then the history once more when its invoice
+// link (read from Stripe after the credit) arrives. `?topup=canceled`:
+// nothing was charged.
 
 import './credit-balance.js'
 import './credit-topup-dialog.js'
@@ -15,6 +17,7 @@ import { formatMicros, request } from './credits-api.js'
 
 const POLL_INTERVAL_MS = 1000
 const POLL_ATTEMPTS = 90
+const INVOICE_POLL_ATTEMPTS = 30
 
 function status(text, state) {
   const element = document.getElementById('topup-status')
@@ -39,6 +42,25 @@ function landed(overview, pending, since) {
   )
 }
 
+const pause = () => new Promise((resolve) => setTimeout(resolve, POLL_INTERVAL_MS))
+
+/** Reloads the history once the top-up's invoice link is there (bounded). */
+async function awaitInvoiceLink(topup) {
+  for (let attempt = 0; attempt < INVOICE_POLL_ATTEMPTS && !topup.invoiceUrl; attempt += 1) {
+    await pause()
+    try {
+      const overview = await request(document.body, '/api/credits')
+      const row = overview.transactions.find((t) => t.id === topup.id)
+      if (row?.invoiceUrl) {
+        document.dispatchEvent(new CustomEvent('credit-balance:refresh'))
+        return
+      }
+    } catch {
+      // Retried like the confirmation.
+    }
+  }
+}
+
 async function confirmTopup() {
   const pending = pendingTopup()
   const since = Date.now() - 15 * 60 * 1000
@@ -51,12 +73,13 @@ async function confirmTopup() {
         sessionStorage.removeItem(PENDING_TOPUP_KEY)
         document.dispatchEvent(new CustomEvent('credit-balance:refresh'))
         status(`Paiement confirmé : ${formatMicros(topup.amountMicros, { signed: true })} ajoutés à vos crédits.`, 'confirmed')
+        await awaitInvoiceLink(topup)
         return
       }
     } catch {
       // A failed poll is retried like a late webhook.
     }
-    await new Promise((resolve) => setTimeout(resolve, POLL_INTERVAL_MS))
+    await pause()
   }
   status("Le paiement n'est pas encore confirmé. Vos crédits apparaîtront dès sa réception, sans nouveau paiement.", 'late')
 }

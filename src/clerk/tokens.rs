@@ -132,7 +132,7 @@ impl ClerkVerifier {
         }
         if crate::ledger::check_text("sub", &claims.sub).is_err() {
             return Err(TokenError::Refused(
-                "session token subject contains control characters or is too long",
+                "session token subject contains control or invisible formatting characters, or is too long",
             ));
         }
         self.remember(token, &claims, &kid);

@@ -105,15 +105,15 @@ pub struct DeletedUser {
     id: String,
 }
 
-/// A stored text of a Clerk event, checked: no control characters, not
-/// over-long; else an error naming the field.
+/// A stored text of a Clerk event, checked: no control nor invisible
+/// formatting character, not over-long; else an error naming the field.
 fn check_field(field: &str, value: &str) -> Result<(), EventError> {
-    crate::ledger::check_text(field, value).map_err(|_| {
-        EventError::Invalid(format!(
-            "field `data.{field}`: must not contain control characters and be at most {} bytes",
-            crate::ledger::TEXT_MAX_BYTES
-        ))
-    })
+    match crate::ledger::text_problem(value) {
+        Some(problem) => Err(EventError::Invalid(format!(
+            "field `data.{field}`: {problem}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 impl ClerkUser {

@@ -53,6 +53,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0010_auto_recharge_safety.sql"),
     ),
     (
+        11,
+        "topup_followups",
+        include_str!("../../sql/0011_topup_followups.sql"),
+    ),
+    (
         12,
         "referral_reversals_and_mailboxes",
         include_str!("../../sql/0012_referral_reversals_and_mailboxes.sql"),
@@ -144,6 +149,23 @@ impl Database {
                 Ok(client)
             }
         }
+    }
+
+    /// A connection of its own holding the session advisory lock `key`, or
+    /// `None` while another session holds it: how a background worker that
+    /// must run on one instance at a time is elected. The lock lives as long
+    /// as the connection: when it drops (`Client::is_closed`), the lock is
+    /// free for any instance to take.
+    pub async fn try_advisory_lock(
+        &self,
+        key: i64,
+    ) -> Result<Option<tokio_postgres::Client>, tokio_postgres::Error> {
+        let client = self.connect().await?;
+        let taken: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await?
+            .try_get(0)?;
+        Ok(taken.then_some(client))
     }
 }
 

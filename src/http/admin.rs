@@ -13,6 +13,7 @@ use crate::accounts::{users, ClerkUserId};
 use crate::events;
 use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
+use crate::stripe::followup;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -41,7 +42,7 @@ pub(super) struct Adjustment {
 
 pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
     let id = path.trim();
-    if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+    if id.is_empty() || id.len() > 200 || crate::text::refused_in(id).is_some() {
         return Err(ApiError::invalid("field `userId`: not a Clerk user id"));
     }
     Ok(ClerkUserId::new(id))
@@ -84,10 +85,8 @@ async fn adjust(
     if reason.is_empty() || reason.len() > 500 {
         return Err(ApiError::invalid("field `reason`: 1 to 500 characters"));
     }
-    if crate::ledger::check_text("reason", reason).is_err() {
-        return Err(ApiError::invalid(
-            "field `reason`: must not contain control characters",
-        ));
+    if let Some(problem) = crate::text::problem(reason) {
+        return Err(ApiError::invalid(format!("field `reason`: {problem}")));
     }
     let kind = match adjustment.kind.as_deref() {
         None | Some("ADJUSTMENT") => TransactionType::Adjustment,
@@ -144,7 +143,8 @@ async fn adjust(
     })
 }
 
-/// An account's balance, holds, plan and recent entries (deleted users too).
+/// An account's balance, holds, plan and recent entries (deleted users
+/// too), and its top-ups' unfinished follow-ups (card, invoice link).
 #[utoipa::path(get, path = "/admin/accounts/{userId}", tag = "admin", security(("admin" = [])),
     params(("userId" = String, Path, description = "Clerk user id")),
     responses(
@@ -169,10 +169,11 @@ async fn account(
     };
     let snapshot = state.engine.balance(account).await?;
     let client = state.client().await?;
-    let (transactions, usages, plan) = tokio::try_join!(
+    let (transactions, usages, plan, follow_ups) = tokio::try_join!(
         store::transactions_page(&**client, account, None, 20),
         store::usages_page(&**client, account, None, 20),
-        users::plan(&**client, account)
+        users::plan(&**client, account),
+        followup::of_account(&**client, account, 20)
     )?;
     Ok(HttpResponse::Ok().json(json!({
         "balanceMicros": snapshot.balance_micros.get(),
@@ -186,6 +187,7 @@ async fn account(
         "grants": snapshot.grants.iter().map(GrantView::from).collect::<Vec<_>>(),
         "transactions": transactions.iter().map(TransactionView::from).collect::<Vec<_>>(),
         "usages": usages.iter().map(UsageView::from).collect::<Vec<_>>(),
+        "followUps": follow_ups,
     })))
 }
 

@@ -2,9 +2,9 @@
 //! `crate::metering::chat` for the hold, the call and the settlement).
 //! Here: the request checked (free text stored with the usage, such as
 //! `conversationId`, `messageId` and `model`, is checked before any hold
-//! or provider call: control characters or over-long values get 400), the
-//! provider, model and key chosen (BYOK first), and the answer rendered as
-//! JSON or as Server-Sent Events.
+//! or provider call: control or invisible formatting characters, or
+//! over-long values, get 400), the provider, model and key chosen (BYOK
+//! first), and the answer rendered as JSON or as Server-Sent Events.
 
 use std::convert::Infallible;
 

@@ -15,6 +15,7 @@ use crate::accounts::{self, users, Bonus};
 use crate::ledger::{store, AccountId};
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
+use crate::stripe::followup;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -55,6 +56,9 @@ async fn history(
     let rendered = |value: Result<Box<RawValue>, serde_json::Error>| {
         value.map_err(|e| ApiError::internal("balance page history", e))
     };
+    // A top-up still waiting for its invoice link is not cached: the link
+    // arrives (from the follow-up worker) without moving the version.
+    let awaits_invoice = transactions.iter().any(followup::awaits_invoice);
     let transactions: Vec<TransactionView> =
         transactions.iter().map(TransactionView::from).collect();
     let usages: Vec<UsageView> = usages.iter().map(UsageView::from).collect();
@@ -64,7 +68,7 @@ async fn history(
         transactions: rendered(serde_json::value::to_raw_value(&transactions))?,
         usages: rendered(serde_json::value::to_raw_value(&usages))?,
     });
-    if durable_version == version {
+    if durable_version == version && !awaits_invoice {
         state.cache_history(account, history.clone()).await;
     }
     Ok(history)

@@ -249,6 +249,9 @@ pub struct AdminAccount {
     grants: Vec<GrantView>,
     transactions: Vec<TransactionView>,
     usages: Vec<UsageView>,
+    /// Its top-ups' follow-ups not done yet (card, invoice link), newest
+    /// first: PENDING ones are retried, FAILED ones were given up.
+    follow_ups: Vec<crate::stripe::followup::FollowUpView>,
 }
 
 /// A webhook delivery taken (or already taken: `duplicate`).

@@ -92,6 +92,9 @@ pub(super) async fn redeem(
     let account = state.account(&clerk_id).await?;
     let body = read_body(payload, &state.settings.server).await?;
     let asked: CodeBody = parse_json(&body)?;
+    if let Some(problem) = crate::text::problem(&asked.code) {
+        return Err(ApiError::invalid(format!("field `code`: {problem}")));
+    }
     let Some(code) = referrals::normalize(&asked.code) else {
         return Err(ApiError::invalid(format!(
             "field `code`: a referral code is {} letters and digits",

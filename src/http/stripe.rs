@@ -114,7 +114,6 @@ fn stripe_error(error: StripeError) -> ApiError {
     match error {
         StripeError::Invalid(message) => ApiError::invalid(message),
         StripeError::NotCreditedYet(message) => ApiError::new(Code::Unavailable, message),
-        StripeError::ProviderUnavailable(message) => ApiError::new(Code::Unavailable, message),
         StripeError::Call(error) => stripe_failure(error),
         StripeError::Ledger(error) => error.into(),
     }

@@ -150,8 +150,9 @@ pub(crate) struct AccountState {
 /// model name, a conversation or message id), in bytes.
 pub const TEXT_MAX_BYTES: usize = 1000;
 
-/// Free text the journal may store: no control character (PostgreSQL
-/// refuses NUL, and no stored text needs any), at most `TEXT_MAX_BYTES`.
+/// Free text the journal may store: no control nor invisible formatting
+/// character (`crate::text`: PostgreSQL refuses NUL, and people reading
+/// the text back must see what it says), at most `TEXT_MAX_BYTES`.
 /// Checked before an operation applies, so a bad text never reaches a batch.
 pub fn check_text(field: &str, value: &str) -> Result<(), LedgerError> {
     match text_problem(value) {
@@ -165,10 +166,7 @@ pub fn text_problem(value: &str) -> Option<String> {
     if value.len() > TEXT_MAX_BYTES {
         return Some(format!("longer than {TEXT_MAX_BYTES} bytes"));
     }
-    if value.chars().any(char::is_control) {
-        return Some("must not contain control characters".into());
-    }
-    None
+    crate::text::problem(value)
 }
 
 fn check_posting_text(posting: &Posting) -> Result<(), LedgerError> {
@@ -181,12 +179,27 @@ fn check_posting_text(posting: &Posting) -> Result<(), LedgerError> {
             check_text(field, value)?;
         }
     }
-    if posting.metadata.as_ref().is_some_and(holds_nul) {
-        return Err(LedgerError::InvalidRequest(
-            "metadata: must not contain NUL characters".into(),
-        ));
+    if let Some(metadata) = &posting.metadata {
+        check_json_text("metadata", metadata)?;
     }
     Ok(())
+}
+
+/// Every key and string of a stored JSON value, checked as stored text.
+fn check_json_text(field: &str, value: &serde_json::Value) -> Result<(), LedgerError> {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => check_text(field, text),
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|item| check_json_text(field, item)),
+        Value::Object(fields) => fields.iter().try_for_each(|(key, item)| {
+            let named = format!("{field}.{key}");
+            check_text(&named, key)?;
+            check_json_text(&named, item)
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    }
 }
 
 /// A NUL in any key or string of a JSON value (PostgreSQL's jsonb refuses it).

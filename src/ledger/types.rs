@@ -47,8 +47,13 @@ impl IdempotencyKey {
                 "must be 1 to {IDEMPOTENCY_KEY_MAX_LEN} characters long"
             ));
         }
-        if key.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err("must not contain spaces or control characters".into());
+        if key
+            .chars()
+            .any(|c| crate::text::is_refused(c) || c.is_whitespace())
+        {
+            return Err(
+                "must not contain spaces, control or invisible formatting characters".into(),
+            );
         }
         Ok(IdempotencyKey(key))
     }

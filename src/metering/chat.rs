@@ -32,7 +32,8 @@
 //! settled for what was produced, the provider's reported input included
 //! even when no text came yet. Free text that is stored with the usage
 //! (`conversationId`, `messageId`, `model`) is checked before any hold or
-//! provider call: control characters or over-long values get 400.
+//! provider call: control or invisible formatting characters, or over-long
+//! values, get 400.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

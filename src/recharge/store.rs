@@ -328,8 +328,9 @@ pub async fn switch_off(
     }
     if reason.forgets_card() {
         tx.execute(
-            "UPDATE users SET stripe_payment_method_id = NULL WHERE id = $1",
-            &[&account.0],
+            "UPDATE users SET stripe_payment_method_id = NULL, card_forgotten_at = $2
+              WHERE id = $1",
+            &[&account.0, &now],
         )
         .await
         .map_err(unavailable)?;

@@ -5,6 +5,71 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+/// The texts of a payload that creditd may store (ids kept in the ledger,
+/// on the user, in the record of handled events), by field: each is
+/// checked as stored text (`crate::text`) before anything is written.
+pub trait StoredText {
+    fn stored_text(&self) -> Vec<(&'static str, Option<&str>)>;
+}
+
+impl StoredText for Event {
+    fn stored_text(&self) -> Vec<(&'static str, Option<&str>)> {
+        vec![("id", Some(&self.id)), ("type", Some(&self.kind))]
+    }
+}
+
+impl StoredText for CheckoutSession {
+    fn stored_text(&self) -> Vec<(&'static str, Option<&str>)> {
+        vec![
+            ("data.object.id", Some(&self.id)),
+            ("data.object.payment_intent", self.payment_intent.as_deref()),
+            ("data.object.invoice", self.invoice.as_deref()),
+        ]
+    }
+}
+
+impl StoredText for PaymentIntent {
+    fn stored_text(&self) -> Vec<(&'static str, Option<&str>)> {
+        vec![
+            ("data.object.id", Some(&self.id)),
+            (
+                "data.object.last_payment_error.code",
+                self.last_payment_error
+                    .as_ref()
+                    .and_then(|error| error.code.as_deref()),
+            ),
+        ]
+    }
+}
+
+impl StoredText for Subscription {
+    fn stored_text(&self) -> Vec<(&'static str, Option<&str>)> {
+        vec![
+            ("data.object.id", Some(&self.id)),
+            ("data.object.customer", Some(&self.customer)),
+        ]
+    }
+}
+
+impl StoredText for Charge {
+    fn stored_text(&self) -> Vec<(&'static str, Option<&str>)> {
+        vec![
+            ("data.object.id", Some(&self.id)),
+            ("data.object.payment_intent", self.payment_intent.as_deref()),
+        ]
+    }
+}
+
+impl StoredText for Dispute {
+    fn stored_text(&self) -> Vec<(&'static str, Option<&str>)> {
+        vec![
+            ("data.object.id", Some(&self.id)),
+            ("data.object.charge", Some(&self.charge)),
+            ("data.object.payment_intent", self.payment_intent.as_deref()),
+        ]
+    }
+}
+
 /// A webhook event; `data.object` is parsed by type once the type is known.
 #[derive(Debug, Deserialize)]
 pub struct Event {

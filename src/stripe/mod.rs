@@ -1,9 +1,11 @@
 //! Stripe: the API client (customers, Checkout Sessions), the webhook
-//! signature and payloads, top-up sessions, and what each webhook event
-//! does to the ledger and the user's plan.
+//! signature and payloads, top-up sessions, what each webhook event does to
+//! the ledger and the user's plan, and a paid top-up's follow-ups (its card
+//! and invoice link, read from Stripe after the credit).
 
 pub mod client;
 pub mod events;
+pub mod followup;
 pub mod signature;
 pub mod topup;
 pub mod webhook;
@@ -20,10 +22,6 @@ pub enum StripeError {
     /// event must be retried later (answered 503).
     #[error("{0}")]
     NotCreditedYet(&'static str),
-    /// Stripe could not answer a read the effect needs (its own 5xx): the
-    /// event must be retried later (answered 503).
-    #[error("{0}")]
-    ProviderUnavailable(String),
     #[error(transparent)]
     Call(#[from] StripeCallError),
     #[error(transparent)]

@@ -10,8 +10,10 @@ use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::events::{Charge, CheckoutSession, Dispute, Event, PaymentIntent, Subscription};
-use super::{StripeApi, StripeCallError, StripeError};
+use super::events::{
+    Charge, CheckoutSession, Dispute, Event, PaymentIntent, StoredText, Subscription,
+};
+use super::{StripeApi, StripeError};
 use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
 use crate::config::StripeSettings;
 use crate::ledger::store::{self, unavailable};
@@ -76,7 +78,9 @@ pub enum StripeEvent {
 }
 
 impl StripeEvent {
+    /// The event by type, every text that would be stored checked.
     pub fn parse(event: &Event) -> Result<StripeEvent, StripeError> {
+        stored_text(event)?;
         Ok(match event.kind.as_str() {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
                 StripeEvent::Checkout(object(event)?)
@@ -144,13 +148,26 @@ impl StripeEvent {
     }
 }
 
-fn object<T: DeserializeOwned>(event: &Event) -> Result<T, StripeError> {
-    serde_json::from_value(event.data.object.clone()).map_err(|error| {
+fn object<T: DeserializeOwned + StoredText>(event: &Event) -> Result<T, StripeError> {
+    let object: T = serde_json::from_value(event.data.object.clone()).map_err(|error| {
         StripeError::Invalid(format!(
             "event {} ({}): data.object: {error}",
             event.id, event.kind
         ))
-    })
+    })?;
+    stored_text(&object)?;
+    Ok(object)
+}
+
+/// Refuses a payload whose stored texts hold a control or invisible
+/// formatting character (or are over-long), naming the field.
+fn stored_text(payload: &impl StoredText) -> Result<(), StripeError> {
+    for (field, value) in payload.stored_text() {
+        if let Some(problem) = value.and_then(crate::ledger::text_problem) {
+            return Err(StripeError::Invalid(format!("field `{field}`: {problem}")));
+        }
+    }
+    Ok(())
 }
 
 fn key(text: String) -> Result<IdempotencyKey, StripeError> {
@@ -203,7 +220,8 @@ fn applied(
 
 /// A paid top-up session credits `amount_total` once per session: the key
 /// is the session's, so `completed` and `async_payment_succeeded` (and any
-/// redelivery) collapse into one credit.
+/// redelivery) collapse into one credit. Nothing here waits for Stripe's
+/// API: the card and the invoice link follow (`super::followup`).
 async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Outcome, StripeError> {
     if session.metadata.get("type").map(String::as_str) != Some("credit_topup") {
         return Ok(Outcome::Ignored);
@@ -243,10 +261,13 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         return Ok(Outcome::AmountMismatch);
     }
     let amount = cents(amount_total, "amount_total")?;
-    let metadata = match session.invoice.as_deref() {
-        Some(invoice) => Some(invoice_metadata(effects, invoice).await?),
-        None => None,
-    };
+    // The credit waits for no read from Stripe: the card and the invoice
+    // link are the top-up's follow-ups (`super::followup`), whose job is
+    // the transaction row this credit inserts.
+    let metadata = session
+        .invoice
+        .as_deref()
+        .map(|invoice| json!({ "invoiceId": invoice }));
     let posting = Posting {
         key: key(format!("stripe:checkout:{}", session.id))?,
         kind: TransactionType::TopUp,
@@ -273,28 +294,8 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
             topup,
         )
         .await?;
-        if let (Some(api), Some(payment_intent)) = (effects.api, session.payment_intent.as_deref())
-        {
-            save_card(effects, api, account, payment_intent).await?;
-        }
     }
     Ok(credited)
-}
-
-/// Keeps the card a top-up was paid with (Checkout saved it for off-session
-/// use): the card auto-recharges charge.
-async fn save_card(
-    effects: &Effects<'_>,
-    api: &StripeApi,
-    account: AccountId,
-    payment_intent: &str,
-) -> Result<(), StripeError> {
-    let Some(payment_method) = api.payment_method_of(payment_intent).await? else {
-        return Ok(());
-    };
-    let client = store::client(effects.pool).await?;
-    crate::recharge::store::save_card(&**client, account, &payment_method).await?;
-    Ok(())
 }
 
 /// An auto-recharge's payment: a success credits the attempt's amount once
@@ -449,40 +450,6 @@ async fn dispute_stops_auto_recharge(
         .await?;
     }
     Ok(())
-}
-
-/// The top-up's invoice as its transaction keeps it: `invoiceId`, and the
-/// hosted page and PDF read from the Invoice (Checkout finalizes it as the
-/// session completes). Stripe failing to answer: 503, and Stripe
-/// redelivers the event; the credit waits for its invoice link rather than
-/// lose it.
-async fn invoice_metadata(
-    effects: &Effects<'_>,
-    invoice: &str,
-) -> Result<serde_json::Value, StripeError> {
-    let Some(api) = effects.api else {
-        tracing::warn!(%invoice, "top-up invoice not read: the Stripe API is not configured");
-        return Ok(json!({ "invoiceId": invoice }));
-    };
-    let found = match api.retrieve_invoice(invoice).await {
-        Ok(found) => found,
-        Err(StripeCallError::Refused { status, .. }) if status >= 500 => {
-            tracing::warn!(%invoice, status, "Stripe could not read the top-up's invoice");
-            return Err(StripeError::ProviderUnavailable(
-                "the payment provider could not read the invoice; retry shortly".into(),
-            ));
-        }
-        Err(error) => return Err(error.into()),
-    };
-    let Some(found) = found else {
-        tracing::error!(%invoice, "the top-up's invoice is unknown to Stripe");
-        return Ok(json!({ "invoiceId": invoice }));
-    };
-    Ok(json!({
-        "invoiceId": found.id,
-        "invoiceUrl": found.hosted_invoice_url,
-        "invoicePdf": found.invoice_pdf,
-    }))
 }
 
 /// `users.plan` from the subscription's price while it is live (active,

@@ -132,8 +132,9 @@ pub(super) fn calls(stripe: &StripeApp) -> usize {
     stripe.payment_intents.received.lock().unwrap().len()
 }
 
-/// A top-up of `cents` through Checkout, paid: it credits the account and
-/// saves its card (`pm_card_visa`), as Stripe reports it. Its session id.
+/// A top-up of `cents` through Checkout, paid: it credits the account and,
+/// once its follow-up ran, its card (`pm_card_visa`) is saved, as Stripe
+/// reports it. Its session id.
 pub(super) async fn top_up_saving_the_card(
     stripe: &StripeApp,
     clerk_id: &str,
@@ -178,6 +179,11 @@ pub(super) async fn top_up_saving_the_card(
         checkout_session(&session, account, cents, "paid"),
     );
     assert_eq!(stripe.deliver(&completed).await, 200);
+    // The card is saved by the top-up's follow-up, after the credit.
+    until("the top-up's card is saved", || async {
+        settings_of(stripe, clerk_id).await["hasSavedCard"] == json!(true)
+    })
+    .await;
     session
 }
 

@@ -734,6 +734,14 @@ async fn top_up_refuses_amounts_out_of_limits_pays_ten_euros_at_checkout_and_sho
             .await,
         "+10.00€"
     );
+    // The invoice link is read after the credit (the top-up's follow-up);
+    // the page shows it once it is there.
+    browser
+        .until(
+            "the top-up's invoice link",
+            "return !!document.querySelector('[data-tab=transactions] .history__row .history__invoice')",
+        )
+        .await;
     assert_eq!(
         browser
             .text("[data-tab=transactions] .history__row .history__invoice")

@@ -14,6 +14,7 @@ mod drills;
 mod events;
 mod grants;
 mod history;
+mod identifiers;
 mod identities;
 mod ledger;
 mod ledger_model;

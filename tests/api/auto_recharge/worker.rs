@@ -47,6 +47,23 @@ async fn attempt_while_stripe_fails(stripe: &StripeApp, fakes: &Fakes, clerk_id:
     until("a call to Stripe, failed", || async { calls(stripe) >= 1 }).await;
 }
 
+/// Makes the pending attempt due now: its failed calls back off
+/// exponentially, and a loaded machine may have let them grow past the
+/// test's patience.
+async fn due_now(stripe: &StripeApp) {
+    stripe
+        .app
+        .db
+        .client()
+        .await
+        .execute(
+            "UPDATE auto_recharge_attempts SET next_try_at = NULL WHERE status = 'PENDING'",
+            &[],
+        )
+        .await
+        .expect("the attempt due now");
+}
+
 #[actix::test]
 async fn switched_off_while_stripe_fails_the_card_is_not_charged_after_recovery_and_the_attempt_is_canceled(
 ) {
@@ -66,6 +83,7 @@ async fn switched_off_while_stripe_fails_the_card_is_not_charged_after_recovery_
         false
     );
     stripe.payment_intents.fail(None);
+    due_now(&stripe).await;
 
     until("the attempt canceled", || async {
         attempts(&stripe).await == [("CANCELED".to_owned(), Some("disabled".to_owned()))]
@@ -104,6 +122,7 @@ async fn an_attempt_whose_card_changed_is_canceled_and_never_charged_to_the_new_
         .await
         .expect("new card");
     stripe.payment_intents.fail(None);
+    due_now(&stripe).await;
 
     until("the attempt canceled", || async {
         attempts(&stripe).await == [("CANCELED".to_owned(), Some("card_changed".to_owned()))]

@@ -1,5 +1,6 @@
 //! Invoices: a paid top-up's transaction keeps the invoice Checkout
-//! created, and its history row links to Stripe's hosted invoice page.
+//! created, and its history row links to Stripe's hosted invoice page once
+//! the follow-up worker has read it.
 
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
@@ -26,7 +27,7 @@ fn invoice(id: &str, cents: i64) -> Value {
 
 #[actix::test]
 async fn a_top_ups_history_row_carries_its_invoice_link_read_once_stripe_answers() {
-    let stripe = spawn_stripe_app().await;
+    let stripe = spawn_stripe_app_with(|s| s.stripe.followup_retry_base_ms = 20).await;
     let account = stripe.app.account("user_invoice").await.0;
     Mock::given(method("GET"))
         .and(path("/v1/invoices/in_test_topup"))
@@ -45,21 +46,21 @@ async fn a_top_ups_history_row_carries_its_invoice_link_read_once_stripe_answers
     session["invoice"] = json!("in_test_topup");
     let completed = event("evt_cs_invoice", "checkout.session.completed", session);
 
-    let refused = stripe.deliver(&completed).await;
-    let before = stripe.balance_micros("user_invoice").await;
     let accepted = stripe.deliver(&completed).await;
-    let (status, history) = json_of(
-        stripe
-            .app
-            .get_as("user_invoice", "/api/credits/transactions")
-            .await,
-    )
-    .await;
+    let credited = stripe.balance_micros("user_invoice").await;
+    let history = history_with_invoice_link(&stripe, "user_invoice").await;
+    let reads = stripe
+        .stripe
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.url.path() == "/v1/invoices/in_test_topup")
+        .count();
 
-    assert_eq!(refused, 503, "Stripe could not say where the invoice is");
-    assert_eq!(before, 0, "nothing credited before the invoice is known");
-    assert_eq!(accepted, 200);
-    assert_eq!(status, 200, "{history}");
+    assert_eq!(accepted, 200, "the credit does not wait for the invoice");
+    assert_eq!(credited, 25_000_000, "credited at once");
+    assert_eq!(reads, 2, "read again after Stripe's 500");
     let items = history["items"].as_array().expect("items");
     assert_eq!(items.len(), 1, "{history}");
     assert_eq!(items[0]["type"], "TOP_UP");
@@ -69,6 +70,30 @@ async fn a_top_ups_history_row_carries_its_invoice_link_read_once_stripe_answers
     );
     assert_eq!(stripe.balance_micros("user_invoice").await, 25_000_000);
     stripe.app.db.reconcile_is_clean().await;
+}
+
+/// The history once its newest row has its invoice link (the follow-up
+/// worker reads it after the credit), polled for up to 20 s.
+async fn history_with_invoice_link(stripe: &StripeApp, clerk_id: &str) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (status, history) = json_of(
+            stripe
+                .app
+                .get_as(clerk_id, "/api/credits/transactions")
+                .await,
+        )
+        .await;
+        assert_eq!(status, 200, "{history}");
+        if history["items"][0]["invoiceUrl"].is_string() {
+            return history;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the invoice link never came: {history}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 #[actix::test]

@@ -3,6 +3,7 @@
 
 mod checkout;
 mod disputes;
+mod followups;
 mod invoices;
 mod refunds;
 mod subscriptions;

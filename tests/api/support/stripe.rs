@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use wiremock::matchers::{method, path};
+use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use super::*;
@@ -346,6 +347,144 @@ impl Respond for Search {
     }
 }
 
+/// How the stand-in answers Stripe's reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// As Stripe does: the object, or 404 `resource_missing`.
+    Answer,
+    /// Stripe's own error of that status (`api_error`), as during an incident.
+    Error(u16),
+    /// A 200 whose body is an HTML page, not JSON (a proxy in the way).
+    NotJson,
+}
+
+/// `GET /v1/payment_intents/{id}` and `GET /v1/invoices/{id}` as Stripe
+/// answers them for a Checkout top-up: the PaymentIntent paid with a card
+/// saved for off-session use (`pm_card_visa` unless told otherwise), and
+/// the finalized invoice with its hosted page and PDF. Every read is kept
+/// with the instant it arrived.
+#[derive(Clone)]
+pub struct Reads {
+    mode: Arc<Mutex<ReadMode>>,
+    cards: Arc<Mutex<HashMap<String, String>>>,
+    pub received: Arc<Mutex<Vec<(String, Instant)>>>,
+}
+
+impl Reads {
+    pub fn answer(&self, mode: ReadMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    /// The card payment intent `id` was paid with.
+    pub fn pay_with(&self, id: &str, payment_method: &str) {
+        self.cards
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), payment_method.to_owned());
+    }
+
+    /// When each read of a path starting with `prefix` arrived, in order.
+    pub fn arrivals(&self, prefix: &str) -> Vec<Instant> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(path, _)| path.starts_with(prefix))
+            .map(|(_, at)| *at)
+            .collect()
+    }
+
+    /// Waits until `count` reads of paths starting with `prefix` arrived.
+    pub async fn wait_for(&self, prefix: &str, count: usize) -> Vec<Instant> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let arrivals = self.arrivals(prefix);
+            if arrivals.len() >= count {
+                return arrivals;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} reads of {prefix} arrived, {count} expected",
+                arrivals.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn object(&self, path: &str) -> Option<Value> {
+        if let Some(id) = path.strip_prefix("/v1/payment_intents/") {
+            let card = self.cards.lock().unwrap().get(id).cloned();
+            return id.starts_with("pi_").then(|| {
+                json!({
+                    "id": id,
+                    "object": "payment_intent",
+                    "amount_received": 2_500,
+                    "currency": "eur",
+                    "customer": "cus_test_1",
+                    "metadata": { "type": "credit_topup" },
+                    "payment_method": card.unwrap_or_else(|| "pm_card_visa".into()),
+                    "setup_future_usage": "off_session",
+                    "status": "succeeded",
+                })
+            });
+        }
+        let id = path.strip_prefix("/v1/invoices/")?;
+        id.starts_with("in_").then(|| {
+            json!({
+                "id": id,
+                "object": "invoice",
+                "currency": "eur",
+                "customer": "cus_test_1",
+                "status": "paid",
+                "hosted_invoice_url": format!("https://invoice.stripe.com/i/acct_test/{id}"),
+                "invoice_pdf": format!("https://pay.stripe.com/invoice/acct_test/{id}/pdf"),
+                "livemode": false,
+            })
+        })
+    }
+}
+
+impl Respond for Reads {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        if request
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(&format!("Bearer {SECRET_KEY}"))
+        {
+            return stripe_error(401, "Invalid API Key provided");
+        }
+        let path = request.url.path().to_owned();
+        self.received
+            .lock()
+            .unwrap()
+            .push((path.clone(), Instant::now()));
+        match *self.mode.lock().unwrap() {
+            ReadMode::Error(status) => ResponseTemplate::new(status).set_body_json(json!({
+                "error": {
+                    "type": "api_error",
+                    "message": "An unknown error occurred",
+                    "request_log_url": "https://dashboard.stripe.com/test/logs/req_test",
+                }
+            })),
+            ReadMode::NotJson => ResponseTemplate::new(200).set_body_raw(
+                "<html><body><h1>Service Temporarily Unavailable</h1></body></html>",
+                "text/html",
+            ),
+            ReadMode::Answer => match self.object(&path) {
+                Some(object) => ResponseTemplate::new(200).set_body_json(object),
+                None => ResponseTemplate::new(404).set_body_json(json!({
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "resource_missing",
+                        "message": format!("No such object: '{path}'"),
+                    }
+                })),
+            },
+        }
+    }
+}
+
 pub struct StripeApp {
     pub app: TestApp,
     pub stripe: MockServer,
@@ -395,6 +534,7 @@ pub async fn spawn_stripe_app_on_clock(
         .await;
     let uri = stripe.uri();
     let app = spawn_app_on_clock(clock, move |settings| {
+        settings.stripe.followup_poll_interval_ms = 20;
         settings.stripe.secret_key = creditd::config::Secret::new(SECRET_KEY);
         settings.stripe.webhook_secret = creditd::config::Secret::new(WEBHOOK_SECRET);
         settings.stripe.api_base = uri;
@@ -431,6 +571,23 @@ pub fn signed_header(body: &str) -> String {
 }
 
 impl StripeApp {
+    /// Answers Stripe's reads of payment intents and invoices (before any
+    /// other mock of them), as `Answer` until told otherwise.
+    pub async fn mount_reads(&self) -> Reads {
+        let reads = Reads {
+            mode: Arc::new(Mutex::new(ReadMode::Answer)),
+            cards: Arc::default(),
+            received: Arc::default(),
+        };
+        Mock::given(method("GET"))
+            .and(path_regex(r"^/v1/(payment_intents|invoices)/[^/]+$"))
+            .respond_with(reads.clone())
+            .with_priority(1)
+            .mount(&self.stripe)
+            .await;
+        reads
+    }
+
     pub async fn deliver_with(&self, body: &str, header: Option<&str>) -> reqwest::Response {
         let mut request = self
             .app
