@@ -91,10 +91,12 @@ async fn an_openai_stream_is_settled_with_the_usage_of_its_last_chunk() {
     let fakes = fakes().await;
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
-        .and(body_partial_json(
-            json!({ "stream": true, "stream_options": { "include_usage": true } }),
-        ))
-        .respond_with(sse_response(openai_stream(&["Bon", "jour"], 300, 40, 100)))
+        .respond_with(OpenaiStream {
+            texts: vec!["Bon", "jour"],
+            prompt_tokens: 300,
+            completion_tokens: 40,
+            cached_tokens: 100,
+        })
         .mount(&fakes.openai)
         .await;
     let app = app_with(&fakes, |_| {}).await;
@@ -116,7 +118,47 @@ async fn an_openai_stream_is_settled_with_the_usage_of_its_last_chunk() {
     // 200 × 2_430_556 + 40 × 9_722_223 + 100 × 1_215_278 = 996_527_920 → 997
     assert_eq!(last["credits"]["usedMicros"], 997);
     assert_eq!(last["credits"]["inputTokens"], 200);
+    assert_eq!(last["credits"]["outputTokens"], 40);
     assert_eq!(last["credits"]["cacheReadTokens"], 100);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn the_streamed_request_to_openai_asks_for_the_usage_chunk() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(OpenaiStream {
+            texts: vec!["Bon", "jour"],
+            prompt_tokens: 20,
+            completion_tokens: 2,
+            cached_tokens: 0,
+        })
+        .mount(&fakes.openai)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_asks", 10_000_000).await;
+
+    let events = events_of(
+        stream_chat(
+            &app,
+            "user_asks",
+            json!({ "stream": true, "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(events.last().unwrap().0, "done", "{events:?}");
+    let requests = fakes.openai.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1);
+    let sent: Value = serde_json::from_slice(&requests[0].body).unwrap();
+    assert_eq!(sent["stream"], true, "{sent}");
+    assert_eq!(
+        sent["stream_options"],
+        json!({ "include_usage": true }),
+        "{sent}"
+    );
     app.db.reconcile_is_clean().await;
 }
 
