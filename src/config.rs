@@ -32,6 +32,26 @@ impl Provider {
     }
 }
 
+/// The public tokenizer (BPE encoding) a provider counts a model's tokens
+/// with; only OpenAI publishes its own (tiktoken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// GPT-4o, GPT-4.1, the o-series.
+    O200kBase,
+    /// GPT-4, GPT-3.5.
+    Cl100kBase,
+}
+
+impl Encoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encoding::O200kBase => "o200k_base",
+            Encoding::Cl100kBase => "cl100k_base",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
@@ -255,6 +275,10 @@ pub struct ModelPriceSettings {
     pub output_usd: String,
     pub cache_read_usd: String,
     pub cache_write_usd: String,
+    /// The provider's public tokenizer for this model; `None`: none is
+    /// public, token counts are bounded by bytes.
+    #[serde(default)]
+    pub encoding: Option<Encoding>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,6 +1,9 @@
 //! The price table: provider list prices in USD, one FX rate and one margin,
 //! turned once at startup into integer micros of the ledger currency per
 //! million tokens (rounded up), so that a request's cost is integer math.
+//! Each model also names the provider's public tokenizer, where there is
+//! one (OpenAI's tiktoken encodings), so its tokens can be counted as the
+//! provider counts them.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +12,7 @@ use serde::Serialize;
 use crate::config::{ModelPriceSettings, PricingSettings};
 use crate::money::{Decimal, Micros};
 
-pub use crate::config::Provider;
+pub use crate::config::{Encoding, Provider};
 
 /// Tokens of one request, as the provider reported them, split by price class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -28,6 +31,8 @@ pub struct ModelPrice {
     pub output_micros_per_million: i64,
     pub cache_read_micros_per_million: i64,
     pub cache_write_micros_per_million: i64,
+    /// The provider's public tokenizer for the model; `None`: none is public.
+    pub encoding: Option<Encoding>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,8 +141,15 @@ fn convert_model(
         let denominator = usd.denominator * BASIS_POINTS * usd_per_eur.numerator;
         i64::try_from(div_ceil(numerator, denominator)).map_err(|_| format!("{key}: too large"))
     };
+    if model.encoding.is_some() && model.provider != Provider::Openai {
+        return Err(format!(
+            "encoding: {} publishes no tokenizer; only OpenAI models name one",
+            model.provider.as_str()
+        ));
+    }
     Ok(ModelPrice {
         provider: model.provider,
+        encoding: model.encoding,
         input_micros_per_million: convert("input_usd", &model.input_usd)?,
         output_micros_per_million: convert("output_usd", &model.output_usd)?,
         cache_read_micros_per_million: convert("cache_read_usd", &model.cache_read_usd)?,
@@ -230,6 +242,49 @@ mod tests {
     fn an_unknown_model_is_refused_not_priced_as_another() {
         let result = table().cost("gpt-2", &usage(10, 10, 0, 0));
         assert_eq!(result, Err(PricingError::UnknownModel("gpt-2".into())));
+    }
+
+    #[test]
+    fn openai_models_name_their_tiktoken_encoding_and_anthropic_models_none() {
+        let table = table();
+        for model in ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini"] {
+            let price = table.price(model).unwrap();
+            assert_eq!(price.encoding, Some(Encoding::O200kBase), "{model}");
+        }
+        for model in ["claude-sonnet-4-5", "claude-opus-4-5", "claude-haiku-4-5"] {
+            assert_eq!(table.price(model).unwrap().encoding, None, "{model}");
+        }
+    }
+
+    #[test]
+    fn an_encoding_on_a_model_whose_provider_publishes_no_tokenizer_is_refused_by_name() {
+        let mut settings = Settings::default_file().unwrap().pricing;
+        let model = settings.models.get_mut("claude-haiku-4-5").unwrap();
+        model.encoding = Some(Encoding::Cl100kBase);
+        let error = PriceTable::from_settings(&settings).unwrap_err();
+        assert!(
+            error.starts_with("pricing.models.\"claude-haiku-4-5\".encoding"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn encodings_are_read_by_their_tiktoken_names() {
+        let model = |encoding: &str| {
+            toml::from_str::<ModelPriceSettings>(&format!(
+                "provider = \"openai\"\ninput_usd = \"1\"\noutput_usd = \"1\"\n\
+                 cache_read_usd = \"1\"\ncache_write_usd = \"1\"\nencoding = \"{encoding}\""
+            ))
+        };
+        assert_eq!(
+            model("cl100k_base").unwrap().encoding,
+            Some(Encoding::Cl100kBase)
+        );
+        assert_eq!(
+            model("o200k_base").unwrap().encoding,
+            Some(Encoding::O200kBase)
+        );
+        assert!(model("p50k_base").is_err());
     }
 
     #[test]

@@ -1,19 +1,22 @@
 //! The one step from settings (plain data) to what the service runs with:
-//! the price table, the BYOK cipher, the Clerk webhook signing key, the
-//! signup and referral bonuses, each built and checked once at startup, in
-//! its own type.
+//! the price table and its models' tokenizers, the BYOK cipher, the Clerk
+//! webhook signing key, the signup and referral bonuses, each built and
+//! checked once at startup, in its own type.
 
 use std::sync::Arc;
 
 use crate::accounts::{KeyCipher, SignupBonus};
 use crate::clerk::svix::SigningKey;
 use crate::config::Settings;
+use crate::metering::tokens::Tokenizers;
 use crate::pricing::PriceTable;
 
 /// Settings turned into the values the service uses.
 pub struct Runtime {
     pub settings: Settings,
     pub prices: Arc<PriceTable>,
+    /// The tokenizers the price table's models name (costly to build).
+    pub tokenizers: Tokenizers,
     /// `None` when `byok.encryption_key` is empty.
     pub cipher: Option<KeyCipher>,
     /// `None` when `clerk_webhook.signing_secret` is empty.
@@ -27,6 +30,7 @@ impl Runtime {
     pub fn build(settings: Settings) -> Result<Runtime, String> {
         let prices = PriceTable::from_settings(&settings.pricing)
             .map_err(|e| format!("configuration key `{e}"))?;
+        let tokenizers = Tokenizers::load(&prices)?;
         let cipher = KeyCipher::from_settings(&settings.byok)
             .map_err(|e| format!("configuration key `byok.encryption_key`: {e}"))?;
         let secret = &settings.clerk_webhook.signing_secret;
@@ -54,6 +58,7 @@ impl Runtime {
             referral_bonus,
             settings,
             prices: Arc::new(prices),
+            tokenizers,
             cipher,
             clerk_webhook_key,
             signup_bonus,

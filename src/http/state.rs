@@ -62,6 +62,7 @@ impl AppState {
         let Runtime {
             settings,
             prices,
+            tokenizers,
             cipher: byok,
             clerk_webhook_key,
             signup_bonus,
@@ -79,6 +80,7 @@ impl AppState {
             providers: providers.clone(),
             settlements: settlements.clone(),
             limits: limits.clone(),
+            tokenizers,
             settings: settings.chat.clone(),
         });
         let health = Arc::new(crate::health::Health::new(Duration::from_millis(

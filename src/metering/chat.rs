@@ -7,12 +7,15 @@
 //! and the settlement run in a task of their own, so a client that goes away
 //! never leaves a hold half-done.
 //!
-//! Input estimate (never under the provider's count): the UTF-8 bytes of
-//! every message, plus `chat.message_overhead_tokens` per message and
-//! `chat.request_overhead_tokens` once. A BPE token covers at least one
-//! byte, so bytes ≥ tokens. The hold prices it at the dearest input class
-//! of the model (input, cache read, cache write), since a provider may bill
-//! prompt tokens as cache writes.
+//! Prompt tokens: counted with the provider's public tokenizer where it has
+//! one (OpenAI: the model's tiktoken encoding, as OpenAI frames a chat);
+//! elsewhere (Anthropic) bounded by bytes, never under the provider's
+//! count: the UTF-8 bytes of every message, plus
+//! `chat.message_overhead_tokens` per message and
+//! `chat.request_overhead_tokens` once (a BPE token covers at least one
+//! byte). The hold prices them at the dearest input class of the model
+//! (input, cache read, cache write), since a provider may bill prompt
+//! tokens as cache writes.
 //!
 //! The hold is admission control, not the record of the charge: the
 //! provider call starts as soon as the account's actor applied the hold,
@@ -25,12 +28,16 @@
 //! the durable credits.
 //!
 //! Streams settle for what was produced: the provider's usage where it
-//! came, else the input estimate for the input and `ceil(bytes / 3)` of the
-//! text received for the output (never zero for received text). A client
+//! came (OpenAI sends it in its last chunk only, when asked with
+//! `stream_options.include_usage`), else the prompt's tokens for the input
+//! and the text received for the output, counted with the tokenizer or,
+//! without one, `ceil(bytes / 3)` (never zero for received text). A client
 //! that leaves, or does not take the next event within
 //! `chat.stream_write_timeout_ms`, ends the provider call; the stream is
-//! settled for what was produced, the provider's reported input included
-//! even when no text came yet. Free text that is stored with the usage
+//! settled for what was produced, the prompt included even when no text
+//! came yet, once the provider has it: its reported input (Anthropic's
+//! `message_start`), or its counted prompt once it answered 200 (OpenAI
+//! reports nothing before the end). Free text that is stored with the usage
 //! (`conversationId`, `messageId`, `model`) is checked before any hold or
 //! provider call: control or invisible formatting characters, or over-long
 //! values, get 400.
@@ -41,7 +48,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::estimate::{estimate_input_tokens, hold_amount, streamed_usage};
+use super::estimate::{hold_amount, prompt_tokens, streamed_usage, Prompt, StreamedText};
+use super::tokens::{Tokenizer, Tokenizers};
 use super::{SettlementSlot, Settlements};
 use crate::config::{ChatSettings, Secret};
 use crate::ledger::{AccountId, Engine, HoldId, LedgerError, UsageCharge, UsageRecord};
@@ -56,6 +64,8 @@ pub struct Chats {
     pub providers: ProviderClient,
     pub settlements: Arc<Settlements>,
     pub limits: Arc<Limits>,
+    /// The price table's tokenizers, built at startup.
+    pub tokenizers: Tokenizers,
     pub settings: ChatSettings,
 }
 
@@ -193,7 +203,7 @@ impl Chats {
 #[derive(Debug, Clone, Copy)]
 struct Billing {
     hold: HoldId,
-    input_estimate: u64,
+    prompt: Prompt,
 }
 
 async fn reserve(
@@ -202,16 +212,14 @@ async fn reserve(
     request: &ChatRequest,
     price: &ModelPrice,
 ) -> Result<Billing, ChatError> {
-    let input_estimate = estimate_input_tokens(&request.messages, &chats.settings);
-    let amount = hold_amount(price, input_estimate, request.max_tokens).ok_or_else(|| {
+    let tokenizer = chats.tokenizers.for_model(price);
+    let prompt = count_prompt(request, tokenizer, &chats.settings).await?;
+    let amount = hold_amount(price, prompt.tokens, request.max_tokens).ok_or_else(|| {
         ChatError::Invalid("field `messages`: the conversation is too large".into())
     })?;
     let hold = HoldId::generate();
     match chats.engine.admit(account, hold, amount).await {
-        Ok(_) => Ok(Billing {
-            hold,
-            input_estimate,
-        }),
+        Ok(_) => Ok(Billing { hold, prompt }),
         Err(LedgerError::InsufficientCredits {
             available,
             required,
@@ -225,6 +233,31 @@ async fn reserve(
         }
         Err(error) => Err(error.into()),
     }
+}
+
+/// Prompts of more bytes than this are counted on the blocking pool rather
+/// than on the worker serving other requests: counting takes about 40 µs
+/// per KiB of prose, but up to 1 ms per KiB of a run of spaces (debug build).
+const INLINE_COUNT_MAX_BYTES: usize = 8 * 1024;
+
+/// The prompt's tokens, counted with the tokenizer if there is one.
+async fn count_prompt(
+    request: &ChatRequest,
+    tokenizer: Option<Tokenizer>,
+    settings: &ChatSettings,
+) -> Result<Prompt, ChatError> {
+    let bytes = request
+        .messages
+        .iter()
+        .fold(0usize, |sum, m| sum.saturating_add(m.content.len()));
+    if tokenizer.is_none() || bytes <= INLINE_COUNT_MAX_BYTES {
+        return Ok(prompt_tokens(&request.messages, tokenizer, settings));
+    }
+    let messages = request.messages.clone();
+    let settings = settings.clone();
+    actix_web::rt::task::spawn_blocking(move || prompt_tokens(&messages, tokenizer, &settings))
+        .await
+        .map_err(|e| ChatError::internal("prompt count", e))
 }
 
 /// One provider call and, for the platform's key, its hold.
@@ -415,14 +448,14 @@ impl Call {
             keep_alive: Duration::from_millis(chat.stream_keep_alive_ms),
             write_timeout: Duration::from_millis(chat.stream_write_timeout_ms),
         };
-        let (end, text_bytes) = if opened.send(Ok(())).is_err() {
+        let mut text = StreamedText::new(self.tokenizer());
+        let end = if opened.send(Ok(())).is_err() {
             // Gone before the answer opened: what the provider already
-            // reported is charged all the same.
-            let mut text_bytes = 0;
-            drain_ready(&mut upstream, &mut text_bytes);
-            (End::Disconnected, text_bytes)
+            // has is charged all the same.
+            drain_ready(&mut upstream, &mut text);
+            End::Disconnected
         } else {
-            pump(&mut upstream, &events, pacing).await
+            pump(&mut upstream, &events, pacing, &mut text).await
         };
         let usage = upstream.usage();
         drop(upstream);
@@ -435,7 +468,7 @@ impl Call {
             },
             started,
         );
-        let billed = self.bill_stream(&end, usage, text_bytes).await;
+        let billed = self.bill_stream(&end, usage, &text).await;
         // Settled or released: the chat's places are given back before the
         // last event, which a client that stopped reading may never take.
         self.slot = None;
@@ -465,23 +498,33 @@ impl Call {
         let _ = deliver(&events, last, pacing).await;
     }
 
+    /// The tokenizer a platform call's stream is counted with, if its
+    /// provider publishes one (a BYOK call is not charged: bytes suffice).
+    fn tokenizer(&self) -> Option<Tokenizer> {
+        self.billing?;
+        self.chats.tokenizers.for_model(self.price.as_ref()?)
+    }
+
     /// Settles a streamed call for what it produced, or releases it when it
     /// produced nothing and did not finish. A client that left before any
-    /// text is charged the input the provider reported, if it did.
+    /// text is charged the prompt once the provider has it: the input it
+    /// reported, or, where the prompt was counted with the provider's
+    /// tokenizer, the count (the stream opened: the provider took it).
     async fn bill_stream(
         &self,
         end: &End,
         usage: StreamUsage,
-        text_bytes: u64,
+        text: &StreamedText,
     ) -> Result<Option<UsageRecord>, ChatError> {
         let Some(billing) = self.billing else {
             return Ok(None);
         };
-        let nothing_produced = text_bytes == 0
+        let prompt_taken = usage.input.is_some() || billing.prompt.counted;
+        let nothing_produced = text.is_empty()
             && match end {
                 End::Completed => false,
                 End::Broken(_) => true,
-                End::Disconnected | End::TooSlow => usage.input.is_none(),
+                End::Disconnected | End::TooSlow => !prompt_taken,
             };
         if nothing_produced {
             let reason = match end {
@@ -492,7 +535,7 @@ impl Call {
             self.release(reason).await;
             return Ok(None);
         }
-        let tokens = streamed_usage(usage, text_bytes, billing.input_estimate);
+        let tokens = streamed_usage(usage, text, billing.prompt);
         Ok(Some(self.settle(billing.hold, tokens).await?))
     }
 }
@@ -522,21 +565,21 @@ async fn deliver(
 /// Reads what the provider already sent and nobody read yet (its usage
 /// counts above all), without waiting: the client is gone, but what the
 /// provider produced is charged.
-fn drain_ready(upstream: &mut ProviderStream, text_bytes: &mut u64) {
-    while let Some(Ok(Some(text))) = upstream.next().now_or_never() {
-        *text_bytes = text_bytes.saturating_add(text.len() as u64);
+fn drain_ready(upstream: &mut ProviderStream, text: &mut StreamedText) {
+    while let Some(Ok(Some(delta))) = upstream.next().now_or_never() {
+        text.push(&delta);
     }
 }
 
 /// Forwards text deltas until the provider finishes, the stream breaks, or
-/// the client goes away or stops reading. Returns how it ended and the bytes
-/// of text the provider produced.
+/// the client goes away or stops reading. Returns how it ended; `text` gets
+/// the text the provider produced.
 async fn pump(
     upstream: &mut ProviderStream,
     events: &mpsc::Sender<StreamEvent>,
     pacing: Pacing,
-) -> (End, u64) {
-    let mut text_bytes = 0u64;
+    text: &mut StreamedText,
+) -> End {
     let keep_alive = pacing.keep_alive;
     let mut idle = tokio::time::interval_at(tokio::time::Instant::now() + keep_alive, keep_alive);
     let end = loop {
@@ -552,17 +595,17 @@ async fn pump(
             }
         };
         match next {
-            Ok(Some(text)) => {
+            Ok(Some(delta)) => {
                 idle.reset();
-                text_bytes = text_bytes.saturating_add(text.len() as u64);
-                if let Err(end) = deliver(events, StreamEvent::Delta(text), pacing).await {
+                text.push(&delta);
+                if let Err(end) = deliver(events, StreamEvent::Delta(delta), pacing).await {
                     break end;
                 }
             }
-            Ok(None) => return (End::Completed, text_bytes),
-            Err(error) => return (End::Broken(error), text_bytes),
+            Ok(None) => return End::Completed,
+            Err(error) => return End::Broken(error),
         }
     };
-    drain_ready(upstream, &mut text_bytes);
-    (end, text_bytes)
+    drain_ready(upstream, text);
+    end
 }

@@ -3,7 +3,9 @@
 //!
 //! - [`chat`]: a chat from the hold through the provider call to the
 //!   settlement, streamed or whole;
-//! - [`estimate`]: the input estimate, the hold amount, a stream's tokens;
+//! - [`estimate`]: the prompt's tokens, the hold amount, a stream's tokens;
+//! - [`tokens`]: the providers' public tokenizers (OpenAI's tiktoken), built
+//!   once at startup;
 //! - [`settlements`]: a platform chat's settlement, retried until it posts,
 //!   and the bound on how many may be pending;
 //! - [`usage`]: usage reports read from the ledger's usage rows (spend per
@@ -12,6 +14,7 @@
 pub mod chat;
 pub mod estimate;
 pub mod settlements;
+pub mod tokens;
 pub mod usage;
 
 pub use chat::{Answer, ChatCall, ChatError, Chats, StreamEvent};

@@ -1,7 +1,9 @@
 //! OpenAI Chat Completions (`POST /v1/chat/completions`). `prompt_tokens`
 //! includes the cached ones (`prompt_tokens_details.cached_tokens`), which
 //! are priced apart: input = prompt − cached. Streams ask for
-//! `stream_options.include_usage`: the last chunk has the usage and no choices.
+//! `stream_options.include_usage` (every one: without it OpenAI streams no
+//! usage at all): the last chunk has the usage and no choices. A stream cut
+//! before that chunk is counted with OpenAI's tokenizer (`crate::metering`).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -201,7 +203,7 @@ mod tests {
     }
 
     #[test]
-    fn streams_ask_for_usage() {
+    fn streams_ask_for_usage_and_whole_answers_do_not() {
         let request = ChatRequest {
             model: "gpt-4o".into(),
             max_tokens: 5,
@@ -211,5 +213,8 @@ mod tests {
             body(&request, true)["stream_options"],
             json!({ "include_usage": true })
         );
+        // OpenAI refuses `stream_options` without `stream` (400).
+        let whole = body(&request, false);
+        assert!(whole.get("stream_options").is_none() && whole.get("stream").is_none());
     }
 }

@@ -1,11 +1,15 @@
 //! `POST /api/chat` with `stream: true`: text deltas as Server-Sent Events,
 //! a final event with the credits, settlement for what was produced when the
-//! provider breaks or the client leaves.
+//! provider breaks or the client leaves. OpenAI streams are metered with
+//! OpenAI's tokenizer where its usage never came: expected counts here come
+//! from tiktoken-rs's own implementation of the OpenAI cookbook's rule.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tiktoken_rs::ChatCompletionRequestMessage;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use wiremock::matchers::{body_partial_json, method, path};
 use wiremock::{Mock, ResponseTemplate};
@@ -91,10 +95,12 @@ async fn an_openai_stream_is_settled_with_the_usage_of_its_last_chunk() {
     let fakes = fakes().await;
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
-        .and(body_partial_json(
-            json!({ "stream": true, "stream_options": { "include_usage": true } }),
-        ))
-        .respond_with(sse_response(openai_stream(&["Bon", "jour"], 300, 40, 100)))
+        .respond_with(OpenaiStream {
+            texts: vec!["Bon", "jour"],
+            prompt_tokens: 300,
+            completion_tokens: 40,
+            cached_tokens: 100,
+        })
         .mount(&fakes.openai)
         .await;
     let app = app_with(&fakes, |_| {}).await;
@@ -116,7 +122,298 @@ async fn an_openai_stream_is_settled_with_the_usage_of_its_last_chunk() {
     // 200 × 2_430_556 + 40 × 9_722_223 + 100 × 1_215_278 = 996_527_920 → 997
     assert_eq!(last["credits"]["usedMicros"], 997);
     assert_eq!(last["credits"]["inputTokens"], 200);
+    assert_eq!(last["credits"]["outputTokens"], 40);
     assert_eq!(last["credits"]["cacheReadTokens"], 100);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn the_streamed_request_to_openai_asks_for_the_usage_chunk() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .respond_with(OpenaiStream {
+            texts: vec!["Bon", "jour"],
+            prompt_tokens: 20,
+            completion_tokens: 2,
+            cached_tokens: 0,
+        })
+        .mount(&fakes.openai)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_asks", 10_000_000).await;
+
+    let events = events_of(
+        stream_chat(
+            &app,
+            "user_asks",
+            json!({ "stream": true, "model": "gpt-4o", "messages": [{ "role": "user", "content": "hi" }] }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(events.last().unwrap().0, "done", "{events:?}");
+    let requests = fakes.openai.received_requests().await.unwrap();
+    assert_eq!(requests.len(), 1);
+    let sent: Value = serde_json::from_slice(&requests[0].body).unwrap();
+    assert_eq!(sent["stream"], true, "{sent}");
+    assert_eq!(
+        sent["stream_options"],
+        json!({ "include_usage": true }),
+        "{sent}"
+    );
+    app.db.reconcile_is_clean().await;
+}
+
+/// gpt-4o's prices in micros per million tokens: 2.50 and 10.00 USD, plus
+/// 5%, at 1.08 USD per EUR, rounded up.
+const GPT_4O_INPUT: i64 = 2_430_556;
+const GPT_4O_OUTPUT: i64 = 9_722_223;
+
+/// gpt-4o's list price of `input` and `output` tokens, in micros (rounded up).
+fn gpt_4o_cost(input: u64, output: u64) -> i64 {
+    (input as i64 * GPT_4O_INPUT + output as i64 * GPT_4O_OUTPUT + 999_999) / 1_000_000
+}
+
+/// A conversation of about 12,000 gpt-4o tokens (some 45 KB of text).
+fn long_conversation() -> Value {
+    let text: String = (0..570)
+        .map(|i| {
+            format!("Line {i}: the app keeps todo items with a title, a due date and a done flag. ")
+        })
+        .collect();
+    json!([
+        { "role": "system", "content": "You write apps." },
+        { "role": "user", "content": text },
+    ])
+}
+
+/// OpenAI's count of a chat's prompt tokens for gpt-4o, by the OpenAI
+/// cookbook's rule as tiktoken-rs implements it.
+fn openai_prompt_tokens(messages: &Value) -> u64 {
+    let messages: Vec<ChatCompletionRequestMessage> = messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| ChatCompletionRequestMessage {
+            role: m["role"].as_str().unwrap().into(),
+            content: Some(m["content"].as_str().unwrap().into()),
+            ..Default::default()
+        })
+        .collect();
+    tiktoken_rs::num_tokens_from_messages("gpt-4o", &messages).unwrap() as u64
+}
+
+/// `charged` is within 10% of `list`.
+fn assert_within_ten_percent(charged: &Value, list: i64) {
+    let charged = charged.as_i64().unwrap();
+    assert!(
+        (charged - list).abs() * 10 <= list,
+        "charged {charged} micros for a list price of {list}"
+    );
+}
+
+/// Posts `body` to `/api/chat` on a connection of its own, reads the
+/// answer's head, and resets the connection (SO_LINGER 0: an RST, no FIN)
+/// right after its 200.
+async fn reset_after_the_200(app: &TestApp, clerk_id: &str, body: &Value) {
+    let address = app.address.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let body = body.to_string();
+    let request = format!(
+        "POST /api/chat HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        app.token(clerk_id),
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut buffer).await.unwrap();
+        assert!(n > 0, "the connection closed before the answer's head");
+        head.extend_from_slice(&buffer[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    socket.set_zero_linger().unwrap();
+    drop(socket);
+}
+
+#[actix::test]
+async fn a_platform_openai_stream_whose_client_resets_right_after_the_200_is_charged_its_counted_prompt(
+) {
+    let fakes = fakes().await;
+    let (open, gate) = oneshot::channel();
+    let (address, closed, received) = recorded_provider(
+        vec![openai_role_chunk()],
+        Then::Gated,
+        openai_chunk("Too late"),
+        gate,
+    )
+    .await;
+    let app = app_with(&fakes, |s| {
+        s.providers.openai_base_url = address;
+        s.chat.stream_keep_alive_ms = 100;
+    })
+    .await;
+    fund(&app, "user_reset", 10_000_000).await;
+    let messages = long_conversation();
+
+    reset_after_the_200(
+        &app,
+        "user_reset",
+        &json!({ "stream": true, "model": "gpt-4o", "maxTokens": 1000, "messages": messages }),
+    )
+    .await;
+
+    let usage = settled_usage(&app, "user_reset").await;
+    let prompt = openai_prompt_tokens(&messages);
+    assert!(
+        (11_000..=13_000).contains(&prompt),
+        "{prompt} prompt tokens"
+    );
+    assert_eq!(usage["inputTokens"], prompt, "{usage}");
+    assert_eq!(usage["outputTokens"], 0, "{usage}");
+    assert_eq!(usage["costMicros"], gpt_4o_cost(prompt, 0), "{usage}");
+    assert_eq!(
+        balance(&app, "user_reset").await["balanceMicros"],
+        10_000_000 - gpt_4o_cost(prompt, 0)
+    );
+    let sent = received
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("the provider got a body");
+    assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
+    open.send(()).unwrap();
+    let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the provider was told")
+        .unwrap();
+    assert!(upstream_closed, "the upstream call went on after the reset");
+    app.db.reconcile_is_clean().await;
+}
+
+/// What OpenAI streams: one token per chunk.
+const ONE_TOKEN_DELTAS: [&str; 6] = ["Here", " is", " your", " todo", " app", ":"];
+
+fn one_token_chunks() -> Vec<String> {
+    let mut chunks = vec![openai_role_chunk()];
+    chunks.extend(ONE_TOKEN_DELTAS.iter().map(|delta| openai_chunk(delta)));
+    chunks
+}
+
+#[actix::test]
+async fn an_openai_stream_whose_client_leaves_after_its_first_text_is_charged_within_ten_percent_of_what_was_produced(
+) {
+    let fakes = fakes().await;
+    let (open, gate) = oneshot::channel();
+    let (address, closed) =
+        gated_provider(one_token_chunks(), Then::Gated, openai_chunk(" more"), gate).await;
+    let app = app_with(&fakes, |s| {
+        s.providers.openai_base_url = address;
+        s.chat.stream_keep_alive_ms = 100;
+    })
+    .await;
+    fund(&app, "user_left", 10_000_000).await;
+    let messages = long_conversation();
+
+    let mut response = stream_chat(
+        &app,
+        "user_left",
+        json!({ "stream": true, "model": "gpt-4o", "maxTokens": 1000, "messages": messages }),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        read_until(&mut response, &mut seen, r#""text":":""#),
+    )
+    .await
+    .expect("the first text reached the client");
+    drop(response);
+
+    let usage = settled_usage(&app, "user_left").await;
+    let prompt = openai_prompt_tokens(&messages);
+    let produced = ONE_TOKEN_DELTAS.len() as u64;
+    assert_eq!(usage["inputTokens"], prompt, "{usage}");
+    assert_within_ten_percent(&usage["costMicros"], gpt_4o_cost(prompt, produced));
+    open.send(()).unwrap();
+    let upstream_closed = tokio::time::timeout(Duration::from_secs(15), closed)
+        .await
+        .expect("the provider was told")
+        .unwrap();
+    assert!(
+        upstream_closed,
+        "the upstream call went on after the client left"
+    );
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn an_openai_stream_the_provider_drops_after_its_first_text_is_charged_within_ten_percent_of_what_was_produced(
+) {
+    let fakes = fakes().await;
+    let (address, _closed) = raw_provider(one_token_chunks(), Then::Break, String::new()).await;
+    let app = app_with(&fakes, |s| s.providers.openai_base_url = address).await;
+    fund(&app, "user_dropped", 10_000_000).await;
+    let messages = long_conversation();
+
+    let events = events_of(
+        stream_chat(
+            &app,
+            "user_dropped",
+            json!({ "stream": true, "model": "gpt-4o", "maxTokens": 1000, "messages": messages }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(streamed_text(&events), ONE_TOKEN_DELTAS.concat());
+    let (name, last) = events.last().unwrap();
+    assert_eq!(name, "error", "{events:?}");
+    let prompt = openai_prompt_tokens(&messages);
+    let produced = ONE_TOKEN_DELTAS.len() as u64;
+    assert_eq!(last["credits"]["inputTokens"], prompt, "{last}");
+    assert_within_ten_percent(
+        &last["credits"]["usedMicros"],
+        gpt_4o_cost(prompt, produced),
+    );
+    assert_eq!(balance(&app, "user_dropped").await["heldMicros"], 0);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn the_hold_of_an_openai_chat_is_its_prompt_counted_in_tokens_not_bytes() {
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(500))
+        .expect(0)
+        .mount(&fakes.openai)
+        .await;
+    let app = app_with(&fakes, |_| {}).await;
+    fund(&app, "user_held", 10_000).await;
+    let messages = long_conversation();
+
+    let (status, body) = json_of(
+        stream_chat(
+            &app,
+            "user_held",
+            json!({ "stream": true, "model": "gpt-4o", "maxTokens": 1000, "messages": messages }),
+        )
+        .await,
+    )
+    .await;
+
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["error"], "INSUFFICIENT_CREDITS");
+    // gpt-4o's dearest input price is its input price (cache writes are
+    // priced as input): the prompt's tokens at it, and 1,000 output tokens.
+    let prompt = openai_prompt_tokens(&messages);
+    assert_eq!(body["estimatedCostMicros"], gpt_4o_cost(prompt, 1_000));
     app.db.reconcile_is_clean().await;
 }
 
@@ -272,19 +569,21 @@ async fn a_client_that_disconnects_stops_the_upstream_call_and_is_charged_for_wh
         "the upstream call went on after the client left"
     );
     let usage = settled_usage(&app, "user_gone").await;
-    // No usage chunk came: input is the estimate, 16 + (2 + 8) = 26 tokens;
-    // output is counted from the bytes of text received: at least the first
-    // text's, at most everything the provider wrote.
-    assert_eq!(usage["inputTokens"], 26);
+    // No usage chunk came: the input is the prompt counted with gpt-4o's
+    // tokenizer; the output is the text received, counted with it too: at
+    // least the first text's tokens, at most those of all the provider wrote.
+    let prompt = openai_prompt_tokens(&json!([{ "role": "user", "content": "hi" }]));
+    assert_eq!(usage["inputTokens"], prompt);
     let output = usage["outputTokens"].as_u64().unwrap();
-    let first_bytes = first_text.len() as u64;
-    let written_bytes =
-        first_bytes + fillers.load(Ordering::SeqCst) as u64 * filler_text.len() as u64;
+    let o200k = tiktoken_rs::o200k_base_singleton();
+    let first = o200k.encode_ordinary(first_text).len() as u64;
+    let written = first_text.to_owned() + &filler_text.repeat(fillers.load(Ordering::SeqCst));
+    let most = o200k.encode_ordinary(&written).len() as u64;
     assert!(
-        (first_bytes.div_ceil(3)..=written_bytes.div_ceil(3)).contains(&output),
-        "{output} output tokens for {first_bytes} to {written_bytes} bytes of text: {usage}"
+        (first..=most).contains(&output),
+        "{output} output tokens for {first} to {most} tokens of text: {usage}"
     );
-    let cost = (26 * 2_430_556 + output as i64 * 9_722_223 + 999_999) / 1_000_000;
+    let cost = gpt_4o_cost(prompt, output);
     assert_eq!(usage["costMicros"], cost);
     assert_eq!(
         balance(&app, "user_gone").await["balanceMicros"],

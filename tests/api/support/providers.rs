@@ -1,15 +1,18 @@
 //! Local fake providers speaking Anthropic's and OpenAI's wire formats:
-//! whole answers (wiremock), SSE streams, and a hand-written one-connection
-//! provider for streams that break, stall or outlive their reader.
+//! whole answers (wiremock), SSE streams (OpenAI's sends its usage chunk
+//! only when the request asks with `stream_options.include_usage`, as
+//! OpenAI does), and a hand-written one-connection provider for streams
+//! that break, stall or outlive their reader, which keeps the request body
+//! it got.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
-use wiremock::{MockServer, ResponseTemplate};
+use wiremock::{MockServer, Request, Respond, ResponseTemplate};
 
 use super::*;
 
@@ -218,16 +221,23 @@ pub fn openai_chunk(text: &str) -> String {
     )
 }
 
-pub fn openai_stream(texts: &[&str], prompt: u64, completion: u64, cached: u64) -> String {
-    let mut body = sse(
+/// OpenAI's first chunk: the role, and no text yet.
+pub fn openai_role_chunk() -> String {
+    sse(
         None,
         &json!({
             "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
-            "model": "gpt-4o-2024-08-06",
-            "choices": [{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }],
+            "model": "gpt-4o-2024-08-06", "system_fingerprint": "fp_44709d6fcb",
+            "choices": [{ "index": 0, "delta": { "role": "assistant", "content": "", "refusal": null }, "logprobs": null, "finish_reason": null }],
             "usage": null,
         }),
-    );
+    )
+}
+
+/// A whole OpenAI stream; the usage chunk (after the one with the finish
+/// reason, with no choices) only when `usage` is given.
+pub fn openai_stream_body(texts: &[&str], usage: Option<(u64, u64, u64)>) -> String {
+    let mut body = openai_role_chunk();
     for text in texts {
         body += &openai_chunk(text);
     }
@@ -235,24 +245,67 @@ pub fn openai_stream(texts: &[&str], prompt: u64, completion: u64, cached: u64) 
         None,
         &json!({
             "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
-            "model": "gpt-4o-2024-08-06",
-            "choices": [{ "index": 0, "delta": {}, "finish_reason": "stop" }],
+            "model": "gpt-4o-2024-08-06", "system_fingerprint": "fp_44709d6fcb",
+            "choices": [{ "index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop" }],
             "usage": null,
         }),
     );
-    body += &sse(
-        None,
-        &json!({
-            "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
-            "model": "gpt-4o-2024-08-06", "choices": [],
-            "usage": {
-                "prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": { "cached_tokens": cached },
-            },
-        }),
-    );
+    if let Some((prompt, completion, cached)) = usage {
+        body += &sse(
+            None,
+            &json!({
+                "id": "chatcmpl-123", "object": "chat.completion.chunk", "created": 1_694_268_190,
+                "model": "gpt-4o-2024-08-06", "system_fingerprint": "fp_44709d6fcb",
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt, "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                    "prompt_tokens_details": { "cached_tokens": cached, "audio_tokens": 0 },
+                    "completion_tokens_details": { "reasoning_tokens": 0, "audio_tokens": 0 },
+                },
+            }),
+        );
+    }
     body + "data: [DONE]\n\n"
+}
+
+/// OpenAI's Chat Completions streaming as OpenAI does: the usage chunk
+/// only when the request asks for it (`stream_options.include_usage`), and
+/// 400 `invalid_request_error` for `stream_options` without `stream`.
+pub struct OpenaiStream {
+    pub texts: Vec<&'static str>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+}
+
+impl Respond for OpenaiStream {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
+            return openai_invalid_request("We could not parse the JSON body of your request.");
+        };
+        let streamed = body["stream"] == json!(true);
+        if !streamed {
+            let message = if body.get("stream_options").is_some() {
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+            } else {
+                "This stand-in only streams: set 'stream' to true."
+            };
+            return openai_invalid_request(message);
+        }
+        let usage = (body["stream_options"]["include_usage"] == json!(true)).then_some((
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+        ));
+        sse_response(openai_stream_body(&self.texts, usage))
+    }
+}
+
+fn openai_invalid_request(message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(400).set_body_json(json!({
+        "error": { "message": message, "type": "invalid_request_error", "param": "stream_options", "code": null }
+    }))
 }
 
 pub fn sse_response(body: String) -> ResponseTemplate {
@@ -270,7 +323,7 @@ pub enum Then {
     /// (at most 256 MiB).
     Flood,
     /// Waits for the gate, then writes the filler (the rest of the answer)
-    /// and ends the answer.
+    /// and ends the answer; reports a reader that left meanwhile.
     Gated,
 }
 
@@ -295,7 +348,8 @@ pub async fn counted_provider(
 ) -> (String, oneshot::Receiver<bool>, Arc<AtomicUsize>) {
     let (_open, gate) = oneshot::channel();
     let written = Arc::new(AtomicUsize::new(0));
-    let (address, closed) = provider(chunks, then, filler, gate, written.clone()).await;
+    let (address, closed) =
+        provider(chunks, then, filler, gate, written.clone(), Arc::default()).await;
     (address, closed, written)
 }
 
@@ -306,7 +360,23 @@ pub async fn gated_provider(
     filler: String,
     gate: oneshot::Receiver<()>,
 ) -> (String, oneshot::Receiver<bool>) {
-    provider(chunks, then, filler, gate, Arc::default()).await
+    provider(chunks, then, filler, gate, Arc::default(), Arc::default()).await
+}
+
+/// The JSON body of the request a hand-written provider got, once it came.
+pub type ReceivedBody = Arc<Mutex<Option<Value>>>;
+
+/// `gated_provider`, that also keeps the request body it got.
+pub async fn recorded_provider(
+    chunks: Vec<String>,
+    then: Then,
+    filler: String,
+    gate: oneshot::Receiver<()>,
+) -> (String, oneshot::Receiver<bool>, ReceivedBody) {
+    let received = ReceivedBody::default();
+    let (address, closed) =
+        provider(chunks, then, filler, gate, Arc::default(), received.clone()).await;
+    (address, closed, received)
 }
 
 async fn provider(
@@ -315,13 +385,15 @@ async fn provider(
     filler: String,
     gate: oneshot::Receiver<()>,
     written: Arc<AtomicUsize>,
+    received: ReceivedBody,
 ) -> (String, oneshot::Receiver<bool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     let (closed_tx, closed_rx) = oneshot::channel();
     actix_web::rt::spawn(async move {
         let (mut socket, _) = listener.accept().await.unwrap();
-        read_request(&mut socket).await;
+        let body = read_request(&mut socket).await;
+        *received.lock().unwrap() = serde_json::from_slice(&body).ok();
         let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
         socket.write_all(head.as_bytes()).await.unwrap();
         for chunk in chunks {
@@ -355,7 +427,13 @@ async fn provider(
             }
             Then::Gated => {
                 let _ = gate.await;
-                socket.write_all(filler.as_bytes()).await.is_err()
+                // A reader that left closed its side: reading ends at once
+                // (its request was read whole, it sends nothing more).
+                let mut probe = [0u8; 1];
+                let read =
+                    tokio::time::timeout(Duration::from_millis(100), socket.read(&mut probe)).await;
+                matches!(read, Ok(Ok(0) | Err(_)))
+                    || socket.write_all(filler.as_bytes()).await.is_err()
             }
         };
         drop(socket);
@@ -364,7 +442,8 @@ async fn provider(
     (address, closed_rx)
 }
 
-pub async fn read_request(socket: &mut tokio::net::TcpStream) {
+/// Reads one HTTP/1.1 request (with a `content-length` body) and returns its body.
+pub async fn read_request(socket: &mut tokio::net::TcpStream) -> Vec<u8> {
     let mut request = Vec::new();
     let mut buffer = [0u8; 4096];
     loop {
@@ -382,7 +461,7 @@ pub async fn read_request(socket: &mut tokio::net::TcpStream) {
                 })
                 .unwrap_or(0);
             if request.len() >= end + 4 + length {
-                return;
+                return request[end + 4..end + 4 + length].to_vec();
             }
         }
     }
