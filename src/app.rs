@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use crate::config::{LogFormat, LogSettings, Settings};
 use crate::db::{self, Database};
 use crate::http;
+use crate::ledger::cluster::ClusterRole;
 use crate::ledger::outbox::AlertThresholds;
 use crate::ledger::{self, store, Engine, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
@@ -78,13 +79,12 @@ impl Storage {
     }
 
     pub fn engine(&self, settings: &Settings) -> Engine {
-        Engine::start_with_alerts(
+        Engine::start_in_cluster(
             &settings.engine,
             &settings.journal,
-            self.database.clone(),
-            self.pool.clone(),
-            self.clock.clone(),
-            alert_thresholds(&settings.credits),
+            (self.database.clone(), self.pool.clone()),
+            (self.clock.clone(), alert_thresholds(&settings.credits)),
+            ClusterRole::from_settings(&settings.cluster),
         )
     }
 }
@@ -126,6 +126,10 @@ pub struct Application {
     /// Saves paid top-ups' cards and reads their invoice links (none
     /// without Stripe).
     followups: Option<tokio::task::JoinHandle<()>>,
+    /// `/readyz`'s state, failed on SIGTERM.
+    health: Arc<crate::health::Health>,
+    /// How long to keep serving after SIGTERM (`cluster.drain_s`).
+    drain: Duration,
 }
 
 impl Application {
@@ -168,6 +172,7 @@ impl Application {
         let port = listener.local_addr()?.port();
         let state = http::AppState::new(runtime, engine.clone(), storage.pool.clone(), metrics)?;
         let settlements = state.settlements.clone();
+        let health = state.health.clone();
         crate::health::start(storage.database.clone(), &state.health).await;
         crate::clerk::tokens::spawn_jwks_refresh(&state.clerk);
         let sender = crate::events::spawn_sender(
@@ -203,6 +208,8 @@ impl Application {
             sender,
             recharge,
             followups,
+            health,
+            drain: Duration::from_secs(settings.cluster.drain_s),
         })
     }
 
@@ -219,7 +226,14 @@ impl Application {
     /// accepting, finishes in-flight requests, flushes the journal and
     /// stops the private PostgreSQL.
     pub async fn run(self) -> anyhow::Result<()> {
-        self.server.await.context("HTTP server failed")?;
+        let drain = actix_web::rt::spawn(drain_on_signal(
+            self.server.handle(),
+            self.health.clone(),
+            self.drain,
+        ));
+        let served = self.server.await;
+        drain.abort();
+        served.context("HTTP server failed")?;
         tracing::info!("server stopped; settling the chats still in flight");
         if !self.settlements.drain(self.shutdown_timeout).await {
             tracing::error!(
@@ -247,6 +261,38 @@ impl Application {
         }
         Ok(())
     }
+}
+
+/// On SIGTERM (or SIGINT): fails `/readyz` at once, keeps serving for
+/// `drain` while the balancer moves this instance's accounts elsewhere,
+/// then stops the server gracefully (no new connections, requests in
+/// flight finished).
+async fn drain_on_signal(
+    server: actix_web::dev::ServerHandle,
+    health: Arc<crate::health::Health>,
+    drain: Duration,
+) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(terminate) => terminate,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
+                let _ = tokio::signal::ctrl_c().await;
+                server.stop(true).await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    health.start_draining();
+    tracing::info!(
+        drain_s = drain.as_secs(),
+        "stopping: /readyz fails, serving while the balancer moves accounts"
+    );
+    tokio::time::sleep(drain).await;
+    server.stop(true).await;
 }
 
 /// Binds `server.bind` (port 0 picks a free port).

@@ -73,6 +73,7 @@ pub struct Settings {
     pub limits: LimitsSettings,
     pub metrics: MetricsSettings,
     pub events: EventsSettings,
+    pub cluster: ClusterSettings,
     /// Set by `creditd demo` only (never from a file or the environment):
     /// where the demo's sign-in page is; pages then show the demo banner.
     #[serde(skip)]
@@ -204,6 +205,47 @@ pub struct EngineSettings {
     pub hold_ttl_s: u64,
     pub recent_keys: usize,
     pub call_timeout_ms: u64,
+}
+
+/// Running several instances on one database (see README, "Running
+/// several instances").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This instance's name in `credit_balances.written_by` and in its
+    /// notifications; empty: the host name and the process id.
+    pub instance_id: String,
+    /// Seconds an instance keeps serving after SIGTERM with `/readyz`
+    /// failing, so the balancer moves its accounts before it stops.
+    pub drain_s: u64,
+    /// How often a singleton (event sender, auto-recharge worker) checks
+    /// the connection holding its advisory lock.
+    pub singleton_check_ms: u64,
+    /// Pause before the notification listener reconnects.
+    pub listen_retry_ms: u64,
+}
+
+impl ClusterSettings {
+    /// `instance_id`, or the host name and process id when it is empty.
+    pub fn instance(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        format!("{}-{}", host_name(), std::process::id())
+    }
+}
+
+/// The machine's host name (`gethostname(2)`); "localhost" if it has none.
+fn host_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes.
+    let status = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    match std::str::from_utf8(&buffer[..end]) {
+        Ok(name) if status == 0 && !name.is_empty() => name.to_owned(),
+        _ => "localhost".to_owned(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -388,6 +430,16 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), String> {
+        let instance = &self.cluster.instance_id;
+        if instance.len() > 200
+            || instance
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(
+                "configuration key `cluster.instance_id`: at most 200 bytes, no spaces".into(),
+            );
+        }
         for (key, value) in self.must_be_positive() {
             if value == 0 {
                 return Err(format!("configuration key `{key}`: must be greater than 0"));
@@ -528,6 +580,11 @@ impl Settings {
         let wide = |value: usize| value as u64;
         vec![
             ("server.workers", wide(self.server.workers)),
+            (
+                "cluster.singleton_check_ms",
+                self.cluster.singleton_check_ms,
+            ),
+            ("cluster.listen_retry_ms", self.cluster.listen_retry_ms),
             ("server.shutdown_timeout_s", self.server.shutdown_timeout_s),
             (
                 "server.body_limit_bytes",

@@ -18,6 +18,8 @@ pub struct Health {
     active_holds: AtomicI64,
     /// Milliseconds after `started` of the last successful check.
     checked_ms: AtomicU64,
+    /// SIGTERM arrived: `/readyz` fails so the balancer moves the accounts.
+    draining: AtomicBool,
 }
 
 impl Health {
@@ -28,7 +30,17 @@ impl Health {
             database_up: AtomicBool::new(false),
             active_holds: AtomicI64::new(0),
             checked_ms: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// From now on `/readyz` fails: the instance is stopping.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// The database answered the last check, and that check is recent

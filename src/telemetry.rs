@@ -50,6 +50,14 @@ pub fn describe(prices: &PriceTable) {
         "Referral bonuses taken back (the paying top-up refunded or disputed) or given back (dispute won), one per side"
     );
     describe_counter!("creditd_holds_expired_total", "Holds released by expiry");
+    describe_counter!(
+        "creditd_accounts_evicted_total",
+        "Resident account copies dropped as stale, by reason (written_elsewhere, listener_lost)"
+    );
+    describe_counter!(
+        "creditd_account_loads_retried_total",
+        "Account loads that read an inconsistent state and read a fresh snapshot"
+    );
     describe_gauge!("creditd_active_holds", "Active holds in PostgreSQL");
     describe_gauge!(
         "creditd_account_actors_resident",

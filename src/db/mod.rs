@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::NoTls;
+use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseSettings;
@@ -67,6 +69,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "event_sequences",
         include_str!("../../sql/0013_event_sequences.sql"),
     ),
+    (14, "cluster", include_str!("../../sql/0014_cluster.sql")),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.
@@ -166,6 +169,55 @@ impl Database {
             .await?
             .try_get(0)?;
         Ok(taken.then_some(client))
+    }
+
+    /// Opens one connection outside the pool whose notifications
+    /// (`LISTEN`) arrive, as their payloads, on the returned channel; the
+    /// channel closes when the connection ends.
+    pub async fn connect_listening(
+        &self,
+    ) -> Result<(tokio_postgres::Client, mpsc::Receiver<String>), tokio_postgres::Error> {
+        let (tx, rx) = mpsc::channel(NOTIFICATIONS_QUEUED_MAX);
+        match self.tls() {
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls).await?;
+                tokio::spawn(drive_listening(connection, tx));
+                Ok((client, rx))
+            }
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                tokio::spawn(drive_listening(connection, tx));
+                Ok((client, rx))
+            }
+        }
+    }
+}
+
+/// Notifications read off a listening connection and not yet handled; the
+/// connection waits (PostgreSQL queues them) while it is full.
+const NOTIFICATIONS_QUEUED_MAX: usize = 1024;
+
+async fn drive_listening<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    tx: mpsc::Sender<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(AsyncMessage::Notification(notification)) => {
+                if tx.send(notification.payload().to_owned()).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(%error, "listening connection closed");
+                return;
+            }
+        }
     }
 }
 

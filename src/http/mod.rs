@@ -161,6 +161,8 @@ pub fn server(
         settings.server.client_request_timeout_ms,
     ))
     .shutdown_timeout(settings.server.shutdown_timeout_s)
+    // `Application::run` drains first, then stops the server itself.
+    .disable_signals()
     .listen(listener)?
     .run();
     Ok(server)
@@ -217,6 +219,12 @@ async fn healthz() -> HttpResponse {
         (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = openapi::ErrorBody)
     ))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
+    if state.health.draining() {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "stopping: still serving until the balancer moved this instance's accounts",
+        ));
+    }
     if !state.health.database_up() {
         return Err(ApiError::new(
             Code::Unavailable,
@@ -227,6 +235,12 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
         return Err(ApiError::new(
             Code::Unavailable,
             "the journal writer is stalled",
+        ));
+    }
+    if !state.engine.listening() {
+        return Err(ApiError::new(
+            Code::Unavailable,
+            "not hearing other instances' writes (the notification listener is reconnecting)",
         ));
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,10 +17,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::journal::{
     wait_durable, wait_resolved, Durable, DurableSender, Entry, Record, WriterHandle,
 };
+use super::load::{self, LoadContext, Loaded};
 use super::outbox::{self, AlertState, AlertThresholds};
-use super::spend::{self, SpendCounters};
+use super::spend;
 use super::state::{AccountState, Applied};
-use super::store::{self, StoredAccount};
+use super::store;
 use super::types::*;
 use crate::clock::Clock;
 use crate::money::Micros;
@@ -28,11 +30,13 @@ use crate::recharge::{self, AttemptEnd, RechargeConfig, RechargeState};
 /// Where accounts load from.
 #[derive(Clone)]
 pub(crate) enum Backend {
-    Postgres(deadpool_postgres::Pool),
-    /// Persistence stubbed (benchmarks): every account opens with this balance.
-    Memory {
-        opening_balance: Micros,
+    /// PostgreSQL, shared with the other instances; `instance` is this one.
+    Postgres {
+        pool: deadpool_postgres::Pool,
+        instance: super::cluster::InstanceId,
     },
+    /// Persistence stubbed (benchmarks): every account opens with this balance.
+    Memory { opening_balance: Micros },
 }
 
 /// Engine settings an actor needs.
@@ -90,6 +94,10 @@ pub struct AccountActor {
     /// Removes this actor from the directory (if it is still the registered one).
     deregister: Arc<dyn Fn() + Send + Sync>,
     published: Arc<Published>,
+    /// Set by the directory: a copy of the account whose committed
+    /// version is below this is stale (another instance wrote it, or the
+    /// listener that would have said so was lost), and stops.
+    stale_below: Arc<AtomicI64>,
     /// An admitted hold's entry, held back (its queue room already taken)
     /// until the account's next operation or `hold_delay`, so that a fast
     /// chat's hold and settlement go to the writer together and are written
@@ -110,6 +118,8 @@ pub(crate) struct DirectoryLinks {
     /// The actor's durability, written by the journal writer.
     pub durable: DurableSender,
     pub published: Arc<Published>,
+    /// The version below which the actor's copy is stale.
+    pub stale_below: Arc<AtomicI64>,
 }
 
 /// The account's summary as of its last operation, for reads that skip the
@@ -124,7 +134,7 @@ impl Published {
         *self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set(&self, summary: Option<BalanceSummary>) {
+    pub(crate) fn set(&self, summary: Option<BalanceSummary>) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = summary;
     }
 }
@@ -142,6 +152,7 @@ impl AccountActor {
             deregister,
             durable,
             published,
+            stale_below,
         } = links;
         let rx = durable.subscribe();
         AccountActor {
@@ -157,6 +168,7 @@ impl AccountActor {
             timer: None,
             deregister,
             published,
+            stale_below,
             pending: None,
             alerts: AlertState::default(),
             recharge: RechargeState::default(),
@@ -173,6 +185,11 @@ impl AccountActor {
     /// Checks the actor can serve; stops it when it must not.
     fn gate(&mut self, ctx: &mut Context<Self>) -> Result<(), LedgerError> {
         self.last_activity = Instant::now();
+        if self.is_stale() {
+            // Written elsewhere since it loaded: a fresh actor serves it.
+            self.stop(ctx);
+            return Err(LedgerError::Reset);
+        }
         match &self.phase {
             Phase::Ready(_) if self.durable_rx.borrow().failed => {
                 // A journal write of this incarnation failed: its state is
@@ -192,6 +209,12 @@ impl AccountActor {
             }
             Phase::Stopping | Phase::Loading => Err(LedgerError::Reset),
         }
+    }
+
+    /// Another instance committed a version this copy has not: it must
+    /// not answer (only meaningful once loaded).
+    fn is_stale(&self) -> bool {
+        self.durable_seq() < self.stale_below.load(Ordering::Acquire)
     }
 
     fn stop(&mut self, ctx: &mut Context<Self>) {
@@ -478,7 +501,7 @@ impl AccountActor {
         if !matches!(self.phase, Phase::Ready(_)) {
             return;
         }
-        if self.durable_rx.borrow().failed {
+        if self.durable_rx.borrow().failed || self.is_stale() {
             self.stop(ctx);
             return;
         }
@@ -507,34 +530,16 @@ impl AccountActor {
         self.schedule(ctx);
     }
 
-    fn loaded(
-        &mut self,
-        ctx: &mut Context<Self>,
-        stored: StoredAccount,
-        (alerts, recharge): (AlertState, RechargeState),
-        spending: Option<(SpendLimits, SpendCounters)>,
-    ) {
+    fn loaded(&mut self, ctx: &mut Context<Self>, loaded: Loaded) {
+        let Loaded {
+            state,
+            alerts,
+            recharge,
+        } = loaded;
         self.alerts = alerts;
         self.recharge = recharge;
-        let mut state = AccountState::new(
-            self.account,
-            stored.balance,
-            stored.held,
-            stored.version,
-            stored.holds,
-            stored.grants,
-            self.settings.recent_keys,
-        );
-        if let Some((limits, counters)) = spending {
-            state.load_spending(limits, counters);
-        }
-        if let Err(error) = state.check_invariants() {
-            tracing::error!(%error, "stored account is inconsistent");
-            self.phase = Phase::Failed(error);
-            return;
-        }
         self.durable_tx
-            .send_modify(|durable| durable.seq = stored.version);
+            .send_modify(|durable| durable.seq = state.seq);
         self.published.set(Some(state.snapshot_summary()));
         self.phase = Phase::Ready(Box::new(state));
         // Holds that expired while the account was not resident go first.
@@ -550,36 +555,41 @@ impl Actor for AccountActor {
         let account = self.account;
         let backend = self.backend.clone();
         let clock = self.settings.clock.clone();
+        let recent_keys = self.settings.recent_keys;
         let load = async move {
             match backend {
-                Backend::Postgres(pool) => {
-                    let client = store::client(&pool).await?;
-                    let stored = store::load_account(&**client, account).await?;
-                    let alerts = outbox::load_alert_state(&**client, account).await?;
-                    let recharge =
-                        recharge::store::load_state(&**client, account, clock.now()).await?;
-                    // Read after the account: usages it settles from now on
-                    // are counted by the actor, those before by this read.
-                    let spending = spend::load(&**client, account, clock.now()).await?;
-                    Ok((stored, (alerts, recharge), Some(spending)))
+                Backend::Postgres { pool, instance } => {
+                    let context = LoadContext {
+                        pool,
+                        instance,
+                        clock,
+                        recent_keys,
+                    };
+                    load::load(&context, account).await
                 }
-                Backend::Memory { opening_balance } => Ok((
-                    StoredAccount {
-                        balance: opening_balance,
-                        held: Micros::ZERO,
-                        version: 0,
-                        holds: Vec::new(),
-                        grants: opening_grant(opening_balance, clock.now()),
-                    },
-                    (AlertState::default(), RechargeState::default()),
-                    None,
-                )),
+                Backend::Memory { opening_balance } => {
+                    let grants = opening_grant(opening_balance, clock.now());
+                    let state = AccountState::new(
+                        account,
+                        opening_balance,
+                        Micros::ZERO,
+                        0,
+                        Vec::new(),
+                        grants,
+                        recent_keys,
+                    );
+                    Ok(Loaded {
+                        state,
+                        alerts: AlertState::default(),
+                        recharge: RechargeState::default(),
+                    })
+                }
             }
         };
         ctx.wait(
             load.into_actor(self)
                 .map(|result, actor, ctx| match result {
-                    Ok((stored, loaded, spending)) => actor.loaded(ctx, stored, loaded, spending),
+                    Ok(loaded) => actor.loaded(ctx, loaded),
                     Err(error) => {
                         tracing::debug!(account = actor.account.0, %error, "account load failed");
                         actor.phase = Phase::Failed(error);
@@ -690,6 +700,24 @@ pub struct ExpireGrants {
     pub now: DateTime<Utc>,
 }
 
+/// Stops an actor whose copy became stale (its `stale_below` moved past
+/// its committed version). Sent from `Directory::evict` when another
+/// instance wrote the account (or the listener that would have said so
+/// was lost); carries no money.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Evict;
+
+impl Handler<Evict> for AccountActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Evict, ctx: &mut Context<Self>) {
+        if matches!(self.phase, Phase::Ready(_)) && self.is_stale() {
+            self.stop(ctx);
+        }
+    }
+}
+
 /// The account as its actor sees it. Sent from `Engine::balance` to the
 /// account's actor when a read must see every operation applied so far (a
 /// chat refused for its balance, the balance page and its grants, the admin
@@ -790,7 +818,7 @@ impl AccountActor {
         posting: Posting,
     ) -> Reply<Outcome<TransactionRecord>> {
         let known = self.state().is_some_and(|s| s.knows_key(&posting.key));
-        let Backend::Postgres(pool) = self.backend.clone() else {
+        let Backend::Postgres { pool, .. } = self.backend.clone() else {
             return self.apply(ctx, move |s, now, d| s.post(direction, &posting, now, d));
         };
         if known {
@@ -826,7 +854,7 @@ impl AccountActor {
             + 'static,
     ) -> Reply<Outcome<T>> {
         let known = self.state().is_some_and(|s| s.knows_hold(&hold_id));
-        let Backend::Postgres(pool) = self.backend.clone() else {
+        let Backend::Postgres { pool, .. } = self.backend.clone() else {
             return self.apply(ctx, operation);
         };
         if known {
@@ -900,7 +928,7 @@ impl Handler<Clawback> for AccountActor {
         let known = self
             .state()
             .is_some_and(|s| s.knows_clawbacks(&request.object) && s.knows_key(&request.key));
-        let Backend::Postgres(pool) = self.backend.clone() else {
+        let Backend::Postgres { pool, .. } = self.backend.clone() else {
             if let Phase::Ready(state) = &mut self.phase {
                 state.remember_clawbacks(request.object.clone(), Micros::ZERO);
             }
@@ -1034,7 +1062,7 @@ impl Handler<SetLimits> for AccountActor {
             Err(error) => return ready(Err(error)),
         };
         let now = self.settings.clock.now();
-        let Backend::Postgres(pool) = self.backend.clone() else {
+        let Backend::Postgres { pool, .. } = self.backend.clone() else {
             return ready(match &mut self.phase {
                 Phase::Ready(state) => {
                     state.limits = limits;

@@ -1,10 +1,11 @@
 //! The directory: account id → actor address. Starts an account's actor on
 //! its first message, retries a message its actor could no longer take
-//! (passivated, reset), and bounds each actor's mailbox.
+//! (passivated, reset), and bounds each actor's mailbox. Drops an actor
+//! whose account another instance wrote (`evict`): its copy may be stale.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,28 @@ struct Handle {
     /// The actor's journal durability (a failed write makes its state void).
     durable: DurableSender,
     published: Arc<Published>,
+    /// The lowest committed version a current copy of the account has
+    /// (raised by other instances' writes): the actor stops below it.
+    stale_below: Arc<AtomicI64>,
+}
+
+/// Why a resident actor was dropped (`creditd_accounts_evicted_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// Another instance wrote the account.
+    WrittenElsewhere,
+    /// The notification listener lost its connection (or was not yet
+    /// listening): any copy may have missed a notification.
+    ListenerLost,
+}
+
+impl Eviction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Eviction::WrittenElsewhere => "written_elsewhere",
+            Eviction::ListenerLost => "listener_lost",
+        }
+    }
 }
 
 struct Inner {
@@ -60,6 +83,15 @@ impl Inner {
         account.hash(&mut hasher);
         &self.shards[(hasher.finish() as usize) % SHARDS]
     }
+}
+
+/// Tells a dropped actor to stop; it refuses everything from now on.
+fn dismiss(handle: Handle, reason: Eviction) {
+    handle.stale_below.store(i64::MAX, Ordering::Release);
+    handle.published.set(None);
+    // Not money: a stop request, harmless if the actor already stopped.
+    handle.addr.do_send(Evict);
+    metrics::counter!("creditd_accounts_evicted_total", "reason" => reason.as_str()).increment(1);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -120,10 +152,12 @@ impl Directory {
         let settings = inner.settings.clone();
         let durable: DurableSender = Arc::new(tokio::sync::watch::channel(Durable::default()).0);
         let published = Arc::new(Published::default());
+        let stale_below = Arc::new(AtomicI64::new(0));
         let links = DirectoryLinks {
             deregister,
             durable: durable.clone(),
             published: published.clone(),
+            stale_below: stale_below.clone(),
         };
         let addr = AccountActor::start_in_arbiter(arbiter, move |_| {
             AccountActor::new(account, id, backend, writer, settings, links)
@@ -134,6 +168,7 @@ impl Directory {
             inflight: Arc::new(AtomicUsize::new(0)),
             durable,
             published,
+            stale_below,
         };
         if shard.insert(account, handle.clone()).is_none() {
             inner.resident.fetch_add(1, Ordering::Relaxed);
@@ -194,10 +229,54 @@ impl Directory {
     pub fn summary(&self, account: AccountId) -> Option<BalanceSummary> {
         let shard = lock(self.inner.shard(account));
         let handle = shard.get(&account)?;
-        if !handle.addr.connected() || handle.durable.borrow().failed {
+        let durable = *handle.durable.borrow();
+        if !handle.addr.connected()
+            || durable.failed
+            || durable.seq < handle.stale_below.load(Ordering::Acquire)
+        {
             return None;
         }
         handle.published.get()
+    }
+
+    /// Another instance committed `version` of the account: a resident
+    /// copy below it answers nothing more (its queued messages are retried
+    /// on a fresh actor, which loads from PostgreSQL) and stops; what it
+    /// had sent to the journal commits or fails there, as for a fenced
+    /// actor, and its callers hear which. A copy loaded at or after that
+    /// version (or still loading and about to) stays. Whether a copy was
+    /// found stale.
+    pub fn evict(&self, account: AccountId, version: i64, reason: Eviction) -> bool {
+        let shard = lock(self.inner.shard(account));
+        let Some(handle) = shard.get(&account) else {
+            return false;
+        };
+        handle.stale_below.fetch_max(version, Ordering::AcqRel);
+        let stale = handle.durable.borrow().seq < version;
+        if stale {
+            handle.published.set(None);
+            // Not money: a request to stop, ignored by a copy found current.
+            handle.addr.do_send(Evict);
+            metrics::counter!("creditd_accounts_evicted_total", "reason" => reason.as_str())
+                .increment(1);
+        }
+        stale
+    }
+
+    /// Drops every resident actor (as `evict`); returns how many.
+    pub fn evict_all(&self, reason: Eviction) -> usize {
+        let mut dropped = 0;
+        for shard in &self.inner.shards {
+            let handles: Vec<Handle> = lock(shard).drain().map(|(_, handle)| handle).collect();
+            self.inner
+                .resident
+                .fetch_sub(handles.len(), Ordering::Relaxed);
+            dropped += handles.len();
+            for handle in handles {
+                dismiss(handle, reason);
+            }
+        }
+        dropped
     }
 
     /// Actors currently resident.

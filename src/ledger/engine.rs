@@ -9,6 +9,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 
 use super::actor::*;
+use super::cluster::{self, ClusterRole, InstanceId, ListenerStatus};
 use super::directory::Directory;
 use super::journal::{spawn_writer, WriterHandle};
 use super::outbox::{self, AlertThresholds, LimitRefusal, OutgoingEvent};
@@ -33,6 +34,8 @@ pub struct Engine {
     pool: Option<deadpool_postgres::Pool>,
     arbiters: Vec<Arbiter>,
     clock: Clock,
+    /// Whether other instances' writes are heard (none without a database).
+    listener: Option<ListenerStatus>,
     /// Windows whose `spend_limit.reached` is recorded: later refusals in
     /// them skip the database (and concurrent ones wait for one recording).
     limit_events: moka::future::Cache<(AccountId, LimitWindow, DateTime<Utc>), ()>,
@@ -95,13 +98,40 @@ impl Engine {
         clock: Clock,
         alerts: AlertThresholds,
     ) -> Engine {
+        Engine::start_in_cluster(
+            engine,
+            journal,
+            (database, pool),
+            (clock, alerts),
+            ClusterRole::from_settings(&crate::config::ClusterSettings {
+                instance_id: String::new(),
+                drain_s: 0,
+                singleton_check_ms: 2000,
+                listen_retry_ms: 500,
+            }),
+        )
+    }
+
+    /// As `start_with_alerts`, as the instance `role` names among those
+    /// sharing the database.
+    pub fn start_in_cluster(
+        engine: &EngineSettings,
+        journal: &JournalSettings,
+        (database, pool): (Database, deadpool_postgres::Pool),
+        (clock, alerts): (Clock, AlertThresholds),
+        role: ClusterRole,
+    ) -> Engine {
         Engine::build(
             engine,
             journal,
             Some(database),
-            Backend::Postgres(pool.clone()),
+            Backend::Postgres {
+                pool: pool.clone(),
+                instance: role.instance.clone(),
+            },
             Some(pool),
             (clock, alerts),
+            role,
         )
     }
 
@@ -120,6 +150,11 @@ impl Engine {
             Backend::Memory { opening_balance },
             None,
             (Clock::system(), AlertThresholds::default()),
+            ClusterRole {
+                instance: InstanceId::new("memory"),
+                listen_retry: Duration::from_millis(500),
+                check_interval: Duration::from_secs(2),
+            },
         )
     }
 
@@ -130,6 +165,7 @@ impl Engine {
         backend: Backend,
         pool: Option<deadpool_postgres::Pool>,
         (clock, alerts): (Clock, AlertThresholds),
+        role: ClusterRole,
     ) -> Engine {
         let count = if engine.arbiters == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -137,7 +173,12 @@ impl Engine {
             engine.arbiters
         };
         let writer_arbiter = Arbiter::new();
-        let writer = spawn_writer(&writer_arbiter.handle(), database, journal);
+        let writer = spawn_writer(
+            &writer_arbiter.handle(),
+            database.clone(),
+            journal,
+            role.instance.clone(),
+        );
         let mut arbiters: Vec<Arbiter> = (0..count).map(|_| Arbiter::new()).collect();
         let handles = arbiters.iter().map(Arbiter::handle).collect();
         arbiters.push(writer_arbiter);
@@ -148,12 +189,16 @@ impl Engine {
             actor_settings(engine, journal, clock.clone(), alerts),
             Duration::from_millis(engine.call_timeout_ms),
         );
+        let listener = database.map(|database| {
+            cluster::spawn_listener(&arbiters[0].handle(), database, directory.clone(), role)
+        });
         Engine {
             directory,
             writer,
             pool,
             arbiters,
             clock,
+            listener,
             limit_events: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(32 * 24 * 3600))
@@ -177,6 +222,13 @@ impl Engine {
     /// The pool the engine reads with (none when persistence is stubbed).
     pub fn pool(&self) -> Option<&deadpool_postgres::Pool> {
         self.pool.as_ref()
+    }
+
+    /// Whether this engine hears other instances' writes: `false` while
+    /// its listener is (re)connecting, when no copy can be trusted to be
+    /// current; `true` without a database (nobody else writes).
+    pub fn listening(&self) -> bool {
+        self.listener.as_ref().is_none_or(ListenerStatus::listening)
     }
 
     pub fn stats(&self) -> EngineStats {

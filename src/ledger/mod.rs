@@ -9,9 +9,11 @@
 //! ```
 
 mod actor;
+pub mod cluster;
 mod directory;
 mod engine;
 mod journal;
+mod load;
 pub mod outbox;
 pub mod reconcile;
 pub mod spend;
@@ -24,7 +26,7 @@ pub use actor::{
     AccountActor, Answer, AutoRechargeEnded, AwaitApplied, Clawback, Credit, Debit, ExpireGrants,
     ExpireHolds, GetBalance, GetSpending, Release, Reserve, SetAutoRecharge, SetLimits, Settle,
 };
-pub use directory::Directory;
+pub use directory::{Directory, Eviction};
 pub use engine::{Engine, EngineStats};
 /// What a journal entry makes durable: auto-recharge reads which kind of
 /// change moved the balance.

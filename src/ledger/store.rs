@@ -15,15 +15,40 @@ use crate::money::Micros;
 /// account, whether everything it sent was written.
 pub(crate) mod sql {
     /// Moves each balance row forward, only from the version its actor
-    /// holds (fencing). Returns the user ids it moved.
+    /// holds (fencing), and records this instance ($6) as its writer.
+    /// Returns the user ids it moved, their new version, and whether the writer changed
+    /// (the other instances must then drop their copy). The rows are
+    /// locked first, in id order, so `before` is the writer as of the
+    /// update, not as of the statement's snapshot (a load elsewhere may
+    /// have cleared it in between).
     pub const UPDATE_BALANCES: &str = "
+        WITH before AS (
+            SELECT user_id, written_by FROM credit_balances
+             WHERE user_id = ANY($1::int8[])
+             ORDER BY user_id
+               FOR UPDATE)
         UPDATE credit_balances AS b
            SET balance_micros = u.balance, held_micros = u.held,
-               version = u.version, updated_at = now()
+               version = u.version, written_by = $6, updated_at = now()
           FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
                AS u(user_id, expected, version, balance, held)
+          JOIN before ON before.user_id = u.user_id
          WHERE b.user_id = u.user_id AND b.version = u.expected
-        RETURNING b.user_id";
+        RETURNING b.user_id, b.version, before.written_by IS DISTINCT FROM $6";
+
+    /// Tells the other instances, at the commit of the transaction that
+    /// sends it, which accounts this instance now writes
+    /// (`cluster::payload`).
+    pub const NOTIFY_ACCOUNTS: &str = "SELECT pg_notify('creditd_accounts', $1)";
+
+    /// Before an instance loads an account it did not write last, it
+    /// clears the writer ($2: this instance), so the writer's next batch
+    /// notifies this instance too. Runs before the load's snapshot: a
+    /// batch that commits after it notifies, one before it is in the
+    /// snapshot.
+    pub const CLAIM_READER: &str = "
+        UPDATE credit_balances SET written_by = NULL
+         WHERE user_id = $1 AND written_by <> $2";
 
     /// New holds; one placed and finished in the same batch is inserted
     /// finished (one row write instead of an insert and an update).

@@ -124,6 +124,8 @@ async fn sigterm_finishes_in_flight_requests_and_flushes_the_journal_before_exit
         // The test holds balance rows locked for a moment; no lock timeout.
         .env("CREDITD__DATABASE__STATEMENT_TIMEOUT_MS", "60000")
         .env("CREDITD__SERVER__SHUTDOWN_TIMEOUT_S", "30")
+        // The stop itself, without the balancer's drain before it.
+        .env("CREDITD__CLUSTER__DRAIN_S", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -9,6 +9,7 @@ mod chat;
 mod chat_stream;
 mod clerk_webhooks;
 mod cli;
+mod cluster;
 mod credits;
 mod drills;
 mod events;

@@ -4,6 +4,7 @@
 
 use super::writer::*;
 use super::*;
+use crate::ledger::cluster;
 
 /// PostgreSQL refuses a NUL character in text (and in jsonb strings).
 fn text(column: &str, value: &str) -> Result<(), String> {
@@ -339,6 +340,7 @@ impl Columns {
 pub(super) async fn write_groups(
     connection: &mut WriterConnection,
     groups: &[Group],
+    instance: &InstanceId,
 ) -> Result<Written, tokio_postgres::Error> {
     let statements = &connection.statements;
     let tx = connection.client.transaction().await?;
@@ -358,14 +360,30 @@ pub(super) async fn write_groups(
         helds.push(last.held_after);
     }
     let mut updated = HashSet::with_capacity(groups.len());
+    let mut moved = Vec::new();
     for row in tx
         .query(
             &statements.update_balances,
-            &[&users, &expected, &versions, &balances, &helds],
+            &[
+                &users,
+                &expected,
+                &versions,
+                &balances,
+                &helds,
+                &instance.as_str(),
+            ],
         )
         .await?
     {
-        updated.insert(row.try_get::<_, i64>(0)?);
+        let user = row.try_get::<_, i64>(0)?;
+        updated.insert(user);
+        if row.try_get::<_, bool>(2)? {
+            moved.push((AccountId(user), row.try_get::<_, i64>(1)?));
+        }
+    }
+    // Delivered at the commit, and only if it commits.
+    for payload in cluster::payloads(instance, &moved) {
+        tx.execute(&statements.notify_accounts, &[&payload]).await?;
     }
     let mut columns = Columns::default();
     let mut written = Written::default();

@@ -75,6 +75,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
+use super::cluster::InstanceId;
 use super::outbox::OutgoingEvent;
 use super::types::*;
 use crate::config::JournalSettings;
@@ -356,6 +357,7 @@ pub(crate) fn spawn_writer(
     arbiter: &actix::ArbiterHandle,
     database: Option<Database>,
     settings: &JournalSettings,
+    instance: InstanceId,
 ) -> WriterHandle {
     let lanes: Vec<Lane> = (0..settings.writers.max(1))
         .map(|_| {
@@ -368,6 +370,7 @@ pub(crate) fn spawn_writer(
                     idle: Mutex::new(Vec::new()),
                     failed_epochs: Mutex::new(HashMap::new()),
                     health: health.clone(),
+                    instance: instance.clone(),
                 }),
                 batch_max: settings.batch_max,
                 batch_delay: Duration::from_micros(settings.batch_delay_us),

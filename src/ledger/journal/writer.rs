@@ -15,6 +15,7 @@ pub(super) struct Statements {
     pub(super) undo_events: Statement,
     pub(super) upsert_grants: Statement,
     pub(super) undo_grants: Statement,
+    pub(super) notify_accounts: Statement,
 }
 
 pub(super) struct WriterConnection {
@@ -44,6 +45,8 @@ pub(super) struct LaneShared {
     /// later entries were computed on a state that will never exist.
     pub(super) failed_epochs: Mutex<HashMap<AccountId, u64>>,
     pub(super) health: Arc<JournalHealth>,
+    /// This instance, recorded as the writer of every account it moves.
+    pub(super) instance: InstanceId,
 }
 
 /// One account's entries in a batch, in the order the actor produced them.
@@ -398,7 +401,7 @@ impl LaneShared {
             Some(current) => current,
             None => connection.insert(self.connect().await?),
         };
-        match write_groups(current, groups).await {
+        match write_groups(current, groups, &self.instance).await {
             Ok(written) => Ok(written),
             Err(error) => {
                 if connection_lost(&error, &current.client) {
@@ -479,6 +482,9 @@ impl Statements {
                 .await?,
             undo_grants: client
                 .prepare(crate::ledger::store::sql::UNDO_GRANTS)
+                .await?,
+            notify_accounts: client
+                .prepare(crate::ledger::store::sql::NOTIFY_ACCOUNTS)
                 .await?,
         })
     }

@@ -181,6 +181,25 @@ impl TestDb {
         Engine::start_with_clock(&settings.engine, &settings.journal, database, pool, clock)
     }
 
+    /// An engine that is the instance `instance` among those sharing
+    /// this database (two in one test: two instances).
+    pub fn engine_as(&self, settings: &Settings, instance: &str) -> Engine {
+        let database = self.database(settings);
+        let pool = database.pool(&settings.database).expect("pool");
+        let mut cluster = settings.cluster.clone();
+        cluster.instance_id = instance.into();
+        Engine::start_in_cluster(
+            &settings.engine,
+            &settings.journal,
+            (database, pool),
+            (
+                creditd::clock::Clock::system(),
+                creditd::app::alert_thresholds(&settings.credits),
+            ),
+            creditd::ledger::cluster::ClusterRole::from_settings(&cluster),
+        )
+    }
+
     /// A new user (and balance row) named by its Clerk id.
     pub async fn user(&self, clerk_id: &str) -> AccountId {
         let client = self.client().await;
@@ -390,6 +409,27 @@ impl TestApp {
     /// The account id of a Clerk user (created if new).
     pub async fn account(&self, clerk_id: &str) -> AccountId {
         self.db.user(clerk_id).await
+    }
+
+    /// Another instance of the app, named `instance`, on this app's
+    /// database and settings (its own JWKS stand-in serving the same keys).
+    pub async fn peer(&self, instance: &str) -> TestApp {
+        let db = TestDb {
+            config: self.db.config.clone(),
+        };
+        let jwks = jwks_server().await;
+        let mut settings = self.settings.clone();
+        settings.cluster.instance_id = instance.into();
+        settings.clerk.jwks_url = format!("{}{JWKS_PATH}", jwks.uri());
+        let (address, handle) = start_app(db.database(&settings), &settings).await;
+        TestApp {
+            address,
+            db,
+            jwks,
+            http: reqwest::Client::new(),
+            settings,
+            handle,
+        }
     }
 
     /// Stops the server and flushes its journal.
