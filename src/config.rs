@@ -1000,6 +1000,7 @@ mod tests {
         "pricing.margin_bps",                 // sold at cost
         "chat.message_overhead_tokens",       // estimate from bytes alone
         "chat.request_overhead_tokens",
+        "cluster.drain_s", // stop accepting at once (one instance, nobody to drain to)
     ];
 
     #[test]

@@ -47,6 +47,35 @@ async fn attempt_while_stripe_fails(stripe: &StripeApp, fakes: &Fakes, clerk_id:
     until("a call to Stripe, failed", || async { calls(stripe) >= 1 }).await;
 }
 
+/// Holds the pending attempt's next try back and waits until no call of it
+/// is still on its way to Stripe: what the test changes next is then seen
+/// by the worker's check before any further call (a call decided before
+/// the change could otherwise reach Stripe after it recovered).
+async fn park(stripe: &StripeApp) {
+    stripe
+        .app
+        .db
+        .client()
+        .await
+        .execute(
+            "UPDATE auto_recharge_attempts SET next_try_at = now() + interval '1 hour'
+              WHERE status = 'PENDING'",
+            &[],
+        )
+        .await
+        .expect("the attempt held back");
+    let mut seen = calls(stripe);
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = calls(stripe);
+        if now != seen {
+            seen = now;
+            quiet_since = Instant::now();
+        }
+    }
+}
+
 /// Makes the pending attempt due now: its failed calls back off
 /// exponentially, and a loaded machine may have let them grow past the
 /// test's patience.
@@ -70,6 +99,7 @@ async fn switched_off_while_stripe_fails_the_card_is_not_charged_after_recovery_
     let fakes = fakes().await;
     let stripe = recharge_app(&fakes, |_| {}).await;
     attempt_while_stripe_fails(&stripe, &fakes, "user_switched").await;
+    park(&stripe).await;
 
     let (status, body) = put_settings(
         &stripe,
@@ -107,6 +137,7 @@ async fn an_attempt_whose_card_changed_is_canceled_and_never_charged_to_the_new_
     let fakes = fakes().await;
     let stripe = recharge_app(&fakes, |_| {}).await;
     attempt_while_stripe_fails(&stripe, &fakes, "user_new_card").await;
+    park(&stripe).await;
 
     // Another card saved since (a top-up paid with it).
     stripe
