@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use creditd::config::Settings;
 use creditd::db::cluster::{Durability, PrivateCluster};
+use creditd::db::singleton::Election;
 use creditd::db::{self, Database};
 use creditd::ledger::store;
 use creditd::ledger::{AccountId, Engine, IdempotencyKey, Posting, TransactionType};
@@ -179,6 +180,15 @@ impl TestDb {
         let database = self.database(settings);
         let pool = database.pool(&settings.database).expect("pool");
         Engine::start_with_clock(&settings.engine, &settings.journal, database, pool, clock)
+    }
+
+    /// How the instance `instance` elects its singletons on this database.
+    pub fn election(&self, settings: &Settings, instance: &str) -> Election {
+        Election {
+            database: self.database(settings),
+            instance: instance.into(),
+            check: std::time::Duration::from_millis(settings.cluster.singleton_check_ms),
+        }
     }
 
     /// An engine that is the instance `instance` among those sharing
