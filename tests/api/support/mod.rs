@@ -128,6 +128,8 @@ pub fn settings() -> Settings {
     let mut settings = Settings::default_file().expect("the default config.toml is valid");
     settings.engine.arbiters = 2;
     settings.database.pool_size = 4;
+    // Singletons start within a fraction of a second (after their grace).
+    settings.cluster.singleton_check_ms = 100;
     settings
 }
 
