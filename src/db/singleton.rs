@@ -8,6 +8,10 @@
 //!   `cluster.singleton_check_ms`. A connection can die without closing
 //!   (a dropped network, `pg_terminate_backend`): only a query tells, and
 //!   once the session is gone another instance may hold the lock.
+//! - A new holder waits `TAKEOVER_GRACE_CHECKS` intervals before it works:
+//!   a holder whose session died notices within two (the check's period,
+//!   then its timeout) and has stopped by then, so two instances never
+//!   run the work at once.
 //! - When the check fails (an error, or no answer within one interval) the
 //!   holder steps down at once: its work is dropped at its next await
 //!   point, its connection closed; it tries again after
@@ -59,6 +63,9 @@ impl Singleton {
     }
 }
 
+/// Check intervals a new holder waits before it starts working.
+pub const TAKEOVER_GRACE_CHECKS: u32 = 2;
+
 /// Check intervals a holder that stepped down waits before it tries the
 /// lock again.
 pub const STEP_DOWN_PAUSE_CHECKS: u32 = 3;
@@ -99,8 +106,13 @@ impl Election {
                 singleton = singleton.as_str(),
                 "took the singleton lock; running"
             );
+            let grace = self.check.saturating_mul(TAKEOVER_GRACE_CHECKS);
+            let elected = async {
+                tokio::time::sleep(grace).await;
+                work().await;
+            };
             tokio::select! {
-                () = work() => {
+                () = elected => {
                     tracing::error!(singleton = singleton.as_str(), "singleton work ended; stepping down");
                 }
                 () = self.watch(&lock) => {
