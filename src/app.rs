@@ -111,6 +111,15 @@ fn recharge_worker_settings(settings: &Settings) -> crate::recharge::WorkerSetti
     }
 }
 
+/// How this instance's singletons are elected (`cluster.*`).
+fn election(storage: &Storage, settings: &Settings) -> crate::db::singleton::Election {
+    crate::db::singleton::Election {
+        database: storage.database.clone(),
+        instance: settings.cluster.instance(),
+        check: Duration::from_millis(settings.cluster.singleton_check_ms),
+    }
+}
+
 /// The HTTP service bound to its listener, ready to run.
 pub struct Application {
     port: u16,
@@ -175,13 +184,12 @@ impl Application {
         let health = state.health.clone();
         crate::health::start(storage.database.clone(), &state.health).await;
         crate::clerk::tokens::spawn_jwks_refresh(&state.clerk);
-        let sender = crate::events::spawn_sender(
-            storage.database.clone(),
-            storage.pool.clone(),
-            &settings.events,
-        )?;
+        let election = election(&storage, &settings);
+        let sender =
+            crate::events::spawn_sender(election.clone(), storage.pool.clone(), &settings.events)?;
         let recharge = match crate::stripe::StripeApi::new(&settings.stripe)? {
             Some(api) => Some(crate::recharge::spawn_worker(
+                election.clone(),
                 storage.pool.clone(),
                 engine.clone(),
                 Arc::new(api),
@@ -191,7 +199,7 @@ impl Application {
         };
         let followups = crate::stripe::StripeApi::new(&settings.stripe)?.map(|api| {
             crate::stripe::followup::spawn_worker(
-                storage.database.clone(),
+                election.clone(),
                 storage.pool.clone(),
                 Arc::new(api),
                 &settings.stripe,

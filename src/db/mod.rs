@@ -2,6 +2,7 @@
 //! the connection pool, and the migrations in `sql/`.
 
 pub mod cluster;
+pub mod singleton;
 
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
@@ -154,23 +155,6 @@ impl Database {
         }
     }
 
-    /// A connection of its own holding the session advisory lock `key`, or
-    /// `None` while another session holds it: how a background worker that
-    /// must run on one instance at a time is elected. The lock lives as long
-    /// as the connection: when it drops (`Client::is_closed`), the lock is
-    /// free for any instance to take.
-    pub async fn try_advisory_lock(
-        &self,
-        key: i64,
-    ) -> Result<Option<tokio_postgres::Client>, tokio_postgres::Error> {
-        let client = self.connect().await?;
-        let taken: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
-            .await?
-            .try_get(0)?;
-        Ok(taken.then_some(client))
-    }
-
     /// Opens one connection outside the pool whose notifications
     /// (`LISTEN`) arrive, as their payloads, on the returned channel; the
     /// channel closes when the connection ends.
@@ -256,6 +240,10 @@ fn rustls_connector() -> MakeRustlsConnect {
         .clone()
 }
 
+/// The advisory lock concurrent starts take to migrate one at a time (the
+/// singletons' keys are in `singleton::Singleton`).
+pub const MIGRATION_LOCK: i64 = 7_294_001;
+
 /// Applies every migration not yet applied, each in its own transaction,
 /// under an advisory lock so concurrent starts do not race.
 pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<i32>> {
@@ -271,7 +259,7 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<
     let mut applied = Vec::new();
     for &(version, name, sql) in MIGRATIONS {
         let tx = client.transaction().await.context("begin migration")?;
-        tx.execute("SELECT pg_advisory_xact_lock(7294001)", &[])
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .context("migration lock")?;
         let done = tx

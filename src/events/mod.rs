@@ -22,12 +22,11 @@
 //! - Retries back off exponentially (`retry_base_ms` doubled per attempt, up
 //!   to `retry_max_ms`) for `retry_for_hours`, then the event is FAILED and
 //!   the account's next event goes; an operator can redeliver it.
-//! - One sender per database: each instance's sender first takes a
-//!   PostgreSQL advisory lock on a connection of its own, and only the
-//!   holder sends (two senders would break the per-account order). Should
-//!   that connection drop, the lock is gone and any instance may take it.
-//!   Should two send all the same, `UNIQUE (user_id, sequence)` still gives
-//!   each number once.
+//! - One sender per database: only the instance holding the sender's
+//!   advisory lock sends (two senders would break the per-account order);
+//!   it checks the lock's connection every `cluster.singleton_check_ms` and
+//!   steps down when the check fails (`db::singleton`). Should two send all
+//!   the same, `UNIQUE (user_id, sequence)` still gives each number once.
 //! - No `webhook_url`: the sender does not start; events are recorded all
 //!   the same and wait, PENDING, for a URL.
 
@@ -40,11 +39,8 @@ use futures_util::StreamExt;
 use hmac::Mac;
 
 use crate::config::EventsSettings;
-use crate::db::Database;
+use crate::db::singleton::{Election, Singleton};
 use store::DueEvent;
-
-/// The advisory lock that elects the one sender of a database.
-const SENDER_LOCK: i64 = 7_294_002;
 
 /// The header carrying the signature.
 pub const SIGNATURE_HEADER: &str = "Creditd-Signature";
@@ -107,7 +103,7 @@ pub fn backoff(settings: &EventsSettings, attempts: i32) -> Duration {
 
 /// Starts the sender when a webhook URL is configured; `None` otherwise.
 pub fn spawn_sender(
-    database: Database,
+    election: Election,
     pool: deadpool_postgres::Pool,
     settings: &EventsSettings,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
@@ -120,7 +116,7 @@ pub fn spawn_sender(
         .connect_timeout(Duration::from_millis(settings.timeout_ms))
         .build()?;
     let sender = Sender {
-        database,
+        election,
         pool,
         http,
         settings: settings.clone(),
@@ -129,7 +125,7 @@ pub fn spawn_sender(
 }
 
 struct Sender {
-    database: Database,
+    election: Election,
     pool: deadpool_postgres::Pool,
     http: reqwest::Client,
     settings: EventsSettings,
@@ -137,16 +133,15 @@ struct Sender {
 
 impl Sender {
     async fn run(self) {
+        self.election
+            .run(Singleton::EventSender, || self.rounds())
+            .await;
+    }
+
+    /// Delivers rounds of events for as long as it is elected.
+    async fn rounds(&self) {
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
-        let mut lock: Option<tokio_postgres::Client> = None;
         loop {
-            if lock.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-                lock = self.elect().await;
-                if lock.is_none() {
-                    tokio::time::sleep(poll).await;
-                    continue;
-                }
-            }
             match self.round().await {
                 Ok(0) => tokio::time::sleep(poll).await,
                 Ok(_) => {}
@@ -154,30 +149,6 @@ impl Sender {
                     tracing::warn!(%error, "event delivery round failed; retrying");
                     tokio::time::sleep(poll).await;
                 }
-            }
-        }
-    }
-
-    /// A connection holding the sender lock, or `None` when another
-    /// instance holds it (or the database cannot be reached).
-    async fn elect(&self) -> Option<tokio_postgres::Client> {
-        let client = match self.database.connect().await {
-            Ok(client) => client,
-            Err(error) => {
-                tracing::warn!(%error, "event sender cannot connect");
-                return None;
-            }
-        };
-        match client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&SENDER_LOCK])
-            .await
-            .and_then(|row| row.try_get::<_, bool>(0))
-        {
-            Ok(true) => Some(client),
-            Ok(false) => None,
-            Err(error) => {
-                tracing::warn!(%error, "event sender cannot take its lock");
-                None
             }
         }
     }

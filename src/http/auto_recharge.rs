@@ -117,7 +117,7 @@ pub(super) async fn save(
     let threshold = Micros::from_cents(threshold_cents)
         .map_err(|_| ApiError::invalid("thresholdCents: out of range"))?;
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
+    let mut client = state.client().await?;
     if enabled && !store::has_card(&**client, account).await? {
         return Err(ApiError::new(
             Code::Conflict,
@@ -130,7 +130,14 @@ pub(super) async fn save(
         amount_cents,
         disabled_reason: None,
     };
-    store::save_settings(&**client, account, &settings, Utc::now()).await?;
+    store::save_settings(
+        &mut client,
+        state.engine.instance(),
+        account,
+        &settings,
+        Utc::now(),
+    )
+    .await?;
     drop(client);
     let config = enabled.then_some(RechargeConfig {
         threshold,

@@ -1062,7 +1062,7 @@ impl Handler<SetLimits> for AccountActor {
             Err(error) => return ready(Err(error)),
         };
         let now = self.settings.clock.now();
-        let Backend::Postgres { pool, .. } = self.backend.clone() else {
+        let Backend::Postgres { pool, instance } = self.backend.clone() else {
             return ready(match &mut self.phase {
                 Phase::Ready(state) => {
                     state.limits = limits;
@@ -1073,10 +1073,15 @@ impl Handler<SetLimits> for AccountActor {
         };
         let account = self.account;
         // Stored with the mailbox held: no hold is judged between the
-        // change and its write, and none after it on the old limits.
+        // change and its write, and none after it on the old limits. The
+        // other instances' copies, which judge on the old limits, are
+        // dropped at the commit.
         let write = async move {
-            let client = store::client(&pool).await?;
-            spend::store(&**client, account, &limits).await
+            let mut client = store::client(&pool).await?;
+            let tx = client.transaction().await.map_err(store::unavailable)?;
+            spend::store(&*tx, account, &limits).await?;
+            super::cluster::notify_settings_changed(&*tx, &instance, account).await?;
+            tx.commit().await.map_err(store::unavailable)
         };
         self.after_lookup(ctx, write, move |actor, ctx, written| {
             if let Err(error) = written {

@@ -11,6 +11,11 @@
 //! `written_by` (`store::sql::CLAIM_READER`), so the writer's next batch
 //! notifies it too: a copy that only reads is never left stale.
 //!
+//! Settings written outside the journal (spending limits, auto-recharge)
+//! move no version: their transaction notifies the account with
+//! `EVERY_VERSION` (`notify_settings_changed`), and every other instance
+//! drops its copy whatever version it loaded.
+//!
 //! A listener that lost its connection may have missed notifications: it
 //! drops every resident actor, then again once it listens anew (copies
 //! loaded in between were not covered), and `/readyz` fails meanwhile.
@@ -19,8 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_postgres::GenericClient;
+
 use super::directory::{Directory, Eviction};
-use super::types::AccountId;
+use super::store::unavailable;
+use super::types::{AccountId, LedgerError};
 use crate::db::Database;
 
 /// The channel the journal notifies (`store::sql::NOTIFY_ACCOUNTS`).
@@ -93,6 +101,28 @@ pub fn payloads(instance: &InstanceId, written: &[(AccountId, i64)]) -> Vec<Stri
         payloads.push(current);
     }
     payloads
+}
+
+/// The version a settings change notifies: every resident copy of the
+/// account is older, so every other instance drops its copy (one needless
+/// reload at worst for a copy loaded after the change).
+pub const EVERY_VERSION: i64 = i64::MAX;
+
+/// Tells the other instances, at the commit of the transaction `client`
+/// is in, that `instance` changed `account`'s settings outside the
+/// journal: their copies keep the old settings, and must reload.
+pub async fn notify_settings_changed(
+    client: &impl GenericClient,
+    instance: &InstanceId,
+    account: AccountId,
+) -> Result<(), LedgerError> {
+    for payload in payloads(instance, &[(account, EVERY_VERSION)]) {
+        client
+            .execute(super::store::sql::NOTIFY_ACCOUNTS, &[&payload])
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 /// The writer and the versions of a notification; `None` for a payload

@@ -36,6 +36,8 @@ pub struct Engine {
     clock: Clock,
     /// Whether other instances' writes are heard (none without a database).
     listener: Option<ListenerStatus>,
+    /// This instance's name among those sharing the database.
+    instance: InstanceId,
     /// Windows whose `spend_limit.reached` is recorded: later refusals in
     /// them skip the database (and concurrent ones wait for one recording).
     limit_events: moka::future::Cache<(AccountId, LimitWindow, DateTime<Utc>), ()>,
@@ -189,6 +191,7 @@ impl Engine {
             actor_settings(engine, journal, clock.clone(), alerts),
             Duration::from_millis(engine.call_timeout_ms),
         );
+        let instance = role.instance.clone();
         let listener = database.map(|database| {
             cluster::spawn_listener(&arbiters[0].handle(), database, directory.clone(), role)
         });
@@ -199,11 +202,18 @@ impl Engine {
             arbiters,
             clock,
             listener,
+            instance,
             limit_events: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(32 * 24 * 3600))
                 .build(),
         }
+    }
+
+    /// This instance's name: what a write outside the journal names as its
+    /// writer when it tells the others (`cluster::notify_settings_changed`).
+    pub fn instance(&self) -> &InstanceId {
+        &self.instance
     }
 
     /// The clock the engine's actors read.

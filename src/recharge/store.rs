@@ -7,6 +7,7 @@ use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::{month_of, CancelReason, InFlight, OffReason, RechargeConfig, RechargeState};
+use crate::ledger::cluster::{notify_settings_changed, InstanceId};
 use crate::ledger::outbox::{EventType, OutgoingEvent};
 use crate::ledger::store::unavailable;
 use crate::ledger::{AccountId, Engine, LedgerError};
@@ -119,32 +120,37 @@ pub async fn settings(
     .transpose()
 }
 
-/// Saves the user's settings; saving clears a previous `disabled_reason`.
+/// Saves the user's settings (saving clears a previous `disabled_reason`)
+/// and tells the other instances, in the same transaction, to drop their
+/// copy of the account (`cluster::notify_settings_changed`).
 pub async fn save_settings(
-    client: &impl GenericClient,
+    client: &mut deadpool_postgres::Object,
+    instance: &InstanceId,
     account: AccountId,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
-    client
-        .execute(
-            "INSERT INTO auto_recharge_settings
+    let tx = client.transaction().await.map_err(unavailable)?;
+    tx.execute(
+        "INSERT INTO auto_recharge_settings
                     (user_id, enabled, threshold_cents, amount_cents, disabled_reason, updated_at)
              VALUES ($1, $2, $3, $4, NULL, $5)
              ON CONFLICT (user_id) DO UPDATE
                 SET enabled = $2, threshold_cents = $3, amount_cents = $4,
                     disabled_reason = NULL, updated_at = $5",
-            &[
-                &account.0,
-                &settings.enabled,
-                &settings.threshold_cents,
-                &settings.amount_cents,
-                &now,
-            ],
-        )
-        .await
-        .map_err(unavailable)?;
-    Ok(())
+        &[
+            &account.0,
+            &settings.enabled,
+            &settings.threshold_cents,
+            &settings.amount_cents,
+            &now,
+        ],
+    )
+    .await
+    .map_err(unavailable)?;
+    // Other instances' copies still hold the old settings.
+    notify_settings_changed(&*tx, instance, account).await?;
+    tx.commit().await.map_err(unavailable)
 }
 
 /// Whether the user has a saved card.

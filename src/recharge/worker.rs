@@ -2,6 +2,8 @@
 //! recorded attempt once it checked the attempt may still be paid, ends
 //! the attempt when Stripe refuses it, and looks up on Stripe, instead of
 //! calling again, an attempt whose idempotency key Stripe may forget.
+//! It runs on one instance at a time (`db::singleton`), so one attempt is
+//! never sent by two instances at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use chrono::Utc;
 
 use super::store::{self, Due, Next, Rules};
 use super::{AttemptEnd, CancelReason};
+use crate::db::singleton::{Election, Singleton};
 use crate::ledger::store::unavailable;
 use crate::ledger::{Engine, LedgerError};
 use crate::stripe::client::OffSessionPayment;
@@ -53,20 +56,26 @@ impl WorkerSettings {
     }
 }
 
-/// Starts the worker; it runs until the process ends.
+/// Starts the worker; it runs until the process ends, paying attempts
+/// while this instance holds the auto-recharge lock (`db::singleton`): two
+/// instances never pay at once.
 pub fn spawn_worker(
+    election: Election,
     pool: deadpool_postgres::Pool,
     engine: Arc<Engine>,
     api: Arc<StripeApi>,
     settings: WorkerSettings,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        loop {
-            if let Err(error) = round(&pool, &engine, &api, &settings).await {
-                tracing::warn!(%error, "auto-recharge round failed; retrying");
+        let rounds = || async {
+            loop {
+                if let Err(error) = round(&pool, &engine, &api, &settings).await {
+                    tracing::warn!(%error, "auto-recharge round failed; retrying");
+                }
+                tokio::time::sleep(settings.interval).await;
             }
-            tokio::time::sleep(settings.interval).await;
-        }
+        };
+        election.run(Singleton::AutoRecharge, rounds).await;
     })
 }
 

@@ -18,7 +18,7 @@
 //!   `creditd_topup_followup_failures_total` and
 //!   `creditd_topup_followups_failed_total` count them.
 //! - **One worker per database**, elected by a PostgreSQL advisory lock on
-//!   a connection of its own (as the event sender is); its effects are
+//!   a connection of its own, checked by a query (`db::singleton`); its effects are
 //!   idempotent anyway: the card is set, not added; the invoice link is
 //!   merged into the row's metadata; a job is marked done once.
 //! - **The newest top-up's card wins.** A job late because Stripe was down
@@ -35,13 +35,9 @@ use uuid::Uuid;
 
 use super::StripeApi;
 use crate::config::StripeSettings;
-use crate::db::Database;
+use crate::db::singleton::{Election, Singleton};
 use crate::ledger::store::unavailable;
 use crate::ledger::{AccountId, LedgerError, TransactionRecord};
-
-/// The advisory lock that elects the one follow-up worker of a database
-/// (the migration lock is 7_294_001, the event sender's 7_294_002).
-const WORKER_LOCK: i64 = 7_294_011;
 
 mod sql {
     /// The open jobs (neither done nor given up) due at $1, oldest due first.
@@ -184,13 +180,13 @@ pub fn backoff(settings: &StripeSettings, attempts: i32) -> Duration {
 
 /// Starts the worker; it runs until the process ends.
 pub fn spawn_worker(
-    database: Database,
+    election: Election,
     pool: deadpool_postgres::Pool,
     api: Arc<StripeApi>,
     settings: &StripeSettings,
 ) -> tokio::task::JoinHandle<()> {
     let worker = Worker {
-        database,
+        election,
         pool,
         api,
         settings: settings.clone(),
@@ -199,7 +195,7 @@ pub fn spawn_worker(
 }
 
 struct Worker {
-    database: Database,
+    election: Election,
     pool: deadpool_postgres::Pool,
     api: Arc<StripeApi>,
     settings: StripeSettings,
@@ -207,22 +203,15 @@ struct Worker {
 
 impl Worker {
     async fn run(self) {
+        self.election
+            .run(Singleton::TopUpFollowUps, || self.rounds())
+            .await;
+    }
+
+    /// Runs rounds of due jobs for as long as it is elected.
+    async fn rounds(&self) {
         let poll = Duration::from_millis(self.settings.followup_poll_interval_ms);
-        let mut lock: Option<tokio_postgres::Client> = None;
         loop {
-            if lock.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-                lock = match self.database.try_advisory_lock(WORKER_LOCK).await {
-                    Ok(lock) => lock,
-                    Err(error) => {
-                        tracing::warn!(%error, "top-up follow-up worker cannot take its lock");
-                        None
-                    }
-                };
-                if lock.is_none() {
-                    tokio::time::sleep(poll).await;
-                    continue;
-                }
-            }
             match self.round().await {
                 Ok(0) => tokio::time::sleep(poll).await,
                 Ok(_) => {}

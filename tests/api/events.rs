@@ -216,12 +216,17 @@ async fn a_thousand_chats_through_the_threshold_twice_send_each_alert_once_signe
     let database = db.database(&settings);
     let pool = database.pool(&settings.database).expect("pool");
     // Two instances' senders on one database: one sends, the other waits.
-    let second = creditd::events::spawn_sender(database.clone(), pool.clone(), &settings.events)
-        .expect("sender")
-        .expect("a URL is configured");
-    let sender = creditd::events::spawn_sender(database, pool, &settings.events)
-        .expect("sender")
-        .expect("a URL is configured");
+    let second = creditd::events::spawn_sender(
+        db.election(&settings, "second"),
+        pool.clone(),
+        &settings.events,
+    )
+    .expect("sender")
+    .expect("a URL is configured");
+    let sender =
+        creditd::events::spawn_sender(db.election(&settings, "first"), pool, &settings.events)
+            .expect("sender")
+            .expect("a URL is configured");
     let account = db.user("user_walks_down").await;
     engine
         .credit(
@@ -955,9 +960,13 @@ fn two_senders(db: &TestDb, settings: &Settings) -> [tokio::task::JoinHandle<()>
     let database = db.database(settings);
     let pool = database.pool(&settings.database).expect("pool");
     let spawn = || {
-        creditd::events::spawn_sender(database.clone(), pool.clone(), &settings.events)
-            .expect("sender")
-            .expect("a URL is configured")
+        creditd::events::spawn_sender(
+            db.election(settings, "sender"),
+            pool.clone(),
+            &settings.events,
+        )
+        .expect("sender")
+        .expect("a URL is configured")
     };
     [spawn(), spawn()]
 }

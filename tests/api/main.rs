@@ -26,6 +26,7 @@ mod openapi;
 mod ops;
 mod reconcile;
 mod referrals;
+mod singletons;
 mod spend_limits;
 mod stripe;
 #[allow(dead_code)] // shared helpers; each area uses its own subset

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use creditd::config::Settings;
 use creditd::db::cluster::{Durability, PrivateCluster};
+use creditd::db::singleton::Election;
 use creditd::db::{self, Database};
 use creditd::ledger::store;
 use creditd::ledger::{AccountId, Engine, IdempotencyKey, Posting, TransactionType};
@@ -127,6 +128,8 @@ pub fn settings() -> Settings {
     let mut settings = Settings::default_file().expect("the default config.toml is valid");
     settings.engine.arbiters = 2;
     settings.database.pool_size = 4;
+    // Singletons start within a fraction of a second (after their grace).
+    settings.cluster.singleton_check_ms = 100;
     settings
 }
 
@@ -179,6 +182,15 @@ impl TestDb {
         let database = self.database(settings);
         let pool = database.pool(&settings.database).expect("pool");
         Engine::start_with_clock(&settings.engine, &settings.journal, database, pool, clock)
+    }
+
+    /// How the instance `instance` elects its singletons on this database.
+    pub fn election(&self, settings: &Settings, instance: &str) -> Election {
+        Election {
+            database: self.database(settings),
+            instance: instance.into(),
+            check: std::time::Duration::from_millis(settings.cluster.singleton_check_ms),
+        }
     }
 
     /// An engine that is the instance `instance` among those sharing
