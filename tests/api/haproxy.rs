@@ -615,19 +615,19 @@ async fn behind_haproxy_three_instances_serve_a_moved_credit_roll_and_crash_with
 
     // Rolling restart, one at a time: the load sees no failure.
     let rolling = Instant::now();
-    for index in 0..INSTANCES {
-        let base = instances[index].base();
+    for instance in instances.iter_mut() {
+        let base = instance.base();
         lock(&load.up).retain(|up| *up != base);
-        instances[index].signal(libc::SIGTERM);
-        let status = instances[index].wait_exit(Duration::from_secs(30)).await;
+        instance.signal(libc::SIGTERM);
+        let status = instance.wait_exit(Duration::from_secs(30)).await;
         assert!(
             status.success(),
             "{} drained and exited {status}",
-            instances[index].name
+            instance.name
         );
-        instances[index].start(&db, &outside);
+        instance.start(&db, &outside);
         until_ready(&http, &base).await;
-        balancer.until_status(&instances[index].name, "UP").await;
+        balancer.until_status(&instance.name, "UP").await;
         lock(&load.up).push(base);
     }
     let rolling_took = rolling.elapsed();
