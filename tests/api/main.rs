@@ -14,6 +14,7 @@ mod credits;
 mod drills;
 mod events;
 mod grants;
+mod haproxy;
 mod history;
 mod identifiers;
 mod identities;
