@@ -234,8 +234,8 @@ fn rewritten_config(front: u16, ports: &[u16], socket: &Path) -> String {
     for line in shipped.lines() {
         let trimmed = line.trim_start();
         if trimmed.starts_with("maxconn ") {
-            // 20000 connections need 40000 descriptors, more than a test
-            // machine's usual limit: HAProxy would refuse to start.
+            // The shipped maxconn needs twice as many descriptors as a
+            // test machine may allow: HAProxy would refuse to start.
             config += "    maxconn 4000\n";
         } else if trimmed.starts_with("bind 127.0.0.1:8080") {
             config += &format!("    bind 127.0.0.1:{front}\n");
