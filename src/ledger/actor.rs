@@ -98,6 +98,10 @@ pub struct AccountActor {
     /// version is below this is stale (another instance wrote it, or the
     /// listener that would have said so was lost), and stops.
     stale_below: Arc<AtomicI64>,
+    /// The seq of the last entry handed to the journal (see `Previous`).
+    sent: Arc<AtomicI64>,
+    /// The incarnation this one replaces, waited for before loading.
+    previous: Option<Previous>,
     /// An admitted hold's entry, held back (its queue room already taken)
     /// until the account's next operation or `hold_delay`, so that a fast
     /// chat's hold and settlement go to the writer together and are written
@@ -120,6 +124,50 @@ pub(crate) struct DirectoryLinks {
     pub published: Arc<Published>,
     /// The version below which the actor's copy is stale.
     pub stale_below: Arc<AtomicI64>,
+    /// The seq of the last entry the actor handed to the journal.
+    pub sent: Arc<AtomicI64>,
+    /// The incarnation this one replaces, while entries of it may still be
+    /// in flight: the account loads once they committed or failed.
+    pub previous: Option<Previous>,
+}
+
+/// How long a new incarnation waits for its predecessor's entries before
+/// it loads all the same (fencing then catches what it missed).
+const PREVIOUS_SETTLE_MAX: Duration = Duration::from_secs(10);
+
+/// A replaced incarnation of an account's actor (reset, evicted) and the
+/// entries it handed to the journal. Its entries commit or fail after it
+/// stopped: a copy loaded before they did would miss a committed change
+/// (and serve a version PostgreSQL has passed), so the next incarnation
+/// loads only once they settled.
+#[derive(Clone)]
+pub(crate) struct Previous {
+    pub durable: DurableSender,
+    pub sent: Arc<AtomicI64>,
+}
+
+impl Previous {
+    /// Whether entries it sent are neither committed nor failed.
+    pub fn in_flight(&self) -> bool {
+        let durable = *self.durable.borrow();
+        !durable.failed && durable.seq < self.sent.load(Ordering::Acquire)
+    }
+
+    /// Resolves once every entry it sent committed or failed (or after
+    /// `PREVIOUS_SETTLE_MAX`).
+    async fn settled(self) {
+        let sent = self.sent.load(Ordering::Acquire);
+        let mut durable = self.durable.subscribe();
+        let settled = durable.wait_for(|d| d.failed || d.seq >= sent);
+        if tokio::time::timeout(PREVIOUS_SETTLE_MAX, settled)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the account's previous actor still has entries in flight; loading all the same"
+            );
+        }
+    }
 }
 
 /// The account's summary as of its last operation, for reads that skip the
@@ -153,6 +201,8 @@ impl AccountActor {
             durable,
             published,
             stale_below,
+            sent,
+            previous,
         } = links;
         let rx = durable.subscribe();
         AccountActor {
@@ -169,6 +219,8 @@ impl AccountActor {
             deregister,
             published,
             stale_below,
+            sent,
+            previous,
             pending: None,
             alerts: AlertState::default(),
             recharge: RechargeState::default(),
@@ -178,8 +230,15 @@ impl AccountActor {
     /// Sends the held-back hold entry, if any.
     fn flush_pending(&mut self) {
         if let Some((permit, entry)) = self.pending.take() {
-            permit.send(entry);
+            self.send_entry(permit, entry);
         }
+    }
+
+    /// Hands an entry to the journal, and says so to whoever replaces this
+    /// incarnation.
+    fn send_entry(&self, permit: mpsc::OwnedPermit<Entry>, entry: Entry) {
+        self.sent.store(entry.seq, Ordering::Release);
+        permit.send(entry);
     }
 
     /// Checks the actor can serve; stops it when it must not.
@@ -334,6 +393,7 @@ impl AccountActor {
                         }
                     });
                 } else {
+                    self.sent.store(entry.seq, Ordering::Release);
                     permit.send(entry);
                 }
                 (value, seq, false)
@@ -556,7 +616,11 @@ impl Actor for AccountActor {
         let backend = self.backend.clone();
         let clock = self.settings.clock.clone();
         let recent_keys = self.settings.recent_keys;
+        let previous = self.previous.take();
         let load = async move {
+            if let Some(previous) = previous {
+                previous.settled().await;
+            }
             match backend {
                 Backend::Postgres { pool, instance } => {
                     let context = LoadContext {

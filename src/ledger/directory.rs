@@ -31,6 +31,17 @@ struct Handle {
     /// The lowest committed version a current copy of the account has
     /// (raised by other instances' writes): the actor stops below it.
     stale_below: Arc<AtomicI64>,
+    /// The seq of the last entry the actor handed to the journal.
+    sent: Arc<AtomicI64>,
+}
+
+impl Handle {
+    fn as_previous(&self) -> Previous {
+        Previous {
+            durable: self.durable.clone(),
+            sent: self.sent.clone(),
+        }
+    }
 }
 
 /// Why a resident actor was dropped (`creditd_accounts_evicted_total`).
@@ -61,6 +72,34 @@ struct Inner {
     call_timeout: Duration,
     next_id: AtomicU64,
     resident: AtomicUsize,
+    /// Replaced incarnations whose entries were still in flight when they
+    /// left the directory: the account's next actor waits for them.
+    retired: Mutex<HashMap<AccountId, Previous>>,
+}
+
+impl Inner {
+    /// Removes the account's entry if it is incarnation `id`; remembers it
+    /// while its entries are in flight.
+    fn remove(&self, account: AccountId, id: u64) {
+        let removed = {
+            let mut shard = lock(self.shard(account));
+            match shard.get(&account) {
+                Some(handle) if handle.id == id => shard.remove(&account),
+                _ => None,
+            }
+        };
+        if let Some(handle) = removed {
+            self.resident.fetch_sub(1, Ordering::Relaxed);
+            self.retire(account, &handle);
+        }
+    }
+
+    fn retire(&self, account: AccountId, handle: &Handle) {
+        let previous = handle.as_previous();
+        if previous.in_flight() {
+            lock(&self.retired).insert(account, previous);
+        }
+    }
 }
 
 /// Finds or starts the actor of an account and sends it messages.
@@ -120,6 +159,7 @@ impl Directory {
             call_timeout,
             next_id: AtomicU64::new(1),
             resident: AtomicUsize::new(0),
+            retired: Mutex::new(HashMap::new()),
         };
         Directory {
             inner: Arc::new(inner),
@@ -134,17 +174,15 @@ impl Directory {
             if handle.addr.connected() {
                 return handle.clone();
             }
+            // Replaced in place below: its entries may still be in flight.
+            inner.retire(account, handle);
         }
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let arbiter = &inner.arbiters[(account.0.unsigned_abs() as usize) % inner.arbiters.len()];
         let weak = Arc::downgrade(inner);
         let deregister: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
             if let Some(inner) = weak.upgrade() {
-                let mut shard = lock(inner.shard(account));
-                if shard.get(&account).is_some_and(|h| h.id == id) {
-                    shard.remove(&account);
-                    inner.resident.fetch_sub(1, Ordering::Relaxed);
-                }
+                inner.remove(account, id);
             }
         });
         let backend = inner.backend.clone();
@@ -153,11 +191,17 @@ impl Directory {
         let durable: DurableSender = Arc::new(tokio::sync::watch::channel(Durable::default()).0);
         let published = Arc::new(Published::default());
         let stale_below = Arc::new(AtomicI64::new(0));
+        let sent = Arc::new(AtomicI64::new(0));
+        let previous = lock(&inner.retired)
+            .remove(&account)
+            .filter(Previous::in_flight);
         let links = DirectoryLinks {
             deregister,
             durable: durable.clone(),
             published: published.clone(),
             stale_below: stale_below.clone(),
+            sent: sent.clone(),
+            previous,
         };
         let addr = AccountActor::start_in_arbiter(arbiter, move |_| {
             AccountActor::new(account, id, backend, writer, settings, links)
@@ -169,6 +213,7 @@ impl Directory {
             durable,
             published,
             stale_below,
+            sent,
         };
         if shard.insert(account, handle.clone()).is_none() {
             inner.resident.fetch_add(1, Ordering::Relaxed);
@@ -177,11 +222,7 @@ impl Directory {
     }
 
     fn forget(&self, account: AccountId, id: u64) {
-        let mut shard = lock(self.inner.shard(account));
-        if shard.get(&account).is_some_and(|h| h.id == id) {
-            shard.remove(&account);
-            self.inner.resident.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.inner.remove(account, id);
     }
 
     /// Sends `msg` to the account's actor and waits for its answer (for a
@@ -267,12 +308,13 @@ impl Directory {
     pub fn evict_all(&self, reason: Eviction) -> usize {
         let mut dropped = 0;
         for shard in &self.inner.shards {
-            let handles: Vec<Handle> = lock(shard).drain().map(|(_, handle)| handle).collect();
+            let handles: Vec<(AccountId, Handle)> = lock(shard).drain().collect();
             self.inner
                 .resident
                 .fetch_sub(handles.len(), Ordering::Relaxed);
             dropped += handles.len();
-            for handle in handles {
+            for (account, handle) in handles {
+                self.inner.retire(account, &handle);
                 dismiss(handle, reason);
             }
         }

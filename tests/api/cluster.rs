@@ -306,3 +306,55 @@ async fn the_delay_before_another_instance_reads_a_write_is_measured() {
         delays[delays.len() - 1]
     );
 }
+
+#[actix::test]
+async fn an_account_evicted_with_a_write_in_flight_loads_again_only_once_that_write_settled() {
+    let db = TestDb::new().await;
+    let a = db.engine_as(&settings(), "a");
+    let account = db.user("user_cluster_in_flight").await;
+    a.credit(account, posting("c1", TransactionType::TopUp, eur(10)))
+        .await
+        .unwrap();
+    // The next batch waits behind this lock: the credit below is applied
+    // by the actor and in flight, not committed.
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM credit_balances WHERE user_id = $1 FOR UPDATE",
+        &[&account.0],
+    )
+    .await
+    .unwrap();
+
+    let credit = a.credit(account, posting("c2", TransactionType::TopUp, eur(10)));
+    let evicted_then_read = async {
+        wait_until(|| {
+            a.directory()
+                .summary(account)
+                .is_some_and(|s| s.balance_micros.get() == 20_000_000)
+        })
+        .await;
+        // Evicted (another instance's write, a lost listener) while its
+        // credit is in flight: the next copy must not load before it lands.
+        assert!(a
+            .directory()
+            .evict(account, i64::MAX, Eviction::WrittenElsewhere));
+        let read = a.balance(account);
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            lock.commit().await.unwrap();
+        };
+        let (read, ()) = futures_util::future::join(read, release).await;
+        read.unwrap()
+    };
+    let (credited, read) = futures_util::future::join(credit, evicted_then_read).await;
+
+    credited.unwrap();
+    assert_eq!(stored_balance(&db, account).await, 20_000_000);
+    assert_eq!(
+        read.balance_micros.get(),
+        20_000_000,
+        "the copy loaded after the eviction includes the credit that was in flight"
+    );
+    db.reconcile_is_clean().await;
+}
