@@ -24,8 +24,8 @@ async fn wait_for(within: Duration, what: &str, mut condition: impl AsyncFnMut()
     }
 }
 
-/// The `application_name` of the session holding `singleton`'s lock, and
-/// its pid.
+/// The `application_name` of the session holding `singleton`'s lock in
+/// this test's database (other tests' databases hold theirs), and its pid.
 async fn holder(db: &TestDb, singleton: Singleton) -> Option<(String, i32)> {
     db.client()
         .await
@@ -33,6 +33,7 @@ async fn holder(db: &TestDb, singleton: Singleton) -> Option<(String, i32)> {
             "SELECT a.application_name, a.pid FROM pg_locks l
                JOIN pg_stat_activity a ON a.pid = l.pid
               WHERE l.locktype = 'advisory' AND l.granted
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                 AND ((l.classid::int8 << 32) | l.objid::int8) = $1",
             &[&singleton.lock_key()],
         )
