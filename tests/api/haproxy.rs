@@ -612,6 +612,22 @@ async fn behind_haproxy_three_instances_serve_a_moved_credit_roll_and_crash_with
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let served_after = credited.elapsed();
+    // The billing page's read, through the balancer, shows the credit.
+    let page: serde_json::Value = http
+        .get(format!("{}/api/credits", balancer.front))
+        .bearer_auth(token(broke))
+        .send()
+        .await
+        .expect("the balance page's read")
+        .json()
+        .await
+        .expect("its JSON");
+    let stored = stored_balances(&db, &[broke.to_owned()]).await[0];
+    assert!(stored > 4_000_000, "5 € credited, one chat spent: {stored}");
+    assert_eq!(
+        page["balanceMicros"], stored,
+        "the balance page through the balancer shows the credit made elsewhere"
+    );
 
     // Rolling restart, one at a time: the load sees no failure.
     let rolling = Instant::now();
