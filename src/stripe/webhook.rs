@@ -407,16 +407,8 @@ async fn refund_stops_auto_recharge(
     let paid =
         crate::recharge::store::attempt_of_payment(&**client, payment_intent, attempt).await?;
     drop(client);
-    if let Some((account, _)) = paid {
-        crate::recharge::switch_off(
-            effects.pool,
-            effects.engine,
-            account,
-            crate::recharge::OffReason::Refunded,
-        )
-        .await?;
-    }
-    Ok(())
+    let account = paid.map(|(account, _)| account);
+    switch_off(effects, account, crate::recharge::OffReason::Refunded).await
 }
 
 /// Any event of a dispute (or inquiry) on one of the account's payments,
@@ -440,14 +432,18 @@ async fn dispute_stops_auto_recharge(
                 .map(|(account, _)| account)
         }
     };
+    switch_off(effects, account, crate::recharge::OffReason::Dispute).await
+}
+
+/// Switches auto-recharge off for `reason` on the account a payment was
+/// found to belong to, if any.
+async fn switch_off(
+    effects: &Effects<'_>,
+    account: Option<AccountId>,
+    reason: crate::recharge::OffReason,
+) -> Result<(), StripeError> {
     if let Some(account) = account {
-        crate::recharge::switch_off(
-            effects.pool,
-            effects.engine,
-            account,
-            crate::recharge::OffReason::Dispute,
-        )
-        .await?;
+        crate::recharge::switch_off(effects.pool, effects.engine, account, reason).await?;
     }
     Ok(())
 }
