@@ -206,11 +206,9 @@ fn main() {
     let count: usize = common::env_or("BENCH_INSTANCES", 3);
     assert!(count >= 1, "BENCH_INSTANCES must be at least 1");
     let settings = Settings::default_file().expect("default config");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (targets, runs, loads) = runtime.block_on(async move {
+    // The seeding engine's account actors need an actix system.
+    let system = actix_web::rt::System::new();
+    let (targets, runs, loads) = system.block_on(async move {
         let cluster = common::start_cluster("bench-cluster-postgres").await;
         let database = common::create_database(&cluster, "bench_cluster", &settings.database).await;
         seed_history(&database, &settings, users, history).await;
