@@ -22,69 +22,9 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
 
+use common::users::{clerk_id, seed_history, write_script, SigningKey, ISSUER, JWKS_PATH};
 use creditd::config::Settings;
-use creditd::db::Database;
-use creditd::ledger::{store, AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType};
-use creditd::money::Micros;
-
-const ISSUER: &str = "https://clerk.creditd.bench";
-const JWKS_PATH: &str = "/.well-known/jwks.json";
-const KID: &str = "bench-key-1";
-
-/// An RSA key of the bench's own, published by the local JWKS server as
-/// Clerk publishes its keys.
-struct SigningKey {
-    encoding: jsonwebtoken::EncodingKey,
-    jwk: serde_json::Value,
-}
-
-impl SigningKey {
-    fn generate() -> SigningKey {
-        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        use base64::Engine as _;
-        use rsa::pkcs1::EncodeRsaPrivateKey;
-        use rsa::traits::PublicKeyParts;
-
-        let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("RSA key");
-        let der = private.to_pkcs1_der().expect("PKCS#1 DER");
-        let public = private.to_public_key();
-        SigningKey {
-            encoding: jsonwebtoken::EncodingKey::from_rsa_der(der.as_bytes()),
-            jwk: serde_json::json!({
-                "kty": "RSA",
-                "use": "sig",
-                "alg": "RS256",
-                "kid": KID,
-                "n": URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
-                "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
-            }),
-        }
-    }
-
-    /// A session token for `clerk_id`, valid for an hour.
-    fn token(&self, clerk_id: &str) -> String {
-        let now = chrono::Utc::now().timestamp();
-        let claims = serde_json::json!({
-            "sub": clerk_id,
-            "iss": ISSUER,
-            "iat": now,
-            "nbf": now - 10,
-            "exp": now + 3600,
-            "azp": "http://localhost:3000",
-            "sid": "sess_bench",
-        });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-        header.kid = Some(KID.to_owned());
-        jsonwebtoken::encode(&header, &claims, &self.encoding).expect("sign token")
-    }
-}
-
-fn clerk_id(user: usize) -> String {
-    format!("user_bench_{user}")
-}
 
 fn byok_clerk_id(user: usize) -> String {
     format!("user_bench_byok_{user}")
@@ -121,92 +61,11 @@ async fn save_byok_keys(base: &str, key: &SigningKey, users: usize) {
     }
 }
 
-/// Every user with a top-up and `cycles` settled usages, written through an
-/// engine of its own that is shut down before the app starts.
-async fn seed_history(database: &Database, settings: &Settings, users: usize, cycles: usize) {
-    let client = database.connect().await.expect("connect");
-    let pool = database.pool(&settings.database).expect("pool");
-    let engine = Arc::new(Engine::start(
-        &settings.engine,
-        &settings.journal,
-        database.clone(),
-        pool,
-    ));
-    let mut accounts = Vec::with_capacity(users);
-    for user in 0..users {
-        accounts.push(
-            store::ensure_user(&client, &clerk_id(user))
-                .await
-                .expect("user"),
-        );
-    }
-    for chunk in accounts.chunks(256) {
-        let work = chunk.iter().map(|&account: &AccountId| {
-            let engine = engine.clone();
-            async move {
-                let posting = Posting {
-                    key: IdempotencyKey::parse(format!("bench-topup-{}", account.0)).expect("key"),
-                    kind: TransactionType::TopUp,
-                    amount: Micros::new(100_000_000),
-                    description: None,
-                    stripe_session_id: None,
-                    stripe_payment_id: None,
-                    metadata: None,
-                    expires_at: None,
-                };
-                engine.credit(account, posting).await.expect("top-up");
-                for _ in 0..cycles {
-                    let hold = HoldId::generate();
-                    engine
-                        .reserve(account, hold, Micros::new(100_000))
-                        .await
-                        .expect("reserve");
-                    engine
-                        .settle(account, hold, common::charge())
-                        .await
-                        .expect("settle");
-                }
-            }
-        });
-        futures_util::future::join_all(work).await;
-    }
-    assert!(
-        engine.shutdown(Duration::from_secs(30)).await,
-        "seeding journal drained"
-    );
-}
-
 /// The chat every `POST /api/chat` of the bench sends.
 const CHAT_BODY: &str = r#"{"messages":[{"role":"user","content":"Add a login page"}],"model":"claude-haiku-4-5","maxTokens":256}"#;
 
 /// What the fake Anthropic server answers: the Messages API's shape.
 const ANTHROPIC_REPLY: &str = r#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"Done."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":40,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":20}}"#;
-
-/// A wrk script sending each request with the next user's token; `POST`
-/// routes send the chat body.
-fn write_script(
-    path: &Path,
-    key: &SigningKey,
-    users: usize,
-    method: &str,
-    clerk_id: fn(usize) -> String,
-) {
-    let tokens: Vec<String> = (0..users)
-        .map(|user| format!("  \"{}\",", key.token(&clerk_id(user))))
-        .collect();
-    let body = if method == "POST" {
-        format!("[[{CHAT_BODY}]]")
-    } else {
-        "nil".to_owned()
-    };
-    let script = format!(
-        "local tokens = {{\n{}\n}}\nlocal i = 0\nrequest = function()\n  i = i + 1\n  \
-         return wrk.format(\"{method}\", nil, {{ [\"Authorization\"] = \"Bearer \" .. tokens[(i % #tokens) + 1], \
-         [\"Content-Type\"] = \"application/json\" }}, {body})\nend\n",
-        tokens.join("\n")
-    );
-    std::fs::write(path, script).expect("write the wrk script");
-}
 
 fn method_of(path: &str) -> &'static str {
     if path.ends_with("/api/chat") {
@@ -251,15 +110,6 @@ struct WrkRun {
     failures: u64,
 }
 
-/// The value after `label` on the first line that starts with it.
-fn field<'a>(output: &'a str, label: &str) -> Option<&'a str> {
-    output.lines().find_map(|line| {
-        line.trim()
-            .strip_prefix(label)
-            .map(|rest| rest.split_whitespace().next().unwrap_or(""))
-    })
-}
-
 async fn wrk(
     base: &str,
     path: &'static str,
@@ -268,35 +118,16 @@ async fn wrk(
     connections: usize,
     threads: usize,
 ) -> WrkRun {
-    let started = std::time::Instant::now();
-    let cpu_before = common::Cpu::now(started);
-    let output = tokio::process::Command::new("wrk")
-        .arg(format!("-t{threads}"))
-        .arg(format!("-c{connections}"))
-        .arg(format!("-d{secs}s"))
-        .arg("--latency")
-        .arg("-s")
-        .arg(script)
-        .arg(format!("{base}{}", url_path(path)))
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run wrk ({e}): install it with `apt-get install wrk`"));
-    let cpu = common::Cpu::now(started).since(cpu_before);
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "wrk failed: {text}");
-    let failures = field(&text, "Non-2xx or 3xx responses:")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let url = format!("{base}{}", url_path(path));
+    let measured = common::wrk::run(&url, script, secs, connections, threads).await;
     WrkRun {
         path,
         connections,
-        cpu,
-        requests_per_s: field(&text, "Requests/sec:")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no Requests/sec in wrk output: {text}")),
-        p50: field(&text, "50%").unwrap_or("?").to_owned(),
-        p99: field(&text, "99%").unwrap_or("?").to_owned(),
-        failures,
+        cpu: measured.cpu,
+        requests_per_s: measured.requests_per_s,
+        p50: measured.p50,
+        p99: measured.p99,
+        failures: measured.failures,
     }
 }
 
@@ -324,22 +155,12 @@ fn main() {
     settings.log.level = "warn".into();
     let system = actix_web::rt::System::new();
     let runs = system.block_on(async move {
-        use wiremock::matchers::{method, path};
-        use wiremock::{Mock, ResponseTemplate};
-
         let cluster = common::start_cluster("bench-http-postgres").await;
         let database = common::create_database(&cluster, "bench_http", &settings.database).await;
         seed_history(&database, &settings, users, history).await;
 
         let key = SigningKey::generate();
-        let jwks = wiremock::MockServer::start().await;
-        Mock::given(method("GET"))
-            .and(path(JWKS_PATH))
-            .respond_with(
-                ResponseTemplate::new(200).set_body_json(serde_json::json!({ "keys": [key.jwk] })),
-            )
-            .mount(&jwks)
-            .await;
+        let jwks = key.serve().await;
         let (provider, provider_server) = fake_anthropic();
         actix_web::rt::spawn(provider_server);
         settings.providers.anthropic_base_url = provider;
@@ -368,9 +189,16 @@ fn main() {
             dir.join("post.lua"),
             dir.join("byok.lua"),
         );
-        write_script(&get_script, &key, users, "GET", clerk_id);
-        write_script(&post_script, &key, users, "POST", clerk_id);
-        write_script(&byok_script, &key, users, "POST", byok_clerk_id);
+        write_script(&get_script, &key, users, "GET", None, clerk_id);
+        write_script(&post_script, &key, users, "POST", Some(CHAT_BODY), clerk_id);
+        write_script(
+            &byok_script,
+            &key,
+            users,
+            "POST",
+            Some(CHAT_BODY),
+            byok_clerk_id,
+        );
         let script = |path: &str| {
             if path.starts_with("byok:") {
                 byok_script.clone()

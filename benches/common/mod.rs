@@ -3,6 +3,9 @@
 //! usage every cycle settles. Each bench uses a subset.
 #![allow(dead_code)]
 
+pub mod users;
+pub mod wrk;
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -101,6 +104,9 @@ pub async fn create_database(
 pub struct Cpu {
     pub bench: f64,
     pub postgres: f64,
+    /// `creditd` and `haproxy` processes (the cluster bench's children).
+    pub creditd: f64,
+    pub haproxy: f64,
     /// Child processes this process waited for (the `wrk` load generator).
     pub children: f64,
     pub machine: f64,
@@ -130,15 +136,21 @@ impl Cpu {
             .ok()
             .and_then(|stat| process(&stat))
             .map_or((0.0, 0.0), |(_, own, children)| (own, children));
-        let postgres = std::fs::read_dir("/proc")
+        let (mut postgres, mut creditd, mut haproxy) = (0.0, 0.0, 0.0);
+        let processes = std::fs::read_dir("/proc")
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
-            .filter_map(|stat| process(&stat))
-            .filter(|(name, _, _)| name == "postgres")
-            .map(|(_, own, _)| own)
-            .sum();
+            .filter_map(|stat| process(&stat));
+        for (name, own, _) in processes {
+            match name.as_str() {
+                "postgres" => postgres += own,
+                "creditd" => creditd += own,
+                "haproxy" => haproxy += own,
+                _ => {}
+            }
+        }
         let machine = std::fs::read_to_string("/proc/stat")
             .ok()
             .and_then(|stat| {
@@ -156,6 +168,8 @@ impl Cpu {
         Cpu {
             bench,
             postgres,
+            creditd,
+            haproxy,
             children,
             machine,
             wall: started.elapsed().as_secs_f64(),
@@ -166,14 +180,19 @@ impl Cpu {
         Cpu {
             bench: self.bench - earlier.bench,
             postgres: self.postgres - earlier.postgres,
+            creditd: self.creditd - earlier.creditd,
+            haproxy: self.haproxy - earlier.haproxy,
             children: self.children - earlier.children,
             machine: self.machine - earlier.machine,
             wall: self.wall - earlier.wall,
         }
     }
-    /// Cores busy on average outside this process, its children and PostgreSQL.
+    /// Cores busy on average outside this process, its children, PostgreSQL,
+    /// creditd and HAProxy.
     pub fn others(self) -> f64 {
-        (self.machine - self.bench - self.postgres - self.children).max(0.0) / self.wall.max(1e-9)
+        (self.machine - self.bench - self.postgres - self.creditd - self.haproxy - self.children)
+            .max(0.0)
+            / self.wall.max(1e-9)
     }
 
     /// Cores busy on average in `secs` of CPU time.
