@@ -240,6 +240,22 @@ pub(super) async fn count_of(stripe: &StripeApp, sql: &str) -> i64 {
         .get(0)
 }
 
+/// Outgoing events of type `kind` recorded with `reason`.
+pub(super) async fn events_with_reason(stripe: &StripeApp, kind: &str, reason: &str) -> i64 {
+    stripe
+        .app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM outgoing_events WHERE type = $1 AND data->>'reason' = $2",
+            &[&kind, &reason],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
+
 /// Waits until the fake Stripe has created `n` PaymentIntents and the
 /// worker has recorded the last one's outcome.
 pub(super) async fn wait_for_intents(stripe: &StripeApp, n: usize) -> Vec<Value> {

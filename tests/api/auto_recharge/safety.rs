@@ -45,18 +45,6 @@ async fn stored(stripe: &StripeApp, clerk_id: &str) -> (bool, Option<String>, Op
     (row.get(0), row.get(1), row.get(2))
 }
 
-/// `auto_recharge.disabled` events recorded with `reason`.
-async fn disabled_events(stripe: &StripeApp, reason: &str) -> i64 {
-    count_of(
-        stripe,
-        &format!(
-            "SELECT count(*) FROM outgoing_events
-              WHERE type = 'auto_recharge.disabled' AND data->>'reason' = '{reason}'"
-        ),
-    )
-    .await
-}
-
 #[actix::test]
 async fn a_refunded_top_up_under_the_threshold_charges_nothing_and_the_next_chat_does() {
     let fakes = fakes().await;
@@ -128,7 +116,10 @@ async fn a_lost_dispute_charges_nothing_switches_auto_recharge_off_and_forgets_t
     assert_eq!(settings["enabled"], false, "{settings}");
     assert_eq!(settings["disabledReason"], "dispute");
     assert_eq!(settings["hasSavedCard"], false);
-    assert_eq!(disabled_events(&stripe, "dispute").await, 1);
+    assert_eq!(
+        events_with_reason(&stripe, "auto_recharge.disabled", "dispute").await,
+        1
+    );
     no_payment_intent_within(&stripe, 0).await;
     // Turning it back on needs a card: the disputed one is gone.
     let (status, body) = put_settings(
@@ -166,7 +157,10 @@ async fn an_opened_dispute_switches_auto_recharge_off_before_any_money_moves_so_
     no_payment_intent_within(&stripe, 0).await;
     // A redelivery changes nothing and announces nothing twice.
     assert_eq!(stripe.deliver(&created).await, 200);
-    assert_eq!(disabled_events(&stripe, "dispute").await, 1);
+    assert_eq!(
+        events_with_reason(&stripe, "auto_recharge.disabled", "dispute").await,
+        1
+    );
 }
 
 #[actix::test]

@@ -8,18 +8,6 @@ use serde_json::json;
 
 use super::*;
 
-/// `auto_recharge.canceled` events recorded with `reason`.
-async fn canceled_events(stripe: &StripeApp, reason: &str) -> i64 {
-    count_of(
-        stripe,
-        &format!(
-            "SELECT count(*) FROM outgoing_events
-              WHERE type = 'auto_recharge.canceled' AND data->>'reason' = '{reason}'"
-        ),
-    )
-    .await
-}
-
 /// The only attempt's id and recorded PaymentIntent.
 async fn attempt_and_payment(stripe: &StripeApp) -> (String, Option<String>) {
     let row = stripe
@@ -120,7 +108,10 @@ async fn switched_off_while_stripe_fails_the_card_is_not_charged_after_recovery_
     })
     .await;
     assert!(stripe.payment_intents.created().is_empty());
-    assert_eq!(canceled_events(&stripe, "disabled").await, 1);
+    assert_eq!(
+        events_with_reason(&stripe, "auto_recharge.canceled", "disabled").await,
+        1
+    );
 
     // The account's actor learned the attempt ended: on again, the next
     // spend under the threshold starts a new one.
@@ -160,7 +151,10 @@ async fn an_attempt_whose_card_changed_is_canceled_and_never_charged_to_the_new_
     })
     .await;
     assert!(stripe.payment_intents.created().is_empty());
-    assert_eq!(canceled_events(&stripe, "card_changed").await, 1);
+    assert_eq!(
+        events_with_reason(&stripe, "auto_recharge.canceled", "card_changed").await,
+        1
+    );
 }
 
 #[actix::test]
@@ -238,7 +232,10 @@ async fn an_attempt_past_its_timeout_that_stripe_never_made_is_canceled_and_the_
         stripe.payment_intents.searched(),
         [format!("metadata['attemptId']:'{canceled}'")]
     );
-    assert_eq!(canceled_events(&stripe, "timed_out").await, 1);
+    assert_eq!(
+        events_with_reason(&stripe, "auto_recharge.canceled", "timed_out").await,
+        1
+    );
     assert_eq!(
         settings_of(&stripe, "user_timed_out").await["enabled"],
         true

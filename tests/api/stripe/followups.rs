@@ -85,16 +85,7 @@ async fn admin_follow_ups(stripe: &StripeApp, clerk_id: &str) -> Vec<Value> {
 }
 
 async fn counter(stripe: &StripeApp, name: &str) -> u64 {
-    let text = stripe
-        .app
-        .http
-        .get(stripe.app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let text = stripe.app.metrics().await;
     text.lines()
         .find_map(|line| line.strip_prefix(&format!("{name} ")))
         .and_then(|value| value.parse().ok())

@@ -362,6 +362,18 @@ pub fn outage_settings(jwks: &wiremock::MockServer) -> Settings {
 }
 
 impl TestApp {
+    /// The Prometheus text `/metrics` answers.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(response.status(), 200);
+        response.text().await.expect("metrics text")
+    }
+
     /// A valid session token for `clerk_id`, signed by the primary key.
     pub fn token(&self, clerk_id: &str) -> String {
         primary_key().sign(&self.claims(clerk_id))
