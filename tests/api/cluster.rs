@@ -147,17 +147,20 @@ async fn parallel_credits_and_chats_over_two_instances_all_land_once_and_both_re
 async fn losing_the_notification_listener_drops_every_resident_account() {
     let db = TestDb::new().await;
     let a = db.engine_as(&settings(), "a");
+    // Once listening: the listener's start drops every copy loaded before.
+    wait_until(|| a.listening()).await;
     for name in ["user_cluster_4", "user_cluster_5", "user_cluster_6"] {
         let account = db.user(name).await;
         a.balance(account).await.unwrap();
     }
-    wait_until(|| a.listening()).await;
     assert_eq!(a.stats().resident_actors, 3);
 
     db.client()
         .await
         .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'creditd-listener'",
+            // This test's database only: other tests' instances listen too.
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE application_name = 'creditd-listener' AND datname = current_database()",
             &[],
         )
         .await
@@ -262,15 +265,7 @@ async fn a_chat_refused_for_credits_is_served_once_another_instance_credited_the
         page["balanceMicros"].as_i64().unwrap() > 4_900_000,
         "{page}"
     );
-    let metrics = a
-        .http
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.metrics().await;
     assert!(
         metrics.contains("creditd_accounts_evicted_total{reason=\"written_elsewhere\"}"),
         "{metrics}"

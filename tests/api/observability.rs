@@ -16,12 +16,6 @@ fn unmatched_series(text: &str) -> Vec<&str> {
         .collect()
 }
 
-async fn metrics_text(app: &TestApp) -> String {
-    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    response.text().await.unwrap()
-}
-
 #[actix::test]
 async fn a_thousand_made_up_methods_and_a_thousand_random_paths_add_no_metric_series() {
     let app = spawn_app_with(|s| s.limits.unauthenticated_per_ip_per_second = 1_000_000).await;
@@ -33,7 +27,7 @@ async fn a_thousand_made_up_methods_and_a_thousand_random_paths_add_no_metric_se
         .await
         .unwrap();
     app.http.get(app.url("/no/such/path")).send().await.unwrap();
-    let text = metrics_text(&app).await;
+    let text = app.metrics().await;
     let before = unmatched_series(&text);
     assert!(
         before.iter().any(|s| s.contains("method=\"OTHER\"")),
@@ -56,7 +50,7 @@ async fn a_thousand_made_up_methods_and_a_thousand_random_paths_add_no_metric_se
         .await;
     }
 
-    let text = metrics_text(app).await;
+    let text = app.metrics().await;
     let after = unmatched_series(&text);
     let added: Vec<_> = after.iter().filter(|s| !before.contains(s)).collect();
     assert!(added.is_empty(), "new series: {added:?}");
@@ -123,7 +117,15 @@ async fn readyz_follows_the_background_check_of_the_database() {
         .unwrap();
     // The check runs in the background: wait for it to see the failure.
     let down = readyz_becomes(&app, 503).await;
-    let gauge = metrics_text(&app).await;
+    // The gauge is the process's: other tests' apps, running at once, set
+    // it back to 1 between this app's checks. Read it until this app's
+    // check (every 100 ms) was the last to write it, for a few seconds.
+    let mut gauge = app.metrics().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gauge.contains("creditd_database_up 0") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        gauge = app.metrics().await;
+    }
     client
         .batch_execute("ALTER TABLE credit_holds_away RENAME TO credit_holds")
         .await
