@@ -1208,3 +1208,79 @@ async fn the_auto_recharge_element_says_in_french_why_creditd_switched_it_off() 
     browser.assert_no_console_errors().await;
     browser.close().await;
 }
+
+/// `assets/credits/` as it is on disk: every file, with the content type
+/// its extension calls for.
+fn asset_files() -> Vec<(String, &'static str)> {
+    let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/credits");
+    let mut files: Vec<(String, &'static str)> = std::fs::read_dir(&directory)
+        .expect("the assets directory")
+        .map(|entry| {
+            let name = entry
+                .expect("an asset")
+                .file_name()
+                .into_string()
+                .expect("a UTF-8 name");
+            let content_type = match name.rsplit_once('.').map(|(_, extension)| extension) {
+                Some("js") => "text/javascript; charset=utf-8",
+                Some("css") => "text/css; charset=utf-8",
+                _ => panic!("{name}: no content type is expected for this extension"),
+            };
+            (name, content_type)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[actix::test]
+async fn every_file_of_the_assets_directory_is_served_with_its_content_type_and_nothing_else_is() {
+    let app = spawn_app().await;
+    let files = asset_files();
+    assert!(
+        files.len() >= 11,
+        "the elements, the page script and the stylesheet: {files:?}"
+    );
+    for (name, content_type) in &files {
+        let response = app
+            .http
+            .get(app.url(&format!("/assets/credits/{name}")))
+            .send()
+            .await
+            .expect("asset");
+        assert_eq!(response.status(), 200, "{name}");
+        let header = |header: &str| {
+            response
+                .headers()
+                .get(header)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(header("content-type"), *content_type, "{name}");
+        assert_eq!(header("cache-control"), "no-cache", "{name}");
+        assert_eq!(header("x-content-type-options"), "nosniff", "{name}");
+        let on_disk = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("assets/credits")
+                .join(name),
+        )
+        .expect("the file on disk");
+        assert_eq!(
+            response.bytes().await.expect("body").as_ref(),
+            on_disk,
+            "{name}"
+        );
+    }
+    for path in [
+        "/assets/credits/nothing.js",
+        "/assets/credits/billing.html",
+        "/assets/billing.html",
+        "/assets/credits/..%2Fbilling.html",
+        "/assets/credits/%2E%2E%2F%2E%2E%2FCargo.toml",
+        "/assets/credits/",
+    ] {
+        let response = app.http.get(app.url(path)).send().await.expect("asset");
+        assert_eq!(response.status(), 404, "{path} is not an asset");
+    }
+}
