@@ -841,7 +841,16 @@ async fn demo_signs_in_grants_the_bonus_charges_a_chat_and_tops_up() {
         )
         .await;
     if let Some(path) = std::env::var_os("CREDITD_SCREENSHOT") {
-        browser.resize(1100).await;
+        let width = std::env::var("CREDITD_SCREENSHOT_WIDTH")
+            .ok()
+            .and_then(|width| width.parse().ok())
+            .unwrap_or(1100);
+        // Tall enough to show the whole page in one picture.
+        browser
+            .client
+            .set_window_size(width, 2600)
+            .await
+            .expect("window size");
         browser.goto(&format!("{}/billing", demo.url)).await;
         balance_state(&browser).await;
         browser.text(".chart__today").await;
@@ -1069,7 +1078,7 @@ async fn auto_recharge_saved_on_the_billing_page_recharges_the_demo_card_once_a_
         .until(
             "the auto-recharge's credit",
             &format!(
-                "document.dispatchEvent(new CustomEvent('credit-balance:refresh')); return Number(document.querySelector('credit-balance').dataset.balanceMicros) === {}",
+                "document.querySelector('credit-balance').refresh(); return Number(document.querySelector('credit-balance').dataset.balanceMicros) === {}",
                 35_000_000 - used
             ),
         )
