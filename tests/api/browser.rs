@@ -1293,3 +1293,54 @@ async fn every_file_of_the_assets_directory_is_served_with_its_content_type_and_
         assert_eq!(response.status(), 404, "{path} is not an asset");
     }
 }
+
+#[actix::test]
+async fn an_element_alone_on_a_bare_page_arrives_styled_and_follows_its_attributes() {
+    let app = spawn_app().await;
+    app.account("user_alone").await;
+    let mut browser = Browser::start().await;
+    browser
+        .sign_in_with_cookie(&app.address, app.token("user_alone"))
+        .await;
+    // A page of creditd's origin without its stylesheet: only the element's module.
+    let loaded = browser
+        .js("document.head.replaceChildren(); \
+             document.body.replaceChildren(); \
+             const chart = document.createElement('credit-usage-chart'); \
+             chart.setAttribute('days', '30'); \
+             document.body.append(chart); \
+             return import('/assets/credits/credit-usage-chart.js').then(() => \
+               document.styleSheets.length === 0 && customElements.get('credit-usage-chart') !== undefined)")
+        .await;
+    assert_eq!(loaded, json!(true), "no stylesheet but the element's own");
+    browser
+        .until(
+            "thirty days drawn",
+            "return document.querySelectorAll('credit-usage-chart .chart__bar').length === 30",
+        )
+        .await;
+    let styled = browser
+        .js("const chart = document.querySelector('credit-usage-chart'); \
+             const own = getComputedStyle(chart); \
+             const svg = getComputedStyle(chart.querySelector('.chart__svg')); \
+             return [own.display, own.borderTopStyle, own.borderTopLeftRadius, svg.backgroundColor, svg.height]")
+        .await;
+    assert_eq!(
+        styled,
+        json!(["block", "solid", "9.6px", "rgb(246, 248, 250)", "128px"]),
+        "the element's card, and its chart on the theme's default background"
+    );
+    browser
+        .js("document.querySelector('credit-usage-chart').setAttribute('days', '7'); return true")
+        .await;
+    browser
+        .until(
+            "the chart redrawn over seven days",
+            "const chart = document.querySelector('credit-usage-chart'); \
+             return chart.querySelectorAll('.chart__bar').length === 7 \
+               && chart.querySelector('h2').textContent === 'Dépenses par jour (7 derniers jours)'",
+        )
+        .await;
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+}
