@@ -75,12 +75,12 @@ fn page(state: &State, template: &str) -> HttpResponse {
     let body = template
         .replace("{{demo_banner}}", &banner)
         .replace(
-            "{{min_topup_cents}}",
-            &settings.stripe.min_topup_cents.to_string(),
+            "{{topup_cents_min}}",
+            &settings.stripe.topup_cents_min.to_string(),
         )
         .replace(
-            "{{max_topup_cents}}",
-            &settings.stripe.max_topup_cents.to_string(),
+            "{{topup_cents_max}}",
+            &settings.stripe.topup_cents_max.to_string(),
         );
     secured(HttpResponse::Ok())
         .insert_header((header::CACHE_CONTROL, "no-store"))
