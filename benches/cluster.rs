@@ -98,7 +98,7 @@ fn start_instance(index: usize, database_url: &str, jwks_url: &str) -> Instance 
         // wrk is one address: the per-IP limit of token-less routes would
         // answer most no-op requests 429 and measure the limiter instead.
         .env(
-            "CREDITD__LIMITS__UNAUTHENTICATED_PER_IP_PER_SECOND",
+            "CREDITD__RATE_LIMITS__UNAUTHENTICATED_PER_IP_PER_SECOND",
             "100000000",
         )
         .env("CREDITD__LOG__LEVEL", "warn")

@@ -171,7 +171,7 @@ fn main() {
         settings.byok.encryption_key = creditd::config::Secret::new(BENCH_BYOK_ENCRYPTION_KEY);
         // wrk is one address: the per-IP limit of token-less routes would
         // answer most no-op requests 429 and measure the limiter instead.
-        settings.limits.unauthenticated_per_ip_per_second = 100_000_000;
+        settings.rate_limits.unauthenticated_per_ip_per_second = 100_000_000;
         let storage = creditd::app::Storage::on(database, &settings)
             .await
             .expect("storage");

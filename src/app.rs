@@ -95,7 +95,7 @@ pub fn alert_thresholds(credits: &crate::config::CreditsSettings) -> AlertThresh
     AlertThresholds {
         low: micros(credits.low_balance_cents),
         rearm: micros(credits.low_balance_rearm_cents),
-        recharge_monthly_max_cents: credits.auto_recharge_monthly_max_cents,
+        recharge_monthly_max_cents: credits.auto_recharge_monthly_cents_max,
     }
 }
 
@@ -105,7 +105,7 @@ fn recharge_worker_settings(settings: &Settings) -> crate::recharge::WorkerSetti
         interval: Duration::from_millis(
             u64::try_from(settings.credits.auto_recharge_poll_interval_ms).unwrap_or(1000),
         ),
-        monthly_max_cents: settings.credits.auto_recharge_monthly_max_cents,
+        monthly_max_cents: settings.credits.auto_recharge_monthly_cents_max,
         attempt_timeout: Duration::from_secs(settings.recharge.attempt_timeout_s),
         call_timeout: Duration::from_millis(settings.stripe.timeout_ms),
     }

@@ -13,6 +13,52 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config.toml");
 /// Prefix of environment overrides: `CREDITD__SECTION__KEY`.
 pub const ENV_PREFIX: &str = "CREDITD__";
 
+/// Keys renamed so that qualifiers come last (`topup_cents_min`) and rate
+/// limits have one name: old name, new name (a whole section when there is
+/// no dot). A file or an environment variable still using an old name is
+/// refused at start, naming the new one, rather than silently ignored.
+pub const RENAMED: &[(&str, &str)] = &[
+    ("limits", "rate_limits"),
+    ("stripe.min_topup_cents", "stripe.topup_cents_min"),
+    ("stripe.max_topup_cents", "stripe.topup_cents_max"),
+    (
+        "stripe.followup_retry_base_ms",
+        "stripe.followup_retry_ms_base",
+    ),
+    (
+        "stripe.followup_retry_max_ms",
+        "stripe.followup_retry_ms_max",
+    ),
+    (
+        "stripe.followup_max_attempts",
+        "stripe.followup_attempts_max",
+    ),
+    (
+        "credits.auto_recharge_min_amount_cents",
+        "credits.auto_recharge_amount_cents_min",
+    ),
+    (
+        "credits.auto_recharge_max_amount_cents",
+        "credits.auto_recharge_amount_cents_max",
+    ),
+    (
+        "credits.auto_recharge_min_threshold_cents",
+        "credits.auto_recharge_threshold_cents_min",
+    ),
+    (
+        "credits.auto_recharge_max_threshold_cents",
+        "credits.auto_recharge_threshold_cents_max",
+    ),
+    (
+        "credits.auto_recharge_monthly_max_cents",
+        "credits.auto_recharge_monthly_cents_max",
+    ),
+    ("chat.default_max_tokens", "chat.max_tokens_default"),
+    ("clerk.jwks_min_refresh_s", "clerk.jwks_refresh_s_min"),
+    ("events.retry_base_ms", "events.retry_ms_base"),
+    ("events.retry_max_ms", "events.retry_ms_max"),
+];
+
 /// Which provider's API serves a model.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize, utoipa::ToSchema,
@@ -70,7 +116,7 @@ pub struct Settings {
     pub providers: ProviderSettings,
     pub chat: ChatSettings,
     pub byok: ByokSettings,
-    pub limits: LimitsSettings,
+    pub rate_limits: RateLimitsSettings,
     pub metrics: MetricsSettings,
     pub events: EventsSettings,
     pub cluster: ClusterSettings,
@@ -82,7 +128,7 @@ pub struct Settings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsSettings {
+pub struct RateLimitsSettings {
     pub chats_in_flight_per_account: u32,
     pub topups_per_minute: u32,
     pub unauthenticated_per_ip_per_second: u32,
@@ -100,9 +146,9 @@ pub struct EventsSettings {
     pub timeout_ms: u64,
     /// How often the sender looks for due events when it has none.
     pub poll_interval_ms: u64,
-    /// First retry delay, doubled at each failure up to `retry_max_ms`.
-    pub retry_base_ms: u64,
-    pub retry_max_ms: u64,
+    /// First retry delay, doubled at each failure up to `retry_ms_max`.
+    pub retry_ms_base: u64,
+    pub retry_ms_max: u64,
     /// An event still undelivered this long after it was recorded is FAILED.
     pub retry_for_hours: u64,
     /// Accounts whose next event is delivered at once.
@@ -133,7 +179,7 @@ pub struct ProviderSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatSettings {
-    pub default_max_tokens: u32,
+    pub max_tokens_default: u32,
     pub max_tokens_limit: u32,
     pub message_overhead_tokens: u64,
     pub request_overhead_tokens: u64,
@@ -157,7 +203,7 @@ pub struct ClerkSettings {
     pub issuer: String,
     pub authorized_parties: Vec<String>,
     pub leeway_s: u64,
-    pub jwks_min_refresh_s: u64,
+    pub jwks_refresh_s_min: u64,
     pub jwks_refresh_s: u64,
     pub jwks_timeout_ms: u64,
     pub token_cache_entries: usize,
@@ -269,12 +315,12 @@ pub struct CreditsSettings {
     /// `balance.recovered` (re-arming the low alert) at low + this.
     pub low_balance_rearm_cents: i64,
     /// Bounds of an auto-recharge's amount and threshold, as a user sets them.
-    pub auto_recharge_min_amount_cents: i64,
-    pub auto_recharge_max_amount_cents: i64,
-    pub auto_recharge_min_threshold_cents: i64,
-    pub auto_recharge_max_threshold_cents: i64,
+    pub auto_recharge_amount_cents_min: i64,
+    pub auto_recharge_amount_cents_max: i64,
+    pub auto_recharge_threshold_cents_min: i64,
+    pub auto_recharge_threshold_cents_max: i64,
     /// The most auto-recharges take from one account in a calendar month (UTC).
-    pub auto_recharge_monthly_max_cents: i64,
+    pub auto_recharge_monthly_cents_max: i64,
     /// How often the payment worker looks for decided attempts.
     pub auto_recharge_poll_interval_ms: i64,
     /// Days the signup bonus can be spent; 0: it never expires.
@@ -348,8 +394,8 @@ pub struct StripeSettings {
     pub success_url: String,
     pub cancel_url: String,
     pub product_name: String,
-    pub min_topup_cents: i64,
-    pub max_topup_cents: i64,
+    pub topup_cents_min: i64,
+    pub topup_cents_max: i64,
     pub currency: String,
     pub starter_price_id: String,
     pub pro_price_id: String,
@@ -358,11 +404,11 @@ pub struct StripeSettings {
     /// (saving the card, reading the invoice link) when it found none.
     pub followup_poll_interval_ms: u64,
     /// First retry delay of a failed follow-up, doubled at each failure up
-    /// to `followup_retry_max_ms`.
-    pub followup_retry_base_ms: u64,
-    pub followup_retry_max_ms: u64,
+    /// to `followup_retry_ms_max`.
+    pub followup_retry_ms_base: u64,
+    pub followup_retry_ms_max: u64,
     /// Attempts after which a follow-up is FAILED (shown to operators).
-    pub followup_max_attempts: u32,
+    pub followup_attempts_max: u32,
     /// Follow-ups taken per round.
     pub followup_batch: u32,
 }
@@ -420,6 +466,8 @@ impl Settings {
         let mut root: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| format!("config file: {e}"))?;
+        refuse_renamed_keys(&root)?;
+        refuse_renamed_variables(env)?;
         for (key, value) in env {
             apply_override(&mut root, key, value)?;
         }
@@ -467,24 +515,24 @@ impl Settings {
         let credits = &self.credits;
         for (key, value) in [
             (
-                "credits.auto_recharge_min_amount_cents",
-                credits.auto_recharge_min_amount_cents,
+                "credits.auto_recharge_amount_cents_min",
+                credits.auto_recharge_amount_cents_min,
             ),
             (
-                "credits.auto_recharge_max_amount_cents",
-                credits.auto_recharge_max_amount_cents,
+                "credits.auto_recharge_amount_cents_max",
+                credits.auto_recharge_amount_cents_max,
             ),
             (
-                "credits.auto_recharge_min_threshold_cents",
-                credits.auto_recharge_min_threshold_cents,
+                "credits.auto_recharge_threshold_cents_min",
+                credits.auto_recharge_threshold_cents_min,
             ),
             (
-                "credits.auto_recharge_max_threshold_cents",
-                credits.auto_recharge_max_threshold_cents,
+                "credits.auto_recharge_threshold_cents_max",
+                credits.auto_recharge_threshold_cents_max,
             ),
             (
-                "credits.auto_recharge_monthly_max_cents",
-                credits.auto_recharge_monthly_max_cents,
+                "credits.auto_recharge_monthly_cents_max",
+                credits.auto_recharge_monthly_cents_max,
             ),
             (
                 "credits.auto_recharge_poll_interval_ms",
@@ -495,11 +543,11 @@ impl Settings {
                 return Err(format!("configuration key `{key}`: must be greater than 0"));
             }
         }
-        if credits.auto_recharge_min_amount_cents > credits.auto_recharge_max_amount_cents {
-            return Err("configuration key `credits.auto_recharge_min_amount_cents`: above credits.auto_recharge_max_amount_cents".into());
+        if credits.auto_recharge_amount_cents_min > credits.auto_recharge_amount_cents_max {
+            return Err("configuration key `credits.auto_recharge_amount_cents_min`: above credits.auto_recharge_amount_cents_max".into());
         }
-        if credits.auto_recharge_min_threshold_cents > credits.auto_recharge_max_threshold_cents {
-            return Err("configuration key `credits.auto_recharge_min_threshold_cents`: above credits.auto_recharge_max_threshold_cents".into());
+        if credits.auto_recharge_threshold_cents_min > credits.auto_recharge_threshold_cents_max {
+            return Err("configuration key `credits.auto_recharge_threshold_cents_min`: above credits.auto_recharge_threshold_cents_max".into());
         }
         if self.credits.referral_bonus_expiry_days > 3650 {
             return Err(
@@ -507,8 +555,8 @@ impl Settings {
                     .into(),
             );
         }
-        if self.stripe.followup_retry_base_ms > self.stripe.followup_retry_max_ms {
-            return Err("configuration key `stripe.followup_retry_base_ms`: above stripe.followup_retry_max_ms".into());
+        if self.stripe.followup_retry_ms_base > self.stripe.followup_retry_ms_max {
+            return Err("configuration key `stripe.followup_retry_ms_base`: above stripe.followup_retry_ms_max".into());
         }
         if self.clerk.leeway_s > 5 {
             return Err("configuration key `clerk.leeway_s`: at most 5".into());
@@ -537,9 +585,9 @@ impl Settings {
     }
 
     fn validate_chat(&self) -> Result<(), String> {
-        if self.chat.default_max_tokens > self.chat.max_tokens_limit {
+        if self.chat.max_tokens_default > self.chat.max_tokens_limit {
             return Err(
-                "configuration key `chat.default_max_tokens`: at most chat.max_tokens_limit".into(),
+                "configuration key `chat.max_tokens_default`: at most chat.max_tokens_limit".into(),
             );
         }
         if self.providers.total_timeout_ms / 1000 >= self.engine.hold_ttl_s {
@@ -624,7 +672,7 @@ impl Settings {
             ("journal.queue_capacity", wide(self.journal.queue_capacity)),
             ("journal.stall_after_ms", self.journal.stall_after_ms),
             ("journal.pipeline_depth", wide(self.journal.pipeline_depth)),
-            ("clerk.jwks_min_refresh_s", self.clerk.jwks_min_refresh_s),
+            ("clerk.jwks_refresh_s_min", self.clerk.jwks_refresh_s_min),
             ("clerk.jwks_refresh_s", self.clerk.jwks_refresh_s),
             ("clerk.jwks_timeout_ms", self.clerk.jwks_timeout_ms),
             ("stripe.timeout_ms", self.stripe.timeout_ms),
@@ -633,16 +681,16 @@ impl Settings {
                 self.stripe.followup_poll_interval_ms,
             ),
             (
-                "stripe.followup_retry_base_ms",
-                self.stripe.followup_retry_base_ms,
+                "stripe.followup_retry_ms_base",
+                self.stripe.followup_retry_ms_base,
             ),
             (
-                "stripe.followup_retry_max_ms",
-                self.stripe.followup_retry_max_ms,
+                "stripe.followup_retry_ms_max",
+                self.stripe.followup_retry_ms_max,
             ),
             (
-                "stripe.followup_max_attempts",
-                u64::from(self.stripe.followup_max_attempts),
+                "stripe.followup_attempts_max",
+                u64::from(self.stripe.followup_attempts_max),
             ),
             (
                 "stripe.followup_batch",
@@ -662,8 +710,8 @@ impl Settings {
                 self.providers.total_timeout_ms,
             ),
             (
-                "chat.default_max_tokens",
-                u64::from(self.chat.default_max_tokens),
+                "chat.max_tokens_default",
+                u64::from(self.chat.max_tokens_default),
             ),
             (
                 "chat.max_tokens_limit",
@@ -683,21 +731,21 @@ impl Settings {
                 self.chat.stream_write_timeout_ms,
             ),
             (
-                "limits.chats_in_flight_per_account",
-                u64::from(self.limits.chats_in_flight_per_account),
+                "rate_limits.chats_in_flight_per_account",
+                u64::from(self.rate_limits.chats_in_flight_per_account),
             ),
             (
-                "limits.topups_per_minute",
-                u64::from(self.limits.topups_per_minute),
+                "rate_limits.topups_per_minute",
+                u64::from(self.rate_limits.topups_per_minute),
             ),
             (
-                "limits.unauthenticated_per_ip_per_second",
-                u64::from(self.limits.unauthenticated_per_ip_per_second),
+                "rate_limits.unauthenticated_per_ip_per_second",
+                u64::from(self.rate_limits.unauthenticated_per_ip_per_second),
             ),
             ("events.timeout_ms", self.events.timeout_ms),
             ("events.poll_interval_ms", self.events.poll_interval_ms),
-            ("events.retry_base_ms", self.events.retry_base_ms),
-            ("events.retry_max_ms", self.events.retry_max_ms),
+            ("events.retry_ms_base", self.events.retry_ms_base),
+            ("events.retry_ms_max", self.events.retry_ms_max),
             ("events.retry_for_hours", self.events.retry_for_hours),
             ("events.concurrency", wide(self.events.concurrency)),
         ]
@@ -723,9 +771,9 @@ impl Settings {
                     .into(),
             );
         }
-        if events.retry_base_ms > events.retry_max_ms {
+        if events.retry_ms_base > events.retry_ms_max {
             return Err(
-                "configuration key `events.retry_base_ms`: at most events.retry_max_ms".into(),
+                "configuration key `events.retry_ms_base`: at most events.retry_ms_max".into(),
             );
         }
         Ok(())
@@ -733,19 +781,19 @@ impl Settings {
 
     fn validate_stripe(&self) -> Result<(), String> {
         let stripe = &self.stripe;
-        if stripe.max_topup_cents <= 0 {
+        if stripe.topup_cents_max <= 0 {
             return Err(
-                "configuration key `stripe.max_topup_cents`: must be greater than 0".into(),
+                "configuration key `stripe.topup_cents_max`: must be greater than 0".into(),
             );
         }
-        if stripe.min_topup_cents <= 0 || stripe.min_topup_cents > stripe.max_topup_cents {
+        if stripe.topup_cents_min <= 0 || stripe.topup_cents_min > stripe.topup_cents_max {
             return Err(
-                "configuration key `stripe.min_topup_cents`: must be positive and at most stripe.max_topup_cents"
+                "configuration key `stripe.topup_cents_min`: must be positive and at most stripe.topup_cents_max"
                     .into(),
             );
         }
-        if crate::money::Micros::from_cents(stripe.max_topup_cents).is_err() {
-            return Err("configuration key `stripe.max_topup_cents`: too large".into());
+        if crate::money::Micros::from_cents(stripe.topup_cents_max).is_err() {
+            return Err("configuration key `stripe.topup_cents_max`: too large".into());
         }
         if stripe.currency.len() != 3 || !stripe.currency.bytes().all(|b| b.is_ascii_lowercase()) {
             return Err(
@@ -792,6 +840,54 @@ fn is_origin(text: &str) -> bool {
         && rest
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+}
+
+/// The file's keys that carry an old name of [`RENAMED`], refused by name.
+fn refuse_renamed_keys(root: &toml::Table) -> Result<(), String> {
+    for (old, new) in RENAMED {
+        let present = match old.split_once('.') {
+            None => root.contains_key(*old),
+            Some((section, key)) => root
+                .get(section)
+                .and_then(toml::Value::as_table)
+                .is_some_and(|table| table.contains_key(key)),
+        };
+        if present {
+            let what = if old.contains('.') { "key" } else { "section" };
+            return Err(format!(
+                "configuration {what} `{old}` was renamed: write `{new}` instead"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The environment variables that spell an old name of [`RENAMED`] (a key,
+/// or any key of a renamed section), refused with the new variable's name.
+fn refuse_renamed_variables(env: &[(String, String)]) -> Result<(), String> {
+    for (variable, _) in env {
+        let Some(rest) = variable.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let path = rest.to_ascii_lowercase();
+        let (section, key) = path.split_once("__").unwrap_or((path.as_str(), ""));
+        for (old, new) in RENAMED {
+            let renamed = match old.split_once('.') {
+                None if *old == section => Some(format!("{new}__{key}")),
+                Some((old_section, old_key)) if old_section == section && old_key == key => {
+                    Some(new.replacen('.', "__", 1))
+                }
+                _ => None,
+            };
+            if let Some(renamed) = renamed {
+                return Err(format!(
+                    "environment variable {variable}: `{old}` was renamed, set {ENV_PREFIX}{} instead",
+                    renamed.to_ascii_uppercase()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sets `section.key` (or deeper: `pricing.models.<name>.input_usd` can't be
@@ -882,6 +978,50 @@ mod tests {
     }
 
     #[test]
+    fn a_file_using_an_old_key_or_section_is_refused_naming_the_new_one() {
+        let old_key = DEFAULT_CONFIG.replace("topup_cents_min", "min_topup_cents");
+        let err = Settings::from_sources(&old_key, &[]).unwrap_err();
+        assert_eq!(
+            err,
+            "configuration key `stripe.min_topup_cents` was renamed: write `stripe.topup_cents_min` instead"
+        );
+        let old_section = DEFAULT_CONFIG.replace("[rate_limits]", "[limits]");
+        let err = Settings::from_sources(&old_section, &[]).unwrap_err();
+        assert_eq!(
+            err,
+            "configuration section `limits` was renamed: write `rate_limits` instead"
+        );
+    }
+
+    #[test]
+    fn an_environment_variable_using_an_old_name_is_refused_naming_the_new_one() {
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[("CREDITD__CREDITS__AUTO_RECHARGE_MONTHLY_MAX_CENTS", "100")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "environment variable CREDITD__CREDITS__AUTO_RECHARGE_MONTHLY_MAX_CENTS: `credits.auto_recharge_monthly_max_cents` was renamed, set CREDITD__CREDITS__AUTO_RECHARGE_MONTHLY_CENTS_MAX instead"
+        );
+        let err = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[("CREDITD__LIMITS__TOPUPS_PER_MINUTE", "3")]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            "environment variable CREDITD__LIMITS__TOPUPS_PER_MINUTE: `limits` was renamed, set CREDITD__RATE_LIMITS__TOPUPS_PER_MINUTE instead"
+        );
+        let renamed = Settings::from_sources(
+            DEFAULT_CONFIG,
+            &env(&[("CREDITD__RATE_LIMITS__TOPUPS_PER_MINUTE", "3")]),
+        )
+        .unwrap();
+        assert_eq!(renamed.rate_limits.topups_per_minute, 3);
+    }
+
+    #[test]
     fn an_invalid_value_is_refused_by_name() {
         let err = Settings::from_sources(
             DEFAULT_CONFIG,
@@ -959,10 +1099,10 @@ mod tests {
     fn top_up_limits_that_cannot_hold_are_refused() {
         let err = Settings::from_sources(
             DEFAULT_CONFIG,
-            &env(&[("CREDITD__STRIPE__MIN_TOPUP_CENTS", "200000")]),
+            &env(&[("CREDITD__STRIPE__TOPUP_CENTS_MIN", "200000")]),
         )
         .unwrap_err();
-        assert!(err.contains("stripe.min_topup_cents"), "{err}");
+        assert!(err.contains("stripe.topup_cents_min"), "{err}");
         let err = Settings::from_sources(
             DEFAULT_CONFIG,
             &env(&[("CREDITD__STRIPE__CURRENCY", "EURO")]),
@@ -1097,9 +1237,9 @@ mod tests {
                 "providers.openai_byok_model",
             ),
             (
-                "CREDITD__CHAT__DEFAULT_MAX_TOKENS",
+                "CREDITD__CHAT__MAX_TOKENS_DEFAULT",
                 "20000",
-                "chat.default_max_tokens",
+                "chat.max_tokens_default",
             ),
         ] {
             let err =

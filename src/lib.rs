@@ -12,7 +12,7 @@
 //! - [`clerk`]: Clerk's webhook signature (Svix) and user events;
 //! - [`webhooks`]: event ids already handled, shared by both senders;
 //! - [`metering`]: chat settlements retried until they post; usage reports;
-//! - [`limits`]: chats in flight, top-ups per minute, per-IP request rate;
+//! - [`rate_limits`]: chats in flight, top-ups per minute, per-IP request rate;
 //! - [`health`]: the database's health, checked in the background;
 //! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
@@ -30,11 +30,11 @@ pub mod events;
 pub mod health;
 pub mod http;
 pub mod ledger;
-pub mod limits;
 pub mod metering;
 pub mod money;
 pub mod pricing;
 pub mod providers;
+pub mod rate_limits;
 pub mod recharge;
 pub mod referrals;
 pub mod runtime;

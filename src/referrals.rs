@@ -262,7 +262,7 @@ pub struct Bonus {
     pub amount: Micros,
     /// Days the bonus lasts; 0: it never expires.
     pub expiry_days: u32,
-    /// The minimum top-up (`stripe.min_topup_cents`): refunds that leave
+    /// The minimum top-up (`stripe.topup_cents_min`): refunds that leave
     /// less of the paying top-up than this take both bonuses back.
     pub minimum_kept: Micros,
 }

@@ -51,8 +51,8 @@ impl Runtime {
                     "configuration key `credits.referral_bonus_cents`: too large".to_owned()
                 })?,
             expiry_days: settings.credits.referral_bonus_expiry_days,
-            minimum_kept: crate::money::Micros::from_cents(settings.stripe.min_topup_cents)
-                .map_err(|_| "configuration key `stripe.min_topup_cents`: too large".to_owned())?,
+            minimum_kept: crate::money::Micros::from_cents(settings.stripe.topup_cents_min)
+                .map_err(|_| "configuration key `stripe.topup_cents_min`: too large".to_owned())?,
         };
         Ok(Runtime {
             referral_bonus,

@@ -122,7 +122,7 @@ pub fn describe(prices: &PriceTable) {
     );
     describe_counter!(
         "creditd_topup_followups_failed_total",
-        "Top-up follow-ups given up after stripe.followup_max_attempts"
+        "Top-up follow-ups given up after stripe.followup_attempts_max"
     );
     describe_counter!(
         "creditd_request_body_timeouts_total",
@@ -158,7 +158,7 @@ pub fn describe(prices: &PriceTable) {
     );
     describe_counter!(
         "creditd_auto_recharges_capped_total",
-        "Spending under an auto-recharge threshold that started nothing: credits.auto_recharge_monthly_max_cents reached"
+        "Spending under an auto-recharge threshold that started nothing: credits.auto_recharge_monthly_cents_max reached"
     );
     describe_counter!(
         "creditd_auto_recharges_canceled_total",

@@ -3,7 +3,8 @@
 // confirmed (the webhook may lag) and the balance is reloaded until the
 // top-up's credit is there, then the history once more when its invoice
 // link (read from Stripe after the credit) arrives. `?topup=canceled`:
-// nothing was charged.
+// nothing was charged. The page's elements are found by their ids in
+// billing.html.
 
 import './credit-balance.js'
 import './credit-topup-dialog.js'
@@ -18,6 +19,11 @@ import { formatMicros, request } from './credits-api.js'
 const POLL_INTERVAL_MS = 1000
 const POLL_ATTEMPTS = 90
 const INVOICE_POLL_ATTEMPTS = 30
+
+/** Reloads what a payment changes: the balance, the chart and the history. */
+function refreshAccount() {
+  for (const id of ['balance', 'usage', 'history']) document.getElementById(id)?.refresh?.()
+}
 
 function status(text, state) {
   const element = document.getElementById('topup-status')
@@ -52,7 +58,7 @@ async function awaitInvoiceLink(topup) {
       const overview = await request(document.body, '/api/credits')
       const row = overview.transactions.find((t) => t.id === topup.id)
       if (row?.invoiceUrl) {
-        document.dispatchEvent(new CustomEvent('credit-balance:refresh'))
+        refreshAccount()
         return
       }
     } catch {
@@ -71,7 +77,7 @@ async function confirmTopup() {
       const topup = landed(overview, pending, since)
       if (topup) {
         sessionStorage.removeItem(PENDING_TOPUP_KEY)
-        document.dispatchEvent(new CustomEvent('credit-balance:refresh'))
+        refreshAccount()
         status(`Paiement confirmé : ${formatMicros(topup.amountMicros, { signed: true })} ajoutés à vos crédits.`, 'confirmed')
         await awaitInvoiceLink(topup)
         return

@@ -5,7 +5,19 @@
 // asks for, a dispute, a refunded auto-recharge, a deleted account) and
 // what was recharged this month.
 
-import { ApiError, formatCents, h, parseEuros, request } from './credits-api.js'
+import { ApiError, adoptStyles, formatCents, h, parseEuros, request, stylesheet } from './credits-api.js'
+
+const STYLES = stylesheet(`
+.auto-recharge { display: grid; gap: 0.5rem; border: 1px solid var(--border); border-radius: 0.6rem; padding: 1rem; background: #fff; min-width: 0; }
+.auto-recharge h2 { margin: 0; font-size: 1.1rem; }
+.auto-recharge__description, .auto-recharge__month { margin: 0; color: var(--muted); }
+.auto-recharge__row { display: flex; gap: 0.5rem; align-items: center; }
+.auto-recharge__row input[type="text"] { width: 7rem; }
+.auto-recharge__notice { margin: 0; color: #9a6700; }
+.auto-recharge__error { margin: 0; color: #cf222e; }
+.auto-recharge__save { justify-self: start; }
+.auto-recharge__row input[type="text"] { font: inherit; padding: 0.45rem 0.6rem; border: 1px solid var(--border); border-radius: 0.4rem; min-width: 0; }
+`)
 
 const PATH = '/api/credits/auto-recharge'
 
@@ -24,6 +36,7 @@ function reasonText(reason) {
 
 class CreditAutoRechargeElement extends HTMLElement {
   connectedCallback() {
+    adoptStyles(this, STYLES)
     if (this.form) return
     this.build()
     this.load()
@@ -39,7 +52,7 @@ class CreditAutoRechargeElement extends HTMLElement {
     this.save = h('button', { type: 'submit', class: 'auto-recharge__save' }, 'Enregistrer')
     this.form = h(
       'form',
-      { class: 'panel auto-recharge', novalidate: true },
+      { class: 'auto-recharge', novalidate: true },
       h('h2', {}, 'Recharge automatique'),
       h('p', { class: 'auto-recharge__description' }, 'Quand votre solde passe sous le seuil, la carte de votre dernière recharge est débitée du montant choisi.'),
       h('label', { class: 'auto-recharge__row' }, this.enabled, ' Activer la recharge automatique'),

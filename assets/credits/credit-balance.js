@@ -1,4 +1,4 @@
-// <credit-balance variant="compact|full">: the person's AI credits, the
+// <credit-balance variant="compact|full" for="topup">: the person's AI credits, the
 // low-balance warning and a "Recharger" button. Hidden for people who use
 // their own provider keys (BYOK): they are never charged. The full variant
 // also lists what the balance is made of (its grants, in the order they
@@ -6,21 +6,42 @@
 //
 // Events: `credit-balance:loaded` (detail: the `/api/credits` answer) after
 // every load; `credit-balance:topup` (cancelable) when "Recharger" is
-// pressed; unless canceled, the page's <credit-topup-dialog> opens.
-// A `credit-balance:refresh` event on the document reloads every balance.
+// pressed; unless canceled, the <credit-topup-dialog> whose id `for` names
+// opens. `refresh()` reloads it (the page calls it after a payment).
 
-import { formatMicros, h, request } from './credits-api.js'
+import { adoptStyles, formatMicros, h, referenced, request, stylesheet } from './credits-api.js'
+
+const STYLES = stylesheet(`
+credit-balance { display: block; }
+credit-balance[variant="full"] { border: 1px solid var(--border); border-radius: 0.6rem; padding: 1rem; background: #fff; min-width: 0; }
+credit-balance[data-state="low"][variant="full"] { border-color: var(--danger); }
+.credit-balance__card { display: flex; flex-wrap: wrap; align-items: center; justify-content: space-between; gap: 0.75rem; }
+.credit-balance__label { margin: 0; color: var(--muted); font-size: 0.9rem; }
+.credit-balance__card .credit-balance__amount { margin: 0; font-size: 1.75rem; font-weight: 700; }
+.credit-balance__topup { background: var(--accent); color: #fff; border-color: var(--accent); }
+.credit-balance__grants { list-style: none; margin: 0.75rem 0 0; padding: 0; display: grid; gap: 0.35rem; font-size: 0.9rem; }
+.credit-balance__grant { display: flex; flex-wrap: wrap; gap: 0.25rem 0.75rem; align-items: baseline; }
+.credit-balance__grant-kind { font-weight: 600; min-width: 4rem; }
+.credit-balance__grant[data-kind="PROMO"] .credit-balance__grant-kind { color: var(--credit); }
+.credit-balance__grant-expiry { color: var(--muted); }
+.credit-balance__compact { background: #fff; color: var(--fg); border-color: var(--border); font-weight: 600; }
+credit-balance[data-state="low"] .credit-balance__compact { border-color: var(--danger); color: var(--danger); }
+.credit-balance__warning { color: var(--danger); margin: 0.75rem 0 0; }
+.credit-balance__message { margin: 0; color: var(--muted); }
+`)
 
 class CreditBalanceElement extends HTMLElement {
+  static observedAttributes = ['variant']
+
   connectedCallback() {
-    this.refreshListener ??= () => this.refresh()
-    document.addEventListener('credit-balance:refresh', this.refreshListener)
+    adoptStyles(this, STYLES)
     if (!this.dataset.state) this.renderLoading()
     this.refresh()
   }
 
-  disconnectedCallback() {
-    document.removeEventListener('credit-balance:refresh', this.refreshListener)
+  /** A new variant redraws the last answer (no reload). */
+  attributeChangedCallback(name, previous, value) {
+    if (previous !== value && this.data) this.render(this.data)
   }
 
   get variant() {
@@ -57,6 +78,7 @@ class CreditBalanceElement extends HTMLElement {
   }
 
   render(data) {
+    this.data = data
     this.dataset.balanceMicros = String(data.balanceMicros)
     if (data.hasByok) {
       this.dataset.state = 'byok'
@@ -125,7 +147,7 @@ class CreditBalanceElement extends HTMLElement {
 
   requestTopup(opener) {
     const event = new CustomEvent('credit-balance:topup', { bubbles: true, cancelable: true })
-    if (this.dispatchEvent(event)) document.querySelector('credit-topup-dialog')?.open(opener)
+    if (this.dispatchEvent(event)) referenced(this)?.open?.(opener)
   }
 }
 

@@ -2,9 +2,32 @@
 // newest first, "Charger plus" follows the API's cursors. Each transaction
 // shows its label, its badge, its signed amount and when it happened (and a
 // top-up its "Facture" link, Stripe's hosted invoice); each usage its model,
-// its tokens and its cost.
+// its tokens and its cost. `refresh()` reloads both tabs (the page calls
+// it after a payment); a new `page-size` reloads them too.
 
-import { formatMicros, h, relativeDate, request } from './credits-api.js'
+import { adoptStyles, formatMicros, h, relativeDate, request, stylesheet } from './credits-api.js'
+
+const STYLES = stylesheet(`
+credit-history { display: block; border: 1px solid var(--border); border-radius: 0.6rem; padding: 1rem; background: #fff; min-width: 0; }
+credit-history h2 { margin: 0 0 0.75rem; font-size: 1.1rem; }
+.history__tabs { display: grid; grid-template-columns: 1fr 1fr; gap: 0.25rem; background: var(--bg-soft); padding: 0.25rem; border-radius: 0.5rem; }
+.history__tabs [role="tab"] { border: none; background: transparent; }
+.history__tabs [aria-selected="true"] { background: #fff; box-shadow: 0 1px 2px rgb(0 0 0 / 0.12); font-weight: 600; }
+.history__list { list-style: none; margin: 0.75rem 0 0; padding: 0; }
+.history__row { display: flex; justify-content: space-between; gap: 0.75rem; padding: 0.5rem 0; border-bottom: 1px solid var(--border); }
+.history__row:last-child { border-bottom: none; }
+.history__main { min-width: 0; }
+.history__main p, .history__side p { margin: 0; }
+.history__label { font-weight: 500; overflow-wrap: anywhere; }
+.history__date, .history__tokens { font-size: 0.8rem; color: var(--muted); }
+.history__side { text-align: right; flex-shrink: 0; }
+.history__amount.is-credit { color: var(--credit); font-weight: 600; }
+.history__amount.is-debit { color: var(--debit); font-weight: 600; }
+.history__invoice { display: block; font-size: 0.8rem; margin-top: 0.25rem; }
+.history__badge { display: inline-block; font-size: 0.75rem; border: 1px solid var(--border); border-radius: 1rem; padding: 0 0.5rem; }
+.history__status { color: var(--muted); text-align: center; margin: 1rem 0; }
+.history__more { display: block; margin: 0.75rem auto 0; }
+`)
 
 const BADGES = {
   TOP_UP: 'Recharge',
@@ -71,15 +94,17 @@ function usageRow(item) {
 }
 
 class CreditHistoryElement extends HTMLElement {
+  static observedAttributes = ['page-size']
+
   connectedCallback() {
+    adoptStyles(this, STYLES)
     if (!this.panels) this.build()
-    this.refreshListener ??= () => this.refresh()
-    document.addEventListener('credit-balance:refresh', this.refreshListener)
     this.refresh()
   }
 
-  disconnectedCallback() {
-    document.removeEventListener('credit-balance:refresh', this.refreshListener)
+  /** A new page size reloads the first page of both tabs. */
+  attributeChangedCallback(name, previous, value) {
+    if (previous !== value && this.panels && this.isConnected) this.refresh()
   }
 
   get pageSize() {

@@ -4,7 +4,22 @@
 // An empty field means no limit. Amounts are typed in euros (`12,50`) and
 // sent in micros; nothing is computed in floating point.
 
-import { formatMicros, h, parseEuros, request } from './credits-api.js'
+import { adoptStyles, formatMicros, h, parseEuros, request, stylesheet } from './credits-api.js'
+
+const STYLES = stylesheet(`
+credit-limits { display: block; border: 1px solid var(--border); border-radius: 0.6rem; padding: 1rem; background: #fff; min-width: 0; }
+credit-limits h2 { margin: 0 0 0.75rem; font-size: 1.1rem; }
+.limits__hint, .limits__message { margin: 0 0 0.75rem; color: var(--muted); }
+.limits__form { display: grid; grid-template-columns: repeat(auto-fit, minmax(14rem, 1fr)); gap: 0.75rem 1rem; align-items: start; }
+.limits__window { display: grid; gap: 0.25rem; min-width: 0; }
+.limits__label { font-weight: 600; font-size: 0.9rem; }
+.limits__input { font: inherit; padding: 0.45rem 0.6rem; border: 1px solid var(--border); border-radius: 0.4rem; min-width: 0; }
+.limits__spent, .limits__ceiling { margin: 0; font-size: 0.85rem; color: var(--muted); overflow-wrap: anywhere; }
+.limits__save { justify-self: start; }
+.limits__status { margin: 0; grid-column: 1 / -1; }
+.limits__status[data-state="error"] { color: var(--danger); }
+.limits__status[data-state="saved"] { color: var(--credit); }
+`)
 
 const MICROS_PER_CENT = 10000n
 
@@ -17,6 +32,7 @@ function euros(micros) {
 
 class CreditLimitsElement extends HTMLElement {
   connectedCallback() {
+    adoptStyles(this, STYLES)
     if (!this.dataset.state) {
       this.dataset.state = 'loading'
       this.replaceChildren(h('p', { class: 'limits__message' }, 'Chargement…'))
@@ -36,7 +52,8 @@ class CreditLimitsElement extends HTMLElement {
     }
   }
 
-  window(label, own, ceiling, window) {
+  /** One UTC window's field: the person's own limit, what `spending` shows spent, the ceiling. */
+  windowField(label, own, ceiling, spending) {
     const id = `limits-${label}`
     const input = h('input', {
       id,
@@ -47,9 +64,9 @@ class CreditLimitsElement extends HTMLElement {
       placeholder: 'Aucune',
       value: own === null ? '' : euros(own),
     })
-    const spent = formatMicros(window.spentMicros, { roundUp: true })
-    const limit = window.limitMicros === null ? 'sans limite' : `sur ${formatMicros(window.limitMicros)}`
-    const reset = dateTime.format(new Date(window.resetsAt))
+    const spent = formatMicros(spending.spentMicros, { roundUp: true })
+    const limit = spending.limitMicros === null ? 'sans limite' : `sur ${formatMicros(spending.limitMicros)}`
+    const reset = dateTime.format(new Date(spending.resetsAt))
     return h(
       'div',
       { class: 'limits__window' },
@@ -65,8 +82,8 @@ class CreditLimitsElement extends HTMLElement {
     const form = h(
       'form',
       { class: 'limits__form', novalidate: true },
-      this.window('daily', data.dailyMicros, data.dailyCeilingMicros, data.daily),
-      this.window('monthly', data.monthlyMicros, data.monthlyCeilingMicros, data.monthly),
+      this.windowField('daily', data.dailyMicros, data.dailyCeilingMicros, data.daily),
+      this.windowField('monthly', data.monthlyMicros, data.monthlyCeilingMicros, data.monthly),
       h('button', { type: 'submit', class: 'limits__save' }, 'Enregistrer'),
       h('p', { class: 'limits__status', role: 'status' }),
     )

@@ -3,7 +3,22 @@
 // to enter a friend's code. Both get the bonus after the new user's first
 // paid top-up.
 
-import { formatMicros, h, request } from './credits-api.js'
+import { adoptStyles, formatMicros, h, request, stylesheet } from './credits-api.js'
+
+const STYLES = stylesheet(`
+credit-referral { display: block; border: 1px solid var(--border); border-radius: 0.6rem; padding: 1rem; background: #fff; min-width: 0; }
+credit-referral h2 { margin: 0 0 0.75rem; font-size: 1.1rem; }
+.referral__hint, .referral__message { margin: 0 0 0.75rem; color: var(--muted); }
+.referral__label { font-weight: 600; font-size: 0.9rem; }
+.referral__input { font: inherit; padding: 0.45rem 0.6rem; border: 1px solid var(--border); border-radius: 0.4rem; min-width: 0; }
+.referral__status { margin: 0; grid-column: 1 / -1; }
+.referral__status[data-state="error"] { color: var(--danger); }
+.referral__code-row, .referral__counts, .referral__referred { margin: 0 0 0.5rem; }
+.referral__code { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 1.2rem; letter-spacing: 0.1em; }
+.referral__form { display: grid; gap: 0.35rem; margin-top: 0.5rem; }
+.referral__row { display: flex; gap: 0.5rem; min-width: 0; }
+.referral__row .referral__input { flex: 1 1 0; width: 0; text-transform: uppercase; }
+`)
 
 const REFUSALS = {
   REFERRAL_CODE_UNKNOWN: 'Ce code de parrainage est inconnu.',
@@ -14,6 +29,7 @@ const REFUSALS = {
 
 class CreditReferralElement extends HTMLElement {
   connectedCallback() {
+    adoptStyles(this, STYLES)
     if (!this.dataset.state) {
       this.dataset.state = 'loading'
       this.replaceChildren(h('p', { class: 'referral__message' }, 'Chargement…'))

@@ -6,8 +6,29 @@
 // and "Annuler" close it, focus goes back to what opened it.
 // Events: `credit-topup:created` (cancelable, detail `{url, sessionId,
 // amountCents}`) before leaving for Checkout; canceled, the page stays.
+// Other elements open it by naming its id in their `for` attribute.
 
-import { formatCents, h, parseEuros, request } from './credits-api.js'
+import { adoptStyles, formatCents, h, parseEuros, request, stylesheet } from './credits-api.js'
+
+const STYLES = stylesheet(`
+dialog.topup { border: 1px solid var(--border); border-radius: 0.75rem; padding: 1.25rem; width: min(28rem, calc(100vw - 1.5rem)); max-height: calc(100vh - 1.5rem); }
+dialog.topup::backdrop { background: rgb(0 0 0 / 0.35); }
+.topup h2 { margin: 0 0 0.25rem; font-size: 1.2rem; }
+.topup__description { margin: 0 0 1rem; color: var(--muted); }
+.topup__options { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 0.5rem; }
+.topup__option { position: relative; font-weight: 600; }
+.topup__option[aria-pressed="true"] { background: var(--accent); color: #fff; border-color: var(--accent); }
+.topup__popular { position: absolute; top: -0.6rem; right: -0.3rem; font-size: 0.7rem; background: #8250df; color: #fff; border-radius: 1rem; padding: 0 0.4rem; }
+.topup__custom-label { display: block; margin-top: 1rem; color: var(--muted); font-size: 0.9rem; }
+.topup__custom-row { display: flex; gap: 0.5rem; align-items: center; margin-top: 0.25rem; }
+.topup__custom { flex: 1; min-width: 0; font: inherit; padding: 0.45rem 0.6rem; border: 1px solid var(--border); border-radius: 0.4rem; }
+.topup__error { color: var(--danger); margin: 0.5rem 0 0; }
+.topup__info { margin-top: 1rem; background: var(--bg-soft); border-radius: 0.4rem; padding: 0.6rem 0.8rem; font-size: 0.8rem; color: var(--muted); }
+.topup__info p { margin: 0 0 0.25rem; font-weight: 600; }
+.topup__info ul { margin: 0; padding-left: 1.1rem; }
+.topup__actions { display: flex; justify-content: flex-end; gap: 0.5rem; margin-top: 1rem; flex-wrap: wrap; }
+.topup__pay { background: var(--accent); color: #fff; border-color: var(--accent); }
+`)
 
 const OPTIONS = [
   { cents: 500, popular: false },
@@ -20,10 +41,18 @@ const OPTIONS = [
 export const PENDING_TOPUP_KEY = 'credit-topup:pending'
 
 class CreditTopupDialogElement extends HTMLElement {
+  static observedAttributes = ['min-cents', 'max-cents']
+
   connectedCallback() {
+    adoptStyles(this, STYLES)
     if (this.dialog) return
     this.selected = 1000
     this.build()
+  }
+
+  /** New limits check the amount typed so far again. */
+  attributeChangedCallback(name, previous, value) {
+    if (previous !== value && this.dialog) this.update()
   }
 
   get minCents() {

@@ -1,8 +1,21 @@
 // <credit-usage-chart days="30">: AI spend per UTC day over the last `days`
 // days (1 to 90), as an SVG bar chart; each bar names its day, cost and
-// chats, and a summary gives today's spend and the total.
+// chats, and a summary gives today's spend and the total. `refresh()`
+// reloads it (the page calls it after a payment); a new `days` reloads it
+// too.
 
-import { formatMicros, h, request } from './credits-api.js'
+import { adoptStyles, formatMicros, h, request, stylesheet } from './credits-api.js'
+
+const STYLES = stylesheet(`
+credit-usage-chart { display: block; border: 1px solid var(--border); border-radius: 0.6rem; padding: 1rem; background: #fff; min-width: 0; }
+credit-usage-chart h2 { margin: 0 0 0.75rem; font-size: 1.1rem; }
+.chart__status { color: var(--muted); text-align: center; margin: 1rem 0; }
+.chart__svg { display: block; width: 100%; height: 8rem; background: var(--bg-soft); border-radius: 0.4rem; }
+.chart__bar { fill: var(--accent); }
+.chart__axis { stroke: var(--border); stroke-width: 1; }
+.chart__range { display: flex; justify-content: space-between; gap: 0.5rem; margin: 0.25rem 0 0; font-size: 0.75rem; color: var(--muted); }
+.chart__summary { margin: 0.5rem 0 0; font-size: 0.9rem; color: var(--muted); }
+`)
 
 const SVG = 'http://www.w3.org/2000/svg'
 const WIDTH = 300
@@ -17,14 +30,21 @@ function svg(name, attributes = {}, ...children) {
 }
 
 class CreditUsageChartElement extends HTMLElement {
+  static observedAttributes = ['days']
+
   connectedCallback() {
-    this.refreshListener ??= () => this.refresh()
-    document.addEventListener('credit-balance:refresh', this.refreshListener)
+    adoptStyles(this, STYLES)
+    this.connected = true
     this.refresh()
   }
 
   disconnectedCallback() {
-    document.removeEventListener('credit-balance:refresh', this.refreshListener)
+    this.connected = false
+  }
+
+  /** A new number of days reloads the chart. */
+  attributeChangedCallback(name, previous, value) {
+    if (previous !== value && this.connected) this.refresh()
   }
 
   get days() {

@@ -1,5 +1,7 @@
-// Shared by the credit elements: authenticated requests to creditd and
-// exact money formatting from integer micros (1 € = 1 000 000 micros).
+// Shared by the credit elements: authenticated requests to creditd, exact
+// money formatting from integer micros (1 € = 1 000 000 micros), and the
+// styles every element ships with (so one embedded on a page without
+// creditd's stylesheet arrives styled).
 
 /** An error answer of the API: `{error, message}` and the HTTP status. */
 export class ApiError extends Error {
@@ -108,4 +110,60 @@ export function h(name, attributes = {}, ...children) {
   }
   element.append(...children.filter((child) => child !== null && child !== undefined))
   return element
+}
+
+/** The elements, for the rules of the base sheet they all share. */
+const ELEMENTS = 'credit-balance, credit-topup-dialog, credit-history, credit-usage-chart, credit-auto-recharge, credit-limits, credit-referral, demo-chat'
+
+/**
+ * A constructable stylesheet from `css`. Adopted by the element's root
+ * rather than written inline: the pages' policy (`style-src 'self'`) has
+ * no `'unsafe-inline'`, and constructed sheets are not inline styles.
+ */
+export function stylesheet(css) {
+  const sheet = new CSSStyleSheet()
+  sheet.replaceSync(css)
+  return sheet
+}
+
+/**
+ * What every element needs: the theme's defaults (`:where(:root)` weighs
+ * nothing, so a page that sets its own theme wins), box sizing, buttons,
+ * focus rings and `hidden` for the elements' own content only.
+ */
+const BASE = stylesheet(`
+:where(:root) {
+  --fg: #1b1f24; --muted: #59636e; --border: #d1d9e0; --accent: #2f5bea; --danger: #c4291d;
+  --credit: #1a7f37; --debit: #bc4c00; --bg-soft: #f6f8fa;
+}
+:where(${ELEMENTS}), :where(${ELEMENTS}) * { box-sizing: border-box; }
+:where(${ELEMENTS}) button {
+  font: inherit; cursor: pointer; border-radius: 0.4rem; border: 1px solid var(--border);
+  background: #fff; color: var(--fg); padding: 0.45rem 0.9rem; min-height: 2.5rem;
+}
+:where(${ELEMENTS}) :is(button, input, textarea):focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
+:where(${ELEMENTS}) button:disabled { opacity: 0.6; cursor: progress; }
+:where(${ELEMENTS})[hidden], :where(${ELEMENTS}) [hidden] { display: none !important; }
+`)
+
+/**
+ * Adopts the base sheet and `sheet` into the root `element` is connected
+ * to (the document, or the shadow root it lives in), each once.
+ */
+export function adoptStyles(element, sheet) {
+  const root = element.getRootNode()
+  if (!('adoptedStyleSheets' in root)) return
+  const missing = [BASE, sheet].filter((s) => !root.adoptedStyleSheets.includes(s))
+  if (missing.length > 0) root.adoptedStyleSheets = [...root.adoptedStyleSheets, ...missing]
+}
+
+/**
+ * The element whose id `element`'s `for` attribute names, looked up in the
+ * element's own root (document or shadow root); null when unset or absent.
+ */
+export function referenced(element) {
+  const id = element.getAttribute('for')
+  if (!id) return null
+  const root = element.getRootNode()
+  return root.getElementById?.(id) ?? null
 }

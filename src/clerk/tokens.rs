@@ -173,7 +173,7 @@ impl ClerkVerifier {
     }
 
     /// The key for `kid`, refetching the JWKS when it is unknown (at most
-    /// once per `jwks_min_refresh_s`).
+    /// once per `jwks_refresh_s_min`).
     async fn key(&self, kid: &str) -> Result<DecodingKey, TokenError> {
         if let Some(key) = read(&self.keys).get(kid) {
             return Ok(key.clone());
@@ -182,7 +182,7 @@ impl ClerkVerifier {
         if let Some(key) = read(&self.keys).get(kid) {
             return Ok(key.clone());
         }
-        let min_refresh = Duration::from_secs(self.settings.jwks_min_refresh_s);
+        let min_refresh = Duration::from_secs(self.settings.jwks_refresh_s_min);
         if last.is_some_and(|at| at.elapsed() < min_refresh) {
             return Err(TokenError::Refused(
                 "session token signed with an unknown key",

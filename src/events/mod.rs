@@ -19,8 +19,8 @@
 //!   a change of their own (written by other transactions, see
 //!   `ledger::Engine::record_events`) in commit order rather than in the
 //!   order they are sent.
-//! - Retries back off exponentially (`retry_base_ms` doubled per attempt, up
-//!   to `retry_max_ms`) for `retry_for_hours`, then the event is FAILED and
+//! - Retries back off exponentially (`retry_ms_base` doubled per attempt, up
+//!   to `retry_ms_max`) for `retry_for_hours`, then the event is FAILED and
 //!   the account's next event goes; an operator can redeliver it.
 //! - One sender per database: only the instance holding the sender's
 //!   advisory lock sends (two senders would break the per-account order);
@@ -96,9 +96,9 @@ impl Envelope {
 pub fn backoff(settings: &EventsSettings, attempts: i32) -> Duration {
     let shift = u32::try_from(attempts.saturating_sub(1).clamp(0, 40)).unwrap_or(40);
     let delay = settings
-        .retry_base_ms
+        .retry_ms_base
         .saturating_mul(1_u64.checked_shl(shift).unwrap_or(u64::MAX));
-    Duration::from_millis(delay.min(settings.retry_max_ms))
+    Duration::from_millis(delay.min(settings.retry_ms_max))
 }
 
 /// Starts the sender when a webhook URL is configured; `None` otherwise.
@@ -241,8 +241,8 @@ mod tests {
             signing_secret: crate::config::Secret::new(""),
             timeout_ms: 1,
             poll_interval_ms: 1,
-            retry_base_ms: 1_000,
-            retry_max_ms: 60_000,
+            retry_ms_base: 1_000,
+            retry_ms_max: 60_000,
             retry_for_hours: 72,
             concurrency: 1,
         }

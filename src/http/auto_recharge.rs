@@ -43,12 +43,12 @@ async fn view(state: &State, account: AccountId) -> Result<serde_json::Value, Ap
         "disabledReason": settings.as_ref().and_then(|s| s.disabled_reason.clone()),
         "hasSavedCard": has_card,
         "monthTotalCents": month,
-        "monthlyMaxCents": credits.auto_recharge_monthly_max_cents,
+        "monthlyMaxCents": credits.auto_recharge_monthly_cents_max,
         "limits": {
-            "minAmountCents": credits.auto_recharge_min_amount_cents,
-            "maxAmountCents": credits.auto_recharge_max_amount_cents,
-            "minThresholdCents": credits.auto_recharge_min_threshold_cents,
-            "maxThresholdCents": credits.auto_recharge_max_threshold_cents,
+            "minAmountCents": credits.auto_recharge_amount_cents_min,
+            "maxAmountCents": credits.auto_recharge_amount_cents_max,
+            "minThresholdCents": credits.auto_recharge_threshold_cents_min,
+            "maxThresholdCents": credits.auto_recharge_threshold_cents_max,
         },
     }))
 }
@@ -105,14 +105,14 @@ pub(super) async fn save(
     within(
         "thresholdCents",
         threshold_cents,
-        credits.auto_recharge_min_threshold_cents,
-        credits.auto_recharge_max_threshold_cents,
+        credits.auto_recharge_threshold_cents_min,
+        credits.auto_recharge_threshold_cents_max,
     )?;
     within(
         "amountCents",
         amount_cents,
-        credits.auto_recharge_min_amount_cents,
-        credits.auto_recharge_max_amount_cents,
+        credits.auto_recharge_amount_cents_min,
+        credits.auto_recharge_amount_cents_max,
     )?;
     let threshold = Micros::from_cents(threshold_cents)
         .map_err(|_| ApiError::invalid("thresholdCents: out of range"))?;

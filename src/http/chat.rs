@@ -80,7 +80,7 @@ impl Chat {
                 "field `messages`: give at least one user or assistant message",
             ));
         }
-        let max_tokens = body.max_tokens.unwrap_or(settings.default_max_tokens);
+        let max_tokens = body.max_tokens.unwrap_or(settings.max_tokens_default);
         if max_tokens == 0 || max_tokens > settings.max_tokens_limit {
             return Err(ApiError::invalid(format!(
                 "field `maxTokens`: must be from 1 to {}",

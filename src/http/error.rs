@@ -243,16 +243,16 @@ impl From<crate::accounts::AccountError> for ApiError {
     }
 }
 
-impl From<crate::limits::Refused> for ApiError {
-    fn from(refused: crate::limits::Refused) -> ApiError {
+impl From<crate::rate_limits::Refused> for ApiError {
+    fn from(refused: crate::rate_limits::Refused) -> ApiError {
         let message = match refused.limit {
-            crate::limits::Limit::ChatsInFlight => {
+            crate::rate_limits::Limit::ChatsInFlight => {
                 "too many chats in flight for this account; retry when one has finished"
             }
-            crate::limits::Limit::Topups => {
+            crate::rate_limits::Limit::Topups => {
                 "too many top-ups opened in the last minute; retry later"
             }
-            crate::limits::Limit::Unauthenticated => {
+            crate::rate_limits::Limit::Unauthenticated => {
                 "too many requests from this address; slow down"
             }
         };

@@ -8,9 +8,9 @@ mod chat;
 mod clerk_webhooks;
 mod credits;
 pub mod error;
-mod limits;
 mod openapi;
 pub mod pages;
+mod rate_limits;
 mod referrals;
 mod settings;
 mod spending;
@@ -138,7 +138,7 @@ pub fn server(
                     Ok(response)
                 }
             })
-            .wrap(actix_web::middleware::from_fn(limits::unauthenticated))
+            .wrap(actix_web::middleware::from_fn(rate_limits::unauthenticated))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))

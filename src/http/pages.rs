@@ -1,11 +1,13 @@
 //! The billing page and its assets, compiled into the binary: plain ES
 //! modules defining custom elements (`<credit-balance>`,
 //! `<credit-topup-dialog>`, `<credit-history>`, `<credit-usage-chart>`,
-//! `<credit-auto-recharge>`) that
-//! `/billing` composes and any other front end can embed. No build step.
+//! `<credit-auto-recharge>`, `<credit-limits>`, `<credit-referral>`) that
+//! `/billing` composes and any other front end can embed. No build step:
+//! `assets/credits/` is embedded whole and served by file name.
 
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpResponse, HttpResponseBuilder};
+use include_dir::{include_dir, Dir};
 
 use super::error::ApiError;
 use super::State;
@@ -18,67 +20,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/favicon.ico", web::get().to(no_icon));
 }
 
-/// The files under `/assets/credits/`: name, content type, content.
-const ASSETS: &[(&str, &str, &str)] = &[
-    (
-        "credits-api.js",
-        JS,
-        include_str!("../../assets/credits/credits-api.js"),
-    ),
-    (
-        "credit-balance.js",
-        JS,
-        include_str!("../../assets/credits/credit-balance.js"),
-    ),
-    (
-        "credit-topup-dialog.js",
-        JS,
-        include_str!("../../assets/credits/credit-topup-dialog.js"),
-    ),
-    (
-        "credit-history.js",
-        JS,
-        include_str!("../../assets/credits/credit-history.js"),
-    ),
-    (
-        "credit-usage-chart.js",
-        JS,
-        include_str!("../../assets/credits/credit-usage-chart.js"),
-    ),
-    (
-        "credit-auto-recharge.js",
-        JS,
-        include_str!("../../assets/credits/credit-auto-recharge.js"),
-    ),
-    (
-        "credit-limits.js",
-        JS,
-        include_str!("../../assets/credits/credit-limits.js"),
-    ),
-    (
-        "credit-referral.js",
-        JS,
-        include_str!("../../assets/credits/credit-referral.js"),
-    ),
-    (
-        "billing.js",
-        JS,
-        include_str!("../../assets/credits/billing.js"),
-    ),
-    (
-        "demo-chat.js",
-        JS,
-        include_str!("../../assets/credits/demo-chat.js"),
-    ),
-    (
-        "billing.css",
-        CSS,
-        include_str!("../../assets/credits/billing.css"),
-    ),
-];
-
-const JS: &str = "text/javascript; charset=utf-8";
-const CSS: &str = "text/css; charset=utf-8";
+/// The files served under `/assets/credits/`: the directory as it was at
+/// build time, so a file added there is served without a line here.
+static ASSETS: Dir<'static> = include_dir!("$CARGO_MANIFEST_DIR/assets/credits");
 
 const BILLING_PAGE: &str = include_str!("../../assets/billing.html");
 const DEMO_PAGE: &str = include_str!("../../assets/demo.html");
@@ -131,12 +75,12 @@ fn page(state: &State, template: &str) -> HttpResponse {
     let body = template
         .replace("{{demo_banner}}", &banner)
         .replace(
-            "{{min_topup_cents}}",
-            &settings.stripe.min_topup_cents.to_string(),
+            "{{topup_cents_min}}",
+            &settings.stripe.topup_cents_min.to_string(),
         )
         .replace(
-            "{{max_topup_cents}}",
-            &settings.stripe.max_topup_cents.to_string(),
+            "{{topup_cents_max}}",
+            &settings.stripe.topup_cents_max.to_string(),
         );
     secured(HttpResponse::Ok())
         .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -162,13 +106,30 @@ async fn demo(state: State) -> Result<HttpResponse, ApiError> {
     Ok(page(&state, DEMO_PAGE))
 }
 
+/// `/assets/credits/{file}`: a file of the embedded directory, by its
+/// name alone (the route's segment holds no `/`, and a name is looked up in
+/// the listing, never on disk: nothing outside it can be reached).
 async fn asset(file: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let (_, content_type, content) = ASSETS
-        .iter()
-        .find(|(name, _, _)| *name == file.as_str())
+    let name = file.as_str();
+    let found = ASSETS
+        .get_file(name)
+        .filter(|_| !name.contains(['/', '\\']) && !name.starts_with('.'))
         .ok_or_else(|| ApiError::not_found("no such asset"))?;
     Ok(secured(HttpResponse::Ok())
-        .insert_header((header::CONTENT_TYPE, HeaderValue::from_static(content_type)))
+        .insert_header((header::CONTENT_TYPE, content_type(name)))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .body(*content))
+        .body(found.contents()))
+}
+
+/// The content type of an asset, by its extension.
+fn content_type(name: &str) -> HeaderValue {
+    let value = match name.rsplit_once('.').map(|(_, extension)| extension) {
+        Some("js") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
+    };
+    HeaderValue::from_static(value)
 }

@@ -37,7 +37,7 @@ pub struct AppState {
     pub referral_bonus: crate::referrals::Bonus,
     /// Platform chats whose settlement may still be pending.
     pub settlements: Arc<crate::metering::Settlements>,
-    pub limits: Arc<crate::limits::Limits>,
+    pub rate_limits: Arc<crate::rate_limits::RateLimits>,
     /// Chats: hold, provider call, settlement.
     pub chats: Arc<crate::metering::Chats>,
     /// The database's health, refreshed in the background.
@@ -74,12 +74,12 @@ impl AppState {
         let settlements = Arc::new(crate::metering::Settlements::new(
             settings.chat.pending_settlements_max,
         ));
-        let limits = Arc::new(crate::limits::Limits::new(&settings.limits));
+        let rate_limits = Arc::new(crate::rate_limits::RateLimits::new(&settings.rate_limits));
         let chats = Arc::new(crate::metering::Chats {
             engine: engine.clone(),
             providers: providers.clone(),
             settlements: settlements.clone(),
-            limits: limits.clone(),
+            rate_limits: rate_limits.clone(),
             tokenizers,
             settings: settings.chat.clone(),
         });
@@ -88,7 +88,7 @@ impl AppState {
         )));
         let cache_entries = settings.server.history_cache_entries as u64;
         Ok(AppState {
-            limits,
+            rate_limits,
             chats,
             health,
             settings,

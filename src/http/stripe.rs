@@ -65,16 +65,16 @@ async fn topup(
     }
     let TopupRequest { amount } = parse_json(&body)?;
     let limits = &state.settings.stripe;
-    if amount < limits.min_topup_cents {
+    if amount < limits.topup_cents_min {
         return Err(ApiError::invalid(format!(
             "Minimum top-up is {}",
-            euros(limits.min_topup_cents)
+            euros(limits.topup_cents_min)
         )));
     }
-    if amount > limits.max_topup_cents {
+    if amount > limits.topup_cents_max {
         return Err(ApiError::invalid(format!(
             "Maximum top-up is {}",
-            euros(limits.max_topup_cents)
+            euros(limits.topup_cents_max)
         )));
     }
     let api = state.stripe.as_ref().ok_or_else(|| {
@@ -84,7 +84,7 @@ async fn topup(
         )
     })?;
     let account = state.account(&clerk_id).await?;
-    state.limits.topup(account)?;
+    state.rate_limits.topup(account)?;
     let session = topup::open_session(api, &state.pool, account, &clerk_id, amount)
         .await
         .map_err(stripe_error)?;

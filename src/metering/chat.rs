@@ -53,17 +53,17 @@ use super::tokens::{Tokenizer, Tokenizers};
 use super::{SettlementSlot, Settlements};
 use crate::config::{ChatSettings, Secret};
 use crate::ledger::{AccountId, Engine, HoldId, LedgerError, UsageCharge, UsageRecord};
-use crate::limits::Limits;
 use crate::money::Micros;
 use crate::pricing::{ModelPrice, Provider, TokenUsage};
 use crate::providers::{ChatRequest, ProviderClient, ProviderError, ProviderStream, StreamUsage};
+use crate::rate_limits::RateLimits;
 
 /// What chats need, built once at startup.
 pub struct Chats {
     pub engine: Arc<Engine>,
     pub providers: ProviderClient,
     pub settlements: Arc<Settlements>,
-    pub limits: Arc<Limits>,
+    pub rate_limits: Arc<RateLimits>,
     /// The price table's tokenizers, built at startup.
     pub tokenizers: Tokenizers,
     pub settings: ChatSettings,
@@ -81,7 +81,7 @@ pub enum ChatError {
         required: Micros,
     },
     /// Too many chats in flight for the account.
-    Refused(crate::limits::Refused),
+    Refused(crate::rate_limits::Refused),
     Ledger(LedgerError),
     /// The provider failed; how the client sees it depends on whose key.
     Provider {
@@ -111,8 +111,8 @@ impl From<LedgerError> for ChatError {
     }
 }
 
-impl From<crate::limits::Refused> for ChatError {
-    fn from(refused: crate::limits::Refused) -> ChatError {
+impl From<crate::rate_limits::Refused> for ChatError {
+    fn from(refused: crate::rate_limits::Refused) -> ChatError {
         ChatError::Refused(refused)
     }
 }
@@ -273,8 +273,8 @@ struct Call {
     /// Set once the platform call's hold is taken.
     billing: Option<Billing>,
     /// The platform call's place among its account's chats in flight
-    /// (`limits.chats_in_flight_per_account`), given back when it ends.
-    in_flight: Option<crate::limits::ChatPermit>,
+    /// (`rate_limits.chats_in_flight_per_account`), given back when it ends.
+    in_flight: Option<crate::rate_limits::ChatPermit>,
     /// The platform call's place among the pending settlements, given back
     /// once it settled or released (when the call is dropped).
     slot: Option<SettlementSlot>,
@@ -286,7 +286,7 @@ impl Call {
     /// Takes the hold of a platform call (a BYOK call has none).
     async fn hold(mut self) -> Result<Call, ChatError> {
         if !self.byok {
-            self.in_flight = Some(self.chats.limits.chat(self.account)?);
+            self.in_flight = Some(self.chats.rate_limits.chat(self.account)?);
             self.slot = Some(self.chats.settlements.admit()?);
             let price = self.price.ok_or_else(|| {
                 ChatError::internal("chat hold", "a platform chat without a price")

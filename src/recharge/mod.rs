@@ -11,7 +11,7 @@
 //!   `auto_recharge.requested` event whose id is the attempt's, in the same
 //!   journal batch as the usage. One attempt in flight at most, none before
 //!   the last one ended, and never past
-//!   `credits.auto_recharge_monthly_max_cents` in a calendar month (UTC):
+//!   `credits.auto_recharge_monthly_cents_max` in a calendar month (UTC):
 //!   the actor counts what this month's attempts asked (all but failed and
 //!   canceled ones).
 //! - The payment worker (`spawn_worker`) asks before it pays: right before
@@ -222,7 +222,7 @@ pub enum CancelReason {
     /// The saved card is not the one the attempt was recorded with.
     CardChanged,
     /// This month's succeeded auto-recharges and this one would pass
-    /// `credits.auto_recharge_monthly_max_cents`.
+    /// `credits.auto_recharge_monthly_cents_max`.
     MonthlyCap,
     /// Not confirmed within `recharge.attempt_timeout_s`, and Stripe has no
     /// PaymentIntent of it: it never charged, and is not sent again once

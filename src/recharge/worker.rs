@@ -30,7 +30,7 @@ pub struct WorkerSettings {
     /// How often it looks for attempts to pay
     /// (`credits.auto_recharge_poll_interval_ms`).
     pub interval: Duration,
-    /// `credits.auto_recharge_monthly_max_cents`.
+    /// `credits.auto_recharge_monthly_cents_max`.
     pub monthly_max_cents: i64,
     /// `recharge.attempt_timeout_s`: at most 24 h, the least Stripe keeps
     /// an idempotency key.

@@ -11,8 +11,8 @@
 //!   redelivered event (the credit's key replayed) makes neither twice.
 //! - **Retried with backoff, bounded.** A failed attempt (Stripe's 5xx, an
 //!   answer that is not JSON, no answer) is retried after
-//!   `stripe.followup_retry_base_ms`, doubled per failure up to
-//!   `followup_retry_max_ms`; after `followup_max_attempts` the job is
+//!   `stripe.followup_retry_ms_base`, doubled per failure up to
+//!   `followup_retry_ms_max`; after `followup_attempts_max` the job is
 //!   FAILED. Its last error is stored; the admin account view lists the
 //!   account's unfinished follow-ups; `creditd_topup_followups_pending`,
 //!   `creditd_topup_followup_failures_total` and
@@ -112,7 +112,7 @@ pub struct FollowUpView {
     pub transaction_id: Uuid,
     pub stripe_session_id: String,
     /// PENDING (retried) or FAILED (given up after
-    /// `stripe.followup_max_attempts`).
+    /// `stripe.followup_attempts_max`).
     pub status: String,
     pub attempts: i32,
     /// Why the last attempt failed.
@@ -173,9 +173,9 @@ pub fn awaits_invoice(transaction: &TransactionRecord) -> bool {
 pub fn backoff(settings: &StripeSettings, attempts: i32) -> Duration {
     let shift = u32::try_from(attempts.saturating_sub(1).clamp(0, 40)).unwrap_or(40);
     let delay = settings
-        .followup_retry_base_ms
+        .followup_retry_ms_base
         .saturating_mul(1_u64.checked_shl(shift).unwrap_or(u64::MAX));
-    Duration::from_millis(delay.min(settings.followup_retry_max_ms))
+    Duration::from_millis(delay.min(settings.followup_retry_ms_max))
 }
 
 /// Starts the worker; it runs until the process ends.
@@ -291,7 +291,7 @@ impl Worker {
         now: DateTime<Utc>,
     ) -> Result<(), LedgerError> {
         let attempts = job.attempts.saturating_add(1);
-        let given_up = i64::from(attempts) >= i64::from(self.settings.followup_max_attempts);
+        let given_up = i64::from(attempts) >= i64::from(self.settings.followup_attempts_max);
         let next = chrono::Duration::from_std(backoff(&self.settings, attempts))
             .ok()
             .and_then(|delay| now.checked_add_signed(delay))
@@ -413,8 +413,8 @@ mod tests {
         let mut settings = crate::config::Settings::default_file()
             .expect("the default config.toml is valid")
             .stripe;
-        settings.followup_retry_base_ms = 1_000;
-        settings.followup_retry_max_ms = 60_000;
+        settings.followup_retry_ms_base = 1_000;
+        settings.followup_retry_ms_max = 60_000;
         settings
     }
 

@@ -126,7 +126,7 @@ fn rotated_key() -> &'static SigningKey {
 
 #[actix::test]
 async fn a_rotated_signing_key_is_picked_up_without_a_restart() {
-    let app = spawn_app_with(|settings| settings.clerk.jwks_min_refresh_s = 1).await;
+    let app = spawn_app_with(|settings| settings.clerk.jwks_refresh_s_min = 1).await;
     let (status, _) = status_with_token(&app, &app.token("user_rotation")).await;
     assert_eq!(status, 200, "the first key works");
 

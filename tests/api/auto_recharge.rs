@@ -35,7 +35,7 @@ pub(super) async fn recharge_app(
     spawn_stripe_app_with(move |s| {
         s.providers.anthropic_base_url = anthropic;
         s.providers.anthropic_api_key = creditd::config::Secret::new(PLATFORM_ANTHROPIC_KEY);
-        s.limits.chats_in_flight_per_account = 1_000;
+        s.rate_limits.chats_in_flight_per_account = 1_000;
         s.credits.auto_recharge_poll_interval_ms = 10;
         s.clerk_webhook.signing_secret = creditd::config::Secret::new(SIGNING_SECRET);
         s.pricing.usd_per_eur = "1".into();
@@ -392,8 +392,8 @@ async fn a_declined_card_credits_nothing_and_switches_auto_recharge_off_announci
     let stripe = recharge_app(&fakes, move |s| {
         s.events.webhook_url = format!("{uri}/events");
         s.events.signing_secret = creditd::config::Secret::new(crate::events::SIGNING_SECRET);
-        s.events.retry_base_ms = 5;
-        s.events.retry_max_ms = 40;
+        s.events.retry_ms_base = 5;
+        s.events.retry_ms_max = 40;
         s.events.poll_interval_ms = 10;
     })
     .await;
@@ -458,7 +458,7 @@ async fn a_bank_asking_for_authentication_switches_auto_recharge_off_with_that_r
 async fn repeated_crossings_never_charge_past_the_monthly_cap() {
     let fakes = fakes().await;
     let stripe = recharge_app(&fakes, |s| {
-        s.credits.auto_recharge_monthly_max_cents = 5_000;
+        s.credits.auto_recharge_monthly_cents_max = 5_000;
     })
     .await;
     top_up_saving_the_card(&stripe, "user_capped", 1_000).await;

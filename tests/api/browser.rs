@@ -841,7 +841,16 @@ async fn demo_signs_in_grants_the_bonus_charges_a_chat_and_tops_up() {
         )
         .await;
     if let Some(path) = std::env::var_os("CREDITD_SCREENSHOT") {
-        browser.resize(1100).await;
+        let width = std::env::var("CREDITD_SCREENSHOT_WIDTH")
+            .ok()
+            .and_then(|width| width.parse().ok())
+            .unwrap_or(1100);
+        // Tall enough to show the whole page in one picture.
+        browser
+            .client
+            .set_window_size(width, 2600)
+            .await
+            .expect("window size");
         browser.goto(&format!("{}/billing", demo.url)).await;
         balance_state(&browser).await;
         browser.text(".chart__today").await;
@@ -1069,7 +1078,7 @@ async fn auto_recharge_saved_on_the_billing_page_recharges_the_demo_card_once_a_
         .until(
             "the auto-recharge's credit",
             &format!(
-                "document.dispatchEvent(new CustomEvent('credit-balance:refresh')); return Number(document.querySelector('credit-balance').dataset.balanceMicros) === {}",
+                "document.querySelector('credit-balance').refresh(); return Number(document.querySelector('credit-balance').dataset.balanceMicros) === {}",
                 35_000_000 - used
             ),
         )
@@ -1205,6 +1214,133 @@ async fn the_auto_recharge_element_says_in_french_why_creditd_switched_it_off() 
             "{user}: {notice}"
         );
     }
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+}
+
+/// `assets/credits/` as it is on disk: every file, with the content type
+/// its extension calls for.
+fn asset_files() -> Vec<(String, &'static str)> {
+    let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/credits");
+    let mut files: Vec<(String, &'static str)> = std::fs::read_dir(&directory)
+        .expect("the assets directory")
+        .map(|entry| {
+            let name = entry
+                .expect("an asset")
+                .file_name()
+                .into_string()
+                .expect("a UTF-8 name");
+            let content_type = match name.rsplit_once('.').map(|(_, extension)| extension) {
+                Some("js") => "text/javascript; charset=utf-8",
+                Some("css") => "text/css; charset=utf-8",
+                _ => panic!("{name}: no content type is expected for this extension"),
+            };
+            (name, content_type)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[actix::test]
+async fn every_file_of_the_assets_directory_is_served_with_its_content_type_and_nothing_else_is() {
+    let app = spawn_app().await;
+    let files = asset_files();
+    assert!(
+        files.len() >= 11,
+        "the elements, the page script and the stylesheet: {files:?}"
+    );
+    for (name, content_type) in &files {
+        let response = app
+            .http
+            .get(app.url(&format!("/assets/credits/{name}")))
+            .send()
+            .await
+            .expect("asset");
+        assert_eq!(response.status(), 200, "{name}");
+        let header = |header: &str| {
+            response
+                .headers()
+                .get(header)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(header("content-type"), *content_type, "{name}");
+        assert_eq!(header("cache-control"), "no-cache", "{name}");
+        assert_eq!(header("x-content-type-options"), "nosniff", "{name}");
+        let on_disk = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("assets/credits")
+                .join(name),
+        )
+        .expect("the file on disk");
+        assert_eq!(
+            response.bytes().await.expect("body").as_ref(),
+            on_disk,
+            "{name}"
+        );
+    }
+    for path in [
+        "/assets/credits/nothing.js",
+        "/assets/credits/billing.html",
+        "/assets/billing.html",
+        "/assets/credits/..%2Fbilling.html",
+        "/assets/credits/%2E%2E%2F%2E%2E%2FCargo.toml",
+        "/assets/credits/",
+    ] {
+        let response = app.http.get(app.url(path)).send().await.expect("asset");
+        assert_eq!(response.status(), 404, "{path} is not an asset");
+    }
+}
+
+#[actix::test]
+async fn an_element_alone_on_a_bare_page_arrives_styled_and_follows_its_attributes() {
+    let app = spawn_app().await;
+    app.account("user_alone").await;
+    let mut browser = Browser::start().await;
+    browser
+        .sign_in_with_cookie(&app.address, app.token("user_alone"))
+        .await;
+    // A page of creditd's origin without its stylesheet: only the element's module.
+    let loaded = browser
+        .js("document.head.replaceChildren(); \
+             document.body.replaceChildren(); \
+             const chart = document.createElement('credit-usage-chart'); \
+             chart.setAttribute('days', '30'); \
+             document.body.append(chart); \
+             return import('/assets/credits/credit-usage-chart.js').then(() => \
+               document.styleSheets.length === 0 && customElements.get('credit-usage-chart') !== undefined)")
+        .await;
+    assert_eq!(loaded, json!(true), "no stylesheet but the element's own");
+    browser
+        .until(
+            "thirty days drawn",
+            "return document.querySelectorAll('credit-usage-chart .chart__bar').length === 30",
+        )
+        .await;
+    let styled = browser
+        .js("const chart = document.querySelector('credit-usage-chart'); \
+             const own = getComputedStyle(chart); \
+             const svg = getComputedStyle(chart.querySelector('.chart__svg')); \
+             return [own.display, own.borderTopStyle, own.borderTopLeftRadius, svg.backgroundColor, svg.height]")
+        .await;
+    assert_eq!(
+        styled,
+        json!(["block", "solid", "9.6px", "rgb(246, 248, 250)", "128px"]),
+        "the element's card, and its chart on the theme's default background"
+    );
+    browser
+        .js("document.querySelector('credit-usage-chart').setAttribute('days', '7'); return true")
+        .await;
+    browser
+        .until(
+            "the chart redrawn over seven days",
+            "const chart = document.querySelector('credit-usage-chart'); \
+             return chart.querySelectorAll('.chart__bar').length === 7 \
+               && chart.querySelector('h2').textContent === 'Dépenses par jour (7 derniers jours)'",
+        )
+        .await;
     browser.assert_no_console_errors().await;
     browser.close().await;
 }

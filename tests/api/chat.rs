@@ -395,7 +395,7 @@ async fn two_hundred_concurrent_chats_never_spend_more_than_the_balance() {
         .mount(&fakes.anthropic)
         .await;
     // Not the in-flight limit under test here: the balance is.
-    let app = app_with(&fakes, |s| s.limits.chats_in_flight_per_account = 1000).await;
+    let app = app_with(&fakes, |s| s.rate_limits.chats_in_flight_per_account = 1000).await;
     // A hold: input estimate 16 + (2 + 8) = 26 tokens × 3_645_834 + 1000 × 14_583_334
     // = 14_678_125_684 → 14_679 micros; a settled call: 20 × 2_916_667 + 1000 × 14_583_334
     // = 14_641_667_340 → 14_642 micros. The balance covers 20 holds.

@@ -112,8 +112,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn sending_to(settings: &mut Settings, server: &wiremock::MockServer) {
     settings.events.webhook_url = format!("{}/events", server.uri());
     settings.events.signing_secret = Secret::new(SIGNING_SECRET);
-    settings.events.retry_base_ms = 5;
-    settings.events.retry_max_ms = 40;
+    settings.events.retry_ms_base = 5;
+    settings.events.retry_ms_max = 40;
     settings.events.poll_interval_ms = 10;
 }
 
@@ -514,8 +514,8 @@ async fn start_creditd(
             format!("{}/events", receiver.uri()),
         )
         .env("CREDITD__EVENTS__SIGNING_SECRET", SIGNING_SECRET)
-        .env("CREDITD__EVENTS__RETRY_BASE_MS", "5")
-        .env("CREDITD__EVENTS__RETRY_MAX_MS", "40")
+        .env("CREDITD__EVENTS__RETRY_MS_BASE", "5")
+        .env("CREDITD__EVENTS__RETRY_MS_MAX", "40")
         .env("CREDITD__EVENTS__POLL_INTERVAL_MS", "10")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -125,9 +125,9 @@ impl Instance {
             .env("CREDITD__STRIPE__SECRET_KEY", "sk_test_creditd_0123456789")
             .env("CREDITD__STRIPE__WEBHOOK_SECRET", WEBHOOK_SECRET)
             .env("CREDITD__CREDITS__SIGNUP_BONUS_CENTS", "0")
-            .env("CREDITD__LIMITS__CHATS_IN_FLIGHT_PER_ACCOUNT", "64")
+            .env("CREDITD__RATE_LIMITS__CHATS_IN_FLIGHT_PER_ACCOUNT", "64")
             .env(
-                "CREDITD__LIMITS__UNAUTHENTICATED_PER_IP_PER_SECOND",
+                "CREDITD__RATE_LIMITS__UNAUTHENTICATED_PER_IP_PER_SECOND",
                 "10000",
             )
             .env("CREDITD__ADMIN__TOKEN", ADMIN_TOKEN)

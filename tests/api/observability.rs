@@ -18,7 +18,7 @@ fn unmatched_series(text: &str) -> Vec<&str> {
 
 #[actix::test]
 async fn a_thousand_made_up_methods_and_a_thousand_random_paths_add_no_metric_series() {
-    let app = spawn_app_with(|s| s.limits.unauthenticated_per_ip_per_second = 1_000_000).await;
+    let app = spawn_app_with(|s| s.rate_limits.unauthenticated_per_ip_per_second = 1_000_000).await;
     let made_up = |n: usize| reqwest::Method::from_bytes(format!("ZZMETH{n}").as_bytes()).unwrap();
     // One of each first: the series they may add once (`OTHER`, `unmatched`).
     app.http
@@ -67,7 +67,7 @@ async fn metrics_and_readyz_hammered_by_500_concurrent_requests_leave_user_route
         .pool_size;
     let app = spawn_app_with(move |s| {
         s.database.pool_size = default_pool;
-        s.limits.unauthenticated_per_ip_per_second = 1_000_000;
+        s.rate_limits.unauthenticated_per_ip_per_second = 1_000_000;
     })
     .await;
     app.get_as("user_steady", "/api/credits").await;

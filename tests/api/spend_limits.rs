@@ -42,7 +42,7 @@ fn platform(fakes: &Fakes, settings: &mut Settings) {
     settings.providers.anthropic_api_key = Secret::new(PLATFORM_ANTHROPIC_KEY);
     settings.providers.openai_api_key = Secret::new(PLATFORM_OPENAI_KEY);
     // Not the in-flight limit under test here: the spending limits are.
-    settings.limits.chats_in_flight_per_account = 1000;
+    settings.rate_limits.chats_in_flight_per_account = 1000;
 }
 
 async fn app_on(fakes: &Fakes, clock: &Clock) -> TestApp {

@@ -1,7 +1,7 @@
 //! A paid top-up's follow-ups: its credit never waits for Stripe's API;
 //! the card (for auto-recharge) and the invoice link are read afterwards by
 //! a worker that retries with backoff, shows its failures and gives up
-//! after `stripe.followup_max_attempts`.
+//! after `stripe.followup_attempts_max`.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -17,8 +17,8 @@ async fn followup_app(
     adjust: impl FnOnce(&mut creditd::config::Settings) + Send + 'static,
 ) -> (StripeApp, Reads) {
     let stripe = spawn_stripe_app_with(|s| {
-        s.stripe.followup_retry_base_ms = 20;
-        s.stripe.followup_retry_max_ms = 100;
+        s.stripe.followup_retry_ms_base = 20;
+        s.stripe.followup_retry_ms_max = 100;
         adjust(s);
     })
     .await;
@@ -219,8 +219,8 @@ async fn a_redelivered_paid_checkout_makes_no_second_credit_nor_follow_up() {
 async fn a_failing_follow_up_is_retried_with_backoff_and_shown_in_the_metrics_and_the_admin_account_view(
 ) {
     let (stripe, reads) = followup_app(|s| {
-        s.stripe.followup_retry_base_ms = 40;
-        s.stripe.followup_retry_max_ms = 10_000;
+        s.stripe.followup_retry_ms_base = 40;
+        s.stripe.followup_retry_ms_max = 10_000;
     })
     .await;
     reads.answer(ReadMode::Error(500));
@@ -260,7 +260,7 @@ async fn a_failing_follow_up_is_retried_with_backoff_and_shown_in_the_metrics_an
 
 #[actix::test]
 async fn a_follow_up_still_failing_at_its_last_attempt_is_given_up_and_shown_failed() {
-    let (stripe, reads) = followup_app(|s| s.stripe.followup_max_attempts = 2).await;
+    let (stripe, reads) = followup_app(|s| s.stripe.followup_attempts_max = 2).await;
     reads.answer(ReadMode::Error(503));
     let account = stripe.app.account("user_followup_failed").await.0;
     let given_up_before = counter(&stripe, "creditd_topup_followups_failed_total").await;
@@ -300,8 +300,8 @@ async fn a_follow_up_still_failing_at_its_last_attempt_is_given_up_and_shown_fai
 async fn a_late_follow_up_does_not_replace_the_card_of_a_newer_top_up() {
     // A failed follow-up waits a minute: the older one stays behind.
     let (stripe, reads) = followup_app(|s| {
-        s.stripe.followup_retry_base_ms = 60_000;
-        s.stripe.followup_retry_max_ms = 60_000;
+        s.stripe.followup_retry_ms_base = 60_000;
+        s.stripe.followup_retry_ms_max = 60_000;
     })
     .await;
     reads.pay_with("pi_cs_older", "pm_card_older");
@@ -373,8 +373,8 @@ async fn a_late_follow_up_does_not_replace_the_card_of_a_newer_top_up() {
 async fn a_late_follow_up_does_not_save_again_a_card_that_a_dispute_forgot() {
     // The follow-up fails while Stripe is down and waits a minute.
     let (stripe, reads) = followup_app(|s| {
-        s.stripe.followup_retry_base_ms = 60_000;
-        s.stripe.followup_retry_max_ms = 60_000;
+        s.stripe.followup_retry_ms_base = 60_000;
+        s.stripe.followup_retry_ms_max = 60_000;
     })
     .await;
     reads.pay_with("pi_cs_disputed", "pm_card_disputed");

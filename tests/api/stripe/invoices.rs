@@ -27,7 +27,7 @@ fn invoice(id: &str, cents: i64) -> Value {
 
 #[actix::test]
 async fn a_top_ups_history_row_carries_its_invoice_link_read_once_stripe_answers() {
-    let stripe = spawn_stripe_app_with(|s| s.stripe.followup_retry_base_ms = 20).await;
+    let stripe = spawn_stripe_app_with(|s| s.stripe.followup_retry_ms_base = 20).await;
     let account = stripe.app.account("user_invoice").await.0;
     Mock::given(method("GET"))
         .and(path("/v1/invoices/in_test_topup"))

@@ -168,7 +168,7 @@ async fn the_limits_themselves_are_accepted() {
 
 #[actix::test]
 async fn concurrent_first_top_ups_create_one_stripe_customer() {
-    let stripe = spawn_stripe_app_with(|s| s.limits.topups_per_minute = 10).await;
+    let stripe = spawn_stripe_app_with(|s| s.rate_limits.topups_per_minute = 10).await;
     let account = stripe.app.account("user_race").await.0;
 
     let answers = join_all((0..10).map(|i| {
@@ -262,7 +262,7 @@ async fn a_double_click_reuses_the_idempotency_key_of_the_first_session() {
 
 #[actix::test]
 async fn fifty_concurrent_top_ups_of_one_account_with_a_limit_of_5_per_minute_open_5_sessions() {
-    let stripe = spawn_stripe_app_with(|s| s.limits.topups_per_minute = 5).await;
+    let stripe = spawn_stripe_app_with(|s| s.rate_limits.topups_per_minute = 5).await;
 
     let bodies: Vec<_> = (0..50).map(|i| json!({ "amount": 500 + i })).collect();
     let answers = join_all(bodies.iter().map(|body| {

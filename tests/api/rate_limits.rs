@@ -41,7 +41,7 @@ async fn fifty_concurrent_platform_chats_of_one_account_with_a_limit_of_8_serve_
         )
         .mount(&fakes.anthropic)
         .await;
-    let app = app_with(&fakes, |s| s.limits.chats_in_flight_per_account = 8).await;
+    let app = app_with(&fakes, |s| s.rate_limits.chats_in_flight_per_account = 8).await;
     fund(&app, "user_busy", 100_000_000).await;
     let refused_before = metric(
         &app,
@@ -97,7 +97,7 @@ async fn fifty_concurrent_platform_chats_of_one_account_with_a_limit_of_8_serve_
 
 #[actix::test]
 async fn unauthenticated_requests_over_the_per_ip_rate_get_429_while_user_routes_answer() {
-    let app = spawn_app_with(|s| s.limits.unauthenticated_per_ip_per_second = 10).await;
+    let app = spawn_app_with(|s| s.rate_limits.unauthenticated_per_ip_per_second = 10).await;
 
     let probes = join_all((0..60).map(|_| app.http.get(app.url("/healthz")).send())).await;
     let user = app

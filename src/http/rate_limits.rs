@@ -1,5 +1,5 @@
 //! The per-IP rate of the routes that need no user token: webhooks,
-//! health, metrics and unknown paths (`limits.unauthenticated_per_ip_per_second`).
+//! health, metrics and unknown paths (`rate_limits.unauthenticated_per_ip_per_second`).
 //! Routes with a user or admin token are limited per account where it matters.
 
 use actix_web::body::{EitherBody, MessageBody};
@@ -24,7 +24,7 @@ pub async fn unauthenticated(
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     if needs_no_token(request.path()) {
         let refused = match (request.app_data::<State>(), request.peer_addr()) {
-            (Some(state), Some(peer)) => state.limits.unauthenticated(peer.ip()).err(),
+            (Some(state), Some(peer)) => state.rate_limits.unauthenticated(peer.ip()).err(),
             _ => None,
         };
         if let Some(refused) = refused {

@@ -1,4 +1,4 @@
-//! Abuse limits: platform chats one account runs at once, Checkout
+//! Rate limits: platform chats one account runs at once, Checkout
 //! Sessions one account opens per minute, and requests per second from one
 //! IP address to the routes that need no user token. Over a limit the
 //! caller is told when to retry; every refusal is counted in
@@ -19,7 +19,7 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
-use crate::config::LimitsSettings;
+use crate::config::RateLimitsSettings;
 use crate::ledger::AccountId;
 
 /// A rate limiter holding more keys than this sweeps the idle ones (keys
@@ -65,17 +65,17 @@ impl Refused {
     }
 }
 
-/// The limits of this process.
-pub struct Limits {
+/// The rate limits of this process.
+pub struct RateLimits {
     chats: ChatsInFlight,
     topups: Keyed<AccountId>,
     unauthenticated: Keyed<IpAddr>,
 }
 
-impl Limits {
-    pub fn new(settings: &LimitsSettings) -> Limits {
+impl RateLimits {
+    pub fn new(settings: &RateLimitsSettings) -> RateLimits {
         let nonzero = |value: u32| NonZeroU32::new(value).unwrap_or(NonZeroU32::MIN);
-        Limits {
+        RateLimits {
             chats: ChatsInFlight {
                 max: settings.chats_in_flight_per_account,
                 counts: Arc::new(Mutex::new(HashMap::new())),
@@ -195,8 +195,8 @@ impl Drop for ChatPermit {
 mod tests {
     use super::*;
 
-    fn limits(chats: u32, topups: u32, per_ip: u32) -> Limits {
-        Limits::new(&LimitsSettings {
+    fn limits(chats: u32, topups: u32, per_ip: u32) -> RateLimits {
+        RateLimits::new(&RateLimitsSettings {
             chats_in_flight_per_account: chats,
             topups_per_minute: topups,
             unauthenticated_per_ip_per_second: per_ip,
