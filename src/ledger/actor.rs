@@ -14,9 +14,8 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::journal::{
-    wait_durable, wait_resolved, Durable, DurableSender, Entry, Record, WriterHandle,
-};
+use super::auto_recharge::{self, AttemptEnd, RechargeConfig, RechargeState};
+use super::journal::{wait_durable, wait_resolved, Durable, DurableSender, Entry, WriterHandle};
 use super::load::{self, LoadContext, Loaded};
 use super::outbox::{self, AlertState, AlertThresholds};
 use super::spend;
@@ -25,7 +24,6 @@ use super::store;
 use super::types::*;
 use crate::clock::Clock;
 use crate::money::Micros;
-use crate::recharge::{self, AttemptEnd, RechargeConfig, RechargeState};
 
 /// Where accounts load from.
 #[derive(Clone)]
@@ -355,7 +353,7 @@ impl AccountActor {
                 // under the threshold may start the next one, recorded with
                 // this change.
                 if let Record::Transaction(t) = &record {
-                    if let Some(attempt) = recharge::attempt_of(t.metadata.as_ref()) {
+                    if let Some(attempt) = auto_recharge::attempt_of(t.metadata.as_ref()) {
                         self.recharge.ended(attempt, AttemptEnd::Succeeded);
                     }
                 }

@@ -12,7 +12,7 @@ use super::actor::*;
 use super::cluster::{self, ClusterRole, InstanceId, ListenerStatus};
 use super::directory::Directory;
 use super::journal::{spawn_writer, WriterHandle};
-use super::outbox::{self, AlertThresholds, LimitRefusal, OutgoingEvent};
+use super::outbox::{self, AlertThresholds, LimitRefusal};
 use super::store;
 use super::types::*;
 use crate::clock::Clock;
@@ -495,7 +495,7 @@ impl Engine {
     pub async fn set_auto_recharge(
         &self,
         account: AccountId,
-        config: Option<crate::recharge::RechargeConfig>,
+        config: Option<super::auto_recharge::RechargeConfig>,
     ) -> Result<(), LedgerError> {
         self.directory
             .call(account, super::actor::SetAutoRecharge { config })
@@ -507,7 +507,7 @@ impl Engine {
         &self,
         account: AccountId,
         attempt: uuid::Uuid,
-        end: crate::recharge::AttemptEnd,
+        end: super::auto_recharge::AttemptEnd,
     ) -> Result<(), LedgerError> {
         self.directory
             .call(account, super::actor::AutoRechargeEnded { attempt, end })

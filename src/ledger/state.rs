@@ -8,7 +8,6 @@ use std::hash::Hash;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::journal::{GrantWrite, Record};
 use super::spend::SpendCounters;
 use super::types::*;
 use crate::money::Micros;
@@ -199,19 +198,6 @@ fn check_json_text(field: &str, value: &serde_json::Value) -> Result<(), LedgerE
             check_json_text(&named, item)
         }),
         Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
-    }
-}
-
-/// A NUL in any key or string of a JSON value (PostgreSQL's jsonb refuses it).
-pub(crate) fn holds_nul(value: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match value {
-        Value::String(text) => text.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(fields) => fields
-            .iter()
-            .any(|(key, item)| key.contains('\0') || holds_nul(item)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
 

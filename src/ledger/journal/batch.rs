@@ -2,9 +2,60 @@
 //! refuse, the batch's rows gathered into columns for multi-row `unnest`
 //! inserts, the fenced balance updates, and the per-account undo.
 
-use super::writer::*;
-use super::*;
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, Statement};
+use uuid::Uuid;
+
+use super::Entry;
 use crate::ledger::cluster;
+use crate::ledger::cluster::InstanceId;
+use crate::ledger::types::*;
+
+/// The prepared statements of one writer connection, one per kind of row
+/// a batch writes.
+pub(super) struct Statements {
+    pub(super) update_balances: Statement,
+    pub(super) insert_transactions: Statement,
+    pub(super) insert_holds: Statement,
+    pub(super) insert_usages: Statement,
+    pub(super) finish_holds: Statement,
+    pub(super) undo_accounts: Statement,
+    pub(super) insert_events: Statement,
+    pub(super) undo_events: Statement,
+    pub(super) upsert_grants: Statement,
+    pub(super) undo_grants: Statement,
+    pub(super) notify_accounts: Statement,
+}
+
+/// A writer's connection with its statements prepared.
+pub(super) struct WriterConnection {
+    pub(super) client: Client,
+    pub(super) statements: Statements,
+}
+
+/// One account's entries in a batch, in the order the actor produced them.
+pub(super) struct Group {
+    pub(super) account: AccountId,
+    pub(super) entries: Vec<Entry>,
+}
+
+impl Group {
+    pub(super) fn admissible(&self) -> Result<(), String> {
+        self.entries.iter().try_for_each(Entry::admissible)
+    }
+}
+
+/// What a committed batch did not write, by account.
+#[derive(Default)]
+pub(super) struct Written {
+    /// Skipped: their balance row moved (fencing).
+    pub(super) fenced: HashSet<AccountId>,
+    /// Written, then undone in the same transaction: fewer rows were written
+    /// than sent (a unique constraint, a finished hold).
+    pub(super) refused: HashSet<AccountId>,
+}
 
 /// PostgreSQL refuses a NUL character in text (and in jsonb strings).
 fn text(column: &str, value: &str) -> Result<(), String> {
@@ -19,7 +70,7 @@ fn optional_text(column: &str, value: &Option<String>) -> Result<(), String> {
 }
 
 fn json(column: &str, value: &serde_json::Value) -> Result<(), String> {
-    if crate::ledger::state::holds_nul(value) {
+    if holds_nul(value) {
         return Err(format!("{column} contains a NUL character"));
     }
     Ok(())
@@ -185,7 +236,7 @@ struct Columns {
     ev_seq: Vec<i64>,
     ev_ordinal: Vec<i32>,
     ev_type: Vec<&'static str>,
-    ev_data: Vec<serde_json::Value>,
+    ev_data: Vec<tokio_postgres::types::Json<EventData>>,
     ev_created: Vec<DateTime<Utc>>,
     use_paid_by: Vec<Option<serde_json::Value>>,
 }
@@ -283,7 +334,8 @@ impl Columns {
             self.ev_ordinal
                 .push(i32::try_from(ordinal).unwrap_or(i32::MAX));
             self.ev_type.push(event.kind.as_str());
-            self.ev_data.push(event.data.clone());
+            self.ev_data
+                .push(tokio_postgres::types::Json(event.data.clone()));
             self.ev_created.push(event.created_at);
         }
     }
@@ -682,7 +734,12 @@ async fn undo(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
     use super::*;
+    use crate::ledger::journal::Durable;
     use crate::money::Micros;
 
     fn entry(record: Record) -> Entry {
