@@ -44,9 +44,6 @@ use crate::ledger::{AccountId, Engine, LedgerError};
 
 pub use worker::{spawn_worker, WorkerSettings};
 
-/// `metadata.type` of an auto-recharge's PaymentIntent.
-pub const PAYMENT_TYPE: &str = "auto_recharge";
-
 pub use crate::ledger::auto_recharge::{
     attempt_of, month_of, month_start, AttemptEnd, InFlight, RechargeConfig, RechargeState,
     ATTEMPT_METADATA_KEY,
