@@ -218,6 +218,28 @@ fn out_of_range() -> LedgerError {
     LedgerError::InvalidRequest("amount out of range: the balance would overflow".into())
 }
 
+/// A key already used: the same money is a replay of its first
+/// transaction, anything else a conflict.
+fn replay_or_conflict(
+    first: &TransactionRecord,
+    direction: Direction,
+    posting: &Posting,
+) -> Result<Applied<TransactionRecord>, LedgerError> {
+    if first.matches(direction, posting) {
+        return Ok(Applied::Replay {
+            value: first.clone(),
+            seq: first.seq,
+        });
+    }
+    Err(LedgerError::Conflict(format!(
+        "idempotency key `{}` was already used for a {} {} of {} micros",
+        posting.key.as_str(),
+        first.kind.as_str(),
+        first.direction.as_str(),
+        first.amount_micros.get()
+    )))
+}
+
 impl AccountState {
     pub fn new(
         account: AccountId,
@@ -549,6 +571,10 @@ impl AccountState {
         self.seq
     }
 
+    /// Credits or debits the account under the posting's key: a credit
+    /// first repays debt and makes a grant of the rest; a debit takes from
+    /// the grants in spend order (a refund or dispute from its own top-up
+    /// first) and may leave debt.
     pub fn post(
         &mut self,
         direction: Direction,
@@ -563,39 +589,10 @@ impl AccountState {
         }
         check_posting_text(posting)?;
         if let Some(first) = self.keys.get(&posting.key) {
-            if first.matches(direction, posting) {
-                return Ok(Applied::Replay {
-                    value: first.as_ref().clone(),
-                    seq: first.seq,
-                });
-            }
-            return Err(LedgerError::Conflict(format!(
-                "idempotency key `{}` was already used for a {} {} of {} micros",
-                posting.key.as_str(),
-                first.kind.as_str(),
-                first.direction.as_str(),
-                first.amount_micros.get()
-            )));
+            return replay_or_conflict(first, direction, posting);
         }
-        let grant_kind = GrantKind::of_credit(posting.kind);
         if direction == Direction::Credit {
-            if let Some(expiry) = posting.expires_at {
-                if grant_kind == GrantKind::Paid {
-                    return Err(LedgerError::InvalidRequest(format!(
-                        "expiresAt: a {} credit is paid money and never expires",
-                        posting.kind.as_str()
-                    )));
-                }
-                if expiry <= now {
-                    return Err(LedgerError::InvalidRequest(
-                        "expiresAt: must be in the future".into(),
-                    ));
-                }
-            }
-            // Σ remaining must stay representable.
-            self.granted()
-                .checked_add(posting.amount)
-                .map_err(|_| out_of_range())?;
+            self.check_credit(posting, now)?;
         }
         let before = self.balance;
         let after = match direction {
@@ -607,45 +604,10 @@ impl AccountState {
         let seq = self.next_seq();
         let paid_by = match direction {
             Direction::Credit => {
-                // A credit first repays debt; the rest is the grant's.
-                let repaid = self.debt().min(posting.amount);
-                let grant = GrantRecord {
-                    id: Uuid::new_v4(),
-                    kind: grant_kind,
-                    amount_micros: posting.amount,
-                    remaining_micros: Micros::new(posting.amount.get() - repaid.get()),
-                    expires_at: posting.expires_at,
-                    source: posting
-                        .stripe_session_id
-                        .clone()
-                        .unwrap_or_else(|| posting.key.as_str().to_owned()),
-                    stripe_payment_id: posting.stripe_payment_id.clone(),
-                    transaction_id: Some(id),
-                    seq,
-                    created_at: now,
-                };
-                self.grant_writes.push(GrantWrite {
-                    grant: grant.clone(),
-                    before: None,
-                });
-                if grant.remaining_micros.is_positive() {
-                    let at = self
-                        .grants
-                        .partition_point(|g| g.spend_rank() < grant.spend_rank());
-                    self.grants.insert(at, grant);
-                }
+                self.grant(posting, id, seq, now);
                 Vec::new()
             }
-            Direction::Debit => {
-                // A refund or dispute takes from its own top-up first.
-                let own = match posting.kind {
-                    TransactionType::Refund | TransactionType::Dispute => {
-                        posting.stripe_payment_id.as_deref()
-                    }
-                    _ => None,
-                };
-                self.spend(posting.amount, own, |g| !g.has_expired_at(now))
-            }
+            Direction::Debit => self.spend_debit(posting, now),
         };
         self.balance = after;
         let record = TransactionRecord {
@@ -674,6 +636,71 @@ impl AccountState {
             value: record.clone(),
             record: Record::Transaction(record),
         })
+    }
+
+    /// A credit's expiry must be a promo's and in the future, and the
+    /// grants' sum must stay representable.
+    fn check_credit(&self, posting: &Posting, now: DateTime<Utc>) -> Result<(), LedgerError> {
+        if let Some(expiry) = posting.expires_at {
+            if GrantKind::of_credit(posting.kind) == GrantKind::Paid {
+                return Err(LedgerError::InvalidRequest(format!(
+                    "expiresAt: a {} credit is paid money and never expires",
+                    posting.kind.as_str()
+                )));
+            }
+            if expiry <= now {
+                return Err(LedgerError::InvalidRequest(
+                    "expiresAt: must be in the future".into(),
+                ));
+            }
+        }
+        self.granted()
+            .checked_add(posting.amount)
+            .map_err(|_| out_of_range())?;
+        Ok(())
+    }
+
+    /// Makes the grant of credit `id`: a credit first repays debt; the
+    /// rest is the grant's, placed in spend order.
+    fn grant(&mut self, posting: &Posting, id: Uuid, seq: i64, now: DateTime<Utc>) {
+        let repaid = self.debt().min(posting.amount);
+        let grant = GrantRecord {
+            id: Uuid::new_v4(),
+            kind: GrantKind::of_credit(posting.kind),
+            amount_micros: posting.amount,
+            remaining_micros: Micros::new(posting.amount.get() - repaid.get()),
+            expires_at: posting.expires_at,
+            source: posting
+                .stripe_session_id
+                .clone()
+                .unwrap_or_else(|| posting.key.as_str().to_owned()),
+            stripe_payment_id: posting.stripe_payment_id.clone(),
+            transaction_id: Some(id),
+            seq,
+            created_at: now,
+        };
+        self.grant_writes.push(GrantWrite {
+            grant: grant.clone(),
+            before: None,
+        });
+        if grant.remaining_micros.is_positive() {
+            let at = self
+                .grants
+                .partition_point(|g| g.spend_rank() < grant.spend_rank());
+            self.grants.insert(at, grant);
+        }
+    }
+
+    /// Takes a debit from the unexpired grants; a refund or dispute takes
+    /// from its own top-up first.
+    fn spend_debit(&mut self, posting: &Posting, now: DateTime<Utc>) -> Vec<GrantSpend> {
+        let own = match posting.kind {
+            TransactionType::Refund | TransactionType::Dispute => {
+                posting.stripe_payment_id.as_deref()
+            }
+            _ => None,
+        };
+        self.spend(posting.amount, own, |g| !g.has_expired_at(now))
     }
 
     pub fn reserve(
