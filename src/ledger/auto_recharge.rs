@@ -140,6 +140,18 @@ impl RechargeState {
     }
 }
 
+/// Names, in a credit's metadata, the attempt it pays (stored as
+/// `{"autoRechargeAttemptId": "<uuid>"}`, beside any other key).
+pub fn mark_attempt(metadata: &mut Option<serde_json::Value>, attempt: Uuid) {
+    let id = serde_json::Value::String(attempt.to_string());
+    match metadata {
+        Some(serde_json::Value::Object(fields)) => {
+            fields.insert(ATTEMPT_METADATA_KEY.to_owned(), id);
+        }
+        _ => *metadata = Some(serde_json::json!({ ATTEMPT_METADATA_KEY: id })),
+    }
+}
+
 /// The attempt a credit paid, from its metadata.
 pub fn attempt_of(metadata: Option<&serde_json::Value>) -> Option<Uuid> {
     metadata?
@@ -412,5 +424,24 @@ mod tests {
         assert!(state.config.is_some());
         assert!(state.in_flight.is_none());
         assert!(state.observe(&spent(), 10_000, eur(300), now).is_some());
+    }
+
+    #[test]
+    fn the_attempt_a_credit_pays_is_stored_under_the_key_stripe_credits_always_had() {
+        let attempt = Uuid::new_v4();
+        let mut metadata = None;
+        mark_attempt(&mut metadata, attempt);
+        assert_eq!(
+            metadata.as_ref().map(serde_json::Value::to_string),
+            Some(format!(r#"{{"autoRechargeAttemptId":"{attempt}"}}"#))
+        );
+        assert_eq!(attempt_of(metadata.as_ref()), Some(attempt));
+        let mut other = Some(serde_json::json!({ "note": "kept" }));
+        mark_attempt(&mut other, attempt);
+        assert_eq!(attempt_of(other.as_ref()), Some(attempt));
+        assert_eq!(
+            other.as_ref().and_then(|m| m.get("note")),
+            Some(&serde_json::json!("kept"))
+        );
     }
 }

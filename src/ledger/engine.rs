@@ -262,11 +262,41 @@ impl Engine {
         account: AccountId,
         posting: Posting,
     ) -> Result<Outcome<TransactionRecord>, LedgerError> {
-        let kind = posting.kind;
-        let result = observe(
-            "credit",
-            self.directory.call(account, Credit { posting }).await,
-        );
+        self.post_credit(
+            account,
+            Credit {
+                posting,
+                attempt: None,
+            },
+        )
+        .await
+    }
+
+    /// Credits what an auto-recharge attempt's payment paid; the credit
+    /// ends the attempt (its transaction names it).
+    pub async fn credit_attempt(
+        &self,
+        account: AccountId,
+        posting: Posting,
+        attempt: uuid::Uuid,
+    ) -> Result<Outcome<TransactionRecord>, LedgerError> {
+        self.post_credit(
+            account,
+            Credit {
+                posting,
+                attempt: Some(attempt),
+            },
+        )
+        .await
+    }
+
+    async fn post_credit(
+        &self,
+        account: AccountId,
+        credit: Credit,
+    ) -> Result<Outcome<TransactionRecord>, LedgerError> {
+        let kind = credit.posting.kind;
+        let result = observe("credit", self.directory.call(account, credit).await);
         if let Ok(Outcome {
             record,
             replayed: false,

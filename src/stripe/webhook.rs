@@ -370,12 +370,15 @@ async fn auto_recharge(
         description: Some(format!("Recharge automatique de {amount}")),
         stripe_session_id: None,
         stripe_payment_id: Some(intent.id.clone()),
-        metadata: Some(json!({ crate::recharge::ATTEMPT_METADATA_KEY: attempt })),
+        metadata: None,
         // Paid credits never expire.
         expires_at: None,
     };
     let outcome = applied(
-        effects.engine.credit(account, posting).await,
+        effects
+            .engine
+            .credit_attempt(account, posting, attempt)
+            .await,
         "auto-recharge",
     )?;
     if outcome == Outcome::UnknownAccount {

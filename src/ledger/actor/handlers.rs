@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 
 use super::messages::*;
 use super::{ready, AccountActor, Backend, Phase, Reply};
+use crate::ledger::auto_recharge;
 use crate::ledger::journal::wait_resolved;
 use crate::ledger::spend;
 use crate::ledger::state::{AccountState, Applied};
@@ -139,7 +140,11 @@ impl Handler<Credit> for AccountActor {
 
     fn handle(&mut self, msg: Credit, ctx: &mut Context<Self>) -> Self::Result {
         self.expire_grants_due(ctx);
-        self.post(ctx, Direction::Credit, msg.posting)
+        let mut posting = msg.posting;
+        if let Some(attempt) = msg.attempt {
+            auto_recharge::mark_attempt(&mut posting.metadata, attempt);
+        }
+        self.post(ctx, Direction::Credit, posting)
     }
 }
 

@@ -11,11 +11,16 @@ use crate::money::Micros;
 /// Credits an account (bonus, top-up, promo, adjustment), idempotent by key.
 /// Sent from `Engine::credit` to the account's actor when a signup bonus is
 /// granted, a paid top-up or a won dispute is heard from Stripe, or an
-/// operator grants credits (admin route, `creditd grant`).
+/// operator grants credits (admin route, `creditd grant`); sent from
+/// `Engine::credit_attempt` when an auto-recharge's payment succeeded.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Outcome<TransactionRecord>, LedgerError>")]
 pub struct Credit {
     pub posting: Posting,
+    /// The auto-recharge attempt this credit pays, if any: written into
+    /// the transaction's metadata, where the actor (and a reload) finds
+    /// which attempt it ends.
+    pub attempt: Option<uuid::Uuid>,
 }
 
 /// Debits an account (refund, dispute, adjustment); may leave it in debt.
