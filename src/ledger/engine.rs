@@ -12,7 +12,7 @@ use super::actor::*;
 use super::cluster::{self, ClusterRole, InstanceId, ListenerStatus};
 use super::directory::Directory;
 use super::journal::{spawn_writer, WriterHandle};
-use super::outbox::{self, AlertThresholds, LimitRefusal, OutgoingEvent};
+use super::outbox::{self, AlertThresholds, LimitRefusal};
 use super::store;
 use super::types::*;
 use crate::clock::Clock;
@@ -262,11 +262,41 @@ impl Engine {
         account: AccountId,
         posting: Posting,
     ) -> Result<Outcome<TransactionRecord>, LedgerError> {
-        let kind = posting.kind;
-        let result = observe(
-            "credit",
-            self.directory.call(account, Credit { posting }).await,
-        );
+        self.post_credit(
+            account,
+            Credit {
+                posting,
+                attempt: None,
+            },
+        )
+        .await
+    }
+
+    /// Credits what an auto-recharge attempt's payment paid; the credit
+    /// ends the attempt (its transaction names it).
+    pub async fn credit_attempt(
+        &self,
+        account: AccountId,
+        posting: Posting,
+        attempt: uuid::Uuid,
+    ) -> Result<Outcome<TransactionRecord>, LedgerError> {
+        self.post_credit(
+            account,
+            Credit {
+                posting,
+                attempt: Some(attempt),
+            },
+        )
+        .await
+    }
+
+    async fn post_credit(
+        &self,
+        account: AccountId,
+        credit: Credit,
+    ) -> Result<Outcome<TransactionRecord>, LedgerError> {
+        let kind = credit.posting.kind;
+        let result = observe("credit", self.directory.call(account, credit).await);
         if let Ok(Outcome {
             record,
             replayed: false,
@@ -495,7 +525,7 @@ impl Engine {
     pub async fn set_auto_recharge(
         &self,
         account: AccountId,
-        config: Option<crate::recharge::RechargeConfig>,
+        config: Option<super::auto_recharge::RechargeConfig>,
     ) -> Result<(), LedgerError> {
         self.directory
             .call(account, super::actor::SetAutoRecharge { config })
@@ -507,7 +537,7 @@ impl Engine {
         &self,
         account: AccountId,
         attempt: uuid::Uuid,
-        end: crate::recharge::AttemptEnd,
+        end: super::auto_recharge::AttemptEnd,
     ) -> Result<(), LedgerError> {
         self.directory
             .call(account, super::actor::AutoRechargeEnded { attempt, end })

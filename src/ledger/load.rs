@@ -9,6 +9,7 @@
 use deadpool_postgres::Pool;
 use tokio_postgres::IsolationLevel;
 
+use super::auto_recharge::{self, RechargeState};
 use super::cluster::InstanceId;
 use super::outbox::{self, AlertState};
 use super::spend;
@@ -16,7 +17,6 @@ use super::state::AccountState;
 use super::store;
 use super::types::*;
 use crate::clock::Clock;
-use crate::recharge::{self, RechargeState};
 
 /// What an actor starts from.
 pub(crate) struct Loaded {
@@ -78,7 +78,7 @@ async fn snapshot(
     let now = context.clock.now();
     let stored = store::load_account(&tx, account).await?;
     let alerts = outbox::load_alert_state(&tx, account).await?;
-    let recharge = recharge::store::load_state(&tx, account, now).await?;
+    let recharge = auto_recharge::load_state(&tx, account, now).await?;
     let (limits, counters) = spend::load(&tx, account, now).await?;
     tx.commit().await.map_err(store::unavailable)?;
     let mut state = AccountState::new(

@@ -9,6 +9,7 @@
 //! ```
 
 mod actor;
+pub mod auto_recharge;
 pub mod cluster;
 mod directory;
 mod engine;
@@ -28,8 +29,5 @@ pub use actor::{
 };
 pub use directory::{Directory, Eviction};
 pub use engine::{Engine, EngineStats};
-/// What a journal entry makes durable: auto-recharge reads which kind of
-/// change moved the balance.
-pub(crate) use journal::Record;
 pub use journal::{JournalHealth, JournalStats, WriterHandle};
 pub use types::*;

@@ -2,7 +2,7 @@
 //! from the change it just applied, which events that change causes (a
 //! top-up, a refund, a balance crossing its low threshold) and hands them to
 //! the journal writer with the change's entry: they commit in the same
-//! transaction (`outgoing_events`), and a sender (`crate::events`) delivers
+//! transaction (`outgoing_events`), and a sender (`src/events`) delivers
 //! them afterwards.
 //!
 //! Some events have no journal entry of their own (a hold refused by a
@@ -20,78 +20,13 @@
 //! alert.
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
+use tokio_postgres::types::Json;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::journal::Record;
 use super::store::unavailable;
 use super::types::*;
 use crate::money::Micros;
-
-/// What happened, as the receiver of the events reads it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventType {
-    BalanceLow,
-    BalanceDepleted,
-    BalanceRecovered,
-    TopupSucceeded,
-    TopupRefunded,
-    /// A hold was refused by a spending limit (once per account and window).
-    SpendLimitReached,
-    /// An auto-recharge attempt was decided (the event's id is the attempt's).
-    AutoRechargeRequested,
-    AutoRechargeSucceeded,
-    AutoRechargeFailed,
-    AutoRechargeDisabled,
-    /// The payment worker gave an attempt up before paying it.
-    AutoRechargeCanceled,
-}
-
-impl EventType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::BalanceLow => "balance.low",
-            EventType::BalanceDepleted => "balance.depleted",
-            EventType::BalanceRecovered => "balance.recovered",
-            EventType::TopupSucceeded => "topup.succeeded",
-            EventType::TopupRefunded => "topup.refunded",
-            EventType::SpendLimitReached => "spend_limit.reached",
-            EventType::AutoRechargeRequested => "auto_recharge.requested",
-            EventType::AutoRechargeSucceeded => "auto_recharge.succeeded",
-            EventType::AutoRechargeFailed => "auto_recharge.failed",
-            EventType::AutoRechargeDisabled => "auto_recharge.disabled",
-            EventType::AutoRechargeCanceled => "auto_recharge.canceled",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<EventType> {
-        [
-            EventType::BalanceLow,
-            EventType::BalanceDepleted,
-            EventType::BalanceRecovered,
-            EventType::TopupSucceeded,
-            EventType::TopupRefunded,
-            EventType::SpendLimitReached,
-            EventType::AutoRechargeRequested,
-            EventType::AutoRechargeSucceeded,
-            EventType::AutoRechargeFailed,
-            EventType::AutoRechargeDisabled,
-            EventType::AutoRechargeCanceled,
-        ]
-        .into_iter()
-        .find(|t| t.as_str() == text)
-    }
-}
-
-/// One event, written with the entry of the change that caused it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutgoingEvent {
-    pub id: Uuid,
-    pub kind: EventType,
-    pub data: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-}
 
 /// The low-balance thresholds, in micros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +108,7 @@ pub(crate) fn events_of(
     now: DateTime<Utc>,
 ) -> Vec<OutgoingEvent> {
     let mut events = Vec::new();
-    let mut push = |kind: EventType, data: serde_json::Value| {
+    let mut push = |kind: EventType, data: EventData| {
         events.push(OutgoingEvent {
             id: Uuid::new_v4(),
             kind,
@@ -182,39 +117,35 @@ pub(crate) fn events_of(
         })
     };
     if let Record::Transaction(t) = record {
-        let attempt = t
-            .metadata
-            .as_ref()
-            .and_then(|m| m.get(crate::recharge::ATTEMPT_METADATA_KEY))
-            .cloned();
-        match (t.kind, t.direction) {
-            (TransactionType::TopUp, Direction::Credit) if attempt.is_some() => push(
+        let attempt = super::auto_recharge::attempt_of(t.metadata.as_ref());
+        match (t.kind, t.direction, attempt) {
+            (TransactionType::TopUp, Direction::Credit, Some(attempt_id)) => push(
                 EventType::AutoRechargeSucceeded,
-                json!({
-                    "attemptId": attempt,
-                    "transactionId": t.id,
-                    "amountMicros": t.amount_micros.get(),
-                    "balanceMicros": t.balance_after_micros.get(),
-                    "stripePaymentId": t.stripe_payment_id,
+                EventData::AutoRechargeSucceeded(AutoRechargeSucceededData {
+                    attempt_id,
+                    transaction_id: t.id,
+                    amount_micros: t.amount_micros.get(),
+                    balance_micros: t.balance_after_micros.get(),
+                    stripe_payment_id: t.stripe_payment_id.clone(),
                 }),
             ),
-            (TransactionType::TopUp, Direction::Credit) => push(
+            (TransactionType::TopUp, Direction::Credit, None) => push(
                 EventType::TopupSucceeded,
-                json!({
-                    "transactionId": t.id,
-                    "amountMicros": t.amount_micros.get(),
-                    "balanceMicros": t.balance_after_micros.get(),
-                    "stripeSessionId": t.stripe_session_id,
-                    "stripePaymentId": t.stripe_payment_id,
+                EventData::TopupSucceeded(TopupSucceededData {
+                    transaction_id: t.id,
+                    amount_micros: t.amount_micros.get(),
+                    balance_micros: t.balance_after_micros.get(),
+                    stripe_session_id: t.stripe_session_id.clone(),
+                    stripe_payment_id: t.stripe_payment_id.clone(),
                 }),
             ),
-            (TransactionType::Refund, Direction::Debit) => push(
+            (TransactionType::Refund, Direction::Debit, _) => push(
                 EventType::TopupRefunded,
-                json!({
-                    "transactionId": t.id,
-                    "amountMicros": t.amount_micros.get(),
-                    "balanceMicros": t.balance_after_micros.get(),
-                    "stripePaymentId": t.stripe_payment_id,
+                EventData::TopupRefunded(TopupRefundedData {
+                    transaction_id: t.id,
+                    amount_micros: t.amount_micros.get(),
+                    balance_micros: t.balance_after_micros.get(),
+                    stripe_payment_id: t.stripe_payment_id.clone(),
                 }),
             ),
             _ => {}
@@ -224,10 +155,10 @@ pub(crate) fn events_of(
         for kind in alerts.observe(thresholds, available_before, available) {
             push(
                 kind,
-                json!({
-                    "availableMicros": available.get(),
-                    "balanceMicros": balance.get(),
-                    "thresholdMicros": thresholds.low.get(),
+                EventData::Balance(BalanceAlertData {
+                    available_micros: available.get(),
+                    balance_micros: balance.get(),
+                    threshold_micros: thresholds.low.get(),
                 }),
             );
         }
@@ -344,11 +275,11 @@ pub fn limit_reached_event(
     OutgoingEvent {
         id: limit_event_id(account, refusal.window, refusal.resets_at),
         kind: EventType::SpendLimitReached,
-        data: json!({
-            "limit": refusal.window.as_str(),
-            "limitMicros": refusal.limit.get(),
-            "spentMicros": refusal.spent.get(),
-            "resetsAt": refusal.resets_at,
+        data: EventData::SpendLimitReached(SpendLimitReachedData {
+            limit: refusal.window.as_str(),
+            limit_micros: refusal.limit.get(),
+            spent_micros: refusal.spent.get(),
+            resets_at: refusal.resets_at,
         }),
         created_at: now,
     }
@@ -397,7 +328,7 @@ pub(crate) async fn insert_following_committed(
         .map_err(unavailable)?;
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
+    let data: Vec<Json<&EventData>> = events.iter().map(|e| Json(&e.data)).collect();
     let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.created_at).collect();
     tx.execute(
         INSERT_FOLLOWING,

@@ -24,7 +24,7 @@
 //!   be there: an account not loaded expires its grants when it loads.)
 
 use serde::Serialize;
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::{Client, IsolationLevel, Transaction};
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -228,6 +228,25 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
         .await?
         .get(0);
     let mut problems = Vec::new();
+    problems.extend(balance_problems(&tx).await?);
+    problems.extend(chain_problems(&tx).await?);
+    problems.extend(orphan_problems(&tx).await?);
+    problems.extend(sequence_problems(&tx).await?);
+    problems.extend(event_problems(&tx).await?);
+    problems.extend(event_sequence_problems(&tx).await?);
+    problems.extend(grant_problems(&tx).await?);
+    problems.extend(spend_problems(&tx).await?);
+    tx.commit().await?;
+    Ok(ReconcileReport {
+        clean: problems.is_empty(),
+        accounts_checked,
+        problems,
+    })
+}
+
+/// balance = credits − debits − usage costs, and held = the sum of active holds.
+async fn balance_problems(tx: &Transaction<'_>) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
     for row in tx.query(BALANCES, &[&LIMIT]).await? {
         let user_id: i64 = row.get(0);
         let (balance, expected): (String, String) = (row.get(1), row.get(2));
@@ -247,6 +266,12 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             });
         }
     }
+    Ok(problems)
+}
+
+/// Entries whose `balance_before` does not follow the previous `balance_after`, or whose `balance_after` does not follow from their amount.
+async fn chain_problems(tx: &Transaction<'_>) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
     for row in tx.query(CHAIN, &[&LIMIT]).await? {
         let (user_id, seq): (i64, i64) = (row.get(0), row.get(1));
         let (before, after, delta, previous): (i64, i64, i64, i64) =
@@ -259,6 +284,12 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             ),
         });
     }
+    Ok(problems)
+}
+
+/// Journal rows without their account, usages without their settled hold, late usages with one.
+async fn orphan_problems(tx: &Transaction<'_>) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
     for row in tx.query(ORPHANS, &[&LIMIT]).await? {
         let (user_id, seq, kind, reason): (i64, i64, String, String) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
@@ -268,6 +299,12 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             detail: format!("{kind} {seq}: {reason}"),
         });
     }
+    Ok(problems)
+}
+
+/// Accounts whose journal seqs are not exactly 1..=version, each once.
+async fn sequence_problems(tx: &Transaction<'_>) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
     for row in tx.query(SEQUENCES, &[&LIMIT]).await? {
         let user_id: i64 = row.get(0);
         let (version, n, distinct, top, bottom): (i64, i64, i64, i64, i64) =
@@ -280,6 +317,12 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             ),
         });
     }
+    Ok(problems)
+}
+
+/// Outgoing events that name no journal entry of their account.
+async fn event_problems(tx: &Transaction<'_>) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
     for row in tx.query(EVENTS, &[&LIMIT]).await? {
         let (user_id, seq, kind): (i64, i64, String) = (row.get(0), row.get(1), row.get(2));
         problems.push(Problem {
@@ -288,6 +331,14 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             detail: format!("{kind} event of seq {seq}: no journal entry has this seq"),
         });
     }
+    Ok(problems)
+}
+
+/// Accounts whose events are not numbered exactly 1..=n, each once.
+async fn event_sequence_problems(
+    tx: &Transaction<'_>,
+) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
     for row in tx.query(EVENT_SEQUENCES, &[&LIMIT]).await? {
         let user_id: i64 = row.get(0);
         let (n, distinct, top): (i64, i64, i64) = (row.get(1), row.get(2), row.get(3));
@@ -299,6 +350,12 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             ),
         });
     }
+    Ok(problems)
+}
+
+/// Balances that are not what the grants hold less a debt, or a debt while an unexpired grant has money left.
+async fn grant_problems(tx: &Transaction<'_>) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
     for row in tx.query(GRANT_SUMS, &[&LIMIT]).await? {
         let user_id: i64 = row.get(0);
         let (balance, granted, spendable): (String, String, String) =
@@ -313,6 +370,12 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             ),
         });
     }
+    Ok(problems)
+}
+
+/// Debits and usages whose `paid_by` names grants of another account, a part not positive or more than their amount (`paidBy`), and grants that paid after their expiry other than for a hold placed before it (`expiry`).
+async fn spend_problems(tx: &Transaction<'_>) -> Result<Vec<Problem>, tokio_postgres::Error> {
+    let mut problems = Vec::new();
     for (check, query) in [("paidBy", PAID_BY), ("expiry", EXPIRY)] {
         for row in tx
             .query(&query.replace("{SPENDS}", SPENDS), &[&LIMIT])
@@ -326,10 +389,5 @@ pub async fn reconcile(client: &mut Client) -> Result<ReconcileReport, tokio_pos
             });
         }
     }
-    tx.commit().await?;
-    Ok(ReconcileReport {
-        clean: problems.is_empty(),
-        accounts_checked,
-        problems,
-    })
+    Ok(problems)
 }

@@ -8,7 +8,6 @@ use std::hash::Hash;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::journal::{GrantWrite, Record};
 use super::spend::SpendCounters;
 use super::types::*;
 use crate::money::Micros;
@@ -202,19 +201,6 @@ fn check_json_text(field: &str, value: &serde_json::Value) -> Result<(), LedgerE
     }
 }
 
-/// A NUL in any key or string of a JSON value (PostgreSQL's jsonb refuses it).
-pub(crate) fn holds_nul(value: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match value {
-        Value::String(text) => text.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(fields) => fields
-            .iter()
-            .any(|(key, item)| key.contains('\0') || holds_nul(item)),
-        Value::Null | Value::Bool(_) | Value::Number(_) => false,
-    }
-}
-
 fn check_usage_text(charge: &UsageCharge) -> Result<(), LedgerError> {
     check_text("model", &charge.model)?;
     for (field, value) in [
@@ -230,6 +216,28 @@ fn check_usage_text(charge: &UsageCharge) -> Result<(), LedgerError> {
 
 fn out_of_range() -> LedgerError {
     LedgerError::InvalidRequest("amount out of range: the balance would overflow".into())
+}
+
+/// A key already used: the same money is a replay of its first
+/// transaction, anything else a conflict.
+fn replay_or_conflict(
+    first: &TransactionRecord,
+    direction: Direction,
+    posting: &Posting,
+) -> Result<Applied<TransactionRecord>, LedgerError> {
+    if first.matches(direction, posting) {
+        return Ok(Applied::Replay {
+            value: first.clone(),
+            seq: first.seq,
+        });
+    }
+    Err(LedgerError::Conflict(format!(
+        "idempotency key `{}` was already used for a {} {} of {} micros",
+        posting.key.as_str(),
+        first.kind.as_str(),
+        first.direction.as_str(),
+        first.amount_micros.get()
+    )))
 }
 
 impl AccountState {
@@ -563,6 +571,10 @@ impl AccountState {
         self.seq
     }
 
+    /// Credits or debits the account under the posting's key: a credit
+    /// first repays debt and makes a grant of the rest; a debit takes from
+    /// the grants in spend order (a refund or dispute from its own top-up
+    /// first) and may leave debt.
     pub fn post(
         &mut self,
         direction: Direction,
@@ -577,39 +589,10 @@ impl AccountState {
         }
         check_posting_text(posting)?;
         if let Some(first) = self.keys.get(&posting.key) {
-            if first.matches(direction, posting) {
-                return Ok(Applied::Replay {
-                    value: first.as_ref().clone(),
-                    seq: first.seq,
-                });
-            }
-            return Err(LedgerError::Conflict(format!(
-                "idempotency key `{}` was already used for a {} {} of {} micros",
-                posting.key.as_str(),
-                first.kind.as_str(),
-                first.direction.as_str(),
-                first.amount_micros.get()
-            )));
+            return replay_or_conflict(first, direction, posting);
         }
-        let grant_kind = GrantKind::of_credit(posting.kind);
         if direction == Direction::Credit {
-            if let Some(expiry) = posting.expires_at {
-                if grant_kind == GrantKind::Paid {
-                    return Err(LedgerError::InvalidRequest(format!(
-                        "expiresAt: a {} credit is paid money and never expires",
-                        posting.kind.as_str()
-                    )));
-                }
-                if expiry <= now {
-                    return Err(LedgerError::InvalidRequest(
-                        "expiresAt: must be in the future".into(),
-                    ));
-                }
-            }
-            // Σ remaining must stay representable.
-            self.granted()
-                .checked_add(posting.amount)
-                .map_err(|_| out_of_range())?;
+            self.check_credit(posting, now)?;
         }
         let before = self.balance;
         let after = match direction {
@@ -621,45 +604,10 @@ impl AccountState {
         let seq = self.next_seq();
         let paid_by = match direction {
             Direction::Credit => {
-                // A credit first repays debt; the rest is the grant's.
-                let repaid = self.debt().min(posting.amount);
-                let grant = GrantRecord {
-                    id: Uuid::new_v4(),
-                    kind: grant_kind,
-                    amount_micros: posting.amount,
-                    remaining_micros: Micros::new(posting.amount.get() - repaid.get()),
-                    expires_at: posting.expires_at,
-                    source: posting
-                        .stripe_session_id
-                        .clone()
-                        .unwrap_or_else(|| posting.key.as_str().to_owned()),
-                    stripe_payment_id: posting.stripe_payment_id.clone(),
-                    transaction_id: Some(id),
-                    seq,
-                    created_at: now,
-                };
-                self.grant_writes.push(GrantWrite {
-                    grant: grant.clone(),
-                    before: None,
-                });
-                if grant.remaining_micros.is_positive() {
-                    let at = self
-                        .grants
-                        .partition_point(|g| g.spend_rank() < grant.spend_rank());
-                    self.grants.insert(at, grant);
-                }
+                self.grant(posting, id, seq, now);
                 Vec::new()
             }
-            Direction::Debit => {
-                // A refund or dispute takes from its own top-up first.
-                let own = match posting.kind {
-                    TransactionType::Refund | TransactionType::Dispute => {
-                        posting.stripe_payment_id.as_deref()
-                    }
-                    _ => None,
-                };
-                self.spend(posting.amount, own, |g| !g.has_expired_at(now))
-            }
+            Direction::Debit => self.spend_debit(posting, now),
         };
         self.balance = after;
         let record = TransactionRecord {
@@ -688,6 +636,71 @@ impl AccountState {
             value: record.clone(),
             record: Record::Transaction(record),
         })
+    }
+
+    /// A credit's expiry must be a promo's and in the future, and the
+    /// grants' sum must stay representable.
+    fn check_credit(&self, posting: &Posting, now: DateTime<Utc>) -> Result<(), LedgerError> {
+        if let Some(expiry) = posting.expires_at {
+            if GrantKind::of_credit(posting.kind) == GrantKind::Paid {
+                return Err(LedgerError::InvalidRequest(format!(
+                    "expiresAt: a {} credit is paid money and never expires",
+                    posting.kind.as_str()
+                )));
+            }
+            if expiry <= now {
+                return Err(LedgerError::InvalidRequest(
+                    "expiresAt: must be in the future".into(),
+                ));
+            }
+        }
+        self.granted()
+            .checked_add(posting.amount)
+            .map_err(|_| out_of_range())?;
+        Ok(())
+    }
+
+    /// Makes the grant of credit `id`: a credit first repays debt; the
+    /// rest is the grant's, placed in spend order.
+    fn grant(&mut self, posting: &Posting, id: Uuid, seq: i64, now: DateTime<Utc>) {
+        let repaid = self.debt().min(posting.amount);
+        let grant = GrantRecord {
+            id: Uuid::new_v4(),
+            kind: GrantKind::of_credit(posting.kind),
+            amount_micros: posting.amount,
+            remaining_micros: Micros::new(posting.amount.get() - repaid.get()),
+            expires_at: posting.expires_at,
+            source: posting
+                .stripe_session_id
+                .clone()
+                .unwrap_or_else(|| posting.key.as_str().to_owned()),
+            stripe_payment_id: posting.stripe_payment_id.clone(),
+            transaction_id: Some(id),
+            seq,
+            created_at: now,
+        };
+        self.grant_writes.push(GrantWrite {
+            grant: grant.clone(),
+            before: None,
+        });
+        if grant.remaining_micros.is_positive() {
+            let at = self
+                .grants
+                .partition_point(|g| g.spend_rank() < grant.spend_rank());
+            self.grants.insert(at, grant);
+        }
+    }
+
+    /// Takes a debit from the unexpired grants; a refund or dispute takes
+    /// from its own top-up first.
+    fn spend_debit(&mut self, posting: &Posting, now: DateTime<Utc>) -> Vec<GrantSpend> {
+        let own = match posting.kind {
+            TransactionType::Refund | TransactionType::Dispute => {
+                posting.stripe_payment_id.as_deref()
+            }
+            _ => None,
+        };
+        self.spend(posting.amount, own, |g| !g.has_expired_at(now))
     }
 
     pub fn reserve(
@@ -980,5 +993,530 @@ impl AccountState {
             holds,
             grants: self.grants.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::*;
+    use crate::pricing::TokenUsage;
+
+    const CAPACITY: usize = 16;
+
+    fn micros(amount: i64) -> Micros {
+        Micros::new(amount)
+    }
+
+    fn key(text: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(text).unwrap()
+    }
+
+    fn posting(text: &str, kind: TransactionType, amount: i64) -> Posting {
+        Posting {
+            key: key(text),
+            kind,
+            amount: micros(amount),
+            description: None,
+            stripe_session_id: None,
+            stripe_payment_id: None,
+            metadata: None,
+            expires_at: None,
+        }
+    }
+
+    fn grant(
+        kind: GrantKind,
+        amount: i64,
+        expires_at: Option<DateTime<Utc>>,
+        seq: i64,
+    ) -> GrantRecord {
+        GrantRecord {
+            id: Uuid::new_v4(),
+            kind,
+            amount_micros: micros(amount),
+            remaining_micros: micros(amount),
+            expires_at,
+            source: format!("grant-{seq}"),
+            stripe_payment_id: None,
+            transaction_id: None,
+            seq,
+            created_at: Utc::now() - Duration::days(30),
+        }
+    }
+
+    /// An account whose balance is exactly what `grants` hold.
+    fn account(grants: Vec<GrantRecord>) -> AccountState {
+        let balance = grants.iter().map(|g| g.remaining_micros.get()).sum();
+        AccountState::new(
+            AccountId(1),
+            micros(balance),
+            Micros::ZERO,
+            0,
+            Vec::new(),
+            grants,
+            CAPACITY,
+        )
+    }
+
+    fn charge(cost: i64) -> UsageCharge {
+        UsageCharge {
+            model: "claude-sonnet-4-5".into(),
+            tokens: TokenUsage {
+                input_tokens: 100,
+                output_tokens: 50,
+                ..TokenUsage::default()
+            },
+            cost: micros(cost),
+            conversation_id: None,
+            message_id: None,
+        }
+    }
+
+    /// The value and record of an operation that applied anew.
+    fn applied<T>(result: Result<Applied<T>, LedgerError>) -> (T, Record) {
+        match result {
+            Ok(Applied::New { value, record }) => (value, record),
+            Ok(Applied::Replay { seq, .. }) => panic!("a replay of seq {seq}, not a new record"),
+            Err(error) => panic!("refused: {error}"),
+        }
+    }
+
+    /// The value and seq of an operation answered as a replay.
+    fn replayed<T>(result: Result<Applied<T>, LedgerError>) -> (T, i64) {
+        match result {
+            Ok(Applied::Replay { value, seq }) => (value, seq),
+            Ok(Applied::New { .. }) => panic!("a new record, not a replay"),
+            Err(error) => panic!("refused: {error}"),
+        }
+    }
+
+    fn refused<T>(result: Result<Applied<T>, LedgerError>) -> LedgerError {
+        match result {
+            Err(error) => error,
+            Ok(_) => panic!("applied, not refused"),
+        }
+    }
+
+    fn spent_from(paid_by: &[GrantSpend]) -> Vec<(Uuid, i64)> {
+        paid_by
+            .iter()
+            .map(|spend| (spend.grant_id, spend.amount_micros.get()))
+            .collect()
+    }
+
+    #[test]
+    fn a_hold_keeps_its_amount_from_the_available_balance_until_its_settlement_charges_the_cost() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
+        let hold_id = HoldId::generate();
+        let (hold, record) =
+            applied(state.reserve(hold_id, micros(300), now, now + Duration::minutes(5)));
+        assert!(matches!(record, Record::HoldPlaced(placed) if placed.id == hold_id));
+        assert_eq!(hold.amount_micros, micros(300));
+        assert_eq!(
+            (state.balance, state.held, state.available()),
+            (micros(1_000), micros(300), micros(700))
+        );
+
+        let (usage, record) = applied(state.settle(hold_id, &charge(200), now, 0));
+        assert!(matches!(record, Record::Settled { late: false, .. }));
+        assert_eq!(usage.held_micros, micros(300));
+        assert_eq!(
+            (usage.balance_before_micros, usage.balance_after_micros),
+            (micros(1_000), micros(800))
+        );
+        assert_eq!(
+            (state.balance, state.held, state.available()),
+            (micros(800), Micros::ZERO, micros(800))
+        );
+        assert!(state.holds.is_empty());
+        assert!(state.check_invariants().is_ok());
+    }
+
+    #[test]
+    fn a_released_hold_gives_its_amount_back_and_a_second_release_is_a_replay() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
+        let hold_id = HoldId::generate();
+        applied(state.reserve(hold_id, micros(400), now, now + Duration::minutes(5)));
+        let (release, _) = applied(state.release(hold_id, HoldStatus::Released, now, 0));
+        assert_eq!(release.amount_micros, micros(400));
+        assert_eq!((state.balance, state.held), (micros(1_000), Micros::ZERO));
+
+        let (again, seq) = replayed(state.release(hold_id, HoldStatus::Released, now, 0));
+        assert_eq!((again, seq), (release, release.seq));
+        assert_eq!(
+            refused(state.reserve(hold_id, micros(400), now, now)),
+            LedgerError::Conflict(format!("hold {hold_id} already finished"))
+        );
+    }
+
+    #[test]
+    fn a_hold_larger_than_the_available_balance_is_refused_and_a_repeated_hold_id_replays_or_conflicts(
+    ) {
+        let now = Utc::now();
+        let later = now + Duration::minutes(5);
+        let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
+        let first = HoldId::generate();
+        applied(state.reserve(first, micros(600), now, later));
+        assert_eq!(
+            refused(state.reserve(HoldId::generate(), micros(401), now, later)),
+            LedgerError::InsufficientCredits {
+                available: micros(400),
+                required: micros(401)
+            }
+        );
+        let (_, seq) = replayed(state.reserve(first, micros(600), now, later));
+        assert_eq!(seq, 1);
+        assert!(matches!(
+            refused(state.reserve(first, micros(500), now, later)),
+            LedgerError::Conflict(_)
+        ));
+        assert_eq!(state.held, micros(600));
+    }
+
+    #[test]
+    fn a_settled_hold_settled_again_is_a_replay_and_released_after_is_a_conflict() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
+        let hold_id = HoldId::generate();
+        applied(state.reserve(hold_id, micros(300), now, now + Duration::minutes(5)));
+        let (usage, _) = applied(state.settle(hold_id, &charge(200), now, 0));
+        let (again, seq) = replayed(state.settle(hold_id, &charge(200), now, 0));
+        assert_eq!((again.id, seq), (usage.id, usage.seq));
+        assert!(matches!(
+            refused(state.settle(hold_id, &charge(201), now, 0)),
+            LedgerError::Conflict(_)
+        ));
+        assert!(matches!(
+            refused(state.release(hold_id, HoldStatus::Released, now, 0)),
+            LedgerError::Conflict(_)
+        ));
+        assert_eq!(
+            refused(state.release(HoldId(Uuid::nil()), HoldStatus::Released, now, 0)),
+            LedgerError::HoldNotFound(HoldId(Uuid::nil()))
+        );
+        assert_eq!(state.balance, micros(800));
+    }
+
+    #[test]
+    fn a_settlement_of_an_unknown_hold_is_charged_late_holding_nothing() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 100, None, 1)]);
+        let (usage, record) = applied(state.settle(HoldId::generate(), &charge(250), now, 0));
+        assert!(matches!(record, Record::Settled { late: true, .. }));
+        assert_eq!(usage.held_micros, Micros::ZERO);
+        assert_eq!(state.balance, micros(-150));
+        assert_eq!(state.debt(), micros(150));
+    }
+
+    #[test]
+    fn a_debit_spends_promo_grants_before_paid_ones_and_the_earliest_expiry_first() {
+        let now = Utc::now();
+        let paid = grant(GrantKind::Paid, 1_000, None, 1);
+        let promo_lasting = grant(GrantKind::Promo, 100, None, 2);
+        let promo_soon = grant(GrantKind::Promo, 100, Some(now + Duration::days(1)), 3);
+        let promo_later = grant(GrantKind::Promo, 100, Some(now + Duration::days(9)), 4);
+        let ids = [promo_soon.id, promo_later.id, promo_lasting.id, paid.id];
+        let mut state = account(vec![paid, promo_lasting, promo_soon, promo_later]);
+        let (debit, _) = applied(state.post(
+            Direction::Debit,
+            &posting("debit:1", TransactionType::Adjustment, 350),
+            now,
+            0,
+        ));
+        assert_eq!(
+            spent_from(&debit.paid_by),
+            vec![(ids[0], 100), (ids[1], 100), (ids[2], 100), (ids[3], 50)]
+        );
+        assert_eq!(state.balance, micros(950));
+        let snapshot = state.snapshot();
+        assert_eq!(snapshot.grants.len(), 1, "spent grants are dropped");
+        assert_eq!(snapshot.grants[0].remaining_micros, micros(950));
+        assert_eq!(state.take_grant_writes().len(), 4);
+        assert!(state.check_invariants().is_ok());
+    }
+
+    #[test]
+    fn a_refund_takes_from_its_own_top_up_before_the_spend_order() {
+        let now = Utc::now();
+        let older = grant(GrantKind::Paid, 500, None, 1);
+        let mut refunded = grant(GrantKind::Paid, 500, None, 2);
+        refunded.stripe_payment_id = Some("pi_refunded".into());
+        let (older_id, refunded_id) = (older.id, refunded.id);
+        let mut state = account(vec![older, refunded]);
+        let mut refund = posting("refund:1", TransactionType::Refund, 600);
+        refund.stripe_payment_id = Some("pi_refunded".into());
+        let (debit, _) = applied(state.post(Direction::Debit, &refund, now, 0));
+        assert_eq!(
+            spent_from(&debit.paid_by),
+            vec![(refunded_id, 500), (older_id, 100)]
+        );
+    }
+
+    #[test]
+    fn a_credit_makes_a_grant_in_its_place_in_the_spend_order() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
+        let mut promo = posting("promo:1", TransactionType::PromoBonus, 200);
+        promo.expires_at = Some(now + Duration::days(7));
+        let (credit, record) = applied(state.post(Direction::Credit, &promo, now, 0));
+        assert!(matches!(record, Record::Transaction(_)));
+        assert_eq!(
+            (credit.balance_before_micros, credit.balance_after_micros),
+            (micros(1_000), micros(1_200))
+        );
+        let grants = state.snapshot().grants;
+        assert_eq!(grants.len(), 2);
+        assert_eq!(
+            (grants[0].kind, grants[0].transaction_id),
+            (GrantKind::Promo, Some(credit.id))
+        );
+        assert_eq!(grants[0].remaining_micros, micros(200));
+        assert_eq!(state.take_grant_writes().len(), 1);
+        assert!(state.check_invariants().is_ok());
+    }
+
+    #[test]
+    fn a_debit_past_the_grants_leaves_debt_that_the_next_credit_repays_first() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 100, None, 1)]);
+        applied(state.post(
+            Direction::Debit,
+            &posting("dispute:1", TransactionType::Dispute, 300),
+            now,
+            0,
+        ));
+        assert_eq!((state.balance, state.debt()), (micros(-200), micros(200)));
+        assert!(state.snapshot().grants.is_empty());
+
+        applied(state.post(
+            Direction::Credit,
+            &posting("topup:1", TransactionType::TopUp, 500),
+            now,
+            0,
+        ));
+        assert_eq!((state.balance, state.debt()), (micros(300), Micros::ZERO));
+        let grants = state.snapshot().grants;
+        assert_eq!(
+            (grants[0].amount_micros, grants[0].remaining_micros),
+            (micros(500), micros(300))
+        );
+        assert!(state.check_invariants().is_ok());
+    }
+
+    #[test]
+    fn an_expired_grant_loses_its_remainder_under_a_key_named_after_it() {
+        let now = Utc::now();
+        let promo = grant(GrantKind::Promo, 300, Some(now - Duration::seconds(1)), 1);
+        let promo_id = promo.id;
+        let mut state = account(vec![promo, grant(GrantKind::Paid, 1_000, None, 2)]);
+        assert_eq!(state.expired_grants(now), vec![promo_id]);
+        assert_eq!(state.next_grant_expiry(now), Some(now));
+        let (expired, record) = applied(state.expire_grant(promo_id, now, 0));
+        let expired = expired.unwrap();
+        assert!(matches!(record, Record::Transaction(_)));
+        assert_eq!(
+            (expired.kind, expired.direction),
+            (TransactionType::Expired, Direction::Debit)
+        );
+        assert_eq!(expired.amount_micros, micros(300));
+        assert_eq!(
+            expired.idempotency_key,
+            key(&format!("grant:{promo_id}:expired"))
+        );
+        assert_eq!(spent_from(&expired.paid_by), vec![(promo_id, 300)]);
+        assert_eq!(state.balance, micros(1_000));
+        assert!(state.expired_grants(now).is_empty());
+        let (nothing, _) = replayed(state.expire_grant(promo_id, now, 0));
+        assert!(nothing.is_none());
+    }
+
+    #[test]
+    fn a_hold_placed_before_a_grant_expired_keeps_its_part_from_the_expiry_and_may_still_spend_it()
+    {
+        let placed = Utc::now();
+        let expiry = placed + Duration::minutes(1);
+        let now = expiry + Duration::seconds(1);
+        let promo = grant(GrantKind::Promo, 300, Some(expiry), 1);
+        let promo_id = promo.id;
+        let mut state = account(vec![promo, grant(GrantKind::Paid, 1_000, None, 2)]);
+        let hold_id = HoldId::generate();
+        applied(state.reserve(hold_id, micros(200), placed, now + Duration::minutes(5)));
+
+        let (expired, _) = applied(state.expire_grant(promo_id, now, 0));
+        let expired = expired.unwrap();
+        assert_eq!(expired.amount_micros, micros(100));
+        assert_eq!(
+            expired.idempotency_key,
+            key(&format!("grant:{promo_id}:expired:{}", expired.seq))
+        );
+
+        let (usage, _) = applied(state.settle(hold_id, &charge(150), now, 0));
+        assert_eq!(spent_from(&usage.paid_by)[0], (promo_id, 150));
+        assert_eq!(
+            state.expired_grants(now),
+            vec![promo_id],
+            "what the hold left now expires"
+        );
+    }
+
+    #[test]
+    fn every_new_record_takes_the_next_version_and_replays_and_refusals_take_none() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
+        let credit = posting("topup:1", TransactionType::TopUp, 100);
+        let (first, _) = applied(state.post(Direction::Credit, &credit, now, 0));
+        assert_eq!((first.seq, state.seq), (1, 1));
+        let hold_id = HoldId::generate();
+        let (hold, _) =
+            applied(state.reserve(hold_id, micros(50), now, now + Duration::minutes(5)));
+        assert_eq!(hold.seq, 2);
+        let (usage, _) = applied(state.settle(hold_id, &charge(10), now, 0));
+        assert_eq!(usage.seq, 3);
+
+        replayed(state.post(Direction::Credit, &credit, now, 0));
+        refused(state.reserve(HoldId::generate(), micros(5_000), now, now));
+        refused(state.post(
+            Direction::Credit,
+            &posting("zero", TransactionType::TopUp, 0),
+            now,
+            0,
+        ));
+        assert_eq!((state.seq, state.snapshot_summary().version), (3, 3));
+    }
+
+    #[test]
+    fn a_key_used_again_with_the_same_money_replays_and_with_other_money_conflicts() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
+        let credit = posting("topup:1", TransactionType::TopUp, 100);
+        let (first, _) = applied(state.post(Direction::Credit, &credit, now, 0));
+        assert!(state.knows_key(&credit.key));
+
+        let (again, seq) = replayed(state.post(Direction::Credit, &credit, now, 0));
+        assert_eq!((again.id, seq), (first.id, first.seq));
+        assert_eq!(state.balance, micros(1_100));
+
+        let other_amount = posting("topup:1", TransactionType::TopUp, 101);
+        assert_eq!(
+            refused(state.post(Direction::Credit, &other_amount, now, 0)),
+            LedgerError::Conflict(
+                "idempotency key `topup:1` was already used for a TOP_UP CREDIT of 100 micros"
+                    .into()
+            )
+        );
+        assert!(matches!(
+            refused(state.post(Direction::Debit, &credit, now, 0)),
+            LedgerError::Conflict(_)
+        ));
+        assert_eq!(state.balance, micros(1_100));
+    }
+
+    #[test]
+    fn an_invalid_posting_is_refused_before_it_changes_anything() {
+        let now = Utc::now();
+        let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
+        let mut paid_expiring = posting("topup:1", TransactionType::TopUp, 100);
+        paid_expiring.expires_at = Some(now + Duration::days(1));
+        let mut promo_expired = posting("promo:1", TransactionType::PromoBonus, 100);
+        promo_expired.expires_at = Some(now);
+        let mut control_text = posting("promo:2", TransactionType::PromoBonus, 100);
+        control_text.description = Some("bonus\u{0}".into());
+        let overflow = posting("promo:3", TransactionType::PromoBonus, i64::MAX);
+        for (case, invalid, direction) in [
+            (
+                "zero",
+                posting("zero", TransactionType::TopUp, 0),
+                Direction::Credit,
+            ),
+            (
+                "negative",
+                posting("negative", TransactionType::Adjustment, -1),
+                Direction::Debit,
+            ),
+            ("paid expiring", paid_expiring, Direction::Credit),
+            ("expiry not in the future", promo_expired, Direction::Credit),
+            ("control character", control_text, Direction::Credit),
+            ("overflow", overflow, Direction::Credit),
+        ] {
+            let error = refused(state.post(direction, &invalid, now, 0));
+            assert!(
+                matches!(error, LedgerError::InvalidRequest(_)),
+                "{case}: {error:?}"
+            );
+            assert!(!state.knows_key(&invalid.key), "{case}");
+        }
+        assert!(matches!(
+            refused(state.settle(HoldId::generate(), &charge(-1), now, 0)),
+            LedgerError::InvalidRequest(_)
+        ));
+        assert!(matches!(
+            refused(state.reserve(HoldId::generate(), Micros::ZERO, now, now)),
+            LedgerError::InvalidRequest(_)
+        ));
+        assert_eq!((state.balance, state.seq), (micros(1_000), 0));
+        assert!(state.take_grant_writes().is_empty());
+    }
+
+    #[test]
+    fn a_state_that_breaks_an_invariant_is_reported_as_a_bug() {
+        let now = Utc::now();
+        let hold = HoldRecord {
+            id: HoldId::generate(),
+            seq: 1,
+            amount_micros: micros(100),
+            created_at: now,
+            expires_at: now + Duration::minutes(5),
+        };
+        let grants = vec![grant(GrantKind::Paid, 1_000, None, 1)];
+        let wrong_held = AccountState::new(
+            AccountId(1),
+            micros(1_000),
+            micros(99),
+            1,
+            vec![hold],
+            grants.clone(),
+            CAPACITY,
+        );
+        assert!(matches!(
+            wrong_held.check_invariants(),
+            Err(LedgerError::Internal(_))
+        ));
+
+        let more_than_granted = AccountState::new(
+            AccountId(1),
+            micros(1_001),
+            Micros::ZERO,
+            1,
+            Vec::new(),
+            grants,
+            CAPACITY,
+        );
+        assert!(matches!(
+            more_than_granted.check_invariants(),
+            Err(LedgerError::Internal(_))
+        ));
+
+        let mut overfull = grant(GrantKind::Paid, 1_000, None, 1);
+        overfull.remaining_micros = micros(1_001);
+        let overfull = account(vec![overfull]);
+        assert!(matches!(
+            overfull.check_invariants(),
+            Err(LedgerError::Internal(_))
+        ));
+
+        let consistent = AccountState::new(
+            AccountId(1),
+            micros(1_000),
+            micros(100),
+            1,
+            vec![hold],
+            vec![grant(GrantKind::Paid, 1_000, None, 1)],
+            CAPACITY,
+        );
+        assert!(consistent.check_invariants().is_ok());
     }
 }

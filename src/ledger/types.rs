@@ -584,3 +584,214 @@ pub enum LedgerError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// What one journal entry makes durable: the change an operation applied.
+#[derive(Debug, Clone)]
+pub(crate) enum Record {
+    Transaction(TransactionRecord),
+    HoldPlaced(HoldRecord),
+    /// `late`: its hold was no longer active (expired, released or
+    /// unknown), so no hold row is finished by it.
+    Settled {
+        usage: UsageRecord,
+        late: bool,
+    },
+    Released(ReleaseRecord),
+}
+
+/// A grant row an entry inserts (`before` none) or whose remaining
+/// amount it moves (from `before`).
+#[derive(Debug, Clone)]
+pub(crate) struct GrantWrite {
+    pub grant: GrantRecord,
+    pub before: Option<Micros>,
+}
+
+/// A NUL in any key or string of a JSON value (PostgreSQL's jsonb refuses it).
+pub(crate) fn holds_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(key, item)| key.contains('\0') || holds_nul(item)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+/// What happened, as the receiver of the events reads it.
+/// Written in `outgoing_events.type` by `as_str`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    BalanceLow,
+    BalanceDepleted,
+    BalanceRecovered,
+    TopupSucceeded,
+    TopupRefunded,
+    /// A hold was refused by a spending limit (once per account and window).
+    SpendLimitReached,
+    /// An auto-recharge attempt was decided (the event's id is the attempt's).
+    AutoRechargeRequested,
+    AutoRechargeSucceeded,
+    AutoRechargeFailed,
+    AutoRechargeDisabled,
+    /// The payment worker gave an attempt up before paying it.
+    AutoRechargeCanceled,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::BalanceLow => "balance.low",
+            EventType::BalanceDepleted => "balance.depleted",
+            EventType::BalanceRecovered => "balance.recovered",
+            EventType::TopupSucceeded => "topup.succeeded",
+            EventType::TopupRefunded => "topup.refunded",
+            EventType::SpendLimitReached => "spend_limit.reached",
+            EventType::AutoRechargeRequested => "auto_recharge.requested",
+            EventType::AutoRechargeSucceeded => "auto_recharge.succeeded",
+            EventType::AutoRechargeFailed => "auto_recharge.failed",
+            EventType::AutoRechargeDisabled => "auto_recharge.disabled",
+            EventType::AutoRechargeCanceled => "auto_recharge.canceled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<EventType> {
+        [
+            EventType::BalanceLow,
+            EventType::BalanceDepleted,
+            EventType::BalanceRecovered,
+            EventType::TopupSucceeded,
+            EventType::TopupRefunded,
+            EventType::SpendLimitReached,
+            EventType::AutoRechargeRequested,
+            EventType::AutoRechargeSucceeded,
+            EventType::AutoRechargeFailed,
+            EventType::AutoRechargeDisabled,
+            EventType::AutoRechargeCanceled,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == text)
+    }
+}
+
+/// One event, written with the entry of the change that caused it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingEvent {
+    pub id: Uuid,
+    pub kind: EventType,
+    pub data: EventData,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What an outgoing event says (its `data`), one shape per kind of news.
+/// Serialized as the bare payload: the receiver reads the kind from the
+/// event's `type`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum EventData {
+    Balance(BalanceAlertData),
+    TopupSucceeded(TopupSucceededData),
+    TopupRefunded(TopupRefundedData),
+    SpendLimitReached(SpendLimitReachedData),
+    AutoRechargeRequested(AutoRechargeRequestedData),
+    AutoRechargeSucceeded(AutoRechargeSucceededData),
+    AutoRechargeFailed(AutoRechargeFailedData),
+    AutoRechargeDisabled(AutoRechargeDisabledData),
+    AutoRechargeCanceled(AutoRechargeCanceledData),
+}
+
+/// `balance.low`, `balance.depleted` and `balance.recovered`: where the
+/// account stands against the low threshold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceAlertData {
+    pub available_micros: i64,
+    pub balance_micros: i64,
+    pub threshold_micros: i64,
+}
+
+/// `topup.succeeded`: a Checkout top-up was credited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopupSucceededData {
+    pub transaction_id: Uuid,
+    pub amount_micros: i64,
+    pub balance_micros: i64,
+    pub stripe_session_id: Option<String>,
+    pub stripe_payment_id: Option<String>,
+}
+
+/// `topup.refunded`: a refund was debited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TopupRefundedData {
+    pub transaction_id: Uuid,
+    pub amount_micros: i64,
+    pub balance_micros: i64,
+    pub stripe_payment_id: Option<String>,
+}
+
+/// `spend_limit.reached`: a hold was refused by a spending limit's window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendLimitReachedData {
+    /// The window's name (`daily`, `monthly`).
+    pub limit: &'static str,
+    pub limit_micros: i64,
+    pub spent_micros: i64,
+    pub resets_at: DateTime<Utc>,
+}
+
+/// `auto_recharge.requested`: the account's actor started an attempt (the
+/// event's id is the attempt's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoRechargeRequestedData {
+    pub attempt_id: Uuid,
+    pub amount_cents: i64,
+    pub threshold_cents: i64,
+    pub available_micros: i64,
+}
+
+/// `auto_recharge.succeeded`: the attempt's payment was credited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoRechargeSucceededData {
+    pub attempt_id: Uuid,
+    pub transaction_id: Uuid,
+    pub amount_micros: i64,
+    pub balance_micros: i64,
+    pub stripe_payment_id: Option<String>,
+}
+
+/// `auto_recharge.failed`: Stripe refused the attempt's payment (`reason`:
+/// Stripe's code).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoRechargeFailedData {
+    pub attempt_id: Uuid,
+    pub amount_cents: i64,
+    pub reason: String,
+}
+
+/// `auto_recharge.disabled`: auto-recharge was switched off, after a failed
+/// attempt (named) or on its own for `reason`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoRechargeDisabledData {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt_id: Option<Uuid>,
+    pub reason: String,
+}
+
+/// `auto_recharge.canceled`: the payment worker gave the attempt up before
+/// paying it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoRechargeCanceledData {
+    pub attempt_id: Uuid,
+    pub amount_cents: i64,
+    pub reason: &'static str,
+}

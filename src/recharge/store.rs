@@ -1,17 +1,17 @@
 //! Auto-recharge's SQL: the user's settings, the saved card, the attempts,
 //! and the events they cause outside the journal.
 
-use chrono::{DateTime, Datelike, TimeZone, Utc};
-use serde_json::json;
+use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::{month_of, CancelReason, InFlight, OffReason, RechargeConfig, RechargeState};
+use super::{month_start, CancelReason, OffReason};
 use crate::ledger::cluster::{notify_settings_changed, InstanceId};
-use crate::ledger::outbox::{EventType, OutgoingEvent};
 use crate::ledger::store::unavailable;
-use crate::ledger::{AccountId, Engine, LedgerError};
-use crate::money::Micros;
+use crate::ledger::{
+    AccountId, AutoRechargeCanceledData, AutoRechargeDisabledData, AutoRechargeFailedData, Engine,
+    EventData, EventType, LedgerError, OutgoingEvent,
+};
 
 /// The user's settings as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,80 +20,6 @@ pub struct Settings {
     pub threshold_cents: i64,
     pub amount_cents: i64,
     pub disabled_reason: Option<String>,
-}
-
-/// The first instant of `at`'s calendar month (UTC).
-pub fn month_start(at: DateTime<Utc>) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
-        .single()
-        .unwrap_or(at)
-}
-
-/// An account's auto-recharge as its actor keeps it: its settings (enabled
-/// only with a saved card), its attempt in flight (recorded, not ended) and
-/// what this month's attempts asked, failed ones excepted.
-pub async fn load_state(
-    client: &impl GenericClient,
-    account: AccountId,
-    now: DateTime<Utc>,
-) -> Result<RechargeState, LedgerError> {
-    let row = client
-        .query_opt(
-            "SELECT s.enabled AND u.stripe_payment_method_id IS NOT NULL,
-                    s.threshold_cents, s.amount_cents
-               FROM auto_recharge_settings s JOIN users u ON u.id = s.user_id
-              WHERE s.user_id = $1",
-            &[&account.0],
-        )
-        .await
-        .map_err(unavailable)?;
-    let mut state = RechargeState {
-        month: month_of(now),
-        ..RechargeState::default()
-    };
-    if let Some(row) = row {
-        let enabled: bool = row.try_get(0).map_err(unavailable)?;
-        let threshold: i64 = row.try_get(1).map_err(unavailable)?;
-        let amount_cents: i64 = row.try_get(2).map_err(unavailable)?;
-        if enabled {
-            state.config = Some(RechargeConfig {
-                threshold: Micros::from_cents(threshold)
-                    .map_err(|_| LedgerError::Internal("threshold_cents out of range".into()))?,
-                amount_cents,
-            });
-        }
-    }
-    let start = month_start(now);
-    let rows = client
-        .query(
-            "SELECT e.id, (e.data->>'amountCents')::int8, e.created_at,
-                    COALESCE(a.status, 'PENDING')
-               FROM outgoing_events e
-               LEFT JOIN auto_recharge_attempts a ON a.id = e.id
-              WHERE e.user_id = $1 AND e.type = 'auto_recharge.requested'
-                AND (e.created_at >= $2 OR a.status IS NULL OR a.status = 'PENDING')",
-            &[&account.0, &start],
-        )
-        .await
-        .map_err(unavailable)?;
-    for row in rows {
-        let id: Uuid = row.try_get(0).map_err(unavailable)?;
-        let amount_cents: i64 = row.try_get(1).map_err(unavailable)?;
-        let created_at: DateTime<Utc> = row.try_get(2).map_err(unavailable)?;
-        let status: String = row.try_get(3).map_err(unavailable)?;
-        // Failed and canceled attempts charged nothing.
-        if created_at >= start && status != "FAILED" && status != "CANCELED" {
-            state.month_cents = state.month_cents.saturating_add(amount_cents);
-        }
-        if status == "PENDING" {
-            state.in_flight = Some(InFlight {
-                attempt: id,
-                amount_cents,
-                month: month_of(created_at),
-            });
-        }
-    }
-    Ok(state)
 }
 
 /// The user's settings, if ever saved.
@@ -263,11 +189,18 @@ pub async fn fail(
     let events = [
         (
             EventType::AutoRechargeFailed,
-            json!({"attemptId": attempt, "amountCents": amount_cents, "reason": reason}),
+            EventData::AutoRechargeFailed(AutoRechargeFailedData {
+                attempt_id: attempt,
+                amount_cents,
+                reason: reason.to_owned(),
+            }),
         ),
         (
             EventType::AutoRechargeDisabled,
-            json!({"attemptId": attempt, "reason": reason}),
+            EventData::AutoRechargeDisabled(AutoRechargeDisabledData {
+                attempt_id: Some(attempt),
+                reason: reason.to_owned(),
+            }),
         ),
     ];
     insert_events(engine, &tx, account, &events, now).await?;
@@ -284,7 +217,7 @@ pub async fn insert_events(
     engine: &Engine,
     tx: &tokio_postgres::Transaction<'_>,
     account: AccountId,
-    events: &[(EventType, serde_json::Value)],
+    events: &[(EventType, EventData)],
     now: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
     let events: Vec<OutgoingEvent> = events
@@ -344,7 +277,10 @@ pub async fn switch_off(
     if was_on {
         let event = (
             EventType::AutoRechargeDisabled,
-            json!({"reason": reason.as_str()}),
+            EventData::AutoRechargeDisabled(AutoRechargeDisabledData {
+                attempt_id: None,
+                reason: reason.as_str().to_owned(),
+            }),
         );
         insert_events(engine, &tx, account, &[event], now).await?;
     }
@@ -603,7 +539,11 @@ async fn cancel(
     .map_err(unavailable)?;
     let event = (
         EventType::AutoRechargeCanceled,
-        json!({"attemptId": due.attempt, "amountCents": due.amount_cents, "reason": reason.as_str()}),
+        EventData::AutoRechargeCanceled(AutoRechargeCanceledData {
+            attempt_id: due.attempt,
+            amount_cents: due.amount_cents,
+            reason: reason.as_str(),
+        }),
     );
     insert_events(engine, tx, due.account, &[event], now).await
 }

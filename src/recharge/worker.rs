@@ -115,7 +115,7 @@ async fn pay(
         } => {
             let payment = api
                 .create_off_session_payment(
-                    due.account,
+                    due.account.0,
                     due.attempt,
                     &customer,
                     &payment_method,

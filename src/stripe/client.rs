@@ -19,8 +19,8 @@ use stripe_core::payment_intent::{
 };
 use stripe_core::PaymentIntentStatus;
 
+use super::metadata::{PaymentKind, PaymentMetadata};
 use crate::config::StripeSettings;
-use crate::ledger::AccountId;
 use crate::money::Micros;
 
 /// Top-ups of the same account and amount asked within one window of this
@@ -93,17 +93,17 @@ impl StripeApi {
         }))
     }
 
-    /// Creates the Stripe customer of `account`. The idempotency key is the
+    /// Creates the Stripe customer of the account `user_id`. The idempotency key is the
     /// account's own, so concurrent first top-ups get the same customer.
     pub async fn create_customer(
         &self,
-        account: AccountId,
+        user_id: i64,
         clerk_id: &str,
         email: Option<&str>,
         name: Option<&str>,
     ) -> Result<String, StripeCallError> {
         let mut request = CreateCustomer::new().metadata(HashMap::from([
-            ("userId".to_owned(), account.0.to_string()),
+            ("userId".to_owned(), user_id.to_string()),
             ("clerkId".to_owned(), clerk_id.to_owned()),
         ]));
         if let Some(email) = email {
@@ -112,7 +112,7 @@ impl StripeApi {
         if let Some(name) = name {
             request = request.name(name);
         }
-        let key = idempotency_key(format!("creditd-customer-{}", account.0))?;
+        let key = idempotency_key(format!("creditd-customer-{user_id}"))?;
         let customer = observe(
             "create_customer",
             request
@@ -127,7 +127,7 @@ impl StripeApi {
     /// Creates the Checkout Session of a top-up of `amount_cents`.
     pub async fn create_topup_session(
         &self,
-        account: AccountId,
+        user_id: i64,
         customer: &str,
         amount_cents: i64,
         now_s: i64,
@@ -148,11 +148,13 @@ impl StripeApi {
         let mut adaptive = CreateCheckoutSessionAdaptivePricing::new();
         // Credits are bought in the ledger's currency only.
         adaptive.enabled = Some(false);
-        let metadata = HashMap::from([
-            ("type".to_owned(), "credit_topup".to_owned()),
-            ("userId".to_owned(), account.0.to_string()),
-            ("amountCents".to_owned(), amount_cents.to_string()),
-        ]);
+        let metadata = PaymentMetadata {
+            kind: PaymentKind::CreditTopup,
+            user_id,
+            amount_cents,
+            attempt_id: None,
+        }
+        .to_metadata();
         // Stripe copies the payment intent's metadata to its charge: a
         // refund webhook can then tell a top-up charge from any other.
         let mut payment_intent = CreateCheckoutSessionPaymentIntentData::new();
@@ -163,7 +165,7 @@ impl StripeApi {
         let request = CreateCheckoutSession::new()
             .mode(CheckoutSessionMode::Payment)
             .customer(customer)
-            .client_reference_id(account.0.to_string())
+            .client_reference_id(user_id.to_string())
             .line_items(vec![line])
             .adaptive_pricing(adaptive)
             .invoice_creation(CreateCheckoutSessionInvoiceCreation::new(true))
@@ -172,10 +174,7 @@ impl StripeApi {
             .success_url(settings.success_url.clone())
             .cancel_url(settings.cancel_url.clone());
         let window = now_s.div_euclid(TOPUP_SESSION_WINDOW_S);
-        let key = idempotency_key(format!(
-            "creditd-topup-{}-{amount_cents}-{window}",
-            account.0
-        ))?;
+        let key = idempotency_key(format!("creditd-topup-{}-{amount_cents}-{window}", user_id))?;
         let session = observe(
             "create_checkout_session",
             request
@@ -210,8 +209,8 @@ impl StripeApi {
         // An auto-recharge's payment credits as a top-up does.
         Ok(intent.is_some_and(|intent| {
             matches!(
-                intent.metadata.get("type").map(String::as_str),
-                Some("credit_topup" | crate::recharge::PAYMENT_TYPE)
+                PaymentKind::of(&intent.metadata),
+                Some(PaymentKind::CreditTopup | PaymentKind::AutoRecharge)
             )
         }))
     }
@@ -288,7 +287,7 @@ impl StripeApi {
     /// gets the same PaymentIntent, never a second charge).
     pub async fn create_off_session_payment(
         &self,
-        account: AccountId,
+        user_id: i64,
         attempt: uuid::Uuid,
         customer: &str,
         payment_method: &str,
@@ -296,12 +295,13 @@ impl StripeApi {
     ) -> Result<OffSessionPayment, StripeCallError> {
         let currency = stripe_types::Currency::from_str(&self.settings.currency)
             .map_err(|never| StripeCallError::Unreachable(format!("{never:?}")))?;
-        let metadata = HashMap::from([
-            ("type".to_owned(), crate::recharge::PAYMENT_TYPE.to_owned()),
-            ("userId".to_owned(), account.0.to_string()),
-            ("attemptId".to_owned(), attempt.to_string()),
-            ("amountCents".to_owned(), amount_cents.to_string()),
-        ]);
+        let metadata = PaymentMetadata {
+            kind: PaymentKind::AutoRecharge,
+            user_id,
+            amount_cents,
+            attempt_id: Some(attempt),
+        }
+        .to_metadata();
         let request = CreatePaymentIntent::new(amount_cents, currency)
             .confirm(true)
             .off_session(CreatePaymentIntentOffSession::Bool(true))

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod events;
 pub mod followup;
+pub mod metadata;
 pub mod signature;
 pub mod topup;
 pub mod webhook;

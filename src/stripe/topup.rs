@@ -18,7 +18,7 @@ pub async fn open_session(
     let customer = customer_of(api, pool, account, clerk_id).await?;
     Ok(api
         .create_topup_session(
-            account,
+            account.0,
             &customer,
             amount_cents,
             chrono::Utc::now().timestamp(),
@@ -43,7 +43,7 @@ async fn customer_of(
     drop(client);
     let created = api
         .create_customer(
-            account,
+            account.0,
             clerk_id,
             fields.email.as_deref(),
             fields.name.as_deref(),

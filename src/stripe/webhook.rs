@@ -6,6 +6,7 @@
 //! from Stripe's ids, so a replayed or concurrent delivery cannot apply
 //! twice.
 
+use super::metadata::{MetadataError, PaymentKind, PaymentMetadata};
 use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -223,7 +224,7 @@ fn applied(
 /// redelivery) collapse into one credit. Nothing here waits for Stripe's
 /// API: the card and the invoice link follow (`super::followup`).
 async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Outcome, StripeError> {
-    if session.metadata.get("type").map(String::as_str) != Some("credit_topup") {
+    if PaymentKind::of(&session.metadata) != Some(PaymentKind::CreditTopup) {
         return Ok(Outcome::Ignored);
     }
     if session.payment_status != "paid" {
@@ -237,20 +238,16 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
     ) {
         return Ok(Outcome::CurrencyMismatch);
     }
-    let Some(account) = session
-        .metadata
-        .get("userId")
-        .and_then(|id| id.parse::<i64>().ok())
-        .map(AccountId)
-    else {
-        tracing::error!(session = %session.id, "top-up session without a valid metadata.userId");
+    let parsed = PaymentMetadata::parse(&session.metadata);
+    if let Err(
+        error @ MetadataError::Missing("userId") | error @ MetadataError::Invalid("userId"),
+    ) = &parsed
+    {
+        tracing::error!(session = %session.id, %error, "top-up session without a valid metadata.userId");
         return Ok(Outcome::UnknownAccount);
-    };
+    }
     let amount_total = session.amount_total.unwrap_or(0);
-    let asked = session
-        .metadata
-        .get("amountCents")
-        .and_then(|cents| cents.parse::<i64>().ok());
+    let asked = parsed.as_ref().ok().map(|paid| paid.amount_cents);
     if asked != Some(amount_total) {
         // Not what the top-up asked for (a changed price, a discount, a
         // session edited outside creditd): no credit until an operator
@@ -260,6 +257,10 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         metrics::counter!("creditd_topup_amount_mismatch_total").increment(1);
         return Ok(Outcome::AmountMismatch);
     }
+    let Ok(paid) = parsed else {
+        return Ok(Outcome::AmountMismatch);
+    };
+    let account = AccountId(paid.user_id);
     let amount = cents(amount_total, "amount_total")?;
     // The credit waits for no read from Stripe: the card and the invoice
     // link are the top-up's follow-ups (`super::followup`), whose job is
@@ -307,21 +308,23 @@ async fn auto_recharge(
     intent: PaymentIntent,
     succeeded: bool,
 ) -> Result<Outcome, StripeError> {
-    if intent.metadata.get("type").map(String::as_str) != Some(crate::recharge::PAYMENT_TYPE) {
+    if PaymentKind::of(&intent.metadata) != Some(PaymentKind::AutoRecharge) {
         return Ok(Outcome::Ignored);
     }
-    let account = intent
-        .metadata
-        .get("userId")
-        .and_then(|id| id.parse::<i64>().ok())
-        .map(AccountId);
-    let attempt = intent
-        .metadata
-        .get("attemptId")
-        .and_then(|id| uuid::Uuid::parse_str(id).ok());
-    let (Some(account), Some(attempt)) = (account, attempt) else {
-        tracing::error!(payment_intent = %intent.id, "auto-recharge payment without a valid metadata.userId and attemptId");
-        return Ok(Outcome::UnknownAccount);
+    let (account, attempt) = match PaymentMetadata::parse(&intent.metadata) {
+        Ok(PaymentMetadata {
+            user_id,
+            attempt_id: Some(attempt),
+            ..
+        }) => (AccountId(user_id), attempt),
+        Ok(_) => {
+            tracing::error!(payment_intent = %intent.id, "auto-recharge payment without metadata.attemptId");
+            return Ok(Outcome::UnknownAccount);
+        }
+        Err(error) => {
+            tracing::error!(payment_intent = %intent.id, %error, "auto-recharge payment without a valid metadata.userId and attemptId");
+            return Ok(Outcome::UnknownAccount);
+        }
     };
     let now = chrono::Utc::now();
     if !succeeded {
@@ -367,12 +370,15 @@ async fn auto_recharge(
         description: Some(format!("Recharge automatique de {amount}")),
         stripe_session_id: None,
         stripe_payment_id: Some(intent.id.clone()),
-        metadata: Some(json!({ crate::recharge::ATTEMPT_METADATA_KEY: attempt })),
+        metadata: None,
         // Paid credits never expire.
         expires_at: None,
     };
     let outcome = applied(
-        effects.engine.credit(account, posting).await,
+        effects
+            .engine
+            .credit_attempt(account, posting, attempt)
+            .await,
         "auto-recharge",
     )?;
     if outcome == Outcome::UnknownAccount {
@@ -399,10 +405,7 @@ async fn refund_stops_auto_recharge(
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
         return Ok(());
     };
-    let attempt = charge
-        .metadata
-        .get("attemptId")
-        .and_then(|id| uuid::Uuid::parse_str(id).ok());
+    let attempt = PaymentMetadata::attempt_of(&charge.metadata);
     let client = store::client(effects.pool).await?;
     let paid =
         crate::recharge::store::attempt_of_payment(&**client, payment_intent, attempt).await?;
@@ -537,10 +540,7 @@ async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, Stripe
         return Ok(Outcome::CurrencyMismatch);
     }
     let Some(account) = topup_account(effects.pool, payment_intent).await? else {
-        if matches!(
-            charge.metadata.get("type").map(String::as_str),
-            Some("credit_topup" | crate::recharge::PAYMENT_TYPE)
-        ) {
+        if PaymentKind::of(&charge.metadata).is_some() {
             // A top-up whose credit has not landed yet (its checkout or
             // payment event is still being retried): the refund must wait.
             return Err(StripeError::NotCreditedYet(

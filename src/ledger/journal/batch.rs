@@ -2,9 +2,60 @@
 //! refuse, the batch's rows gathered into columns for multi-row `unnest`
 //! inserts, the fenced balance updates, and the per-account undo.
 
-use super::writer::*;
-use super::*;
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, Statement};
+use uuid::Uuid;
+
+use super::Entry;
 use crate::ledger::cluster;
+use crate::ledger::cluster::InstanceId;
+use crate::ledger::types::*;
+
+/// The prepared statements of one writer connection, one per kind of row
+/// a batch writes.
+pub(super) struct Statements {
+    pub(super) update_balances: Statement,
+    pub(super) insert_transactions: Statement,
+    pub(super) insert_holds: Statement,
+    pub(super) insert_usages: Statement,
+    pub(super) finish_holds: Statement,
+    pub(super) undo_accounts: Statement,
+    pub(super) insert_events: Statement,
+    pub(super) undo_events: Statement,
+    pub(super) upsert_grants: Statement,
+    pub(super) undo_grants: Statement,
+    pub(super) notify_accounts: Statement,
+}
+
+/// A writer's connection with its statements prepared.
+pub(super) struct WriterConnection {
+    pub(super) client: Client,
+    pub(super) statements: Statements,
+}
+
+/// One account's entries in a batch, in the order the actor produced them.
+pub(super) struct Group {
+    pub(super) account: AccountId,
+    pub(super) entries: Vec<Entry>,
+}
+
+impl Group {
+    pub(super) fn admissible(&self) -> Result<(), String> {
+        self.entries.iter().try_for_each(Entry::admissible)
+    }
+}
+
+/// What a committed batch did not write, by account.
+#[derive(Default)]
+pub(super) struct Written {
+    /// Skipped: their balance row moved (fencing).
+    pub(super) fenced: HashSet<AccountId>,
+    /// Written, then undone in the same transaction: fewer rows were written
+    /// than sent (a unique constraint, a finished hold).
+    pub(super) refused: HashSet<AccountId>,
+}
 
 /// PostgreSQL refuses a NUL character in text (and in jsonb strings).
 fn text(column: &str, value: &str) -> Result<(), String> {
@@ -19,7 +70,7 @@ fn optional_text(column: &str, value: &Option<String>) -> Result<(), String> {
 }
 
 fn json(column: &str, value: &serde_json::Value) -> Result<(), String> {
-    if crate::ledger::state::holds_nul(value) {
+    if holds_nul(value) {
         return Err(format!("{column} contains a NUL character"));
     }
     Ok(())
@@ -185,7 +236,7 @@ struct Columns {
     ev_seq: Vec<i64>,
     ev_ordinal: Vec<i32>,
     ev_type: Vec<&'static str>,
-    ev_data: Vec<serde_json::Value>,
+    ev_data: Vec<tokio_postgres::types::Json<EventData>>,
     ev_created: Vec<DateTime<Utc>>,
     use_paid_by: Vec<Option<serde_json::Value>>,
 }
@@ -283,7 +334,8 @@ impl Columns {
             self.ev_ordinal
                 .push(i32::try_from(ordinal).unwrap_or(i32::MAX));
             self.ev_type.push(event.kind.as_str());
-            self.ev_data.push(event.data.clone());
+            self.ev_data
+                .push(tokio_postgres::types::Json(event.data.clone()));
             self.ev_created.push(event.created_at);
         }
     }
@@ -337,6 +389,10 @@ impl Columns {
     }
 }
 
+/// Writes the groups of one batch in one transaction, in its phases: the
+/// balance rows move (an account whose row moved elsewhere is fenced), the
+/// rows of the others are inserted, and an account with fewer rows written
+/// than sent is undone before the commit.
 pub(super) async fn write_groups(
     connection: &mut WriterConnection,
     groups: &[Group],
@@ -344,6 +400,49 @@ pub(super) async fn write_groups(
 ) -> Result<Written, tokio_postgres::Error> {
     let statements = &connection.statements;
     let tx = connection.client.transaction().await?;
+    let updated = update_balances(&tx, statements, groups, instance).await?;
+    let mut written = Written::default();
+    let columns = columns_of(groups, &updated, &mut written);
+    let inserted = insert_rows(&tx, statements, &columns).await?;
+    let refused = refused_accounts(&columns, &inserted);
+    if !refused.is_empty() {
+        undo(
+            &tx,
+            statements,
+            groups,
+            &refused,
+            [
+                &inserted.holds,
+                &inserted.transactions,
+                &inserted.usages,
+                &inserted.finished,
+            ],
+        )
+        .await?;
+        let undone: Vec<Uuid> = inserted
+            .events
+            .iter()
+            .filter(|(_, user)| refused.contains(user))
+            .map(|(id, _)| *id)
+            .collect();
+        tx.execute(&statements.undo_events, &[&undone]).await?;
+        undo_grants(&tx, statements, &columns, &refused).await?;
+        written.refused.extend(refused.into_iter().map(AccountId));
+    }
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Moves each group's balance row from the version before its first entry
+/// to its last, and notifies the other instances of the accounts it took
+/// over (delivered at the commit, and only if it commits): the accounts
+/// whose row was at the expected version. The others are fenced.
+async fn update_balances(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    groups: &[Group],
+    instance: &InstanceId,
+) -> Result<HashSet<i64>, tokio_postgres::Error> {
     let mut users = Vec::with_capacity(groups.len());
     let mut expected = Vec::with_capacity(groups.len());
     let mut versions = Vec::with_capacity(groups.len());
@@ -385,8 +484,13 @@ pub(super) async fn write_groups(
     for payload in cluster::payloads(instance, &moved) {
         tx.execute(&statements.notify_accounts, &[&payload]).await?;
     }
+    Ok(updated)
+}
+
+/// The rows of the accounts whose balance row moved, column by column;
+/// the others are recorded as fenced.
+fn columns_of(groups: &[Group], updated: &HashSet<i64>, written: &mut Written) -> Columns {
     let mut columns = Columns::default();
-    let mut written = Written::default();
     for group in groups {
         if !updated.contains(&group.account.0) {
             written.fenced.insert(group.account);
@@ -400,164 +504,234 @@ pub(super) async fn write_groups(
             }
         }
     }
-    let c = &columns;
-    let holds = async {
-        if c.hold_id.is_empty() {
-            return Ok(Vec::new());
-        }
-        tx.query(
-            &statements.insert_holds,
-            &[
-                &c.hold_id,
-                &c.hold_user,
-                &c.hold_seq,
-                &c.hold_amount,
-                &c.hold_status,
-                &c.hold_created,
-                &c.hold_expires,
-                &c.hold_finished_seq,
-                &c.hold_finished_at,
-            ],
-        )
-        .await
-    };
-    let transactions = async {
-        if c.tx_id.is_empty() {
-            return Ok(Vec::new());
-        }
-        tx.query(
-            &statements.insert_transactions,
-            &[
-                &c.tx_id,
-                &c.tx_user,
-                &c.tx_seq,
-                &c.tx_type,
-                &c.tx_direction,
-                &c.tx_amount,
-                &c.tx_key,
-                &c.tx_description,
-                &c.tx_session,
-                &c.tx_payment,
-                &c.tx_before,
-                &c.tx_after,
-                &c.tx_metadata,
-                &c.tx_created,
-                &c.tx_paid_by,
-            ],
-        )
-        .await
-    };
-    let usages = async {
-        if c.use_id.is_empty() {
-            return Ok(Vec::new());
-        }
-        tx.query(
-            &statements.insert_usages,
-            &[
-                &c.use_id,
-                &c.use_user,
-                &c.use_seq,
-                &c.use_hold,
-                &c.use_model,
-                &c.use_input,
-                &c.use_output,
-                &c.use_cache_read,
-                &c.use_cache_write,
-                &c.use_cost,
-                &c.use_held,
-                &c.use_conversation,
-                &c.use_message,
-                &c.use_before,
-                &c.use_after,
-                &c.use_created,
-                &c.use_paid_by,
-            ],
-        )
-        .await
-    };
-    let finished = async {
-        if c.fin_id.is_empty() {
-            return Ok(Vec::new());
-        }
-        tx.query(
-            &statements.finish_holds,
-            &[&c.fin_id, &c.fin_user, &c.fin_status, &c.fin_seq, &c.fin_at],
-        )
-        .await
-    };
-    let events = async {
-        if c.ev_id.is_empty() {
-            return Ok(Vec::new());
-        }
-        tx.query(
-            &statements.insert_events,
-            &[
-                &c.ev_id,
-                &c.ev_user,
-                &c.ev_seq,
-                &c.ev_ordinal,
-                &c.ev_type,
-                &c.ev_data,
-                &c.ev_created,
-            ],
-        )
-        .await
-    };
-    let grants = async {
-        if c.grant_id.is_empty() {
-            return Ok(Vec::new());
-        }
-        tx.query(
-            &statements.upsert_grants,
-            &[
-                &c.grant_id,
-                &c.grant_user,
-                &c.grant_kind,
-                &c.grant_amount,
-                &c.grant_remaining,
-                &c.grant_expires,
-                &c.grant_source,
-                &c.grant_payment,
-                &c.grant_transaction,
-                &c.grant_seq,
-                &c.grant_created,
-            ],
-        )
-        .await
-    };
-    // Pipelined on one connection, executed in this order by the server:
-    // holds exist before usages reference them and before they finish.
-    let (holds, transactions, usages, finished, grants, events) =
-        tokio::try_join!(holds, transactions, usages, finished, grants, events)?;
-    let holds = written_rows(&holds)?;
-    let transactions = written_rows(&transactions)?;
-    let usages = written_rows(&usages)?;
-    let finished = written_rows(&finished)?;
-    let events = written_rows(&events)?;
-    let grants = written_rows(&grants)?;
+    columns
+}
 
-    // Per account, rows sent minus rows written: anything but zero means a
-    // row of it was skipped (a unique constraint) or a finish matched no
-    // active hold of it.
+/// The (id, user id) of the rows each statement of a batch wrote.
+struct Inserted {
+    holds: Vec<(Uuid, i64)>,
+    transactions: Vec<(Uuid, i64)>,
+    usages: Vec<(Uuid, i64)>,
+    finished: Vec<(Uuid, i64)>,
+    events: Vec<(Uuid, i64)>,
+    grants: Vec<(Uuid, i64)>,
+}
+
+/// Inserts the batch's rows, pipelined on one connection and executed in
+/// this order by the server: holds exist before usages reference them and
+/// before they finish.
+async fn insert_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+) -> Result<Inserted, tokio_postgres::Error> {
+    let (holds, transactions, usages, finished, grants, events) = tokio::try_join!(
+        insert_holds(tx, statements, columns),
+        insert_transactions(tx, statements, columns),
+        insert_usages(tx, statements, columns),
+        finish_holds(tx, statements, columns),
+        upsert_grants(tx, statements, columns),
+        insert_events(tx, statements, columns),
+    )?;
+    Ok(Inserted {
+        holds: written_rows(&holds)?,
+        transactions: written_rows(&transactions)?,
+        usages: written_rows(&usages)?,
+        finished: written_rows(&finished)?,
+        events: written_rows(&events)?,
+        grants: written_rows(&grants)?,
+    })
+}
+
+/// The holds placed (a hold finished in the same batch is inserted finished).
+async fn insert_holds(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if columns.hold_id.is_empty() {
+        return Ok(Vec::new());
+    }
+    tx.query(
+        &statements.insert_holds,
+        &[
+            &columns.hold_id,
+            &columns.hold_user,
+            &columns.hold_seq,
+            &columns.hold_amount,
+            &columns.hold_status,
+            &columns.hold_created,
+            &columns.hold_expires,
+            &columns.hold_finished_seq,
+            &columns.hold_finished_at,
+        ],
+    )
+    .await
+}
+
+/// The credits and debits.
+async fn insert_transactions(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if columns.tx_id.is_empty() {
+        return Ok(Vec::new());
+    }
+    tx.query(
+        &statements.insert_transactions,
+        &[
+            &columns.tx_id,
+            &columns.tx_user,
+            &columns.tx_seq,
+            &columns.tx_type,
+            &columns.tx_direction,
+            &columns.tx_amount,
+            &columns.tx_key,
+            &columns.tx_description,
+            &columns.tx_session,
+            &columns.tx_payment,
+            &columns.tx_before,
+            &columns.tx_after,
+            &columns.tx_metadata,
+            &columns.tx_created,
+            &columns.tx_paid_by,
+        ],
+    )
+    .await
+}
+
+/// The usages.
+async fn insert_usages(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if columns.use_id.is_empty() {
+        return Ok(Vec::new());
+    }
+    tx.query(
+        &statements.insert_usages,
+        &[
+            &columns.use_id,
+            &columns.use_user,
+            &columns.use_seq,
+            &columns.use_hold,
+            &columns.use_model,
+            &columns.use_input,
+            &columns.use_output,
+            &columns.use_cache_read,
+            &columns.use_cache_write,
+            &columns.use_cost,
+            &columns.use_held,
+            &columns.use_conversation,
+            &columns.use_message,
+            &columns.use_before,
+            &columns.use_after,
+            &columns.use_created,
+            &columns.use_paid_by,
+        ],
+    )
+    .await
+}
+
+/// The holds finished that an earlier batch placed.
+async fn finish_holds(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if columns.fin_id.is_empty() {
+        return Ok(Vec::new());
+    }
+    tx.query(
+        &statements.finish_holds,
+        &[
+            &columns.fin_id,
+            &columns.fin_user,
+            &columns.fin_status,
+            &columns.fin_seq,
+            &columns.fin_at,
+        ],
+    )
+    .await
+}
+
+/// The outgoing events.
+async fn insert_events(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if columns.ev_id.is_empty() {
+        return Ok(Vec::new());
+    }
+    tx.query(
+        &statements.insert_events,
+        &[
+            &columns.ev_id,
+            &columns.ev_user,
+            &columns.ev_seq,
+            &columns.ev_ordinal,
+            &columns.ev_type,
+            &columns.ev_data,
+            &columns.ev_created,
+        ],
+    )
+    .await
+}
+
+/// The grant rows made or spent from.
+async fn upsert_grants(
+    tx: &tokio_postgres::Transaction<'_>,
+    statements: &Statements,
+    columns: &Columns,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if columns.grant_id.is_empty() {
+        return Ok(Vec::new());
+    }
+    tx.query(
+        &statements.upsert_grants,
+        &[
+            &columns.grant_id,
+            &columns.grant_user,
+            &columns.grant_kind,
+            &columns.grant_amount,
+            &columns.grant_remaining,
+            &columns.grant_expires,
+            &columns.grant_source,
+            &columns.grant_payment,
+            &columns.grant_transaction,
+            &columns.grant_seq,
+            &columns.grant_created,
+        ],
+    )
+    .await
+}
+
+/// The accounts with fewer rows written than sent: a row of theirs was
+/// skipped (a unique constraint) or a finish matched no active hold.
+fn refused_accounts(columns: &Columns, inserted: &Inserted) -> HashSet<i64> {
     let mut missing: HashMap<i64, i64> = HashMap::new();
-    for user in c
+    for user in columns
         .hold_user
         .iter()
-        .chain(&c.tx_user)
-        .chain(&c.use_user)
-        .chain(&c.fin_user)
-        .chain(&c.ev_user)
-        .chain(&c.grant_user)
+        .chain(&columns.tx_user)
+        .chain(&columns.use_user)
+        .chain(&columns.fin_user)
+        .chain(&columns.ev_user)
+        .chain(&columns.grant_user)
     {
         *missing.entry(*user).or_default() += 1;
     }
-    for (_, user) in holds
+    for (_, user) in inserted
+        .holds
         .iter()
-        .chain(&transactions)
-        .chain(&usages)
-        .chain(&finished)
-        .chain(&events)
-        .chain(&grants)
+        .chain(&inserted.transactions)
+        .chain(&inserted.usages)
+        .chain(&inserted.finished)
+        .chain(&inserted.events)
+        .chain(&inserted.grants)
     {
         *missing.entry(*user).or_default() -= 1;
     }
@@ -566,26 +740,7 @@ pub(super) async fn write_groups(
         .filter(|&(_, count)| count != 0)
         .map(|(user, _)| user)
         .collect();
-    if !refused.is_empty() {
-        undo(
-            &tx,
-            statements,
-            groups,
-            &refused,
-            [&holds, &transactions, &usages, &finished],
-        )
-        .await?;
-        let undone: Vec<Uuid> = events
-            .iter()
-            .filter(|(_, user)| refused.contains(user))
-            .map(|(id, _)| *id)
-            .collect();
-        tx.execute(&statements.undo_events, &[&undone]).await?;
-        undo_grants(&tx, statements, &columns, &refused).await?;
-        written.refused.extend(refused.into_iter().map(AccountId));
-    }
-    tx.commit().await?;
-    Ok(written)
+    refused
 }
 
 /// Puts a refused account's grant rows back: those this batch inserted
@@ -682,7 +837,12 @@ async fn undo(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
     use super::*;
+    use crate::ledger::journal::Durable;
     use crate::money::Micros;
 
     fn entry(record: Record) -> Entry {

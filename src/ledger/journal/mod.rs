@@ -65,18 +65,14 @@
 //!   there before the actor can hear of it (its watch), so entries of the
 //!   failed incarnation gathered afterwards are dropped too.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch, Semaphore};
-use tokio_postgres::{Client, Statement};
-use uuid::Uuid;
+use tokio::sync::{mpsc, watch};
 
 use super::cluster::InstanceId;
-use super::outbox::OutgoingEvent;
 use super::types::*;
 use crate::config::JournalSettings;
 use crate::db::Database;
@@ -85,28 +81,6 @@ mod batch;
 mod writer;
 
 use writer::{JournalWriter, LaneShared};
-
-/// What one entry makes durable.
-#[derive(Debug, Clone)]
-pub(crate) enum Record {
-    Transaction(TransactionRecord),
-    HoldPlaced(HoldRecord),
-    /// `late`: its hold was no longer active (expired, released or
-    /// unknown), so no hold row is finished by it.
-    Settled {
-        usage: UsageRecord,
-        late: bool,
-    },
-    Released(ReleaseRecord),
-}
-
-/// A grant row an entry inserts (`before` none) or whose remaining
-/// amount it moves (from `before`).
-#[derive(Debug, Clone)]
-pub(crate) struct GrantWrite {
-    pub grant: GrantRecord,
-    pub before: Option<crate::money::Micros>,
-}
 
 /// An account's durability as the writer last saw it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

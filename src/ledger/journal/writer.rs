@@ -1,27 +1,19 @@
 //! A writer's gathering loop and its batches in flight: connections,
 //! per-account ordering between batches, publishing outcomes.
 
-use super::batch::*;
-use super::*;
+use super::batch::{write_groups, Group, Statements, WriterConnection, Written};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-pub(super) struct Statements {
-    pub(super) update_balances: Statement,
-    pub(super) insert_transactions: Statement,
-    pub(super) insert_holds: Statement,
-    pub(super) insert_usages: Statement,
-    pub(super) finish_holds: Statement,
-    pub(super) undo_accounts: Statement,
-    pub(super) insert_events: Statement,
-    pub(super) undo_events: Statement,
-    pub(super) upsert_grants: Statement,
-    pub(super) undo_grants: Statement,
-    pub(super) notify_accounts: Statement,
-}
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_postgres::Client;
 
-pub(super) struct WriterConnection {
-    pub(super) client: Client,
-    pub(super) statements: Statements,
-}
+use super::{Entry, JournalHealth};
+use crate::db::Database;
+use crate::ledger::cluster::InstanceId;
+use crate::ledger::types::*;
 
 /// One writer's gathering loop. Batches it dispatches run as tasks of their
 /// own (up to `depth` at once), each on a connection of its own.
@@ -49,27 +41,11 @@ pub(super) struct LaneShared {
     pub(super) instance: InstanceId,
 }
 
-/// One account's entries in a batch, in the order the actor produced them.
-pub(super) struct Group {
-    pub(super) account: AccountId,
-    pub(super) entries: Vec<Entry>,
-}
-
 enum WriteError {
     /// The connection is gone: nothing in the batch committed (or we can't know).
     Connection(String),
     /// The database refused something: another split may succeed.
     Refused(String),
-}
-
-/// What a committed batch did not write, by account.
-#[derive(Default)]
-pub(super) struct Written {
-    /// Skipped: their balance row moved (fencing).
-    pub(super) fenced: HashSet<AccountId>,
-    /// Written, then undone in the same transaction: fewer rows were written
-    /// than sent (a unique constraint, a finished hold).
-    pub(super) refused: HashSet<AccountId>,
 }
 
 /// Signals, once a batch has published its outcome, that the batches
@@ -443,10 +419,6 @@ impl Group {
         self.entries
             .windows(2)
             .all(|pair| pair[1].seq == pair[0].seq + 1 && pair[1].epoch == pair[0].epoch)
-    }
-
-    pub(super) fn admissible(&self) -> Result<(), String> {
-        self.entries.iter().try_for_each(Entry::admissible)
     }
 }
 
