@@ -305,18 +305,19 @@ async fn idle_accounts_are_passivated_and_come_back_with_their_state() {
         .credit(account, posting("k1", TransactionType::TopUp, micros(42)))
         .await
         .unwrap();
-    assert_eq!(engine.stats().resident_actors, 1);
+    // No check that the actor is resident right after: under load its 50 ms
+    // can pass before the next line runs. It stopping is what is asserted.
     let mut waited = 0;
-    while engine.stats().resident_actors > 0 && waited < 100 {
+    while engine.stats().resident_actors > 0 && waited < 250 {
         tokio::time::sleep(Duration::from_millis(20)).await;
         waited += 1;
     }
     assert_eq!(engine.stats().resident_actors, 0, "the idle actor stopped");
+    // Read from PostgreSQL by a new actor: the state came back.
     assert_eq!(
         engine.balance(account).await.unwrap().balance_micros,
         micros(42)
     );
-    assert_eq!(engine.stats().resident_actors, 1);
 }
 
 #[actix::test]
