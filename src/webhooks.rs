@@ -81,7 +81,7 @@ pub fn count(source: Source, kind: &str, handled: &[&'static str], outcome: &str
         .find(|handled| **handled == kind)
         .copied()
         .unwrap_or("other");
-    metrics::counter!("creditd_webhook_events_total",
+    metrics::counter!(crate::telemetry::WEBHOOK_EVENTS_TOTAL.name,
         "source" => source.as_str(), "type" => kind, "outcome" => outcome.to_owned())
     .increment(1);
 }

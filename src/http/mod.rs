@@ -56,7 +56,7 @@ pub async fn read_body(
     };
     let deadline = Duration::from_millis(server.client_request_timeout_ms);
     tokio::time::timeout(deadline, read).await.map_err(|_| {
-        metrics::counter!("creditd_request_body_timeouts_total").increment(1);
+        metrics::counter!(crate::telemetry::REQUEST_BODY_TIMEOUTS_TOTAL.name).increment(1);
         ApiError::new(
             Code::RequestTimeout,
             format!(
@@ -132,9 +132,13 @@ pub fn server(
                         ("method", method.to_owned()),
                         ("status", status.to_string()),
                     ];
-                    metrics::counter!("creditd_http_requests_total", &labels).increment(1);
-                    metrics::histogram!("creditd_http_request_duration_seconds", &labels)
-                        .record(elapsed.as_secs_f64());
+                    metrics::counter!(crate::telemetry::HTTP_REQUESTS_TOTAL.name, &labels)
+                        .increment(1);
+                    metrics::histogram!(
+                        crate::telemetry::HTTP_REQUEST_DURATION_SECONDS.name,
+                        &labels
+                    )
+                    .record(elapsed.as_secs_f64());
                     Ok(response)
                 }
             })
@@ -259,10 +263,16 @@ async fn metrics_text(
 ) -> Result<HttpResponse, ApiError> {
     auth::require_metrics_token(&state.settings.metrics, &request)?;
     let stats = state.engine.stats();
-    metrics::gauge!("creditd_account_actors_resident").set(stats.resident_actors as f64);
-    metrics::gauge!("creditd_journal_queue_depth").set(stats.journal_queue_depth as f64);
-    metrics::gauge!("creditd_database_up").set(if state.health.database_up() { 1.0 } else { 0.0 });
-    metrics::gauge!("creditd_active_holds").set(state.health.active_holds() as f64);
+    metrics::gauge!(crate::telemetry::ACCOUNT_ACTORS_RESIDENT.name)
+        .set(stats.resident_actors as f64);
+    metrics::gauge!(crate::telemetry::JOURNAL_QUEUE_DEPTH.name)
+        .set(stats.journal_queue_depth as f64);
+    metrics::gauge!(crate::telemetry::DATABASE_UP.name).set(if state.health.database_up() {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!(crate::telemetry::ACTIVE_HOLDS.name).set(state.health.active_holds() as f64);
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render()))

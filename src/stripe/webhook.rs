@@ -193,7 +193,7 @@ fn currency_mismatch(
     let matches = currency.is_some_and(|c| c.eq_ignore_ascii_case(ledger));
     if !matches {
         tracing::error!(%id, currency = ?currency, %ledger, "{what} in a currency other than the ledger's; not applied");
-        metrics::counter!("creditd_topup_currency_mismatch_total", "object" => what.to_owned())
+        metrics::counter!(crate::telemetry::TOPUP_CURRENCY_MISMATCH_TOTAL.name, "object" => what.to_owned())
             .increment(1);
     }
     !matches
@@ -257,7 +257,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         // looks; the event is recorded, so Stripe stops retrying it.
         tracing::error!(session = %session.id, amount_total, asked = ?asked,
             "paid top-up whose amount_total differs from metadata.amountCents; not credited");
-        metrics::counter!("creditd_topup_amount_mismatch_total").increment(1);
+        metrics::counter!(crate::telemetry::TOPUP_AMOUNT_MISMATCH_TOTAL.name).increment(1);
         return Ok(Outcome::AmountMismatch);
     }
     let amount = cents(amount_total, "amount_total")?;
