@@ -57,14 +57,14 @@ pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
             ("AdjustedAccount" = (operation_id = "account", parameters(("userId" = "$request.path.userId")), description = "The account just adjusted"))
         )),
         (status = 200, description = "Applied before under this key", body = super::openapi::Adjusted),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 409, description = "CONFLICT (same key, different content)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::error::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
+        (status = 409, description = "CONFLICT (same key, different content)", body = super::error::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::error::ErrorBody)
     ))]
 async fn adjust(
     state: State,
@@ -149,11 +149,11 @@ async fn adjust(
     params(("userId" = String, Path, description = "Clerk user id")),
     responses(
         (status = 200, description = "The account", body = super::openapi::AdminAccount),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::error::ErrorBody)
     ))]
 async fn account(
     state: State,
@@ -195,10 +195,10 @@ async fn account(
 #[utoipa::path(get, path = "/admin/reconcile", tag = "admin", security(("admin" = [])),
     responses(
         (status = 200, description = "The reconcile report (`clean`, `problems`)", body = Object),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::error::ErrorBody)
     ))]
 async fn run_reconcile(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
@@ -267,11 +267,11 @@ impl EventFilter {
     params(EventFilter),
     responses(
         (status = 200, description = "The events (`events`)", body = super::openapi::EventList),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::error::ErrorBody)
     ))]
 async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
@@ -293,11 +293,11 @@ async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse,
     params(("eventId" = String, Path, description = "The event's id (a UUID)")),
     responses(
         (status = 200, description = "The event, PENDING again", body = crate::events::store::EventDelivery),
-        (status = 400, description = "INVALID_REQUEST (eventId is not a UUID)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no such event; or no admin token configured)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (eventId is not a UUID)", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        (status = 404, description = "NOT_FOUND (no such event; or no admin token configured)", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::error::ErrorBody)
     ))]
 async fn redeliver_event(
     state: State,

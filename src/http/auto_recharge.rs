@@ -58,8 +58,8 @@ async fn view(state: &State, account: AccountId) -> Result<serde_json::Value, Ap
 #[utoipa::path(get, path = "/api/credits/auto-recharge", tag = "credits", security(("clerk" = [])),
     responses(
         (status = 200, description = "The settings and this month's total (cents)"),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable)", body = super::openapi::ErrorBody)
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database unavailable)", body = super::error::ErrorBody)
     ))]
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
@@ -72,10 +72,10 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
     request_body = AutoRechargeRequest,
     responses(
         (status = 200, description = "The saved settings, as GET shows them"),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 409, description = "CONFLICT (enabling needs a card saved by a top-up)", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        (status = 409, description = "CONFLICT (enabling needs a card saved by a top-up)", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database unavailable)", body = super::error::ErrorBody)
     ))]
 pub(super) async fn save(
     state: State,

@@ -138,17 +138,17 @@ fn stored_text(field: &str, value: &str) -> Result<(), ApiError> {
             (super::openapi::ChatAnswer = "application/json"),
             (String = "text/event-stream"),
         )),
-        (status = 400, description = "INVALID_REQUEST (the message names the field), NO_API_KEY, BYOK_KEY_REFUSED", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros), SPEND_LIMIT_REACHED (limit, limitMicros, spentMicros, heldMicros, requiredMicros, resetsAt; Retry-After)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (too many chats in flight; Retry-After)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
-        (status = 502, description = "PROVIDER_ERROR", body = super::openapi::ErrorBody),
-        (status = 503, description = "PROVIDER_UNAVAILABLE (Retry-After), OVERLOADED, UNAVAILABLE", body = super::openapi::ErrorBody),
-        (status = 504, description = "PROVIDER_TIMEOUT", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field), NO_API_KEY, BYOK_KEY_REFUSED", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros), SPEND_LIMIT_REACHED (limit, limitMicros, spentMicros, heldMicros, requiredMicros, resetsAt; Retry-After)", body = super::error::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (too many chats in flight; Retry-After)", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
+        (status = 502, description = "PROVIDER_ERROR", body = super::error::ErrorBody),
+        (status = 503, description = "PROVIDER_UNAVAILABLE (Retry-After), OVERLOADED, UNAVAILABLE", body = super::error::ErrorBody),
+        (status = 504, description = "PROVIDER_TIMEOUT", body = super::error::ErrorBody)
     ))]
 async fn chat(
     state: State,
@@ -322,7 +322,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
     let busy = |retry_after_s: Option<u64>| ApiError {
         code: Code::ProviderUnavailable,
         message: format!("{name} is overloaded or unavailable; retry in a moment."),
-        details: retry_after_s.map(|seconds| json!({ "retryAfterSeconds": seconds })),
+        details: None,
         retry_after_s,
     };
     match error {
@@ -338,7 +338,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
                 "the platform's API key was refused"
             );
             ApiError::new(
-                Code::ProviderFailed,
+                Code::ProviderError,
                 format!("{name} refused the request; the platform's key is being looked at."),
             )
         }
@@ -347,7 +347,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
             format!("{name} did not answer in time; retry."),
         ),
         ProviderError::Rejected { message, .. } => ApiError::new(
-            Code::ProviderFailed,
+            Code::ProviderError,
             format!("{name} refused the request: {message}"),
         ),
         ProviderError::Transport(_)
@@ -355,7 +355,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
         | ProviderError::Stream { .. } => {
             tracing::warn!(%error, provider = provider.as_str(), "provider call failed");
             ApiError::new(
-                Code::ProviderFailed,
+                Code::ProviderError,
                 format!("The call to {name} failed; retry."),
             )
         }

@@ -34,12 +34,12 @@ fn header<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
     request_body(content = Object, description = "A Clerk event"),
     responses(
         (status = 200, description = "Taken (or already taken)", body = super::openapi::Received),
-        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (not configured, database unavailable: Svix retries)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (not configured, database unavailable: Svix retries)", body = super::error::ErrorBody)
     ))]
 async fn webhook(
     state: State,

@@ -209,7 +209,7 @@ fn cors(allowed: &[String]) -> actix_cors::Cors {
 #[utoipa::path(get, path = "/healthz", tag = "ops",
     responses(
         (status = 200, description = "Up", body = openapi::Status),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody)
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = error::ErrorBody)
     ))]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
@@ -219,8 +219,8 @@ async fn healthz() -> HttpResponse {
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses(
         (status = 200, description = "Ready", body = openapi::Status),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = openapi::ErrorBody)
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = error::ErrorBody)
     ))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     if state.health.draining() {
@@ -254,8 +254,8 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
 #[utoipa::path(get, path = "/metrics", tag = "ops", security((), ("metrics" = [])),
     responses(
         (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
-        (status = 401, description = "UNAUTHORIZED (metrics.token set, missing or wrong)", body = openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody)
+        (status = 401, description = "UNAUTHORIZED (metrics.token set, missing or wrong)", body = error::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = error::ErrorBody)
     ))]
 async fn metrics_text(
     state: State,

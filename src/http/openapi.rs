@@ -3,19 +3,17 @@
 //! served at `/openapi.json`, with a page that lists it at `/docs`.
 //!
 //! The bodies the handlers build with `json!` are described here by the
-//! types below; every error is `ErrorBody`, whose `error` lists every code
-//! of `error::Code`.
+//! types below; every error is `error::ErrorBody`, whose `error` lists
+//! every code of `error::Code`.
 
 use std::sync::OnceLock;
 
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
-use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::RefOr;
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::error::Code;
+use super::error::{Code, ErrorBody};
 use super::views::{GrantView, HoldView, TransactionView, UsageView};
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -64,7 +62,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
     ),
     components(schemas(
         ErrorBody,
-        ErrorCode,
+        Code,
         crate::pricing::Provider,
         crate::events::Envelope
     )),
@@ -99,33 +97,6 @@ impl Modify for BearerTokens {
         }
     }
 }
-
-/// Every error: `{"error": CODE, "message": "…"}`, plus the fields some
-/// codes add (`retryAfterSeconds`, the amounts of `INSUFFICIENT_CREDITS`).
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    error: ErrorCode,
-    /// What the caller can do about it.
-    message: String,
-    /// RATE_LIMITED, PROVIDER_UNAVAILABLE: seconds before a retry (also in `Retry-After`).
-    #[serde(rename = "retryAfterSeconds")]
-    retry_after_seconds: Option<u64>,
-}
-
-/// The stable error codes (README's error table).
-#[derive(Serialize)]
-pub struct ErrorCode(String);
-
-impl utoipa::PartialSchema for ErrorCode {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some(Code::ALL.iter().map(|code| code.as_str())))
-            .into()
-    }
-}
-
-impl ToSchema for ErrorCode {}
 
 /// `POST /api/credits/referral`: the code was taken.
 #[derive(Serialize, ToSchema)]

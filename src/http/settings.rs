@@ -30,10 +30,10 @@ const KEY_MAX_LEN: usize = 512;
 #[utoipa::path(get, path = "/api/settings/api-keys", tag = "settings", security(("clerk" = [])),
     responses(
         (status = 200, description = "The saved keys", body = super::openapi::SavedKeys),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL (a stored key does not open under byok.encryption_key)", body = super::openapi::ErrorBody),
-        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL (a stored key does not open under byok.encryption_key)", body = super::error::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::error::ErrorBody)
     ))]
 async fn list(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
@@ -109,13 +109,13 @@ fn check_key(field: &str, provider: Provider, key: &str) -> Result<(), ApiError>
             ("SavedKeysList" = (operation_id = "list", description = "The keys just saved")),
             ("RemoveSavedOpenaiKey" = (operation_id = "remove", parameters(("provider" = "openai")), description = "Delete the OpenAI key"))
         )),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::error::ErrorBody)
     ))]
 async fn save(
     state: State,
@@ -159,11 +159,11 @@ async fn save(
     params(("provider" = Provider, Path, description = "`anthropic` or `openai`")),
     responses(
         (status = 200, description = "The saved keys after", body = super::openapi::SavedKeys),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::error::ErrorBody)
     ))]
 async fn remove(
     state: State,

@@ -44,13 +44,13 @@ fn euros(cents: i64) -> String {
     request_body = TopupRequest,
     responses(
         (status = 200, description = "The Checkout Session", body = super::openapi::TopupSession),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL (the payment provider refused the request)", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (Stripe not configured or unreachable, database unavailable)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
+        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL (the payment provider refused the request)", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (Stripe not configured or unreachable, database unavailable)", body = super::error::ErrorBody)
     ))]
 async fn topup(
     state: State,
@@ -138,12 +138,12 @@ async fn dispatch(state: &State, event: &Event) -> Result<crate::webhooks::Outco
     request_body(content = Object, description = "A Stripe event"),
     responses(
         (status = 200, description = "Taken (or already taken)", body = super::openapi::Received),
-        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (not configured, a top-up not credited yet, database unavailable: Stripe retries)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
+        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
+        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody),
+        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        (status = 503, description = "UNAVAILABLE (not configured, a top-up not credited yet, database unavailable: Stripe retries)", body = super::error::ErrorBody)
     ))]
 async fn webhook(
     state: State,
