@@ -10,7 +10,7 @@ use super::error::{parse_json, ApiError, Code};
 use super::{read_body, State};
 use crate::ledger::AccountId;
 use crate::money::Micros;
-use crate::recharge::store::{self, Settings};
+use crate::recharge::store::{self, AutoRechargeSettings};
 use crate::recharge::RechargeConfig;
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -124,7 +124,7 @@ pub(super) async fn save(
             "auto-recharge needs a saved card: make a top-up first, its card is kept for auto-recharges",
         ));
     }
-    let settings = Settings {
+    let settings = AutoRechargeSettings {
         enabled,
         threshold_cents,
         amount_cents,

@@ -7,9 +7,9 @@ use serde_json::json;
 use super::error::{parse_json, ApiError, Code};
 use super::{read_body, State};
 use crate::clerk::svix::{self, SvixHeaders};
-use crate::clerk::users::{Effects, HANDLED};
+use crate::clerk::users::{ClerkEffects, HANDLED};
 use crate::clerk::{ClerkEvent, EventError};
-use crate::webhooks::{self, Outcome, Source};
+use crate::webhooks::{self, Source, WebhookOutcome};
 
 const SOURCE: Source = Source::Clerk;
 
@@ -88,9 +88,9 @@ async fn webhook(
 }
 
 /// Parses the event by type and applies it.
-async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError> {
+async fn dispatch(state: &State, event: &ClerkEvent) -> Result<WebhookOutcome, ApiError> {
     let parsed = event.parse().map_err(event_failure)?;
-    let effects = Effects {
+    let effects = ClerkEffects {
         users: &state.users,
         engine: &state.engine,
         pool: &state.pool,

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use super::error::{ApiError, Code};
 use super::views::{GrantView, History, Page, TransactionView, UsageView};
 use super::State;
-use crate::accounts::{self, users, Bonus};
+use crate::accounts::{self, users, SignupBonusClaim};
 use crate::ledger::{store, AccountId};
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
@@ -219,7 +219,7 @@ pub(super) struct DailyUsageView {
 #[utoipa::path(get, path = "/api/credits/usage/daily", tag = "credits", security(("clerk" = [])),
     params(("days" = Option<u32>, Query, minimum = 1, maximum = 90, description = "Days to report (default 30)")),
     responses(
-        (status = 200, description = "Spend per day", body = super::openapi::DailyUsage),
+        (status = 200, description = "Spend per day", body = super::openapi::DailyUsageList),
         (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
         (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
@@ -245,7 +245,10 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
 }
 
 /// The signup bonus, once per person (see `accounts::bonus`).
-async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Bonus, ApiError> {
+async fn grant_signup_bonus(
+    state: &State,
+    account: AccountId,
+) -> Result<SignupBonusClaim, ApiError> {
     let bonus = state.signup_bonus;
     Ok(accounts::grant_signup_bonus(&state.engine, &state.pool, bonus, account).await?)
 }
@@ -268,8 +271,8 @@ async fn claim_bonus(state: State, request: HttpRequest) -> Result<HttpResponse,
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let outcome = match grant_signup_bonus(&state, account).await? {
-        Bonus::Granted(outcome) => outcome,
-        Bonus::TakenByAnotherAccount => {
+        SignupBonusClaim::Granted(outcome) => outcome,
+        SignupBonusClaim::TakenByAnotherAccount => {
             return Err(ApiError::new(
                 Code::Conflict,
                 "the signup bonus was already granted to an account with this email address",

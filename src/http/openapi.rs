@@ -115,14 +115,16 @@ pub struct EventList {
 
 /// `GET /api/credits/usage/daily`: spend per UTC day, oldest first.
 #[derive(Serialize, ToSchema)]
-pub struct DailyUsage {
+#[schema(as = DailyUsage)]
+pub struct DailyUsageList {
     days: Vec<super::credits::DailyUsageView>,
 }
 
 /// `POST /api/credits/topup`: the Checkout Session to send the user to.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct TopupSession {
+#[schema(as = TopupSession)]
+pub struct TopupSessionView {
     url: String,
     session_id: String,
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::error::{parse_json, ApiError, Code};
 use super::{read_body, State};
 use crate::stripe::events::Event;
-use crate::stripe::webhook::{Effects, StripeEvent, HANDLED};
+use crate::stripe::webhook::{StripeEffects, StripeEvent, HANDLED};
 use crate::stripe::{signature, topup, StripeCallError, StripeError};
 use crate::webhooks::{self, Source};
 
@@ -43,7 +43,7 @@ fn euros(cents: i64) -> String {
 #[utoipa::path(post, path = "/api/credits/topup", tag = "credits", security(("clerk" = [])),
     request_body = TopupRequest,
     responses(
-        (status = 200, description = "The Checkout Session", body = super::openapi::TopupSession),
+        (status = 200, description = "The Checkout Session", body = super::openapi::TopupSessionView),
         (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
         (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
@@ -120,9 +120,12 @@ fn stripe_error(error: StripeError) -> ApiError {
 }
 
 /// Parses the event by type and applies it.
-async fn dispatch(state: &State, event: &Event) -> Result<crate::webhooks::Outcome, ApiError> {
+async fn dispatch(
+    state: &State,
+    event: &Event,
+) -> Result<crate::webhooks::WebhookOutcome, ApiError> {
     let parsed = StripeEvent::parse(event).map_err(stripe_error)?;
-    let effects = Effects {
+    let effects = StripeEffects {
         settings: &state.settings.stripe,
         referral_bonus: state.referral_bonus,
         engine: &state.engine,

@@ -133,7 +133,7 @@ pub struct ChatCall {
 }
 
 /// A whole answer, with what it cost when on the platform's key.
-pub struct Answer {
+pub struct CompletedChat {
     pub content: String,
     pub model: String,
     pub credits: Option<UsageRecord>,
@@ -175,7 +175,7 @@ impl Chats {
 
     /// A whole answer: hold, call, then settle (or release), in a task of
     /// its own so a client that goes away never leaves a hold half-done.
-    pub async fn answer(self: &Arc<Self>, chat: ChatCall) -> Result<Answer, ChatError> {
+    pub async fn answer(self: &Arc<Self>, chat: ChatCall) -> Result<CompletedChat, ChatError> {
         let call = self.call(chat);
         actix_web::rt::spawn(async move { call.hold().await?.complete().await })
             .await
@@ -297,7 +297,7 @@ impl Call {
     }
 
     /// A whole answer: call, then settle (or release), then answer.
-    async fn complete(self) -> Result<Answer, ChatError> {
+    async fn complete(self) -> Result<CompletedChat, ChatError> {
         let started = Instant::now();
         let result = self
             .chats
@@ -319,7 +319,7 @@ impl Call {
             Some(billing) => Some(self.settle(billing.hold, completion.usage).await?),
             None => None,
         };
-        Ok(Answer {
+        Ok(CompletedChat {
             content: completion.content,
             model: self.request.model.clone(),
             credits,
