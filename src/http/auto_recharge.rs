@@ -4,10 +4,11 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::Utc;
 use serde::Deserialize;
-use serde_json::json;
 
+use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
-use super::{read_body, State};
+use super::state::State;
+use super::views::{AutoRechargeBounds, AutoRechargeView};
 use crate::ledger::AccountId;
 use crate::money::Micros;
 use crate::recharge::store::{self, AutoRechargeSettings};
@@ -30,36 +31,36 @@ pub(super) struct AutoRechargeRequest {
     amount_cents: i64,
 }
 
-async fn view(state: &State, account: AccountId) -> Result<serde_json::Value, ApiError> {
+async fn view(state: &State, account: AccountId) -> Result<AutoRechargeView, ApiError> {
     let client = state.client().await?;
     let settings = store::settings(&**client, account).await?;
     let has_card = store::has_card(&**client, account).await?;
     let month = store::month_total_cents(&**client, account, Utc::now()).await?;
     let credits = &state.settings.credits;
-    Ok(json!({
-        "enabled": settings.as_ref().is_some_and(|s| s.enabled),
-        "thresholdCents": settings.as_ref().map(|s| s.threshold_cents),
-        "amountCents": settings.as_ref().map(|s| s.amount_cents),
-        "disabledReason": settings.as_ref().and_then(|s| s.disabled_reason.clone()),
-        "hasSavedCard": has_card,
-        "monthTotalCents": month,
-        "monthlyMaxCents": credits.auto_recharge_monthly_max_cents,
-        "limits": {
-            "minAmountCents": credits.auto_recharge_min_amount_cents,
-            "maxAmountCents": credits.auto_recharge_max_amount_cents,
-            "minThresholdCents": credits.auto_recharge_min_threshold_cents,
-            "maxThresholdCents": credits.auto_recharge_max_threshold_cents,
+    Ok(AutoRechargeView {
+        enabled: settings.as_ref().is_some_and(|s| s.enabled),
+        threshold_cents: settings.as_ref().map(|s| s.threshold_cents),
+        amount_cents: settings.as_ref().map(|s| s.amount_cents),
+        disabled_reason: settings.as_ref().and_then(|s| s.disabled_reason.clone()),
+        has_saved_card: has_card,
+        month_total_cents: month,
+        monthly_max_cents: credits.auto_recharge_monthly_max_cents,
+        limits: AutoRechargeBounds {
+            min_amount_cents: credits.auto_recharge_min_amount_cents,
+            max_amount_cents: credits.auto_recharge_max_amount_cents,
+            min_threshold_cents: credits.auto_recharge_min_threshold_cents,
+            max_threshold_cents: credits.auto_recharge_max_threshold_cents,
         },
-    }))
+    })
 }
 
 /// The user's auto-recharge: settings, `disabledReason` when creditd
 /// switched it off, this month's auto-recharged total.
 #[utoipa::path(get, path = "/api/credits/auto-recharge", tag = "credits", security(("clerk" = [])),
     responses(
-        (status = 200, description = "The settings and this month's total (cents)"),
+        (status = 200, description = "The settings and this month's total (cents)", body = super::views::AutoRechargeView),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable)", body = super::error::ErrorBody)
+        super::error::DatabaseUnavailable
     ))]
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
@@ -71,11 +72,11 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
 #[utoipa::path(put, path = "/api/credits/auto-recharge", tag = "credits", security(("clerk" = [])),
     request_body = AutoRechargeRequest,
     responses(
-        (status = 200, description = "The saved settings, as GET shows them"),
+        (status = 200, description = "The saved settings, as GET shows them", body = super::views::AutoRechargeView),
         (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
         (status = 409, description = "CONFLICT (enabling needs a card saved by a top-up)", body = super::error::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable)", body = super::error::ErrorBody)
+        super::error::DatabaseUnavailable
     ))]
 pub(super) async fn save(
     state: State,

@@ -13,8 +13,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
-use super::{read_body, State};
+use super::state::State;
+use super::views::{ChatAnswer, ChatCredits};
 use crate::config::{ChatSettings, Secret};
 use crate::ledger::{text_problem, AccountId, UsageRecord};
 use crate::metering::{ChatCall, ChatError, StreamEvent};
@@ -135,16 +137,15 @@ fn stored_text(field: &str, value: &str) -> Result<(), ApiError> {
     request_body = ChatBody,
     responses(
         (status = 200, description = "The answer (JSON), or with `stream: true` an event stream (`delta`, then `done` or `error`)", content(
-            (super::openapi::ChatAnswer = "application/json"),
+            (super::views::ChatAnswer = "application/json"),
             (String = "text/event-stream"),
         )),
         (status = 400, description = "INVALID_REQUEST (the message names the field), NO_API_KEY, BYOK_KEY_REFUSED", body = super::error::ErrorBody),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
         (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros), SPEND_LIMIT_REACHED (limit, limitMicros, spentMicros, heldMicros, requiredMicros, resetsAt; Retry-After)", body = super::error::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 429, description = "RATE_LIMITED (too many chats in flight; Retry-After)", body = super::error::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        super::error::Internal,
         (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
         (status = 502, description = "PROVIDER_ERROR", body = super::error::ErrorBody),
         (status = 503, description = "PROVIDER_UNAVAILABLE (Retry-After), OVERLOADED, UNAVAILABLE", body = super::error::ErrorBody),
@@ -180,11 +181,11 @@ async fn chat(
         Ok(stream_response(events))
     } else {
         let answer = state.chats.answer(call).await?;
-        let mut body = json!({ "content": answer.content, "model": answer.model });
-        if let Some(record) = &answer.credits {
-            body["credits"] = credits_view(record);
-        }
-        Ok(HttpResponse::Ok().json(body))
+        Ok(HttpResponse::Ok().json(ChatAnswer {
+            content: answer.content,
+            model: answer.model,
+            credits: answer.credits.as_ref().map(ChatCredits::from),
+        }))
     }
 }
 
@@ -265,19 +266,6 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
         price: Some(price),
         key,
         byok: false,
-    })
-}
-
-fn credits_view(record: &UsageRecord) -> Value {
-    json!({
-        "used": record.cost_micros.ceil_cents(),
-        "usedMicros": record.cost_micros.get(),
-        "balance": record.balance_after_micros.floor_cents(),
-        "balanceMicros": record.balance_after_micros.get(),
-        "inputTokens": record.input_tokens,
-        "outputTokens": record.output_tokens,
-        "cacheReadTokens": record.cache_read_tokens,
-        "cacheWriteTokens": record.cache_write_tokens,
     })
 }
 
@@ -370,7 +358,7 @@ fn event(name: &str, data: &Value) -> Bytes {
 fn error_event(error: &ApiError, credits: Option<&UsageRecord>) -> Bytes {
     let mut data = json!({ "error": error.code.as_str(), "message": error.message });
     if let Some(record) = credits {
-        data["credits"] = credits_view(record);
+        data["credits"] = json!(ChatCredits::from(record));
     }
     event("error", &data)
 }
@@ -387,7 +375,7 @@ fn render(stream_event: StreamEvent) -> Bytes {
         StreamEvent::Done { model, credits } => {
             let mut data = json!({ "model": model });
             if let Some(record) = &credits {
-                data["credits"] = credits_view(record);
+                data["credits"] = json!(ChatCredits::from(record));
             }
             event("done", &data)
         }

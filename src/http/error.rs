@@ -131,6 +131,76 @@ pub struct ErrorBody {
     details: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The error rows many routes share, written once and named in each
+/// route's `#[utoipa::path]` (`responses(…, BodyErrors, Internal)`); a route
+/// whose row says something of its own keeps it inline instead.
+fn error_rows(
+    rows: &[(u16, &str)],
+) -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
+    use utoipa::openapi::content::ContentBuilder;
+    use utoipa::openapi::response::ResponseBuilder;
+    use utoipa::openapi::Ref;
+    rows.iter()
+        .map(|&(status, description)| {
+            let body = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name(ErrorBody::name())))
+                .build();
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content("application/json", body)
+                .build();
+            (status.to_string(), RefOr::T(response))
+        })
+        .collect()
+}
+
+/// 408 and 413: the route reads a request body.
+pub struct BodyErrors;
+
+impl utoipa::IntoResponses for BodyErrors {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>
+    {
+        error_rows(&[
+            (408, "REQUEST_TIMEOUT (the body did not arrive in time)"),
+            (413, "PAYLOAD_TOO_LARGE"),
+        ])
+    }
+}
+
+/// 500: a bug or a broken invariant, logged with its cause.
+pub struct Internal;
+
+impl utoipa::IntoResponses for Internal {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>
+    {
+        error_rows(&[(500, "INTERNAL")])
+    }
+}
+
+/// 503 of a route that reads the ledger: the database or the account's
+/// actor did not answer, or its queue is full.
+pub struct LedgerUnavailable;
+
+impl utoipa::IntoResponses for LedgerUnavailable {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>
+    {
+        error_rows(&[(
+            503,
+            "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)",
+        )])
+    }
+}
+
+/// 503 of a route that reads only the database.
+pub struct DatabaseUnavailable;
+
+impl utoipa::IntoResponses for DatabaseUnavailable {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>
+    {
+        error_rows(&[(503, "UNAVAILABLE (database unavailable; retry)")])
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{}: {message}", code.as_str())]
 pub struct ApiError {

@@ -8,7 +8,7 @@ use actix_web::middleware::Next;
 use actix_web::ResponseError;
 
 use super::error::ApiError;
-use super::State;
+use super::state::State;
 
 /// Whether a path is served without a user or admin token.
 fn needs_no_token(path: &str) -> bool {

@@ -4,6 +4,7 @@
 mod admin;
 pub mod auth;
 mod auto_recharge;
+mod body;
 mod chat;
 mod clerk_webhooks;
 mod credits;
@@ -26,46 +27,10 @@ use actix_web::dev::{Server, Service, ServiceRequest};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use futures_util::future::{ready, Either};
-use futures_util::StreamExt;
 
 use crate::config::Settings;
 use error::{ApiError, Code};
 pub use state::{AppState, State};
-
-/// Reads a request body up to `server.body_limit_bytes`, within
-/// `server.client_request_timeout_ms`: a client that sends its body too
-/// slowly gets 408 instead of holding the request open.
-pub async fn read_body(
-    mut payload: web::Payload,
-    server: &crate::config::ServerSettings,
-) -> Result<web::BytesMut, ApiError> {
-    let limit = server.body_limit_bytes;
-    let read = async {
-        let mut body = web::BytesMut::new();
-        while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
-            if body.len() + chunk.len() > limit {
-                return Err(ApiError::new(
-                    Code::PayloadTooLarge,
-                    format!("request body: larger than {limit} bytes"),
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
-    };
-    let deadline = Duration::from_millis(server.client_request_timeout_ms);
-    tokio::time::timeout(deadline, read).await.map_err(|_| {
-        metrics::counter!(crate::telemetry::REQUEST_BODY_TIMEOUTS_TOTAL.name).increment(1);
-        ApiError::new(
-            Code::RequestTimeout,
-            format!(
-                "request body: not received within {} ms",
-                server.client_request_timeout_ms
-            ),
-        )
-    })?
-}
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -208,17 +173,17 @@ fn cors(allowed: &[String]) -> actix_cors::Cors {
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "ops",
     responses(
-        (status = 200, description = "Up", body = openapi::Status),
+        (status = 200, description = "Up", body = views::Status),
         (status = 429, description = "RATE_LIMITED (Retry-After)", body = error::ErrorBody)
     ))]
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+    HttpResponse::Ok().json(views::Status { status: "ok" })
 }
 
 /// The database answered the last background check and the journal flows.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses(
-        (status = 200, description = "Ready", body = openapi::Status),
+        (status = 200, description = "Ready", body = views::Status),
         (status = 429, description = "RATE_LIMITED (Retry-After)", body = error::ErrorBody),
         (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = error::ErrorBody)
     ))]
@@ -247,7 +212,7 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
             "not hearing other instances' writes (the notification listener is reconnecting)",
         ));
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+    Ok(HttpResponse::Ok().json(views::Status { status: "ready" }))
 }
 
 /// The Prometheus text; with `metrics.token` set, only for its bearer.

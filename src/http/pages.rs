@@ -8,7 +8,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpResponse, HttpResponseBuilder};
 
 use super::error::ApiError;
-use super::State;
+use super::state::State;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config

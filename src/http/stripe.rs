@@ -6,10 +6,11 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
-use serde_json::json;
 
+use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
-use super::{read_body, State};
+use super::state::State;
+use super::views::{Received, TopupSessionView};
 use crate::stripe::events::Event;
 use crate::stripe::webhook::{StripeEffects, StripeEvent, HANDLED};
 use crate::stripe::{signature, topup, StripeCallError, StripeError};
@@ -43,11 +44,10 @@ fn euros(cents: i64) -> String {
 #[utoipa::path(post, path = "/api/credits/topup", tag = "credits", security(("clerk" = [])),
     request_body = TopupRequest,
     responses(
-        (status = 200, description = "The Checkout Session", body = super::openapi::TopupSessionView),
+        (status = 200, description = "The Checkout Session", body = super::views::TopupSessionView),
         (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
         (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody),
         (status = 500, description = "INTERNAL (the payment provider refused the request)", body = super::error::ErrorBody),
         (status = 503, description = "UNAVAILABLE (Stripe not configured or unreachable, database unavailable)", body = super::error::ErrorBody)
@@ -88,7 +88,10 @@ async fn topup(
     let session = topup::open_session(api, &state.pool, account, &clerk_id, amount)
         .await
         .map_err(stripe_error)?;
-    Ok(HttpResponse::Ok().json(json!({ "url": session.url, "sessionId": session.id })))
+    Ok(HttpResponse::Ok().json(TopupSessionView {
+        url: session.url,
+        session_id: session.id,
+    }))
 }
 
 fn stripe_failure(error: StripeCallError) -> ApiError {
@@ -140,12 +143,11 @@ async fn dispatch(
     params(("Stripe-Signature" = String, Header, description = "t=<unix seconds>,v1=<HMAC-SHA256 hex>")),
     request_body(content = Object, description = "A Stripe event"),
     responses(
-        (status = 200, description = "Taken (or already taken)", body = super::openapi::Received),
+        (status = 200, description = "Taken (or already taken)", body = super::views::Received),
         (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::error::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::error::ErrorBody),
+        super::error::BodyErrors,
         (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::error::ErrorBody),
+        super::error::Internal,
         (status = 503, description = "UNAVAILABLE (not configured, a top-up not credited yet, database unavailable: Stripe retries)", body = super::error::ErrorBody)
     ))]
 async fn webhook(
@@ -182,7 +184,7 @@ async fn webhook(
     drop(client);
     if processed? {
         webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
-        return Ok(HttpResponse::Ok().json(json!({ "received": true, "duplicate": true })));
+        return Ok(HttpResponse::Ok().json(Received::duplicate()));
     }
     let outcome = match dispatch(&state, &event).await {
         Ok(outcome) => outcome,
@@ -196,5 +198,5 @@ async fn webhook(
     webhooks::record_processed(&**client, SOURCE, &event.id, &event.kind).await?;
     webhooks::count(SOURCE, &event.kind, HANDLED, outcome.as_str());
     tracing::info!(event = %event.id, kind = %event.kind, outcome = outcome.as_str(), "Stripe event processed");
-    Ok(HttpResponse::Ok().json(json!({ "received": true })))
+    Ok(HttpResponse::Ok().json(Received::taken()))
 }
