@@ -9,6 +9,7 @@ use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
 use crate::ledger::LedgerError;
+use crate::stripe::{StripeCallError, StripeError};
 
 /// Seconds a client should wait before retrying when the error gives none.
 pub const RETRY_AFTER_S: u32 = 1;
@@ -340,6 +341,41 @@ impl From<crate::limits::Refused> for ApiError {
             message: message.into(),
             details: None,
             retry_after_s: Some(refused.retry_after_s()),
+        }
+    }
+}
+
+/// Stripe unreachable is a 503 to retry; a refusal is our bug (500),
+/// logged with Stripe's message, which the client does not see.
+impl From<StripeCallError> for ApiError {
+    fn from(error: StripeCallError) -> ApiError {
+        match error {
+            StripeCallError::Unreachable(message) => {
+                tracing::warn!(%message, "Stripe unreachable");
+                ApiError::new(
+                    Code::Unavailable,
+                    "the payment provider is unreachable; retry shortly",
+                )
+            }
+            refused @ StripeCallError::Refused { .. } => {
+                tracing::error!(error = %refused, "Stripe refused a request");
+                ApiError::new(
+                    Code::Internal,
+                    "the payment provider refused the request; the operators have been alerted",
+                )
+            }
+        }
+    }
+}
+
+/// What a Stripe route answers for each failure of `crate::stripe`.
+impl From<StripeError> for ApiError {
+    fn from(error: StripeError) -> ApiError {
+        match error {
+            StripeError::Invalid(message) => ApiError::invalid(message),
+            StripeError::NotCreditedYet(message) => ApiError::new(Code::Unavailable, message),
+            StripeError::Call(error) => error.into(),
+            StripeError::Ledger(error) => error.into(),
         }
     }
 }

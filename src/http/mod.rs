@@ -12,11 +12,12 @@ pub mod error;
 mod limits;
 mod openapi;
 pub mod pages;
+mod provider_keys;
 mod referrals;
-mod settings;
 mod spending;
 mod state;
 mod stripe;
+mod topup;
 mod views;
 
 use std::net::TcpListener;
@@ -115,9 +116,10 @@ pub fn server(
             .configure(auto_recharge::routes)
             .configure(admin::routes)
             .configure(stripe::routes)
+            .configure(topup::routes)
             .configure(clerk_webhooks::routes)
             .configure(chat::routes)
-            .configure(settings::routes)
+            .configure(provider_keys::routes)
             .configure(spending::routes)
             .configure(referrals::routes)
             .configure(openapi::routes)
