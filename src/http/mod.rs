@@ -108,23 +108,16 @@ pub fn server(
                     Ok(response)
                 }
             })
-            .wrap(actix_web::middleware::from_fn(limits::unauthenticated))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics_text))
+            // The routes of a user or the admin: each checks its token.
             .configure(credits::routes)
             .configure(auto_recharge::routes)
             .configure(admin::routes)
-            .configure(stripe::routes)
             .configure(topup::routes)
-            .configure(clerk_webhooks::routes)
             .configure(chat::routes)
             .configure(provider_keys::routes)
             .configure(spending::routes)
             .configure(referrals::routes)
-            .configure(openapi::routes)
-            .configure(pages::routes)
-            .default_service(web::to(error::no_route))
+            .service(without_token())
             .wrap(cors(&allowed_origins))
     })
     .workers(settings.server.workers)
@@ -137,6 +130,30 @@ pub fn server(
     .listen(listener)?
     .run();
     Ok(server)
+}
+
+/// The routes that need no user or admin token (webhooks, health, metrics,
+/// the document and the pages) and every unknown path, under the per-IP
+/// rate: registered last, so a path no route above took lands here.
+fn without_token() -> actix_web::Scope<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    web::scope("")
+        .wrap(actix_web::middleware::from_fn(limits::unauthenticated))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics_text))
+        .configure(stripe::routes)
+        .configure(clerk_webhooks::routes)
+        .configure(openapi::routes)
+        .configure(pages::routes)
+        .default_service(web::to(error::no_route))
 }
 
 /// This service's origin as the browser addressed it: `scheme://Host`.
