@@ -9,7 +9,6 @@
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
-use crate::ledger::TransactionType;
 use crate::pricing::PriceTable;
 
 /// What a family measures, as Prometheus types it.
@@ -44,15 +43,6 @@ impl Family {
         }
     }
 }
-
-const TRANSACTION_TYPES: [TransactionType; 6] = [
-    TransactionType::SignupBonus,
-    TransactionType::TopUp,
-    TransactionType::PromoBonus,
-    TransactionType::Refund,
-    TransactionType::Dispute,
-    TransactionType::Adjustment,
-];
 
 /// `creditd_http_requests_total`.
 pub static HTTP_REQUESTS_TOTAL: Family = Family {
@@ -568,8 +558,10 @@ pub static FAMILIES: [&Family; 51] = [
     &LATE_SETTLEMENTS_TOTAL,
 ];
 
-/// Describes every family and registers the zero-valued ones.
-pub fn describe(prices: &PriceTable) {
+/// Describes every family and registers the zero-valued ones, with a
+/// series for each kind a credit is posted as (`credited_kinds`, given by
+/// the ledger's caller so this module knows no ledger type) and each model.
+pub fn describe(prices: &PriceTable, credited_kinds: &[&'static str]) {
     for family in FAMILIES {
         family.describe();
     }
@@ -597,8 +589,8 @@ pub fn describe(prices: &PriceTable) {
         metrics::counter!(SPEND_LIMIT_REFUSALS_TOTAL.name, "window" => window).increment(0);
     }
     metrics::gauge!(JOURNAL_QUEUE_DEPTH.name).set(0.0);
-    for kind in TRANSACTION_TYPES {
-        metrics::counter!(CREDITED_MICROS_TOTAL.name, "kind" => kind.as_str()).increment(0);
+    for &kind in credited_kinds {
+        metrics::counter!(CREDITED_MICROS_TOTAL.name, "kind" => kind).increment(0);
     }
     for (model, _) in prices.models() {
         metrics::counter!(CHARGED_MICROS_TOTAL.name, "model" => model.to_owned()).increment(0);
@@ -653,7 +645,7 @@ mod tests {
         let settings = crate::config::Settings::default_file().expect("config.toml parses");
         let prices = crate::pricing::PriceTable::from_settings(&settings.pricing)
             .expect("the default price table converts");
-        metrics::with_local_recorder(&recorder, || describe(&prices));
+        metrics::with_local_recorder(&recorder, || describe(&prices, &["TOP_UP"]));
         let described = seen.lock().map(|names| names.clone()).unwrap_or_default();
         for (index, family) in FAMILIES.iter().enumerate() {
             assert!(family.name.starts_with("creditd_"), "{}", family.name);
