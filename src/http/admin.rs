@@ -71,8 +71,8 @@ pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
             ("AdjustedAccount" = (operation_id = "account", parameters(("userId" = "$request.path.userId")), description = "The account just adjusted"))
         )),
         (status = 200, description = "Applied before under this key", body = super::views::Adjusted),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::AdminAuth,
         (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::error::ErrorBody),
         super::error::BodyErrors,
         (status = 409, description = "CONFLICT (same key, different content)", body = super::error::ErrorBody),
@@ -159,8 +159,8 @@ async fn adjust(
     params(("userId" = String, Path, description = "Clerk user id")),
     responses(
         (status = 200, description = "The account", body = super::views::AdminAccount),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::AdminAuth,
         (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::error::ErrorBody),
         super::error::Internal,
         super::error::LedgerUnavailable
@@ -205,7 +205,7 @@ async fn account(
 #[utoipa::path(get, path = "/admin/reconcile", tag = "admin", security(("admin" = [])),
     responses(
         (status = 200, description = "The reconcile report (`clean`, `problems`)", body = Object),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        super::error::AdminAuth,
         (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
         super::error::Internal,
         super::error::LedgerUnavailable
@@ -277,8 +277,8 @@ impl EventFilter {
     params(EventFilter),
     responses(
         (status = 200, description = "The events (`events`)", body = super::views::EventList),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::AdminAuth,
         (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
         super::error::Internal,
         super::error::DatabaseUnavailable
@@ -304,7 +304,7 @@ async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse,
     responses(
         (status = 200, description = "The event, PENDING again", body = crate::events::store::EventDelivery),
         (status = 400, description = "INVALID_REQUEST (eventId is not a UUID)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        super::error::AdminAuth,
         (status = 404, description = "NOT_FOUND (no such event; or no admin token configured)", body = super::error::ErrorBody),
         super::error::Internal,
         super::error::DatabaseUnavailable

@@ -59,7 +59,7 @@ async fn view(state: &State, account: AccountId) -> Result<AutoRechargeView, Api
 #[utoipa::path(get, path = "/api/credits/auto-recharge", tag = "credits", security(("clerk" = [])),
     responses(
         (status = 200, description = "The settings and this month's total (cents)", body = super::views::AutoRechargeView),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
         super::error::DatabaseUnavailable
     ))]
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
@@ -73,8 +73,8 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
     request_body = AutoRechargeRequest,
     responses(
         (status = 200, description = "The saved settings, as GET shows them", body = super::views::AutoRechargeView),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::SessionAuth,
         (status = 409, description = "CONFLICT (enabling needs a card saved by a top-up)", body = super::error::ErrorBody),
         super::error::DatabaseUnavailable
     ))]
@@ -85,9 +85,6 @@ pub(super) async fn save(
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
     let body = read_body(payload, &state.settings.server).await?;
-    if !parse_json::<serde_json::Value>(&body)?.is_object() {
-        return Err(ApiError::invalid("request body: expected a JSON object"));
-    }
     let AutoRechargeRequest {
         enabled,
         threshold_cents,

@@ -141,7 +141,7 @@ fn stored_text(field: &str, value: &str) -> Result<(), ApiError> {
             (String = "text/event-stream"),
         )),
         (status = 400, description = "INVALID_REQUEST (the message names the field), NO_API_KEY, BYOK_KEY_REFUSED", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
         (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros), SPEND_LIMIT_REACHED (limit, limitMicros, spentMicros, heldMicros, requiredMicros, resetsAt; Retry-After)", body = super::error::ErrorBody),
         super::error::BodyErrors,
         (status = 429, description = "RATE_LIMITED (too many chats in flight; Retry-After)", body = super::error::ErrorBody),

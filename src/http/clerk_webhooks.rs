@@ -37,7 +37,7 @@ fn header<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
         (status = 200, description = "Taken (or already taken)", body = super::views::Received),
         (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
         super::error::BodyErrors,
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody),
+        super::error::RateLimited,
         super::error::Internal,
         (status = 503, description = "UNAVAILABLE (not configured, database unavailable: Svix retries)", body = super::error::ErrorBody)
     ))]

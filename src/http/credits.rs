@@ -100,7 +100,7 @@ pub(super) struct Overview<'a> {
 #[utoipa::path(get, path = "/api/credits", tag = "credits", security(("clerk" = [])),
     responses(
         (status = 200, description = "The balance page", body = Overview),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
         super::error::Internal,
         super::error::LedgerUnavailable
     ))]
@@ -133,8 +133,8 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
     ),
     responses(
         (status = 200, description = "A page of transactions", body = super::views::TransactionsPage),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::SessionAuth,
         super::error::Internal,
         super::error::LedgerUnavailable
     ))]
@@ -159,8 +159,8 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     ),
     responses(
         (status = 200, description = "A page of usages", body = super::views::UsagesPage),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::SessionAuth,
         super::error::Internal,
         super::error::LedgerUnavailable
     ))]
@@ -212,8 +212,8 @@ const DEFAULT_CHART_DAYS: u32 = 30;
     params(("days" = Option<u32>, Query, minimum = 1, maximum = 90, description = "Days to report (default 30)")),
     responses(
         (status = 200, description = "Spend per day", body = super::views::DailyUsageList),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::SessionAuth,
         super::error::Internal,
         super::error::LedgerUnavailable
     ))]
@@ -254,7 +254,7 @@ async fn grant_signup_bonus(
             ("HistoryAfterBonus" = (operation_id = "transactions", description = "The bonus in the history"))
         )),
         (status = 200, description = "The signup bonus, credited before", body = super::views::ClaimedBonus),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
         (status = 409, description = "CONFLICT (another account of this email had the bonus)", body = super::error::ErrorBody),
         super::error::Internal,
         super::error::LedgerUnavailable

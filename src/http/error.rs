@@ -132,12 +132,13 @@ pub struct ErrorBody {
     details: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Responses by status, as `#[utoipa::path]` takes them.
+type Responses = std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>;
+
 /// The error rows many routes share, written once and named in each
 /// route's `#[utoipa::path]` (`responses(…, BodyErrors, Internal)`); a route
 /// whose row says something of its own keeps it inline instead.
-fn error_rows(
-    rows: &[(u16, &str)],
-) -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
+fn error_rows(rows: &[(u16, &str)]) -> Responses {
     use utoipa::openapi::content::ContentBuilder;
     use utoipa::openapi::response::ResponseBuilder;
     use utoipa::openapi::Ref;
@@ -155,12 +156,50 @@ fn error_rows(
         .collect()
 }
 
+/// 400: the request does not parse; the message names the field.
+pub struct Invalid;
+
+impl utoipa::IntoResponses for Invalid {
+    fn responses() -> Responses {
+        error_rows(&[(400, "INVALID_REQUEST (the message names the field)")])
+    }
+}
+
+/// 401 of a user's route: no or a bad Clerk session token.
+pub struct SessionAuth;
+
+impl utoipa::IntoResponses for SessionAuth {
+    fn responses() -> Responses {
+        error_rows(&[(
+            401,
+            "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED",
+        )])
+    }
+}
+
+/// 401 of an admin route: no or a bad admin token.
+pub struct AdminAuth;
+
+impl utoipa::IntoResponses for AdminAuth {
+    fn responses() -> Responses {
+        error_rows(&[(401, "UNAUTHORIZED (no or bad admin token)")])
+    }
+}
+
+/// 429 of a route under a rate: retry after the header's seconds.
+pub struct RateLimited;
+
+impl utoipa::IntoResponses for RateLimited {
+    fn responses() -> Responses {
+        error_rows(&[(429, "RATE_LIMITED (Retry-After)")])
+    }
+}
+
 /// 408 and 413: the route reads a request body.
 pub struct BodyErrors;
 
 impl utoipa::IntoResponses for BodyErrors {
-    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>
-    {
+    fn responses() -> Responses {
         error_rows(&[
             (408, "REQUEST_TIMEOUT (the body did not arrive in time)"),
             (413, "PAYLOAD_TOO_LARGE"),
@@ -172,8 +211,7 @@ impl utoipa::IntoResponses for BodyErrors {
 pub struct Internal;
 
 impl utoipa::IntoResponses for Internal {
-    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>
-    {
+    fn responses() -> Responses {
         error_rows(&[(500, "INTERNAL")])
     }
 }
@@ -183,8 +221,7 @@ impl utoipa::IntoResponses for Internal {
 pub struct LedgerUnavailable;
 
 impl utoipa::IntoResponses for LedgerUnavailable {
-    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>
-    {
+    fn responses() -> Responses {
         error_rows(&[(
             503,
             "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)",
@@ -196,8 +233,7 @@ impl utoipa::IntoResponses for LedgerUnavailable {
 pub struct DatabaseUnavailable;
 
 impl utoipa::IntoResponses for DatabaseUnavailable {
-    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>
-    {
+    fn responses() -> Responses {
         error_rows(&[(503, "UNAVAILABLE (database unavailable; retry)")])
     }
 }

@@ -193,7 +193,7 @@ fn cors(allowed: &[String]) -> actix_cors::Cors {
 #[utoipa::path(get, path = "/healthz", tag = "ops",
     responses(
         (status = 200, description = "Up", body = views::Status),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = error::ErrorBody)
+        error::RateLimited
     ))]
 async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(views::Status { status: "ok" })
@@ -203,7 +203,7 @@ async fn healthz() -> HttpResponse {
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses(
         (status = 200, description = "Ready", body = views::Status),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = error::ErrorBody),
+        error::RateLimited,
         (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = error::ErrorBody)
     ))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
@@ -239,7 +239,7 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     responses(
         (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
         (status = 401, description = "UNAUTHORIZED (metrics.token set, missing or wrong)", body = error::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = error::ErrorBody)
+        error::RateLimited
     ))]
 async fn metrics_text(
     state: State,

@@ -148,7 +148,7 @@ fn page(state: &State, template: &str) -> HttpResponse {
 #[utoipa::path(get, path = "/billing", tag = "pages",
     responses(
         (status = 200, description = "The billing page", content_type = "text/html", body = String),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody)
+        super::error::RateLimited
     ))]
 async fn billing(state: State) -> HttpResponse {
     page(&state, BILLING_PAGE)

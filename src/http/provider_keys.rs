@@ -31,7 +31,7 @@ const KEY_MAX_LEN: usize = 512;
 #[utoipa::path(get, path = "/api/settings/api-keys", tag = "settings", security(("clerk" = [])),
     responses(
         (status = 200, description = "The saved keys", body = super::views::SavedKeys),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
         (status = 500, description = "INTERNAL (a stored key does not open under byok.encryption_key)", body = super::error::ErrorBody),
         (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
         super::error::LedgerUnavailable
@@ -112,8 +112,8 @@ fn check_key(field: &str, provider: Provider, key: &str) -> Result<(), ApiError>
             ("SavedKeysList" = (operation_id = "list", description = "The keys just saved")),
             ("RemoveSavedOpenaiKey" = (operation_id = "remove", parameters(("provider" = "openai")), description = "Delete the OpenAI key"))
         )),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::SessionAuth,
         super::error::BodyErrors,
         super::error::Internal,
         (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
@@ -161,8 +161,8 @@ async fn save(
     params(("provider" = Provider, Path, description = "`anthropic` or `openai`")),
     responses(
         (status = 200, description = "The saved keys after", body = super::views::SavedKeys),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::SessionAuth,
         super::error::Internal,
         (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
         super::error::LedgerUnavailable

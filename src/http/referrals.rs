@@ -47,7 +47,7 @@ pub(super) struct CodeBody {
 #[utoipa::path(get, path = "/api/credits/referral", tag = "credits", security(("clerk" = [])),
     responses(
         (status = 200, description = "The code and its counts", body = ReferralView),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
         super::error::Internal,
         super::error::DatabaseUnavailable
     ))]
@@ -76,7 +76,7 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
         (status = 201, description = "Taken: `{referred: true, alreadyApplied: false}`", body = super::views::Referred),
         (status = 200, description = "This code was presented before: `alreadyApplied: true`", body = super::views::Referred),
         (status = 400, description = "INVALID_REQUEST (field `code`: not a code's shape)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
         (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::error::ErrorBody),
         (status = 404, description = "REFERRAL_CODE_UNKNOWN", body = super::error::ErrorBody),
         super::error::BodyErrors,

@@ -108,7 +108,7 @@ fn limit(field: &str, value: Option<i64>) -> Result<Option<Micros>, ApiError> {
 #[utoipa::path(get, path = "/api/credits/limits", tag = "credits", security(("clerk" = [])),
     responses(
         (status = 200, description = "Limits, ceilings and spend per window", body = LimitsView),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
         super::error::Internal,
         super::error::LedgerUnavailable
     ))]
@@ -125,8 +125,8 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
     request_body = OwnerLimits,
     responses(
         (status = 200, description = "The limits as stored", body = LimitsView),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::SessionAuth,
         (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::error::ErrorBody),
         super::error::BodyErrors,
         (status = 409, description = "CONFLICT (a limit above the ceiling an administrator set; the message names the field)", body = super::error::ErrorBody),
@@ -158,8 +158,8 @@ pub(super) async fn set(
     request_body = AdminLimits,
     responses(
         (status = 200, description = "The limits as stored", body = LimitsView),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::AdminAuth,
         (status = 404, description = "NOT_FOUND (no admin token configured: the admin routes do not exist)", body = super::error::ErrorBody),
         super::error::BodyErrors,
         super::error::Internal,

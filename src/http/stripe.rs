@@ -44,7 +44,7 @@ async fn dispatch(
         (status = 200, description = "Taken (or already taken)", body = super::views::Received),
         (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
         super::error::BodyErrors,
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody),
+        super::error::RateLimited,
         super::error::Internal,
         (status = 503, description = "UNAVAILABLE (not configured, a top-up not credited yet, database unavailable: Stripe retries)", body = super::error::ErrorBody)
     ))]

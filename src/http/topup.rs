@@ -36,10 +36,10 @@ fn euros(cents: i64) -> String {
     request_body = TopupRequest,
     responses(
         (status = 200, description = "The Checkout Session", body = super::views::TopupSessionView),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::error::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::error::ErrorBody),
+        super::error::Invalid,
+        super::error::SessionAuth,
         super::error::BodyErrors,
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::error::ErrorBody),
+        super::error::RateLimited,
         (status = 500, description = "INTERNAL (the payment provider refused the request)", body = super::error::ErrorBody),
         (status = 503, description = "UNAVAILABLE (Stripe not configured or unreachable, database unavailable)", body = super::error::ErrorBody)
     ))]
@@ -50,10 +50,6 @@ async fn topup(
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
     let body = read_body(payload, &state.settings.server).await?;
-    // serde would read a struct from a JSON array too: only an object is a request.
-    if !parse_json::<serde_json::Value>(&body)?.is_object() {
-        return Err(ApiError::invalid("request body: expected a JSON object"));
-    }
     let TopupRequest { amount } = parse_json(&body)?;
     let limits = &state.settings.stripe;
     if amount < limits.min_topup_cents {
