@@ -177,7 +177,8 @@ impl Application {
         let settings = runtime.settings.clone();
         let metrics = metrics_handle()?;
         let engine = Arc::new(storage.engine(&settings));
-        crate::telemetry::describe(&runtime.prices);
+        let credited = crate::ledger::TransactionType::CREDITS.map(|kind| kind.as_str());
+        crate::telemetry::describe(&runtime.prices, &credited);
         let port = listener.local_addr()?.port();
         let state = http::AppState::new(runtime, engine.clone(), storage.pool.clone(), metrics)?;
         let settlements = state.settlements.clone();

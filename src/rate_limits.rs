@@ -55,7 +55,8 @@ pub struct Refused {
 
 impl Refused {
     fn counted(limit: Limit, retry_after: Duration) -> Refused {
-        metrics::counter!("creditd_rate_limited_total", "limit" => limit.as_str()).increment(1);
+        metrics::counter!(crate::telemetry::RATE_LIMITED_TOTAL.name, "limit" => limit.as_str())
+            .increment(1);
         Refused { limit, retry_after }
     }
 

@@ -448,7 +448,7 @@ pub async fn reward_after_topup(
         .execute(sql::REWARDED, &[&referred.0])
         .await
         .map_err(unavailable)?;
-    metrics::counter!("creditd_referral_bonuses_total").increment(2);
+    metrics::counter!(crate::telemetry::REFERRAL_BONUSES_TOTAL.name).increment(2);
     Ok(Reward::Paid)
 }
 

@@ -39,7 +39,7 @@ mod sql {
 
 /// What a webhook event did, as counted in `creditd_webhook_events_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum WebhookOutcome {
     Applied,
     Replayed,
     AwaitingPayment,
@@ -54,21 +54,21 @@ pub enum Outcome {
     AmountMismatch,
 }
 
-impl Outcome {
+impl WebhookOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Applied => "applied",
-            Outcome::Replayed => "replayed",
-            Outcome::AwaitingPayment => "awaiting_payment",
-            Outcome::CurrencyMismatch => "currency_mismatch",
-            Outcome::UnknownAccount => "unknown_account",
-            Outcome::NotATopup => "not_a_topup",
-            Outcome::NothingToClawBack => "nothing_to_claw_back",
-            Outcome::Superseded => "superseded",
-            Outcome::Ignored => "ignored",
-            Outcome::BonusAlreadyClaimed => "bonus_already_claimed",
-            Outcome::Inquiry => "inquiry",
-            Outcome::AmountMismatch => "amount_mismatch",
+            WebhookOutcome::Applied => "applied",
+            WebhookOutcome::Replayed => "replayed",
+            WebhookOutcome::AwaitingPayment => "awaiting_payment",
+            WebhookOutcome::CurrencyMismatch => "currency_mismatch",
+            WebhookOutcome::UnknownAccount => "unknown_account",
+            WebhookOutcome::NotATopup => "not_a_topup",
+            WebhookOutcome::NothingToClawBack => "nothing_to_claw_back",
+            WebhookOutcome::Superseded => "superseded",
+            WebhookOutcome::Ignored => "ignored",
+            WebhookOutcome::BonusAlreadyClaimed => "bonus_already_claimed",
+            WebhookOutcome::Inquiry => "inquiry",
+            WebhookOutcome::AmountMismatch => "amount_mismatch",
         }
     }
 }
@@ -81,7 +81,7 @@ pub fn count(source: Source, kind: &str, handled: &[&'static str], outcome: &str
         .find(|handled| **handled == kind)
         .copied()
         .unwrap_or("other");
-    metrics::counter!("creditd_webhook_events_total",
+    metrics::counter!(crate::telemetry::WEBHOOK_EVENTS_TOTAL.name,
         "source" => source.as_str(), "type" => kind, "outcome" => outcome.to_owned())
     .increment(1);
 }

@@ -237,7 +237,9 @@ fn no_module_uses_a_module_on_a_layer_above_it() {
     let graph = module_graph(&sources());
     let mut wrong = Vec::new();
     for (module, edges) in &graph {
-        let Some(own) = layer_of(module) else { continue };
+        let Some(own) = layer_of(module) else {
+            continue;
+        };
         for (used, file) in edges {
             if let Some(theirs) = layer_of(used) {
                 if theirs > own {
@@ -251,7 +253,11 @@ fn no_module_uses_a_module_on_a_layer_above_it() {
             }
         }
     }
-    assert!(wrong.is_empty(), "uses of a higher layer:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "uses of a higher layer:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
@@ -288,7 +294,11 @@ fn the_top_level_modules_form_no_import_circle() {
     for module in graph.keys() {
         visit(module, &graph, &mut Vec::new(), &mut done, &mut circles);
     }
-    assert!(circles.is_empty(), "import circles:\n{}", circles.join("\n"));
+    assert!(
+        circles.is_empty(),
+        "import circles:\n{}",
+        circles.join("\n")
+    );
 }
 
 #[test]

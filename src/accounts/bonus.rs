@@ -51,7 +51,7 @@ impl SignupBonus {
 /// What asking for the signup bonus gave. Built once per request and
 /// consumed at once: boxing it would only add an allocation.
 #[allow(clippy::large_enum_variant)]
-pub enum Bonus {
+pub enum SignupBonusClaim {
     /// Credited now, or earlier to this account (`replayed`).
     Granted(crate::ledger::Outcome<crate::ledger::TransactionRecord>),
     /// Another account of the same person (same email) has it.
@@ -92,7 +92,7 @@ pub async fn grant_signup_bonus(
     pool: &Pool,
     bonus: SignupBonus,
     account: AccountId,
-) -> Result<Bonus, LedgerError> {
+) -> Result<SignupBonusClaim, LedgerError> {
     let amount = bonus.amount;
     let expires_at = match bonus.lifetime {
         None => None,
@@ -110,7 +110,7 @@ pub async fn grant_signup_bonus(
     };
     if !claim_email(pool, account).await? {
         reverse_second_bonus(engine, pool, account).await?;
-        return Ok(Bonus::TakenByAnotherAccount);
+        return Ok(SignupBonusClaim::TakenByAnotherAccount);
     }
     let posting = Posting {
         key: signup_bonus_key(account)?,
@@ -122,7 +122,9 @@ pub async fn grant_signup_bonus(
         metadata: None,
         expires_at,
     };
-    Ok(Bonus::Granted(engine.credit(account, posting).await?))
+    Ok(SignupBonusClaim::Granted(
+        engine.credit(account, posting).await?,
+    ))
 }
 
 /// Takes back a bonus this account received by its Clerk id before its

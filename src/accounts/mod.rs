@@ -16,7 +16,7 @@ pub mod keys;
 pub mod mailbox;
 pub mod users;
 
-pub use bonus::{grant_signup_bonus, Bonus, SignupBonus};
+pub use bonus::{grant_signup_bonus, SignupBonus, SignupBonusClaim};
 pub use cipher::KeyCipher;
 pub use keys::StoredKeys;
 pub use users::{AccountError, ClerkUserId, Users};

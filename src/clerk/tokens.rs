@@ -272,7 +272,7 @@ impl ClerkVerifier {
 
 fn refresh_failed() {
     tracing::warn!("JWKS refetch failed; the last good keys stay in use");
-    metrics::counter!("creditd_jwks_refresh_failures_total").increment(1);
+    metrics::counter!(crate::telemetry::JWKS_REFRESH_FAILURES_TOTAL.name).increment(1);
 }
 
 /// Refetches the JWKS every `clerk.jwks_refresh_s` while the verifier

@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::accounts::users::Profile;
-use crate::accounts::{bonus, Bonus, ClerkUserId, Users};
+use crate::accounts::{bonus, ClerkUserId, SignupBonusClaim, Users};
 use crate::ledger::{Engine, LedgerError};
-use crate::webhooks::Outcome;
+use crate::webhooks::WebhookOutcome;
 
 /// The event types creditd handles, as counted.
 pub const HANDLED: &[&str] = &["user.created", "user.updated", "user.deleted"];
@@ -216,7 +216,7 @@ impl ClerkUser {
 }
 
 /// What the effect of a user event needs.
-pub struct Effects<'a> {
+pub struct ClerkEffects<'a> {
     pub users: &'a Users,
     pub engine: &'a Engine,
     pub pool: &'a Pool,
@@ -225,7 +225,7 @@ pub struct Effects<'a> {
 
 impl UserEvent {
     /// Applies the event.
-    pub async fn apply(self, effects: Effects<'_>) -> Result<Outcome, LedgerError> {
+    pub async fn apply(self, effects: ClerkEffects<'_>) -> Result<WebhookOutcome, LedgerError> {
         match self {
             UserEvent::Created(user) => {
                 let account = user.upsert(effects.users, true).await?;
@@ -237,14 +237,16 @@ impl UserEvent {
                 )
                 .await?;
                 Ok(match granted {
-                    Bonus::Granted(outcome) if outcome.replayed => Outcome::Replayed,
-                    Bonus::Granted(_) => Outcome::Applied,
-                    Bonus::TakenByAnotherAccount => Outcome::BonusAlreadyClaimed,
+                    SignupBonusClaim::Granted(outcome) if outcome.replayed => {
+                        WebhookOutcome::Replayed
+                    }
+                    SignupBonusClaim::Granted(_) => WebhookOutcome::Applied,
+                    SignupBonusClaim::TakenByAnotherAccount => WebhookOutcome::BonusAlreadyClaimed,
                 })
             }
             UserEvent::Updated(user) => {
                 user.upsert(effects.users, false).await?;
-                Ok(Outcome::Applied)
+                Ok(WebhookOutcome::Applied)
             }
             UserEvent::Deleted(user) => {
                 let clerk_id = ClerkUserId::new(user.id);
@@ -261,12 +263,12 @@ impl UserEvent {
                     .await?;
                 }
                 Ok(if deleted {
-                    Outcome::Applied
+                    WebhookOutcome::Applied
                 } else {
-                    Outcome::Ignored
+                    WebhookOutcome::Ignored
                 })
             }
-            UserEvent::Unknown => Ok(Outcome::Ignored),
+            UserEvent::Unknown => Ok(WebhookOutcome::Ignored),
         }
     }
 }

@@ -158,7 +158,7 @@ impl Sender {
     async fn round(&self) -> anyhow::Result<usize> {
         let client = self.pool.get().await?;
         if let Ok(pending) = store::pending_count(&**client).await {
-            metrics::gauge!("creditd_events_pending").set(pending as f64);
+            metrics::gauge!(crate::telemetry::EVENTS_PENDING.name).set(pending as f64);
         }
         let limit = i64::try_from(self.settings.concurrency).unwrap_or(i64::MAX);
         let due = store::due_heads(&**client, Utc::now(), limit).await?;
@@ -207,7 +207,7 @@ impl Sender {
         match error {
             None => {
                 store::mark_delivered(&**client, event.id, Utc::now()).await?;
-                metrics::counter!("creditd_events_delivered_total").increment(1);
+                metrics::counter!(crate::telemetry::EVENTS_DELIVERED_TOTAL.name).increment(1);
             }
             Some(error) => {
                 let attempts = event.attempts.saturating_add(1);
@@ -220,10 +220,11 @@ impl Sender {
                     );
                 let failed = next > give_up_at;
                 store::mark_attempt_failed(&**client, event.id, next, failed, &error).await?;
-                metrics::counter!("creditd_event_delivery_failures_total").increment(1);
+                metrics::counter!(crate::telemetry::EVENT_DELIVERY_FAILURES_TOTAL.name)
+                    .increment(1);
                 if failed {
                     tracing::warn!(event = %event.id, %error, "event not delivered in time; FAILED");
-                    metrics::counter!("creditd_events_failed_total").increment(1);
+                    metrics::counter!(crate::telemetry::EVENTS_FAILED_TOTAL.name).increment(1);
                 }
             }
         }

@@ -6,9 +6,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::require_admin;
+use super::body::read_body;
 use super::error::{parse_json, ApiError};
-use super::views::{GrantView, HoldView, TransactionView, UsageView};
-use super::{read_body, State};
+use super::state::State;
+use super::views::{
+    Adjusted, AdminAccount, EventList, GrantView, HoldView, TransactionView, UsageView,
+};
 use crate::accounts::{users, ClerkUserId};
 use crate::events;
 use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
@@ -27,14 +30,25 @@ pub fn routes(config: &mut web::ServiceConfig) {
         );
 }
 
+/// What an admin credit or debit is recorded as: any other value is
+/// refused by serde with a 400 naming the field `type`.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub(super) enum AdjustmentType {
+    Adjustment,
+    /// A promotional credit: positive amounts only.
+    PromoBonus,
+}
+
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct Adjustment {
     amount_micros: i64,
     key: String,
     reason: String,
+    /// ADJUSTMENT when absent.
     #[serde(rename = "type")]
-    kind: Option<String>,
+    kind: Option<AdjustmentType>,
     /// When the credit's grant expires (credits of type ADJUSTMENT or
     /// PROMO_BONUS only; RFC 3339, in the future). None: never.
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
@@ -53,18 +67,17 @@ pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
     params(("userId" = String, Path, description = "Clerk user id")),
     request_body = Adjustment,
     responses(
-        (status = 201, description = "Applied now", body = super::openapi::Adjusted, links(
+        (status = 201, description = "Applied now", body = super::views::Adjusted, links(
             ("AdjustedAccount" = (operation_id = "account", parameters(("userId" = "$request.path.userId")), description = "The account just adjusted"))
         )),
-        (status = 200, description = "Applied before under this key", body = super::openapi::Adjusted),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 409, description = "CONFLICT (same key, different content)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 200, description = "Applied before under this key", body = super::views::Adjusted),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
+        (status = 409, description = "CONFLICT (same key, different content)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 async fn adjust(
     state: State,
@@ -88,18 +101,15 @@ async fn adjust(
     if let Some(problem) = crate::text::problem(reason) {
         return Err(ApiError::invalid(format!("field `reason`: {problem}")));
     }
-    let kind = match adjustment.kind.as_deref() {
-        None | Some("ADJUSTMENT") => TransactionType::Adjustment,
-        Some("PROMO_BONUS") if adjustment.amount_micros > 0 => TransactionType::PromoBonus,
-        Some("PROMO_BONUS") => {
+    let kind = match adjustment.kind {
+        None | Some(AdjustmentType::Adjustment) => TransactionType::Adjustment,
+        Some(AdjustmentType::PromoBonus) if adjustment.amount_micros > 0 => {
+            TransactionType::PromoBonus
+        }
+        Some(AdjustmentType::PromoBonus) => {
             return Err(ApiError::invalid(
                 "field `type`: PROMO_BONUS needs a positive amountMicros",
             ))
-        }
-        Some(other) => {
-            return Err(ApiError::invalid(format!(
-                "field `type`: `{other}` is not ADJUSTMENT or PROMO_BONUS"
-            )))
         }
     };
     let amount = adjustment
@@ -129,13 +139,13 @@ async fn adjust(
         state.engine.debit(account, posting).await?
     };
     let snapshot = state.engine.balance(account).await?;
-    let body = json!({
-        "transaction": TransactionView::from(&outcome.record),
-        "replayed": outcome.replayed,
-        "balanceMicros": snapshot.balance_micros.get(),
-        "heldMicros": snapshot.held_micros.get(),
-        "availableMicros": snapshot.available_micros.get(),
-    });
+    let body = Adjusted {
+        transaction: TransactionView::from(&outcome.record),
+        replayed: outcome.replayed,
+        balance_micros: snapshot.balance_micros.get(),
+        held_micros: snapshot.held_micros.get(),
+        available_micros: snapshot.available_micros.get(),
+    };
     Ok(if outcome.replayed {
         HttpResponse::Ok().json(body)
     } else {
@@ -148,12 +158,12 @@ async fn adjust(
 #[utoipa::path(get, path = "/admin/accounts/{userId}", tag = "admin", security(("admin" = [])),
     params(("userId" = String, Path, description = "Clerk user id")),
     responses(
-        (status = 200, description = "The account", body = super::openapi::AdminAccount),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 200, description = "The account", body = super::views::AdminAccount),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured: the admin routes do not exist)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 async fn account(
     state: State,
@@ -175,30 +185,30 @@ async fn account(
         users::plan(&**client, account),
         followup::of_account(&**client, account, 20)
     )?;
-    Ok(HttpResponse::Ok().json(json!({
-        "balanceMicros": snapshot.balance_micros.get(),
-        "heldMicros": snapshot.held_micros.get(),
-        "availableMicros": snapshot.available_micros.get(),
-        "userId": user.as_str(),
-        "accountId": account.0,
-        "version": snapshot.version,
-        "plan": plan,
-        "holds": snapshot.holds.iter().map(HoldView::from).collect::<Vec<_>>(),
-        "grants": snapshot.grants.iter().map(GrantView::from).collect::<Vec<_>>(),
-        "transactions": transactions.iter().map(TransactionView::from).collect::<Vec<_>>(),
-        "usages": usages.iter().map(UsageView::from).collect::<Vec<_>>(),
-        "followUps": follow_ups,
-    })))
+    Ok(HttpResponse::Ok().json(AdminAccount {
+        balance_micros: snapshot.balance_micros.get(),
+        held_micros: snapshot.held_micros.get(),
+        available_micros: snapshot.available_micros.get(),
+        user_id: user.as_str().to_owned(),
+        account_id: account.0,
+        version: snapshot.version,
+        plan,
+        holds: snapshot.holds.iter().map(HoldView::from).collect(),
+        grants: snapshot.grants.iter().map(GrantView::from).collect(),
+        transactions: transactions.iter().map(TransactionView::from).collect(),
+        usages: usages.iter().map(UsageView::from).collect(),
+        follow_ups,
+    }))
 }
 
 /// Checks every ledger invariant against PostgreSQL.
 #[utoipa::path(get, path = "/admin/reconcile", tag = "admin", security(("admin" = [])),
     responses(
         (status = 200, description = "The reconcile report (`clean`, `problems`)", body = Object),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 async fn run_reconcile(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
@@ -266,12 +276,12 @@ impl EventFilter {
 #[utoipa::path(get, path = "/admin/events", tag = "admin", security(("admin" = [])),
     params(EventFilter),
     responses(
-        (status = 200, description = "The events (`events`)", body = super::openapi::EventList),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+        (status = 200, description = "The events (`events`)", body = super::views::EventList),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
     ))]
 async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
@@ -285,7 +295,7 @@ async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse,
     )
     .await
     .map_err(store::unavailable)?;
-    Ok(HttpResponse::Ok().json(json!({ "events": events })))
+    Ok(HttpResponse::Ok().json(EventList { events }))
 }
 
 /// Puts an event back in the queue: it is sent again, in its account's order.
@@ -293,11 +303,11 @@ async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse,
     params(("eventId" = String, Path, description = "The event's id (a UUID)")),
     responses(
         (status = 200, description = "The event, PENDING again", body = crate::events::store::EventDelivery),
-        (status = 400, description = "INVALID_REQUEST (eventId is not a UUID)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no such event; or no admin token configured)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (eventId is not a UUID)", body = super::error::ErrorBody),
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no such event; or no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
     ))]
 async fn redeliver_event(
     state: State,

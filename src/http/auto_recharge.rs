@@ -4,13 +4,14 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::Utc;
 use serde::Deserialize;
-use serde_json::json;
 
+use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
-use super::{read_body, State};
+use super::state::State;
+use super::views::{AutoRechargeBounds, AutoRechargeView};
 use crate::ledger::AccountId;
 use crate::money::Micros;
-use crate::recharge::store::{self, Settings};
+use crate::recharge::store::{self, AutoRechargeSettings};
 use crate::recharge::RechargeConfig;
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -30,36 +31,36 @@ pub(super) struct AutoRechargeRequest {
     amount_cents: i64,
 }
 
-async fn view(state: &State, account: AccountId) -> Result<serde_json::Value, ApiError> {
+async fn view(state: &State, account: AccountId) -> Result<AutoRechargeView, ApiError> {
     let client = state.client().await?;
     let settings = store::settings(&**client, account).await?;
     let has_card = store::has_card(&**client, account).await?;
     let month = store::month_total_cents(&**client, account, Utc::now()).await?;
     let credits = &state.settings.credits;
-    Ok(json!({
-        "enabled": settings.as_ref().is_some_and(|s| s.enabled),
-        "thresholdCents": settings.as_ref().map(|s| s.threshold_cents),
-        "amountCents": settings.as_ref().map(|s| s.amount_cents),
-        "disabledReason": settings.as_ref().and_then(|s| s.disabled_reason.clone()),
-        "hasSavedCard": has_card,
-        "monthTotalCents": month,
-        "monthlyMaxCents": credits.auto_recharge_monthly_cents_max,
-        "limits": {
-            "minAmountCents": credits.auto_recharge_amount_cents_min,
-            "maxAmountCents": credits.auto_recharge_amount_cents_max,
-            "minThresholdCents": credits.auto_recharge_threshold_cents_min,
-            "maxThresholdCents": credits.auto_recharge_threshold_cents_max,
+    Ok(AutoRechargeView {
+        enabled: settings.as_ref().is_some_and(|s| s.enabled),
+        threshold_cents: settings.as_ref().map(|s| s.threshold_cents),
+        amount_cents: settings.as_ref().map(|s| s.amount_cents),
+        disabled_reason: settings.as_ref().and_then(|s| s.disabled_reason.clone()),
+        has_saved_card: has_card,
+        month_total_cents: month,
+        monthly_max_cents: credits.auto_recharge_monthly_cents_max,
+        limits: AutoRechargeBounds {
+            min_amount_cents: credits.auto_recharge_amount_cents_min,
+            max_amount_cents: credits.auto_recharge_amount_cents_max,
+            min_threshold_cents: credits.auto_recharge_threshold_cents_min,
+            max_threshold_cents: credits.auto_recharge_threshold_cents_max,
         },
-    }))
+    })
 }
 
 /// The user's auto-recharge: settings, `disabledReason` when creditd
 /// switched it off, this month's auto-recharged total.
 #[utoipa::path(get, path = "/api/credits/auto-recharge", tag = "credits", security(("clerk" = [])),
     responses(
-        (status = 200, description = "The settings and this month's total (cents)"),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable)", body = super::openapi::ErrorBody)
+        (status = 200, description = "The settings and this month's total (cents)", body = super::views::AutoRechargeView),
+        super::error::SessionAuth,
+        super::error::DatabaseUnavailable
     ))]
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
@@ -71,11 +72,11 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
 #[utoipa::path(put, path = "/api/credits/auto-recharge", tag = "credits", security(("clerk" = [])),
     request_body = AutoRechargeRequest,
     responses(
-        (status = 200, description = "The saved settings, as GET shows them"),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 409, description = "CONFLICT (enabling needs a card saved by a top-up)", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable)", body = super::openapi::ErrorBody)
+        (status = 200, description = "The saved settings, as GET shows them", body = super::views::AutoRechargeView),
+        super::error::Invalid,
+        super::error::SessionAuth,
+        (status = 409, description = "CONFLICT (enabling needs a card saved by a top-up)", body = super::error::ErrorBody),
+        super::error::DatabaseUnavailable
     ))]
 pub(super) async fn save(
     state: State,
@@ -84,9 +85,6 @@ pub(super) async fn save(
 ) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
     let body = read_body(payload, &state.settings.server).await?;
-    if !parse_json::<serde_json::Value>(&body)?.is_object() {
-        return Err(ApiError::invalid("request body: expected a JSON object"));
-    }
     let AutoRechargeRequest {
         enabled,
         threshold_cents,
@@ -124,7 +122,7 @@ pub(super) async fn save(
             "auto-recharge needs a saved card: make a top-up first, its card is kept for auto-recharges",
         ));
     }
-    let settings = Settings {
+    let settings = AutoRechargeSettings {
         enabled,
         threshold_cents,
         amount_cents,

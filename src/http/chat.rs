@@ -13,8 +13,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
-use super::{read_body, State};
+use super::state::State;
+use super::views::{ChatAnswer, ChatCredits};
 use crate::config::{ChatSettings, Secret};
 use crate::ledger::{text_problem, AccountId, UsageRecord};
 use crate::metering::{ChatCall, ChatError, StreamEvent};
@@ -135,20 +137,19 @@ fn stored_text(field: &str, value: &str) -> Result<(), ApiError> {
     request_body = ChatBody,
     responses(
         (status = 200, description = "The answer (JSON), or with `stream: true` an event stream (`delta`, then `done` or `error`)", content(
-            (super::openapi::ChatAnswer = "application/json"),
+            (super::views::ChatAnswer = "application/json"),
             (String = "text/event-stream"),
         )),
-        (status = 400, description = "INVALID_REQUEST (the message names the field), NO_API_KEY, BYOK_KEY_REFUSED", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros), SPEND_LIMIT_REACHED (limit, limitMicros, spentMicros, heldMicros, requiredMicros, resetsAt; Retry-After)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (too many chats in flight; Retry-After)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
-        (status = 502, description = "PROVIDER_ERROR", body = super::openapi::ErrorBody),
-        (status = 503, description = "PROVIDER_UNAVAILABLE (Retry-After), OVERLOADED, UNAVAILABLE", body = super::openapi::ErrorBody),
-        (status = 504, description = "PROVIDER_TIMEOUT", body = super::openapi::ErrorBody)
+        (status = 400, description = "INVALID_REQUEST (the message names the field), NO_API_KEY, BYOK_KEY_REFUSED", body = super::error::ErrorBody),
+        super::error::SessionAuth,
+        (status = 402, description = "INSUFFICIENT_CREDITS (with balance, estimatedCost in cents and their micros), SPEND_LIMIT_REACHED (limit, limitMicros, spentMicros, heldMicros, requiredMicros, resetsAt; Retry-After)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
+        (status = 429, description = "RATE_LIMITED (too many chats in flight; Retry-After)", body = super::error::ErrorBody),
+        super::error::Internal,
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
+        (status = 502, description = "PROVIDER_ERROR", body = super::error::ErrorBody),
+        (status = 503, description = "PROVIDER_UNAVAILABLE (Retry-After), OVERLOADED, UNAVAILABLE", body = super::error::ErrorBody),
+        (status = 504, description = "PROVIDER_TIMEOUT", body = super::error::ErrorBody)
     ))]
 async fn chat(
     state: State,
@@ -180,11 +181,11 @@ async fn chat(
         Ok(stream_response(events))
     } else {
         let answer = state.chats.answer(call).await?;
-        let mut body = json!({ "content": answer.content, "model": answer.model });
-        if let Some(record) = &answer.credits {
-            body["credits"] = credits_view(record);
-        }
-        Ok(HttpResponse::Ok().json(body))
+        Ok(HttpResponse::Ok().json(ChatAnswer {
+            content: answer.content,
+            model: answer.model,
+            credits: answer.credits.as_ref().map(ChatCredits::from),
+        }))
     }
 }
 
@@ -268,19 +269,6 @@ async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, 
     })
 }
 
-fn credits_view(record: &UsageRecord) -> Value {
-    json!({
-        "used": record.cost_micros.ceil_cents(),
-        "usedMicros": record.cost_micros.get(),
-        "balance": record.balance_after_micros.floor_cents(),
-        "balanceMicros": record.balance_after_micros.get(),
-        "inputTokens": record.input_tokens,
-        "outputTokens": record.output_tokens,
-        "cacheReadTokens": record.cache_read_tokens,
-        "cacheWriteTokens": record.cache_write_tokens,
-    })
-}
-
 impl From<ChatError> for ApiError {
     fn from(error: ChatError) -> ApiError {
         match error {
@@ -322,7 +310,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
     let busy = |retry_after_s: Option<u64>| ApiError {
         code: Code::ProviderUnavailable,
         message: format!("{name} is overloaded or unavailable; retry in a moment."),
-        details: retry_after_s.map(|seconds| json!({ "retryAfterSeconds": seconds })),
+        details: None,
         retry_after_s,
     };
     match error {
@@ -338,7 +326,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
                 "the platform's API key was refused"
             );
             ApiError::new(
-                Code::ProviderFailed,
+                Code::ProviderError,
                 format!("{name} refused the request; the platform's key is being looked at."),
             )
         }
@@ -347,7 +335,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
             format!("{name} did not answer in time; retry."),
         ),
         ProviderError::Rejected { message, .. } => ApiError::new(
-            Code::ProviderFailed,
+            Code::ProviderError,
             format!("{name} refused the request: {message}"),
         ),
         ProviderError::Transport(_)
@@ -355,7 +343,7 @@ fn provider_api_error(error: &ProviderError, provider: Provider, byok: bool) -> 
         | ProviderError::Stream { .. } => {
             tracing::warn!(%error, provider = provider.as_str(), "provider call failed");
             ApiError::new(
-                Code::ProviderFailed,
+                Code::ProviderError,
                 format!("The call to {name} failed; retry."),
             )
         }
@@ -370,7 +358,7 @@ fn event(name: &str, data: &Value) -> Bytes {
 fn error_event(error: &ApiError, credits: Option<&UsageRecord>) -> Bytes {
     let mut data = json!({ "error": error.code.as_str(), "message": error.message });
     if let Some(record) = credits {
-        data["credits"] = credits_view(record);
+        data["credits"] = json!(ChatCredits::from(record));
     }
     event("error", &data)
 }
@@ -387,7 +375,7 @@ fn render(stream_event: StreamEvent) -> Bytes {
         StreamEvent::Done { model, credits } => {
             let mut data = json!({ "model": model });
             if let Some(record) = &credits {
-                data["credits"] = credits_view(record);
+                data["credits"] = json!(ChatCredits::from(record));
             }
             event("done", &data)
         }

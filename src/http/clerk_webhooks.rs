@@ -2,14 +2,15 @@
 //! `crate::clerk` for what each event does).
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
 
+use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
-use super::{read_body, State};
+use super::state::State;
+use super::views::Received;
 use crate::clerk::svix::{self, SvixHeaders};
-use crate::clerk::users::{Effects, HANDLED};
+use crate::clerk::users::{ClerkEffects, HANDLED};
 use crate::clerk::{ClerkEvent, EventError};
-use crate::webhooks::{self, Outcome, Source};
+use crate::webhooks::{self, Source, WebhookOutcome};
 
 const SOURCE: Source = Source::Clerk;
 
@@ -33,13 +34,12 @@ fn header<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
     ),
     request_body(content = Object, description = "A Clerk event"),
     responses(
-        (status = 200, description = "Taken (or already taken)", body = super::openapi::Received),
-        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (not configured, database unavailable: Svix retries)", body = super::openapi::ErrorBody)
+        (status = 200, description = "Taken (or already taken)", body = super::views::Received),
+        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
+        super::error::RateLimited,
+        super::error::Internal,
+        (status = 503, description = "UNAVAILABLE (not configured, database unavailable: Svix retries)", body = super::error::ErrorBody)
     ))]
 async fn webhook(
     state: State,
@@ -71,7 +71,7 @@ async fn webhook(
     drop(client);
     if processed? {
         webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
-        return Ok(HttpResponse::Ok().json(json!({ "received": true, "duplicate": true })));
+        return Ok(HttpResponse::Ok().json(Received::duplicate()));
     }
     let outcome = match dispatch(&state, &event).await {
         Ok(outcome) => outcome,
@@ -84,13 +84,13 @@ async fn webhook(
     let client = state.client().await?;
     webhooks::record_processed(&**client, SOURCE, event_id, &event.kind).await?;
     webhooks::count(SOURCE, &event.kind, HANDLED, outcome.as_str());
-    Ok(HttpResponse::Ok().json(json!({ "received": true })))
+    Ok(HttpResponse::Ok().json(Received::taken()))
 }
 
 /// Parses the event by type and applies it.
-async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError> {
+async fn dispatch(state: &State, event: &ClerkEvent) -> Result<WebhookOutcome, ApiError> {
     let parsed = event.parse().map_err(event_failure)?;
-    let effects = Effects {
+    let effects = ClerkEffects {
         users: &state.users,
         engine: &state.engine,
         pool: &state.pool,

@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Serialize;
-use serde_json::json;
 use serde_json::value::RawValue;
 
 use super::error::{ApiError, Code};
-use super::views::{GrantView, History, Page, TransactionView, UsageView};
-use super::State;
-use crate::accounts::{self, users, Bonus};
+use super::state::State;
+use super::views::{
+    ClaimedBonus, DailyUsageList, DailyUsageView, GrantView, History, Page, TransactionView,
+    TransactionsPage, UsageView, UsagesPage,
+};
+use crate::accounts::{self, users, SignupBonusClaim};
 use crate::ledger::{store, AccountId};
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
@@ -98,9 +100,9 @@ pub(super) struct Overview<'a> {
 #[utoipa::path(get, path = "/api/credits", tag = "credits", security(("clerk" = [])),
     responses(
         (status = 200, description = "The balance page", body = Overview),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        super::error::SessionAuth,
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
@@ -130,11 +132,11 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
     ),
     responses(
-        (status = 200, description = "A page of transactions", body = super::openapi::TransactionsPage),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 200, description = "A page of transactions", body = super::views::TransactionsPage),
+        super::error::Invalid,
+        super::error::SessionAuth,
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
@@ -143,10 +145,10 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     let client = state.client().await?;
     let items = store::transactions_page(&**client, account, page.before_seq, page.limit).await?;
     let next = page.next_cursor(items.len(), items.last().map(|t| t.seq));
-    Ok(HttpResponse::Ok().json(json!({
-        "items": items.iter().map(TransactionView::from).collect::<Vec<_>>(),
-        "nextCursor": next,
-    })))
+    Ok(HttpResponse::Ok().json(TransactionsPage {
+        items: items.iter().map(TransactionView::from).collect(),
+        next_cursor: next,
+    }))
 }
 
 /// Every usage (chat charge), newest first, by opaque cursor.
@@ -156,11 +158,11 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
     ),
     responses(
-        (status = 200, description = "A page of usages", body = super::openapi::UsagesPage),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 200, description = "A page of usages", body = super::views::UsagesPage),
+        super::error::Invalid,
+        super::error::SessionAuth,
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let page = Page::parse(request.query_string())?;
@@ -169,10 +171,10 @@ async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiE
     let client = state.client().await?;
     let items = store::usages_page(&**client, account, page.before_seq, page.limit).await?;
     let next = page.next_cursor(items.len(), items.last().map(|u| u.seq));
-    Ok(HttpResponse::Ok().json(json!({
-        "items": items.iter().map(UsageView::from).collect::<Vec<_>>(),
-        "nextCursor": next,
-    })))
+    Ok(HttpResponse::Ok().json(UsagesPage {
+        items: items.iter().map(UsageView::from).collect(),
+        next_cursor: next,
+    }))
 }
 
 /// `?days=1..=90` (default 30) of `GET /api/credits/usage/daily`; anything
@@ -205,25 +207,15 @@ fn parse_days(query: &str) -> Result<u32, ApiError> {
 /// Days of the usage chart when the request names none.
 const DEFAULT_CHART_DAYS: u32 = 30;
 
-#[derive(Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct DailyUsageView {
-    date: chrono::NaiveDate,
-    cost_micros: i64,
-    chats: i64,
-    input_tokens: i64,
-    output_tokens: i64,
-}
-
 /// Spend per UTC day over the last `days` days, oldest first, today last.
 #[utoipa::path(get, path = "/api/credits/usage/daily", tag = "credits", security(("clerk" = [])),
     params(("days" = Option<u32>, Query, minimum = 1, maximum = 90, description = "Days to report (default 30)")),
     responses(
-        (status = 200, description = "Spend per day", body = super::openapi::DailyUsage),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 200, description = "Spend per day", body = super::views::DailyUsageList),
+        super::error::Invalid,
+        super::error::SessionAuth,
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let days = parse_days(request.query_string())?;
@@ -241,11 +233,14 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
             output_tokens: day.output_tokens,
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "days": days })))
+    Ok(HttpResponse::Ok().json(DailyUsageList { days }))
 }
 
 /// The signup bonus, once per person (see `accounts::bonus`).
-async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Bonus, ApiError> {
+async fn grant_signup_bonus(
+    state: &State,
+    account: AccountId,
+) -> Result<SignupBonusClaim, ApiError> {
     let bonus = state.signup_bonus;
     Ok(accounts::grant_signup_bonus(&state.engine, &state.pool, bonus, account).await?)
 }
@@ -254,32 +249,32 @@ async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Bonus, 
 /// after; 409 when another account of the same email had it.
 #[utoipa::path(post, path = "/api/credits/claim-bonus", tag = "credits", security(("clerk" = [])),
     responses(
-        (status = 201, description = "The signup bonus, credited now", body = super::openapi::ClaimedBonus, links(
+        (status = 201, description = "The signup bonus, credited now", body = super::views::ClaimedBonus, links(
             ("BalanceAfterBonus" = (operation_id = "overview", description = "The balance with the bonus")),
             ("HistoryAfterBonus" = (operation_id = "transactions", description = "The bonus in the history"))
         )),
-        (status = 200, description = "The signup bonus, credited before", body = super::openapi::ClaimedBonus),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 409, description = "CONFLICT (another account of this email had the bonus)", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 200, description = "The signup bonus, credited before", body = super::views::ClaimedBonus),
+        super::error::SessionAuth,
+        (status = 409, description = "CONFLICT (another account of this email had the bonus)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 async fn claim_bonus(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let outcome = match grant_signup_bonus(&state, account).await? {
-        Bonus::Granted(outcome) => outcome,
-        Bonus::TakenByAnotherAccount => {
+        SignupBonusClaim::Granted(outcome) => outcome,
+        SignupBonusClaim::TakenByAnotherAccount => {
             return Err(ApiError::new(
                 Code::Conflict,
                 "the signup bonus was already granted to an account with this email address",
             ))
         }
     };
-    let body = json!({
-        "transaction": TransactionView::from(&outcome.record),
-        "alreadyClaimed": outcome.replayed,
-    });
+    let body = ClaimedBonus {
+        transaction: TransactionView::from(&outcome.record),
+        already_claimed: outcome.replayed,
+    };
     Ok(if outcome.replayed {
         HttpResponse::Ok().json(body)
     } else {

@@ -3,121 +3,238 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::ToSchema;
 
 use crate::ledger::LedgerError;
+use crate::stripe::{StripeCallError, StripeError};
 
-/// Seconds a client should wait before retrying after OVERLOADED.
+/// Seconds a client should wait before retrying when the error gives none.
 pub const RETRY_AFTER_S: u32 = 1;
 
+/// Whether a code's response carries a `Retry-After` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Code {
-    Unauthorized,
-    AccountDeleted,
-    RateLimited,
-    Forbidden,
-    InvalidRequest,
-    NotFound,
-    Conflict,
-    InsufficientCredits,
-    SpendLimitReached,
-    ReferralCodeUnknown,
-    ReferralWindowClosed,
-    AlreadyReferred,
-    SelfReferral,
-    PayloadTooLarge,
-    RequestTimeout,
-    Overloaded,
-    Unavailable,
-    Internal,
-    NoApiKey,
-    ByokKeyRefused,
-    ByokNotConfigured,
-    ProviderUnavailable,
-    ProviderTimeout,
-    ProviderFailed,
+pub enum RetryAfter {
+    /// Retrying the same request will not help.
+    Never,
+    /// Always sent: the error's own seconds, else `RETRY_AFTER_S`.
+    Always,
 }
 
-impl Code {
-    /// Every code, as documented (README, `/openapi.json`).
-    pub const ALL: [Code; 24] = [
-        Code::InvalidRequest,
-        Code::NoApiKey,
-        Code::ByokKeyRefused,
-        Code::Unauthorized,
-        Code::AccountDeleted,
-        Code::InsufficientCredits,
-        Code::Forbidden,
-        Code::NotFound,
-        Code::RequestTimeout,
-        Code::Conflict,
-        Code::PayloadTooLarge,
-        Code::RateLimited,
-        Code::Internal,
-        Code::ByokNotConfigured,
-        Code::ProviderFailed,
-        Code::Overloaded,
-        Code::ProviderUnavailable,
-        Code::Unavailable,
-        Code::ProviderTimeout,
-        Code::SpendLimitReached,
-        Code::ReferralCodeUnknown,
-        Code::ReferralWindowClosed,
-        Code::AlreadyReferred,
-        Code::SelfReferral,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Code::Unauthorized => "UNAUTHORIZED",
-            Code::AccountDeleted => "ACCOUNT_DELETED",
-            Code::RateLimited => "RATE_LIMITED",
-            Code::Forbidden => "FORBIDDEN",
-            Code::InvalidRequest => "INVALID_REQUEST",
-            Code::NotFound => "NOT_FOUND",
-            Code::Conflict => "CONFLICT",
-            Code::InsufficientCredits => "INSUFFICIENT_CREDITS",
-            Code::SpendLimitReached => "SPEND_LIMIT_REACHED",
-            Code::ReferralCodeUnknown => "REFERRAL_CODE_UNKNOWN",
-            Code::ReferralWindowClosed => "REFERRAL_WINDOW_CLOSED",
-            Code::AlreadyReferred => "ALREADY_REFERRED",
-            Code::SelfReferral => "SELF_REFERRAL",
-            Code::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
-            Code::RequestTimeout => "REQUEST_TIMEOUT",
-            Code::Overloaded => "OVERLOADED",
-            Code::Unavailable => "UNAVAILABLE",
-            Code::Internal => "INTERNAL",
-            Code::NoApiKey => "NO_API_KEY",
-            Code::ByokKeyRefused => "BYOK_KEY_REFUSED",
-            Code::ByokNotConfigured => "BYOK_NOT_CONFIGURED",
-            Code::ProviderUnavailable => "PROVIDER_UNAVAILABLE",
-            Code::ProviderTimeout => "PROVIDER_TIMEOUT",
-            Code::ProviderFailed => "PROVIDER_ERROR",
+/// Declares `Code` from one table: each row names the variant, the string
+/// clients see (the variant's name in SCREAMING_SNAKE_CASE), the HTTP
+/// status and the `Retry-After` rule. The wire string, the status, the
+/// header and the OpenAPI enum all read this table.
+macro_rules! error_codes {
+    ($($variant:ident = $wire:literal, $status:ident, $retry:ident;)+) => {
+        /// A stable error code, as documented in README's error table.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Code {
+            $(
+                #[doc = concat!("`", $wire, "`")]
+                $variant,
+            )+
         }
-    }
 
-    pub fn status(self) -> StatusCode {
-        match self {
-            Code::Unauthorized | Code::AccountDeleted => StatusCode::UNAUTHORIZED,
-            Code::Forbidden => StatusCode::FORBIDDEN,
-            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Code::InvalidRequest => StatusCode::BAD_REQUEST,
-            Code::NotFound => StatusCode::NOT_FOUND,
-            Code::Conflict => StatusCode::CONFLICT,
-            Code::InsufficientCredits | Code::SpendLimitReached => StatusCode::PAYMENT_REQUIRED,
-            Code::ReferralCodeUnknown => StatusCode::NOT_FOUND,
-            Code::ReferralWindowClosed | Code::AlreadyReferred | Code::SelfReferral => {
-                StatusCode::CONFLICT
+        impl Code {
+            /// Every code, in the table's order (README, `/openapi.json`).
+            pub const ALL: &'static [Code] = &[$(Code::$variant),+];
+
+            /// The string clients see in `error`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$variant => $wire,)+
+                }
             }
-            Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Code::Overloaded | Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Code::NoApiKey | Code::ByokKeyRefused => StatusCode::BAD_REQUEST,
-            Code::ByokNotConfigured => StatusCode::NOT_IMPLEMENTED,
-            Code::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::ProviderTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Code::ProviderFailed => StatusCode::BAD_GATEWAY,
+
+            /// The HTTP status every response with this code has.
+            pub fn status(self) -> StatusCode {
+                match self {
+                    $(Code::$variant => StatusCode::$status,)+
+                }
+            }
+
+            /// Whether the response carries `Retry-After`.
+            pub fn retry_after(self) -> RetryAfter {
+                match self {
+                    $(Code::$variant => RetryAfter::$retry,)+
+                }
+            }
         }
+    };
+}
+
+error_codes! {
+    InvalidRequest = "INVALID_REQUEST", BAD_REQUEST, Never;
+    NoApiKey = "NO_API_KEY", BAD_REQUEST, Never;
+    ByokKeyRefused = "BYOK_KEY_REFUSED", BAD_REQUEST, Never;
+    Unauthorized = "UNAUTHORIZED", UNAUTHORIZED, Never;
+    AccountDeleted = "ACCOUNT_DELETED", UNAUTHORIZED, Never;
+    InsufficientCredits = "INSUFFICIENT_CREDITS", PAYMENT_REQUIRED, Never;
+    Forbidden = "FORBIDDEN", FORBIDDEN, Never;
+    NotFound = "NOT_FOUND", NOT_FOUND, Never;
+    RequestTimeout = "REQUEST_TIMEOUT", REQUEST_TIMEOUT, Never;
+    Conflict = "CONFLICT", CONFLICT, Never;
+    PayloadTooLarge = "PAYLOAD_TOO_LARGE", PAYLOAD_TOO_LARGE, Never;
+    RateLimited = "RATE_LIMITED", TOO_MANY_REQUESTS, Always;
+    Internal = "INTERNAL", INTERNAL_SERVER_ERROR, Never;
+    ByokNotConfigured = "BYOK_NOT_CONFIGURED", NOT_IMPLEMENTED, Never;
+    ProviderError = "PROVIDER_ERROR", BAD_GATEWAY, Never;
+    Overloaded = "OVERLOADED", SERVICE_UNAVAILABLE, Always;
+    ProviderUnavailable = "PROVIDER_UNAVAILABLE", SERVICE_UNAVAILABLE, Always;
+    Unavailable = "UNAVAILABLE", SERVICE_UNAVAILABLE, Always;
+    ProviderTimeout = "PROVIDER_TIMEOUT", GATEWAY_TIMEOUT, Never;
+    SpendLimitReached = "SPEND_LIMIT_REACHED", PAYMENT_REQUIRED, Always;
+    ReferralCodeUnknown = "REFERRAL_CODE_UNKNOWN", NOT_FOUND, Never;
+    ReferralWindowClosed = "REFERRAL_WINDOW_CLOSED", CONFLICT, Never;
+    AlreadyReferred = "ALREADY_REFERRED", CONFLICT, Never;
+    SelfReferral = "SELF_REFERRAL", CONFLICT, Never;
+}
+
+impl Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl utoipa::PartialSchema for Code {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(Code::ALL.iter().map(|code| code.as_str())))
+            .into()
+    }
+}
+
+/// Named `ErrorCode` in the document, as before the table existed.
+impl ToSchema for Code {
+    fn name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("ErrorCode")
+    }
+}
+
+/// Every error: `{"error": CODE, "message": "…"}`, plus the fields some
+/// codes add (`retryAfterSeconds`, the amounts of `INSUFFICIENT_CREDITS`).
+// The body every `ApiError` is serialized as, and its OpenAPI schema.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: Code,
+    /// What the caller can do about it.
+    message: String,
+    /// RATE_LIMITED, PROVIDER_UNAVAILABLE: seconds before a retry (also in `Retry-After`).
+    #[serde(rename = "retryAfterSeconds", skip_serializing_if = "Option::is_none")]
+    retry_after_seconds: Option<u64>,
+    /// The fields some codes add, each documented with its code.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Responses by status, as `#[utoipa::path]` takes them.
+type Responses = std::collections::BTreeMap<String, RefOr<utoipa::openapi::response::Response>>;
+
+/// The error rows many routes share, written once and named in each
+/// route's `#[utoipa::path]` (`responses(…, BodyErrors, Internal)`); a route
+/// whose row says something of its own keeps it inline instead.
+fn error_rows(rows: &[(u16, &str)]) -> Responses {
+    use utoipa::openapi::content::ContentBuilder;
+    use utoipa::openapi::response::ResponseBuilder;
+    use utoipa::openapi::Ref;
+    rows.iter()
+        .map(|&(status, description)| {
+            let body = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name(ErrorBody::name())))
+                .build();
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content("application/json", body)
+                .build();
+            (status.to_string(), RefOr::T(response))
+        })
+        .collect()
+}
+
+/// 400: the request does not parse; the message names the field.
+pub struct Invalid;
+
+impl utoipa::IntoResponses for Invalid {
+    fn responses() -> Responses {
+        error_rows(&[(400, "INVALID_REQUEST (the message names the field)")])
+    }
+}
+
+/// 401 of a user's route: no or a bad Clerk session token.
+pub struct SessionAuth;
+
+impl utoipa::IntoResponses for SessionAuth {
+    fn responses() -> Responses {
+        error_rows(&[(
+            401,
+            "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED",
+        )])
+    }
+}
+
+/// 401 of an admin route: no or a bad admin token.
+pub struct AdminAuth;
+
+impl utoipa::IntoResponses for AdminAuth {
+    fn responses() -> Responses {
+        error_rows(&[(401, "UNAUTHORIZED (no or bad admin token)")])
+    }
+}
+
+/// 429 of a route under a rate: retry after the header's seconds.
+pub struct RateLimited;
+
+impl utoipa::IntoResponses for RateLimited {
+    fn responses() -> Responses {
+        error_rows(&[(429, "RATE_LIMITED (Retry-After)")])
+    }
+}
+
+/// 408 and 413: the route reads a request body.
+pub struct BodyErrors;
+
+impl utoipa::IntoResponses for BodyErrors {
+    fn responses() -> Responses {
+        error_rows(&[
+            (408, "REQUEST_TIMEOUT (the body did not arrive in time)"),
+            (413, "PAYLOAD_TOO_LARGE"),
+        ])
+    }
+}
+
+/// 500: a bug or a broken invariant, logged with its cause.
+pub struct Internal;
+
+impl utoipa::IntoResponses for Internal {
+    fn responses() -> Responses {
+        error_rows(&[(500, "INTERNAL")])
+    }
+}
+
+/// 503 of a route that reads the ledger: the database or the account's
+/// actor did not answer, or its queue is full.
+pub struct LedgerUnavailable;
+
+impl utoipa::IntoResponses for LedgerUnavailable {
+    fn responses() -> Responses {
+        error_rows(&[(
+            503,
+            "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)",
+        )])
+    }
+}
+
+/// 503 of a route that reads only the database.
+pub struct DatabaseUnavailable;
+
+impl utoipa::IntoResponses for DatabaseUnavailable {
+    fn responses() -> Responses {
+        error_rows(&[(503, "UNAVAILABLE (database unavailable; retry)")])
     }
 }
 
@@ -128,9 +245,9 @@ pub struct ApiError {
     pub message: String,
     /// Extra fields for the body (e.g. the amounts of INSUFFICIENT_CREDITS).
     pub details: Option<serde_json::Value>,
-    /// Seconds for the `Retry-After` header of RATE_LIMITED,
-    /// PROVIDER_UNAVAILABLE and SPEND_LIMIT_REACHED (`RETRY_AFTER_S` when
-    /// not given).
+    /// Seconds before a retry: the `Retry-After` header of the codes whose
+    /// rule sends one (`RETRY_AFTER_S` when not given) and, when given,
+    /// `retryAfterSeconds` in the body.
     pub retry_after_s: Option<u64>,
 }
 
@@ -208,7 +325,6 @@ impl From<LedgerError> for ApiError {
                     "heldMicros": held.get(),
                     "requiredMicros": required.get(),
                     "resetsAt": resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    "retryAfterSeconds": retry_after_s,
                 })),
                 retry_after_s: Some(retry_after_s),
             },
@@ -259,8 +375,43 @@ impl From<crate::rate_limits::Refused> for ApiError {
         ApiError {
             code: Code::RateLimited,
             message: message.into(),
-            details: Some(serde_json::json!({ "retryAfterSeconds": refused.retry_after_s() })),
+            details: None,
             retry_after_s: Some(refused.retry_after_s()),
+        }
+    }
+}
+
+/// Stripe unreachable is a 503 to retry; a refusal is our bug (500),
+/// logged with Stripe's message, which the client does not see.
+impl From<StripeCallError> for ApiError {
+    fn from(error: StripeCallError) -> ApiError {
+        match error {
+            StripeCallError::Unreachable(message) => {
+                tracing::warn!(%message, "Stripe unreachable");
+                ApiError::new(
+                    Code::Unavailable,
+                    "the payment provider is unreachable; retry shortly",
+                )
+            }
+            refused @ StripeCallError::Refused { .. } => {
+                tracing::error!(error = %refused, "Stripe refused a request");
+                ApiError::new(
+                    Code::Internal,
+                    "the payment provider refused the request; the operators have been alerted",
+                )
+            }
+        }
+    }
+}
+
+/// What a Stripe route answers for each failure of `crate::stripe`.
+impl From<StripeError> for ApiError {
+    fn from(error: StripeError) -> ApiError {
+        match error {
+            StripeError::Invalid(message) => ApiError::invalid(message),
+            StripeError::NotCreditedYet(message) => ApiError::new(Code::Unavailable, message),
+            StripeError::Call(error) => error.into(),
+            StripeError::Ledger(error) => error.into(),
         }
     }
 }
@@ -271,25 +422,18 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        let mut body = serde_json::json!({
-            "error": self.code.as_str(),
-            "message": self.message,
-        });
-        if let (Some(serde_json::Value::Object(extra)), Some(object)) =
-            (&self.details, body.as_object_mut())
-        {
-            for (key, value) in extra {
-                object.insert(key.clone(), value.clone());
-            }
-        }
+        let details = match &self.details {
+            Some(serde_json::Value::Object(details)) => details.clone(),
+            _ => serde_json::Map::new(),
+        };
+        let body = ErrorBody {
+            error: self.code,
+            message: self.message.clone(),
+            retry_after_seconds: self.retry_after_s,
+            details,
+        };
         let mut response = HttpResponse::build(self.status_code());
-        if self.code == Code::Overloaded {
-            response.insert_header(("Retry-After", RETRY_AFTER_S.to_string()));
-        }
-        if matches!(
-            self.code,
-            Code::ProviderUnavailable | Code::RateLimited | Code::SpendLimitReached
-        ) {
+        if self.code.retry_after() == RetryAfter::Always {
             let seconds = self.retry_after_s.unwrap_or(u64::from(RETRY_AFTER_S));
             response.insert_header(("Retry-After", seconds.to_string()));
         }
@@ -329,43 +473,24 @@ pub async fn no_route() -> Result<HttpResponse, ApiError> {
 
 #[cfg(test)]
 mod tests {
-    use super::Code;
+    use super::{Code, RetryAfter};
 
-    /// Fails to compile when a code is added without being considered here.
-    fn listed(code: Code) -> bool {
-        match code {
-            Code::Unauthorized
-            | Code::AccountDeleted
-            | Code::Forbidden
-            | Code::RateLimited
-            | Code::InvalidRequest
-            | Code::NotFound
-            | Code::Conflict
-            | Code::InsufficientCredits
-            | Code::SpendLimitReached
-            | Code::ReferralCodeUnknown
-            | Code::ReferralWindowClosed
-            | Code::AlreadyReferred
-            | Code::SelfReferral
-            | Code::PayloadTooLarge
-            | Code::RequestTimeout
-            | Code::Overloaded
-            | Code::Unavailable
-            | Code::Internal
-            | Code::NoApiKey
-            | Code::ByokKeyRefused
-            | Code::ByokNotConfigured
-            | Code::ProviderUnavailable
-            | Code::ProviderTimeout
-            | Code::ProviderFailed => Code::ALL.contains(&code),
+    /// `ProviderError` → `PROVIDER_ERROR`: the Rust name says the wire string.
+    fn screaming_snake(name: &str) -> String {
+        let mut out = String::new();
+        for (index, letter) in name.chars().enumerate() {
+            if letter.is_ascii_uppercase() && index > 0 {
+                out.push('_');
+            }
+            out.push(letter.to_ascii_uppercase());
         }
+        out
     }
 
     #[test]
     fn every_code_is_listed_once_and_documented_in_the_readme() {
         let readme = include_str!("../../README.md");
         for (index, code) in Code::ALL.iter().enumerate() {
-            assert!(listed(*code));
             assert!(!Code::ALL[..index].contains(code), "{code:?} twice");
             let row = format!("| `{}` | {}", code.as_str(), code.status().as_u16());
             assert!(
@@ -373,6 +498,22 @@ mod tests {
                 "README lacks the row of {}",
                 code.as_str()
             );
+        }
+    }
+
+    #[test]
+    fn every_wire_code_is_its_rust_name_in_screaming_snake_case() {
+        for code in Code::ALL {
+            assert_eq!(code.as_str(), screaming_snake(&format!("{code:?}")));
+        }
+    }
+
+    #[test]
+    fn every_503_tells_the_client_when_to_retry() {
+        for code in Code::ALL {
+            if code.status() == actix_web::http::StatusCode::SERVICE_UNAVAILABLE {
+                assert_eq!(code.retry_after(), RetryAfter::Always, "{code:?}");
+            }
         }
     }
 }

@@ -4,18 +4,20 @@
 mod admin;
 pub mod auth;
 mod auto_recharge;
+mod body;
 mod chat;
 mod clerk_webhooks;
 mod credits;
 pub mod error;
 mod openapi;
 pub mod pages;
+mod provider_keys;
 mod rate_limits;
 mod referrals;
-mod settings;
 mod spending;
 mod state;
 mod stripe;
+mod topup;
 mod views;
 
 use std::net::TcpListener;
@@ -26,46 +28,10 @@ use actix_web::dev::{Server, Service, ServiceRequest};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpResponse, HttpServer};
 use futures_util::future::{ready, Either};
-use futures_util::StreamExt;
 
 use crate::config::Settings;
 use error::{ApiError, Code};
 pub use state::{AppState, State};
-
-/// Reads a request body up to `server.body_limit_bytes`, within
-/// `server.client_request_timeout_ms`: a client that sends its body too
-/// slowly gets 408 instead of holding the request open.
-pub async fn read_body(
-    mut payload: web::Payload,
-    server: &crate::config::ServerSettings,
-) -> Result<web::BytesMut, ApiError> {
-    let limit = server.body_limit_bytes;
-    let read = async {
-        let mut body = web::BytesMut::new();
-        while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(|e| ApiError::invalid(format!("request body: {e}")))?;
-            if body.len() + chunk.len() > limit {
-                return Err(ApiError::new(
-                    Code::PayloadTooLarge,
-                    format!("request body: larger than {limit} bytes"),
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
-    };
-    let deadline = Duration::from_millis(server.client_request_timeout_ms);
-    tokio::time::timeout(deadline, read).await.map_err(|_| {
-        metrics::counter!("creditd_request_body_timeouts_total").increment(1);
-        ApiError::new(
-            Code::RequestTimeout,
-            format!(
-                "request body: not received within {} ms",
-                server.client_request_timeout_ms
-            ),
-        )
-    })?
-}
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -132,28 +98,26 @@ pub fn server(
                         ("method", method.to_owned()),
                         ("status", status.to_string()),
                     ];
-                    metrics::counter!("creditd_http_requests_total", &labels).increment(1);
-                    metrics::histogram!("creditd_http_request_duration_seconds", &labels)
-                        .record(elapsed.as_secs_f64());
+                    metrics::counter!(crate::telemetry::HTTP_REQUESTS_TOTAL.name, &labels)
+                        .increment(1);
+                    metrics::histogram!(
+                        crate::telemetry::HTTP_REQUEST_DURATION_SECONDS.name,
+                        &labels
+                    )
+                    .record(elapsed.as_secs_f64());
                     Ok(response)
                 }
             })
-            .wrap(actix_web::middleware::from_fn(rate_limits::unauthenticated))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics_text))
+            // The routes of a user or the admin: each checks its token.
             .configure(credits::routes)
             .configure(auto_recharge::routes)
             .configure(admin::routes)
-            .configure(stripe::routes)
-            .configure(clerk_webhooks::routes)
+            .configure(topup::routes)
             .configure(chat::routes)
-            .configure(settings::routes)
+            .configure(provider_keys::routes)
             .configure(spending::routes)
             .configure(referrals::routes)
-            .configure(openapi::routes)
-            .configure(pages::routes)
-            .default_service(web::to(error::no_route))
+            .service(without_token())
             .wrap(cors(&allowed_origins))
     })
     .workers(settings.server.workers)
@@ -166,6 +130,30 @@ pub fn server(
     .listen(listener)?
     .run();
     Ok(server)
+}
+
+/// The routes that need no user or admin token (webhooks, health, metrics,
+/// the document and the pages) and every unknown path, under the per-IP
+/// rate: registered last, so a path no route above took lands here.
+fn without_token() -> actix_web::Scope<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    web::scope("")
+        .wrap(actix_web::middleware::from_fn(rate_limits::unauthenticated))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics_text))
+        .configure(stripe::routes)
+        .configure(clerk_webhooks::routes)
+        .configure(openapi::routes)
+        .configure(pages::routes)
+        .default_service(web::to(error::no_route))
 }
 
 /// This service's origin as the browser addressed it: `scheme://Host`.
@@ -204,19 +192,19 @@ fn cors(allowed: &[String]) -> actix_cors::Cors {
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "ops",
     responses(
-        (status = 200, description = "Up", body = openapi::Status),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody)
+        (status = 200, description = "Up", body = views::Status),
+        error::RateLimited
     ))]
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+    HttpResponse::Ok().json(views::Status { status: "ok" })
 }
 
 /// The database answered the last background check and the journal flows.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses(
-        (status = 200, description = "Ready", body = openapi::Status),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = openapi::ErrorBody)
+        (status = 200, description = "Ready", body = views::Status),
+        error::RateLimited,
+        (status = 503, description = "UNAVAILABLE (database down, journal stalled)", body = error::ErrorBody)
     ))]
 async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
     if state.health.draining() {
@@ -243,15 +231,15 @@ async fn readyz(state: State) -> Result<HttpResponse, ApiError> {
             "not hearing other instances' writes (the notification listener is reconnecting)",
         ));
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
+    Ok(HttpResponse::Ok().json(views::Status { status: "ready" }))
 }
 
 /// The Prometheus text; with `metrics.token` set, only for its bearer.
 #[utoipa::path(get, path = "/metrics", tag = "ops", security((), ("metrics" = [])),
     responses(
         (status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String),
-        (status = 401, description = "UNAUTHORIZED (metrics.token set, missing or wrong)", body = openapi::ErrorBody),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = openapi::ErrorBody)
+        (status = 401, description = "UNAUTHORIZED (metrics.token set, missing or wrong)", body = error::ErrorBody),
+        error::RateLimited
     ))]
 async fn metrics_text(
     state: State,
@@ -259,10 +247,16 @@ async fn metrics_text(
 ) -> Result<HttpResponse, ApiError> {
     auth::require_metrics_token(&state.settings.metrics, &request)?;
     let stats = state.engine.stats();
-    metrics::gauge!("creditd_account_actors_resident").set(stats.resident_actors as f64);
-    metrics::gauge!("creditd_journal_queue_depth").set(stats.journal_queue_depth as f64);
-    metrics::gauge!("creditd_database_up").set(if state.health.database_up() { 1.0 } else { 0.0 });
-    metrics::gauge!("creditd_active_holds").set(state.health.active_holds() as f64);
+    metrics::gauge!(crate::telemetry::ACCOUNT_ACTORS_RESIDENT.name)
+        .set(stats.resident_actors as f64);
+    metrics::gauge!(crate::telemetry::JOURNAL_QUEUE_DEPTH.name)
+        .set(stats.journal_queue_depth as f64);
+    metrics::gauge!(crate::telemetry::DATABASE_UP.name).set(if state.health.database_up() {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!(crate::telemetry::ACTIVE_HOLDS.name).set(state.health.active_holds() as f64);
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.metrics.render()))

@@ -2,21 +2,17 @@
 //! handlers' `#[utoipa::path]` attributes and their request and view types,
 //! served at `/openapi.json`, with a page that lists it at `/docs`.
 //!
-//! The bodies the handlers build with `json!` are described here by the
-//! types below; every error is `ErrorBody`, whose `error` lists every code
-//! of `error::Code`.
+//! Every body is described by the type the handler serializes (its view in
+//! `views.rs` or beside it); every error is `error::ErrorBody`, whose
+//! `error` lists every code of `error::Code`.
 
 use std::sync::OnceLock;
 
 use actix_web::{web, HttpResponse};
-use serde::Serialize;
-use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::RefOr;
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
-use super::error::Code;
-use super::views::{GrantView, HoldView, TransactionView, UsageView};
+use super::error::{Code, ErrorBody};
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -38,13 +34,13 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::credits::claim_bonus,
         super::auto_recharge::show,
         super::auto_recharge::save,
-        super::stripe::topup,
+        super::topup::topup,
         super::stripe::webhook,
         super::clerk_webhooks::webhook,
         super::chat::chat,
-        super::settings::list,
-        super::settings::save,
-        super::settings::remove,
+        super::provider_keys::list,
+        super::provider_keys::save,
+        super::provider_keys::remove,
         super::admin::adjust,
         super::admin::account,
         super::admin::run_reconcile,
@@ -64,7 +60,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
     ),
     components(schemas(
         ErrorBody,
-        ErrorCode,
+        Code,
         crate::pricing::Provider,
         crate::events::Envelope
     )),
@@ -98,173 +94,6 @@ impl Modify for BearerTokens {
             );
         }
     }
-}
-
-/// Every error: `{"error": CODE, "message": "…"}`, plus the fields some
-/// codes add (`retryAfterSeconds`, the amounts of `INSUFFICIENT_CREDITS`).
-#[derive(Serialize, ToSchema)]
-pub struct ErrorBody {
-    error: ErrorCode,
-    /// What the caller can do about it.
-    message: String,
-    /// RATE_LIMITED, PROVIDER_UNAVAILABLE: seconds before a retry (also in `Retry-After`).
-    #[serde(rename = "retryAfterSeconds")]
-    retry_after_seconds: Option<u64>,
-}
-
-/// The stable error codes (README's error table).
-#[derive(Serialize)]
-pub struct ErrorCode(String);
-
-impl utoipa::PartialSchema for ErrorCode {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .enum_values(Some(Code::ALL.iter().map(|code| code.as_str())))
-            .into()
-    }
-}
-
-impl ToSchema for ErrorCode {}
-
-/// `POST /api/credits/referral`: the code was taken.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Referred {
-    referred: bool,
-    /// This user had presented the same code before.
-    already_applied: bool,
-}
-
-/// `GET /admin/events`: the outbox's events, newest first.
-#[derive(Serialize, ToSchema)]
-pub struct EventList {
-    events: Vec<crate::events::store::EventDelivery>,
-}
-
-/// `GET /api/credits/usage/daily`: spend per UTC day, oldest first.
-#[derive(Serialize, ToSchema)]
-pub struct DailyUsage {
-    days: Vec<super::credits::DailyUsageView>,
-}
-
-/// `POST /api/credits/topup`: the Checkout Session to send the user to.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TopupSession {
-    url: String,
-    session_id: String,
-}
-
-/// `POST /api/credits/claim-bonus`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ClaimedBonus {
-    transaction: TransactionView,
-    already_claimed: bool,
-}
-
-/// A page of transactions, newest first.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TransactionsPage {
-    items: Vec<TransactionView>,
-    /// Absent on the last page.
-    next_cursor: Option<String>,
-}
-
-/// A page of usages, newest first.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct UsagesPage {
-    items: Vec<UsageView>,
-    next_cursor: Option<String>,
-}
-
-/// What a platform chat cost.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ChatCredits {
-    /// Cents, rounded up.
-    used: i64,
-    used_micros: i64,
-    /// Cents, rounded down.
-    balance: i64,
-    balance_micros: i64,
-    input_tokens: u64,
-    output_tokens: u64,
-    cache_read_tokens: u64,
-    cache_write_tokens: u64,
-}
-
-/// `POST /api/chat` without `stream`.
-#[derive(Serialize, ToSchema)]
-pub struct ChatAnswer {
-    content: String,
-    model: String,
-    /// Absent for a chat on the user's own key.
-    credits: Option<ChatCredits>,
-}
-
-/// One provider's saved key: whether it is set and its last 4 characters.
-#[derive(Serialize, ToSchema)]
-pub struct SavedKey {
-    set: bool,
-    last4: Option<String>,
-}
-
-/// The user's own provider keys, never whole.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SavedKeys {
-    anthropic: SavedKey,
-    openai: SavedKey,
-    has_byok: bool,
-}
-
-/// `POST /admin/accounts/{userId}/credits`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Adjusted {
-    transaction: TransactionView,
-    replayed: bool,
-    balance_micros: i64,
-    held_micros: i64,
-    available_micros: i64,
-}
-
-/// `GET /admin/accounts/{userId}`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AdminAccount {
-    balance_micros: i64,
-    held_micros: i64,
-    available_micros: i64,
-    user_id: String,
-    account_id: i64,
-    version: i64,
-    plan: String,
-    holds: Vec<HoldView>,
-    /// Grants with money left, in spend order.
-    grants: Vec<GrantView>,
-    transactions: Vec<TransactionView>,
-    usages: Vec<UsageView>,
-    /// Its top-ups' follow-ups not done yet (card, invoice link), newest
-    /// first: PENDING ones are retried, FAILED ones were given up.
-    follow_ups: Vec<crate::stripe::followup::FollowUpView>,
-}
-
-/// A webhook delivery taken (or already taken: `duplicate`).
-#[derive(Serialize, ToSchema)]
-pub struct Received {
-    received: bool,
-    duplicate: Option<bool>,
-}
-
-/// `/healthz`, `/readyz`.
-#[derive(Serialize, ToSchema)]
-pub struct Status {
-    status: String,
 }
 
 fn document_json() -> &'static str {

@@ -10,7 +10,7 @@ use actix_web::{web, HttpResponse, HttpResponseBuilder};
 use include_dir::{include_dir, Dir};
 
 use super::error::ApiError;
-use super::State;
+use super::state::State;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -92,7 +92,7 @@ fn page(state: &State, template: &str) -> HttpResponse {
 #[utoipa::path(get, path = "/billing", tag = "pages",
     responses(
         (status = 200, description = "The billing page", content_type = "text/html", body = String),
-        (status = 429, description = "RATE_LIMITED (Retry-After)", body = super::openapi::ErrorBody)
+        super::error::RateLimited
     ))]
 async fn billing(state: State) -> HttpResponse {
     page(&state, BILLING_PAGE)

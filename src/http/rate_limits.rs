@@ -8,29 +8,23 @@ use actix_web::middleware::Next;
 use actix_web::ResponseError;
 
 use super::error::ApiError;
-use super::State;
+use super::state::State;
 
-/// Whether a path is served without a user or admin token.
-fn needs_no_token(path: &str) -> bool {
-    path.starts_with("/api/webhooks/")
-        || !(path.starts_with("/api/") || path.starts_with("/admin/"))
-}
-
-/// Refuses (429 with `Retry-After`) an unauthenticated request from an
-/// address over its rate; passes every other request on.
+/// Refuses (429 with `Retry-After`) a request from an address over its
+/// rate; passes every other request on. Wraps only the routes that need no
+/// token (`http::without_token`), so which routes it limits is declared
+/// where they are registered.
 pub async fn unauthenticated(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    if needs_no_token(request.path()) {
-        let refused = match (request.app_data::<State>(), request.peer_addr()) {
-            (Some(state), Some(peer)) => state.rate_limits.unauthenticated(peer.ip()).err(),
-            _ => None,
-        };
-        if let Some(refused) = refused {
-            let response = ApiError::from(refused).error_response();
-            return Ok(request.into_response(response).map_into_right_body());
-        }
+    let refused = match (request.app_data::<State>(), request.peer_addr()) {
+        (Some(state), Some(peer)) => state.rate_limits.unauthenticated(peer.ip()).err(),
+        _ => None,
+    };
+    if let Some(refused) = refused {
+        let response = ApiError::from(refused).error_response();
+        return Ok(request.into_response(response).map_into_right_body());
     }
     Ok(next.call(request).await?.map_into_left_body())
 }

@@ -5,8 +5,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 
+use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
-use super::{read_body, State};
+use super::state::State;
+use super::views::Referred;
 use crate::referrals::{self, Refusal};
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -45,9 +47,9 @@ pub(super) struct CodeBody {
 #[utoipa::path(get, path = "/api/credits/referral", tag = "credits", security(("clerk" = [])),
     responses(
         (status = 200, description = "The code and its counts", body = ReferralView),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+        super::error::SessionAuth,
+        super::error::Internal,
+        super::error::DatabaseUnavailable
     ))]
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
@@ -71,17 +73,16 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
 #[utoipa::path(post, path = "/api/credits/referral", tag = "credits", security(("clerk" = [])),
     request_body = CodeBody,
     responses(
-        (status = 201, description = "Taken: `{referred: true, alreadyApplied: false}`", body = super::openapi::Referred),
-        (status = 200, description = "This code was presented before: `alreadyApplied: true`", body = super::openapi::Referred),
-        (status = 400, description = "INVALID_REQUEST (field `code`: not a code's shape)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::openapi::ErrorBody),
-        (status = 404, description = "REFERRAL_CODE_UNKNOWN", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 409, description = "REFERRAL_WINDOW_CLOSED (signed up at Clerk more than 7 days ago), ALREADY_REFERRED (another code was presented, by this account or another of the same mailbox), SELF_REFERRAL (own code, or its owner has the same canonical mailbox)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database unavailable; retry)", body = super::openapi::ErrorBody)
+        (status = 201, description = "Taken: `{referred: true, alreadyApplied: false}`", body = super::views::Referred),
+        (status = 200, description = "This code was presented before: `alreadyApplied: true`", body = super::views::Referred),
+        (status = 400, description = "INVALID_REQUEST (field `code`: not a code's shape)", body = super::error::ErrorBody),
+        super::error::SessionAuth,
+        (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::error::ErrorBody),
+        (status = 404, description = "REFERRAL_CODE_UNKNOWN", body = super::error::ErrorBody),
+        super::error::BodyErrors,
+        (status = 409, description = "REFERRAL_WINDOW_CLOSED (signed up at Clerk more than 7 days ago), ALREADY_REFERRED (another code was presented, by this account or another of the same mailbox), SELF_REFERRAL (own code, or its owner has the same canonical mailbox)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
     ))]
 pub(super) async fn redeem(
     state: State,
@@ -106,7 +107,10 @@ pub(super) async fn redeem(
     let redeemed = referrals::redeem(&**client, account, &code, now)
         .await?
         .map_err(refused)?;
-    let body = serde_json::json!({ "referred": true, "alreadyApplied": redeemed.replayed });
+    let body = Referred {
+        referred: true,
+        already_applied: redeemed.replayed,
+    };
     Ok(if redeemed.replayed {
         HttpResponse::Ok().json(body)
     } else {

@@ -9,8 +9,9 @@ use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 
 use super::auth::require_admin;
+use super::body::read_body;
 use super::error::{parse_json, ApiError};
-use super::{read_body, State};
+use super::state::State;
 use crate::ledger::{LimitsChange, SpendLimits, SpendingSnapshot, WindowSpend};
 use crate::money::Micros;
 
@@ -107,9 +108,9 @@ fn limit(field: &str, value: Option<i64>) -> Result<Option<Micros>, ApiError> {
 #[utoipa::path(get, path = "/api/credits/limits", tag = "credits", security(("clerk" = [])),
     responses(
         (status = 200, description = "Limits, ceilings and spend per window", body = LimitsView),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        super::error::SessionAuth,
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
@@ -124,14 +125,13 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
     request_body = OwnerLimits,
     responses(
         (status = 200, description = "The limits as stored", body = LimitsView),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 409, description = "CONFLICT (a limit above the ceiling an administrator set; the message names the field)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        super::error::Invalid,
+        super::error::SessionAuth,
+        (status = 403, description = "FORBIDDEN (cookie-authenticated write from an origin not allowed)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
+        (status = 409, description = "CONFLICT (a limit above the ceiling an administrator set; the message names the field)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 pub(super) async fn set(
     state: State,
@@ -158,13 +158,12 @@ pub(super) async fn set(
     request_body = AdminLimits,
     responses(
         (status = 200, description = "The limits as stored", body = LimitsView),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad admin token)", body = super::openapi::ErrorBody),
-        (status = 404, description = "NOT_FOUND (no admin token configured: the admin routes do not exist)", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured: the admin routes do not exist)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
+        super::error::Internal,
+        super::error::LedgerUnavailable
     ))]
 pub(super) async fn admin_set(
     state: State,

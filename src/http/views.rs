@@ -177,6 +177,221 @@ impl From<&HoldRecord> for HoldView {
     }
 }
 
+/// A page of transactions, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransactionsPage {
+    pub items: Vec<TransactionView>,
+    /// Absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A page of usages, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsagesPage {
+    pub items: Vec<UsageView>,
+    pub next_cursor: Option<String>,
+}
+
+/// One UTC day of the usage chart.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DailyUsageView {
+    pub date: chrono::NaiveDate,
+    pub cost_micros: i64,
+    pub chats: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+/// `GET /api/credits/usage/daily`: spend per UTC day, oldest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = DailyUsage)]
+pub struct DailyUsageList {
+    pub days: Vec<DailyUsageView>,
+}
+
+/// `POST /api/credits/claim-bonus`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimedBonus {
+    pub transaction: TransactionView,
+    pub already_claimed: bool,
+}
+
+/// `POST /api/credits/referral`: the code was taken.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Referred {
+    pub referred: bool,
+    /// This user had presented the same code before.
+    pub already_applied: bool,
+}
+
+/// `GET /api/credits/auto-recharge` (and `PUT`'s answer): the settings,
+/// why creditd switched them off, and this month's auto-recharged total.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoRechargeView {
+    pub enabled: bool,
+    pub threshold_cents: Option<i64>,
+    pub amount_cents: Option<i64>,
+    /// Set when creditd switched auto-recharge off (e.g. a declined card).
+    pub disabled_reason: Option<String>,
+    pub has_saved_card: bool,
+    pub month_total_cents: i64,
+    pub monthly_max_cents: i64,
+    pub limits: AutoRechargeBounds,
+}
+
+/// The bounds `PUT /api/credits/auto-recharge` accepts, in cents.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoRechargeBounds {
+    pub min_amount_cents: i64,
+    pub max_amount_cents: i64,
+    pub min_threshold_cents: i64,
+    pub max_threshold_cents: i64,
+}
+
+/// `POST /api/credits/topup`: the Checkout Session to send the user to.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = TopupSession)]
+pub struct TopupSessionView {
+    pub url: String,
+    pub session_id: String,
+}
+
+/// What a platform chat cost.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatCredits {
+    /// Cents, rounded up.
+    pub used: i64,
+    pub used_micros: i64,
+    /// Cents, rounded down.
+    pub balance: i64,
+    pub balance_micros: i64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+}
+
+impl From<&UsageRecord> for ChatCredits {
+    fn from(record: &UsageRecord) -> Self {
+        ChatCredits {
+            used: record.cost_micros.ceil_cents(),
+            used_micros: record.cost_micros.get(),
+            balance: record.balance_after_micros.floor_cents(),
+            balance_micros: record.balance_after_micros.get(),
+            input_tokens: record.input_tokens,
+            output_tokens: record.output_tokens,
+            cache_read_tokens: record.cache_read_tokens,
+            cache_write_tokens: record.cache_write_tokens,
+        }
+    }
+}
+
+/// `POST /api/chat` without `stream`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChatAnswer {
+    pub content: String,
+    pub model: String,
+    /// Absent for a chat on the user's own key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<ChatCredits>,
+}
+
+/// One provider's saved key: whether it is set and its last 4 characters.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SavedKey {
+    pub set: bool,
+    pub last4: Option<String>,
+}
+
+/// The user's own provider keys, never whole.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SavedKeys {
+    pub anthropic: SavedKey,
+    pub openai: SavedKey,
+    pub has_byok: bool,
+}
+
+/// `POST /admin/accounts/{userId}/credits`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Adjusted {
+    pub transaction: TransactionView,
+    pub replayed: bool,
+    pub balance_micros: i64,
+    pub held_micros: i64,
+    pub available_micros: i64,
+}
+
+/// `GET /admin/accounts/{userId}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminAccount {
+    pub balance_micros: i64,
+    pub held_micros: i64,
+    pub available_micros: i64,
+    pub user_id: String,
+    pub account_id: i64,
+    pub version: i64,
+    pub plan: String,
+    pub holds: Vec<HoldView>,
+    /// Grants with money left, in spend order.
+    pub grants: Vec<GrantView>,
+    pub transactions: Vec<TransactionView>,
+    pub usages: Vec<UsageView>,
+    /// Its top-ups' follow-ups not done yet (card, invoice link), newest
+    /// first: PENDING ones are retried, FAILED ones were given up.
+    pub follow_ups: Vec<crate::stripe::followup::FollowUpView>,
+}
+
+/// `GET /admin/events`: the outbox's events, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventList {
+    pub events: Vec<crate::events::store::EventDelivery>,
+}
+
+/// A webhook delivery taken (or already taken: `duplicate`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Received {
+    pub received: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<bool>,
+}
+
+impl Received {
+    /// Taken now.
+    pub fn taken() -> Received {
+        Received {
+            received: true,
+            duplicate: None,
+        }
+    }
+
+    /// Taken before: this delivery changes nothing.
+    pub fn duplicate() -> Received {
+        Received {
+            received: true,
+            duplicate: Some(true),
+        }
+    }
+}
+
+/// `/healthz`, `/readyz`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Status {
+    #[schema(value_type = String)]
+    pub status: &'static str,
+}
+
 /// `limit` and `cursor` of a history page.
 #[derive(Debug)]
 pub struct Page {

@@ -99,7 +99,7 @@ impl RechargeState {
         }
         let total = self.month_cents.checked_add(config.amount_cents)?;
         if total > monthly_max_cents {
-            metrics::counter!("creditd_auto_recharges_capped_total").increment(1);
+            metrics::counter!(crate::telemetry::AUTO_RECHARGES_CAPPED_TOTAL.name).increment(1);
             return None;
         }
         self.month_cents = total;

@@ -130,7 +130,8 @@ fn dismiss(handle: Handle, reason: Eviction) {
     handle.published.set(None);
     // Not money: a stop request, harmless if the actor already stopped.
     handle.addr.do_send(Evict);
-    metrics::counter!("creditd_accounts_evicted_total", "reason" => reason.as_str()).increment(1);
+    metrics::counter!(crate::telemetry::ACCOUNTS_EVICTED_TOTAL.name, "reason" => reason.as_str())
+        .increment(1);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -298,7 +299,7 @@ impl Directory {
             handle.published.set(None);
             // Not money: a request to stop, ignored by a copy found current.
             handle.addr.do_send(Evict);
-            metrics::counter!("creditd_accounts_evicted_total", "reason" => reason.as_str())
+            metrics::counter!(crate::telemetry::ACCOUNTS_EVICTED_TOTAL.name, "reason" => reason.as_str())
                 .increment(1);
         }
         stale

@@ -302,7 +302,7 @@ impl Engine {
             replayed: false,
         }) = &result
         {
-            metrics::counter!("creditd_credited_micros_total", "kind" => kind.as_str())
+            metrics::counter!(crate::telemetry::CREDITED_MICROS_TOTAL.name, "kind" => kind.as_str())
                 .increment(record.amount_micros.get().unsigned_abs());
         }
         result
@@ -472,7 +472,7 @@ impl Engine {
             replayed: false,
         }) = &result
         {
-            metrics::counter!("creditd_charged_micros_total", "model" => record.model.clone())
+            metrics::counter!(crate::telemetry::CHARGED_MICROS_TOTAL.name, "model" => record.model.clone())
                 .increment(record.cost_micros.get().unsigned_abs());
         }
         result
@@ -584,13 +584,13 @@ fn observe<T>(
         Err(LedgerError::Unavailable(_) | LedgerError::Reset) => "unavailable",
         Err(LedgerError::Internal(_)) => "internal",
     };
-    metrics::counter!("creditd_ledger_operations_total", "kind" => kind, "outcome" => outcome)
+    metrics::counter!(crate::telemetry::LEDGER_OPERATIONS_TOTAL.name, "kind" => kind, "outcome" => outcome)
         .increment(1);
     if outcome == "insufficient_credits" {
-        metrics::counter!("creditd_reserves_refused_total").increment(1);
+        metrics::counter!(crate::telemetry::RESERVES_REFUSED_TOTAL.name).increment(1);
     }
     if let Err(LedgerError::SpendLimitReached { window, .. }) = &result {
-        metrics::counter!("creditd_spend_limit_refusals_total", "window" => window.as_str())
+        metrics::counter!(crate::telemetry::SPEND_LIMIT_REFUSALS_TOTAL.name, "window" => window.as_str())
             .increment(1);
     }
     result

@@ -40,7 +40,7 @@ pub(crate) async fn load(context: &LoadContext, account: AccountId) -> Result<Lo
         Ok(loaded) => return Ok(loaded),
         Err(broken) => broken,
     };
-    metrics::counter!("creditd_account_loads_retried_total").increment(1);
+    metrics::counter!(crate::telemetry::ACCOUNT_LOADS_RETRIED_TOTAL.name).increment(1);
     tracing::warn!(account = account.0, %first, "account read inconsistent; reading a fresh snapshot");
     match snapshot(context, account).await? {
         Ok(loaded) => Ok(loaded),

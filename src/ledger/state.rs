@@ -559,7 +559,7 @@ impl AccountState {
         };
         self.keys
             .insert(key, Box::new(record.clone()), seq, durable_seq);
-        metrics::counter!("creditd_grants_expired_total").increment(1);
+        metrics::counter!(crate::telemetry::GRANTS_EXPIRED_TOTAL.name).increment(1);
         Ok(Applied::New {
             value: Some(record.clone()),
             record: Record::Transaction(record),
@@ -847,7 +847,7 @@ impl AccountState {
         );
         let late = !held.is_positive();
         if late {
-            metrics::counter!("creditd_late_settlements_total").increment(1);
+            metrics::counter!(crate::telemetry::LATE_SETTLEMENTS_TOTAL.name).increment(1);
         }
         Ok(Applied::New {
             value: usage.clone(),

@@ -91,6 +91,17 @@ pub enum TransactionType {
 }
 
 impl TransactionType {
+    /// Every kind a credit or an adjustment may carry: all but `EXPIRED`,
+    /// which only the expiry of a grant posts.
+    pub const CREDITS: [TransactionType; 6] = [
+        TransactionType::SignupBonus,
+        TransactionType::TopUp,
+        TransactionType::PromoBonus,
+        TransactionType::Refund,
+        TransactionType::Dispute,
+        TransactionType::Adjustment,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TransactionType::SignupBonus => "SIGNUP_BONUS",

@@ -133,7 +133,7 @@ pub struct ChatCall {
 }
 
 /// A whole answer, with what it cost when on the platform's key.
-pub struct Answer {
+pub struct CompletedChat {
     pub content: String,
     pub model: String,
     pub credits: Option<UsageRecord>,
@@ -175,7 +175,7 @@ impl Chats {
 
     /// A whole answer: hold, call, then settle (or release), in a task of
     /// its own so a client that goes away never leaves a hold half-done.
-    pub async fn answer(self: &Arc<Self>, chat: ChatCall) -> Result<Answer, ChatError> {
+    pub async fn answer(self: &Arc<Self>, chat: ChatCall) -> Result<CompletedChat, ChatError> {
         let call = self.call(chat);
         actix_web::rt::spawn(async move { call.hold().await?.complete().await })
             .await
@@ -297,7 +297,7 @@ impl Call {
     }
 
     /// A whole answer: call, then settle (or release), then answer.
-    async fn complete(self) -> Result<Answer, ChatError> {
+    async fn complete(self) -> Result<CompletedChat, ChatError> {
         let started = Instant::now();
         let result = self
             .chats
@@ -319,7 +319,7 @@ impl Call {
             Some(billing) => Some(self.settle(billing.hold, completion.usage).await?),
             None => None,
         };
-        Ok(Answer {
+        Ok(CompletedChat {
             content: completion.content,
             model: self.request.model.clone(),
             credits,
@@ -329,10 +329,10 @@ impl Call {
     fn observe(&self, outcome: &'static str, started: Instant) {
         let provider = self.provider.as_str();
         let model = self.request.model.clone();
-        metrics::counter!("creditd_provider_calls_total",
+        metrics::counter!(crate::telemetry::PROVIDER_CALLS_TOTAL.name,
             "provider" => provider, "model" => model.clone(), "outcome" => outcome)
         .increment(1);
-        metrics::histogram!("creditd_provider_call_duration_seconds",
+        metrics::histogram!(crate::telemetry::PROVIDER_CALL_DURATION_SECONDS.name,
             "provider" => provider, "model" => model)
         .record(started.elapsed().as_secs_f64());
     }
@@ -345,7 +345,8 @@ impl Call {
         };
         match self.chats.engine.release(self.account, billing.hold).await {
             Ok(_) => {
-                metrics::counter!("creditd_holds_released_total", "reason" => reason).increment(1)
+                metrics::counter!(crate::telemetry::HOLDS_RELEASED_TOTAL.name, "reason" => reason)
+                    .increment(1)
             }
             Err(error) => tracing::warn!(%error, hold = %billing.hold,
                 "a hold could not be released; it will expire"),
@@ -395,7 +396,7 @@ fn record_tokens(model: &str, usage: &TokenUsage) {
         ("cache_read", usage.cache_read_tokens),
         ("cache_write", usage.cache_write_tokens),
     ] {
-        metrics::counter!("creditd_chat_tokens_total", "model" => model.to_owned(), "kind" => kind)
+        metrics::counter!(crate::telemetry::CHAT_TOKENS_TOTAL.name, "model" => model.to_owned(), "kind" => kind)
             .increment(tokens);
     }
 }

@@ -17,6 +17,6 @@ pub mod settlements;
 pub mod tokens;
 pub mod usage;
 
-pub use chat::{Answer, ChatCall, ChatError, Chats, StreamEvent};
+pub use chat::{ChatCall, ChatError, Chats, CompletedChat, StreamEvent};
 pub use settlements::{SettlementSlot, Settlements};
 pub use usage::{daily_usage, DailyUsage, MAX_DAYS};

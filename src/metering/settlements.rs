@@ -42,7 +42,7 @@ struct PendingGuard<'a>(&'a Settlements);
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         let now = self.0.pending.fetch_sub(1, Ordering::AcqRel) - 1;
-        metrics::gauge!("creditd_pending_settlements").set(now as f64);
+        metrics::gauge!(crate::telemetry::PENDING_SETTLEMENTS.name).set(now as f64);
     }
 }
 
@@ -63,7 +63,7 @@ impl Settlements {
             .try_acquire_owned()
             .map(|permit| SettlementSlot { _permit: permit })
             .map_err(|_| {
-                metrics::counter!("creditd_chats_refused_total", "reason" => "settlements_pending")
+                metrics::counter!(crate::telemetry::CHATS_REFUSED_TOTAL.name, "reason" => "settlements_pending")
                     .increment(1);
                 LedgerError::Overloaded
             })
@@ -105,7 +105,7 @@ impl Settlements {
         charge: UsageCharge,
     ) -> Result<UsageRecord, LedgerError> {
         let now = self.pending.fetch_add(1, Ordering::AcqRel) + 1;
-        metrics::gauge!("creditd_pending_settlements").set(now as f64);
+        metrics::gauge!(crate::telemetry::PENDING_SETTLEMENTS.name).set(now as f64);
         let _pending = PendingGuard(self);
         let mut pause = RETRY_PAUSE_FIRST;
         let mut attempts = 0u64;
@@ -126,14 +126,15 @@ impl Settlements {
                     if attempts == 1 {
                         tracing::warn!(%error, %hold, "settlement not committed yet; retrying until it is");
                     }
-                    metrics::counter!("creditd_settlement_retries_total").increment(1);
+                    metrics::counter!(crate::telemetry::SETTLEMENT_RETRIES_TOTAL.name).increment(1);
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RETRY_PAUSE_MAX);
                 }
                 Err(error) => {
                     tracing::error!(%error, %hold, cost_micros = charge.cost.get(),
                         "a settlement was refused by the ledger");
-                    metrics::counter!("creditd_settlements_refused_total").increment(1);
+                    metrics::counter!(crate::telemetry::SETTLEMENTS_REFUSED_TOTAL.name)
+                        .increment(1);
                     return Err(error);
                 }
             }

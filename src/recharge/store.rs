@@ -15,7 +15,7 @@ use crate::ledger::{
 
 /// The user's settings as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
+pub struct AutoRechargeSettings {
     pub enabled: bool,
     pub threshold_cents: i64,
     pub amount_cents: i64,
@@ -26,7 +26,7 @@ pub struct Settings {
 pub async fn settings(
     client: &impl GenericClient,
     account: AccountId,
-) -> Result<Option<Settings>, LedgerError> {
+) -> Result<Option<AutoRechargeSettings>, LedgerError> {
     let row = client
         .query_opt(
             "SELECT enabled, threshold_cents, amount_cents, disabled_reason
@@ -36,7 +36,7 @@ pub async fn settings(
         .await
         .map_err(unavailable)?;
     row.map(|row| {
-        Ok(Settings {
+        Ok(AutoRechargeSettings {
             enabled: row.try_get(0).map_err(unavailable)?,
             threshold_cents: row.try_get(1).map_err(unavailable)?,
             amount_cents: row.try_get(2).map_err(unavailable)?,
@@ -53,7 +53,7 @@ pub async fn save_settings(
     client: &mut deadpool_postgres::Object,
     instance: &InstanceId,
     account: AccountId,
-    settings: &Settings,
+    settings: &AutoRechargeSettings,
     now: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
     let tx = client.transaction().await.map_err(unavailable)?;

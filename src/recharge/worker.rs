@@ -143,7 +143,7 @@ async fn settle(
     match payment {
         OffSessionPayment::Submitted { payment_intent } => {
             store::submitted(&***client, due.attempt, &payment_intent).await?;
-            metrics::counter!("creditd_auto_recharges_submitted_total").increment(1);
+            metrics::counter!(crate::telemetry::AUTO_RECHARGES_SUBMITTED_TOTAL.name).increment(1);
             Ok(())
         }
         OffSessionPayment::Refused { code } => end_failed(client, engine, due, &code).await,
@@ -169,7 +169,8 @@ async fn look_up(
     } else {
         "not_found"
     };
-    metrics::counter!("creditd_auto_recharges_looked_up_total", "outcome" => outcome).increment(1);
+    metrics::counter!(crate::telemetry::AUTO_RECHARGES_LOOKED_UP_TOTAL.name, "outcome" => outcome)
+        .increment(1);
     match found {
         Some(payment) => {
             tracing::info!(attempt = %due.attempt, account = due.account.0,
@@ -188,7 +189,7 @@ async fn look_up(
 async fn canceled(engine: &Engine, due: &Due, reason: CancelReason) -> Result<(), LedgerError> {
     tracing::info!(attempt = %due.attempt, account = due.account.0, reason = reason.as_str(),
         "auto-recharge attempt canceled before paying");
-    metrics::counter!("creditd_auto_recharges_canceled_total", "reason" => reason.as_str())
+    metrics::counter!(crate::telemetry::AUTO_RECHARGES_CANCELED_TOTAL.name, "reason" => reason.as_str())
         .increment(1);
     engine
         .auto_recharge_ended(due.account, due.attempt, AttemptEnd::Canceled)
@@ -206,7 +207,7 @@ async fn end_failed(
     }
     tracing::info!(attempt = %due.attempt, account = due.account.0, %reason,
         "auto-recharge refused; switched off");
-    metrics::counter!("creditd_auto_recharges_failed_total").increment(1);
+    metrics::counter!(crate::telemetry::AUTO_RECHARGES_FAILED_TOTAL.name).increment(1);
     engine
         .auto_recharge_ended(due.account, due.attempt, AttemptEnd::Failed)
         .await

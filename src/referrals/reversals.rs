@@ -424,7 +424,8 @@ async fn post_step(
         } else {
             "taken_back"
         };
-        metrics::counter!("creditd_referral_reversals_total", "step" => kind).increment(1);
+        metrics::counter!(crate::telemetry::REFERRAL_REVERSALS_TOTAL.name, "step" => kind)
+            .increment(1);
     }
     posted(result, side)
 }

@@ -250,7 +250,7 @@ impl StripeApi {
             Ok(_) => "refused",
             Err(_) => "unreachable",
         };
-        metrics::counter!("creditd_stripe_requests_total", "operation" => operation, "outcome" => outcome)
+        metrics::counter!(crate::telemetry::STRIPE_REQUESTS_TOTAL.name, "operation" => operation, "outcome" => outcome)
             .increment(1);
         let response = sent.map_err(|e| StripeCallError::Unreachable(e.to_string()))?;
         let status = response.status();
@@ -316,7 +316,7 @@ impl StripeApi {
             .await;
         let intent = match sent {
             Err(StripeError::Stripe(errors, 402)) => {
-                metrics::counter!("creditd_stripe_requests_total", "operation" => "create_payment_intent", "outcome" => "refused")
+                metrics::counter!(crate::telemetry::STRIPE_REQUESTS_TOTAL.name, "operation" => "create_payment_intent", "outcome" => "refused")
                     .increment(1);
                 let code = errors
                     .code
@@ -413,7 +413,7 @@ fn observe<T>(
         Err(StripeError::Stripe(_, _)) => "refused",
         Err(_) => "unreachable",
     };
-    metrics::counter!("creditd_stripe_requests_total", "operation" => operation, "outcome" => outcome)
+    metrics::counter!(crate::telemetry::STRIPE_REQUESTS_TOTAL.name, "operation" => operation, "outcome" => outcome)
         .increment(1);
     result.map_err(StripeCallError::from)
 }

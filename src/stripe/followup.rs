@@ -231,7 +231,7 @@ impl Worker {
             .await
             .and_then(|row| row.try_get(0))
             .map_err(unavailable)?;
-        metrics::gauge!("creditd_topup_followups_pending").set(open as f64);
+        metrics::gauge!(crate::telemetry::TOPUP_FOLLOWUPS_PENDING.name).set(open as f64);
         let due = due(
             &**client,
             Utc::now(),
@@ -276,7 +276,7 @@ impl Worker {
                 .execute(sql::DONE, &[&job.transaction, &now])
                 .await
                 .map_err(unavailable)?;
-            metrics::counter!("creditd_topup_followups_done_total").increment(1);
+            metrics::counter!(crate::telemetry::TOPUP_FOLLOWUPS_DONE_TOTAL.name).increment(1);
             return Ok(());
         }
         self.attempt_failed(&**client, &job, &failures.join("; "), now)
@@ -304,9 +304,9 @@ impl Worker {
             )
             .await
             .map_err(unavailable)?;
-        metrics::counter!("creditd_topup_followup_failures_total").increment(1);
+        metrics::counter!(crate::telemetry::TOPUP_FOLLOWUP_FAILURES_TOTAL.name).increment(1);
         if given_up {
-            metrics::counter!("creditd_topup_followups_failed_total").increment(1);
+            metrics::counter!(crate::telemetry::TOPUP_FOLLOWUPS_FAILED_TOTAL.name).increment(1);
             tracing::error!(transaction = %job.transaction, account = job.account.0, attempts, %error,
                 "top-up follow-up given up (card not saved or invoice link not read); FAILED");
         } else {

@@ -4,22 +4,33 @@
 use deadpool_postgres::Pool;
 
 use super::{StripeApi, StripeError, TopupSession};
-use crate::accounts::users;
+use crate::accounts::{users, ClerkUserId};
 use crate::ledger::{store, AccountId, LedgerError};
+
+/// A Stripe customer id (`cus_…`): the one stored for an account, or the
+/// one Stripe just created for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CustomerId(String);
+
+impl CustomerId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Opens a Checkout Session for a top-up of `amount_cents`.
 pub async fn open_session(
     api: &StripeApi,
     pool: &Pool,
     account: AccountId,
-    clerk_id: &str,
+    clerk_id: &ClerkUserId,
     amount_cents: i64,
 ) -> Result<TopupSession, StripeError> {
     let customer = customer_of(api, pool, account, clerk_id).await?;
     Ok(api
         .create_topup_session(
             account.0,
-            &customer,
+            customer.as_str(),
             amount_cents,
             chrono::Utc::now().timestamp(),
         )
@@ -33,25 +44,25 @@ async fn customer_of(
     api: &StripeApi,
     pool: &Pool,
     account: AccountId,
-    clerk_id: &str,
-) -> Result<String, StripeError> {
+    clerk_id: &ClerkUserId,
+) -> Result<CustomerId, StripeError> {
     let client = store::client(pool).await?;
     let fields = users::customer_fields(&**client, account).await?;
     if let Some(customer) = fields.customer_id {
-        return Ok(customer);
+        return Ok(CustomerId(customer));
     }
     drop(client);
     let created = api
         .create_customer(
             account.0,
-            clerk_id,
+            clerk_id.as_str(),
             fields.email.as_deref(),
             fields.name.as_deref(),
         )
         .await?;
     let client = store::client(pool).await?;
     if users::store_customer(&**client, account, &created).await? {
-        return Ok(created);
+        return Ok(CustomerId(created));
     }
     // Another request stored its customer first (a separate statement, so
     // it sees that commit).
@@ -61,5 +72,5 @@ async fn customer_of(
     if stored != created {
         tracing::warn!(account = account.0, %created, %stored, "a second Stripe customer was created; the stored one is kept");
     }
-    Ok(stored)
+    Ok(CustomerId(stored))
 }

@@ -22,7 +22,7 @@ use crate::ledger::{
     AccountId, ClawbackRequest, Engine, IdempotencyKey, LedgerError, Posting, TransactionType,
 };
 use crate::money::Micros;
-use crate::webhooks::Outcome;
+use crate::webhooks::WebhookOutcome;
 
 /// The event types creditd handles, as counted.
 pub const HANDLED: &[&str] = &[
@@ -47,7 +47,7 @@ mod sql {
 }
 
 /// What the effects of an event need.
-pub struct Effects<'a> {
+pub struct StripeEffects<'a> {
     pub settings: &'a StripeSettings,
     /// The referral bonus a first paid top-up pays.
     pub referral_bonus: crate::referrals::Bonus,
@@ -121,7 +121,7 @@ impl StripeEvent {
     }
 
     /// Applies the event.
-    pub async fn apply(self, effects: &Effects<'_>) -> Result<Outcome, StripeError> {
+    pub async fn apply(self, effects: &StripeEffects<'_>) -> Result<WebhookOutcome, StripeError> {
         match self {
             StripeEvent::Checkout(session) => checkout(effects, session).await,
             StripeEvent::Subscription {
@@ -144,7 +144,7 @@ impl StripeEvent {
             StripeEvent::Payment { intent, succeeded } => {
                 auto_recharge(effects, intent, succeeded).await
             }
-            StripeEvent::Unknown => Ok(Outcome::Ignored),
+            StripeEvent::Unknown => Ok(WebhookOutcome::Ignored),
         }
     }
 }
@@ -194,7 +194,7 @@ fn currency_mismatch(
     let matches = currency.is_some_and(|c| c.eq_ignore_ascii_case(ledger));
     if !matches {
         tracing::error!(%id, currency = ?currency, %ledger, "{what} in a currency other than the ledger's; not applied");
-        metrics::counter!("creditd_topup_currency_mismatch_total", "object" => what.to_owned())
+        metrics::counter!(crate::telemetry::TOPUP_CURRENCY_MISMATCH_TOTAL.name, "object" => what.to_owned())
             .increment(1);
     }
     !matches
@@ -204,16 +204,16 @@ fn currency_mismatch(
 fn applied(
     result: Result<crate::ledger::Outcome<crate::ledger::TransactionRecord>, LedgerError>,
     what: &str,
-) -> Result<Outcome, StripeError> {
+) -> Result<WebhookOutcome, StripeError> {
     match result {
-        Ok(outcome) if outcome.replayed => Ok(Outcome::Replayed),
-        Ok(_) => Ok(Outcome::Applied),
+        Ok(outcome) if outcome.replayed => Ok(WebhookOutcome::Replayed),
+        Ok(_) => Ok(WebhookOutcome::Applied),
         Err(LedgerError::AccountNotFound(account)) => {
             tracing::error!(
                 account = account.0,
                 "{what} for an account that does not exist"
             );
-            Ok(Outcome::UnknownAccount)
+            Ok(WebhookOutcome::UnknownAccount)
         }
         Err(error) => Err(error.into()),
     }
@@ -223,12 +223,15 @@ fn applied(
 /// is the session's, so `completed` and `async_payment_succeeded` (and any
 /// redelivery) collapse into one credit. Nothing here waits for Stripe's
 /// API: the card and the invoice link follow (`super::followup`).
-async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Outcome, StripeError> {
+async fn checkout(
+    effects: &StripeEffects<'_>,
+    session: CheckoutSession,
+) -> Result<WebhookOutcome, StripeError> {
     if PaymentKind::of(&session.metadata) != Some(PaymentKind::CreditTopup) {
-        return Ok(Outcome::Ignored);
+        return Ok(WebhookOutcome::Ignored);
     }
     if session.payment_status != "paid" {
-        return Ok(Outcome::AwaitingPayment);
+        return Ok(WebhookOutcome::AwaitingPayment);
     }
     if currency_mismatch(
         effects.settings,
@@ -236,7 +239,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         "checkout_session",
         &session.id,
     ) {
-        return Ok(Outcome::CurrencyMismatch);
+        return Ok(WebhookOutcome::CurrencyMismatch);
     }
     let parsed = PaymentMetadata::parse(&session.metadata);
     if let Err(
@@ -244,7 +247,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
     ) = &parsed
     {
         tracing::error!(session = %session.id, %error, "top-up session without a valid metadata.userId");
-        return Ok(Outcome::UnknownAccount);
+        return Ok(WebhookOutcome::UnknownAccount);
     }
     let amount_total = session.amount_total.unwrap_or(0);
     let asked = parsed.as_ref().ok().map(|paid| paid.amount_cents);
@@ -254,11 +257,11 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         // looks; the event is recorded, so Stripe stops retrying it.
         tracing::error!(session = %session.id, amount_total, asked = ?asked,
             "paid top-up whose amount_total differs from metadata.amountCents; not credited");
-        metrics::counter!("creditd_topup_amount_mismatch_total").increment(1);
-        return Ok(Outcome::AmountMismatch);
+        metrics::counter!(crate::telemetry::TOPUP_AMOUNT_MISMATCH_TOTAL.name).increment(1);
+        return Ok(WebhookOutcome::AmountMismatch);
     }
     let Ok(paid) = parsed else {
-        return Ok(Outcome::AmountMismatch);
+        return Ok(WebhookOutcome::AmountMismatch);
     };
     let account = AccountId(paid.user_id);
     let amount = cents(amount_total, "amount_total")?;
@@ -280,7 +283,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         expires_at: None,
     };
     let credited = applied(effects.engine.credit(account, posting).await, "top-up")?;
-    if matches!(credited, Outcome::Applied | Outcome::Replayed) {
+    if matches!(credited, WebhookOutcome::Applied | WebhookOutcome::Replayed) {
         // A referral is paid after the top-up's credit, and tried again on
         // every redelivery until it is (its credits have keys of their own).
         let topup = crate::referrals::PaidTopup {
@@ -304,12 +307,12 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
 /// it and switches auto-recharge off. Any other PaymentIntent (a top-up's,
 /// paid through Checkout) is the Checkout Session's business.
 async fn auto_recharge(
-    effects: &Effects<'_>,
+    effects: &StripeEffects<'_>,
     intent: PaymentIntent,
     succeeded: bool,
-) -> Result<Outcome, StripeError> {
+) -> Result<WebhookOutcome, StripeError> {
     if PaymentKind::of(&intent.metadata) != Some(PaymentKind::AutoRecharge) {
-        return Ok(Outcome::Ignored);
+        return Ok(WebhookOutcome::Ignored);
     }
     let (account, attempt) = match PaymentMetadata::parse(&intent.metadata) {
         Ok(PaymentMetadata {
@@ -319,11 +322,11 @@ async fn auto_recharge(
         }) => (AccountId(user_id), attempt),
         Ok(_) => {
             tracing::error!(payment_intent = %intent.id, "auto-recharge payment without metadata.attemptId");
-            return Ok(Outcome::UnknownAccount);
+            return Ok(WebhookOutcome::UnknownAccount);
         }
         Err(error) => {
             tracing::error!(payment_intent = %intent.id, %error, "auto-recharge payment without a valid metadata.userId and attemptId");
-            return Ok(Outcome::UnknownAccount);
+            return Ok(WebhookOutcome::UnknownAccount);
         }
     };
     let now = chrono::Utc::now();
@@ -346,13 +349,13 @@ async fn auto_recharge(
         // A failure that ended nothing (the attempt had succeeded, or
         // failed already) changes nothing, in PostgreSQL nor in memory.
         if !ended {
-            return Ok(Outcome::Replayed);
+            return Ok(WebhookOutcome::Replayed);
         }
         effects
             .engine
             .auto_recharge_ended(account, attempt, crate::recharge::AttemptEnd::Failed)
             .await?;
-        return Ok(Outcome::Applied);
+        return Ok(WebhookOutcome::Applied);
     }
     if currency_mismatch(
         effects.settings,
@@ -360,7 +363,7 @@ async fn auto_recharge(
         "payment_intent",
         &intent.id,
     ) {
-        return Ok(Outcome::CurrencyMismatch);
+        return Ok(WebhookOutcome::CurrencyMismatch);
     }
     let amount = cents(intent.amount, "amount")?;
     let posting = Posting {
@@ -381,7 +384,7 @@ async fn auto_recharge(
             .await,
         "auto-recharge",
     )?;
-    if outcome == Outcome::UnknownAccount {
+    if outcome == WebhookOutcome::UnknownAccount {
         return Ok(outcome);
     }
     let client = store::client(effects.pool).await?;
@@ -399,7 +402,7 @@ async fn auto_recharge(
 /// not want that charge, and spending on must not start the next one
 /// until they turn it on again. Any other refund leaves it alone.
 async fn refund_stops_auto_recharge(
-    effects: &Effects<'_>,
+    effects: &StripeEffects<'_>,
     charge: &Charge,
 ) -> Result<(), StripeError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
@@ -420,7 +423,7 @@ async fn refund_stops_auto_recharge(
 /// event does: a disputed card is the mark of a card used without its
 /// owner's consent, never to be charged again by itself.
 async fn dispute_stops_auto_recharge(
-    effects: &Effects<'_>,
+    effects: &StripeEffects<'_>,
     dispute: &Dispute,
 ) -> Result<(), StripeError> {
     let Some(payment_intent) = dispute.payment_intent.as_deref() else {
@@ -441,7 +444,7 @@ async fn dispute_stops_auto_recharge(
 /// Switches auto-recharge off for `reason` on the account a payment was
 /// found to belong to, if any.
 async fn switch_off(
-    effects: &Effects<'_>,
+    effects: &StripeEffects<'_>,
     account: Option<AccountId>,
     reason: crate::recharge::OffReason,
 ) -> Result<(), StripeError> {
@@ -458,11 +461,11 @@ async fn switch_off(
 /// last set the plan changes nothing, and the deletion of a subscription
 /// that is no longer the user's current one leaves the current one alone.
 async fn subscription(
-    effects: &Effects<'_>,
+    effects: &StripeEffects<'_>,
     subscription: Subscription,
     deleted: bool,
     event_created: i64,
-) -> Result<Outcome, StripeError> {
+) -> Result<WebhookOutcome, StripeError> {
     let settings = effects.settings;
     let price = subscription
         .items
@@ -495,11 +498,11 @@ async fn subscription(
         event_at,
     };
     Ok(match users::set_plan(&**client, change).await? {
-        PlanSet::Applied => Outcome::Applied,
-        PlanSet::Superseded => Outcome::Superseded,
+        PlanSet::Applied => WebhookOutcome::Applied,
+        PlanSet::Superseded => WebhookOutcome::Superseded,
         PlanSet::UnknownCustomer => {
             tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
-            Outcome::UnknownAccount
+            WebhookOutcome::UnknownAccount
         }
     })
 }
@@ -527,9 +530,12 @@ async fn topup_account(
 /// `stripe:charge:<id>:refunded:<cumulative cents>`: one state of the
 /// charge, applied once; a redelivery, or an older event arriving after a
 /// newer one, finds nothing left to claw back.
-async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, StripeError> {
+async fn refund(
+    effects: &StripeEffects<'_>,
+    charge: Charge,
+) -> Result<WebhookOutcome, StripeError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
-        return Ok(Outcome::NotATopup);
+        return Ok(WebhookOutcome::NotATopup);
     };
     if currency_mismatch(
         effects.settings,
@@ -537,7 +543,7 @@ async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, Stripe
         "charge",
         &charge.id,
     ) {
-        return Ok(Outcome::CurrencyMismatch);
+        return Ok(WebhookOutcome::CurrencyMismatch);
     }
     let Some(account) = topup_account(effects.pool, payment_intent).await? else {
         if PaymentKind::of(&charge.metadata).is_some() {
@@ -548,7 +554,7 @@ async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, Stripe
             ));
         }
         tracing::warn!(charge = %charge.id, "refund of a charge that paid no top-up; ignored");
-        return Ok(Outcome::NotATopup);
+        return Ok(WebhookOutcome::NotATopup);
     };
     let target = Micros::from_cents(charge.amount_refunded)
         .map_err(|_| StripeError::Invalid("amount_refunded: too large".into()))?;
@@ -568,7 +574,7 @@ async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, Stripe
         })),
     };
     let outcome = match effects.engine.clawback(account, request).await {
-        Ok(crate::ledger::Outcome { record: None, .. }) => Ok(Outcome::NothingToClawBack),
+        Ok(crate::ledger::Outcome { record: None, .. }) => Ok(WebhookOutcome::NothingToClawBack),
         Ok(crate::ledger::Outcome {
             record: Some(record),
             replayed,
@@ -608,11 +614,11 @@ pub enum Funds {
 /// `closed`, a won dispute is followed by `funds_reinstated` (its funds
 /// come back then), a lost one keeps the withdrawal: the funds events
 /// alone carry the money.
-fn dispute_noted(dispute: Dispute) -> Outcome {
+fn dispute_noted(dispute: Dispute) -> WebhookOutcome {
     if dispute.status.starts_with("warning_") {
-        return Outcome::Inquiry;
+        return WebhookOutcome::Inquiry;
     }
-    Outcome::Ignored
+    WebhookOutcome::Ignored
 }
 
 /// Debits (withdrawn) or credits back (reinstated) the disputed amount,
@@ -622,16 +628,16 @@ fn dispute_noted(dispute: Dispute) -> Outcome {
 /// `stripe:dispute:<id>:reinstated`. A dispute of a top-up not credited
 /// yet answers 503, so Stripe retries it after the credit.
 async fn dispute_funds(
-    effects: &Effects<'_>,
+    effects: &StripeEffects<'_>,
     dispute: Dispute,
     funds: Funds,
-) -> Result<Outcome, StripeError> {
+) -> Result<WebhookOutcome, StripeError> {
     let Some(payment_intent) = dispute.payment_intent.as_deref() else {
-        return Ok(Outcome::NotATopup);
+        return Ok(WebhookOutcome::NotATopup);
     };
     if dispute.status.starts_with("warning_") {
         tracing::warn!(dispute = %dispute.id, status = %dispute.status, "funds event of an inquiry; no credits move");
-        return Ok(Outcome::Inquiry);
+        return Ok(WebhookOutcome::Inquiry);
     }
     if currency_mismatch(
         effects.settings,
@@ -639,7 +645,7 @@ async fn dispute_funds(
         "dispute",
         &dispute.id,
     ) {
-        return Ok(Outcome::CurrencyMismatch);
+        return Ok(WebhookOutcome::CurrencyMismatch);
     }
     let Some(account) = topup_account(effects.pool, payment_intent).await? else {
         return unknown_dispute_payment(effects, &dispute, payment_intent).await;
@@ -679,13 +685,13 @@ async fn dispute_funds(
 /// A dispute of a payment creditd credited nothing for: a top-up whose
 /// credit has not landed yet (503: Stripe retries it), or no top-up.
 async fn unknown_dispute_payment(
-    effects: &Effects<'_>,
+    effects: &StripeEffects<'_>,
     dispute: &Dispute,
     payment_intent: &str,
-) -> Result<Outcome, StripeError> {
+) -> Result<WebhookOutcome, StripeError> {
     let Some(api) = effects.api else {
         tracing::warn!(dispute = %dispute.id, "dispute of a payment that credited nothing (Stripe API not configured to check it); ignored");
-        return Ok(Outcome::NotATopup);
+        return Ok(WebhookOutcome::NotATopup);
     };
     if api.is_topup_payment(payment_intent).await? {
         return Err(StripeError::NotCreditedYet(
@@ -693,5 +699,5 @@ async fn unknown_dispute_payment(
         ));
     }
     tracing::warn!(dispute = %dispute.id, "dispute of a charge that paid no top-up; ignored");
-    Ok(Outcome::NotATopup)
+    Ok(WebhookOutcome::NotATopup)
 }

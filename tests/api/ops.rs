@@ -163,7 +163,9 @@ async fn a_database_outage_fails_readiness_and_money_routes_fast_and_both_recove
             .await
             .expect("readyz");
     }
-    let (grant_status, grant_body) = json_of(grant().await.expect("grant")).await;
+    let granted = grant().await.expect("grant");
+    let grant_retry_after = granted.headers().get("Retry-After").cloned();
+    let (grant_status, grant_body) = json_of(granted).await;
     let (new_user_status, _) = json_of(claim("user_newcomer").await.expect("claim")).await;
     let (read_status, _) = json_of(
         http.get(format!("{base}/api/credits/transactions"))
@@ -176,6 +178,13 @@ async fn a_database_outage_fails_readiness_and_money_routes_fast_and_both_recove
     assert_eq!(ready.status().as_u16(), 503);
     assert_eq!(grant_status, 503, "{grant_body}");
     assert_eq!(grant_body["error"], "UNAVAILABLE");
+    assert_eq!(
+        grant_retry_after
+            .as_ref()
+            .and_then(|value| value.to_str().ok()),
+        Some("1"),
+        "a database outage tells the client when to retry"
+    );
     assert_eq!(new_user_status, 503);
     assert_eq!(read_status, 503);
     assert!(

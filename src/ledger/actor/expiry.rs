@@ -27,7 +27,7 @@ impl AccountActor {
             replies.push(self.apply(ctx, move |state, at, durable| {
                 let expired = state.release(hold, HoldStatus::Expired, at, durable);
                 if matches!(expired, Ok(Applied::New { .. })) {
-                    metrics::counter!("creditd_holds_expired_total").increment(1);
+                    metrics::counter!(crate::telemetry::HOLDS_EXPIRED_TOTAL.name).increment(1);
                 }
                 expired
             }));

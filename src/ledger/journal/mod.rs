@@ -211,12 +211,13 @@ impl JournalHealth {
             _ => &self.failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("creditd_journal_batches_total", "outcome" => outcome).increment(1);
+        metrics::counter!(crate::telemetry::JOURNAL_BATCHES_TOTAL.name, "outcome" => outcome)
+            .increment(1);
     }
 
     fn count_refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("creditd_journal_accounts_refused_total").increment(1);
+        metrics::counter!(crate::telemetry::JOURNAL_ACCOUNTS_REFUSED_TOTAL.name).increment(1);
     }
 
     fn touch(&self) {

@@ -76,7 +76,8 @@ impl JournalWriter {
                 break;
             };
             let batch = self.gather(first).await;
-            metrics::histogram!("creditd_journal_batch_size").record(batch.len() as f64);
+            metrics::histogram!(crate::telemetry::JOURNAL_BATCH_SIZE.name)
+                .record(batch.len() as f64);
             let groups = self.shared.prepare(batch);
             if groups.is_empty() {
                 health.touch();
@@ -164,7 +165,7 @@ impl LaneShared {
                     .is_some_and(|&failed| entry.epoch <= failed)
                 {
                     // Its actor already knows (its durable watch says failed).
-                    metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
+                    metrics::counter!(crate::telemetry::JOURNAL_ENTRIES_TOTAL.name, "outcome" => "dropped")
                         .increment(1);
                     continue;
                 }
@@ -223,7 +224,7 @@ impl LaneShared {
                     .is_some_and(|&failed| group.entries.iter().any(|e| e.epoch <= failed));
                 if failed {
                     // Its actor already knows (its durable watch says failed).
-                    metrics::counter!("creditd_journal_entries_total", "outcome" => "dropped")
+                    metrics::counter!(crate::telemetry::JOURNAL_ENTRIES_TOTAL.name, "outcome" => "dropped")
                         .increment(group.entries.len() as u64);
                 }
                 !failed
@@ -236,7 +237,7 @@ impl LaneShared {
         let started = Instant::now();
         match self.write(&mut connection, &groups).await {
             Ok(written) => {
-                metrics::histogram!("creditd_journal_commit_seconds")
+                metrics::histogram!(crate::telemetry::JOURNAL_COMMIT_SECONDS.name)
                     .record(started.elapsed().as_secs_f64());
                 self.health.count_batch("committed");
                 self.finish(groups, &written);
@@ -310,7 +311,7 @@ impl LaneShared {
             // Only `seq` moves: a `failed` set by an earlier batch stays set.
             last.durable
                 .send_modify(|durable| durable.seq = durable.seq.max(seq));
-            metrics::counter!("creditd_journal_entries_total", "outcome" => "committed")
+            metrics::counter!(crate::telemetry::JOURNAL_ENTRIES_TOTAL.name, "outcome" => "committed")
                 .increment(group.entries.len() as u64);
         }
     }
@@ -336,7 +337,7 @@ impl LaneShared {
         for entry in &group.entries {
             entry.durable.send_modify(|durable| durable.failed = true);
         }
-        metrics::counter!("creditd_journal_entries_total", "outcome" => "failed")
+        metrics::counter!(crate::telemetry::JOURNAL_ENTRIES_TOTAL.name, "outcome" => "failed")
             .increment(group.entries.len() as u64);
     }
 

@@ -4,10 +4,11 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
-use serde_json::json;
 
+use super::body::read_body;
 use super::error::{parse_json, ApiError};
-use super::{read_body, State};
+use super::state::State;
+use super::views::{SavedKey, SavedKeys};
 use crate::accounts::keys;
 use crate::ledger::AccountId;
 use crate::pricing::Provider;
@@ -29,11 +30,11 @@ const KEY_MAX_LEN: usize = 512;
 /// Which provider keys the user saved (last 4 characters only).
 #[utoipa::path(get, path = "/api/settings/api-keys", tag = "settings", security(("clerk" = [])),
     responses(
-        (status = 200, description = "The saved keys", body = super::openapi::SavedKeys),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL (a stored key does not open under byok.encryption_key)", body = super::openapi::ErrorBody),
-        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 200, description = "The saved keys", body = super::views::SavedKeys),
+        super::error::SessionAuth,
+        (status = 500, description = "INTERNAL (a stored key does not open under byok.encryption_key)", body = super::error::ErrorBody),
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
+        super::error::LedgerUnavailable
     ))]
 async fn list(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
@@ -42,10 +43,9 @@ async fn list(state: State, request: HttpRequest) -> Result<HttpResponse, ApiErr
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }
 
-async fn summary(state: &State, account: AccountId) -> Result<serde_json::Value, ApiError> {
+async fn summary(state: &State, account: AccountId) -> Result<SavedKeys, ApiError> {
     let stored = state.stored_keys(account).await?;
-    let mut body = serde_json::Map::new();
-    for provider in [Provider::Anthropic, Provider::Openai] {
+    let saved = |provider: Provider| -> Result<SavedKey, ApiError> {
         let last4 = match stored.get(provider) {
             Some(sealed) => {
                 let key = state.open_key(account, provider, sealed)?;
@@ -58,13 +58,16 @@ async fn summary(state: &State, account: AccountId) -> Result<serde_json::Value,
             }
             None => None,
         };
-        body.insert(
-            provider.as_str().to_owned(),
-            json!({ "set": last4.is_some(), "last4": last4 }),
-        );
-    }
-    body.insert("hasByok".into(), json!(stored.any()));
-    Ok(serde_json::Value::Object(body))
+        Ok(SavedKey {
+            set: last4.is_some(),
+            last4,
+        })
+    };
+    Ok(SavedKeys {
+        anthropic: saved(Provider::Anthropic)?,
+        openai: saved(Provider::Openai)?,
+        has_byok: stored.any(),
+    })
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -105,17 +108,16 @@ fn check_key(field: &str, provider: Provider, key: &str) -> Result<(), ApiError>
 #[utoipa::path(put, path = "/api/settings/api-keys", tag = "settings", security(("clerk" = [])),
     request_body = SaveKeys,
     responses(
-        (status = 200, description = "The saved keys after", body = super::openapi::SavedKeys, links(
+        (status = 200, description = "The saved keys after", body = super::views::SavedKeys, links(
             ("SavedKeysList" = (operation_id = "list", description = "The keys just saved")),
             ("RemoveSavedOpenaiKey" = (operation_id = "remove", parameters(("provider" = "openai")), description = "Delete the OpenAI key"))
         )),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 408, description = "REQUEST_TIMEOUT (the body did not arrive in time)", body = super::openapi::ErrorBody),
-        (status = 413, description = "PAYLOAD_TOO_LARGE", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        super::error::Invalid,
+        super::error::SessionAuth,
+        super::error::BodyErrors,
+        super::error::Internal,
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
+        super::error::LedgerUnavailable
     ))]
 async fn save(
     state: State,
@@ -158,12 +160,12 @@ async fn save(
 #[utoipa::path(delete, path = "/api/settings/api-keys/{provider}", tag = "settings", security(("clerk" = [])),
     params(("provider" = Provider, Path, description = "`anthropic` or `openai`")),
     responses(
-        (status = 200, description = "The saved keys after", body = super::openapi::SavedKeys),
-        (status = 400, description = "INVALID_REQUEST (the message names the field)", body = super::openapi::ErrorBody),
-        (status = 401, description = "UNAUTHORIZED (no or bad session token), ACCOUNT_DELETED", body = super::openapi::ErrorBody),
-        (status = 500, description = "INTERNAL", body = super::openapi::ErrorBody),
-        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::openapi::ErrorBody),
-        (status = 503, description = "UNAVAILABLE (database or ledger unavailable; retry), OVERLOADED (Retry-After)", body = super::openapi::ErrorBody)
+        (status = 200, description = "The saved keys after", body = super::views::SavedKeys),
+        super::error::Invalid,
+        super::error::SessionAuth,
+        super::error::Internal,
+        (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
+        super::error::LedgerUnavailable
     ))]
 async fn remove(
     state: State,
