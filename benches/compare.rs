@@ -480,8 +480,8 @@ async fn preload(engine: &Engine, count: i64) {
     }
 }
 
-/// Users 1..=count, each with a top-up (seq 1) then `history` settled
-/// cycles (a hold and its usage), as the engine would have written them, so
+/// Users 1..=count, each with a top-up (seq 1) and its grant, then `history`
+/// settled cycles (a hold and its usage), as the engine would have written them, so
 /// both sides start on tables of realistic size with fresh statistics.
 async fn seed(database: &Database, count: i64, history: i64) {
     let client = database.connect().await.expect("connect");
@@ -489,7 +489,7 @@ async fn seed(database: &Database, count: i64, history: i64) {
         .batch_execute("SET statement_timeout = 0")
         .await
         .expect("no statement timeout while seeding");
-    let steps: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 5] = [
+    let steps: [(&str, &[&(dyn tokio_postgres::types::ToSql + Sync)]); 6] = [
         (
             "INSERT INTO users (id, clerk_id)
              SELECT g, 'bench_' || g FROM generate_series(1, $1::int8) g",
@@ -536,6 +536,16 @@ async fn seed(database: &Database, count: i64, history: i64) {
              SELECT g, $2::int8 - $3::int8 * $4::int8, 0, 2 * $3::int8 + 1
                FROM generate_series(1, $1::int8) g",
             &[&count, &OPENING_MICROS, &history, &common::COST_MICROS],
+        ),
+        // What the balance is made of: the top-up's paid grant, with what
+        // the usages left of it (an account loads only if they agree).
+        (
+            "INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
+                    source, transaction_id, seq, created_at)
+             SELECT gen_random_uuid(), user_id, 'PAID', $1::int8, $1::int8 - $2::int8 * $3::int8,
+                    idempotency_key, id, 1, now()
+               FROM credit_transactions WHERE idempotency_key LIKE 'bench-seed-%'",
+            &[&OPENING_MICROS, &history, &common::COST_MICROS],
         ),
     ];
     for (statement, params) in steps {
