@@ -14,7 +14,7 @@ use crate::db::{self, Database};
 use crate::http;
 use crate::ledger::cluster::ClusterRole;
 use crate::ledger::outbox::AlertThresholds;
-use crate::ledger::{self, store, Engine, IdempotencyKey, Posting, TransactionType};
+use crate::ledger::{self, Engine, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
 use crate::runtime::Runtime;
 
@@ -366,7 +366,7 @@ pub fn run_grant(
     actix_web::rt::System::new().block_on(async move {
         let storage = Storage::open(&settings).await?;
         let client = storage.pool.get().await?;
-        let account = store::ensure_user(&**client, user).await?;
+        let account = crate::accounts::users::ensure_user(&**client, user).await?;
         let engine = storage.engine(&settings);
         let posting = Posting {
             key,
@@ -393,7 +393,7 @@ pub fn run_balance(settings: Settings, user: &str) -> anyhow::Result<ExitCode> {
     actix_web::rt::System::new().block_on(async move {
         let storage = Storage::open(&settings).await?;
         let client = storage.pool.get().await?;
-        let Some(account) = store::find_user(&**client, user).await? else {
+        let Some(account) = crate::accounts::users::find_user(&**client, user).await? else {
             bail!("no user with Clerk id {user}");
         };
         let engine = storage.engine(&settings);

@@ -10,7 +10,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tokio_postgres::GenericClient;
 
-use crate::ledger::store::unavailable;
+use crate::db::DbError;
 use crate::ledger::LedgerError;
 
 /// The sender of a webhook event: `processed_webhook_events.source`.
@@ -95,7 +95,7 @@ pub async fn already_processed(
     Ok(client
         .query_opt(sql::ALREADY_PROCESSED, &[&source.as_str(), &event_id])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .is_some())
 }
 
@@ -110,7 +110,7 @@ pub async fn record_processed(
     client
         .execute(sql::RECORD_PROCESSED, &[&source.as_str(), &event_id, &kind])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(())
 }
 

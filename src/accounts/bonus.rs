@@ -5,7 +5,7 @@ use deadpool_postgres::Pool;
 use serde_json::json;
 
 use super::users;
-use crate::ledger::store::{self, unavailable};
+use crate::db::{self, DbError};
 use crate::ledger::{AccountId, Engine, IdempotencyKey, LedgerError, Posting, TransactionType};
 use crate::money::Micros;
 
@@ -137,11 +137,11 @@ async fn reverse_second_bonus(
 ) -> Result<(), LedgerError> {
     let key = signup_bonus_key(account)?;
     let granted: Option<i64> = {
-        let client = store::client(pool).await?;
+        let client = db::client(pool).await?;
         client
             .query_opt(sql::GRANTED_AMOUNT, &[&account.0, &key.as_str()])
             .await
-            .map_err(unavailable)?
+            .map_err(DbError::from)?
             .map(|row| row.get(0))
     };
     let Some(amount) = granted.map(Micros::new) else {
@@ -172,14 +172,14 @@ async fn reverse_second_bonus(
 /// names this account (made now or before), or the account has no email.
 /// Concurrent claims of one email wait on each other's row: one wins.
 async fn claim_email(pool: &Pool, account: AccountId) -> Result<bool, LedgerError> {
-    let client = store::client(pool).await?;
+    let client = db::client(pool).await?;
     let Some(hash) = users::email_hash(&**client, account).await? else {
         return Ok(true);
     };
     let owner: i64 = client
         .query_one(sql::CLAIM_EMAIL, &[&hash, &account.0])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .get(0);
     Ok(owner == account.0)
 }

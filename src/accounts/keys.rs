@@ -4,7 +4,7 @@
 
 use tokio_postgres::GenericClient;
 
-use crate::ledger::store::unavailable;
+use crate::db::DbError;
 use crate::ledger::{AccountId, LedgerError};
 use crate::pricing::Provider;
 
@@ -50,7 +50,7 @@ pub async fn load(
     let row = client
         .query_opt(sql::LOAD, &[&account.0])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(row.map_or_else(StoredKeys::default, |row| StoredKeys {
         anthropic: row.get(0),
         openai: row.get(1),
@@ -67,7 +67,7 @@ pub async fn save(
     client
         .execute(sql::SAVE, &[&account.0, &anthropic, &openai])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(())
 }
 
@@ -84,6 +84,6 @@ pub async fn remove(
     client
         .execute(statement, &[&account.0])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(())
 }

@@ -7,8 +7,9 @@
 //! - [`keys`]: users' own provider keys (BYOK) as stored;
 //! - [`cipher`]: how those keys are sealed at rest.
 //!
-//! Every database failure here is `LedgerError::Unavailable`, as in the
-//! ledger: one mapping to 503 `UNAVAILABLE` at the HTTP edge.
+//! Database failures are `db::DbError`, classified (out of reach, a
+//! constraint, a bug); where they meet the ledger's own errors they become
+//! `LedgerError` (`Unavailable` only when the database is out of reach).
 
 pub mod bonus;
 pub mod cipher;

@@ -6,7 +6,7 @@ use deadpool_postgres::Pool;
 use moka::future::Cache;
 use tokio_postgres::GenericClient;
 
-use crate::ledger::store::{self, unavailable};
+use crate::db::{self, DbError};
 use crate::ledger::{AccountId, LedgerError};
 
 /// Most Clerk ids kept in the id → account cache.
@@ -150,8 +150,8 @@ impl Users {
         if let Some(user) = self.cached(clerk_id).await {
             return Ok(Some(user.account));
         }
-        let client = store::client(&self.pool).await?;
-        let found = store::find_user_status(&**client, clerk_id.as_str()).await?;
+        let client = db::client(&self.pool).await?;
+        let found = find_user_status(&**client, clerk_id.as_str()).await?;
         Ok(found.map(|(account, _)| account))
     }
 
@@ -163,11 +163,11 @@ impl Users {
         if let Some(user) = self.cached(clerk_id).await {
             return Ok(user);
         }
-        let client = store::client(&self.pool).await?;
-        let user = match store::find_user_status(&**client, clerk_id.as_str()).await? {
+        let client = db::client(&self.pool).await?;
+        let user = match find_user_status(&**client, clerk_id.as_str()).await? {
             Some((account, deleted)) => CachedUser { account, deleted },
             None => CachedUser {
-                account: store::ensure_user(&**client, clerk_id.as_str()).await?,
+                account: ensure_user(&**client, clerk_id.as_str()).await?,
                 deleted: false,
             },
         };
@@ -193,7 +193,7 @@ impl Users {
         created: bool,
     ) -> Result<AccountId, LedgerError> {
         let _turn = self.turn(profile.clerk_id).await;
-        let client = store::client(&self.pool).await?;
+        let client = db::client(&self.pool).await?;
         let row = client
             .query_one(
                 sql::UPSERT_PROFILE,
@@ -208,7 +208,7 @@ impl Users {
                 ],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(DbError::from)?;
         let account = AccountId(row.get(0));
         self.remember(
             profile.clerk_id,
@@ -221,7 +221,7 @@ impl Users {
         client
             .execute(sql::ENSURE_BALANCE, &[&account.0])
             .await
-            .map_err(unavailable)?;
+            .map_err(DbError::from)?;
         Ok(account)
     }
 
@@ -231,11 +231,11 @@ impl Users {
     /// no lookup in flight can undo it). False when there was no live user.
     pub async fn mark_deleted(&self, clerk_id: &ClerkUserId) -> Result<bool, LedgerError> {
         let _turn = self.turn(clerk_id).await;
-        let client = store::client(&self.pool).await?;
+        let client = db::client(&self.pool).await?;
         let updated = client
             .query_opt(sql::MARK_DELETED, &[&clerk_id.as_str()])
             .await
-            .map_err(unavailable)?;
+            .map_err(DbError::from)?;
         Ok(match updated {
             Some(row) => {
                 let account = AccountId(row.get(0));
@@ -276,7 +276,7 @@ pub async fn customer_fields(
     let row = client
         .query_one(sql::CUSTOMER, &[&account.0])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(CustomerFields {
         customer_id: row.get(0),
         email: row.get(1),
@@ -294,7 +294,7 @@ pub async fn store_customer(
     let updated = client
         .execute(sql::STORE_CUSTOMER, &[&account.0, &customer_id])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(updated == 1)
 }
 
@@ -306,7 +306,7 @@ pub async fn stored_customer(
     Ok(client
         .query_one(sql::STORED_CUSTOMER, &[&account.0])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .get(0))
 }
 
@@ -315,7 +315,7 @@ pub async fn plan(client: &impl GenericClient, account: AccountId) -> Result<Str
     Ok(client
         .query_one(sql::PLAN, &[&account.0])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .get(0))
 }
 
@@ -379,14 +379,14 @@ pub async fn set_plan(
             ],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     if updated == 1 {
         return Ok(PlanSet::Applied);
     }
     let known = client
         .query_opt(sql::CUSTOMER_KNOWN, &[&change.customer_id])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .is_some();
     Ok(if known {
         PlanSet::Superseded
@@ -403,7 +403,7 @@ pub async fn email_hash(
     Ok(client
         .query_opt(sql::EMAIL_HASH, &[&account.0])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .and_then(|row| row.get(0)))
 }
 
@@ -417,5 +417,60 @@ pub async fn version_and_byok(
         .query_one(sql::VERSION_AND_BYOK, &[&account.0])
         .await
         .map(|row| (row.get::<_, i64>(0), row.get::<_, bool>(1)))
-        .map_err(unavailable)
+        .map_err(|error| DbError::from(error).into())
+}
+
+/// The user with this Clerk id, created (with a zero balance row) when new
+/// (the balance row is the ledger's, but a user never exists without one).
+pub async fn ensure_user(
+    client: &impl GenericClient,
+    clerk_id: &str,
+) -> Result<AccountId, DbError> {
+    if let Some(account) = find_user(client, clerk_id).await? {
+        return Ok(account);
+    }
+    // DO UPDATE (not DO NOTHING) so the row comes back even when a
+    // concurrent insert of the same user won: DO NOTHING would return no
+    // row, and a SELECT in the same statement cannot see the winner's.
+    let row = client
+        .query_one(
+            "INSERT INTO users (clerk_id) VALUES ($1)
+             ON CONFLICT (clerk_id) DO UPDATE SET clerk_id = EXCLUDED.clerk_id
+             RETURNING id",
+            &[&clerk_id],
+        )
+        .await?;
+    let id: i64 = row.get(0);
+    client
+        .execute(
+            "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&id],
+        )
+        .await?;
+    Ok(AccountId(id))
+}
+
+/// The user with this Clerk id, if known.
+pub async fn find_user(
+    client: &impl GenericClient,
+    clerk_id: &str,
+) -> Result<Option<AccountId>, DbError> {
+    Ok(client
+        .query_opt("SELECT id FROM users WHERE clerk_id = $1", &[&clerk_id])
+        .await?
+        .map(|row| AccountId(row.get(0))))
+}
+
+/// The account of a Clerk id and whether the user was deleted.
+pub async fn find_user_status(
+    client: &impl GenericClient,
+    clerk_id: &str,
+) -> Result<Option<(AccountId, bool)>, DbError> {
+    Ok(client
+        .query_opt(
+            "SELECT id, deleted_at IS NOT NULL FROM users WHERE clerk_id = $1",
+            &[&clerk_id],
+        )
+        .await?
+        .map(|row| (AccountId(row.get(0)), row.get(1))))
 }

@@ -11,7 +11,7 @@ use super::views::{GrantView, HoldView, TransactionView, UsageView};
 use super::{read_body, State};
 use crate::accounts::{users, ClerkUserId};
 use crate::events;
-use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
+use crate::ledger::{self, reconcile, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
 use crate::stripe::followup;
 
@@ -170,8 +170,8 @@ async fn account(
     let snapshot = state.engine.balance(account).await?;
     let client = state.client().await?;
     let (transactions, usages, plan, follow_ups) = tokio::try_join!(
-        store::transactions_page(&**client, account, None, 20),
-        store::usages_page(&**client, account, None, 20),
+        ledger::transactions_page(&**client, account, None, 20),
+        ledger::usages_page(&**client, account, None, 20),
         users::plan(&**client, account),
         followup::of_account(&**client, account, 20)
     )?;
@@ -205,7 +205,7 @@ async fn run_reconcile(state: State, request: HttpRequest) -> Result<HttpRespons
     let mut client = state.client().await?;
     let report = reconcile::reconcile(&mut client)
         .await
-        .map_err(store::unavailable)?;
+        .map_err(crate::db::DbError::from)?;
     Ok(HttpResponse::Ok().json(report))
 }
 
@@ -284,7 +284,7 @@ async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse,
         filter.limit.unwrap_or(100),
     )
     .await
-    .map_err(store::unavailable)?;
+    .map_err(crate::db::DbError::from)?;
     Ok(HttpResponse::Ok().json(json!({ "events": events })))
 }
 
@@ -310,7 +310,7 @@ async fn redeliver_event(
     let client = state.client().await?;
     match events::store::redeliver(&**client, id, chrono::Utc::now())
         .await
-        .map_err(store::unavailable)?
+        .map_err(crate::db::DbError::from)?
     {
         Some(event) => Ok(HttpResponse::Ok().json(event)),
         None => Err(ApiError::not_found(format!("no event with id `{id}`"))),

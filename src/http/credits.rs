@@ -12,7 +12,7 @@ use super::error::{ApiError, Code};
 use super::views::{GrantView, History, Page, TransactionView, UsageView};
 use super::State;
 use crate::accounts::{self, users, Bonus};
-use crate::ledger::{store, AccountId};
+use crate::ledger::{self, AccountId};
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
 use crate::stripe::followup;
@@ -49,8 +49,8 @@ async fn history(
     // the page queries that follow on the same connection.
     let (head, transactions, usages) = tokio::try_join!(
         async { users::version_and_byok(&**client, account).await },
-        store::transactions_page(&**client, account, None, OVERVIEW_ENTRIES),
-        store::usages_page(&**client, account, None, OVERVIEW_ENTRIES),
+        ledger::transactions_page(&**client, account, None, OVERVIEW_ENTRIES),
+        ledger::usages_page(&**client, account, None, OVERVIEW_ENTRIES),
     )?;
     let (durable_version, has_byok) = head;
     let rendered = |value: Result<Box<RawValue>, serde_json::Error>| {
@@ -141,7 +141,7 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
-    let items = store::transactions_page(&**client, account, page.before_seq, page.limit).await?;
+    let items = ledger::transactions_page(&**client, account, page.before_seq, page.limit).await?;
     let next = page.next_cursor(items.len(), items.last().map(|t| t.seq));
     Ok(HttpResponse::Ok().json(json!({
         "items": items.iter().map(TransactionView::from).collect::<Vec<_>>(),
@@ -167,7 +167,7 @@ async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiE
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
     let client = state.client().await?;
-    let items = store::usages_page(&**client, account, page.before_seq, page.limit).await?;
+    let items = ledger::usages_page(&**client, account, page.before_seq, page.limit).await?;
     let next = page.next_cursor(items.len(), items.last().map(|u| u.seq));
     Ok(HttpResponse::Ok().json(json!({
         "items": items.iter().map(UsageView::from).collect::<Vec<_>>(),

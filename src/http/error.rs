@@ -218,15 +218,11 @@ impl From<LedgerError> for ApiError {
             ),
             LedgerError::Unavailable(message) => {
                 tracing::warn!(%message, "ledger unavailable");
-                ApiError::new(
-                    Code::Unavailable,
-                    "the ledger is temporarily unavailable; retry",
-                )
+                ApiError::retry_later("the ledger is temporarily unavailable; retry")
             }
-            LedgerError::Reset => ApiError::new(
-                Code::Unavailable,
-                "the ledger is temporarily unavailable; retry",
-            ),
+            LedgerError::Reset => {
+                ApiError::retry_later("the ledger is temporarily unavailable; retry")
+            }
             LedgerError::Internal(message) => ApiError::internal("ledger invariant", message),
         }
     }
@@ -289,7 +285,8 @@ impl ResponseError for ApiError {
         if matches!(
             self.code,
             Code::ProviderUnavailable | Code::RateLimited | Code::SpendLimitReached
-        ) {
+        ) || self.retry_after_s.is_some()
+        {
             let seconds = self.retry_after_s.unwrap_or(u64::from(RETRY_AFTER_S));
             response.insert_header(("Retry-After", seconds.to_string()));
         }
@@ -320,6 +317,32 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .end()
         .map_err(|e| ApiError::invalid(format!("request body: malformed JSON: {e}")))?;
     Ok(value)
+}
+
+impl ApiError {
+    /// 503 `UNAVAILABLE` for a failure that goes away: with `Retry-After`.
+    pub fn retry_later(message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: Code::Unavailable,
+            message: message.into(),
+            details: None,
+            retry_after_s: Some(u64::from(RETRY_AFTER_S)),
+        }
+    }
+}
+
+/// A database failure on a request path: out of reach is 503 with
+/// `Retry-After`; a constraint the caller did not map to a conflict, or a
+/// failed query, is a bug: 500, no retry. The cause chain goes to the log,
+/// never to the client.
+impl From<crate::db::DbError> for ApiError {
+    fn from(error: crate::db::DbError) -> ApiError {
+        if error.is_unavailable() {
+            tracing::warn!(error = %error.chain(), "database unavailable");
+            return ApiError::retry_later("the database is temporarily unavailable; retry");
+        }
+        ApiError::internal("database", error.chain())
+    }
 }
 
 /// Every 404 the router gives, in the common shape.

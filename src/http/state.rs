@@ -113,7 +113,7 @@ impl AppState {
     /// A database connection; none is 503 `UNAVAILABLE`, as every database
     /// failure is (`LedgerError::Unavailable`).
     pub async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        Ok(crate::ledger::store::client(&self.pool).await?)
+        Ok(crate::db::client(&self.pool).await?)
     }
 
     /// The Clerk user a request is authenticated as (401 otherwise).
@@ -149,7 +149,7 @@ impl AppState {
     pub async fn stored_keys(&self, account: AccountId) -> Result<Arc<StoredKeys>, ApiError> {
         // Concurrent first reads of one account share one query.
         let load = async {
-            let client = crate::ledger::store::client(&self.pool).await?;
+            let client = crate::db::client(&self.pool).await?;
             let keys = crate::accounts::keys::load(&**client, account).await?;
             Ok::<_, crate::ledger::LedgerError>(Arc::new(keys))
         };

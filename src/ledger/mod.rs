@@ -19,7 +19,7 @@ pub mod reconcile;
 pub mod spend;
 mod state;
 pub use state::{check_text, text_problem, TEXT_MAX_BYTES};
-pub mod store;
+mod store;
 mod types;
 
 pub use actor::{
@@ -32,4 +32,8 @@ pub use engine::{Engine, EngineStats};
 /// change moved the balance.
 pub(crate) use journal::Record;
 pub use journal::{JournalHealth, JournalStats, WriterHandle};
+/// The read API of the ledger's history: by account, newest first, either
+/// on its own connection ([`LedgerHistory`]) or on a caller's connection
+/// beside other reads of one page (the `_page` functions).
+pub use store::{transactions_page, usages_page, LedgerHistory};
 pub use types::*;

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use tokio_postgres::GenericClient;
 
-use crate::ledger::store::unavailable;
+use crate::db::DbError;
 use crate::ledger::{AccountId, LedgerError};
 
 /// Longest range of the daily report, in days.
@@ -67,7 +67,7 @@ pub async fn daily_usage(
     let rows = client
         .query(sql::DAILY_USAGE, &[&account.0, &start, &end])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     let mut report: Vec<DailyUsage> = first
         .iter_days()
         .take(days as usize)

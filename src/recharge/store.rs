@@ -7,9 +7,9 @@ use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::{month_of, CancelReason, InFlight, OffReason, RechargeConfig, RechargeState};
+use crate::db::DbError;
 use crate::ledger::cluster::{notify_settings_changed, InstanceId};
 use crate::ledger::outbox::{EventType, OutgoingEvent};
-use crate::ledger::store::unavailable;
 use crate::ledger::{AccountId, Engine, LedgerError};
 use crate::money::Micros;
 
@@ -46,15 +46,15 @@ pub async fn load_state(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     let mut state = RechargeState {
         month: month_of(now),
         ..RechargeState::default()
     };
     if let Some(row) = row {
-        let enabled: bool = row.try_get(0).map_err(unavailable)?;
-        let threshold: i64 = row.try_get(1).map_err(unavailable)?;
-        let amount_cents: i64 = row.try_get(2).map_err(unavailable)?;
+        let enabled: bool = row.try_get(0).map_err(DbError::from)?;
+        let threshold: i64 = row.try_get(1).map_err(DbError::from)?;
+        let amount_cents: i64 = row.try_get(2).map_err(DbError::from)?;
         if enabled {
             state.config = Some(RechargeConfig {
                 threshold: Micros::from_cents(threshold)
@@ -75,12 +75,12 @@ pub async fn load_state(
             &[&account.0, &start],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     for row in rows {
-        let id: Uuid = row.try_get(0).map_err(unavailable)?;
-        let amount_cents: i64 = row.try_get(1).map_err(unavailable)?;
-        let created_at: DateTime<Utc> = row.try_get(2).map_err(unavailable)?;
-        let status: String = row.try_get(3).map_err(unavailable)?;
+        let id: Uuid = row.try_get(0).map_err(DbError::from)?;
+        let amount_cents: i64 = row.try_get(1).map_err(DbError::from)?;
+        let created_at: DateTime<Utc> = row.try_get(2).map_err(DbError::from)?;
+        let status: String = row.try_get(3).map_err(DbError::from)?;
         // Failed and canceled attempts charged nothing.
         if created_at >= start && status != "FAILED" && status != "CANCELED" {
             state.month_cents = state.month_cents.saturating_add(amount_cents);
@@ -108,13 +108,13 @@ pub async fn settings(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     row.map(|row| {
         Ok(Settings {
-            enabled: row.try_get(0).map_err(unavailable)?,
-            threshold_cents: row.try_get(1).map_err(unavailable)?,
-            amount_cents: row.try_get(2).map_err(unavailable)?,
-            disabled_reason: row.try_get(3).map_err(unavailable)?,
+            enabled: row.try_get(0).map_err(DbError::from)?,
+            threshold_cents: row.try_get(1).map_err(DbError::from)?,
+            amount_cents: row.try_get(2).map_err(DbError::from)?,
+            disabled_reason: row.try_get(3).map_err(DbError::from)?,
         })
     })
     .transpose()
@@ -130,7 +130,7 @@ pub async fn save_settings(
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     tx.execute(
         "INSERT INTO auto_recharge_settings
                     (user_id, enabled, threshold_cents, amount_cents, disabled_reason, updated_at)
@@ -147,10 +147,10 @@ pub async fn save_settings(
         ],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     // Other instances' copies still hold the old settings.
     notify_settings_changed(&*tx, instance, account).await?;
-    tx.commit().await.map_err(unavailable)
+    Ok(tx.commit().await.map_err(DbError::from)?)
 }
 
 /// Whether the user has a saved card.
@@ -164,9 +164,9 @@ pub async fn has_card(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     match row {
-        Some(row) => row.try_get(0).map_err(unavailable),
+        Some(row) => Ok(row.try_get(0).map_err(DbError::from)?),
         None => Err(LedgerError::AccountNotFound(account)),
     }
 }
@@ -183,7 +183,7 @@ pub async fn save_card(
             &[&account.0, &payment_method],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(())
 }
 
@@ -200,8 +200,8 @@ pub async fn month_total_cents(
             &[&account.0, &month_start(now)],
         )
         .await
-        .map_err(unavailable)?;
-    row.try_get(0).map_err(unavailable)
+        .map_err(DbError::from)?;
+    Ok(row.try_get(0).map_err(DbError::from)?)
 }
 
 /// Marks an attempt paid (once; `false` when it had already succeeded).
@@ -222,7 +222,7 @@ pub async fn succeed(
             &[&attempt, &payment_intent, &now],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(updated == 1)
 }
 
@@ -238,7 +238,7 @@ pub async fn fail(
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<bool, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     let ended = tx
         .query_opt(
             "UPDATE auto_recharge_attempts
@@ -248,18 +248,18 @@ pub async fn fail(
             &[&attempt, &account.0, &reason, &now],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     let Some(ended) = ended else {
         return Ok(false);
     };
-    let amount_cents: i64 = ended.try_get(0).map_err(unavailable)?;
+    let amount_cents: i64 = ended.try_get(0).map_err(DbError::from)?;
     tx.execute(
         "UPDATE auto_recharge_settings SET enabled = false, disabled_reason = $2, updated_at = $3
           WHERE user_id = $1",
         &[&account.0, &reason, &now],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     let events = [
         (
             EventType::AutoRechargeFailed,
@@ -271,7 +271,7 @@ pub async fn fail(
         ),
     ];
     insert_events(engine, &tx, account, &events, now).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(true)
 }
 
@@ -309,17 +309,17 @@ pub async fn switch_off(
     reason: OffReason,
     now: DateTime<Utc>,
 ) -> Result<bool, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     let was_on = tx
         .query_opt(
             "SELECT enabled FROM auto_recharge_settings WHERE user_id = $1 FOR UPDATE",
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .map(|row| row.try_get::<_, bool>(0))
         .transpose()
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .unwrap_or(false);
     // A reason that forgets the card also names why auto-recharge cannot
     // be on, even when its owner had already switched it off.
@@ -330,7 +330,7 @@ pub async fn switch_off(
             &[&account.0, &reason.as_str(), &now],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     }
     if reason.forgets_card() {
         tx.execute(
@@ -339,7 +339,7 @@ pub async fn switch_off(
             &[&account.0, &now],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     }
     if was_on {
         let event = (
@@ -348,7 +348,7 @@ pub async fn switch_off(
         );
         insert_events(engine, &tx, account, &[event], now).await?;
     }
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(was_on)
 }
 
@@ -368,11 +368,11 @@ pub async fn attempt_of_payment(
             &[&payment_intent, &attempt],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     row.map(|row| {
         Ok((
-            AccountId(row.try_get(0).map_err(unavailable)?),
-            row.try_get(1).map_err(unavailable)?,
+            AccountId(row.try_get(0).map_err(DbError::from)?),
+            row.try_get(1).map_err(DbError::from)?,
         ))
     })
     .transpose()
@@ -412,15 +412,15 @@ pub async fn due(
             &[&now, &limit],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     rows.iter()
         .map(|row| {
             Ok(Due {
-                attempt: row.try_get(0).map_err(unavailable)?,
-                account: AccountId(row.try_get(1).map_err(unavailable)?),
-                amount_cents: row.try_get(2).map_err(unavailable)?,
-                created_at: row.try_get(3).map_err(unavailable)?,
-                tries: u32::try_from(row.try_get::<_, i32>(4).map_err(unavailable)?).unwrap_or(0),
+                attempt: row.try_get(0).map_err(DbError::from)?,
+                account: AccountId(row.try_get(1).map_err(DbError::from)?),
+                amount_cents: row.try_get(2).map_err(DbError::from)?,
+                created_at: row.try_get(3).map_err(DbError::from)?,
+                tries: u32::try_from(row.try_get::<_, i32>(4).map_err(DbError::from)?).unwrap_or(0),
             })
         })
         .collect()
@@ -476,7 +476,7 @@ pub async fn next_step(
     rules: Rules,
     now: DateTime<Utc>,
 ) -> Result<Next, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     tx.execute(
         "INSERT INTO auto_recharge_attempts (id, user_id, amount_cents, created_at, payment_method_id)
          SELECT $1, $2, $3, $4, u.stripe_payment_method_id FROM users u WHERE u.id = $2
@@ -484,7 +484,7 @@ pub async fn next_step(
         &[&due.attempt, &due.account.0, &due.amount_cents, &due.created_at],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     let Some(checked) = check(&*tx, due.attempt).await? else {
         tracing::warn!(attempt = %due.attempt, account = due.account.0,
             "auto-recharge attempt not taken: another attempt of the account is pending");
@@ -505,11 +505,11 @@ pub async fn next_step(
                 &[&due.attempt, &(now + rules.retry_in), &checked.user_card],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(DbError::from)?;
         }
         Next::NoCard | Next::Nothing => {}
     }
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(next)
 }
 
@@ -526,15 +526,15 @@ async fn check(tx: &impl GenericClient, attempt: Uuid) -> Result<Option<Checked>
             &[&attempt],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     row.map(|row| {
         Ok(Checked {
-            status: row.try_get(0).map_err(unavailable)?,
-            card: row.try_get(1).map_err(unavailable)?,
-            deleted: row.try_get(2).map_err(unavailable)?,
-            enabled: row.try_get(3).map_err(unavailable)?,
-            customer: row.try_get(4).map_err(unavailable)?,
-            user_card: row.try_get(5).map_err(unavailable)?,
+            status: row.try_get(0).map_err(DbError::from)?,
+            card: row.try_get(1).map_err(DbError::from)?,
+            deleted: row.try_get(2).map_err(DbError::from)?,
+            enabled: row.try_get(3).map_err(DbError::from)?,
+            customer: row.try_get(4).map_err(DbError::from)?,
+            user_card: row.try_get(5).map_err(DbError::from)?,
         })
     })
     .transpose()
@@ -570,9 +570,9 @@ async fn decide(
             &[&due.account.0, &month_start(now), &due.attempt],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .try_get(0)
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     if succeeded.saturating_add(due.amount_cents) > rules.monthly_max_cents {
         return Ok(Next::Canceled(CancelReason::MonthlyCap));
     }
@@ -600,7 +600,7 @@ async fn cancel(
         &[&due.attempt, &reason.as_str(), &now],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     let event = (
         EventType::AutoRechargeCanceled,
         json!({"attemptId": due.attempt, "amountCents": due.amount_cents, "reason": reason.as_str()}),
@@ -616,7 +616,7 @@ pub async fn cancel_not_found(
     due: &Due,
     now: DateTime<Utc>,
 ) -> Result<bool, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     let Some(checked) = check(&*tx, due.attempt).await? else {
         return Ok(false);
     };
@@ -624,7 +624,7 @@ pub async fn cancel_not_found(
         return Ok(false);
     }
     cancel(engine, &tx, due, CancelReason::TimedOut, now).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(true)
 }
 
@@ -642,6 +642,6 @@ pub async fn submitted(
             &[&attempt, &payment_intent],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(())
 }

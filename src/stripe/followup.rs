@@ -36,7 +36,7 @@ use uuid::Uuid;
 use super::StripeApi;
 use crate::config::StripeSettings;
 use crate::db::singleton::{Election, Singleton};
-use crate::ledger::store::unavailable;
+use crate::db::DbError;
 use crate::ledger::{AccountId, LedgerError, TransactionRecord};
 
 mod sql {
@@ -133,7 +133,7 @@ pub async fn of_account(
     let rows = client
         .query(sql::OF_ACCOUNT, &[&account.0, &limit])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     rows.iter()
         .map(|row| {
             let failed_at: Option<DateTime<Utc>> = row.try_get(6)?;
@@ -154,7 +154,7 @@ pub async fn of_account(
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(unavailable)
+        .map_err(|error| DbError::from(error).into())
 }
 
 /// Whether a top-up's row still waits for its invoice link: it names an
@@ -225,12 +225,12 @@ impl Worker {
 
     /// Runs the due jobs, up to `followup_batch`; returns how many.
     async fn round(&self) -> Result<usize, LedgerError> {
-        let client = crate::ledger::store::client(&self.pool).await?;
+        let client = crate::db::client(&self.pool).await?;
         let open: i64 = client
             .query_one(sql::OPEN_COUNT, &[])
             .await
             .and_then(|row| row.try_get(0))
-            .map_err(unavailable)?;
+            .map_err(DbError::from)?;
         metrics::gauge!("creditd_topup_followups_pending").set(open as f64);
         let due = due(
             &**client,
@@ -258,7 +258,7 @@ impl Worker {
             Some(invoice) => Some((invoice, self.api.retrieve_invoice(invoice).await)),
             None => None,
         };
-        let client = crate::ledger::store::client(&self.pool).await?;
+        let client = crate::db::client(&self.pool).await?;
         let mut failures = Vec::new();
         match card {
             Ok(Some(payment_method)) => keep_card(&**client, &job, &payment_method).await?,
@@ -275,7 +275,7 @@ impl Worker {
             client
                 .execute(sql::DONE, &[&job.transaction, &now])
                 .await
-                .map_err(unavailable)?;
+                .map_err(DbError::from)?;
             metrics::counter!("creditd_topup_followups_done_total").increment(1);
             return Ok(());
         }
@@ -303,7 +303,7 @@ impl Worker {
                 &[&job.transaction, &attempts, &error, &next, &failed_at],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(DbError::from)?;
         metrics::counter!("creditd_topup_followup_failures_total").increment(1);
         if given_up {
             metrics::counter!("creditd_topup_followups_failed_total").increment(1);
@@ -331,7 +331,7 @@ async fn keep_card(
         .query_one(sql::NEWER_DONE, &[&job.account.0, &job.seq])
         .await
         .and_then(|row| row.try_get(0))
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     if newer_done {
         return Ok(());
     }
@@ -342,7 +342,7 @@ async fn keep_card(
         )
         .await
         .and_then(|row| row.try_get(0))
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     if forgotten {
         tracing::info!(account = job.account.0, transaction = %job.transaction,
             "top-up's card not saved: a dispute or the account's deletion forgot it since");
@@ -375,7 +375,7 @@ async fn keep_invoice(
     client
         .execute(sql::KEEP_INVOICE, &[&job.transaction, &link])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(())
 }
 
@@ -388,7 +388,7 @@ async fn due(
     let rows = client
         .query(sql::DUE, &[&now, &limit])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     rows.iter()
         .map(|row| {
             Ok(Job {
@@ -402,7 +402,7 @@ async fn due(
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(unavailable)
+        .map_err(|error| DbError::from(error).into())
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use deadpool_postgres::Pool;
 
 use super::{StripeApi, StripeError, TopupSession};
 use crate::accounts::users;
-use crate::ledger::{store, AccountId, LedgerError};
+use crate::db;
+use crate::ledger::{AccountId, LedgerError};
 
 /// Opens a Checkout Session for a top-up of `amount_cents`.
 pub async fn open_session(
@@ -35,7 +36,7 @@ async fn customer_of(
     account: AccountId,
     clerk_id: &str,
 ) -> Result<String, StripeError> {
-    let client = store::client(pool).await?;
+    let client = db::client(pool).await.map_err(LedgerError::from)?;
     let fields = users::customer_fields(&**client, account).await?;
     if let Some(customer) = fields.customer_id {
         return Ok(customer);
@@ -49,7 +50,7 @@ async fn customer_of(
             fields.name.as_deref(),
         )
         .await?;
-    let client = store::client(pool).await?;
+    let client = db::client(pool).await.map_err(LedgerError::from)?;
     if users::store_customer(&**client, account, &created).await? {
         return Ok(created);
     }

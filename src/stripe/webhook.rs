@@ -16,7 +16,7 @@ use super::events::{
 use super::{StripeApi, StripeError};
 use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
 use crate::config::StripeSettings;
-use crate::ledger::store::{self, unavailable};
+use crate::db::{self, DbError};
 use crate::ledger::{
     AccountId, ClawbackRequest, Engine, IdempotencyKey, LedgerError, Posting, TransactionType,
 };
@@ -329,7 +329,7 @@ async fn auto_recharge(
             .last_payment_error
             .and_then(|error| error.code)
             .unwrap_or_else(|| "payment_failed".into());
-        let mut client = store::client(effects.pool).await?;
+        let mut client = db::client(effects.pool).await.map_err(LedgerError::from)?;
         let ended = crate::recharge::store::fail(
             &mut client,
             effects.engine,
@@ -378,7 +378,7 @@ async fn auto_recharge(
     if outcome == Outcome::UnknownAccount {
         return Ok(outcome);
     }
-    let client = store::client(effects.pool).await?;
+    let client = db::client(effects.pool).await.map_err(LedgerError::from)?;
     crate::recharge::store::succeed(&**client, attempt, &intent.id, now).await?;
     drop(client);
     effects
@@ -403,7 +403,7 @@ async fn refund_stops_auto_recharge(
         .metadata
         .get("attemptId")
         .and_then(|id| uuid::Uuid::parse_str(id).ok());
-    let client = store::client(effects.pool).await?;
+    let client = db::client(effects.pool).await.map_err(LedgerError::from)?;
     let paid =
         crate::recharge::store::attempt_of_payment(&**client, payment_intent, attempt).await?;
     drop(client);
@@ -426,7 +426,7 @@ async fn dispute_stops_auto_recharge(
     let account = match topup_account(effects.pool, payment_intent).await? {
         Some(account) => Some(account),
         None => {
-            let client = store::client(effects.pool).await?;
+            let client = db::client(effects.pool).await.map_err(LedgerError::from)?;
             crate::recharge::store::attempt_of_payment(&**client, payment_intent, None)
                 .await?
                 .map(|(account, _)| account)
@@ -482,7 +482,7 @@ async fn subscription(
     };
     let event_at = chrono::DateTime::from_timestamp(event_created, 0)
         .ok_or_else(|| StripeError::Invalid("created: not a timestamp".into()))?;
-    let client = store::client(effects.pool).await?;
+    let client = db::client(effects.pool).await.map_err(LedgerError::from)?;
     let change = PlanChange {
         customer_id: &subscription.customer,
         plan,
@@ -506,11 +506,11 @@ async fn topup_account(
     pool: &Pool,
     payment_intent: &str,
 ) -> Result<Option<AccountId>, LedgerError> {
-    let client = store::client(pool).await?;
+    let client = db::client(pool).await.map_err(LedgerError::from)?;
     Ok(client
         .query_opt(sql::TOPUP_ACCOUNT, &[&payment_intent])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .map(|row| AccountId(row.get(0))))
 }
 
