@@ -9,7 +9,7 @@ use super::{read_body, State};
 use crate::clerk::svix::{self, SvixHeaders};
 use crate::clerk::users::{Effects, HANDLED};
 use crate::clerk::{ClerkEvent, EventError};
-use crate::webhooks::{self, Outcome, Source};
+use crate::webhooks::{self, Delivery, Effect, Outcome, Received, Source};
 
 const SOURCE: Source = Source::Clerk;
 
@@ -66,29 +66,40 @@ async fn webhook(
     }
     let event_id = headers.id.unwrap_or_default();
     let event: ClerkEvent = parse_json(&body)?;
-    let client = state.client().await?;
-    let processed = webhooks::already_processed(&**client, SOURCE, event_id).await;
-    drop(client);
-    if processed? {
-        webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
-        return Ok(HttpResponse::Ok().json(json!({ "received": true, "duplicate": true })));
-    }
-    let outcome = match dispatch(&state, &event).await {
-        Ok(outcome) => outcome,
+    let delivery = Delivery {
+        source: SOURCE,
+        event_id,
+        kind: &event.kind,
+    };
+    let outcome = match state
+        .inbox
+        .receive(delivery, || dispatch(&state, &event))
+        .await
+    {
+        Ok(Received::Duplicate) => {
+            webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
+            return Ok(HttpResponse::Ok().json(json!({ "received": true, "duplicate": true })));
+        }
+        Ok(Received::Applied(outcome)) => outcome,
         Err(error) => {
             webhooks::count(SOURCE, &event.kind, HANDLED, "failed");
             tracing::warn!(event = %event_id, kind = %event.kind, %error, "Clerk event not processed");
             return Err(error);
         }
     };
-    let client = state.client().await?;
-    webhooks::record_processed(&**client, SOURCE, event_id, &event.kind).await?;
     webhooks::count(SOURCE, &event.kind, HANDLED, outcome.as_str());
     Ok(HttpResponse::Ok().json(json!({ "received": true })))
 }
 
-/// Parses the event by type and applies it.
-async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError> {
+/// Parses the event by type and applies it. Clerk's effects commit on
+/// their own before the inbox row: the user row through `Users` (whose
+/// cache must only learn committed rows), the bonus through the engine
+/// (key `bonus:signup:<user>`); each is idempotent, so a redelivery after
+/// a failure before the inbox row applies nothing twice.
+async fn dispatch(
+    state: &State,
+    event: &ClerkEvent,
+) -> Result<Effect<Outcome, ApiError>, ApiError> {
     let parsed = event.parse().map_err(event_failure)?;
     let effects = Effects {
         users: &state.users,
@@ -96,7 +107,7 @@ async fn dispatch(state: &State, event: &ClerkEvent) -> Result<Outcome, ApiError
         pool: &state.pool,
         signup_bonus: state.signup_bonus,
     };
-    Ok(parsed.apply(effects).await?)
+    Ok(Effect::Applied(parsed.apply(effects).await?))
 }
 
 fn event_failure(error: EventError) -> ApiError {

@@ -44,6 +44,8 @@ pub struct AppState {
     pub health: Arc<crate::health::Health>,
     /// Clerk id → account, created on first sight.
     pub users: crate::accounts::Users,
+    /// Webhook event ids already handled, for Stripe and Clerk.
+    pub inbox: crate::webhooks::Inbox,
     /// The balance page's history per account (`server.history_cache_entries`).
     histories: Cache<AccountId, Arc<History>>,
     /// The sealed provider keys per account, until they change.
@@ -94,6 +96,7 @@ impl AppState {
             settings,
             engine,
             users: crate::accounts::Users::new(pool.clone()),
+            inbox: crate::webhooks::Inbox::new(pool.clone()),
             pool,
             prices,
             metrics,

@@ -13,7 +13,7 @@ use super::{read_body, State};
 use crate::stripe::events::Event;
 use crate::stripe::webhook::{Effects, StripeEvent, HANDLED};
 use crate::stripe::{signature, topup, StripeCallError, StripeError};
-use crate::webhooks::{self, Source};
+use crate::webhooks::{self, Delivery, Effect, Received, Source};
 
 const SOURCE: Source = Source::Stripe;
 
@@ -120,7 +120,10 @@ fn stripe_error(error: StripeError) -> ApiError {
 }
 
 /// Parses the event by type and applies it.
-async fn dispatch(state: &State, event: &Event) -> Result<crate::webhooks::Outcome, ApiError> {
+async fn dispatch(
+    state: &State,
+    event: &Event,
+) -> Result<Effect<crate::webhooks::Outcome, ApiError>, ApiError> {
     let parsed = StripeEvent::parse(event).map_err(stripe_error)?;
     let effects = Effects {
         settings: &state.settings.stripe,
@@ -129,7 +132,8 @@ async fn dispatch(state: &State, event: &Event) -> Result<crate::webhooks::Outco
         pool: &state.pool,
         api: state.stripe.as_ref(),
     };
-    parsed.apply(&effects).await.map_err(stripe_error)
+    let effect = parsed.apply(&effects).await.map_err(stripe_error)?;
+    Ok(effect.map_err(stripe_error))
 }
 
 /// Stripe's events, `Stripe-Signature` checked on the raw body.
@@ -174,23 +178,27 @@ async fn webhook(
         return Err(ApiError::invalid(error.to_string()));
     }
     let event: Event = parse_json(&body)?;
-    let client = state.client().await?;
-    let processed = webhooks::already_processed(&**client, SOURCE, &event.id).await;
-    drop(client);
-    if processed? {
-        webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
-        return Ok(HttpResponse::Ok().json(json!({ "received": true, "duplicate": true })));
-    }
-    let outcome = match dispatch(&state, &event).await {
-        Ok(outcome) => outcome,
+    let delivery = Delivery {
+        source: SOURCE,
+        event_id: &event.id,
+        kind: &event.kind,
+    };
+    let outcome = match state
+        .inbox
+        .receive(delivery, || dispatch(&state, &event))
+        .await
+    {
+        Ok(Received::Duplicate) => {
+            webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
+            return Ok(HttpResponse::Ok().json(json!({ "received": true, "duplicate": true })));
+        }
+        Ok(Received::Applied(outcome)) => outcome,
         Err(error) => {
             webhooks::count(SOURCE, &event.kind, HANDLED, "failed");
             tracing::warn!(event = %event.id, kind = %event.kind, %error, "Stripe event not processed");
             return Err(error);
         }
     };
-    let client = state.client().await?;
-    webhooks::record_processed(&**client, SOURCE, &event.id, &event.kind).await?;
     webhooks::count(SOURCE, &event.kind, HANDLED, outcome.as_str());
     tracing::info!(event = %event.id, kind = %event.kind, outcome = outcome.as_str(), "Stripe event processed");
     Ok(HttpResponse::Ok().json(json!({ "received": true })))

@@ -29,3 +29,10 @@ pub enum StripeError {
 }
 
 use crate::ledger::LedgerError;
+
+/// A database failure inside a Stripe effect, told as the ledger tells it.
+impl From<crate::db::DbError> for StripeError {
+    fn from(error: crate::db::DbError) -> StripeError {
+        StripeError::Ledger(error.into())
+    }
+}

@@ -21,7 +21,7 @@ use crate::ledger::{
     AccountId, ClawbackRequest, Engine, IdempotencyKey, LedgerError, Posting, TransactionType,
 };
 use crate::money::Micros;
-use crate::webhooks::Outcome;
+use crate::webhooks::{Effect, Outcome};
 
 /// The event types creditd handles, as counted.
 pub const HANDLED: &[&str] = &[
@@ -119,15 +119,21 @@ impl StripeEvent {
         })
     }
 
-    /// Applies the event.
-    pub async fn apply(self, effects: &Effects<'_>) -> Result<Outcome, StripeError> {
-        match self {
+    /// Applies the event: everything but a subscription's plan goes
+    /// through the ledger engine (idempotent by the Stripe object's key)
+    /// and is done when this returns; the plan is written in the inbox's
+    /// transaction, with the event's id.
+    pub async fn apply(
+        self,
+        effects: &Effects<'_>,
+    ) -> Result<Effect<Outcome, StripeError>, StripeError> {
+        let outcome = match self {
             StripeEvent::Checkout(session) => checkout(effects, session).await,
             StripeEvent::Subscription {
                 subscription: paid,
                 deleted,
                 created,
-            } => subscription(effects, paid, deleted, created).await,
+            } => return subscription(effects.settings, paid, deleted, created),
             StripeEvent::Refund(charge) => {
                 refund_stops_auto_recharge(effects, &charge).await?;
                 refund(effects, charge).await
@@ -144,7 +150,8 @@ impl StripeEvent {
                 auto_recharge(effects, intent, succeeded).await
             }
             StripeEvent::Unknown => Ok(Outcome::Ignored),
-        }
+        };
+        Ok(Effect::Applied(outcome?))
     }
 }
 
@@ -454,13 +461,12 @@ async fn switch_off(
 /// Stripe delivers events out of order: an event older than the one that
 /// last set the plan changes nothing, and the deletion of a subscription
 /// that is no longer the user's current one leaves the current one alone.
-async fn subscription(
-    effects: &Effects<'_>,
+fn subscription(
+    settings: &StripeSettings,
     subscription: Subscription,
     deleted: bool,
     event_created: i64,
-) -> Result<Outcome, StripeError> {
-    let settings = effects.settings;
+) -> Result<Effect<Outcome, StripeError>, StripeError> {
     let price = subscription
         .items
         .data
@@ -482,23 +488,26 @@ async fn subscription(
     };
     let event_at = chrono::DateTime::from_timestamp(event_created, 0)
         .ok_or_else(|| StripeError::Invalid("created: not a timestamp".into()))?;
-    let client = db::client(effects.pool).await.map_err(LedgerError::from)?;
-    let change = PlanChange {
-        customer_id: &subscription.customer,
-        plan,
-        current_subscription_id: (!deleted).then_some(subscription.id.as_str()),
-        subscription_id: &subscription.id,
-        deleted,
-        event_at,
-    };
-    Ok(match users::set_plan(&**client, change).await? {
-        PlanSet::Applied => Outcome::Applied,
-        PlanSet::Superseded => Outcome::Superseded,
-        PlanSet::UnknownCustomer => {
-            tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
-            Outcome::UnknownAccount
-        }
-    })
+    Ok(Effect::Writes(Box::new(move |tx| {
+        Box::pin(async move {
+            let change = PlanChange {
+                customer_id: &subscription.customer,
+                plan,
+                current_subscription_id: (!deleted).then_some(subscription.id.as_str()),
+                subscription_id: &subscription.id,
+                deleted,
+                event_at,
+            };
+            Ok(match users::set_plan(tx, change).await? {
+                PlanSet::Applied => Outcome::Applied,
+                PlanSet::Superseded => Outcome::Superseded,
+                PlanSet::UnknownCustomer => {
+                    tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
+                    Outcome::UnknownAccount
+                }
+            })
+        })
+    })))
 }
 
 /// The account whose top-up this payment intent paid, if any.
