@@ -80,6 +80,11 @@ impl AppState {
         let chats = Arc::new(crate::metering::Chats {
             engine: engine.clone(),
             providers: providers.clone(),
+            router: crate::metering::Router {
+                prices: prices.clone(),
+                providers: providers.clone(),
+                cipher: byok.clone(),
+            },
             settlements: settlements.clone(),
             limits: limits.clone(),
             tokenizers,
