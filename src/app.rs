@@ -179,7 +179,15 @@ impl Application {
         let engine = Arc::new(storage.engine(&settings));
         crate::telemetry::describe(&runtime.prices);
         let port = listener.local_addr()?.port();
-        let state = http::AppState::new(runtime, engine.clone(), storage.pool.clone(), metrics)?;
+        // One Stripe client for the handlers and both Stripe workers.
+        let stripe = crate::stripe::StripeApi::new(&settings.stripe)?.map(Arc::new);
+        let state = http::AppState::new(
+            runtime,
+            engine.clone(),
+            storage.pool.clone(),
+            stripe.clone(),
+            metrics,
+        )?;
         let settlements = state.settlements.clone();
         let health = state.health.clone();
         crate::health::start(storage.database.clone(), &state.health).await;
@@ -187,21 +195,20 @@ impl Application {
         let election = election(&storage, &settings);
         let sender =
             crate::events::spawn_sender(election.clone(), storage.pool.clone(), &settings.events)?;
-        let recharge = match crate::stripe::StripeApi::new(&settings.stripe)? {
-            Some(api) => Some(crate::recharge::spawn_worker(
+        let recharge = stripe.clone().map(|api| {
+            crate::recharge::spawn_worker(
                 election.clone(),
                 storage.pool.clone(),
                 engine.clone(),
-                Arc::new(api),
+                api,
                 recharge_worker_settings(&settings),
-            )),
-            None => None,
-        };
-        let followups = crate::stripe::StripeApi::new(&settings.stripe)?.map(|api| {
+            )
+        });
+        let followups = stripe.map(|api| {
             crate::stripe::followup::spawn_worker(
                 election.clone(),
                 storage.pool.clone(),
-                Arc::new(api),
+                api,
                 &settings.stripe,
             )
         });

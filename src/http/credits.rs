@@ -140,8 +140,10 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     let page = Page::parse(request.query_string())?;
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    let items = ledger::transactions_page(&**client, account, page.before_seq, page.limit).await?;
+    let items = state
+        .history
+        .transactions(account, page.before_seq, page.limit)
+        .await?;
     let next = page.next_cursor(items.len(), items.last().map(|t| t.seq));
     Ok(HttpResponse::Ok().json(json!({
         "items": items.iter().map(TransactionView::from).collect::<Vec<_>>(),
@@ -166,8 +168,10 @@ async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiE
     let page = Page::parse(request.query_string())?;
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    let items = ledger::usages_page(&**client, account, page.before_seq, page.limit).await?;
+    let items = state
+        .history
+        .usages(account, page.before_seq, page.limit)
+        .await?;
     let next = page.next_cursor(items.len(), items.last().map(|u| u.seq));
     Ok(HttpResponse::Ok().json(json!({
         "items": items.iter().map(UsageView::from).collect::<Vec<_>>(),

@@ -24,8 +24,8 @@ pub struct AppState {
     pub prices: Arc<PriceTable>,
     pub metrics: PrometheusHandle,
     pub clerk: Arc<ClerkVerifier>,
-    /// `None` when `stripe.secret_key` is not set.
-    pub stripe: Option<crate::stripe::StripeApi>,
+    /// `None` when `stripe.secret_key` is not set (built once, in `app.rs`).
+    pub stripe: Option<Arc<crate::stripe::StripeApi>>,
     pub providers: crate::providers::ProviderClient,
     /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
     pub byok: Option<crate::accounts::KeyCipher>,
@@ -46,6 +46,8 @@ pub struct AppState {
     pub users: crate::accounts::Users,
     /// Webhook event ids already handled, for Stripe and Clerk.
     pub inbox: crate::webhooks::Inbox,
+    /// The accounts' committed history (transactions, usages).
+    pub history: crate::ledger::LedgerHistory,
     /// The balance page's history per account (`server.history_cache_entries`).
     histories: Cache<AccountId, Arc<History>>,
     /// The sealed provider keys per account, until they change.
@@ -59,6 +61,7 @@ impl AppState {
         runtime: Runtime,
         engine: Arc<Engine>,
         pool: deadpool_postgres::Pool,
+        stripe: Option<Arc<crate::stripe::StripeApi>>,
         metrics: PrometheusHandle,
     ) -> anyhow::Result<AppState> {
         let Runtime {
@@ -71,7 +74,6 @@ impl AppState {
             referral_bonus,
         } = runtime;
         let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
-        let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
         let providers = crate::providers::ProviderClient::new(&settings.providers)?;
         let settlements = Arc::new(crate::metering::Settlements::new(
             settings.chat.pending_settlements_max,
@@ -102,6 +104,7 @@ impl AppState {
             engine,
             users: crate::accounts::Users::new(pool.clone()),
             inbox: crate::webhooks::Inbox::new(pool.clone()),
+            history: crate::ledger::LedgerHistory::new(pool.clone()),
             pool,
             prices,
             metrics,

@@ -77,7 +77,7 @@ async fn topup(
             euros(limits.max_topup_cents)
         )));
     }
-    let api = state.stripe.as_ref().ok_or_else(|| {
+    let api = state.stripe.as_deref().ok_or_else(|| {
         ApiError::new(
             Code::Unavailable,
             "top-ups are not available: Stripe is not configured (stripe.secret_key)",
@@ -130,7 +130,7 @@ async fn dispatch(
         referral_bonus: state.referral_bonus,
         engine: &state.engine,
         pool: &state.pool,
-        api: state.stripe.as_ref(),
+        api: state.stripe.as_deref(),
     };
     let effect = parsed.apply(&effects).await.map_err(stripe_error)?;
     Ok(effect.map_err(stripe_error))
