@@ -88,6 +88,35 @@ pub async fn code_of(
     ))
 }
 
+/// Referral codes and their redemption, on the service's own connections.
+#[derive(Clone)]
+pub struct Referrals {
+    pool: db::Pool,
+}
+
+impl Referrals {
+    pub fn new(pool: db::Pool) -> Referrals {
+        Referrals { pool }
+    }
+
+    /// What the referral page shows the user (see [`summary`]).
+    pub async fn summary(&self, account: AccountId) -> Result<Summary, LedgerError> {
+        let client = db::client(&self.pool).await?;
+        summary(&**client, account).await
+    }
+
+    /// The user presents a code (see [`redeem`]).
+    pub async fn redeem(
+        &self,
+        account: AccountId,
+        code: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Result<Redeemed, Refusal>, LedgerError> {
+        let client = db::client(&self.pool).await?;
+        redeem(&**client, account, code, now).await
+    }
+}
+
 /// What the referral page shows a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {

@@ -48,6 +48,8 @@ pub struct AppState {
     pub inbox: crate::webhooks::Inbox,
     /// The accounts' committed history (transactions, usages).
     pub history: crate::ledger::LedgerHistory,
+    /// Referral codes and their redemption.
+    pub referrals: crate::referrals::Referrals,
     /// The balance page's history per account (`server.history_cache_entries`).
     histories: Cache<AccountId, Arc<History>>,
     /// The sealed provider keys per account, until they change.
@@ -105,6 +107,7 @@ impl AppState {
             users: crate::accounts::Users::new(pool.clone()),
             inbox: crate::webhooks::Inbox::new(pool.clone()),
             history: crate::ledger::LedgerHistory::new(pool.clone()),
+            referrals: crate::referrals::Referrals::new(pool.clone()),
             pool,
             prices,
             metrics,
