@@ -120,6 +120,94 @@ fn election(storage: &Storage, settings: &Settings) -> crate::db::singleton::Ele
     }
 }
 
+/// Every service the handlers call, each built once: the edge receives
+/// them and holds no pool of its own.
+fn services(
+    runtime: Runtime,
+    engine: &Arc<Engine>,
+    pool: &db::Pool,
+    stripe: Option<Arc<crate::stripe::StripeApi>>,
+    metrics: PrometheusHandle,
+) -> anyhow::Result<http::Services> {
+    let Runtime {
+        settings,
+        prices,
+        tokenizers,
+        cipher: byok,
+        clerk_webhook_key,
+        signup_bonus,
+        referral_bonus,
+    } = runtime;
+    let clerk = Arc::new(crate::clerk::tokens::ClerkVerifier::new(
+        settings.clerk.clone(),
+    )?);
+    let providers = crate::providers::ProviderClient::new(&settings.providers)?;
+    let settlements = Arc::new(crate::metering::Settlements::new(
+        settings.chat.pending_settlements_max,
+    ));
+    let limits = Arc::new(crate::limits::Limits::new(&settings.limits));
+    let chats = Arc::new(crate::metering::Chats {
+        engine: engine.clone(),
+        providers: providers.clone(),
+        router: crate::metering::Router {
+            prices: prices.clone(),
+            providers: providers.clone(),
+            cipher: byok.clone(),
+        },
+        settlements: settlements.clone(),
+        limits: limits.clone(),
+        tokenizers,
+        settings: settings.chat.clone(),
+    });
+    let health = Arc::new(crate::health::Health::new(Duration::from_millis(
+        settings.database.health_check_interval_ms,
+    )));
+    let users = Arc::new(crate::accounts::Users::new(pool.clone()));
+    let signup_bonuses =
+        crate::accounts::SignupBonuses::new(engine.clone(), pool.clone(), signup_bonus);
+    let auto_recharges = crate::recharge::store::AutoRecharges::new(pool.clone(), engine.clone());
+    let stripe_effects = Arc::new(crate::stripe::webhook::Effects {
+        settings: settings.stripe.clone(),
+        referral_bonus,
+        engine: engine.clone(),
+        pool: pool.clone(),
+        api: stripe.clone(),
+    });
+    let clerk_effects = Arc::new(crate::clerk::users::Effects {
+        users: users.clone(),
+        signup_bonuses: signup_bonuses.clone(),
+        auto_recharges: auto_recharges.clone(),
+    });
+    Ok(http::Services {
+        engine: engine.clone(),
+        prices,
+        metrics,
+        clerk,
+        stripe,
+        providers,
+        byok,
+        clerk_webhook_key,
+        referral_bonus,
+        settlements,
+        limits,
+        chats,
+        health,
+        users,
+        inbox: crate::webhooks::Inbox::new(pool.clone()),
+        history: ledger::LedgerHistory::new(pool.clone()),
+        referrals: crate::referrals::Referrals::new(pool.clone()),
+        provider_keys: crate::accounts::ProviderKeys::new(pool.clone()),
+        signup_bonuses,
+        topups: crate::stripe::topup::TopUps::new(pool.clone()),
+        events: crate::events::store::Events::new(pool.clone()),
+        auto_recharges,
+        usage_reports: crate::metering::UsageReports::new(pool.clone()),
+        stripe_effects,
+        clerk_effects,
+        settings,
+    })
+}
+
 /// The HTTP service bound to its listener, ready to run.
 pub struct Application {
     port: u16,
@@ -181,13 +269,8 @@ impl Application {
         let port = listener.local_addr()?.port();
         // One Stripe client for the handlers and both Stripe workers.
         let stripe = crate::stripe::StripeApi::new(&settings.stripe)?.map(Arc::new);
-        let state = http::AppState::new(
-            runtime,
-            engine.clone(),
-            storage.pool.clone(),
-            stripe.clone(),
-            metrics,
-        )?;
+        let services = services(runtime, &engine, &storage.pool, stripe.clone(), metrics)?;
+        let state = http::AppState::new(services);
         let settlements = state.settlements.clone();
         let health = state.health.clone();
         crate::health::start(storage.database.clone(), &state.health).await;

@@ -1,6 +1,8 @@
 //! The signup bonus: once per person, whichever path asks first (the
 //! `claim-bonus` route or Clerk's `user.created`).
 
+use std::sync::Arc;
+
 use deadpool_postgres::Pool;
 use serde_json::json;
 
@@ -182,4 +184,29 @@ async fn claim_email(pool: &Pool, account: AccountId) -> Result<bool, LedgerErro
         .map_err(DbError::from)?
         .get(0);
     Ok(owner == account.0)
+}
+
+/// The signup bonus as the edge and Clerk's events ask for it: the
+/// configured amount and lifetime, granted through the engine by
+/// [`grant_signup_bonus`].
+#[derive(Clone)]
+pub struct SignupBonuses {
+    engine: Arc<Engine>,
+    pool: Pool,
+    bonus: SignupBonus,
+}
+
+impl SignupBonuses {
+    pub fn new(engine: Arc<Engine>, pool: Pool, bonus: SignupBonus) -> SignupBonuses {
+        SignupBonuses {
+            engine,
+            pool,
+            bonus,
+        }
+    }
+
+    /// Grants the account its signup bonus, once per person.
+    pub async fn grant(&self, account: AccountId) -> Result<Bonus, LedgerError> {
+        grant_signup_bonus(&self.engine, &self.pool, self.bonus, account).await
+    }
 }

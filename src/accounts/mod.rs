@@ -17,7 +17,7 @@ pub mod keys;
 pub mod mailbox;
 pub mod users;
 
-pub use bonus::{grant_signup_bonus, Bonus, SignupBonus};
+pub use bonus::{grant_signup_bonus, Bonus, SignupBonus, SignupBonuses};
 pub use cipher::KeyCipher;
-pub use keys::StoredKeys;
+pub use keys::{ProviderKeys, StoredKeys};
 pub use users::{AccountError, ClerkUserId, Users};

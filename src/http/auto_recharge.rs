@@ -10,7 +10,7 @@ use super::error::{parse_json, ApiError, Code};
 use super::{read_body, State};
 use crate::ledger::AccountId;
 use crate::money::Micros;
-use crate::recharge::store::{self, Settings};
+use crate::recharge::store::{Saved, Settings};
 use crate::recharge::RechargeConfig;
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -31,18 +31,16 @@ pub(super) struct AutoRechargeRequest {
 }
 
 async fn view(state: &State, account: AccountId) -> Result<serde_json::Value, ApiError> {
-    let client = state.client().await?;
-    let settings = store::settings(&**client, account).await?;
-    let has_card = store::has_card(&**client, account).await?;
-    let month = store::month_total_cents(&**client, account, Utc::now()).await?;
+    let page = state.auto_recharges.page(account, Utc::now()).await?;
+    let settings = page.settings;
     let credits = &state.settings.credits;
     Ok(json!({
         "enabled": settings.as_ref().is_some_and(|s| s.enabled),
         "thresholdCents": settings.as_ref().map(|s| s.threshold_cents),
         "amountCents": settings.as_ref().map(|s| s.amount_cents),
         "disabledReason": settings.as_ref().and_then(|s| s.disabled_reason.clone()),
-        "hasSavedCard": has_card,
-        "monthTotalCents": month,
+        "hasSavedCard": page.has_card,
+        "monthTotalCents": page.month_total_cents,
         "monthlyMaxCents": credits.auto_recharge_monthly_max_cents,
         "limits": {
             "minAmountCents": credits.auto_recharge_min_amount_cents,
@@ -117,28 +115,23 @@ pub(super) async fn save(
     let threshold = Micros::from_cents(threshold_cents)
         .map_err(|_| ApiError::invalid("thresholdCents: out of range"))?;
     let account = state.account(&clerk_id).await?;
-    let mut client = state.client().await?;
-    if enabled && !store::has_card(&**client, account).await? {
-        return Err(ApiError::new(
-            Code::Conflict,
-            "auto-recharge needs a saved card: make a top-up first, its card is kept for auto-recharges",
-        ));
-    }
     let settings = Settings {
         enabled,
         threshold_cents,
         amount_cents,
         disabled_reason: None,
     };
-    store::save_settings(
-        &mut client,
-        state.engine.instance(),
-        account,
-        &settings,
-        Utc::now(),
-    )
-    .await?;
-    drop(client);
+    if state
+        .auto_recharges
+        .save(account, &settings, Utc::now())
+        .await?
+        == Saved::NeedsCard
+    {
+        return Err(ApiError::new(
+            Code::Conflict,
+            "auto-recharge needs a saved card: make a top-up first, its card is kept for auto-recharges",
+        ));
+    }
     let config = enabled.then_some(RechargeConfig {
         threshold,
         amount_cents,

@@ -7,7 +7,7 @@ use serde_json::json;
 use super::error::{parse_json, ApiError, Code};
 use super::{read_body, State};
 use crate::clerk::svix::{self, SvixHeaders};
-use crate::clerk::users::{Effects, HANDLED};
+use crate::clerk::users::HANDLED;
 use crate::clerk::{ClerkEvent, EventError};
 use crate::webhooks::{self, Delivery, Effect, Outcome, Received, Source};
 
@@ -101,13 +101,7 @@ async fn dispatch(
     event: &ClerkEvent,
 ) -> Result<Effect<Outcome, ApiError>, ApiError> {
     let parsed = event.parse().map_err(event_failure)?;
-    let effects = Effects {
-        users: &state.users,
-        engine: &state.engine,
-        pool: &state.pool,
-        signup_bonus: state.signup_bonus,
-    };
-    Ok(Effect::Applied(parsed.apply(effects).await?))
+    Ok(Effect::Applied(parsed.apply(&state.clerk_effects).await?))
 }
 
 fn event_failure(error: EventError) -> ApiError {

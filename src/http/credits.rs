@@ -11,8 +11,8 @@ use serde_json::value::RawValue;
 use super::error::{ApiError, Code};
 use super::views::{GrantView, History, Page, TransactionView, UsageView};
 use super::State;
-use crate::accounts::{self, users, Bonus};
-use crate::ledger::{self, AccountId};
+use crate::accounts::Bonus;
+use crate::ledger::AccountId;
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
 use crate::stripe::followup;
@@ -44,15 +44,19 @@ async fn history(
     {
         return Ok(history);
     }
-    let client = state.client().await?;
-    // The version is read first: every entry up to it is then visible to
-    // the page queries that follow on the same connection.
-    let (head, transactions, usages) = tokio::try_join!(
-        async { users::version_and_byok(&**client, account).await },
-        ledger::transactions_page(&**client, account, None, OVERVIEW_ENTRIES),
-        ledger::usages_page(&**client, account, None, OVERVIEW_ENTRIES),
+    let (read, keys) = tokio::try_join!(
+        async {
+            Ok::<_, ApiError>(
+                state
+                    .history
+                    .latest_at_version(account, OVERVIEW_ENTRIES)
+                    .await?,
+            )
+        },
+        async { Ok::<_, ApiError>(state.provider_keys.load(account).await?) },
     )?;
-    let (durable_version, has_byok) = head;
+    let (durable_version, has_byok) = (read.version, keys.any());
+    let (transactions, usages) = (read.transactions, read.usages);
     let rendered = |value: Result<Box<RawValue>, serde_json::Error>| {
         value.map_err(|e| ApiError::internal("balance page history", e))
     };
@@ -233,8 +237,10 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
     let days = parse_days(request.query_string())?;
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    let report = metering::daily_usage(&**client, account, days, chrono::Utc::now()).await?;
+    let report = state
+        .usage_reports
+        .daily(account, days, chrono::Utc::now())
+        .await?;
     let days: Vec<DailyUsageView> = report
         .into_iter()
         .map(|day| DailyUsageView {
@@ -250,8 +256,7 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
 
 /// The signup bonus, once per person (see `accounts::bonus`).
 async fn grant_signup_bonus(state: &State, account: AccountId) -> Result<Bonus, ApiError> {
-    let bonus = state.signup_bonus;
-    Ok(accounts::grant_signup_bonus(&state.engine, &state.pool, bonus, account).await?)
+    Ok(state.signup_bonuses.grant(account).await?)
 }
 
 /// The signup bonus: 201 the first time, 200 with the same transaction

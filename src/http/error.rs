@@ -234,7 +234,7 @@ impl From<crate::accounts::AccountError> for ApiError {
             deleted @ crate::accounts::AccountError::Deleted => {
                 ApiError::new(Code::AccountDeleted, deleted.to_string())
             }
-            crate::accounts::AccountError::Ledger(error) => error.into(),
+            crate::accounts::AccountError::Db(error) => error.into(),
         }
     }
 }

@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 
 use crate::config::Settings;
 use error::{ApiError, Code};
-pub use state::{AppState, State};
+pub use state::{AppState, Services, State};
 
 /// Reads a request body up to `server.body_limit_bytes`, within
 /// `server.client_request_timeout_ms`: a client that sends its body too

@@ -8,7 +8,6 @@ use serde_json::json;
 
 use super::error::{parse_json, ApiError};
 use super::{read_body, State};
-use crate::accounts::keys;
 use crate::ledger::AccountId;
 use crate::pricing::Provider;
 
@@ -147,9 +146,7 @@ async fn save(
         }
     }
     let [anthropic, openai] = sealed;
-    let client = state.client().await?;
-    keys::save(&**client, account, anthropic, openai).await?;
-    drop(client);
+    state.provider_keys.save(account, anthropic, openai).await?;
     state.user_keys_changed(account).await;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }
@@ -182,9 +179,7 @@ async fn remove(
         }
     };
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    keys::remove(&**client, account, provider).await?;
-    drop(client);
+    state.provider_keys.remove(account, provider).await?;
     state.user_keys_changed(account).await;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }

@@ -11,8 +11,8 @@ use serde_json::json;
 use super::error::{parse_json, ApiError, Code};
 use super::{read_body, State};
 use crate::stripe::events::Event;
-use crate::stripe::webhook::{Effects, StripeEvent, HANDLED};
-use crate::stripe::{signature, topup, StripeCallError, StripeError};
+use crate::stripe::webhook::{StripeEvent, HANDLED};
+use crate::stripe::{signature, StripeCallError, StripeError};
 use crate::webhooks::{self, Delivery, Effect, Received, Source};
 
 const SOURCE: Source = Source::Stripe;
@@ -85,7 +85,9 @@ async fn topup(
     })?;
     let account = state.account(&clerk_id).await?;
     state.limits.topup(account)?;
-    let session = topup::open_session(api, &state.pool, account, &clerk_id, amount)
+    let session = state
+        .topups
+        .open_session(api, account, &clerk_id, amount)
         .await
         .map_err(stripe_error)?;
     Ok(HttpResponse::Ok().json(json!({ "url": session.url, "sessionId": session.id })))
@@ -116,6 +118,7 @@ fn stripe_error(error: StripeError) -> ApiError {
         StripeError::NotCreditedYet(message) => ApiError::new(Code::Unavailable, message),
         StripeError::Call(error) => stripe_failure(error),
         StripeError::Ledger(error) => error.into(),
+        StripeError::Db(error) => error.into(),
     }
 }
 
@@ -125,14 +128,10 @@ async fn dispatch(
     event: &Event,
 ) -> Result<Effect<crate::webhooks::Outcome, ApiError>, ApiError> {
     let parsed = StripeEvent::parse(event).map_err(stripe_error)?;
-    let effects = Effects {
-        settings: &state.settings.stripe,
-        referral_bonus: state.referral_bonus,
-        engine: &state.engine,
-        pool: &state.pool,
-        api: state.stripe.as_deref(),
-    };
-    let effect = parsed.apply(&effects).await.map_err(stripe_error)?;
+    let effect = parsed
+        .apply(&state.stripe_effects)
+        .await
+        .map_err(stripe_error)?;
     Ok(effect.map_err(stripe_error))
 }
 

@@ -35,5 +35,5 @@ pub use journal::{JournalHealth, JournalStats, WriterHandle};
 /// The read API of the ledger's history: by account, newest first, either
 /// on its own connection ([`LedgerHistory`]) or on a caller's connection
 /// beside other reads of one page (the `_page` functions).
-pub use store::{transactions_page, usages_page, LedgerHistory};
+pub use store::{transactions_page, usages_page, LedgerHistory, Versioned};
 pub use types::*;

@@ -15,6 +15,8 @@ use crate::money::Micros;
 /// NOTHING`) and return the rows they wrote, so the writer can tell, per
 /// account, whether everything it sent was written.
 pub(crate) mod sql {
+    /// An account's durable version (its balance row's).
+    pub const DURABLE_VERSION: &str = "SELECT version FROM credit_balances WHERE user_id = $1";
     /// Moves each balance row forward, only from the version its actor
     /// holds (fencing), and records this instance ($6) as its writer.
     /// Returns the user ids it moved, their new version, and whether the writer changed
@@ -232,6 +234,51 @@ impl LedgerHistory {
             usages_page(&**client, account, None, limit),
         )
     }
+
+    /// The account's durable version and its latest transactions and
+    /// usages, on one connection with the version read first: every entry
+    /// up to that version is visible to the page queries that follow, so
+    /// a page read here may be cached under the version.
+    pub async fn latest_at_version(
+        &self,
+        account: AccountId,
+        limit: i64,
+    ) -> Result<Versioned, LedgerError> {
+        let client = client(&self.pool).await?;
+        let version = async {
+            let row = client
+                .query_one(sql::DURABLE_VERSION, &[&account.0])
+                .await
+                .map_err(DbError::from)?;
+            Ok::<i64, LedgerError>(row.get(0))
+        };
+        let (version, transactions, usages) = futures_util::try_join!(
+            version,
+            transactions_page(&**client, account, None, limit),
+            usages_page(&**client, account, None, limit),
+        )?;
+        Ok(Versioned {
+            version,
+            transactions,
+            usages,
+        })
+    }
+
+    /// Checks every ledger invariant against PostgreSQL (a repeatable-read
+    /// snapshot; see `reconcile`).
+    pub async fn reconcile(&self) -> Result<super::reconcile::ReconcileReport, DbError> {
+        let mut client = crate::db::client(&self.pool).await?;
+        Ok(super::reconcile::reconcile(&mut client).await?)
+    }
+}
+
+/// An account's latest entries and the durable version they are read at.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    /// The account's version as PostgreSQL has it.
+    pub version: i64,
+    pub transactions: Vec<TransactionRecord>,
+    pub usages: Vec<UsageRecord>,
 }
 
 /// An account as PostgreSQL has it.

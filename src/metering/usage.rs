@@ -85,3 +85,26 @@ pub async fn daily_usage(
     }
     Ok(report)
 }
+
+/// The usage reports, each read on a connection of its own.
+#[derive(Clone)]
+pub struct UsageReports {
+    pool: crate::db::Pool,
+}
+
+impl UsageReports {
+    pub fn new(pool: crate::db::Pool) -> UsageReports {
+        UsageReports { pool }
+    }
+
+    /// Spend per UTC day (see [`daily_usage`]).
+    pub async fn daily(
+        &self,
+        account: AccountId,
+        days: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DailyUsage>, LedgerError> {
+        let client = crate::db::client(&self.pool).await?;
+        daily_usage(&**client, account, days, now).await
+    }
+}

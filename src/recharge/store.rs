@@ -100,21 +100,20 @@ pub async fn load_state(
 pub async fn settings(
     client: &impl GenericClient,
     account: AccountId,
-) -> Result<Option<Settings>, LedgerError> {
+) -> Result<Option<Settings>, DbError> {
     let row = client
         .query_opt(
             "SELECT enabled, threshold_cents, amount_cents, disabled_reason
                FROM auto_recharge_settings WHERE user_id = $1",
             &[&account.0],
         )
-        .await
-        .map_err(DbError::from)?;
+        .await?;
     row.map(|row| {
         Ok(Settings {
-            enabled: row.try_get(0).map_err(DbError::from)?,
-            threshold_cents: row.try_get(1).map_err(DbError::from)?,
-            amount_cents: row.try_get(2).map_err(DbError::from)?,
-            disabled_reason: row.try_get(3).map_err(DbError::from)?,
+            enabled: row.try_get(0)?,
+            threshold_cents: row.try_get(1)?,
+            amount_cents: row.try_get(2)?,
+            disabled_reason: row.try_get(3)?,
         })
     })
     .transpose()
@@ -176,14 +175,13 @@ pub async fn save_card(
     client: &impl GenericClient,
     account: AccountId,
     payment_method: &str,
-) -> Result<(), LedgerError> {
+) -> Result<(), DbError> {
     client
         .execute(
             "UPDATE users SET stripe_payment_method_id = $2 WHERE id = $1",
             &[&account.0, &payment_method],
         )
-        .await
-        .map_err(DbError::from)?;
+        .await?;
     Ok(())
 }
 
@@ -192,16 +190,15 @@ pub async fn month_total_cents(
     client: &impl GenericClient,
     account: AccountId,
     now: DateTime<Utc>,
-) -> Result<i64, LedgerError> {
+) -> Result<i64, DbError> {
     let row = client
         .query_one(
             "SELECT COALESCE(SUM(amount_cents), 0)::int8 FROM auto_recharge_attempts
               WHERE user_id = $1 AND status = 'SUCCEEDED' AND created_at >= $2",
             &[&account.0, &month_start(now)],
         )
-        .await
-        .map_err(DbError::from)?;
-    Ok(row.try_get(0).map_err(DbError::from)?)
+        .await?;
+    Ok(row.try_get(0)?)
 }
 
 /// Marks an attempt paid (once; `false` when it had already succeeded).
@@ -644,4 +641,76 @@ pub async fn submitted(
         .await
         .map_err(DbError::from)?;
     Ok(())
+}
+
+/// The user's auto-recharge as its page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsPage {
+    /// `None` until the user saved settings once.
+    pub settings: Option<Settings>,
+    pub has_card: bool,
+    /// Auto-recharged this calendar month (UTC), in cents.
+    pub month_total_cents: i64,
+}
+
+/// Whether settings were saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Saved,
+    /// Enabling needs a card saved by a top-up: nothing was written.
+    NeedsCard,
+}
+
+/// The users' auto-recharge settings, read and written on connections of
+/// their own (the edge holds no pool).
+#[derive(Clone)]
+pub struct AutoRecharges {
+    pool: crate::db::Pool,
+    engine: std::sync::Arc<Engine>,
+}
+
+impl AutoRecharges {
+    pub fn new(pool: crate::db::Pool, engine: std::sync::Arc<Engine>) -> AutoRecharges {
+        AutoRecharges { pool, engine }
+    }
+
+    /// The user's settings, whether a card is saved, this month's total.
+    pub async fn page(
+        &self,
+        account: AccountId,
+        now: DateTime<Utc>,
+    ) -> Result<SettingsPage, LedgerError> {
+        let client = crate::db::client(&self.pool).await?;
+        Ok(SettingsPage {
+            settings: settings(&**client, account).await?,
+            has_card: has_card(&**client, account).await?,
+            month_total_cents: month_total_cents(&**client, account, now).await?,
+        })
+    }
+
+    /// Saves the user's settings; enabling without a saved card writes
+    /// nothing (`NeedsCard`). The account's actor learns them from the
+    /// caller (`Engine::set_auto_recharge`).
+    pub async fn save(
+        &self,
+        account: AccountId,
+        settings: &Settings,
+        now: DateTime<Utc>,
+    ) -> Result<Saved, LedgerError> {
+        let mut client = crate::db::client(&self.pool).await?;
+        if settings.enabled && !has_card(&**client, account).await? {
+            return Ok(Saved::NeedsCard);
+        }
+        save_settings(&mut client, self.engine.instance(), account, settings, now).await?;
+        Ok(Saved::Saved)
+    }
+
+    /// Switches the account's auto-recharge off (see `recharge::switch_off`).
+    pub async fn switch_off(
+        &self,
+        account: AccountId,
+        reason: OffReason,
+    ) -> Result<(), LedgerError> {
+        super::switch_off(&self.pool, &self.engine, account, reason).await
+    }
 }

@@ -24,15 +24,12 @@ pub enum StripeError {
     NotCreditedYet(&'static str),
     #[error(transparent)]
     Call(#[from] StripeCallError),
+    /// The engine refused or could not post an effect.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// A read or write of creditd's own tables failed.
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
 }
 
 use crate::ledger::LedgerError;
-
-/// A database failure inside a Stripe effect, told as the ledger tells it.
-impl From<crate::db::DbError> for StripeError {
-    fn from(error: crate::db::DbError) -> StripeError {
-        StripeError::Ledger(error.into())
-    }
-}

@@ -6,6 +6,8 @@
 //! from Stripe's ids, so a replayed or concurrent delivery cannot apply
 //! twice.
 
+use std::sync::Arc;
+
 use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -45,15 +47,15 @@ mod sql {
           LIMIT 1";
 }
 
-/// What the effects of an event need.
-pub struct Effects<'a> {
-    pub settings: &'a StripeSettings,
+/// What the effects of an event need, built once at startup.
+pub struct Effects {
+    pub settings: StripeSettings,
     /// The referral bonus a first paid top-up pays.
     pub referral_bonus: crate::referrals::Bonus,
-    pub engine: &'a Engine,
-    pub pool: &'a Pool,
+    pub engine: Arc<Engine>,
+    pub pool: Pool,
     /// `None` when `stripe.secret_key` is not set.
-    pub api: Option<&'a StripeApi>,
+    pub api: Option<Arc<StripeApi>>,
 }
 
 /// The events creditd acts on, read from the envelope by type; any other
@@ -125,7 +127,7 @@ impl StripeEvent {
     /// transaction, with the event's id.
     pub async fn apply(
         self,
-        effects: &Effects<'_>,
+        effects: &Effects,
     ) -> Result<Effect<Outcome, StripeError>, StripeError> {
         let outcome = match self {
             StripeEvent::Checkout(session) => checkout(effects, session).await,
@@ -133,7 +135,7 @@ impl StripeEvent {
                 subscription: paid,
                 deleted,
                 created,
-            } => return subscription(effects.settings, paid, deleted, created),
+            } => return subscription(&effects.settings, paid, deleted, created),
             StripeEvent::Refund(charge) => {
                 refund_stops_auto_recharge(effects, &charge).await?;
                 refund(effects, charge).await
@@ -229,7 +231,7 @@ fn applied(
 /// is the session's, so `completed` and `async_payment_succeeded` (and any
 /// redelivery) collapse into one credit. Nothing here waits for Stripe's
 /// API: the card and the invoice link follow (`super::followup`).
-async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Outcome, StripeError> {
+async fn checkout(effects: &Effects, session: CheckoutSession) -> Result<Outcome, StripeError> {
     if session.metadata.get("type").map(String::as_str) != Some("credit_topup") {
         return Ok(Outcome::Ignored);
     }
@@ -237,7 +239,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
         return Ok(Outcome::AwaitingPayment);
     }
     if currency_mismatch(
-        effects.settings,
+        &effects.settings,
         session.currency.as_deref(),
         "checkout_session",
         &session.id,
@@ -294,8 +296,8 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
             payment_intent: session.payment_intent.as_deref(),
         };
         crate::referrals::reward_after_topup(
-            effects.pool,
-            effects.engine,
+            &effects.pool,
+            &effects.engine,
             effects.referral_bonus,
             account,
             topup,
@@ -310,7 +312,7 @@ async fn checkout(effects: &Effects<'_>, session: CheckoutSession) -> Result<Out
 /// it and switches auto-recharge off. Any other PaymentIntent (a top-up's,
 /// paid through Checkout) is the Checkout Session's business.
 async fn auto_recharge(
-    effects: &Effects<'_>,
+    effects: &Effects,
     intent: PaymentIntent,
     succeeded: bool,
 ) -> Result<Outcome, StripeError> {
@@ -336,10 +338,10 @@ async fn auto_recharge(
             .last_payment_error
             .and_then(|error| error.code)
             .unwrap_or_else(|| "payment_failed".into());
-        let mut client = db::client(effects.pool).await.map_err(LedgerError::from)?;
+        let mut client = db::client(&effects.pool).await.map_err(LedgerError::from)?;
         let ended = crate::recharge::store::fail(
             &mut client,
-            effects.engine,
+            &effects.engine,
             account,
             attempt,
             &reason,
@@ -359,7 +361,7 @@ async fn auto_recharge(
         return Ok(Outcome::Applied);
     }
     if currency_mismatch(
-        effects.settings,
+        &effects.settings,
         intent.currency.as_deref(),
         "payment_intent",
         &intent.id,
@@ -385,7 +387,7 @@ async fn auto_recharge(
     if outcome == Outcome::UnknownAccount {
         return Ok(outcome);
     }
-    let client = db::client(effects.pool).await.map_err(LedgerError::from)?;
+    let client = db::client(&effects.pool).await.map_err(LedgerError::from)?;
     crate::recharge::store::succeed(&**client, attempt, &intent.id, now).await?;
     drop(client);
     effects
@@ -399,10 +401,7 @@ async fn auto_recharge(
 /// (reason `refunded`) before the refund is clawed back: the person did
 /// not want that charge, and spending on must not start the next one
 /// until they turn it on again. Any other refund leaves it alone.
-async fn refund_stops_auto_recharge(
-    effects: &Effects<'_>,
-    charge: &Charge,
-) -> Result<(), StripeError> {
+async fn refund_stops_auto_recharge(effects: &Effects, charge: &Charge) -> Result<(), StripeError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
         return Ok(());
     };
@@ -410,7 +409,7 @@ async fn refund_stops_auto_recharge(
         .metadata
         .get("attemptId")
         .and_then(|id| uuid::Uuid::parse_str(id).ok());
-    let client = db::client(effects.pool).await.map_err(LedgerError::from)?;
+    let client = db::client(&effects.pool).await.map_err(LedgerError::from)?;
     let paid =
         crate::recharge::store::attempt_of_payment(&**client, payment_intent, attempt).await?;
     drop(client);
@@ -424,16 +423,16 @@ async fn refund_stops_auto_recharge(
 /// event does: a disputed card is the mark of a card used without its
 /// owner's consent, never to be charged again by itself.
 async fn dispute_stops_auto_recharge(
-    effects: &Effects<'_>,
+    effects: &Effects,
     dispute: &Dispute,
 ) -> Result<(), StripeError> {
     let Some(payment_intent) = dispute.payment_intent.as_deref() else {
         return Ok(());
     };
-    let account = match topup_account(effects.pool, payment_intent).await? {
+    let account = match topup_account(&effects.pool, payment_intent).await? {
         Some(account) => Some(account),
         None => {
-            let client = db::client(effects.pool).await.map_err(LedgerError::from)?;
+            let client = db::client(&effects.pool).await.map_err(LedgerError::from)?;
             crate::recharge::store::attempt_of_payment(&**client, payment_intent, None)
                 .await?
                 .map(|(account, _)| account)
@@ -445,12 +444,12 @@ async fn dispute_stops_auto_recharge(
 /// Switches auto-recharge off for `reason` on the account a payment was
 /// found to belong to, if any.
 async fn switch_off(
-    effects: &Effects<'_>,
+    effects: &Effects,
     account: Option<AccountId>,
     reason: crate::recharge::OffReason,
 ) -> Result<(), StripeError> {
     if let Some(account) = account {
-        crate::recharge::switch_off(effects.pool, effects.engine, account, reason).await?;
+        crate::recharge::switch_off(&effects.pool, &effects.engine, account, reason).await?;
     }
     Ok(())
 }
@@ -533,19 +532,19 @@ async fn topup_account(
 /// `stripe:charge:<id>:refunded:<cumulative cents>`: one state of the
 /// charge, applied once; a redelivery, or an older event arriving after a
 /// newer one, finds nothing left to claw back.
-async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, StripeError> {
+async fn refund(effects: &Effects, charge: Charge) -> Result<Outcome, StripeError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
         return Ok(Outcome::NotATopup);
     };
     if currency_mismatch(
-        effects.settings,
+        &effects.settings,
         Some(&charge.currency),
         "charge",
         &charge.id,
     ) {
         return Ok(Outcome::CurrencyMismatch);
     }
-    let Some(account) = topup_account(effects.pool, payment_intent).await? else {
+    let Some(account) = topup_account(&effects.pool, payment_intent).await? else {
         if matches!(
             charge.metadata.get("type").map(String::as_str),
             Some("credit_topup" | crate::recharge::PAYMENT_TYPE)
@@ -586,8 +585,8 @@ async fn refund(effects: &Effects<'_>, charge: Charge) -> Result<Outcome, Stripe
     }?;
     // The referral bonuses this top-up paid follow its money.
     crate::referrals::follow_paying_topup(
-        effects.pool,
-        effects.engine,
+        &effects.pool,
+        &effects.engine,
         effects.referral_bonus,
         account,
         payment_intent,
@@ -631,7 +630,7 @@ fn dispute_noted(dispute: Dispute) -> Outcome {
 /// `stripe:dispute:<id>:reinstated`. A dispute of a top-up not credited
 /// yet answers 503, so Stripe retries it after the credit.
 async fn dispute_funds(
-    effects: &Effects<'_>,
+    effects: &Effects,
     dispute: Dispute,
     funds: Funds,
 ) -> Result<Outcome, StripeError> {
@@ -643,14 +642,14 @@ async fn dispute_funds(
         return Ok(Outcome::Inquiry);
     }
     if currency_mismatch(
-        effects.settings,
+        &effects.settings,
         Some(&dispute.currency),
         "dispute",
         &dispute.id,
     ) {
         return Ok(Outcome::CurrencyMismatch);
     }
-    let Some(account) = topup_account(effects.pool, payment_intent).await? else {
+    let Some(account) = topup_account(&effects.pool, payment_intent).await? else {
         return unknown_dispute_payment(effects, &dispute, payment_intent).await;
     };
     let amount = cents(dispute.amount, "amount")?;
@@ -675,8 +674,8 @@ async fn dispute_funds(
     let outcome = applied(result, "dispute")?;
     // The referral bonuses this top-up paid follow its money.
     crate::referrals::follow_paying_topup(
-        effects.pool,
-        effects.engine,
+        &effects.pool,
+        &effects.engine,
         effects.referral_bonus,
         account,
         payment_intent,
@@ -688,11 +687,11 @@ async fn dispute_funds(
 /// A dispute of a payment creditd credited nothing for: a top-up whose
 /// credit has not landed yet (503: Stripe retries it), or no top-up.
 async fn unknown_dispute_payment(
-    effects: &Effects<'_>,
+    effects: &Effects,
     dispute: &Dispute,
     payment_intent: &str,
 ) -> Result<Outcome, StripeError> {
-    let Some(api) = effects.api else {
+    let Some(api) = effects.api.as_deref() else {
         tracing::warn!(dispute = %dispute.id, "dispute of a payment that credited nothing (Stripe API not configured to check it); ignored");
         return Ok(Outcome::NotATopup);
     };
