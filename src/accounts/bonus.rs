@@ -173,15 +173,14 @@ async fn reverse_second_bonus(
 /// Claims the account's email for its signup bonus: true when the claim
 /// names this account (made now or before), or the account has no email.
 /// Concurrent claims of one email wait on each other's row: one wins.
-async fn claim_email(pool: &Pool, account: AccountId) -> Result<bool, LedgerError> {
+async fn claim_email(pool: &Pool, account: AccountId) -> Result<bool, DbError> {
     let client = db::client(pool).await?;
     let Some(hash) = users::email_hash(&**client, account).await? else {
         return Ok(true);
     };
     let owner: i64 = client
         .query_one(sql::CLAIM_EMAIL, &[&hash, &account.0])
-        .await
-        .map_err(DbError::from)?
+        .await?
         .get(0);
     Ok(owner == account.0)
 }

@@ -175,6 +175,7 @@ impl From<LedgerError> for ApiError {
             LedgerError::InsufficientCredits {
                 available,
                 required,
+                ..
             } => ApiError {
                 code: Code::InsufficientCredits,
                 message: format!(
@@ -396,6 +397,15 @@ mod tests {
                 "README lacks the row of {}",
                 code.as_str()
             );
+        }
+    }
+}
+
+impl From<crate::metering::UsageError> for ApiError {
+    fn from(error: crate::metering::UsageError) -> ApiError {
+        match error {
+            crate::metering::UsageError::InvalidRange(message) => ApiError::invalid(message),
+            crate::metering::UsageError::Db(error) => error.into(),
         }
     }
 }

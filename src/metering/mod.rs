@@ -24,4 +24,4 @@ pub use crate::providers::{ChatMessage, ProviderError, Role};
 pub use chat::{Answer, ChatError, ChatOrder, Chats, StreamEvent};
 pub use route::{RouteError, Router};
 pub use settlements::{SettlementSlot, Settlements};
-pub use usage::{daily_usage, DailyUsage, UsageReports, MAX_DAYS};
+pub use usage::{daily_usage, DailyUsage, UsageError, UsageReports, MAX_DAYS};
