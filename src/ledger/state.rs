@@ -722,6 +722,7 @@ impl AccountState {
         let available = self.available();
         if available < amount {
             return Err(LedgerError::InsufficientCredits {
+                balance: self.balance,
                 available,
                 required: amount,
             });

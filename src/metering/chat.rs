@@ -271,16 +271,14 @@ async fn reserve(
     match chats.engine.admit(account, hold, amount).await {
         Ok(_) => Ok(Billing { hold, prompt }),
         Err(LedgerError::InsufficientCredits {
+            balance,
             available,
             required,
-        }) => {
-            let snapshot = chats.engine.balance(account).await?;
-            Err(ChatError::InsufficientCredits {
-                balance: snapshot.balance_micros,
-                available,
-                required,
-            })
-        }
+        }) => Err(ChatError::InsufficientCredits {
+            balance,
+            available,
+            required,
+        }),
         Err(error) => Err(error.into()),
     }
 }
