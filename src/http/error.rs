@@ -351,6 +351,15 @@ pub async fn no_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found("no such route"))
 }
 
+impl From<crate::metering::UsageError> for ApiError {
+    fn from(error: crate::metering::UsageError) -> ApiError {
+        match error {
+            crate::metering::UsageError::InvalidRange(message) => ApiError::invalid(message),
+            crate::metering::UsageError::Db(error) => error.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Code;
@@ -397,15 +406,6 @@ mod tests {
                 "README lacks the row of {}",
                 code.as_str()
             );
-        }
-    }
-}
-
-impl From<crate::metering::UsageError> for ApiError {
-    fn from(error: crate::metering::UsageError) -> ApiError {
-        match error {
-            crate::metering::UsageError::InvalidRange(message) => ApiError::invalid(message),
-            crate::metering::UsageError::Db(error) => error.into(),
         }
     }
 }
