@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use creditd::accounts::users::ensure_user;
 use creditd::config::Settings;
 use creditd::db::cluster::{Durability, PrivateCluster};
 use creditd::db::{self, Database};
-use creditd::ledger::{store, AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType};
+use creditd::ledger::{AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType};
 use creditd::money::Micros;
 
 struct Run {
@@ -131,7 +132,7 @@ fn posting(index: usize) -> Posting {
 async fn seed(engine: &Engine, client: &tokio_postgres::Client, count: usize) -> Vec<AccountId> {
     let mut accounts = Vec::with_capacity(count);
     for index in 0..count {
-        let account = store::ensure_user(client, &format!("bench_{index}"))
+        let account = ensure_user(client, &format!("bench_{index}"))
             .await
             .expect("user");
         accounts.push(account);

@@ -14,7 +14,7 @@ use crate::db::{self, Database};
 use crate::http;
 use crate::ledger::cluster::ClusterRole;
 use crate::ledger::outbox::AlertThresholds;
-use crate::ledger::{self, store, Engine, IdempotencyKey, Posting, TransactionType};
+use crate::ledger::{self, Engine, IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
 use crate::runtime::Runtime;
 
@@ -120,6 +120,94 @@ fn election(storage: &Storage, settings: &Settings) -> crate::db::singleton::Ele
     }
 }
 
+/// Every service the handlers call, each built once: the edge receives
+/// them and holds no pool of its own.
+fn services(
+    runtime: Runtime,
+    engine: &Arc<Engine>,
+    pool: &db::Pool,
+    stripe: Option<Arc<crate::stripe::StripeApi>>,
+    metrics: PrometheusHandle,
+) -> anyhow::Result<http::Services> {
+    let Runtime {
+        settings,
+        prices,
+        tokenizers,
+        cipher: byok,
+        clerk_webhook_key,
+        signup_bonus,
+        referral_bonus,
+    } = runtime;
+    let clerk = Arc::new(crate::clerk::tokens::ClerkVerifier::new(
+        settings.clerk.clone(),
+    )?);
+    let providers = crate::providers::ProviderClient::new(&settings.providers)?;
+    let settlements = Arc::new(crate::metering::Settlements::new(
+        settings.chat.pending_settlements_max,
+    ));
+    let rate_limits = Arc::new(crate::rate_limits::RateLimits::new(&settings.rate_limits));
+    let chats = Arc::new(crate::metering::Chats {
+        engine: engine.clone(),
+        providers: providers.clone(),
+        router: crate::metering::Router {
+            prices: prices.clone(),
+            providers: providers.clone(),
+            cipher: byok.clone(),
+        },
+        settlements: settlements.clone(),
+        rate_limits: rate_limits.clone(),
+        tokenizers,
+        settings: settings.chat.clone(),
+    });
+    let health = Arc::new(crate::health::Health::new(Duration::from_millis(
+        settings.database.health_check_interval_ms,
+    )));
+    let users = Arc::new(crate::accounts::Users::new(pool.clone()));
+    let signup_bonuses =
+        crate::accounts::SignupBonuses::new(engine.clone(), pool.clone(), signup_bonus);
+    let auto_recharges = crate::recharge::store::AutoRecharges::new(pool.clone(), engine.clone());
+    let stripe_effects = Arc::new(crate::stripe::webhook::StripeEffects {
+        settings: settings.stripe.clone(),
+        referral_bonus,
+        engine: engine.clone(),
+        pool: pool.clone(),
+        api: stripe.clone(),
+    });
+    let clerk_effects = Arc::new(crate::clerk::users::ClerkEffects {
+        users: users.clone(),
+        signup_bonuses: signup_bonuses.clone(),
+        auto_recharges: auto_recharges.clone(),
+    });
+    Ok(http::Services {
+        engine: engine.clone(),
+        prices,
+        metrics,
+        clerk,
+        stripe,
+        providers,
+        byok,
+        clerk_webhook_key,
+        referral_bonus,
+        settlements,
+        rate_limits,
+        chats,
+        health,
+        users,
+        inbox: crate::webhooks::Inbox::new(pool.clone()),
+        history: ledger::LedgerHistory::new(pool.clone()),
+        referrals: crate::referrals::Referrals::new(pool.clone()),
+        provider_keys: crate::accounts::ProviderKeys::new(pool.clone()),
+        signup_bonuses,
+        topups: crate::stripe::topup::TopUps::new(pool.clone()),
+        events: crate::events::store::Events::new(pool.clone()),
+        auto_recharges,
+        usage_reports: crate::metering::UsageReports::new(pool.clone()),
+        stripe_effects,
+        clerk_effects,
+        settings,
+    })
+}
+
 /// The HTTP service bound to its listener, ready to run.
 pub struct Application {
     port: u16,
@@ -180,7 +268,10 @@ impl Application {
         let credited = crate::ledger::TransactionType::CREDITS.map(|kind| kind.as_str());
         crate::telemetry::describe(&runtime.prices, &credited);
         let port = listener.local_addr()?.port();
-        let state = http::AppState::new(runtime, engine.clone(), storage.pool.clone(), metrics)?;
+        // One Stripe client for the handlers and both Stripe workers.
+        let stripe = crate::stripe::StripeApi::new(&settings.stripe)?.map(Arc::new);
+        let services = services(runtime, &engine, &storage.pool, stripe.clone(), metrics)?;
+        let state = http::AppState::new(services);
         let settlements = state.settlements.clone();
         let health = state.health.clone();
         crate::health::start(storage.database.clone(), &state.health).await;
@@ -188,21 +279,20 @@ impl Application {
         let election = election(&storage, &settings);
         let sender =
             crate::events::spawn_sender(election.clone(), storage.pool.clone(), &settings.events)?;
-        let recharge = match crate::stripe::StripeApi::new(&settings.stripe)? {
-            Some(api) => Some(crate::recharge::spawn_worker(
+        let recharge = stripe.clone().map(|api| {
+            crate::recharge::spawn_worker(
                 election.clone(),
                 storage.pool.clone(),
                 engine.clone(),
-                Arc::new(api),
+                api,
                 recharge_worker_settings(&settings),
-            )),
-            None => None,
-        };
-        let followups = crate::stripe::StripeApi::new(&settings.stripe)?.map(|api| {
+            )
+        });
+        let followups = stripe.map(|api| {
             crate::stripe::followup::spawn_worker(
                 election.clone(),
                 storage.pool.clone(),
-                Arc::new(api),
+                api,
                 &settings.stripe,
             )
         });
@@ -367,7 +457,7 @@ pub fn run_grant(
     actix_web::rt::System::new().block_on(async move {
         let storage = Storage::open(&settings).await?;
         let client = storage.pool.get().await?;
-        let account = store::ensure_user(&**client, user).await?;
+        let account = crate::accounts::users::ensure_user(&**client, user).await?;
         let engine = storage.engine(&settings);
         let posting = Posting {
             key,
@@ -394,7 +484,7 @@ pub fn run_balance(settings: Settings, user: &str) -> anyhow::Result<ExitCode> {
     actix_web::rt::System::new().block_on(async move {
         let storage = Storage::open(&settings).await?;
         let client = storage.pool.get().await?;
-        let Some(account) = store::find_user(&**client, user).await? else {
+        let Some(account) = crate::accounts::users::find_user(&**client, user).await? else {
             bail!("no user with Clerk id {user}");
         };
         let engine = storage.engine(&settings);

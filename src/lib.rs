@@ -5,7 +5,7 @@
 //! - [`pricing`]: the model price table and per-request cost;
 //! - [`config`]: settings from `config.toml` and `CREDITD__SECTION__KEY` (plain data);
 //! - [`runtime`]: settings turned once into the price table, cipher, keys;
-//! - [`db`]: PostgreSQL (configured or private cluster) and migrations;
+//! - [`db`]: PostgreSQL (configured or private cluster), the pool, one `DbError`, migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`events`]: delivery of the outbox's events (alerts, top-ups), signed;
 //! - [`stripe`]: Stripe's API client, webhook signature and payloads;

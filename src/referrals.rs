@@ -16,7 +16,7 @@
 use chrono::{DateTime, Duration, Utc};
 use tokio_postgres::GenericClient;
 
-use crate::ledger::store::{self, unavailable};
+use crate::db::{self, DbError};
 use crate::ledger::{AccountId, Engine, IdempotencyKey, LedgerError, Posting, TransactionType};
 use crate::money::Micros;
 
@@ -68,7 +68,7 @@ pub async fn code_of(
                 &[&account.0],
             )
             .await
-            .map_err(unavailable)?
+            .map_err(DbError::from)?
         {
             return Ok(row.get(0));
         }
@@ -81,11 +81,40 @@ pub async fn code_of(
                 &[&account.0, &new_code()],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(DbError::from)?;
     }
     Err(LedgerError::Internal(
         "no free referral code after 8 tries".into(),
     ))
+}
+
+/// Referral codes and their redemption, on the service's own connections.
+#[derive(Clone)]
+pub struct Referrals {
+    pool: db::Pool,
+}
+
+impl Referrals {
+    pub fn new(pool: db::Pool) -> Referrals {
+        Referrals { pool }
+    }
+
+    /// What the referral page shows the user (see [`summary`]).
+    pub async fn summary(&self, account: AccountId) -> Result<Summary, LedgerError> {
+        let client = db::client(&self.pool).await?;
+        summary(&**client, account).await
+    }
+
+    /// The user presents a code (see [`redeem`]).
+    pub async fn redeem(
+        &self,
+        account: AccountId,
+        code: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Result<Redeemed, Refusal>, LedgerError> {
+        let client = db::client(&self.pool).await?;
+        redeem(&**client, account, code, now).await
+    }
 }
 
 /// What the referral page shows a user.
@@ -119,7 +148,7 @@ pub async fn summary(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     let referred: bool = row.get(2);
     let signed_up: Option<DateTime<Utc>> = row.get(3);
     Ok(Summary {
@@ -173,7 +202,7 @@ pub async fn redeem(
             &[&code],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
     else {
         return Ok(Err(Refusal::Unknown));
     };
@@ -191,7 +220,7 @@ pub async fn redeem(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     if let Some(earlier) = me.get::<_, Option<i64>>(2) {
         return Ok(presented_before(earlier, referrer));
     }
@@ -219,7 +248,7 @@ pub async fn redeem(
             &[&account.0, &referrer.0, &code, &now, &mine],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     if inserted.is_some() {
         return Ok(Ok(Redeemed {
             referrer,
@@ -234,7 +263,7 @@ pub async fn redeem(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(match winner {
         Some(row) => presented_before(row.get(0), referrer),
         None => Err(Refusal::PersonAlreadyReferred),
@@ -408,7 +437,7 @@ pub async fn reward_after_topup(
     topup: PaidTopup<'_>,
 ) -> Result<Reward, LedgerError> {
     let referral = {
-        let mut client = store::client(pool).await?;
+        let mut client = db::client(pool).await?;
         match decide_payer(&mut client, bonus, referred, topup, engine.clock().now()).await? {
             Ok(referral) => referral,
             Err(reward) => return Ok(reward),
@@ -443,11 +472,11 @@ pub async fn reward_after_topup(
         posted(engine.credit(side.account(&referral), posting).await, side)?;
     }
     reversals::post_steps(pool, engine, &referral).await?;
-    store::client(pool)
+    db::client(pool)
         .await?
         .execute(sql::REWARDED, &[&referred.0])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     metrics::counter!(crate::telemetry::REFERRAL_BONUSES_TOTAL.name).increment(2);
     Ok(Reward::Paid)
 }
@@ -464,11 +493,11 @@ async fn decide_payer(
     topup: PaidTopup<'_>,
     now: DateTime<Utc>,
 ) -> Result<Result<Paying, Reward>, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     let Some(row) = tx
         .query_opt(sql::LOCK_FOR_REWARD, &[&referred.0])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
     else {
         return Ok(Err(Reward::None));
     };
@@ -512,7 +541,7 @@ async fn decide_payer(
         ],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     let referral = Paying {
         referred,
         referrer,
@@ -521,7 +550,7 @@ async fn decide_payer(
     if let Some(payment_intent) = topup.payment_intent {
         reversals::advance(&*tx, &referral, 0, payment_intent, bonus.minimum_kept, now).await?;
     }
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(Ok(referral))
 }
 

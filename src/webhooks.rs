@@ -1,17 +1,19 @@
-//! What both webhook senders (Stripe, Clerk) share: the record of event ids
-//! already handled (`processed_webhook_events`), and how deliveries are
-//! counted in `creditd_webhook_events_total`; and the HMAC-SHA256 over
+//! What both webhook senders (Stripe, Clerk) share: the [`Inbox`] of event
+//! ids already handled (`processed_webhook_events`), how deliveries are
+//! counted in `creditd_webhook_events_total`, and the HMAC-SHA256 over
 //! dot-joined parts that Stripe, Svix and creditd's own events sign with.
 //!
-//! An event id is recorded only after its effect committed, so a failure
-//! (answered 5xx, retried by the sender) is never taken for done.
+//! An event id is recorded only with or after its effect committed, so a
+//! failure (answered 5xx, retried by the sender) is never taken for done.
 
+use std::future::Future;
+
+use futures_util::future::LocalBoxFuture;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use tokio_postgres::GenericClient;
+use tokio_postgres::Transaction;
 
-use crate::ledger::store::unavailable;
-use crate::ledger::LedgerError;
+use crate::db::{self, DbError, Pool};
 
 /// The sender of a webhook event: `processed_webhook_events.source`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,32 +88,114 @@ pub fn count(source: Source, kind: &str, handled: &[&'static str], outcome: &str
     .increment(1);
 }
 
-/// Whether this event id was already handled (its effect committed).
-pub async fn already_processed(
-    client: &impl GenericClient,
-    source: Source,
-    event_id: &str,
-) -> Result<bool, LedgerError> {
-    Ok(client
-        .query_opt(sql::ALREADY_PROCESSED, &[&source.as_str(), &event_id])
-        .await
-        .map_err(unavailable)?
-        .is_some())
+/// One webhook delivery, as the inbox records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery<'a> {
+    pub source: Source,
+    pub event_id: &'a str,
+    pub kind: &'a str,
 }
 
-/// Records an event as handled, after its effect committed. A failure here
-/// answers 5xx: the retry finds the effect done by its idempotency key.
-pub async fn record_processed(
-    client: &impl GenericClient,
-    source: Source,
-    event_id: &str,
-    kind: &str,
-) -> Result<(), LedgerError> {
-    client
-        .execute(sql::RECORD_PROCESSED, &[&source.as_str(), &event_id, &kind])
+/// SQL writes that commit in one transaction with the event's inbox row,
+/// and tell the event's outcome.
+pub type Writes<O, E> =
+    Box<dyn for<'t> FnOnce(&'t Transaction<'t>) -> LocalBoxFuture<'t, Result<O, E>>>;
+
+/// What applying an event leaves for the inbox to commit.
+pub enum Effect<O, E> {
+    /// Done already, through the ledger engine (or with nothing to do):
+    /// the engine's postings commit on their own, so they carry
+    /// idempotency keys of the event's objects (`stripe:checkout:<session>`,
+    /// `bonus:signup:<user>`, …), and a redelivery after a failure between
+    /// them and the inbox row finds them done (`replayed`). Only the inbox
+    /// row remains to write.
+    Applied(O),
+    /// The effect's own SQL writes: they and the inbox row commit in one
+    /// transaction, or neither does.
+    Writes(Writes<O, E>),
+}
+
+impl<O: 'static, E: 'static> Effect<O, E> {
+    /// The same effect, its failure told in another error type.
+    pub fn map_err<F: 'static>(self, convert: fn(E) -> F) -> Effect<O, F> {
+        match self {
+            Effect::Applied(outcome) => Effect::Applied(outcome),
+            Effect::Writes(writes) => Effect::Writes(Box::new(move |tx| {
+                Box::pin(async move { writes(tx).await.map_err(convert) })
+            })),
+        }
+    }
+}
+
+/// How the inbox answered a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received<O> {
+    /// The event id was handled before: nothing was done.
+    Duplicate,
+    /// The effect applied, and the event id is recorded with it.
+    Applied(O),
+}
+
+/// The record of webhook events already handled, for both senders.
+#[derive(Clone)]
+pub struct Inbox {
+    pool: Pool,
+}
+
+impl Inbox {
+    pub fn new(pool: Pool) -> Inbox {
+        Inbox { pool }
+    }
+
+    /// Applies an event once: a handled id answers `Duplicate`; otherwise
+    /// `apply` runs, then its writes (if any) and the event's inbox row
+    /// commit in one transaction. A failure anywhere records nothing, so
+    /// the sender's redelivery applies the event again.
+    pub async fn receive<O, E, F, Fut>(
+        &self,
+        delivery: Delivery<'_>,
+        apply: F,
+    ) -> Result<Received<O>, E>
+    where
+        E: From<DbError>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Effect<O, E>, E>>,
+    {
+        if self.handled(delivery).await? {
+            return Ok(Received::Duplicate);
+        }
+        let effect = apply().await?;
+        let mut client = db::client(&self.pool).await?;
+        let tx = client.transaction().await.map_err(DbError::from)?;
+        let outcome = match effect {
+            Effect::Applied(outcome) => outcome,
+            Effect::Writes(writes) => writes(&tx).await?,
+        };
+        tx.execute(
+            sql::RECORD_PROCESSED,
+            &[
+                &delivery.source.as_str(),
+                &delivery.event_id,
+                &delivery.kind,
+            ],
+        )
         .await
-        .map_err(unavailable)?;
-    Ok(())
+        .map_err(DbError::from)?;
+        tx.commit().await.map_err(DbError::from)?;
+        Ok(Received::Applied(outcome))
+    }
+
+    /// Whether this event id was already handled (its effect committed).
+    async fn handled(&self, delivery: Delivery<'_>) -> Result<bool, DbError> {
+        let client = db::client(&self.pool).await?;
+        Ok(client
+            .query_opt(
+                sql::ALREADY_PROCESSED,
+                &[&delivery.source.as_str(), &delivery.event_id],
+            )
+            .await?
+            .is_some())
+    }
 }
 
 /// HMAC-SHA256 with `key` over `parts` joined by `.` (`t.body` for Stripe

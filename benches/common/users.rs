@@ -7,9 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use creditd::accounts::users::ensure_user;
 use creditd::config::Settings;
 use creditd::db::Database;
-use creditd::ledger::{store, AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType};
+use creditd::ledger::{AccountId, Engine, HoldId, IdempotencyKey, Posting, TransactionType};
 use creditd::money::Micros;
 
 /// The issuer the tokens name and the server is configured to expect.
@@ -101,11 +102,7 @@ pub async fn seed_history(database: &Database, settings: &Settings, users: usize
     ));
     let mut accounts = Vec::with_capacity(users);
     for user in 0..users {
-        accounts.push(
-            store::ensure_user(&client, &clerk_id(user))
-                .await
-                .expect("user"),
-        );
+        accounts.push(ensure_user(&client, &clerk_id(user)).await.expect("user"));
     }
     for chunk in accounts.chunks(256) {
         let work = chunk.iter().map(|&account: &AccountId| {

@@ -1,11 +1,13 @@
 //! The signup bonus: once per person, whichever path asks first (the
 //! `claim-bonus` route or Clerk's `user.created`).
 
+use std::sync::Arc;
+
 use deadpool_postgres::Pool;
 use serde_json::json;
 
 use super::users;
-use crate::ledger::store::{self, unavailable};
+use crate::db::{self, DbError};
 use crate::ledger::{AccountId, Engine, IdempotencyKey, LedgerError, Posting, TransactionType};
 use crate::money::Micros;
 
@@ -139,11 +141,11 @@ async fn reverse_second_bonus(
 ) -> Result<(), LedgerError> {
     let key = signup_bonus_key(account)?;
     let granted: Option<i64> = {
-        let client = store::client(pool).await?;
+        let client = db::client(pool).await?;
         client
             .query_opt(sql::GRANTED_AMOUNT, &[&account.0, &key.as_str()])
             .await
-            .map_err(unavailable)?
+            .map_err(DbError::from)?
             .map(|row| row.get(0))
     };
     let Some(amount) = granted.map(Micros::new) else {
@@ -173,15 +175,39 @@ async fn reverse_second_bonus(
 /// Claims the account's email for its signup bonus: true when the claim
 /// names this account (made now or before), or the account has no email.
 /// Concurrent claims of one email wait on each other's row: one wins.
-async fn claim_email(pool: &Pool, account: AccountId) -> Result<bool, LedgerError> {
-    let client = store::client(pool).await?;
+async fn claim_email(pool: &Pool, account: AccountId) -> Result<bool, DbError> {
+    let client = db::client(pool).await?;
     let Some(hash) = users::email_hash(&**client, account).await? else {
         return Ok(true);
     };
     let owner: i64 = client
         .query_one(sql::CLAIM_EMAIL, &[&hash, &account.0])
-        .await
-        .map_err(unavailable)?
+        .await?
         .get(0);
     Ok(owner == account.0)
+}
+
+/// The signup bonus as the edge and Clerk's events ask for it: the
+/// configured amount and lifetime, granted through the engine by
+/// [`grant_signup_bonus`].
+#[derive(Clone)]
+pub struct SignupBonuses {
+    engine: Arc<Engine>,
+    pool: Pool,
+    bonus: SignupBonus,
+}
+
+impl SignupBonuses {
+    pub fn new(engine: Arc<Engine>, pool: Pool, bonus: SignupBonus) -> SignupBonuses {
+        SignupBonuses {
+            engine,
+            pool,
+            bonus,
+        }
+    }
+
+    /// Grants the account its signup bonus, once per person.
+    pub async fn grant(&self, account: AccountId) -> Result<SignupBonusClaim, LedgerError> {
+        grant_signup_bonus(&self.engine, &self.pool, self.bonus, account).await
+    }
 }

@@ -4,8 +4,8 @@
 
 use tokio_postgres::GenericClient;
 
-use crate::ledger::store::unavailable;
-use crate::ledger::{AccountId, LedgerError};
+use crate::db::{self, DbError, Pool};
+use crate::ledger::AccountId;
 use crate::pricing::Provider;
 
 mod sql {
@@ -43,14 +43,8 @@ impl StoredKeys {
 }
 
 /// The user's sealed keys (none for an unknown account).
-pub async fn load(
-    client: &impl GenericClient,
-    account: AccountId,
-) -> Result<StoredKeys, LedgerError> {
-    let row = client
-        .query_opt(sql::LOAD, &[&account.0])
-        .await
-        .map_err(unavailable)?;
+pub async fn load(client: &impl GenericClient, account: AccountId) -> Result<StoredKeys, DbError> {
+    let row = client.query_opt(sql::LOAD, &[&account.0]).await?;
     Ok(row.map_or_else(StoredKeys::default, |row| StoredKeys {
         anthropic: row.get(0),
         openai: row.get(1),
@@ -63,11 +57,10 @@ pub async fn save(
     account: AccountId,
     anthropic: Option<Vec<u8>>,
     openai: Option<Vec<u8>>,
-) -> Result<(), LedgerError> {
+) -> Result<(), DbError> {
     client
         .execute(sql::SAVE, &[&account.0, &anthropic, &openai])
-        .await
-        .map_err(unavailable)?;
+        .await?;
     Ok(())
 }
 
@@ -76,14 +69,44 @@ pub async fn remove(
     client: &impl GenericClient,
     account: AccountId,
     provider: Provider,
-) -> Result<(), LedgerError> {
+) -> Result<(), DbError> {
     let statement = match provider {
         Provider::Anthropic => sql::REMOVE_ANTHROPIC,
         Provider::Openai => sql::REMOVE_OPENAI,
     };
-    client
-        .execute(statement, &[&account.0])
-        .await
-        .map_err(unavailable)?;
+    client.execute(statement, &[&account.0]).await?;
     Ok(())
+}
+
+/// The users' sealed provider keys, each read or write on a connection of
+/// its own.
+#[derive(Clone)]
+pub struct ProviderKeys {
+    pool: Pool,
+}
+
+impl ProviderKeys {
+    pub fn new(pool: Pool) -> ProviderKeys {
+        ProviderKeys { pool }
+    }
+
+    /// The user's sealed keys (none for an unknown account).
+    pub async fn load(&self, account: AccountId) -> Result<StoredKeys, DbError> {
+        load(&**db::client(&self.pool).await?, account).await
+    }
+
+    /// Stores the sealed keys given; a key not given stays as it was.
+    pub async fn save(
+        &self,
+        account: AccountId,
+        anthropic: Option<Vec<u8>>,
+        openai: Option<Vec<u8>>,
+    ) -> Result<(), DbError> {
+        save(&**db::client(&self.pool).await?, account, anthropic, openai).await
+    }
+
+    /// Deletes one stored key.
+    pub async fn remove(&self, account: AccountId, provider: Provider) -> Result<(), DbError> {
+        remove(&**db::client(&self.pool).await?, account, provider).await
+    }
 }

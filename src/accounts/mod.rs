@@ -7,8 +7,9 @@
 //! - [`keys`]: users' own provider keys (BYOK) as stored;
 //! - [`cipher`]: how those keys are sealed at rest.
 //!
-//! Every database failure here is `LedgerError::Unavailable`, as in the
-//! ledger: one mapping to 503 `UNAVAILABLE` at the HTTP edge.
+//! Database failures are `db::DbError`, classified (out of reach, a
+//! constraint, a bug); where they meet the ledger's own errors they become
+//! `LedgerError` (`Unavailable` only when the database is out of reach).
 
 pub mod bonus;
 pub mod cipher;
@@ -16,7 +17,7 @@ pub mod keys;
 pub mod mailbox;
 pub mod users;
 
-pub use bonus::{grant_signup_bonus, SignupBonus, SignupBonusClaim};
+pub use bonus::{grant_signup_bonus, SignupBonus, SignupBonusClaim, SignupBonuses};
 pub use cipher::KeyCipher;
-pub use keys::StoredKeys;
+pub use keys::{ProviderKeys, StoredKeys};
 pub use users::{AccountError, ClerkUserId, Users};

@@ -6,8 +6,8 @@ use deadpool_postgres::Pool;
 use moka::future::Cache;
 use tokio_postgres::GenericClient;
 
-use crate::ledger::store::{self, unavailable};
-use crate::ledger::{AccountId, LedgerError};
+use crate::db::{self, DbError};
+use crate::ledger::AccountId;
 
 /// Most Clerk ids kept in the id → account cache.
 const USER_CACHE_ENTRIES: u64 = 100_000;
@@ -41,10 +41,6 @@ mod sql {
           WHERE clerk_id = $1 AND deleted_at IS NULL
          RETURNING id";
     pub const EMAIL_HASH: &str = "SELECT email_hash FROM users WHERE id = $1";
-    pub const VERSION_AND_BYOK: &str = "SELECT b.version, u.openai_key_encrypted IS NOT NULL
-                               OR u.anthropic_key_encrypted IS NOT NULL
-               FROM credit_balances b JOIN users u ON u.id = b.user_id
-              WHERE b.user_id = $1";
 }
 
 /// A Clerk user id (a session token's `sub`, a webhook's `data.id`, an
@@ -84,7 +80,7 @@ pub enum AccountError {
     #[error("this account was deleted; sign up again to use the service")]
     Deleted,
     #[error(transparent)]
-    Ledger(#[from] LedgerError),
+    Db(#[from] DbError),
 }
 
 /// A Clerk id's account and whether the user was deleted.
@@ -138,7 +134,7 @@ impl Users {
 
     /// The account of a Clerk user for an operator: created on first sight,
     /// deleted or not (a deleted user's ledger stays and can be adjusted).
-    pub async fn any_account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, LedgerError> {
+    pub async fn any_account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, DbError> {
         Ok(self.resolve(clerk_id).await?.account)
     }
 
@@ -146,16 +142,16 @@ impl Users {
     pub async fn existing_account(
         &self,
         clerk_id: &ClerkUserId,
-    ) -> Result<Option<AccountId>, LedgerError> {
+    ) -> Result<Option<AccountId>, DbError> {
         if let Some(user) = self.cached(clerk_id).await {
             return Ok(Some(user.account));
         }
-        let client = store::client(&self.pool).await?;
-        let found = store::find_user_status(&**client, clerk_id.as_str()).await?;
+        let client = db::client(&self.pool).await?;
+        let found = find_user_status(&**client, clerk_id.as_str()).await?;
         Ok(found.map(|(account, _)| account))
     }
 
-    async fn resolve(&self, clerk_id: &ClerkUserId) -> Result<CachedUser, LedgerError> {
+    async fn resolve(&self, clerk_id: &ClerkUserId) -> Result<CachedUser, DbError> {
         if let Some(user) = self.cached(clerk_id).await {
             return Ok(user);
         }
@@ -163,11 +159,11 @@ impl Users {
         if let Some(user) = self.cached(clerk_id).await {
             return Ok(user);
         }
-        let client = store::client(&self.pool).await?;
-        let user = match store::find_user_status(&**client, clerk_id.as_str()).await? {
+        let client = db::client(&self.pool).await?;
+        let user = match find_user_status(&**client, clerk_id.as_str()).await? {
             Some((account, deleted)) => CachedUser { account, deleted },
             None => CachedUser {
-                account: store::ensure_user(&**client, clerk_id.as_str()).await?,
+                account: ensure_user(&**client, clerk_id.as_str()).await?,
                 deleted: false,
             },
         };
@@ -185,15 +181,20 @@ impl Users {
         self.first_sight[shard].lock().await
     }
 
+    /// The user's plan (`free` until a subscription says otherwise).
+    pub async fn plan(&self, account: AccountId) -> Result<String, DbError> {
+        plan(&**db::client(&self.pool).await?, account).await
+    }
+
     /// Creates the user, or brings email, name and picture up to date;
     /// `created` (Clerk's `user.created`) also brings a deleted user back.
     pub async fn upsert_profile(
         &self,
         profile: Profile<'_>,
         created: bool,
-    ) -> Result<AccountId, LedgerError> {
+    ) -> Result<AccountId, DbError> {
         let _turn = self.turn(profile.clerk_id).await;
-        let client = store::client(&self.pool).await?;
+        let client = db::client(&self.pool).await?;
         let row = client
             .query_one(
                 sql::UPSERT_PROFILE,
@@ -207,8 +208,7 @@ impl Users {
                     &profile.signed_up_at,
                 ],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let account = AccountId(row.get(0));
         self.remember(
             profile.clerk_id,
@@ -218,10 +218,7 @@ impl Users {
             },
         )
         .await;
-        client
-            .execute(sql::ENSURE_BALANCE, &[&account.0])
-            .await
-            .map_err(unavailable)?;
+        client.execute(sql::ENSURE_BALANCE, &[&account.0]).await?;
         Ok(account)
     }
 
@@ -229,13 +226,12 @@ impl Users {
     /// the address can sign up again as a new user. From now on the user's
     /// requests are refused (the cache learns it under the user's turn, so
     /// no lookup in flight can undo it). False when there was no live user.
-    pub async fn mark_deleted(&self, clerk_id: &ClerkUserId) -> Result<bool, LedgerError> {
+    pub async fn mark_deleted(&self, clerk_id: &ClerkUserId) -> Result<bool, DbError> {
         let _turn = self.turn(clerk_id).await;
-        let client = store::client(&self.pool).await?;
+        let client = db::client(&self.pool).await?;
         let updated = client
             .query_opt(sql::MARK_DELETED, &[&clerk_id.as_str()])
-            .await
-            .map_err(unavailable)?;
+            .await?;
         Ok(match updated {
             Some(row) => {
                 let account = AccountId(row.get(0));
@@ -272,11 +268,8 @@ pub struct CustomerFields {
 pub async fn customer_fields(
     client: &impl GenericClient,
     account: AccountId,
-) -> Result<CustomerFields, LedgerError> {
-    let row = client
-        .query_one(sql::CUSTOMER, &[&account.0])
-        .await
-        .map_err(unavailable)?;
+) -> Result<CustomerFields, DbError> {
+    let row = client.query_one(sql::CUSTOMER, &[&account.0]).await?;
     Ok(CustomerFields {
         customer_id: row.get(0),
         email: row.get(1),
@@ -290,11 +283,10 @@ pub async fn store_customer(
     client: &impl GenericClient,
     account: AccountId,
     customer_id: &str,
-) -> Result<bool, LedgerError> {
+) -> Result<bool, DbError> {
     let updated = client
         .execute(sql::STORE_CUSTOMER, &[&account.0, &customer_id])
-        .await
-        .map_err(unavailable)?;
+        .await?;
     Ok(updated == 1)
 }
 
@@ -302,21 +294,16 @@ pub async fn store_customer(
 pub async fn stored_customer(
     client: &impl GenericClient,
     account: AccountId,
-) -> Result<Option<String>, LedgerError> {
+) -> Result<Option<String>, DbError> {
     Ok(client
         .query_one(sql::STORED_CUSTOMER, &[&account.0])
-        .await
-        .map_err(unavailable)?
+        .await?
         .get(0))
 }
 
 /// The user's plan as stored (`users.plan`).
-pub async fn plan(client: &impl GenericClient, account: AccountId) -> Result<String, LedgerError> {
-    Ok(client
-        .query_one(sql::PLAN, &[&account.0])
-        .await
-        .map_err(unavailable)?
-        .get(0))
+pub async fn plan(client: &impl GenericClient, account: AccountId) -> Result<String, DbError> {
+    Ok(client.query_one(sql::PLAN, &[&account.0]).await?.get(0))
 }
 
 /// A user's plan, as `users.plan` stores it.
@@ -365,7 +352,7 @@ pub enum PlanSet {
 pub async fn set_plan(
     client: &impl GenericClient,
     change: PlanChange<'_>,
-) -> Result<PlanSet, LedgerError> {
+) -> Result<PlanSet, DbError> {
     let updated = client
         .execute(
             sql::SET_PLAN,
@@ -378,15 +365,13 @@ pub async fn set_plan(
                 &change.subscription_id,
             ],
         )
-        .await
-        .map_err(unavailable)?;
+        .await?;
     if updated == 1 {
         return Ok(PlanSet::Applied);
     }
     let known = client
         .query_opt(sql::CUSTOMER_KNOWN, &[&change.customer_id])
-        .await
-        .map_err(unavailable)?
+        .await?
         .is_some();
     Ok(if known {
         PlanSet::Superseded
@@ -399,23 +384,64 @@ pub async fn set_plan(
 pub async fn email_hash(
     client: &impl GenericClient,
     account: AccountId,
-) -> Result<Option<String>, LedgerError> {
+) -> Result<Option<String>, DbError> {
     Ok(client
         .query_opt(sql::EMAIL_HASH, &[&account.0])
-        .await
-        .map_err(unavailable)?
+        .await?
         .and_then(|row| row.get(0)))
 }
 
-/// The account's durable version and whether the user saved a key of
-/// their own.
-pub async fn version_and_byok(
+/// The user with this Clerk id, created (with a zero balance row) when new
+/// (the balance row is the ledger's, but a user never exists without one).
+pub async fn ensure_user(
     client: &impl GenericClient,
-    account: AccountId,
-) -> Result<(i64, bool), LedgerError> {
+    clerk_id: &str,
+) -> Result<AccountId, DbError> {
+    if let Some(account) = find_user(client, clerk_id).await? {
+        return Ok(account);
+    }
+    // DO UPDATE (not DO NOTHING) so the row comes back even when a
+    // concurrent insert of the same user won: DO NOTHING would return no
+    // row, and a SELECT in the same statement cannot see the winner's.
+    let row = client
+        .query_one(
+            "INSERT INTO users (clerk_id) VALUES ($1)
+             ON CONFLICT (clerk_id) DO UPDATE SET clerk_id = EXCLUDED.clerk_id
+             RETURNING id",
+            &[&clerk_id],
+        )
+        .await?;
+    let id: i64 = row.get(0);
     client
-        .query_one(sql::VERSION_AND_BYOK, &[&account.0])
-        .await
-        .map(|row| (row.get::<_, i64>(0), row.get::<_, bool>(1)))
-        .map_err(unavailable)
+        .execute(
+            "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&id],
+        )
+        .await?;
+    Ok(AccountId(id))
+}
+
+/// The user with this Clerk id, if known.
+pub async fn find_user(
+    client: &impl GenericClient,
+    clerk_id: &str,
+) -> Result<Option<AccountId>, DbError> {
+    Ok(client
+        .query_opt("SELECT id FROM users WHERE clerk_id = $1", &[&clerk_id])
+        .await?
+        .map(|row| AccountId(row.get(0))))
+}
+
+/// The account of a Clerk id and whether the user was deleted.
+pub async fn find_user_status(
+    client: &impl GenericClient,
+    clerk_id: &str,
+) -> Result<Option<(AccountId, bool)>, DbError> {
+    Ok(client
+        .query_opt(
+            "SELECT id, deleted_at IS NOT NULL FROM users WHERE clerk_id = $1",
+            &[&clerk_id],
+        )
+        .await?
+        .map(|row| (AccountId(row.get(0)), row.get(1))))
 }

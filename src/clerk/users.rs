@@ -6,14 +6,16 @@
 //! refused from then on), keeps the ledger, and switches auto-recharge off
 //! with the saved card forgotten.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::accounts::users::Profile;
-use crate::accounts::{bonus, ClerkUserId, SignupBonusClaim, Users};
-use crate::ledger::{Engine, LedgerError};
+use crate::accounts::{bonus, ClerkUserId, SignupBonusClaim, SignupBonuses, Users};
+use crate::ledger::LedgerError;
+use crate::recharge::store::AutoRecharges;
 use crate::webhooks::WebhookOutcome;
 
 /// The event types creditd handles, as counted.
@@ -211,31 +213,24 @@ impl ClerkUser {
             email_hash: email_hash.as_deref(),
             signed_up_at,
         };
-        users.upsert_profile(profile, created).await
+        Ok(users.upsert_profile(profile, created).await?)
     }
 }
 
-/// What the effect of a user event needs.
-pub struct ClerkEffects<'a> {
-    pub users: &'a Users,
-    pub engine: &'a Engine,
-    pub pool: &'a Pool,
-    pub signup_bonus: crate::accounts::SignupBonus,
+/// What the effect of a user event needs, built once at startup.
+pub struct ClerkEffects {
+    pub users: Arc<Users>,
+    pub signup_bonuses: SignupBonuses,
+    pub auto_recharges: AutoRecharges,
 }
 
 impl UserEvent {
     /// Applies the event.
-    pub async fn apply(self, effects: ClerkEffects<'_>) -> Result<WebhookOutcome, LedgerError> {
+    pub async fn apply(self, effects: &ClerkEffects) -> Result<WebhookOutcome, LedgerError> {
         match self {
             UserEvent::Created(user) => {
-                let account = user.upsert(effects.users, true).await?;
-                let granted = bonus::grant_signup_bonus(
-                    effects.engine,
-                    effects.pool,
-                    effects.signup_bonus,
-                    account,
-                )
-                .await?;
+                let account = user.upsert(&effects.users, true).await?;
+                let granted = effects.signup_bonuses.grant(account).await?;
                 Ok(match granted {
                     SignupBonusClaim::Granted(outcome) if outcome.replayed => {
                         WebhookOutcome::Replayed
@@ -245,7 +240,7 @@ impl UserEvent {
                 })
             }
             UserEvent::Updated(user) => {
-                user.upsert(effects.users, false).await?;
+                user.upsert(&effects.users, false).await?;
                 Ok(WebhookOutcome::Applied)
             }
             UserEvent::Deleted(user) => {
@@ -254,13 +249,10 @@ impl UserEvent {
                 // A deleted account's card is charged no more: auto-recharge
                 // off, card forgotten (again on a redelivery, harmlessly).
                 if let Some(account) = effects.users.existing_account(&clerk_id).await? {
-                    crate::recharge::switch_off(
-                        effects.pool,
-                        effects.engine,
-                        account,
-                        crate::recharge::OffReason::AccountDeleted,
-                    )
-                    .await?;
+                    effects
+                        .auto_recharges
+                        .switch_off(account, crate::recharge::OffReason::AccountDeleted)
+                        .await?;
                 }
                 Ok(if deleted {
                     WebhookOutcome::Applied

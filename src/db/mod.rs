@@ -1,15 +1,20 @@
 //! PostgreSQL: where the database is (configured URL or private cluster),
-//! the connection pool, and the migrations in `sql/`.
+//! the connection pool, client checkout, the one database error
+//! ([`DbError`]), and the migrations in `sql/`.
 
 pub mod cluster;
+mod error;
 pub mod singleton;
+
+pub use deadpool_postgres::{Object as Client, Pool};
+pub use error::{client, Cause, DbError};
 
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;

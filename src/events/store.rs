@@ -258,3 +258,38 @@ pub async fn redeliver(
         .await?;
     row.as_ref().map(delivery).transpose()
 }
+
+/// The outbox as operators read and steer it, each call on a connection
+/// of its own.
+#[derive(Clone)]
+pub struct Events {
+    pool: crate::db::Pool,
+}
+
+impl Events {
+    pub fn new(pool: crate::db::Pool) -> Events {
+        Events { pool }
+    }
+
+    /// The events, newest first (see [`list`]).
+    pub async fn list(
+        &self,
+        status: Option<&str>,
+        user: Option<&ClerkUserId>,
+        limit: i64,
+    ) -> Result<Vec<EventDelivery>, crate::db::DbError> {
+        let client = crate::db::client(&self.pool).await?;
+        Ok(list(&**client, status, user, limit).await?)
+    }
+
+    /// Puts an event back in the queue (see [`redeliver`]); `None` when
+    /// there is no such event.
+    pub async fn redeliver(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<Option<EventDelivery>, crate::db::DbError> {
+        let client = crate::db::client(&self.pool).await?;
+        Ok(redeliver(&**client, id, now).await?)
+    }
+}

@@ -12,11 +12,9 @@ use super::state::State;
 use super::views::{
     Adjusted, AdminAccount, EventList, GrantView, HoldView, TransactionView, UsageView,
 };
-use crate::accounts::{users, ClerkUserId};
-use crate::events;
-use crate::ledger::{reconcile, store, IdempotencyKey, Posting, TransactionType};
+use crate::accounts::ClerkUserId;
+use crate::ledger::{IdempotencyKey, Posting, TransactionType};
 use crate::money::Micros;
-use crate::stripe::followup;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -178,12 +176,10 @@ async fn account(
         )));
     };
     let snapshot = state.engine.balance(account).await?;
-    let client = state.client().await?;
-    let (transactions, usages, plan, follow_ups) = tokio::try_join!(
-        store::transactions_page(&**client, account, None, 20),
-        store::usages_page(&**client, account, None, 20),
-        users::plan(&**client, account),
-        followup::of_account(&**client, account, 20)
+    let ((transactions, usages), plan, follow_ups) = tokio::try_join!(
+        async { Ok::<_, ApiError>(state.history.latest(account, 20).await?) },
+        async { Ok::<_, ApiError>(state.users.plan(account).await?) },
+        async { Ok::<_, ApiError>(state.topups.follow_ups(account, 20).await?) },
     )?;
     Ok(HttpResponse::Ok().json(AdminAccount {
         balance_micros: snapshot.balance_micros.get(),
@@ -212,10 +208,7 @@ async fn account(
     ))]
 async fn run_reconcile(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
-    let mut client = state.client().await?;
-    let report = reconcile::reconcile(&mut client)
-        .await
-        .map_err(store::unavailable)?;
+    let report = state.history.reconcile().await?;
     Ok(HttpResponse::Ok().json(report))
 }
 
@@ -286,15 +279,14 @@ impl EventFilter {
 async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
     let filter = EventFilter::parse(request.query_string())?;
-    let client = state.client().await?;
-    let events = events::store::list(
-        &**client,
-        filter.status.as_deref(),
-        filter.user_id.as_ref(),
-        filter.limit.unwrap_or(100),
-    )
-    .await
-    .map_err(store::unavailable)?;
+    let events = state
+        .events
+        .list(
+            filter.status.as_deref(),
+            filter.user_id.as_ref(),
+            filter.limit.unwrap_or(100),
+        )
+        .await?;
     Ok(HttpResponse::Ok().json(EventList { events }))
 }
 
@@ -317,11 +309,7 @@ async fn redeliver_event(
     require_admin(&state.settings.admin, &request)?;
     let id = uuid::Uuid::parse_str(path.trim())
         .map_err(|_| ApiError::invalid("field `eventId`: not a UUID"))?;
-    let client = state.client().await?;
-    match events::store::redeliver(&**client, id, chrono::Utc::now())
-        .await
-        .map_err(store::unavailable)?
-    {
+    match state.events.redeliver(id, chrono::Utc::now()).await? {
         Some(event) => Ok(HttpResponse::Ok().json(event)),
         None => Err(ApiError::not_found(format!("no event with id `{id}`"))),
     }

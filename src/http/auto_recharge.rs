@@ -11,7 +11,7 @@ use super::state::State;
 use super::views::{AutoRechargeBounds, AutoRechargeView};
 use crate::ledger::AccountId;
 use crate::money::Micros;
-use crate::recharge::store::{self, AutoRechargeSettings};
+use crate::recharge::store::{AutoRechargeSettings, Saved};
 use crate::recharge::RechargeConfig;
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -32,18 +32,16 @@ pub(super) struct AutoRechargeRequest {
 }
 
 async fn view(state: &State, account: AccountId) -> Result<AutoRechargeView, ApiError> {
-    let client = state.client().await?;
-    let settings = store::settings(&**client, account).await?;
-    let has_card = store::has_card(&**client, account).await?;
-    let month = store::month_total_cents(&**client, account, Utc::now()).await?;
+    let page = state.auto_recharges.page(account, Utc::now()).await?;
+    let settings = page.settings;
     let credits = &state.settings.credits;
     Ok(AutoRechargeView {
         enabled: settings.as_ref().is_some_and(|s| s.enabled),
         threshold_cents: settings.as_ref().map(|s| s.threshold_cents),
         amount_cents: settings.as_ref().map(|s| s.amount_cents),
         disabled_reason: settings.as_ref().and_then(|s| s.disabled_reason.clone()),
-        has_saved_card: has_card,
-        month_total_cents: month,
+        has_saved_card: page.has_card,
+        month_total_cents: page.month_total_cents,
         monthly_max_cents: credits.auto_recharge_monthly_cents_max,
         limits: AutoRechargeBounds {
             min_amount_cents: credits.auto_recharge_amount_cents_min,
@@ -115,28 +113,23 @@ pub(super) async fn save(
     let threshold = Micros::from_cents(threshold_cents)
         .map_err(|_| ApiError::invalid("thresholdCents: out of range"))?;
     let account = state.account(&clerk_id).await?;
-    let mut client = state.client().await?;
-    if enabled && !store::has_card(&**client, account).await? {
-        return Err(ApiError::new(
-            Code::Conflict,
-            "auto-recharge needs a saved card: make a top-up first, its card is kept for auto-recharges",
-        ));
-    }
     let settings = AutoRechargeSettings {
         enabled,
         threshold_cents,
         amount_cents,
         disabled_reason: None,
     };
-    store::save_settings(
-        &mut client,
-        state.engine.instance(),
-        account,
-        &settings,
-        Utc::now(),
-    )
-    .await?;
-    drop(client);
+    if state
+        .auto_recharges
+        .save(account, &settings, Utc::now())
+        .await?
+        == Saved::NeedsCard
+    {
+        return Err(ApiError::new(
+            Code::Conflict,
+            "auto-recharge needs a saved card: make a top-up first, its card is kept for auto-recharges",
+        ));
+    }
     let config = enabled.then_some(RechargeConfig {
         threshold,
         amount_cents,

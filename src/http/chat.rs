@@ -17,11 +17,12 @@ use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
 use super::state::State;
 use super::views::{ChatAnswer, ChatCredits};
-use crate::config::{ChatSettings, Secret};
-use crate::ledger::{text_problem, AccountId, UsageRecord};
-use crate::metering::{ChatCall, ChatError, StreamEvent};
-use crate::pricing::{ModelPrice, Provider};
-use crate::providers::{ChatMessage, ChatRequest, ProviderError, Role};
+use crate::config::ChatSettings;
+use crate::ledger::{text_problem, UsageRecord};
+use crate::metering::{
+    ChatError, ChatMessage, ChatOrder, ProviderError, Role, RouteError, StreamEvent,
+};
+use crate::pricing::Provider;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config.route("/api/chat", web::post().to(chat));
@@ -160,113 +161,26 @@ async fn chat(
     let body = read_body(payload, &state.settings.server).await?;
     let chat = Chat::parse(parse_json(&body)?, &state.settings.chat)?;
     let account = state.account(&clerk_id).await?;
-    let route = route(&state, account, &chat).await?;
-    let request = ChatRequest {
-        model: route.model,
+    let order = ChatOrder {
+        account,
+        model: chat.model,
         messages: chat.messages,
         max_tokens: chat.max_tokens,
-    };
-    let call = ChatCall {
-        account,
-        provider: route.provider,
-        price: route.price,
-        key: route.key,
-        request,
-        byok: route.byok,
+        stored_keys: state.stored_keys(account).await?,
         conversation_id: chat.conversation_id,
         message_id: chat.message_id,
     };
     if chat.stream {
-        let events = state.chats.open_stream(call).await?;
+        let events = state.chats.open_stream(order).await?;
         Ok(stream_response(events))
     } else {
-        let answer = state.chats.answer(call).await?;
+        let answer = state.chats.answer(order).await?;
         Ok(HttpResponse::Ok().json(ChatAnswer {
             content: answer.content,
             model: answer.model,
             credits: answer.credits.as_ref().map(ChatCredits::from),
         }))
     }
-}
-
-/// Which provider, model and key serve a chat.
-struct Route {
-    provider: Provider,
-    model: String,
-    /// The model's price, looked up once; `None` on the user's own key
-    /// (nothing is held nor charged).
-    price: Option<ModelPrice>,
-    key: Secret,
-    byok: bool,
-}
-
-/// BYOK first (the named model's provider, else Anthropic, else OpenAI),
-/// otherwise the platform key of the model's provider.
-async fn route(state: &State, account: AccountId, chat: &Chat) -> Result<Route, ApiError> {
-    let named = match &chat.model {
-        Some(model) => Some(state.prices.price(model).map_err(|_| {
-            let known: Vec<&str> = state.prices.models().map(|(name, _)| name).collect();
-            ApiError::invalid(format!(
-                "field `model`: unknown model `{model}` (known: {})",
-                known.join(", ")
-            ))
-        })?),
-        None => None,
-    };
-    let stored = state.stored_keys(account).await?;
-    if stored.any() {
-        let provider = match named {
-            Some(price) if stored.get(price.provider).is_none() => {
-                return Err(ApiError::invalid(format!(
-                    "field `model`: `{}` is served by {}, and your saved API key is for another \
-                     provider; omit `model` or add your {} key in settings",
-                    chat.model.as_deref().unwrap_or_default(),
-                    price.provider.as_str(),
-                    price.provider.as_str()
-                )))
-            }
-            Some(price) => price.provider,
-            None if stored.anthropic.is_some() => Provider::Anthropic,
-            None => Provider::Openai,
-        };
-        let sealed = stored.get(provider).unwrap_or_default();
-        let key = state.open_key(account, provider, sealed)?;
-        let model = chat
-            .model
-            .clone()
-            .unwrap_or_else(|| state.providers.byok_model(provider).to_owned());
-        return Ok(Route {
-            provider,
-            model,
-            price: None,
-            key,
-            byok: true,
-        });
-    }
-    let (model, price) = match (&chat.model, named) {
-        (Some(model), Some(price)) => (model.clone(), *price),
-        _ => {
-            let model = state.prices.default_model().to_owned();
-            let price = *state
-                .prices
-                .price(&model)
-                .map_err(|e| ApiError::internal("default model", e))?;
-            (model, price)
-        }
-    };
-    let provider = price.provider;
-    let key = state
-        .providers
-        .platform_key(provider)
-        .cloned()
-        .ok_or_else(|| ApiError::new(Code::NoApiKey, NO_API_KEY))?;
-    Ok(Route {
-        provider,
-        model,
-        price: Some(price),
-        key,
-        byok: false,
-    })
 }
 
 impl From<ChatError> for ApiError {
@@ -289,6 +203,7 @@ impl From<ChatError> for ApiError {
                 })),
                 retry_after_s: None,
             },
+            ChatError::Route(error) => route_error(error),
             ChatError::Refused(refused) => refused.into(),
             ChatError::Ledger(error) => error.into(),
             ChatError::Provider {
@@ -298,6 +213,19 @@ impl From<ChatError> for ApiError {
             } => provider_api_error(&error, provider, byok),
             ChatError::Internal { context, message } => ApiError::internal(context, message),
         }
+    }
+}
+
+/// A chat that cannot be routed, as the client sees it.
+fn route_error(error: RouteError) -> ApiError {
+    match error {
+        RouteError::UnknownModel { .. } | RouteError::KeyForAnotherProvider { .. } => {
+            ApiError::invalid(error.to_string())
+        }
+        RouteError::NoPlatformKey => ApiError::new(Code::NoApiKey, NO_API_KEY),
+        RouteError::ByokNotConfigured => ApiError::new(Code::ByokNotConfigured, error.to_string()),
+        RouteError::KeyUnreadable { .. } => ApiError::new(Code::Internal, error.to_string()),
+        RouteError::DefaultModel(message) => ApiError::internal("default model", message),
     }
 }
 

@@ -6,11 +6,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
 use super::state::State;
-use super::views::Received;
+use super::views::WebhookReceipt;
 use crate::clerk::svix::{self, SvixHeaders};
-use crate::clerk::users::{ClerkEffects, HANDLED};
+use crate::clerk::users::HANDLED;
 use crate::clerk::{ClerkEvent, EventError};
-use crate::webhooks::{self, Source, WebhookOutcome};
+use crate::webhooks::{self, Delivery, Effect, Received, Source, WebhookOutcome};
 
 const SOURCE: Source = Source::Clerk;
 
@@ -34,7 +34,7 @@ fn header<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
     ),
     request_body(content = Object, description = "A Clerk event"),
     responses(
-        (status = 200, description = "Taken (or already taken)", body = super::views::Received),
+        (status = 200, description = "Taken (or already taken)", body = super::views::WebhookReceipt),
         (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
         super::error::BodyErrors,
         super::error::RateLimited,
@@ -66,37 +66,42 @@ async fn webhook(
     }
     let event_id = headers.id.unwrap_or_default();
     let event: ClerkEvent = parse_json(&body)?;
-    let client = state.client().await?;
-    let processed = webhooks::already_processed(&**client, SOURCE, event_id).await;
-    drop(client);
-    if processed? {
-        webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
-        return Ok(HttpResponse::Ok().json(Received::duplicate()));
-    }
-    let outcome = match dispatch(&state, &event).await {
-        Ok(outcome) => outcome,
+    let delivery = Delivery {
+        source: SOURCE,
+        event_id,
+        kind: &event.kind,
+    };
+    let outcome = match state
+        .inbox
+        .receive(delivery, || dispatch(&state, &event))
+        .await
+    {
+        Ok(Received::Duplicate) => {
+            webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
+            return Ok(HttpResponse::Ok().json(WebhookReceipt::duplicate()));
+        }
+        Ok(Received::Applied(outcome)) => outcome,
         Err(error) => {
             webhooks::count(SOURCE, &event.kind, HANDLED, "failed");
             tracing::warn!(event = %event_id, kind = %event.kind, %error, "Clerk event not processed");
             return Err(error);
         }
     };
-    let client = state.client().await?;
-    webhooks::record_processed(&**client, SOURCE, event_id, &event.kind).await?;
     webhooks::count(SOURCE, &event.kind, HANDLED, outcome.as_str());
-    Ok(HttpResponse::Ok().json(Received::taken()))
+    Ok(HttpResponse::Ok().json(WebhookReceipt::taken()))
 }
 
-/// Parses the event by type and applies it.
-async fn dispatch(state: &State, event: &ClerkEvent) -> Result<WebhookOutcome, ApiError> {
+/// Parses the event by type and applies it. Clerk's effects commit on
+/// their own before the inbox row: the user row through `Users` (whose
+/// cache must only learn committed rows), the bonus through the engine
+/// (key `bonus:signup:<user>`); each is idempotent, so a redelivery after
+/// a failure before the inbox row applies nothing twice.
+async fn dispatch(
+    state: &State,
+    event: &ClerkEvent,
+) -> Result<Effect<WebhookOutcome, ApiError>, ApiError> {
     let parsed = event.parse().map_err(event_failure)?;
-    let effects = ClerkEffects {
-        users: &state.users,
-        engine: &state.engine,
-        pool: &state.pool,
-        signup_bonus: state.signup_bonus,
-    };
-    Ok(parsed.apply(effects).await?)
+    Ok(Effect::Applied(parsed.apply(&state.clerk_effects).await?))
 }
 
 fn event_failure(error: EventError) -> ApiError {

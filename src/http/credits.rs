@@ -13,8 +13,8 @@ use super::views::{
     ClaimedBonus, DailyUsageList, DailyUsageView, GrantView, History, Page, TransactionView,
     TransactionsPage, UsageView, UsagesPage,
 };
-use crate::accounts::{self, users, SignupBonusClaim};
-use crate::ledger::{store, AccountId};
+use crate::accounts::SignupBonusClaim;
+use crate::ledger::AccountId;
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
 use crate::stripe::followup;
@@ -46,15 +46,19 @@ async fn history(
     {
         return Ok(history);
     }
-    let client = state.client().await?;
-    // The version is read first: every entry up to it is then visible to
-    // the page queries that follow on the same connection.
-    let (head, transactions, usages) = tokio::try_join!(
-        async { users::version_and_byok(&**client, account).await },
-        store::transactions_page(&**client, account, None, OVERVIEW_ENTRIES),
-        store::usages_page(&**client, account, None, OVERVIEW_ENTRIES),
+    let (read, keys) = tokio::try_join!(
+        async {
+            Ok::<_, ApiError>(
+                state
+                    .history
+                    .latest_at_version(account, OVERVIEW_ENTRIES)
+                    .await?,
+            )
+        },
+        async { Ok::<_, ApiError>(state.provider_keys.load(account).await?) },
     )?;
-    let (durable_version, has_byok) = head;
+    let (durable_version, has_byok) = (read.version, keys.any());
+    let (transactions, usages) = (read.transactions, read.usages);
     let rendered = |value: Result<Box<RawValue>, serde_json::Error>| {
         value.map_err(|e| ApiError::internal("balance page history", e))
     };
@@ -142,8 +146,10 @@ async fn transactions(state: State, request: HttpRequest) -> Result<HttpResponse
     let page = Page::parse(request.query_string())?;
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    let items = store::transactions_page(&**client, account, page.before_seq, page.limit).await?;
+    let items = state
+        .history
+        .transactions(account, page.before_seq, page.limit)
+        .await?;
     let next = page.next_cursor(items.len(), items.last().map(|t| t.seq));
     Ok(HttpResponse::Ok().json(TransactionsPage {
         items: items.iter().map(TransactionView::from).collect(),
@@ -168,8 +174,10 @@ async fn usages(state: State, request: HttpRequest) -> Result<HttpResponse, ApiE
     let page = Page::parse(request.query_string())?;
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    let items = store::usages_page(&**client, account, page.before_seq, page.limit).await?;
+    let items = state
+        .history
+        .usages(account, page.before_seq, page.limit)
+        .await?;
     let next = page.next_cursor(items.len(), items.last().map(|u| u.seq));
     Ok(HttpResponse::Ok().json(UsagesPage {
         items: items.iter().map(UsageView::from).collect(),
@@ -221,8 +229,10 @@ async fn usage_daily(state: State, request: HttpRequest) -> Result<HttpResponse,
     let days = parse_days(request.query_string())?;
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    let report = metering::daily_usage(&**client, account, days, chrono::Utc::now()).await?;
+    let report = state
+        .usage_reports
+        .daily(account, days, chrono::Utc::now())
+        .await?;
     let days: Vec<DailyUsageView> = report
         .into_iter()
         .map(|day| DailyUsageView {
@@ -241,8 +251,7 @@ async fn grant_signup_bonus(
     state: &State,
     account: AccountId,
 ) -> Result<SignupBonusClaim, ApiError> {
-    let bonus = state.signup_bonus;
-    Ok(accounts::grant_signup_bonus(&state.engine, &state.pool, bonus, account).await?)
+    Ok(state.signup_bonuses.grant(account).await?)
 }
 
 /// The signup bonus: 201 the first time, 200 with the same transaction

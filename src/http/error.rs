@@ -292,6 +292,7 @@ impl From<LedgerError> for ApiError {
             LedgerError::InsufficientCredits {
                 available,
                 required,
+                ..
             } => ApiError {
                 code: Code::InsufficientCredits,
                 message: format!(
@@ -334,15 +335,11 @@ impl From<LedgerError> for ApiError {
             ),
             LedgerError::Unavailable(message) => {
                 tracing::warn!(%message, "ledger unavailable");
-                ApiError::new(
-                    Code::Unavailable,
-                    "the ledger is temporarily unavailable; retry",
-                )
+                ApiError::retry_later("the ledger is temporarily unavailable; retry")
             }
-            LedgerError::Reset => ApiError::new(
-                Code::Unavailable,
-                "the ledger is temporarily unavailable; retry",
-            ),
+            LedgerError::Reset => {
+                ApiError::retry_later("the ledger is temporarily unavailable; retry")
+            }
             LedgerError::Internal(message) => ApiError::internal("ledger invariant", message),
         }
     }
@@ -354,7 +351,7 @@ impl From<crate::accounts::AccountError> for ApiError {
             deleted @ crate::accounts::AccountError::Deleted => {
                 ApiError::new(Code::AccountDeleted, deleted.to_string())
             }
-            crate::accounts::AccountError::Ledger(error) => error.into(),
+            crate::accounts::AccountError::Db(error) => error.into(),
         }
     }
 }
@@ -412,6 +409,7 @@ impl From<StripeError> for ApiError {
             StripeError::NotCreditedYet(message) => ApiError::new(Code::Unavailable, message),
             StripeError::Call(error) => error.into(),
             StripeError::Ledger(error) => error.into(),
+            StripeError::Db(error) => error.into(),
         }
     }
 }
@@ -466,9 +464,44 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+impl ApiError {
+    /// 503 `UNAVAILABLE` for a failure that goes away: with `Retry-After`.
+    pub fn retry_later(message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: Code::Unavailable,
+            message: message.into(),
+            details: None,
+            retry_after_s: Some(u64::from(RETRY_AFTER_S)),
+        }
+    }
+}
+
+/// A database failure on a request path: out of reach is 503 with
+/// `Retry-After`; a constraint the caller did not map to a conflict, or a
+/// failed query, is a bug: 500, no retry. The cause chain goes to the log,
+/// never to the client.
+impl From<crate::db::DbError> for ApiError {
+    fn from(error: crate::db::DbError) -> ApiError {
+        if error.is_unavailable() {
+            tracing::warn!(error = %error.chain(), "database unavailable");
+            return ApiError::retry_later("the database is temporarily unavailable; retry");
+        }
+        ApiError::internal("database", error.chain())
+    }
+}
+
 /// Every 404 the router gives, in the common shape.
 pub async fn no_route() -> Result<HttpResponse, ApiError> {
     Err(ApiError::not_found("no such route"))
+}
+
+impl From<crate::metering::UsageError> for ApiError {
+    fn from(error: crate::metering::UsageError) -> ApiError {
+        match error {
+            crate::metering::UsageError::InvalidRange(message) => ApiError::invalid(message),
+            crate::metering::UsageError::Db(error) => error.into(),
+        }
+    }
 }
 
 #[cfg(test)]

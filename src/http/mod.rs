@@ -31,7 +31,7 @@ use futures_util::future::{ready, Either};
 
 use crate::config::Settings;
 use error::{ApiError, Code};
-pub use state::{AppState, State};
+pub use state::{AppState, Services, State};
 
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

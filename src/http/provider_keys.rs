@@ -9,7 +9,6 @@ use super::body::read_body;
 use super::error::{parse_json, ApiError};
 use super::state::State;
 use super::views::{SavedKey, SavedKeys};
-use crate::accounts::keys;
 use crate::ledger::AccountId;
 use crate::pricing::Provider;
 
@@ -149,9 +148,7 @@ async fn save(
         }
     }
     let [anthropic, openai] = sealed;
-    let client = state.client().await?;
-    keys::save(&**client, account, anthropic, openai).await?;
-    drop(client);
+    state.provider_keys.save(account, anthropic, openai).await?;
     state.user_keys_changed(account).await;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }
@@ -184,9 +181,7 @@ async fn remove(
         }
     };
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    keys::remove(&**client, account, provider).await?;
-    drop(client);
+    state.provider_keys.remove(account, provider).await?;
     state.user_keys_changed(account).await;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
 }

@@ -54,8 +54,7 @@ pub(super) struct CodeBody {
 pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let client = state.client().await?;
-    let summary = referrals::summary(&**client, account).await?;
+    let summary = state.referrals.summary(account).await?;
     Ok(HttpResponse::Ok().json(ReferralView {
         code: summary.code,
         referred_count: summary.referred_count,
@@ -103,8 +102,9 @@ pub(super) async fn redeem(
         )));
     };
     let now = state.engine.clock().now();
-    let client = state.client().await?;
-    let redeemed = referrals::redeem(&**client, account, &code, now)
+    let redeemed = state
+        .referrals
+        .redeem(account, &code, now)
         .await?
         .map_err(refused)?;
     let body = Referred {

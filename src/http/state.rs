@@ -2,7 +2,6 @@
 //! startup, and the per-account caches of what the pages read.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::web;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -15,24 +14,23 @@ use crate::clerk::tokens::{ClerkUserId, ClerkVerifier};
 use crate::config::{Secret, Settings};
 use crate::ledger::{AccountId, Engine};
 use crate::pricing::{PriceTable, Provider};
-use crate::runtime::Runtime;
 
-pub struct AppState {
+/// The services the handlers call, each built once at startup (in
+/// `app.rs`): the edge translates requests into their calls and holds no
+/// database pool of its own.
+pub struct Services {
     pub settings: Settings,
     pub engine: Arc<Engine>,
-    pub pool: deadpool_postgres::Pool,
     pub prices: Arc<PriceTable>,
     pub metrics: PrometheusHandle,
     pub clerk: Arc<ClerkVerifier>,
     /// `None` when `stripe.secret_key` is not set.
-    pub stripe: Option<crate::stripe::StripeApi>,
+    pub stripe: Option<Arc<crate::stripe::StripeApi>>,
     pub providers: crate::providers::ProviderClient,
     /// The BYOK key cipher; `None` when `byok.encryption_key` is empty.
     pub byok: Option<crate::accounts::KeyCipher>,
     /// `None` when `clerk_webhook.signing_secret` is empty.
     pub clerk_webhook_key: Option<crate::clerk::svix::SigningKey>,
-    /// `credits.signup_bonus_cents` in micros, and its lifetime.
-    pub signup_bonus: crate::accounts::SignupBonus,
     /// `credits.referral_bonus_cents` (in micros) and its expiry.
     pub referral_bonus: crate::referrals::Bonus,
     /// Platform chats whose settlement may still be pending.
@@ -43,77 +41,62 @@ pub struct AppState {
     /// The database's health, refreshed in the background.
     pub health: Arc<crate::health::Health>,
     /// Clerk id → account, created on first sight.
-    pub users: crate::accounts::Users,
+    pub users: Arc<crate::accounts::Users>,
+    /// Webhook event ids already handled, for Stripe and Clerk.
+    pub inbox: crate::webhooks::Inbox,
+    /// The accounts' committed history (transactions, usages), and the
+    /// operators' reconcile.
+    pub history: crate::ledger::LedgerHistory,
+    /// Referral codes and their redemption.
+    pub referrals: crate::referrals::Referrals,
+    /// Users' sealed provider keys (BYOK).
+    pub provider_keys: crate::accounts::ProviderKeys,
+    /// The signup bonus, once per person.
+    pub signup_bonuses: crate::accounts::SignupBonuses,
+    /// Top-ups' Checkout Sessions and follow-ups.
+    pub topups: crate::stripe::topup::TopUps,
+    /// The outbox as operators list and redeliver it.
+    pub events: crate::events::store::Events,
+    /// Users' auto-recharge settings.
+    pub auto_recharges: crate::recharge::store::AutoRecharges,
+    /// Spend per day.
+    pub usage_reports: crate::metering::UsageReports,
+    /// What Stripe's events do.
+    pub stripe_effects: Arc<crate::stripe::webhook::StripeEffects>,
+    /// What Clerk's user events do.
+    pub clerk_effects: Arc<crate::clerk::users::ClerkEffects>,
+}
+
+/// What every handler shares: the services, and the per-account caches of
+/// what the pages read.
+pub struct AppState {
+    services: Services,
     /// The balance page's history per account (`server.history_cache_entries`).
     histories: Cache<AccountId, Arc<History>>,
     /// The sealed provider keys per account, until they change.
     sealed_keys: Cache<AccountId, Arc<StoredKeys>>,
 }
 
+/// Handlers name a service as a field of the state (`state.engine`).
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.services
+    }
+}
+
 pub type State = web::Data<AppState>;
 
 impl AppState {
-    pub fn new(
-        runtime: Runtime,
-        engine: Arc<Engine>,
-        pool: deadpool_postgres::Pool,
-        metrics: PrometheusHandle,
-    ) -> anyhow::Result<AppState> {
-        let Runtime {
-            settings,
-            prices,
-            tokenizers,
-            cipher: byok,
-            clerk_webhook_key,
-            signup_bonus,
-            referral_bonus,
-        } = runtime;
-        let clerk = Arc::new(ClerkVerifier::new(settings.clerk.clone())?);
-        let stripe = crate::stripe::StripeApi::new(&settings.stripe)?;
-        let providers = crate::providers::ProviderClient::new(&settings.providers)?;
-        let settlements = Arc::new(crate::metering::Settlements::new(
-            settings.chat.pending_settlements_max,
-        ));
-        let rate_limits = Arc::new(crate::rate_limits::RateLimits::new(&settings.rate_limits));
-        let chats = Arc::new(crate::metering::Chats {
-            engine: engine.clone(),
-            providers: providers.clone(),
-            settlements: settlements.clone(),
-            rate_limits: rate_limits.clone(),
-            tokenizers,
-            settings: settings.chat.clone(),
-        });
-        let health = Arc::new(crate::health::Health::new(Duration::from_millis(
-            settings.database.health_check_interval_ms,
-        )));
-        let cache_entries = settings.server.history_cache_entries as u64;
-        Ok(AppState {
-            rate_limits,
-            chats,
-            health,
-            settings,
-            engine,
-            users: crate::accounts::Users::new(pool.clone()),
-            pool,
-            prices,
-            metrics,
-            clerk,
-            stripe,
-            providers,
-            byok,
-            clerk_webhook_key,
-            signup_bonus,
-            referral_bonus,
-            settlements,
+    /// The state over `services`, with empty caches.
+    pub fn new(services: Services) -> AppState {
+        let cache_entries = services.settings.server.history_cache_entries as u64;
+        AppState {
+            services,
             histories: Cache::new(cache_entries),
             sealed_keys: Cache::new(cache_entries),
-        })
-    }
-
-    /// A database connection; none is 503 `UNAVAILABLE`, as every database
-    /// failure is (`LedgerError::Unavailable`).
-    pub async fn client(&self) -> Result<deadpool_postgres::Object, ApiError> {
-        Ok(crate::ledger::store::client(&self.pool).await?)
+        }
     }
 
     /// The Clerk user a request is authenticated as (401 otherwise).
@@ -149,9 +132,7 @@ impl AppState {
     pub async fn stored_keys(&self, account: AccountId) -> Result<Arc<StoredKeys>, ApiError> {
         // Concurrent first reads of one account share one query.
         let load = async {
-            let client = crate::ledger::store::client(&self.pool).await?;
-            let keys = crate::accounts::keys::load(&**client, account).await?;
-            Ok::<_, crate::ledger::LedgerError>(Arc::new(keys))
+            Ok::<_, crate::db::DbError>(Arc::new(self.provider_keys.load(account).await?))
         };
         if self.settings.server.history_cache_entries == 0 {
             return Ok(load.await?);

@@ -8,11 +8,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
 use super::state::State;
-use super::views::Received;
+use super::views::WebhookReceipt;
 use crate::stripe::events::Event;
 use crate::stripe::signature;
-use crate::stripe::webhook::{StripeEffects, StripeEvent, HANDLED};
-use crate::webhooks::{self, Source};
+use crate::stripe::webhook::{StripeEvent, HANDLED};
+use crate::webhooks::{self, Delivery, Effect, Received, Source};
 
 const SOURCE: Source = Source::Stripe;
 
@@ -24,16 +24,13 @@ pub fn routes(config: &mut web::ServiceConfig) {
 async fn dispatch(
     state: &State,
     event: &Event,
-) -> Result<crate::webhooks::WebhookOutcome, ApiError> {
+) -> Result<Effect<crate::webhooks::WebhookOutcome, ApiError>, ApiError> {
     let parsed = StripeEvent::parse(event).map_err(ApiError::from)?;
-    let effects = StripeEffects {
-        settings: &state.settings.stripe,
-        referral_bonus: state.referral_bonus,
-        engine: &state.engine,
-        pool: &state.pool,
-        api: state.stripe.as_ref(),
-    };
-    parsed.apply(&effects).await.map_err(ApiError::from)
+    let effect = parsed
+        .apply(&state.stripe_effects)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(effect.map_err(ApiError::from))
 }
 
 /// Stripe's events, `Stripe-Signature` checked on the raw body.
@@ -41,7 +38,7 @@ async fn dispatch(
     params(("Stripe-Signature" = String, Header, description = "t=<unix seconds>,v1=<HMAC-SHA256 hex>")),
     request_body(content = Object, description = "A Stripe event"),
     responses(
-        (status = 200, description = "Taken (or already taken)", body = super::views::Received),
+        (status = 200, description = "Taken (or already taken)", body = super::views::WebhookReceipt),
         (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
         super::error::BodyErrors,
         super::error::RateLimited,
@@ -77,24 +74,28 @@ async fn webhook(
         return Err(ApiError::invalid(error.to_string()));
     }
     let event: Event = parse_json(&body)?;
-    let client = state.client().await?;
-    let processed = webhooks::already_processed(&**client, SOURCE, &event.id).await;
-    drop(client);
-    if processed? {
-        webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
-        return Ok(HttpResponse::Ok().json(Received::duplicate()));
-    }
-    let outcome = match dispatch(&state, &event).await {
-        Ok(outcome) => outcome,
+    let delivery = Delivery {
+        source: SOURCE,
+        event_id: &event.id,
+        kind: &event.kind,
+    };
+    let outcome = match state
+        .inbox
+        .receive(delivery, || dispatch(&state, &event))
+        .await
+    {
+        Ok(Received::Duplicate) => {
+            webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
+            return Ok(HttpResponse::Ok().json(WebhookReceipt::duplicate()));
+        }
+        Ok(Received::Applied(outcome)) => outcome,
         Err(error) => {
             webhooks::count(SOURCE, &event.kind, HANDLED, "failed");
             tracing::warn!(event = %event.id, kind = %event.kind, %error, "Stripe event not processed");
             return Err(error);
         }
     };
-    let client = state.client().await?;
-    webhooks::record_processed(&**client, SOURCE, &event.id, &event.kind).await?;
     webhooks::count(SOURCE, &event.kind, HANDLED, outcome.as_str());
     tracing::info!(event = %event.id, kind = %event.kind, outcome = outcome.as_str(), "Stripe event processed");
-    Ok(HttpResponse::Ok().json(Received::taken()))
+    Ok(HttpResponse::Ok().json(WebhookReceipt::taken()))
 }

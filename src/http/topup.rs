@@ -9,7 +9,6 @@ use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
 use super::state::State;
 use super::views::TopupSessionView;
-use crate::stripe::topup;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config.route("/api/credits/topup", web::post().to(topup));
@@ -64,7 +63,7 @@ async fn topup(
             euros(limits.topup_cents_max)
         )));
     }
-    let api = state.stripe.as_ref().ok_or_else(|| {
+    let api = state.stripe.as_deref().ok_or_else(|| {
         ApiError::new(
             Code::Unavailable,
             "top-ups are not available: Stripe is not configured (stripe.secret_key)",
@@ -72,7 +71,9 @@ async fn topup(
     })?;
     let account = state.account(&clerk_id).await?;
     state.rate_limits.topup(account)?;
-    let session = topup::open_session(api, &state.pool, account, &clerk_id, amount)
+    let session = state
+        .topups
+        .open_session(api, account, &clerk_id, amount)
         .await
         .map_err(ApiError::from)?;
     Ok(HttpResponse::Ok().json(TopupSessionView {

@@ -361,24 +361,25 @@ pub struct EventList {
 
 /// A webhook delivery taken (or already taken: `duplicate`).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Received {
+#[schema(as = Received)]
+pub struct WebhookReceipt {
     pub received: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicate: Option<bool>,
 }
 
-impl Received {
+impl WebhookReceipt {
     /// Taken now.
-    pub fn taken() -> Received {
-        Received {
+    pub fn taken() -> WebhookReceipt {
+        WebhookReceipt {
             received: true,
             duplicate: None,
         }
     }
 
     /// Taken before: this delivery changes nothing.
-    pub fn duplicate() -> Received {
-        Received {
+    pub fn duplicate() -> WebhookReceipt {
+        WebhookReceipt {
             received: true,
             duplicate: Some(true),
         }

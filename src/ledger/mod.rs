@@ -20,7 +20,7 @@ pub mod reconcile;
 pub mod spend;
 mod state;
 pub use state::{check_text, text_problem, TEXT_MAX_BYTES};
-pub mod store;
+mod store;
 mod types;
 
 pub use actor::{
@@ -30,4 +30,8 @@ pub use actor::{
 pub use directory::{Directory, Eviction};
 pub use engine::{Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};
+/// The read API of the ledger's history: by account, newest first, either
+/// on its own connection ([`LedgerHistory`]) or on a caller's connection
+/// beside other reads of one page (the `_page` functions).
+pub use store::{transactions_page, usages_page, LedgerHistory, Versioned};
 pub use types::*;

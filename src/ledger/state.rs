@@ -735,6 +735,7 @@ impl AccountState {
         let available = self.available();
         if available < amount {
             return Err(LedgerError::InsufficientCredits {
+                balance: self.balance,
                 available,
                 required: amount,
             });
@@ -1164,6 +1165,7 @@ mod tests {
         assert_eq!(
             refused(state.reserve(HoldId::generate(), micros(401), now, later)),
             LedgerError::InsufficientCredits {
+                balance: micros(1_000),
                 available: micros(400),
                 required: micros(401)
             }

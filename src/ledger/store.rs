@@ -1,12 +1,13 @@
 //! Reads of the ledger tables, and the SQL the journal writer runs. The
-//! engine writes only through the journal writer; everything here reads,
-//! except `ensure_user` and the creation of a missing balance row.
+//! engine writes only through the journal writer; everything here reads.
+//! Private to the ledger: other modules read the history through
+//! [`LedgerHistory`], and reach PostgreSQL through `crate::db`.
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
 use tokio_postgres::{GenericClient, Row};
 
 use super::types::*;
+use crate::db::{DbError, Pool};
 use crate::money::Micros;
 
 /// The statements of a journal batch. Arrays in, one round trip each. The
@@ -14,6 +15,8 @@ use crate::money::Micros;
 /// NOTHING`) and return the rows they wrote, so the writer can tell, per
 /// account, whether everything it sent was written.
 pub(crate) mod sql {
+    /// An account's durable version (its balance row's).
+    pub const DURABLE_VERSION: &str = "SELECT version FROM credit_balances WHERE user_id = $1";
     /// Moves each balance row forward, only from the version its actor
     /// holds (fencing), and records this instance ($6) as its writer.
     /// Returns the user ids it moved, their new version, and whether the writer changed
@@ -168,8 +171,114 @@ pub fn unavailable(error: impl std::fmt::Display) -> LedgerError {
 }
 
 /// A client from the pool, or `Unavailable`.
-pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, LedgerError> {
-    pool.get().await.map_err(unavailable)
+pub async fn client(pool: &Pool) -> Result<crate::db::Client, LedgerError> {
+    Ok(crate::db::client(pool).await?)
+}
+
+/// A database failure reaching the engine's callers: out of reach is
+/// `Unavailable` (retry), anything else (a constraint, a bug) is
+/// `Internal`, never a retry. The message keeps the whole cause chain.
+impl From<DbError> for LedgerError {
+    fn from(error: DbError) -> LedgerError {
+        if error.is_unavailable() {
+            LedgerError::Unavailable(error.chain())
+        } else {
+            LedgerError::Internal(error.chain())
+        }
+    }
+}
+
+/// The committed history of accounts, newest first, for the pages and the
+/// operators: the one way into the ledger's tables from above the ledger.
+#[derive(Clone)]
+pub struct LedgerHistory {
+    pool: Pool,
+}
+
+impl LedgerHistory {
+    pub fn new(pool: Pool) -> LedgerHistory {
+        LedgerHistory { pool }
+    }
+
+    /// Committed transactions, newest first, strictly before `before_seq`.
+    pub async fn transactions(
+        &self,
+        account: AccountId,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<TransactionRecord>, LedgerError> {
+        let client = client(&self.pool).await?;
+        transactions_page(&**client, account, before_seq, limit).await
+    }
+
+    /// Committed usages, newest first, strictly before `before_seq`.
+    pub async fn usages(
+        &self,
+        account: AccountId,
+        before_seq: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<UsageRecord>, LedgerError> {
+        let client = client(&self.pool).await?;
+        usages_page(&**client, account, before_seq, limit).await
+    }
+
+    /// The latest transactions and usages, read on one connection.
+    pub async fn latest(
+        &self,
+        account: AccountId,
+        limit: i64,
+    ) -> Result<(Vec<TransactionRecord>, Vec<UsageRecord>), LedgerError> {
+        let client = client(&self.pool).await?;
+        futures_util::try_join!(
+            transactions_page(&**client, account, None, limit),
+            usages_page(&**client, account, None, limit),
+        )
+    }
+
+    /// The account's durable version and its latest transactions and
+    /// usages, on one connection with the version read first: every entry
+    /// up to that version is visible to the page queries that follow, so
+    /// a page read here may be cached under the version.
+    pub async fn latest_at_version(
+        &self,
+        account: AccountId,
+        limit: i64,
+    ) -> Result<Versioned, LedgerError> {
+        let client = client(&self.pool).await?;
+        let version = async {
+            let row = client
+                .query_one(sql::DURABLE_VERSION, &[&account.0])
+                .await
+                .map_err(DbError::from)?;
+            Ok::<i64, LedgerError>(row.get(0))
+        };
+        let (version, transactions, usages) = futures_util::try_join!(
+            version,
+            transactions_page(&**client, account, None, limit),
+            usages_page(&**client, account, None, limit),
+        )?;
+        Ok(Versioned {
+            version,
+            transactions,
+            usages,
+        })
+    }
+
+    /// Checks every ledger invariant against PostgreSQL (a repeatable-read
+    /// snapshot; see `reconcile`).
+    pub async fn reconcile(&self) -> Result<super::reconcile::ReconcileReport, DbError> {
+        let mut client = crate::db::client(&self.pool).await?;
+        Ok(super::reconcile::reconcile(&mut client).await?)
+    }
+}
+
+/// An account's latest entries and the durable version they are read at.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    /// The account's version as PostgreSQL has it.
+    pub version: i64,
+    pub transactions: Vec<TransactionRecord>,
+    pub usages: Vec<UsageRecord>,
 }
 
 /// An account as PostgreSQL has it.
@@ -455,64 +564,6 @@ pub async fn clawed_back(
         .map_err(unavailable)?
         .get(0);
     Ok(Micros::new(total))
-}
-
-/// The user with this Clerk id, created (with a zero balance row) when new.
-pub async fn ensure_user(
-    client: &impl GenericClient,
-    clerk_id: &str,
-) -> Result<AccountId, LedgerError> {
-    if let Some(account) = find_user(client, clerk_id).await? {
-        return Ok(account);
-    }
-    // DO UPDATE (not DO NOTHING) so the row comes back even when a
-    // concurrent insert of the same user won: DO NOTHING would return no
-    // row, and a SELECT in the same statement cannot see the winner's.
-    let row = client
-        .query_one(
-            "INSERT INTO users (clerk_id) VALUES ($1)
-             ON CONFLICT (clerk_id) DO UPDATE SET clerk_id = EXCLUDED.clerk_id
-             RETURNING id",
-            &[&clerk_id],
-        )
-        .await
-        .map_err(unavailable)?;
-    let id: i64 = row.get(0);
-    client
-        .execute(
-            "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&id],
-        )
-        .await
-        .map_err(unavailable)?;
-    Ok(AccountId(id))
-}
-
-/// The user with this Clerk id, if known.
-pub async fn find_user(
-    client: &impl GenericClient,
-    clerk_id: &str,
-) -> Result<Option<AccountId>, LedgerError> {
-    Ok(client
-        .query_opt("SELECT id FROM users WHERE clerk_id = $1", &[&clerk_id])
-        .await
-        .map_err(unavailable)?
-        .map(|row| AccountId(row.get(0))))
-}
-
-/// The account of a Clerk id and whether the user was deleted.
-pub async fn find_user_status(
-    client: &impl GenericClient,
-    clerk_id: &str,
-) -> Result<Option<(AccountId, bool)>, LedgerError> {
-    Ok(client
-        .query_opt(
-            "SELECT id, deleted_at IS NOT NULL FROM users WHERE clerk_id = $1",
-            &[&clerk_id],
-        )
-        .await
-        .map_err(unavailable)?
-        .map(|row| (AccountId(row.get(0)), row.get(1))))
 }
 
 /// Committed transactions, newest first, strictly before `before_seq`.

@@ -565,9 +565,14 @@ pub enum LedgerError {
     /// Same key or hold id, different content; or a hold already finished otherwise.
     #[error("{0}")]
     Conflict(String),
-    /// A reserve larger than the available amount.
+    /// A reserve larger than the available amount; the balance too, so a
+    /// refusal answers the client without asking the engine again.
     #[error("insufficient credits: {available:?} available, {required:?} required")]
-    InsufficientCredits { available: Micros, required: Micros },
+    InsufficientCredits {
+        balance: Micros,
+        available: Micros,
+        required: Micros,
+    },
     /// A reserve that would take a window's settled spend plus its active
     /// holds past the window's limit.
     #[error("{} spending limit of {limit:?} reached: {spent:?} spent, {held:?} held, {required:?} required", window.as_str())]

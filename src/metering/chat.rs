@@ -49,19 +49,25 @@ use futures_util::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::estimate::{hold_amount, prompt_tokens, streamed_usage, Prompt, StreamedText};
+use super::route::{RouteError, Router};
 use super::tokens::{Tokenizer, Tokenizers};
 use super::{SettlementSlot, Settlements};
+use crate::accounts::StoredKeys;
 use crate::config::{ChatSettings, Secret};
 use crate::ledger::{AccountId, Engine, HoldId, LedgerError, UsageCharge, UsageRecord};
 use crate::money::Micros;
 use crate::pricing::{ModelPrice, Provider, TokenUsage};
-use crate::providers::{ChatRequest, ProviderClient, ProviderError, ProviderStream, StreamUsage};
+use crate::providers::{
+    ChatMessage, ChatRequest, ProviderClient, ProviderError, ProviderStream, StreamUsage,
+};
 use crate::rate_limits::RateLimits;
 
 /// What chats need, built once at startup.
 pub struct Chats {
     pub engine: Arc<Engine>,
     pub providers: ProviderClient,
+    /// Which provider, model and key serve a chat.
+    pub router: Router,
     pub settlements: Arc<Settlements>,
     pub rate_limits: Arc<RateLimits>,
     /// The price table's tokenizers, built at startup.
@@ -80,6 +86,8 @@ pub enum ChatError {
         available: Micros,
         required: Micros,
     },
+    /// No provider, model or key can serve the chat as asked.
+    Route(RouteError),
     /// Too many chats in flight for the account.
     Refused(crate::rate_limits::Refused),
     Ledger(LedgerError),
@@ -111,14 +119,34 @@ impl From<LedgerError> for ChatError {
     }
 }
 
+impl From<RouteError> for ChatError {
+    fn from(error: RouteError) -> ChatError {
+        ChatError::Route(error)
+    }
+}
+
 impl From<crate::rate_limits::Refused> for ChatError {
     fn from(refused: crate::rate_limits::Refused) -> ChatError {
         ChatError::Refused(refused)
     }
 }
 
+/// A chat as the client asked for it, checked, before it is routed.
+pub struct ChatOrder {
+    pub account: AccountId,
+    /// The model asked for; the default (or the own key's provider's) when
+    /// `None`.
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: u32,
+    /// The user's own provider keys, sealed, as stored.
+    pub stored_keys: Arc<StoredKeys>,
+    pub conversation_id: Option<String>,
+    pub message_id: Option<String>,
+}
+
 /// One chat, routed: the provider, key and model that serve it.
-pub struct ChatCall {
+struct ChatCall {
     pub account: AccountId,
     pub provider: Provider,
     /// The price of `request.model`, looked up once; `None` on the user's
@@ -156,6 +184,27 @@ pub enum StreamEvent {
 }
 
 impl Chats {
+    /// The order routed (`Router::route`) into the call that serves it.
+    fn routed(&self, order: ChatOrder) -> Result<ChatCall, ChatError> {
+        let route = self
+            .router
+            .route(order.account, order.model.as_deref(), &order.stored_keys)?;
+        Ok(ChatCall {
+            account: order.account,
+            provider: route.provider,
+            price: route.price,
+            key: route.key,
+            request: ChatRequest {
+                model: route.model,
+                messages: order.messages,
+                max_tokens: order.max_tokens,
+            },
+            byok: route.byok,
+            conversation_id: order.conversation_id,
+            message_id: order.message_id,
+        })
+    }
+
     fn call(self: &Arc<Self>, chat: ChatCall) -> Call {
         Call {
             chats: self.clone(),
@@ -175,8 +224,8 @@ impl Chats {
 
     /// A whole answer: hold, call, then settle (or release), in a task of
     /// its own so a client that goes away never leaves a hold half-done.
-    pub async fn answer(self: &Arc<Self>, chat: ChatCall) -> Result<CompletedChat, ChatError> {
-        let call = self.call(chat);
+    pub async fn answer(self: &Arc<Self>, order: ChatOrder) -> Result<CompletedChat, ChatError> {
+        let call = self.call(self.routed(order)?);
         actix_web::rt::spawn(async move { call.hold().await?.complete().await })
             .await
             .map_err(|e| ChatError::internal("chat task", e))?
@@ -187,8 +236,9 @@ impl Chats {
     /// ordinary error: nothing was streamed yet.
     pub async fn open_stream(
         self: &Arc<Self>,
-        chat: ChatCall,
+        order: ChatOrder,
     ) -> Result<mpsc::Receiver<StreamEvent>, ChatError> {
+        let chat = self.routed(order)?;
         let (opened_tx, opened_rx) = oneshot::channel();
         let (events_tx, events_rx) = mpsc::channel(self.settings.stream_buffer_events);
         actix_web::rt::spawn(self.call(chat).stream(opened_tx, events_tx));
@@ -221,16 +271,14 @@ async fn reserve(
     match chats.engine.admit(account, hold, amount).await {
         Ok(_) => Ok(Billing { hold, prompt }),
         Err(LedgerError::InsufficientCredits {
+            balance,
             available,
             required,
-        }) => {
-            let snapshot = chats.engine.balance(account).await?;
-            Err(ChatError::InsufficientCredits {
-                balance: snapshot.balance_micros,
-                available,
-                required,
-            })
-        }
+        }) => Err(ChatError::InsufficientCredits {
+            balance,
+            available,
+            required,
+        }),
         Err(error) => Err(error.into()),
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`chat`]: a chat from the hold through the provider call to the
 //!   settlement, streamed or whole;
+//! - [`route`]: which provider, model and key serve a chat (own key first);
 //! - [`estimate`]: the prompt's tokens, the hold amount, a stream's tokens;
 //! - [`tokens`]: the providers' public tokenizers (OpenAI's tiktoken), built
 //!   once at startup;
@@ -13,10 +14,14 @@
 
 pub mod chat;
 pub mod estimate;
+pub mod route;
 pub mod settlements;
 pub mod tokens;
 pub mod usage;
 
-pub use chat::{ChatCall, ChatError, Chats, CompletedChat, StreamEvent};
+/// What a chat request is made of, as the providers take it.
+pub use crate::providers::{ChatMessage, ProviderError, Role};
+pub use chat::{ChatError, ChatOrder, Chats, CompletedChat, StreamEvent};
+pub use route::{RouteError, Router};
 pub use settlements::{SettlementSlot, Settlements};
-pub use usage::{daily_usage, DailyUsage, MAX_DAYS};
+pub use usage::{daily_usage, DailyUsage, UsageError, UsageReports, MAX_DAYS};

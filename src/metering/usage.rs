@@ -4,8 +4,8 @@
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use tokio_postgres::GenericClient;
 
-use crate::ledger::store::unavailable;
-use crate::ledger::{AccountId, LedgerError};
+use crate::db::DbError;
+use crate::ledger::AccountId;
 
 /// Longest range of the daily report, in days.
 pub const MAX_DAYS: u32 = 90;
@@ -21,6 +21,16 @@ pub(crate) mod sql {
          WHERE user_id = $1 AND created_at >= $2 AND created_at < $3
          GROUP BY day
          ORDER BY day";
+}
+
+/// Why a usage report was not read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UsageError {
+    /// The range asked for is not one the report serves (400, the field named).
+    #[error("{0}")]
+    InvalidRange(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
 }
 
 /// One UTC day of usage.
@@ -52,9 +62,9 @@ pub async fn daily_usage(
     account: AccountId,
     days: u32,
     now: DateTime<Utc>,
-) -> Result<Vec<DailyUsage>, LedgerError> {
+) -> Result<Vec<DailyUsage>, UsageError> {
     if days == 0 || days > MAX_DAYS {
-        return Err(LedgerError::InvalidRequest(format!(
+        return Err(UsageError::InvalidRange(format!(
             "field `days`: must be an integer from 1 to {MAX_DAYS}"
         )));
     }
@@ -67,7 +77,7 @@ pub async fn daily_usage(
     let rows = client
         .query(sql::DAILY_USAGE, &[&account.0, &start, &end])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     let mut report: Vec<DailyUsage> = first
         .iter_days()
         .take(days as usize)
@@ -84,4 +94,27 @@ pub async fn daily_usage(
         day.output_tokens = row.get(4);
     }
     Ok(report)
+}
+
+/// The usage reports, each read on a connection of its own.
+#[derive(Clone)]
+pub struct UsageReports {
+    pool: crate::db::Pool,
+}
+
+impl UsageReports {
+    pub fn new(pool: crate::db::Pool) -> UsageReports {
+        UsageReports { pool }
+    }
+
+    /// Spend per UTC day (see [`daily_usage`]).
+    pub async fn daily(
+        &self,
+        account: AccountId,
+        days: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DailyUsage>, UsageError> {
+        let client = crate::db::client(&self.pool).await?;
+        daily_usage(&**client, account, days, now).await
+    }
 }

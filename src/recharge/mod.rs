@@ -133,7 +133,7 @@ pub async fn switch_off(
     account: AccountId,
     reason: OffReason,
 ) -> Result<(), LedgerError> {
-    let mut client = crate::ledger::store::client(pool).await?;
+    let mut client = crate::db::client(pool).await?;
     let switched = store::switch_off(&mut client, engine, account, reason, Utc::now()).await?;
     drop(client);
     if switched {

@@ -6,8 +6,8 @@ use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use super::{month_start, CancelReason, OffReason};
+use crate::db::DbError;
 use crate::ledger::cluster::{notify_settings_changed, InstanceId};
-use crate::ledger::store::unavailable;
 use crate::ledger::{
     AccountId, AutoRechargeCanceledData, AutoRechargeDisabledData, AutoRechargeFailedData, Engine,
     EventData, EventType, LedgerError, OutgoingEvent,
@@ -26,21 +26,20 @@ pub struct AutoRechargeSettings {
 pub async fn settings(
     client: &impl GenericClient,
     account: AccountId,
-) -> Result<Option<AutoRechargeSettings>, LedgerError> {
+) -> Result<Option<AutoRechargeSettings>, DbError> {
     let row = client
         .query_opt(
             "SELECT enabled, threshold_cents, amount_cents, disabled_reason
                FROM auto_recharge_settings WHERE user_id = $1",
             &[&account.0],
         )
-        .await
-        .map_err(unavailable)?;
+        .await?;
     row.map(|row| {
         Ok(AutoRechargeSettings {
-            enabled: row.try_get(0).map_err(unavailable)?,
-            threshold_cents: row.try_get(1).map_err(unavailable)?,
-            amount_cents: row.try_get(2).map_err(unavailable)?,
-            disabled_reason: row.try_get(3).map_err(unavailable)?,
+            enabled: row.try_get(0)?,
+            threshold_cents: row.try_get(1)?,
+            amount_cents: row.try_get(2)?,
+            disabled_reason: row.try_get(3)?,
         })
     })
     .transpose()
@@ -56,7 +55,7 @@ pub async fn save_settings(
     settings: &AutoRechargeSettings,
     now: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     tx.execute(
         "INSERT INTO auto_recharge_settings
                     (user_id, enabled, threshold_cents, amount_cents, disabled_reason, updated_at)
@@ -73,10 +72,10 @@ pub async fn save_settings(
         ],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     // Other instances' copies still hold the old settings.
     notify_settings_changed(&*tx, instance, account).await?;
-    tx.commit().await.map_err(unavailable)
+    Ok(tx.commit().await.map_err(DbError::from)?)
 }
 
 /// Whether the user has a saved card.
@@ -90,9 +89,9 @@ pub async fn has_card(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     match row {
-        Some(row) => row.try_get(0).map_err(unavailable),
+        Some(row) => Ok(row.try_get(0).map_err(DbError::from)?),
         None => Err(LedgerError::AccountNotFound(account)),
     }
 }
@@ -102,14 +101,13 @@ pub async fn save_card(
     client: &impl GenericClient,
     account: AccountId,
     payment_method: &str,
-) -> Result<(), LedgerError> {
+) -> Result<(), DbError> {
     client
         .execute(
             "UPDATE users SET stripe_payment_method_id = $2 WHERE id = $1",
             &[&account.0, &payment_method],
         )
-        .await
-        .map_err(unavailable)?;
+        .await?;
     Ok(())
 }
 
@@ -118,16 +116,15 @@ pub async fn month_total_cents(
     client: &impl GenericClient,
     account: AccountId,
     now: DateTime<Utc>,
-) -> Result<i64, LedgerError> {
+) -> Result<i64, DbError> {
     let row = client
         .query_one(
             "SELECT COALESCE(SUM(amount_cents), 0)::int8 FROM auto_recharge_attempts
               WHERE user_id = $1 AND status = 'SUCCEEDED' AND created_at >= $2",
             &[&account.0, &month_start(now)],
         )
-        .await
-        .map_err(unavailable)?;
-    row.try_get(0).map_err(unavailable)
+        .await?;
+    Ok(row.try_get(0)?)
 }
 
 /// Marks an attempt paid (once; `false` when it had already succeeded).
@@ -148,7 +145,7 @@ pub async fn succeed(
             &[&attempt, &payment_intent, &now],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(updated == 1)
 }
 
@@ -164,7 +161,7 @@ pub async fn fail(
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<bool, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     let ended = tx
         .query_opt(
             "UPDATE auto_recharge_attempts
@@ -174,18 +171,18 @@ pub async fn fail(
             &[&attempt, &account.0, &reason, &now],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     let Some(ended) = ended else {
         return Ok(false);
     };
-    let amount_cents: i64 = ended.try_get(0).map_err(unavailable)?;
+    let amount_cents: i64 = ended.try_get(0).map_err(DbError::from)?;
     tx.execute(
         "UPDATE auto_recharge_settings SET enabled = false, disabled_reason = $2, updated_at = $3
           WHERE user_id = $1",
         &[&account.0, &reason, &now],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     let events = [
         (
             EventType::AutoRechargeFailed,
@@ -204,7 +201,7 @@ pub async fn fail(
         ),
     ];
     insert_events(engine, &tx, account, &events, now).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(true)
 }
 
@@ -242,17 +239,17 @@ pub async fn switch_off(
     reason: OffReason,
     now: DateTime<Utc>,
 ) -> Result<bool, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     let was_on = tx
         .query_opt(
             "SELECT enabled FROM auto_recharge_settings WHERE user_id = $1 FOR UPDATE",
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .map(|row| row.try_get::<_, bool>(0))
         .transpose()
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .unwrap_or(false);
     // A reason that forgets the card also names why auto-recharge cannot
     // be on, even when its owner had already switched it off.
@@ -263,7 +260,7 @@ pub async fn switch_off(
             &[&account.0, &reason.as_str(), &now],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     }
     if reason.forgets_card() {
         tx.execute(
@@ -272,7 +269,7 @@ pub async fn switch_off(
             &[&account.0, &now],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     }
     if was_on {
         let event = (
@@ -284,7 +281,7 @@ pub async fn switch_off(
         );
         insert_events(engine, &tx, account, &[event], now).await?;
     }
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(was_on)
 }
 
@@ -304,11 +301,11 @@ pub async fn attempt_of_payment(
             &[&payment_intent, &attempt],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     row.map(|row| {
         Ok((
-            AccountId(row.try_get(0).map_err(unavailable)?),
-            row.try_get(1).map_err(unavailable)?,
+            AccountId(row.try_get(0).map_err(DbError::from)?),
+            row.try_get(1).map_err(DbError::from)?,
         ))
     })
     .transpose()
@@ -348,15 +345,15 @@ pub async fn due(
             &[&now, &limit],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     rows.iter()
         .map(|row| {
             Ok(Due {
-                attempt: row.try_get(0).map_err(unavailable)?,
-                account: AccountId(row.try_get(1).map_err(unavailable)?),
-                amount_cents: row.try_get(2).map_err(unavailable)?,
-                created_at: row.try_get(3).map_err(unavailable)?,
-                tries: u32::try_from(row.try_get::<_, i32>(4).map_err(unavailable)?).unwrap_or(0),
+                attempt: row.try_get(0).map_err(DbError::from)?,
+                account: AccountId(row.try_get(1).map_err(DbError::from)?),
+                amount_cents: row.try_get(2).map_err(DbError::from)?,
+                created_at: row.try_get(3).map_err(DbError::from)?,
+                tries: u32::try_from(row.try_get::<_, i32>(4).map_err(DbError::from)?).unwrap_or(0),
             })
         })
         .collect()
@@ -412,7 +409,7 @@ pub async fn next_step(
     rules: Rules,
     now: DateTime<Utc>,
 ) -> Result<Next, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     tx.execute(
         "INSERT INTO auto_recharge_attempts (id, user_id, amount_cents, created_at, payment_method_id)
          SELECT $1, $2, $3, $4, u.stripe_payment_method_id FROM users u WHERE u.id = $2
@@ -420,7 +417,7 @@ pub async fn next_step(
         &[&due.attempt, &due.account.0, &due.amount_cents, &due.created_at],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     let Some(checked) = check(&*tx, due.attempt).await? else {
         tracing::warn!(attempt = %due.attempt, account = due.account.0,
             "auto-recharge attempt not taken: another attempt of the account is pending");
@@ -441,11 +438,11 @@ pub async fn next_step(
                 &[&due.attempt, &(now + rules.retry_in), &checked.user_card],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(DbError::from)?;
         }
         Next::NoCard | Next::Nothing => {}
     }
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(next)
 }
 
@@ -462,15 +459,15 @@ async fn check(tx: &impl GenericClient, attempt: Uuid) -> Result<Option<Checked>
             &[&attempt],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     row.map(|row| {
         Ok(Checked {
-            status: row.try_get(0).map_err(unavailable)?,
-            card: row.try_get(1).map_err(unavailable)?,
-            deleted: row.try_get(2).map_err(unavailable)?,
-            enabled: row.try_get(3).map_err(unavailable)?,
-            customer: row.try_get(4).map_err(unavailable)?,
-            user_card: row.try_get(5).map_err(unavailable)?,
+            status: row.try_get(0).map_err(DbError::from)?,
+            card: row.try_get(1).map_err(DbError::from)?,
+            deleted: row.try_get(2).map_err(DbError::from)?,
+            enabled: row.try_get(3).map_err(DbError::from)?,
+            customer: row.try_get(4).map_err(DbError::from)?,
+            user_card: row.try_get(5).map_err(DbError::from)?,
         })
     })
     .transpose()
@@ -506,9 +503,9 @@ async fn decide(
             &[&due.account.0, &month_start(now), &due.attempt],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .try_get(0)
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     if succeeded.saturating_add(due.amount_cents) > rules.monthly_max_cents {
         return Ok(Next::Canceled(CancelReason::MonthlyCap));
     }
@@ -536,7 +533,7 @@ async fn cancel(
         &[&due.attempt, &reason.as_str(), &now],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     let event = (
         EventType::AutoRechargeCanceled,
         EventData::AutoRechargeCanceled(AutoRechargeCanceledData {
@@ -556,7 +553,7 @@ pub async fn cancel_not_found(
     due: &Due,
     now: DateTime<Utc>,
 ) -> Result<bool, LedgerError> {
-    let tx = client.transaction().await.map_err(unavailable)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
     let Some(checked) = check(&*tx, due.attempt).await? else {
         return Ok(false);
     };
@@ -564,7 +561,7 @@ pub async fn cancel_not_found(
         return Ok(false);
     }
     cancel(engine, &tx, due, CancelReason::TimedOut, now).await?;
-    tx.commit().await.map_err(unavailable)?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(true)
 }
 
@@ -582,6 +579,78 @@ pub async fn submitted(
             &[&attempt, &payment_intent],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok(())
+}
+
+/// The user's auto-recharge as its page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsPage {
+    /// `None` until the user saved settings once.
+    pub settings: Option<AutoRechargeSettings>,
+    pub has_card: bool,
+    /// Auto-recharged this calendar month (UTC), in cents.
+    pub month_total_cents: i64,
+}
+
+/// Whether settings were saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Saved,
+    /// Enabling needs a card saved by a top-up: nothing was written.
+    NeedsCard,
+}
+
+/// The users' auto-recharge settings, read and written on connections of
+/// their own (the edge holds no pool).
+#[derive(Clone)]
+pub struct AutoRecharges {
+    pool: crate::db::Pool,
+    engine: std::sync::Arc<Engine>,
+}
+
+impl AutoRecharges {
+    pub fn new(pool: crate::db::Pool, engine: std::sync::Arc<Engine>) -> AutoRecharges {
+        AutoRecharges { pool, engine }
+    }
+
+    /// The user's settings, whether a card is saved, this month's total.
+    pub async fn page(
+        &self,
+        account: AccountId,
+        now: DateTime<Utc>,
+    ) -> Result<SettingsPage, LedgerError> {
+        let client = crate::db::client(&self.pool).await?;
+        Ok(SettingsPage {
+            settings: settings(&**client, account).await?,
+            has_card: has_card(&**client, account).await?,
+            month_total_cents: month_total_cents(&**client, account, now).await?,
+        })
+    }
+
+    /// Saves the user's settings; enabling without a saved card writes
+    /// nothing (`NeedsCard`). The account's actor learns them from the
+    /// caller (`Engine::set_auto_recharge`).
+    pub async fn save(
+        &self,
+        account: AccountId,
+        settings: &AutoRechargeSettings,
+        now: DateTime<Utc>,
+    ) -> Result<Saved, LedgerError> {
+        let mut client = crate::db::client(&self.pool).await?;
+        if settings.enabled && !has_card(&**client, account).await? {
+            return Ok(Saved::NeedsCard);
+        }
+        save_settings(&mut client, self.engine.instance(), account, settings, now).await?;
+        Ok(Saved::Saved)
+    }
+
+    /// Switches the account's auto-recharge off (see `recharge::switch_off`).
+    pub async fn switch_off(
+        &self,
+        account: AccountId,
+        reason: OffReason,
+    ) -> Result<(), LedgerError> {
+        super::switch_off(&self.pool, &self.engine, account, reason).await
+    }
 }

@@ -13,7 +13,7 @@ use chrono::Utc;
 use super::store::{self, Due, Next, Rules};
 use super::{AttemptEnd, CancelReason};
 use crate::db::singleton::{Election, Singleton};
-use crate::ledger::store::unavailable;
+use crate::db::DbError;
 use crate::ledger::{Engine, LedgerError};
 use crate::stripe::client::OffSessionPayment;
 use crate::stripe::StripeApi;
@@ -86,7 +86,7 @@ async fn round(
     settings: &WorkerSettings,
 ) -> Result<(), LedgerError> {
     let due = {
-        let client = pool.get().await.map_err(unavailable)?;
+        let client = pool.get().await.map_err(DbError::from)?;
         store::due(&**client, Utc::now(), ROUND).await?
     };
     for due in due {
@@ -106,7 +106,7 @@ async fn pay(
     settings: &WorkerSettings,
     due: &Due,
 ) -> Result<(), LedgerError> {
-    let mut client = pool.get().await.map_err(unavailable)?;
+    let mut client = pool.get().await.map_err(DbError::from)?;
     let rules = settings.rules(due.tries);
     match store::next_step(&mut client, engine, due, rules, Utc::now()).await? {
         Next::Send {

@@ -23,7 +23,7 @@ use serde_json::json;
 use tokio_postgres::GenericClient;
 
 use super::{posted, Bonus, Paying, Side};
-use crate::ledger::store::{self, unavailable};
+use crate::db::{self, DbError};
 use crate::ledger::{AccountId, Engine, IdempotencyKey, LedgerError, Posting, TransactionType};
 use crate::money::Micros;
 
@@ -174,12 +174,12 @@ pub async fn follow_paying_topup(
     payment_intent: &str,
 ) -> Result<(), LedgerError> {
     let referral = {
-        let mut client = store::client(pool).await?;
-        let tx = client.transaction().await.map_err(unavailable)?;
+        let mut client = db::client(pool).await?;
+        let tx = client.transaction().await.map_err(DbError::from)?;
         let Some(row) = tx
             .query_opt(sql::LOCK, &[&referred.0])
             .await
-            .map_err(unavailable)?
+            .map_err(DbError::from)?
         else {
             return Ok(());
         };
@@ -205,7 +205,7 @@ pub async fn follow_paying_topup(
             now,
         )
         .await?;
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(DbError::from)?;
         referral
     };
     post_steps(pool, engine, &referral).await
@@ -225,7 +225,7 @@ pub(super) async fn advance(
     let row = tx
         .query_one(sql::MONEY, &[&referral.referred.0, &payment_intent])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     let money = Money {
         topup: Micros::new(row.get(0)),
         refunded: Micros::new(row.get(1)),
@@ -258,10 +258,10 @@ pub(super) async fn advance(
         ],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(DbError::from)?;
     tx.execute(sql::COUNT_STEPS, &[&referral.referred.0, &step])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     tracing::info!(
         referred = referral.referred.0,
         step,
@@ -281,7 +281,7 @@ async fn credit(
     Ok(tx
         .query_opt(sql::CREDIT, &[&account.0, &key, &now])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .map(|row| (Micros::new(row.get(0)), row.get(1))))
 }
 
@@ -293,7 +293,7 @@ async fn step_amounts(
     let row = tx
         .query_one(sql::STEP_AMOUNTS, &[&referred.0, &step])
         .await
-        .map_err(unavailable)?;
+        .map_err(DbError::from)?;
     Ok([Micros::new(row.get(0)), Micros::new(row.get(1))])
 }
 
@@ -338,11 +338,11 @@ pub(super) async fn post_steps(
     referral: &Paying,
 ) -> Result<(), LedgerError> {
     let steps = {
-        let client = store::client(pool).await?;
+        let client = db::client(pool).await?;
         client
             .query(sql::STEPS, &[&referral.referred.0])
             .await
-            .map_err(unavailable)?
+            .map_err(DbError::from)?
             .iter()
             .map(|row| {
                 let reason: String = row.get(1);
@@ -379,7 +379,7 @@ async fn post_step(
     let now = engine.clock().now();
     // Given back, the bonus lasts as long as it was to last.
     let expires_at = if step.gives_back() {
-        let client = store::client(pool).await?;
+        let client = db::client(pool).await?;
         credit(&**client, account, &side.bonus_key(referral), now)
             .await?
             .and_then(|(_, expires_at)| expires_at)

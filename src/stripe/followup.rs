@@ -36,8 +36,8 @@ use uuid::Uuid;
 use super::StripeApi;
 use crate::config::StripeSettings;
 use crate::db::singleton::{Election, Singleton};
-use crate::ledger::store::unavailable;
-use crate::ledger::{AccountId, LedgerError, TransactionRecord};
+use crate::db::DbError;
+use crate::ledger::{AccountId, TransactionRecord};
 
 mod sql {
     /// The open jobs (neither done nor given up) due at $1, oldest due first.
@@ -129,11 +129,8 @@ pub async fn of_account(
     client: &impl GenericClient,
     account: AccountId,
     limit: i64,
-) -> Result<Vec<FollowUpView>, LedgerError> {
-    let rows = client
-        .query(sql::OF_ACCOUNT, &[&account.0, &limit])
-        .await
-        .map_err(unavailable)?;
+) -> Result<Vec<FollowUpView>, DbError> {
+    let rows = client.query(sql::OF_ACCOUNT, &[&account.0, &limit]).await?;
     rows.iter()
         .map(|row| {
             let failed_at: Option<DateTime<Utc>> = row.try_get(6)?;
@@ -154,7 +151,7 @@ pub async fn of_account(
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(unavailable)
+        .map_err(DbError::from)
 }
 
 /// Whether a top-up's row still waits for its invoice link: it names an
@@ -224,13 +221,12 @@ impl Worker {
     }
 
     /// Runs the due jobs, up to `followup_batch`; returns how many.
-    async fn round(&self) -> Result<usize, LedgerError> {
-        let client = crate::ledger::store::client(&self.pool).await?;
+    async fn round(&self) -> Result<usize, DbError> {
+        let client = crate::db::client(&self.pool).await?;
         let open: i64 = client
             .query_one(sql::OPEN_COUNT, &[])
             .await
-            .and_then(|row| row.try_get(0))
-            .map_err(unavailable)?;
+            .and_then(|row| row.try_get(0))?;
         metrics::gauge!(crate::telemetry::TOPUP_FOLLOWUPS_PENDING.name).set(open as f64);
         let due = due(
             &**client,
@@ -249,7 +245,7 @@ impl Worker {
 
     /// One attempt at a job: both reads from Stripe, then what they gave
     /// written and the job marked done, or failed.
-    async fn follow_up(&self, job: Job) -> Result<(), LedgerError> {
+    async fn follow_up(&self, job: Job) -> Result<(), DbError> {
         let card = match job.payment_intent.as_deref() {
             Some(payment_intent) => self.api.payment_method_of(payment_intent).await,
             None => Ok(None),
@@ -258,7 +254,7 @@ impl Worker {
             Some(invoice) => Some((invoice, self.api.retrieve_invoice(invoice).await)),
             None => None,
         };
-        let client = crate::ledger::store::client(&self.pool).await?;
+        let client = crate::db::client(&self.pool).await?;
         let mut failures = Vec::new();
         match card {
             Ok(Some(payment_method)) => keep_card(&**client, &job, &payment_method).await?,
@@ -272,10 +268,7 @@ impl Worker {
         }
         let now = Utc::now();
         if failures.is_empty() {
-            client
-                .execute(sql::DONE, &[&job.transaction, &now])
-                .await
-                .map_err(unavailable)?;
+            client.execute(sql::DONE, &[&job.transaction, &now]).await?;
             metrics::counter!(crate::telemetry::TOPUP_FOLLOWUPS_DONE_TOTAL.name).increment(1);
             return Ok(());
         }
@@ -289,7 +282,7 @@ impl Worker {
         job: &Job,
         error: &str,
         now: DateTime<Utc>,
-    ) -> Result<(), LedgerError> {
+    ) -> Result<(), DbError> {
         let attempts = job.attempts.saturating_add(1);
         let given_up = i64::from(attempts) >= i64::from(self.settings.followup_attempts_max);
         let next = chrono::Duration::from_std(backoff(&self.settings, attempts))
@@ -302,8 +295,7 @@ impl Worker {
                 sql::ATTEMPT_FAILED,
                 &[&job.transaction, &attempts, &error, &next, &failed_at],
             )
-            .await
-            .map_err(unavailable)?;
+            .await?;
         metrics::counter!(crate::telemetry::TOPUP_FOLLOWUP_FAILURES_TOTAL.name).increment(1);
         if given_up {
             metrics::counter!(crate::telemetry::TOPUP_FOLLOWUPS_FAILED_TOTAL.name).increment(1);
@@ -326,12 +318,11 @@ async fn keep_card(
     client: &impl GenericClient,
     job: &Job,
     payment_method: &str,
-) -> Result<(), LedgerError> {
+) -> Result<(), DbError> {
     let newer_done: bool = client
         .query_one(sql::NEWER_DONE, &[&job.account.0, &job.seq])
         .await
-        .and_then(|row| row.try_get(0))
-        .map_err(unavailable)?;
+        .and_then(|row| row.try_get(0))?;
     if newer_done {
         return Ok(());
     }
@@ -341,8 +332,7 @@ async fn keep_card(
             &[&job.account.0, &job.transaction],
         )
         .await
-        .and_then(|row| row.try_get(0))
-        .map_err(unavailable)?;
+        .and_then(|row| row.try_get(0))?;
     if forgotten {
         tracing::info!(account = job.account.0, transaction = %job.transaction,
             "top-up's card not saved: a dispute or the account's deletion forgot it since");
@@ -359,7 +349,7 @@ async fn keep_invoice(
     job: &Job,
     invoice: &str,
     found: Option<super::events::Invoice>,
-) -> Result<(), LedgerError> {
+) -> Result<(), DbError> {
     let link = match found {
         Some(found) => json!({
             "invoiceId": found.id,
@@ -374,8 +364,7 @@ async fn keep_invoice(
     };
     client
         .execute(sql::KEEP_INVOICE, &[&job.transaction, &link])
-        .await
-        .map_err(unavailable)?;
+        .await?;
     Ok(())
 }
 
@@ -384,11 +373,8 @@ async fn due(
     client: &impl GenericClient,
     now: DateTime<Utc>,
     limit: i64,
-) -> Result<Vec<Job>, LedgerError> {
-    let rows = client
-        .query(sql::DUE, &[&now, &limit])
-        .await
-        .map_err(unavailable)?;
+) -> Result<Vec<Job>, DbError> {
+    let rows = client.query(sql::DUE, &[&now, &limit]).await?;
     rows.iter()
         .map(|row| {
             Ok(Job {
@@ -402,7 +388,7 @@ async fn due(
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(unavailable)
+        .map_err(DbError::from)
 }
 
 #[cfg(test)]

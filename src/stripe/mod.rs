@@ -25,8 +25,12 @@ pub enum StripeError {
     NotCreditedYet(&'static str),
     #[error(transparent)]
     Call(#[from] StripeCallError),
+    /// The engine refused or could not post an effect.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// A read or write of creditd's own tables failed.
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
 }
 
 use crate::ledger::LedgerError;

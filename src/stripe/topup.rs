@@ -5,7 +5,8 @@ use deadpool_postgres::Pool;
 
 use super::{StripeApi, StripeError, TopupSession};
 use crate::accounts::{users, ClerkUserId};
-use crate::ledger::{store, AccountId, LedgerError};
+use crate::db;
+use crate::ledger::{AccountId, LedgerError};
 
 /// A Stripe customer id (`cus_…`): the one stored for an account, or the
 /// one Stripe just created for it.
@@ -46,7 +47,7 @@ async fn customer_of(
     account: AccountId,
     clerk_id: &ClerkUserId,
 ) -> Result<CustomerId, StripeError> {
-    let client = store::client(pool).await?;
+    let client = db::client(pool).await?;
     let fields = users::customer_fields(&**client, account).await?;
     if let Some(customer) = fields.customer_id {
         return Ok(CustomerId(customer));
@@ -60,7 +61,7 @@ async fn customer_of(
             fields.name.as_deref(),
         )
         .await?;
-    let client = store::client(pool).await?;
+    let client = db::client(pool).await?;
     if users::store_customer(&**client, account, &created).await? {
         return Ok(CustomerId(created));
     }
@@ -73,4 +74,38 @@ async fn customer_of(
         tracing::warn!(account = account.0, %created, %stored, "a second Stripe customer was created; the stored one is kept");
     }
     Ok(CustomerId(stored))
+}
+
+/// Top-ups as the edge asks for them: a Checkout Session to pay one, and
+/// the follow-ups of those paid (card saved, invoice link read).
+#[derive(Clone)]
+pub struct TopUps {
+    pool: Pool,
+}
+
+impl TopUps {
+    pub fn new(pool: Pool) -> TopUps {
+        TopUps { pool }
+    }
+
+    /// Opens a Checkout Session for a top-up of `amount_cents` (see
+    /// [`open_session`]).
+    pub async fn open_session(
+        &self,
+        api: &StripeApi,
+        account: AccountId,
+        clerk_id: &ClerkUserId,
+        amount_cents: i64,
+    ) -> Result<TopupSession, StripeError> {
+        open_session(api, &self.pool, account, clerk_id, amount_cents).await
+    }
+
+    /// The account's follow-ups not done yet, newest first.
+    pub async fn follow_ups(
+        &self,
+        account: AccountId,
+        limit: i64,
+    ) -> Result<Vec<super::followup::FollowUpView>, db::DbError> {
+        super::followup::of_account(&**db::client(&self.pool).await?, account, limit).await
+    }
 }

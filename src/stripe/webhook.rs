@@ -6,6 +6,8 @@
 //! from Stripe's ids, so a replayed or concurrent delivery cannot apply
 //! twice.
 
+use std::sync::Arc;
+
 use super::metadata::{MetadataError, PaymentKind, PaymentMetadata};
 use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
@@ -17,12 +19,12 @@ use super::events::{
 use super::{StripeApi, StripeError};
 use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
 use crate::config::StripeSettings;
-use crate::ledger::store::{self, unavailable};
+use crate::db::{self, DbError};
 use crate::ledger::{
     AccountId, ClawbackRequest, Engine, IdempotencyKey, LedgerError, Posting, TransactionType,
 };
 use crate::money::Micros;
-use crate::webhooks::WebhookOutcome;
+use crate::webhooks::{Effect, WebhookOutcome};
 
 /// The event types creditd handles, as counted.
 pub const HANDLED: &[&str] = &[
@@ -46,15 +48,15 @@ mod sql {
           LIMIT 1";
 }
 
-/// What the effects of an event need.
-pub struct StripeEffects<'a> {
-    pub settings: &'a StripeSettings,
+/// What the effects of an event need, built once at startup.
+pub struct StripeEffects {
+    pub settings: StripeSettings,
     /// The referral bonus a first paid top-up pays.
     pub referral_bonus: crate::referrals::Bonus,
-    pub engine: &'a Engine,
-    pub pool: &'a Pool,
+    pub engine: Arc<Engine>,
+    pub pool: Pool,
     /// `None` when `stripe.secret_key` is not set.
-    pub api: Option<&'a StripeApi>,
+    pub api: Option<Arc<StripeApi>>,
 }
 
 /// The events creditd acts on, read from the envelope by type; any other
@@ -120,15 +122,21 @@ impl StripeEvent {
         })
     }
 
-    /// Applies the event.
-    pub async fn apply(self, effects: &StripeEffects<'_>) -> Result<WebhookOutcome, StripeError> {
-        match self {
+    /// Applies the event: everything but a subscription's plan goes
+    /// through the ledger engine (idempotent by the Stripe object's key)
+    /// and is done when this returns; the plan is written in the inbox's
+    /// transaction, with the event's id.
+    pub async fn apply(
+        self,
+        effects: &StripeEffects,
+    ) -> Result<Effect<WebhookOutcome, StripeError>, StripeError> {
+        let outcome = match self {
             StripeEvent::Checkout(session) => checkout(effects, session).await,
             StripeEvent::Subscription {
                 subscription: paid,
                 deleted,
                 created,
-            } => subscription(effects, paid, deleted, created).await,
+            } => return subscription(&effects.settings, paid, deleted, created),
             StripeEvent::Refund(charge) => {
                 refund_stops_auto_recharge(effects, &charge).await?;
                 refund(effects, charge).await
@@ -145,7 +153,8 @@ impl StripeEvent {
                 auto_recharge(effects, intent, succeeded).await
             }
             StripeEvent::Unknown => Ok(WebhookOutcome::Ignored),
-        }
+        };
+        Ok(Effect::Applied(outcome?))
     }
 }
 
@@ -224,7 +233,7 @@ fn applied(
 /// redelivery) collapse into one credit. Nothing here waits for Stripe's
 /// API: the card and the invoice link follow (`super::followup`).
 async fn checkout(
-    effects: &StripeEffects<'_>,
+    effects: &StripeEffects,
     session: CheckoutSession,
 ) -> Result<WebhookOutcome, StripeError> {
     if PaymentKind::of(&session.metadata) != Some(PaymentKind::CreditTopup) {
@@ -234,7 +243,7 @@ async fn checkout(
         return Ok(WebhookOutcome::AwaitingPayment);
     }
     if currency_mismatch(
-        effects.settings,
+        &effects.settings,
         session.currency.as_deref(),
         "checkout_session",
         &session.id,
@@ -291,8 +300,8 @@ async fn checkout(
             payment_intent: session.payment_intent.as_deref(),
         };
         crate::referrals::reward_after_topup(
-            effects.pool,
-            effects.engine,
+            &effects.pool,
+            &effects.engine,
             effects.referral_bonus,
             account,
             topup,
@@ -307,7 +316,7 @@ async fn checkout(
 /// it and switches auto-recharge off. Any other PaymentIntent (a top-up's,
 /// paid through Checkout) is the Checkout Session's business.
 async fn auto_recharge(
-    effects: &StripeEffects<'_>,
+    effects: &StripeEffects,
     intent: PaymentIntent,
     succeeded: bool,
 ) -> Result<WebhookOutcome, StripeError> {
@@ -335,10 +344,10 @@ async fn auto_recharge(
             .last_payment_error
             .and_then(|error| error.code)
             .unwrap_or_else(|| "payment_failed".into());
-        let mut client = store::client(effects.pool).await?;
+        let mut client = db::client(&effects.pool).await.map_err(LedgerError::from)?;
         let ended = crate::recharge::store::fail(
             &mut client,
-            effects.engine,
+            &effects.engine,
             account,
             attempt,
             &reason,
@@ -358,7 +367,7 @@ async fn auto_recharge(
         return Ok(WebhookOutcome::Applied);
     }
     if currency_mismatch(
-        effects.settings,
+        &effects.settings,
         intent.currency.as_deref(),
         "payment_intent",
         &intent.id,
@@ -387,7 +396,7 @@ async fn auto_recharge(
     if outcome == WebhookOutcome::UnknownAccount {
         return Ok(outcome);
     }
-    let client = store::client(effects.pool).await?;
+    let client = db::client(&effects.pool).await.map_err(LedgerError::from)?;
     crate::recharge::store::succeed(&**client, attempt, &intent.id, now).await?;
     drop(client);
     effects
@@ -402,14 +411,14 @@ async fn auto_recharge(
 /// not want that charge, and spending on must not start the next one
 /// until they turn it on again. Any other refund leaves it alone.
 async fn refund_stops_auto_recharge(
-    effects: &StripeEffects<'_>,
+    effects: &StripeEffects,
     charge: &Charge,
 ) -> Result<(), StripeError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
         return Ok(());
     };
     let attempt = PaymentMetadata::attempt_of(&charge.metadata);
-    let client = store::client(effects.pool).await?;
+    let client = db::client(&effects.pool).await.map_err(LedgerError::from)?;
     let paid =
         crate::recharge::store::attempt_of_payment(&**client, payment_intent, attempt).await?;
     drop(client);
@@ -423,16 +432,16 @@ async fn refund_stops_auto_recharge(
 /// event does: a disputed card is the mark of a card used without its
 /// owner's consent, never to be charged again by itself.
 async fn dispute_stops_auto_recharge(
-    effects: &StripeEffects<'_>,
+    effects: &StripeEffects,
     dispute: &Dispute,
 ) -> Result<(), StripeError> {
     let Some(payment_intent) = dispute.payment_intent.as_deref() else {
         return Ok(());
     };
-    let account = match topup_account(effects.pool, payment_intent).await? {
+    let account = match topup_account(&effects.pool, payment_intent).await? {
         Some(account) => Some(account),
         None => {
-            let client = store::client(effects.pool).await?;
+            let client = db::client(&effects.pool).await.map_err(LedgerError::from)?;
             crate::recharge::store::attempt_of_payment(&**client, payment_intent, None)
                 .await?
                 .map(|(account, _)| account)
@@ -444,12 +453,12 @@ async fn dispute_stops_auto_recharge(
 /// Switches auto-recharge off for `reason` on the account a payment was
 /// found to belong to, if any.
 async fn switch_off(
-    effects: &StripeEffects<'_>,
+    effects: &StripeEffects,
     account: Option<AccountId>,
     reason: crate::recharge::OffReason,
 ) -> Result<(), StripeError> {
     if let Some(account) = account {
-        crate::recharge::switch_off(effects.pool, effects.engine, account, reason).await?;
+        crate::recharge::switch_off(&effects.pool, &effects.engine, account, reason).await?;
     }
     Ok(())
 }
@@ -460,13 +469,12 @@ async fn switch_off(
 /// Stripe delivers events out of order: an event older than the one that
 /// last set the plan changes nothing, and the deletion of a subscription
 /// that is no longer the user's current one leaves the current one alone.
-async fn subscription(
-    effects: &StripeEffects<'_>,
+fn subscription(
+    settings: &StripeSettings,
     subscription: Subscription,
     deleted: bool,
     event_created: i64,
-) -> Result<WebhookOutcome, StripeError> {
-    let settings = effects.settings;
+) -> Result<Effect<WebhookOutcome, StripeError>, StripeError> {
     let price = subscription
         .items
         .data
@@ -488,23 +496,26 @@ async fn subscription(
     };
     let event_at = chrono::DateTime::from_timestamp(event_created, 0)
         .ok_or_else(|| StripeError::Invalid("created: not a timestamp".into()))?;
-    let client = store::client(effects.pool).await?;
-    let change = PlanChange {
-        customer_id: &subscription.customer,
-        plan,
-        current_subscription_id: (!deleted).then_some(subscription.id.as_str()),
-        subscription_id: &subscription.id,
-        deleted,
-        event_at,
-    };
-    Ok(match users::set_plan(&**client, change).await? {
-        PlanSet::Applied => WebhookOutcome::Applied,
-        PlanSet::Superseded => WebhookOutcome::Superseded,
-        PlanSet::UnknownCustomer => {
-            tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
-            WebhookOutcome::UnknownAccount
-        }
-    })
+    Ok(Effect::Writes(Box::new(move |tx| {
+        Box::pin(async move {
+            let change = PlanChange {
+                customer_id: &subscription.customer,
+                plan,
+                current_subscription_id: (!deleted).then_some(subscription.id.as_str()),
+                subscription_id: &subscription.id,
+                deleted,
+                event_at,
+            };
+            Ok(match users::set_plan(tx, change).await? {
+                PlanSet::Applied => WebhookOutcome::Applied,
+                PlanSet::Superseded => WebhookOutcome::Superseded,
+                PlanSet::UnknownCustomer => {
+                    tracing::warn!(customer = %subscription.customer, "subscription of a customer creditd does not know");
+                    WebhookOutcome::UnknownAccount
+                }
+            })
+        })
+    })))
 }
 
 /// The account whose top-up this payment intent paid, if any.
@@ -512,11 +523,11 @@ async fn topup_account(
     pool: &Pool,
     payment_intent: &str,
 ) -> Result<Option<AccountId>, LedgerError> {
-    let client = store::client(pool).await?;
+    let client = db::client(pool).await.map_err(LedgerError::from)?;
     Ok(client
         .query_opt(sql::TOPUP_ACCOUNT, &[&payment_intent])
         .await
-        .map_err(unavailable)?
+        .map_err(DbError::from)?
         .map(|row| AccountId(row.get(0))))
 }
 
@@ -530,22 +541,19 @@ async fn topup_account(
 /// `stripe:charge:<id>:refunded:<cumulative cents>`: one state of the
 /// charge, applied once; a redelivery, or an older event arriving after a
 /// newer one, finds nothing left to claw back.
-async fn refund(
-    effects: &StripeEffects<'_>,
-    charge: Charge,
-) -> Result<WebhookOutcome, StripeError> {
+async fn refund(effects: &StripeEffects, charge: Charge) -> Result<WebhookOutcome, StripeError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
         return Ok(WebhookOutcome::NotATopup);
     };
     if currency_mismatch(
-        effects.settings,
+        &effects.settings,
         Some(&charge.currency),
         "charge",
         &charge.id,
     ) {
         return Ok(WebhookOutcome::CurrencyMismatch);
     }
-    let Some(account) = topup_account(effects.pool, payment_intent).await? else {
+    let Some(account) = topup_account(&effects.pool, payment_intent).await? else {
         if PaymentKind::of(&charge.metadata).is_some() {
             // A top-up whose credit has not landed yet (its checkout or
             // payment event is still being retried): the refund must wait.
@@ -583,8 +591,8 @@ async fn refund(
     }?;
     // The referral bonuses this top-up paid follow its money.
     crate::referrals::follow_paying_topup(
-        effects.pool,
-        effects.engine,
+        &effects.pool,
+        &effects.engine,
         effects.referral_bonus,
         account,
         payment_intent,
@@ -628,7 +636,7 @@ fn dispute_noted(dispute: Dispute) -> WebhookOutcome {
 /// `stripe:dispute:<id>:reinstated`. A dispute of a top-up not credited
 /// yet answers 503, so Stripe retries it after the credit.
 async fn dispute_funds(
-    effects: &StripeEffects<'_>,
+    effects: &StripeEffects,
     dispute: Dispute,
     funds: Funds,
 ) -> Result<WebhookOutcome, StripeError> {
@@ -640,14 +648,14 @@ async fn dispute_funds(
         return Ok(WebhookOutcome::Inquiry);
     }
     if currency_mismatch(
-        effects.settings,
+        &effects.settings,
         Some(&dispute.currency),
         "dispute",
         &dispute.id,
     ) {
         return Ok(WebhookOutcome::CurrencyMismatch);
     }
-    let Some(account) = topup_account(effects.pool, payment_intent).await? else {
+    let Some(account) = topup_account(&effects.pool, payment_intent).await? else {
         return unknown_dispute_payment(effects, &dispute, payment_intent).await;
     };
     let amount = cents(dispute.amount, "amount")?;
@@ -672,8 +680,8 @@ async fn dispute_funds(
     let outcome = applied(result, "dispute")?;
     // The referral bonuses this top-up paid follow its money.
     crate::referrals::follow_paying_topup(
-        effects.pool,
-        effects.engine,
+        &effects.pool,
+        &effects.engine,
         effects.referral_bonus,
         account,
         payment_intent,
@@ -685,11 +693,11 @@ async fn dispute_funds(
 /// A dispute of a payment creditd credited nothing for: a top-up whose
 /// credit has not landed yet (503: Stripe retries it), or no top-up.
 async fn unknown_dispute_payment(
-    effects: &StripeEffects<'_>,
+    effects: &StripeEffects,
     dispute: &Dispute,
     payment_intent: &str,
 ) -> Result<WebhookOutcome, StripeError> {
-    let Some(api) = effects.api else {
+    let Some(api) = effects.api.as_deref() else {
         tracing::warn!(dispute = %dispute.id, "dispute of a payment that credited nothing (Stripe API not configured to check it); ignored");
         return Ok(WebhookOutcome::NotATopup);
     };

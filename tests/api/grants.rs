@@ -8,8 +8,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use creditd::clock::Clock;
 use creditd::config::Settings;
 use creditd::ledger::{
-    store, AccountId, Engine, GrantKind, GrantSpend, HoldId, LedgerError, Posting, TransactionType,
-    UsageCharge,
+    usages_page, AccountId, Engine, GrantKind, GrantSpend, HoldId, LedgerError, Posting,
+    TransactionType, UsageCharge,
 };
 use creditd::money::Micros;
 use creditd::pricing::TokenUsage;
@@ -290,7 +290,7 @@ async fn a_settlement_says_which_grants_paid_it_and_what_no_grant_could_pay_is_d
     assert_eq!(snapshot.balance_micros, eur(-1));
     assert!(snapshot.grants.is_empty());
     engine.shutdown(Duration::from_secs(5)).await;
-    let stored = store::usages_page(&db.client().await, account, None, 10)
+    let stored = usages_page(&db.client().await, account, None, 10)
         .await
         .unwrap();
     assert_eq!(stored[0].paid_by, expected);

@@ -334,6 +334,7 @@ fn observed<T>(result: Result<creditd::ledger::Outcome<T>, LedgerError>) -> Resu
         Err(LedgerError::InsufficientCredits {
             available,
             required,
+            ..
         }) => Ok(Expect::Insufficient {
             available: available.get(),
             required: required.get(),

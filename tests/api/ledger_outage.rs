@@ -77,7 +77,7 @@ async fn operations_in_flight_when_the_database_stops_fail_cleanly_and_the_engin
     let engine = Arc::new(engine);
     let mut accounts = Vec::new();
     for index in 0..8 {
-        let account = creditd::ledger::store::ensure_user(&client, &format!("outage_{index}"))
+        let account = creditd::accounts::users::ensure_user(&client, &format!("outage_{index}"))
             .await
             .unwrap();
         engine
@@ -230,7 +230,7 @@ async fn operations_in_flight_when_the_database_stops_fail_cleanly_and_the_engin
 async fn a_balance_read_never_shows_an_operation_whose_write_failed() {
     let dir = std::env::temp_dir().join(format!("creditd-test-{}-void-read", std::process::id()));
     let (cluster, engine, client) = engine_on_own_cluster(&dir, |_| {}).await;
-    let account = creditd::ledger::store::ensure_user(&client, "user_void")
+    let account = creditd::accounts::users::ensure_user(&client, "user_void")
         .await
         .unwrap();
     drop(client);

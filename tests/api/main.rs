@@ -11,6 +11,7 @@ mod clerk_webhooks;
 mod cli;
 mod cluster;
 mod credits;
+mod database_errors;
 mod drills;
 mod events;
 mod grants;

@@ -35,6 +35,7 @@ async fn a_reserve_beyond_the_available_amount_reports_both_amounts() {
     assert_eq!(
         refused,
         LedgerError::InsufficientCredits {
+            balance: micros(50_000),
             available: micros(20_000),
             required: micros(30_000)
         }
@@ -258,6 +259,7 @@ async fn a_thousand_concurrent_reserves_against_a_balance_for_a_hundred_grant_ex
                 LedgerError::InsufficientCredits {
                     available,
                     required,
+                    ..
                 } => {
                     assert!(
                         available.get() >= 0 && available.get() < 250,

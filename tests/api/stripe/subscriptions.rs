@@ -288,3 +288,128 @@ async fn a_webhook_whose_effect_did_not_commit_answers_an_error_and_is_processed
     assert_eq!(plan, "PRO");
     stripe.app.db.reconcile_is_clean().await;
 }
+
+/// Makes the next writes of `table` fail (`BEFORE <op>` trigger).
+async fn refuse(client: &tokio_postgres::Client, table: &str, op: &str) {
+    let sql = match (table, op) {
+        ("users", "UPDATE") => {
+            "CREATE TRIGGER refuse BEFORE UPDATE ON users
+                FOR EACH ROW EXECUTE FUNCTION refuse()"
+        }
+        ("processed_webhook_events", "INSERT") => {
+            "CREATE TRIGGER refuse BEFORE INSERT ON processed_webhook_events
+                FOR EACH ROW EXECUTE FUNCTION refuse()"
+        }
+        other => panic!("no refusal for {other:?}"),
+    };
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'refused for the test'; END $$",
+        )
+        .await
+        .expect("refusing function");
+    client.batch_execute(sql).await.expect("refusing trigger");
+}
+
+async fn allow_again(client: &tokio_postgres::Client, table: &str) {
+    client
+        .batch_execute(&format!(
+            "DROP TRIGGER refuse ON {table}; DROP FUNCTION refuse()"
+        ))
+        .await
+        .expect("drop the refusal");
+}
+
+async fn customer_with_plan(stripe: &StripeApp, clerk_id: &str) -> i64 {
+    let account = stripe.app.account(clerk_id).await.0;
+    stripe
+        .app
+        .db
+        .client()
+        .await
+        .execute(
+            "UPDATE users SET stripe_customer_id = 'cus_plan' WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    account
+}
+
+async fn plan_of(client: &tokio_postgres::Client, account: i64) -> String {
+    client
+        .query_one("SELECT plan FROM users WHERE id = $1", &[&account])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn recorded(client: &tokio_postgres::Client, event_id: &str) -> bool {
+    client
+        .query_opt(
+            "SELECT 1 FROM processed_webhook_events WHERE source = 'stripe' AND event_id = $1",
+            &[&event_id],
+        )
+        .await
+        .unwrap()
+        .is_some()
+}
+
+#[actix::test]
+async fn an_event_whose_effect_fails_is_not_recorded_and_its_redelivery_applies_it_once() {
+    let stripe = spawn_stripe_app().await;
+    let account = customer_with_plan(&stripe, "user_plan").await;
+    let client = stripe.app.db.client().await;
+    let created = subscription_event("evt_retry", "customer.subscription.created", "price_pro");
+
+    refuse(&client, "users", "UPDATE").await;
+    assert_eq!(stripe.deliver(&created).await, 500);
+    assert!(
+        !recorded(&client, "evt_retry").await,
+        "a failed effect is not done"
+    );
+    assert_eq!(plan_of(&client, account).await, "FREE");
+
+    allow_again(&client, "users").await;
+    assert_eq!(stripe.deliver(&created).await, 200);
+    assert_eq!(plan_of(&client, account).await, "PRO");
+    assert!(recorded(&client, "evt_retry").await);
+    client
+        .execute("UPDATE users SET plan = 'TEAM' WHERE id = $1", &[&account])
+        .await
+        .unwrap();
+    let body = created.to_string();
+    let response = stripe
+        .deliver_with(&body, Some(&signed_header(&body)))
+        .await;
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["duplicate"], true, "{body}");
+    assert_eq!(
+        plan_of(&client, account).await,
+        "TEAM",
+        "a redelivery after success changes nothing"
+    );
+}
+
+#[actix::test]
+async fn a_plan_change_commits_with_its_event_id_or_not_at_all() {
+    let stripe = spawn_stripe_app().await;
+    let account = customer_with_plan(&stripe, "user_plan").await;
+    let client = stripe.app.db.client().await;
+    let created = subscription_event("evt_atomic", "customer.subscription.created", "price_pro");
+
+    refuse(&client, "processed_webhook_events", "INSERT").await;
+    assert_eq!(stripe.deliver(&created).await, 500);
+    assert_eq!(
+        plan_of(&client, account).await,
+        "FREE",
+        "the plan is not written when its event id cannot be"
+    );
+
+    allow_again(&client, "processed_webhook_events").await;
+    assert_eq!(stripe.deliver(&created).await, 200);
+    assert_eq!(plan_of(&client, account).await, "PRO");
+    assert!(recorded(&client, "evt_atomic").await);
+}

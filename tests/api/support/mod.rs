@@ -10,7 +10,6 @@ use creditd::config::Settings;
 use creditd::db::cluster::{Durability, PrivateCluster};
 use creditd::db::singleton::Election;
 use creditd::db::{self, Database};
-use creditd::ledger::store;
 use creditd::ledger::{AccountId, Engine, IdempotencyKey, Posting, TransactionType};
 use creditd::money::Micros;
 use tokio_postgres::NoTls;
@@ -215,7 +214,7 @@ impl TestDb {
     /// A new user (and balance row) named by its Clerk id.
     pub async fn user(&self, clerk_id: &str) -> AccountId {
         let client = self.client().await;
-        store::ensure_user(&client, clerk_id)
+        creditd::accounts::users::ensure_user(&client, clerk_id)
             .await
             .expect("create user")
     }
