@@ -166,14 +166,14 @@ fn services(
     let signup_bonuses =
         crate::accounts::SignupBonuses::new(engine.clone(), pool.clone(), signup_bonus);
     let auto_recharges = crate::recharge::store::AutoRecharges::new(pool.clone(), engine.clone());
-    let stripe_effects = Arc::new(crate::stripe::webhook::StripeEffects {
+    let stripe_effects = Arc::new(crate::payments::webhook::StripeEffects {
         settings: settings.stripe.clone(),
         referral_bonus,
         engine: engine.clone(),
         pool: pool.clone(),
         api: stripe.clone(),
     });
-    let clerk_effects = Arc::new(crate::clerk::users::ClerkEffects {
+    let clerk_effects = Arc::new(crate::accounts::clerk_events::ClerkEffects {
         users: users.clone(),
         signup_bonuses: signup_bonuses.clone(),
         auto_recharges: auto_recharges.clone(),
@@ -198,7 +198,7 @@ fn services(
         referrals: crate::referrals::Referrals::new(pool.clone()),
         provider_keys: crate::accounts::ProviderKeys::new(pool.clone()),
         signup_bonuses,
-        topups: crate::stripe::topup::TopUps::new(pool.clone()),
+        topups: crate::payments::topup::TopUps::new(pool.clone()),
         events: crate::events::store::Events::new(pool.clone()),
         auto_recharges,
         usage_reports: crate::metering::UsageReports::new(pool.clone()),
@@ -289,7 +289,7 @@ impl Application {
             )
         });
         let followups = stripe.map(|api| {
-            crate::stripe::followup::spawn_worker(
+            crate::payments::followup::spawn_worker(
                 election.clone(),
                 storage.pool.clone(),
                 api,

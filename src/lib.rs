@@ -8,15 +8,17 @@
 //! - [`db`]: PostgreSQL (configured or private cluster), the pool, one `DbError`, migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`events`]: delivery of the outbox's events (alerts, top-ups), signed;
-//! - [`stripe`]: Stripe's API client, webhook signature and payloads;
-//! - [`clerk`]: Clerk's webhook signature (Svix) and user events;
-//! - [`webhooks`]: event ids already handled, shared by both senders;
+//! - [`stripe`]: Stripe's API client, webhook signature, payloads and metadata;
+//! - [`payments`]: top-up sessions, each Stripe event's effect, a top-up's follow-ups;
+//! - [`clerk`]: Clerk's session tokens (JWKS) and webhook signature (Svix);
+//! - [`signatures`]: the HMAC-SHA256 behind every webhook signature;
+//! - [`webhooks`]: the inbox of Stripe's and Clerk's events (ids recorded with their effect);
 //! - [`metering`]: chat settlements retried until they post; usage reports;
 //! - [`rate_limits`]: chats in flight, top-ups per minute, per-IP request rate;
 //! - [`health`]: the database's health, checked in the background;
 //! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
-//! - [`accounts`]: users, deletion, the signup bonus, own provider keys;
+//! - [`accounts`]: users, Clerk's user events, deletion, the signup bonus, own provider keys;
 //! - [`referrals`]: referral codes and the bonus after a referred user's first top-up.
 
 pub mod accounts;
@@ -32,12 +34,14 @@ pub mod http;
 pub mod ledger;
 pub mod metering;
 pub mod money;
+pub mod payments;
 pub mod pricing;
 pub mod providers;
 pub mod rate_limits;
 pub mod recharge;
 pub mod referrals;
 pub mod runtime;
+pub mod signatures;
 pub mod stripe;
 pub mod telemetry;
 pub mod text;

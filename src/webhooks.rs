@@ -9,8 +9,6 @@
 use std::future::Future;
 
 use futures_util::future::LocalBoxFuture;
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
 use tokio_postgres::Transaction;
 
 use crate::db::{self, DbError, Pool};
@@ -196,25 +194,4 @@ impl Inbox {
             .await?
             .is_some())
     }
-}
-
-/// HMAC-SHA256 with `key` over `parts` joined by `.` (`t.body` for Stripe
-/// and creditd's events, `id.t.body` for Svix).
-pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
-    // HMAC takes keys of any length: `new_from_slice` cannot fail for it.
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    for (i, part) in parts.iter().enumerate() {
-        if i > 0 {
-            mac.update(b".");
-        }
-        mac.update(part);
-    }
-    mac
-}
-
-/// Whether `expected` is the HMAC-SHA256 of `parts` under `key`, compared in
-/// constant time.
-pub fn hmac_sha256_matches(key: &[u8], parts: &[&[u8]], expected: &[u8]) -> bool {
-    hmac_sha256(key, parts).verify_slice(expected).is_ok()
 }

@@ -12,13 +12,17 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first. A module may use its own layer and those below.
 const LAYERS: &[(&str, &[&str])] = &[
     ("plain data", &["money", "text", "clock", "config"]),
-    ("shared parts", &["pricing", "telemetry", "db"]),
+    (
+        "shared parts",
+        &["pricing", "telemetry", "db", "signatures"],
+    ),
     ("engine", &["ledger"]),
     ("outside services", &["providers", "stripe", "clerk"]),
     (
         "features",
         &[
             "accounts",
+            "payments",
             "referrals",
             "recharge",
             "events",
@@ -341,4 +345,44 @@ fn the_reader_sees_uses_inside_groups_and_ignores_comments_and_strings() {
     );
     let used: Vec<_> = crate_uses(&code).into_iter().collect();
     assert_eq!(used, ["db", "ledger", "money"]);
+}
+
+/// The files of `src/http/` every route file may use; a route file never
+/// uses another (`openapi.rs` lists the routes, `mod.rs` mounts them).
+const HTTP_SHARED: &[&str] = &["error", "views", "state", "body", "auth"];
+
+#[test]
+fn no_route_file_uses_another() {
+    let sources = sources();
+    let mut wrong = Vec::new();
+    for (path, module, code) in &sources.files {
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if module.as_deref() != Some("http") || ["mod", "openapi"].contains(&name) {
+            continue;
+        }
+        for used in super_uses(code) {
+            if used != name && !HTTP_SHARED.contains(&used.as_str()) {
+                wrong.push(format!("{} uses super::{used}", shown(path)));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// The sibling modules a file names through `super::`.
+fn super_uses(code: &str) -> BTreeSet<String> {
+    let mut used = BTreeSet::new();
+    let mut rest = code;
+    while let Some(at) = rest.find("super::") {
+        rest = &rest[at + "super::".len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // `super::Item` names the parent's own item (a type), not a file.
+        if name.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
+            used.insert(name);
+        }
+    }
+    used
 }

@@ -94,7 +94,7 @@ pub fn verify_with(
         let Ok(expected) = STANDARD.decode(encoded) else {
             return false;
         };
-        crate::webhooks::hmac_sha256_matches(
+        crate::signatures::hmac_sha256_matches(
             key,
             &[id.as_bytes(), timestamp_text.as_bytes(), body],
             &expected,

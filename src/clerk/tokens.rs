@@ -11,8 +11,37 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-pub use crate::accounts::ClerkUserId;
 use crate::config::ClerkSettings;
+
+/// A Clerk user id (a session token's `sub`, a webhook's `data.id`, an
+/// operator's path), as each edge checked it (not empty, no control
+/// characters, not over-long: each names its own field when it refuses).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClerkUserId(String);
+
+impl ClerkUserId {
+    /// An id its edge has checked.
+    pub fn new(checked: impl Into<String>) -> ClerkUserId {
+        ClerkUserId(checked.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ClerkUserId {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.0)
+    }
+}
+
+impl std::ops::Deref for ClerkUserId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
 
 /// Why a session token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -48,7 +48,7 @@ pub const SIGNATURE_HEADER: &str = "Creditd-Signature";
 /// `t=<timestamp>,v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
 pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     let stamp = timestamp.to_string();
-    let mac = crate::webhooks::hmac_sha256(secret.as_bytes(), &[stamp.as_bytes(), body]);
+    let mac = crate::signatures::hmac_sha256(secret.as_bytes(), &[stamp.as_bytes(), body]);
     let digest = mac.finalize().into_bytes();
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     format!("t={timestamp},v1={hex}")

@@ -5,7 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::require_admin;
+use super::auth::{clerk_id_from_operator, require_admin};
 use super::body::read_body;
 use super::error::{parse_json, ApiError};
 use super::state::State;
@@ -52,14 +52,6 @@ pub(super) struct Adjustment {
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-pub(super) fn clerk_id(path: &str) -> Result<ClerkUserId, ApiError> {
-    let id = path.trim();
-    if id.is_empty() || id.len() > 200 || crate::text::refused_in(id).is_some() {
-        return Err(ApiError::invalid("field `userId`: not a Clerk user id"));
-    }
-    Ok(ClerkUserId::new(id))
-}
-
 /// Credits (positive amount) or debits (negative) a user, idempotent by key.
 #[utoipa::path(post, path = "/admin/accounts/{userId}/credits", tag = "admin", security(("admin" = [])),
     params(("userId" = String, Path, description = "Clerk user id")),
@@ -84,7 +76,7 @@ async fn adjust(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
-    let user = clerk_id(&path)?;
+    let user = clerk_id_from_operator(&path)?;
     let body = read_body(payload, &state.settings.server).await?;
     let adjustment: Adjustment = parse_json(&body)?;
     if adjustment.amount_micros == 0 {
@@ -169,7 +161,7 @@ async fn account(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
-    let user = clerk_id(&path)?;
+    let user = clerk_id_from_operator(&path)?;
     let Some(account) = state.existing_account(&user).await? else {
         return Err(ApiError::not_found(format!(
             "no user with Clerk id `{user}`"
@@ -242,7 +234,7 @@ impl EventFilter {
                         ))
                     }
                 },
-                "userId" => filter.user_id = Some(clerk_id(&value)?),
+                "userId" => filter.user_id = Some(clerk_id_from_operator(&value)?),
                 "limit" => {
                     filter.limit = Some(
                         value

@@ -146,6 +146,15 @@ fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
     subtle::ConstantTimeEq::ct_eq(presented, expected).into()
 }
 
+/// The Clerk user id an operator names (in a path or a query), checked.
+pub(super) fn clerk_id_from_operator(path: &str) -> Result<ClerkUserId, ApiError> {
+    let id = path.trim();
+    if id.is_empty() || id.len() > 200 || crate::text::refused_in(id).is_some() {
+        return Err(ApiError::invalid("field `userId`: not a Clerk user id"));
+    }
+    Ok(ClerkUserId::new(id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

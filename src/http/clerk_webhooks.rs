@@ -7,9 +7,9 @@ use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
 use super::state::State;
 use super::views::WebhookReceipt;
+use crate::accounts::clerk_events::HANDLED;
+use crate::accounts::{ClerkEvent, EventError};
 use crate::clerk::svix::{self, SvixHeaders};
-use crate::clerk::users::HANDLED;
-use crate::clerk::{ClerkEvent, EventError};
 use crate::webhooks::{self, Delivery, Effect, Received, Source, WebhookOutcome};
 
 const SOURCE: Source = Source::Clerk;

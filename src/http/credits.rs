@@ -17,7 +17,7 @@ use crate::accounts::SignupBonusClaim;
 use crate::ledger::AccountId;
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
-use crate::stripe::followup;
+use crate::payments::followup;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config

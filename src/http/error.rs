@@ -9,7 +9,8 @@ use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
 use crate::ledger::LedgerError;
-use crate::stripe::{StripeCallError, StripeError};
+use crate::payments::PaymentError;
+use crate::stripe::StripeCallError;
 
 /// Seconds a client should wait before retrying when the error gives none.
 pub const RETRY_AFTER_S: u32 = 1;
@@ -402,14 +403,14 @@ impl From<StripeCallError> for ApiError {
 }
 
 /// What a Stripe route answers for each failure of `crate::stripe`.
-impl From<StripeError> for ApiError {
-    fn from(error: StripeError) -> ApiError {
+impl From<PaymentError> for ApiError {
+    fn from(error: PaymentError) -> ApiError {
         match error {
-            StripeError::Invalid(message) => ApiError::invalid(message),
-            StripeError::NotCreditedYet(message) => ApiError::new(Code::Unavailable, message),
-            StripeError::Call(error) => error.into(),
-            StripeError::Ledger(error) => error.into(),
-            StripeError::Db(error) => error.into(),
+            PaymentError::Invalid(message) => ApiError::invalid(message),
+            PaymentError::NotCreditedYet(message) => ApiError::new(Code::Unavailable, message),
+            PaymentError::Call(error) => error.into(),
+            PaymentError::Ledger(error) => error.into(),
+            PaymentError::Db(error) => error.into(),
         }
     }
 }

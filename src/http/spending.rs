@@ -8,7 +8,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 
-use super::auth::require_admin;
+use super::auth::{clerk_id_from_operator, require_admin};
 use super::body::read_body;
 use super::error::{parse_json, ApiError};
 use super::state::State;
@@ -172,7 +172,7 @@ pub(super) async fn admin_set(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     require_admin(&state.settings.admin, &request)?;
-    let user = super::admin::clerk_id(&path)?;
+    let user = clerk_id_from_operator(&path)?;
     let body = read_body(payload, &state.settings.server).await?;
     let asked: AdminLimits = parse_json(&body)?;
     let limits = SpendLimits {

@@ -54,7 +54,7 @@ pub struct Services {
     /// The signup bonus, once per person.
     pub signup_bonuses: crate::accounts::SignupBonuses,
     /// Top-ups' Checkout Sessions and follow-ups.
-    pub topups: crate::stripe::topup::TopUps,
+    pub topups: crate::payments::topup::TopUps,
     /// The outbox as operators list and redeliver it.
     pub events: crate::events::store::Events,
     /// Users' auto-recharge settings.
@@ -62,9 +62,9 @@ pub struct Services {
     /// Spend per day.
     pub usage_reports: crate::metering::UsageReports,
     /// What Stripe's events do.
-    pub stripe_effects: Arc<crate::stripe::webhook::StripeEffects>,
+    pub stripe_effects: Arc<crate::payments::webhook::StripeEffects>,
     /// What Clerk's user events do.
-    pub clerk_effects: Arc<crate::clerk::users::ClerkEffects>,
+    pub clerk_effects: Arc<crate::accounts::clerk_events::ClerkEffects>,
 }
 
 /// What every handler shares: the services, and the per-account caches of

@@ -1,5 +1,5 @@
 //! `POST /api/webhooks/stripe` hears what Stripe did (see
-//! `crate::stripe::webhook` for each event's effect). The event id is
+//! `crate::payments::webhook` for each event's effect). The event id is
 //! recorded only after its effect committed, so a failure (answered 5xx,
 //! retried by Stripe) is never taken for done.
 
@@ -9,9 +9,9 @@ use super::body::read_body;
 use super::error::{parse_json, ApiError, Code};
 use super::state::State;
 use super::views::WebhookReceipt;
+use crate::payments::webhook::{StripeEvent, HANDLED};
 use crate::stripe::events::Event;
 use crate::stripe::signature;
-use crate::stripe::webhook::{StripeEvent, HANDLED};
 use crate::webhooks::{self, Delivery, Effect, Received, Source};
 
 const SOURCE: Source = Source::Stripe;

@@ -350,7 +350,7 @@ pub struct AdminAccount {
     pub usages: Vec<UsageView>,
     /// Its top-ups' follow-ups not done yet (card, invoice link), newest
     /// first: PENDING ones are retried, FAILED ones were given up.
-    pub follow_ups: Vec<crate::stripe::followup::FollowUpView>,
+    pub follow_ups: Vec<crate::payments::followup::FollowUpView>,
 }
 
 /// `GET /admin/events`: the outbox's events, newest first.

@@ -116,12 +116,12 @@ pub struct PaymentIntent {
     #[serde(default)]
     pub metadata: HashMap<String, String>,
     #[serde(default)]
-    pub last_payment_error: Option<PaymentError>,
+    pub last_payment_error: Option<LastPaymentError>,
 }
 
 /// Why a payment failed (`last_payment_error`).
 #[derive(Debug, Deserialize)]
-pub struct PaymentError {
+pub struct LastPaymentError {
     #[serde(default)]
     pub code: Option<String>,
 }

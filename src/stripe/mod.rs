@@ -1,36 +1,11 @@
-//! Stripe: the API client (customers, Checkout Sessions), the webhook
-//! signature and payloads, top-up sessions, what each webhook event does to
-//! the ledger and the user's plan, and a paid top-up's follow-ups (its card
-//! and invoice link, read from Stripe after the credit).
+//! Stripe, as an outside service: the API client (customers, Checkout
+//! Sessions, PaymentIntents, Search), the webhook signature, the payloads
+//! of its events and the metadata creditd writes on its objects. What the
+//! payments mean to creditd is `crate::payments`.
 
 pub mod client;
 pub mod events;
-pub mod followup;
 pub mod metadata;
 pub mod signature;
-pub mod topup;
-pub mod webhook;
 
 pub use client::{StripeApi, StripeCallError, TopupSession};
-
-/// Why a top-up or a webhook event was not applied.
-#[derive(Debug, thiserror::Error)]
-pub enum StripeError {
-    /// The event's payload is not what Stripe sends (answered 400).
-    #[error("{0}")]
-    Invalid(String),
-    /// The top-up a refund or dispute is about is not credited yet: the
-    /// event must be retried later (answered 503).
-    #[error("{0}")]
-    NotCreditedYet(&'static str),
-    #[error(transparent)]
-    Call(#[from] StripeCallError),
-    /// The engine refused or could not post an effect.
-    #[error(transparent)]
-    Ledger(#[from] LedgerError),
-    /// A read or write of creditd's own tables failed.
-    #[error(transparent)]
-    Db(#[from] crate::db::DbError),
-}
-
-use crate::ledger::LedgerError;

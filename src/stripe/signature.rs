@@ -54,7 +54,7 @@ pub fn verify(
         let Some(expected) = decode_hex(signature) else {
             return false;
         };
-        crate::webhooks::hmac_sha256_matches(
+        crate::signatures::hmac_sha256_matches(
             secret.as_bytes(),
             &[timestamp_text.as_bytes(), body],
             &expected,

@@ -3,10 +3,11 @@
 
 use deadpool_postgres::Pool;
 
-use super::{StripeApi, StripeError, TopupSession};
+use super::PaymentError;
 use crate::accounts::{users, ClerkUserId};
 use crate::db;
 use crate::ledger::{AccountId, LedgerError};
+use crate::stripe::{StripeApi, TopupSession};
 
 /// A Stripe customer id (`cus_…`): the one stored for an account, or the
 /// one Stripe just created for it.
@@ -26,7 +27,7 @@ pub async fn open_session(
     account: AccountId,
     clerk_id: &ClerkUserId,
     amount_cents: i64,
-) -> Result<TopupSession, StripeError> {
+) -> Result<TopupSession, PaymentError> {
     let customer = customer_of(api, pool, account, clerk_id).await?;
     Ok(api
         .create_topup_session(
@@ -46,7 +47,7 @@ async fn customer_of(
     pool: &Pool,
     account: AccountId,
     clerk_id: &ClerkUserId,
-) -> Result<CustomerId, StripeError> {
+) -> Result<CustomerId, PaymentError> {
     let client = db::client(pool).await?;
     let fields = users::customer_fields(&**client, account).await?;
     if let Some(customer) = fields.customer_id {
@@ -96,7 +97,7 @@ impl TopUps {
         account: AccountId,
         clerk_id: &ClerkUserId,
         amount_cents: i64,
-    ) -> Result<TopupSession, StripeError> {
+    ) -> Result<TopupSession, PaymentError> {
         open_session(api, &self.pool, account, clerk_id, amount_cents).await
     }
 

@@ -33,11 +33,11 @@ use serde_json::json;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::StripeApi;
 use crate::config::StripeSettings;
 use crate::db::singleton::{Election, Singleton};
 use crate::db::DbError;
 use crate::ledger::{AccountId, TransactionRecord};
+use crate::stripe::StripeApi;
 
 mod sql {
     /// The open jobs (neither done nor given up) due at $1, oldest due first.
@@ -348,7 +348,7 @@ async fn keep_invoice(
     client: &impl GenericClient,
     job: &Job,
     invoice: &str,
-    found: Option<super::events::Invoice>,
+    found: Option<crate::stripe::events::Invoice>,
 ) -> Result<(), DbError> {
     let link = match found {
         Some(found) => json!({

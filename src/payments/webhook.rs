@@ -8,15 +8,12 @@
 
 use std::sync::Arc;
 
-use super::metadata::{MetadataError, PaymentKind, PaymentMetadata};
+use crate::stripe::metadata::{MetadataError, PaymentKind, PaymentMetadata};
 use deadpool_postgres::Pool;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::events::{
-    Charge, CheckoutSession, Dispute, Event, PaymentIntent, StoredText, Subscription,
-};
-use super::{StripeApi, StripeError};
+use super::PaymentError;
 use crate::accounts::users::{self, Plan, PlanChange, PlanSet};
 use crate::config::StripeSettings;
 use crate::db::{self, DbError};
@@ -24,6 +21,10 @@ use crate::ledger::{
     AccountId, ClawbackRequest, Engine, IdempotencyKey, LedgerError, Posting, TransactionType,
 };
 use crate::money::Micros;
+use crate::stripe::events::{
+    Charge, CheckoutSession, Dispute, Event, PaymentIntent, StoredText, Subscription,
+};
+use crate::stripe::StripeApi;
 use crate::webhooks::{Effect, WebhookOutcome};
 
 /// The event types creditd handles, as counted.
@@ -82,7 +83,7 @@ pub enum StripeEvent {
 
 impl StripeEvent {
     /// The event by type, every text that would be stored checked.
-    pub fn parse(event: &Event) -> Result<StripeEvent, StripeError> {
+    pub fn parse(event: &Event) -> Result<StripeEvent, PaymentError> {
         stored_text(event)?;
         Ok(match event.kind.as_str() {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
@@ -129,7 +130,7 @@ impl StripeEvent {
     pub async fn apply(
         self,
         effects: &StripeEffects,
-    ) -> Result<Effect<WebhookOutcome, StripeError>, StripeError> {
+    ) -> Result<Effect<WebhookOutcome, PaymentError>, PaymentError> {
         let outcome = match self {
             StripeEvent::Checkout(session) => checkout(effects, session).await,
             StripeEvent::Subscription {
@@ -158,9 +159,9 @@ impl StripeEvent {
     }
 }
 
-fn object<T: DeserializeOwned + StoredText>(event: &Event) -> Result<T, StripeError> {
+fn object<T: DeserializeOwned + StoredText>(event: &Event) -> Result<T, PaymentError> {
     let object: T = serde_json::from_value(event.data.object.clone()).map_err(|error| {
-        StripeError::Invalid(format!(
+        PaymentError::Invalid(format!(
             "event {} ({}): data.object: {error}",
             event.id, event.kind
         ))
@@ -171,24 +172,24 @@ fn object<T: DeserializeOwned + StoredText>(event: &Event) -> Result<T, StripeEr
 
 /// Refuses a payload whose stored texts hold a control or invisible
 /// formatting character (or are over-long), naming the field.
-fn stored_text(payload: &impl StoredText) -> Result<(), StripeError> {
+fn stored_text(payload: &impl StoredText) -> Result<(), PaymentError> {
     for (field, value) in payload.stored_text() {
         if let Some(problem) = value.and_then(crate::ledger::text_problem) {
-            return Err(StripeError::Invalid(format!("field `{field}`: {problem}")));
+            return Err(PaymentError::Invalid(format!("field `{field}`: {problem}")));
         }
     }
     Ok(())
 }
 
-fn key(text: String) -> Result<IdempotencyKey, StripeError> {
-    IdempotencyKey::parse(text).map_err(|e| StripeError::Invalid(format!("Stripe id: {e}")))
+fn key(text: String) -> Result<IdempotencyKey, PaymentError> {
+    IdempotencyKey::parse(text).map_err(|e| PaymentError::Invalid(format!("Stripe id: {e}")))
 }
 
-fn cents(amount: i64, field: &str) -> Result<Micros, StripeError> {
+fn cents(amount: i64, field: &str) -> Result<Micros, PaymentError> {
     if amount <= 0 {
-        return Err(StripeError::Invalid(format!("{field}: must be positive")));
+        return Err(PaymentError::Invalid(format!("{field}: must be positive")));
     }
-    Micros::from_cents(amount).map_err(|_| StripeError::Invalid(format!("{field}: too large")))
+    Micros::from_cents(amount).map_err(|_| PaymentError::Invalid(format!("{field}: too large")))
 }
 
 /// A currency other than the ledger's is never credited nor debited: the
@@ -213,7 +214,7 @@ fn currency_mismatch(
 fn applied(
     result: Result<crate::ledger::Outcome<crate::ledger::TransactionRecord>, LedgerError>,
     what: &str,
-) -> Result<WebhookOutcome, StripeError> {
+) -> Result<WebhookOutcome, PaymentError> {
     match result {
         Ok(outcome) if outcome.replayed => Ok(WebhookOutcome::Replayed),
         Ok(_) => Ok(WebhookOutcome::Applied),
@@ -235,7 +236,7 @@ fn applied(
 async fn checkout(
     effects: &StripeEffects,
     session: CheckoutSession,
-) -> Result<WebhookOutcome, StripeError> {
+) -> Result<WebhookOutcome, PaymentError> {
     if PaymentKind::of(&session.metadata) != Some(PaymentKind::CreditTopup) {
         return Ok(WebhookOutcome::Ignored);
     }
@@ -319,7 +320,7 @@ async fn auto_recharge(
     effects: &StripeEffects,
     intent: PaymentIntent,
     succeeded: bool,
-) -> Result<WebhookOutcome, StripeError> {
+) -> Result<WebhookOutcome, PaymentError> {
     if PaymentKind::of(&intent.metadata) != Some(PaymentKind::AutoRecharge) {
         return Ok(WebhookOutcome::Ignored);
     }
@@ -413,7 +414,7 @@ async fn auto_recharge(
 async fn refund_stops_auto_recharge(
     effects: &StripeEffects,
     charge: &Charge,
-) -> Result<(), StripeError> {
+) -> Result<(), PaymentError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
         return Ok(());
     };
@@ -434,7 +435,7 @@ async fn refund_stops_auto_recharge(
 async fn dispute_stops_auto_recharge(
     effects: &StripeEffects,
     dispute: &Dispute,
-) -> Result<(), StripeError> {
+) -> Result<(), PaymentError> {
     let Some(payment_intent) = dispute.payment_intent.as_deref() else {
         return Ok(());
     };
@@ -456,7 +457,7 @@ async fn switch_off(
     effects: &StripeEffects,
     account: Option<AccountId>,
     reason: crate::recharge::OffReason,
-) -> Result<(), StripeError> {
+) -> Result<(), PaymentError> {
     if let Some(account) = account {
         crate::recharge::switch_off(&effects.pool, &effects.engine, account, reason).await?;
     }
@@ -474,7 +475,7 @@ fn subscription(
     subscription: Subscription,
     deleted: bool,
     event_created: i64,
-) -> Result<Effect<WebhookOutcome, StripeError>, StripeError> {
+) -> Result<Effect<WebhookOutcome, PaymentError>, PaymentError> {
     let price = subscription
         .items
         .data
@@ -495,7 +496,7 @@ fn subscription(
         }
     };
     let event_at = chrono::DateTime::from_timestamp(event_created, 0)
-        .ok_or_else(|| StripeError::Invalid("created: not a timestamp".into()))?;
+        .ok_or_else(|| PaymentError::Invalid("created: not a timestamp".into()))?;
     Ok(Effect::Writes(Box::new(move |tx| {
         Box::pin(async move {
             let change = PlanChange {
@@ -541,7 +542,7 @@ async fn topup_account(
 /// `stripe:charge:<id>:refunded:<cumulative cents>`: one state of the
 /// charge, applied once; a redelivery, or an older event arriving after a
 /// newer one, finds nothing left to claw back.
-async fn refund(effects: &StripeEffects, charge: Charge) -> Result<WebhookOutcome, StripeError> {
+async fn refund(effects: &StripeEffects, charge: Charge) -> Result<WebhookOutcome, PaymentError> {
     let Some(payment_intent) = charge.payment_intent.as_deref() else {
         return Ok(WebhookOutcome::NotATopup);
     };
@@ -557,7 +558,7 @@ async fn refund(effects: &StripeEffects, charge: Charge) -> Result<WebhookOutcom
         if PaymentKind::of(&charge.metadata).is_some() {
             // A top-up whose credit has not landed yet (its checkout or
             // payment event is still being retried): the refund must wait.
-            return Err(StripeError::NotCreditedYet(
+            return Err(PaymentError::NotCreditedYet(
                 "the top-up this charge paid is not credited yet; retry later",
             ));
         }
@@ -565,7 +566,7 @@ async fn refund(effects: &StripeEffects, charge: Charge) -> Result<WebhookOutcom
         return Ok(WebhookOutcome::NotATopup);
     };
     let target = Micros::from_cents(charge.amount_refunded)
-        .map_err(|_| StripeError::Invalid("amount_refunded: too large".into()))?;
+        .map_err(|_| PaymentError::Invalid("amount_refunded: too large".into()))?;
     let request = ClawbackRequest {
         object: charge.id.clone(),
         target,
@@ -639,7 +640,7 @@ async fn dispute_funds(
     effects: &StripeEffects,
     dispute: Dispute,
     funds: Funds,
-) -> Result<WebhookOutcome, StripeError> {
+) -> Result<WebhookOutcome, PaymentError> {
     let Some(payment_intent) = dispute.payment_intent.as_deref() else {
         return Ok(WebhookOutcome::NotATopup);
     };
@@ -696,13 +697,13 @@ async fn unknown_dispute_payment(
     effects: &StripeEffects,
     dispute: &Dispute,
     payment_intent: &str,
-) -> Result<WebhookOutcome, StripeError> {
+) -> Result<WebhookOutcome, PaymentError> {
     let Some(api) = effects.api.as_deref() else {
         tracing::warn!(dispute = %dispute.id, "dispute of a payment that credited nothing (Stripe API not configured to check it); ignored");
         return Ok(WebhookOutcome::NotATopup);
     };
     if api.is_topup_payment(payment_intent).await? {
-        return Err(StripeError::NotCreditedYet(
+        return Err(PaymentError::NotCreditedYet(
             "the top-up this dispute is about is not credited yet; retry later",
         ));
     }
