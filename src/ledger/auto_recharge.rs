@@ -10,7 +10,7 @@ use chrono::{DateTime, Datelike, TimeZone, Utc};
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::store::unavailable;
+use super::store::database_error;
 use super::types::*;
 use crate::money::{Micros, MICROS_PER_CENT};
 
@@ -184,15 +184,15 @@ pub async fn load_state(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
     let mut state = RechargeState {
         month: month_of(now),
         ..RechargeState::default()
     };
     if let Some(row) = row {
-        let enabled: bool = row.try_get(0).map_err(unavailable)?;
-        let threshold: i64 = row.try_get(1).map_err(unavailable)?;
-        let amount_cents: i64 = row.try_get(2).map_err(unavailable)?;
+        let enabled: bool = row.try_get(0).map_err(database_error)?;
+        let threshold: i64 = row.try_get(1).map_err(database_error)?;
+        let amount_cents: i64 = row.try_get(2).map_err(database_error)?;
         if enabled {
             state.config = Some(RechargeConfig {
                 threshold: Micros::from_cents(threshold)
@@ -213,12 +213,12 @@ pub async fn load_state(
             &[&account.0, &start],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
     for row in rows {
-        let id: Uuid = row.try_get(0).map_err(unavailable)?;
-        let amount_cents: i64 = row.try_get(1).map_err(unavailable)?;
-        let created_at: DateTime<Utc> = row.try_get(2).map_err(unavailable)?;
-        let status: String = row.try_get(3).map_err(unavailable)?;
+        let id: Uuid = row.try_get(0).map_err(database_error)?;
+        let amount_cents: i64 = row.try_get(1).map_err(database_error)?;
+        let created_at: DateTime<Utc> = row.try_get(2).map_err(database_error)?;
+        let status: String = row.try_get(3).map_err(database_error)?;
         // Failed and canceled attempts charged nothing.
         if created_at >= start && status != "FAILED" && status != "CANCELED" {
             state.month_cents = state.month_cents.saturating_add(amount_cents);

@@ -27,7 +27,7 @@ use std::time::Duration;
 use tokio_postgres::GenericClient;
 
 use super::directory::{Directory, Eviction};
-use super::store::unavailable;
+use super::store::database_error;
 use super::types::{AccountId, LedgerError};
 use crate::db::Database;
 
@@ -120,7 +120,7 @@ pub async fn notify_settings_changed(
         client
             .execute(super::store::sql::NOTIFY_ACCOUNTS, &[&payload])
             .await
-            .map_err(unavailable)?;
+            .map_err(database_error)?;
     }
     Ok(())
 }

@@ -391,9 +391,9 @@ impl Engine {
             .limit_events
             .try_get_with(key, async {
                 let mut client = store::client(pool).await?;
-                let tx = client.transaction().await.map_err(store::unavailable)?;
+                let tx = client.transaction().await.map_err(store::database_error)?;
                 self.record_events(&tx, account, &[event]).await?;
-                tx.commit().await.map_err(store::unavailable)
+                tx.commit().await.map_err(store::database_error)
             })
             .await;
         if let Err(error) = recorded {

@@ -67,20 +67,20 @@ async fn snapshot(
             &[&account.0, &context.instance.as_str()],
         )
         .await
-        .map_err(store::unavailable)?;
+        .map_err(store::database_error)?;
     let client: &mut tokio_postgres::Client = &mut client;
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .start()
         .await
-        .map_err(store::unavailable)?;
+        .map_err(store::database_error)?;
     let now = context.clock.now();
     let stored = store::load_account(&tx, account).await?;
     let alerts = outbox::load_alert_state(&tx, account).await?;
     let recharge = auto_recharge::load_state(&tx, account, now).await?;
     let (limits, counters) = spend::load(&tx, account, now).await?;
-    tx.commit().await.map_err(store::unavailable)?;
+    tx.commit().await.map_err(store::database_error)?;
     let mut state = AccountState::new(
         account,
         stored.balance,

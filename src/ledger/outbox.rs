@@ -24,7 +24,7 @@ use tokio_postgres::types::Json;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use super::store::unavailable;
+use super::store::database_error;
 use super::types::*;
 use crate::money::Micros;
 
@@ -183,10 +183,10 @@ pub async fn load_alert_state(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
     let mut state = AlertState::default();
     for row in rows {
-        let kind: String = row.try_get(0).map_err(unavailable)?;
+        let kind: String = row.try_get(0).map_err(database_error)?;
         match EventType::parse(&kind) {
             Some(EventType::BalanceLow) => state.low_sent = true,
             Some(EventType::BalanceDepleted) => state.depleted_sent = true,
@@ -322,10 +322,10 @@ pub(crate) async fn insert_following_committed(
     let version: i64 = tx
         .query_opt(LOCK_ACCOUNT_VERSION, &[&account.0])
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
         .ok_or(LedgerError::AccountNotFound(account))?
         .try_get(0)
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     let data: Vec<Json<&EventData>> = events.iter().map(|e| Json(&e.data)).collect();
@@ -343,7 +343,7 @@ pub(crate) async fn insert_following_committed(
         ],
     )
     .await
-    .map_err(unavailable)?;
+    .map_err(database_error)?;
     Ok(())
 }
 

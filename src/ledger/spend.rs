@@ -10,7 +10,7 @@
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use tokio_postgres::GenericClient;
 
-use super::store::unavailable;
+use super::store::database_error;
 use super::types::*;
 use crate::money::Micros;
 
@@ -165,7 +165,7 @@ pub async fn load(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
         .map_or_else(SpendLimits::default, |row| {
             let micros = |index: usize| row.get::<_, Option<i64>>(index).map(Micros::new);
             SpendLimits {
@@ -185,7 +185,7 @@ pub async fn load(
             &[&account.0, &day, &month],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
     let counters = SpendCounters::new(now, Micros::new(row.get(0)), Micros::new(row.get(1)));
     Ok((limits, counters))
 }
@@ -217,7 +217,7 @@ pub async fn store(
             ],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
     Ok(())
 }
 

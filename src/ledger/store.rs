@@ -164,10 +164,11 @@ pub(crate) mod sql {
     pub const UNDO_EVENTS: &str = "DELETE FROM outgoing_events WHERE id = ANY($1::uuid[])";
 }
 
-/// A database failure as the engine reports it: the database is unreachable
-/// or refused; never a user error.
-pub fn unavailable(error: impl std::fmt::Display) -> LedgerError {
-    LedgerError::Unavailable(format!("database unavailable: {error}"))
+/// A database failure as the engine reports it, classified by `DbError`:
+/// out of reach is `Unavailable` (retry), a constraint or a bug is
+/// `Internal` (no retry), the cause chain kept in the message.
+pub fn database_error(error: impl Into<DbError>) -> LedgerError {
+    LedgerError::from(error.into())
 }
 
 /// A client from the pool, or `Unavailable`.
@@ -324,7 +325,7 @@ pub async fn active_grants(
     client
         .query(&query, &[&account.0])
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
         .iter()
         .map(grant_from_row)
         .collect()
@@ -351,7 +352,7 @@ pub async fn load_account(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(database_error)?;
     let row = match row {
         Some(row) => row,
         None => {
@@ -361,7 +362,7 @@ pub async fn load_account(
                     &[&account.0],
                 )
                 .await
-                .map_err(unavailable)?
+                .map_err(database_error)?
                 .is_some();
             if !exists {
                 return Err(LedgerError::AccountNotFound(account));
@@ -372,7 +373,7 @@ pub async fn load_account(
                     &[&account.0],
                 )
                 .await
-                .map_err(unavailable)?;
+                .map_err(database_error)?;
             client
                 .query_one(
                     "SELECT balance_micros, held_micros, version FROM credit_balances
@@ -380,7 +381,7 @@ pub async fn load_account(
                     &[&account.0],
                 )
                 .await
-                .map_err(unavailable)?
+                .map_err(database_error)?
         }
     };
     let holds = client
@@ -390,7 +391,7 @@ pub async fn load_account(
             &[&account.0],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
         .iter()
         .map(|row| HoldRecord {
             id: HoldId(row.get(0)),
@@ -481,7 +482,7 @@ pub async fn find_transaction(
     client
         .query_opt(&query, &[&account.0, &key.as_str()])
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
         .map(|row| transaction_from_row(&row))
         .transpose()
 }
@@ -499,7 +500,7 @@ pub async fn find_finished_hold(
     if let Some(usage) = client
         .query_opt(&query, &[&hold.0, &account.0])
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
     {
         return Ok(Some(FinishedHold::Settled(Box::new(usage_from_row(
             &usage,
@@ -512,7 +513,7 @@ pub async fn find_finished_hold(
             &[&hold.0, &account.0],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
     else {
         return Ok(None);
     };
@@ -561,7 +562,7 @@ pub async fn clawed_back(
             &[&account.0, &object],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
         .get(0);
     Ok(Micros::new(total))
 }
@@ -583,7 +584,7 @@ pub async fn transactions_page(
             &[&account.0, &before_seq.unwrap_or(i64::MAX), &limit],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
         .iter()
         .map(transaction_from_row)
         .collect()
@@ -606,7 +607,7 @@ pub async fn usages_page(
             &[&account.0, &before_seq.unwrap_or(i64::MAX), &limit],
         )
         .await
-        .map_err(unavailable)?
+        .map_err(database_error)?
         .iter()
         .map(usage_from_row)
         .collect()

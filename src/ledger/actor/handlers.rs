@@ -336,10 +336,10 @@ impl Handler<SetLimits> for AccountActor {
         // dropped at the commit.
         let write = async move {
             let mut client = store::client(&pool).await?;
-            let tx = client.transaction().await.map_err(store::unavailable)?;
+            let tx = client.transaction().await.map_err(store::database_error)?;
             spend::store(&*tx, account, &limits).await?;
             crate::ledger::cluster::notify_settings_changed(&*tx, &instance, account).await?;
-            tx.commit().await.map_err(store::unavailable)
+            tx.commit().await.map_err(store::database_error)
         };
         self.after_lookup(ctx, write, move |actor, ctx, written| {
             if let Err(error) = written {
