@@ -349,7 +349,7 @@ fn the_reader_sees_uses_inside_groups_and_ignores_comments_and_strings() {
 
 /// The files of `src/http/` every route file may use; a route file never
 /// uses another (`openapi.rs` lists the routes, `mod.rs` mounts them).
-const HTTP_SHARED: &[&str] = &["error", "views", "state", "body", "auth"];
+const HTTP_SHARED: &[&str] = &["error", "views", "state", "body", "auth", "extract"];
 
 #[test]
 fn no_route_file_uses_another() {

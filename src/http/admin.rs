@@ -5,9 +5,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{clerk_id_from_operator, require_admin};
-use super::body::read_body;
-use super::error::{parse_json, ApiError};
+use super::auth::clerk_id_from_operator;
+use super::error::ApiError;
+use super::extract::{JsonBody, Operator};
 use super::state::State;
 use super::views::{
     Adjusted, AdminAccount, EventList, GrantView, HoldView, TransactionView, UsageView,
@@ -71,14 +71,11 @@ pub(super) struct Adjustment {
     ))]
 async fn adjust(
     state: State,
-    request: HttpRequest,
+    _: Operator,
     path: web::Path<String>,
-    payload: web::Payload,
+    JsonBody(adjustment): JsonBody<Adjustment>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&state.settings.admin, &request)?;
     let user = clerk_id_from_operator(&path)?;
-    let body = read_body(payload, &state.settings.server).await?;
-    let adjustment: Adjustment = parse_json(&body)?;
     if adjustment.amount_micros == 0 {
         return Err(ApiError::invalid("field `amountMicros`: must not be zero"));
     }
@@ -157,10 +154,9 @@ async fn adjust(
     ))]
 async fn account(
     state: State,
-    request: HttpRequest,
+    _: Operator,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&state.settings.admin, &request)?;
     let user = clerk_id_from_operator(&path)?;
     let Some(account) = state.existing_account(&user).await? else {
         return Err(ApiError::not_found(format!(
@@ -198,8 +194,7 @@ async fn account(
         super::error::Internal,
         super::error::LedgerUnavailable
     ))]
-async fn run_reconcile(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    require_admin(&state.settings.admin, &request)?;
+async fn run_reconcile(state: State, _: Operator) -> Result<HttpResponse, ApiError> {
     let report = state.history.reconcile().await?;
     Ok(HttpResponse::Ok().json(report))
 }
@@ -268,8 +263,11 @@ impl EventFilter {
         super::error::Internal,
         super::error::DatabaseUnavailable
     ))]
-async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    require_admin(&state.settings.admin, &request)?;
+async fn list_events(
+    state: State,
+    _: Operator,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let filter = EventFilter::parse(request.query_string())?;
     let events = state
         .events
@@ -295,10 +293,9 @@ async fn list_events(state: State, request: HttpRequest) -> Result<HttpResponse,
     ))]
 async fn redeliver_event(
     state: State,
-    request: HttpRequest,
+    _: Operator,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&state.settings.admin, &request)?;
     let id = uuid::Uuid::parse_str(path.trim())
         .map_err(|_| ApiError::invalid("field `eventId`: not a UUID"))?;
     match state.events.redeliver(id, chrono::Utc::now()).await? {

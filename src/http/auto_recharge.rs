@@ -1,12 +1,12 @@
 //! `GET`/`PUT /api/credits/auto-recharge`: the user's auto-recharge (see
 //! `crate::recharge`). Enabling needs a card saved by a top-up.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use serde::Deserialize;
 
-use super::body::read_body;
-use super::error::{parse_json, ApiError, Code};
+use super::error::{ApiError, Code};
+use super::extract::{Account, JsonBody, SignedIn};
 use super::state::State;
 use super::views::{AutoRechargeBounds, AutoRechargeView};
 use crate::ledger::AccountId;
@@ -60,9 +60,10 @@ async fn view(state: &State, account: AccountId) -> Result<AutoRechargeView, Api
         super::error::SessionAuth,
         super::error::DatabaseUnavailable
     ))]
-pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
-    let account = state.account(&clerk_id).await?;
+pub(super) async fn show(
+    state: State,
+    Account(account): Account,
+) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(view(&state, account).await?))
 }
 
@@ -78,16 +79,13 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
     ))]
 pub(super) async fn save(
     state: State,
-    request: HttpRequest,
-    payload: web::Payload,
-) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
-    let body = read_body(payload, &state.settings.server).await?;
-    let AutoRechargeRequest {
+    SignedIn(clerk_id): SignedIn,
+    JsonBody(AutoRechargeRequest {
         enabled,
         threshold_cents,
         amount_cents,
-    } = parse_json(&body)?;
+    }): JsonBody<AutoRechargeRequest>,
+) -> Result<HttpResponse, ApiError> {
     let credits = &state.settings.credits;
     let within = |field: &str, value: i64, min: i64, max: i64| {
         if value < min || value > max {

@@ -9,12 +9,12 @@
 use std::convert::Infallible;
 
 use actix_web::web::Bytes;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::body::read_body;
-use super::error::{parse_json, ApiError, Code};
+use super::error::{ApiError, Code};
+use super::extract::{JsonBody, SignedIn};
 use super::state::State;
 use super::views::{ChatAnswer, ChatCredits};
 use crate::config::ChatSettings;
@@ -154,12 +154,10 @@ fn stored_text(field: &str, value: &str) -> Result<(), ApiError> {
     ))]
 async fn chat(
     state: State,
-    request: HttpRequest,
-    payload: web::Payload,
+    SignedIn(clerk_id): SignedIn,
+    JsonBody(asked): JsonBody<ChatBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
-    let body = read_body(payload, &state.settings.server).await?;
-    let chat = Chat::parse(parse_json(&body)?, &state.settings.chat)?;
+    let chat = Chat::parse(asked, &state.settings.chat)?;
     let account = state.account(&clerk_id).await?;
     let order = ChatOrder {
         account,

@@ -35,10 +35,7 @@ fn header<'a>(request: &'a HttpRequest, name: &str) -> Option<&'a str> {
     request_body(content = Object, description = "A Clerk event"),
     responses(
         (status = 200, description = "Taken (or already taken)", body = super::views::WebhookReceipt),
-        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
-        super::error::BodyErrors,
-        super::error::RateLimited,
-        super::error::Internal,
+        super::error::WebhookErrors,
         (status = 503, description = "UNAVAILABLE (not configured, database unavailable: Svix retries)", body = super::error::ErrorBody)
     ))]
 async fn webhook(

@@ -208,6 +208,23 @@ impl utoipa::IntoResponses for BodyErrors {
     }
 }
 
+/// What a webhook route answers besides its 200 and its 503: a bad
+/// signature or payload, a body too slow or too large, too many requests
+/// from one address, a bug.
+pub struct WebhookErrors;
+
+impl utoipa::IntoResponses for WebhookErrors {
+    fn responses() -> Responses {
+        error_rows(&[
+            (400, "INVALID_REQUEST (bad signature or payload)"),
+            (408, "REQUEST_TIMEOUT (the body did not arrive in time)"),
+            (413, "PAYLOAD_TOO_LARGE"),
+            (429, "RATE_LIMITED (Retry-After)"),
+            (500, "INTERNAL"),
+        ])
+    }
+}
+
 /// 500: a bug or a broken invariant, logged with its cause.
 pub struct Internal;
 

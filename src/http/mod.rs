@@ -9,6 +9,7 @@ mod chat;
 mod clerk_webhooks;
 mod credits;
 pub mod error;
+mod extract;
 mod openapi;
 pub mod pages;
 mod provider_keys;

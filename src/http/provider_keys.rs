@@ -2,11 +2,11 @@
 //! sealed (see `crate::accounts::cipher`), never returned whole, never logged: reads show
 //! only whether each key is set and its last 4 characters.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 
-use super::body::read_body;
-use super::error::{parse_json, ApiError};
+use super::error::ApiError;
+use super::extract::{JsonBody, SignedIn};
 use super::state::State;
 use super::views::{SavedKey, SavedKeys};
 use crate::ledger::AccountId;
@@ -35,8 +35,7 @@ const KEY_MAX_LEN: usize = 512;
         (status = 501, description = "BYOK_NOT_CONFIGURED", body = super::error::ErrorBody),
         super::error::LedgerUnavailable
     ))]
-async fn list(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
+async fn list(state: State, SignedIn(clerk_id): SignedIn) -> Result<HttpResponse, ApiError> {
     state.cipher()?;
     let account = state.account(&clerk_id).await?;
     Ok(HttpResponse::Ok().json(summary(&state, account).await?))
@@ -120,12 +119,9 @@ fn check_key(field: &str, provider: Provider, key: &str) -> Result<(), ApiError>
     ))]
 async fn save(
     state: State,
-    request: HttpRequest,
-    payload: web::Payload,
+    SignedIn(clerk_id): SignedIn,
+    JsonBody(keys): JsonBody<SaveKeys>,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
-    let body = read_body(payload, &state.settings.server).await?;
-    let keys: SaveKeys = parse_json(&body)?;
     let cipher = state.cipher()?;
     if keys.anthropic_key.is_none() && keys.openai_key.is_none() {
         return Err(ApiError::invalid(
@@ -166,10 +162,9 @@ async fn save(
     ))]
 async fn remove(
     state: State,
-    request: HttpRequest,
+    SignedIn(clerk_id): SignedIn,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
     state.cipher()?;
     let provider = match path.as_str() {
         "anthropic" => Provider::Anthropic,

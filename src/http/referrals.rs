@@ -1,12 +1,12 @@
 //! `GET /api/credits/referral` (the user's code and counts) and
 //! `POST /api/credits/referral {code}` (a new user presents a code).
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 
-use super::body::read_body;
-use super::error::{parse_json, ApiError, Code};
+use super::error::{ApiError, Code};
+use super::extract::{Account, JsonBody, SignedIn};
 use super::state::State;
 use super::views::Referred;
 use crate::referrals::{self, Refusal};
@@ -51,9 +51,10 @@ pub(super) struct CodeBody {
         super::error::Internal,
         super::error::DatabaseUnavailable
     ))]
-pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
-    let account = state.account(&clerk_id).await?;
+pub(super) async fn show(
+    state: State,
+    Account(account): Account,
+) -> Result<HttpResponse, ApiError> {
     let summary = state.referrals.summary(account).await?;
     Ok(HttpResponse::Ok().json(ReferralView {
         code: summary.code,
@@ -85,13 +86,10 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
     ))]
 pub(super) async fn redeem(
     state: State,
-    request: HttpRequest,
-    payload: web::Payload,
+    SignedIn(clerk_id): SignedIn,
+    JsonBody(asked): JsonBody<CodeBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let body = read_body(payload, &state.settings.server).await?;
-    let asked: CodeBody = parse_json(&body)?;
     if let Some(problem) = crate::text::problem(&asked.code) {
         return Err(ApiError::invalid(format!("field `code`: {problem}")));
     }

@@ -4,13 +4,13 @@
 //! account's actor, which stores it before answering and enforces it on
 //! every hold after it.
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use chrono::SecondsFormat;
 use serde::{Deserialize, Serialize};
 
-use super::auth::{clerk_id_from_operator, require_admin};
-use super::body::read_body;
-use super::error::{parse_json, ApiError};
+use super::auth::clerk_id_from_operator;
+use super::error::ApiError;
+use super::extract::{Account, JsonBody, Operator, SignedIn};
 use super::state::State;
 use crate::ledger::{LimitsChange, SpendLimits, SpendingSnapshot, WindowSpend};
 use crate::money::Micros;
@@ -112,9 +112,10 @@ fn limit(field: &str, value: Option<i64>) -> Result<Option<Micros>, ApiError> {
         super::error::Internal,
         super::error::LedgerUnavailable
     ))]
-pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
-    let account = state.account(&clerk_id).await?;
+pub(super) async fn show(
+    state: State,
+    Account(account): Account,
+) -> Result<HttpResponse, ApiError> {
     let snapshot = state.engine.spending(account).await?;
     Ok(HttpResponse::Ok().json(view(&snapshot)))
 }
@@ -135,13 +136,10 @@ pub(super) async fn show(state: State, request: HttpRequest) -> Result<HttpRespo
     ))]
 pub(super) async fn set(
     state: State,
-    request: HttpRequest,
-    payload: web::Payload,
+    SignedIn(clerk_id): SignedIn,
+    JsonBody(asked): JsonBody<OwnerLimits>,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let body = read_body(payload, &state.settings.server).await?;
-    let asked: OwnerLimits = parse_json(&body)?;
     let change = LimitsChange::Owner {
         daily_micros: limit("dailyMicros", asked.daily_micros)?,
         monthly_micros: limit("monthlyMicros", asked.monthly_micros)?,
@@ -167,14 +165,11 @@ pub(super) async fn set(
     ))]
 pub(super) async fn admin_set(
     state: State,
-    request: HttpRequest,
+    _: Operator,
     path: web::Path<String>,
-    payload: web::Payload,
+    JsonBody(asked): JsonBody<AdminLimits>,
 ) -> Result<HttpResponse, ApiError> {
-    require_admin(&state.settings.admin, &request)?;
     let user = clerk_id_from_operator(&path)?;
-    let body = read_body(payload, &state.settings.server).await?;
-    let asked: AdminLimits = parse_json(&body)?;
     let limits = SpendLimits {
         daily_micros: limit("dailyMicros", asked.daily_micros)?,
         monthly_micros: limit("monthlyMicros", asked.monthly_micros)?,

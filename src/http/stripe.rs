@@ -39,10 +39,7 @@ async fn dispatch(
     request_body(content = Object, description = "A Stripe event"),
     responses(
         (status = 200, description = "Taken (or already taken)", body = super::views::WebhookReceipt),
-        (status = 400, description = "INVALID_REQUEST (bad signature or payload)", body = super::error::ErrorBody),
-        super::error::BodyErrors,
-        super::error::RateLimited,
-        super::error::Internal,
+        super::error::WebhookErrors,
         (status = 503, description = "UNAVAILABLE (not configured, a top-up not credited yet, database unavailable: Stripe retries)", body = super::error::ErrorBody)
     ))]
 async fn webhook(

@@ -2,11 +2,11 @@
 //! Checkout Session the user is sent to; the credit itself comes later,
 //! from the webhook (`stripe.rs`).
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 
-use super::body::read_body;
-use super::error::{parse_json, ApiError, Code};
+use super::error::{ApiError, Code};
+use super::extract::{JsonBody, SignedIn};
 use super::state::State;
 use super::views::TopupSessionView;
 
@@ -44,12 +44,9 @@ fn euros(cents: i64) -> String {
     ))]
 async fn topup(
     state: State,
-    request: HttpRequest,
-    payload: web::Payload,
+    SignedIn(clerk_id): SignedIn,
+    JsonBody(TopupRequest { amount }): JsonBody<TopupRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let clerk_id = state.authenticate(&request).await?;
-    let body = read_body(payload, &state.settings.server).await?;
-    let TopupRequest { amount } = parse_json(&body)?;
     let limits = &state.settings.stripe;
     if amount < limits.topup_cents_min {
         return Err(ApiError::invalid(format!(
