@@ -5,6 +5,9 @@
 //!
 //! An event id is recorded only with or after its effect committed, so a
 //! failure (answered 5xx, retried by the sender) is never taken for done.
+//! What can only follow the commit (Clerk's signup bonus, which needs the
+//! committed user row) is the caller's, run after `Received::Applied` and
+//! again after `Received::Duplicate`, idempotent.
 
 use std::future::Future;
 
@@ -104,9 +107,9 @@ pub enum Effect<O, E> {
     /// Done already, through the ledger engine (or with nothing to do):
     /// the engine's postings commit on their own, so they carry
     /// idempotency keys of the event's objects (`stripe:checkout:<session>`,
-    /// `bonus:signup:<user>`, …), and a redelivery after a failure between
-    /// them and the inbox row finds them done (`replayed`). Only the inbox
-    /// row remains to write.
+    /// `stripe:payment_intent:<id>`, …), and a redelivery after a failure
+    /// between them and the inbox row finds them done (`replayed`). Only
+    /// the inbox row remains to write.
     Applied(O),
     /// The effect's own SQL writes: they and the inbox row commit in one
     /// transaction, or neither does.

@@ -5,6 +5,11 @@
 //! window starts); `user.deleted` marks the user deleted (its requests are
 //! refused from then on), keeps the ledger, and switches auto-recharge off
 //! with the saved card forgotten.
+//!
+//! The user-row writes of an event commit in the webhook inbox's
+//! transaction, with the event id ([`UserEvent::effect`]); what cannot be
+//! in it follows the commit ([`FollowUp`]): the cache, the signup bonus,
+//! the account actor's auto-recharge.
 
 use std::sync::Arc;
 
@@ -12,11 +17,14 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::accounts::users::Profile;
+use tokio_postgres::Transaction;
+
+use crate::accounts::users::{self, Profile};
 use crate::accounts::{bonus, ClerkUserId, SignupBonusClaim, SignupBonuses, Users};
 use crate::ledger::LedgerError;
 use crate::recharge::store::AutoRecharges;
-use crate::webhooks::WebhookOutcome;
+use crate::recharge::OffReason;
+use crate::webhooks::{Effect, WebhookOutcome};
 
 /// The event types creditd handles, as counted.
 pub const HANDLED: &[&str] = &["user.created", "user.updated", "user.deleted"];
@@ -192,11 +200,11 @@ impl ClerkUser {
         (!parts.is_empty()).then(|| parts.join(" "))
     }
 
-    /// Creates the user or brings the profile up to date (see
-    /// `Users::upsert_profile`).
+    /// Creates the user or brings the profile up to date, on the inbox's
+    /// transaction (see `users::upsert_profile`).
     async fn upsert(
         &self,
-        users: &Users,
+        tx: &Transaction<'_>,
         created: bool,
     ) -> Result<crate::ledger::AccountId, LedgerError> {
         let email_hash = self.bonus_email_hash();
@@ -213,7 +221,7 @@ impl ClerkUser {
             email_hash: email_hash.as_deref(),
             signed_up_at,
         };
-        Ok(users.upsert_profile(profile, created).await?)
+        Ok(users::upsert_profile(tx, profile, created).await?)
     }
 }
 
@@ -225,42 +233,185 @@ pub struct ClerkEffects {
 }
 
 impl UserEvent {
-    /// Applies the event.
-    pub async fn apply(self, effects: &ClerkEffects) -> Result<WebhookOutcome, LedgerError> {
+    /// The event's writes of the user's row, for the inbox to commit with
+    /// the event id; they tell the [`FollowUp`] to run once committed.
+    pub fn effect(self, effects: Arc<ClerkEffects>) -> Effect<FollowUp, LedgerError> {
+        if let UserEvent::Unknown = self {
+            return Effect::Applied(FollowUp::nothing());
+        }
+        Effect::Writes(Box::new(move |tx| {
+            Box::pin(async move { self.write(tx, &effects).await })
+        }))
+    }
+
+    async fn write(
+        self,
+        tx: &Transaction<'_>,
+        effects: &ClerkEffects,
+    ) -> Result<FollowUp, LedgerError> {
         match self {
             UserEvent::Created(user) => {
-                let account = user.upsert(&effects.users, true).await?;
-                let granted = effects.signup_bonuses.grant(account).await?;
-                Ok(match granted {
-                    SignupBonusClaim::Granted(outcome) if outcome.replayed => {
-                        WebhookOutcome::Replayed
-                    }
-                    SignupBonusClaim::Granted(_) => WebhookOutcome::Applied,
-                    SignupBonusClaim::TakenByAnotherAccount => WebhookOutcome::BonusAlreadyClaimed,
-                })
+                user.upsert(tx, true).await?;
+                Ok(FollowUp::written(
+                    &user.id,
+                    WebhookOutcome::Applied,
+                    Step::SignupBonus,
+                ))
             }
             UserEvent::Updated(user) => {
-                user.upsert(&effects.users, false).await?;
-                Ok(WebhookOutcome::Applied)
+                user.upsert(tx, false).await?;
+                Ok(FollowUp::written(
+                    &user.id,
+                    WebhookOutcome::Applied,
+                    Step::Nothing,
+                ))
             }
-            UserEvent::Deleted(user) => {
-                let clerk_id = ClerkUserId::new(user.id);
-                let deleted = effects.users.mark_deleted(&clerk_id).await?;
-                // A deleted account's card is charged no more: auto-recharge
-                // off, card forgotten (again on a redelivery, harmlessly).
-                if let Some(account) = effects.users.existing_account(&clerk_id).await? {
-                    effects
-                        .auto_recharges
-                        .switch_off(account, crate::recharge::OffReason::AccountDeleted)
-                        .await?;
-                }
-                Ok(if deleted {
-                    WebhookOutcome::Applied
-                } else {
-                    WebhookOutcome::Ignored
-                })
-            }
-            UserEvent::Unknown => Ok(WebhookOutcome::Ignored),
+            UserEvent::Deleted(user) => delete(tx, effects, ClerkUserId::new(user.id)).await,
+            UserEvent::Unknown => Ok(FollowUp::nothing()),
         }
+    }
+
+    /// What a redelivery whose event id is already recorded still does:
+    /// the steps after the commit, which a failure (or a crash) between
+    /// the commit and them may have left undone. Each is idempotent.
+    pub fn redelivered(&self) -> FollowUp {
+        let (clerk_id, step) = match self {
+            UserEvent::Created(user) => (&user.id, Step::SignupBonus),
+            UserEvent::Deleted(user) => (&user.id, Step::AutoRechargeOff { was_on: false }),
+            UserEvent::Updated(_) | UserEvent::Unknown => return FollowUp::nothing(),
+        };
+        FollowUp {
+            clerk_id: Some(ClerkUserId::new(clerk_id.as_str())),
+            outcome: WebhookOutcome::Replayed,
+            written: false,
+            step,
+        }
+    }
+}
+
+/// Switches auto-recharge off with the saved card forgotten (again on a
+/// redelivery, harmlessly: a deleted account's card is charged no more) and
+/// marks the user deleted, both on the inbox's transaction: the switch-off
+/// writes the same `users` row, so on a connection of its own it would
+/// wait for this transaction's lock.
+///
+/// The switch-off comes first: it waits for the account's journal writes
+/// in flight (`Engine::record_events`), and those insert events that
+/// reference the `users` row, which the deletion locks against them (it
+/// clears the unique `email`). Deleting first, each would wait for the other.
+async fn delete(
+    tx: &Transaction<'_>,
+    effects: &ClerkEffects,
+    clerk_id: ClerkUserId,
+) -> Result<FollowUp, LedgerError> {
+    let was_on = match users::find_user(tx, clerk_id.as_str()).await? {
+        Some(account) => {
+            effects
+                .auto_recharges
+                .switch_off_on(tx, account, OffReason::AccountDeleted)
+                .await?
+        }
+        None => false,
+    };
+    let deleted = users::mark_deleted(tx, &clerk_id).await?;
+    let outcome = match deleted {
+        Some(_) => WebhookOutcome::Applied,
+        None => WebhookOutcome::Ignored,
+    };
+    Ok(FollowUp::written(
+        clerk_id.as_str(),
+        outcome,
+        Step::AutoRechargeOff { was_on },
+    ))
+}
+
+/// What a user event leaves for after its writes committed with its event
+/// id, or for a redelivery that found the id recorded
+/// ([`UserEvent::redelivered`]).
+///
+/// The signup bonus cannot be in the inbox's transaction: it goes through
+/// the ledger engine, which commits on its own and can only credit an
+/// account whose user and balance rows are committed. So it follows the
+/// commit, keyed `bonus:signup:<account>` (see `accounts::bonus`): a
+/// failure or a crash between the commit and the bonus answers no 2xx, and
+/// Clerk's redelivery, though answered as a duplicate, grants it then; a
+/// bonus already granted is replayed, never paid twice. Likewise the
+/// account's actor learns that a deleted user's auto-recharge is off only
+/// once that committed, and again on a redelivery.
+pub struct FollowUp {
+    /// The user the event is about; `None`: nothing to do.
+    clerk_id: Option<ClerkUserId>,
+    outcome: WebhookOutcome,
+    /// This delivery's writes changed the user's row: the cache forgets it.
+    written: bool,
+    step: Step,
+}
+
+/// The step of a [`FollowUp`] beyond the cache.
+enum Step {
+    Nothing,
+    /// `user.created`: the signup bonus, once per person, to a live user.
+    SignupBonus,
+    /// `user.deleted`: the deleted user's actor learns auto-recharge is off
+    /// (`was_on`: this delivery switched it off).
+    AutoRechargeOff {
+        was_on: bool,
+    },
+}
+
+impl FollowUp {
+    fn nothing() -> FollowUp {
+        FollowUp {
+            clerk_id: None,
+            outcome: WebhookOutcome::Ignored,
+            written: false,
+            step: Step::Nothing,
+        }
+    }
+
+    fn written(clerk_id: &str, outcome: WebhookOutcome, step: Step) -> FollowUp {
+        FollowUp {
+            clerk_id: Some(ClerkUserId::new(clerk_id)),
+            outcome,
+            written: true,
+            step,
+        }
+    }
+
+    /// Runs the steps after the commit; the event's outcome, as counted.
+    pub async fn run(self, effects: &ClerkEffects) -> Result<WebhookOutcome, LedgerError> {
+        let Some(clerk_id) = self.clerk_id else {
+            return Ok(self.outcome);
+        };
+        if self.written {
+            effects.users.forget(&clerk_id).await;
+        }
+        if let Step::Nothing = self.step {
+            return Ok(self.outcome);
+        }
+        match (self.step, effects.users.stored(&clerk_id).await?) {
+            // A user deleted since gets no bonus; a user brought back since
+            // keeps auto-recharge as it is.
+            (Step::SignupBonus, Some((account, false))) => {
+                let granted = effects.signup_bonuses.grant(account).await?;
+                Ok(bonus_outcome(granted))
+            }
+            (Step::AutoRechargeOff { was_on }, Some((account, true))) => {
+                effects
+                    .auto_recharges
+                    .switched_off(account, OffReason::AccountDeleted, was_on)
+                    .await?;
+                Ok(self.outcome)
+            }
+            _ => Ok(self.outcome),
+        }
+    }
+}
+
+fn bonus_outcome(granted: SignupBonusClaim) -> WebhookOutcome {
+    match granted {
+        SignupBonusClaim::Granted(outcome) if outcome.replayed => WebhookOutcome::Replayed,
+        SignupBonusClaim::Granted(_) => WebhookOutcome::Applied,
+        SignupBonusClaim::TakenByAnotherAccount => WebhookOutcome::BonusAlreadyClaimed,
     }
 }

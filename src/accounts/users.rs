@@ -33,7 +33,7 @@ mod sql {
                 signed_up_at = COALESCE(EXCLUDED.signed_up_at, users.signed_up_at),
                 deleted_at = CASE WHEN $6 THEN NULL ELSE users.deleted_at END,
                 updated_at = now()
-         RETURNING id, deleted_at IS NOT NULL";
+         RETURNING id";
     pub const ENSURE_BALANCE: &str =
         "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING";
     pub const MARK_DELETED: &str =
@@ -143,9 +143,9 @@ impl Users {
         Ok(user)
     }
 
-    /// Serializes the lookups and the deletion state changes of one Clerk
-    /// id (by hash shard): a lookup that read the row before a deletion
-    /// cannot cache it after the deletion's own cache update.
+    /// Serializes the lookups of one Clerk id and the cache forgetting it
+    /// (by hash shard): a lookup that read the row before a committed
+    /// change (a deletion) cannot cache it after `forget`.
     async fn turn(&self, clerk_id: &ClerkUserId) -> tokio::sync::MutexGuard<'_, ()> {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(clerk_id, &mut hasher);
@@ -158,67 +158,26 @@ impl Users {
         plan(&**db::client(&self.pool).await?, account).await
     }
 
-    /// Creates the user, or brings email, name and picture up to date;
-    /// `created` (Clerk's `user.created`) also brings a deleted user back.
-    pub async fn upsert_profile(
-        &self,
-        profile: Profile<'_>,
-        created: bool,
-    ) -> Result<AccountId, DbError> {
-        let _turn = self.turn(profile.clerk_id).await;
-        let client = db::client(&self.pool).await?;
-        let row = client
-            .query_one(
-                sql::UPSERT_PROFILE,
-                &[
-                    &profile.clerk_id.as_str(),
-                    &profile.email,
-                    &profile.name,
-                    &profile.image_url,
-                    &profile.email_hash,
-                    &created,
-                    &profile.signed_up_at,
-                ],
-            )
-            .await?;
-        let account = AccountId(row.get(0));
-        self.remember(
-            profile.clerk_id,
-            CachedUser {
-                account,
-                deleted: row.get(1),
-            },
-        )
-        .await;
-        client.execute(sql::ENSURE_BALANCE, &[&account.0]).await?;
-        Ok(account)
+    /// Forgets what the cache holds of a Clerk id whose row a transaction
+    /// just committed a change to (Clerk's user events): the next lookup
+    /// reads the committed row. Under the user's turn, so a lookup that
+    /// read the row before the commit cannot cache it after this; and two
+    /// events' steps after their commits, in either order, leave nothing
+    /// stale (a remembered value could be the older one's).
+    pub async fn forget(&self, clerk_id: &ClerkUserId) {
+        let _turn = self.turn(clerk_id).await;
+        self.cache.invalidate(clerk_id).await;
     }
 
-    /// Marks the user deleted; the ledger stays. The email is released so
-    /// the address can sign up again as a new user. From now on the user's
-    /// requests are refused (the cache learns it under the user's turn, so
-    /// no lookup in flight can undo it). False when there was no live user.
-    pub async fn mark_deleted(&self, clerk_id: &ClerkUserId) -> Result<bool, DbError> {
-        let _turn = self.turn(clerk_id).await;
+    /// The account of a Clerk id and whether the user was deleted, as
+    /// committed (read from the database, not the cache); `None` when
+    /// the user does not exist.
+    pub async fn stored(
+        &self,
+        clerk_id: &ClerkUserId,
+    ) -> Result<Option<(AccountId, bool)>, DbError> {
         let client = db::client(&self.pool).await?;
-        let updated = client
-            .query_opt(sql::MARK_DELETED, &[&clerk_id.as_str()])
-            .await?;
-        Ok(match updated {
-            Some(row) => {
-                let account = AccountId(row.get(0));
-                self.remember(
-                    clerk_id,
-                    CachedUser {
-                        account,
-                        deleted: true,
-                    },
-                )
-                .await;
-                true
-            }
-            None => false,
-        })
+        find_user_status(&**client, clerk_id.as_str()).await
     }
 
     async fn cached(&self, clerk_id: &ClerkUserId) -> Option<CachedUser> {
@@ -228,6 +187,50 @@ impl Users {
     async fn remember(&self, clerk_id: &ClerkUserId, user: CachedUser) {
         self.cache.insert(clerk_id.clone(), user).await;
     }
+}
+
+/// Creates the user (with its balance row), or brings email, name and
+/// picture up to date; `created` (Clerk's `user.created`) also brings a
+/// deleted user back. On the caller's transaction (the event's inbox
+/// row commits with it); the cache learns it after the commit
+/// (`Users::forget`).
+pub async fn upsert_profile(
+    client: &impl GenericClient,
+    profile: Profile<'_>,
+    created: bool,
+) -> Result<AccountId, DbError> {
+    let row = client
+        .query_one(
+            sql::UPSERT_PROFILE,
+            &[
+                &profile.clerk_id.as_str(),
+                &profile.email,
+                &profile.name,
+                &profile.image_url,
+                &profile.email_hash,
+                &created,
+                &profile.signed_up_at,
+            ],
+        )
+        .await?;
+    let account = AccountId(row.get(0));
+    client.execute(sql::ENSURE_BALANCE, &[&account.0]).await?;
+    Ok(account)
+}
+
+/// Marks the user deleted; the ledger stays. The email is released so
+/// the address can sign up again as a new user. On the caller's
+/// transaction; the user's requests are refused once it committed and the
+/// cache forgot the user (`Users::forget`). The account when a live user
+/// was deleted now.
+pub async fn mark_deleted(
+    client: &impl GenericClient,
+    clerk_id: &ClerkUserId,
+) -> Result<Option<AccountId>, DbError> {
+    Ok(client
+        .query_opt(sql::MARK_DELETED, &[&clerk_id.as_str()])
+        .await?
+        .map(|row| AccountId(row.get(0))))
 }
 
 /// The user's Stripe customer id, email and name.

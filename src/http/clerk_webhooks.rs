@@ -10,7 +10,7 @@ use super::views::WebhookReceipt;
 use crate::accounts::clerk_events::HANDLED;
 use crate::accounts::{ClerkEvent, EventError};
 use crate::clerk::svix::{self, SvixHeaders};
-use crate::webhooks::{self, Delivery, Effect, Received, Source, WebhookOutcome};
+use crate::webhooks::{self, Delivery, Received, Source, WebhookOutcome};
 
 const SOURCE: Source = Source::Clerk;
 
@@ -68,11 +68,7 @@ async fn webhook(
         event_id,
         kind: &event.kind,
     };
-    let outcome = match state
-        .inbox
-        .receive(delivery, || dispatch(&state, &event))
-        .await
-    {
+    let outcome = match receive(&state, delivery, &event).await {
         Ok(Received::Duplicate) => {
             webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
             return Ok(HttpResponse::Ok().json(WebhookReceipt::duplicate()));
@@ -88,17 +84,35 @@ async fn webhook(
     Ok(HttpResponse::Ok().json(WebhookReceipt::taken()))
 }
 
-/// Parses the event by type and applies it. Clerk's effects commit on
-/// their own before the inbox row: the user row through `Users` (whose
-/// cache must only learn committed rows), the bonus through the engine
-/// (key `bonus:signup:<user>`); each is idempotent, so a redelivery after
-/// a failure before the inbox row applies nothing twice.
-async fn dispatch(
+/// Parses the event by type and applies it once: its user-row writes
+/// commit with the event id in the inbox's transaction; then its follow-up
+/// (the cache, the signup bonus keyed `bonus:signup:<user>`, the actor's
+/// auto-recharge) runs, on a redelivery of a recorded id too, so a failure
+/// between the commit and the follow-up loses nothing and, each step being
+/// idempotent, applies nothing twice.
+async fn receive(
     state: &State,
+    delivery: Delivery<'_>,
     event: &ClerkEvent,
-) -> Result<Effect<WebhookOutcome, ApiError>, ApiError> {
+) -> Result<Received<WebhookOutcome>, ApiError> {
     let parsed = event.parse().map_err(event_failure)?;
-    Ok(Effect::Applied(parsed.apply(&state.clerk_effects).await?))
+    let redelivered = parsed.redelivered();
+    let effects = state.clerk_effects.clone();
+    let received = state
+        .inbox
+        .receive(delivery, || async move {
+            Ok::<_, ApiError>(parsed.effect(effects).map_err::<ApiError>(ApiError::from))
+        })
+        .await?;
+    Ok(match received {
+        Received::Duplicate => {
+            redelivered.run(&state.clerk_effects).await?;
+            Received::Duplicate
+        }
+        Received::Applied(follow_up) => {
+            Received::Applied(follow_up.run(&state.clerk_effects).await?)
+        }
+    })
 }
 
 fn event_failure(error: EventError) -> ApiError {

@@ -136,7 +136,19 @@ pub async fn switch_off(
     let mut client = crate::db::client(pool).await?;
     let switched = store::switch_off(&mut client, engine, account, reason, Utc::now()).await?;
     drop(client);
-    if switched {
+    switched_off(engine, account, reason, switched).await
+}
+
+/// What follows a committed switch-off (`was_on`: it was on until then):
+/// the account's actor learns it. Idempotent, so a caller whose
+/// switch-off committed with other writes runs it again on a redelivery.
+pub async fn switched_off(
+    engine: &Engine,
+    account: AccountId,
+    reason: OffReason,
+    was_on: bool,
+) -> Result<(), LedgerError> {
+    if was_on {
         tracing::info!(
             account = account.0,
             reason = reason.as_str(),

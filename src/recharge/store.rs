@@ -240,6 +240,22 @@ pub async fn switch_off(
     now: DateTime<Utc>,
 ) -> Result<bool, LedgerError> {
     let tx = client.transaction().await.map_err(DbError::from)?;
+    let was_on = switch_off_on(&tx, engine, account, reason, now).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(was_on)
+}
+
+/// [`switch_off`]'s writes on the caller's transaction, for a change of
+/// the same `users` row that commits with it (Clerk's `user.deleted` and
+/// its event id): on a connection of its own it would wait for that
+/// transaction's row lock. `true` when it was on.
+pub async fn switch_off_on(
+    tx: &tokio_postgres::Transaction<'_>,
+    engine: &Engine,
+    account: AccountId,
+    reason: OffReason,
+    now: DateTime<Utc>,
+) -> Result<bool, LedgerError> {
     let was_on = tx
         .query_opt(
             "SELECT enabled FROM auto_recharge_settings WHERE user_id = $1 FOR UPDATE",
@@ -279,9 +295,8 @@ pub async fn switch_off(
                 reason: reason.as_str().to_owned(),
             }),
         );
-        insert_events(engine, &tx, account, &[event], now).await?;
+        insert_events(engine, tx, account, &[event], now).await?;
     }
-    tx.commit().await.map_err(DbError::from)?;
     Ok(was_on)
 }
 
@@ -645,12 +660,28 @@ impl AutoRecharges {
         Ok(Saved::Saved)
     }
 
-    /// Switches the account's auto-recharge off (see `recharge::switch_off`).
-    pub async fn switch_off(
+    /// Switches the account's auto-recharge off on the caller's
+    /// transaction (see [`switch_off_on`]): `true` when it was on. The
+    /// account's actor learns it from [`AutoRecharges::switched_off`] once
+    /// the transaction committed.
+    pub async fn switch_off_on(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        account: AccountId,
+        reason: OffReason,
+    ) -> Result<bool, LedgerError> {
+        switch_off_on(tx, &self.engine, account, reason, Utc::now()).await
+    }
+
+    /// Tells the account's actor that its auto-recharge is off, after
+    /// [`AutoRecharges::switch_off_on`] committed (see
+    /// `recharge::switched_off`).
+    pub async fn switched_off(
         &self,
         account: AccountId,
         reason: OffReason,
+        was_on: bool,
     ) -> Result<(), LedgerError> {
-        super::switch_off(&self.pool, &self.engine, account, reason).await
+        super::switched_off(&self.engine, account, reason, was_on).await
     }
 }

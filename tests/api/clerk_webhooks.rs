@@ -411,3 +411,191 @@ async fn user_updated_and_user_deleted_keep_the_user_row_and_the_ledger() {
     assert_eq!(bonuses(&app).await, 1, "the ledger is kept");
     app.db.reconcile_is_clean().await;
 }
+
+/// Makes the writes that `trigger` (`BEFORE <op> ON <table> FOR EACH ROW
+/// [WHEN …]`) names fail, as a database refusing them would.
+async fn refuse(app: &TestApp, trigger: &str) {
+    app.db
+        .client()
+        .await
+        .batch_execute(&format!(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+             CREATE TRIGGER refuse {trigger} EXECUTE FUNCTION refuse()"
+        ))
+        .await
+        .expect("refusing trigger");
+}
+
+async fn allow_again(app: &TestApp, table: &str) {
+    app.db
+        .client()
+        .await
+        .batch_execute(&format!(
+            "DROP TRIGGER refuse ON {table}; DROP FUNCTION refuse()"
+        ))
+        .await
+        .expect("drop the refusal");
+}
+
+async fn recorded(app: &TestApp, event_id: &str) -> bool {
+    app.db
+        .client()
+        .await
+        .query_opt(
+            "SELECT 1 FROM processed_webhook_events WHERE source = 'clerk' AND event_id = $1",
+            &[&event_id],
+        )
+        .await
+        .unwrap()
+        .is_some()
+}
+
+fn deleted_event(clerk_id: &str) -> Value {
+    json!({ "object": "event", "type": "user.deleted",
+            "data": { "object": "user", "id": clerk_id, "deleted": true } })
+}
+
+#[actix::test]
+async fn a_clerk_event_whose_effect_fails_is_not_recorded_and_its_redelivery_applies_it_once() {
+    let app = clerk_app().await;
+    let created = user_event(
+        "user.created",
+        "user_retry",
+        "old@example.com",
+        "Old",
+        "Name",
+    );
+    let updated = user_event(
+        "user.updated",
+        "user_retry",
+        "new@example.com",
+        "New",
+        "Name",
+    );
+    assert_eq!(deliver(&app, "msg_retry_created", &created).await, 200);
+
+    refuse(
+        &app,
+        "BEFORE UPDATE ON users FOR EACH ROW WHEN (OLD.clerk_id = 'user_retry')",
+    )
+    .await;
+    assert_eq!(deliver(&app, "msg_retry_updated", &updated).await, 500);
+    assert!(
+        !recorded(&app, "msg_retry_updated").await,
+        "a failed effect is not done"
+    );
+    assert_eq!(
+        user_row(&app, "user_retry").await,
+        Some((
+            Some("old@example.com".into()),
+            Some("Old Name".into()),
+            false
+        ))
+    );
+
+    allow_again(&app, "users").await;
+    assert_eq!(deliver(&app, "msg_retry_updated", &updated).await, 200);
+    assert!(recorded(&app, "msg_retry_updated").await);
+    assert_eq!(
+        user_row(&app, "user_retry").await,
+        Some((
+            Some("new@example.com".into()),
+            Some("New Name".into()),
+            false
+        ))
+    );
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE users SET name = 'Renamed Since' WHERE clerk_id = 'user_retry'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deliver(&app, "msg_retry_updated", &updated).await, 200);
+    let (_, name, _) = user_row(&app, "user_retry").await.unwrap();
+    assert_eq!(
+        name.as_deref(),
+        Some("Renamed Since"),
+        "a redelivery after success changes nothing"
+    );
+    assert_eq!(bonuses(&app).await, 1);
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_user_deleted_commits_the_deletion_and_its_event_id_together_or_not_at_all() {
+    let app = clerk_app().await;
+    let created = user_event(
+        "user.created",
+        "user_gone",
+        "gone@example.com",
+        "Gone",
+        "Soon",
+    );
+    assert_eq!(deliver(&app, "msg_gone_created", &created).await, 200);
+    assert_eq!(app.get_as("user_gone", "/api/credits").await.status(), 200);
+
+    refuse(
+        &app,
+        "BEFORE INSERT ON processed_webhook_events FOR EACH ROW",
+    )
+    .await;
+    let deleted = deleted_event("user_gone");
+    assert_eq!(deliver(&app, "msg_gone_deleted", &deleted).await, 500);
+    let (email, _, is_deleted) = user_row(&app, "user_gone").await.unwrap();
+    assert!(
+        !is_deleted,
+        "the user is not deleted when the event id cannot be recorded"
+    );
+    assert_eq!(email.as_deref(), Some("gone@example.com"));
+    assert_eq!(app.get_as("user_gone", "/api/credits").await.status(), 200);
+
+    allow_again(&app, "processed_webhook_events").await;
+    assert_eq!(deliver(&app, "msg_gone_deleted", &deleted).await, 200);
+    assert!(recorded(&app, "msg_gone_deleted").await);
+    let (email, _, is_deleted) = user_row(&app, "user_gone").await.unwrap();
+    assert!(is_deleted);
+    assert_eq!(email, None, "the address is released");
+    assert_eq!(
+        app.get_as("user_gone", "/api/credits").await.status(),
+        401,
+        "the deleted user's requests are refused once it committed"
+    );
+    app.db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_signup_bonus_that_fails_after_its_user_committed_is_granted_by_the_redelivery_once() {
+    let app = clerk_app().await;
+    let created = user_event(
+        "user.created",
+        "user_bonus",
+        "bonus@example.com",
+        "Bo",
+        "Nus",
+    );
+
+    // The user row and the event id commit; the bonus, through the engine,
+    // comes after them and fails.
+    refuse(&app, "BEFORE INSERT ON signup_bonus_claims FOR EACH ROW").await;
+    assert_eq!(deliver(&app, "msg_bonus", &created).await, 500);
+    assert!(recorded(&app, "msg_bonus").await);
+    assert!(user_row(&app, "user_bonus").await.is_some());
+    assert_eq!(bonuses(&app).await, 0);
+
+    allow_again(&app, "signup_bonus_claims").await;
+    assert_eq!(
+        deliver(&app, "msg_bonus", &created).await,
+        200,
+        "the redelivery of a recorded event still grants what followed it"
+    );
+    assert_eq!(bonuses(&app).await, 1);
+    assert_eq!(deliver(&app, "msg_bonus", &created).await, 200);
+    assert_eq!(bonuses(&app).await, 1, "no bonus is paid twice");
+    let (_, overview) = json_of(app.get_as("user_bonus", "/api/credits").await).await;
+    assert_eq!(overview["balanceMicros"], 10_000_000);
+    app.db.reconcile_is_clean().await;
+}
