@@ -89,6 +89,30 @@ pub fn count(source: Source, kind: &str, handled: &[&'static str], outcome: &str
     .increment(1);
 }
 
+/// Counts what became of a delivery (`duplicate`, `failed` or its
+/// outcome) and logs it, passing the result on.
+pub fn counted<E: std::fmt::Display>(
+    delivery: Delivery<'_>,
+    handled: &[&'static str],
+    result: Result<Received<WebhookOutcome>, E>,
+) -> Result<Received<WebhookOutcome>, E> {
+    let source = delivery.source;
+    match &result {
+        Ok(Received::Duplicate) => count(source, delivery.kind, handled, "duplicate"),
+        Ok(Received::Applied(outcome)) => {
+            count(source, delivery.kind, handled, outcome.as_str());
+            tracing::info!(source = source.as_str(), event = %delivery.event_id, kind = %delivery.kind,
+                outcome = outcome.as_str(), "webhook event processed");
+        }
+        Err(error) => {
+            count(source, delivery.kind, handled, "failed");
+            tracing::warn!(source = source.as_str(), event = %delivery.event_id, kind = %delivery.kind,
+                %error, "webhook event not processed");
+        }
+    }
+    result
+}
+
 /// One webhook delivery, as the inbox records it.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery<'a> {

@@ -68,20 +68,8 @@ async fn webhook(
         event_id,
         kind: &event.kind,
     };
-    let outcome = match receive(&state, delivery, &event).await {
-        Ok(Received::Duplicate) => {
-            webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
-            return Ok(HttpResponse::Ok().json(WebhookReceipt::duplicate()));
-        }
-        Ok(Received::Applied(outcome)) => outcome,
-        Err(error) => {
-            webhooks::count(SOURCE, &event.kind, HANDLED, "failed");
-            tracing::warn!(event = %event_id, kind = %event.kind, %error, "Clerk event not processed");
-            return Err(error);
-        }
-    };
-    webhooks::count(SOURCE, &event.kind, HANDLED, outcome.as_str());
-    Ok(HttpResponse::Ok().json(WebhookReceipt::taken()))
+    let received = webhooks::counted(delivery, HANDLED, receive(&state, delivery, &event).await)?;
+    Ok(HttpResponse::Ok().json(WebhookReceipt::of(&received)))
 }
 
 /// Parses the event by type and applies it once: its user-row writes

@@ -12,7 +12,7 @@ use super::views::WebhookReceipt;
 use crate::payments::webhook::{StripeEvent, HANDLED};
 use crate::stripe::events::Event;
 use crate::stripe::signature;
-use crate::webhooks::{self, Delivery, Effect, Received, Source};
+use crate::webhooks::{self, Delivery, Effect, Source};
 
 const SOURCE: Source = Source::Stripe;
 
@@ -76,23 +76,10 @@ async fn webhook(
         event_id: &event.id,
         kind: &event.kind,
     };
-    let outcome = match state
+    let received = state
         .inbox
         .receive(delivery, || dispatch(&state, &event))
-        .await
-    {
-        Ok(Received::Duplicate) => {
-            webhooks::count(SOURCE, &event.kind, HANDLED, "duplicate");
-            return Ok(HttpResponse::Ok().json(WebhookReceipt::duplicate()));
-        }
-        Ok(Received::Applied(outcome)) => outcome,
-        Err(error) => {
-            webhooks::count(SOURCE, &event.kind, HANDLED, "failed");
-            tracing::warn!(event = %event.id, kind = %event.kind, %error, "Stripe event not processed");
-            return Err(error);
-        }
-    };
-    webhooks::count(SOURCE, &event.kind, HANDLED, outcome.as_str());
-    tracing::info!(event = %event.id, kind = %event.kind, outcome = outcome.as_str(), "Stripe event processed");
-    Ok(HttpResponse::Ok().json(WebhookReceipt::taken()))
+        .await;
+    let received = webhooks::counted(delivery, HANDLED, received)?;
+    Ok(HttpResponse::Ok().json(WebhookReceipt::of(&received)))
 }

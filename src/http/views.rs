@@ -369,6 +369,14 @@ pub struct WebhookReceipt {
 }
 
 impl WebhookReceipt {
+    /// The receipt of a delivery: taken, or taken before (`duplicate`).
+    pub fn of<O>(received: &crate::webhooks::Received<O>) -> WebhookReceipt {
+        match received {
+            crate::webhooks::Received::Duplicate => WebhookReceipt::duplicate(),
+            crate::webhooks::Received::Applied(_) => WebhookReceipt::taken(),
+        }
+    }
+
     /// Taken now.
     pub fn taken() -> WebhookReceipt {
         WebhookReceipt {
