@@ -11,9 +11,10 @@
 //
 // Live: once loaded it listens to `/api/credits/stream` (Server-Sent
 // Events, authenticated by the `__session` cookie) and redraws on every
-// `balance` event, then dispatches `credit-balance:changed` (detail: the
-// event's data). It falls back to reloading every `poll-interval` ms
-// (default 30000; 0: never) when the stream cannot open: no EventSource in
+// `balance` event of another version than the one shown, then dispatches
+// `credit-balance:changed` (detail: the event's data). It falls back to
+// reloading every `poll-interval` ms (default 30000; 0: never) when the
+// stream cannot open: no EventSource in
 // the browser, or an error while the browser is not reconnecting (a
 // refusal, such as 401 on a page that signs in with a bearer token only,
 // or 429 when the person has too many tabs open). A stream that ends (a
@@ -50,6 +51,14 @@ class CreditBalanceElement extends HTMLElement {
   connectedCallback() {
     adoptStyles(this, STYLES)
     if (!this.dataset.state) this.renderLoading()
+    // A page left (or kept in the back-forward cache) holds no stream open:
+    // browsers allow few connections per server.
+    this.onPageHide = () => this.stopListening()
+    this.onPageShow = (event) => {
+      if (event.persisted) this.refresh().then((data) => data && this.listen())
+    }
+    window.addEventListener('pagehide', this.onPageHide)
+    window.addEventListener('pageshow', this.onPageShow)
     this.refresh().then((data) => {
       // Signed out: nothing to follow until the person signs in.
       if (data) this.listen()
@@ -58,6 +67,12 @@ class CreditBalanceElement extends HTMLElement {
   }
 
   disconnectedCallback() {
+    window.removeEventListener('pagehide', this.onPageHide)
+    window.removeEventListener('pageshow', this.onPageShow)
+    this.stopListening()
+  }
+
+  stopListening() {
     this.source?.close()
     this.source = null
     clearInterval(this.timer)
@@ -96,7 +111,8 @@ class CreditBalanceElement extends HTMLElement {
 
   /** A `balance` event: the balance part of the last answer replaced. */
   changed(event) {
-    if (!this.data) return
+    // The same version shows nothing new (the event sent when the stream opens).
+    if (!this.data || event.version === this.data.version) return
     this.render({ ...this.data, ...event })
     this.dispatchEvent(new CustomEvent('credit-balance:changed', { bubbles: true, detail: event }))
   }

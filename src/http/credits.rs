@@ -96,6 +96,9 @@ async fn history(
 pub(super) struct Overview<'a> {
     #[serde(flatten)]
     balance: BalanceView,
+    /// The account's version: a stream event of the same version shows
+    /// nothing new.
+    version: i64,
     has_byok: bool,
     #[schema(value_type = Vec<TransactionView>)]
     transactions: &'a RawValue,
@@ -213,6 +216,7 @@ async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, Ap
     }
     Ok(response.json(Overview {
         balance: BalanceView::of(view, low_balance(&state)),
+        version: view.version,
         has_byok: history.has_byok,
         transactions: &history.transactions,
         usages: &history.usages,

@@ -102,9 +102,7 @@ impl Watchers {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(WatchRefused::InstanceFull);
         }
-        let sender = shard
-            .entry(account)
-            .or_insert_with(|| watch::channel(0).0);
+        let sender = shard.entry(account).or_insert_with(|| watch::channel(0).0);
         let changes = sender.subscribe();
         Ok(BalanceWatch {
             changes,

@@ -1036,13 +1036,29 @@ async fn auto_recharge_saved_on_the_billing_page_recharges_the_demo_card_once_a_
             "return Number(document.querySelector('credit-balance').dataset.balanceMicros) === 15000000",
         )
         .await;
-    browser.goto(&format!("{}/billing", demo.url)).await;
-    browser
-        .until(
-            "the saved card",
-            "const e = document.querySelector('credit-auto-recharge'); return e.dataset.enabled === 'false' && e.querySelector('.auto-recharge__notice').hidden",
-        )
-        .await;
+    // The card is saved by the top-up's follow-up, a moment after the
+    // credit, which the balance stream shows at once: reload until it is.
+    let started = Instant::now();
+    loop {
+        browser.goto(&format!("{}/billing", demo.url)).await;
+        browser
+            .until(
+                "the auto-recharge settings",
+                "return 'enabled' in document.querySelector('credit-auto-recharge').dataset",
+            )
+            .await;
+        let saved = browser
+            .js("const e = document.querySelector('credit-auto-recharge'); return e.dataset.enabled === 'false' && e.querySelector('.auto-recharge__notice').hidden")
+            .await;
+        if saved == json!(true) {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "timed out waiting for the saved card"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     browser
         .js("document.querySelector('.auto-recharge__enabled').checked = true")
         .await;
