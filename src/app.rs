@@ -321,15 +321,21 @@ impl Application {
         self.server.handle()
     }
 
+    /// What SIGTERM starts, to start without the signal.
+    pub fn drain(&self) -> Drain {
+        Drain {
+            server: self.server.handle(),
+            health: self.health.clone(),
+            engine: self.engine.clone(),
+            wait: self.drain,
+        }
+    }
+
     /// Serves until SIGINT/SIGTERM or `handle().stop(true)`: then stops
     /// accepting, finishes in-flight requests, flushes the journal and
     /// stops the private PostgreSQL.
     pub async fn run(self) -> anyhow::Result<()> {
-        let drain = actix_web::rt::spawn(drain_on_signal(
-            self.server.handle(),
-            self.health.clone(),
-            self.drain,
-        ));
+        let drain = actix_web::rt::spawn(drain_on_signal(self.drain()));
         let served = self.server.await;
         drain.abort();
         served.context("HTTP server failed")?;
@@ -362,22 +368,44 @@ impl Application {
     }
 }
 
-/// On SIGTERM (or SIGINT): fails `/readyz` at once, keeps serving for
-/// `drain` while the balancer moves this instance's accounts elsewhere,
-/// then stops the server gracefully (no new connections, requests in
-/// flight finished).
-async fn drain_on_signal(
+/// An instance's drain: fails `/readyz` at once, keeps serving for
+/// `cluster.drain_s` while the balancer moves this instance's accounts
+/// elsewhere, ends the balance streams (their clients reconnect, through
+/// the balancer, to another instance; the graceful stop does not wait for
+/// them), then stops the server gracefully (no new connections, requests
+/// in flight finished).
+#[derive(Clone)]
+pub struct Drain {
     server: actix_web::dev::ServerHandle,
     health: Arc<crate::health::Health>,
-    drain: Duration,
-) {
+    engine: Arc<Engine>,
+    wait: Duration,
+}
+
+impl Drain {
+    /// Runs the drain to its end: the server stopped.
+    pub async fn run(self) {
+        self.health.start_draining();
+        tracing::info!(
+            drain_s = self.wait.as_secs(),
+            "stopping: /readyz fails, serving while the balancer moves accounts"
+        );
+        tokio::time::sleep(self.wait).await;
+        self.engine.close_watches();
+        self.server.stop(true).await;
+    }
+}
+
+/// Drains on SIGTERM (or SIGINT).
+async fn drain_on_signal(drain: Drain) {
     let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(terminate) => terminate,
             Err(error) => {
                 tracing::error!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
                 let _ = tokio::signal::ctrl_c().await;
-                server.stop(true).await;
+                drain.engine.close_watches();
+                drain.server.stop(true).await;
                 return;
             }
         };
@@ -385,13 +413,7 @@ async fn drain_on_signal(
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    health.start_draining();
-    tracing::info!(
-        drain_s = drain.as_secs(),
-        "stopping: /readyz fails, serving while the balancer moves accounts"
-    );
-    tokio::time::sleep(drain).await;
-    server.stop(true).await;
+    drain.run().await;
 }
 
 /// Binds `server.bind` (port 0 picks a free port).

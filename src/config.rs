@@ -227,6 +227,16 @@ pub struct ServerSettings {
     /// Origins (`scheme://host[:port]`) whose pages may call the API
     /// cross-origin (CORS) and send cookie-authenticated writes.
     pub allowed_origins: Vec<String>,
+    /// The balance stream sends at most one event per this many ms (the
+    /// latest state; 0: every change at once).
+    pub stream_coalesce_ms: u64,
+    /// A stream with nothing to send sends a comment this often, so
+    /// proxies and browsers keep it open.
+    pub stream_keep_alive_ms: u64,
+    /// Balance streams one account may hold open on this instance.
+    pub streams_per_account_max: usize,
+    /// Balance streams this instance holds open in all.
+    pub streams_max: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -642,6 +652,15 @@ impl Settings {
                 "server.client_request_timeout_ms",
                 self.server.client_request_timeout_ms,
             ),
+            (
+                "server.stream_keep_alive_ms",
+                self.server.stream_keep_alive_ms,
+            ),
+            (
+                "server.streams_per_account_max",
+                wide(self.server.streams_per_account_max),
+            ),
+            ("server.streams_max", wide(self.server.streams_max)),
             ("database.pool_size", wide(self.database.pool_size)),
             (
                 "database.connect_timeout_ms",
@@ -1126,6 +1145,7 @@ mod tests {
     /// Numeric keys whose 0 means something that works.
     const ZERO_MEANS_SOMETHING: &[&str] = &[
         "server.history_cache_entries",       // no cache
+        "server.stream_coalesce_ms",          // every change at once
         "engine.arbiters",                    // one per CPU core
         "journal.batch_delay_us",             // commit at once
         "journal.hold_delay_us",              // a hold's entry sent at once

@@ -1,10 +1,12 @@
 // The /billing page: composes the credit elements and, back from Stripe
 // Checkout, tells what happened. `?topup=success`: the payment is being
-// confirmed (the webhook may lag) and the balance is reloaded until the
-// top-up's credit is there, then the history once more when its invoice
-// link (read from Stripe after the credit) arrives. `?topup=canceled`:
-// nothing was charged. The page's elements are found by their ids in
-// billing.html.
+// confirmed (the webhook may lag): the page looks for the top-up's credit
+// once, then again each time the balance changes (its stream, or its
+// polling when the stream cannot open), for 90 s at most; then the history
+// once more when its invoice link (read from Stripe after the credit, with
+// no change of the balance) arrives. `?topup=canceled`: nothing was
+// charged. Every change of the balance reloads the chart and the history.
+// The page's elements are found by their ids in billing.html.
 
 import './credit-balance.js'
 import './credit-topup-dialog.js'
@@ -17,7 +19,6 @@ import { PENDING_TOPUP_KEY } from './credit-topup-dialog.js'
 import { formatMicros, request } from './credits-api.js'
 
 const POLL_INTERVAL_MS = 1000
-const POLL_ATTEMPTS = 90
 const INVOICE_POLL_ATTEMPTS = 30
 
 /** Reloads what a payment changes: the balance, the chart and the history. */
@@ -67,28 +68,55 @@ async function awaitInvoiceLink(topup) {
   }
 }
 
+const CONFIRM_WITHIN_MS = 90000
+
+/** The top-up's transaction once its credit is there, else null. */
+async function lookForTopup(pending, since) {
+  try {
+    return landed(await request(document.body, '/api/credits'), pending, since) ?? null
+  } catch {
+    // Looked for again at the next change, like a late webhook.
+    return null
+  }
+}
+
 async function confirmTopup() {
   const pending = pendingTopup()
   const since = Date.now() - 15 * 60 * 1000
   status('Paiement reçu, confirmation en cours… Votre solde sera mis à jour automatiquement.', 'pending')
-  for (let attempt = 0; attempt < POLL_ATTEMPTS; attempt += 1) {
-    try {
-      const overview = await request(document.body, '/api/credits')
-      const topup = landed(overview, pending, since)
-      if (topup) {
-        sessionStorage.removeItem(PENDING_TOPUP_KEY)
-        refreshAccount()
-        status(`Paiement confirmé : ${formatMicros(topup.amountMicros, { signed: true })} ajoutés à vos crédits.`, 'confirmed')
-        await awaitInvoiceLink(topup)
-        return
-      }
-    } catch {
-      // A failed poll is retried like a late webhook.
+  const balance = document.getElementById('balance')
+  const topup = await new Promise((resolve) => {
+    let settled = false
+    const finish = (found) => {
+      if (settled) return
+      settled = true
+      clearTimeout(timeout)
+      balance?.removeEventListener('credit-balance:changed', look)
+      balance?.removeEventListener('credit-balance:loaded', look)
+      resolve(found)
     }
-    await pause()
+    const look = async () => {
+      const found = await lookForTopup(pending, since)
+      if (found) finish(found)
+    }
+    const timeout = setTimeout(() => finish(null), CONFIRM_WITHIN_MS)
+    balance?.addEventListener('credit-balance:changed', look)
+    balance?.addEventListener('credit-balance:loaded', look)
+    look()
+  })
+  if (!topup) {
+    status("Le paiement n'est pas encore confirmé. Vos crédits apparaîtront dès sa réception, sans nouveau paiement.", 'late')
+    return
   }
-  status("Le paiement n'est pas encore confirmé. Vos crédits apparaîtront dès sa réception, sans nouveau paiement.", 'late')
+  sessionStorage.removeItem(PENDING_TOPUP_KEY)
+  refreshAccount()
+  status(`Paiement confirmé : ${formatMicros(topup.amountMicros, { signed: true })} ajoutés à vos crédits.`, 'confirmed')
+  await awaitInvoiceLink(topup)
 }
+
+document.getElementById('balance')?.addEventListener('credit-balance:changed', () => {
+  for (const id of ['usage', 'history']) document.getElementById(id)?.refresh?.()
+})
 
 const outcome = new URLSearchParams(window.location.search).get('topup')
 if (outcome === 'success') {

@@ -8,6 +8,18 @@
 // every load; `credit-balance:topup` (cancelable) when "Recharger" is
 // pressed; unless canceled, the <credit-topup-dialog> whose id `for` names
 // opens. `refresh()` reloads it (the page calls it after a payment).
+//
+// Live: once loaded it listens to `/api/credits/stream` (Server-Sent
+// Events, authenticated by the `__session` cookie) and redraws on every
+// `balance` event of another version than the one shown, then dispatches
+// `credit-balance:changed` (detail: the event's data). It falls back to
+// reloading every `poll-interval` ms (default 30000; 0: never) when the
+// stream cannot open: no EventSource in
+// the browser, or an error while the browser is not reconnecting (a
+// refusal, such as 401 on a page that signs in with a bearer token only,
+// or 429 when the person has too many tabs open). A stream that ends (a
+// deploy) is reconnected by the browser itself. `data-live` says which:
+// `stream` or `poll`.
 
 import { adoptStyles, formatMicros, h, referenced, request, stylesheet } from './credits-api.js'
 
@@ -30,13 +42,79 @@ credit-balance[data-state="low"] .credit-balance__compact { border-color: var(--
 .credit-balance__message { margin: 0; color: var(--muted); }
 `)
 
+/** How often the balance reloads when its stream cannot open. */
+const DEFAULT_POLL_INTERVAL_MS = 30000
+
 class CreditBalanceElement extends HTMLElement {
   static observedAttributes = ['variant']
 
   connectedCallback() {
     adoptStyles(this, STYLES)
     if (!this.dataset.state) this.renderLoading()
-    this.refresh()
+    // A page left (or kept in the back-forward cache) holds no stream open:
+    // browsers allow few connections per server.
+    this.onPageHide = () => this.stopListening()
+    this.onPageShow = (event) => {
+      if (event.persisted) this.refresh().then((data) => data && this.listen())
+    }
+    window.addEventListener('pagehide', this.onPageHide)
+    window.addEventListener('pageshow', this.onPageShow)
+    this.refresh().then((data) => {
+      // Signed out: nothing to follow until the person signs in.
+      if (data) this.listen()
+      else if (this.dataset.state !== 'signed-out') this.poll()
+    })
+  }
+
+  disconnectedCallback() {
+    window.removeEventListener('pagehide', this.onPageHide)
+    window.removeEventListener('pageshow', this.onPageShow)
+    this.stopListening()
+  }
+
+  stopListening() {
+    this.source?.close()
+    this.source = null
+    clearInterval(this.timer)
+    this.timer = null
+  }
+
+  /** Follows the balance live: the stream, else polling. */
+  listen() {
+    if (this.source || this.timer || !this.isConnected) return
+    if (typeof EventSource !== 'function') {
+      this.poll()
+      return
+    }
+    const base = this.closest('[api-base]')?.getAttribute('api-base') ?? ''
+    const source = new EventSource(`${base}/api/credits/stream`, { withCredentials: base !== '' })
+    this.source = source
+    source.addEventListener('open', () => {
+      this.dataset.live = 'stream'
+    })
+    source.addEventListener('balance', (event) => this.changed(JSON.parse(event.data)))
+    source.addEventListener('error', () => {
+      // CONNECTING: the browser reconnects by itself. CLOSED: refused.
+      if (source.readyState !== EventSource.CLOSED || this.source !== source) return
+      this.source = null
+      this.poll()
+    })
+  }
+
+  /** Reloads every `poll-interval` ms (the stream could not open). */
+  poll() {
+    this.dataset.live = 'poll'
+    const interval = Number(this.getAttribute('poll-interval') ?? DEFAULT_POLL_INTERVAL_MS)
+    if (!(interval > 0) || !this.isConnected) return
+    this.timer = setInterval(() => this.refresh(), interval)
+  }
+
+  /** A `balance` event: the balance part of the last answer replaced. */
+  changed(event) {
+    // The same version shows nothing new (the event sent when the stream opens).
+    if (!this.data || event.version === this.data.version) return
+    this.render({ ...this.data, ...event })
+    this.dispatchEvent(new CustomEvent('credit-balance:changed', { bubbles: true, detail: event }))
   }
 
   /** A new variant redraws the last answer (no reload). */

@@ -2,10 +2,16 @@
 //! No route takes a user id from the client: the token's `sub` names it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::header::{CacheControl, CacheDirective, ETag, EntityTag, IfNoneMatch};
+use actix_web::web::Bytes;
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 
 use super::error::{ApiError, Code};
 use super::state::State;
@@ -14,7 +20,9 @@ use super::views::{
     TransactionsPage, UsageView, UsagesPage,
 };
 use crate::accounts::SignupBonusClaim;
-use crate::ledger::AccountId;
+use crate::ledger::{
+    AccountId, AccountView, BalanceWatch, ResidentView, WatchLimits, WatchRefused,
+};
 use crate::metering;
 use crate::money::{Micros, MICROS_PER_CENT};
 use crate::payments::followup;
@@ -22,6 +30,7 @@ use crate::payments::followup;
 pub fn routes(config: &mut web::ServiceConfig) {
     config
         .route("/api/credits", web::get().to(overview))
+        .route("/api/credits/stream", web::get().to(stream))
         .route("/api/credits/transactions", web::get().to(transactions))
         .route("/api/credits/usages", web::get().to(usages))
         .route("/api/credits/usage/daily", web::get().to(usage_daily))
@@ -68,13 +77,15 @@ async fn history(
     let transactions: Vec<TransactionView> =
         transactions.iter().map(TransactionView::from).collect();
     let usages: Vec<UsageView> = usages.iter().map(UsageView::from).collect();
+    let settled = durable_version == version && !awaits_invoice;
     let history = Arc::new(History {
         version,
+        settled,
         has_byok,
         transactions: rendered(serde_json::value::to_raw_value(&transactions))?,
         usages: rendered(serde_json::value::to_raw_value(&usages))?,
     });
-    if durable_version == version && !awaits_invoice {
+    if settled {
         state.cache_history(account, history.clone()).await;
     }
     Ok(history)
@@ -83,13 +94,11 @@ async fn history(
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct Overview<'a> {
-    /// Integer cents, as the seed's front end reads it.
-    balance: i64,
-    balance_micros: i64,
-    held_micros: i64,
-    available_micros: i64,
-    balance_formatted: String,
-    is_low: bool,
+    #[serde(flatten)]
+    balance: BalanceView,
+    /// The account's version: a stream event of the same version shows
+    /// nothing new.
+    version: i64,
     has_byok: bool,
     #[schema(value_type = Vec<TransactionView>)]
     transactions: &'a RawValue,
@@ -100,10 +109,80 @@ pub(super) struct Overview<'a> {
     grants: Vec<GrantView>,
 }
 
-/// Balance, holds, the 10 newest transactions and usages.
+/// The page's validator, when its body is settled: the account's version
+/// names one committed state (amounts, grants, history), and what the body
+/// shows that moves without the version goes in beside it: `hasByok` (a
+/// key saved or removed) and the low-balance threshold (configuration of
+/// the instance that answers). The account goes in too: one browser may
+/// sign in as another person. A body that is not settled (a change not yet
+/// durable, a top-up still waiting for its invoice link) gets no `ETag`,
+/// so it is never answered 304 (README, "The balance read").
+fn entity_tag(
+    account: AccountId,
+    resident: &ResidentView,
+    history: &History,
+    low_cents: i64,
+) -> Option<EntityTag> {
+    if !resident.durable || !history.settled || history.version != resident.view.version {
+        return None;
+    }
+    let named = format!(
+        "{}/{}/{}/{}",
+        account.0, resident.view.version, history.has_byok, low_cents
+    );
+    let digest = Sha256::digest(named.as_bytes());
+    Some(EntityTag::new_strong(URL_SAFE_NO_PAD.encode(&digest[..12])))
+}
+
+/// Whether the request's `If-None-Match` matches `tag`.
+fn not_modified(request: &HttpRequest, tag: &EntityTag) -> bool {
+    match request.get_header::<IfNoneMatch>() {
+        Some(IfNoneMatch::Any) => true,
+        Some(IfNoneMatch::Items(tags)) => tags.iter().any(|t| t.weak_eq(tag)),
+        None => false,
+    }
+}
+
+/// The balance part of the page: what the stream sends too.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct BalanceView {
+    /// Integer cents, as the seed's front end reads it.
+    balance: i64,
+    balance_micros: i64,
+    held_micros: i64,
+    available_micros: i64,
+    balance_formatted: String,
+    is_low: bool,
+}
+
+impl BalanceView {
+    fn of(view: &AccountView, low: Micros) -> BalanceView {
+        BalanceView {
+            balance: view.balance_micros.floor_cents(),
+            balance_micros: view.balance_micros.get(),
+            held_micros: view.held_micros.get(),
+            available_micros: view.available_micros.get(),
+            balance_formatted: view.balance_micros.to_string(),
+            is_low: view.balance_micros < low,
+        }
+    }
+}
+
+/// The low-balance threshold.
+fn low_balance(state: &State) -> Micros {
+    Micros::new(state.settings.credits.low_balance_cents * MICROS_PER_CENT)
+}
+
+/// Balance, holds, the 10 newest transactions and usages. Read without a
+/// message to the account's actor (its published view) and from the
+/// history cache; `ETag` when settled, 304 to a matching `If-None-Match`.
 #[utoipa::path(get, path = "/api/credits", tag = "credits", security(("clerk" = [])),
+    params(("If-None-Match" = Option<String>, Header, description = "The `ETag` of a page already held")),
     responses(
-        (status = 200, description = "The balance page", body = Overview),
+        (status = 200, description = "The balance page (`ETag` when settled)", body = Overview,
+            headers(("ETag" = String, description = "Changes whenever the body can"))),
+        (status = 304, description = "Not modified: the page held is current (no body)"),
         super::error::SessionAuth,
         super::error::Internal,
         super::error::LedgerUnavailable
@@ -111,22 +190,191 @@ pub(super) struct Overview<'a> {
 async fn overview(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     let clerk_id = state.authenticate(&request).await?;
     let account = state.account(&clerk_id).await?;
-    let full = state.engine.balance(account).await?;
-    let snapshot = full.summary();
-    let history = history(&state, account, snapshot.version).await?;
-    let low = Micros::new(state.settings.credits.low_balance_cents * MICROS_PER_CENT);
-    Ok(HttpResponse::Ok().json(Overview {
-        balance: snapshot.balance_micros.floor_cents(),
-        balance_micros: snapshot.balance_micros.get(),
-        held_micros: snapshot.held_micros.get(),
-        available_micros: snapshot.available_micros.get(),
-        balance_formatted: snapshot.balance_micros.to_string(),
-        is_low: snapshot.balance_micros < low,
+    let resident = state.engine.view(account).await?;
+    let view = &resident.view;
+    let history = history(&state, account, view.version).await?;
+    let tag = entity_tag(
+        account,
+        &resident,
+        &history,
+        state.settings.credits.low_balance_cents,
+    );
+    // Per person, and revalidated every time: the balance moves.
+    let cache = CacheControl(vec![CacheDirective::Private, CacheDirective::NoCache]);
+    if let Some(tag) = &tag {
+        if not_modified(&request, tag) {
+            return Ok(HttpResponse::NotModified()
+                .insert_header(ETag(tag.clone()))
+                .insert_header(cache)
+                .finish());
+        }
+    }
+    let mut response = HttpResponse::Ok();
+    response.insert_header(cache);
+    if let Some(tag) = tag {
+        response.insert_header(ETag(tag));
+    }
+    Ok(response.json(Overview {
+        balance: BalanceView::of(view, low_balance(&state)),
+        version: view.version,
         has_byok: history.has_byok,
         transactions: &history.transactions,
         usages: &history.usages,
-        grants: full.grants.iter().map(GrantView::from).collect(),
+        grants: view.grants.iter().map(GrantView::from).collect(),
     }))
+}
+
+/// One event of the balance stream: the balance part of `GET /api/credits`,
+/// its grants and the account's version.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct BalanceEvent {
+    #[serde(flatten)]
+    balance: BalanceView,
+    version: i64,
+    grants: Vec<GrantView>,
+}
+
+/// The balance as Server-Sent Events: an event `balance` when the stream
+/// opens and after every change once committed (at most one per
+/// `server.stream_coalesce_ms`, the latest state), a comment every
+/// `server.stream_keep_alive_ms` while nothing changes.
+#[utoipa::path(get, path = "/api/credits/stream", tag = "credits", security(("clerk" = [])),
+    responses(
+        (status = 200, description = "`text/event-stream` of `balance` events, each a `BalanceEvent` (components) in `data`",
+            content_type = "text/event-stream", body = String),
+        super::error::SessionAuth,
+        (status = 429, description = "RATE_LIMITED (Retry-After): the account holds `server.streams_per_account_max` streams", body = super::error::ErrorBody),
+        super::error::Internal,
+        (status = 503, description = "UNAVAILABLE (Retry-After): the instance holds `server.streams_max` streams or is shutting down; the ledger did not answer", body = super::error::ErrorBody)
+    ))]
+async fn stream(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let clerk_id = state.authenticate(&request).await?;
+    let account = state.account(&clerk_id).await?;
+    let server = &state.settings.server;
+    let limits = WatchLimits {
+        per_account: server.streams_per_account_max,
+        total: server.streams_max,
+    };
+    let watch = state.engine.watch(account, limits).inspect_err(|refused| {
+        if *refused == WatchRefused::AccountFull {
+            metrics::counter!(crate::telemetry::RATE_LIMITED_TOTAL.name, "limit" => "streams_per_account")
+                .increment(1);
+        }
+    })?;
+    let events = BalanceStream {
+        coalesce: Duration::from_millis(server.stream_coalesce_ms),
+        keep_alive: Duration::from_millis(server.stream_keep_alive_ms),
+        state: state.clone(),
+        account,
+        watch,
+        sent: None,
+        opened: false,
+        read_next: true,
+        next_event_at: tokio::time::Instant::now(),
+    };
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(CacheControl(vec![CacheDirective::NoCache]))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(futures_util::stream::unfold(events, BalanceStream::next)))
+}
+
+/// What a balance stream needs between two events.
+struct BalanceStream {
+    state: State,
+    account: AccountId,
+    watch: BalanceWatch,
+    /// The view of the last event sent (an unchanged view is not sent again).
+    sent: Option<Arc<AccountView>>,
+    coalesce: Duration,
+    keep_alive: Duration,
+    /// No event before this (coalescing).
+    next_event_at: tokio::time::Instant,
+    /// Whether the first event went out.
+    opened: bool,
+    /// Read the account without waiting for a change (the stream opens, or
+    /// the last view read was waiting for its commit).
+    read_next: bool,
+}
+
+/// Tells `EventSource` to reconnect after 1 s when the stream ends (a
+/// deploy): by then the balancer sends it to another instance.
+const RETRY_FRAME: &[u8] = b"retry: 1000\n\n";
+const KEEP_ALIVE_FRAME: &[u8] = b": keep-alive\n\n";
+
+impl BalanceStream {
+    /// The next frame: an event, a keep-alive, or the end (the instance
+    /// drains, or the ledger cannot be read: the client reconnects). Only
+    /// committed states are sent: a view ahead of PostgreSQL waits for its
+    /// commit (or its failure, and then the reloaded durable state).
+    async fn next(mut self) -> Option<(Result<Bytes, ApiError>, BalanceStream)> {
+        loop {
+            if !self.read_next && !self.wait_for_change().await? {
+                return Some((Ok(Bytes::from_static(KEEP_ALIVE_FRAME)), self));
+            }
+            self.read_next = false;
+            self.watch.seen();
+            let mut resident = match self.state.engine.view(self.account).await {
+                Ok(resident) => resident,
+                Err(error) => {
+                    tracing::warn!(account = self.account.0, %error, "balance stream ends: the ledger did not answer");
+                    return None;
+                }
+            };
+            if !resident.durable {
+                self.read_next = true;
+                tokio::select! {
+                    _ = resident.committed() => continue,
+                    _ = self.watch.closed() => return None,
+                    _ = tokio::time::sleep(self.keep_alive) => {
+                        return Some((Ok(Bytes::from_static(KEEP_ALIVE_FRAME)), self));
+                    }
+                }
+            }
+            if self.sent.as_deref() == Some(&*resident.view) {
+                continue;
+            }
+            let frame = self.frame(&resident.view);
+            self.next_event_at = tokio::time::Instant::now() + self.coalesce;
+            self.sent = Some(resident.view);
+            return Some((frame, self));
+        }
+    }
+
+    /// Waits for the account's next change, then for the coalescing delay:
+    /// `Some(true)` to read it, `Some(false)` for a keep-alive, `None` when
+    /// the instance closes its streams.
+    async fn wait_for_change(&mut self) -> Option<bool> {
+        tokio::select! {
+            open = self.watch.changed() => if !open { return None },
+            _ = tokio::time::sleep(self.keep_alive) => return Some(false),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(self.next_event_at) => Some(true),
+            _ = self.watch.closed() => None,
+        }
+    }
+
+    /// The `balance` event of `view` (the first one preceded by `retry:`).
+    fn frame(&mut self, view: &AccountView) -> Result<Bytes, ApiError> {
+        let event = BalanceEvent {
+            balance: BalanceView::of(view, low_balance(&self.state)),
+            version: view.version,
+            grants: view.grants.iter().map(GrantView::from).collect(),
+        };
+        let data = serde_json::to_string(&event)
+            .map_err(|e| ApiError::internal("balance stream event", e))?;
+        let mut frame = Vec::with_capacity(data.len() + 40);
+        if !self.opened {
+            frame.extend_from_slice(RETRY_FRAME);
+            self.opened = true;
+        }
+        frame.extend_from_slice(b"event: balance\ndata: ");
+        frame.extend_from_slice(data.as_bytes());
+        frame.extend_from_slice(b"\n\n");
+        Ok(Bytes::from(frame))
+    }
 }
 
 /// Every transaction, newest first, by opaque cursor.

@@ -396,6 +396,42 @@ impl From<crate::rate_limits::Refused> for ApiError {
     }
 }
 
+/// A balance stream refused: over the account's bound a 429 (the person's
+/// own tabs hold the streams; the page falls back to polling), over the
+/// instance's or while it drains a 503 (this instance's capacity, not the
+/// caller's doing; a retry may reach another instance).
+impl From<crate::ledger::WatchRefused> for ApiError {
+    fn from(refused: crate::ledger::WatchRefused) -> ApiError {
+        use crate::ledger::WatchRefused;
+        let (code, message, retry_after_s) = match refused {
+            WatchRefused::AccountFull => (
+                Code::RateLimited,
+                "too many balance streams open for this account; close one or poll GET /api/credits",
+                STREAM_RETRY_AFTER_S,
+            ),
+            WatchRefused::InstanceFull => (
+                Code::Unavailable,
+                "this server holds as many balance streams as it may; retry later or poll GET /api/credits",
+                STREAM_RETRY_AFTER_S,
+            ),
+            WatchRefused::Closing => (
+                Code::Unavailable,
+                "this server is shutting down; reconnect",
+                u64::from(RETRY_AFTER_S),
+            ),
+        };
+        ApiError {
+            code,
+            message: message.into(),
+            details: None,
+            retry_after_s: Some(retry_after_s),
+        }
+    }
+}
+
+/// Retry-After of a refused balance stream: streams end at their own pace.
+const STREAM_RETRY_AFTER_S: u64 = 10;
+
 /// Stripe unreachable is a 503 to retry; a refusal is our bug (500),
 /// logged with Stripe's message, which the client does not see.
 impl From<StripeCallError> for ApiError {

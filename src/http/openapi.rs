@@ -28,6 +28,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
     ),
     paths(
         super::credits::overview,
+        super::credits::stream,
         super::credits::transactions,
         super::credits::usages,
         super::credits::usage_daily,
@@ -62,7 +63,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         ErrorBody,
         Code,
         crate::pricing::Provider,
-        crate::events::Envelope
+        crate::events::Envelope,
+        super::credits::BalanceEvent
     )),
     modifiers(&BearerTokens)
 )]

@@ -473,6 +473,10 @@ impl Page {
 /// than the account changes, and the version moves with every entry.
 pub struct History {
     pub version: i64,
+    /// Read with PostgreSQL at `version` and nothing in it still to come
+    /// (an invoice link): it stays true until the version moves or the
+    /// keys change, so it may be cached and its page given an `ETag`.
+    pub settled: bool,
     pub has_byok: bool,
     /// Serialized once: the page is read far more often than it changes.
     pub transactions: Box<RawValue>,

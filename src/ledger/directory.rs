@@ -14,6 +14,7 @@ use actix::prelude::*;
 use super::actor::*;
 use super::journal::{Durable, DurableSender, WriterHandle};
 use super::types::*;
+use super::watch::Watchers;
 
 const SHARDS: usize = 64;
 /// A message that met a resetting actor is retried on a fresh one this often.
@@ -40,6 +41,42 @@ impl Handle {
         Previous {
             durable: self.durable.clone(),
             sent: self.sent.clone(),
+        }
+    }
+}
+
+/// A resident actor's published view, read without a message.
+#[derive(Debug, Clone)]
+pub struct ResidentView {
+    pub view: Arc<AccountView>,
+    /// Whether every change the view shows is committed (else it is a few
+    /// milliseconds ahead of PostgreSQL).
+    pub durable: bool,
+    /// The publishing incarnation's durability (none for a view that did
+    /// not come from a resident actor).
+    commits: Option<tokio::sync::watch::Receiver<Durable>>,
+}
+
+impl ResidentView {
+    /// Resolves once every change the view shows is committed, or a write
+    /// of its incarnation failed (the view is then withdrawn: a new read
+    /// shows the durable state).
+    pub async fn committed(&mut self) {
+        let version = self.view.version;
+        if let Some(commits) = &mut self.commits {
+            // An error: the incarnation is gone, its view withdrawn.
+            let _ = commits
+                .wait_for(|durable| durable.failed || durable.seq >= version)
+                .await;
+        }
+    }
+
+    /// A view of an account not read from its resident actor.
+    pub(crate) fn detached(view: AccountView) -> ResidentView {
+        ResidentView {
+            view: Arc::new(view),
+            durable: false,
+            commits: None,
         }
     }
 }
@@ -75,6 +112,8 @@ struct Inner {
     /// Replaced incarnations whose entries were still in flight when they
     /// left the directory: the account's next actor waits for them.
     retired: Mutex<HashMap<AccountId, Previous>>,
+    /// The accounts' listeners, woken by every publication.
+    watchers: Arc<Watchers>,
 }
 
 impl Inner {
@@ -161,6 +200,7 @@ impl Directory {
             next_id: AtomicU64::new(1),
             resident: AtomicUsize::new(0),
             retired: Mutex::new(HashMap::new()),
+            watchers: Arc::new(Watchers::new()),
         };
         Directory {
             inner: Arc::new(inner),
@@ -190,7 +230,7 @@ impl Directory {
         let writer = inner.writer.clone();
         let settings = inner.settings.clone();
         let durable: DurableSender = Arc::new(tokio::sync::watch::channel(Durable::default()).0);
-        let published = Arc::new(Published::default());
+        let published = Arc::new(Published::new(account, inner.watchers.clone()));
         let stale_below = Arc::new(AtomicI64::new(0));
         let sent = Arc::new(AtomicI64::new(0));
         let previous = lock(&inner.retired)
@@ -265,10 +305,11 @@ impl Directory {
         ))
     }
 
-    /// The account's summary as its resident actor last published it, with
-    /// no message: `None` when the actor is not resident, not loaded, or a
-    /// journal write of it failed (it must reload first).
-    pub fn summary(&self, account: AccountId) -> Option<BalanceSummary> {
+    /// The account's view as its resident actor last published it, with
+    /// no message: `None` when the actor is not resident, not loaded, its
+    /// copy is stale (another instance wrote the account), or a journal
+    /// write of it failed (it must reload first).
+    pub fn view(&self, account: AccountId) -> Option<ResidentView> {
         let shard = lock(self.inner.shard(account));
         let handle = shard.get(&account)?;
         let durable = *handle.durable.borrow();
@@ -278,7 +319,23 @@ impl Directory {
         {
             return None;
         }
-        handle.published.get()
+        let view = handle.published.get()?;
+        Some(ResidentView {
+            durable: durable.seq >= view.version,
+            view,
+            commits: Some(handle.durable.subscribe()),
+        })
+    }
+
+    /// The account's summary as its resident actor last published it (see
+    /// `view`).
+    pub fn summary(&self, account: AccountId) -> Option<BalanceSummary> {
+        self.view(account).map(|resident| resident.view.summary())
+    }
+
+    /// The listeners of the accounts' changes.
+    pub(crate) fn watchers(&self) -> &Arc<Watchers> {
+        &self.inner.watchers
     }
 
     /// Another instance committed `version` of the account: a resident

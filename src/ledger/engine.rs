@@ -10,11 +10,12 @@ use chrono::{DateTime, Utc};
 
 use super::actor::*;
 use super::cluster::{self, ClusterRole, InstanceId, ListenerStatus};
-use super::directory::Directory;
+use super::directory::{Directory, ResidentView};
 use super::journal::{spawn_writer, WriterHandle};
 use super::outbox::{self, AlertThresholds, LimitRefusal};
 use super::store;
 use super::types::*;
+use super::watch::{BalanceWatch, WatchLimits, WatchRefused};
 use crate::clock::Clock;
 use crate::config::{EngineSettings, JournalSettings};
 use crate::db::Database;
@@ -548,6 +549,43 @@ impl Engine {
         self.directory.call(account, GetBalance).await
     }
 
+    /// The account's view: the resident actor's last publication, read
+    /// with no message; when there is none (not resident, stale, or a write
+    /// of it failed), the account is loaded (or reloaded) through its actor
+    /// once and its fresh publication read.
+    pub async fn view(&self, account: AccountId) -> Result<ResidentView, LedgerError> {
+        if let Some(resident) = self.directory.view(account) {
+            return Ok(resident);
+        }
+        let snapshot = self.balance(account).await?;
+        Ok(self.directory.view(account).unwrap_or_else(|| {
+            // Stopped again since it answered (passivated, or written
+            // elsewhere): its answer is still what it applied.
+            ResidentView::detached(view_of(&snapshot))
+        }))
+    }
+
+    /// Listens for the account's changes (every publication of its view),
+    /// within `limits`; refused once the instance drains.
+    pub fn watch(
+        &self,
+        account: AccountId,
+        limits: WatchLimits,
+    ) -> Result<BalanceWatch, WatchRefused> {
+        self.directory.watchers().subscribe(account, limits)
+    }
+
+    /// Ends every listener and refuses new ones (the instance drains: its
+    /// clients reconnect to another instance).
+    pub fn close_watches(&self) {
+        self.directory.watchers().close();
+    }
+
+    /// Listeners open on this instance.
+    pub fn watches_open(&self) -> usize {
+        self.directory.watchers().open()
+    }
+
     /// The account's amounts and version: from the resident actor's last
     /// published state when there is one, else by asking (and loading) it.
     pub async fn balance_summary(&self, account: AccountId) -> Result<BalanceSummary, LedgerError> {
@@ -565,6 +603,22 @@ impl Drop for Engine {
         for arbiter in &self.arbiters {
             arbiter.stop();
         }
+    }
+}
+
+/// A view of an account from its actor's full answer.
+fn view_of(snapshot: &BalanceSnapshot) -> AccountView {
+    let granted = snapshot
+        .grants
+        .iter()
+        .fold(0_i64, |sum, g| sum.saturating_add(g.remaining_micros.get()));
+    AccountView {
+        balance_micros: snapshot.balance_micros,
+        held_micros: snapshot.held_micros,
+        available_micros: snapshot.available_micros,
+        debt_micros: Micros::new(granted.saturating_sub(snapshot.balance_micros.get()).max(0)),
+        version: snapshot.version,
+        grants: snapshot.grants.clone(),
     }
 }
 

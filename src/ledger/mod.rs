@@ -22,12 +22,13 @@ mod state;
 pub use state::{check_text, text_problem, TEXT_MAX_BYTES};
 mod store;
 mod types;
+mod watch;
 
 pub use actor::{
     AccountActor, Answer, AutoRechargeEnded, AwaitApplied, Clawback, Credit, Debit, ExpireGrants,
     ExpireHolds, GetBalance, GetSpending, Release, Reserve, SetAutoRecharge, SetLimits, Settle,
 };
-pub use directory::{Directory, Eviction};
+pub use directory::{Directory, Eviction, ResidentView};
 pub use engine::{Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};
 /// The read API of the ledger's history: by account, newest first, either
@@ -35,3 +36,4 @@ pub use journal::{JournalHealth, JournalStats, WriterHandle};
 /// beside other reads of one page (the `_page` functions).
 pub use store::{transactions_page, usages_page, LedgerHistory, Versioned};
 pub use types::*;
+pub use watch::{BalanceWatch, WatchLimits, WatchRefused};

@@ -973,12 +973,15 @@ impl AccountState {
         self.holds.next_expiry()
     }
 
-    pub fn snapshot_summary(&self) -> BalanceSummary {
-        BalanceSummary {
+    /// The account as readers that skip the mailbox see it.
+    pub fn view(&self) -> AccountView {
+        AccountView {
             balance_micros: self.balance,
             held_micros: self.held,
             available_micros: self.available(),
+            debt_micros: self.debt(),
             version: self.seq,
+            grants: self.grants.clone(),
         }
     }
 
@@ -1387,7 +1390,7 @@ mod tests {
             now,
             0,
         ));
-        assert_eq!((state.seq, state.snapshot_summary().version), (3, 3));
+        assert_eq!((state.seq, state.view().version), (3, 3));
     }
 
     #[test]

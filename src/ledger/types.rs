@@ -452,6 +452,34 @@ pub struct BalanceSummary {
     pub version: i64,
 }
 
+/// An account as its actor last applied it, published for reads that skip
+/// the mailbox (the balance page, its stream): immutable, shared behind an
+/// `Arc`, replaced whole after every applied operation. It may show an
+/// operation a few milliseconds before it is durable; a view whose
+/// incarnation's write failed is withdrawn (see `Directory::view`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountView {
+    pub balance_micros: Micros,
+    pub held_micros: Micros,
+    pub available_micros: Micros,
+    /// What the account owes beyond its grants (never negative).
+    pub debt_micros: Micros,
+    pub version: i64,
+    /// Grants with money left, in spend order.
+    pub grants: Vec<GrantRecord>,
+}
+
+impl AccountView {
+    pub fn summary(&self) -> BalanceSummary {
+        BalanceSummary {
+            balance_micros: self.balance_micros,
+            held_micros: self.held_micros,
+            available_micros: self.available_micros,
+            version: self.version,
+        }
+    }
+}
+
 impl BalanceSnapshot {
     pub fn summary(&self) -> BalanceSummary {
         BalanceSummary {

@@ -1036,13 +1036,29 @@ async fn auto_recharge_saved_on_the_billing_page_recharges_the_demo_card_once_a_
             "return Number(document.querySelector('credit-balance').dataset.balanceMicros) === 15000000",
         )
         .await;
-    browser.goto(&format!("{}/billing", demo.url)).await;
-    browser
-        .until(
-            "the saved card",
-            "const e = document.querySelector('credit-auto-recharge'); return e.dataset.enabled === 'false' && e.querySelector('.auto-recharge__notice').hidden",
-        )
-        .await;
+    // The card is saved by the top-up's follow-up, a moment after the
+    // credit, which the balance stream shows at once: reload until it is.
+    let started = Instant::now();
+    loop {
+        browser.goto(&format!("{}/billing", demo.url)).await;
+        browser
+            .until(
+                "the auto-recharge settings",
+                "return 'enabled' in document.querySelector('credit-auto-recharge').dataset",
+            )
+            .await;
+        let saved = browser
+            .js("const e = document.querySelector('credit-auto-recharge'); return e.dataset.enabled === 'false' && e.querySelector('.auto-recharge__notice').hidden")
+            .await;
+        if saved == json!(true) {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "timed out waiting for the saved card"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     browser
         .js("document.querySelector('.auto-recharge__enabled').checked = true")
         .await;
@@ -1341,6 +1357,72 @@ async fn an_element_alone_on_a_bare_page_arrives_styled_and_follows_its_attribut
                && chart.querySelector('h2').textContent === 'Dépenses par jour (7 derniers jours)'",
         )
         .await;
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+}
+
+#[actix::test]
+async fn the_billing_page_shows_a_top_ups_credit_through_the_balance_stream_with_polling_disabled()
+{
+    let stripe = crate::support::stripe::spawn_stripe_app().await;
+    let app = &stripe.app;
+    app.account("user_live").await;
+    grant(&app.address, "user_live", 2_000_000, "first").await;
+
+    let mut browser = Browser::start().await;
+    browser
+        .sign_in_with_cookie(&app.address, app.token("user_live"))
+        .await;
+    browser.goto(&app.url("/billing?topup=success")).await;
+    assert_eq!(balance_state(&browser).await, "ok");
+    // No polling: only the stream can bring the credit (and the
+    // confirmation waits for the balance to change).
+    browser
+        .js("const e = document.querySelector('credit-balance'); \
+             e.setAttribute('poll-interval', '0'); window.streamed = []; \
+             e.addEventListener('credit-balance:changed', (event) => window.streamed.push(event.detail.balanceMicros)); \
+             return true")
+        .await;
+    browser
+        .until(
+            "the balance stream to open",
+            "return document.querySelector('credit-balance').dataset.live === 'stream'",
+        )
+        .await;
+    browser
+        .until(
+            "the confirmation to wait",
+            "return document.getElementById('topup-status').dataset.state === 'pending'",
+        )
+        .await;
+
+    crate::stripe::top_up(&stripe, "user_live", "cs_live_stream", 1000).await;
+
+    browser
+        .until(
+            "the top-up's credit on the balance",
+            "return document.querySelector('.credit-balance__amount').textContent === '12.00€'",
+        )
+        .await;
+    browser
+        .until(
+            "the payment confirmed",
+            "return document.getElementById('topup-status').dataset.state === 'confirmed'",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .js("return window.streamed.includes(12000000)")
+            .await,
+        json!(true),
+        "the credit came through the stream"
+    );
+    assert_eq!(
+        browser
+            .js("return document.querySelector('credit-balance').dataset.live")
+            .await,
+        json!("stream")
+    );
     browser.assert_no_console_errors().await;
     browser.close().await;
 }

@@ -3,6 +3,7 @@
 mod admin;
 mod auth;
 mod auto_recharge;
+mod balance_reads;
 mod browser;
 mod byok;
 mod chat;

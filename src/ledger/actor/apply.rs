@@ -95,7 +95,7 @@ impl AccountActor {
         let expiring = entry.grants.iter().any(|w| w.grant.expires_at.is_some());
         self.send_or_hold_back(ctx, answer, permit, entry);
         if let Some(state) = self.state() {
-            self.published.set(Some(state.snapshot_summary()));
+            self.published.set(Some(state.view()));
         }
         if expiring {
             // A grant that expires (or an expired one just spent from):

@@ -179,20 +179,34 @@ impl Previous {
     }
 }
 
-/// The account's summary as of its last operation, for reads that skip the
-/// mailbox; written by the actor only, cleared when it stops. A reader must
-/// also check the actor's durable watch: a state whose write failed is not
-/// to be shown.
-#[derive(Default)]
-pub(crate) struct Published(std::sync::Mutex<Option<BalanceSummary>>);
+/// The account's view as of its last applied operation, for reads that
+/// skip the mailbox: written by the actor only (after each applied
+/// operation and at load), cleared when it stops or is evicted; readers
+/// load it lock-free. Every publication wakes the account's listeners. A
+/// reader must also check the actor's durable watch: a state whose write
+/// failed is not to be shown (`Directory::view`).
+pub(crate) struct Published {
+    account: AccountId,
+    current: arc_swap::ArcSwapOption<AccountView>,
+    watchers: Arc<super::watch::Watchers>,
+}
 
 impl Published {
-    pub fn get(&self) -> Option<BalanceSummary> {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn new(account: AccountId, watchers: Arc<super::watch::Watchers>) -> Published {
+        Published {
+            account,
+            current: arc_swap::ArcSwapOption::empty(),
+            watchers,
+        }
     }
 
-    pub(crate) fn set(&self, summary: Option<BalanceSummary>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = summary;
+    pub fn get(&self) -> Option<Arc<AccountView>> {
+        self.current.load_full()
+    }
+
+    pub(crate) fn set(&self, view: Option<AccountView>) {
+        self.current.store(view.map(Arc::new));
+        self.watchers.changed(self.account);
     }
 }
 
@@ -330,10 +344,31 @@ impl AccountActor {
         self.recharge = recharge;
         self.durable_tx
             .send_modify(|durable| durable.seq = state.seq);
-        self.published.set(Some(state.snapshot_summary()));
+        self.published.set(Some(state.view()));
         self.phase = Phase::Ready(Box::new(state));
+        self.stop_when_a_write_fails(ctx);
         // Holds that expired while the account was not resident go first.
         self.tick(ctx);
+    }
+}
+
+impl AccountActor {
+    /// A failed journal write voids this incarnation's state past its
+    /// durable seq: it stops at once, so its published view is withdrawn
+    /// (and the account's listeners woken to read the reloaded one) when
+    /// the failure is known, not at the account's next operation.
+    fn stop_when_a_write_fails(&mut self, ctx: &mut Context<Self>) {
+        let mut durable = self.durable_rx.clone();
+        let failed = async move { durable.wait_for(|d| d.failed).await.is_ok() };
+        ctx.spawn(failed.into_actor(self).map(|failed, actor, ctx| {
+            if failed {
+                tracing::debug!(
+                    account = actor.account.0,
+                    "journal write failed; resetting actor"
+                );
+                actor.stop(ctx);
+            }
+        }));
     }
 }
 

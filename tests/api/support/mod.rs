@@ -268,6 +268,9 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub settings: Settings,
     handle: actix_web::dev::ServerHandle,
+    /// What SIGTERM starts: `/readyz` fails, the balance streams end, the
+    /// server stops gracefully.
+    pub drain: creditd::app::Drain,
 }
 
 /// Starts the app with the test settings.
@@ -295,7 +298,7 @@ pub async fn spawn_app_on_clock(
     settings.admin.token = creditd::config::Secret::new(ADMIN_TOKEN);
     adjust(&mut settings);
     let database = db.database(&settings);
-    let (address, handle) = start_app_on_clock(database, &settings, clock).await;
+    let (address, handle, drain) = start_app_draining(database, &settings, clock).await;
     TestApp {
         address,
         db,
@@ -303,6 +306,7 @@ pub async fn spawn_app_on_clock(
         http: reqwest::Client::new(),
         settings,
         handle,
+        drain,
     }
 }
 
@@ -320,6 +324,16 @@ pub async fn start_app_on_clock(
     settings: &Settings,
     clock: creditd::clock::Clock,
 ) -> (String, actix_web::dev::ServerHandle) {
+    let (address, handle, _) = start_app_draining(database, settings, clock).await;
+    (address, handle)
+}
+
+/// As `start_app_on_clock`, with the app's drain (what SIGTERM starts).
+pub async fn start_app_draining(
+    database: Database,
+    settings: &Settings,
+    clock: creditd::clock::Clock,
+) -> (String, actix_web::dev::ServerHandle, creditd::app::Drain) {
     let mut storage = creditd::app::Storage::on(database, settings)
         .await
         .expect("storage");
@@ -329,12 +343,13 @@ pub async fn start_app_on_clock(
         .expect("build app");
     let address = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
+    let drain = app.drain();
     actix_web::rt::spawn(async move {
         if let Err(error) = app.run().await {
             eprintln!("test app stopped: {error:#}");
         }
     });
-    (address, handle)
+    (address, handle, drain)
 }
 
 /// A PostgreSQL cluster of a test's own, for tests that stop the database.
@@ -444,7 +459,12 @@ impl TestApp {
         let mut settings = self.settings.clone();
         settings.cluster.instance_id = instance.into();
         settings.clerk.jwks_url = format!("{}{JWKS_PATH}", jwks.uri());
-        let (address, handle) = start_app(db.database(&settings), &settings).await;
+        let (address, handle, drain) = start_app_draining(
+            db.database(&settings),
+            &settings,
+            creditd::clock::Clock::system(),
+        )
+        .await;
         TestApp {
             address,
             db,
@@ -452,6 +472,7 @@ impl TestApp {
             http: reqwest::Client::new(),
             settings,
             handle,
+            drain,
         }
     }
 
