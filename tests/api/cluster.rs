@@ -180,8 +180,14 @@ async fn loads_racing_commits_elsewhere_never_read_a_torn_account() {
         .await
         .unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);
+    let raced = std::sync::atomic::AtomicUsize::new(0);
+    // At least 300 chats, and on until more than ten loads raced them (a
+    // loaded machine may run many chats per load), up to 5,000.
     let chats = async {
-        for _ in 0..300 {
+        for i in 0..5_000 {
+            if i >= 300 && raced.load(std::sync::atomic::Ordering::Acquire) > 10 {
+                break;
+            }
             let hold = HoldId::generate();
             if b.admit(account, hold, micros(5_000)).await.is_ok() {
                 b.settle(account, hold, charge(3_001)).await.unwrap();
@@ -195,7 +201,10 @@ async fn loads_racing_commits_elsewhere_never_read_a_torn_account() {
             a.directory()
                 .evict(account, i64::MAX, Eviction::WrittenElsewhere);
             match a.balance(account).await {
-                Ok(_) => loads += 1,
+                Ok(_) => {
+                    loads += 1;
+                    raced.store(loads, std::sync::atomic::Ordering::Release);
+                }
                 // Each of b's commits makes a's fresh copy stale again: a
                 // hot account read on one instance and written on another
                 // may be answered "retry".
