@@ -59,7 +59,10 @@ async function awaitInvoiceLink(topup) {
       const overview = await request(document.body, '/api/credits')
       const row = overview.transactions.find((t) => t.id === topup.id)
       if (row?.invoiceUrl) {
+        // The same follow-up saves the payment's card: the auto-recharge
+        // form can now offer it.
         refreshAccount()
+        document.getElementById('auto-recharge')?.refresh?.()
         return
       }
     } catch {

@@ -70,6 +70,11 @@ class CreditAutoRechargeElement extends HTMLElement {
     this.append(this.form)
   }
 
+  /** Reloads the settings (a top-up's follow-up may have saved its card). */
+  refresh() {
+    return this.load()
+  }
+
   async load() {
     try {
       this.render(await request(this, PATH))
