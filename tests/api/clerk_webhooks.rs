@@ -6,9 +6,15 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
+/// An app that takes Clerk's webhooks. Concurrent deliveries about one
+/// person wait in turn for the user row inside the inbox's transaction,
+/// each holding one of the test pool's four connections: the pool waits
+/// long enough for them on a loaded machine, what the tests check is
+/// what the deliveries did, not how many fit in the pool at once.
 pub(crate) async fn clerk_app() -> TestApp {
     spawn_app_with(|settings| {
         settings.clerk_webhook.signing_secret = creditd::config::Secret::new(SIGNING_SECRET);
+        settings.database.pool_wait_timeout_ms = 10_000;
     })
     .await
 }
@@ -221,14 +227,7 @@ async fn clerk_webhooks_answer_503_when_the_signing_secret_is_not_set() {
 
 #[actix::test]
 async fn twenty_concurrent_user_created_deliveries_make_one_user_with_one_bonus() {
-    // Twenty deliveries of one user's event wait in turn for the user row,
-    // each holding one of the test pool's four connections: the pool waits
-    // long enough for them, what is under test is one user and one bonus.
-    let app = spawn_app_with(|settings| {
-        settings.clerk_webhook.signing_secret = creditd::config::Secret::new(SIGNING_SECRET);
-        settings.database.pool_wait_timeout_ms = 10_000;
-    })
-    .await;
+    let app = clerk_app().await;
     let created = user_event(
         "user.created",
         "user_signup",
