@@ -15,9 +15,25 @@
 //! default 1000; as many BYOK users), BENCH_HISTORY (reserve+settle cycles in
 //! each user's history, default 20), BENCH_RUNS (the runs, in order, each
 //! `connections:route` where route is a path or `byok:/api/chat`; default
-//! in `DEFAULT_RUNS`). Starts the app
-//! in-process on a private durable cluster under `target/bench-http-postgres`
-//! and a local JWKS server publishing the key that signs the tokens.
+//! in `DEFAULT_RUNS`; `none`: no `wrk` run).
+//!
+//! Then the fixed-rate latency of platform and BYOK chats, driven by `hey`
+//! (`benches/run http` installs it too): at each rate, a platform run then
+//! a BYOK run of the same body, p50 / p99 side by side and their
+//! difference (what metering adds to a chat at that load). Knobs:
+//! BENCH_RATES (chats/s, default `1000,3000`; `none`: no fixed-rate run),
+//! BENCH_RATE_USERS (users sending, one `hey` process each, default 25),
+//! BENCH_RATE_WORKERS (workers per process, default 2), BENCH_RATE_SECS
+//! (each run, default BENCH_SECS), BENCH_CALLGRIND (`1`: count the server's
+//! instructions per chat, the bench running under callgrind, and dump each
+//! run's profile; see `common::hey`). The server's settings are the
+//! committed `config.toml` with any `CREDITD__SECTION__KEY` override from
+//! the environment, as the service reads them. Last, a summary of the ratios the
+//! targets of BENCHMARKS.md quote, each from two rows of this run.
+//!
+//! Starts the app in-process on a private durable cluster under
+//! `target/bench-http-postgres` and a local JWKS server publishing the key
+//! that signs the tokens.
 
 mod common;
 
@@ -131,14 +147,144 @@ async fn wrk(
     }
 }
 
+/// One fixed-rate run: a platform or a BYOK chat at `offered` chats/s.
+struct RateRun {
+    byok: bool,
+    measured: common::hey::Paced,
+    journal: Journal,
+}
+
+/// The journal's own counters over a run (from `/metrics`).
+#[derive(Clone, Copy, Default)]
+struct Journal {
+    commits: f64,
+    commit_seconds: f64,
+    entries: f64,
+}
+
+impl Journal {
+    /// The sum, over its label sets, of the metric `name` in `text`.
+    fn metric(text: &str, name: &str) -> f64 {
+        text.lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn read(http: &reqwest::Client, base: &str) -> Journal {
+        let text = http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics text");
+        Journal {
+            commits: Journal::metric(&text, "creditd_journal_commit_seconds_count"),
+            commit_seconds: Journal::metric(&text, "creditd_journal_commit_seconds_sum"),
+            entries: Journal::metric(&text, "creditd_journal_batch_size_sum"),
+        }
+    }
+
+    fn since(self, earlier: Journal) -> Journal {
+        Journal {
+            commits: self.commits - earlier.commits,
+            commit_seconds: self.commit_seconds - earlier.commit_seconds,
+            entries: self.entries - earlier.entries,
+        }
+    }
+}
+
+/// How the fixed-rate runs are sent.
+struct Rates {
+    rates: Vec<f64>,
+    users: usize,
+    workers: usize,
+    secs: u64,
+}
+
+impl Rates {
+    fn from_env(secs: u64) -> Rates {
+        let rates: String = common::env_or("BENCH_RATES", "1000,3000".to_owned());
+        let rates = if rates == "none" {
+            Vec::new()
+        } else {
+            rates
+                .split(',')
+                .map(|rate| {
+                    rate.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("BENCH_RATES: `{rate}` is not a number"))
+                })
+                .collect()
+        };
+        Rates {
+            rates,
+            users: common::env_or("BENCH_RATE_USERS", 25),
+            workers: common::env_or("BENCH_RATE_WORKERS", 2),
+            secs: common::env_or("BENCH_RATE_SECS", secs),
+        }
+    }
+}
+
+/// At each rate, platform chats then BYOK chats, from `rates.users` users
+/// of each kind.
+async fn paced_chats(base: &str, key: &SigningKey, body: &Path, rates: &Rates) -> Vec<RateRun> {
+    let url = format!("{base}/api/chat");
+    let platform: Vec<String> = (0..rates.users).map(|u| key.token(&clerk_id(u))).collect();
+    let byok: Vec<String> = (0..rates.users)
+        .map(|u| key.token(&byok_clerk_id(u)))
+        .collect();
+    let http = reqwest::Client::new();
+    let mut runs = Vec::new();
+    for &rate in &rates.rates {
+        for (is_byok, tokens) in [(false, &platform), (true, &byok)] {
+            let label = format!("{}-{rate}", if is_byok { "byok" } else { "platform" });
+            let load = common::hey::PacedLoad {
+                label: &label,
+                url: &url,
+                method: "POST",
+                body: Some(body),
+                tokens,
+                workers: rates.workers,
+                rate_per_s: rate,
+                secs: rates.secs,
+            };
+            let before = Journal::read(&http, base).await;
+            let measured = common::hey::run(&load).await;
+            let journal = Journal::read(&http, base).await.since(before);
+            eprintln!(
+                "{} chats at {rate}/s: {:.0} answered/s, p50 {:.2} ms, p99 {:.2} ms, failures {}",
+                if is_byok { "BYOK" } else { "platform" },
+                measured.achieved_per_s,
+                measured.p50_ms,
+                measured.p99_ms,
+                measured.failures
+            );
+            runs.push(RateRun {
+                byok: is_byok,
+                measured,
+                journal,
+            });
+        }
+    }
+    runs
+}
+
 fn main() {
     let secs: u64 = common::env_or("BENCH_SECS", 5);
     let threads: usize = common::env_or("BENCH_WRK_THREADS", 2);
     let users: usize = common::env_or("BENCH_USERS", 1000);
     let history: usize = common::env_or("BENCH_HISTORY", 20);
+    let rates = Rates::from_env(secs);
     let plan: &'static str = common::env_or("BENCH_RUNS", DEFAULT_RUNS.to_owned()).leak();
     let plan: Vec<(usize, &'static str)> = plan
         .split(',')
+        .filter(|run| *run != "none")
         .map(|run| {
             let (connections, route) = run
                 .trim()
@@ -151,10 +297,16 @@ fn main() {
         })
         .collect();
     let connections = plan.iter().map(|(c, _)| *c).max().unwrap_or(64);
-    let mut settings = Settings::default_file().expect("default config");
+    // The committed config.toml, with any `CREDITD__SECTION__KEY` override
+    // (e.g. CREDITD__JOURNAL__HOLD_DELAY_US=0) as the service takes them.
+    let overrides: Vec<(String, String)> = std::env::vars()
+        .filter(|(name, _)| name.starts_with(creditd::config::ENV_PREFIX))
+        .collect();
+    let mut settings = Settings::from_sources(creditd::config::DEFAULT_CONFIG, &overrides)
+        .unwrap_or_else(|e| panic!("config: {e}"));
     settings.log.level = "warn".into();
     let system = actix_web::rt::System::new();
-    let runs = system.block_on(async move {
+    let (runs, rate_runs) = system.block_on(async move {
         let cluster = common::start_cluster("bench-http-postgres").await;
         let database = common::create_database(&cluster, "bench_http", &settings.database).await;
         seed_history(&database, &settings, users, history).await;
@@ -189,6 +341,8 @@ fn main() {
             dir.join("post.lua"),
             dir.join("byok.lua"),
         );
+        let chat_body = dir.join("chat.json");
+        std::fs::write(&chat_body, CHAT_BODY).expect("write the chat body");
         write_script(&get_script, &key, users, "GET", None, clerk_id);
         write_script(&post_script, &key, users, "POST", Some(CHAT_BODY), clerk_id);
         write_script(
@@ -224,15 +378,18 @@ fn main() {
             );
             runs.push(run);
         }
+        let rate_runs = paced_chats(&base, &key, &chat_body, &rates).await;
         handle.stop(true).await;
         server
             .await
             .expect("server task")
             .expect("server stopped cleanly");
         cluster.stop();
-        runs
+        (runs, rate_runs)
     });
     print(&runs);
+    print_rates(&rate_runs);
+    print_targets(&runs, &rate_runs);
 }
 
 fn label(path: &str) -> String {
@@ -323,5 +480,137 @@ fn print(runs: &[WrkRun]) {
                 byok.p99
             );
         }
+    }
+}
+
+/// Platform and BYOK chats at each fixed rate, side by side.
+fn print_rates(runs: &[RateRun]) {
+    if runs.is_empty() {
+        return;
+    }
+    println!();
+    println!("Fixed-rate chats (hey): platform against BYOK at each rate, same run:");
+    println!();
+    println!("| chats/s offered | answered/s platform / BYOK | platform p50 / p99 | BYOK p50 / p99 | added p50 / p99 | non-2xx | CPU µs per chat (server + postgres) platform / BYOK | context switches per chat platform / BYOK |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (platform, byok) in rate_pairs(runs) {
+        let (p, b) = (&platform.measured, &byok.measured);
+        println!(
+            "| {:.0} | {:.0} / {:.0} | {:.2} / {:.2} ms | {:.2} / {:.2} ms | {:+.2} / {:+.2} ms | {} | {:.0} / {:.0} | {:.1} / {:.1} |",
+            p.offered_per_s,
+            p.achieved_per_s,
+            b.achieved_per_s,
+            p.p50_ms,
+            p.p99_ms,
+            b.p50_ms,
+            b.p99_ms,
+            p.p50_ms - b.p50_ms,
+            p.p99_ms - b.p99_ms,
+            p.failures + b.failures,
+            cpu_per_chat(p),
+            cpu_per_chat(b),
+            p.switches_per_request,
+            b.switches_per_request
+        );
+    }
+    println!();
+    println!("The journal during the platform runs (its own counters, `/metrics`):");
+    println!();
+    println!("| chats/s offered | commits per chat | entries per commit | mean commit time |");
+    println!("|---:|---:|---:|---:|");
+    for (platform, _) in rate_pairs(runs) {
+        let (journal, chats) = (platform.journal, platform.measured.answered);
+        println!(
+            "| {:.0} | {:.2} | {:.1} | {:.2} ms |",
+            platform.measured.offered_per_s,
+            journal.commits / chats.max(1.0),
+            journal.entries / journal.commits.max(1.0),
+            journal.commit_seconds * 1e3 / journal.commits.max(1.0)
+        );
+    }
+    let counted: Vec<_> = rate_pairs(runs)
+        .filter_map(|(p, b)| {
+            Some((
+                p.measured.offered_per_s,
+                p.measured.instructions_per_request?,
+                b.measured.instructions_per_request?,
+            ))
+        })
+        .collect();
+    if counted.is_empty() {
+        return;
+    }
+    println!();
+    println!("Instructions per chat of the server's process (callgrind, user space), same runs:");
+    println!();
+    println!("| chats/s offered | platform | BYOK | added by metering |");
+    println!("|---:|---:|---:|---:|");
+    for (rate, platform, byok) in counted {
+        println!(
+            "| {rate:.0} | {:.0}k | {:.0}k | {:.0}k |",
+            platform / 1e3,
+            byok / 1e3,
+            (platform - byok) / 1e3
+        );
+    }
+}
+
+/// Server and PostgreSQL CPU per answered chat, in µs.
+fn cpu_per_chat(run: &common::hey::Paced) -> f64 {
+    (run.cpu.bench + run.cpu.postgres) * 1e6 / run.answered.max(1.0)
+}
+
+/// Each platform run with the BYOK run that follows it at the same rate.
+fn rate_pairs(runs: &[RateRun]) -> impl Iterator<Item = (&RateRun, &RateRun)> {
+    runs.iter()
+        .zip(runs.iter().skip(1))
+        .filter(|(platform, byok)| {
+            !platform.byok
+                && byok.byok
+                && platform.measured.offered_per_s == byok.measured.offered_per_s
+        })
+}
+
+/// The ratios the targets of BENCHMARKS.md quote, each from two rows of
+/// this run.
+fn print_targets(runs: &[WrkRun], rate_runs: &[RateRun]) {
+    println!();
+    println!("Targets, each the ratio of two rows of this run:");
+    let credits = runs.iter().find(|run| run.path == "/api/credits");
+    let noop = runs.iter().find(|run| run.path == "/healthz");
+    if let (Some(credits), Some(noop)) = (credits, noop) {
+        println!(
+            "- GET /api/credits of GET /healthz (first rows): {:.0}% ({:.0} vs {:.0} requests/s)",
+            credits.requests_per_s / noop.requests_per_s.max(1.0) * 100.0,
+            credits.requests_per_s,
+            noop.requests_per_s
+        );
+    }
+    for (platform, byok) in runs.iter().zip(runs.iter().skip(1)) {
+        if platform.path == "/api/chat"
+            && byok.path == "byok:/api/chat"
+            && platform.connections == byok.connections
+        {
+            println!(
+                "- platform chats of BYOK chats at {} connections: {:.0}% ({:.0} vs {:.0} chats/s)",
+                platform.connections,
+                platform.requests_per_s / byok.requests_per_s.max(1.0) * 100.0,
+                platform.requests_per_s,
+                byok.requests_per_s
+            );
+        }
+    }
+    for (platform, byok) in rate_pairs(rate_runs) {
+        let (p, b) = (&platform.measured, &byok.measured);
+        println!(
+            "- added latency of a platform chat at {:.0} chats/s: {:+.2} / {:+.2} ms at p50 / p99 ({:.2} / {:.2} vs BYOK {:.2} / {:.2} ms)",
+            p.offered_per_s,
+            p.p50_ms - b.p50_ms,
+            p.p99_ms - b.p99_ms,
+            p.p50_ms,
+            p.p99_ms,
+            b.p50_ms,
+            b.p99_ms
+        );
     }
 }

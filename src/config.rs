@@ -310,6 +310,9 @@ pub struct JournalSettings {
     pub writers: usize,
     pub batch_max: usize,
     pub batch_delay_us: u64,
+    /// Whether a batch waits `batch_delay_us` for company even with no
+    /// other batch of its writer in flight (else it commits at once).
+    pub gather_when_idle: bool,
     pub queue_capacity: usize,
     pub stall_after_ms: u64,
     pub pipeline_depth: usize,

@@ -3,6 +3,7 @@
 //! usage every cycle settles. Each bench uses a subset.
 #![allow(dead_code)]
 
+pub mod hey;
 pub mod users;
 pub mod wrk;
 

@@ -266,8 +266,8 @@ impl Directory {
         self.inner.remove(account, id);
     }
 
-    /// Sends `msg` to the account's actor and waits for its answer (for a
-    /// money operation: until it is durable). Refuses with `Overloaded`
+    /// Sends `msg` to the account's actor and waits for its answer (a money
+    /// operation goes through `call_durable`). Refuses with `Overloaded`
     /// when the account already has `mailbox_capacity` operations in flight.
     pub async fn call<M, R>(&self, account: AccountId, msg: M) -> Result<R, LedgerError>
     where
@@ -275,6 +275,47 @@ impl Directory {
         R: Send + 'static,
         AccountActor: Handler<M>,
     {
+        self.call_then(account, msg, |answer| async move { Ok(answer) })
+            .await
+    }
+
+    /// As `call` for a money operation, which the actor answers once
+    /// applied: then waits here for its commit, within the same deadline
+    /// and mailbox place, woken by the journal writer itself.
+    pub(crate) async fn call_durable<M, T>(
+        &self,
+        account: AccountId,
+        msg: M,
+    ) -> Result<Outcome<T>, LedgerError>
+    where
+        M: Message<Result = Result<Pending<T>, LedgerError>> + Clone + Send + 'static,
+        T: Send + 'static,
+        AccountActor: Handler<M>,
+    {
+        self.call_then(account, msg, Pending::durable).await
+    }
+
+    /// Sends `msg`, retried on a fresh actor when it met a resetting one,
+    /// then resolves its answer with `then`, all before one deadline and
+    /// holding the operation's place in the account's bound.
+    async fn call_then<M, R, T, F>(
+        &self,
+        account: AccountId,
+        msg: M,
+        then: impl FnOnce(R) -> F,
+    ) -> Result<T, LedgerError>
+    where
+        M: Message<Result = Result<R, LedgerError>> + Clone + Send + 'static,
+        R: Send + 'static,
+        F: std::future::Future<Output = Result<T, LedgerError>>,
+        AccountActor: Handler<M>,
+    {
+        let no_answer = || {
+            LedgerError::Unavailable(format!(
+                "no answer within {} ms; the operation may still apply: retry with the same key",
+                self.inner.call_timeout.as_millis()
+            ))
+        };
         let deadline = tokio::time::Instant::now() + self.inner.call_timeout;
         for _ in 0..ATTEMPTS {
             let handle = self.handle(account);
@@ -284,20 +325,22 @@ impl Directory {
                 return Err(LedgerError::Overloaded);
             }
             match tokio::time::timeout_at(deadline, handle.addr.send(msg.clone())).await {
-                Err(_) => {
-                    return Err(LedgerError::Unavailable(format!(
-                        "no answer within {} ms; the operation may still apply: retry with the same key",
-                        self.inner.call_timeout.as_millis()
-                    )))
-                }
+                Err(_) => return Err(no_answer()),
                 Ok(Ok(Err(LedgerError::Reset))) | Ok(Err(MailboxError::Closed)) => {
                     self.forget(account, handle.id);
                     continue;
                 }
                 Ok(Err(MailboxError::Timeout)) => {
-                    return Err(LedgerError::Unavailable("the account actor timed out".into()))
+                    return Err(LedgerError::Unavailable(
+                        "the account actor timed out".into(),
+                    ))
                 }
-                Ok(Ok(result)) => return result,
+                Ok(Ok(Err(error))) => return Err(error),
+                Ok(Ok(Ok(answer))) => {
+                    return tokio::time::timeout_at(deadline, then(answer))
+                        .await
+                        .unwrap_or_else(|_| Err(no_answer()))
+                }
             }
         }
         Err(LedgerError::Unavailable(

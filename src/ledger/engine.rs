@@ -297,7 +297,7 @@ impl Engine {
         credit: Credit,
     ) -> Result<Outcome<TransactionRecord>, LedgerError> {
         let kind = credit.posting.kind;
-        let result = observe("credit", self.directory.call(account, credit).await);
+        let result = observe("credit", self.directory.call_durable(account, credit).await);
         if let Ok(Outcome {
             record,
             replayed: false,
@@ -316,7 +316,9 @@ impl Engine {
     ) -> Result<Outcome<TransactionRecord>, LedgerError> {
         observe(
             "debit",
-            self.directory.call(account, Debit { posting }).await,
+            self.directory
+                .call_durable(account, Debit { posting })
+                .await,
         )
     }
 
@@ -357,7 +359,10 @@ impl Engine {
             amount,
             answer,
         };
-        let result = observe("reserve", self.directory.call(account, message).await);
+        let result = observe(
+            "reserve",
+            self.directory.call_durable(account, message).await,
+        );
         if let Err(LedgerError::SpendLimitReached {
             window,
             limit,
@@ -450,7 +455,9 @@ impl Engine {
     ) -> Result<Outcome<Option<TransactionRecord>>, LedgerError> {
         observe(
             "clawback",
-            self.directory.call(account, Clawback { request }).await,
+            self.directory
+                .call_durable(account, Clawback { request })
+                .await,
         )
     }
 
@@ -465,7 +472,7 @@ impl Engine {
         let result = observe(
             "settle",
             self.directory
-                .call(account, Settle { hold_id, charge })
+                .call_durable(account, Settle { hold_id, charge })
                 .await,
         );
         if let Ok(Outcome {
@@ -486,7 +493,9 @@ impl Engine {
     ) -> Result<Outcome<ReleaseRecord>, LedgerError> {
         observe(
             "release",
-            self.directory.call(account, Release { hold_id }).await,
+            self.directory
+                .call_durable(account, Release { hold_id })
+                .await,
         )
     }
 

@@ -607,6 +607,7 @@ async fn a_change_refused_in_its_batch_leaves_no_event_and_the_other_accounts_ke
     // One writer with a wide batch, so both accounts share a transaction.
     settings.journal.writers = 1;
     settings.journal.batch_delay_us = 5_000;
+    settings.journal.gather_when_idle = true;
     let engine = engine(&db, &settings);
     let bad = db.user("user_event_refused").await;
     let good = db.user("user_event_kept").await;

@@ -537,6 +537,7 @@ async fn many_spends_of_one_grant_written_in_one_batch_store_what_it_has_left_af
     let mut settings = settings();
     // Batches wait for company: the spends share one.
     settings.journal.batch_delay_us = 20_000;
+    settings.journal.gather_when_idle = true;
     let engine = db.engine(&settings);
     let account = db.user("user_grants_batch").await;
     engine

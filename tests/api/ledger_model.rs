@@ -646,6 +646,7 @@ fn random_operation_sequences_match_the_reference_model_after_every_step() {
     // together (a hold placed and finished) share a batch.
     settings.journal.writers = 1;
     settings.journal.batch_delay_us = 500;
+    settings.journal.gather_when_idle = true;
     let clock = Clock::manual(Utc::now());
     let engine = std::cell::RefCell::new(
         system.block_on(async { db.engine_with_clock(&settings, clock.clone()) }),
@@ -915,6 +916,7 @@ fn pipelined_operations_of_several_accounts_with_failed_batches_keep_every_invar
     // One writer, and batches that wait for company: accounts share batches.
     settings.journal.writers = 1;
     settings.journal.batch_delay_us = 2_000;
+    settings.journal.gather_when_idle = true;
     let engine = system.block_on(async { db.engine(&settings) });
     let cases = std::env::var("PROPTEST_CASES")
         .ok()

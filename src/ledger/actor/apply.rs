@@ -1,16 +1,16 @@
 //! How an operation becomes a journal entry: it applies to the state, the
 //! candidate state is checked, the events the change makes are decided
 //! (balance alerts, then auto-recharge), and the entry leaves for the
-//! writer (or is held back, see `holdback`); the reply resolves once the
-//! entry is durable, or as soon as it applied.
+//! writer (or is held back, see `holdback`); the reply comes at once, with
+//! what its caller waits on until the entry is durable, if it must.
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
-use super::{ready, AccountActor, Answer, Phase, Reply};
+use super::{ready, AccountActor, Answer, Pending, Phase, Reply};
 use crate::ledger::auto_recharge::{self, AttemptEnd};
-use crate::ledger::journal::{wait_durable, Entry};
+use crate::ledger::journal::Entry;
 use crate::ledger::outbox;
 use crate::ledger::state::{AccountState, Applied};
 use crate::ledger::types::*;
@@ -25,24 +25,25 @@ struct Change {
 }
 
 impl AccountActor {
-    /// Applies an operation and queues its entry; the reply resolves once
-    /// the entry (or, for a replay, the original) is durable.
+    /// Applies an operation and queues its entry; the reply comes at once,
+    /// and its caller waits until the entry (or, for a replay, the
+    /// original) is durable (`Pending::durable`).
     pub(super) fn apply<T: 'static>(
         &mut self,
         ctx: &mut Context<Self>,
         operation: impl FnOnce(&mut AccountState, DateTime<Utc>, i64) -> Result<Applied<T>, LedgerError>,
-    ) -> Reply<Outcome<T>> {
+    ) -> Reply<Pending<T>> {
         self.apply_answering(ctx, Answer::WhenDurable, operation)
     }
 
-    /// Applies an operation and queues its entry; `answer` says whether the
-    /// reply waits for the entry's commit or comes as soon as it applied.
+    /// Applies an operation and queues its entry; `answer` says whether its
+    /// caller then waits for the entry's commit or is done once it applied.
     pub(super) fn apply_answering<T: 'static>(
         &mut self,
         ctx: &mut Context<Self>,
         answer: Answer,
         operation: impl FnOnce(&mut AccountState, DateTime<Utc>, i64) -> Result<Applied<T>, LedgerError>,
-    ) -> Reply<Outcome<T>> {
+    ) -> Reply<Pending<T>> {
         if let Err(error) = self.gate(ctx) {
             return ready(Err(error));
         }
@@ -105,28 +106,24 @@ impl AccountActor {
         Ok(())
     }
 
-    /// The operation's reply: at once, or once `seq` is durable.
+    /// The operation's reply, at once: done, or to be waited for until
+    /// `seq` is durable.
     fn reply<T: 'static>(
         &self,
         answer: Answer,
         value: T,
         seq: i64,
         replayed: bool,
-    ) -> Reply<Outcome<T>> {
-        if answer == Answer::WhenApplied {
-            return ready(Ok(Outcome {
-                record: value,
-                replayed,
-            }));
-        }
-        let durable = self.durable_rx.clone();
-        Box::pin(async move {
-            wait_durable(durable, seq).await?;
-            Ok(Outcome {
-                record: value,
-                replayed,
-            })
-        })
+    ) -> Reply<Pending<T>> {
+        let outcome = Outcome {
+            record: value,
+            replayed,
+        };
+        let durable = match answer {
+            Answer::WhenApplied => None,
+            Answer::WhenDurable => Some((self.durable_rx.clone(), seq)),
+        };
+        ready(Ok(Pending { outcome, durable }))
     }
 
     /// Runs `operation` on the state: the value and, when it applied anew,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 
-use super::{AccountActor, Phase, Reply};
+use super::{durable, AccountActor, Pending, Phase, Reply};
 use crate::ledger::state::Applied;
 use crate::ledger::types::*;
 
@@ -17,7 +17,7 @@ impl AccountActor {
         &mut self,
         ctx: &mut Context<Self>,
         now: DateTime<Utc>,
-    ) -> Vec<Reply<Outcome<ReleaseRecord>>> {
+    ) -> Vec<Reply<Pending<ReleaseRecord>>> {
         let due = match self.state() {
             Some(state) => state.expired(now),
             None => return Vec::new(),
@@ -41,7 +41,7 @@ impl AccountActor {
         &mut self,
         ctx: &mut Context<Self>,
         now: DateTime<Utc>,
-    ) -> Vec<Reply<Outcome<Option<TransactionRecord>>>> {
+    ) -> Vec<Reply<Pending<Option<TransactionRecord>>>> {
         let due = match self.state() {
             Some(state) => state.expired_grants(now),
             None => return Vec::new(),
@@ -66,7 +66,7 @@ impl AccountActor {
         for reply in self.expire_grants(ctx, now) {
             ctx.spawn(
                 async move {
-                    if let Err(error) = reply.await {
+                    if let Err(error) = durable(reply).await {
                         tracing::warn!(%error, "grant expiry not committed; retried after reload");
                     }
                 }
@@ -121,7 +121,7 @@ impl AccountActor {
         for reply in replies {
             ctx.spawn(
                 async move {
-                    if let Err(error) = reply.await {
+                    if let Err(error) = durable(reply).await {
                         tracing::warn!(%error, "hold expiry not committed; retried after reload");
                     }
                 }

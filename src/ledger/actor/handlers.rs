@@ -6,7 +6,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 
 use super::messages::*;
-use super::{ready, AccountActor, Backend, Phase, Reply};
+use super::{durable, ready, AccountActor, Backend, Pending, Phase, Reply};
 use crate::ledger::auto_recharge;
 use crate::ledger::journal::wait_resolved;
 use crate::ledger::spend;
@@ -26,7 +26,7 @@ impl Handler<Evict> for AccountActor {
 }
 
 impl Handler<AwaitApplied> for AccountActor {
-    type Result = ResponseFuture<Result<(), LedgerError>>;
+    type Result = Reply<()>;
 
     fn handle(&mut self, _msg: AwaitApplied, _ctx: &mut Context<Self>) -> Self::Result {
         // Loading, stopping, or failed: nothing of this incarnation will
@@ -40,7 +40,7 @@ impl Handler<AwaitApplied> for AccountActor {
         let Some(applied) = self.state().map(|state| state.seq) else {
             return ready(Ok(()));
         };
-        Box::pin(wait_resolved(self.durable_rx.clone(), applied))
+        Reply::later(wait_resolved(self.durable_rx.clone(), applied))
     }
 }
 
@@ -70,7 +70,7 @@ impl AccountActor {
         ctx: &mut Context<Self>,
         direction: Direction,
         posting: Posting,
-    ) -> Reply<Outcome<TransactionRecord>> {
+    ) -> Reply<Pending<TransactionRecord>> {
         let known = self.state().is_some_and(|s| s.knows_key(&posting.key));
         let Backend::Postgres { pool, .. } = self.backend.clone() else {
             return self.apply(ctx, move |s, now, d| s.post(direction, &posting, now, d));
@@ -106,7 +106,7 @@ impl AccountActor {
         hold_id: HoldId,
         operation: impl FnOnce(&mut AccountState, DateTime<Utc>, i64) -> Result<Applied<T>, LedgerError>
             + 'static,
-    ) -> Reply<Outcome<T>> {
+    ) -> Reply<Pending<T>> {
         let known = self.state().is_some_and(|s| s.knows_hold(&hold_id));
         let Backend::Postgres { pool, .. } = self.backend.clone() else {
             return self.apply(ctx, operation);
@@ -136,7 +136,7 @@ impl AccountActor {
 }
 
 impl Handler<Credit> for AccountActor {
-    type Result = ResponseFuture<Result<Outcome<TransactionRecord>, LedgerError>>;
+    type Result = Reply<Pending<TransactionRecord>>;
 
     fn handle(&mut self, msg: Credit, ctx: &mut Context<Self>) -> Self::Result {
         self.expire_grants_due(ctx);
@@ -149,7 +149,7 @@ impl Handler<Credit> for AccountActor {
 }
 
 impl Handler<Debit> for AccountActor {
-    type Result = ResponseFuture<Result<Outcome<TransactionRecord>, LedgerError>>;
+    type Result = Reply<Pending<TransactionRecord>>;
 
     fn handle(&mut self, msg: Debit, ctx: &mut Context<Self>) -> Self::Result {
         self.expire_grants_due(ctx);
@@ -158,7 +158,7 @@ impl Handler<Debit> for AccountActor {
 }
 
 impl Handler<Reserve> for AccountActor {
-    type Result = ResponseFuture<Result<Outcome<HoldRecord>, LedgerError>>;
+    type Result = Reply<Pending<HoldRecord>>;
 
     fn handle(&mut self, msg: Reserve, ctx: &mut Context<Self>) -> Self::Result {
         // Expired holds give their amount back before a new one is judged.
@@ -178,7 +178,7 @@ impl Handler<Reserve> for AccountActor {
 }
 
 impl Handler<Clawback> for AccountActor {
-    type Result = ResponseFuture<Result<Outcome<Option<TransactionRecord>>, LedgerError>>;
+    type Result = Reply<Pending<Option<TransactionRecord>>>;
 
     fn handle(&mut self, msg: Clawback, ctx: &mut Context<Self>) -> Self::Result {
         self.expire_grants_due(ctx);
@@ -221,7 +221,7 @@ impl Handler<Clawback> for AccountActor {
 }
 
 impl Handler<Settle> for AccountActor {
-    type Result = ResponseFuture<Result<Outcome<UsageRecord>, LedgerError>>;
+    type Result = Reply<Pending<UsageRecord>>;
 
     fn handle(&mut self, msg: Settle, ctx: &mut Context<Self>) -> Self::Result {
         let hold_id = msg.hold_id;
@@ -239,7 +239,7 @@ impl Handler<Settle> for AccountActor {
 }
 
 impl Handler<Release> for AccountActor {
-    type Result = ResponseFuture<Result<Outcome<ReleaseRecord>, LedgerError>>;
+    type Result = Reply<Pending<ReleaseRecord>>;
 
     fn handle(&mut self, msg: Release, ctx: &mut Context<Self>) -> Self::Result {
         let hold_id = msg.hold_id;
@@ -255,7 +255,7 @@ impl Handler<Release> for AccountActor {
 }
 
 impl Handler<ExpireHolds> for AccountActor {
-    type Result = ResponseFuture<Result<Vec<ReleaseRecord>, LedgerError>>;
+    type Result = Reply<Vec<ReleaseRecord>>;
 
     fn handle(&mut self, msg: ExpireHolds, ctx: &mut Context<Self>) -> Self::Result {
         if let Err(error) = self.gate(ctx) {
@@ -264,10 +264,10 @@ impl Handler<ExpireHolds> for AccountActor {
         let replies = self.expire_due(ctx, msg.now);
         // What expired holds kept of expired grants expires with them.
         self.expire_grants_due(ctx);
-        Box::pin(async move {
+        Reply::later(async move {
             let mut released = Vec::with_capacity(replies.len());
             for reply in replies {
-                released.push(reply.await?.record);
+                released.push(durable(reply).await?.record);
             }
             Ok(released)
         })
@@ -275,17 +275,17 @@ impl Handler<ExpireHolds> for AccountActor {
 }
 
 impl Handler<ExpireGrants> for AccountActor {
-    type Result = ResponseFuture<Result<Vec<TransactionRecord>, LedgerError>>;
+    type Result = Reply<Vec<TransactionRecord>>;
 
     fn handle(&mut self, msg: ExpireGrants, ctx: &mut Context<Self>) -> Self::Result {
         if let Err(error) = self.gate(ctx) {
             return ready(Err(error));
         }
         let replies = self.expire_grants(ctx, msg.now);
-        Box::pin(async move {
+        Reply::later(async move {
             let mut expired = Vec::with_capacity(replies.len());
             for reply in replies {
-                if let Some(record) = reply.await?.record {
+                if let Some(record) = durable(reply).await?.record {
                     expired.push(record);
                 }
             }
@@ -306,7 +306,7 @@ impl Handler<GetBalance> for AccountActor {
 }
 
 impl Handler<SetLimits> for AccountActor {
-    type Result = ResponseFuture<Result<SpendingSnapshot, LedgerError>>;
+    type Result = Reply<SpendingSnapshot>;
 
     fn handle(&mut self, msg: SetLimits, ctx: &mut Context<Self>) -> Self::Result {
         if let Err(error) = self.gate(ctx) {

@@ -1,9 +1,11 @@
 //! The messages an account's actor is sent, each with who sends it and when.
+//! A money operation is answered as soon as it applied, with a `Pending`
+//! its sender waits on until the entry is durable (`Directory::call_durable`).
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 
-use super::Answer;
+use super::{Answer, Pending};
 use crate::ledger::auto_recharge::{AttemptEnd, RechargeConfig};
 use crate::ledger::types::*;
 use crate::money::Micros;
@@ -14,7 +16,7 @@ use crate::money::Micros;
 /// operator grants credits (admin route, `creditd grant`); sent from
 /// `Engine::credit_attempt` when an auto-recharge's payment succeeded.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<Outcome<TransactionRecord>, LedgerError>")]
+#[rtype(result = "Result<Pending<TransactionRecord>, LedgerError>")]
 pub struct Credit {
     pub posting: Posting,
     /// The auto-recharge attempt this credit pays, if any: written into
@@ -28,7 +30,7 @@ pub struct Credit {
 /// are withdrawn, a second signup bonus of one person is taken back, or an
 /// operator debits the account (admin route, `creditd grant` negative).
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<Outcome<TransactionRecord>, LedgerError>")]
+#[rtype(result = "Result<Pending<TransactionRecord>, LedgerError>")]
 pub struct Debit {
     pub posting: Posting,
 }
@@ -37,7 +39,7 @@ pub struct Debit {
 /// `Engine::admit` / `Engine::reserve` to the account's actor when a
 /// platform chat is about to call its provider (or a caller reserves).
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<Outcome<HoldRecord>, LedgerError>")]
+#[rtype(result = "Result<Pending<HoldRecord>, LedgerError>")]
 pub struct Reserve {
     pub hold_id: HoldId,
     pub amount: Micros,
@@ -49,7 +51,7 @@ pub struct Reserve {
 /// `charge.refunded` event arrives; the actor serializes it with every
 /// other clawback of the charge.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<Outcome<Option<TransactionRecord>>, LedgerError>")]
+#[rtype(result = "Result<Pending<Option<TransactionRecord>>, LedgerError>")]
 pub struct Clawback {
     pub request: ClawbackRequest,
 }
@@ -58,7 +60,7 @@ pub struct Clawback {
 /// `Engine::settle` to the account's actor when a platform chat's provider
 /// call delivered (retried by `metering::Settlements` until it posts).
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<Outcome<UsageRecord>, LedgerError>")]
+#[rtype(result = "Result<Pending<UsageRecord>, LedgerError>")]
 pub struct Settle {
     pub hold_id: HoldId,
     pub charge: UsageCharge,
@@ -68,7 +70,7 @@ pub struct Settle {
 /// account's actor when a platform chat's provider call failed before any
 /// output, or a stream ended having produced nothing.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<Outcome<ReleaseRecord>, LedgerError>")]
+#[rtype(result = "Result<Pending<ReleaseRecord>, LedgerError>")]
 pub struct Release {
     pub hold_id: HoldId,
 }

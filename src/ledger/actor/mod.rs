@@ -1,8 +1,9 @@
 //! `AccountActor`: one per resident account. It serializes the account's
 //! operations, applies each to its in-memory state at once, hands the
-//! journal entry to the writer and answers the caller when the entry is
-//! durable, without waiting itself (a `ResponseFuture` per operation), so a
-//! hot account pipelines many operations into each commit.
+//! journal entry to the writer and answers the caller at once with what to
+//! wait on (`Pending`): the caller hears "ok" only when the writer marks
+//! the entry durable, woken by the writer itself. The actor never waits,
+//! so a hot account pipelines many operations into each commit.
 //!
 //! This file is the actor's lifecycle (load, gate, stop); `messages` lists
 //! what it is sent, `handlers` answers each, `apply` turns an operation
@@ -21,12 +22,13 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::auto_recharge::RechargeState;
-use super::journal::{Durable, DurableSender, Entry, WriterHandle};
+use super::journal::{wait_durable, Durable, DurableSender, Entry, WriterHandle};
 use super::load::{self, LoadContext, Loaded};
 use super::outbox::{AlertState, AlertThresholds};
 use super::state::AccountState;
@@ -74,10 +76,81 @@ pub enum Answer {
     WhenApplied,
 }
 
-type Reply<T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>>>>;
+/// An actor's answer to a message: now, from the handler (no task of its
+/// own), or once a future resolves (spawned on the actor's arbiter, so the
+/// mailbox goes on meanwhile).
+pub enum Reply<T> {
+    Now(Result<T, LedgerError>),
+    Later(Pin<Box<dyn Future<Output = Result<T, LedgerError>>>>),
+}
+
+impl<T: 'static> Reply<T> {
+    fn later(future: impl Future<Output = Result<T, LedgerError>> + 'static) -> Reply<T> {
+        Reply::Later(Box::pin(future))
+    }
+
+    /// The answer, for a caller inside the actor's own thread.
+    async fn resolve(self) -> Result<T, LedgerError> {
+        match self {
+            Reply::Now(result) => result,
+            Reply::Later(future) => future.await,
+        }
+    }
+}
+
+impl<A, M, T> MessageResponse<A, M> for Reply<T>
+where
+    A: Actor,
+    M: Message<Result = Result<T, LedgerError>>,
+    T: 'static,
+{
+    fn handle(self, _: &mut A::Context, tx: Option<OneshotSender<M::Result>>) {
+        let Some(tx) = tx else {
+            return;
+        };
+        match self {
+            Reply::Now(result) => {
+                let _ = tx.send(result);
+            }
+            Reply::Later(future) => {
+                actix::spawn(async move {
+                    let _ = tx.send(future.await);
+                });
+            }
+        }
+    }
+}
 
 fn ready<T: 'static>(result: Result<T, LedgerError>) -> Reply<T> {
-    Box::pin(std::future::ready(result))
+    Reply::Now(result)
+}
+
+/// An operation's outcome once durable, for the actor's own follow-ups
+/// (expiries) that no caller waits on.
+async fn durable<T: 'static>(reply: Reply<Pending<T>>) -> Result<Outcome<T>, LedgerError> {
+    reply.resolve().await?.durable().await
+}
+
+/// An operation the account's actor applied, answered at once: its caller
+/// then waits for the entry's commit itself, woken by the journal writer
+/// directly rather than through the actor's thread (one thread hand-off
+/// less between a settlement's commit and the chat's answer).
+pub struct Pending<T> {
+    outcome: Outcome<T>,
+    /// The watch the writer moves and the seq to wait for; `None` when the
+    /// operation is answered as soon as it applied.
+    durable: Option<(watch::Receiver<Durable>, i64)>,
+}
+
+impl<T> Pending<T> {
+    /// The outcome, once its entry (or, for a replay, the original) is
+    /// durable; an error when it never will be.
+    pub(crate) async fn durable(self) -> Result<Outcome<T>, LedgerError> {
+        if let Some((durable, seq)) = self.durable {
+            wait_durable(durable, seq).await?;
+        }
+        Ok(self.outcome)
+    }
 }
 
 enum Phase {
@@ -319,9 +392,9 @@ impl AccountActor {
         ctx.wait(lookup.into_actor(self).map(move |found, actor, ctx| {
             let _ = tx.send(then(actor, ctx, found));
         }));
-        Box::pin(async move {
+        Reply::later(async move {
             match rx.await {
-                Ok(reply) => reply.await,
+                Ok(reply) => reply.resolve().await,
                 Err(_) => Err(LedgerError::Reset),
             }
         })

@@ -1,5 +1,6 @@
 //! The journal writer: gathers entries from every account for up to
-//! `batch_max` entries or `batch_delay_us`, writes them in one PostgreSQL
+//! `batch_max` entries or `batch_delay_us` (only while another batch is in
+//! flight: a lone batch commits at once), writes them in one PostgreSQL
 //! transaction (multi-row `unnest` inserts plus fenced balance updates), then
 //! publishes each account's new durable seq. A caller is answered only once
 //! its entry's seq is durable.
@@ -349,6 +350,7 @@ pub(crate) fn spawn_writer(
                 }),
                 batch_max: settings.batch_max,
                 batch_delay: Duration::from_micros(settings.batch_delay_us),
+                gather_when_idle: settings.gather_when_idle,
                 depth: settings.pipeline_depth.max(1),
                 latest: HashMap::new(),
             };

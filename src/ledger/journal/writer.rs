@@ -22,6 +22,8 @@ pub(super) struct JournalWriter {
     pub(super) shared: Arc<LaneShared>,
     pub(super) batch_max: usize,
     pub(super) batch_delay: Duration,
+    /// Wait `batch_delay` for company even with nothing in flight.
+    pub(super) gather_when_idle: bool,
     pub(super) depth: usize,
     /// Per account, the last batch dispatched with entries of it: a later
     /// batch holding the account waits until that one has published.
@@ -127,6 +129,9 @@ impl JournalWriter {
         before
     }
 
+    /// Takes what is queued behind `first`, then waits up to `batch_delay`
+    /// for more only when a commit now would be alone in its hurry: see
+    /// `worth_waiting`.
     async fn gather(&mut self, first: Entry) -> Vec<Entry> {
         let mut batch = Vec::with_capacity(self.batch_max.min(1024));
         batch.push(first);
@@ -136,7 +141,7 @@ impl JournalWriter {
                 Ok(entry) => batch.push(entry),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    if self.batch_delay.is_zero() {
+                    if !self.worth_waiting(&batch) {
                         break;
                     }
                     match tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -147,6 +152,28 @@ impl JournalWriter {
             }
         }
         batch
+    }
+
+    /// Whether a batch whose queue ran dry should wait for company. Group
+    /// commit forms under load by itself: entries queue up while the
+    /// batches in flight commit. With nothing in flight a lone batch
+    /// commits at once (unless `journal.gather_when_idle`): the gathering
+    /// delay would only lengthen its callers' wait (a chat's answer waits
+    /// for its settlement's commit), and tokio's timer rounds it up to the
+    /// next millisecond. Two cases still wait: a batch while another of
+    /// this writer is committing (two tiny batches in flight would cost
+    /// PostgreSQL a commit each for nothing), and a batch ending with a
+    /// hold's placement, which the account's actor sends just before the
+    /// chat's settlement (a held-back hold) or which no chat waits for.
+    fn worth_waiting(&self, batch: &[Entry]) -> bool {
+        if self.batch_delay.is_zero() {
+            return false;
+        }
+        let in_flight = self.shared.health.in_flight.load(Ordering::Acquire) > 0;
+        let ends_with_hold = batch
+            .last()
+            .is_some_and(|entry| matches!(entry.record, Record::HoldPlaced(_)));
+        self.gather_when_idle || in_flight || ends_with_hold
     }
 }
 

@@ -20,6 +20,7 @@ async fn a_refused_entry_fails_only_its_own_account_and_applies_nothing() {
     // accounts land on different writers and never meet in a batch).
     settings.journal.writers = 1;
     settings.journal.batch_delay_us = 5_000;
+    settings.journal.gather_when_idle = true;
     let engine = Arc::new(db.engine(&settings));
     let bad = db.user("user_refused_bad").await;
     let good = db.user("user_refused_good").await;
@@ -197,6 +198,7 @@ async fn a_batch_that_fails_in_flight_fails_its_accounts_later_batches_and_loses
     // Batches gather every account's entries (one round of credits is sent
     // every 4 ms), so the killed batch holds more than the victim.
     settings.journal.batch_delay_us = 5_000;
+    settings.journal.gather_when_idle = true;
     settings.engine.mailbox_capacity = 2_000;
     let engine = Arc::new(db.engine(&settings));
     let mut accounts = Vec::new();
@@ -772,5 +774,101 @@ async fn a_held_back_hold_is_journaled_after_its_delay_when_no_settlement_comes(
         active, 1,
         "the hold reached PostgreSQL without any other operation"
     );
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_settlement_is_answered_only_once_committed_and_a_failed_commit_answers_an_error_never_ok(
+) {
+    let db = TestDb::new().await;
+    let engine = Arc::new(db.engine(&settings()));
+    let account = db.user("user_ledger_settle_fails").await;
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(1_000)),
+        )
+        .await
+        .unwrap();
+    let hold = HoldId::generate();
+    engine.admit(account, hold, micros(300)).await.unwrap();
+    // Nothing of this account can commit while its balance row is locked.
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM credit_balances WHERE user_id = $1 FOR UPDATE",
+        &[&account.0],
+    )
+    .await
+    .unwrap();
+    let settle = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.settle(account, hold, charge(250)).await })
+    };
+    let writer = blocked_writer_pid(&db).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Catches a caller answered once the actor applied the settlement
+    // rather than once the writer committed it.
+    assert!(
+        !settle.is_finished(),
+        "a settlement was answered before its commit"
+    );
+    lock.execute("SELECT pg_terminate_backend($1)", &[&writer])
+        .await
+        .unwrap();
+    lock.rollback().await.unwrap();
+
+    let answer = settle.await.unwrap();
+    assert!(
+        matches!(answer, Err(LedgerError::Unavailable(_))),
+        "a settlement whose batch failed was answered {answer:?}"
+    );
+    let usages: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM credit_usages WHERE hold_id = $1",
+            &[&hold.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(usages, 0, "the failed batch wrote nothing");
+    db.reconcile_is_clean().await;
+}
+
+#[actix::test]
+async fn a_lone_operation_commits_at_once_instead_of_waiting_out_the_gathering_delay() {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    // A gathering delay no caller could miss.
+    settings.journal.batch_delay_us = 3_000_000;
+    let engine = db.engine(&settings);
+    let account = db.user("user_ledger_lone_commit").await;
+    let started = std::time::Instant::now();
+    engine
+        .credit(
+            account,
+            posting("k1", TransactionType::TopUp, micros(1_000)),
+        )
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "a lone credit waited {:?} for company",
+        started.elapsed()
+    );
+    // A chat: its hold (which waits for company) and its settlement, which
+    // joins it; the batch commits as soon as the settlement is in.
+    let hold = HoldId::generate();
+    let started = std::time::Instant::now();
+    engine.admit(account, hold, micros(300)).await.unwrap();
+    let settled = engine.settle(account, hold, charge(120)).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "a chat's settlement waited {:?} for company",
+        started.elapsed()
+    );
+    assert_eq!(settled.record.held_micros, micros(300));
     db.reconcile_is_clean().await;
 }

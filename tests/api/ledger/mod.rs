@@ -72,6 +72,7 @@ pub(crate) async fn bad_and_good_on_one_writer(
     settings.engine.recent_keys = 1;
     settings.journal.writers = 1;
     settings.journal.batch_delay_us = batch_delay_us;
+    settings.journal.gather_when_idle = true;
     let engine = db.engine(&settings);
     let bad = db.user("user_batch_bad").await;
     let good = db.user("user_batch_good").await;
