@@ -316,6 +316,12 @@ impl Application {
         self.port
     }
 
+    /// The ledger engine the service runs on (for a caller that waits
+    /// until its account listener listens, as `/readyz` does).
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
+    }
+
     /// Stops the server gracefully (as SIGTERM does).
     pub fn handle(&self) -> actix_web::dev::ServerHandle {
         self.server.handle()

@@ -132,6 +132,23 @@ pub fn settings() -> Settings {
     settings
 }
 
+/// `engine` once its account listener listens. Its first LISTEN drops
+/// every resident account (copies loaded before it may have missed a
+/// notification), so a test that ran operations before it would, on a
+/// loaded machine, see its actors dropped under it. The listener runs on
+/// the engine's own thread: this one may wait for it blocking.
+fn listening(engine: Engine) -> Engine {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !engine.listening() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the engine's account listener did not listen within 20 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    engine
+}
+
 /// A fresh, migrated database of its own.
 pub struct TestDb {
     pub config: tokio_postgres::Config,
@@ -173,14 +190,25 @@ impl TestDb {
     pub fn engine(&self, settings: &Settings) -> Engine {
         let database = self.database(settings);
         let pool = database.pool(&settings.database).expect("pool");
-        Engine::start(&settings.engine, &settings.journal, database, pool)
+        listening(Engine::start(
+            &settings.engine,
+            &settings.journal,
+            database,
+            pool,
+        ))
     }
 
     /// An engine reading the time from `clock`.
     pub fn engine_with_clock(&self, settings: &Settings, clock: creditd::clock::Clock) -> Engine {
         let database = self.database(settings);
         let pool = database.pool(&settings.database).expect("pool");
-        Engine::start_with_clock(&settings.engine, &settings.journal, database, pool, clock)
+        listening(Engine::start_with_clock(
+            &settings.engine,
+            &settings.journal,
+            database,
+            pool,
+            clock,
+        ))
     }
 
     /// How the instance `instance` elects its singletons on this database.
@@ -199,7 +227,7 @@ impl TestDb {
         let pool = database.pool(&settings.database).expect("pool");
         let mut cluster = settings.cluster.clone();
         cluster.instance_id = instance.into();
-        Engine::start_in_cluster(
+        listening(Engine::start_in_cluster(
             &settings.engine,
             &settings.journal,
             (database, pool),
@@ -208,7 +236,7 @@ impl TestDb {
                 creditd::app::alert_thresholds(&settings.credits),
             ),
             creditd::ledger::cluster::ClusterRole::from_settings(&cluster),
-        )
+        ))
     }
 
     /// A new user (and balance row) named by its Clerk id.
@@ -344,12 +372,29 @@ pub async fn start_app_draining(
     let address = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
     let drain = app.drain();
+    let engine = app.engine();
     actix_web::rt::spawn(async move {
         if let Err(error) = app.run().await {
             eprintln!("test app stopped: {error:#}");
         }
     });
+    until_listening(&engine).await;
     (address, handle, drain)
+}
+
+/// Waits until the app's account listener listens, as a balancer waits
+/// for `/readyz` before sending an instance traffic: its first LISTEN
+/// drops every resident account, and a test's first operations must not
+/// race it on a loaded machine.
+async fn until_listening(engine: &Engine) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !engine.listening() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the app's account listener did not listen within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
 }
 
 /// A PostgreSQL cluster of a test's own, for tests that stop the database.
