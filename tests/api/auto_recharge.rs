@@ -578,7 +578,15 @@ async fn wait_until_passivated(stripe: &StripeApp) {
 async fn an_account_reloaded_from_postgresql_keeps_its_attempt_in_flight_and_starts_the_next_only_after_it_ended(
 ) {
     let fakes = fakes().await;
-    let stripe = recharge_app(&fakes, |s| s.engine.idle_timeout_ms = 20).await;
+    // Passivated after 20 ms, the account reloads for almost every request,
+    // each load taking one of the pool's four connections beside the
+    // workers polling every 10 ms: the pool waits long enough for them on
+    // a loaded machine; what is under test is the attempt in flight.
+    let stripe = recharge_app(&fakes, |s| {
+        s.engine.idle_timeout_ms = 20;
+        s.database.pool_wait_timeout_ms = 10_000;
+    })
+    .await;
     top_up_saving_the_card(&stripe, "user_reloaded", 1_000).await;
     enable(&stripe, "user_reloaded", 500, 2_000).await;
     chat_spend(&stripe, &fakes, "user_reloaded", 6_000_000).await;
