@@ -14,8 +14,10 @@
 //! (default 2), BENCH_USERS (distinct users, each with its own session token,
 //! default 1000; as many BYOK users), BENCH_HISTORY (reserve+settle cycles in
 //! each user's history, default 20), BENCH_RUNS (the runs, in order, each
-//! `connections:route` where route is a path or `byok:/api/chat`; default
-//! in `DEFAULT_RUNS`; `none`: no `wrk` run).
+//! `connections:route` where route is a path, `byok:/api/chat`, or
+//! `etag:/api/credits` (the page's read sent with `If-None-Match` of the
+//! user's current ETag, answered `304`); default in `DEFAULT_RUNS`;
+//! `none`: no `wrk` run).
 //!
 //! Then the fixed-rate latency of platform and BYOK chats, driven by `hey`
 //! (`benches/run http` installs it too): at each rate, a platform run then
@@ -48,7 +50,7 @@ fn byok_clerk_id(user: usize) -> String {
 
 /// The runs when BENCH_RUNS is not set: the page and the no-op routes at 64
 /// connections, then platform and BYOK chats side by side at 64 and at 256.
-const DEFAULT_RUNS: &str = "64:/healthz,64:/api/credits,64:/readyz,\
+const DEFAULT_RUNS: &str = "64:/healthz,64:/api/credits,64:etag:/api/credits,64:/readyz,\
     64:/api/chat,64:byok:/api/chat,256:/api/chat,256:byok:/api/chat,\
     64:/api/chat,64:byok:/api/chat,256:/api/chat,256:byok:/api/chat,64:/healthz";
 
@@ -91,9 +93,58 @@ fn method_of(path: &str) -> &'static str {
     }
 }
 
-/// The URL path of a run's route (`byok:/api/chat` is `/api/chat`).
+/// The URL path of a run's route (`byok:/api/chat` is `/api/chat`,
+/// `etag:/api/credits` is `/api/credits`).
 fn url_path(route: &str) -> &str {
-    route.strip_prefix("byok:").unwrap_or(route)
+    route
+        .strip_prefix("byok:")
+        .or_else(|| route.strip_prefix("etag:"))
+        .unwrap_or(route)
+}
+
+/// Each user's current `ETag` of `GET /api/credits`, in user order.
+async fn etags(base: &str, key: &SigningKey, users: usize) -> Vec<String> {
+    let http = reqwest::Client::new();
+    let mut etags = Vec::with_capacity(users);
+    for user in 0..users {
+        let response = http
+            .get(format!("{base}/api/credits"))
+            .bearer_auth(key.token(&clerk_id(user)))
+            .send()
+            .await
+            .expect("read the balance");
+        assert!(response.status().is_success(), "{}", response.status());
+        let etag = response
+            .headers()
+            .get("etag")
+            .and_then(|value| value.to_str().ok())
+            .expect("GET /api/credits carries an ETag once the account is settled");
+        etags.push(etag.replace('"', "\\\""));
+    }
+    etags
+}
+
+/// A `wrk` script sending each user's `GET` with `If-None-Match` of the
+/// ETag `etags` holds for that user.
+fn write_etag_script(path: &Path, key: &SigningKey, etags: &[String]) {
+    let pairs: Vec<String> = etags
+        .iter()
+        .enumerate()
+        .map(|(user, etag)| {
+            format!(
+                "  {{ \"Bearer {}\", \"{etag}\" }},",
+                key.token(&clerk_id(user))
+            )
+        })
+        .collect();
+    let script = format!(
+        "local users = {{\n{}\n}}\nlocal i = 0\nrequest = function()\n  i = i + 1\n  \
+         local user = users[(i % #users) + 1]\n  \
+         return wrk.format(\"GET\", nil, {{ [\"Authorization\"] = user[1], \
+         [\"If-None-Match\"] = user[2] }}, nil)\nend\n",
+        pairs.join("\n")
+    );
+    std::fs::write(path, script).expect("write the wrk script");
 }
 
 /// A local Anthropic Messages API that answers every call at once.
@@ -336,10 +387,11 @@ fn main() {
 
         save_byok_keys(&base, &key, users).await;
         let dir = common::bench_dir("bench-http-postgres");
-        let (get_script, post_script, byok_script) = (
+        let (get_script, post_script, byok_script, etag_script) = (
             dir.join("get.lua"),
             dir.join("post.lua"),
             dir.join("byok.lua"),
+            dir.join("etag.lua"),
         );
         let chat_body = dir.join("chat.json");
         std::fs::write(&chat_body, CHAT_BODY).expect("write the chat body");
@@ -356,6 +408,8 @@ fn main() {
         let script = |path: &str| {
             if path.starts_with("byok:") {
                 byok_script.clone()
+            } else if path.starts_with("etag:") {
+                etag_script.clone()
             } else if method_of(path) == "POST" {
                 post_script.clone()
             } else {
@@ -369,6 +423,7 @@ fn main() {
         // Warm-up: every user's token verified once and every actor loaded.
         wrk(&base, "/api/credits", &script("/api/credits"), 2, connections, threads).await;
         wrk(&base, "byok:/api/chat", &script("byok:/api/chat"), 2, connections, threads).await;
+        write_etag_script(&etag_script, &key, &etags(&base, &key, users).await);
         let mut runs = Vec::new();
         for &(connections, path) in &plan {
             let run = wrk(&base, path, &script(path), secs, connections, threads).await;
@@ -393,10 +448,13 @@ fn main() {
 }
 
 fn label(path: &str) -> String {
-    match path.strip_prefix("byok:") {
-        Some(path) => format!("POST {path} (BYOK)"),
-        None => format!("{} {path}", method_of(path)),
+    if let Some(path) = path.strip_prefix("byok:") {
+        return format!("POST {path} (BYOK)");
     }
+    if let Some(path) = path.strip_prefix("etag:") {
+        return format!("GET {path} (If-None-Match: 304)");
+    }
+    format!("{} {path}", method_of(path))
 }
 
 fn print(runs: &[WrkRun]) {
@@ -576,15 +634,23 @@ fn rate_pairs(runs: &[RateRun]) -> impl Iterator<Item = (&RateRun, &RateRun)> {
 fn print_targets(runs: &[WrkRun], rate_runs: &[RateRun]) {
     println!();
     println!("Targets, each the ratio of two rows of this run:");
-    let credits = runs.iter().find(|run| run.path == "/api/credits");
     let noop = runs.iter().find(|run| run.path == "/healthz");
-    if let (Some(credits), Some(noop)) = (credits, noop) {
-        println!(
-            "- GET /api/credits of GET /healthz (first rows): {:.0}% ({:.0} vs {:.0} requests/s)",
-            credits.requests_per_s / noop.requests_per_s.max(1.0) * 100.0,
-            credits.requests_per_s,
-            noop.requests_per_s
-        );
+    for (route, what) in [
+        ("/api/credits", "GET /api/credits"),
+        (
+            "etag:/api/credits",
+            "GET /api/credits with If-None-Match (304)",
+        ),
+    ] {
+        let credits = runs.iter().find(|run| run.path == route);
+        if let (Some(credits), Some(noop)) = (credits, noop) {
+            println!(
+                "- {what} of GET /healthz (first rows): {:.0}% ({:.0} vs {:.0} requests/s)",
+                credits.requests_per_s / noop.requests_per_s.max(1.0) * 100.0,
+                credits.requests_per_s,
+                noop.requests_per_s
+            );
+        }
     }
     for (platform, byok) in runs.iter().zip(runs.iter().skip(1)) {
         if platform.path == "/api/chat"
