@@ -2,6 +2,7 @@
 //! token), health and Prometheus metrics.
 
 mod admin;
+mod api_keys;
 pub mod auth;
 mod auto_recharge;
 mod body;
@@ -116,6 +117,7 @@ pub fn server(
             .configure(topup::routes)
             .configure(chat::routes)
             .configure(provider_keys::routes)
+            .configure(api_keys::routes)
             .configure(spending::routes)
             .configure(referrals::routes)
             .service(without_token())

@@ -275,6 +275,7 @@ mod tests {
                 balance_after_micros: eur(600),
                 created_at: Utc::now(),
                 paid_by: Vec::new(),
+                api_key_id: None,
             },
             late: false,
         }

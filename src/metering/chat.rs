@@ -417,6 +417,7 @@ impl Call {
             cost,
             conversation_id: self.conversation_id.clone(),
             message_id: self.message_id.clone(),
+            api_key: None,
         };
         let record = self
             .chats

@@ -239,6 +239,7 @@ struct Columns {
     ev_data: Vec<tokio_postgres::types::Json<EventData>>,
     ev_created: Vec<DateTime<Utc>>,
     use_paid_by: Vec<Option<serde_json::Value>>,
+    use_api_key: Vec<Option<Uuid>>,
 }
 
 /// `paid_by` as stored: [{grantId, kind, amountMicros}].
@@ -319,6 +320,7 @@ impl Columns {
                 self.use_after.push(u.balance_after_micros.get());
                 self.use_created.push(u.created_at);
                 self.use_paid_by.push(paid_by_json(&u.paid_by));
+                self.use_api_key.push(u.api_key_id.map(|key| key.0));
             }
             Record::Released(r) => {
                 self.finish_hold(account, r.hold_id, r.status, r.seq, r.finished_at);
@@ -630,6 +632,7 @@ async fn insert_usages(
             &columns.use_after,
             &columns.use_created,
             &columns.use_paid_by,
+            &columns.use_api_key,
         ],
     )
     .await
