@@ -94,7 +94,7 @@ impl From<ApiKeyError> for ApiError {
 }
 
 /// Makes a key; the answer is the only place its secret ever appears.
-#[utoipa::path(post, path = "/api/credits/api-keys", tag = "api-keys", security(("clerk" = [])),
+#[utoipa::path(post, path = "/api/credits/api-keys", operation_id = "createApiKey", tag = "api-keys", security(("clerk" = [])),
     request_body = NewKeyBody,
     responses(
         (status = 201, description = "The key, with its secret `key` (shown once)", body = super::views::CreatedApiKeyView),
@@ -118,7 +118,7 @@ async fn create(
 }
 
 /// The account's live keys, newest first, with what each spent.
-#[utoipa::path(get, path = "/api/credits/api-keys", tag = "api-keys", security(("clerk" = [])),
+#[utoipa::path(get, path = "/api/credits/api-keys", operation_id = "listApiKeys", tag = "api-keys", security(("clerk" = [])),
     responses(
         (status = 200, description = "The keys (never their secret)", body = super::views::ApiKeysView),
         super::error::SessionAuth,
@@ -132,7 +132,7 @@ async fn list(state: State, Account(account): Account) -> Result<HttpResponse, A
 }
 
 /// Revokes a key: the next call with it answers 401.
-#[utoipa::path(delete, path = "/api/credits/api-keys/{id}", tag = "api-keys", security(("clerk" = [])),
+#[utoipa::path(delete, path = "/api/credits/api-keys/{id}", operation_id = "revokeApiKey", tag = "api-keys", security(("clerk" = [])),
     params(("id" = String, Path, description = "The key's id")),
     responses(
         (status = 204, description = "Revoked"),

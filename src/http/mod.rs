@@ -11,6 +11,7 @@ mod clerk_webhooks;
 mod credits;
 pub mod error;
 mod extract;
+mod gateway;
 mod openapi;
 pub mod pages;
 mod provider_keys;
@@ -118,6 +119,7 @@ pub fn server(
             .configure(chat::routes)
             .configure(provider_keys::routes)
             .configure(api_keys::routes)
+            .configure(gateway::routes)
             .configure(spending::routes)
             .configure(referrals::routes)
             .service(without_token())

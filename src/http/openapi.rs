@@ -45,6 +45,9 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::api_keys::create,
         super::api_keys::list,
         super::api_keys::revoke,
+        super::gateway::chat_completions,
+        super::gateway::messages,
+        super::gateway::models,
         super::admin::adjust,
         super::admin::account,
         super::admin::run_reconcile,
@@ -81,6 +84,11 @@ impl Modify for BearerTokens {
         for (name, format, description) in [
             ("clerk", "JWT", "A Clerk session token (RS256)"),
             ("admin", "token", "The admin token (admin.token)"),
+            (
+                "apiKey",
+                "cd_…",
+                "A gateway API key (/v1 only; also accepted as x-api-key)",
+            ),
             (
                 "metrics",
                 "token",

@@ -16,6 +16,7 @@ mod credits;
 mod database_errors;
 mod drills;
 mod events;
+mod gateway;
 mod grants;
 mod haproxy;
 mod history;
