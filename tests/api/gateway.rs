@@ -629,3 +629,52 @@ async fn an_anthropic_stream_cut_mid_text_ends_with_an_error_event_and_is_charge
     assert!(cost > 0);
     app.db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_byok_call_reaches_the_provider_with_the_persons_own_key_and_is_charged_nothing() {
+    const USER_OPENAI_KEY: &str = "sk-proj-user-key-0123456789wxyz";
+    let fakes = fakes().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(header(
+            "authorization",
+            format!("Bearer {USER_OPENAI_KEY}").as_str(),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(openai_completion("Hi", 900, 40, 0)))
+        .expect(1)
+        .mount(&fakes.openai)
+        .await;
+    let app = app_with(&fakes, |s| {
+        s.byok.encryption_key =
+            creditd::config::Secret::new("KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=");
+    })
+    .await;
+    let (key, _) = funded_key(&app, "user_own", 1_000_000, json!({ "name": "app" })).await;
+    let saved = app
+        .http
+        .put(app.url("/api/settings/api-keys"))
+        .bearer_auth(app.token("user_own"))
+        .json(&json!({ "openaiKey": USER_OPENAI_KEY }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saved.status(), 200);
+
+    let response = post_v1(
+        &app,
+        "/v1/chat/completions",
+        &key,
+        &json!({ "model": "gpt-4o", "messages": conversation(), "max_tokens": 100 }),
+    )
+    .await;
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["creditd-cost-micros"], "0");
+    assert!(response.headers().get("creditd-balance-micros").is_none());
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["usage"]["cost"]["amount_micros"], 0);
+    assert_eq!(body["usage"]["cost"]["own_key"], true);
+    let overview = balance(&app, "user_own").await;
+    assert_eq!(overview["balanceMicros"], 1_000_000);
+    assert_eq!(overview["usages"], json!([]));
+}
