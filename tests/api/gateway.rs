@@ -340,6 +340,8 @@ async fn a_revoked_key_and_a_deleted_users_key_answer_401_at_once() {
                 .unwrap()
         }
     };
+    // A Clerk session token opens the gateway too.
+    assert_eq!(app.get_as("user_rev", "/v1/models").await.status(), 200);
     let listed = models(key.clone()).await;
     assert_eq!(listed.status(), 200);
     let listed: Value = listed.json().await.unwrap();
@@ -677,4 +679,47 @@ async fn a_byok_call_reaches_the_provider_with_the_persons_own_key_and_is_charge
     let overview = balance(&app, "user_own").await;
     assert_eq!(overview["balanceMicros"], 1_000_000);
     assert_eq!(overview["usages"], json!([]));
+}
+
+#[actix::test]
+async fn an_openai_stream_the_provider_drops_ends_with_an_error_chunk_then_done_and_is_charged_what_was_produced(
+) {
+    let fakes = fakes().await;
+    let (address, _closed) = raw_provider(
+        vec![
+            openai_role_chunk(),
+            openai_chunk("Here"),
+            openai_chunk(" is"),
+        ],
+        Then::Break,
+        String::new(),
+    )
+    .await;
+    let app = app_with(&fakes, |s| s.providers.openai_base_url = address).await;
+    let (key, _) = funded_key(&app, "user_gw_drop", 10_000_000, json!({ "name": "app" })).await;
+    let messages = json!([{ "role": "user", "content": "A todo app" }]);
+
+    let text = post_v1(
+        &app,
+        "/v1/chat/completions",
+        &key,
+        &json!({ "model": "gpt-4o", "stream": true, "max_tokens": 100, "messages": messages }),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+
+    let events = frames(&text);
+    assert_eq!(events.last().unwrap().1, "[DONE]", "{text}");
+    let error: Value = serde_json::from_str(&events[events.len() - 2].1).unwrap();
+    assert_eq!(error["error"]["type"], "server_error", "{text}");
+    assert!(text.contains("\" is\""), "{text}");
+    // The prompt as counted, and "Here is" as gpt-4o counts it: 2 tokens.
+    let usage = settled_usage(&app, "user_gw_drop").await;
+    let prompt = openai_prompt_tokens(&messages);
+    assert_eq!(usage["inputTokens"], prompt, "{usage}");
+    assert_eq!(usage["outputTokens"], 2, "{usage}");
+    assert_eq!(usage["costMicros"], gpt_4o_cost(prompt, 2));
+    app.db.reconcile_is_clean().await;
 }
