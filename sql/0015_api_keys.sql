@@ -17,6 +17,10 @@ CREATE TABLE api_keys (
 CREATE INDEX api_keys_prefix ON api_keys (prefix);
 CREATE INDEX api_keys_user ON api_keys (user_id, created_at DESC);
 
+-- A hold made with a key names it, so that an account loaded again counts
+-- it against the key's limit.
+ALTER TABLE credit_holds ADD COLUMN api_key_id UUID;
+
 -- Each usage names the key it was made with (none: a Clerk session). A
 -- key's spend is read from its usages, when the account loads and when
 -- keys are listed.

@@ -307,6 +307,7 @@ mod tests {
             amount_micros: eur(100),
             created_at: Utc::now(),
             expires_at: Utc::now(),
+            api_key_id: None,
         }
     }
 

@@ -144,13 +144,9 @@ pub(crate) struct AccountState {
     /// that operation's journal entry.
     grant_writes: Vec<GrantWrite>,
     /// Settled spend per gateway API key, loaded with the account from
-    /// its usages and moved by every settlement naming a key.
+    /// its usages and moved by every settlement naming a key (each active
+    /// hold names its key too).
     key_spent: HashMap<ApiKeyId, Micros>,
-    /// The active holds made with a key (an entry whose hold ended is
-    /// dropped at the key's next hold). Holds loaded from PostgreSQL carry
-    /// no key: after a reload, only the settled spend of the chats then in
-    /// flight counts against their key's limit.
-    key_holds: HashMap<HoldId, ApiKeyId>,
 }
 
 /// Longest free text stored with an entry (a description, a Stripe id, a
@@ -283,7 +279,6 @@ impl AccountState {
             limits: SpendLimits::default(),
             windows: SpendCounters::new(DateTime::<Utc>::MIN_UTC, Micros::ZERO, Micros::ZERO),
             key_spent: HashMap::new(),
-            key_holds: HashMap::new(),
         }
     }
 
@@ -294,17 +289,14 @@ impl AccountState {
 
     /// Refuses a hold of `required` made with `key` when the key's settled
     /// spend, its active holds and the hold would pass its limit.
-    fn admit_key(&mut self, key: &KeyLimit, required: Micros) -> Result<(), LedgerError> {
+    fn admit_key(&self, key: &KeyLimit, required: Micros) -> Result<(), LedgerError> {
         let Some(limit) = key.limit else {
             return Ok(());
         };
-        let holds = &self.holds;
-        self.key_holds.retain(|hold, _| holds.contains(hold));
         let held = self
-            .key_holds
-            .iter()
-            .filter(|(_, k)| **k == key.key)
-            .filter_map(|(hold, _)| self.holds.get(hold))
+            .holds
+            .values()
+            .filter(|hold| hold.api_key_id == Some(key.key))
             .fold(0i128, |sum, h| sum + i128::from(h.amount_micros.get()));
         let spent = self
             .key_spent
@@ -800,11 +792,9 @@ impl AccountState {
             amount_micros: amount,
             created_at: now,
             expires_at,
+            api_key_id: key.map(|key| key.key),
         };
         self.holds.insert(hold);
-        if let Some(key) = key {
-            self.key_holds.insert(hold_id, key.key);
-        }
         Ok(Applied::New {
             value: hold,
             record: Record::HoldPlaced(hold),
@@ -1583,6 +1573,7 @@ mod tests {
             amount_micros: micros(100),
             created_at: now,
             expires_at: now + Duration::minutes(5),
+            api_key_id: None,
         };
         let grants = vec![grant(GrantKind::Paid, 1_000, None, 1)];
         let wrong_held = AccountState::new(

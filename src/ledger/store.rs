@@ -57,9 +57,10 @@ pub(crate) mod sql {
     /// finished (one row write instead of an insert and an update).
     pub const INSERT_HOLDS: &str = "
         INSERT INTO credit_holds (id, user_id, seq, amount_micros, status, created_at,
-               expires_at, finished_seq, finished_at)
+               expires_at, finished_seq, finished_at, api_key_id)
         SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
-                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[])
+                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[],
+                      $10::uuid[])
         ON CONFLICT DO NOTHING
         RETURNING id, user_id";
 
@@ -387,7 +388,7 @@ pub async fn load_account(
     };
     let holds = client
         .query(
-            "SELECT id, seq, amount_micros, created_at, expires_at FROM credit_holds
+            "SELECT id, seq, amount_micros, created_at, expires_at, api_key_id FROM credit_holds
               WHERE user_id = $1 AND status = 'ACTIVE' ORDER BY seq",
             &[&account.0],
         )
@@ -400,6 +401,7 @@ pub async fn load_account(
             amount_micros: Micros::new(row.get(2)),
             created_at: row.get(3),
             expires_at: row.get(4),
+            api_key_id: row.get::<_, Option<uuid::Uuid>>(5).map(ApiKeyId),
         })
         .collect();
     let grants = active_grants(client, account).await?;

@@ -341,6 +341,8 @@ pub struct HoldRecord {
     pub amount_micros: Micros,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The gateway API key the hold was made with (`None`: a session).
+    pub api_key_id: Option<ApiKeyId>,
 }
 
 /// What a settle posts: the real cost of one request.

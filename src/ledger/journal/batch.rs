@@ -205,6 +205,7 @@ struct Columns {
     hold_expires: Vec<DateTime<Utc>>,
     hold_finished_seq: Vec<Option<i64>>,
     hold_finished_at: Vec<Option<DateTime<Utc>>>,
+    hold_api_key: Vec<Option<Uuid>>,
     /// Holds placed in this batch, by account and id: their row index above.
     placed: HashMap<(i64, Uuid), usize>,
     // credit_holds (placed in an earlier batch, finished in this one)
@@ -298,6 +299,7 @@ impl Columns {
                 self.hold_expires.push(h.expires_at);
                 self.hold_finished_seq.push(None);
                 self.hold_finished_at.push(None);
+                self.hold_api_key.push(h.api_key_id.map(|key| key.0));
             }
             Record::Settled { usage: u, late } => {
                 if !late {
@@ -566,6 +568,7 @@ async fn insert_holds(
             &columns.hold_expires,
             &columns.hold_finished_seq,
             &columns.hold_finished_at,
+            &columns.hold_api_key,
         ],
     )
     .await
