@@ -5,8 +5,10 @@
 //! Anthropic server that answers at once, a settlement waited for: one
 //! durable commit in the chat's path) next to the same chat body sent by
 //! users who saved their own key (BYOK: no hold, no charge), which measures
-//! the metering overhead; and the no-op `GET /healthz` and `GET /readyz`
-//! (one `SELECT 1`), driven by `wrk`.
+//! the metering overhead; the gateway's `POST /v1/chat/completions` the
+//! same way (platform key and BYOK, a local fake OpenAI answering at once,
+//! the users' session tokens); and the no-op `GET /healthz` and `GET
+//! /readyz` (one `SELECT 1`), driven by `wrk`.
 //!
 //! `benches/run http` installs `wrk` when it is missing, or
 //! `cargo bench --bench http` with `wrk` on PATH (`apt-get install wrk`).
@@ -14,7 +16,8 @@
 //! (default 2), BENCH_USERS (distinct users, each with its own session token,
 //! default 1000; as many BYOK users), BENCH_HISTORY (reserve+settle cycles in
 //! each user's history, default 20), BENCH_RUNS (the runs, in order, each
-//! `connections:route` where route is a path, `byok:/api/chat`, or
+//! `connections:route` where route is a path, `byok:/api/chat`,
+//! `byok:/v1/chat/completions`, or
 //! `etag:/api/credits` (the page's read sent with `If-None-Match` of the
 //! user's current ETag, answered `304`); default in `DEFAULT_RUNS`;
 //! `none`: no `wrk` run).
@@ -52,12 +55,15 @@ fn byok_clerk_id(user: usize) -> String {
 /// connections, then platform and BYOK chats side by side at 64 and at 256.
 const DEFAULT_RUNS: &str = "64:/healthz,64:/api/credits,64:etag:/api/credits,64:/readyz,\
     64:/api/chat,64:byok:/api/chat,256:/api/chat,256:byok:/api/chat,\
-    64:/api/chat,64:byok:/api/chat,256:/api/chat,256:byok:/api/chat,64:/healthz";
+    64:/api/chat,64:byok:/api/chat,256:/api/chat,256:byok:/api/chat,\
+    64:/v1/chat/completions,64:byok:/v1/chat/completions,\
+    256:/v1/chat/completions,256:byok:/v1/chat/completions,64:/healthz";
 
 /// A 32-byte key (base64) for the BYOK users' saved keys.
 const BENCH_BYOK_ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
-/// Saves an Anthropic key for every BYOK user, through the real route.
+/// Saves an Anthropic and an OpenAI key for every BYOK user, through the
+/// real route (`/api/chat` names a Claude model, the gateway an OpenAI one).
 async fn save_byok_keys(base: &str, key: &SigningKey, users: usize) {
     let http = reqwest::Client::new();
     for chunk in (0..users).collect::<Vec<_>>().chunks(64) {
@@ -68,7 +74,10 @@ async fn save_byok_keys(base: &str, key: &SigningKey, users: usize) {
                 let response = http
                     .put(format!("{base}/api/settings/api-keys"))
                     .bearer_auth(token)
-                    .json(&serde_json::json!({ "anthropicKey": "sk-ant-bench-user-own-key-0123456789" }))
+                    .json(&serde_json::json!({
+                        "anthropicKey": "sk-ant-bench-user-own-key-0123456789",
+                        "openaiKey": "sk-bench-user-own-key-0123456789",
+                    }))
                     .send()
                     .await
                     .expect("save a BYOK key");
@@ -85,8 +94,14 @@ const CHAT_BODY: &str = r#"{"messages":[{"role":"user","content":"Add a login pa
 /// What the fake Anthropic server answers: the Messages API's shape.
 const ANTHROPIC_REPLY: &str = r#"{"id":"msg_bench","type":"message","role":"assistant","model":"claude-haiku-4-5","content":[{"type":"text","text":"Done."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":40,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":20}}"#;
 
+/// The call every `POST /v1/chat/completions` of the bench sends.
+const GATEWAY_BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Add a login page"}],"max_tokens":256}"#;
+
+/// What the fake OpenAI server answers: a chat completion's shape.
+const OPENAI_REPLY: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1741570283,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Done."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":20,"total_tokens":32,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+
 fn method_of(path: &str) -> &'static str {
-    if path.ends_with("/api/chat") {
+    if path.ends_with("/api/chat") || path.ends_with("/v1/chat/completions") {
         "POST"
     } else {
         "GET"
@@ -147,18 +162,28 @@ fn write_etag_script(path: &Path, key: &SigningKey, etags: &[String]) {
     std::fs::write(path, script).expect("write the wrk script");
 }
 
-/// A local Anthropic Messages API that answers every call at once.
-fn fake_anthropic() -> (String, actix_web::dev::Server) {
+/// A local Anthropic Messages API and OpenAI Chat Completions that
+/// answer every call at once.
+fn fake_provider() -> (String, actix_web::dev::Server) {
     use actix_web::{web, App, HttpResponse, HttpServer};
     let server = HttpServer::new(|| {
-        App::new().route(
-            "/v1/messages",
-            web::post().to(|| async {
-                HttpResponse::Ok()
-                    .content_type("application/json")
-                    .body(ANTHROPIC_REPLY)
-            }),
-        )
+        App::new()
+            .route(
+                "/v1/messages",
+                web::post().to(|| async {
+                    HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(ANTHROPIC_REPLY)
+                }),
+            )
+            .route(
+                "/v1/chat/completions",
+                web::post().to(|| async {
+                    HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(OPENAI_REPLY)
+                }),
+            )
     })
     .workers(1)
     .bind("127.0.0.1:0")
@@ -364,10 +389,12 @@ fn main() {
 
         let key = SigningKey::generate();
         let jwks = key.serve().await;
-        let (provider, provider_server) = fake_anthropic();
+        let (provider, provider_server) = fake_provider();
         actix_web::rt::spawn(provider_server);
-        settings.providers.anthropic_base_url = provider;
+        settings.providers.anthropic_base_url = provider.clone();
         settings.providers.anthropic_api_key = creditd::config::Secret::new("bench-platform-key");
+        settings.providers.openai_base_url = provider;
+        settings.providers.openai_api_key = creditd::config::Secret::new("bench-platform-key");
         settings.server.bind = "127.0.0.1:0".into();
         settings.clerk.jwks_url = format!("{}{JWKS_PATH}", jwks.uri());
         settings.clerk.issuer = ISSUER.into();
@@ -395,6 +422,17 @@ fn main() {
         );
         let chat_body = dir.join("chat.json");
         std::fs::write(&chat_body, CHAT_BODY).expect("write the chat body");
+        let (gateway_script, gateway_byok_script) =
+            (dir.join("gateway.lua"), dir.join("gateway-byok.lua"));
+        write_script(&gateway_script, &key, users, "POST", Some(GATEWAY_BODY), clerk_id);
+        write_script(
+            &gateway_byok_script,
+            &key,
+            users,
+            "POST",
+            Some(GATEWAY_BODY),
+            byok_clerk_id,
+        );
         write_script(&get_script, &key, users, "GET", None, clerk_id);
         write_script(&post_script, &key, users, "POST", Some(CHAT_BODY), clerk_id);
         write_script(
@@ -406,7 +444,11 @@ fn main() {
             byok_clerk_id,
         );
         let script = |path: &str| {
-            if path.starts_with("byok:") {
+            if path == "byok:/v1/chat/completions" {
+                gateway_byok_script.clone()
+            } else if path == "/v1/chat/completions" {
+                gateway_script.clone()
+            } else if path.starts_with("byok:") {
                 byok_script.clone()
             } else if path.starts_with("etag:") {
                 etag_script.clone()
@@ -518,16 +560,16 @@ fn print(runs: &[WrkRun]) {
     println!();
     println!("Metering overhead: platform chats against BYOK chats of the same body, same run:");
     println!();
-    println!("| connections | platform chats/s | BYOK chats/s | platform of BYOK | platform p50 / p99 | BYOK p50 / p99 |");
+    println!("| route, connections | platform chats/s | BYOK chats/s | platform of BYOK | platform p50 / p99 | BYOK p50 / p99 |");
     println!("|---:|---:|---:|---:|---:|---:|");
     let mut pairs = runs.iter().zip(runs.iter().skip(1));
     for (platform, byok) in pairs.by_ref() {
-        if platform.path == "/api/chat"
-            && byok.path == "byok:/api/chat"
+        if byok.path.strip_prefix("byok:") == Some(platform.path)
             && platform.connections == byok.connections
         {
             println!(
-                "| {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} |",
+                "| {} {} | {:.0} | {:.0} | {:.0}% | {} / {} | {} / {} |",
+                platform.path,
                 platform.connections,
                 platform.requests_per_s,
                 byok.requests_per_s,

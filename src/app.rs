@@ -197,6 +197,7 @@ fn services(
         history: ledger::LedgerHistory::new(pool.clone()),
         referrals: crate::referrals::Referrals::new(pool.clone()),
         provider_keys: crate::accounts::ProviderKeys::new(pool.clone()),
+        api_keys: crate::api_keys::ApiKeys::new(pool.clone()),
         signup_bonuses,
         topups: crate::payments::topup::TopUps::new(pool.clone()),
         events: crate::events::store::Events::new(pool.clone()),

@@ -19,9 +19,11 @@
 //! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
 //! - [`accounts`]: users, Clerk's user events, deletion, the signup bonus, own provider keys;
-//! - [`referrals`]: referral codes and the bonus after a referred user's first top-up.
+//! - [`referrals`]: referral codes and the bonus after a referred user's first top-up;
+//! - [`api_keys`]: the gateway's API keys (`/v1/*`): made, listed, revoked, presented.
 
 pub mod accounts;
+pub mod api_keys;
 pub mod app;
 pub mod clerk;
 pub mod clock;

@@ -85,7 +85,7 @@ pub static SPEND_LIMIT_REFUSALS_TOTAL: Family = Family {
     name: "creditd_spend_limit_refusals_total",
     kind: Kind::Counter,
     unit: None,
-    help: "Reserves refused by a spending limit, by window (daily, monthly)",
+    help: "Reserves refused by a spending limit, by window (daily, monthly, api_key)",
     labels: &["window"],
 };
 

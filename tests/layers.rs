@@ -22,6 +22,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "features",
         &[
             "accounts",
+            "api_keys",
             "payments",
             "referrals",
             "recharge",

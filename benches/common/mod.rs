@@ -34,6 +34,7 @@ pub fn charge() -> UsageCharge {
         cost: Micros::new(COST_MICROS),
         conversation_id: None,
         message_id: None,
+        api_key: None,
     }
 }
 

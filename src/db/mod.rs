@@ -76,6 +76,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0013_event_sequences.sql"),
     ),
     (14, "cluster", include_str!("../../sql/0014_cluster.sql")),
+    (15, "api_keys", include_str!("../../sql/0015_api_keys.sql")),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

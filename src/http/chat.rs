@@ -167,6 +167,7 @@ async fn chat(
         stored_keys: state.stored_keys(account).await?,
         conversation_id: chat.conversation_id,
         message_id: chat.message_id,
+        gateway: None,
     };
     if chat.stream {
         let events = state.chats.open_stream(order).await?;
@@ -298,7 +299,9 @@ fn render(stream_event: StreamEvent) -> Bytes {
     match stream_event {
         StreamEvent::Delta(text) => event("delta", &json!({ "text": text })),
         StreamEvent::KeepAlive => Bytes::from_static(KEEP_ALIVE),
-        StreamEvent::Done { model, credits } => {
+        // Only a gateway call streams frames (`crate::http::gateway`).
+        StreamEvent::Frame(_) => Bytes::new(),
+        StreamEvent::Done { model, credits, .. } => {
             let mut data = json!({ "model": model });
             if let Some(record) = &credits {
                 data["credits"] = json!(ChatCredits::from(record));

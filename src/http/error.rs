@@ -347,6 +347,27 @@ impl From<LedgerError> for ApiError {
                 })),
                 retry_after_s: Some(retry_after_s),
             },
+            LedgerError::KeyLimitReached {
+                key,
+                limit,
+                spent,
+                held,
+                required,
+            } => ApiError {
+                code: Code::SpendLimitReached,
+                message: format!(
+                    "the spending limit of {limit} of this API key is reached: {spent} spent and {held} held, {required} more needed; raise it by making a new key"
+                ),
+                details: Some(serde_json::json!({
+                    "limit": "apiKey",
+                    "apiKeyId": key.0,
+                    "limitMicros": limit.get(),
+                    "spentMicros": spent.get(),
+                    "heldMicros": held.get(),
+                    "requiredMicros": required.get(),
+                })),
+                retry_after_s: None,
+            },
             LedgerError::Overloaded => ApiError::new(
                 Code::Overloaded,
                 "too many operations in flight for this account; retry shortly",

@@ -2,6 +2,7 @@
 //! token), health and Prometheus metrics.
 
 mod admin;
+mod api_keys;
 pub mod auth;
 mod auto_recharge;
 mod body;
@@ -10,6 +11,7 @@ mod clerk_webhooks;
 mod credits;
 pub mod error;
 mod extract;
+mod gateway;
 mod openapi;
 pub mod pages;
 mod provider_keys;
@@ -116,6 +118,8 @@ pub fn server(
             .configure(topup::routes)
             .configure(chat::routes)
             .configure(provider_keys::routes)
+            .configure(api_keys::routes)
+            .configure(gateway::routes)
             .configure(spending::routes)
             .configure(referrals::routes)
             .service(without_token())

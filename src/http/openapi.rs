@@ -42,6 +42,12 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::provider_keys::list,
         super::provider_keys::save,
         super::provider_keys::remove,
+        super::api_keys::create,
+        super::api_keys::list,
+        super::api_keys::revoke,
+        super::gateway::chat_completions,
+        super::gateway::messages,
+        super::gateway::models,
         super::admin::adjust,
         super::admin::account,
         super::admin::run_reconcile,
@@ -78,6 +84,11 @@ impl Modify for BearerTokens {
         for (name, format, description) in [
             ("clerk", "JWT", "A Clerk session token (RS256)"),
             ("admin", "token", "The admin token (admin.token)"),
+            (
+                "apiKey",
+                "cd_…",
+                "A gateway API key (/v1 only; also accepted as x-api-key)",
+            ),
             (
                 "metrics",
                 "token",

@@ -1,7 +1,8 @@
 //! The billing page and its assets, compiled into the binary: plain ES
 //! modules defining custom elements (`<credit-balance>`,
 //! `<credit-topup-dialog>`, `<credit-history>`, `<credit-usage-chart>`,
-//! `<credit-auto-recharge>`, `<credit-limits>`, `<credit-referral>`) that
+//! `<credit-auto-recharge>`, `<credit-limits>`, `<credit-referral>`,
+//! `<credit-api-keys>`) that
 //! `/billing` composes and any other front end can embed. No build step:
 //! `assets/credits/` is embedded whole and served by file name.
 

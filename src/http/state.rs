@@ -51,6 +51,8 @@ pub struct Services {
     pub referrals: crate::referrals::Referrals,
     /// Users' sealed provider keys (BYOK).
     pub provider_keys: crate::accounts::ProviderKeys,
+    /// The gateway's API keys (`/v1/*`).
+    pub api_keys: crate::api_keys::ApiKeys,
     /// The signup bonus, once per person.
     pub signup_bonuses: crate::accounts::SignupBonuses,
     /// Top-ups' Checkout Sessions and follow-ups.

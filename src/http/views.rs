@@ -129,6 +129,8 @@ pub struct UsageView {
     /// The grants that paid its cost, in spend order; costMicros − their
     /// sum is the debt it left.
     pub paid_by: Vec<PaidByView>,
+    /// The gateway API key it was made with (null: a session).
+    pub api_key_id: Option<Uuid>,
 }
 
 impl From<&UsageRecord> for UsageView {
@@ -152,6 +154,7 @@ impl From<&UsageRecord> for UsageView {
             message_id: u.message_id.clone(),
             balance_after_micros: u.balance_after_micros.get(),
             created_at: u.created_at,
+            api_key_id: u.api_key_id.map(|key| key.0),
             paid_by: paid_by(&u.paid_by),
         }
     }
@@ -481,6 +484,54 @@ pub struct History {
     /// Serialized once: the page is read far more often than it changes.
     pub transactions: Box<RawValue>,
     pub usages: Box<RawValue>,
+}
+
+/// A gateway API key as lists show it: never its secret.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyView {
+    pub id: Uuid,
+    /// The key's first characters (`cd_` and 8 more), to tell keys apart.
+    pub prefix: String,
+    pub name: String,
+    /// null: no limit.
+    pub spend_limit_micros: Option<i64>,
+    /// null: never.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// What the key's usages cost so far.
+    pub spent_micros: i64,
+}
+
+impl From<&crate::api_keys::ApiKeySummary> for ApiKeyView {
+    fn from(key: &crate::api_keys::ApiKeySummary) -> Self {
+        ApiKeyView {
+            id: key.id.0,
+            prefix: key.prefix.clone(),
+            name: key.name.clone(),
+            spend_limit_micros: key.spend_limit.map(crate::money::Micros::get),
+            expires_at: key.expires_at,
+            created_at: key.created_at,
+            last_used_at: key.last_used_at,
+            spent_micros: key.spent.get(),
+        }
+    }
+}
+
+/// A key just made: its secret, shown this once, and the key as listed.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedApiKeyView {
+    /// The whole key (`cd_…`): store it now, it is never shown again.
+    pub key: String,
+    pub api_key: ApiKeyView,
+}
+
+/// The account's live gateway keys, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApiKeysView {
+    pub keys: Vec<ApiKeyView>,
 }
 
 #[cfg(test)]

@@ -275,6 +275,7 @@ mod tests {
                 balance_after_micros: eur(600),
                 created_at: Utc::now(),
                 paid_by: Vec::new(),
+                api_key_id: None,
             },
             late: false,
         }
@@ -306,6 +307,7 @@ mod tests {
             amount_micros: eur(100),
             created_at: Utc::now(),
             expires_at: Utc::now(),
+            api_key_id: None,
         }
     }
 

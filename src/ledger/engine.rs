@@ -329,7 +329,7 @@ impl Engine {
         hold_id: HoldId,
         amount: Micros,
     ) -> Result<Outcome<HoldRecord>, LedgerError> {
-        self.reserve_answering(account, hold_id, amount, Answer::WhenDurable)
+        self.reserve_answering(account, hold_id, amount, None, Answer::WhenDurable)
             .await
     }
 
@@ -343,7 +343,20 @@ impl Engine {
         hold_id: HoldId,
         amount: Micros,
     ) -> Result<Outcome<HoldRecord>, LedgerError> {
-        self.reserve_answering(account, hold_id, amount, Answer::WhenApplied)
+        self.reserve_answering(account, hold_id, amount, None, Answer::WhenApplied)
+            .await
+    }
+
+    /// As [`Engine::admit`], for a call made with a gateway API key: the
+    /// key's spend limit is judged by the account's actor with the hold.
+    pub async fn admit_for_key(
+        &self,
+        account: AccountId,
+        hold_id: HoldId,
+        amount: Micros,
+        key: Option<KeyLimit>,
+    ) -> Result<Outcome<HoldRecord>, LedgerError> {
+        self.reserve_answering(account, hold_id, amount, key, Answer::WhenApplied)
             .await
     }
 
@@ -352,11 +365,13 @@ impl Engine {
         account: AccountId,
         hold_id: HoldId,
         amount: Micros,
+        key: Option<KeyLimit>,
         answer: Answer,
     ) -> Result<Outcome<HoldRecord>, LedgerError> {
         let message = Reserve {
             hold_id,
             amount,
+            key,
             answer,
         };
         let result = observe(
@@ -640,6 +655,7 @@ fn observe<T>(
         Ok(_) => "ok",
         Err(LedgerError::InsufficientCredits { .. }) => "insufficient_credits",
         Err(LedgerError::SpendLimitReached { .. }) => "spend_limit_reached",
+        Err(LedgerError::KeyLimitReached { .. }) => "key_limit_reached",
         Err(LedgerError::Conflict(_)) => "conflict",
         Err(LedgerError::InvalidRequest(_)) => "invalid",
         Err(LedgerError::AccountNotFound(_) | LedgerError::HoldNotFound(_)) => "not_found",
@@ -654,6 +670,10 @@ fn observe<T>(
     }
     if let Err(LedgerError::SpendLimitReached { window, .. }) = &result {
         metrics::counter!(crate::telemetry::SPEND_LIMIT_REFUSALS_TOTAL.name, "window" => window.as_str())
+            .increment(1);
+    }
+    if let Err(LedgerError::KeyLimitReached { .. }) = &result {
+        metrics::counter!(crate::telemetry::SPEND_LIMIT_REFUSALS_TOTAL.name, "window" => "api_key")
             .increment(1);
     }
     result

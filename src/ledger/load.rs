@@ -1,8 +1,8 @@
 //! Loading an account into its actor from one snapshot. Another instance
 //! may be committing the account at that moment: its balance, holds,
-//! grants, spending windows, alert and auto-recharge state are read in one
-//! repeatable-read transaction, so the load sees all of a commit or none
-//! of it. A state that breaks an invariant all the same is read once more
+//! grants, spending windows and each API key's spend, alert and
+//! auto-recharge state are read in one repeatable-read transaction, so the
+//! load sees all of a commit or none of it. A state that breaks an invariant all the same is read once more
 //! from a fresh snapshot before it is reported, and then as unavailable:
 //! a caller (a settlement) retries it like any unavailability.
 
@@ -80,6 +80,7 @@ async fn snapshot(
     let alerts = outbox::load_alert_state(&tx, account).await?;
     let recharge = auto_recharge::load_state(&tx, account, now).await?;
     let (limits, counters) = spend::load(&tx, account, now).await?;
+    let key_spend = spend::load_key_spend(&tx, account).await?;
     tx.commit().await.map_err(store::database_error)?;
     let mut state = AccountState::new(
         account,
@@ -91,6 +92,7 @@ async fn snapshot(
         context.recent_keys,
     );
     state.load_spending(limits, counters);
+    state.load_key_spend(key_spend);
     Ok(state.check_invariants().map(|()| Loaded {
         state,
         alerts,

@@ -190,6 +190,25 @@ pub async fn load(
     Ok((limits, counters))
 }
 
+/// What each gateway API key of the account spent, from its usages.
+pub async fn load_key_spend(
+    client: &impl GenericClient,
+    account: AccountId,
+) -> Result<std::collections::HashMap<ApiKeyId, Micros>, LedgerError> {
+    let rows = client
+        .query(
+            "SELECT api_key_id, sum(cost_micros)::int8 FROM credit_usages
+              WHERE user_id = $1 AND api_key_id IS NOT NULL GROUP BY api_key_id",
+            &[&account.0],
+        )
+        .await
+        .map_err(database_error)?;
+    Ok(rows
+        .iter()
+        .map(|row| (ApiKeyId(row.get(0)), Micros::new(row.get(1))))
+        .collect())
+}
+
 /// Stores an account's limits (its actor calls it before acknowledging).
 pub async fn store(
     client: &impl GenericClient,

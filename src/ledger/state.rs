@@ -143,6 +143,10 @@ pub(crate) struct AccountState {
     /// Grant rows changed by the last operation, taken by the actor into
     /// that operation's journal entry.
     grant_writes: Vec<GrantWrite>,
+    /// Settled spend per gateway API key, loaded with the account from
+    /// its usages and moved by every settlement naming a key (each active
+    /// hold names its key too).
+    key_spent: HashMap<ApiKeyId, Micros>,
 }
 
 /// Longest free text stored with an entry (a description, a Stripe id, a
@@ -274,7 +278,41 @@ impl AccountState {
             recent_capacity,
             limits: SpendLimits::default(),
             windows: SpendCounters::new(DateTime::<Utc>::MIN_UTC, Micros::ZERO, Micros::ZERO),
+            key_spent: HashMap::new(),
         }
+    }
+
+    /// Sets what each gateway API key spent, loaded with the account.
+    pub fn load_key_spend(&mut self, spent: HashMap<ApiKeyId, Micros>) {
+        self.key_spent = spent;
+    }
+
+    /// Refuses a hold of `required` made with `key` when the key's settled
+    /// spend, its active holds and the hold would pass its limit.
+    fn admit_key(&self, key: &KeyLimit, required: Micros) -> Result<(), LedgerError> {
+        let Some(limit) = key.limit else {
+            return Ok(());
+        };
+        let held = self
+            .holds
+            .values()
+            .filter(|hold| hold.api_key_id == Some(key.key))
+            .fold(0i128, |sum, h| sum + i128::from(h.amount_micros.get()));
+        let spent = self
+            .key_spent
+            .get(&key.key)
+            .copied()
+            .unwrap_or(Micros::ZERO);
+        if i128::from(spent.get()) + held + i128::from(required.get()) > i128::from(limit.get()) {
+            return Err(LedgerError::KeyLimitReached {
+                key: key.key,
+                limit,
+                spent,
+                held: Micros::new(i64::try_from(held).unwrap_or(i64::MAX)),
+                required,
+            });
+        }
+        Ok(())
     }
 
     /// Sets the limits and window counters loaded with the account.
@@ -707,6 +745,7 @@ impl AccountState {
         &mut self,
         hold_id: HoldId,
         amount: Micros,
+        key: Option<KeyLimit>,
         now: DateTime<Utc>,
         expires_at: DateTime<Utc>,
     ) -> Result<Applied<HoldRecord>, LedgerError> {
@@ -741,6 +780,9 @@ impl AccountState {
             });
         }
         self.windows.admit(&self.limits, self.held, amount, now)?;
+        if let Some(key) = &key {
+            self.admit_key(key, amount)?;
+        }
         let held = self.held.checked_add(amount).map_err(|_| out_of_range())?;
         let seq = self.next_seq();
         self.held = held;
@@ -750,6 +792,7 @@ impl AccountState {
             amount_micros: amount,
             created_at: now,
             expires_at,
+            api_key_id: key.map(|key| key.key),
         };
         self.holds.insert(hold);
         Ok(Applied::New {
@@ -822,6 +865,11 @@ impl AccountState {
         // A hold placed before a grant expired may still spend what it kept.
         let paid_by = self.spend(charge.cost, None, |g| !g.has_expired_at(placed_at));
         self.windows.record(charge.cost, now);
+        if let Some(key) = charge.api_key {
+            let spent = self.key_spent.entry(key).or_insert(Micros::ZERO);
+            // Saturating: a key past i64 is over every limit anyway.
+            *spent = Micros::new(spent.get().saturating_add(charge.cost.get()));
+        }
         let usage = UsageRecord {
             paid_by,
             id: Uuid::new_v4(),
@@ -839,6 +887,7 @@ impl AccountState {
             balance_before_micros: before,
             balance_after_micros: after,
             created_at: now,
+            api_key_id: charge.api_key,
         };
         self.finished.insert(
             hold_id,
@@ -1075,6 +1124,7 @@ mod tests {
             cost: micros(cost),
             conversation_id: None,
             message_id: None,
+            api_key: None,
         }
     }
 
@@ -1116,7 +1166,7 @@ mod tests {
         let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
         let hold_id = HoldId::generate();
         let (hold, record) =
-            applied(state.reserve(hold_id, micros(300), now, now + Duration::minutes(5)));
+            applied(state.reserve(hold_id, micros(300), None, now, now + Duration::minutes(5)));
         assert!(matches!(record, Record::HoldPlaced(placed) if placed.id == hold_id));
         assert_eq!(hold.amount_micros, micros(300));
         assert_eq!(
@@ -1144,7 +1194,7 @@ mod tests {
         let now = Utc::now();
         let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
         let hold_id = HoldId::generate();
-        applied(state.reserve(hold_id, micros(400), now, now + Duration::minutes(5)));
+        applied(state.reserve(hold_id, micros(400), None, now, now + Duration::minutes(5)));
         let (release, _) = applied(state.release(hold_id, HoldStatus::Released, now, 0));
         assert_eq!(release.amount_micros, micros(400));
         assert_eq!((state.balance, state.held), (micros(1_000), Micros::ZERO));
@@ -1152,7 +1202,7 @@ mod tests {
         let (again, seq) = replayed(state.release(hold_id, HoldStatus::Released, now, 0));
         assert_eq!((again, seq), (release, release.seq));
         assert_eq!(
-            refused(state.reserve(hold_id, micros(400), now, now)),
+            refused(state.reserve(hold_id, micros(400), None, now, now)),
             LedgerError::Conflict(format!("hold {hold_id} already finished"))
         );
     }
@@ -1164,22 +1214,64 @@ mod tests {
         let later = now + Duration::minutes(5);
         let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
         let first = HoldId::generate();
-        applied(state.reserve(first, micros(600), now, later));
+        applied(state.reserve(first, micros(600), None, now, later));
         assert_eq!(
-            refused(state.reserve(HoldId::generate(), micros(401), now, later)),
+            refused(state.reserve(HoldId::generate(), micros(401), None, now, later)),
             LedgerError::InsufficientCredits {
                 balance: micros(1_000),
                 available: micros(400),
                 required: micros(401)
             }
         );
-        let (_, seq) = replayed(state.reserve(first, micros(600), now, later));
+        let (_, seq) = replayed(state.reserve(first, micros(600), None, now, later));
         assert_eq!(seq, 1);
         assert!(matches!(
-            refused(state.reserve(first, micros(500), now, later)),
+            refused(state.reserve(first, micros(500), None, now, later)),
             LedgerError::Conflict(_)
         ));
         assert_eq!(state.held, micros(600));
+    }
+
+    #[test]
+    fn a_key_limit_counts_the_keys_settled_spend_and_active_holds_only() {
+        let now = Utc::now();
+        let later = now + Duration::minutes(5);
+        let mut state = account(vec![grant(GrantKind::Paid, 10_000, None, 1)]);
+        let key = KeyLimit {
+            key: ApiKeyId(Uuid::new_v4()),
+            limit: Some(micros(1_000)),
+        };
+        let first = HoldId::generate();
+        applied(state.reserve(first, micros(400), Some(key), now, later));
+        applied(state.reserve(HoldId::generate(), micros(400), Some(key), now, later));
+        assert_eq!(
+            refused(state.reserve(HoldId::generate(), micros(201), Some(key), now, later)),
+            LedgerError::KeyLimitReached {
+                key: key.key,
+                limit: micros(1_000),
+                spent: Micros::ZERO,
+                held: micros(800),
+                required: micros(201),
+            }
+        );
+        // Another key's holds and holds without a key do not count.
+        let other = KeyLimit {
+            key: ApiKeyId(Uuid::new_v4()),
+            limit: Some(micros(300)),
+        };
+        applied(state.reserve(HoldId::generate(), micros(300), Some(other), now, later));
+        applied(state.reserve(HoldId::generate(), micros(900), None, now, later));
+        // Settled for less: the key has 300 spent and 400 held.
+        let charge = UsageCharge {
+            api_key: Some(key.key),
+            ..charge(300)
+        };
+        applied(state.settle(first, &charge, now, 0));
+        applied(state.reserve(HoldId::generate(), micros(300), Some(key), now, later));
+        assert!(matches!(
+            refused(state.reserve(HoldId::generate(), micros(1), Some(key), now, later)),
+            LedgerError::KeyLimitReached { .. }
+        ));
     }
 
     #[test]
@@ -1187,7 +1279,7 @@ mod tests {
         let now = Utc::now();
         let mut state = account(vec![grant(GrantKind::Paid, 1_000, None, 1)]);
         let hold_id = HoldId::generate();
-        applied(state.reserve(hold_id, micros(300), now, now + Duration::minutes(5)));
+        applied(state.reserve(hold_id, micros(300), None, now, now + Duration::minutes(5)));
         let (usage, _) = applied(state.settle(hold_id, &charge(200), now, 0));
         let (again, seq) = replayed(state.settle(hold_id, &charge(200), now, 0));
         assert_eq!((again.id, seq), (usage.id, usage.seq));
@@ -1349,7 +1441,13 @@ mod tests {
         let promo_id = promo.id;
         let mut state = account(vec![promo, grant(GrantKind::Paid, 1_000, None, 2)]);
         let hold_id = HoldId::generate();
-        applied(state.reserve(hold_id, micros(200), placed, now + Duration::minutes(5)));
+        applied(state.reserve(
+            hold_id,
+            micros(200),
+            None,
+            placed,
+            now + Duration::minutes(5),
+        ));
 
         let (expired, _) = applied(state.expire_grant(promo_id, now, 0));
         let expired = expired.unwrap();
@@ -1377,13 +1475,13 @@ mod tests {
         assert_eq!((first.seq, state.seq), (1, 1));
         let hold_id = HoldId::generate();
         let (hold, _) =
-            applied(state.reserve(hold_id, micros(50), now, now + Duration::minutes(5)));
+            applied(state.reserve(hold_id, micros(50), None, now, now + Duration::minutes(5)));
         assert_eq!(hold.seq, 2);
         let (usage, _) = applied(state.settle(hold_id, &charge(10), now, 0));
         assert_eq!(usage.seq, 3);
 
         replayed(state.post(Direction::Credit, &credit, now, 0));
-        refused(state.reserve(HoldId::generate(), micros(5_000), now, now));
+        refused(state.reserve(HoldId::generate(), micros(5_000), None, now, now));
         refused(state.post(
             Direction::Credit,
             &posting("zero", TransactionType::TopUp, 0),
@@ -1459,7 +1557,7 @@ mod tests {
             LedgerError::InvalidRequest(_)
         ));
         assert!(matches!(
-            refused(state.reserve(HoldId::generate(), Micros::ZERO, now, now)),
+            refused(state.reserve(HoldId::generate(), Micros::ZERO, None, now, now)),
             LedgerError::InvalidRequest(_)
         ));
         assert_eq!((state.balance, state.seq), (micros(1_000), 0));
@@ -1475,6 +1573,7 @@ mod tests {
             amount_micros: micros(100),
             created_at: now,
             expires_at: now + Duration::minutes(5),
+            api_key_id: None,
         };
         let grants = vec![grant(GrantKind::Paid, 1_000, None, 1)];
         let wrong_held = AccountState::new(

@@ -57,9 +57,10 @@ pub(crate) mod sql {
     /// finished (one row write instead of an insert and an update).
     pub const INSERT_HOLDS: &str = "
         INSERT INTO credit_holds (id, user_id, seq, amount_micros, status, created_at,
-               expires_at, finished_seq, finished_at)
+               expires_at, finished_seq, finished_at, api_key_id)
         SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
-                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[])
+                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[],
+                      $10::uuid[])
         ON CONFLICT DO NOTHING
         RETURNING id, user_id";
 
@@ -77,17 +78,18 @@ pub(crate) mod sql {
         INSERT INTO credit_usages (id, user_id, seq, hold_id, model, input_tokens,
                output_tokens, cache_read_tokens, cache_write_tokens, total_tokens,
                cost_micros, held_micros, conversation_id, message_id,
-               balance_before_micros, balance_after_micros, created_at, paid_by)
+               balance_before_micros, balance_after_micros, created_at, paid_by, api_key_id)
         SELECT id, user_id, seq, hold_id, model, input, output, cache_read, cache_write,
                input + output + cache_read + cache_write,
-               cost, held, conversation_id, message_id, before, after, created_at, paid_by
+               cost, held, conversation_id, message_id, before, after, created_at, paid_by,
+               api_key_id
           FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::uuid[], $5::text[],
                       $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[],
                       $11::int8[], $12::text[], $13::text[], $14::int8[], $15::int8[],
-                      $16::timestamptz[], $17::jsonb[])
+                      $16::timestamptz[], $17::jsonb[], $18::uuid[])
                AS u(id, user_id, seq, hold_id, model, input, output, cache_read,
                     cache_write, cost, held, conversation_id, message_id, before,
-                    after, created_at, paid_by)
+                    after, created_at, paid_by, api_key_id)
         ON CONFLICT DO NOTHING
         RETURNING id, user_id";
 
@@ -386,7 +388,7 @@ pub async fn load_account(
     };
     let holds = client
         .query(
-            "SELECT id, seq, amount_micros, created_at, expires_at FROM credit_holds
+            "SELECT id, seq, amount_micros, created_at, expires_at, api_key_id FROM credit_holds
               WHERE user_id = $1 AND status = 'ACTIVE' ORDER BY seq",
             &[&account.0],
         )
@@ -399,6 +401,7 @@ pub async fn load_account(
             amount_micros: Micros::new(row.get(2)),
             created_at: row.get(3),
             expires_at: row.get(4),
+            api_key_id: row.get::<_, Option<uuid::Uuid>>(5).map(ApiKeyId),
         })
         .collect();
     let grants = active_grants(client, account).await?;
@@ -441,7 +444,7 @@ fn transaction_from_row(row: &Row) -> Result<TransactionRecord, LedgerError> {
 
 const USAGE_COLUMNS: &str = "id, seq, hold_id, model, input_tokens, output_tokens,
     cache_read_tokens, cache_write_tokens, cost_micros, held_micros, conversation_id,
-    message_id, balance_before_micros, balance_after_micros, created_at, paid_by";
+    message_id, balance_before_micros, balance_after_micros, created_at, paid_by, api_key_id";
 
 /// Token counts are checked `>= 0` by the schema.
 fn count(row: &Row, index: usize) -> u64 {
@@ -466,6 +469,7 @@ fn usage_from_row(row: &Row) -> Result<UsageRecord, LedgerError> {
         balance_before_micros: Micros::new(row.get(12)),
         balance_after_micros: Micros::new(row.get(13)),
         created_at: row.get(14),
+        api_key_id: row.get::<_, Option<uuid::Uuid>>(16).map(ApiKeyId),
     })
 }
 

@@ -31,6 +31,26 @@ impl fmt::Display for HoldId {
     }
 }
 
+/// A gateway API key, as the ledger knows it: the id its usages carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ApiKeyId(pub Uuid);
+
+impl fmt::Display for ApiKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The key a hold is made with and its spend limit (`None`: none),
+/// judged by the account's actor with the key's settled spend and active
+/// holds, so parallel calls with one key can never pass its limit together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimit {
+    pub key: ApiKeyId,
+    pub limit: Option<Micros>,
+}
+
 /// A caller-chosen key that makes a credit or debit apply at most once
 /// (`stripe:checkout:cs_…`, `bonus:signup:<user>`, an admin's key).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -321,6 +341,8 @@ pub struct HoldRecord {
     pub amount_micros: Micros,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
+    /// The gateway API key the hold was made with (`None`: a session).
+    pub api_key_id: Option<ApiKeyId>,
 }
 
 /// What a settle posts: the real cost of one request.
@@ -331,6 +353,8 @@ pub struct UsageCharge {
     pub cost: Micros,
     pub conversation_id: Option<String>,
     pub message_id: Option<String>,
+    /// The gateway API key the request was made with (`None`: a session).
+    pub api_key: Option<ApiKeyId>,
 }
 
 /// A committed usage (one settled hold).
@@ -355,6 +379,8 @@ pub struct UsageRecord {
     /// The grants that paid its cost, in spend order; what they did not
     /// pay (cost − their sum) became debt.
     pub paid_by: Vec<GrantSpend>,
+    /// The gateway API key it was made with (`None`: a session).
+    pub api_key_id: Option<ApiKeyId>,
 }
 
 impl UsageRecord {
@@ -365,6 +391,7 @@ impl UsageRecord {
             && self.output_tokens == charge.tokens.output_tokens
             && self.cache_read_tokens == charge.tokens.cache_read_tokens
             && self.cache_write_tokens == charge.tokens.cache_write_tokens
+            && self.api_key_id == charge.api_key
     }
 }
 
@@ -613,6 +640,16 @@ pub enum LedgerError {
         resets_at: DateTime<Utc>,
         /// Whole seconds from the refusal to `resets_at`, rounded up.
         retry_after_s: u64,
+    },
+    /// A reserve that would take an API key's settled spend plus its
+    /// active holds past the key's spend limit.
+    #[error("spend limit of API key {key} reached: {limit:?} limit, {spent:?} spent, {held:?} held, {required:?} required")]
+    KeyLimitReached {
+        key: ApiKeyId,
+        limit: Micros,
+        spent: Micros,
+        held: Micros,
+        required: Micros,
     },
     /// Too many operations in flight for this account or for the journal.
     #[error("too many operations in flight; retry shortly")]

@@ -54,9 +54,10 @@ use super::tokens::{Tokenizer, Tokenizers};
 use super::{SettlementSlot, Settlements};
 use crate::accounts::StoredKeys;
 use crate::config::{ChatSettings, Secret};
-use crate::ledger::{AccountId, Engine, HoldId, LedgerError, UsageCharge, UsageRecord};
+use crate::ledger::{AccountId, Engine, HoldId, KeyLimit, LedgerError, UsageCharge, UsageRecord};
 use crate::money::Micros;
 use crate::pricing::{ModelPrice, Provider, TokenUsage};
+use crate::providers::sse::Frame;
 use crate::providers::{
     ChatMessage, ChatRequest, ProviderClient, ProviderError, ProviderStream, StreamUsage,
 };
@@ -143,6 +144,19 @@ pub struct ChatOrder {
     pub stored_keys: Arc<StoredKeys>,
     pub conversation_id: Option<String>,
     pub message_id: Option<String>,
+    /// A gateway call (`/v1/*`): its body and key; `None` for `/api/chat`.
+    pub gateway: Option<GatewayCall>,
+}
+
+/// What a gateway call adds to a chat: the client's body, passed through,
+/// what of its prompt the messages do not say, and the key it came with.
+#[derive(Debug, Clone)]
+pub struct GatewayCall {
+    pub body: serde_json::Value,
+    /// Prompt tokens counted apart from the messages (images).
+    pub extra_prompt_tokens: u64,
+    /// The API key and its spend limit (`None`: a Clerk session).
+    pub key: Option<KeyLimit>,
 }
 
 /// One chat, routed: the provider, key and model that serve it.
@@ -158,6 +172,8 @@ struct ChatCall {
     pub byok: bool,
     pub conversation_id: Option<String>,
     pub message_id: Option<String>,
+    pub extra_prompt_tokens: u64,
+    pub api_key: Option<KeyLimit>,
 }
 
 /// A whole answer, with what it cost when on the platform's key.
@@ -165,6 +181,8 @@ pub struct CompletedChat {
     pub content: String,
     pub model: String,
     pub credits: Option<UsageRecord>,
+    /// The provider's whole answer, for a gateway call.
+    pub body: Option<serde_json::Value>,
 }
 
 /// What a stream hands its client, in order: deltas (and keep-alives
@@ -176,7 +194,11 @@ pub enum StreamEvent {
     Done {
         model: String,
         credits: Option<UsageRecord>,
+        /// A gateway stream's last frames (final usage, end), as sent.
+        tail: Vec<Frame>,
     },
+    /// A frame of a gateway stream, as the provider sent it.
+    Frame(Frame),
     Failed {
         error: ChatError,
         credits: Option<UsageRecord>,
@@ -189,6 +211,10 @@ impl Chats {
         let route = self
             .router
             .route(order.account, order.model.as_deref(), &order.stored_keys)?;
+        let (passthrough, extra_prompt_tokens, api_key) = match order.gateway {
+            Some(gateway) => (Some(gateway.body), gateway.extra_prompt_tokens, gateway.key),
+            None => (None, 0, None),
+        };
         Ok(ChatCall {
             account: order.account,
             provider: route.provider,
@@ -198,10 +224,13 @@ impl Chats {
                 model: route.model,
                 messages: order.messages,
                 max_tokens: order.max_tokens,
+                passthrough,
             },
             byok: route.byok,
             conversation_id: order.conversation_id,
             message_id: order.message_id,
+            extra_prompt_tokens,
+            api_key,
         })
     }
 
@@ -219,6 +248,8 @@ impl Chats {
             slot: None,
             conversation_id: chat.conversation_id,
             message_id: chat.message_id,
+            extra_prompt_tokens: chat.extra_prompt_tokens,
+            api_key: chat.api_key,
         }
     }
 
@@ -256,19 +287,21 @@ struct Billing {
     prompt: Prompt,
 }
 
-async fn reserve(
-    chats: &Chats,
-    account: AccountId,
-    request: &ChatRequest,
-    price: &ModelPrice,
-) -> Result<Billing, ChatError> {
+async fn reserve(call: &Call, price: &ModelPrice) -> Result<Billing, ChatError> {
+    let chats = &call.chats;
+    let request = &call.request;
     let tokenizer = chats.tokenizers.for_model(price);
-    let prompt = count_prompt(request, tokenizer, &chats.settings).await?;
+    let mut prompt = count_prompt(request, tokenizer, &chats.settings).await?;
+    prompt.tokens = prompt.tokens.saturating_add(call.extra_prompt_tokens);
     let amount = hold_amount(price, prompt.tokens, request.max_tokens).ok_or_else(|| {
         ChatError::Invalid("field `messages`: the conversation is too large".into())
     })?;
     let hold = HoldId::generate();
-    match chats.engine.admit(account, hold, amount).await {
+    let admitted = chats
+        .engine
+        .admit_for_key(call.account, hold, amount, call.api_key)
+        .await;
+    match admitted {
         Ok(_) => Ok(Billing { hold, prompt }),
         Err(LedgerError::InsufficientCredits {
             balance,
@@ -328,6 +361,10 @@ struct Call {
     slot: Option<SettlementSlot>,
     conversation_id: Option<String>,
     message_id: Option<String>,
+    /// Prompt tokens counted apart from the messages (a gateway call's images).
+    extra_prompt_tokens: u64,
+    /// The gateway API key the call came with, and its spend limit.
+    api_key: Option<KeyLimit>,
 }
 
 impl Call {
@@ -339,7 +376,7 @@ impl Call {
             let price = self.price.ok_or_else(|| {
                 ChatError::internal("chat hold", "a platform chat without a price")
             })?;
-            self.billing = Some(reserve(&self.chats, self.account, &self.request, &price).await?);
+            self.billing = Some(reserve(&self, &price).await?);
         }
         Ok(self)
     }
@@ -371,6 +408,7 @@ impl Call {
             content: completion.content,
             model: self.request.model.clone(),
             credits,
+            body: completion.body,
         })
     }
 
@@ -417,6 +455,7 @@ impl Call {
             cost,
             conversation_id: self.conversation_id.clone(),
             message_id: self.message_id.clone(),
+            api_key: self.api_key.map(|key| key.key),
         };
         let record = self
             .chats
@@ -507,6 +546,7 @@ impl Call {
             pump(&mut upstream, &events, pacing, &mut text).await
         };
         let usage = upstream.usage();
+        let tail = upstream.take_tail();
         drop(upstream);
         self.observe(
             match &end {
@@ -537,6 +577,7 @@ impl Call {
             End::Completed => StreamEvent::Done {
                 model: self.request.model.clone(),
                 credits,
+                tail,
             },
             End::Broken(error) => StreamEvent::Failed {
                 error: self.provider_error(error),
@@ -616,7 +657,7 @@ async fn deliver(
 /// provider produced is charged.
 fn drain_ready(upstream: &mut ProviderStream, text: &mut StreamedText) {
     while let Some(Ok(Some(delta))) = upstream.next().now_or_never() {
-        text.push(&delta);
+        text.push(&delta.text);
     }
 }
 
@@ -646,8 +687,12 @@ async fn pump(
         match next {
             Ok(Some(delta)) => {
                 idle.reset();
-                text.push(&delta);
-                if let Err(end) = deliver(events, StreamEvent::Delta(delta), pacing).await {
+                text.push(&delta.text);
+                let event = match delta.frame {
+                    Some(frame) => StreamEvent::Frame(frame),
+                    None => StreamEvent::Delta(delta.text),
+                };
+                if let Err(end) = deliver(events, event, pacing).await {
                     break end;
                 }
             }

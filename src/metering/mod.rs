@@ -3,6 +3,8 @@
 //!
 //! - [`chat`]: a chat from the hold through the provider call to the
 //!   settlement, streamed or whole;
+//! - [`gateway`]: what the OpenAI- and Anthropic-compatible routes read of
+//!   a request they pass through (model, output bound, prompt estimate);
 //! - [`route`]: which provider, model and key serve a chat (own key first);
 //! - [`estimate`]: the prompt's tokens, the hold amount, a stream's tokens;
 //! - [`tokens`]: the providers' public tokenizers (OpenAI's tiktoken), built
@@ -14,6 +16,7 @@
 
 pub mod chat;
 pub mod estimate;
+pub mod gateway;
 pub mod route;
 pub mod settlements;
 pub mod tokens;
@@ -21,7 +24,7 @@ pub mod usage;
 
 /// What a chat request is made of, as the providers take it.
 pub use crate::providers::{ChatMessage, ProviderError, Role};
-pub use chat::{ChatError, ChatOrder, Chats, CompletedChat, StreamEvent};
+pub use chat::{ChatError, ChatOrder, Chats, CompletedChat, GatewayCall, StreamEvent};
 pub use route::{RouteError, Router};
 pub use settlements::{SettlementSlot, Settlements};
 pub use usage::{daily_usage, DailyUsage, UsageError, UsageReports, MAX_DAYS};

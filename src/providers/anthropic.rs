@@ -38,6 +38,11 @@ pub(super) fn body(request: &ChatRequest, stream: bool) -> Value {
     body
 }
 
+/// A gateway body: the client's, with `max_tokens` it must have had.
+pub(super) fn passthrough(raw: &Value, request: &ChatRequest, stream: bool) -> Value {
+    super::passthrough_body(raw, request, stream, "max_tokens")
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct Usage {
     #[serde(default)]
@@ -91,6 +96,7 @@ pub(super) fn completion(body: &[u8]) -> Result<Completion, ProviderError> {
         .collect::<String>();
     Ok(Completion {
         content,
+        body: None,
         usage: TokenUsage {
             input_tokens: input.input_tokens,
             output_tokens,
@@ -133,6 +139,9 @@ struct Delta {
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    /// `input_json_delta`: a piece of a tool call's input.
+    #[serde(default)]
+    partial_json: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +165,9 @@ pub(super) fn decode(frame: &Frame, usage: &mut StreamUsage) -> Result<Decoded, 
         Event::ContentBlockDelta { delta } if delta.kind == "text_delta" => {
             Decoded::Text(delta.text.unwrap_or_default())
         }
+        Event::ContentBlockDelta { delta } if delta.kind == "input_json_delta" => {
+            Decoded::Arguments(delta.partial_json.unwrap_or_default())
+        }
         Event::MessageDelta { usage: delta } => {
             if let Some(input) = delta.input() {
                 usage.input = Some(input);
@@ -163,7 +175,7 @@ pub(super) fn decode(frame: &Frame, usage: &mut StreamUsage) -> Result<Decoded, 
             if let Some(output) = delta.output_tokens {
                 usage.output_tokens = Some(output);
             }
-            Decoded::Nothing
+            Decoded::Usage
         }
         Event::MessageStop => Decoded::Finished,
         Event::Error { error } => {
@@ -193,6 +205,7 @@ mod tests {
         let request = ChatRequest {
             model: "claude-sonnet-4-5".into(),
             max_tokens: 100,
+            passthrough: None,
             messages: vec![
                 ChatMessage {
                     role: Role::System,

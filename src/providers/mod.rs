@@ -1,7 +1,10 @@
-//! The AI providers behind `/api/chat`: Anthropic's Messages API and
-//! OpenAI's Chat Completions, over one `reqwest` client with connect and
-//! total timeouts and configurable base URLs; plain and streamed answers,
-//! with the token usage each provider reports, cache tokens included.
+//! The AI providers behind `/api/chat` and the gateway: Anthropic's
+//! Messages API and OpenAI's Chat Completions, over one `reqwest` client
+//! with connect and total timeouts and configurable base URLs; plain and
+//! streamed answers, with the token usage each provider reports, cache
+//! tokens included. A gateway call passes the client's own body through
+//! ([`ChatRequest::passthrough`]) and gets the provider's answer back as
+//! sent: the whole body, or every stream frame.
 
 mod anthropic;
 mod openai;
@@ -10,6 +13,7 @@ pub mod sse;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde_json::{json, Value};
 
 use crate::config::{ProviderSettings, Secret};
 use crate::pricing::{Provider, TokenUsage};
@@ -44,8 +48,13 @@ pub struct ChatMessage {
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
     pub model: String,
+    /// The conversation (for a gateway call: as read for the estimate only).
     pub messages: Vec<ChatMessage>,
     pub max_tokens: u32,
+    /// A gateway call: the client's own body (a JSON object in the
+    /// provider's format), sent as is but for `model`, `stream`, the output
+    /// bound when it had none, and OpenAI's `stream_options.include_usage`.
+    pub passthrough: Option<Value>,
 }
 
 /// A finished (non-streamed) answer.
@@ -53,6 +62,8 @@ pub struct ChatRequest {
 pub struct Completion {
     pub content: String,
     pub usage: TokenUsage,
+    /// The provider's whole body, for a gateway call.
+    pub body: Option<Value>,
 }
 
 /// Every way a provider call fails.
@@ -68,9 +79,14 @@ pub enum ProviderError {
     /// 401 or 403: the key was refused.
     #[error("the provider refused the API key (HTTP {status}): {message}")]
     Unauthorized { status: u16, message: String },
-    /// Any other 4xx: the provider refused the request itself.
+    /// Any other 4xx: the provider refused the request itself; `body` is
+    /// its error body as sent, when it was JSON (the gateway passes it on).
     #[error("the provider refused the request (HTTP {status}): {message}")]
-    Rejected { status: u16, message: String },
+    Rejected {
+        status: u16,
+        message: String,
+        body: Option<Value>,
+    },
     /// No answer within the configured timeouts.
     #[error("the provider did not answer in time")]
     Timeout,
@@ -194,8 +210,24 @@ pub struct InputUsage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Decoded {
     Text(String),
+    /// A tool call's arguments: output the client reads, never text of a
+    /// chat (counted for a gateway stream cut short).
+    Arguments(String),
+    /// The frame with the final usage (OpenAI's usage chunk, Anthropic's
+    /// `message_delta`): a gateway stream gives it with the stream's end,
+    /// once its cost is known.
+    Usage,
     Nothing,
     Finished,
+}
+
+/// What a stream gives next: text, and for a gateway call the frame as
+/// the provider sent it (`text` is then what of it is counted as output:
+/// text and tool call arguments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub text: String,
+    pub frame: Option<sse::Frame>,
 }
 
 #[derive(Debug)]
@@ -210,19 +242,24 @@ pub struct ProviderStream {
     response: reqwest::Response,
     parser: SseParser,
     decoder: Decoder,
-    pending: std::collections::VecDeque<String>,
+    pending: std::collections::VecDeque<Delta>,
     usage: StreamUsage,
     finished: bool,
     /// An error met after text still pending: reported once that text is out.
     failed: Option<ProviderError>,
+    /// A gateway call: every frame is given, the last ones kept in `tail`.
+    passthrough: bool,
+    /// The frames of a gateway stream's end (final usage, `[DONE]` or
+    /// `message_stop`), kept until its cost is known.
+    tail: Vec<sse::Frame>,
 }
 
 impl ProviderStream {
-    /// The next text delta; `None` once the provider finished the answer.
-    pub async fn next(&mut self) -> Result<Option<String>, ProviderError> {
+    /// The next delta; `None` once the provider finished the answer.
+    pub async fn next(&mut self) -> Result<Option<Delta>, ProviderError> {
         loop {
-            if let Some(text) = self.pending.pop_front() {
-                return Ok(Some(text));
+            if let Some(delta) = self.pending.pop_front() {
+                return Ok(Some(delta));
             }
             if let Some(error) = self.failed.take() {
                 return Err(error);
@@ -253,9 +290,7 @@ impl ProviderStream {
                     Decoder::Openai => openai::decode(&frame, &mut self.usage),
                 };
                 match decoded {
-                    Ok(Decoded::Text(text)) if !text.is_empty() => self.pending.push_back(text),
-                    Ok(Decoded::Text(_) | Decoded::Nothing) => {}
-                    Ok(Decoded::Finished) => self.finished = true,
+                    Ok(decoded) => self.take(decoded, frame),
                     Err(error) => {
                         self.failed = Some(error);
                         break;
@@ -265,8 +300,37 @@ impl ProviderStream {
         }
     }
 
+    /// Queues what a decoded frame gives: its text for a chat; for a
+    /// gateway call the frame itself, or keeps it for the end.
+    fn take(&mut self, decoded: Decoded, frame: sse::Frame) {
+        let (text, tail) = match decoded {
+            Decoded::Text(text) => (text, false),
+            Decoded::Arguments(text) if self.passthrough => (text, false),
+            Decoded::Arguments(_) | Decoded::Nothing => (String::new(), false),
+            Decoded::Usage => (String::new(), true),
+            Decoded::Finished => {
+                self.finished = true;
+                (String::new(), true)
+            }
+        };
+        match (self.passthrough, tail) {
+            (true, true) => self.tail.push(frame),
+            (true, false) => self.pending.push_back(Delta {
+                text,
+                frame: Some(frame),
+            }),
+            (false, _) if !text.is_empty() => self.pending.push_back(Delta { text, frame: None }),
+            (false, _) => {}
+        }
+    }
+
     pub fn usage(&self) -> StreamUsage {
         self.usage
+    }
+
+    /// The frames of a gateway stream's end, kept until its cost is known.
+    pub fn take_tail(&mut self) -> Vec<sse::Frame> {
+        std::mem::take(&mut self.tail)
     }
 }
 
@@ -319,21 +383,26 @@ impl ProviderClient {
                     "{}/v1/messages",
                     self.settings.anthropic_base_url.trim_end_matches('/')
                 );
+                let body = match &request.passthrough {
+                    Some(raw) => anthropic::passthrough(raw, request, stream),
+                    None => anthropic::body(request, stream),
+                };
                 self.http
                     .post(url)
                     .header("x-api-key", key.expose())
                     .header("anthropic-version", &self.settings.anthropic_version)
-                    .json(&anthropic::body(request, stream))
+                    .json(&body)
             }
             Provider::Openai => {
                 let url = format!(
                     "{}/v1/chat/completions",
                     self.settings.openai_base_url.trim_end_matches('/')
                 );
-                self.http
-                    .post(url)
-                    .bearer_auth(key.expose())
-                    .json(&openai::body(request, stream))
+                let body = match &request.passthrough {
+                    Some(raw) => openai::passthrough(raw, request, stream),
+                    None => openai::body(request, stream),
+                };
+                self.http.post(url).bearer_auth(key.expose()).json(&body)
             }
         }
     }
@@ -355,10 +424,15 @@ impl ProviderClient {
             .bytes()
             .await
             .map_err(ProviderError::from_reqwest)?;
-        match provider {
+        let mut completion = match provider {
             Provider::Anthropic => anthropic::completion(&body),
             Provider::Openai => openai::completion(&body),
+        }?;
+        if request.passthrough.is_some() {
+            let whole = serde_json::from_slice(&body).map_err(|e| malformed("answer", e))?;
+            completion.body = Some(whole);
         }
+        Ok(completion)
     }
 
     /// Opens a streamed answer; an error status is an error here, before any text.
@@ -386,6 +460,8 @@ impl ProviderClient {
             usage: StreamUsage::default(),
             finished: false,
             failed: None,
+            passthrough: request.passthrough.is_some(),
+            tail: Vec::new(),
         })
     }
 }
@@ -423,8 +499,32 @@ async fn check_status(mut response: reqwest::Response) -> Result<reqwest::Respon
             retry_after_s,
             message,
         },
-        _ => ProviderError::Rejected { status, message },
+        _ => ProviderError::Rejected {
+            status,
+            message,
+            body: serde_json::from_slice(&body).ok(),
+        },
     })
+}
+
+/// A gateway body with `model` and `stream` set, and an output bound
+/// (`field`, the format's own) when the client gave none, so the hold
+/// bounds the cost.
+fn passthrough_body(raw: &Value, request: &ChatRequest, stream: bool, field: &str) -> Value {
+    let mut body = raw.clone();
+    body["model"] = json!(request.model);
+    if stream {
+        body["stream"] = json!(true);
+    } else if let Some(object) = body.as_object_mut() {
+        object.remove("stream");
+    }
+    let bounded = ["max_tokens", "max_completion_tokens"]
+        .iter()
+        .any(|name| body.get(*name).is_some_and(|v| !v.is_null()));
+    if !bounded {
+        body[field] = json!(request.max_tokens);
+    }
+    body
 }
 
 fn malformed(what: &str, error: serde_json::Error) -> ProviderError {

@@ -33,6 +33,16 @@ pub(super) fn body(request: &ChatRequest, stream: bool) -> Value {
     body
 }
 
+/// A gateway body: the client's, streams asking for their usage (the
+/// gateway drops the usage chunk when the client did not ask for it).
+pub(super) fn passthrough(raw: &Value, request: &ChatRequest, stream: bool) -> Value {
+    let mut body = super::passthrough_body(raw, request, stream, "max_completion_tokens");
+    if stream {
+        body["stream_options"]["include_usage"] = json!(true);
+    }
+    body
+}
+
 #[derive(Debug, Deserialize)]
 struct Usage {
     prompt_tokens: u64,
@@ -94,6 +104,7 @@ pub(super) fn completion(body: &[u8]) -> Result<Completion, ProviderError> {
     Ok(Completion {
         content,
         usage: completed.usage.tokens()?,
+        body: None,
     })
 }
 
@@ -117,6 +128,22 @@ struct ChunkChoice {
 struct ChunkDelta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<ToolCallDelta>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ToolCallDelta {
+    #[serde(default)]
+    function: Option<FunctionDelta>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FunctionDelta {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,7 +166,7 @@ pub(super) fn decode(frame: &Frame, usage: &mut StreamUsage) -> Result<Decoded, 
             message: error.message,
         });
     }
-    if let Some(reported) = chunk.usage {
+    if let Some(reported) = &chunk.usage {
         let tokens = reported.tokens()?;
         usage.input = Some(InputUsage {
             input_tokens: tokens.input_tokens,
@@ -147,12 +174,21 @@ pub(super) fn decode(frame: &Frame, usage: &mut StreamUsage) -> Result<Decoded, 
             cache_write_tokens: 0,
         });
         usage.output_tokens = Some(tokens.output_tokens);
+        if chunk.choices.is_empty() {
+            return Ok(Decoded::Usage);
+        }
     }
-    let text: String = chunk
-        .choices
-        .iter()
-        .filter_map(|c| c.delta.as_ref().and_then(|d| d.content.as_deref()))
+    let deltas = || chunk.choices.iter().filter_map(|c| c.delta.as_ref());
+    let text: String = deltas().filter_map(|d| d.content.as_deref()).collect();
+    let arguments: String = deltas()
+        .flat_map(|d| d.tool_calls.iter())
+        .filter_map(|call| call.function.as_ref())
+        .flat_map(|f| [f.name.as_deref(), f.arguments.as_deref()])
+        .flatten()
         .collect();
+    if text.is_empty() && !arguments.is_empty() {
+        return Ok(Decoded::Arguments(arguments));
+    }
     Ok(Decoded::Text(text))
 }
 
@@ -208,6 +244,7 @@ mod tests {
             model: "gpt-4o".into(),
             max_tokens: 5,
             messages: vec![],
+            passthrough: None,
         };
         assert_eq!(
             body(&request, true)["stream_options"],

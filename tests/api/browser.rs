@@ -1426,3 +1426,61 @@ async fn the_billing_page_shows_a_top_ups_credit_through_the_balance_stream_with
     browser.assert_no_console_errors().await;
     browser.close().await;
 }
+
+#[actix::test]
+async fn the_billing_page_makes_an_api_key_shows_its_secret_once_and_revokes_it() {
+    let app = spawn_app().await;
+    app.account("user_key_page").await;
+    let mut browser = Browser::start().await;
+    browser.resize(360).await;
+    browser
+        .sign_in_with_cookie(&app.address, app.token("user_key_page"))
+        .await;
+    browser.goto(&app.url("/billing")).await;
+    assert_eq!(
+        browser.text(".api-keys__empty").await,
+        "Aucune clé API pour le moment."
+    );
+
+    browser.click(".api-keys__create").await;
+    assert!(browser.text(".api-keys__status").await.starts_with("Nom :"));
+    browser
+        .type_into("#api-key-name", "Mon app de tâches")
+        .await;
+    browser.type_into("#api-key-limit", "12,50").await;
+    browser.click(".api-keys__create").await;
+    let secret = browser.text(".api-keys__secret").await;
+    assert!(secret.starts_with("cd_") && secret.len() == 46, "{secret}");
+    let usage = browser.text(".api-keys__usage").await;
+    assert!(usage.starts_with("0.00€ dépensés sur 12.50€"), "{usage}");
+    let (_, keys) = json_of(app.get_as("user_key_page", "/api/credits/api-keys").await).await;
+    assert_eq!(keys["keys"][0]["name"], "Mon app de tâches");
+    assert_eq!(keys["keys"][0]["spendLimitMicros"], 12_500_000);
+    let models = |key: String| {
+        let app = &app;
+        async move {
+            app.http
+                .get(app.url("/v1/models"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("models")
+                .status()
+        }
+    };
+    assert_eq!(models(secret.clone()).await, 200);
+
+    // A reload lists the key, never its secret again.
+    browser.goto(&app.url("/billing")).await;
+    browser.text(".api-keys__name").await;
+    let page = browser.js("return document.body.innerText").await;
+    assert!(!page.as_str().unwrap().contains(&secret));
+
+    browser.click(".api-keys__revoke").await;
+    browser.text(".api-keys__empty").await;
+    assert_eq!(models(secret).await, 401);
+    browser.fits(360).await;
+    browser.shows_no_placeholder().await;
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+}

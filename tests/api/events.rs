@@ -182,6 +182,7 @@ fn charge(cost: Micros) -> UsageCharge {
         cost,
         conversation_id: None,
         message_id: None,
+        api_key: None,
     }
 }
 

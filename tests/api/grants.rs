@@ -45,6 +45,7 @@ fn usage(cost: Micros) -> UsageCharge {
         cost,
         conversation_id: None,
         message_id: None,
+        api_key: None,
     }
 }
 

@@ -356,6 +356,7 @@ fn charge(cost: i64) -> UsageCharge {
         cost: micros(cost),
         conversation_id: None,
         message_id: None,
+        api_key: None,
     }
 }
 

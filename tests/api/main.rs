@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL (see `support`).
 
 mod admin;
+mod api_keys;
 mod auth;
 mod auto_recharge;
 mod balance_reads;
@@ -15,6 +16,7 @@ mod credits;
 mod database_errors;
 mod drills;
 mod events;
+mod gateway;
 mod grants;
 mod haproxy;
 mod history;

@@ -32,6 +32,7 @@ async fn busy_ledger() -> TestDb {
         cost: micros(12_345),
         conversation_id: None,
         message_id: None,
+        api_key: None,
     };
     engine
         .settle(account, settled, charge)

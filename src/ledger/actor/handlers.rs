@@ -168,7 +168,7 @@ impl Handler<Reserve> for AccountActor {
         self.expire_grants_due(ctx);
         let ttl = self.settings.hold_ttl;
         let reply = self.apply_answering(ctx, msg.answer, move |state, now, _| {
-            state.reserve(msg.hold_id, msg.amount, now, now + ttl)
+            state.reserve(msg.hold_id, msg.amount, msg.key, now, now + ttl)
         });
         if matches!(self.phase, Phase::Ready(_)) {
             self.schedule(ctx);

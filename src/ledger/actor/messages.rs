@@ -43,6 +43,8 @@ pub struct Debit {
 pub struct Reserve {
     pub hold_id: HoldId,
     pub amount: Micros,
+    /// The gateway API key the hold is made with, and its spend limit.
+    pub key: Option<KeyLimit>,
     pub answer: Answer,
 }
 

@@ -205,6 +205,7 @@ struct Columns {
     hold_expires: Vec<DateTime<Utc>>,
     hold_finished_seq: Vec<Option<i64>>,
     hold_finished_at: Vec<Option<DateTime<Utc>>>,
+    hold_api_key: Vec<Option<Uuid>>,
     /// Holds placed in this batch, by account and id: their row index above.
     placed: HashMap<(i64, Uuid), usize>,
     // credit_holds (placed in an earlier batch, finished in this one)
@@ -239,6 +240,7 @@ struct Columns {
     ev_data: Vec<tokio_postgres::types::Json<EventData>>,
     ev_created: Vec<DateTime<Utc>>,
     use_paid_by: Vec<Option<serde_json::Value>>,
+    use_api_key: Vec<Option<Uuid>>,
 }
 
 /// `paid_by` as stored: [{grantId, kind, amountMicros}].
@@ -297,6 +299,7 @@ impl Columns {
                 self.hold_expires.push(h.expires_at);
                 self.hold_finished_seq.push(None);
                 self.hold_finished_at.push(None);
+                self.hold_api_key.push(h.api_key_id.map(|key| key.0));
             }
             Record::Settled { usage: u, late } => {
                 if !late {
@@ -319,6 +322,7 @@ impl Columns {
                 self.use_after.push(u.balance_after_micros.get());
                 self.use_created.push(u.created_at);
                 self.use_paid_by.push(paid_by_json(&u.paid_by));
+                self.use_api_key.push(u.api_key_id.map(|key| key.0));
             }
             Record::Released(r) => {
                 self.finish_hold(account, r.hold_id, r.status, r.seq, r.finished_at);
@@ -564,6 +568,7 @@ async fn insert_holds(
             &columns.hold_expires,
             &columns.hold_finished_seq,
             &columns.hold_finished_at,
+            &columns.hold_api_key,
         ],
     )
     .await
@@ -630,6 +635,7 @@ async fn insert_usages(
             &columns.use_after,
             &columns.use_created,
             &columns.use_paid_by,
+            &columns.use_api_key,
         ],
     )
     .await

@@ -339,3 +339,65 @@ async fn a_settlement_after_its_hold_expired_is_charged_once_even_across_a_rebui
     assert_eq!(usages, 1);
     db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_keys_spend_and_active_holds_still_count_against_its_limit_when_the_account_loads_again()
+{
+    use creditd::ledger::{ApiKeyId, KeyLimit, UsageCharge};
+    let db = TestDb::new().await;
+    let settings = settings();
+    let account = db.user("user_ledger_key_limit").await;
+    let key = KeyLimit {
+        key: ApiKeyId(uuid::Uuid::new_v4()),
+        limit: Some(micros(1_000)),
+    };
+    {
+        let engine = db.engine(&settings);
+        engine
+            .credit(
+                account,
+                posting("k-key", TransactionType::TopUp, micros(100_000)),
+            )
+            .await
+            .unwrap();
+        let settled = HoldId::generate();
+        engine
+            .admit_for_key(account, settled, micros(400), Some(key))
+            .await
+            .unwrap();
+        let charge = UsageCharge {
+            api_key: Some(key.key),
+            ..charge(300)
+        };
+        engine.settle(account, settled, charge).await.unwrap();
+        engine
+            .admit_for_key(account, HoldId::generate(), micros(400), Some(key))
+            .await
+            .unwrap();
+        engine.shutdown(Duration::from_secs(5)).await;
+    }
+    let engine = db.engine(&settings);
+    // Loaded again: 300 spent and 400 held with the key; 300 more fit.
+    let refused = engine
+        .admit_for_key(account, HoldId::generate(), micros(301), Some(key))
+        .await;
+    assert_eq!(
+        refused.unwrap_err(),
+        LedgerError::KeyLimitReached {
+            key: key.key,
+            limit: micros(1_000),
+            spent: micros(300),
+            held: micros(400),
+            required: micros(301),
+        }
+    );
+    engine
+        .admit_for_key(account, HoldId::generate(), micros(300), Some(key))
+        .await
+        .unwrap();
+    // A hold without the key is not judged by its limit.
+    engine
+        .admit_for_key(account, HoldId::generate(), micros(5_000), None)
+        .await
+        .unwrap();
+}

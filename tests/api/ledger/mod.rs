@@ -25,6 +25,7 @@ pub(super) fn charge(cost: i64) -> UsageCharge {
         cost: micros(cost),
         conversation_id: Some("conv_1".into()),
         message_id: None,
+        api_key: None,
     }
 }
 
