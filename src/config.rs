@@ -119,6 +119,7 @@ pub struct Settings {
     pub rate_limits: RateLimitsSettings,
     pub metrics: MetricsSettings,
     pub events: EventsSettings,
+    pub email: EmailSettings,
     pub cluster: ClusterSettings,
     /// Set by `creditd demo` only (never from a file or the environment):
     /// where the demo's sign-in page is; pages then show the demo banner.
@@ -153,6 +154,36 @@ pub struct EventsSettings {
     pub retry_for_hours: u64,
     /// Accounts whose next event is delivered at once.
     pub concurrency: usize,
+}
+
+/// Alert and receipt emails over SMTP, sent from the outbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSettings {
+    /// `smtps://host:465` (TLS), `smtp://host:587?tls=required` (STARTTLS)
+    /// or `smtp://host:25` (plain), with `user:password@` when the server
+    /// asks (lettre's connection URL); empty: no email is sent.
+    pub smtp_url: Secret,
+    /// The sender, `Name <address>`.
+    pub from: String,
+    /// Where answers go; empty: to `from`.
+    pub reply_to: String,
+    /// The billing page as a person opens it: the "Recharger" link.
+    pub billing_url: String,
+    /// Each SMTP command's timeout (connection included).
+    pub timeout_ms: u64,
+    /// How often the sender looks for due emails when it found none.
+    pub poll_interval_ms: u64,
+    /// First retry delay, doubled at each failure up to `retry_ms_max`.
+    pub retry_ms_base: u64,
+    pub retry_ms_max: u64,
+    /// An email still unsent this long after its event is FAILED.
+    pub retry_for_hours: u64,
+    /// An event older than this when the sender first sees it is not
+    /// mailed (SKIPPED): a low-balance email of last week is noise.
+    pub max_age_hours: u64,
+    /// How long a top-up's receipt waits for its invoice link.
+    pub receipt_invoice_wait_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -590,6 +621,7 @@ impl Settings {
         self.validate_stripe()?;
         self.validate_recharge()?;
         self.validate_events()?;
+        self.validate_email()?;
         self.validate_chat()?;
         Ok(())
     }
@@ -767,7 +799,57 @@ impl Settings {
             ("events.retry_ms_max", self.events.retry_ms_max),
             ("events.retry_for_hours", self.events.retry_for_hours),
             ("events.concurrency", wide(self.events.concurrency)),
+            ("email.timeout_ms", self.email.timeout_ms),
+            ("email.poll_interval_ms", self.email.poll_interval_ms),
+            ("email.retry_ms_base", self.email.retry_ms_base),
+            ("email.retry_ms_max", self.email.retry_ms_max),
+            ("email.retry_for_hours", self.email.retry_for_hours),
+            ("email.max_age_hours", self.email.max_age_hours),
         ]
+    }
+
+    fn validate_email(&self) -> Result<(), String> {
+        let email = &self.email;
+        if email.retry_ms_base > email.retry_ms_max {
+            return Err(
+                "configuration key `email.retry_ms_base`: at most email.retry_ms_max".into(),
+            );
+        }
+        if email.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(format!(
+                "configuration key `email.from`: `{}` is not an address such as Crédits AI <credits@example.com>",
+                email.from
+            ));
+        }
+        if !email.reply_to.is_empty() && email.reply_to.parse::<lettre::message::Mailbox>().is_err()
+        {
+            return Err(format!(
+                "configuration key `email.reply_to`: `{}` is not an address such as support@example.com",
+                email.reply_to
+            ));
+        }
+        if email.smtp_url.is_empty() {
+            return Ok(());
+        }
+        let smtp = reqwest::Url::parse(email.smtp_url.expose());
+        if !smtp.is_ok_and(|url| {
+            matches!(url.scheme(), "smtp" | "smtps")
+                && url.host_str().is_some_and(|h| !h.is_empty())
+        }) {
+            // The URL may carry a password: never echoed.
+            return Err(
+                "configuration key `email.smtp_url`: not an smtp:// or smtps:// URL with a host"
+                    .into(),
+            );
+        }
+        let billing = reqwest::Url::parse(&email.billing_url);
+        if !billing.is_ok_and(|url| matches!(url.scheme(), "https" | "http")) {
+            return Err(format!(
+                "configuration key `email.billing_url`: required with email.smtp_url, an http(s) URL of the billing page (got `{}`)",
+                email.billing_url
+            ));
+        }
+        Ok(())
     }
 
     fn validate_events(&self) -> Result<(), String> {
@@ -1057,6 +1139,34 @@ mod tests {
     }
 
     #[test]
+    fn an_smtp_url_needs_a_billing_link_and_a_bad_one_is_refused_without_its_password() {
+        let smtp = (
+            "CREDITD__EMAIL__SMTP_URL",
+            "smtps://mailer:hunter2@smtp.example.com:465",
+        );
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[smtp])).unwrap_err();
+        assert!(err.contains("email.billing_url"), "{err}");
+        let billing = (
+            "CREDITD__EMAIL__BILLING_URL",
+            "https://app.example.com/billing",
+        );
+        let settings = Settings::from_sources(DEFAULT_CONFIG, &env(&[smtp, billing])).unwrap();
+        assert_eq!(format!("{:?}", settings.email.smtp_url), "***");
+        let wrong = (
+            "CREDITD__EMAIL__SMTP_URL",
+            "https://mailer:hunter2@smtp.example.com",
+        );
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[wrong, billing])).unwrap_err();
+        assert!(
+            err.contains("email.smtp_url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let from = ("CREDITD__EMAIL__FROM", "not an address");
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[from])).unwrap_err();
+        assert!(err.contains("email.from"), "{err}");
+    }
+
+    #[test]
     fn an_events_url_needs_a_signing_secret_and_must_be_http() {
         let err = Settings::from_sources(
             DEFAULT_CONFIG,
@@ -1158,6 +1268,7 @@ mod tests {
         "clerk.leeway_s",                     // no clock leeway
         "clerk.token_cache_entries",          // no cache
         "pricing.margin_bps",                 // sold at cost
+        "email.receipt_invoice_wait_s",       // a receipt goes at once
         "chat.message_overhead_tokens",       // estimate from bytes alone
         "chat.request_overhead_tokens",
         "cluster.drain_s", // stop accepting at once (one instance, nobody to drain to)

@@ -8,6 +8,7 @@
 //! - [`db`]: PostgreSQL (configured or private cluster), the pool, one `DbError`, migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`events`]: delivery of the outbox's events (alerts, top-ups), signed;
+//! - [`email`]: the outbox's alerts and receipts as French emails over SMTP;
 //! - [`stripe`]: Stripe's API client, webhook signature, payloads and metadata;
 //! - [`payments`]: top-up sessions, each Stripe event's effect, a top-up's follow-ups;
 //! - [`clerk`]: Clerk's session tokens (JWKS) and webhook signature (Svix);
@@ -28,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod email;
 pub mod events;
 pub mod health;
 pub mod http;

@@ -26,6 +26,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "referrals",
             "recharge",
             "events",
+            "email",
             "webhooks",
             "metering",
             "rate_limits",
@@ -44,6 +45,7 @@ const ABOVE_THE_ENGINE: &[&str] = &[
     "accounts",
     "clerk",
     "events",
+    "email",
     "referrals",
     "runtime",
 ];

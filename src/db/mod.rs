@@ -76,6 +76,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../sql/0013_event_sequences.sql"),
     ),
     (14, "cluster", include_str!("../../sql/0014_cluster.sql")),
+    (
+        16,
+        "email_deliveries",
+        include_str!("../../sql/0016_email_deliveries.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

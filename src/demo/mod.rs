@@ -21,6 +21,7 @@
 mod anthropic;
 mod identity;
 mod pages;
+pub mod smtp;
 mod stripe;
 
 use std::net::{SocketAddr, TcpListener};

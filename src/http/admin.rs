@@ -22,6 +22,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/admin/accounts/{userId}", web::get().to(account))
         .route("/admin/reconcile", web::get().to(run_reconcile))
         .route("/admin/events", web::get().to(list_events))
+        .route("/admin/emails", web::get().to(list_emails))
         .route(
             "/admin/events/{eventId}/redeliver",
             web::post().to(redeliver_event),
@@ -215,20 +216,24 @@ pub(super) struct EventFilter {
 impl EventFilter {
     /// Every parameter checked by name; anything unknown is refused.
     fn parse(query: &str) -> Result<EventFilter, ApiError> {
+        EventFilter::parse_with(query, &["PENDING", "DELIVERED", "FAILED"])
+    }
+
+    /// As `parse`, `status` one of `statuses`.
+    fn parse_with(query: &str, statuses: &[&str]) -> Result<EventFilter, ApiError> {
         let pairs = web::Query::<Vec<(String, String)>>::from_query(query)
             .map_err(|e| ApiError::invalid(format!("query string: {e}")))?
             .into_inner();
         let mut filter = EventFilter::default();
         for (name, value) in pairs {
             match name.as_str() {
-                "status" => match value.as_str() {
-                    "PENDING" | "DELIVERED" | "FAILED" => filter.status = Some(value),
-                    _ => {
-                        return Err(ApiError::invalid(
-                            "field `status`: one of PENDING, DELIVERED, FAILED",
-                        ))
-                    }
-                },
+                "status" if statuses.contains(&value.as_str()) => filter.status = Some(value),
+                "status" => {
+                    return Err(ApiError::invalid(format!(
+                        "field `status`: one of {}",
+                        statuses.join(", ")
+                    )))
+                }
                 "userId" => filter.user_id = Some(clerk_id_from_operator(&value)?),
                 "limit" => {
                     filter.limit = Some(
@@ -278,6 +283,38 @@ async fn list_events(
         )
         .await?;
     Ok(HttpResponse::Ok().json(EventList { events }))
+}
+
+/// The alert and receipt emails, newest first, with their delivery state
+/// (filters as `GET /admin/events`; status PENDING, SENT, FAILED, SKIPPED).
+#[utoipa::path(get, path = "/admin/emails", tag = "admin", security(("admin" = [])),
+    params(EventFilter),
+    responses(
+        (status = 200, description = "The emails (`emails`)", body = super::views::EmailList),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
+    ))]
+async fn list_emails(
+    state: State,
+    _: Operator,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let filter = EventFilter::parse_with(
+        request.query_string(),
+        &["PENDING", "SENT", "FAILED", "SKIPPED"],
+    )?;
+    let emails = state
+        .emails
+        .list(
+            filter.status.as_deref(),
+            filter.user_id.as_ref().map(ClerkUserId::as_str),
+            filter.limit.unwrap_or(100),
+        )
+        .await?;
+    Ok(HttpResponse::Ok().json(super::views::EmailList { emails }))
 }
 
 /// Puts an event back in the queue: it is sent again, in its account's order.

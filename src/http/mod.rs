@@ -8,6 +8,7 @@ mod body;
 mod chat;
 mod clerk_webhooks;
 mod credits;
+mod email_preferences;
 pub mod error;
 mod extract;
 mod openapi;
@@ -112,6 +113,7 @@ pub fn server(
             // The routes of a user or the admin: each checks its token.
             .configure(credits::routes)
             .configure(auto_recharge::routes)
+            .configure(email_preferences::routes)
             .configure(admin::routes)
             .configure(topup::routes)
             .configure(chat::routes)

@@ -57,6 +57,8 @@ pub struct Services {
     pub topups: crate::payments::topup::TopUps,
     /// The outbox as operators list and redeliver it.
     pub events: crate::events::store::Events,
+    /// Alert and receipt emails: the people's choices, the deliveries.
+    pub emails: crate::email::store::Emails,
     /// Users' auto-recharge settings.
     pub auto_recharges: crate::recharge::store::AutoRecharges,
     /// Spend per day.

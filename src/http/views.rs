@@ -359,6 +359,12 @@ pub struct EventList {
     pub events: Vec<crate::events::store::EventDelivery>,
 }
 
+/// `GET /admin/emails`: the alert and receipt emails, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EmailList {
+    pub emails: Vec<crate::email::store::EmailDelivery>,
+}
+
 /// A webhook delivery taken (or already taken: `duplicate`).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[schema(as = Received)]

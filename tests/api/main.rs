@@ -14,6 +14,7 @@ mod cluster;
 mod credits;
 mod database_errors;
 mod drills;
+mod email;
 mod events;
 mod grants;
 mod haproxy;
