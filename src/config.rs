@@ -125,6 +125,10 @@ pub struct Settings {
     /// where the demo's sign-in page is; pages then show the demo banner.
     #[serde(skip)]
     pub demo_sign_in_url: Option<String>,
+    /// Set by `creditd demo` only: its "Boîte mail" page, linked from the
+    /// demo banner.
+    #[serde(skip)]
+    pub demo_mailbox_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

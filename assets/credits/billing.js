@@ -15,6 +15,7 @@ import './credit-usage-chart.js'
 import './credit-auto-recharge.js'
 import './credit-limits.js'
 import './credit-referral.js'
+import './credit-email-preferences.js'
 import { PENDING_TOPUP_KEY } from './credit-topup-dialog.js'
 import { formatMicros, request } from './credits-api.js'
 

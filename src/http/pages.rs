@@ -1,7 +1,8 @@
 //! The billing page and its assets, compiled into the binary: plain ES
 //! modules defining custom elements (`<credit-balance>`,
 //! `<credit-topup-dialog>`, `<credit-history>`, `<credit-usage-chart>`,
-//! `<credit-auto-recharge>`, `<credit-limits>`, `<credit-referral>`) that
+//! `<credit-auto-recharge>`, `<credit-limits>`, `<credit-referral>`,
+//! `<credit-email-preferences>`) that
 //! `/billing` composes and any other front end can embed. No build step:
 //! `assets/credits/` is embedded whole and served by file name.
 
@@ -43,10 +44,11 @@ pub fn secured(mut response: HttpResponseBuilder) -> HttpResponseBuilder {
 
 /// The demo banner (only under `creditd demo`), for every page; `base` is
 /// creditd's URL on the stand-ins' pages, empty on creditd's own.
-pub fn demo_banner(base: &str, sign_in_url: &str) -> String {
+pub fn demo_banner(base: &str, sign_in_url: &str, mailbox_url: &str) -> String {
     format!(
-        r#"<div class="demo-banner" role="note"><strong>Démo locale</strong> : aucun vrai paiement, aucune vraie IA, tout tourne sur cette machine. <a href="{base}/demo">Chat</a> · <a href="{base}/billing">Facturation</a> · <a href="{sign_in}">Changer d'utilisateur</a></div>"#,
+        r#"<div class="demo-banner" role="note"><strong>Démo locale</strong> : aucun vrai paiement, aucune vraie IA, tout tourne sur cette machine. <a href="{base}/demo">Chat</a> · <a href="{base}/billing">Facturation</a> · <a href="{mailbox}">Boîte mail</a> · <a href="{sign_in}">Changer d'utilisateur</a></div>"#,
         base = escape(base),
+        mailbox = escape(mailbox_url),
         sign_in = escape(sign_in_url)
     )
 }
@@ -70,7 +72,10 @@ fn page(state: &State, template: &str) -> HttpResponse {
     let banner = settings
         .demo_sign_in_url
         .as_deref()
-        .map(|sign_in_url| demo_banner("", sign_in_url))
+        .map(|sign_in_url| {
+            let mailbox = settings.demo_mailbox_url.as_deref().unwrap_or_default();
+            demo_banner("", sign_in_url, mailbox)
+        })
         .unwrap_or_default();
     let body = template
         .replace("{{demo_banner}}", &banner)

@@ -15,6 +15,7 @@ use creditd::pricing::TokenUsage;
 use reqwest::Method;
 use serde_json::json;
 
+use crate::browser::{demo_sign_in, grant, start_demo, Browser};
 use crate::events::{sending_to, Receiver};
 use crate::support::stripe::*;
 use crate::support::*;
@@ -460,4 +461,93 @@ async fn a_deleted_account_gets_no_email_and_a_bad_preference_is_refused_naming_
     )
     .await;
     assert!(mailbox.messages().is_empty());
+}
+
+#[actix::test]
+async fn the_demos_mailbox_page_shows_the_low_balance_email_once_a_chat_crosses_the_threshold_and_the_billing_page_switches_alerts_off(
+) {
+    let (demo, handle) = start_demo().await;
+    let mut browser = Browser::start().await;
+    demo_sign_in(&browser, &demo, "Mailer").await;
+    // 10 € of bonus, less 7.9999 €: a hundredth of a cent above the 2 € line.
+    grant(
+        &demo.url,
+        "user_demo_Mailer",
+        -7_999_900,
+        "down-to-the-line",
+    )
+    .await;
+    browser.goto(&format!("{}/demo", demo.url)).await;
+    browser
+        .type_into(".chat__input", "Une application de recettes.")
+        .await;
+    browser.click(".chat__send").await;
+    browser
+        .until(
+            "the chat's answer",
+            "return document.querySelector('.chat__message.is-assistant') !== null",
+        )
+        .await;
+
+    browser.click(".demo-banner a[href$='/mailbox']").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let subject = loop {
+        let subjects = browser
+            .js("return [...document.querySelectorAll('.mailbox__subject')].map(e => e.textContent)")
+            .await;
+        if let Some(found) = subjects.as_array().and_then(|s| s.first()) {
+            break found.as_str().unwrap_or_default().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no email in the demo's mailbox");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        browser.goto(&demo.mailbox_url).await;
+    };
+    assert!(
+        subject.starts_with("Solde bas : il vous reste 1.9"),
+        "{subject}"
+    );
+    assert_eq!(
+        browser.text(".mailbox__meta").await.split(" · ").next(),
+        Some("À mailer@demo.test")
+    );
+    let text = browser.text(".mailbox__text").await;
+    assert!(
+        text.contains(&format!("Recharger : {}/billing", demo.url)),
+        "{text}"
+    );
+    assert_eq!(
+        browser
+            .js("return document.querySelectorAll('.mailbox__message').length")
+            .await,
+        json!(1),
+        "one crossing, one email"
+    );
+    browser.resize(1280).await;
+    browser.fits(1280).await;
+
+    // The person switches alert emails off on the billing page; it holds.
+    browser.goto(&format!("{}/billing", demo.url)).await;
+    browser
+        .until(
+            "the alerts checkbox, on",
+            "const c = document.querySelector('#email-alerts'); return c && !c.disabled && c.checked",
+        )
+        .await;
+    browser.click("#email-alerts").await;
+    browser
+        .until(
+            "the switch-off saved",
+            "return document.querySelector('.email-preferences__status').textContent === 'Alertes par e-mail désactivées.'",
+        )
+        .await;
+    browser.goto(&format!("{}/billing", demo.url)).await;
+    browser
+        .until(
+            "the alerts checkbox, off after a reload",
+            "const c = document.querySelector('#email-alerts'); return c && !c.disabled && !c.checked",
+        )
+        .await;
+    browser.assert_no_console_errors().await;
+    browser.close().await;
+    handle.stop(true).await;
 }
