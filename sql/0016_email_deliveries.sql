@@ -60,3 +60,26 @@ CREATE TRIGGER outgoing_events_email
 -- A person's choice: alert emails (low balance, depleted, auto-recharge
 -- failed or switched off) on or off. Receipts are always sent.
 ALTER TABLE users ADD COLUMN alert_emails BOOLEAN NOT NULL DEFAULT TRUE;
+
+-- Operators' actions, each with who did it: the console and the admin API
+-- record every change they make (credits and debits, ceilings, redeliveries)
+-- and every console sign-in. `operator` is `token:<name given at sign-in>`
+-- or `clerk:<Clerk user id>`.
+CREATE TABLE operator_actions (
+    id        BIGSERIAL PRIMARY KEY,
+    at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    operator  TEXT NOT NULL,
+    action    TEXT NOT NULL,
+    -- The account acted on (Clerk id), if any.
+    clerk_id  TEXT,
+    reason    TEXT,
+    detail    JSONB NOT NULL DEFAULT '{}'
+);
+CREATE INDEX operator_actions_at ON operator_actions (at DESC);
+CREATE INDEX operator_actions_account ON operator_actions (clerk_id, at DESC)
+    WHERE clerk_id IS NOT NULL;
+
+-- The console's platform view counts what failed (kept for good, so an
+-- index of its own keeps the count as small as the failures).
+CREATE INDEX outgoing_events_failed ON outgoing_events (created_at) WHERE status = 'FAILED';
+CREATE INDEX email_deliveries_failed ON email_deliveries (created_at) WHERE status = 'FAILED';

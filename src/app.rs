@@ -201,6 +201,7 @@ fn services(
         topups: crate::payments::topup::TopUps::new(pool.clone()),
         events: crate::events::store::Events::new(pool.clone()),
         emails: crate::email::store::Emails::new(pool.clone()),
+        operators: crate::operators::OperatorLog::new(pool.clone()),
         auto_recharges,
         usage_reports: crate::metering::UsageReports::new(pool.clone()),
         stripe_effects,

@@ -248,6 +248,12 @@ pub struct ClerkSettings {
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
     pub token: Secret,
+    /// Clerk user ids of the people who may use the operator console and
+    /// the admin API with their Clerk session.
+    pub operator_ids: Vec<String>,
+    /// How long an operator console session lasts (the admin token
+    /// exchanged for an HttpOnly cookie).
+    pub session_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -626,6 +632,7 @@ impl Settings {
         self.validate_recharge()?;
         self.validate_events()?;
         self.validate_email()?;
+        self.validate_admin()?;
         self.validate_chat()?;
         Ok(())
     }
@@ -803,6 +810,7 @@ impl Settings {
             ("events.retry_ms_max", self.events.retry_ms_max),
             ("events.retry_for_hours", self.events.retry_for_hours),
             ("events.concurrency", wide(self.events.concurrency)),
+            ("admin.session_ttl_s", self.admin.session_ttl_s),
             ("email.timeout_ms", self.email.timeout_ms),
             ("email.poll_interval_ms", self.email.poll_interval_ms),
             ("email.retry_ms_base", self.email.retry_ms_base),
@@ -810,6 +818,24 @@ impl Settings {
             ("email.retry_for_hours", self.email.retry_for_hours),
             ("email.max_age_hours", self.email.max_age_hours),
         ]
+    }
+
+    fn validate_admin(&self) -> Result<(), String> {
+        if self.admin.session_ttl_s > 86_400 {
+            return Err("configuration key `admin.session_ttl_s`: at most 86400".into());
+        }
+        for id in &self.admin.operator_ids {
+            if id.is_empty()
+                || id.len() > 200
+                || id.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(format!(
+                    "configuration key `admin.operator_ids`: `{}` is not a Clerk user id such as user_2abc",
+                    id.escape_debug()
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_email(&self) -> Result<(), String> {

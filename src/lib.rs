@@ -20,7 +20,8 @@
 //! - [`demo`]: `creditd demo`, with local stand-ins for Clerk, Stripe and Anthropic;
 //! - [`providers`]: the Anthropic and OpenAI clients behind `/api/chat`.
 //! - [`accounts`]: users, Clerk's user events, deletion, the signup bonus, own provider keys;
-//! - [`referrals`]: referral codes and the bonus after a referred user's first top-up.
+//! - [`referrals`]: referral codes and the bonus after a referred user's first top-up;
+//! - [`operators`]: who an operator is, and the record of what operators did.
 
 pub mod accounts;
 pub mod app;
@@ -36,6 +37,7 @@ pub mod http;
 pub mod ledger;
 pub mod metering;
 pub mod money;
+pub mod operators;
 pub mod payments;
 pub mod pricing;
 pub mod providers;

@@ -27,6 +27,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "recharge",
             "events",
             "email",
+            "operators",
             "webhooks",
             "metering",
             "rate_limits",

@@ -247,6 +247,19 @@ impl Emails {
         Ok(rows.iter().map(delivery).collect::<Result<_, _>>()?)
     }
 
+    /// How many emails wait (PENDING) and how many were given up (FAILED).
+    pub async fn counts(&self) -> Result<(i64, i64), DbError> {
+        let client = crate::db::client(&self.pool).await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM email_deliveries WHERE status = 'PENDING'),
+                        (SELECT count(*) FROM email_deliveries WHERE status = 'FAILED')",
+                &[],
+            )
+            .await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
     /// Whether the person wants alert emails (receipts are always sent).
     pub async fn alerts_on(&self, account: AccountId) -> Result<bool, DbError> {
         let client = crate::db::client(&self.pool).await?;

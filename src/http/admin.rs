@@ -1,5 +1,7 @@
-//! Operator routes under `/admin`, behind `Authorization: Bearer <admin.token>`.
-//! Users are named by their Clerk id, as operators see them in Clerk.
+//! Operator routes under `/admin`, behind `Authorization: Bearer <admin.token>`,
+//! a console session or a listed operator's Clerk session (`auth`). Users
+//! are named by their Clerk id, as operators see them in Clerk. Every change
+//! is recorded with the operator who made it (`crate::operators`).
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -19,7 +21,10 @@ use crate::money::Micros;
 pub fn routes(config: &mut web::ServiceConfig) {
     config
         .route("/admin/accounts/{userId}/credits", web::post().to(adjust))
+        .route("/admin/accounts", web::get().to(search))
         .route("/admin/accounts/{userId}", web::get().to(account))
+        .route("/admin/platform", web::get().to(platform))
+        .route("/admin/actions", web::get().to(actions))
         .route("/admin/reconcile", web::get().to(run_reconcile))
         .route("/admin/events", web::get().to(list_events))
         .route("/admin/emails", web::get().to(list_emails))
@@ -72,7 +77,7 @@ pub(super) struct Adjustment {
     ))]
 async fn adjust(
     state: State,
-    _: Operator,
+    Operator(operator): Operator,
     path: web::Path<String>,
     JsonBody(adjustment): JsonBody<Adjustment>,
 ) -> Result<HttpResponse, ApiError> {
@@ -118,7 +123,7 @@ async fn adjust(
         description: Some(reason.to_owned()),
         stripe_session_id: None,
         stripe_payment_id: None,
-        metadata: Some(json!({ "source": "admin" })),
+        metadata: Some(json!({ "source": "admin", "operator": operator.as_str() })),
         expires_at: adjustment.expires_at,
     };
     let outcome = if adjustment.amount_micros > 0 {
@@ -126,6 +131,22 @@ async fn adjust(
     } else {
         state.engine.debit(account, posting).await?
     };
+    let action = crate::operators::Action {
+        action: if adjustment.amount_micros > 0 {
+            "credit"
+        } else {
+            "debit"
+        },
+        user_id: Some(user.as_str()),
+        reason: Some(reason),
+        detail: json!({
+            "amountMicros": adjustment.amount_micros,
+            "key": adjustment.key,
+            "transactionId": outcome.record.id,
+            "replayed": outcome.replayed,
+        }),
+    };
+    state.operators.record(&operator, action).await?;
     let snapshot = state.engine.balance(account).await?;
     let body = Adjusted {
         transaction: TransactionView::from(&outcome.record),
@@ -330,13 +351,121 @@ async fn list_emails(
     ))]
 async fn redeliver_event(
     state: State,
-    _: Operator,
+    Operator(operator): Operator,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = uuid::Uuid::parse_str(path.trim())
         .map_err(|_| ApiError::invalid("field `eventId`: not a UUID"))?;
-    match state.events.redeliver(id, chrono::Utc::now()).await? {
-        Some(event) => Ok(HttpResponse::Ok().json(event)),
-        None => Err(ApiError::not_found(format!("no event with id `{id}`"))),
+    let Some(event) = state.events.redeliver(id, chrono::Utc::now()).await? else {
+        return Err(ApiError::not_found(format!("no event with id `{id}`")));
+    };
+    let action = crate::operators::Action {
+        action: "redeliver",
+        user_id: Some(&event.user_id),
+        reason: None,
+        detail: json!({ "eventId": id, "type": event.kind }),
+    };
+    state.operators.record(&operator, action).await?;
+    Ok(HttpResponse::Ok().json(event))
+}
+
+/// The query of `GET /admin/accounts`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AccountSearch {
+    /// A Clerk user id, an email address or a Stripe customer id.
+    query: String,
+}
+
+/// Finds accounts by Clerk id, email or Stripe customer (deleted ones too).
+#[utoipa::path(get, path = "/admin/accounts", tag = "admin", security(("admin" = [])),
+    params(AccountSearch),
+    responses(
+        (status = 200, description = "The users found (`users`, at most 20)", body = super::views::FoundUsers),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
+    ))]
+async fn search(state: State, _: Operator, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let asked = web::Query::<AccountSearch>::from_query(request.query_string())
+        .map_err(|e| ApiError::invalid(format!("query string: {e} (expected query)")))?;
+    let text = asked.query.trim();
+    if text.is_empty() || text.len() > 320 || crate::text::refused_in(text).is_some() {
+        return Err(ApiError::invalid(
+            "field `query`: a Clerk user id, an email or a Stripe customer id (1 to 320 characters)",
+        ));
     }
+    let users = state.users.search(text).await?;
+    Ok(HttpResponse::Ok().json(super::views::FoundUsers { users }))
+}
+
+/// What the engine and the queues look like now, on this instance and in
+/// the database: what an operator checks first.
+#[utoipa::path(get, path = "/admin/platform", tag = "admin", security(("admin" = [])),
+    responses(
+        (status = 200, description = "The platform's state", body = super::views::PlatformView),
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
+    ))]
+async fn platform(state: State, _: Operator) -> Result<HttpResponse, ApiError> {
+    let stats = state.engine.stats();
+    let ((events_pending, events_failed), (emails_pending, emails_failed)) = tokio::try_join!(
+        async { Ok::<_, ApiError>(state.events.counts().await?) },
+        async { Ok::<_, ApiError>(state.emails.counts().await?) },
+    )?;
+    Ok(HttpResponse::Ok().json(super::views::PlatformView {
+        database_up: state.health.database_up(),
+        journal_queue_depth: stats.journal_queue_depth,
+        journal_stalled: state.engine.writer().is_stalled(),
+        resident_accounts: stats.resident_actors,
+        pending_settlements: state.settlements.in_flight(),
+        events_pending,
+        events_failed,
+        emails_pending,
+        emails_failed,
+    }))
+}
+
+/// The query of `GET /admin/actions`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct ActionFilter {
+    /// Only the actions on this account (Clerk id).
+    user_id: Option<String>,
+}
+
+/// What operators did, newest first (the last 100).
+#[utoipa::path(get, path = "/admin/actions", tag = "admin", security(("admin" = [])),
+    params(ActionFilter),
+    responses(
+        (status = 200, description = "The actions (`actions`)", body = super::views::OperatorActions),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
+    ))]
+async fn actions(
+    state: State,
+    _: Operator,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let asked = web::Query::<ActionFilter>::from_query(request.query_string())
+        .map_err(|e| ApiError::invalid(format!("query string: {e} (expected userId)")))?;
+    let user = asked
+        .user_id
+        .as_deref()
+        .map(clerk_id_from_operator)
+        .transpose()?;
+    let actions = state
+        .operators
+        .recent(user.as_ref().map(ClerkUserId::as_str), 100)
+        .await?;
+    Ok(HttpResponse::Ok().json(super::views::OperatorActions { actions }))
 }

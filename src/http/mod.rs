@@ -7,6 +7,7 @@ mod auto_recharge;
 mod body;
 mod chat;
 mod clerk_webhooks;
+mod console;
 mod credits;
 mod email_preferences;
 pub mod error;
@@ -156,6 +157,7 @@ fn without_token() -> actix_web::Scope<
         .configure(clerk_webhooks::routes)
         .configure(openapi::routes)
         .configure(pages::routes)
+        .configure(console::routes)
         .default_service(web::to(error::no_route))
 }
 

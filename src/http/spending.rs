@@ -165,7 +165,7 @@ pub(super) async fn set(
     ))]
 pub(super) async fn admin_set(
     state: State,
-    _: Operator,
+    Operator(operator): Operator,
     path: web::Path<String>,
     JsonBody(asked): JsonBody<AdminLimits>,
 ) -> Result<HttpResponse, ApiError> {
@@ -181,5 +181,17 @@ pub(super) async fn admin_set(
         .engine
         .set_limits(account, LimitsChange::Admin(limits))
         .await?;
+    let action = crate::operators::Action {
+        action: "limits",
+        user_id: Some(user.as_str()),
+        reason: None,
+        detail: serde_json::json!({
+            "dailyMicros": asked.daily_micros,
+            "monthlyMicros": asked.monthly_micros,
+            "dailyCeilingMicros": asked.daily_ceiling_micros,
+            "monthlyCeilingMicros": asked.monthly_ceiling_micros,
+        }),
+    };
+    state.operators.record(&operator, action).await?;
     Ok(HttpResponse::Ok().json(view(&snapshot)))
 }

@@ -59,6 +59,8 @@ pub struct Services {
     pub events: crate::events::store::Events,
     /// Alert and receipt emails: the people's choices, the deliveries.
     pub emails: crate::email::store::Emails,
+    /// What operators did, with who did it.
+    pub operators: crate::operators::OperatorLog,
     /// Users' auto-recharge settings.
     pub auto_recharges: crate::recharge::store::AutoRecharges,
     /// Spend per day.

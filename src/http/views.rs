@@ -365,6 +365,38 @@ pub struct EmailList {
     pub emails: Vec<crate::email::store::EmailDelivery>,
 }
 
+/// `GET /admin/accounts`: the users a search found.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FoundUsers {
+    pub users: Vec<crate::accounts::FoundUser>,
+}
+
+/// `GET /admin/actions`: what operators did, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OperatorActions {
+    pub actions: Vec<crate::operators::OperatorAction>,
+}
+
+/// `GET /admin/platform`: the engine and the queues now.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformView {
+    /// The last background check of the database answered.
+    pub database_up: bool,
+    /// Journal entries waiting for their batch on this instance.
+    pub journal_queue_depth: usize,
+    /// The journal writer made no progress for `journal.stall_after_ms`.
+    pub journal_stalled: bool,
+    /// Accounts whose actor is in memory on this instance.
+    pub resident_accounts: usize,
+    /// Platform chats whose settlement is not yet posted, on this instance.
+    pub pending_settlements: usize,
+    pub events_pending: i64,
+    pub events_failed: i64,
+    pub emails_pending: i64,
+    pub emails_failed: i64,
+}
+
 /// A webhook delivery taken (or already taken: `duplicate`).
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[schema(as = Received)]

@@ -72,7 +72,7 @@ pub(crate) struct Browser {
     driver: tokio::process::Child,
     profile: PathBuf,
     /// Console errors seen so far (the log endpoint drains on read).
-    errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -281,7 +281,7 @@ impl Browser {
     }
 
     /// Collects console errors since the last call.
-    async fn collect_errors(&mut self) {
+    pub(crate) async fn collect_errors(&mut self) {
         let log = self
             .client
             .issue_cmd(BrowserLog)

@@ -11,6 +11,7 @@ mod chat_stream;
 mod clerk_webhooks;
 mod cli;
 mod cluster;
+mod console;
 mod credits;
 mod database_errors;
 mod drills;
