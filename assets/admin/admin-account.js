@@ -1,13 +1,15 @@
 // <admin-account user-id>: one account as an operator sees it (GET
 // /admin/accounts/{userId}): balance, held, available, debt, grants in
-// spend order with their expiries, active holds with their age, recent
-// transactions and usages, its events with their delivery state (FAILED
-// ones can be sent again), and what operators did on it. Credits and
-// debits need a reason; the page makes each one's idempotency key (kept
+// spend order with their expiries, active holds with their age, spending
+// limits and the ceilings an operator set (changed with a reason), its
+// auto-recharge, whether it has an own provider key (never the key),
+// recent transactions and usages, its events with their delivery state
+// (FAILED ones can be sent again), and what operators did on it. Credits
+// and debits need a reason; the page makes each one's idempotency key (kept
 // until it succeeds, so a retry never posts twice), and a debit asks for
 // confirmation first. Event `admin-account:changed` after each action.
 
-import { adoptStyles, formatMicros, h, parseEuros, relativeDate, request, stylesheet } from '../credits/credits-api.js'
+import { adoptStyles, formatCents, formatMicros, h, parseEuros, relativeDate, request, stylesheet } from '../credits/credits-api.js'
 
 const STYLES = stylesheet(`
 admin-account { display: grid; gap: 1rem; border: 1px solid var(--border); border-radius: 0.6rem; padding: 1rem; background: #fff; min-width: 0; }
@@ -48,6 +50,13 @@ function row(...cells) {
   return h('tr', {}, ...cells.map((cell) => h('td', {}, cell)))
 }
 
+function autoRecharge(account) {
+  const settings = account.autoRecharge
+  if (!settings) return account.hasSavedCard ? 'jamais réglée (carte enregistrée)' : 'jamais réglée'
+  if (settings.enabled) return `activée : ${formatCents(settings.amountCents)} sous ${formatCents(settings.thresholdCents)}`
+  return settings.disabledReason ? `désactivée par creditd (${settings.disabledReason})` : 'désactivée'
+}
+
 function date(iso) {
   return iso ? new Date(iso).toLocaleString('fr-FR', { timeZone: 'UTC' }) + ' UTC' : 'jamais'
 }
@@ -78,13 +87,14 @@ class AdminAccountElement extends HTMLElement {
     this.dataset.state = 'loading'
     const path = encodeURIComponent(id)
     try {
-      const [account, events, actions] = await Promise.all([
+      const [account, limits, events, actions] = await Promise.all([
         request(this, `/admin/accounts/${path}`),
+        request(this, `/admin/accounts/${path}/limits`),
         request(this, `/admin/events?userId=${path}&limit=50`),
         request(this, `/admin/actions?userId=${path}`),
       ])
       if (id !== this.userId) return
-      this.render(account, events.events, actions.actions)
+      this.render(account, limits, events.events, actions.actions)
       this.dataset.state = 'ok'
       this.dataset.balanceMicros = String(account.balanceMicros)
     } catch (error) {
@@ -93,7 +103,7 @@ class AdminAccountElement extends HTMLElement {
     }
   }
 
-  render(account, events, actions) {
+  render(account, limits, events, actions) {
     const debt = account.balanceMicros < 0 ? -account.balanceMicros : 0
     this.status = h('p', { class: 'account__status', role: 'status' })
     this.replaceChildren(
@@ -107,12 +117,15 @@ class AdminAccountElement extends HTMLElement {
           ['available', 'Disponible', formatMicros(account.availableMicros)],
           ['debt', 'Dette', formatMicros(debt)],
           ['plan', 'Offre', account.plan],
+          ['byok', 'Clé personnelle (BYOK)', account.hasByok ? 'enregistrée' : 'aucune'],
+          ['auto-recharge', 'Recharge automatique', autoRecharge(account)],
         ].map(([key, label, value]) => h('div', { 'data-key': key }, h('dt', {}, label), h('dd', {}, value))),
       ),
       this.adjustForm(),
       this.status,
       this.section('Crédits (ordre de dépense)', table(['Type', 'Montant', 'Reste', 'Expire', 'Origine'],
         account.grants.map((g) => row(g.kind === 'PAID' ? 'Payé' : 'Offert', formatMicros(g.amountMicros), formatMicros(g.remainingMicros), date(g.expiresAt), g.source)))),
+      this.section('Limites de dépense', this.limits(limits)),
       this.section('Réservations actives', table(['Montant', 'Âge', 'Expire'],
         account.holds.map((hold) => row(formatMicros(hold.amountMicros), relativeDate(hold.createdAt), date(hold.expiresAt))))),
       this.section('Transactions récentes', table(['Date', 'Type', 'Montant', 'Solde après', 'Motif'],
@@ -124,6 +137,71 @@ class AdminAccountElement extends HTMLElement {
       this.section('Actions des opérateurs', table(['Date', 'Opérateur', 'Action', 'Motif'],
         actions.map((a) => row(date(a.at), a.operator, a.action, a.reason ?? '')))),
     )
+  }
+
+  limits(limits) {
+    const none = (micros) => (micros === null ? 'aucune' : formatMicros(micros))
+    const ceilings = this.ceilingsForm(limits)
+    return h(
+      'div',
+      {},
+      table(['Fenêtre', 'Limite de la personne', 'Plafond', 'Appliquée', 'Dépensé'], [
+        row('Jour (UTC)', none(limits.dailyMicros), none(limits.dailyCeilingMicros), none(limits.daily.limitMicros), formatMicros(limits.spentTodayMicros)),
+        row('Mois (UTC)', none(limits.monthlyMicros), none(limits.monthlyCeilingMicros), none(limits.monthly.limitMicros), formatMicros(limits.spentThisMonthMicros)),
+      ]),
+      ceilings,
+    )
+  }
+
+  ceilingsForm(limits) {
+    const euros = (micros) => (micros === null ? '' : (micros / 1000000).toFixed(2))
+    const daily = h('input', { name: 'dailyCeiling', inputmode: 'decimal', value: euros(limits.dailyCeilingMicros), placeholder: 'aucun', autocomplete: 'off' })
+    const monthly = h('input', { name: 'monthlyCeiling', inputmode: 'decimal', value: euros(limits.monthlyCeilingMicros), placeholder: 'aucun', autocomplete: 'off' })
+    const reason = h('input', { name: 'ceilingReason', required: true, maxlength: '500', autocomplete: 'off' })
+    const submit = h('button', { type: 'submit', class: 'ceilings__submit' }, 'Enregistrer les plafonds')
+    const form = h(
+      'form',
+      { class: 'adjust ceilings' },
+      h('label', {}, 'Plafond quotidien (€)', daily),
+      h('label', {}, 'Plafond mensuel (€)', monthly),
+      h('label', { class: 'adjust__reason' }, 'Motif (obligatoire)', reason),
+      h('div', { class: 'adjust__buttons' }, submit),
+    )
+    const micros = (input, field) => {
+      if (!input.value.trim()) return null
+      const cents = parseEuros(input.value)
+      if (cents === null) throw new Error(`${field} : des euros, deux décimales au plus, ou vide pour aucun`)
+      return cents * 10000
+    }
+    form.addEventListener('submit', async (event) => {
+      event.preventDefault()
+      let body
+      try {
+        if (!reason.value.trim()) throw new Error('motif : obligatoire')
+        // The owner's own limits are sent back as they are: only the ceilings change.
+        body = {
+          dailyMicros: limits.dailyMicros,
+          monthlyMicros: limits.monthlyMicros,
+          dailyCeilingMicros: micros(daily, 'plafond quotidien'),
+          monthlyCeilingMicros: micros(monthly, 'plafond mensuel'),
+          reason: reason.value.trim(),
+        }
+      } catch (error) {
+        this.fail(error.message)
+        return
+      }
+      submit.disabled = true
+      try {
+        await request(this, `/admin/accounts/${encodeURIComponent(this.userId)}/limits`, { method: 'PUT', body })
+        this.changed()
+        await this.load()
+        this.status.textContent = 'Plafonds enregistrés.'
+      } catch (error) {
+        submit.disabled = false
+        this.fail(`Plafonds refusés : ${error.message}`)
+      }
+    })
+    return form
   }
 
   section(title, content) {

@@ -186,10 +186,19 @@ async fn account(
         )));
     };
     let snapshot = state.engine.balance(account).await?;
-    let ((transactions, usages), plan, follow_ups) = tokio::try_join!(
+    let ((transactions, usages), plan, follow_ups, keys, recharge) = tokio::try_join!(
         async { Ok::<_, ApiError>(state.history.latest(account, 20).await?) },
         async { Ok::<_, ApiError>(state.users.plan(account).await?) },
         async { Ok::<_, ApiError>(state.topups.follow_ups(account, 20).await?) },
+        async { Ok::<_, ApiError>(state.provider_keys.load(account).await?) },
+        async {
+            Ok::<_, ApiError>(
+                state
+                    .auto_recharges
+                    .page(account, chrono::Utc::now())
+                    .await?,
+            )
+        },
     )?;
     Ok(HttpResponse::Ok().json(AdminAccount {
         balance_micros: snapshot.balance_micros.get(),
@@ -204,6 +213,16 @@ async fn account(
         transactions: transactions.iter().map(TransactionView::from).collect(),
         usages: usages.iter().map(UsageView::from).collect(),
         follow_ups,
+        has_byok: keys.any(),
+        auto_recharge: recharge
+            .settings
+            .map(|settings| super::views::AdminAutoRecharge {
+                enabled: settings.enabled,
+                threshold_cents: settings.threshold_cents,
+                amount_cents: settings.amount_cents,
+                disabled_reason: settings.disabled_reason,
+            }),
+        has_saved_card: recharge.has_card,
     }))
 }
 

@@ -49,6 +49,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::admin::run_reconcile,
         super::spending::show,
         super::spending::set,
+        super::spending::admin_show,
         super::spending::admin_set,
         super::referrals::show,
         super::referrals::redeem,

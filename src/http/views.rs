@@ -351,6 +351,24 @@ pub struct AdminAccount {
     /// Its top-ups' follow-ups not done yet (card, invoice link), newest
     /// first: PENDING ones are retried, FAILED ones were given up.
     pub follow_ups: Vec<crate::payments::followup::FollowUpView>,
+    /// The person saved an own provider key (BYOK); the key never shows.
+    pub has_byok: bool,
+    /// Auto-recharge as the person set it (null: never set).
+    pub auto_recharge: Option<AdminAutoRecharge>,
+    /// Whether a card is saved for auto-recharges.
+    pub has_saved_card: bool,
+}
+
+/// An account's auto-recharge, as an operator sees it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminAutoRecharge {
+    pub enabled: bool,
+    pub threshold_cents: i64,
+    pub amount_cents: i64,
+    /// Why creditd switched it off (Stripe's decline code, no_saved_card,
+    /// dispute, refunded, account_deleted).
+    pub disabled_reason: Option<String>,
 }
 
 /// `GET /admin/events`: the outbox's events, newest first.

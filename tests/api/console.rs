@@ -333,6 +333,33 @@ async fn an_operator_signs_in_finds_an_account_by_email_credits_five_euros_debit
     );
     browser.click(".adjust__confirm").await;
     console_balance(&browser, 5_000_000).await;
+    assert_eq!(
+        browser.text("admin-account [data-key=byok] dd").await,
+        "aucune"
+    );
+    assert_eq!(
+        browser
+            .text("admin-account [data-key=auto-recharge] dd")
+            .await,
+        "jamais réglée"
+    );
+
+    browser
+        .type_into("admin-account input[name=dailyCeiling]", "2")
+        .await;
+    browser
+        .type_into(
+            "admin-account input[name=ceilingReason]",
+            "usage inhabituel",
+        )
+        .await;
+    browser.click(".ceilings__submit").await;
+    browser
+        .until(
+            "the daily ceiling in the limits table",
+            "const c = document.querySelector('admin-account .ceilings input[name=dailyCeiling]'); const s = document.querySelector('admin-account .account__status'); return c && c.value === '2.00' && s && s.textContent === 'Plafonds enregistrés.'",
+        )
+        .await;
 
     browser
         .click(&format!("tr[data-event-id='{failed}'] .event__redeliver"))
@@ -385,6 +412,7 @@ async fn an_operator_signs_in_finds_an_account_by_email_credits_five_euros_debit
             ("session", None),
             ("credit", Some("geste commercial")),
             ("debit", Some("erreur de saisie")),
+            ("limits", Some("usage inhabituel")),
             ("redeliver", None),
         ]
     );
