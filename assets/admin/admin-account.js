@@ -54,6 +54,7 @@ function autoRecharge(account) {
   const settings = account.autoRecharge
   if (!settings) return account.hasSavedCard ? 'jamais réglée (carte enregistrée)' : 'jamais réglée'
   if (settings.enabled) return `activée : ${formatCents(settings.amountCents)} sous ${formatCents(settings.thresholdCents)}`
+  if (settings.disabledReason === 'operator') return 'désactivée par un opérateur'
   return settings.disabledReason ? `désactivée par creditd (${settings.disabledReason})` : 'désactivée'
 }
 
@@ -125,6 +126,7 @@ class AdminAccountElement extends HTMLElement {
       this.status,
       this.section('Crédits (ordre de dépense)', table(['Type', 'Montant', 'Reste', 'Expire', 'Origine'],
         account.grants.map((g) => row(g.kind === 'PAID' ? 'Payé' : 'Offert', formatMicros(g.amountMicros), formatMicros(g.remainingMicros), date(g.expiresAt), g.source)))),
+      account.autoRecharge?.enabled ? this.section('Recharge automatique', this.rechargeOffForm()) : '',
       this.section('Limites de dépense', this.limits(limits)),
       this.section('Réservations actives', table(['Montant', 'Âge', 'Expire'],
         account.holds.map((hold) => row(formatMicros(hold.amountMicros), relativeDate(hold.createdAt), date(hold.expiresAt))))),
@@ -199,6 +201,30 @@ class AdminAccountElement extends HTMLElement {
       } catch (error) {
         submit.disabled = false
         this.fail(`Plafonds refusés : ${error.message}`)
+      }
+    })
+    return form
+  }
+
+  rechargeOffForm() {
+    const reason = h('input', { name: 'rechargeOffReason', required: true, maxlength: '500', autocomplete: 'off' })
+    const submit = h('button', { type: 'submit', class: 'recharge-off__submit' }, 'Désactiver la recharge automatique')
+    const form = h('form', { class: 'adjust' }, h('label', { class: 'adjust__reason' }, 'Motif (obligatoire)', reason), h('div', { class: 'adjust__buttons' }, submit))
+    form.addEventListener('submit', async (event) => {
+      event.preventDefault()
+      if (!reason.value.trim()) {
+        this.fail('motif : obligatoire')
+        return
+      }
+      submit.disabled = true
+      try {
+        await request(this, `/admin/accounts/${encodeURIComponent(this.userId)}/auto-recharge/off`, { method: 'POST', body: { reason: reason.value.trim() } })
+        this.changed()
+        await this.load()
+        this.status.textContent = 'Recharge automatique désactivée.'
+      } catch (error) {
+        submit.disabled = false
+        this.fail(`Désactivation refusée : ${error.message}`)
       }
     })
     return form

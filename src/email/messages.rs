@@ -139,6 +139,7 @@ pub fn reason_text(reason: &str) -> String {
         "dispute" => "un paiement de votre compte fait l'objet d'un litige, la carte enregistrée a été oubliée".into(),
         "refunded" => "une recharge automatique a été remboursée : réactivez-la si vous le souhaitez".into(),
         "account_deleted" => "votre compte a été supprimé, la carte enregistrée a été oubliée".into(),
+        "operator" => "notre équipe l'a désactivée : répondez à cet e-mail pour en savoir plus".into(),
         other => {
             // A code of Stripe's: shown as is, once only its own characters.
             let code: String = other

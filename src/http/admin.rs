@@ -23,6 +23,10 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .route("/admin/accounts/{userId}/credits", web::post().to(adjust))
         .route("/admin/accounts", web::get().to(search))
         .route("/admin/accounts/{userId}", web::get().to(account))
+        .route(
+            "/admin/accounts/{userId}/auto-recharge/off",
+            web::post().to(auto_recharge_off),
+        )
         .route("/admin/platform", web::get().to(platform))
         .route("/admin/actions", web::get().to(actions))
         .route("/admin/reconcile", web::get().to(run_reconcile))
@@ -386,6 +390,68 @@ async fn redeliver_event(
     };
     state.operators.record(&operator, action).await?;
     Ok(HttpResponse::Ok().json(event))
+}
+
+/// Why an operator acts, for the record.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct OperatorReason {
+    /// 1 to 500 characters.
+    reason: String,
+}
+
+/// The reason of an operator's action, checked.
+fn checked_reason(reason: &str) -> Result<&str, ApiError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > 500 {
+        return Err(ApiError::invalid("field `reason`: 1 to 500 characters"));
+    }
+    if let Some(problem) = crate::text::problem(reason) {
+        return Err(ApiError::invalid(format!("field `reason`: {problem}")));
+    }
+    Ok(reason)
+}
+
+/// Switches a user's auto-recharge off (`disabledReason` `operator`, an
+/// `auto_recharge.disabled` event if it was on); the person can turn it on
+/// again. Idempotent: already off, nothing changes.
+#[utoipa::path(post, path = "/admin/accounts/{userId}/auto-recharge/off", tag = "admin", security(("admin" = [])),
+    params(("userId" = String, Path, description = "Clerk user id")),
+    request_body = OperatorReason,
+    responses(
+        (status = 200, description = "Off (`wasOn`: whether this switched it off)", body = super::views::SwitchedOff),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
+        super::error::Internal,
+        super::error::LedgerUnavailable
+    ))]
+async fn auto_recharge_off(
+    state: State,
+    Operator(operator): Operator,
+    path: web::Path<String>,
+    JsonBody(asked): JsonBody<OperatorReason>,
+) -> Result<HttpResponse, ApiError> {
+    let user = clerk_id_from_operator(&path)?;
+    let reason = checked_reason(&asked.reason)?;
+    let Some(account) = state.existing_account(&user).await? else {
+        return Err(ApiError::not_found(format!(
+            "no user with Clerk id `{user}`"
+        )));
+    };
+    let was_on = state
+        .auto_recharges
+        .switch_off(account, crate::recharge::OffReason::Operator)
+        .await?;
+    let action = crate::operators::Action {
+        action: "auto_recharge_off",
+        user_id: Some(user.as_str()),
+        reason: Some(reason),
+        detail: json!({ "wasOn": was_on }),
+    };
+    state.operators.record(&operator, action).await?;
+    Ok(HttpResponse::Ok().json(super::views::SwitchedOff { was_on }))
 }
 
 /// The query of `GET /admin/accounts`.

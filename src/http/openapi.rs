@@ -57,6 +57,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         super::admin::redeliver_event,
         super::admin::list_emails,
         super::admin::search,
+        super::admin::auto_recharge_off,
         super::admin::platform,
         super::admin::actions,
         super::healthz,

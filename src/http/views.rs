@@ -395,6 +395,14 @@ pub struct OperatorActions {
     pub actions: Vec<crate::operators::OperatorAction>,
 }
 
+/// `POST /admin/accounts/{userId}/auto-recharge/off`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchedOff {
+    /// It was on, and this switched it off.
+    pub was_on: bool,
+}
+
 /// `GET /admin/platform`: the engine and the queues now.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

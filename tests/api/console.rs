@@ -254,6 +254,18 @@ async fn an_operator_signs_in_finds_an_account_by_email_credits_five_euros_debit
         )
         .await
         .expect("address");
+    // Auto-recharge on, with a card a top-up saved.
+    app.db
+        .client()
+        .await
+        .batch_execute(&format!(
+            "UPDATE users SET stripe_payment_method_id = 'pm_card_visa' WHERE id = {id};
+             INSERT INTO auto_recharge_settings (user_id, enabled, threshold_cents, amount_cents, updated_at)
+             VALUES ({id}, true, 500, 2000, now())",
+            id = account.0
+        ))
+        .await
+        .expect("auto-recharge on");
     adjust(&app, "user_findme", 3_000_000, "start").await;
     adjust(&app, "user_findme", -2_000_000, "down").await;
     // The low-balance event never reached its receiver.
@@ -341,8 +353,21 @@ async fn an_operator_signs_in_finds_an_account_by_email_credits_five_euros_debit
         browser
             .text("admin-account [data-key=auto-recharge] dd")
             .await,
-        "jamais réglée"
+        "activée : 20€ sous 5€"
     );
+    browser
+        .type_into(
+            "admin-account input[name=rechargeOffReason]",
+            "carte signalée volée",
+        )
+        .await;
+    browser.click(".recharge-off__submit").await;
+    browser
+        .until(
+            "auto-recharge switched off",
+            "const d = document.querySelector('admin-account [data-key=auto-recharge] dd'); return d && d.textContent === 'désactivée par un opérateur'",
+        )
+        .await;
 
     browser
         .type_into("admin-account input[name=dailyCeiling]", "2")
@@ -385,6 +410,12 @@ async fn an_operator_signs_in_finds_an_account_by_email_credits_five_euros_debit
             "const e = document.querySelector('credit-balance'); return e && e.dataset.balanceMicros === '5000000'",
         )
         .await;
+    browser
+        .until(
+            "the person told why auto-recharge is off",
+            "const e = document.querySelector('credit-auto-recharge'); return e && e.textContent.includes(\"notre équipe l'a désactivée\")",
+        )
+        .await;
     browser.assert_no_console_errors().await;
     browser.close().await;
 
@@ -412,6 +443,7 @@ async fn an_operator_signs_in_finds_an_account_by_email_credits_five_euros_debit
             ("session", None),
             ("credit", Some("geste commercial")),
             ("debit", Some("erreur de saisie")),
+            ("auto_recharge_off", Some("carte signalée volée")),
             ("limits", Some("usage inhabituel")),
             ("redeliver", None),
         ]
