@@ -1197,6 +1197,19 @@ mod tests {
     }
 
     #[test]
+    fn operator_ids_are_a_list_of_clerk_ids_read_from_the_environment() {
+        let listed = ("CREDITD__ADMIN__OPERATOR_IDS", r#"["user_a", "user_b"]"#);
+        let settings = Settings::from_sources(DEFAULT_CONFIG, &env(&[listed])).unwrap();
+        assert_eq!(settings.admin.operator_ids, ["user_a", "user_b"]);
+        let spaced = (
+            "CREDITD__ADMIN__OPERATOR_IDS",
+            r#"["user_ok", "user with space"]"#,
+        );
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[spaced])).unwrap_err();
+        assert!(err.contains("admin.operator_ids"), "{err}");
+    }
+
+    #[test]
     fn an_events_url_needs_a_signing_secret_and_must_be_http() {
         let err = Settings::from_sources(
             DEFAULT_CONFIG,

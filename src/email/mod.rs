@@ -238,7 +238,12 @@ impl Sender {
     async fn decide(&self, delivery: &DueEmail) -> anyhow::Result<Decision> {
         let kind = match Kind::of_event(&delivery.kind, &delivery.data) {
             Ok(kind) => kind,
-            Err(reason) => return Ok(Decision::Skip { kind: None, reason }),
+            Err(reason) => {
+                // A switch-off its failure's email already told.
+                let kind = (delivery.kind == "auto_recharge.disabled")
+                    .then_some(Kind::AutoRechargeDisabled);
+                return Ok(Decision::Skip { kind, reason });
+            }
         };
         let skip = |reason| {
             Ok(Decision::Skip {
