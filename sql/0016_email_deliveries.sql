@@ -35,7 +35,7 @@ CREATE INDEX email_deliveries_pending ON email_deliveries (user_id, seq, ordinal
     WHERE status = 'PENDING';
 
 -- The operators' listing, newest first.
-CREATE INDEX email_deliveries_created ON email_deliveries (created_at DESC, event_id);
+CREATE INDEX email_deliveries_created ON email_deliveries (created_at DESC, seq DESC, ordinal DESC);
 
 -- One delivery row per event that may become an email. A per-row trigger
 -- on the journal's outbox insert fires only for these kinds (rare next to

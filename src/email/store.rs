@@ -224,7 +224,9 @@ impl Emails {
         Emails { pool }
     }
 
-    /// The newest deliveries, optionally of one status and one Clerk user.
+    /// The newest deliveries (an account's in reverse journal order: the
+    /// events of one change share their time), optionally of one status
+    /// and one Clerk user.
     pub async fn list(
         &self,
         status: Option<&str>,
@@ -239,7 +241,7 @@ impl Emails {
                    FROM email_deliveries d JOIN users u ON u.id = d.user_id
                   WHERE ($1::text IS NULL OR d.status = $1)
                     AND ($2::text IS NULL OR u.clerk_id = $2)
-                  ORDER BY d.created_at DESC, d.event_id
+                  ORDER BY d.created_at DESC, d.seq DESC, d.ordinal DESC
                   LIMIT $3",
                 &[&status, &clerk_id, &limit],
             )
