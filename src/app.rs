@@ -201,6 +201,8 @@ fn services(
         signup_bonuses,
         topups: crate::payments::topup::TopUps::new(pool.clone()),
         events: crate::events::store::Events::new(pool.clone()),
+        emails: crate::email::store::Emails::new(pool.clone()),
+        operators: crate::operators::OperatorLog::new(pool.clone()),
         auto_recharges,
         usage_reports: crate::metering::UsageReports::new(pool.clone()),
         stripe_effects,
@@ -219,6 +221,9 @@ pub struct Application {
     shutdown_timeout: Duration,
     /// Delivers the outbox's events (none without `events.webhook_url`).
     sender: Option<tokio::task::JoinHandle<()>>,
+    /// Sends the outbox's alert and receipt emails (none without
+    /// `email.smtp_url`).
+    mailer: Option<tokio::task::JoinHandle<()>>,
     /// Pays the auto-recharge attempts (none without Stripe).
     recharge: Option<tokio::task::JoinHandle<()>>,
     /// Saves paid top-ups' cards and reads their invoice links (none
@@ -268,6 +273,7 @@ impl Application {
         let engine = Arc::new(storage.engine(&settings));
         let credited = crate::ledger::TransactionType::CREDITS.map(|kind| kind.as_str());
         crate::telemetry::describe(&runtime.prices, &credited);
+        crate::email::describe_metrics();
         let port = listener.local_addr()?.port();
         // One Stripe client for the handlers and both Stripe workers.
         let stripe = crate::stripe::StripeApi::new(&settings.stripe)?.map(Arc::new);
@@ -280,6 +286,8 @@ impl Application {
         let election = election(&storage, &settings);
         let sender =
             crate::events::spawn_sender(election.clone(), storage.pool.clone(), &settings.events)?;
+        let mailer =
+            crate::email::spawn_sender(election.clone(), storage.pool.clone(), &settings.email)?;
         let recharge = stripe.clone().map(|api| {
             crate::recharge::spawn_worker(
                 election.clone(),
@@ -306,6 +314,7 @@ impl Application {
             storage,
             shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_s),
             sender,
+            mailer,
             recharge,
             followups,
             health,
@@ -363,6 +372,10 @@ impl Application {
         if let Some(sender) = &self.sender {
             // Undelivered events stay in the outbox for the next start.
             sender.abort();
+        }
+        if let Some(mailer) = &self.mailer {
+            // Unsent emails stay pending for the next start.
+            mailer.abort();
         }
         tracing::info!("flushing the journal");
         if !self.engine.shutdown(self.shutdown_timeout).await {

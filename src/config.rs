@@ -119,11 +119,16 @@ pub struct Settings {
     pub rate_limits: RateLimitsSettings,
     pub metrics: MetricsSettings,
     pub events: EventsSettings,
+    pub email: EmailSettings,
     pub cluster: ClusterSettings,
     /// Set by `creditd demo` only (never from a file or the environment):
     /// where the demo's sign-in page is; pages then show the demo banner.
     #[serde(skip)]
     pub demo_sign_in_url: Option<String>,
+    /// Set by `creditd demo` only: its "Boîte mail" page, linked from the
+    /// demo banner.
+    #[serde(skip)]
+    pub demo_mailbox_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +158,36 @@ pub struct EventsSettings {
     pub retry_for_hours: u64,
     /// Accounts whose next event is delivered at once.
     pub concurrency: usize,
+}
+
+/// Alert and receipt emails over SMTP, sent from the outbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSettings {
+    /// `smtps://host:465` (TLS), `smtp://host:587?tls=required` (STARTTLS)
+    /// or `smtp://host:25` (plain), with `user:password@` when the server
+    /// asks (lettre's connection URL); empty: no email is sent.
+    pub smtp_url: Secret,
+    /// The sender, `Name <address>`.
+    pub from: String,
+    /// Where answers go; empty: to `from`.
+    pub reply_to: String,
+    /// The billing page as a person opens it: the "Recharger" link.
+    pub billing_url: String,
+    /// Each SMTP command's timeout (connection included).
+    pub timeout_ms: u64,
+    /// How often the sender looks for due emails when it found none.
+    pub poll_interval_ms: u64,
+    /// First retry delay, doubled at each failure up to `retry_ms_max`.
+    pub retry_ms_base: u64,
+    pub retry_ms_max: u64,
+    /// An email still unsent this long after its event is FAILED.
+    pub retry_for_hours: u64,
+    /// An event older than this when the sender first sees it is not
+    /// mailed (SKIPPED): a low-balance email of last week is noise.
+    pub max_age_hours: u64,
+    /// How long a top-up's receipt waits for its invoice link.
+    pub receipt_invoice_wait_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +248,12 @@ pub struct ClerkSettings {
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
     pub token: Secret,
+    /// Clerk user ids of the people who may use the operator console and
+    /// the admin API with their Clerk session.
+    pub operator_ids: Vec<String>,
+    /// How long an operator console session lasts (the admin token
+    /// exchanged for an HttpOnly cookie).
+    pub session_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -593,6 +634,8 @@ impl Settings {
         self.validate_stripe()?;
         self.validate_recharge()?;
         self.validate_events()?;
+        self.validate_email()?;
+        self.validate_admin()?;
         self.validate_chat()?;
         Ok(())
     }
@@ -770,7 +813,76 @@ impl Settings {
             ("events.retry_ms_max", self.events.retry_ms_max),
             ("events.retry_for_hours", self.events.retry_for_hours),
             ("events.concurrency", wide(self.events.concurrency)),
+            ("admin.session_ttl_s", self.admin.session_ttl_s),
+            ("email.timeout_ms", self.email.timeout_ms),
+            ("email.poll_interval_ms", self.email.poll_interval_ms),
+            ("email.retry_ms_base", self.email.retry_ms_base),
+            ("email.retry_ms_max", self.email.retry_ms_max),
+            ("email.retry_for_hours", self.email.retry_for_hours),
+            ("email.max_age_hours", self.email.max_age_hours),
         ]
+    }
+
+    fn validate_admin(&self) -> Result<(), String> {
+        if self.admin.session_ttl_s > 86_400 {
+            return Err("configuration key `admin.session_ttl_s`: at most 86400".into());
+        }
+        for id in &self.admin.operator_ids {
+            if id.is_empty()
+                || id.len() > 200
+                || id.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(format!(
+                    "configuration key `admin.operator_ids`: `{}` is not a Clerk user id such as user_2abc",
+                    id.escape_debug()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_email(&self) -> Result<(), String> {
+        let email = &self.email;
+        if email.retry_ms_base > email.retry_ms_max {
+            return Err(
+                "configuration key `email.retry_ms_base`: at most email.retry_ms_max".into(),
+            );
+        }
+        if email.from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(format!(
+                "configuration key `email.from`: `{}` is not an address such as Crédits AI <credits@example.com>",
+                email.from
+            ));
+        }
+        if !email.reply_to.is_empty() && email.reply_to.parse::<lettre::message::Mailbox>().is_err()
+        {
+            return Err(format!(
+                "configuration key `email.reply_to`: `{}` is not an address such as support@example.com",
+                email.reply_to
+            ));
+        }
+        if email.smtp_url.is_empty() {
+            return Ok(());
+        }
+        let smtp = reqwest::Url::parse(email.smtp_url.expose());
+        if !smtp.is_ok_and(|url| {
+            matches!(url.scheme(), "smtp" | "smtps")
+                && url.host_str().is_some_and(|h| !h.is_empty())
+        }) {
+            // The URL may carry a password: never echoed.
+            return Err(
+                "configuration key `email.smtp_url`: not an smtp:// or smtps:// URL with a host"
+                    .into(),
+            );
+        }
+        let billing = reqwest::Url::parse(&email.billing_url);
+        if !billing.is_ok_and(|url| matches!(url.scheme(), "https" | "http")) {
+            return Err(format!(
+                "configuration key `email.billing_url`: required with email.smtp_url, an http(s) URL of the billing page (got `{}`)",
+                email.billing_url
+            ));
+        }
+        Ok(())
     }
 
     fn validate_events(&self) -> Result<(), String> {
@@ -1060,6 +1172,47 @@ mod tests {
     }
 
     #[test]
+    fn an_smtp_url_needs_a_billing_link_and_a_bad_one_is_refused_without_its_password() {
+        let smtp = (
+            "CREDITD__EMAIL__SMTP_URL",
+            "smtps://mailer:hunter2@smtp.example.com:465",
+        );
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[smtp])).unwrap_err();
+        assert!(err.contains("email.billing_url"), "{err}");
+        let billing = (
+            "CREDITD__EMAIL__BILLING_URL",
+            "https://app.example.com/billing",
+        );
+        let settings = Settings::from_sources(DEFAULT_CONFIG, &env(&[smtp, billing])).unwrap();
+        assert_eq!(format!("{:?}", settings.email.smtp_url), "***");
+        let wrong = (
+            "CREDITD__EMAIL__SMTP_URL",
+            "https://mailer:hunter2@smtp.example.com",
+        );
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[wrong, billing])).unwrap_err();
+        assert!(
+            err.contains("email.smtp_url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let from = ("CREDITD__EMAIL__FROM", "not an address");
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[from])).unwrap_err();
+        assert!(err.contains("email.from"), "{err}");
+    }
+
+    #[test]
+    fn operator_ids_are_a_list_of_clerk_ids_read_from_the_environment() {
+        let listed = ("CREDITD__ADMIN__OPERATOR_IDS", r#"["user_a", "user_b"]"#);
+        let settings = Settings::from_sources(DEFAULT_CONFIG, &env(&[listed])).unwrap();
+        assert_eq!(settings.admin.operator_ids, ["user_a", "user_b"]);
+        let spaced = (
+            "CREDITD__ADMIN__OPERATOR_IDS",
+            r#"["user_ok", "user with space"]"#,
+        );
+        let err = Settings::from_sources(DEFAULT_CONFIG, &env(&[spaced])).unwrap_err();
+        assert!(err.contains("admin.operator_ids"), "{err}");
+    }
+
+    #[test]
     fn an_events_url_needs_a_signing_secret_and_must_be_http() {
         let err = Settings::from_sources(
             DEFAULT_CONFIG,
@@ -1161,6 +1314,7 @@ mod tests {
         "clerk.leeway_s",                     // no clock leeway
         "clerk.token_cache_entries",          // no cache
         "pricing.margin_bps",                 // sold at cost
+        "email.receipt_invoice_wait_s",       // a receipt goes at once
         "chat.message_overhead_tokens",       // estimate from bytes alone
         "chat.request_overhead_tokens",
         "cluster.drain_s", // stop accepting at once (one instance, nobody to drain to)

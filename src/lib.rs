@@ -8,6 +8,7 @@
 //! - [`db`]: PostgreSQL (configured or private cluster), the pool, one `DbError`, migrations;
 //! - [`ledger`]: the engine (account actors, journal writer, reconcile);
 //! - [`events`]: delivery of the outbox's events (alerts, top-ups), signed;
+//! - [`email`]: the outbox's alerts and receipts as French emails over SMTP;
 //! - [`stripe`]: Stripe's API client, webhook signature, payloads and metadata;
 //! - [`payments`]: top-up sessions, each Stripe event's effect, a top-up's follow-ups;
 //! - [`clerk`]: Clerk's session tokens (JWKS) and webhook signature (Svix);
@@ -21,6 +22,7 @@
 //! - [`accounts`]: users, Clerk's user events, deletion, the signup bonus, own provider keys;
 //! - [`referrals`]: referral codes and the bonus after a referred user's first top-up;
 //! - [`api_keys`]: the gateway's API keys (`/v1/*`): made, listed, revoked, presented.
+//! - [`operators`]: who an operator is, and the record of what operators did.
 
 pub mod accounts;
 pub mod api_keys;
@@ -30,12 +32,14 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod demo;
+pub mod email;
 pub mod events;
 pub mod health;
 pub mod http;
 pub mod ledger;
 pub mod metering;
 pub mod money;
+pub mod operators;
 pub mod payments;
 pub mod pricing;
 pub mod providers;

@@ -341,6 +341,24 @@ pub static EVENT_DELIVERY_FAILURES_TOTAL: Family = Family {
     labels: &[],
 };
 
+/// `creditd_emails_total`.
+pub static EMAILS_TOTAL: Family = Family {
+    name: "creditd_emails_total",
+    kind: Kind::Counter,
+    unit: None,
+    help: "Alert and receipt emails by kind and outcome (sent; retried: an attempt failed; failed: given up after email.retry_for_hours; skipped: opted out, deleted, no address or too old)",
+    labels: &["kind", "outcome"],
+};
+
+/// `creditd_emails_pending`.
+pub static EMAILS_PENDING: Family = Family {
+    name: "creditd_emails_pending",
+    kind: Kind::Gauge,
+    unit: None,
+    help: "Emails recorded and not yet sent, failed nor skipped (read by the email sender)",
+    labels: &[],
+};
+
 /// `creditd_auto_recharges_submitted_total`.
 pub static AUTO_RECHARGES_SUBMITTED_TOTAL: Family = Family {
     name: "creditd_auto_recharges_submitted_total",
@@ -504,7 +522,7 @@ pub static LATE_SETTLEMENTS_TOTAL: Family = Family {
 };
 
 /// Every family, in the order they are described.
-pub static FAMILIES: [&Family; 51] = [
+pub static FAMILIES: [&Family; 53] = [
     &HTTP_REQUESTS_TOTAL,
     &HTTP_REQUEST_DURATION_SECONDS,
     &LEDGER_OPERATIONS_TOTAL,
@@ -538,6 +556,8 @@ pub static FAMILIES: [&Family; 51] = [
     &EVENTS_DELIVERED_TOTAL,
     &EVENTS_FAILED_TOTAL,
     &EVENT_DELIVERY_FAILURES_TOTAL,
+    &EMAILS_TOTAL,
+    &EMAILS_PENDING,
     &AUTO_RECHARGES_SUBMITTED_TOTAL,
     &AUTO_RECHARGES_FAILED_TOTAL,
     &AUTO_RECHARGES_CAPPED_TOTAL,

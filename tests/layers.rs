@@ -27,6 +27,8 @@ const LAYERS: &[(&str, &[&str])] = &[
             "referrals",
             "recharge",
             "events",
+            "email",
+            "operators",
             "webhooks",
             "metering",
             "rate_limits",
@@ -45,6 +47,7 @@ const ABOVE_THE_ENGINE: &[&str] = &[
     "accounts",
     "clerk",
     "events",
+    "email",
     "referrals",
     "runtime",
 ];

@@ -16,6 +16,7 @@ import './credit-auto-recharge.js'
 import './credit-limits.js'
 import './credit-referral.js'
 import './credit-api-keys.js'
+import './credit-email-preferences.js'
 import { PENDING_TOPUP_KEY } from './credit-topup-dialog.js'
 import { formatMicros, request } from './credits-api.js'
 

@@ -2,7 +2,8 @@
 // available balance under the threshold, the card saved by a top-up is
 // charged the chosen amount, never more than the monthly maximum. Shows
 // why creditd switched it off (a declined card, an authentication the bank
-// asks for, a dispute, a refunded auto-recharge, a deleted account) and
+// asks for, a dispute, a refunded auto-recharge, a deleted account, an
+// operator) and
 // what was recharged this month.
 
 import { ApiError, adoptStyles, formatCents, h, parseEuros, request, stylesheet } from './credits-api.js'
@@ -28,6 +29,7 @@ const REASONS = {
   dispute: "un paiement de votre compte fait l'objet d'un litige, la carte enregistrée a été oubliée",
   refunded: 'une recharge automatique a été remboursée : réactivez-la si vous le souhaitez',
   account_deleted: 'votre compte a été supprimé, la carte enregistrée a été oubliée',
+  operator: "notre équipe l'a désactivée : contactez le support pour en savoir plus",
 }
 
 function reasonText(reason) {

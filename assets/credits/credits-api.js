@@ -113,7 +113,7 @@ export function h(name, attributes = {}, ...children) {
 }
 
 /** The elements, for the rules of the base sheet they all share. */
-const ELEMENTS = 'credit-balance, credit-topup-dialog, credit-history, credit-usage-chart, credit-auto-recharge, credit-limits, credit-referral, credit-api-keys, demo-chat'
+const ELEMENTS = 'credit-balance, credit-topup-dialog, credit-history, credit-usage-chart, credit-auto-recharge, credit-limits, credit-referral, credit-api-keys, credit-email-preferences, demo-chat'
 
 /**
  * A constructable stylesheet from `css`. Adopted by the element's root

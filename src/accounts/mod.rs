@@ -23,4 +23,4 @@ pub use bonus::{grant_signup_bonus, SignupBonus, SignupBonusClaim, SignupBonuses
 pub use cipher::KeyCipher;
 pub use clerk_events::{ClerkEvent, EventError};
 pub use keys::{ProviderKeys, StoredKeys};
-pub use users::{AccountError, ClerkUserId, Users};
+pub use users::{AccountError, ClerkUserId, FoundUser, Users};

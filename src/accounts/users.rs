@@ -75,6 +75,18 @@ pub struct Profile<'a> {
     pub signed_up_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// A user an operator's search found.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FoundUser {
+    /// The Clerk id.
+    pub user_id: String,
+    pub email: Option<String>,
+    pub stripe_customer_id: Option<String>,
+    pub deleted: bool,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// Clerk id → account, created on first sight and kept in memory.
 pub struct Users {
     pool: Pool,
@@ -156,6 +168,34 @@ impl Users {
     /// The user's plan (`free` until a subscription says otherwise).
     pub async fn plan(&self, account: AccountId) -> Result<String, DbError> {
         plan(&**db::client(&self.pool).await?, account).await
+    }
+
+    /// The users an operator's search names: by Clerk id, email (as typed
+    /// or lowercased) or Stripe customer id, each looked up by its index.
+    pub async fn search(&self, text: &str) -> Result<Vec<FoundUser>, DbError> {
+        let client = db::client(&self.pool).await?;
+        let lowered = text.to_lowercase();
+        let rows = client
+            .query(
+                "SELECT clerk_id, email, stripe_customer_id, deleted_at IS NOT NULL, created_at
+                   FROM users
+                  WHERE clerk_id = $1 OR email = $1 OR email = $2 OR stripe_customer_id = $1
+                  ORDER BY created_at DESC LIMIT 20",
+                &[&text, &lowered],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(FoundUser {
+                    user_id: row.try_get(0)?,
+                    email: row.try_get(1)?,
+                    stripe_customer_id: row.try_get(2)?,
+                    deleted: row.try_get(3)?,
+                    created_at: row.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(DbError::from)
     }
 
     /// Forgets what the cache holds of a Clerk id whose row a transaction

@@ -77,6 +77,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (14, "cluster", include_str!("../../sql/0014_cluster.sql")),
     (15, "api_keys", include_str!("../../sql/0015_api_keys.sql")),
+    (
+        16,
+        "email_deliveries",
+        include_str!("../../sql/0016_email_deliveries.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

@@ -1,6 +1,6 @@
 //! Work that must run on one instance at a time among those sharing the
 //! database (the event sender, the auto-recharge worker, the top-up
-//! follow-ups), elected by a PostgreSQL session advisory lock.
+//! follow-ups, the email sender), elected by a PostgreSQL session advisory lock.
 //!
 //! - The lock is held by a connection of its own, outside the pool: it
 //!   lives exactly as long as that session.
@@ -37,6 +37,8 @@ pub enum Singleton {
     AutoRecharge,
     /// Saves paid top-ups' cards and invoice links (`stripe::followup`).
     TopUpFollowUps,
+    /// Sends the outbox's alert and receipt emails (`email`).
+    EmailSender,
 }
 
 impl Singleton {
@@ -46,6 +48,7 @@ impl Singleton {
             Singleton::EventSender => 7_294_002,
             Singleton::TopUpFollowUps => 7_294_011,
             Singleton::AutoRecharge => 7_294_012,
+            Singleton::EmailSender => 7_294_016,
         }
     }
 
@@ -54,6 +57,7 @@ impl Singleton {
             Singleton::EventSender => "event-sender",
             Singleton::AutoRecharge => "auto-recharge",
             Singleton::TopUpFollowUps => "topup-followups",
+            Singleton::EmailSender => "email-sender",
         }
     }
 
@@ -166,6 +170,7 @@ mod tests {
             Singleton::EventSender,
             Singleton::AutoRecharge,
             Singleton::TopUpFollowUps,
+            Singleton::EmailSender,
         ];
         let mut keys: Vec<i64> = all.iter().map(|s| s.lock_key()).collect();
         keys.push(crate::db::MIGRATION_LOCK);

@@ -1,13 +1,18 @@
 //! The demo's sign-in, standing in for Clerk: a page that signs a person
 //! in by name, an RS256 session token signed with a key made at start, set
 //! as Clerk's `__session` cookie, and the JWKS that publishes the key.
-//! creditd verifies these tokens exactly as it verifies Clerk's.
+//! creditd verifies these tokens exactly as it verifies Clerk's. At each
+//! sign-in it also tells creditd the person's address, as Clerk's webhook
+//! does when an address is set (a Svix-signed `user.updated`), so creditd's
+//! emails reach the demo's mailbox; the signup bonus stays the page's to
+//! claim, as for a user Clerk never announced.
 
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
 use anyhow::Context;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use hmac::Mac;
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::traits::PublicKeyParts;
 use serde::Deserialize;
@@ -116,10 +121,12 @@ async fn sign_in(shared: web::Data<Shared>, form: web::Form<SignIn>) -> HttpResp
             .content_type("text/plain; charset=utf-8")
             .body("field `user`: 1 to 40 letters, digits, _ or -");
     }
-    match shared
-        .identity
-        .token(&format!("user_demo_{user}"), &shared.creditd_url)
-    {
+    let subject = format!("user_demo_{user}");
+    if let Err(error) = announce(&shared, &subject, user).await {
+        // The person still signs in; only their emails wait for an address.
+        tracing::error!(error = %format!("{error:#}"), "demo: telling creditd the address failed");
+    }
+    match shared.identity.token(&subject, &shared.creditd_url) {
         Ok(token) => HttpResponse::SeeOther()
             .insert_header((header::LOCATION, format!("{}/demo", shared.creditd_url)))
             .insert_header((
@@ -134,4 +141,61 @@ async fn sign_in(shared: web::Data<Shared>, form: web::Form<SignIn>) -> HttpResp
             HttpResponse::InternalServerError().body("sign-in failed")
         }
     }
+}
+
+/// The address the demo gives `user`: on the `.test` domain, which never
+/// reaches anyone.
+pub fn demo_address(user: &str) -> String {
+    format!("{}@demo.test", user.to_ascii_lowercase())
+}
+
+/// Sends creditd Clerk's `user.updated` for `subject` with its address,
+/// signed as Svix signs (HMAC-SHA256 of `id.timestamp.body` keyed with the
+/// secret's base64 part; `hmac_sha256` puts the dots). Replayed at every
+/// sign-in: creditd's effects are idempotent.
+async fn announce(shared: &Shared, subject: &str, user: &str) -> anyhow::Result<()> {
+    let body = serde_json::json!({
+        "object": "event",
+        "type": "user.updated",
+        "data": {
+            "id": subject,
+            "object": "user",
+            "first_name": user,
+            "email_addresses": [{
+                "id": "idn_demo",
+                "email_address": demo_address(user),
+                "verification": { "status": "verified" },
+            }],
+            "primary_email_address_id": "idn_demo",
+            "created_at": chrono::Utc::now().timestamp_millis(),
+        },
+    })
+    .to_string();
+    let id = format!("msg_demo_{}", uuid::Uuid::new_v4().simple());
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(shared.clerk_webhook_secret.trim_start_matches("whsec_"))
+        .context("the demo's Clerk webhook secret")?;
+    let mac = crate::signatures::hmac_sha256(
+        &key,
+        &[id.as_bytes(), timestamp.as_bytes(), body.as_bytes()],
+    );
+    let signature = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let response = shared
+        .http
+        .post(format!("{}/api/webhooks/clerk", shared.creditd_url))
+        .header("svix-id", id)
+        .header("svix-timestamp", timestamp)
+        .header("svix-signature", format!("v1,{signature}"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .context("POST /api/webhooks/clerk")?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "creditd answered {} to user.updated",
+        response.status()
+    );
+    Ok(())
 }

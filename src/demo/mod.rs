@@ -12,7 +12,11 @@
 //!   `checkout.session.completed`;
 //! - [`anthropic`]: Anthropic's Messages API (JSON and SSE) answering with
 //!   an echo, for the `demo-echo` model, priced like a real model, so a chat
-//!   is held and charged per token.
+//!   is held and charged per token;
+//! - [`smtp`] and [`mailbox`]: an SMTP server receiving creditd's alert and
+//!   receipt emails, and the "Boîte mail" page that shows them (the
+//!   sign-in tells creditd each person's address by a Svix-signed
+//!   `user.updated`, as Clerk does).
 //!
 //! Loopback only; every page says it is a demo; refused when a real key or
 //! database is configured. The demo's keys and secrets are made at start
@@ -20,7 +24,9 @@
 
 mod anthropic;
 mod identity;
+mod mailbox;
 mod pages;
+pub mod smtp;
 mod stripe;
 
 use std::net::{SocketAddr, TcpListener};
@@ -46,7 +52,11 @@ pub(crate) struct Shared {
     pub stripe_secret_key: String,
     pub stripe_webhook_secret: String,
     pub anthropic_api_key: String,
+    /// The Clerk webhook secret (`whsec_…`) the sign-in signs with.
+    pub clerk_webhook_secret: String,
     pub identity: identity::Issuer,
+    /// What the demo's SMTP server received.
+    pub mailbox: smtp::Mailbox,
     pub stripe: stripe::Ledger,
     pub http: reqwest::Client,
 }
@@ -58,7 +68,11 @@ pub struct Demo {
     pub url: String,
     /// The sign-in page.
     pub sign_in_url: String,
+    /// The "Boîte mail" page.
+    pub mailbox_url: String,
     stand_ins: actix_web::dev::ServerHandle,
+    /// The SMTP server creditd mails to (closed when the demo ends).
+    smtp: smtp::SmtpServer,
 }
 
 /// Refuses settings that reach anything real: the demo must never charge a
@@ -92,6 +106,8 @@ pub fn refuse_real_services(settings: &Settings) -> anyhow::Result<()> {
             "events.signing_secret",
             !settings.events.signing_secret.is_empty(),
         ),
+        // A real mail server would mail the demo's made-up addresses.
+        ("email.smtp_url", !settings.email.smtp_url.is_empty()),
     ]
     .into_iter()
     .filter_map(|(key, set)| set.then_some(key))
@@ -142,20 +158,30 @@ impl Demo {
             stripe_secret_key: secret("sk_test_demo_"),
             stripe_webhook_secret: secret("whsec_demo_"),
             anthropic_api_key: secret("sk-ant-demo-"),
+            clerk_webhook_secret: svix_secret(),
             identity,
+            mailbox: smtp::Mailbox::default(),
             stripe: stripe::Ledger::default(),
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
                 .build()?,
         });
-        configure(&mut settings, &shared)?;
+        let smtp = smtp::SmtpServer::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            shared.mailbox.clone(),
+        )
+        .await
+        .context("cannot start the demo's SMTP server")?;
+        configure(&mut settings, &shared, &smtp)?;
         let stand_ins = serve_stand_ins(shared.clone(), stand_ins_listener)?;
         let application = Application::with_listener(settings, storage, listener).await?;
         Ok(Demo {
             application,
             url: creditd_url,
             sign_in_url: identity::sign_in_url(&shared),
+            mailbox_url: mailbox::mailbox_url(&shared),
             stand_ins,
+            smtp,
         })
     }
 
@@ -163,13 +189,37 @@ impl Demo {
     pub async fn run(self) -> anyhow::Result<()> {
         let result = self.application.run().await;
         self.stand_ins.stop(true).await;
+        self.smtp.stop();
         result
     }
 }
 
+/// A Svix signing secret: `whsec_` and 32 random bytes in base64.
+fn svix_secret() -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
+        .iter()
+        .flat_map(|id| id.as_bytes().to_vec())
+        .collect();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
 /// Points creditd at the stand-ins, with the demo's secrets.
-fn configure(settings: &mut Settings, shared: &Shared) -> anyhow::Result<()> {
+fn configure(
+    settings: &mut Settings,
+    shared: &Shared,
+    smtp: &smtp::SmtpServer,
+) -> anyhow::Result<()> {
     settings.demo_sign_in_url = Some(identity::sign_in_url(shared));
+    settings.demo_mailbox_url = Some(mailbox::mailbox_url(shared));
+    settings.clerk_webhook.signing_secret = Secret::new(shared.clerk_webhook_secret.clone());
+    settings.email.smtp_url = Secret::new(smtp.url());
+    settings.email.billing_url = format!("{}/billing", shared.creditd_url);
+    // The demo's mail arrives within a second of its event.
+    settings.email.poll_interval_ms = 250;
     settings.clerk.jwks_url = format!("{}{}", shared.stand_ins_url, identity::JWKS_PATH);
     settings.clerk.issuer = shared.stand_ins_url.clone();
     settings.clerk.authorized_parties = vec![shared.creditd_url.clone()];
@@ -220,6 +270,7 @@ fn serve_stand_ins(
             .configure(identity::routes)
             .configure(stripe::routes)
             .configure(anthropic::routes)
+            .configure(mailbox::routes)
     })
     .workers(1)
     .disable_signals()
@@ -244,6 +295,7 @@ pub fn run(mut settings: Settings) -> anyhow::Result<ExitCode> {
         println!("creditd demo (local stand-ins only: no real payment, no real AI)");
         println!("  open {}  to sign in", demo.sign_in_url);
         println!("  then {}/demo  (chat) and {}/billing", demo.url, demo.url);
+        println!("  emails creditd sends arrive in {}", demo.mailbox_url);
         println!("  Ctrl-C stops it; data stays in the demo's own PostgreSQL cluster");
         demo.run().await
     })?;

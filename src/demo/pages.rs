@@ -29,7 +29,11 @@ pub fn page(shared: &Shared, title: &str, body: &str) -> HttpResponse {
 </html>"#,
         title = escape(title),
         creditd = escape(&shared.creditd_url),
-        banner = demo_banner(&shared.creditd_url, &super::identity::sign_in_url(shared)),
+        banner = demo_banner(
+            &shared.creditd_url,
+            &super::identity::sign_in_url(shared),
+            &super::mailbox::mailbox_url(shared)
+        ),
     );
     // The stylesheet comes from creditd, another origin of the machine.
     secured(HttpResponse::Ok())

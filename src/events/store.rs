@@ -282,6 +282,19 @@ impl Events {
         Ok(list(&**client, status, user, limit).await?)
     }
 
+    /// How many events wait (PENDING) and how many were given up (FAILED).
+    pub async fn counts(&self) -> Result<(i64, i64), crate::db::DbError> {
+        let client = crate::db::client(&self.pool).await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM outgoing_events WHERE status = 'PENDING'),
+                        (SELECT count(*) FROM outgoing_events WHERE status = 'FAILED')",
+                &[],
+            )
+            .await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
     /// Puts an event back in the queue (see [`redeliver`]); `None` when
     /// there is no such event.
     pub async fn redeliver(

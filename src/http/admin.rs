@@ -1,5 +1,7 @@
-//! Operator routes under `/admin`, behind `Authorization: Bearer <admin.token>`.
-//! Users are named by their Clerk id, as operators see them in Clerk.
+//! Operator routes under `/admin`, behind `Authorization: Bearer <admin.token>`,
+//! a console session or a listed operator's Clerk session (`auth`). Users
+//! are named by their Clerk id, as operators see them in Clerk. Every change
+//! is recorded with the operator who made it (`crate::operators`).
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -19,9 +21,17 @@ use crate::money::Micros;
 pub fn routes(config: &mut web::ServiceConfig) {
     config
         .route("/admin/accounts/{userId}/credits", web::post().to(adjust))
+        .route("/admin/accounts", web::get().to(search))
         .route("/admin/accounts/{userId}", web::get().to(account))
+        .route(
+            "/admin/accounts/{userId}/auto-recharge/off",
+            web::post().to(auto_recharge_off),
+        )
+        .route("/admin/platform", web::get().to(platform))
+        .route("/admin/actions", web::get().to(actions))
         .route("/admin/reconcile", web::get().to(run_reconcile))
         .route("/admin/events", web::get().to(list_events))
+        .route("/admin/emails", web::get().to(list_emails))
         .route(
             "/admin/events/{eventId}/redeliver",
             web::post().to(redeliver_event),
@@ -71,7 +81,7 @@ pub(super) struct Adjustment {
     ))]
 async fn adjust(
     state: State,
-    _: Operator,
+    Operator(operator): Operator,
     path: web::Path<String>,
     JsonBody(adjustment): JsonBody<Adjustment>,
 ) -> Result<HttpResponse, ApiError> {
@@ -117,7 +127,7 @@ async fn adjust(
         description: Some(reason.to_owned()),
         stripe_session_id: None,
         stripe_payment_id: None,
-        metadata: Some(json!({ "source": "admin" })),
+        metadata: Some(json!({ "source": "admin", "operator": operator.as_str() })),
         expires_at: adjustment.expires_at,
     };
     let outcome = if adjustment.amount_micros > 0 {
@@ -125,6 +135,22 @@ async fn adjust(
     } else {
         state.engine.debit(account, posting).await?
     };
+    let action = crate::operators::Action {
+        action: if adjustment.amount_micros > 0 {
+            "credit"
+        } else {
+            "debit"
+        },
+        user_id: Some(user.as_str()),
+        reason: Some(reason),
+        detail: json!({
+            "amountMicros": adjustment.amount_micros,
+            "key": adjustment.key,
+            "transactionId": outcome.record.id,
+            "replayed": outcome.replayed,
+        }),
+    };
+    state.operators.record(&operator, action).await?;
     let snapshot = state.engine.balance(account).await?;
     let body = Adjusted {
         transaction: TransactionView::from(&outcome.record),
@@ -164,10 +190,19 @@ async fn account(
         )));
     };
     let snapshot = state.engine.balance(account).await?;
-    let ((transactions, usages), plan, follow_ups) = tokio::try_join!(
+    let ((transactions, usages), plan, follow_ups, keys, recharge) = tokio::try_join!(
         async { Ok::<_, ApiError>(state.history.latest(account, 20).await?) },
         async { Ok::<_, ApiError>(state.users.plan(account).await?) },
         async { Ok::<_, ApiError>(state.topups.follow_ups(account, 20).await?) },
+        async { Ok::<_, ApiError>(state.provider_keys.load(account).await?) },
+        async {
+            Ok::<_, ApiError>(
+                state
+                    .auto_recharges
+                    .page(account, chrono::Utc::now())
+                    .await?,
+            )
+        },
     )?;
     Ok(HttpResponse::Ok().json(AdminAccount {
         balance_micros: snapshot.balance_micros.get(),
@@ -182,6 +217,16 @@ async fn account(
         transactions: transactions.iter().map(TransactionView::from).collect(),
         usages: usages.iter().map(UsageView::from).collect(),
         follow_ups,
+        has_byok: keys.any(),
+        auto_recharge: recharge
+            .settings
+            .map(|settings| super::views::AdminAutoRecharge {
+                enabled: settings.enabled,
+                threshold_cents: settings.threshold_cents,
+                amount_cents: settings.amount_cents,
+                disabled_reason: settings.disabled_reason,
+            }),
+        has_saved_card: recharge.has_card,
     }))
 }
 
@@ -215,20 +260,24 @@ pub(super) struct EventFilter {
 impl EventFilter {
     /// Every parameter checked by name; anything unknown is refused.
     fn parse(query: &str) -> Result<EventFilter, ApiError> {
+        EventFilter::parse_with(query, &["PENDING", "DELIVERED", "FAILED"])
+    }
+
+    /// As `parse`, `status` one of `statuses`.
+    fn parse_with(query: &str, statuses: &[&str]) -> Result<EventFilter, ApiError> {
         let pairs = web::Query::<Vec<(String, String)>>::from_query(query)
             .map_err(|e| ApiError::invalid(format!("query string: {e}")))?
             .into_inner();
         let mut filter = EventFilter::default();
         for (name, value) in pairs {
             match name.as_str() {
-                "status" => match value.as_str() {
-                    "PENDING" | "DELIVERED" | "FAILED" => filter.status = Some(value),
-                    _ => {
-                        return Err(ApiError::invalid(
-                            "field `status`: one of PENDING, DELIVERED, FAILED",
-                        ))
-                    }
-                },
+                "status" if statuses.contains(&value.as_str()) => filter.status = Some(value),
+                "status" => {
+                    return Err(ApiError::invalid(format!(
+                        "field `status`: one of {}",
+                        statuses.join(", ")
+                    )))
+                }
                 "userId" => filter.user_id = Some(clerk_id_from_operator(&value)?),
                 "limit" => {
                     filter.limit = Some(
@@ -280,6 +329,38 @@ async fn list_events(
     Ok(HttpResponse::Ok().json(EventList { events }))
 }
 
+/// The alert and receipt emails, newest first, with their delivery state
+/// (filters as `GET /admin/events`; status PENDING, SENT, FAILED, SKIPPED).
+#[utoipa::path(get, path = "/admin/emails", tag = "admin", security(("admin" = [])),
+    params(EventFilter),
+    responses(
+        (status = 200, description = "The emails (`emails`)", body = super::views::EmailList),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
+    ))]
+async fn list_emails(
+    state: State,
+    _: Operator,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let filter = EventFilter::parse_with(
+        request.query_string(),
+        &["PENDING", "SENT", "FAILED", "SKIPPED"],
+    )?;
+    let emails = state
+        .emails
+        .list(
+            filter.status.as_deref(),
+            filter.user_id.as_ref().map(ClerkUserId::as_str),
+            filter.limit.unwrap_or(100),
+        )
+        .await?;
+    Ok(HttpResponse::Ok().json(super::views::EmailList { emails }))
+}
+
 /// Puts an event back in the queue: it is sent again, in its account's order.
 #[utoipa::path(post, path = "/admin/events/{eventId}/redeliver", tag = "admin", security(("admin" = [])),
     params(("eventId" = String, Path, description = "The event's id (a UUID)")),
@@ -293,13 +374,183 @@ async fn list_events(
     ))]
 async fn redeliver_event(
     state: State,
-    _: Operator,
+    Operator(operator): Operator,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = uuid::Uuid::parse_str(path.trim())
         .map_err(|_| ApiError::invalid("field `eventId`: not a UUID"))?;
-    match state.events.redeliver(id, chrono::Utc::now()).await? {
-        Some(event) => Ok(HttpResponse::Ok().json(event)),
-        None => Err(ApiError::not_found(format!("no event with id `{id}`"))),
+    let Some(event) = state.events.redeliver(id, chrono::Utc::now()).await? else {
+        return Err(ApiError::not_found(format!("no event with id `{id}`")));
+    };
+    let action = crate::operators::Action {
+        action: "redeliver",
+        user_id: Some(&event.user_id),
+        reason: None,
+        detail: json!({ "eventId": id, "type": event.kind }),
+    };
+    state.operators.record(&operator, action).await?;
+    Ok(HttpResponse::Ok().json(event))
+}
+
+/// Why an operator acts, for the record.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct OperatorReason {
+    /// 1 to 500 characters.
+    reason: String,
+}
+
+/// The reason of an operator's action, checked.
+fn checked_reason(reason: &str) -> Result<&str, ApiError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > 500 {
+        return Err(ApiError::invalid("field `reason`: 1 to 500 characters"));
     }
+    if let Some(problem) = crate::text::problem(reason) {
+        return Err(ApiError::invalid(format!("field `reason`: {problem}")));
+    }
+    Ok(reason)
+}
+
+/// Switches a user's auto-recharge off (`disabledReason` `operator`, an
+/// `auto_recharge.disabled` event if it was on); the person can turn it on
+/// again. Idempotent: already off, nothing changes.
+#[utoipa::path(post, path = "/admin/accounts/{userId}/auto-recharge/off", tag = "admin", security(("admin" = [])),
+    params(("userId" = String, Path, description = "Clerk user id")),
+    request_body = OperatorReason,
+    responses(
+        (status = 200, description = "Off (`wasOn`: whether this switched it off)", body = super::views::SwitchedOff),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured)", body = super::error::ErrorBody),
+        super::error::BodyErrors,
+        super::error::Internal,
+        super::error::LedgerUnavailable
+    ))]
+async fn auto_recharge_off(
+    state: State,
+    Operator(operator): Operator,
+    path: web::Path<String>,
+    JsonBody(asked): JsonBody<OperatorReason>,
+) -> Result<HttpResponse, ApiError> {
+    let user = clerk_id_from_operator(&path)?;
+    let reason = checked_reason(&asked.reason)?;
+    let Some(account) = state.existing_account(&user).await? else {
+        return Err(ApiError::not_found(format!(
+            "no user with Clerk id `{user}`"
+        )));
+    };
+    let was_on = state
+        .auto_recharges
+        .switch_off(account, crate::recharge::OffReason::Operator)
+        .await?;
+    let action = crate::operators::Action {
+        action: "auto_recharge_off",
+        user_id: Some(user.as_str()),
+        reason: Some(reason),
+        detail: json!({ "wasOn": was_on }),
+    };
+    state.operators.record(&operator, action).await?;
+    Ok(HttpResponse::Ok().json(super::views::SwitchedOff { was_on }))
+}
+
+/// The query of `GET /admin/accounts`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AccountSearch {
+    /// A Clerk user id, an email address or a Stripe customer id.
+    query: String,
+}
+
+/// Finds accounts by Clerk id, email or Stripe customer (deleted ones too).
+#[utoipa::path(get, path = "/admin/accounts", tag = "admin", security(("admin" = [])),
+    params(AccountSearch),
+    responses(
+        (status = 200, description = "The users found (`users`, at most 20)", body = super::views::FoundUsers),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
+    ))]
+async fn search(state: State, _: Operator, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let asked = web::Query::<AccountSearch>::from_query(request.query_string())
+        .map_err(|e| ApiError::invalid(format!("query string: {e} (expected query)")))?;
+    let text = asked.query.trim();
+    if text.is_empty() || text.len() > 320 || crate::text::refused_in(text).is_some() {
+        return Err(ApiError::invalid(
+            "field `query`: a Clerk user id, an email or a Stripe customer id (1 to 320 characters)",
+        ));
+    }
+    let users = state.users.search(text).await?;
+    Ok(HttpResponse::Ok().json(super::views::FoundUsers { users }))
+}
+
+/// What the engine and the queues look like now, on this instance and in
+/// the database: what an operator checks first.
+#[utoipa::path(get, path = "/admin/platform", tag = "admin", security(("admin" = [])),
+    responses(
+        (status = 200, description = "The platform's state", body = super::views::PlatformView),
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
+    ))]
+async fn platform(state: State, _: Operator) -> Result<HttpResponse, ApiError> {
+    let stats = state.engine.stats();
+    let ((events_pending, events_failed), (emails_pending, emails_failed)) = tokio::try_join!(
+        async { Ok::<_, ApiError>(state.events.counts().await?) },
+        async { Ok::<_, ApiError>(state.emails.counts().await?) },
+    )?;
+    Ok(HttpResponse::Ok().json(super::views::PlatformView {
+        database_up: state.health.database_up(),
+        journal_queue_depth: stats.journal_queue_depth,
+        journal_stalled: state.engine.writer().is_stalled(),
+        resident_accounts: stats.resident_actors,
+        pending_settlements: state.settlements.in_flight(),
+        events_pending,
+        events_failed,
+        emails_pending,
+        emails_failed,
+    }))
+}
+
+/// The query of `GET /admin/actions`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(super) struct ActionFilter {
+    /// Only the actions on this account (Clerk id).
+    user_id: Option<String>,
+}
+
+/// What operators did, newest first (the last 100).
+#[utoipa::path(get, path = "/admin/actions", tag = "admin", security(("admin" = [])),
+    params(ActionFilter),
+    responses(
+        (status = 200, description = "The actions (`actions`)", body = super::views::OperatorActions),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::DatabaseUnavailable
+    ))]
+async fn actions(
+    state: State,
+    _: Operator,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let asked = web::Query::<ActionFilter>::from_query(request.query_string())
+        .map_err(|e| ApiError::invalid(format!("query string: {e} (expected userId)")))?;
+    let user = asked
+        .user_id
+        .as_deref()
+        .map(clerk_id_from_operator)
+        .transpose()?;
+    let actions = state
+        .operators
+        .recent(user.as_ref().map(ClerkUserId::as_str), 100)
+        .await?;
+    Ok(HttpResponse::Ok().json(super::views::OperatorActions { actions }))
 }

@@ -9,12 +9,13 @@ use actix_web::{web, FromRequest, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use serde::de::DeserializeOwned;
 
-use super::auth::require_admin;
+use super::auth::authenticate_operator;
 use super::body::read_body;
 use super::error::{parse_json, ApiError};
 use super::state::AppState;
 use crate::clerk::tokens::ClerkUserId;
 use crate::ledger::AccountId;
+use crate::operators::OperatorId;
 
 /// The application state of a request (every route is mounted with it).
 fn state_of(request: &HttpRequest) -> Result<web::Data<AppState>, ApiError> {
@@ -59,20 +60,25 @@ impl FromRequest for Account {
     }
 }
 
-/// An operator: the admin bearer token (no token configured: the admin
-/// routes do not exist, 404).
-pub struct Operator;
+/// An operator, named for the record: the admin bearer token, a console
+/// session, or a listed operator's Clerk session (see
+/// `auth::authenticate_operator`; nothing configured: the admin routes do
+/// not exist, 404).
+pub struct Operator(pub OperatorId);
 
 impl FromRequest for Operator {
     type Error = ApiError;
-    type Future = std::future::Ready<Result<Operator, ApiError>>;
+    type Future = LocalBoxFuture<'static, Result<Operator, ApiError>>;
 
     fn from_request(request: &HttpRequest, _: &mut Payload) -> Self::Future {
-        std::future::ready(
-            state_of(request)
-                .and_then(|state| require_admin(&state.settings.admin, request))
-                .map(|()| Operator),
-        )
+        let request = request.clone();
+        Box::pin(async move {
+            let state = state_of(&request)?;
+            let now = chrono::Utc::now().timestamp();
+            let operator =
+                authenticate_operator(&state.settings.admin, &state.clerk, &request, now).await?;
+            Ok(Operator(operator))
+        })
     }
 }
 

@@ -8,7 +8,9 @@ mod auto_recharge;
 mod body;
 mod chat;
 mod clerk_webhooks;
+mod console;
 mod credits;
+mod email_preferences;
 pub mod error;
 mod extract;
 mod gateway;
@@ -114,6 +116,7 @@ pub fn server(
             // The routes of a user or the admin: each checks its token.
             .configure(credits::routes)
             .configure(auto_recharge::routes)
+            .configure(email_preferences::routes)
             .configure(admin::routes)
             .configure(topup::routes)
             .configure(chat::routes)
@@ -158,6 +161,7 @@ fn without_token() -> actix_web::Scope<
         .configure(clerk_webhooks::routes)
         .configure(openapi::routes)
         .configure(pages::routes)
+        .configure(console::routes)
         .default_service(web::to(error::no_route))
 }
 

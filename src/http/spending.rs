@@ -19,6 +19,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
     config
         .route("/api/credits/limits", web::get().to(show))
         .route("/api/credits/limits", web::put().to(set))
+        .route("/admin/accounts/{userId}/limits", web::get().to(admin_show))
         .route("/admin/accounts/{userId}/limits", web::put().to(admin_set));
 }
 
@@ -38,6 +39,8 @@ pub(super) struct AdminLimits {
     monthly_micros: Option<i64>,
     daily_ceiling_micros: Option<i64>,
     monthly_ceiling_micros: Option<i64>,
+    /// Why, for the operators' record (the console asks for it).
+    reason: Option<String>,
 }
 
 /// One UTC window: the limit that applies (the lower of the owner's and
@@ -148,6 +151,33 @@ pub(super) async fn set(
     Ok(HttpResponse::Ok().json(view(&snapshot)))
 }
 
+/// A user's limits, the ceilings an administrator set and the spend of
+/// each window, as the user sees them.
+#[utoipa::path(get, path = "/admin/accounts/{userId}/limits", tag = "admin", security(("admin" = [])),
+    params(("userId" = String, Path, description = "Clerk user id")),
+    responses(
+        (status = 200, description = "Limits, ceilings and spend per window", body = LimitsView),
+        super::error::Invalid,
+        super::error::AdminAuth,
+        (status = 404, description = "NOT_FOUND (no such user; or no admin token configured)", body = super::error::ErrorBody),
+        super::error::Internal,
+        super::error::LedgerUnavailable
+    ))]
+pub(super) async fn admin_show(
+    state: State,
+    _: Operator,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let user = clerk_id_from_operator(&path)?;
+    let Some(account) = state.existing_account(&user).await? else {
+        return Err(ApiError::not_found(format!(
+            "no user with Clerk id `{user}`"
+        )));
+    };
+    let snapshot = state.engine.spending(account).await?;
+    Ok(HttpResponse::Ok().json(view(&snapshot)))
+}
+
 /// Sets a user's limits and the ceilings the user cannot raise (every
 /// field; null: none). A ceiling applies at once, whatever the user's own
 /// limit: the lower of the two is enforced.
@@ -165,7 +195,7 @@ pub(super) async fn set(
     ))]
 pub(super) async fn admin_set(
     state: State,
-    _: Operator,
+    Operator(operator): Operator,
     path: web::Path<String>,
     JsonBody(asked): JsonBody<AdminLimits>,
 ) -> Result<HttpResponse, ApiError> {
@@ -176,10 +206,31 @@ pub(super) async fn admin_set(
         daily_ceiling_micros: limit("dailyCeilingMicros", asked.daily_ceiling_micros)?,
         monthly_ceiling_micros: limit("monthlyCeilingMicros", asked.monthly_ceiling_micros)?,
     };
+    if let Some(reason) = asked.reason.as_deref().map(str::trim) {
+        if reason.is_empty() || reason.len() > 500 {
+            return Err(ApiError::invalid("field `reason`: 1 to 500 characters"));
+        }
+        if let Some(problem) = crate::text::problem(reason) {
+            return Err(ApiError::invalid(format!("field `reason`: {problem}")));
+        }
+    }
     let account = state.any_account(&user).await?;
     let snapshot = state
         .engine
         .set_limits(account, LimitsChange::Admin(limits))
         .await?;
+    let reason = asked.reason.as_deref().map(str::trim);
+    let action = crate::operators::Action {
+        action: "limits",
+        user_id: Some(user.as_str()),
+        reason,
+        detail: serde_json::json!({
+            "dailyMicros": asked.daily_micros,
+            "monthlyMicros": asked.monthly_micros,
+            "dailyCeilingMicros": asked.daily_ceiling_micros,
+            "monthlyCeilingMicros": asked.monthly_ceiling_micros,
+        }),
+    };
+    state.operators.record(&operator, action).await?;
     Ok(HttpResponse::Ok().json(view(&snapshot)))
 }

@@ -59,6 +59,10 @@ pub struct Services {
     pub topups: crate::payments::topup::TopUps,
     /// The outbox as operators list and redeliver it.
     pub events: crate::events::store::Events,
+    /// Alert and receipt emails: the people's choices, the deliveries.
+    pub emails: crate::email::store::Emails,
+    /// What operators did, with who did it.
+    pub operators: crate::operators::OperatorLog,
     /// Users' auto-recharge settings.
     pub auto_recharges: crate::recharge::store::AutoRecharges,
     /// Spend per day.

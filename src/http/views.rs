@@ -354,12 +354,76 @@ pub struct AdminAccount {
     /// Its top-ups' follow-ups not done yet (card, invoice link), newest
     /// first: PENDING ones are retried, FAILED ones were given up.
     pub follow_ups: Vec<crate::payments::followup::FollowUpView>,
+    /// The person saved an own provider key (BYOK); the key never shows.
+    pub has_byok: bool,
+    /// Auto-recharge as the person set it (null: never set).
+    pub auto_recharge: Option<AdminAutoRecharge>,
+    /// Whether a card is saved for auto-recharges.
+    pub has_saved_card: bool,
+}
+
+/// An account's auto-recharge, as an operator sees it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminAutoRecharge {
+    pub enabled: bool,
+    pub threshold_cents: i64,
+    pub amount_cents: i64,
+    /// Why creditd switched it off (Stripe's decline code, no_saved_card,
+    /// dispute, refunded, account_deleted).
+    pub disabled_reason: Option<String>,
 }
 
 /// `GET /admin/events`: the outbox's events, newest first.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventList {
     pub events: Vec<crate::events::store::EventDelivery>,
+}
+
+/// `GET /admin/emails`: the alert and receipt emails, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EmailList {
+    pub emails: Vec<crate::email::store::EmailDelivery>,
+}
+
+/// `GET /admin/accounts`: the users a search found.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FoundUsers {
+    pub users: Vec<crate::accounts::FoundUser>,
+}
+
+/// `GET /admin/actions`: what operators did, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OperatorActions {
+    pub actions: Vec<crate::operators::OperatorAction>,
+}
+
+/// `POST /admin/accounts/{userId}/auto-recharge/off`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchedOff {
+    /// It was on, and this switched it off.
+    pub was_on: bool,
+}
+
+/// `GET /admin/platform`: the engine and the queues now.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlatformView {
+    /// The last background check of the database answered.
+    pub database_up: bool,
+    /// Journal entries waiting for their batch on this instance.
+    pub journal_queue_depth: usize,
+    /// The journal writer made no progress for `journal.stall_after_ms`.
+    pub journal_stalled: bool,
+    /// Accounts whose actor is in memory on this instance.
+    pub resident_accounts: usize,
+    /// Platform chats whose settlement is not yet posted, on this instance.
+    pub pending_settlements: usize,
+    pub events_pending: i64,
+    pub events_failed: i64,
+    pub emails_pending: i64,
+    pub emails_failed: i64,
 }
 
 /// A webhook delivery taken (or already taken: `duplicate`).

@@ -60,13 +60,17 @@ pub enum OffReason {
     Refunded,
     /// The Clerk user was deleted.
     AccountDeleted,
+    /// An operator switched it off (the console or the admin API), with a
+    /// reason recorded beside their name.
+    Operator,
 }
 
 impl OffReason {
-    pub const ALL: [OffReason; 3] = [
+    pub const ALL: [OffReason; 4] = [
         OffReason::Dispute,
         OffReason::Refunded,
         OffReason::AccountDeleted,
+        OffReason::Operator,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +78,7 @@ impl OffReason {
             OffReason::Dispute => "dispute",
             OffReason::Refunded => "refunded",
             OffReason::AccountDeleted => "account_deleted",
+            OffReason::Operator => "operator",
         }
     }
 

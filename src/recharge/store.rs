@@ -673,6 +673,20 @@ impl AutoRecharges {
         switch_off_on(tx, &self.engine, account, reason, Utc::now()).await
     }
 
+    /// Switches the account's auto-recharge off for `reason` (its event
+    /// with it, if it was on), then tells the account's actor; whether it
+    /// was on.
+    pub async fn switch_off(
+        &self,
+        account: AccountId,
+        reason: OffReason,
+    ) -> Result<bool, LedgerError> {
+        let mut client = crate::db::client(&self.pool).await?;
+        let was_on = switch_off(&mut client, &self.engine, account, reason, Utc::now()).await?;
+        super::switched_off(&self.engine, account, reason, was_on).await?;
+        Ok(was_on)
+    }
+
     /// Tells the account's actor that its auto-recharge is off, after
     /// [`AutoRecharges::switch_off_on`] committed (see
     /// `recharge::switched_off`).

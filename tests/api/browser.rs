@@ -67,12 +67,12 @@ impl WebDriverCompatibleCommand for BrowserLog {
 }
 
 /// One headless Chromium with its own ChromeDriver and a fresh profile.
-struct Browser {
-    client: Client,
+pub(crate) struct Browser {
+    pub(crate) client: Client,
     driver: tokio::process::Child,
     profile: PathBuf,
     /// Console errors seen so far (the log endpoint drains on read).
-    errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -83,7 +83,7 @@ fn free_port() -> u16 {
 }
 
 impl Browser {
-    async fn start() -> Browser {
+    pub(crate) async fn start() -> Browser {
         let driver_path = chromedriver_path();
         let port = free_port();
         // A process group of its own: Chromium outlives a killed ChromeDriver,
@@ -151,14 +151,14 @@ impl Browser {
         }
     }
 
-    async fn goto(&self, url: &str) {
+    pub(crate) async fn goto(&self, url: &str) {
         self.client
             .goto(url)
             .await
             .unwrap_or_else(|e| panic!("goto {url}: {e}"));
     }
 
-    async fn js(&self, script: &str) -> Value {
+    pub(crate) async fn js(&self, script: &str) -> Value {
         self.client
             .execute(script, vec![])
             .await
@@ -168,7 +168,7 @@ impl Browser {
     /// Waits until `script` returns something truthy; returns it. A script
     /// that throws (the page is between two loads, say after a redirect)
     /// counts as "not yet".
-    async fn until(&self, what: &str, script: &str) -> Value {
+    pub(crate) async fn until(&self, what: &str, script: &str) -> Value {
         let started = Instant::now();
         let mut last = Value::Null;
         while started.elapsed() < PATIENCE {
@@ -198,7 +198,7 @@ impl Browser {
         panic!("timed out waiting for {what} (last value {last}); page text:\n{page}");
     }
 
-    async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         self.client
             .wait()
             .at_most(PATIENCE)
@@ -210,7 +210,7 @@ impl Browser {
             .unwrap_or_else(|e| panic!("cannot click {css}: {e}"));
     }
 
-    async fn type_into(&self, css: &str, text: &str) {
+    pub(crate) async fn type_into(&self, css: &str, text: &str) {
         let element = self
             .client
             .find(Locator::Css(css))
@@ -220,7 +220,7 @@ impl Browser {
         element.send_keys(text).await.expect("type");
     }
 
-    async fn text(&self, css: &str) -> String {
+    pub(crate) async fn text(&self, css: &str) -> String {
         self.until(
             &format!("text of {css}"),
             &format!(
@@ -233,7 +233,7 @@ impl Browser {
         .to_owned()
     }
 
-    async fn url(&self) -> String {
+    pub(crate) async fn url(&self) -> String {
         self.client
             .current_url()
             .await
@@ -242,7 +242,7 @@ impl Browser {
     }
 
     /// Sets the `__session` cookie of `origin`, as Clerk's front end does.
-    async fn sign_in_with_cookie(&self, origin: &str, token: String) {
+    pub(crate) async fn sign_in_with_cookie(&self, origin: &str, token: String) {
         self.goto(&format!("{origin}/healthz")).await;
         self.client
             .execute(
@@ -253,7 +253,7 @@ impl Browser {
             .expect("set cookie");
     }
 
-    async fn resize(&self, width: u32) {
+    pub(crate) async fn resize(&self, width: u32) {
         self.client
             .set_window_size(width, 900)
             .await
@@ -261,7 +261,7 @@ impl Browser {
     }
 
     /// The page fits the window: nothing wider than the viewport.
-    async fn fits(&self, width: u32) {
+    pub(crate) async fn fits(&self, width: u32) {
         let overflow = self
             .js("return document.documentElement.scrollWidth - window.innerWidth")
             .await;
@@ -272,7 +272,7 @@ impl Browser {
     }
 
     /// No placeholder leaked into the page's text.
-    async fn shows_no_placeholder(&self) {
+    pub(crate) async fn shows_no_placeholder(&self) {
         let text = self.js("return document.body.innerText").await;
         let text = text.as_str().unwrap_or_default();
         for word in ["null", "undefined", "NaN", "[object"] {
@@ -281,7 +281,7 @@ impl Browser {
     }
 
     /// Collects console errors since the last call.
-    async fn collect_errors(&mut self) {
+    pub(crate) async fn collect_errors(&mut self) {
         let log = self
             .client
             .issue_cmd(BrowserLog)
@@ -294,7 +294,7 @@ impl Browser {
         }
     }
 
-    async fn assert_no_console_errors(&mut self) {
+    pub(crate) async fn assert_no_console_errors(&mut self) {
         self.collect_errors().await;
         assert!(
             self.errors.is_empty(),
@@ -303,7 +303,7 @@ impl Browser {
         );
     }
 
-    async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self.client.clone().close().await;
     }
 }
@@ -333,7 +333,7 @@ async fn balance_state(browser: &Browser) -> String {
 }
 
 /// Credits `clerk_id` with `amount_micros` through the admin route.
-async fn grant(app_url: &str, clerk_id: &str, amount_micros: i64, key: &str) {
+pub(crate) async fn grant(app_url: &str, clerk_id: &str, amount_micros: i64, key: &str) {
     let response = reqwest::Client::new()
         .post(format!("{app_url}/admin/accounts/{clerk_id}/credits"))
         .bearer_auth(ADMIN_TOKEN)
@@ -512,14 +512,15 @@ async fn pages_carry_a_script_policy_without_inline_code_and_no_sniffing() {
 }
 
 /// A running demo, as a test sees it.
-struct RunningDemo {
-    url: String,
-    sign_in_url: String,
+pub(crate) struct RunningDemo {
+    pub(crate) url: String,
+    pub(crate) sign_in_url: String,
+    pub(crate) mailbox_url: String,
 }
 
 /// The demo on a test database of its own, with the admin token set so the
 /// test can add history; runs until its handle stops it.
-async fn start_demo() -> (RunningDemo, actix_web::dev::ServerHandle) {
+pub(crate) async fn start_demo() -> (RunningDemo, actix_web::dev::ServerHandle) {
     let db = TestDb::new().await;
     let mut settings = settings();
     settings.server.bind = "127.0.0.1:0".into();
@@ -532,6 +533,7 @@ async fn start_demo() -> (RunningDemo, actix_web::dev::ServerHandle) {
     let running = RunningDemo {
         url: demo.url.clone(),
         sign_in_url: demo.sign_in_url.clone(),
+        mailbox_url: demo.mailbox_url.clone(),
     };
     actix_web::rt::spawn(async move {
         if let Err(error) = demo.run().await {
@@ -542,7 +544,7 @@ async fn start_demo() -> (RunningDemo, actix_web::dev::ServerHandle) {
 }
 
 /// Signs in on the demo's sign-in page; lands on `/demo` with the bonus.
-async fn demo_sign_in(browser: &Browser, demo: &RunningDemo, user: &str) {
+pub(crate) async fn demo_sign_in(browser: &Browser, demo: &RunningDemo, user: &str) {
     browser.goto(&demo.sign_in_url).await;
     assert!(
         browser.text(".demo-banner").await.contains("Démo locale"),
@@ -567,7 +569,7 @@ async fn demo_sign_in(browser: &Browser, demo: &RunningDemo, user: &str) {
         .await;
 }
 
-async fn balance_micros(browser: &Browser) -> i64 {
+pub(crate) async fn balance_micros(browser: &Browser) -> i64 {
     browser
         .js("return Number(document.querySelector('credit-balance').dataset.balanceMicros)")
         .await

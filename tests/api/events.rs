@@ -160,14 +160,14 @@ async fn wait_until_sent(db: &TestDb, limit: Duration) {
 fn engine(db: &TestDb, settings: &Settings) -> Engine {
     let database = db.database(settings);
     let pool = database.pool(&settings.database).expect("pool");
-    Engine::start_with_alerts(
+    crate::support::listening(Engine::start_with_alerts(
         &settings.engine,
         &settings.journal,
         database,
         pool,
         creditd::clock::Clock::system(),
         creditd::app::alert_thresholds(&settings.credits),
-    )
+    ))
 }
 
 fn charge(cost: Micros) -> UsageCharge {

@@ -1257,13 +1257,13 @@ fn random_sequences_against_spending_limits_never_take_a_window_past_its_limit()
     let engine = system.block_on(async {
         let database = db.database(&settings);
         let pool = database.pool(&settings.database).expect("pool");
-        Engine::start_with_clock(
+        crate::support::listening(Engine::start_with_clock(
             &settings.engine,
             &settings.journal,
             database,
             pool,
             clock.clone(),
-        )
+        ))
     });
     let cases = std::env::var("PROPTEST_CASES")
         .ok()

@@ -137,7 +137,7 @@ pub fn settings() -> Settings {
 /// notification), so a test that ran operations before it would, on a
 /// loaded machine, see its actors dropped under it. The listener runs on
 /// the engine's own thread: this one may wait for it blocking.
-fn listening(engine: Engine) -> Engine {
+pub(crate) fn listening(engine: Engine) -> Engine {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !engine.listening() {
         assert!(
