@@ -34,8 +34,13 @@ mod sql {
                 deleted_at = CASE WHEN $6 THEN NULL ELSE users.deleted_at END,
                 updated_at = now()
          RETURNING id";
-    pub const ENSURE_BALANCE: &str =
-        "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING";
+    /// Inserts only when no committed row exists: a plain `ON CONFLICT DO
+    /// NOTHING` waits for a journal batch updating the existing row, and
+    /// the caller may hold the user row that batch's event inserts check
+    /// their foreign key against (a deadlock).
+    pub const ENSURE_BALANCE: &str = "INSERT INTO credit_balances (user_id)
+         SELECT $1 WHERE NOT EXISTS (SELECT 1 FROM credit_balances WHERE user_id = $1)
+         ON CONFLICT DO NOTHING";
     pub const MARK_DELETED: &str =
         "UPDATE users SET deleted_at = now(), email = NULL, updated_at = now()
           WHERE clerk_id = $1 AND deleted_at IS NULL
@@ -427,12 +432,7 @@ pub async fn ensure_user(
         )
         .await?;
     let id: i64 = row.get(0);
-    client
-        .execute(
-            "INSERT INTO credit_balances (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&id],
-        )
-        .await?;
+    client.execute(sql::ENSURE_BALANCE, &[&id]).await?;
     Ok(AccountId(id))
 }
 

@@ -316,3 +316,62 @@ async fn mailbox_aliases_get_one_signup_bonus_between_them_and_dots_outside_gmai
     assert_eq!(bonuses(&app).await, 3);
     app.db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn profile_updates_arriving_while_the_accounts_journal_commits_neither_deadlock_nor_fail() {
+    // A delivery upserts the user row (locked against the journal's
+    // foreign-key checks) and ensures the balance row; a journal batch
+    // updates the balance row, then inserts rows referencing the user. The
+    // delivery must not wait for the batch's balance row while it holds
+    // the user row, or each waits for the other.
+    let app = clerk_app().await;
+    let created = user_event(
+        "user.created",
+        "user_busy_profile",
+        "busy@example.com",
+        "B",
+        "P",
+    );
+    assert_eq!(deliver(&app, "msg_busy_created", &created).await, 200);
+
+    // Each debit takes the balance under the low-balance threshold and
+    // each credit back over it: the batches insert outgoing events, whose
+    // foreign key reads the user row.
+    let adjustments = async {
+        let mut statuses = Vec::new();
+        for n in 0..60 {
+            for (kind, amount) in [("debit", -9_000_000), ("credit", 9_000_000)] {
+                let response = app
+                    .admin(
+                        reqwest::Method::POST,
+                        "/admin/accounts/user_busy_profile/credits",
+                    )
+                    .json(&json!({ "amountMicros": amount, "key": format!("busy-{kind}-{n}"), "reason": "load" }))
+                    .send()
+                    .await
+                    .expect("request");
+                statuses.push(response.status().as_u16());
+            }
+        }
+        statuses
+    };
+    let updates = (0..120).map(|n| {
+        let app = &app;
+        async move {
+            let updated = user_event(
+                "user.updated",
+                "user_busy_profile",
+                "busy@example.com",
+                "B",
+                &format!("P{n}"),
+            );
+            deliver(app, &format!("msg_busy_updated_{n}"), &updated).await
+        }
+    });
+    let (adjusted, delivered) = futures_util::join!(adjustments, join_all(updates));
+
+    assert!(adjusted.iter().all(|&s| s == 201), "{adjusted:?}");
+    assert!(delivered.iter().all(|&s| s == 200), "{delivered:?}");
+    assert_eq!(balance_micros(&app, "user_busy_profile").await, 10_000_000);
+    app.db.reconcile_is_clean().await;
+}
