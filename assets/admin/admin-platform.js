@@ -1,13 +1,15 @@
 // <admin-platform>: the platform at a glance (GET /admin/platform): the
 // database, the journal writers' queue and stall state, settlements still
-// pending, events and emails waiting or given up; and reconcile on demand
-// (GET /admin/reconcile), with its report.
+// pending, events and emails waiting or given up; what every account did in
+// the last hour (chats and their cost, top-ups, refunds); and reconcile on
+// demand (GET /admin/reconcile), with its report.
 
-import { adoptStyles, h, request, stylesheet } from '../credits/credits-api.js'
+import { adoptStyles, formatMicros, h, request, stylesheet } from '../credits/credits-api.js'
 
 const STYLES = stylesheet(`
 admin-platform { display: block; border: 1px solid var(--border); border-radius: 0.6rem; padding: 1rem; background: #fff; min-width: 0; }
 admin-platform h2 { margin: 0 0 0.75rem; font-size: 1.1rem; }
+admin-platform h3 { margin: 0 0 0.5rem; font-size: 0.95rem; }
 .platform__numbers { display: grid; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); gap: 0.5rem; margin: 0 0 0.75rem; }
 .platform__numbers div { background: var(--bg-soft); border-radius: 0.4rem; padding: 0.5rem; }
 .platform__numbers dt { color: var(--muted); font-size: 0.85rem; }
@@ -31,17 +33,26 @@ const NUMBERS = [
   ['emailsFailed', 'E-mails en échec', String, (v) => v > 0],
 ]
 
+// The last hour, every instance (from the committed journal).
+const LAST_HOUR = [
+  ['chats', 'Chats', (a) => String(a.chats)],
+  ['spend', 'Dépensé', (a) => formatMicros(a.spendMicros)],
+  ['topUps', 'Recharges', (a) => `${a.topUps} · ${formatMicros(a.topUpMicros)}`],
+  ['refunds', 'Remboursements', (a) => `${a.refunds} · ${formatMicros(a.refundMicros)}`],
+]
+
 class AdminPlatformElement extends HTMLElement {
   connectedCallback() {
     adoptStyles(this, STYLES)
     if (this.numbers) return
     this.numbers = h('dl', { class: 'platform__numbers' })
+    this.lastHour = h('dl', { class: 'platform__numbers platform__last-hour' })
     this.report = h('div', { class: 'platform__report', role: 'status' })
     const refresh = h('button', { type: 'button', class: 'platform__refresh' }, 'Actualiser')
     const reconcile = h('button', { type: 'button', class: 'platform__reconcile' }, 'Lancer la réconciliation')
     refresh.addEventListener('click', () => this.load())
     reconcile.addEventListener('click', () => this.reconcile(reconcile))
-    this.replaceChildren(h('h2', {}, 'Plateforme'), this.numbers, h('div', { class: 'platform__actions' }, refresh, reconcile), this.report)
+    this.replaceChildren(h('h2', {}, 'Plateforme'), this.numbers, h('h3', {}, 'Dernière heure'), this.lastHour, h('div', { class: 'platform__actions' }, refresh, reconcile), this.report)
     this.load()
   }
 
@@ -53,7 +64,13 @@ class AdminPlatformElement extends HTMLElement {
           h('div', { 'data-key': key, 'data-alarm': alarm(platform[key]) || null }, h('dt', {}, label), h('dd', {}, text(platform[key]))),
         ),
       )
+      this.lastHour.replaceChildren(
+        ...LAST_HOUR.map(([key, label, text]) =>
+          h('div', { 'data-key': key }, h('dt', {}, label), h('dd', {}, text(platform.lastHour))),
+        ),
+      )
     } catch (error) {
+      this.lastHour.replaceChildren()
       this.numbers.replaceChildren(h('p', { role: 'alert' }, `État indisponible : ${error.message}`))
     }
   }

@@ -82,6 +82,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "email_deliveries",
         include_str!("../../sql/0016_email_deliveries.sql"),
     ),
+    (
+        17,
+        "activity_by_time",
+        include_str!("../../sql/0017_activity_by_time.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

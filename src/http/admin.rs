@@ -499,9 +499,11 @@ async fn search(state: State, _: Operator, request: HttpRequest) -> Result<HttpR
     ))]
 async fn platform(state: State, _: Operator) -> Result<HttpResponse, ApiError> {
     let stats = state.engine.stats();
-    let ((events_pending, events_failed), (emails_pending, emails_failed)) = tokio::try_join!(
+    let since = state.engine.clock().now() - chrono::Duration::hours(1);
+    let ((events_pending, events_failed), (emails_pending, emails_failed), last_hour) = tokio::try_join!(
         async { Ok::<_, ApiError>(state.events.counts().await?) },
         async { Ok::<_, ApiError>(state.emails.counts().await?) },
+        async { Ok::<_, ApiError>(state.history.activity_since(since).await?) },
     )?;
     Ok(HttpResponse::Ok().json(super::views::PlatformView {
         database_up: state.health.database_up(),
@@ -513,6 +515,7 @@ async fn platform(state: State, _: Operator) -> Result<HttpResponse, ApiError> {
         events_failed,
         emails_pending,
         emails_failed,
+        last_hour: last_hour.into(),
     }))
 }
 

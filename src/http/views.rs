@@ -424,6 +424,38 @@ pub struct PlatformView {
     pub events_failed: i64,
     pub emails_pending: i64,
     pub emails_failed: i64,
+    /// What every account did in the last hour (all instances: from the
+    /// committed journal).
+    pub last_hour: ActivityView,
+}
+
+/// What every account did in a period, from the committed journal.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivityView {
+    /// Settled chats.
+    pub chats: i64,
+    /// What they cost.
+    pub spend_micros: i64,
+    /// Top-ups credited (Checkout and auto-recharge).
+    pub top_ups: i64,
+    pub top_up_micros: i64,
+    /// Refunds taken back.
+    pub refunds: i64,
+    pub refund_micros: i64,
+}
+
+impl From<crate::ledger::Activity> for ActivityView {
+    fn from(activity: crate::ledger::Activity) -> ActivityView {
+        ActivityView {
+            chats: activity.chats,
+            spend_micros: activity.spend_micros.get(),
+            top_ups: activity.top_ups,
+            top_up_micros: activity.top_up_micros.get(),
+            refunds: activity.refunds,
+            refund_micros: activity.refund_micros.get(),
+        }
+    }
 }
 
 /// A webhook delivery taken (or already taken: `duplicate`).

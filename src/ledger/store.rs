@@ -17,6 +17,17 @@ use crate::money::Micros;
 pub(crate) mod sql {
     /// An account's durable version (its balance row's).
     pub const DURABLE_VERSION: &str = "SELECT version FROM credit_balances WHERE user_id = $1";
+    /// Sums as numeric, cast back to bigint: an hour of micros cannot
+    /// reach 2^63 (a cast that would fails the query, never wraps).
+    pub const ACTIVITY_SINCE: &str = "SELECT
+         (SELECT count(*) FROM credit_usages WHERE created_at >= $1),
+         (SELECT COALESCE(sum(cost_micros), 0)::bigint FROM credit_usages WHERE created_at >= $1),
+         (SELECT count(*) FROM credit_transactions WHERE created_at >= $1 AND type = 'TOP_UP'),
+         (SELECT COALESCE(sum(amount_micros), 0)::bigint FROM credit_transactions
+           WHERE created_at >= $1 AND type = 'TOP_UP'),
+         (SELECT count(*) FROM credit_transactions WHERE created_at >= $1 AND type = 'REFUND'),
+         (SELECT COALESCE(sum(amount_micros), 0)::bigint FROM credit_transactions
+           WHERE created_at >= $1 AND type = 'REFUND')";
     /// Moves each balance row forward, only from the version its actor
     /// holds (fencing), and records this instance ($6) as its writer.
     /// Returns the user ids it moved, their new version, and whether the writer changed
@@ -201,6 +212,24 @@ pub struct LedgerHistory {
 impl LedgerHistory {
     pub fn new(pool: Pool) -> LedgerHistory {
         LedgerHistory { pool }
+    }
+
+    /// What every account did since `since`, from the committed journal:
+    /// chats and what they cost, top-ups and refunds with their amounts.
+    pub async fn activity_since(&self, since: DateTime<Utc>) -> Result<Activity, LedgerError> {
+        let client = client(&self.pool).await?;
+        let row = client
+            .query_one(sql::ACTIVITY_SINCE, &[&since])
+            .await
+            .map_err(DbError::from)?;
+        Ok(Activity {
+            chats: row.get(0),
+            spend_micros: Micros::new(row.get(1)),
+            top_ups: row.get(2),
+            top_up_micros: Micros::new(row.get(3)),
+            refunds: row.get(4),
+            refund_micros: Micros::new(row.get(5)),
+        })
     }
 
     /// Committed transactions, newest first, strictly before `before_seq`.

@@ -96,6 +96,22 @@ impl From<IdempotencyKey> for String {
     }
 }
 
+/// What every account did in a period, from the committed journal (the
+/// operator console's last hour).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    /// Settled chats (usages).
+    pub chats: i64,
+    /// What they cost, in micros of the ledger currency.
+    pub spend_micros: Micros,
+    /// Top-ups credited (Checkout and auto-recharge).
+    pub top_ups: i64,
+    pub top_up_micros: Micros,
+    /// Refunds taken back.
+    pub refunds: i64,
+    pub refund_micros: Micros,
+}
+
 /// Why money moved (the seed's `CreditTransactionType`, plus disputes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -252,3 +252,81 @@ async fn the_reconcile_report_is_clean_after_traffic() {
     assert_eq!(body["accountsChecked"], 5);
     assert_eq!(transaction_count(&app).await, 10, "the traffic was written");
 }
+
+#[actix::test]
+async fn the_platform_view_counts_the_last_hours_chats_spend_top_ups_and_refunds_and_nothing_older()
+{
+    use creditd::ledger::{HoldId, TransactionType, UsageCharge};
+    let app = spawn_app().await;
+    // Another instance on the same database: the view reads the journal,
+    // not this instance's memory.
+    let engine = app.db.engine_as(&app.settings, "instance-b");
+    let account = app.account("user_last_hour").await;
+    for (key, kind, amount) in [
+        ("hour-top-up-1", TransactionType::TopUp, 5_000_000),
+        ("hour-top-up-2", TransactionType::TopUp, 2_500_000),
+        ("hour-old-top-up", TransactionType::TopUp, 9_000_000),
+    ] {
+        engine
+            .credit(account, posting(key, kind, micros(amount)))
+            .await
+            .expect("credited");
+    }
+    engine
+        .debit(
+            account,
+            posting("hour-refund", TransactionType::Refund, micros(1_000_000)),
+        )
+        .await
+        .expect("refunded");
+    for cost in [120_000, 80_000] {
+        let hold = HoldId::generate();
+        engine
+            .admit(account, hold, micros(cost))
+            .await
+            .expect("held");
+        let charge = UsageCharge {
+            model: "claude-sonnet-4-5".into(),
+            tokens: creditd::pricing::TokenUsage {
+                input_tokens: 10,
+                output_tokens: 10,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
+            },
+            cost: micros(cost),
+            conversation_id: None,
+            message_id: None,
+            api_key: None,
+        };
+        engine.settle(account, hold, charge).await.expect("settled");
+    }
+    // One top-up from two hours ago is not the last hour's.
+    app.db
+        .client()
+        .await
+        .execute(
+            "UPDATE credit_transactions SET created_at = now() - interval '2 hours'
+              WHERE idempotency_key = 'hour-old-top-up'",
+            &[],
+        )
+        .await
+        .expect("aged");
+
+    let (status, view) = json_of(
+        app.admin(Method::GET, "/admin/platform")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(
+        view["lastHour"],
+        json!({
+            "chats": 2, "spendMicros": 200_000,
+            "topUps": 2, "topUpMicros": 7_500_000,
+            "refunds": 1, "refundMicros": 1_000_000,
+        })
+    );
+}
