@@ -700,6 +700,12 @@ async fn a_fast_chat_writes_its_hold_and_settlement_in_one_batch_as_one_finished
     // Long enough that the pause below (a provider answering) fits in it
     // even on a loaded machine.
     settings.journal.hold_delay_us = 2_000_000;
+    // The actor sends the held-back hold, then the settlement: the writer,
+    // woken by the hold, waits this long for what follows it, long enough
+    // for the actor's thread to be scheduled again on a loaded machine, and
+    // shorter than the provider's pause below, so that a hold sent at once
+    // still commits without its settlement.
+    settings.journal.batch_delay_us = 100_000;
     let engine = db.engine(&settings);
     let account = db.user("user_ledger_fast_chat").await;
     engine
@@ -712,7 +718,7 @@ async fn a_fast_chat_writes_its_hold_and_settlement_in_one_batch_as_one_finished
     let before = engine.writer().stats();
     let hold = HoldId::generate();
     engine.admit(account, hold, micros(300)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let settled = engine.settle(account, hold, charge(120)).await.unwrap();
     let after = engine.writer().stats();
 
