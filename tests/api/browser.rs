@@ -847,10 +847,15 @@ async fn demo_signs_in_grants_the_bonus_charges_a_chat_and_tops_up() {
             .ok()
             .and_then(|width| width.parse().ok())
             .unwrap_or(1100);
-        // Tall enough to show the whole page in one picture.
+        // Tall enough to show the whole page in one picture (a narrow
+        // window needs more: CREDITD_SCREENSHOT_HEIGHT).
+        let height = std::env::var("CREDITD_SCREENSHOT_HEIGHT")
+            .ok()
+            .and_then(|height| height.parse().ok())
+            .unwrap_or(2600);
         browser
             .client
-            .set_window_size(width, 2600)
+            .set_window_size(width, height)
             .await
             .expect("window size");
         browser.goto(&format!("{}/billing", demo.url)).await;
