@@ -84,6 +84,27 @@ pub struct Election {
     pub check: Duration,
 }
 
+/// A singleton's work loop: runs `round` again at once after a round
+/// that did something, after `poll` after an idle round or a failed one
+/// (logged as `what`'s). Never returns.
+pub async fn poll_rounds<F, Fut, E>(what: &str, poll: Duration, mut round: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<usize, E>>,
+    E: std::fmt::Display,
+{
+    loop {
+        match round().await {
+            Ok(0) => tokio::time::sleep(poll).await,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "{what} round failed; retrying");
+                tokio::time::sleep(poll).await;
+            }
+        }
+    }
+}
+
 impl Election {
     /// Runs `work()` whenever this instance holds `singleton`'s lock, and
     /// only then; never returns. `work` is started anew at each election

@@ -169,17 +169,12 @@ impl Sender {
 
     /// Sends rounds of emails for as long as it is elected.
     async fn rounds(&self) {
-        let poll = Duration::from_millis(self.settings.poll_interval_ms);
-        loop {
-            match self.round().await {
-                Ok(0) => tokio::time::sleep(poll).await,
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(error = %format!("{error:#}"), "email round failed; retrying");
-                    tokio::time::sleep(poll).await;
-                }
-            }
-        }
+        crate::db::singleton::poll_rounds(
+            "email",
+            Duration::from_millis(self.settings.poll_interval_ms),
+            || self.round(),
+        )
+        .await;
     }
 
     /// Looks at the due head delivery of up to `ROUND_SIZE` accounts, one

@@ -140,17 +140,12 @@ impl Sender {
 
     /// Delivers rounds of events for as long as it is elected.
     async fn rounds(&self) {
-        let poll = Duration::from_millis(self.settings.poll_interval_ms);
-        loop {
-            match self.round().await {
-                Ok(0) => tokio::time::sleep(poll).await,
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "event delivery round failed; retrying");
-                    tokio::time::sleep(poll).await;
-                }
-            }
-        }
+        crate::db::singleton::poll_rounds(
+            "event delivery",
+            Duration::from_millis(self.settings.poll_interval_ms),
+            || self.round(),
+        )
+        .await;
     }
 
     /// Delivers the due head event of up to `concurrency` accounts; returns

@@ -207,17 +207,12 @@ impl Worker {
 
     /// Runs rounds of due jobs for as long as it is elected.
     async fn rounds(&self) {
-        let poll = Duration::from_millis(self.settings.followup_poll_interval_ms);
-        loop {
-            match self.round().await {
-                Ok(0) => tokio::time::sleep(poll).await,
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "top-up follow-up round failed; retrying");
-                    tokio::time::sleep(poll).await;
-                }
-            }
-        }
+        crate::db::singleton::poll_rounds(
+            "top-up follow-up",
+            Duration::from_millis(self.settings.followup_poll_interval_ms),
+            || self.round(),
+        )
+        .await;
     }
 
     /// Runs the due jobs, up to `followup_batch`; returns how many.
