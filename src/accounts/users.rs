@@ -24,6 +24,9 @@ mod sql {
             AND (stripe_subscription_event_at IS NULL OR stripe_subscription_event_at <= $4)
             AND ($5 = false OR stripe_subscription_id IS NULL OR stripe_subscription_id = $6)";
     pub const CUSTOMER_KNOWN: &str = "SELECT 1 FROM users WHERE stripe_customer_id = $1";
+    /// A transaction lock per Clerk id, in a key space of its own (the
+    /// two-key form never meets the singletons' one-key locks).
+    pub const LOCK_PROFILE: &str = "SELECT pg_advisory_xact_lock(1329, hashtext($1))";
     pub const UPSERT_PROFILE: &str =
         "INSERT INTO users (clerk_id, email, name, image_url, email_hash, signed_up_at)
          VALUES ($1, $2, $3, $4, $5, $7)
@@ -244,6 +247,14 @@ pub async fn upsert_profile(
     profile: Profile<'_>,
     created: bool,
 ) -> Result<AccountId, DbError> {
+    // Deliveries of one new user's events insert at once: ON CONFLICT
+    // settles the Clerk id, but the email's unique index is no arbiter, and
+    // a racing insert of the same address fails there. One at a time per
+    // user (until the caller's transaction ends), the later ones find the
+    // row and update it.
+    client
+        .execute(sql::LOCK_PROFILE, &[&profile.clerk_id.as_str()])
+        .await?;
     let row = client
         .query_one(
             sql::UPSERT_PROFILE,
