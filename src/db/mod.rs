@@ -87,6 +87,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "activity_by_time",
         include_str!("../../sql/0017_activity_by_time.sql"),
     ),
+    (
+        18,
+        "grants_updated_in_place",
+        include_str!("../../sql/0018_grants_updated_in_place.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

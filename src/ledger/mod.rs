@@ -31,6 +31,8 @@ pub use actor::{
 pub use directory::{Directory, Eviction, ResidentView};
 pub use engine::{Engine, EngineStats};
 pub use journal::{JournalHealth, JournalStats, WriterHandle};
+/// The journal writer's session and statements, for the checks of their plans.
+pub use store::sql::{Journal, JOURNAL, WRITER_SESSION};
 /// The read API of the ledger's history: by account, newest first, either
 /// on its own connection ([`LedgerHistory`]) or on a caller's connection
 /// beside other reads of one page (the `_page` functions).

@@ -110,7 +110,7 @@ pub(crate) fn events_of(
     let mut events = Vec::new();
     let mut push = |kind: EventType, data: EventData| {
         events.push(OutgoingEvent {
-            id: Uuid::new_v4(),
+            id: row_id(),
             kind,
             data,
             created_at: now,

@@ -576,7 +576,7 @@ impl AccountState {
         self.grant_writes.push(write);
         self.grants.retain(|g| g.remaining_micros.is_positive());
         let record = TransactionRecord {
-            id: Uuid::new_v4(),
+            id: row_id(),
             seq,
             kind: TransactionType::Expired,
             direction: Direction::Debit,
@@ -638,7 +638,7 @@ impl AccountState {
             Direction::Debit => before.checked_sub(posting.amount),
         }
         .map_err(|_| out_of_range())?;
-        let id = Uuid::new_v4();
+        let id = row_id();
         let seq = self.next_seq();
         let paid_by = match direction {
             Direction::Credit => {
@@ -703,7 +703,7 @@ impl AccountState {
     fn grant(&mut self, posting: &Posting, id: Uuid, seq: i64, now: DateTime<Utc>) {
         let repaid = self.debt().min(posting.amount);
         let grant = GrantRecord {
-            id: Uuid::new_v4(),
+            id: row_id(),
             kind: GrantKind::of_credit(posting.kind),
             amount_micros: posting.amount,
             remaining_micros: Micros::new(posting.amount.get() - repaid.get()),
@@ -872,7 +872,7 @@ impl AccountState {
         }
         let usage = UsageRecord {
             paid_by,
-            id: Uuid::new_v4(),
+            id: row_id(),
             seq,
             hold_id,
             model: charge.model.clone(),

@@ -28,6 +28,17 @@ pub(crate) mod sql {
          (SELECT count(*) FROM credit_transactions WHERE created_at >= $1 AND type = 'REFUND'),
          (SELECT COALESCE(sum(amount_micros), 0)::bigint FROM credit_transactions
            WHERE created_at >= $1 AND type = 'REFUND')";
+    /// The journal writer's session. Its statements are planned once per
+    /// connection (a generic plan), not at every batch: planning them was
+    /// a third of PostgreSQL's time per chat. A generic plan is made for
+    /// whatever size the tables have then (empty, on a new deployment),
+    /// and kept as they grow, so the plans that would suit a small table
+    /// are switched off: every statement of the writer looks rows up by
+    /// key, as nested loops over the batch's keys probing an index
+    /// (`tests/api/ledger/plans.rs` checks each plan on an empty database).
+    pub const WRITER_SESSION: &str = "SET plan_cache_mode = force_generic_plan;
+        SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off";
+
     /// Moves each balance row forward, only from the version its actor
     /// holds (fencing), and records this instance ($6) as its writer.
     /// Returns the user ids it moved, their new version, and whether the writer changed
@@ -105,13 +116,15 @@ pub(crate) mod sql {
         RETURNING id, user_id";
 
     /// Finishes active holds of their own account; the writer checks, per
-    /// account, that every one matched.
+    /// account, that every one matched. Active is said as `finished_seq IS
+    /// NULL` (the same, by the table's CHECK): `status = 'ACTIVE'` would
+    /// let the planner read every active hold through the partial index.
     pub const FINISH_HOLDS: &str = "
         UPDATE credit_holds AS h
            SET status = f.status, finished_seq = f.seq, finished_at = f.at
           FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
                AS f(id, user_id, status, seq, at)
-         WHERE h.id = f.id AND h.user_id = f.user_id AND h.status = 'ACTIVE'
+         WHERE h.id = f.id AND h.user_id = f.user_id AND h.finished_seq IS NULL
         RETURNING h.id, h.user_id";
 
     /// New grants, and the remaining amount of grants an entry spent from
@@ -175,6 +188,62 @@ pub(crate) mod sql {
 
     /// Undoes a refused account's events inside the batch's transaction.
     pub const UNDO_EVENTS: &str = "DELETE FROM outgoing_events WHERE id = ANY($1::uuid[])";
+
+    /// One statement of the journal writer, named for the plan checks.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Journal {
+        pub name: &'static str,
+        pub sql: &'static str,
+    }
+
+    /// Every statement the journal writer prepares, in the order
+    /// `Statements::prepare` takes them.
+    pub const JOURNAL: [Journal; 11] = [
+        Journal {
+            name: "update_balances",
+            sql: UPDATE_BALANCES,
+        },
+        Journal {
+            name: "insert_transactions",
+            sql: INSERT_TRANSACTIONS,
+        },
+        Journal {
+            name: "insert_holds",
+            sql: INSERT_HOLDS,
+        },
+        Journal {
+            name: "insert_usages",
+            sql: INSERT_USAGES,
+        },
+        Journal {
+            name: "finish_holds",
+            sql: FINISH_HOLDS,
+        },
+        Journal {
+            name: "undo_accounts",
+            sql: UNDO_ACCOUNTS,
+        },
+        Journal {
+            name: "insert_events",
+            sql: INSERT_EVENTS,
+        },
+        Journal {
+            name: "undo_events",
+            sql: UNDO_EVENTS,
+        },
+        Journal {
+            name: "upsert_grants",
+            sql: UPSERT_GRANTS,
+        },
+        Journal {
+            name: "undo_grants",
+            sql: UNDO_GRANTS,
+        },
+        Journal {
+            name: "notify_accounts",
+            sql: NOTIFY_ACCOUNTS,
+        },
+    ];
 }
 
 /// A database failure as the engine reports it, classified by `DbError`:

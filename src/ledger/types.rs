@@ -21,8 +21,17 @@ pub struct HoldId(pub Uuid);
 
 impl HoldId {
     pub fn generate() -> HoldId {
-        HoldId(Uuid::new_v4())
+        HoldId(row_id())
     }
+}
+
+/// A new id for a row of the journal's tables (holds, usages,
+/// transactions, grants, events): time-ordered (UUID version 7), so each
+/// table's primary key and `hold_id` index grow at their right edge, where
+/// PostgreSQL inserts without descending the tree and touches few pages,
+/// instead of at a random leaf each time. 74 bits stay random.
+pub fn row_id() -> Uuid {
+    Uuid::now_v7()
 }
 
 impl fmt::Display for HoldId {

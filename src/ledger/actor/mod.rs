@@ -511,7 +511,7 @@ fn opening_grant(balance: Micros, now: DateTime<Utc>) -> Vec<GrantRecord> {
         return Vec::new();
     }
     vec![GrantRecord {
-        id: uuid::Uuid::new_v4(),
+        id: crate::ledger::row_id(),
         kind: GrantKind::Paid,
         amount_micros: balance,
         remaining_micros: balance,

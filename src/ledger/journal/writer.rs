@@ -377,11 +377,8 @@ impl LaneShared {
             .connect()
             .await
             .map_err(|e| WriteError::Connection(format!("cannot connect: {e}")))?;
-        // A generic plan made while the journal tables were small (a new
-        // deployment) keeps seq-scanning them as they grow; planning each
-        // batch's statements for the tables as they are costs far less.
         client
-            .batch_execute("SET plan_cache_mode = force_custom_plan")
+            .batch_execute(crate::ledger::store::sql::WRITER_SESSION)
             .await
             .map_err(|e| WriteError::Connection(format!("cannot configure: {e}")))?;
         let statements = Statements::prepare(&client)
@@ -451,41 +448,47 @@ impl Group {
 }
 
 impl Statements {
+    /// Prepares the journal's statements (`sql::JOURNAL`), pipelined.
     async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        let [update_balances, insert_transactions, insert_holds, insert_usages, finish_holds, undo_accounts, insert_events, undo_events, upsert_grants, undo_grants, notify_accounts] =
+            crate::ledger::store::sql::JOURNAL.map(|statement| statement.sql);
+        let (
+            update_balances,
+            insert_transactions,
+            insert_holds,
+            insert_usages,
+            finish_holds,
+            undo_accounts,
+            insert_events,
+            undo_events,
+            upsert_grants,
+            undo_grants,
+            notify_accounts,
+        ) = tokio::try_join!(
+            client.prepare(update_balances),
+            client.prepare(insert_transactions),
+            client.prepare(insert_holds),
+            client.prepare(insert_usages),
+            client.prepare(finish_holds),
+            client.prepare(undo_accounts),
+            client.prepare(insert_events),
+            client.prepare(undo_events),
+            client.prepare(upsert_grants),
+            client.prepare(undo_grants),
+            client.prepare(notify_accounts),
+        )?;
         Ok(Statements {
-            update_balances: client
-                .prepare(crate::ledger::store::sql::UPDATE_BALANCES)
-                .await?,
-            insert_transactions: client
-                .prepare(crate::ledger::store::sql::INSERT_TRANSACTIONS)
-                .await?,
-            insert_holds: client
-                .prepare(crate::ledger::store::sql::INSERT_HOLDS)
-                .await?,
-            insert_usages: client
-                .prepare(crate::ledger::store::sql::INSERT_USAGES)
-                .await?,
-            finish_holds: client
-                .prepare(crate::ledger::store::sql::FINISH_HOLDS)
-                .await?,
-            undo_accounts: client
-                .prepare(crate::ledger::store::sql::UNDO_ACCOUNTS)
-                .await?,
-            insert_events: client
-                .prepare(crate::ledger::store::sql::INSERT_EVENTS)
-                .await?,
-            undo_events: client
-                .prepare(crate::ledger::store::sql::UNDO_EVENTS)
-                .await?,
-            upsert_grants: client
-                .prepare(crate::ledger::store::sql::UPSERT_GRANTS)
-                .await?,
-            undo_grants: client
-                .prepare(crate::ledger::store::sql::UNDO_GRANTS)
-                .await?,
-            notify_accounts: client
-                .prepare(crate::ledger::store::sql::NOTIFY_ACCOUNTS)
-                .await?,
+            update_balances,
+            insert_transactions,
+            insert_holds,
+            insert_usages,
+            finish_holds,
+            undo_accounts,
+            insert_events,
+            undo_events,
+            upsert_grants,
+            undo_grants,
+            notify_accounts,
         })
     }
 }

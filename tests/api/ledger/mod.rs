@@ -4,6 +4,7 @@
 mod actors;
 mod holds;
 mod journal;
+mod plans;
 mod postings;
 
 use std::time::Duration;
