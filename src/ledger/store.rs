@@ -36,8 +36,12 @@ pub(crate) mod sql {
     /// are switched off: every statement of the writer looks rows up by
     /// key, as nested loops over the batch's keys probing an index
     /// (`tests/api/ledger/plans.rs` checks each plan on an empty database).
+    /// Read-only unless a batch's `BEGIN READ WRITE` opened its
+    /// transaction: a statement that ran outside it is refused, not
+    /// committed alone.
     pub const WRITER_SESSION: &str = "SET plan_cache_mode = force_generic_plan;
-        SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off";
+        SET enable_seqscan = off; SET enable_hashjoin = off; SET enable_mergejoin = off;
+        SET default_transaction_read_only = on";
 
     /// Moves each balance row forward, only from the version its actor
     /// holds (fencing), and records this instance ($6) as its writer.

@@ -396,22 +396,45 @@ impl Columns {
 /// Writes the groups of one batch in one transaction, in its phases: the
 /// balance rows move (an account whose row moved elsewhere is fenced), the
 /// rows of the others are inserted, and an account with fewer rows written
-/// than sent is undone before the commit.
+/// than sent is undone before the commit. A batch that fails is rolled
+/// back before the connection writes another.
 pub(super) async fn write_groups(
     connection: &mut WriterConnection,
     groups: &[Group],
     instance: &InstanceId,
 ) -> Result<Written, tokio_postgres::Error> {
-    let statements = &connection.statements;
-    let tx = connection.client.transaction().await?;
-    let updated = update_balances(&tx, statements, groups, instance).await?;
+    let client = &connection.client;
+    let outcome = write_in_transaction(client, &connection.statements, groups, instance).await;
+    if outcome.is_err() && !client.is_closed() {
+        // A rollback that fails leaves the connection unusable: its error
+        // is the one the caller sees, and the connection is dropped.
+        client.batch_execute("ROLLBACK").await?;
+    }
+    outcome
+}
+
+/// The transaction of `write_groups`. `BEGIN` goes out with the balance
+/// update, in one round trip: the writer's session is read-only by
+/// default (`sql::WRITER_SESSION`), so an update that ran without the
+/// transaction (a `BEGIN` refused) would be refused too, never committed
+/// alone.
+async fn write_in_transaction(
+    client: &Client,
+    statements: &Statements,
+    groups: &[Group],
+    instance: &InstanceId,
+) -> Result<Written, tokio_postgres::Error> {
+    let ((), updated) = tokio::try_join!(
+        client.batch_execute("BEGIN READ WRITE"),
+        update_balances(client, statements, groups, instance),
+    )?;
     let mut written = Written::default();
     let columns = columns_of(groups, &updated, &mut written);
-    let inserted = insert_rows(&tx, statements, &columns).await?;
+    let inserted = insert_rows(client, statements, &columns).await?;
     let refused = refused_accounts(&columns, &inserted);
     if !refused.is_empty() {
         undo(
-            &tx,
+            client,
             statements,
             groups,
             &refused,
@@ -429,11 +452,11 @@ pub(super) async fn write_groups(
             .filter(|(_, user)| refused.contains(user))
             .map(|(id, _)| *id)
             .collect();
-        tx.execute(&statements.undo_events, &[&undone]).await?;
-        undo_grants(&tx, statements, &columns, &refused).await?;
+        client.execute(&statements.undo_events, &[&undone]).await?;
+        undo_grants(client, statements, &columns, &refused).await?;
         written.refused.extend(refused.into_iter().map(AccountId));
     }
-    tx.commit().await?;
+    client.batch_execute("COMMIT").await?;
     Ok(written)
 }
 
@@ -442,7 +465,7 @@ pub(super) async fn write_groups(
 /// over (delivered at the commit, and only if it commits): the accounts
 /// whose row was at the expected version. The others are fenced.
 async fn update_balances(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     groups: &[Group],
     instance: &InstanceId,
@@ -464,7 +487,7 @@ async fn update_balances(
     }
     let mut updated = HashSet::with_capacity(groups.len());
     let mut moved = Vec::new();
-    for row in tx
+    for row in client
         .query(
             &statements.update_balances,
             &[
@@ -486,7 +509,9 @@ async fn update_balances(
     }
     // Delivered at the commit, and only if it commits.
     for payload in cluster::payloads(instance, &moved) {
-        tx.execute(&statements.notify_accounts, &[&payload]).await?;
+        client
+            .execute(&statements.notify_accounts, &[&payload])
+            .await?;
     }
     Ok(updated)
 }
@@ -525,17 +550,17 @@ struct Inserted {
 /// this order by the server: holds exist before usages reference them and
 /// before they finish.
 async fn insert_rows(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     columns: &Columns,
 ) -> Result<Inserted, tokio_postgres::Error> {
     let (holds, transactions, usages, finished, grants, events) = tokio::try_join!(
-        insert_holds(tx, statements, columns),
-        insert_transactions(tx, statements, columns),
-        insert_usages(tx, statements, columns),
-        finish_holds(tx, statements, columns),
-        upsert_grants(tx, statements, columns),
-        insert_events(tx, statements, columns),
+        insert_holds(client, statements, columns),
+        insert_transactions(client, statements, columns),
+        insert_usages(client, statements, columns),
+        finish_holds(client, statements, columns),
+        upsert_grants(client, statements, columns),
+        insert_events(client, statements, columns),
     )?;
     Ok(Inserted {
         holds: written_rows(&holds)?,
@@ -549,170 +574,176 @@ async fn insert_rows(
 
 /// The holds placed (a hold finished in the same batch is inserted finished).
 async fn insert_holds(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.hold_id.is_empty() {
         return Ok(Vec::new());
     }
-    tx.query(
-        &statements.insert_holds,
-        &[
-            &columns.hold_id,
-            &columns.hold_user,
-            &columns.hold_seq,
-            &columns.hold_amount,
-            &columns.hold_status,
-            &columns.hold_created,
-            &columns.hold_expires,
-            &columns.hold_finished_seq,
-            &columns.hold_finished_at,
-            &columns.hold_api_key,
-        ],
-    )
-    .await
+    client
+        .query(
+            &statements.insert_holds,
+            &[
+                &columns.hold_id,
+                &columns.hold_user,
+                &columns.hold_seq,
+                &columns.hold_amount,
+                &columns.hold_status,
+                &columns.hold_created,
+                &columns.hold_expires,
+                &columns.hold_finished_seq,
+                &columns.hold_finished_at,
+                &columns.hold_api_key,
+            ],
+        )
+        .await
 }
 
 /// The credits and debits.
 async fn insert_transactions(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.tx_id.is_empty() {
         return Ok(Vec::new());
     }
-    tx.query(
-        &statements.insert_transactions,
-        &[
-            &columns.tx_id,
-            &columns.tx_user,
-            &columns.tx_seq,
-            &columns.tx_type,
-            &columns.tx_direction,
-            &columns.tx_amount,
-            &columns.tx_key,
-            &columns.tx_description,
-            &columns.tx_session,
-            &columns.tx_payment,
-            &columns.tx_before,
-            &columns.tx_after,
-            &columns.tx_metadata,
-            &columns.tx_created,
-            &columns.tx_paid_by,
-        ],
-    )
-    .await
+    client
+        .query(
+            &statements.insert_transactions,
+            &[
+                &columns.tx_id,
+                &columns.tx_user,
+                &columns.tx_seq,
+                &columns.tx_type,
+                &columns.tx_direction,
+                &columns.tx_amount,
+                &columns.tx_key,
+                &columns.tx_description,
+                &columns.tx_session,
+                &columns.tx_payment,
+                &columns.tx_before,
+                &columns.tx_after,
+                &columns.tx_metadata,
+                &columns.tx_created,
+                &columns.tx_paid_by,
+            ],
+        )
+        .await
 }
 
 /// The usages.
 async fn insert_usages(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.use_id.is_empty() {
         return Ok(Vec::new());
     }
-    tx.query(
-        &statements.insert_usages,
-        &[
-            &columns.use_id,
-            &columns.use_user,
-            &columns.use_seq,
-            &columns.use_hold,
-            &columns.use_model,
-            &columns.use_input,
-            &columns.use_output,
-            &columns.use_cache_read,
-            &columns.use_cache_write,
-            &columns.use_cost,
-            &columns.use_held,
-            &columns.use_conversation,
-            &columns.use_message,
-            &columns.use_before,
-            &columns.use_after,
-            &columns.use_created,
-            &columns.use_paid_by,
-            &columns.use_api_key,
-        ],
-    )
-    .await
+    client
+        .query(
+            &statements.insert_usages,
+            &[
+                &columns.use_id,
+                &columns.use_user,
+                &columns.use_seq,
+                &columns.use_hold,
+                &columns.use_model,
+                &columns.use_input,
+                &columns.use_output,
+                &columns.use_cache_read,
+                &columns.use_cache_write,
+                &columns.use_cost,
+                &columns.use_held,
+                &columns.use_conversation,
+                &columns.use_message,
+                &columns.use_before,
+                &columns.use_after,
+                &columns.use_created,
+                &columns.use_paid_by,
+                &columns.use_api_key,
+            ],
+        )
+        .await
 }
 
 /// The holds finished that an earlier batch placed.
 async fn finish_holds(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.fin_id.is_empty() {
         return Ok(Vec::new());
     }
-    tx.query(
-        &statements.finish_holds,
-        &[
-            &columns.fin_id,
-            &columns.fin_user,
-            &columns.fin_status,
-            &columns.fin_seq,
-            &columns.fin_at,
-        ],
-    )
-    .await
+    client
+        .query(
+            &statements.finish_holds,
+            &[
+                &columns.fin_id,
+                &columns.fin_user,
+                &columns.fin_status,
+                &columns.fin_seq,
+                &columns.fin_at,
+            ],
+        )
+        .await
 }
 
 /// The outgoing events.
 async fn insert_events(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.ev_id.is_empty() {
         return Ok(Vec::new());
     }
-    tx.query(
-        &statements.insert_events,
-        &[
-            &columns.ev_id,
-            &columns.ev_user,
-            &columns.ev_seq,
-            &columns.ev_ordinal,
-            &columns.ev_type,
-            &columns.ev_data,
-            &columns.ev_created,
-        ],
-    )
-    .await
+    client
+        .query(
+            &statements.insert_events,
+            &[
+                &columns.ev_id,
+                &columns.ev_user,
+                &columns.ev_seq,
+                &columns.ev_ordinal,
+                &columns.ev_type,
+                &columns.ev_data,
+                &columns.ev_created,
+            ],
+        )
+        .await
 }
 
 /// The grant rows made or spent from.
 async fn upsert_grants(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.grant_id.is_empty() {
         return Ok(Vec::new());
     }
-    tx.query(
-        &statements.upsert_grants,
-        &[
-            &columns.grant_id,
-            &columns.grant_user,
-            &columns.grant_kind,
-            &columns.grant_amount,
-            &columns.grant_remaining,
-            &columns.grant_expires,
-            &columns.grant_source,
-            &columns.grant_payment,
-            &columns.grant_transaction,
-            &columns.grant_seq,
-            &columns.grant_created,
-        ],
-    )
-    .await
+    client
+        .query(
+            &statements.upsert_grants,
+            &[
+                &columns.grant_id,
+                &columns.grant_user,
+                &columns.grant_kind,
+                &columns.grant_amount,
+                &columns.grant_remaining,
+                &columns.grant_expires,
+                &columns.grant_source,
+                &columns.grant_payment,
+                &columns.grant_transaction,
+                &columns.grant_seq,
+                &columns.grant_created,
+            ],
+        )
+        .await
 }
 
 /// The accounts with fewer rows written than sent: a row of theirs was
@@ -752,7 +783,7 @@ fn refused_accounts(columns: &Columns, inserted: &Inserted) -> HashSet<i64> {
 /// Puts a refused account's grant rows back: those this batch inserted
 /// are deleted, the others get their remaining amount from before it.
 async fn undo_grants(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     columns: &Columns,
     refused: &HashSet<i64>,
@@ -779,11 +810,12 @@ async fn undo_grants(
     if new_ids.is_empty() && old_ids.is_empty() {
         return Ok(());
     }
-    tx.execute(
-        &statements.undo_grants,
-        &[&new_ids, &new_users, &old_ids, &old_users, &old_remaining],
-    )
-    .await?;
+    client
+        .execute(
+            &statements.undo_grants,
+            &[&new_ids, &new_users, &old_ids, &old_users, &old_remaining],
+        )
+        .await?;
     Ok(())
 }
 
@@ -799,7 +831,7 @@ fn written_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<(Uuid, i64)>, tokio_
 /// be an older row of the same account), their finished holds, and their
 /// balance rows, put back to their amounts and version before the batch.
 async fn undo(
-    tx: &tokio_postgres::Transaction<'_>,
+    client: &Client,
     statements: &Statements,
     groups: &[Group],
     refused: &HashSet<i64>,
@@ -824,20 +856,21 @@ async fn undo(
         balances.push(first.balance_before);
         helds.push(first.held_before);
     }
-    tx.execute(
-        &statements.undo_accounts,
-        &[
-            &ids(holds),
-            &ids(transactions),
-            &ids(usages),
-            &ids(finished),
-            &users,
-            &versions,
-            &balances,
-            &helds,
-        ],
-    )
-    .await?;
+    client
+        .execute(
+            &statements.undo_accounts,
+            &[
+                &ids(holds),
+                &ids(transactions),
+                &ids(usages),
+                &ids(finished),
+                &users,
+                &versions,
+                &balances,
+                &helds,
+            ],
+        )
+        .await?;
     Ok(())
 }
 

@@ -878,3 +878,67 @@ async fn a_lone_operation_commits_at_once_instead_of_waiting_out_the_gathering_d
     assert_eq!(settled.record.held_micros, micros(300));
     db.reconcile_is_clean().await;
 }
+
+#[actix::test]
+async fn a_batch_the_database_refuses_as_a_whole_is_rolled_back_and_its_connection_writes_the_next_one(
+) {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    // One connection: the next batch is written where the refused one was.
+    settings.journal.writers = 1;
+    settings.journal.pipeline_depth = 1;
+    let engine = Arc::new(db.engine(&settings));
+    let refused = db.user("user_batch_refused_whole").await;
+    let next = db.user("user_batch_after_refusal").await;
+    // A refusal the writer's own checks cannot foresee: the whole
+    // statement fails, not one row.
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION refuse_key() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.idempotency_key = 'refused-by-trigger' THEN
+                 RAISE EXCEPTION 'refused by the test';
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_key BEFORE INSERT ON credit_transactions
+               FOR EACH ROW EXECUTE FUNCTION refuse_key();",
+        )
+        .await
+        .unwrap();
+    let error = engine
+        .credit(
+            refused,
+            posting("refused-by-trigger", TransactionType::TopUp, micros(500)),
+        )
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("not committed"), "{error}");
+    for account in [next, refused] {
+        engine
+            .credit(
+                account,
+                posting("after-the-refusal", TransactionType::TopUp, micros(700)),
+            )
+            .await
+            .unwrap();
+    }
+    let client = db.client().await;
+    for account in [next, refused] {
+        let row = client
+            .query_one(
+                "SELECT b.balance_micros,
+                        (SELECT count(*) FROM credit_transactions t WHERE t.user_id = b.user_id)
+                   FROM credit_balances b WHERE b.user_id = $1",
+                &[&account.0],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+            (700, 1),
+            "account {account:?}: only the credit after the refusal is durable"
+        );
+    }
+}

@@ -121,3 +121,37 @@ async fn the_columns_each_batch_rewrites_are_in_no_index_so_their_updates_stay_o
     }
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+#[actix::test]
+async fn outside_a_batch_transaction_the_writers_session_refuses_every_journal_statement() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client.batch_execute(WRITER_SESSION).await.unwrap();
+    let mut written = Vec::new();
+    // The notification writes no row: sent alone, it would only make the
+    // other instances drop a copy, which is always safe.
+    for statement in JOURNAL.iter().filter(|s| s.name != "notify_accounts") {
+        let nulls = vec!["NULL"; parameters(statement.sql)].join(", ");
+        client
+            .batch_execute(&format!("PREPARE {} AS {}", statement.name, statement.sql))
+            .await
+            .unwrap();
+        match client
+            .batch_execute(&format!("EXECUTE {}({nulls})", statement.name))
+            .await
+        {
+            Err(error)
+                if error.code()
+                    == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) => {}
+            other => written.push(format!("{}: {other:?}", statement.name)),
+        }
+    }
+    assert!(written.is_empty(), "{written:#?}");
+    // Inside one, they run.
+    client.batch_execute("BEGIN READ WRITE").await.unwrap();
+    client
+        .batch_execute("EXECUTE update_balances(NULL, NULL, NULL, NULL, NULL, NULL)")
+        .await
+        .unwrap();
+    client.batch_execute("ROLLBACK").await.unwrap();
+}
