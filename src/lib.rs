@@ -24,6 +24,13 @@
 //! - [`api_keys`]: the gateway's API keys (`/v1/*`): made, listed, revoked, presented.
 //! - [`operators`]: who an operator is, and the record of what operators did.
 
+/// The allocator of every binary built on this crate (the service, its
+/// tests and benches): requests, actors and the journal writer allocate
+/// on one thread and free on another, which glibc's allocator pays for
+/// in locks and consolidation (the chat path's profile, BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod accounts;
 pub mod api_keys;
 pub mod app;
