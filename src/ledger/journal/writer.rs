@@ -448,47 +448,23 @@ impl Group {
 }
 
 impl Statements {
-    /// Prepares the journal's statements (`sql::JOURNAL`), pipelined.
+    /// Prepares the journal's statements (`sql::JOURNAL`), once per
+    /// connection.
     async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         let [update_balances, insert_transactions, insert_holds, insert_usages, finish_holds, undo_accounts, insert_events, undo_events, upsert_grants, undo_grants, notify_accounts] =
-            crate::ledger::store::sql::JOURNAL.map(|statement| statement.sql);
-        let (
-            update_balances,
-            insert_transactions,
-            insert_holds,
-            insert_usages,
-            finish_holds,
-            undo_accounts,
-            insert_events,
-            undo_events,
-            upsert_grants,
-            undo_grants,
-            notify_accounts,
-        ) = tokio::try_join!(
-            client.prepare(update_balances),
-            client.prepare(insert_transactions),
-            client.prepare(insert_holds),
-            client.prepare(insert_usages),
-            client.prepare(finish_holds),
-            client.prepare(undo_accounts),
-            client.prepare(insert_events),
-            client.prepare(undo_events),
-            client.prepare(upsert_grants),
-            client.prepare(undo_grants),
-            client.prepare(notify_accounts),
-        )?;
+            crate::ledger::store::sql::JOURNAL.map(|statement| client.prepare(statement.sql));
         Ok(Statements {
-            update_balances,
-            insert_transactions,
-            insert_holds,
-            insert_usages,
-            finish_holds,
-            undo_accounts,
-            insert_events,
-            undo_events,
-            upsert_grants,
-            undo_grants,
-            notify_accounts,
+            update_balances: update_balances.await?,
+            insert_transactions: insert_transactions.await?,
+            insert_holds: insert_holds.await?,
+            insert_usages: insert_usages.await?,
+            finish_holds: finish_holds.await?,
+            undo_accounts: undo_accounts.await?,
+            insert_events: insert_events.await?,
+            undo_events: undo_events.await?,
+            upsert_grants: upsert_grants.await?,
+            undo_grants: undo_grants.await?,
+            notify_accounts: notify_accounts.await?,
         })
     }
 }

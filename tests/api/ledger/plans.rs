@@ -3,7 +3,7 @@
 //! kept as they grow (checked on an empty database, where a plan that
 //! suits small tables would show); updates that stay on their page.
 
-use creditd::ledger::{JOURNAL, WRITER_SESSION};
+use creditd::ledger::{Journal, JOURNAL, WRITER_SESSION};
 use serde_json::Value;
 
 use crate::support::*;
@@ -31,16 +31,28 @@ fn unkeyed_scans(plan: &Value, found: &mut Vec<String>) {
     }
 }
 
-/// The highest `$n` of a statement.
-fn parameters(sql: &str) -> usize {
-    sql.split('$')
+/// Prepares `statement` under its name on `client`; returns how to
+/// execute it with every parameter NULL.
+async fn prepared(client: &tokio_postgres::Client, statement: &Journal) -> String {
+    client
+        .batch_execute(&format!("PREPARE {} AS {}", statement.name, statement.sql))
+        .await
+        .unwrap();
+    let parameters = statement
+        .sql
+        .split('$')
         .skip(1)
         .filter_map(|rest| {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
+            digits.parse::<usize>().ok()
         })
         .max()
-        .unwrap_or(0)
+        .unwrap_or(0);
+    format!(
+        "EXECUTE {}({})",
+        statement.name,
+        vec!["NULL"; parameters].join(", ")
+    )
 }
 
 #[actix::test]
@@ -50,12 +62,10 @@ async fn every_journal_statement_planned_once_on_empty_tables_looks_rows_up_by_k
     client.batch_execute(WRITER_SESSION).await.unwrap();
     let mut problems = Vec::new();
     for statement in JOURNAL {
-        client
-            .batch_execute(&format!("PREPARE {} AS {}", statement.name, statement.sql))
-            .await
-            .unwrap();
-        let nulls = vec!["NULL"; parameters(statement.sql)].join(", ");
-        let explain = format!("EXPLAIN (FORMAT JSON) EXECUTE {}({nulls})", statement.name);
+        let explain = format!(
+            "EXPLAIN (FORMAT JSON) {}",
+            prepared(&client, &statement).await
+        );
         let row = client.query_one(&explain, &[]).await.unwrap();
         let plan: Value = row.get(0);
         let mut found = Vec::new();
@@ -131,15 +141,8 @@ async fn outside_a_batch_transaction_the_writers_session_refuses_every_journal_s
     // The notification writes no row: sent alone, it would only make the
     // other instances drop a copy, which is always safe.
     for statement in JOURNAL.iter().filter(|s| s.name != "notify_accounts") {
-        let nulls = vec!["NULL"; parameters(statement.sql)].join(", ");
-        client
-            .batch_execute(&format!("PREPARE {} AS {}", statement.name, statement.sql))
-            .await
-            .unwrap();
-        match client
-            .batch_execute(&format!("EXECUTE {}({nulls})", statement.name))
-            .await
-        {
+        let execute = prepared(&client, statement).await;
+        match client.batch_execute(&execute).await {
             Err(error)
                 if error.code()
                     == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) => {}
