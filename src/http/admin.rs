@@ -184,11 +184,7 @@ async fn account(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let user = clerk_id_from_operator(&path)?;
-    let Some(account) = state.existing_account(&user).await? else {
-        return Err(ApiError::not_found(format!(
-            "no user with Clerk id `{user}`"
-        )));
-    };
+    let account = state.existing_account(&user).await?;
     let snapshot = state.engine.balance(account).await?;
     let ((transactions, usages), plan, follow_ups, keys, recharge) = tokio::try_join!(
         async { Ok::<_, ApiError>(state.history.latest(account, 20).await?) },
@@ -435,11 +431,7 @@ async fn auto_recharge_off(
 ) -> Result<HttpResponse, ApiError> {
     let user = clerk_id_from_operator(&path)?;
     let reason = checked_reason(&asked.reason)?;
-    let Some(account) = state.existing_account(&user).await? else {
-        return Err(ApiError::not_found(format!(
-            "no user with Clerk id `{user}`"
-        )));
-    };
+    let account = state.existing_account(&user).await?;
     let was_on = state
         .auto_recharges
         .switch_off(account, crate::recharge::OffReason::Operator)

@@ -169,11 +169,7 @@ pub(super) async fn admin_show(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let user = clerk_id_from_operator(&path)?;
-    let Some(account) = state.existing_account(&user).await? else {
-        return Err(ApiError::not_found(format!(
-            "no user with Clerk id `{user}`"
-        )));
-    };
+    let account = state.existing_account(&user).await?;
     let snapshot = state.engine.spending(account).await?;
     Ok(HttpResponse::Ok().json(view(&snapshot)))
 }

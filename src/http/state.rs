@@ -125,12 +125,13 @@ impl AppState {
         Ok(self.users.any_account(clerk_id).await?)
     }
 
-    /// The account of a Clerk user, if the user exists (deleted or not).
-    pub async fn existing_account(
-        &self,
-        clerk_id: &ClerkUserId,
-    ) -> Result<Option<AccountId>, ApiError> {
-        Ok(self.users.existing_account(clerk_id).await?)
+    /// The account of a Clerk user who exists (deleted or not); 404 when
+    /// creditd never saw the user.
+    pub async fn existing_account(&self, clerk_id: &ClerkUserId) -> Result<AccountId, ApiError> {
+        self.users
+            .existing_account(clerk_id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no user with Clerk id `{clerk_id}`")))
     }
 
     /// The user's sealed keys, from memory until they change (every platform

@@ -275,15 +275,7 @@ async fn after_opting_out_a_person_gets_no_alert_email_but_still_a_receipt_with_
     .await;
     assert_eq!((status, saved), (200, json!({"alertEmails": false})));
 
-    let (status, _) = json_of(
-        app.admin(Method::POST, "/admin/accounts/user_quiet/credits")
-            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, 201);
+    app.operator_debt("user_quiet").await;
     let mut session = checkout_session("cs_quiet", account.0, 2_500, "paid");
     session["invoice"] = json!("in_quiet");
     assert_eq!(
@@ -445,15 +437,7 @@ async fn a_deleted_account_gets_no_email_and_a_bad_preference_is_refused_naming_
         )
         .await
         .expect("deleted");
-    let (status, _) = json_of(
-        app.admin(Method::POST, "/admin/accounts/user_gone/credits")
-            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, 201);
+    app.operator_debt("user_gone").await;
     wait_for_count_in(
         &app.db,
         "SELECT count(*) FROM email_deliveries WHERE status = 'SKIPPED' AND skipped_reason = 'account_deleted'",

@@ -339,15 +339,7 @@ async fn alerts_are_not_repeated_by_an_engine_that_reloads_the_account() {
 #[actix::test]
 async fn without_a_webhook_url_events_are_recorded_and_wait_pending() {
     let app = spawn_app().await;
-    let (status, _) = json_of(
-        app.admin(Method::POST, "/admin/accounts/user_unsent/credits")
-            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, 201);
+    app.operator_debt("user_unsent").await;
 
     let account = app.account("user_unsent").await;
     let outbox = outbox(&app.db, account).await;
@@ -365,15 +357,7 @@ async fn without_a_webhook_url_events_are_recorded_and_wait_pending() {
 async fn an_operator_lists_delivery_states_and_redelivers_an_event_which_is_sent_again() {
     let (server, receiver) = Receiver::start(0).await;
     let app = spawn_app_with(|settings| sending_to(settings, &server)).await;
-    let (status, _) = json_of(
-        app.admin(Method::POST, "/admin/accounts/user_ops/credits")
-            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, 201);
+    app.operator_debt("user_ops").await;
     wait_until_sent(&app.db, Duration::from_secs(30)).await;
 
     let (status, listed) = json_of(
@@ -711,15 +695,7 @@ async fn an_event_refused_past_its_retry_window_fails_and_lets_the_next_one_go_u
     let (server, receiver) = Receiver::start(0).await;
     receiver.down.store(true, Ordering::SeqCst);
     let app = spawn_app_with(|settings| sending_to(settings, &server)).await;
-    let (status, _) = json_of(
-        app.admin(Method::POST, "/admin/accounts/user_window/credits")
-            .json(&json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await;
-    assert_eq!(status, 201);
+    app.operator_debt("user_window").await;
     wait_for(
         &app.db,
         "SELECT count(*) FROM outgoing_events WHERE type = 'balance.low' AND attempts >= 3",

@@ -483,6 +483,22 @@ impl TestApp {
     }
 
     /// A request with the admin token.
+    /// An operator's 1 € debit of `clerk_id` (key `debt`), which puts a new
+    /// account into debt: its low-balance and depleted events; asserts 201.
+    pub async fn operator_debt(&self, clerk_id: &str) {
+        let response = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/accounts/{clerk_id}/credits"),
+            )
+            .json(&serde_json::json!({"amountMicros": -1_000_000, "key": "debt", "reason": "chargeback"}))
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        assert_eq!(status, 201, "{}", response.text().await.unwrap_or_default());
+    }
+
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
             .request(method, self.url(path))
