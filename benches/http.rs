@@ -236,6 +236,8 @@ struct Journal {
     commits: f64,
     commit_seconds: f64,
     entries: f64,
+    /// Batches PostgreSQL refused at once, written again statement by statement.
+    rewritten: f64,
 }
 
 impl Journal {
@@ -263,6 +265,7 @@ impl Journal {
             commits: Journal::metric(&text, "creditd_journal_commit_seconds_count"),
             commit_seconds: Journal::metric(&text, "creditd_journal_commit_seconds_sum"),
             entries: Journal::metric(&text, "creditd_journal_batch_size_sum"),
+            rewritten: Journal::metric(&text, "creditd_journal_batches_rewritten_total"),
         }
     }
 
@@ -271,6 +274,7 @@ impl Journal {
             commits: self.commits - earlier.commits,
             commit_seconds: self.commit_seconds - earlier.commit_seconds,
             entries: self.entries - earlier.entries,
+            rewritten: self.rewritten - earlier.rewritten,
         }
     }
 }
@@ -616,16 +620,17 @@ fn print_rates(runs: &[RateRun]) {
     println!();
     println!("The journal during the platform runs (its own counters, `/metrics`):");
     println!();
-    println!("| chats/s offered | commits per chat | entries per commit | mean commit time |");
-    println!("|---:|---:|---:|---:|");
+    println!("| chats/s offered | commits per chat | entries per commit | mean commit time | batches written again |");
+    println!("|---:|---:|---:|---:|---:|");
     for (platform, _) in rate_pairs(runs) {
         let (journal, chats) = (platform.journal, platform.measured.answered);
         println!(
-            "| {:.0} | {:.2} | {:.1} | {:.2} ms |",
+            "| {:.0} | {:.2} | {:.1} | {:.2} ms | {:.1}% |",
             platform.measured.offered_per_s,
             journal.commits / chats.max(1.0),
             journal.entries / journal.commits.max(1.0),
-            journal.commit_seconds * 1e3 / journal.commits.max(1.0)
+            journal.commit_seconds * 1e3 / journal.commits.max(1.0),
+            journal.rewritten * 100.0 / journal.commits.max(1.0)
         );
     }
     let counted: Vec<_> = rate_pairs(runs)

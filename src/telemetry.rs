@@ -197,6 +197,15 @@ pub static JOURNAL_BATCHES_TOTAL: Family = Family {
     labels: &["outcome"],
 };
 
+/// `creditd_journal_batches_rewritten_total`.
+pub static JOURNAL_BATCHES_REWRITTEN_TOTAL: Family = Family {
+    name: "creditd_journal_batches_rewritten_total",
+    kind: Kind::Counter,
+    unit: None,
+    help: "Journal batches PostgreSQL refused when sent at once (a fenced account, a row skipped or not found), written again statement by statement",
+    labels: &[],
+};
+
 /// `creditd_journal_accounts_refused_total`.
 pub static JOURNAL_ACCOUNTS_REFUSED_TOTAL: Family = Family {
     name: "creditd_journal_accounts_refused_total",
@@ -522,7 +531,7 @@ pub static LATE_SETTLEMENTS_TOTAL: Family = Family {
 };
 
 /// Every family, in the order they are described.
-pub static FAMILIES: [&Family; 53] = [
+pub static FAMILIES: [&Family; 54] = [
     &HTTP_REQUESTS_TOTAL,
     &HTTP_REQUEST_DURATION_SECONDS,
     &LEDGER_OPERATIONS_TOTAL,
@@ -540,6 +549,7 @@ pub static FAMILIES: [&Family; 53] = [
     &JOURNAL_QUEUE_DEPTH,
     &JOURNAL_ENTRIES_TOTAL,
     &JOURNAL_BATCHES_TOTAL,
+    &JOURNAL_BATCHES_REWRITTEN_TOTAL,
     &JOURNAL_ACCOUNTS_REFUSED_TOTAL,
     &CREDITED_MICROS_TOTAL,
     &CHARGED_MICROS_TOTAL,

@@ -92,6 +92,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "grants_updated_in_place",
         include_str!("../../sql/0018_grants_updated_in_place.sql"),
     ),
+    (
+        19,
+        "journal_at_once",
+        include_str!("../../sql/0019_journal_at_once.sql"),
+    ),
 ];
 
 /// Where to connect, and the private cluster kept alive while we use it.

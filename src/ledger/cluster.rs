@@ -256,4 +256,15 @@ mod tests {
         assert!(payloads(&instance, &[]).is_empty());
         assert_eq!(parse_payload("host-42 1:2,3"), None);
     }
+
+    #[test]
+    fn every_statement_that_notifies_the_other_instances_names_the_channel_they_listen_on() {
+        let quoted = format!("pg_notify('{ACCOUNTS_CHANNEL}'");
+        for statement in [
+            crate::ledger::store::sql::NOTIFY_ACCOUNTS,
+            crate::ledger::store::sql::UPDATE_BALANCES_AT_ONCE,
+        ] {
+            assert!(statement.contains(&quoted), "{statement}");
+        }
+    }
 }

@@ -10,10 +10,113 @@ use super::types::*;
 use crate::db::{DbError, Pool};
 use crate::money::Micros;
 
-/// The statements of a journal batch. Arrays in, one round trip each. The
-/// inserts skip rows that would break a unique constraint (`ON CONFLICT DO
-/// NOTHING`) and return the rows they wrote, so the writer can tell, per
-/// account, whether everything it sent was written.
+// The parts the journal's statements share between a batch written
+// statement by statement and one written in one round trip
+// (`sql::UPDATE_BALANCES` and `sql::UPDATE_BALANCES_AT_ONCE`, and so on):
+// macros, so that each statement stays one literal and the two never drift.
+macro_rules! locked_balances {
+    () => {
+        "before AS (
+            SELECT user_id, written_by FROM credit_balances
+             WHERE user_id = ANY($1::int8[])
+             ORDER BY user_id
+               FOR UPDATE)"
+    };
+}
+
+macro_rules! update_balances {
+    () => {
+        "UPDATE credit_balances AS b
+           SET balance_micros = u.balance, held_micros = u.held,
+               version = u.version, written_by = $6, updated_at = now()
+          FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
+               AS u(user_id, expected, version, balance, held)
+          JOIN before ON before.user_id = u.user_id
+         WHERE b.user_id = u.user_id AND b.version = u.expected"
+    };
+}
+
+macro_rules! insert_holds {
+    () => {
+        "INSERT INTO credit_holds (id, user_id, seq, amount_micros, status, created_at,
+               expires_at, finished_seq, finished_at, api_key_id)
+        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
+                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[],
+                      $10::uuid[])"
+    };
+}
+
+macro_rules! insert_transactions {
+    () => {
+        "INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
+               idempotency_key, description, stripe_session_id, stripe_payment_id,
+               balance_before_micros, balance_after_micros, metadata, created_at, paid_by)
+        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], $5::text[],
+               $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[],
+               $12::int8[], $13::jsonb[], $14::timestamptz[], $15::jsonb[])"
+    };
+}
+
+macro_rules! insert_usages {
+    () => {
+        "INSERT INTO credit_usages (id, user_id, seq, hold_id, model, input_tokens,
+               output_tokens, cache_read_tokens, cache_write_tokens, total_tokens,
+               cost_micros, held_micros, conversation_id, message_id,
+               balance_before_micros, balance_after_micros, created_at, paid_by, api_key_id)
+        SELECT id, user_id, seq, hold_id, model, input, output, cache_read, cache_write,
+               input + output + cache_read + cache_write,
+               cost, held, conversation_id, message_id, before, after, created_at, paid_by,
+               api_key_id
+          FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::uuid[], $5::text[],
+                      $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[],
+                      $11::int8[], $12::text[], $13::text[], $14::int8[], $15::int8[],
+                      $16::timestamptz[], $17::jsonb[], $18::uuid[])
+               AS u(id, user_id, seq, hold_id, model, input, output, cache_read,
+                    cache_write, cost, held, conversation_id, message_id, before,
+                    after, created_at, paid_by, api_key_id)"
+    };
+}
+
+macro_rules! finish_holds {
+    () => {
+        "UPDATE credit_holds AS h
+           SET status = f.status, finished_seq = f.seq, finished_at = f.at
+          FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
+               AS f(id, user_id, status, seq, at)
+         WHERE h.id = f.id AND h.user_id = f.user_id AND h.finished_seq IS NULL"
+    };
+}
+
+macro_rules! upsert_grants {
+    () => {
+        "INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
+               expires_at, source, stripe_payment_id, transaction_id, seq, created_at)
+        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
+                      $6::timestamptz[], $7::text[], $8::text[], $9::uuid[], $10::int8[],
+                      $11::timestamptz[])
+        ON CONFLICT (id) DO UPDATE
+           SET remaining_micros = EXCLUDED.remaining_micros, updated_at = now()
+         WHERE credit_grants.user_id = EXCLUDED.user_id"
+    };
+}
+
+macro_rules! insert_events {
+    () => {
+        "INSERT INTO outgoing_events (id, user_id, seq, ordinal, type, data, created_at,
+               pending_since, next_attempt_at)
+        SELECT id, user_id, seq, ordinal, type, data, created_at, created_at, created_at
+          FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::text[],
+                      $6::jsonb[], $7::timestamptz[])
+               AS e(id, user_id, seq, ordinal, type, data, created_at)"
+    };
+}
+
+/// The statements of a journal batch, arrays in. A batch is first sent
+/// whole, in one round trip, with the `_AT_ONCE` statements, which raise on
+/// anything the writer would have to handle per account. Written statement
+/// by statement instead, the inserts skip rows that would break a unique
+/// constraint (`ON CONFLICT DO NOTHING`) and return the rows they wrote, so
+/// the writer can tell, per account, whether everything it sent was written.
 pub(crate) mod sql {
     /// An account's durable version (its balance row's).
     pub const DURABLE_VERSION: &str = "SELECT version FROM credit_balances WHERE user_id = $1";
@@ -50,20 +153,40 @@ pub(crate) mod sql {
     /// locked first, in id order, so `before` is the writer as of the
     /// update, not as of the statement's snapshot (a load elsewhere may
     /// have cleared it in between).
-    pub const UPDATE_BALANCES: &str = "
-        WITH before AS (
-            SELECT user_id, written_by FROM credit_balances
-             WHERE user_id = ANY($1::int8[])
-             ORDER BY user_id
-               FOR UPDATE)
-        UPDATE credit_balances AS b
-           SET balance_micros = u.balance, held_micros = u.held,
-               version = u.version, written_by = $6, updated_at = now()
-          FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::int8[])
-               AS u(user_id, expected, version, balance, held)
-          JOIN before ON before.user_id = u.user_id
-         WHERE b.user_id = u.user_id AND b.version = u.expected
-        RETURNING b.user_id, b.version, before.written_by IS DISTINCT FROM $6";
+    pub const UPDATE_BALANCES: &str = concat!(
+        "WITH ",
+        locked_balances!(),
+        " ",
+        update_balances!(),
+        " RETURNING b.user_id, b.version, before.written_by IS DISTINCT FROM $6"
+    );
+
+    /// `UPDATE_BALANCES` for a batch written in one round trip: raises
+    /// (aborting the batch's transaction) unless every row was at its
+    /// expected version (an account fenced is handled statement by
+    /// statement), and notifies the other instances of the accounts it
+    /// took over, as `cluster::payloads` does (at most 150 accounts per
+    /// notification: an item is at most 41 bytes and an instance id 256,
+    /// well under PostgreSQL's 8,000-byte payload).
+    pub const UPDATE_BALANCES_AT_ONCE: &str = concat!(
+        "WITH ",
+        locked_balances!(),
+        ", written AS (",
+        update_balances!(),
+        " RETURNING b.user_id, b.version, before.written_by IS DISTINCT FROM $6 AS moved),
+        notified AS (
+            SELECT pg_notify('creditd_accounts',
+                             $6 || ' ' || string_agg(user_id::text || ':' || version::text, ','
+                                                     ORDER BY user_id))
+              FROM (SELECT user_id, version,
+                           (row_number() OVER (ORDER BY user_id) - 1) / 150 AS part
+                      FROM written WHERE moved) AS taken
+             GROUP BY part)
+        SELECT creditd_journal_expect(count(*) = cardinality($1::int8[]),
+                                      'a balance row not at its expected version'),
+               (SELECT count(*) FROM notified)
+          FROM written"
+    );
 
     /// Tells the other instances, at the commit of the transaction that
     /// sends it, which accounts this instance now writes
@@ -81,69 +204,31 @@ pub(crate) mod sql {
 
     /// New holds; one placed and finished in the same batch is inserted
     /// finished (one row write instead of an insert and an update).
-    pub const INSERT_HOLDS: &str = "
-        INSERT INTO credit_holds (id, user_id, seq, amount_micros, status, created_at,
-               expires_at, finished_seq, finished_at, api_key_id)
-        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
-                      $6::timestamptz[], $7::timestamptz[], $8::int8[], $9::timestamptz[],
-                      $10::uuid[])
-        ON CONFLICT DO NOTHING
-        RETURNING id, user_id";
+    pub const INSERT_HOLDS: &str = concat!(
+        insert_holds!(),
+        " ON CONFLICT DO NOTHING RETURNING id, user_id"
+    );
 
-    pub const INSERT_TRANSACTIONS: &str = "
-        INSERT INTO credit_transactions (id, user_id, seq, type, direction, amount_micros,
-               idempotency_key, description, stripe_session_id, stripe_payment_id,
-               balance_before_micros, balance_after_micros, metadata, created_at, paid_by)
-        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::text[], $5::text[],
-               $6::int8[], $7::text[], $8::text[], $9::text[], $10::text[], $11::int8[],
-               $12::int8[], $13::jsonb[], $14::timestamptz[], $15::jsonb[])
-        ON CONFLICT DO NOTHING
-        RETURNING id, user_id";
+    pub const INSERT_TRANSACTIONS: &str = concat!(
+        insert_transactions!(),
+        " ON CONFLICT DO NOTHING RETURNING id, user_id"
+    );
 
-    pub const INSERT_USAGES: &str = "
-        INSERT INTO credit_usages (id, user_id, seq, hold_id, model, input_tokens,
-               output_tokens, cache_read_tokens, cache_write_tokens, total_tokens,
-               cost_micros, held_micros, conversation_id, message_id,
-               balance_before_micros, balance_after_micros, created_at, paid_by, api_key_id)
-        SELECT id, user_id, seq, hold_id, model, input, output, cache_read, cache_write,
-               input + output + cache_read + cache_write,
-               cost, held, conversation_id, message_id, before, after, created_at, paid_by,
-               api_key_id
-          FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::uuid[], $5::text[],
-                      $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[],
-                      $11::int8[], $12::text[], $13::text[], $14::int8[], $15::int8[],
-                      $16::timestamptz[], $17::jsonb[], $18::uuid[])
-               AS u(id, user_id, seq, hold_id, model, input, output, cache_read,
-                    cache_write, cost, held, conversation_id, message_id, before,
-                    after, created_at, paid_by, api_key_id)
-        ON CONFLICT DO NOTHING
-        RETURNING id, user_id";
+    pub const INSERT_USAGES: &str = concat!(
+        insert_usages!(),
+        " ON CONFLICT DO NOTHING RETURNING id, user_id"
+    );
 
     /// Finishes active holds of their own account; the writer checks, per
     /// account, that every one matched. Active is said as `finished_seq IS
     /// NULL` (the same, by the table's CHECK): `status = 'ACTIVE'` would
     /// let the planner read every active hold through the partial index.
-    pub const FINISH_HOLDS: &str = "
-        UPDATE credit_holds AS h
-           SET status = f.status, finished_seq = f.seq, finished_at = f.at
-          FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::timestamptz[])
-               AS f(id, user_id, status, seq, at)
-         WHERE h.id = f.id AND h.user_id = f.user_id AND h.finished_seq IS NULL
-        RETURNING h.id, h.user_id";
+    pub const FINISH_HOLDS: &str = concat!(finish_holds!(), " RETURNING h.id, h.user_id");
 
     /// New grants, and the remaining amount of grants an entry spent from
     /// (one row per grant per batch: its last state). An id of another
     /// account's grant writes nothing, which the writer counts as refused.
-    pub const UPSERT_GRANTS: &str = "
-        INSERT INTO credit_grants (id, user_id, kind, amount_micros, remaining_micros,
-               expires_at, source, stripe_payment_id, transaction_id, seq, created_at)
-        SELECT * FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
-                      $6::timestamptz[], $7::text[], $8::text[], $9::uuid[], $10::int8[],
-                      $11::timestamptz[])
-        ON CONFLICT (id) DO UPDATE
-           SET remaining_micros = EXCLUDED.remaining_micros, updated_at = now()
-         WHERE credit_grants.user_id = EXCLUDED.user_id
-        RETURNING id, user_id";
+    pub const UPSERT_GRANTS: &str = concat!(upsert_grants!(), " RETURNING id, user_id");
 
     /// Undoes a refused account's grant writes: deletes those it inserted
     /// ($1 ids, $2 users), puts back the remaining amount of the others
@@ -180,15 +265,37 @@ pub(crate) mod sql {
          WHERE b.user_id = u.user_id";
 
     /// The events caused by the batch's changes, pending delivery.
-    pub const INSERT_EVENTS: &str = "
-        INSERT INTO outgoing_events (id, user_id, seq, ordinal, type, data, created_at,
-               pending_since, next_attempt_at)
-        SELECT id, user_id, seq, ordinal, type, data, created_at, created_at, created_at
-          FROM unnest($1::uuid[], $2::int8[], $3::int8[], $4::int4[], $5::text[],
-                      $6::jsonb[], $7::timestamptz[])
-               AS e(id, user_id, seq, ordinal, type, data, created_at)
-        ON CONFLICT DO NOTHING
-        RETURNING id, user_id";
+    pub const INSERT_EVENTS: &str = concat!(
+        insert_events!(),
+        " ON CONFLICT DO NOTHING RETURNING id, user_id"
+    );
+
+    /// The row statements of a batch written in one round trip, inside
+    /// its transaction: a row PostgreSQL would skip or not find (a unique
+    /// constraint, a finish matching no active hold, another account's
+    /// grant id) raises instead of being counted, which aborts the
+    /// transaction; the writer then writes the batch again statement by
+    /// statement, where it is counted and undone per account.
+    pub const INSERT_HOLDS_AT_ONCE: &str = insert_holds!();
+    pub const INSERT_TRANSACTIONS_AT_ONCE: &str = insert_transactions!();
+    pub const INSERT_USAGES_AT_ONCE: &str = insert_usages!();
+    pub const INSERT_EVENTS_AT_ONCE: &str = insert_events!();
+    pub const FINISH_HOLDS_AT_ONCE: &str = concat!(
+        "WITH finished AS (",
+        finish_holds!(),
+        " RETURNING h.id)
+        SELECT creditd_journal_expect(count(*) = cardinality($1::uuid[]),
+                                      'a finished hold that was not active')
+          FROM finished"
+    );
+    pub const UPSERT_GRANTS_AT_ONCE: &str = concat!(
+        "WITH written AS (",
+        upsert_grants!(),
+        " RETURNING id)
+        SELECT creditd_journal_expect(count(*) = cardinality($1::uuid[]),
+                                      'a grant id of another account')
+          FROM written"
+    );
 
     /// Undoes a refused account's events inside the batch's transaction.
     pub const UNDO_EVENTS: &str = "DELETE FROM outgoing_events WHERE id = ANY($1::uuid[])";
@@ -202,7 +309,7 @@ pub(crate) mod sql {
 
     /// Every statement the journal writer prepares, in the order
     /// `Statements::prepare` takes them.
-    pub const JOURNAL: [Journal; 11] = [
+    pub const JOURNAL: [Journal; 18] = [
         Journal {
             name: "update_balances",
             sql: UPDATE_BALANCES,
@@ -246,6 +353,34 @@ pub(crate) mod sql {
         Journal {
             name: "notify_accounts",
             sql: NOTIFY_ACCOUNTS,
+        },
+        Journal {
+            name: "update_balances_at_once",
+            sql: UPDATE_BALANCES_AT_ONCE,
+        },
+        Journal {
+            name: "insert_transactions_at_once",
+            sql: INSERT_TRANSACTIONS_AT_ONCE,
+        },
+        Journal {
+            name: "insert_holds_at_once",
+            sql: INSERT_HOLDS_AT_ONCE,
+        },
+        Journal {
+            name: "insert_usages_at_once",
+            sql: INSERT_USAGES_AT_ONCE,
+        },
+        Journal {
+            name: "finish_holds_at_once",
+            sql: FINISH_HOLDS_AT_ONCE,
+        },
+        Journal {
+            name: "insert_events_at_once",
+            sql: INSERT_EVENTS_AT_ONCE,
+        },
+        Journal {
+            name: "upsert_grants_at_once",
+            sql: UPSERT_GRANTS_AT_ONCE,
         },
     ];
 }

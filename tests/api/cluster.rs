@@ -362,3 +362,90 @@ async fn an_account_evicted_with_a_write_in_flight_loads_again_only_once_that_wr
     );
     db.reconcile_is_clean().await;
 }
+
+/// Every payload sent on the accounts channel of `db`, as it arrives.
+async fn listen_to_accounts(
+    db: &TestDb,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (client, mut connection) = db.config.connect(tokio_postgres::NoTls).await.unwrap();
+    let (sent, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(notification)) = message {
+                let _ = sent.send(notification.payload().to_owned());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "LISTEN {}",
+            creditd::ledger::cluster::ACCOUNTS_CHANNEL
+        ))
+        .await
+        .unwrap();
+    (client, received)
+}
+
+#[actix::test]
+async fn a_batch_taking_over_hundreds_of_accounts_at_once_notifies_every_one_within_the_payload_limit(
+) {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    // One writer gathering for long enough that the first writes of every
+    // account share a batch or two.
+    settings.journal.writers = 1;
+    settings.journal.batch_delay_us = 100_000;
+    settings.journal.gather_when_idle = true;
+    // Every account loads at once, through the pool's few connections.
+    settings.database.pool_wait_timeout_ms = 20_000;
+    let engine = db.engine_as(&settings, "taker");
+    wait_until(|| engine.listening()).await;
+    let mut accounts = Vec::new();
+    for index in 0..300 {
+        accounts.push(db.user(&format!("user_taken_over_{index}")).await);
+    }
+    let (_listener, mut payloads) = listen_to_accounts(&db).await;
+    let before = engine.writer().stats();
+    let credits = accounts.iter().map(|&account| {
+        engine.credit(
+            account,
+            posting("taken-over", TransactionType::TopUp, micros(1_000)),
+        )
+    });
+    for credited in join_all(credits).await {
+        credited.unwrap();
+    }
+    let after = engine.writer().stats();
+    assert_eq!(
+        after.batches_rewritten, before.batches_rewritten,
+        "taking accounts over is written at once: {before:?} → {after:?}"
+    );
+    let batches = after.batches_committed - before.batches_committed;
+    let mut heard = std::collections::BTreeMap::new();
+    let mut notifications = 0;
+    while heard.len() < accounts.len() {
+        let payload = tokio::time::timeout(Duration::from_secs(5), payloads.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of 300 accounts notified", heard.len()))
+            .unwrap();
+        assert!(payload.len() < 8_000, "{} bytes", payload.len());
+        let (writer, written) = creditd::ledger::cluster::parse_payload(&payload)
+            .unwrap_or_else(|| panic!("unreadable payload {payload}"));
+        assert_eq!(writer, "taker");
+        for (account, version) in written {
+            assert_eq!(heard.insert(account, version), None, "{account:?} twice");
+        }
+        notifications += 1;
+    }
+    for account in &accounts {
+        assert_eq!(heard.get(account), Some(&1), "{account:?}");
+    }
+    // More notifications than batches: a batch's accounts were split.
+    assert!(
+        notifications > batches,
+        "{notifications} notifications for {batches} batches"
+    );
+}

@@ -3,30 +3,42 @@
 //! inserts, the fenced balance updates, and the per-account undo.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
-use super::Entry;
+use super::{Entry, JournalHealth};
 use crate::ledger::cluster;
 use crate::ledger::cluster::InstanceId;
 use crate::ledger::types::*;
 
-/// The prepared statements of one writer connection, one per kind of row
-/// a batch writes.
+/// The prepared statements of one writer connection: the balance update
+/// and one statement per kind of row a batch writes, in the two forms a
+/// batch is written in (at once, then statement by statement if that was
+/// refused), and the per-account undo.
 pub(super) struct Statements {
     pub(super) update_balances: Statement,
-    pub(super) insert_transactions: Statement,
-    pub(super) insert_holds: Statement,
-    pub(super) insert_usages: Statement,
-    pub(super) finish_holds: Statement,
+    pub(super) rows: RowStatements,
     pub(super) undo_accounts: Statement,
-    pub(super) insert_events: Statement,
     pub(super) undo_events: Statement,
-    pub(super) upsert_grants: Statement,
     pub(super) undo_grants: Statement,
     pub(super) notify_accounts: Statement,
+    pub(super) update_balances_at_once: Statement,
+    pub(super) rows_at_once: RowStatements,
+}
+
+/// One statement per kind of row a batch writes.
+pub(super) struct RowStatements {
+    pub(super) holds: Statement,
+    pub(super) transactions: Statement,
+    pub(super) usages: Statement,
+    pub(super) finished: Statement,
+    pub(super) grants: Statement,
+    pub(super) events: Statement,
 }
 
 /// A writer's connection with its statements prepared.
@@ -393,10 +405,11 @@ impl Columns {
     }
 }
 
-/// Writes the groups of one batch in one transaction, in its phases: the
-/// balance rows move (an account whose row moved elsewhere is fenced), the
-/// rows of the others are inserted, and an account with fewer rows written
-/// than sent is undone before the commit. A batch that fails is rolled
+/// Writes the groups of one batch in one transaction: sent at once, in one
+/// round trip (`write_at_once`), and when PostgreSQL refuses that, again in
+/// phases: the balance rows move (an account whose row moved elsewhere is
+/// fenced), the rows of the others are inserted, and an account with fewer
+/// rows written than sent is undone before the commit. A batch that fails is rolled
 /// back before the connection writes another; a batch dropped in flight
 /// drops its connection with it (the batch owns it until it ends), so no
 /// idle connection is ever left inside a transaction.
@@ -404,8 +417,17 @@ pub(super) async fn write_groups(
     connection: &mut WriterConnection,
     groups: &[Group],
     instance: &InstanceId,
+    health: &JournalHealth,
 ) -> Result<Written, tokio_postgres::Error> {
     let client = &connection.client;
+    match write_at_once(client, &connection.statements, groups, instance).await {
+        AtOnce::Committed => return Ok(Written::default()),
+        AtOnce::Lost(error) => return Err(error),
+        AtOnce::RolledBack(error) => {
+            tracing::debug!(%error, accounts = groups.len(), "batch written again statement by statement");
+            health.count_rewritten();
+        }
+    }
     let outcome = write_in_transaction(client, &connection.statements, groups, instance).await;
     if outcome.is_err() && !client.is_closed() {
         // A rollback that fails leaves the connection unusable: its error
@@ -413,6 +435,108 @@ pub(super) async fn write_groups(
         client.batch_execute("ROLLBACK").await?;
     }
     outcome
+}
+
+/// How a batch sent at once ended.
+enum AtOnce {
+    Committed,
+    /// PostgreSQL refused a statement (or one could not be sent): the
+    /// transaction rolled back, nothing of the batch was written.
+    RolledBack(tokio_postgres::Error),
+    /// The connection failed: whether the batch committed cannot be known.
+    Lost(tokio_postgres::Error),
+}
+
+/// A statement of a batch sent at once, its rows already read.
+type Sent<'a> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'a>>;
+
+/// Writes the batch in one round trip: `BEGIN`, the balance update, the row
+/// statements and `COMMIT` go out together, in that order, and PostgreSQL
+/// runs them back to back. It is how nearly every batch commits; the
+/// `_AT_ONCE` statements notify the other instances of the accounts taken
+/// over, and check in the transaction what the writer would otherwise check
+/// between round trips (a fenced account, a row skipped or not found) and
+/// raise, so any such case rolls the whole batch back, to be written again
+/// statement by statement (`write_in_transaction`).
+///
+/// `COMMIT` is sent only once every statement before it was: tokio-postgres
+/// encodes a request and queues it on the connection at its future's first
+/// poll, so the statements are polled once, in order, and a statement that
+/// failed before being sent (it could not be encoded) sends `ROLLBACK`
+/// instead. A statement PostgreSQL refuses aborts the transaction, and the
+/// `COMMIT` behind it then rolls back.
+async fn write_at_once(
+    client: &Client,
+    statements: &Statements,
+    groups: &[Group],
+    instance: &InstanceId,
+) -> AtOnce {
+    let balances = Balances::of(groups);
+    let columns = Columns::of(groups.iter());
+    let rows = &statements.rows_at_once;
+    let update = &statements.update_balances_at_once;
+    let done = |written: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| written.map(drop);
+    let mut sent: Vec<Sent<'_>> = vec![
+        Box::pin(client.batch_execute("BEGIN READ WRITE")),
+        Box::pin(async { done(balances.update(client, update, instance).await) }),
+        Box::pin(async { done(insert_holds(client, &rows.holds, &columns).await) }),
+        Box::pin(async { done(insert_transactions(client, &rows.transactions, &columns).await) }),
+        Box::pin(async { done(insert_usages(client, &rows.usages, &columns).await) }),
+        Box::pin(async { done(finish_holds(client, &rows.finished, &columns).await) }),
+        Box::pin(async { done(upsert_grants(client, &rows.grants, &columns).await) }),
+        Box::pin(async { done(insert_events(client, &rows.events, &columns).await) }),
+    ];
+    let mut first: Vec<Option<Result<(), tokio_postgres::Error>>> = Vec::with_capacity(sent.len());
+    for statement in &mut sent {
+        let polled = std::future::poll_fn(|cx| Poll::Ready(statement.as_mut().poll(cx))).await;
+        first.push(match polled {
+            Poll::Ready(outcome) => Some(outcome),
+            Poll::Pending => None,
+        });
+    }
+    let unsent = first.iter().any(|outcome| matches!(outcome, Some(Err(_))));
+    let end = client.batch_execute(if unsent { "ROLLBACK" } else { "COMMIT" });
+    let answers = sent
+        .into_iter()
+        .zip(first)
+        .map(|(statement, first)| async move {
+            match first {
+                Some(outcome) => outcome,
+                None => statement.await,
+            }
+        });
+    let (answers, ended) = tokio::join!(futures_util::future::join_all(answers), end);
+    let error = match answers.into_iter().find_map(Result::err) {
+        Some(error) => error,
+        None => match ended {
+            Ok(()) => return AtOnce::Committed,
+            Err(error) => error,
+        },
+    };
+    if connection_lost(&error, client) {
+        AtOnce::Lost(error)
+    } else {
+        AtOnce::RolledBack(error)
+    }
+}
+
+/// The error ended the session (the server closed it, was shut down, or
+/// terminated the backend), or is not the database's answer: the batch did
+/// not commit, or we cannot know. Anything else is the database refusing
+/// the batch.
+pub(super) fn connection_lost(error: &tokio_postgres::Error, client: &Client) -> bool {
+    if client.is_closed() || error.is_closed() {
+        return true;
+    }
+    match error.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            matches!(db.severity(), "FATAL" | "PANIC")
+                || code.starts_with("08")
+                || code.starts_with("57P")
+        }
+    }
 }
 
 /// The transaction of `write_groups`. `BEGIN` goes out with the balance
@@ -431,8 +555,17 @@ async fn write_in_transaction(
         update_balances(client, statements, groups, instance),
     )?;
     let mut written = Written::default();
-    let columns = columns_of(groups, &updated, &mut written);
-    let inserted = insert_rows(client, statements, &columns).await?;
+    for group in groups {
+        if !updated.contains(&group.account.0) {
+            written.fenced.insert(group.account);
+        }
+    }
+    let columns = Columns::of(
+        groups
+            .iter()
+            .filter(|group| updated.contains(&group.account.0)),
+    );
+    let inserted = insert_rows(client, &statements.rows, &columns).await?;
     let refused = refused_accounts(&columns, &inserted);
     if !refused.is_empty() {
         undo(
@@ -462,6 +595,62 @@ async fn write_in_transaction(
     Ok(written)
 }
 
+/// The balance rows a batch moves, column by column: each group's from the
+/// version before its first entry to its last.
+struct Balances {
+    users: Vec<i64>,
+    expected: Vec<i64>,
+    versions: Vec<i64>,
+    balances: Vec<i64>,
+    helds: Vec<i64>,
+}
+
+impl Balances {
+    fn of(groups: &[Group]) -> Balances {
+        let mut columns = Balances {
+            users: Vec::with_capacity(groups.len()),
+            expected: Vec::with_capacity(groups.len()),
+            versions: Vec::with_capacity(groups.len()),
+            balances: Vec::with_capacity(groups.len()),
+            helds: Vec::with_capacity(groups.len()),
+        };
+        for group in groups {
+            let (Some(first), Some(last)) = (group.entries.first(), group.entries.last()) else {
+                continue;
+            };
+            columns.users.push(group.account.0);
+            columns.expected.push(first.seq - 1);
+            columns.versions.push(last.seq);
+            columns.balances.push(last.balance_after);
+            columns.helds.push(last.held_after);
+        }
+        columns
+    }
+
+    /// Runs `statement` (`sql::UPDATE_BALANCES` or its `_AT_ONCE` form),
+    /// this instance recorded as the rows' writer.
+    async fn update(
+        &self,
+        client: &Client,
+        statement: &Statement,
+        instance: &InstanceId,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        client
+            .query(
+                statement,
+                &[
+                    &self.users,
+                    &self.expected,
+                    &self.versions,
+                    &self.balances,
+                    &self.helds,
+                    &instance.as_str(),
+                ],
+            )
+            .await
+    }
+}
+
 /// Moves each group's balance row from the version before its first entry
 /// to its last, and notifies the other instances of the accounts it took
 /// over (delivered at the commit, and only if it commits): the accounts
@@ -472,37 +661,12 @@ async fn update_balances(
     groups: &[Group],
     instance: &InstanceId,
 ) -> Result<HashSet<i64>, tokio_postgres::Error> {
-    let mut users = Vec::with_capacity(groups.len());
-    let mut expected = Vec::with_capacity(groups.len());
-    let mut versions = Vec::with_capacity(groups.len());
-    let mut balances = Vec::with_capacity(groups.len());
-    let mut helds = Vec::with_capacity(groups.len());
-    for group in groups {
-        let (Some(first), Some(last)) = (group.entries.first(), group.entries.last()) else {
-            continue;
-        };
-        users.push(group.account.0);
-        expected.push(first.seq - 1);
-        versions.push(last.seq);
-        balances.push(last.balance_after);
-        helds.push(last.held_after);
-    }
+    let rows = Balances::of(groups)
+        .update(client, &statements.update_balances, instance)
+        .await?;
     let mut updated = HashSet::with_capacity(groups.len());
     let mut moved = Vec::new();
-    for row in client
-        .query(
-            &statements.update_balances,
-            &[
-                &users,
-                &expected,
-                &versions,
-                &balances,
-                &helds,
-                &instance.as_str(),
-            ],
-        )
-        .await?
-    {
+    for row in rows {
         let user = row.try_get::<_, i64>(0)?;
         updated.insert(user);
         if row.try_get::<_, bool>(2)? {
@@ -518,24 +682,21 @@ async fn update_balances(
     Ok(updated)
 }
 
-/// The rows of the accounts whose balance row moved, column by column;
-/// the others are recorded as fenced.
-fn columns_of(groups: &[Group], updated: &HashSet<i64>, written: &mut Written) -> Columns {
-    let mut columns = Columns::default();
-    for group in groups {
-        if !updated.contains(&group.account.0) {
-            written.fenced.insert(group.account);
-            continue;
-        }
-        for entry in &group.entries {
-            columns.push(group.account, &entry.record);
-            columns.push_events(group.account, entry.seq, &entry.events);
-            for write in &entry.grants {
-                columns.push_grant(group.account, write);
+impl Columns {
+    /// The rows of `groups`' entries, column by column.
+    fn of<'a>(groups: impl Iterator<Item = &'a Group>) -> Columns {
+        let mut columns = Columns::default();
+        for group in groups {
+            for entry in &group.entries {
+                columns.push(group.account, &entry.record);
+                columns.push_events(group.account, entry.seq, &entry.events);
+                for write in &entry.grants {
+                    columns.push_grant(group.account, write);
+                }
             }
         }
+        columns
     }
-    columns
 }
 
 /// The (id, user id) of the rows each statement of a batch wrote.
@@ -553,16 +714,16 @@ struct Inserted {
 /// before they finish.
 async fn insert_rows(
     client: &Client,
-    statements: &Statements,
+    rows: &RowStatements,
     columns: &Columns,
 ) -> Result<Inserted, tokio_postgres::Error> {
     let (holds, transactions, usages, finished, grants, events) = tokio::try_join!(
-        insert_holds(client, statements, columns),
-        insert_transactions(client, statements, columns),
-        insert_usages(client, statements, columns),
-        finish_holds(client, statements, columns),
-        upsert_grants(client, statements, columns),
-        insert_events(client, statements, columns),
+        insert_holds(client, &rows.holds, columns),
+        insert_transactions(client, &rows.transactions, columns),
+        insert_usages(client, &rows.usages, columns),
+        finish_holds(client, &rows.finished, columns),
+        upsert_grants(client, &rows.grants, columns),
+        insert_events(client, &rows.events, columns),
     )?;
     Ok(Inserted {
         holds: written_rows(&holds)?,
@@ -577,7 +738,7 @@ async fn insert_rows(
 /// The holds placed (a hold finished in the same batch is inserted finished).
 async fn insert_holds(
     client: &Client,
-    statements: &Statements,
+    statement: &Statement,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.hold_id.is_empty() {
@@ -585,7 +746,7 @@ async fn insert_holds(
     }
     client
         .query(
-            &statements.insert_holds,
+            statement,
             &[
                 &columns.hold_id,
                 &columns.hold_user,
@@ -605,7 +766,7 @@ async fn insert_holds(
 /// The credits and debits.
 async fn insert_transactions(
     client: &Client,
-    statements: &Statements,
+    statement: &Statement,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.tx_id.is_empty() {
@@ -613,7 +774,7 @@ async fn insert_transactions(
     }
     client
         .query(
-            &statements.insert_transactions,
+            statement,
             &[
                 &columns.tx_id,
                 &columns.tx_user,
@@ -638,7 +799,7 @@ async fn insert_transactions(
 /// The usages.
 async fn insert_usages(
     client: &Client,
-    statements: &Statements,
+    statement: &Statement,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.use_id.is_empty() {
@@ -646,7 +807,7 @@ async fn insert_usages(
     }
     client
         .query(
-            &statements.insert_usages,
+            statement,
             &[
                 &columns.use_id,
                 &columns.use_user,
@@ -674,7 +835,7 @@ async fn insert_usages(
 /// The holds finished that an earlier batch placed.
 async fn finish_holds(
     client: &Client,
-    statements: &Statements,
+    statement: &Statement,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.fin_id.is_empty() {
@@ -682,7 +843,7 @@ async fn finish_holds(
     }
     client
         .query(
-            &statements.finish_holds,
+            statement,
             &[
                 &columns.fin_id,
                 &columns.fin_user,
@@ -697,7 +858,7 @@ async fn finish_holds(
 /// The outgoing events.
 async fn insert_events(
     client: &Client,
-    statements: &Statements,
+    statement: &Statement,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.ev_id.is_empty() {
@@ -705,7 +866,7 @@ async fn insert_events(
     }
     client
         .query(
-            &statements.insert_events,
+            statement,
             &[
                 &columns.ev_id,
                 &columns.ev_user,
@@ -722,7 +883,7 @@ async fn insert_events(
 /// The grant rows made or spent from.
 async fn upsert_grants(
     client: &Client,
-    statements: &Statements,
+    statement: &Statement,
     columns: &Columns,
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
     if columns.grant_id.is_empty() {
@@ -730,7 +891,7 @@ async fn upsert_grants(
     }
     client
         .query(
-            &statements.upsert_grants,
+            statement,
             &[
                 &columns.grant_id,
                 &columns.grant_user,

@@ -9,6 +9,14 @@
 //! the gathering loop and the batches in flight; `batch.rs`: what one batch
 //! writes (admissibility, columns, fenced updates, the per-account undo).
 //!
+//! One round trip. A batch goes to PostgreSQL whole: `BEGIN`, the balance
+//! update, the row statements and `COMMIT`, sent together and run back to
+//! back, with statements that notify the other instances of the accounts
+//! taken over and raise on any case the writer would handle per account (a
+//! fenced account, a row skipped or not found). Such a batch rolls back and
+//! is written again statement by statement, as below
+//! (`creditd_journal_batches_rewritten_total`).
+//!
 //! Failure handling, per account: entries of an account whose balance row
 //! moved (fencing) or whose write failed are failed, the account's actor is
 //! told (its durable watch turns `failed`) and reloads; entries of that actor
@@ -168,6 +176,8 @@ pub struct JournalHealth {
     committed: AtomicU64,
     /// Batches retried one account per transaction after a database error.
     split: AtomicU64,
+    /// Batches written again statement by statement after a refusal at once.
+    rewritten: AtomicU64,
     /// Batches failed whole (connection lost).
     failed: AtomicU64,
     /// Accounts failed because an entry of theirs was refused (by the check
@@ -182,6 +192,9 @@ pub struct JournalStats {
     pub batches_committed: u64,
     /// Batches retried one account per transaction after a database error.
     pub batches_split: u64,
+    /// Batches PostgreSQL refused when sent at once (a fenced account, a
+    /// row skipped or not found), written again statement by statement.
+    pub batches_rewritten: u64,
     /// Batches failed whole (connection lost).
     pub batches_failed: u64,
     /// Accounts failed because an entry of theirs was refused.
@@ -200,6 +213,7 @@ impl JournalHealth {
             peak_in_flight: AtomicU64::new(0),
             committed: AtomicU64::new(0),
             split: AtomicU64::new(0),
+            rewritten: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
@@ -214,6 +228,11 @@ impl JournalHealth {
         counter.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(crate::telemetry::JOURNAL_BATCHES_TOTAL.name, "outcome" => outcome)
             .increment(1);
+    }
+
+    pub(super) fn count_rewritten(&self) {
+        self.rewritten.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::JOURNAL_BATCHES_REWRITTEN_TOTAL.name).increment(1);
     }
 
     fn count_refused(&self) {
@@ -305,6 +324,7 @@ impl WriterHandle {
                 let health = &lane.health;
                 stats.batches_committed += health.committed.load(Ordering::Relaxed);
                 stats.batches_split += health.split.load(Ordering::Relaxed);
+                stats.batches_rewritten += health.rewritten.load(Ordering::Relaxed);
                 stats.batches_failed += health.failed.load(Ordering::Relaxed);
                 stats.accounts_refused += health.refused.load(Ordering::Relaxed);
                 stats.peak_in_flight = stats

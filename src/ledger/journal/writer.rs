@@ -1,7 +1,9 @@
 //! A writer's gathering loop and its batches in flight: connections,
 //! per-account ordering between batches, publishing outcomes.
 
-use super::batch::{write_groups, Group, Statements, WriterConnection, Written};
+use super::batch::{
+    connection_lost, write_groups, Group, RowStatements, Statements, WriterConnection, Written,
+};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -402,7 +404,7 @@ impl LaneShared {
             Some(current) => current,
             None => connection.insert(self.connect().await?),
         };
-        match write_groups(current, groups, &self.instance).await {
+        match write_groups(current, groups, &self.instance, &self.health).await {
             Ok(written) => Ok(written),
             Err(error) => {
                 if connection_lost(&error, &current.client) {
@@ -421,24 +423,6 @@ impl LaneShared {
     }
 }
 
-/// The error ended the session (the server closed it, was shut down, or
-/// terminated the backend): the batch did not commit, or we cannot know.
-/// Anything else is the database refusing the batch.
-fn connection_lost(error: &tokio_postgres::Error, client: &Client) -> bool {
-    if client.is_closed() || error.is_closed() {
-        return true;
-    }
-    match error.as_db_error() {
-        None => true,
-        Some(db) => {
-            let code = db.code().code();
-            matches!(db.severity(), "FATAL" | "PANIC")
-                || code.starts_with("08")
-                || code.starts_with("57P")
-        }
-    }
-}
-
 impl Group {
     fn is_contiguous(&self) -> bool {
         self.entries
@@ -451,20 +435,31 @@ impl Statements {
     /// Prepares the journal's statements (`sql::JOURNAL`), once per
     /// connection.
     async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
-        let [update_balances, insert_transactions, insert_holds, insert_usages, finish_holds, undo_accounts, insert_events, undo_events, upsert_grants, undo_grants, notify_accounts] =
+        let [update_balances, insert_transactions, insert_holds, insert_usages, finish_holds, undo_accounts, insert_events, undo_events, upsert_grants, undo_grants, notify_accounts, update_balances_at_once, insert_transactions_at_once, insert_holds_at_once, insert_usages_at_once, finish_holds_at_once, insert_events_at_once, upsert_grants_at_once] =
             crate::ledger::store::sql::JOURNAL.map(|statement| client.prepare(statement.sql));
         Ok(Statements {
             update_balances: update_balances.await?,
-            insert_transactions: insert_transactions.await?,
-            insert_holds: insert_holds.await?,
-            insert_usages: insert_usages.await?,
-            finish_holds: finish_holds.await?,
+            rows: RowStatements {
+                holds: insert_holds.await?,
+                transactions: insert_transactions.await?,
+                usages: insert_usages.await?,
+                finished: finish_holds.await?,
+                grants: upsert_grants.await?,
+                events: insert_events.await?,
+            },
             undo_accounts: undo_accounts.await?,
-            insert_events: insert_events.await?,
             undo_events: undo_events.await?,
-            upsert_grants: upsert_grants.await?,
             undo_grants: undo_grants.await?,
             notify_accounts: notify_accounts.await?,
+            update_balances_at_once: update_balances_at_once.await?,
+            rows_at_once: RowStatements {
+                holds: insert_holds_at_once.await?,
+                transactions: insert_transactions_at_once.await?,
+                usages: insert_usages_at_once.await?,
+                finished: finish_holds_at_once.await?,
+                grants: upsert_grants_at_once.await?,
+                events: insert_events_at_once.await?,
+            },
         })
     }
 }

@@ -117,6 +117,13 @@ async fn an_entry_the_database_refuses_is_undone_and_the_other_account_in_its_ba
     );
     assert_eq!(after.batches_split, before.batches_split, "no split");
     assert_eq!(after.accounts_refused, before.accounts_refused + 1);
+    // Sent at once, the reused hold id raised and rolled the batch back;
+    // written again statement by statement, only its account was refused.
+    assert_eq!(
+        after.batches_rewritten,
+        before.batches_rewritten + 1,
+        "{before:?} → {after:?}"
+    );
 
     // Catches an undo that leaves the balance row moved: the reloaded actor
     // would show the 100 held (and reconcile a balance without its hold).
@@ -941,4 +948,108 @@ async fn a_batch_the_database_refuses_as_a_whole_is_rolled_back_and_its_connecti
             "account {account:?}: only the credit after the refusal is durable"
         );
     }
+}
+
+#[actix::test]
+async fn an_account_this_instance_wrote_last_commits_each_batch_at_once_and_a_refused_batch_writes_nothing_before_its_rewrite(
+) {
+    let db = TestDb::new().await;
+    let mut settings = settings();
+    settings.journal.writers = 1;
+    // Each operation is its own batch.
+    settings.journal.hold_delay_us = 0;
+    let engine = db.engine(&settings);
+    let account = db.user("user_batches_at_once").await;
+    // Its first batch takes the balance row over from nobody: the other
+    // instances are told, in the same round trip.
+    engine
+        .credit(account, posting("seed", TransactionType::TopUp, eur(10)))
+        .await
+        .unwrap();
+    let before = engine.writer().stats();
+    assert_eq!(before.batches_rewritten, 0, "{before:?}");
+
+    // Every kind of row: a credit with its grant, a hold placed in one batch
+    // and settled in the next (a usage, a finished hold, grants spent from,
+    // a low-balance event), a hold released.
+    engine
+        .credit(
+            account,
+            posting("promo", TransactionType::PromoBonus, micros(500)),
+        )
+        .await
+        .unwrap();
+    let hold = HoldId::generate();
+    engine.reserve(account, hold, eur(9)).await.unwrap();
+    engine
+        .settle(account, hold, charge(8_800_000))
+        .await
+        .unwrap();
+    let released = HoldId::generate();
+    engine
+        .reserve(account, released, micros(100))
+        .await
+        .unwrap();
+    engine.release(account, released).await.unwrap();
+    assert!(engine.writer().flush(Duration::from_secs(5)).await);
+    let after = engine.writer().stats();
+    assert_eq!(
+        after.batches_rewritten, before.batches_rewritten,
+        "every batch committed as sent at once: {before:?} → {after:?}"
+    );
+    assert!(
+        after.batches_committed > before.batches_committed,
+        "{before:?} → {after:?}"
+    );
+    let client = db.client().await;
+    let events: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outgoing_events WHERE user_id = $1 AND type = 'balance.low'",
+            &[&account.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        events, 1,
+        "the low-balance event was written with its batch"
+    );
+
+    // A batch PostgreSQL refuses at once (a finished hold id used again,
+    // which only the database knows) rolls back whole: the account is
+    // refused, nothing of it is written, not even the balance row's move.
+    let version: i64 = client
+        .query_one(
+            "SELECT version FROM credit_balances WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut forgetful = settings.clone();
+    forgetful.engine.recent_keys = 1;
+    drop(engine);
+    let engine = db.engine(&forgetful);
+    let refused = engine.reserve(account, hold, micros(100)).await;
+    assert!(
+        matches!(refused, Err(LedgerError::Unavailable(_))),
+        "{refused:?}"
+    );
+    let stats = engine.writer().stats();
+    assert_eq!(stats.batches_rewritten, 1, "{stats:?}");
+    assert_eq!(stats.accounts_refused, 1, "{stats:?}");
+    let row = client
+        .query_one(
+            "SELECT version, (SELECT count(*) FROM credit_holds WHERE user_id = $1)
+               FROM credit_balances WHERE user_id = $1",
+            &[&account.0],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (version, 2),
+        "the refused batch left no trace"
+    );
+    db.reconcile_is_clean().await;
 }
