@@ -409,10 +409,10 @@ impl Columns {
 /// round trip (`write_at_once`), and when PostgreSQL refuses that, again in
 /// phases: the balance rows move (an account whose row moved elsewhere is
 /// fenced), the rows of the others are inserted, and an account with fewer
-/// rows written than sent is undone before the commit. A batch that fails is rolled
-/// back before the connection writes another; a batch dropped in flight
-/// drops its connection with it (the batch owns it until it ends), so no
-/// idle connection is ever left inside a transaction.
+/// rows written than sent is undone before the commit. A batch that fails
+/// is rolled back before the connection writes another; a batch dropped in
+/// flight drops its connection with it (the batch owns it until it ends),
+/// so no idle connection is ever left inside a transaction.
 pub(super) async fn write_groups(
     connection: &mut WriterConnection,
     groups: &[Group],
