@@ -475,17 +475,14 @@ async fn write_at_once(
     let columns = Columns::of(groups.iter());
     let rows = &statements.rows_at_once;
     let update = &statements.update_balances_at_once;
-    let done = |written: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| written.map(drop);
     let mut sent: Vec<Sent<'_>> = vec![
         Box::pin(client.batch_execute("BEGIN READ WRITE")),
-        Box::pin(async { done(balances.update(client, update, instance).await) }),
-        Box::pin(async { done(insert_holds(client, &rows.holds, &columns).await) }),
-        Box::pin(async { done(insert_transactions(client, &rows.transactions, &columns).await) }),
-        Box::pin(async { done(insert_usages(client, &rows.usages, &columns).await) }),
-        Box::pin(async { done(finish_holds(client, &rows.finished, &columns).await) }),
-        Box::pin(async { done(upsert_grants(client, &rows.grants, &columns).await) }),
-        Box::pin(async { done(insert_events(client, &rows.events, &columns).await) }),
+        Box::pin(async { balances.update(client, update, instance).await.map(drop) }),
     ];
+    sent.extend(
+        row_writes(client, rows, &columns)
+            .map(|write| -> Sent<'_> { Box::pin(async { write.await.map(drop) }) }),
+    );
     let mut first: Vec<Option<Result<(), tokio_postgres::Error>>> = Vec::with_capacity(sent.len());
     for statement in &mut sent {
         let polled = std::future::poll_fn(|cx| Poll::Ready(statement.as_mut().poll(cx))).await;
@@ -717,14 +714,9 @@ async fn insert_rows(
     rows: &RowStatements,
     columns: &Columns,
 ) -> Result<Inserted, tokio_postgres::Error> {
-    let (holds, transactions, usages, finished, grants, events) = tokio::try_join!(
-        insert_holds(client, &rows.holds, columns),
-        insert_transactions(client, &rows.transactions, columns),
-        insert_usages(client, &rows.usages, columns),
-        finish_holds(client, &rows.finished, columns),
-        upsert_grants(client, &rows.grants, columns),
-        insert_events(client, &rows.events, columns),
-    )?;
+    let [holds, transactions, usages, finished, grants, events] = row_writes(client, rows, columns);
+    let (holds, transactions, usages, finished, grants, events) =
+        tokio::try_join!(holds, transactions, usages, finished, grants, events)?;
     Ok(Inserted {
         holds: written_rows(&holds)?,
         transactions: written_rows(&transactions)?,
@@ -733,6 +725,30 @@ async fn insert_rows(
         events: written_rows(&events)?,
         grants: written_rows(&grants)?,
     })
+}
+
+/// One statement's write of a batch's rows, answered with the rows it returned.
+type RowWrite<'a> = Pin<
+    Box<dyn Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + Send + 'a>,
+>;
+
+/// The writes of a batch's rows, one per kind, in the order the server must
+/// run them (holds, transactions, usages, finished holds, grants, events),
+/// with `rows`' statements (either form). Each sends its request at its
+/// first poll, and does nothing for a kind the batch has no rows of.
+fn row_writes<'a>(
+    client: &'a Client,
+    rows: &'a RowStatements,
+    columns: &'a Columns,
+) -> [RowWrite<'a>; 6] {
+    [
+        Box::pin(insert_holds(client, &rows.holds, columns)),
+        Box::pin(insert_transactions(client, &rows.transactions, columns)),
+        Box::pin(insert_usages(client, &rows.usages, columns)),
+        Box::pin(finish_holds(client, &rows.finished, columns)),
+        Box::pin(upsert_grants(client, &rows.grants, columns)),
+        Box::pin(insert_events(client, &rows.events, columns)),
+    ]
 }
 
 /// The holds placed (a hold finished in the same batch is inserted finished).

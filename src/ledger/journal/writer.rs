@@ -433,32 +433,71 @@ impl Group {
 
 impl Statements {
     /// Prepares the journal's statements (`sql::JOURNAL`), once per
-    /// connection.
+    /// connection, pipelined (one round trip).
     async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
         let [update_balances, insert_transactions, insert_holds, insert_usages, finish_holds, undo_accounts, insert_events, undo_events, upsert_grants, undo_grants, notify_accounts, update_balances_at_once, insert_transactions_at_once, insert_holds_at_once, insert_usages_at_once, finish_holds_at_once, insert_events_at_once, upsert_grants_at_once] =
             crate::ledger::store::sql::JOURNAL.map(|statement| client.prepare(statement.sql));
+        let (
+            update_balances,
+            insert_transactions,
+            insert_holds,
+            insert_usages,
+            finish_holds,
+            undo_accounts,
+            insert_events,
+            undo_events,
+            upsert_grants,
+            undo_grants,
+            notify_accounts,
+            update_balances_at_once,
+            insert_transactions_at_once,
+            insert_holds_at_once,
+            insert_usages_at_once,
+            finish_holds_at_once,
+            insert_events_at_once,
+            upsert_grants_at_once,
+        ) = tokio::try_join!(
+            update_balances,
+            insert_transactions,
+            insert_holds,
+            insert_usages,
+            finish_holds,
+            undo_accounts,
+            insert_events,
+            undo_events,
+            upsert_grants,
+            undo_grants,
+            notify_accounts,
+            update_balances_at_once,
+            insert_transactions_at_once,
+            insert_holds_at_once,
+            insert_usages_at_once,
+            finish_holds_at_once,
+            insert_events_at_once,
+            upsert_grants_at_once
+        )?;
         Ok(Statements {
-            update_balances: update_balances.await?,
+            update_balances,
             rows: RowStatements {
-                holds: insert_holds.await?,
-                transactions: insert_transactions.await?,
-                usages: insert_usages.await?,
-                finished: finish_holds.await?,
-                grants: upsert_grants.await?,
-                events: insert_events.await?,
+                holds: insert_holds,
+                transactions: insert_transactions,
+                usages: insert_usages,
+                finished: finish_holds,
+                grants: upsert_grants,
+                events: insert_events,
             },
-            undo_accounts: undo_accounts.await?,
-            undo_events: undo_events.await?,
-            undo_grants: undo_grants.await?,
-            notify_accounts: notify_accounts.await?,
-            update_balances_at_once: update_balances_at_once.await?,
+            undo_accounts,
+            undo_events,
+            undo_grants,
+            notify_accounts,
+            update_balances_at_once,
             rows_at_once: RowStatements {
-                holds: insert_holds_at_once.await?,
-                transactions: insert_transactions_at_once.await?,
-                usages: insert_usages_at_once.await?,
-                finished: finish_holds_at_once.await?,
-                grants: upsert_grants_at_once.await?,
-                events: insert_events_at_once.await?,
+                holds: insert_holds_at_once,
+                transactions: insert_transactions_at_once,
+                usages: insert_usages_at_once,
+                finished: finish_holds_at_once,
+                grants: upsert_grants_at_once,
+                events: insert_events_at_once,
             },
         })
     }
